@@ -1,0 +1,1 @@
+"""dspark-jax: speculative decoding in JAX/Flax."""

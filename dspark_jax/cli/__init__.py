@@ -1,0 +1,1 @@
+"""absl-flags command line: `dspark <command> [--flags]`."""

@@ -1,0 +1,33 @@
+"""`dspark` entry point: the first argument names a command; each command module defines its flags."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "generate": ("dspark_jax.cli.generate", "Generate completions with a target model (plain autoregressive)."),
+}
+
+
+def usage() -> str:
+    lines = ["usage: dspark <command> [--flags]", "", "commands:"]
+    lines += [f"  {name:<12} {doc}" for name, (_, doc) in COMMANDS.items()]
+    lines += ["", "Run `dspark <command> --help` for the flags of a command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv if argv is None else argv)
+    if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+        print(usage())
+        sys.exit(0 if len(argv) >= 2 else 2)
+    command = argv[1]
+    if command not in COMMANDS:
+        print(f"dspark: error: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        sys.exit(2)
+    module = importlib.import_module(COMMANDS[command][0])
+    module.run([f"dspark {command}"] + argv[2:])
+
+
+if __name__ == "__main__":
+    main()

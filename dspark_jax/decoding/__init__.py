@@ -1,0 +1,1 @@
+"""Sampling, KV-cache decoding loops (autoregressive baseline; speculative loop builds on it)."""

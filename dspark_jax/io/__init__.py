@@ -1,0 +1,1 @@
+"""Model file and tokenizer I/O."""

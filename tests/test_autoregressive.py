@@ -9,19 +9,12 @@ from flax import nnx
 
 from dspark_jax.decoding.autoregressive import generate
 from dspark_jax.decoding.sampling import FilterMode, SamplingParams
-from dspark_jax.models.config import TransformerConfig, gemma3_layer_types, gemma3_rope_thetas
+from configs.tiny import tiny_gemma3, tiny_qwen3
 from dspark_jax.models.transformer import Transformer
 
 
 def tiny_config(family="gemma3"):
-    if family == "gemma3":
-        lt = gemma3_layer_types(4, 2)
-        return TransformerConfig(family="gemma3", vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=4,
-                                 num_heads=4, num_kv_heads=2, head_dim=8, rope_thetas=gemma3_rope_thetas(lt),
-                                 layer_types=lt, sliding_window=4)
-    return TransformerConfig(family="qwen3", vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2,
-                             num_heads=4, num_kv_heads=1, head_dim=8, rope_thetas=(1e4, 1e4),
-                             layer_types=("full_attention",) * 2, tie_word_embeddings=False)
+    return tiny_gemma3() if family == "gemma3" else tiny_qwen3()
 
 
 @pytest.fixture(scope="module", params=["gemma3", "qwen3"])

@@ -1,0 +1,86 @@
+"""`dspark` CLI: help texts and one-line errors for bad input (no traceback, non-zero exit)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def run_cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "dspark_jax.cli.main", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_top_level_help_lists_commands():
+    r = run_cli("--help")
+    assert r.returncode == 0 and "generate" in r.stdout
+
+
+def test_generate_help_explains_every_flag():
+    r = run_cli("generate", "--help")
+    assert r.returncode == 0
+    for flag in ("--prompt", "--prompts_file", "--target", "--max_new_tokens", "--temperature", "--top_k",
+                 "--top_p", "--seed", "--output_json", "--batch_size"):
+        assert flag in r.stdout, flag
+
+
+def test_unknown_command():
+    r = run_cli("frobnicate")
+    assert r.returncode == 2 and "unknown command" in r.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--prompt", "hi", "--temperature", "-1"], "temperature"),
+    (["--prompt", "hi", "--top_p", "1.5"], "top_p"),
+    (["--prompt", "hi", "--max_new_tokens", "0"], "max_new_tokens"),
+    (["--prompt", "hi", "--dtype", "int4"], "dtype"),
+    (["--prompt", "hi", "--bogus_flag", "1"], "bogus_flag"),
+    ([], "at least one --prompt"),
+    (["--prompts_file", "/nonexistent.jsonl"], "prompts file not found"),
+    (["--prompt", "hi", "--target", "/nonexistent/model.gguf"], "target not found"),
+])
+def test_bad_input_gives_one_line_error(args, message):
+    r = run_cli("generate", *args)
+    assert r.returncode != 0
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_bad_prompts_file(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"turns": ["ok"]}\nnot json\n')
+    r = run_cli("generate", "--prompts_file", str(f))
+    assert r.returncode == 2 and "p.jsonl:2: invalid JSON" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_corrupted_gguf_target(tmp_path):
+    f = tmp_path / "broken.gguf"
+    f.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + bytes(6))
+    r = run_cli("generate", "--prompt", "hi", "--target", str(f))
+    assert r.returncode == 2 and "truncated" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_generate_end_to_end_on_default_target(tmp_path):
+    out = tmp_path / "out.json"
+    r = run_cli("generate", "--prompt", "The capital of France is", "--prompt", "1, 2, 3, 4,",
+                "--max_new_tokens", "8", "--output_json", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "tokens/s" in r.stdout
+    data = json.loads(out.read_text())
+    assert [d["prompt"] for d in data] == ["The capital of France is", "1, 2, 3, 4,"]
+    for d in data:
+        assert set(d) == {"prompt", "completion_ids", "completion_text", "new_tokens", "seconds", "tokens_per_s"}
+        assert d["new_tokens"] == len(d["completion_ids"]) <= 8
+
+
+@pytest.mark.slow
+def test_empty_and_overlong_prompts_on_default_target(tmp_path):
+    r = run_cli("generate", "--prompt", "   ")
+    assert r.returncode == 2 and "prompt 0 is empty" in r.stderr and "Traceback" not in r.stderr
+    long_file = tmp_path / "long.jsonl"
+    long_file.write_text(json.dumps({"turns": ["word " * 40000]}) + "\n")
+    r = run_cli("generate", "--prompts_file", str(long_file), "--max_new_tokens", "4")
+    assert r.returncode == 2 and "exceeds the model's context" in r.stderr and "Traceback" not in r.stderr

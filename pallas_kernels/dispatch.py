@@ -21,3 +21,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, 
         return reference.causal_attention(q, k, v, q_positions, scale=scale, window=window,
                                           kv_positions=kv_positions)
     raise ValueError(f"unknown attention implementation {impl!r}")
+
+
+def block_attention(q: jax.Array, ctx_k: jax.Array, ctx_v: jax.Array, ctx_len: jax.Array, blk_k: jax.Array,
+                    blk_v: jax.Array, *, scale: float, impl: AttentionImpl | str = AttentionImpl.REFERENCE) -> jax.Array:
+    """Drafter block attention (context prefix + bidirectional block). See `reference.block_attention`."""
+    impl = AttentionImpl(impl)
+    if impl is AttentionImpl.REFERENCE:
+        return reference.block_attention(q, ctx_k, ctx_v, ctx_len, blk_k, blk_v, scale=scale)
+    raise ValueError(f"unknown attention implementation {impl!r}")

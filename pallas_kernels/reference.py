@@ -42,3 +42,23 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.
     weights = jnp.where(mask, weights, 0.0)
     out = jnp.einsum("bkgts,bskd->btkgd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.reshape(b, t, h, d).astype(q.dtype)
+
+
+def block_attention(q: jax.Array, ctx_k: jax.Array, ctx_v: jax.Array, ctx_len: jax.Array,
+                    blk_k: jax.Array, blk_v: jax.Array, *, scale: float) -> jax.Array:
+    """Drafter block attention: the block's queries see context keys 0..ctx_len-1 and every block key
+    (bidirectional inside the block).
+
+    q, blk_k, blk_v: [B, G, H|KVH, D] (G = block size); ctx_k, ctx_v: [B, S, KVH, D]; ctx_len: [B].
+    """
+    b, g, h, d = q.shape
+    s, kvh = ctx_k.shape[1], ctx_k.shape[2]
+    k = jnp.concatenate([ctx_k, blk_k.astype(ctx_k.dtype)], axis=1)
+    v = jnp.concatenate([ctx_v, blk_v.astype(ctx_v.dtype)], axis=1)
+    qg = q.reshape(b, g, kvh, h // kvh, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    valid = jnp.concatenate([jnp.arange(s)[None, :] < ctx_len[:, None], jnp.ones((b, g), bool)], axis=1)
+    logits = jnp.where(valid[:, None, None, None, :], logits, _NEG)
+    weights = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("bkgts,bskd->btkgd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(b, g, h, d).astype(q.dtype)

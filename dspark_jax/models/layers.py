@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dspark_jax.models.config import TransformerConfig
-from pallas_kernels import attention
+from pallas_kernels import attention, block_attention
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype, std: float = 0.02) -> nnx.Param:
@@ -87,6 +87,17 @@ class Attention(nnx.Module):
         out = attention(q, k_cache, v_cache, positions, scale=self.scale, window=self.window, impl=attn_impl)
         return out.reshape(b, t, -1) @ self.o_proj[...], k_cache, v_cache
 
+    def block(self, x: jax.Array, positions: jax.Array, ctx_k: jax.Array, ctx_v: jax.Array, ctx_len: jax.Array,
+              attn_impl: str) -> jax.Array:
+        """Drafter block attention: x [B, G, d] attends to cached context K/V (< ctx_len) and, bidirectionally,
+        to the whole block. The block's K/V are not cached."""
+        b, g, _ = x.shape
+        q = (x @ self.q_proj[...]).reshape(b, g, self.num_heads, self.head_dim)
+        q = apply_rope(self.q_norm(q), positions, rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling))
+        k, v = self.project_kv(x, positions)
+        out = block_attention(q, ctx_k, ctx_v, ctx_len, k, v, scale=self.scale, impl=attn_impl)
+        return out.reshape(b, g, -1) @ self.o_proj[...]
+
 
 class MLP(nnx.Module):
     """Gated MLP: down(act(gate(x)) * up(x)); GeGLU (tanh GELU) for Gemma, SwiGLU for Qwen."""
@@ -119,13 +130,22 @@ class DecoderLayer(nnx.Module):
             self.post_feedforward_layernorm = norm()
         self.mlp = MLP(c, dtype, rngs)
 
-    def __call__(self, x, positions, k_cache, v_cache, cache_start, attn_impl):
-        h, k_cache, v_cache = self.self_attn(self.input_layernorm(x), positions, k_cache, v_cache,
-                                             cache_start, attn_impl)
+    def mix(self, x: jax.Array, attend) -> jax.Array:
+        """The layer's residual structure around `attend(normed_x) -> attention output`."""
+        h = attend(self.input_layernorm(x))
         if self.gemma:
             x = x + self.post_attention_layernorm(h)
-            x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-        else:
-            x = x + h
-            x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, k_cache, v_cache
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def __call__(self, x, positions, k_cache, v_cache, cache_start, attn_impl):
+        new_cache = []
+
+        def attend(h):
+            out, k, v = self.self_attn(h, positions, k_cache, v_cache, cache_start, attn_impl)
+            new_cache.extend((k, v))
+            return out
+
+        x = self.mix(x, attend)
+        return x, new_cache[0], new_cache[1]

@@ -1,0 +1,57 @@
+"""Lossless speculative verification (rejection sampling), pure functions over a batch of blocks.
+
+Accept draft token x_k with probability min(1, p_t(x_k) / p_d(x_k)) left to right; at the first rejection
+sample from normalize(max(p_t - p_d, 0)); if every proposed token is accepted sample a bonus from p_t.
+With one-hot distributions (temperature 0) this is greedy matching.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """num_accepted: [B] leading accepted draft tokens A (<= proposal length); accepted: [B, G] per-position
+    accept flags (prefix-closed, False past the proposal); next_token: [B] the correction (A < n) or bonus."""
+    num_accepted: jax.Array
+    accepted: jax.Array
+    next_token: jax.Array
+
+
+def accept_flags(uniforms: jax.Array, p_target_x: jax.Array, p_draft_x: jax.Array,
+                 proposal_len: jax.Array) -> jax.Array:
+    """[B, G] prefix-closed flags: u_k · p_d(x_k) < p_t(x_k) (≡ u_k < p_t/p_d) and k < proposal length."""
+    g = uniforms.shape[1]
+    ok = (uniforms * p_draft_x < p_target_x) & (jnp.arange(g)[None] < proposal_len[:, None])
+    return jnp.cumprod(ok.astype(jnp.int32), axis=1).astype(bool)
+
+
+def residual_distribution(p_target: jax.Array, p_draft: jax.Array) -> jax.Array:
+    """normalize(max(p_t - p_d, 0)) over the last axis; falls back to p_t when no mass is left."""
+    r = jnp.maximum(p_target - p_draft, 0.0)
+    mass = r.sum(-1, keepdims=True)
+    return jnp.where(mass > 1e-12, r / jnp.maximum(mass, 1e-30), p_target)
+
+
+def verify(key: jax.Array, draft_tokens: jax.Array, p_draft_x: jax.Array, p_draft_full_at, p_target: jax.Array,
+           proposal_len: jax.Array) -> Verdict:
+    """Rejection-samples a batch of draft blocks.
+
+    draft_tokens: [B, G] target ids; p_draft_x: [B, G] p_d of each drafted token; p_target: [B, G+1, V]
+    target distributions (row k scores draft token k, row G is the bonus); p_draft_full_at(k): [B] -> [B, V]
+    returns the draft distribution at per-request position k over the full vocabulary; proposal_len: [B] in 0..G.
+    """
+    b, g = draft_tokens.shape
+    k_u, k_next = jax.random.split(key)
+    p_target_x = jnp.take_along_axis(p_target[:, :g], draft_tokens[..., None], axis=-1)[..., 0]
+    accepted = accept_flags(jax.random.uniform(k_u, (b, g)), p_target_x, p_draft_x, proposal_len)
+    num = accepted.sum(1).astype(jnp.int32)
+    pt_at = jnp.take_along_axis(p_target, num[:, None, None], axis=1)[:, 0]
+    rejected = num < proposal_len
+    dist = jnp.where(rejected[:, None], residual_distribution(pt_at, p_draft_full_at(jnp.minimum(num, g - 1))), pt_at)
+    nxt = jax.random.categorical(k_next, jnp.log(jnp.maximum(dist, 0.0)), axis=-1).astype(jnp.int32)
+    return Verdict(num_accepted=num, accepted=accepted, next_token=nxt)

@@ -1,0 +1,149 @@
+"""The speculative draft–verify loop: one jitted `lax.while_loop` over a batch of requests.
+
+Round: drafter proposes G tokens after the anchor → optional static confidence threshold truncates the
+proposal → the target verifies [anchor, x_1..x_G] in one forward → lossless rejection sampling → stop
+tokens inside the accepted prefix → rollback by cache lengths (stale K/V lie past the next anchor and are
+masked) → the verified positions' target features become drafter context.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dspark_jax.decoding.autoregressive import prefill
+from dspark_jax.decoding.rejection import verify
+from dspark_jax.decoding.sampling import FilterMode, SamplingParams, sample, token_probs
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SpecOutput:
+    """tokens [B, max_new_tokens]; num_tokens [B]; rounds [B] verification rounds per request;
+    per round r < rounds[b]: proposed [B, R], accepted [B, R] (draft tokens accepted), committed [B, R]
+    (tokens committed, bonus included), accept_flags [B, R, G], confidence [B, R, G] (calibrated c_k),
+    confidence_logits [B, R, G]."""
+    tokens: jax.Array
+    num_tokens: jax.Array
+    rounds: jax.Array
+    proposed: jax.Array
+    accepted: jax.Array
+    committed: jax.Array
+    accept_flags: jax.Array
+    confidence: jax.Array
+    confidence_logits: jax.Array
+
+
+def proposal_lengths(confidence: jax.Array, threshold: jax.Array) -> jax.Array:
+    """Static-threshold truncation: index of the first k with c_k < threshold (G if none, or threshold <= 0)."""
+    g = confidence.shape[1]
+    low = (confidence < threshold) & (threshold > 0)
+    return jnp.where(low.any(1), jnp.argmax(low, axis=1), g).astype(jnp.int32)
+
+
+def _concat_taps(taps):
+    return jnp.concatenate(taps, axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("target_graphdef", "drafter_graphdef", "max_new_tokens", "stop_ids",
+                                             "mode", "pad_id", "attn_impl"))
+def speculative_generate(target_graphdef: nnx.GraphDef, target_state: nnx.State, drafter_graphdef: nnx.GraphDef,
+                         drafter_state: nnx.State, prompts: jax.Array, prompt_lens: jax.Array, key: jax.Array,
+                         params: SamplingParams, confidence_threshold: jax.Array, *, max_new_tokens: int,
+                         stop_ids: tuple[int, ...], mode: FilterMode = FilterMode(), pad_id: int = 0,
+                         attn_impl: str = "reference") -> SpecOutput:
+    """Lossless speculative decoding of right-padded prompts [B, P] (lengths [B]); exactly
+    `max_new_tokens` per request, or fewer up to and including a stop token."""
+    target = nnx.merge(target_graphdef, target_state)
+    drafter = nnx.merge(drafter_graphdef, drafter_state)
+    g = drafter.config.block_size
+    taps = drafter.config.target_layer_ids
+    b, p = prompts.shape
+    cache_len = p + max_new_tokens + g + 1
+    stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
+    head = drafter.head_matrix(target)
+    params_rows = jax.tree.map(lambda a: jnp.repeat(a, g + 1), params)  # per verified row
+
+    key, sub = jax.random.split(key)
+    logits, out = prefill(target, prompts, prompt_lens, cache_len, attn_impl, tap_layers=taps)
+    first = sample(sub, logits, params, mode)
+    dstate = drafter.prefill(target, drafter.init_state(b, cache_len), _concat_taps(out.taps), prompts,
+                             prompt_lens)
+
+    buf_len = max_new_tokens + g + 1
+    tokens = jnp.full((b, buf_len), pad_id, jnp.int32).at[:, 0].set(first)
+    n_gen = jnp.ones((b,), jnp.int32)
+    done = jnp.isin(first, stops) | (max_new_tokens <= 1)
+    r_max = max_new_tokens
+    stats = dict(proposed=jnp.zeros((b, r_max), jnp.int32), accepted=jnp.zeros((b, r_max), jnp.int32),
+                 committed=jnp.zeros((b, r_max), jnp.int32), accept_flags=jnp.zeros((b, r_max, g), bool),
+                 confidence=jnp.zeros((b, r_max, g), jnp.float32),
+                 confidence_logits=jnp.zeros((b, r_max, g), jnp.float32))
+    rounds = jnp.zeros((b,), jnp.int32)
+
+    def cond(c):
+        return ~jnp.all(c["done"])
+
+    def body(c):
+        key, k_draft, k_verify = jax.random.split(c["key"], 3)
+        anchor, start = c["anchor"], c["start"]
+        prop = drafter.propose(target, c["dstate"], anchor, start, k_draft, params, mode, head, attn_impl)
+        n_prop = proposal_lengths(prop.confidence, confidence_threshold)
+        verify_tokens = jnp.concatenate([anchor[:, None], prop.tokens], axis=1)
+        pos = start[:, None] + jnp.arange(g + 1, dtype=jnp.int32)[None]
+        o = target(verify_tokens, pos, c["tcache"], start, tap_layers=taps, attn_impl=attn_impl)
+        t_logits = target.logits(o.hidden)  # [B, G+1, V]
+        p_t = token_probs(t_logits.reshape(b * (g + 1), -1), params_rows, mode).reshape(b, g + 1, -1)
+        p_dx = jnp.take_along_axis(prop.p_draft, prop.draft_index[..., None], axis=-1)[..., 0]
+
+        def p_draft_full_at(k):
+            row = jnp.take_along_axis(prop.p_draft, k[:, None, None], axis=1)[:, 0]  # [B, N]
+            if drafter.full_vocab:
+                return row
+            return jnp.zeros((b, p_t.shape[-1]), row.dtype).at[:, drafter.draft_to_target[...]].set(row)
+
+        verdict = verify(k_verify, prop.tokens, p_dx, p_draft_full_at, p_t, n_prop)
+        a = verdict.num_accepted
+        # committed = accepted drafts + correction/bonus, cut at the first stop token and at the budget
+        committed = jnp.concatenate([prop.tokens, jnp.zeros((b, 1), jnp.int32)], 1)
+        committed = jnp.where(jnp.arange(g + 1)[None] == a[:, None], verdict.next_token[:, None], committed)
+        valid = jnp.arange(g + 1)[None] <= a[:, None]
+        is_stop = jnp.isin(committed, stops) & valid
+        count = jnp.where(is_stop.any(1), jnp.argmax(is_stop, 1) + 1, a + 1)
+        count = jnp.minimum(count, max_new_tokens - c["n_gen"])
+        active = ~c["done"]
+        count = jnp.where(active, count, 0)
+        stopped = is_stop.any(1) & (jnp.argmax(is_stop, 1) + 1 <= count)
+        finished = stopped | (c["n_gen"] + count >= max_new_tokens)
+
+        write = jax.vmap(lambda row, new, s: jax.lax.dynamic_update_slice(row, new, (s,)))
+        keep = jnp.arange(g + 1)[None] < count[:, None]
+        old = jax.vmap(lambda row, s: jax.lax.dynamic_slice(row, (s,), (g + 1,)))(c["tokens"], c["n_gen"])
+        toks = write(c["tokens"], jnp.where(keep, committed, old), c["n_gen"])
+
+        r = c["rounds"]
+        st = c["stats"]
+        rows, slot = jnp.arange(b), jnp.minimum(r, r_max - 1)
+
+        def upd(arr, val):
+            cur = arr[rows, slot]
+            return arr.at[rows, slot].set(jnp.where(active.reshape((b,) + (1,) * (val.ndim - 1)), val, cur))
+
+        st = dict(proposed=upd(st["proposed"], n_prop), accepted=upd(st["accepted"], a),
+                  committed=upd(st["committed"], count), accept_flags=upd(st["accept_flags"], verdict.accepted),
+                  confidence=upd(st["confidence"], prop.confidence),
+                  confidence_logits=upd(st["confidence_logits"], prop.confidence_logits))
+
+        dstate = drafter.commit(target, c["dstate"], _concat_taps(o.taps), verify_tokens, start, count)
+        last = jnp.take_along_axis(committed, jnp.maximum(count - 1, 0)[:, None], axis=1)[:, 0]
+        return dict(key=key, anchor=jnp.where(active, last, anchor), start=start + count,
+                    tcache=o.cache, dstate=dstate, tokens=toks, n_gen=c["n_gen"] + count,
+                    done=c["done"] | finished, rounds=r + active.astype(jnp.int32), stats=st)
+
+    carry = dict(key=key, anchor=first, start=prompt_lens.astype(jnp.int32), tcache=out.cache, dstate=dstate,
+                 tokens=tokens, n_gen=n_gen, done=done, rounds=rounds, stats=stats)
+    c = jax.lax.while_loop(cond, body, carry)
+    return SpecOutput(tokens=c["tokens"][:, :max_new_tokens], num_tokens=c["n_gen"], rounds=c["rounds"], **c["stats"])

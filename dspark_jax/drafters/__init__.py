@@ -1,0 +1,1 @@
+"""Drafters: DSpark (parallel backbone + Markov head + confidence head), DFlash (heads off), Eagle3."""

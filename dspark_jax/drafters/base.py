@@ -1,0 +1,44 @@
+"""What every drafter hands the speculative loop, and helpers shared by drafters."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from dspark_jax.models.config import TransformerConfig
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Proposal:
+    """One round's draft block for B requests and G = block size.
+
+    tokens: [B, G] target ids; p_draft: [B, G, N] the exact (filtered, float32) distributions the tokens
+    were drawn from, over the draft vocabulary; confidence: [B, G] calibrated c_k (1 without a head);
+    confidence_logits: [B, G] raw logits (0 without a head).
+    """
+    tokens: jax.Array
+    draft_index: jax.Array
+    p_draft: jax.Array
+    confidence: jax.Array
+    confidence_logits: jax.Array
+
+
+def draft_layer_config(target: TransformerConfig, num_layers: int) -> TransformerConfig:
+    """Draft layers: the target's family and widths, every layer full attention with the target's
+    global RoPE (base and scaling of its full-attention layers)."""
+    full = [i for i, t in enumerate(target.layer_types) if t == "full_attention"]
+    theta = target.rope_thetas[full[0]] if full else max(target.rope_thetas)
+    return dataclasses.replace(target, num_layers=num_layers, layer_types=("full_attention",) * num_layers,
+                               rope_thetas=(theta,) * num_layers, sliding_window=None, name=f"{target.name}-draft")
+
+
+def draft_head_matrix(target_model, draft_to_target: jax.Array, full_vocab: bool) -> jax.Array:
+    """[N, d] output embedding rows of the draft vocabulary, shared with (copied from) the frozen target."""
+    head = target_model.embed_tokens[...] if target_model.lm_head is None else target_model.lm_head[...].T
+    return head if full_vocab else jnp.take(head, draft_to_target, axis=0)
+
+
+def softcap(logits: jax.Array, cap: float | None) -> jax.Array:
+    return cap * jnp.tanh(logits / cap) if cap else logits

@@ -1,0 +1,140 @@
+"""The DSpark drafter (spec §1.2–1.7): target features → fc + RMSNorm → K/V injected into every draft
+layer; one parallel pass over [anchor, MASK × (γ-1)]; then the sequential Markov head samples left to
+right and the confidence head scores each slot. DFlash is this module with both heads off."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dspark_jax.decoding.sampling import FilterMode, SamplingParams, sample, token_probs
+from dspark_jax.drafters.base import Proposal, draft_head_matrix, draft_layer_config, softcap
+from dspark_jax.drafters.config import DrafterConfig
+from dspark_jax.drafters.heads import ConfidenceHead, MarkovHead
+from dspark_jax.drafters.vocab import VocabMap, build_maps
+from dspark_jax.models.config import TransformerConfig
+from dspark_jax.models.kv_cache import KVCache, write_contiguous
+from dspark_jax.models.layers import DecoderLayer, RMSNorm, _param
+
+
+class DSparkDrafter(nnx.Module):
+    def __init__(self, config: DrafterConfig, target: TransformerConfig, *, dtype=jnp.float32,
+                 rngs: nnx.Rngs, draft_vocab_ids: np.ndarray | None = None):
+        config.check_fits(target)
+        if config.draft_vocab_size is not None and (draft_vocab_ids is None or
+                                                    len(draft_vocab_ids) != config.draft_vocab_size):
+            raise ValueError(f"a reduced draft vocabulary of {config.draft_vocab_size} needs exactly that many "
+                             f"draft_vocab_ids")
+        self.config, self.target_config, self.dtype = config, target, dtype
+        d = target.hidden_size
+        self.layer_config = draft_layer_config(target, config.num_layers)
+        self.fc = _param(rngs, (len(config.target_layer_ids) * d, d), ("features", "embed"), dtype)
+        self.hidden_norm = RMSNorm(d, target.rms_norm_eps, target.family == "gemma3", dtype)
+        self.layers = nnx.List([DecoderLayer(self.layer_config, i, dtype, rngs) for i in range(config.num_layers)])
+        self.norm = RMSNorm(d, target.rms_norm_eps, target.family == "gemma3", dtype)
+        d2t, t2d = build_maps(draft_vocab_ids if config.draft_vocab_size else None, target.vocab_size)
+        self.draft_to_target, self.target_to_draft = VocabMap(d2t), VocabMap(t2d)
+        n = self.vocab_size
+        self.markov = (MarkovHead(config.markov_head_type, n + (0 if self.full_vocab else 1), n, config.markov_rank,
+                                  d, dtype, rngs) if config.markov_rank else None)
+        conf_in = d + (config.markov_rank if config.uses_confidence_markov_input else 0)
+        self.confidence = ConfidenceHead(conf_in, config.block_size, dtype, rngs) if config.confidence_head else None
+
+    @property
+    def full_vocab(self) -> bool:
+        return self.config.draft_vocab_size is None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.draft_vocab_size or self.target_config.vocab_size
+
+    # ---- context (target features) -------------------------------------------------------------
+    def init_state(self, batch: int, max_len: int) -> KVCache:
+        c = self.layer_config
+        shape = (batch, max_len, c.num_kv_heads, c.head_dim)
+        return KVCache(k=tuple(jnp.zeros(shape, self.dtype) for _ in self.layers),
+                       v=tuple(jnp.zeros(shape, self.dtype) for _ in self.layers))
+
+    def context(self, features: jax.Array) -> jax.Array:
+        """hidden_norm(fc(F)) for concatenated tapped target features F [B, T, m·d]."""
+        return self.hidden_norm(features.astype(self.dtype) @ self.fc[...])
+
+    def write_context(self, state: KVCache, features: jax.Array, start: jax.Array) -> KVCache:
+        """Appends the K/V of target features at positions start..start+T-1 to every draft layer."""
+        c = self.context(features)
+        pos = start[:, None] + jnp.arange(features.shape[1], dtype=jnp.int32)[None]
+        ks, vs = [], []
+        for i, layer in enumerate(self.layers):
+            k, v = layer.self_attn.project_kv(c, pos)
+            ks.append(write_contiguous(state.k[i], k, start))
+            vs.append(write_contiguous(state.v[i], v, start))
+        return KVCache(tuple(ks), tuple(vs))
+
+    def prefill(self, target_model, state: KVCache, features: jax.Array, prompts: jax.Array,
+                prompt_lens: jax.Array) -> KVCache:
+        del target_model, prompts, prompt_lens
+        return self.write_context(state, features, jnp.zeros((features.shape[0],), jnp.int32))
+
+    def commit(self, target_model, state: KVCache, features: jax.Array, verified: jax.Array,
+               start: jax.Array, count: jax.Array) -> KVCache:
+        """After verification: the verified positions' target features become context (only the first
+        `count` are valid; the rest lie past the next anchor, are masked, and get overwritten)."""
+        del target_model, verified, count
+        return self.write_context(state, features, start)
+
+    # ---- block forward ---------------------------------------------------------------------------
+    def backbone(self, target_model, anchor: jax.Array, start: jax.Array, state: KVCache,
+                 attn_impl: str = "reference") -> jax.Array:
+        """Final-normed hidden states H [B, G, d] of the block [anchor, MASK × (G-1)] at positions start.."""
+        b, g = anchor.shape[0], self.config.block_size
+        tokens = jnp.concatenate([anchor[:, None], jnp.full((b, g - 1), self.config.mask_token_id, jnp.int32)], 1)
+        pos = start[:, None] + jnp.arange(g, dtype=jnp.int32)[None]
+        x = target_model.embed(tokens).astype(self.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer.mix(x, lambda h, i=i, layer=layer: layer.self_attn.block(
+                h, pos, state.k[i], state.v[i], start, attn_impl))
+        return self.norm(x)
+
+    def base_logits(self, hidden: jax.Array, head: jax.Array) -> jax.Array:
+        out = jnp.einsum("...d,nd->...n", hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
+        return softcap(out, self.target_config.final_logit_softcapping)
+
+    def prev_rows(self, tokens: jax.Array) -> jax.Array:
+        """Markov-embedding rows of previous (target-id) tokens."""
+        return jnp.take(self.target_to_draft[...], tokens, axis=0)
+
+    def propose(self, target_model, state: KVCache, anchor: jax.Array, start: jax.Array, key: jax.Array,
+                params: SamplingParams, mode: FilterMode, head: jax.Array, attn_impl: str = "reference") -> Proposal:
+        """Drafts G tokens: one parallel backbone pass, then left-to-right sampling with the Markov head,
+        from exactly the distributions returned in `p_draft`."""
+        hidden = self.backbone(target_model, anchor, start, state, attn_impl)
+        base = self.base_logits(hidden, head)  # [B, G, N]
+        b = anchor.shape[0]
+        keys = jax.random.split(key, self.config.block_size)
+
+        def step(carry, inputs):
+            prev_row, rnn_state = carry
+            u_k, h_k, key_k = inputs
+            logits = u_k
+            if self.markov is not None:
+                bias, rnn_state = self.markov.step(prev_row, h_k, rnn_state)
+                logits = logits + bias
+            p = token_probs(logits, params, mode)
+            idx = sample(key_k, logits, params, mode)
+            conf_in = h_k
+            if self.confidence is not None and self.config.uses_confidence_markov_input:
+                conf_in = jnp.concatenate([h_k, self.markov.embed_prev(prev_row)], -1)
+            z = self.confidence.logit(conf_in) if self.confidence is not None else jnp.zeros((b,), jnp.float32)
+            return (idx, rnn_state), (idx, p, z)
+
+        rnn0 = self.markov.initial_state(b) if self.markov is not None else jnp.zeros((b, 1), jnp.float32)
+        xs = (jnp.swapaxes(base, 0, 1), jnp.swapaxes(hidden, 0, 1), keys)
+        _, (idx, p, z) = jax.lax.scan(step, (self.prev_rows(anchor), rnn0), xs)
+        idx, p, z = jnp.swapaxes(idx, 0, 1), jnp.swapaxes(p, 0, 1), jnp.swapaxes(z, 0, 1)
+        conf = self.confidence.calibrated(z) if self.confidence is not None else jnp.ones_like(z)
+        return Proposal(tokens=jnp.take(self.draft_to_target[...], idx, axis=0), draft_index=idx, p_draft=p,
+                        confidence=conf, confidence_logits=z)
+
+    def head_matrix(self, target_model) -> jax.Array:
+        return draft_head_matrix(target_model, self.draft_to_target[...], self.full_vocab)

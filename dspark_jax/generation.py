@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dspark_jax.decoding.autoregressive import generate
+from dspark_jax.decoding.speculative import speculative_generate
 from dspark_jax.decoding.sampling import FilterMode, SamplingParams, validate_sampling
 from dspark_jax.target import Target
 
@@ -39,6 +40,9 @@ class Completion:
     new_tokens: int
     seconds: float  # wall time of the batch this prompt ran in (compilation excluded)
     tokens_per_s: float
+    rounds: int | None = None  # speculative only: verification rounds
+    mean_accept_len: float | None = None  # committed tokens per round (bonus included), pooled over rounds
+    proposed: int | None = None  # draft tokens proposed over all rounds
 
 
 def bucket_length(n: int, minimum: int = 32) -> int:
@@ -74,33 +78,58 @@ def pad_batch(batch: Sequence[Sequence[int]], pad_id: int, batch_size: int) -> t
 
 
 def generate_text(target: Target, prompts: Sequence[str], config: GenerationConfig = GenerationConfig(),
-                  progress: Callable[[int, int], None] | None = None) -> list[Completion]:
-    """Generates completions for `prompts` in batches of `config.batch_size` with the jitted AR loop."""
+                  progress: Callable[[int, int], None] | None = None, drafter=None,
+                  confidence_threshold: float = 0.0) -> list[Completion]:
+    """Generates completions for `prompts` in batches of `config.batch_size`: plain autoregressive, or
+    speculative with `drafter` (a `dspark_jax.drafters.factory.Drafter`)."""
+    if not 0.0 <= confidence_threshold <= 1.0:
+        raise ValueError(f"confidence_threshold must be in [0, 1], got {confidence_threshold}")
     encoded = encode_prompts(target, prompts, config.max_new_tokens)
     bs = min(config.batch_size, len(encoded))
     params = SamplingParams.create(bs, config.temperature, config.top_k, config.top_p)
     mode = FilterMode.for_params(config.top_k, config.top_p) if config.temperature > 0 else FilterMode()
-    static = dict(graphdef=target.graphdef, max_new_tokens=config.max_new_tokens, stop_ids=target.stop_ids,
-                  mode=mode, pad_id=target.config.pad_token_id)
+    static = dict(max_new_tokens=config.max_new_tokens, stop_ids=target.stop_ids, mode=mode,
+                  pad_id=target.config.pad_token_id)
+    if drafter is None:
+        fn, static = generate, dict(graphdef=target.graphdef, **static)
+        fixed = dict(state=target.state)
+    else:
+        fn, static = speculative_generate, dict(target_graphdef=target.graphdef, drafter_graphdef=drafter.graphdef,
+                                                **static)
+        fixed = dict(target_state=target.state, drafter_state=drafter.state,
+                     confidence_threshold=jnp.float32(confidence_threshold))
     key = jax.random.key(config.seed)
     results: list[Completion] = []
+    compiled = {}
     for start in range(0, len(encoded), bs):
         chunk = encoded[start:start + bs]
         tokens, lens = pad_batch(chunk, target.config.pad_token_id, bs)
         key, sub = jax.random.split(key)
-        args = (target.state, jnp.asarray(tokens), jnp.asarray(lens), sub, params)
-        compiled = generate.lower(*args[:0], state=args[0], prompts=args[1], prompt_lens=args[2], key=args[3],
-                                  params=args[4], **static).compile()
+        args = dict(fixed, prompts=jnp.asarray(tokens), prompt_lens=jnp.asarray(lens), key=sub, params=params)
+        if tokens.shape not in compiled:
+            compiled[tokens.shape] = fn.lower(**args, **static).compile()
         t0 = time.perf_counter()
-        out = compiled(state=args[0], prompts=args[1], prompt_lens=args[2], key=args[3], params=args[4])
-        out_tokens, counts = jax.device_get((out.tokens, out.num_tokens))
+        out = jax.device_get(compiled[tokens.shape](**args))
         seconds = time.perf_counter() - t0
         for i, ids in enumerate(chunk):
-            n = int(counts[i])
-            comp = [int(t) for t in out_tokens[i, :n]]
+            n = int(out.num_tokens[i])
+            comp = [int(t) for t in out.tokens[i, :n]]
+            extra = {}
+            if drafter is not None:
+                r = int(out.rounds[i])
+                extra = dict(rounds=r, proposed=int(out.proposed[i, :r].sum()),
+                             mean_accept_len=float(out.committed[i, :r].sum() / r) if r else None)
             results.append(Completion(prompt=prompts[start + i], completion_ids=comp,
                                       completion_text=target.tokenizer.decode(comp), new_tokens=n,
-                                      seconds=seconds, tokens_per_s=n / seconds))
+                                      seconds=seconds, tokens_per_s=n / seconds, **extra))
         if progress:
             progress(len(results), len(encoded))
     return results
+
+
+def pooled_accept_length(results: Sequence[Completion]) -> float | None:
+    """Σ committed tokens in verification rounds / Σ rounds over all prompts (bonus included)."""
+    rounds = sum(r.rounds or 0 for r in results)
+    if not rounds:
+        return None
+    return sum((r.mean_accept_len or 0.0) * (r.rounds or 0) for r in results) / rounds

@@ -29,6 +29,10 @@ class Target:
         return nnx.merge(self.graphdef, self.state)
 
     @property
+    def state_dtype(self):
+        return self.state["embed_tokens"][...].dtype
+
+    @property
     def stop_ids(self) -> tuple[int, ...]:
         return tuple(sorted(set(self.config.eos_token_ids) | set(self.tokenizer.stop_ids)))
 

@@ -84,3 +84,26 @@ def test_empty_and_overlong_prompts_on_default_target(tmp_path):
     long_file.write_text(json.dumps({"turns": ["word " * 40000]}) + "\n")
     r = run_cli("generate", "--prompts_file", str(long_file), "--max_new_tokens", "4")
     assert r.returncode == 2 and "exceeds the model's context" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_generate_with_random_drafter_reports_speculative_stats(tmp_path):
+    plain, spec = tmp_path / "plain.json", tmp_path / "spec.json"
+    args = ["generate", "--prompt", "The capital of France is", "--max_new_tokens", "8"]
+    assert run_cli(*args, "--output_json", str(plain)).returncode == 0
+    r = run_cli(*args, "--output_json", str(spec), "--drafter", "random", "--draft_algorithm", "dspark", "--gamma", "3",
+                "--draft_vocab_size", "2048")
+    assert r.returncode == 0, r.stderr
+    assert "pooled accept length" in r.stdout
+    p, s = json.loads(plain.read_text())[0], json.loads(spec.read_text())[0]
+    assert s["completion_ids"] == p["completion_ids"]
+    assert s["rounds"] >= 1 and s["proposed"] == 3 * s["rounds"] and s["mean_accept_len"] >= 1
+
+
+def test_bad_drafter_flags():
+    r = run_cli("generate", "--prompt", "hi", "--drafter", "/nonexistent/drafter")
+    assert r.returncode == 2 and "drafter not found" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("generate", "--prompt", "hi", "--draft_algorithm", "medusa")
+    assert r.returncode != 0 and "draft_algorithm" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("generate", "--prompt", "hi", "--gamma", "0")
+    assert r.returncode != 0 and "gamma" in r.stderr and "Traceback" not in r.stderr

@@ -12,6 +12,7 @@ All float parameters (norm scales and biases included) are re-drawn at O(1) scal
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -73,6 +74,7 @@ def _randomize(module, seed: int, gemma: bool) -> None:
     nnx.update(module, state)
 
 
+@functools.lru_cache(maxsize=None)
 def _target(name: str):
     cfg = TARGETS[name]()
     model = Transformer(cfg, rngs=nnx.Rngs(0))
@@ -108,6 +110,22 @@ def _scenario(cfg, feat_dim: int, draft_ids, seed: int):
     return feats, tokens, rng
 
 
+# jitted entry points (one compile per drafter structure; eager dispatch would compile op by op)
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), compiler_options={"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True})
+def _jit_call(method: str, d_graph, t_graph, d_state, t_state, *args):
+    drafter, target = nnx.merge(d_graph, d_state), nnx.merge(t_graph, t_state)
+    if method == "propose":
+        state, anchor, start, key, params = args
+        return drafter.propose(target, state, anchor, start, key, params, FilterMode(), drafter.head_matrix(target))
+    return getattr(drafter, method)(target, *args)
+
+
+def _call(method: str, drafter, target, *args):
+    d_graph, d_state = nnx.split(drafter)
+    t_graph, t_state = nnx.split(target)
+    return _jit_call(method, d_graph, t_graph, d_state, t_state, *args)
+
+
 def _context_rounds(drafter, target, state, feats, tokens, rng):
     """Drives prefill + commits like speculative.py; returns [(state, start)] after each of them."""
     p = max(PROMPT_LENS)
@@ -115,7 +133,7 @@ def _context_rounds(drafter, target, state, feats, tokens, rng):
     pre = np.where(np.arange(p)[None, :, None] < lens[:, None, None], feats[:, :p],
                    3 * rng.normal(size=feats[:, :p].shape))
     prompts = np.where(np.arange(p)[None] < lens[:, None], tokens[:, :p], rng.integers(0, 97, (B, p)))
-    state = drafter.prefill(target, state, jnp.asarray(pre, jnp.float32), jnp.asarray(prompts, jnp.int32),
+    state = _call("prefill", drafter, target, state, jnp.asarray(pre, jnp.float32), jnp.asarray(prompts, jnp.int32),
                             jnp.asarray(lens, jnp.int32))
     start = lens.copy()
     out = [(state, start.copy())]
@@ -127,7 +145,7 @@ def _context_rounds(drafter, target, state, feats, tokens, rng):
         f = np.where(valid[..., None], np.take_along_axis(feats, pos[..., None], axis=1),
                      3 * rng.normal(size=(B, G + 1, feats.shape[-1])))
         verified = np.where(valid, np.take_along_axis(tokens, pos, axis=1), rng.integers(0, 97, (B, G + 1)))
-        state = drafter.commit(target, state, jnp.asarray(f, jnp.float32), jnp.asarray(verified, jnp.int32),
+        state = _call("commit", drafter, target, state, jnp.asarray(f, jnp.float32), jnp.asarray(verified, jnp.int32),
                                jnp.asarray(start, jnp.int32), jnp.asarray(count, jnp.int32))
         start = start + count
         out.append((state, start.copy()))
@@ -179,7 +197,8 @@ def test_backbone_after_incremental_context_matches_reference(target_name):
     head_full, head_sub = drafter.head_matrix(target), jnp.take(drafter.head_matrix(target), sub_ids, axis=0)
     for ci, (state, start) in enumerate(_context_rounds(drafter, target, state0, feats, tokens, rng)):
         anchor = tokens[np.arange(B), start]
-        hidden = drafter.backbone(target, jnp.asarray(anchor, jnp.int32), jnp.asarray(start, jnp.int32), state)
+        hidden = _call("backbone", drafter, target, jnp.asarray(anchor, jnp.int32), jnp.asarray(start, jnp.int32),
+                       state)
         u_full, u_sub = drafter.base_logits(hidden, head_full), drafter.base_logits(hidden, head_sub)
         for b in range(B):
             h_ref = ref.dspark_hidden(p, dims, tp, feats[b, :start[b]], anchor[b], dcfg.mask_token_id, G)
@@ -213,16 +232,15 @@ def test_propose_matches_reference(target_name, kind, vocab):
     temps = np.asarray(drafter.confidence.temperatures[...]) if has_conf else None
     feats, tokens, rng = _scenario(cfg, len(dcfg.target_layer_ids) * cfg.hidden_size, draft_ids, seed=5)
     state0 = _garbage_cache(drafter.init_state(B, MAX_LEN), rng)
-    head = drafter.head_matrix(target)
     head_ref = ref.target_head_rows(tp, draft_ids)
     d2t = np.arange(cfg.vocab_size) if draft_ids is None else draft_ids
     rounds = _context_rounds(drafter, target, state0, feats, tokens, rng)
     for ci in (0, len(rounds) - 1):
         state, start = rounds[ci]
         anchor = tokens[np.arange(B), start]
-        args = (target, state, jnp.asarray(anchor, jnp.int32), jnp.asarray(start, jnp.int32), jax.random.key(ci))
-        greedy = drafter.propose(*args, SamplingParams.create(B), FilterMode(), head)
-        warm = drafter.propose(*args, SamplingParams.create(B, 0.8), FilterMode(), head)
+        args = (state, jnp.asarray(anchor, jnp.int32), jnp.asarray(start, jnp.int32), jax.random.key(ci))
+        greedy = _call("propose", drafter, target, *args, SamplingParams.create(B))
+        warm = _call("propose", drafter, target, *args, SamplingParams.create(B, 0.8))
         for b in range(B):
             where = f"checkpoint {ci}, request {b}"
             h = ref.dspark_hidden(p, dims, tp, feats[b, :start[b]], anchor[b], dcfg.mask_token_id, G)
@@ -259,15 +277,14 @@ def test_eagle3_proposal_matches_reference(target_name, vocab):
     feats, tokens, rng = _scenario(cfg, len(dcfg.target_layer_ids) * cfg.hidden_size, draft_ids, seed=9)
     st = drafter.init_state(B, MAX_LEN)
     state0 = Eagle3State(_garbage_cache(st.cache, rng), jnp.asarray(rng.normal(size=st.pending.shape), jnp.float32))
-    head = drafter.head_matrix(target)
     d2t = np.arange(cfg.vocab_size) if draft_ids is None else draft_ids
     rounds = _context_rounds(drafter, target, state0, feats, tokens, rng)
     for ci in (0, len(rounds) - 1):
         state, start = rounds[ci]
         anchor = tokens[np.arange(B), start]
-        args = (target, state, jnp.asarray(anchor, jnp.int32), jnp.asarray(start, jnp.int32), jax.random.key(ci))
-        greedy = drafter.propose(*args, SamplingParams.create(B), FilterMode(), head)
-        warm = drafter.propose(*args, SamplingParams.create(B, 0.8), FilterMode(), head)
+        args = (state, jnp.asarray(anchor, jnp.int32), jnp.asarray(start, jnp.int32), jax.random.key(ci))
+        greedy = _call("propose", drafter, target, *args, SamplingParams.create(B))
+        warm = _call("propose", drafter, target, *args, SamplingParams.create(B, 0.8))
         for b in range(B):
             where = f"checkpoint {ci}, request {b}"
             n = start[b]

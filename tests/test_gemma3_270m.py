@@ -68,3 +68,18 @@ def test_32_greedy_tokens_match_hf(target, hf_model, hf_tokenizer):
             ref = hf_model.generate(ids, max_new_tokens=32, do_sample=False)[0, ids.shape[1]:].tolist()
         assert res.completion_ids == ref[:len(res.completion_ids)]
         assert res.new_tokens == len(ref)
+
+
+@pytest.mark.parametrize("algorithm,vocab", [("dspark", 4096), ("dflash", None), ("eagle3", 4096)])
+def test_random_drafter_speculative_equals_plain_greedy(target, algorithm, vocab):
+    """Greedy identity on the real model with random drafters (batch 2, different prompt lengths)."""
+    from dspark_jax.drafters.factory import random_drafter
+    from dspark_jax.generation import GenerationConfig, generate_text
+    cfg = GenerationConfig(max_new_tokens=12, batch_size=2)
+    plain = generate_text(target, PROMPTS, cfg)
+    drafter = random_drafter(target, algorithm, gamma=3, num_layers=1 if algorithm != "eagle3" else None,
+                             draft_vocab_size=vocab)
+    spec = generate_text(target, PROMPTS, cfg, drafter=drafter)
+    for p, s in zip(plain, spec):
+        assert s.completion_ids == p.completion_ids
+        assert s.rounds >= 1 and s.mean_accept_len >= 1.0

@@ -1,12 +1,10 @@
 """Helpers shared by CLI commands: help text, one-line errors, prompt files."""
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 from typing import Callable
 
-from absl import app, flags
+from absl import app, flags, logging
 
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError, OSError)
 
@@ -19,6 +17,7 @@ def run_command(name: str, module_name: str, doc: str, body: Callable[[], None],
         sys.exit(0)
 
     def main(_argv):
+        logging.set_verbosity(logging.WARNING)
         if len(_argv) > 1:
             raise app.UsageError(f"unexpected positional arguments: {' '.join(_argv[1:])}")
         try:
@@ -32,21 +31,5 @@ def run_command(name: str, module_name: str, doc: str, body: Callable[[], None],
 
 def read_prompts_file(path: str) -> list[str]:
     """First turn of each line of a jsonl file with `{"turns": [...]}` objects."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"prompts file not found: {path}")
-    prompts = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: invalid JSON ({e.msg})") from None
-        turns = obj.get("turns") if isinstance(obj, dict) else None
-        if not isinstance(turns, list) or not turns or not isinstance(turns[0], str):
-            raise ValueError(f"{path}:{n}: expected an object with a non-empty 'turns' list of strings")
-        prompts.append(turns[0])
-    if not prompts:
-        raise ValueError(f"prompts file is empty: {path}")
-    return prompts
+    from dspark_jax.data import read_first_turns
+    return read_first_turns(path)

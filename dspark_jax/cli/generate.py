@@ -23,6 +23,16 @@ flags.DEFINE_integer("seed", 0, "Random seed for sampling.")
 flags.DEFINE_integer("batch_size", 8, "Prompts decoded together in one batch.", lower_bound=1)
 flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
                   "Parameter/compute dtype; auto = float32 on CPU, bfloat16 on GPU/TPU.")
+flags.DEFINE_string("drafter", "none", "Speculative decoding drafter: 'none' (plain autoregressive decoding), 'random' "
+                    "(a randomly initialised drafter of --draft_algorithm: correct output, low acceptance), or a "
+                    "drafter checkpoint directory (DeepSpec DSpark/DFlash format).")
+flags.DEFINE_enum("draft_algorithm", "dspark", ["dspark", "dflash", "eagle3"],
+                  "Drafter kind for --drafter=random (a checkpoint names its own).")
+flags.DEFINE_integer("gamma", 7, "Draft block size: tokens proposed per verification round.", lower_bound=1)
+flags.DEFINE_float("confidence_threshold", 0.0, "Static confidence threshold in [0, 1]: a proposal is cut at "
+                   "the first draft position whose confidence is below it (0 = always verify the full block).")
+flags.DEFINE_integer("draft_vocab_size", 32768, "For --drafter=random: draft vocabulary of the N most frequent "
+                     "target tokens (0 = the full target vocabulary).", lower_bound=0)
 flags.DEFINE_string("output_json", None, "Write a JSON list with prompt, completion_ids, completion_text, "
                     "new_tokens, seconds, tokens_per_s per prompt.")
 
@@ -30,7 +40,7 @@ flags.DEFINE_string("output_json", None, "Write a JSON list with prompt, complet
 def body() -> None:
     import jax.numpy as jnp
 
-    from dspark_jax.generation import GenerationConfig, generate_text
+    from dspark_jax.generation import GenerationConfig, generate_text, pooled_accept_length
     from dspark_jax.target import load_target
 
     prompts = list(FLAGS.prompt)
@@ -41,18 +51,36 @@ def body() -> None:
     config = GenerationConfig(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
                               top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed, batch_size=FLAGS.batch_size)
     dtype = None if FLAGS.dtype == "auto" else getattr(jnp, FLAGS.dtype)
+    if FLAGS.drafter not in ("none", "random") and not Path(FLAGS.drafter).expanduser().exists():
+        raise FileNotFoundError(f"drafter not found: {FLAGS.drafter!r} (expected 'none', 'random' or a drafter "
+                                f"directory)")
     print(f"loading target {FLAGS.target} ...", file=sys.stderr)
     target = load_target(FLAGS.target, dtype=dtype)
     progress = lambda done, total: print(f"  [{done}/{total}] prompts done", file=sys.stderr)  # noqa: E731
-    results = generate_text(target, prompts, config, progress=progress)
+    drafter = None
+    if FLAGS.drafter != "none":
+        from dspark_jax.drafters.factory import load_drafter
+        if not 0.0 <= FLAGS.confidence_threshold <= 1.0:
+            raise ValueError(f"--confidence_threshold must be in [0, 1], got {FLAGS.confidence_threshold}")
+        drafter = load_drafter(FLAGS.drafter, target, algorithm=FLAGS.draft_algorithm, gamma=FLAGS.gamma,
+                               draft_vocab_size=FLAGS.draft_vocab_size or None, seed=FLAGS.seed)
+        print(f"drafter: {drafter.source} ({drafter.config.algorithm}, gamma={drafter.config.block_size})",
+              file=sys.stderr)
+    results = generate_text(target, prompts, config, progress=progress, drafter=drafter,
+                            confidence_threshold=FLAGS.confidence_threshold)
     for i, r in enumerate(results):
+        spec = f", {r.rounds} rounds, accept length {r.mean_accept_len:.2f}" if r.mean_accept_len else ""
         print(f"=== prompt {i}: {r.prompt!r}\n{r.completion_text}\n--- {r.new_tokens} tokens, "
-              f"{r.tokens_per_s:.1f} tokens/s")
+              f"{r.tokens_per_s:.1f} tokens/s{spec}")
     total_tokens = sum(r.new_tokens for r in results)
     bs = min(config.batch_size, len(results))
     total_seconds = sum(r.seconds for i, r in enumerate(results) if i % bs == 0)
     print(f"total: {total_tokens} tokens in {total_seconds:.2f} s = {total_tokens / total_seconds:.1f} tokens/s "
           f"(compilation excluded)")
+    if drafter is not None:
+        tau = pooled_accept_length(results)
+        print(f"pooled accept length (committed tokens per verification round, bonus included): "
+              f"{'n/a' if tau is None else f'{tau:.3f}'}")
     if FLAGS.output_json:
         out = Path(FLAGS.output_json)
         tmp = out.with_suffix(out.suffix + ".tmp")

@@ -1,0 +1,69 @@
+"""Building and loading drafters for a target: random initialisation or a checkpoint directory."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dspark_jax.drafters.config import DrafterConfig, make_drafter_config
+from dspark_jax.drafters.dspark import DSparkDrafter
+from dspark_jax.drafters.eagle3 import Eagle3Drafter
+from dspark_jax.drafters.vocab import frequent_token_ids
+from dspark_jax.target import Target
+
+
+@dataclasses.dataclass(frozen=True)
+class Drafter:
+    """A drafter ready for the speculative loop: NNX graph definition + state, and where it came from."""
+    config: DrafterConfig
+    graphdef: nnx.GraphDef
+    state: nnx.State
+    source: str
+
+
+def drafter_class(config: DrafterConfig):
+    return Eagle3Drafter if config.algorithm == "eagle3" else DSparkDrafter
+
+
+def _frequent_ids(tokenizer, vocab_size: int, size: int, always: tuple[int, ...]) -> np.ndarray:
+    from dspark_jax.data import training_prompts
+    ids = (tokenizer.encode(t, add_bos=False) for t in training_prompts())
+    return frequent_token_ids(ids, size, vocab_size, always_include=always)
+
+
+def default_draft_vocab(target: Target, size: int, mask_token_id: int) -> np.ndarray:
+    """The `size` most frequent target tokens over the shipped training prompts (never the evaluation
+    prompts), always including stop tokens, BOS and the mask token."""
+    always = tuple(sorted(set(target.stop_ids) | {mask_token_id, target.config.bos_token_id or 0}))
+    return _frequent_ids(target.tokenizer, target.config.vocab_size, size, always)
+
+
+def random_drafter(target: Target, algorithm: str, *, gamma: int = 7, num_layers: int | None = None,
+                   draft_vocab_size: int | None = None, seed: int = 0, dtype=None) -> Drafter:
+    """A randomly initialised drafter of any kind (correct output, low acceptance until trained)."""
+    config = make_drafter_config(algorithm, target.config, block_size=gamma, num_layers=num_layers,
+                                 draft_vocab_size=draft_vocab_size)
+    vocab_ids = default_draft_vocab(target, draft_vocab_size, config.mask_token_id) if draft_vocab_size else None
+    dtype = dtype or target.state_dtype
+    module = drafter_class(config)(config, target.config, dtype=dtype, rngs=nnx.Rngs(seed), draft_vocab_ids=vocab_ids)
+    graphdef, state = nnx.split(module)
+    return Drafter(config, graphdef, state, f"random:{algorithm}")
+
+
+def load_drafter(spec: str, target: Target, *, algorithm: str = "dspark", gamma: int = 7,
+                 draft_vocab_size: int | None = None, seed: int = 0) -> Drafter | None:
+    """`none` → None; `random` → a random drafter of `algorithm`; a directory → a DeepSpec checkpoint."""
+    if spec in ("", "none"):
+        return None
+    if spec == "random":
+        return random_drafter(target, algorithm, gamma=gamma, draft_vocab_size=draft_vocab_size, seed=seed)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"drafter not found: {spec!r} (expected 'none', 'random' or a drafter directory)")
+    from dspark_jax.io.deepspec import load_deepspec_drafter
+    module = load_deepspec_drafter(path, target.config, dtype=target.state_dtype)
+    graphdef, state = nnx.split(module)
+    return Drafter(module.config, graphdef, state, str(path))

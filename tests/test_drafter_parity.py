@@ -110,8 +110,12 @@ def _scenario(cfg, feat_dim: int, draft_ids, seed: int):
     return feats, tokens, rng
 
 
-# jitted entry points (one compile per drafter structure; eager dispatch would compile op by op)
-@functools.partial(jax.jit, static_argnums=(0, 1, 2), compiler_options={"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True})
+# Jitted entry points: one compile per drafter structure (eager dispatch would compile op by op). The tiny
+# programs run in microseconds, so spend less time optimising them (keeps the file well under a minute).
+_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), compiler_options=_FAST_COMPILE)
 def _jit_call(method: str, d_graph, t_graph, d_state, t_state, *args):
     drafter, target = nnx.merge(d_graph, d_state), nnx.merge(t_graph, t_state)
     if method == "propose":
@@ -126,15 +130,22 @@ def _call(method: str, drafter, target, *args):
     return _jit_call(method, d_graph, t_graph, d_state, t_state, *args)
 
 
+@pytest.fixture(autouse=True)
+def _exact_float32_matmuls():
+    """Full float32 matmuls even where the backend would default to TF32 / bf16 passes."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 def _context_rounds(drafter, target, state, feats, tokens, rng):
     """Drives prefill + commits like speculative.py; returns [(state, start)] after each of them."""
-    p = max(PROMPT_LENS)
+    p, v = max(PROMPT_LENS), target.config.vocab_size
     lens = np.array(PROMPT_LENS)
     pre = np.where(np.arange(p)[None, :, None] < lens[:, None, None], feats[:, :p],
                    3 * rng.normal(size=feats[:, :p].shape))
-    prompts = np.where(np.arange(p)[None] < lens[:, None], tokens[:, :p], rng.integers(0, 97, (B, p)))
-    state = _call("prefill", drafter, target, state, jnp.asarray(pre, jnp.float32), jnp.asarray(prompts, jnp.int32),
-                            jnp.asarray(lens, jnp.int32))
+    prompts = np.where(np.arange(p)[None] < lens[:, None], tokens[:, :p], rng.integers(0, v, (B, p)))
+    state = _call("prefill", drafter, target, state, jnp.asarray(pre, jnp.float32),
+                  jnp.asarray(prompts, jnp.int32), jnp.asarray(lens, jnp.int32))
     start = lens.copy()
     out = [(state, start.copy())]
     rows = np.arange(G + 1)
@@ -144,9 +155,9 @@ def _context_rounds(drafter, target, state, feats, tokens, rng):
         valid = rows[None] < count[:, None]
         f = np.where(valid[..., None], np.take_along_axis(feats, pos[..., None], axis=1),
                      3 * rng.normal(size=(B, G + 1, feats.shape[-1])))
-        verified = np.where(valid, np.take_along_axis(tokens, pos, axis=1), rng.integers(0, 97, (B, G + 1)))
-        state = _call("commit", drafter, target, state, jnp.asarray(f, jnp.float32), jnp.asarray(verified, jnp.int32),
-                               jnp.asarray(start, jnp.int32), jnp.asarray(count, jnp.int32))
+        verified = np.where(valid, np.take_along_axis(tokens, pos, axis=1), rng.integers(0, v, (B, G + 1)))
+        state = _call("commit", drafter, target, state, jnp.asarray(f, jnp.float32),
+                      jnp.asarray(verified, jnp.int32), jnp.asarray(start, jnp.int32), jnp.asarray(count, jnp.int32))
         start = start + count
         out.append((state, start.copy()))
     return out
@@ -161,8 +172,8 @@ def _dspark(target_name: str, kind: str, vocab: str, seed: int = 11):
     cfg, target = _target(target_name)
     draft_ids = _draft_ids(vocab, cfg.vocab_size)
     algo = "dflash" if kind == "dflash" else "dspark"
-    dcfg = make_drafter_config(algo, cfg, block_size=G, num_layers=2, markov_rank=8,
-                               markov_head_type="vanilla" if kind == "dflash" else kind,
+    dcfg = make_drafter_config(algo, cfg, block_size=G, num_layers=2, markov_rank=0 if kind == "confonly" else 8,
+                               markov_head_type=kind if kind in ("vanilla", "gated", "rnn") else "vanilla",
                                target_layer_ids=TAPS[target_name],
                                draft_vocab_size=None if draft_ids is None else N_DRAFT)
     drafter = DSparkDrafter(dcfg, cfg, rngs=nnx.Rngs(seed), draft_vocab_ids=draft_ids)
@@ -221,13 +232,17 @@ def test_reference_context_matters():
 
 # ---- DSpark / DFlash proposal -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("vocab", ["full", "reduced"])
-@pytest.mark.parametrize("kind", ["vanilla", "gated", "rnn", "dflash"])
-@pytest.mark.parametrize("target_name", ["gemma3x", "qwen3"])
+PROPOSE_CASES = ([(t, k, v) for t in ("gemma3x", "qwen3") for k in ("vanilla", "gated", "rnn")
+                  for v in ("full", "reduced")]
+                 + [("gemma3x", "dflash", "full"), ("qwen3", "dflash", "reduced"), ("qwen3", "confonly", "reduced")])
+
+
+@pytest.mark.parametrize("target_name,kind,vocab", PROPOSE_CASES)
 def test_propose_matches_reference(target_name, kind, vocab):
+    """kind: a Markov head type; "dflash" (no heads); "confonly" (DSpark with markov_rank 0: confidence on h)."""
     cfg, target, dcfg, drafter, draft_ids = _dspark(target_name, kind, vocab)
     dims, p, tp = ref.Dims.from_target(cfg), ref.params_of(drafter), ref.params_of(target)
-    markov = None if kind == "dflash" else kind
+    markov = None if kind in ("dflash", "confonly") else kind
     has_conf = drafter.confidence is not None
     temps = np.asarray(drafter.confidence.temperatures[...]) if has_conf else None
     feats, tokens, rng = _scenario(cfg, len(dcfg.target_layer_ids) * cfg.hidden_size, draft_ids, seed=5)
@@ -293,6 +308,8 @@ def test_eagle3_proposal_matches_reference(target_name, vocab):
             np.testing.assert_array_equal(np.asarray(greedy.draft_index[b]), idx, err_msg=where)
             np.testing.assert_array_equal(np.asarray(greedy.tokens[b]), d2t[idx], err_msg=where)
             np.testing.assert_array_equal(np.asarray(greedy.p_draft[b]), np.eye(len(d2t))[idx], err_msg=where)
+            np.testing.assert_array_equal(np.asarray(greedy.confidence[b]), np.ones(G))
+            np.testing.assert_array_equal(np.asarray(greedy.confidence_logits[b]), np.zeros(G))
             drawn = np.asarray(warm.draft_index[b])
             np.testing.assert_array_equal(np.asarray(warm.tokens[b]), d2t[drawn], err_msg=where)
             _, logits = ref.eagle3_block(p, dims, tp, feats[b, :n], tokens[b, 1:n + 1], G, draft_ids, forced=drawn)

@@ -48,3 +48,24 @@ def training_prompts() -> list[str]:
     lines, livecodebench, arena-hard-v2. Never the evaluation prompts."""
     gsm = read_first_turns(eval_dataset_path("gsm8k"))[N_GSM8K_EVAL:]
     return gsm + read_first_turns(eval_dataset_path("livecodebench")) + read_first_turns(eval_dataset_path("arena-hard-v2"))
+
+
+DEFAULT_TRAINING_MIX = {"gsm8k": 500, "livecodebench": 350, "arena-hard-v2": 350}
+
+
+def select_training_prompts(mix: dict[str, int] | None = None, seed: int = 0) -> list[str]:
+    """A seeded sample of training prompts per source (gsm8k never includes its first 200 evaluation lines)."""
+    import random
+    mix = DEFAULT_TRAINING_MIX if mix is None else mix
+    rng = random.Random(seed)
+    out = []
+    for name, count in mix.items():
+        if name in EVAL_ONLY:
+            raise ValueError(f"{name} is an evaluation dataset and is never trained on")
+        pool = read_first_turns(eval_dataset_path(name))
+        if name == "gsm8k":
+            pool = pool[N_GSM8K_EVAL:]
+        if count > len(pool):
+            raise ValueError(f"{name} has {len(pool)} training prompts, {count} requested")
+        out += rng.sample(pool, count)
+    return out

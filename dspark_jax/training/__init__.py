@@ -1,0 +1,1 @@
+"""Drafter training: response regeneration, target cache, anchors, losses, trainer, checkpoints."""

@@ -23,9 +23,10 @@ flags.DEFINE_integer("seed", 0, "Random seed for sampling.")
 flags.DEFINE_integer("batch_size", 8, "Prompts decoded together in one batch.", lower_bound=1)
 flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
                   "Parameter/compute dtype; auto = float32 on CPU, bfloat16 on GPU/TPU.")
-flags.DEFINE_string("drafter", "none", "Speculative decoding drafter: 'none' (plain autoregressive decoding), 'random' "
-                    "(a randomly initialised drafter of --draft_algorithm: correct output, low acceptance), or a "
-                    "drafter checkpoint directory (DeepSpec DSpark/DFlash format).")
+flags.DEFINE_string("drafter", "none", "Speculative decoding drafter: 'none' (plain autoregressive decoding), 'default' "
+                    "(the shipped drafter trained for the target), 'random' (a randomly initialised drafter of "
+                    "--draft_algorithm: correct output, low acceptance), or a drafter directory (exported by "
+                    "`dspark train`, or a DeepSpec DSpark/DFlash checkpoint).")
 flags.DEFINE_enum("draft_algorithm", "dspark", ["dspark", "dflash", "eagle3"],
                   "Drafter kind for --drafter=random (a checkpoint names its own).")
 flags.DEFINE_integer("gamma", 7, "Draft block size: tokens proposed per verification round.", lower_bound=1)
@@ -51,7 +52,7 @@ def body() -> None:
     config = GenerationConfig(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
                               top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed, batch_size=FLAGS.batch_size)
     dtype = None if FLAGS.dtype == "auto" else getattr(jnp, FLAGS.dtype)
-    if FLAGS.drafter not in ("none", "random") and not Path(FLAGS.drafter).expanduser().exists():
+    if FLAGS.drafter not in ("none", "random", "default") and not Path(FLAGS.drafter).expanduser().exists():
         raise FileNotFoundError(f"drafter not found: {FLAGS.drafter!r} (expected 'none', 'random' or a drafter "
                                 f"directory)")
     print(f"loading target {FLAGS.target} ...", file=sys.stderr)
@@ -84,7 +85,8 @@ def body() -> None:
     if FLAGS.output_json:
         out = Path(FLAGS.output_json)
         tmp = out.with_suffix(out.suffix + ".tmp")
-        tmp.write_text(json.dumps([r.__dict__ for r in results], indent=2, ensure_ascii=False))
+        rows = [{k: v for k, v in r.__dict__.items() if v is not None} for r in results]
+        tmp.write_text(json.dumps(rows, indent=2, ensure_ascii=False))
         tmp.replace(out)
         print(f"wrote {out}", file=sys.stderr)
 

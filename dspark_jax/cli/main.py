@@ -5,7 +5,9 @@ import importlib
 import sys
 
 COMMANDS = {
-    "generate": ("dspark_jax.cli.generate", "Generate completions with a target model (plain autoregressive)."),
+    "generate": ("dspark_jax.cli.generate", "Generate completions: plain autoregressive or speculative with a drafter."),
+    "prepare-data": ("dspark_jax.cli.prepare_data", "Regenerate training responses and build the target feature cache."),
+    "train": ("dspark_jax.cli.train", "Train a drafter (DSpark / DFlash) against the frozen target from a target cache."),
 }
 
 

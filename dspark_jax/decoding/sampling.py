@@ -34,12 +34,14 @@ class SamplingParams:
 class FilterMode:
     """Static (compile-time) description of which filters any request in the batch uses."""
     max_top_k: int = 0      # > 0: top-k via lax.top_k with this many candidates
-    top_p: bool = False     # True: full sort for nucleus filtering
+    top_p: bool = False     # nucleus filtering for some request
+    all_top_k: bool = False  # every request uses top-k: nucleus needs only the top max_top_k candidates
 
     @staticmethod
     def for_params(top_k: np.ndarray | int, top_p: np.ndarray | float) -> "FilterMode":
         top_k, top_p = np.asarray(top_k), np.asarray(top_p)
-        return FilterMode(max_top_k=int(top_k.max(initial=0)), top_p=bool((top_p < 1.0).any()))
+        return FilterMode(max_top_k=int(top_k.max(initial=0)), top_p=bool((top_p < 1.0).any()),
+                          all_top_k=bool((top_k > 0).all()))
 
 
 def validate_sampling(temperature: float, top_k: int, top_p: float) -> None:
@@ -55,8 +57,8 @@ def filter_logits(logits: jax.Array, params: SamplingParams, mode: FilterMode) -
     """Float32 logits / temperature with tokens outside top-k / top-p set to -inf. logits: [B, V]."""
     temp = jnp.maximum(params.temperature, 1e-6)[:, None]
     x = logits.astype(jnp.float32) / temp
-    if mode.top_p:
-        sorted_desc = -jnp.sort(-x, axis=-1)
+    if mode.top_p and not (mode.all_top_k and mode.max_top_k):
+        sorted_desc = -jnp.sort(-x, axis=-1)  # a request without top-k needs the full order for its nucleus
     elif mode.max_top_k:
         sorted_desc = jax.lax.top_k(x, min(mode.max_top_k, x.shape[-1]))[0]
     else:

@@ -136,5 +136,30 @@ class DSparkDrafter(nnx.Module):
         return Proposal(tokens=jnp.take(self.draft_to_target[...], idx, axis=0), draft_index=idx, p_draft=p,
                         confidence=conf, confidence_logits=z)
 
+    def teacher_forced(self, hidden: jax.Array, base: jax.Array, prev_tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Training: Markov-corrected logits [..., G, N] and confidence logits [..., G] with the ground-truth
+        previous tokens prev_tokens [..., G] (target ids; slot 0's previous token is the anchor)."""
+        lead, g = hidden.shape[:-2], hidden.shape[-2]
+        h = hidden.reshape((-1, g, hidden.shape[-1]))
+        u = base.reshape((-1, g, base.shape[-1]))
+        rows = self.prev_rows(prev_tokens).reshape((-1, g))
+        logits = u
+        if self.markov is not None:
+            def step(state, inp):
+                prev_k, h_k = inp
+                bias, state = self.markov.step(prev_k, h_k, state)
+                return state, bias
+            _, bias = jax.lax.scan(step, self.markov.initial_state(h.shape[0]),
+                                   (jnp.swapaxes(rows, 0, 1), jnp.swapaxes(h, 0, 1)))
+            logits = u + jnp.swapaxes(bias, 0, 1)
+        if self.confidence is not None:
+            conf_in = h
+            if self.config.uses_confidence_markov_input:
+                conf_in = jnp.concatenate([h, self.markov.embed_prev(rows).astype(h.dtype)], -1)
+            z = self.confidence.logit(conf_in)
+        else:
+            z = jnp.zeros(rows.shape, jnp.float32)
+        return logits.reshape(lead + logits.shape[1:]), z.reshape(lead + (g,))
+
     def head_matrix(self, target_model) -> jax.Array:
         return draft_head_matrix(target_model, self.draft_to_target[...], self.full_vocab)

@@ -53,16 +53,36 @@ def random_drafter(target: Target, algorithm: str, *, gamma: int = 7, num_layers
     return Drafter(config, graphdef, state, f"random:{algorithm}")
 
 
+SHIPPED_DRAFTERS = Path(__file__).parent / "shipped"
+
+
+def default_drafter_path(target: Target) -> Path:
+    """The shipped drafter trained for this target, if there is one."""
+    from dspark_jax.drafters.checkpoint import is_drafter_dir, read_meta
+    for d in sorted(SHIPPED_DRAFTERS.glob("*")) if SHIPPED_DRAFTERS.is_dir() else []:
+        if is_drafter_dir(d) and read_meta(d)["target"]["fingerprint"] == target.config.fingerprint():
+            return d
+    raise FileNotFoundError(f"no shipped default drafter for target {target.config.name!r}; train one with "
+                            f"`dspark train` and pass --drafter=<workdir>/drafter")
+
+
 def load_drafter(spec: str, target: Target, *, algorithm: str = "dspark", gamma: int = 7,
                  draft_vocab_size: int | None = None, seed: int = 0) -> Drafter | None:
-    """`none` → None; `random` → a random drafter of `algorithm`; a directory → a DeepSpec checkpoint."""
+    """`none` → None; `random` → a random drafter of `algorithm`; `default` → the shipped drafter for the
+    target; a directory → a drafter exported by `dspark train`, or a DeepSpec DSpark/DFlash checkpoint."""
+    from dspark_jax.drafters.checkpoint import is_drafter_dir, load_drafter_module
     if spec in ("", "none"):
         return None
     if spec == "random":
         return random_drafter(target, algorithm, gamma=gamma, draft_vocab_size=draft_vocab_size, seed=seed)
-    path = Path(spec).expanduser()
+    path = default_drafter_path(target) if spec == "default" else Path(spec).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"drafter not found: {spec!r} (expected 'none', 'random' or a drafter directory)")
+        raise FileNotFoundError(f"drafter not found: {spec!r} (expected 'none', 'random', 'default' or a drafter "
+                                f"directory)")
+    if is_drafter_dir(path):
+        module = load_drafter_module(path, target.config, dtype=target.state_dtype)
+        graphdef, state = nnx.split(module)
+        return Drafter(module.config, graphdef, state, str(path))
     from dspark_jax.io.deepspec import load_deepspec_drafter
     module = load_deepspec_drafter(path, target.config, dtype=target.state_dtype)
     graphdef, state = nnx.split(module)

@@ -57,6 +57,14 @@ class TransformerConfig:
         if "sliding_attention" in self.layer_types and not self.sliding_window:
             raise ValueError("sliding_attention layers need a positive sliding_window")
 
+    def fingerprint(self) -> str:
+        """A short hash of everything that shapes the model's computation (not its display name), used to
+        check that a drafter or a target cache belongs to this target."""
+        import hashlib
+        fields = dataclasses.asdict(self)
+        fields.pop("name")
+        return hashlib.sha256(repr(sorted(fields.items())).encode()).hexdigest()[:16]
+
     @property
     def attention_scale(self) -> float:
         return (self.query_pre_attn_scalar or self.head_dim) ** -0.5

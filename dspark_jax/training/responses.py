@@ -75,6 +75,9 @@ def regenerate(target, prompts: Sequence[str], out_path: str | Path, cfg: RegenC
     mode = FilterMode.for_params(cfg.top_k, cfg.top_p) if cfg.temperature > 0 else FilterMode()
     stops = target.stop_ids
     bar = tqdm(total=len(prompts), initial=len(done), desc="regenerating responses", unit="prompt")
+    if out_path.exists() and out_path.stat().st_size and not out_path.read_bytes().endswith(b"\n"):
+        with out_path.open("a", encoding="utf-8") as out:
+            out.write("\n")  # a torn last line from an interrupted run stays isolated (and is ignored)
     with out_path.open("a", encoding="utf-8") as out:
         for s in range(0, len(todo), cfg.batch_size):
             idx = todo[s:s + cfg.batch_size]

@@ -1,0 +1,78 @@
+"""`dspark train`: train a drafter against the frozen target from a prepared target cache."""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.util
+import sys
+from pathlib import Path
+
+from absl import flags
+
+from dspark_jax.cli.common import run_command
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("config", None, "Python file defining CONFIG, a TrainConfig (see configs/train/).")
+flags.DEFINE_multi_string("override", [], "Override a config field: --override=epochs=2 (repeatable; Python "
+                          "literals: numbers, tuples, None).")
+flags.DEFINE_string("data_dir", None, "Output directory of `dspark prepare-data` (its cache/ holds the target "
+                    "cache).")
+flags.DEFINE_string("workdir", None, "Run directory: orbax checkpoints (the run resumes from the latest), "
+                    "metrics.jsonl, TensorBoard events, and the exported drafter in <workdir>/drafter.")
+flags.DEFINE_string("target", "gemma3-270m", "Target model: 'gemma3-270m', a .gguf file or a HF directory.")
+flags.DEFINE_integer("stop_after", None, "Stop after this many micro-steps (the run can be resumed later).")
+
+
+def load_train_config(path: str, overrides: list[str]):
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    spec = importlib.util.spec_from_file_location(f"_dspark_config_{p.stem}", p)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "CONFIG"):
+        raise ValueError(f"{path} defines no CONFIG")
+    config = module.CONFIG
+    fields = {f.name for f in dataclasses.fields(config)}
+    changes = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise ValueError(f"bad --override {item!r}: expected field=value with a field of TrainConfig")
+        try:
+            changes[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            changes[key] = value
+    return dataclasses.replace(config, **changes)
+
+
+def body() -> None:
+    from dspark_jax.drafters.checkpoint import save_drafter
+    from dspark_jax.target import load_target
+    from dspark_jax.training.target_cache import TargetCache
+    from dspark_jax.training.trainer import Trainer
+
+    for name in ("config", "data_dir", "workdir"):
+        if not getattr(FLAGS, name):
+            raise ValueError(f"--{name} is required")
+    config = load_train_config(FLAGS.config, FLAGS.override)
+    print(f"loading target {FLAGS.target} ...", file=sys.stderr)
+    target = load_target(FLAGS.target)
+    dc = config.drafter_config(target.config)
+    cache = TargetCache.open(Path(FLAGS.data_dir) / "cache", target_config=target.config,
+                             layer_ids=dc.target_layer_ids)
+    trainer = Trainer(target, cache, config, FLAGS.workdir)
+    print(f"training {config.algorithm} drafter: {len(cache)} sequences, {trainer.total_steps} optimizer steps "
+          f"({trainer.steps_per_epoch} micro-steps per epoch)", file=sys.stderr)
+    drafter = trainer.run(stop_at_micro_step=FLAGS.stop_after)
+    if trainer.micro_step >= trainer.total_micro:
+        from flax import nnx
+        out = save_drafter(nnx.merge(drafter.graphdef, drafter.state), Path(FLAGS.workdir) / "drafter",
+                           extra=dict(train_config=dataclasses.asdict(config), micro_steps=trainer.micro_step))
+        print(f"exported drafter to {out}")
+    else:
+        print(f"stopped at micro-step {trainer.micro_step}/{trainer.total_micro}; rerun to resume")
+
+
+def run(argv: list[str]) -> None:
+    run_command("train", __name__, __doc__, body, argv)

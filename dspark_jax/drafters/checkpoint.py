@@ -1,0 +1,124 @@
+"""Compact drafter files for shipping and loading: `drafter.safetensors` (every state leaf, parameters in
+the chosen dtype) + `drafter.json` (drafter config, target identity, provenance).
+
+Training checkpoints (optimizer state, resume) use orbax in `dspark_jax.training.trainer`; this format is
+what a finished drafter is exported to and what `dspark generate --drafter=PATH` loads.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dspark_jax.drafters.config import DrafterConfig
+from dspark_jax.models.config import TransformerConfig
+
+FORMAT_VERSION = 1
+META_FILE, WEIGHTS_FILE = "drafter.json", "drafter.safetensors"
+
+
+class DrafterFileError(ValueError):
+    """A drafter file is missing, corrupted or belongs to another target."""
+
+
+def _flat(state: nnx.State) -> dict[str, np.ndarray]:
+    return {"/".join(str(k) for k in path): np.asarray(v) for path, v in nnx.to_flat_state(state)}
+
+
+def save_drafter(module, path: str | os.PathLike, *, dtype=jnp.bfloat16, extra: dict | None = None) -> Path:
+    """Writes the drafter directory atomically (a temp dir renamed into place)."""
+    from safetensors.numpy import save_file
+    path = Path(path)
+    tensors = {}
+    for name, arr in _flat(nnx.state(module)).items():
+        if np.issubdtype(arr.dtype, np.floating) and "temperatures" not in name:
+            arr = np.asarray(jnp.asarray(arr).astype(dtype).astype(jnp.float32)) if dtype == jnp.bfloat16 else arr
+            # bf16 is stored as its upper 16 bits (safetensors numpy has no bf16 dtype)
+            if dtype == jnp.bfloat16:
+                arr = (np.ascontiguousarray(arr, np.float32).view(np.uint32) >> 16).astype(np.uint16)
+                name = name + ":bf16"
+        tensors[name] = np.array(arr, order="C")  # keeps 0-d arrays 0-d
+    meta = dict(format_version=FORMAT_VERSION, drafter_config=dataclasses.asdict(module.config),
+                target=dict(name=module.target_config.name, fingerprint=module.target_config.fingerprint(),
+                            family=module.target_config.family, num_layers=module.target_config.num_layers,
+                            hidden_size=module.target_config.hidden_size, vocab_size=module.target_config.vocab_size),
+                **(extra or {}))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".tmp"))
+    save_file(tensors, str(tmp / WEIGHTS_FILE))
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+    if path.exists():
+        import shutil
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    return path
+
+
+def is_drafter_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / META_FILE).is_file()
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    f = Path(path) / META_FILE
+    if not f.is_file():
+        raise DrafterFileError(f"{path}: missing {META_FILE}")
+    try:
+        meta = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise DrafterFileError(f"{f}: corrupted ({e.msg})") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise DrafterFileError(f"{f}: unsupported drafter format version {meta.get('format_version')}")
+    return meta
+
+
+def load_drafter_module(path: str | os.PathLike, target: TransformerConfig, dtype=jnp.float32):
+    """Rebuilds the saved drafter for `target`; a drafter trained for another target is a clear error."""
+    from safetensors.numpy import load_file
+
+    from dspark_jax.drafters.factory import drafter_class
+    meta = read_meta(path)
+    want = meta["target"]
+    if want["fingerprint"] != target.fingerprint():
+        raise DrafterFileError(
+            f"{path}: this drafter was trained for target {want['name']!r} ({want['family']}, {want['num_layers']} "
+            f"layers, hidden {want['hidden_size']}, vocab {want['vocab_size']}), not for {target.name!r} "
+            f"({target.family}, {target.num_layers} layers, hidden {target.hidden_size}, vocab {target.vocab_size})")
+    cfg = dict(meta["drafter_config"])
+    cfg["target_layer_ids"] = tuple(cfg["target_layer_ids"])
+    config = DrafterConfig(**cfg)
+    try:
+        tensors = load_file(str(Path(path) / WEIGHTS_FILE))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise DrafterFileError(f"{path}/{WEIGHTS_FILE}: unreadable or truncated ({e})") from None
+    decoded = {}
+    for name, arr in tensors.items():
+        if name.endswith(":bf16"):
+            name, arr = name[:-5], (arr.astype(np.uint32) << 16).view(np.float32)
+        decoded[name] = arr
+    vocab_ids = decoded.get("draft_to_target") if config.draft_vocab_size else None
+    abstract = nnx.eval_shape(lambda: drafter_class(config)(config, target, dtype=dtype, rngs=nnx.Rngs(0),
+                                                            draft_vocab_ids=None if vocab_ids is None else
+                                                            np.asarray(vocab_ids)))
+    graphdef, state = nnx.split(abstract)
+    flat = []
+    for path_, leaf in nnx.to_flat_state(state):
+        name = "/".join(str(k) for k in path_)
+        if name not in decoded:
+            raise DrafterFileError(f"{path}: missing tensor {name!r}")
+        arr = decoded.pop(name)
+        if arr.shape != leaf.shape and arr.size == 1 and leaf.size == 1:
+            arr = arr.reshape(leaf.shape)  # safetensors stores scalars as [1]
+        if arr.shape != leaf.shape:
+            raise DrafterFileError(f"{path}: tensor {name!r} has shape {arr.shape}, expected {leaf.shape}")
+        flat.append((path_, jnp.asarray(arr, dtype=leaf.dtype)))
+    if decoded:
+        raise DrafterFileError(f"{path}: unexpected tensors {sorted(decoded)[:5]}")
+    new_state = nnx.from_flat_state(flat)
+    return nnx.merge(graphdef, new_state)

@@ -1,0 +1,72 @@
+"""Training-time drafter forward (spec §2.5): many anchor blocks per sequence in one pass.
+
+Context K/V are computed once per sequence from the cached target features and shared by every block
+of that sequence; each block sees context strictly before its anchor (its `ctx_len` is the anchor
+position) and its own slots bidirectionally — the same `backbone` code path inference uses.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from dspark_jax.models.kv_cache import KVCache
+from dspark_jax.training.anchors import build_blocks, sample_anchors
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainBatch:
+    """A padded batch of cached sequences: tokens/loss_mask [B, T]; features [B, T, m·d];
+    last_hidden [B, T, d] (final-normed target states); target_lse [B, T] (full-vocabulary log-sum-exp)."""
+    tokens: jax.Array
+    loss_mask: jax.Array
+    features: jax.Array
+    last_hidden: jax.Array
+    target_lse: jax.Array
+
+
+def block_outputs(drafter, target_model, batch: TrainBatch, key: jax.Array, num_anchors: int):
+    """Runs the drafter over `num_anchors` sampled blocks per sequence.
+
+    Returns (blocks, draft logits [B, K, G, N], confidence logits [B, K, G], hidden [B, K, G, d])."""
+    b, t = batch.tokens.shape
+    g = drafter.config.block_size
+    keys = jax.random.split(key, b)
+    anchors, valid = jax.vmap(sample_anchors, in_axes=(0, 0, None))(keys, batch.loss_mask.astype(bool), num_anchors)
+    blocks = jax.vmap(build_blocks, in_axes=(0, 0, 0, 0, None, None))(
+        batch.tokens, batch.loss_mask.astype(bool), anchors, valid, g, drafter.config.mask_token_id)
+    ctx = drafter.write_context(drafter.init_state(b, t), batch.features, jnp.zeros((b,), jnp.int32))
+    k = anchors.shape[1]
+    rep = lambda a: jnp.repeat(a, k, axis=0)  # noqa: E731  [B, ...] -> [B*K, ...]
+    ctx_bk = KVCache(tuple(rep(x) for x in ctx.k), tuple(rep(x) for x in ctx.v))
+    anchor_tok = blocks.input_ids[:, :, 0].reshape(b * k)
+    start = anchors.reshape(b * k)
+    hidden = drafter.backbone(target_model, anchor_tok, start, ctx_bk)  # [B*K, G, d]
+    head = drafter.head_matrix(target_model)
+    base = drafter.base_logits(hidden, head)
+    logits, conf = drafter.teacher_forced(hidden, base, blocks.prev_tokens.reshape(b * k, g))
+    shape = (b, k, g)
+    return blocks, logits.reshape(shape + logits.shape[-1:]), conf.reshape(shape), hidden.reshape(shape + (-1,))
+
+
+def target_block_logits(drafter, target_model, batch: TrainBatch, blocks):
+    """Target logits over the draft vocabulary at each block slot's target position, and the matching
+    full-vocabulary log-sum-exp. Returns ([B, K, G, N], [B, K, G])."""
+    b, k, g = blocks.target_positions.shape
+    pos = blocks.target_positions.reshape(b, k * g)
+    h = jnp.take_along_axis(batch.last_hidden, pos[..., None], axis=1)  # [B, K*G, d]
+    lse = jnp.take_along_axis(batch.target_lse, pos, axis=1)
+    head = drafter.head_matrix(target_model)
+    logits = jnp.einsum("btd,nd->btn", h.astype(head.dtype), head, preferred_element_type=jnp.float32)
+    cap = target_model.config.final_logit_softcapping
+    if cap:
+        logits = cap * jnp.tanh(logits / cap)
+    return logits.reshape(b, k, g, -1), lse.reshape(b, k, g)
+
+
+def draft_labels(drafter, labels: jax.Array) -> jax.Array:
+    """Target-id labels → draft-vocabulary indices, -1 outside the draft vocabulary."""
+    idx = jnp.take(drafter.target_to_draft[...], labels, axis=0)
+    return jnp.where(idx >= drafter.vocab_size, -1, idx)

@@ -1,0 +1,262 @@
+"""Drafter training against a frozen target (spec §2): optax AdamW with linear warmup + cosine decay,
+gradient clipping and accumulation, orbax checkpoints with exact resume, console + TensorBoard metrics.
+
+Only the drafter's `nnx.Param`s are trained; the target (embedding, LM head, every layer) is an input
+of the step and receives no updates. Master weights are float32; on accelerators the forward runs in
+bfloat16 (`compute_dtype`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from dspark_jax.drafters.config import DrafterConfig, make_drafter_config
+from dspark_jax.drafters.factory import Drafter, drafter_class
+from dspark_jax.drafters.vocab import frequent_token_ids
+from dspark_jax.training.forward import TrainBatch, block_outputs, draft_labels, target_block_logits
+from dspark_jax.training.losses import dspark_loss
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a drafter training run (spec §5 values are the paper's; see configs/)."""
+    algorithm: str = "dspark"
+    gamma: int = 7
+    num_layers: int = 1
+    markov_rank: int = 64
+    markov_head_type: str = "vanilla"
+    draft_vocab_size: int | None = 16384
+    target_layer_ids: tuple[int, ...] | None = None
+    learning_rate: float = 6e-4
+    warmup_fraction: float = 0.04
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0
+    epochs: int = 10
+    max_steps: int | None = None
+    batch_size: int = 4
+    grad_accum: int = 1
+    num_anchors: int = 64
+    max_len: int = 512
+    loss_decay: float = 4.0
+    loss_weights: tuple[float, float, float] = (0.1, 0.9, 1.0)
+    seed: int = 42
+    log_every: int = 10
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3
+    compute_dtype: str = "auto"
+
+    def __post_init__(self):
+        for name in ("gamma", "num_layers", "epochs", "batch_size", "grad_accum", "num_anchors", "max_len",
+                     "log_every", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train config: {name} must be >= 1, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"train config: learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ValueError(f"train config: warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if self.compute_dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"train config: compute_dtype must be auto|float32|bfloat16, got {self.compute_dtype}")
+        if self.algorithm == "eagle3":
+            raise ValueError("training Eagle3 drafters (TTT loss) is not implemented yet; use dspark or dflash")
+
+    @property
+    def alpha(self) -> tuple[float, float, float]:
+        return (1.0, 0.0, 0.0) if self.algorithm == "dflash" else tuple(self.loss_weights)
+
+    def drafter_config(self, target) -> DrafterConfig:
+        return make_drafter_config(self.algorithm, target, block_size=self.gamma, num_layers=self.num_layers,
+                                   draft_vocab_size=self.draft_vocab_size, markov_rank=self.markov_rank,
+                                   markov_head_type=self.markov_head_type, target_layer_ids=self.target_layer_ids)
+
+
+def lr_schedule(config: TrainConfig, total_steps: int) -> optax.Schedule:
+    """Spec §2.8: lr·(s+1)/W for s < W = int(warmup_fraction·total), then cosine from lr to 0."""
+    warmup = int(config.warmup_fraction * total_steps)
+    cosine = optax.cosine_decay_schedule(config.learning_rate, max(total_steps - warmup, 1))
+    if warmup == 0:
+        return cosine
+    return optax.join_schedules([lambda s: config.learning_rate * (s + 1) / warmup, cosine], [warmup])
+
+
+def make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTransformation:
+    inner = optax.chain(optax.clip_by_global_norm(config.clip_norm),
+                        optax.adamw(lr_schedule(config, total_steps), b1=0.9, b2=0.999, eps=1e-8,
+                                    weight_decay=config.weight_decay))
+    return optax.MultiSteps(inner, every_k_schedule=config.grad_accum) if config.grad_accum > 1 else inner
+
+
+def cache_vocab(cache, size: int, vocab_size: int, always: tuple[int, ...]) -> np.ndarray:
+    """The draft vocabulary: the most frequent tokens of the training sequences (prompts + responses)."""
+    return frequent_token_ids((cache.sample(i)["tokens"] for i in range(len(cache))), size, vocab_size, always)
+
+
+def init_drafter(target, cache, config: TrainConfig, dtype=jnp.float32):
+    dc = config.drafter_config(target.config)
+    vocab = None
+    if dc.draft_vocab_size:
+        always = tuple(sorted(set(target.stop_ids) | {dc.mask_token_id, target.config.bos_token_id or 0}))
+        vocab = cache_vocab(cache, dc.draft_vocab_size, target.config.vocab_size, always)
+    return drafter_class(dc)(dc, target.config, dtype=dtype, rngs=nnx.Rngs(config.seed), draft_vocab_ids=vocab)
+
+
+def loss_fn(params, rest, graphdef, target_graphdef, target_state, batch: TrainBatch, key, config: TrainConfig,
+            compute_dtype):
+    if compute_dtype != jnp.float32:
+        params = jax.tree.map(lambda a: a.astype(compute_dtype), params)
+    drafter = nnx.merge(graphdef, params, rest)
+    target = nnx.merge(target_graphdef, target_state)
+    blocks, logits, conf, _ = block_outputs(drafter, target, batch, key, config.num_anchors)
+    t_logits, lse = target_block_logits(drafter, target, batch, blocks)
+    labels = draft_labels(drafter, blocks.labels)
+    return dspark_loss(logits, t_logits, lse, labels, conf if drafter.confidence is not None else None,
+                       blocks.eval_mask, alpha=config.alpha, decay=config.loss_decay)
+
+
+def to_batch(np_batch: dict, feature_dtype) -> TrainBatch:
+    return TrainBatch(tokens=jnp.asarray(np_batch["tokens"], jnp.int32),
+                      loss_mask=jnp.asarray(np_batch["loss_mask"], jnp.int32),
+                      features=jnp.asarray(np_batch["features"], feature_dtype),
+                      last_hidden=jnp.asarray(np_batch["last_hidden"], feature_dtype),
+                      target_lse=jnp.asarray(np_batch["target_lse"], jnp.float32))
+
+
+class Trainer:
+    """Owns the run state; `run()` trains to the end (resuming from the latest checkpoint in `workdir`)."""
+
+    def __init__(self, target, cache, config: TrainConfig, workdir: str | Path):
+        import orbax.checkpoint as ocp
+        self.target, self.cache, self.config = target, cache, config
+        self.workdir = Path(workdir).resolve()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        on_cpu = jax.default_backend() == "cpu"
+        self.compute_dtype = {"auto": jnp.float32 if on_cpu else jnp.bfloat16, "float32": jnp.float32,
+                              "bfloat16": jnp.bfloat16}[config.compute_dtype]
+        self.steps_per_epoch = len(cache) // config.batch_size
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"the target cache has {len(cache)} sequences, fewer than batch_size={config.batch_size}")
+        self.total_micro = config.epochs * self.steps_per_epoch
+        self.total_steps = self.total_micro // config.grad_accum
+        if config.max_steps:
+            self.total_steps = min(self.total_steps, config.max_steps)
+            self.total_micro = self.total_steps * config.grad_accum
+        module = init_drafter(target, cache, config)
+        self.graphdef, self.params, self.rest = nnx.split(module, nnx.Param, ...)
+        self.tx = make_optimizer(config, self.total_steps)
+        self.opt_state = self.tx.init(self.params)
+        self.micro_step = 0
+        self.manager = ocp.CheckpointManager(self.workdir / "checkpoints", options=ocp.CheckpointManagerOptions(
+            max_to_keep=config.keep_checkpoints, save_interval_steps=1))
+        self._write_meta(module)
+        self._step = jax.jit(self._train_step, donate_argnums=(0, 1))
+
+    def _write_meta(self, module):
+        meta = dict(train_config=dataclasses.asdict(self.config),
+                    drafter_config=dataclasses.asdict(module.config),
+                    target=dict(name=self.target.config.name, fingerprint=self.target.config.fingerprint(),
+                                source=self.target.source),
+                    cache=str(getattr(self.cache, "path", "")), total_steps=self.total_steps,
+                    steps_per_epoch=self.steps_per_epoch)
+        (self.workdir / "run.json").write_text(json.dumps(meta, indent=2))
+
+    def _train_step(self, params, opt_state, rest, target_state, batch, key):
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, metrics), grads = grad_fn(params, rest, self.graphdef, self.target.graphdef, target_state, batch, key,
+                                         self.config, self.compute_dtype)
+        updates, opt_state = self.tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+        return params, opt_state, metrics
+
+    # ---- checkpoints --------------------------------------------------------------------------------
+    def _ckpt_tree(self):
+        return dict(params=self.params, opt_state=self.opt_state, micro_step=jnp.asarray(self.micro_step))
+
+    def save(self):
+        import orbax.checkpoint as ocp
+        self.manager.save(self.micro_step, args=ocp.args.StandardSave(self._ckpt_tree()), force=True)
+        self.manager.wait_until_finished()
+
+    def restore_latest(self) -> bool:
+        import orbax.checkpoint as ocp
+        step = self.manager.latest_step()
+        if step is None:
+            return False
+        tree = self.manager.restore(step, args=ocp.args.StandardRestore(self._ckpt_tree()))
+        self.params, self.opt_state = tree["params"], tree["opt_state"]
+        self.micro_step = int(tree["micro_step"])
+        logging.info("resumed from %s at micro step %d", self.workdir, self.micro_step)
+        return True
+
+    # ---- loop ---------------------------------------------------------------------------------------
+    def batches_from(self, micro_step: int):
+        """Deterministic data order: epoch e uses permutation(seed + e); resumes at any micro step."""
+        epoch, offset = divmod(micro_step, self.steps_per_epoch)
+        while True:
+            it = self.cache.batches(self.config.batch_size, self.config.max_len, self.config.seed, epoch)
+            for i, batch in enumerate(it):
+                if i >= self.steps_per_epoch:
+                    break
+                if i >= offset:
+                    yield batch
+            epoch, offset = epoch + 1, 0
+
+    def run(self, *, progress: bool = True, stop_at_micro_step: int | None = None) -> Drafter:
+        from tqdm import tqdm
+        self.restore_latest()
+        writer = None
+        try:
+            from tensorboardX import SummaryWriter
+            writer = SummaryWriter(str(self.workdir / "tensorboard"))
+        except ImportError:
+            logging.warning("tensorboardX not installed: no TensorBoard event files")
+        end = self.total_micro if stop_at_micro_step is None else min(stop_at_micro_step, self.total_micro)
+        bar = tqdm(total=self.total_micro, initial=self.micro_step, desc="training drafter", unit="step",
+                   disable=not progress)
+        target_state = self.target.state
+        feature_dtype = self.compute_dtype
+        data = self.batches_from(self.micro_step)
+        t0, tokens_seen = time.perf_counter(), 0
+        base_key = jax.random.key(self.config.seed)
+        while self.micro_step < end:
+            np_batch = next(data)
+            batch = to_batch(np_batch, feature_dtype)
+            key = jax.random.fold_in(base_key, self.micro_step)
+            self.params, self.opt_state, metrics = self._step(self.params, self.opt_state, self.rest, target_state,
+                                                              batch, key)
+            self.micro_step += 1
+            tokens_seen += int(np.asarray(np_batch["loss_mask"]).sum())
+            bar.update(1)
+            if self.micro_step % self.config.log_every == 0 or self.micro_step == end:
+                m = jax.device_get(metrics)
+                elapsed = time.perf_counter() - t0
+                scalars = {k: float(v) for k, v in m.items() if np.ndim(v) == 0}
+                scalars["tokens_per_s"] = tokens_seen / max(elapsed, 1e-9)
+                bar.set_postfix(loss=f"{scalars['loss']:.3f}", tau=f"{scalars.get('tau_probabilistic', 0):.2f}")
+                if writer:
+                    for k, v in scalars.items():
+                        writer.add_scalar(f"train/{k}", v, self.micro_step)
+                    for k, v in m.items():
+                        if np.ndim(v) == 1:
+                            for i, x in enumerate(v):
+                                writer.add_scalar(f"train/{k}@{i}", float(x), self.micro_step)
+                with (self.workdir / "metrics.jsonl").open("a") as f:
+                    f.write(json.dumps(dict(micro_step=self.micro_step, **scalars,
+                                            **{k: np.asarray(v).tolist() for k, v in m.items() if np.ndim(v) == 1}))
+                            + "\n")
+            if self.micro_step % self.config.checkpoint_every == 0 or self.micro_step == end:
+                self.save()
+        bar.close()
+        if writer:
+            writer.close()
+        module = nnx.merge(self.graphdef, self.params, self.rest)
+        graphdef, state = nnx.split(module)
+        return Drafter(module.config, graphdef, state, str(self.workdir))

@@ -3,8 +3,9 @@
     python benchmarks/spec_vs_ar.py --drafters random:dspark,random:dflash,random:eagle3 \
         [--dataset mt-bench --limit 8 --max_new_tokens 64 --gamma 7 --temperature 0 --batch_size 1]
 
-A drafter is `random:<algorithm>` (randomly initialised: correct output, acceptance near zero) or a
-checkpoint directory. Prints tokens/s, pooled accept length τ (committed tokens / verification rounds,
+A drafter is `random:<algorithm>` (randomly initialised: correct output, acceptance near zero), `default`
+(the shipped drafter) or a drafter directory. `--dataset` takes a comma list (`--limit` applies to each);
+prompts are wrapped in the training format unless `--raw_prompts`. Prints tokens/s, pooled accept length τ (committed tokens / verification rounds,
 bonus included) and the speed ratio over plain decoding, and writes JSON. Compilation is excluded.
 """
 from __future__ import annotations
@@ -26,6 +27,8 @@ def main():
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--confidence_threshold", type=float, default=0.0)
     ap.add_argument("--batch_size", type=int, default=1)
+    ap.add_argument("--raw_prompts", action="store_true",
+                    help="use the prompts as they are instead of the training format 'Question: ...\\n\\nAnswer:'")
     ap.add_argument("--output", default="benchmarks/results/spec_vs_ar.json")
     args = ap.parse_args()
 
@@ -36,7 +39,11 @@ def main():
     from dspark_jax.utils.machine import describe_machine
 
     target = load_target(args.target)
-    prompts = read_first_turns(eval_dataset_path(args.dataset))[:args.limit]
+    from dspark_jax.training.responses import format_prompt
+    prompts = []
+    for name in args.dataset.split(","):
+        rows = read_first_turns(eval_dataset_path(name))[:args.limit]
+        prompts += rows if args.raw_prompts else [format_prompt(p) for p in rows]
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                            batch_size=args.batch_size, seed=0)
 

@@ -124,5 +124,12 @@ def test_invalid_train_config_values():
         TrainConfig(learning_rate=0)
     with pytest.raises(ValueError, match="batch_size"):
         TrainConfig(batch_size=0)
-    with pytest.raises(ValueError, match="Eagle3"):
-        TrainConfig(algorithm="eagle3")
+    assert TrainConfig(algorithm="eagle3").ttt_length == 7
+
+
+def test_run_directory_of_another_target_is_refused(target, cache, tmp_path):
+    Trainer(target, cache, dataclasses.replace(CFG, epochs=1), tmp_path)
+    other_cfg = dataclasses.replace(target.config, rms_norm_eps=1e-5)
+    other = Target(other_cfg, target.graphdef, target.state, target.tokenizer, "other")
+    with pytest.raises(ValueError, match="holds a run for target"):
+        Trainer(other, cache, dataclasses.replace(CFG, epochs=1), tmp_path)

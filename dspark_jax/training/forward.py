@@ -19,12 +19,14 @@ from dspark_jax.training.anchors import build_blocks, sample_anchors
 @dataclasses.dataclass(frozen=True)
 class TrainBatch:
     """A padded batch of cached sequences: tokens/loss_mask [B, T]; features [B, T, m·d];
-    last_hidden [B, T, d] (final-normed target states); target_lse [B, T] (full-vocabulary log-sum-exp)."""
+    last_hidden [B, T, d] (final-normed target states); target_lse [B, T] (full-vocabulary log-sum-exp);
+    lengths [B] real sequence lengths (None: unknown; the DSpark forward does not use them)."""
     tokens: jax.Array
     loss_mask: jax.Array
     features: jax.Array
     last_hidden: jax.Array
     target_lse: jax.Array
+    lengths: jax.Array | None = None
 
 
 def block_outputs(drafter, target_model, batch: TrainBatch, key: jax.Array, num_anchors: int):

@@ -20,10 +20,12 @@ import optax
 from flax import nnx
 
 from dspark_jax.drafters.config import DrafterConfig, make_drafter_config
+from dspark_jax.drafters.eagle3 import Eagle3Drafter
 from dspark_jax.drafters.factory import Drafter, drafter_class
 from dspark_jax.drafters.vocab import frequent_token_ids
+from dspark_jax.training.eagle3_forward import eagle3_ttt_outputs
 from dspark_jax.training.forward import TrainBatch, block_outputs, draft_labels, target_block_logits
-from dspark_jax.training.losses import dspark_loss
+from dspark_jax.training.losses import dspark_loss, eagle3_ttt_loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,10 +55,12 @@ class TrainConfig:
     checkpoint_every: int = 200
     keep_checkpoints: int = 3
     compute_dtype: str = "auto"
+    ttt_length: int = 7       # Eagle3: training-time-test steps (spec §2.9)
+    ttt_decay: float = 0.8    # Eagle3: step k weighs ttt_decay^k
 
     def __post_init__(self):
         for name in ("gamma", "num_layers", "epochs", "batch_size", "grad_accum", "num_anchors", "max_len",
-                     "log_every", "checkpoint_every", "keep_checkpoints"):
+                     "log_every", "checkpoint_every", "keep_checkpoints", "ttt_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train config: {name} must be >= 1, got {getattr(self, name)}")
         if self.learning_rate <= 0:
@@ -65,8 +69,8 @@ class TrainConfig:
             raise ValueError(f"train config: warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
         if self.compute_dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"train config: compute_dtype must be auto|float32|bfloat16, got {self.compute_dtype}")
-        if self.algorithm == "eagle3":
-            raise ValueError("training Eagle3 drafters (TTT loss) is not implemented yet; use dspark or dflash")
+        if not self.ttt_decay > 0:
+            raise ValueError(f"train config: ttt_decay must be > 0, got {self.ttt_decay}")
 
     @property
     def alpha(self) -> tuple[float, float, float]:
@@ -114,6 +118,9 @@ def loss_fn(params, rest, graphdef, target_graphdef, target_state, batch: TrainB
         params = jax.tree.map(lambda a: a.astype(compute_dtype), params)
     drafter = nnx.merge(graphdef, params, rest)
     target = nnx.merge(target_graphdef, target_state)
+    if isinstance(drafter, Eagle3Drafter):
+        log_probs, target_probs, masks = eagle3_ttt_outputs(drafter, target, batch, config.ttt_length)
+        return eagle3_ttt_loss(log_probs, target_probs, masks, decay=config.ttt_decay)
     blocks, logits, conf, _ = block_outputs(drafter, target, batch, key, config.num_anchors)
     t_logits, lse = target_block_logits(drafter, target, batch, blocks)
     labels = draft_labels(drafter, blocks.labels)
@@ -126,7 +133,8 @@ def to_batch(np_batch: dict, feature_dtype) -> TrainBatch:
                       loss_mask=jnp.asarray(np_batch["loss_mask"], jnp.int32),
                       features=jnp.asarray(np_batch["features"], feature_dtype),
                       last_hidden=jnp.asarray(np_batch["last_hidden"], feature_dtype),
-                      target_lse=jnp.asarray(np_batch["target_lse"], jnp.float32))
+                      target_lse=jnp.asarray(np_batch["target_lse"], jnp.float32),
+                      lengths=jnp.asarray(np_batch["lengths"], jnp.int32) if "lengths" in np_batch else None)
 
 
 class Trainer:
@@ -159,6 +167,14 @@ class Trainer:
         self._step = jax.jit(self._train_step, donate_argnums=(0, 1))
 
     def _write_meta(self, module):
+        """run.json beside the checkpoints: configs, target identity, data; a run directory of another
+        target is refused (its checkpoints would not fit)."""
+        run_file = self.workdir / "run.json"
+        if run_file.exists():
+            old = json.loads(run_file.read_text()).get("target", {})
+            if old.get("fingerprint") not in (None, self.target.config.fingerprint()):
+                raise ValueError(f"{self.workdir} holds a run for target {old.get('name')!r}, not for "
+                                 f"{self.target.config.name!r}; use another --workdir")
         meta = dict(train_config=dataclasses.asdict(self.config),
                     drafter_config=dataclasses.asdict(module.config),
                     target=dict(name=self.target.config.name, fingerprint=self.target.config.fingerprint(),
@@ -178,7 +194,8 @@ class Trainer:
 
     # ---- checkpoints --------------------------------------------------------------------------------
     def _ckpt_tree(self):
-        return dict(params=self.params, opt_state=self.opt_state, micro_step=jnp.asarray(self.micro_step))
+        return dict(params=self.params, rest=self.rest, opt_state=self.opt_state,
+                    micro_step=jnp.asarray(self.micro_step))
 
     def save(self):
         import orbax.checkpoint as ocp
@@ -191,7 +208,7 @@ class Trainer:
         if step is None:
             return False
         tree = self.manager.restore(step, args=ocp.args.StandardRestore(self._ckpt_tree()))
-        self.params, self.opt_state = tree["params"], tree["opt_state"]
+        self.params, self.rest, self.opt_state = tree["params"], tree["rest"], tree["opt_state"]
         self.micro_step = int(tree["micro_step"])
         logging.info("resumed from %s at micro step %d", self.workdir, self.micro_step)
         return True

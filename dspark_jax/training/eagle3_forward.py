@@ -1,0 +1,124 @@
+"""Eagle3 training-time-test (TTT) forward (spec §2.9), built from `Eagle3Drafter`'s own sub-modules.
+
+For a padded batch of T positions and S = ttt_length steps, every position i of every sequence is a
+draft start. Step k (0-based) at query i:
+
+    token   x_{i+k+1}                                   (0 past the end of the batch row)
+    hidden  fc(features_i) at k = 0, else step k-1's output hidden at i (pre-norm)
+    RoPE    position i + k
+    keys    chunk 0 (step 0's K/V): j <= i and j < len  (causal over the committed pairs)
+            chunks 1..k (steps 1..k's K/V): only the query's own position i (the diagonal)
+    logits  softcap(norm(hidden_out) @ head^T) over the draft vocabulary -> log-softmax
+    target  the target distribution of token x_{i+k+2} = exp(target logits - full lse) at row i+k+1,
+            restricted to the draft vocabulary (not renormalised)
+    mask    x_{i+k+2} exists (i+k+2 < len) and is supervised (loss_mask[i+k+2])
+
+This is exactly what `Eagle3Drafter.propose` computes when drafting from the anchor at position i+1 with the
+context pairs (features_j, x_{j+1}), j < i, in its cache and the tokens x_{i+2}, x_{i+3}, ... fed back: step
+0 writes the pair (features_i, x_{i+1}) at position i, step k the pair (step k-1's hidden, x_{i+k+1}) at i+k,
+and each step attends to every cache row up to its own position.
+
+Mask convention: the reference's mask is written as `mask_k[i] = loss_mask[i+k]` (last real token zeroed);
+here the mask supervises query i at step k iff the token it predicts, x_{i+k+2}, is a real, supervised
+token — the same rule as DSpark's `eval_mask` (labels inside the sequence with loss_mask set).
+"""
+from __future__ import annotations
+
+import types
+
+import jax
+import jax.numpy as jnp
+
+from dspark_jax.drafters.base import softcap
+from dspark_jax.models.layers import apply_rope, rope_inv_freq
+from dspark_jax.training.forward import TrainBatch, target_block_logits
+
+_NEG = -1e30  # finite: a fully masked row softmaxes to uniform weights (zeroed afterwards), never NaN
+
+
+def ttt_attention(q: jax.Array, k0: jax.Array, v0: jax.Array, diag_k: jax.Array | None, diag_v: jax.Array | None,
+                  lengths: jax.Array, scale: float) -> jax.Array:
+    """TTT attention for one step.
+
+    q [B, T, H, D]; k0, v0 [B, T, KVH, D] (chunk 0); diag_k, diag_v [B, T, C, KVH, D] (chunks 1..C, only the
+    query's own row is visible) or None at step 0; lengths [B]. Query i sees chunk-0 keys j <= i, j < len and
+    its C diagonal keys. Softmax in float32; rows with nothing visible give zeros. Returns [B, T, H, D].
+    """
+    b, t, h, d = q.shape
+    kvh = k0.shape[2]
+    qg = q.reshape(b, t, kvh, h // kvh, d)
+    s0 = jnp.einsum("btkgd,bskd->bkgts", qg, k0, preferred_element_type=jnp.float32) * scale
+    i = jnp.arange(t)
+    mask0 = (i[None, :] <= i[:, None])[None] & (i[None, None, :] < lengths[:, None, None])  # [B, T, S]
+    mask0 = mask0[:, None, None]                                                           # [B, 1, 1, T, S]
+    s0 = jnp.where(mask0, s0, _NEG)
+    if diag_k is None:
+        w = jnp.where(mask0, jax.nn.softmax(s0, axis=-1), 0.0)
+        out = jnp.einsum("bkgts,bskd->btkgd", w.astype(v0.dtype), v0, preferred_element_type=jnp.float32)
+        return out.reshape(b, t, h, d).astype(q.dtype)
+    c = diag_k.shape[2]
+    sd = jnp.einsum("btkgd,btckd->bkgtc", qg, diag_k, preferred_element_type=jnp.float32) * scale
+    w = jax.nn.softmax(jnp.concatenate([s0, sd], axis=-1), axis=-1)
+    w0 = jnp.where(mask0, w[..., :t], 0.0)
+    wd = w[..., t:t + c]
+    out = (jnp.einsum("bkgts,bskd->btkgd", w0.astype(v0.dtype), v0, preferred_element_type=jnp.float32)
+           + jnp.einsum("bkgtc,btckd->btkgd", wd.astype(diag_v.dtype), diag_v, preferred_element_type=jnp.float32))
+    return out.reshape(b, t, h, d).astype(q.dtype)
+
+
+def _shifted(x: jax.Array, shift: int, t: int) -> jax.Array:
+    """x[:, shift : shift + t] with zeros past the end. x: [B, T]."""
+    pad = jnp.zeros((x.shape[0], shift), x.dtype)
+    return jnp.concatenate([x, pad], axis=1)[:, shift:shift + t]
+
+
+def eagle3_ttt_outputs(drafter, target_model, batch: TrainBatch, ttt_length: int):
+    """Runs the S = ttt_length TTT steps of an `Eagle3Drafter` over a batch.
+
+    Returns (step_log_probs [S, B, T, N] float32 draft log-softmax, step_target_probs [S, B, T, N] float32,
+    step_masks [S, B, T] bool), N = the drafter's vocabulary — the inputs of `eagle3_ttt_loss`.
+    `batch.lengths` [B] (None: every row is T long) bounds the visible context.
+    """
+    if ttt_length < 1:
+        raise ValueError(f"ttt_length must be >= 1, got {ttt_length}")
+    b, t = batch.tokens.shape
+    s = int(ttt_length)
+    lengths = (jnp.full((b,), t, jnp.int32) if batch.lengths is None else jnp.asarray(batch.lengths, jnp.int32))
+    a = drafter.self_attn
+    inv_freq = rope_inv_freq(a.head_dim, a.rope_theta, a.rope_scaling)
+    idx = jnp.arange(t, dtype=jnp.int32)
+    head = drafter.head_matrix(target_model)
+    cap = drafter.target_config.final_logit_softcapping
+
+    hidden = batch.features.astype(drafter.fc[...].dtype) @ drafter.fc[...]
+    k0 = v0 = None
+    diag_k, diag_v, log_probs = [], [], []
+    for k in range(s):
+        tokens = _shifted(batch.tokens, k + 1, t)
+        pos = jnp.broadcast_to(idx[None] + k, (b, t))
+        x_in = drafter._inputs(target_model, hidden, tokens)
+        q = (x_in @ a.q_proj[...]).reshape(b, t, a.num_heads, a.head_dim)
+        q = apply_rope(a.q_norm(q), pos, inv_freq)
+        kk, vv = a.project_kv(x_in, pos)
+        if k == 0:
+            k0, v0 = kk, vv
+        else:
+            diag_k.append(kk)
+            diag_v.append(vv)
+        dk = jnp.stack(diag_k, axis=2) if diag_k else None
+        dv = jnp.stack(diag_v, axis=2) if diag_v else None
+        out = ttt_attention(q, k0, v0, dk, dv, lengths, a.scale).reshape(b, t, -1) @ a.o_proj[...]
+        x = hidden + out
+        hidden = x + drafter.mlp(drafter.post_attention_layernorm(x))
+        logits = jnp.einsum("btd,nd->btn", drafter.norm(hidden), head.astype(hidden.dtype),
+                            preferred_element_type=jnp.float32)
+        log_probs.append(jax.nn.log_softmax(softcap(logits, cap), axis=-1))
+
+    # target distribution of x_{i+k+2}: the target's logits at row i+k+1 (clamped; masked where it is past the end)
+    rows = jnp.minimum(idx[None, :] + jnp.arange(1, s + 1, dtype=jnp.int32)[:, None], t - 1)  # [S, T]
+    rows = jnp.broadcast_to(rows[None], (b, s, t))
+    t_logits, lse = target_block_logits(drafter, target_model, batch, types.SimpleNamespace(target_positions=rows))
+    target_probs = jnp.exp(t_logits - lse[..., None])                                        # [B, S, T, N]
+    masks = jnp.stack([(idx[None] + k + 2 < lengths[:, None]) & (_shifted(batch.loss_mask, k + 2, t) != 0)
+                       for k in range(s)])
+    return jnp.stack(log_probs), jnp.swapaxes(target_probs, 0, 1), masks

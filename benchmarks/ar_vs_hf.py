@@ -9,10 +9,9 @@ left padding and an attention mask, as its docs prescribe.
 from __future__ import annotations
 
 import argparse
-import json
+from pathlib import Path
 import statistics
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +56,8 @@ def time_hf(model, prompt_ids, max_new, repeats, pad_id):
 
 
 def main():
+    from dspark_jax.utils.results import write_result
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--max_new_tokens", type=int, default=64)
     ap.add_argument("--batch_sizes", default="1,8")
@@ -91,10 +92,7 @@ def main():
     result = dict(machine=describe_machine(), torch_threads=torch.get_num_threads(),
                   jax=jax.__version__, torch=torch.__version__, transformers=transformers.__version__,
                   model=target.config.name, dtype="float32", max_new_tokens=args.max_new_tokens, rows=rows)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    write_result(args.output, result)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import statistics
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +45,8 @@ def _verify(tg, ts, cache, tokens, start):
 
 
 def main():
+    from dspark_jax.utils.results import write_result
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gamma", type=int, default=7)
     ap.add_argument("--batch_size", type=int, default=1)
@@ -96,10 +96,7 @@ def main():
             r["speedup_vs_full"] = full["draft_ms"] / r["draft_ms"]
     result = dict(machine=describe_machine(), model=target.config.name, gamma=g, batch_size=b,
                   draft_layers=args.num_layers, context=ctx, rows=rows)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    write_result(args.output, result)
 
 
 if __name__ == "__main__":

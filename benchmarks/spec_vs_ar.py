@@ -11,11 +11,11 @@ bonus included) and the speed ratio over plain decoding, and writes JSON. Compil
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 
 def main():
+    from dspark_jax.utils.results import write_result
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--drafters", default="random:dspark")
     ap.add_argument("--target", default=None)
@@ -67,10 +67,7 @@ def main():
                          identical_to_plain=same if args.temperature == 0 else None))
         print(f"{spec:<24} {tps:9.1f} {tau:6.2f} {tps / base:9.2f}")
     result = dict(machine=describe_machine(), model=target.config.name, **vars(args), rows=rows)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    write_result(args.output, result)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from dspark_jax.decoding.sampling import FilterMode, SamplingParams, sample, tok
 from dspark_jax.drafters.base import Proposal, draft_head_matrix, draft_layer_config, softcap
 from dspark_jax.drafters.config import DrafterConfig
 from dspark_jax.drafters.heads import ConfidenceHead, MarkovHead
-from dspark_jax.drafters.vocab import VocabMap, build_maps
+from dspark_jax.drafters.vocab import VocabMap, build_maps, check_draft_vocab
 from dspark_jax.models.config import TransformerConfig
 from dspark_jax.models.kv_cache import KVCache, write_contiguous
 from dspark_jax.models.layers import DecoderLayer, RMSNorm, _param
@@ -22,10 +22,7 @@ class DSparkDrafter(nnx.Module):
     def __init__(self, config: DrafterConfig, target: TransformerConfig, *, dtype=jnp.float32,
                  rngs: nnx.Rngs, draft_vocab_ids: np.ndarray | None = None):
         config.check_fits(target)
-        if config.draft_vocab_size is not None and (draft_vocab_ids is None or
-                                                    len(draft_vocab_ids) != config.draft_vocab_size):
-            raise ValueError(f"a reduced draft vocabulary of {config.draft_vocab_size} needs exactly that many "
-                             f"draft_vocab_ids")
+        check_draft_vocab(config, draft_vocab_ids)
         self.config, self.target_config, self.dtype = config, target, dtype
         d = target.hidden_size
         self.layer_config = draft_layer_config(target, config.num_layers)

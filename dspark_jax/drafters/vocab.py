@@ -43,3 +43,10 @@ def build_maps(draft_ids: np.ndarray | None, vocab_size: int) -> tuple[jax.Array
     t2d = np.full(vocab_size, len(draft_ids), np.int32)
     t2d[draft_ids] = np.arange(len(draft_ids), dtype=np.int32)
     return jnp.asarray(draft_ids), jnp.asarray(t2d)
+
+
+def check_draft_vocab(config, draft_vocab_ids) -> None:
+    """A reduced draft vocabulary of N tokens needs exactly N ids."""
+    n = config.draft_vocab_size
+    if n is not None and (draft_vocab_ids is None or len(draft_vocab_ids) != n):
+        raise ValueError(f"a reduced draft vocabulary of {n} needs exactly that many draft_vocab_ids")

@@ -160,19 +160,9 @@ def split_space_run(run_ids: tuple[int, ...], n: int) -> tuple[int, ...]:
     return tuple(run_ids[k - 1] for k in lens if k)
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class SentencePieceTokenizer:
-    """A `sentencepiece` processor plus the special-token facts a GGUF records."""
 
-    processor: Any  # sentencepiece.SentencePieceProcessor
-    special: SpecialIds
-    control_ids: frozenset[int]  # dropped by decode(skip_special_tokens=True)
-    literal_pieces: tuple[tuple[str, int], ...] = ()  # special pieces sentencepiece cannot match in text
-    space_run_ids: tuple[int, ...] = ()  # ids of 1, 2, ... spaces when runs are split as by BPE
-
-    @property
-    def vocab_size(self) -> int:
-        return self.processor.GetPieceSize()
+class _SpecialIdsMixin:
+    """bos/eos/pad/stop ids and the BOS policy, read from a `special: SpecialIds` field."""
 
     @property
     def bos_id(self) -> int | None:
@@ -193,6 +183,20 @@ class SentencePieceTokenizer:
     @property
     def add_bos(self) -> bool:
         return self.special.add_bos
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SentencePieceTokenizer(_SpecialIdsMixin):
+    """A `sentencepiece` processor plus the special-token facts a GGUF records."""
+
+    processor: Any  # sentencepiece.SentencePieceProcessor
+    special: SpecialIds
+    control_ids: frozenset[int]  # dropped by decode(skip_special_tokens=True)
+    literal_pieces: tuple[tuple[str, int], ...] = ()  # special pieces sentencepiece cannot match in text
+    space_run_ids: tuple[int, ...] = ()  # ids of 1, 2, ... spaces when runs are split as by BPE
+
+    @property
+    def vocab_size(self) -> int:
+        return self.processor.GetPieceSize()
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         ids = [self.bos_id] if add_bos and self.add_bos and self.bos_id is not None else []
@@ -356,7 +360,7 @@ def _space_run_ids(tokens: Sequence[str], md: Mapping[str, Any]) -> tuple[int, .
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class HFTokenizer:
+class HFTokenizer(_SpecialIdsMixin):
     """A `tokenizers.Tokenizer`; special tokens (BOS) are added here, never by its post-processor."""
 
     backend: Any  # tokenizers.Tokenizer
@@ -365,26 +369,6 @@ class HFTokenizer:
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
-
-    @property
-    def bos_id(self) -> int | None:
-        return self.special.bos_id
-
-    @property
-    def eos_id(self) -> int | None:
-        return self.special.eos_id
-
-    @property
-    def pad_id(self) -> int | None:
-        return self.special.pad_id
-
-    @property
-    def stop_ids(self) -> tuple[int, ...]:
-        return self.special.stop_ids
-
-    @property
-    def add_bos(self) -> bool:
-        return self.special.add_bos
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         ids = [self.bos_id] if add_bos and self.add_bos and self.bos_id is not None else []

@@ -11,16 +11,20 @@ draft start. Step k (0-based) at query i:
     logits  softcap(norm(hidden_out) @ head^T) over the draft vocabulary -> log-softmax
     target  the target distribution of token x_{i+k+2} = exp(target logits - full lse) at row i+k+1,
             restricted to the draft vocabulary (not renormalised)
-    mask    x_{i+k+2} exists (i+k+2 < len) and is supervised (loss_mask[i+k+2])
+    mask    x_{i+k+2} exists (i+k+2 < len) and is supervised (loss_mask[i+k+2]), and so is the token before
+            it (loss_mask[i+k+1]): the target cache stores the log-sum-exp only at loss positions
 
 This is exactly what `Eagle3Drafter.propose` computes when drafting from the anchor at position i+1 with the
 context pairs (features_j, x_{j+1}), j < i, in its cache and the tokens x_{i+2}, x_{i+3}, ... fed back: step
 0 writes the pair (features_i, x_{i+1}) at position i, step k the pair (step k-1's hidden, x_{i+k+1}) at i+k,
 and each step attends to every cache row up to its own position.
 
-Mask convention: the reference's mask is written as `mask_k[i] = loss_mask[i+k]` (last real token zeroed);
-here the mask supervises query i at step k iff the token it predicts, x_{i+k+2}, is a real, supervised
-token — the same rule as DSpark's `eval_mask` (labels inside the sequence with loss_mask set).
+Mask convention: the reference's mask is written as `mask_k[i] = loss_mask[i+k]` (last real token zeroed).
+Here query i at step k is supervised iff the token it predicts, x_{i+k+2}, is a real, supervised token (the
+rule of DSpark's `eval_mask`) AND the target row i+k+1 it is trained toward is a loss position, where the
+cache has the target's log-sum-exp (elsewhere it holds 0). This drops only predictions of the first token of
+each response, which inference never drafts either (the target produces it; drafting starts after it) —
+the same set DSpark trains (its anchors and target rows lie inside the response).
 """
 from __future__ import annotations
 
@@ -120,5 +124,17 @@ def eagle3_ttt_outputs(drafter, target_model, batch: TrainBatch, ttt_length: int
     t_logits, lse = target_block_logits(drafter, target_model, batch, types.SimpleNamespace(target_positions=rows))
     target_probs = jnp.exp(t_logits - lse[..., None])                                        # [B, S, T, N]
     masks = jnp.stack([(idx[None] + k + 2 < lengths[:, None]) & (_shifted(batch.loss_mask, k + 2, t) != 0)
-                       for k in range(s)])
+                       & (_shifted(batch.loss_mask, k + 1, t) != 0) for k in range(s)])
     return jnp.stack(log_probs), jnp.swapaxes(target_probs, 0, 1), masks
+
+
+def ttt_loss_floor(step_target_probs: jax.Array, step_masks: jax.Array) -> jax.Array:
+    """[S] the smallest per-step `eagle3_ttt_loss` any draft distribution reaches on these targets:
+    −Σ_{masked} Σ_v q log(q / Z) / (B·T), Z = Σ_v q (1 over a full vocabulary; < 1 over a reduced one).
+    loss_per_step − floor = Σ_{masked} Z·KL(q/Z ‖ p) / (B·T) ≥ 0: the part of the loss training can remove
+    (the soft-CE itself never falls below the target's entropy)."""
+    _, b, t, _ = step_target_probs.shape
+    q = jax.lax.stop_gradient(step_target_probs.astype(jnp.float32))
+    z = jnp.sum(q, axis=-1, keepdims=True)
+    ent = -jnp.sum(jnp.where(q > 0, q * jnp.log(jnp.where(q > 0, q / z, 1.0)), 0.0), axis=-1)  # [S, B, T]
+    return jnp.sum(jnp.where(step_masks, ent, 0.0), axis=(1, 2)) / (b * t)

@@ -23,7 +23,7 @@ from dspark_jax.drafters.config import DrafterConfig, make_drafter_config
 from dspark_jax.drafters.eagle3 import Eagle3Drafter
 from dspark_jax.drafters.factory import Drafter, drafter_class
 from dspark_jax.drafters.vocab import frequent_token_ids
-from dspark_jax.training.eagle3_forward import eagle3_ttt_outputs
+from dspark_jax.training.eagle3_forward import eagle3_ttt_outputs, ttt_loss_floor
 from dspark_jax.training.forward import TrainBatch, block_outputs, draft_labels, target_block_logits
 from dspark_jax.training.losses import dspark_loss, eagle3_ttt_loss
 
@@ -120,7 +120,10 @@ def loss_fn(params, rest, graphdef, target_graphdef, target_state, batch: TrainB
     target = nnx.merge(target_graphdef, target_state)
     if isinstance(drafter, Eagle3Drafter):
         log_probs, target_probs, masks = eagle3_ttt_outputs(drafter, target, batch, config.ttt_length)
-        return eagle3_ttt_loss(log_probs, target_probs, masks, decay=config.ttt_decay)
+        loss, metrics = eagle3_ttt_loss(log_probs, target_probs, masks, decay=config.ttt_decay)
+        kl = metrics["loss_per_step"] - ttt_loss_floor(target_probs, masks)  # the loss above the target's entropy
+        weights = jnp.float32(config.ttt_decay) ** jnp.arange(config.ttt_length, dtype=jnp.float32)
+        return loss, dict(metrics, kl_per_step=kl, kl=jnp.sum(weights * kl))
     blocks, logits, conf, _ = block_outputs(drafter, target, batch, key, config.num_anchors)
     t_logits, lse = target_block_logits(drafter, target, batch, blocks)
     labels = draft_labels(drafter, blocks.labels)

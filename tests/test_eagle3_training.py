@@ -132,7 +132,8 @@ def reference_ttt(p, dims, tp, feats, tokens, loss_mask, length, last_hidden, ls
         rows = np.minimum(np.arange(t) + k + 1, t - 1)
         tl = ref.softcap(np.asarray(last_hidden, np.float64)[rows] @ head.T, dims.softcap)
         qs.append(np.exp(tl - np.asarray(lse, np.float64)[rows][:, None]))
-        masks.append(np.array([i + k + 2 < length and bool(lm_ext[i + k + 2]) for i in range(t)]))
+        masks.append(np.array([i + k + 2 < length and bool(lm_ext[i + k + 2]) and bool(lm_ext[i + k + 1])
+                               for i in range(t)]))
     return np.stack(logps), np.stack(qs), np.stack(masks)
 
 
@@ -170,7 +171,7 @@ def test_ttt_step_reads_only_its_own_context():
     feats = np.asarray(batch.features).copy()
     feats[:, i0 + 1:] = 10 * rng.normal(size=feats[:, i0 + 1:].shape)
     tokens = np.asarray(batch.tokens).copy()
-    tokens[:, i0 + s:] = rng.integers(0, cfg.vocab_size, tokens[:, i0 + s:].shape)  # read up to i0 + s
+    tokens[:, i0 + s + 1:] = rng.integers(0, cfg.vocab_size, tokens[:, i0 + s + 1:].shape)  # reads up to i0 + s
     other = dataclasses.replace(batch, features=jnp.asarray(feats), tokens=jnp.asarray(tokens),
                                 lengths=jnp.asarray([8, i0 + 1], jnp.int32))
     a, b = _run(drafter, model, batch, s)[0], _run(drafter, model, other, s)[0]
@@ -185,11 +186,11 @@ def test_ttt_mask():
     lm = np.array([[0, 0, 1, 1, 1, 0, 1], [0, 1, 1, 1, 1, 0, 0], [0] * 7])
     batch = dataclasses.replace(batch, loss_mask=jnp.asarray(lm, jnp.int32))
     _, _, mask = _run(drafter, model, batch, 3)
-    # query i at step k predicts token i + k + 2: supervised and inside the sequence
+    # query i at step k predicts token i + k + 2 (inside the sequence) from target row i + k + 1: both supervised
     expected = np.array([
-        [[1, 1, 1, 0, 1, 0, 0], [1, 1, 1, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0]],   # step 0
-        [[1, 1, 0, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0]],   # step 1
-        [[1, 0, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0]],   # step 2
+        [[0, 1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0]],   # step 0
+        [[1, 1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0]],   # step 1
+        [[1, 0, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0]],   # step 2
     ], bool)
     np.testing.assert_array_equal(mask, expected)
     # the length bounds the mask even where loss_mask is set past it; without lengths every row is full length
@@ -204,12 +205,12 @@ def test_ttt_mask():
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _prefill_propose(d_graph, t_graph, d_state, t_state, feats, tokens, start, key):
-    drafter, target = nnx.merge(d_graph, d_state), nnx.merge(t_graph, t_state)
+    drafter, model = nnx.merge(d_graph, d_state), nnx.merge(t_graph, t_state)
     b, t = tokens.shape
-    state = drafter.prefill(target, drafter.init_state(b, t + drafter.config.block_size + 1), feats, tokens, start)
+    state = drafter.prefill(model, drafter.init_state(b, t + drafter.config.block_size + 1), feats, tokens, start)
     anchor = jnp.take_along_axis(tokens, start[:, None], axis=1)[:, 0]
-    return drafter.propose(target, state, anchor, start, key, SamplingParams.create(b, 1.0), FilterMode(),
-                           drafter.head_matrix(target))
+    return drafter.propose(model, state, anchor, start, key, SamplingParams.create(b, 1.0), FilterMode(),
+                           drafter.head_matrix(model))
 
 
 @pytest.mark.parametrize("name,vocab", [("gemma3x", "reduced"), ("qwen3", "full")])
@@ -252,8 +253,12 @@ def test_eagle3_training_loss_falls_and_exported_drafter_is_lossless(target, cac
     assert trained.config.algorithm == "eagle3"
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows[0]["loss_per_step"]) == CFG.ttt_length and len(rows[0]["accuracy_per_step"]) == CFG.ttt_length
-    first, last = np.mean([r["loss"] for r in rows[:3]]), np.mean([r["loss"] for r in rows[-3:]])
-    assert last < 0.8 * first, (first, last)
+    # the tiny target's distributions are nearly uniform: the soft-CE sits just above their entropy, so the
+    # part training can remove is the KL (loss - entropy floor)
+    assert all(r["loss"] > r["kl"] >= -1e-5 for r in rows)
+    first, last = np.mean([r["kl"] for r in rows[:3]]), np.mean([r["kl"] for r in rows[-3:]])
+    assert last < 0.5 * first, (first, last)
+    assert rows[-1]["loss"] < rows[0]["loss"]
     assert np.mean([r["accuracy_per_step"][0] for r in rows[-3:]]) > np.mean(
         [r["accuracy_per_step"][0] for r in rows[:3]])
     for a, b in zip(before, jax.tree.leaves(target.state)):

@@ -54,9 +54,11 @@ def _done_indices(path: Path) -> set[int]:
     return done
 
 
-def regenerate(target, prompts: Sequence[str], out_path: str | Path, cfg: RegenConfig = RegenConfig()) -> Path:
+def regenerate(target, prompts: Sequence[str], out_path: str | Path, cfg: RegenConfig = RegenConfig(),
+               only: Sequence[int] | None = None) -> Path:
     """Appends `{"index", "prompt_ids", "response_ids", "stopped"}` per prompt to `out_path`; prompts already
-    there are skipped (resume). A batch that fails is logged to `<out>.errors.jsonl` and skipped."""
+    there are skipped (resume). A batch that fails is logged to `<out>.errors.jsonl` and skipped. `only`
+    restricts the run to these prompt indices."""
     import jax
     import jax.numpy as jnp
 
@@ -68,7 +70,7 @@ def regenerate(target, prompts: Sequence[str], out_path: str | Path, cfg: RegenC
     out_path.parent.mkdir(parents=True, exist_ok=True)
     errors = out_path.with_suffix(".errors.jsonl")
     done = _done_indices(out_path)
-    todo = [i for i in range(len(prompts)) if i not in done]
+    todo = [i for i in (range(len(prompts)) if only is None else only) if i not in done]
     encoded = {i: prompt_ids(target, prompts[i], cfg) for i in todo}
     todo.sort(key=lambda i: len(encoded[i]))  # similar lengths batch together: fewer padded shapes
     params = SamplingParams.create(cfg.batch_size, cfg.temperature, cfg.top_k, cfg.top_p)

@@ -133,3 +133,22 @@ def test_run_directory_of_another_target_is_refused(target, cache, tmp_path):
     other = Target(other_cfg, target.graphdef, target.state, target.tokenizer, "other")
     with pytest.raises(ValueError, match="holds a run for target"):
         Trainer(other, cache, dataclasses.replace(CFG, epochs=1), tmp_path)
+
+
+def test_online_mode_step_equals_cached_step(target, cache, tmp_path):
+    """Without a feature cache the step runs the target itself and computes the same loss."""
+    from dspark_jax.training.target_cache import build_sequence_cache
+    from dspark_jax.training.trainer import init_drafter, loss_fn, to_batch
+    seqs = [make_sequence(list(s["tokens"][s["loss_mask"] == 0]), list(s["tokens"][s["loss_mask"] == 1]))
+            for s in (cache.sample(i) for i in range(len(cache)))]
+    online = TargetCache.open(build_sequence_cache(target, seqs, tmp_path / "seq", progress=False),
+                              target_config=target.config)
+    graphdef, params, rest = nnx.split(init_drafter(target, cache, CFG), nnx.Param, ...)
+    args = (params, rest, graphdef, target.graphdef, target.state)
+    cached_batch = next(cache.batches(4, 32, seed=0, epoch=0))
+    online_batch = next(online.batches(4, 32, seed=0, epoch=0))
+    np.testing.assert_array_equal(cached_batch["tokens"], online_batch["tokens"])
+    a, ma = loss_fn(*args, to_batch(cached_batch, jnp.float32), jax.random.key(1), CFG, jnp.float32)
+    b, mb = loss_fn(*args, to_batch(online_batch, jnp.float32), jax.random.key(1), CFG, jnp.float32)
+    np.testing.assert_allclose(float(a), float(b), rtol=1e-4)
+    np.testing.assert_allclose(float(ma["tau_probabilistic"]), float(mb["tau_probabilistic"]), rtol=1e-4)

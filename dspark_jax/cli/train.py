@@ -59,8 +59,13 @@ def body() -> None:
     print(f"loading target {FLAGS.target} ...", file=sys.stderr)
     target = load_target(FLAGS.target)
     dc = config.drafter_config(target.config)
-    cache = TargetCache.open(Path(FLAGS.data_dir) / "cache", target_config=target.config,
-                             layer_ids=dc.target_layer_ids)
+    data = Path(FLAGS.data_dir)
+    if (data / "cache").is_dir():
+        cache = TargetCache.open(data / "cache", target_config=target.config, layer_ids=dc.target_layer_ids)
+    elif (data / "sequences").is_dir():  # prepare-data --online: the trainer runs the target in its step
+        cache = TargetCache.open(data / "sequences", target_config=target.config)
+    else:
+        raise FileNotFoundError(f"{data} has neither cache/ nor sequences/: run `dspark prepare-data` first")
     trainer = Trainer(target, cache, config, FLAGS.workdir)
     print(f"training {config.algorithm} drafter: {len(cache)} sequences, {trainer.total_steps} optimizer steps "
           f"({trainer.steps_per_epoch} micro-steps per epoch)", file=sys.stderr)

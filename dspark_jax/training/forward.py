@@ -23,9 +23,9 @@ class TrainBatch:
     lengths [B] real sequence lengths (None: unknown; the DSpark forward does not use them)."""
     tokens: jax.Array
     loss_mask: jax.Array
-    features: jax.Array
-    last_hidden: jax.Array
-    target_lse: jax.Array
+    features: jax.Array | None
+    last_hidden: jax.Array | None
+    target_lse: jax.Array | None
     lengths: jax.Array | None = None
 
 
@@ -72,3 +72,28 @@ def draft_labels(drafter, labels: jax.Array) -> jax.Array:
     """Target-id labels → draft-vocabulary indices, -1 outside the draft vocabulary."""
     idx = jnp.take(drafter.target_to_draft[...], labels, axis=0)
     return jnp.where(idx >= drafter.vocab_size, -1, idx)
+
+
+def full_logsumexp(target_model, hidden: jax.Array, rows_per_chunk: int = 64) -> jax.Array:
+    """log-sum-exp of the target's full-vocabulary logits for hidden [B, T, d], a chunk of rows at a time
+    (Gemma's 262k-token logits for a whole batch would not fit)."""
+    b, t, d = hidden.shape
+    n = b * t
+    pad = (-n) % rows_per_chunk
+    rows = jnp.pad(hidden.reshape(n, d), ((0, pad), (0, 0))).reshape(-1, rows_per_chunk, d)
+    lse = jax.lax.map(lambda r: jax.nn.logsumexp(target_model.logits(r), axis=-1), rows)
+    return lse.reshape(-1)[:n].reshape(b, t)
+
+
+def with_online_features(target_model, batch: TrainBatch, layer_ids: tuple[int, ...]) -> TrainBatch:
+    """Online mode (no target cache): runs the frozen target inside the training step to get the tapped
+    features, final-normed hidden states and log-sum-exps the cache would have held."""
+    from dspark_jax.models.kv_cache import init_cache
+    b, t = batch.tokens.shape
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
+    out = target_model(batch.tokens, pos, init_cache(target_model.config, b, t, target_model.dtype),
+                       jnp.zeros((b,), jnp.int32), tap_layers=tuple(layer_ids))
+    hidden = out.hidden
+    return jax.lax.stop_gradient(dataclasses.replace(
+        batch, features=jnp.concatenate(out.taps, axis=-1), last_hidden=hidden,
+        target_lse=full_logsumexp(target_model, hidden)))

@@ -24,7 +24,8 @@ from dspark_jax.drafters.eagle3 import Eagle3Drafter
 from dspark_jax.drafters.factory import Drafter, drafter_class
 from dspark_jax.drafters.vocab import frequent_token_ids
 from dspark_jax.training.eagle3_forward import eagle3_ttt_outputs, ttt_loss_floor
-from dspark_jax.training.forward import TrainBatch, block_outputs, draft_labels, target_block_logits
+from dspark_jax.training.forward import (TrainBatch, block_outputs, draft_labels, target_block_logits,
+                                         with_online_features)
 from dspark_jax.training.losses import dspark_loss, eagle3_ttt_loss
 
 
@@ -118,6 +119,8 @@ def loss_fn(params, rest, graphdef, target_graphdef, target_state, batch: TrainB
         params = jax.tree.map(lambda a: a.astype(compute_dtype), params)
     drafter = nnx.merge(graphdef, params, rest)
     target = nnx.merge(target_graphdef, target_state)
+    if batch.features is None:  # online mode: no target cache
+        batch = with_online_features(target, batch, drafter.config.target_layer_ids)
     if isinstance(drafter, Eagle3Drafter):
         log_probs, target_probs, masks = eagle3_ttt_outputs(drafter, target, batch, config.ttt_length)
         loss, metrics = eagle3_ttt_loss(log_probs, target_probs, masks, decay=config.ttt_decay)
@@ -132,11 +135,13 @@ def loss_fn(params, rest, graphdef, target_graphdef, target_state, batch: TrainB
 
 
 def to_batch(np_batch: dict, feature_dtype) -> TrainBatch:
+    """Numpy batch from the target cache → device arrays (features None for an online-mode sequence cache)."""
+    online = "features" not in np_batch
+    opt = lambda name, dt: None if online else jnp.asarray(np_batch[name], dt)  # noqa: E731
     return TrainBatch(tokens=jnp.asarray(np_batch["tokens"], jnp.int32),
                       loss_mask=jnp.asarray(np_batch["loss_mask"], jnp.int32),
-                      features=jnp.asarray(np_batch["features"], feature_dtype),
-                      last_hidden=jnp.asarray(np_batch["last_hidden"], feature_dtype),
-                      target_lse=jnp.asarray(np_batch["target_lse"], jnp.float32),
+                      features=opt("features", feature_dtype), last_hidden=opt("last_hidden", feature_dtype),
+                      target_lse=opt("target_lse", jnp.float32),
                       lengths=jnp.asarray(np_batch["lengths"], jnp.int32) if "lengths" in np_batch else None)
 
 

@@ -59,6 +59,9 @@ def _define_flags() -> None:
     flags.DEFINE_integer("min_loss_tokens", 14, "Drop samples with fewer supervised (response) tokens.",
                          lower_bound=0)
     flags.DEFINE_integer("max_length", 4096, "Training sequences are cut to this many tokens.", lower_bound=1)
+    flags.DEFINE_bool("regenerate", True, "Regenerate (or resume regenerating) the responses. --noregenerate builds "
+                      "the training data from the responses already in <output_dir>/responses.jsonl, e.g. after "
+                      "stopping a long regeneration early.")
     flags.DEFINE_bool("online", False, "Regenerate responses and write the training sequences only (no feature "
                       "cache); the trainer computes target features in its step.")
     flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
@@ -115,7 +118,7 @@ def _check_settings(out_dir: Path, settings: dict) -> None:
 def prepare(target, prompts: list[str], output_dir, regen, *, layer_ids=None, cache_dtype: str = "bfloat16",
             min_loss_tokens: int = 14, max_length: int | None = 4096, online: bool = False,
             cache_batch_size: int = 8, shard_max_tokens: int = 2_000_000, prompt_source: str = "",
-            progress: bool = True) -> dict:
+            progress: bool = True, regenerate_responses: bool = True) -> dict:
     """The whole pipeline (see the module docstring); returns the data statistics also written to
     <output_dir>/data_stats.json."""
     from dspark_jax.drafters.config import default_target_layer_ids
@@ -139,7 +142,11 @@ def prepare(target, prompts: list[str], output_dir, regen, *, layer_ids=None, ca
         "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
         "num_prompts": len(prompts), "regen": regen_settings})
 
-    responses = regenerate(target, prompts, out_dir / "responses.jsonl", regen)
+    responses = out_dir / "responses.jsonl"
+    if regenerate_responses:
+        regenerate(target, prompts, responses, regen)
+    elif not responses.exists():
+        raise FileNotFoundError(f"--noregenerate: no {responses} to build the training data from")
     records = [r for r in tc.read_responses(responses) if 0 <= r["index"] < len(prompts)]
     sequences = []
     for r in records:
@@ -230,7 +237,7 @@ def body() -> None:
     prepare(target, prompts, FLAGS.output_dir, regen, layer_ids=layer_ids, cache_dtype=FLAGS.cache_dtype,
             min_loss_tokens=FLAGS.min_loss_tokens, max_length=FLAGS.max_length, online=FLAGS.online,
             cache_batch_size=FLAGS.cache_batch_size, shard_max_tokens=FLAGS.shard_max_tokens,
-            prompt_source=source)
+            prompt_source=source, regenerate_responses=FLAGS.regenerate)
 
 
 def run(argv: list[str]) -> None:

@@ -4,7 +4,8 @@
         [--dataset mt-bench --limit 8 --max_new_tokens 64 --gamma 7 --temperature 0 --batch_size 1]
 
 A drafter is `random:<algorithm>` (randomly initialised: correct output, acceptance near zero), `default`
-(the shipped drafter) or a drafter directory. `--dataset` takes a comma list (`--limit` applies to each);
+(the shipped drafter) or a drafter directory, optionally `@N` to propose N tokens per round (N <= its
+trained block size). `--dataset` takes a comma list (`--limit` applies to each);
 prompts are wrapped in the training format unless `--raw_prompts`. Prints tokens/s, pooled accept length τ (committed tokens / verification rounds,
 bonus included) and the speed ratio over plain decoding, and writes JSON. Compilation is excluded.
 """
@@ -33,7 +34,7 @@ def main():
     args = ap.parse_args()
 
     from dspark_jax.data import eval_dataset_path, read_first_turns
-    from dspark_jax.drafters.factory import load_drafter
+    from dspark_jax.drafters.factory import load_drafter, with_block_size
     from dspark_jax.generation import GenerationConfig, generate_text, pooled_accept_length
     from dspark_jax.target import load_target
     from dspark_jax.utils.machine import describe_machine
@@ -58,8 +59,11 @@ def main():
     print(f"{'plain':<24} {base:9.1f} {'-':>6} {1.0:9.2f}")
     for spec in args.drafters.split(","):
         kind, _, algorithm = spec.partition(":")
+        kind, _, gamma = kind.partition("@")  # PATH@3: a trained drafter proposing 3 tokens per round
         drafter = load_drafter(kind, target, algorithm=algorithm or "dspark", gamma=args.gamma,
                                draft_vocab_size=args.draft_vocab_size or None)
+        if gamma:
+            drafter = with_block_size(drafter, int(gamma))
         res = generate_text(target, prompts, cfg, drafter=drafter, confidence_threshold=args.confidence_threshold)
         tps, tau = throughput(res), pooled_accept_length(res)
         same = all(a.completion_ids == b.completion_ids for a, b in zip(plain, res))

@@ -83,3 +83,20 @@ def test_random_drafter_speculative_equals_plain_greedy(target, algorithm, vocab
     for p, s in zip(plain, spec):
         assert s.completion_ids == p.completion_ids
         assert s.rounds >= 1 and s.mean_accept_len >= 1.0
+
+
+def test_shipped_default_drafter_is_lossless_and_accepts(target):
+    """The committed DSpark drafter loads for the embedded target, decodes greedily like plain decoding and
+    gets drafts accepted on a held-out math prompt."""
+    from dspark_jax.data import eval_dataset_path, read_first_turns
+    from dspark_jax.drafters.factory import default_drafter
+    from dspark_jax.generation import GenerationConfig, generate_text, pooled_accept_length
+    from dspark_jax.training.responses import format_prompt
+    prompts = [format_prompt(p) for p in read_first_turns(eval_dataset_path("gsm8k"))[:2]]
+    cfg = GenerationConfig(max_new_tokens=48, batch_size=2)
+    drafter = default_drafter(target)
+    assert drafter.config.algorithm == "dspark"
+    spec = generate_text(target, prompts, cfg, drafter=drafter)
+    plain = generate_text(target, prompts, cfg)
+    assert [s.completion_ids for s in spec] == [p.completion_ids for p in plain]
+    assert pooled_accept_length(spec) > 1.5

@@ -221,3 +221,24 @@ def test_chi_square_rejects_a_sampler_that_accepts_every_draft(small_target, mon
         monkeypatch.undo()
         jax.clear_caches()
     assert chi_square_pvalue(codes, prob) < 1e-6
+
+
+@pytest.mark.parametrize("alg", ["dspark", "eagle3"])
+def test_trained_drafter_with_fewer_slots_is_still_exact(alg):
+    """with_block_size: a drafter proposing fewer tokens than its trained block decodes identically."""
+    from dspark_jax.drafters.config import make_drafter_config
+    from dspark_jax.drafters.factory import Drafter, with_block_size
+    tg, ts, cfg = make_target("gemma3")
+    dg, ds = make_drafter(alg, cfg, 6, False)
+    full = Drafter(make_drafter_config(alg, cfg, block_size=6, num_layers=2, markov_rank=8), dg, ds, "test")
+    small = with_block_size(full, 2)
+    assert small.config.block_size == 2
+    with pytest.raises(ValueError, match="gamma must be in"):
+        with_block_size(full, 7)
+    tokens, lens = _batch(PROMPTS)
+    kw = dict(max_new_tokens=12, stop_ids=())
+    ar = generate(tg, ts, tokens, lens, jax.random.key(0), SamplingParams.create(3), **kw)
+    sp = speculative_generate(tg, ts, small.graphdef, small.state, tokens, lens, jax.random.key(0),
+                              SamplingParams.create(3), jnp.float32(0.0), **kw)
+    np.testing.assert_array_equal(np.asarray(sp.tokens), np.asarray(ar.tokens))
+    assert int(np.asarray(sp.proposed).max()) == 2

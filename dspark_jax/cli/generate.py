@@ -29,7 +29,9 @@ flags.DEFINE_string("drafter", "none", "Speculative decoding drafter: 'none' (pl
                     "`dspark train`, or a DeepSpec DSpark/DFlash checkpoint).")
 flags.DEFINE_enum("draft_algorithm", "dspark", ["dspark", "dflash", "eagle3"],
                   "Drafter kind for --drafter=random (a checkpoint names its own).")
-flags.DEFINE_integer("gamma", 7, "Draft block size: tokens proposed per verification round.", lower_bound=1)
+flags.DEFINE_integer("gamma", None, "Draft block size: tokens proposed per verification round (default: 7 for "
+                     "--drafter=random, the trained block size otherwise; a trained drafter accepts any value up "
+                     "to its trained size).", lower_bound=1)
 flags.DEFINE_float("confidence_threshold", 0.0, "Static confidence threshold in [0, 1]: a proposal is cut at "
                    "the first draft position whose confidence is below it (0 = always verify the full block).")
 flags.DEFINE_integer("draft_vocab_size", 32768, "For --drafter=random: draft vocabulary of the N most frequent "
@@ -63,8 +65,11 @@ def body() -> None:
         from dspark_jax.drafters.factory import load_drafter
         if not 0.0 <= FLAGS.confidence_threshold <= 1.0:
             raise ValueError(f"--confidence_threshold must be in [0, 1], got {FLAGS.confidence_threshold}")
-        drafter = load_drafter(FLAGS.drafter, target, algorithm=FLAGS.draft_algorithm, gamma=FLAGS.gamma,
+        from dspark_jax.drafters.factory import with_block_size
+        drafter = load_drafter(FLAGS.drafter, target, algorithm=FLAGS.draft_algorithm, gamma=FLAGS.gamma or 7,
                                draft_vocab_size=FLAGS.draft_vocab_size or None, seed=FLAGS.seed)
+        if FLAGS.gamma:
+            drafter = with_block_size(drafter, FLAGS.gamma)
         print(f"drafter: {drafter.source} ({drafter.config.algorithm}, gamma={drafter.config.block_size})",
               file=sys.stderr)
     results = generate_text(target, prompts, config, progress=progress, drafter=drafter,

@@ -194,7 +194,8 @@ def prepare(target, prompts: list[str], output_dir, regen, *, layer_ids=None, ca
     tmp = out_dir / (STATS_NAME + ".tmp")
     tmp.write_text(json.dumps(stats, indent=2), encoding="utf-8")
     tmp.replace(out_dir / STATS_NAME)
-    failed = f" ({stats['failed_prompts']} failed, see responses.errors.jsonl)" if stats["failed_prompts"] else ""
+    failed = (f" ({stats['failed_prompts']} prompts without a response: not generated yet (--noregenerate) or failed, "
+              f"see responses.errors.jsonl)" if stats["failed_prompts"] else "")
     print(f"prompts: {stats['prompts']:,}; responses: {stats['responses']:,}{failed}, "
           f"{stats['stopped_responses']:,} ended with a stop token")
     print(f"sequences: {stats['sequences']:,} ({stats['dropped_short']:,} dropped with < {min_loss_tokens} "

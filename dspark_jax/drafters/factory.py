@@ -65,6 +65,27 @@ def default_drafter_path(target: Target) -> Path:
                             f"`dspark train` and pass --drafter=<workdir>/drafter")
 
 
+def with_block_size(drafter: Drafter, gamma: int) -> Drafter:
+    """The same drafter proposing `gamma` <= its trained block size tokens per round: a DSpark/DFlash block
+    of [anchor, MASK × (gamma-1)] (the first slots of the trained block), or `gamma` Eagle3 steps. Fewer
+    verified tokens cost less where verification is expensive; output stays lossless."""
+    trained = drafter.config.block_size
+    if gamma == trained:
+        return drafter
+    if not 1 <= gamma <= trained:
+        raise ValueError(f"gamma must be in [1, {trained}] for this drafter (trained with block size {trained}), "
+                         f"got {gamma}")
+    module = nnx.merge(drafter.graphdef, drafter.state)
+    module.config = dataclasses.replace(module.config, block_size=gamma)
+    graphdef, state = nnx.split(module)
+    return Drafter(module.config, graphdef, state, drafter.source)
+
+
+def default_drafter(target: Target) -> Drafter:
+    """The shipped drafter for `target` (the embedded Gemma 3 270M has one); FileNotFoundError otherwise."""
+    return load_drafter("default", target)
+
+
 def load_drafter(spec: str, target: Target, *, algorithm: str = "dspark", gamma: int = 7,
                  draft_vocab_size: int | None = None, seed: int = 0) -> Drafter | None:
     """`none` → None; `random` → a random drafter of `algorithm`; `default` → the shipped drafter for the
@@ -82,6 +103,7 @@ def load_drafter(spec: str, target: Target, *, algorithm: str = "dspark", gamma:
         module = load_drafter_module(path, target.config, dtype=target.state_dtype)
         graphdef, state = nnx.split(module)
         return Drafter(module.config, graphdef, state, str(path))
+
     from dspark_jax.io.deepspec import load_deepspec_drafter
     module = load_deepspec_drafter(path, target.config, dtype=target.state_dtype)
     graphdef, state = nnx.split(module)

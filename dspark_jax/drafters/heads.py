@@ -64,4 +64,5 @@ class ConfidenceHead(nnx.Module):
 
     def calibrated(self, logits: jax.Array) -> jax.Array:
         """σ(z_k / T_k) for logits [..., G]."""
-        return jax.nn.sigmoid(logits / self.temperatures[...])
+        g = logits.shape[-1]  # a drafter may run with fewer slots than it was trained with
+        return jax.nn.sigmoid(logits / self.temperatures[...][:g])

@@ -5,6 +5,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from dspark_jax.models.config import TransformerConfig
 
@@ -38,6 +39,30 @@ def draft_head_matrix(target_model, draft_to_target: jax.Array, full_vocab: bool
     """[N, d] output embedding rows of the draft vocabulary, shared with (copied from) the frozen target."""
     head = target_model.embed_tokens[...] if target_model.lm_head is None else target_model.lm_head[...].T
     return head if full_vocab else jnp.take(head, draft_to_target, axis=0)
+
+
+class DrafterBase(nnx.Module):
+    """What every drafter shares: fitting checks, the frozen target's identity, the draft vocabulary maps."""
+
+    def _init_common(self, config, target: TransformerConfig, dtype, draft_vocab_ids) -> None:
+        from dspark_jax.drafters.vocab import VocabMap, build_maps, check_draft_vocab
+        config.check_fits(target)
+        check_draft_vocab(config, draft_vocab_ids)
+        self.config, self.target_config, self.dtype = config, target, dtype
+        d2t, t2d = build_maps(draft_vocab_ids if config.draft_vocab_size else None, target.vocab_size)
+        self.draft_to_target, self.target_to_draft = VocabMap(d2t), VocabMap(t2d)
+
+    @property
+    def full_vocab(self) -> bool:
+        return self.config.draft_vocab_size is None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.draft_vocab_size or self.target_config.vocab_size
+
+    def head_matrix(self, target_model) -> jax.Array:
+        """[N, d] output embedding rows of the draft vocabulary (the frozen target's)."""
+        return draft_head_matrix(target_model, self.draft_to_target[...], self.full_vocab)
 
 
 def softcap(logits: jax.Array, cap: float | None) -> jax.Array:

@@ -9,42 +9,29 @@ import numpy as np
 from flax import nnx
 
 from dspark_jax.decoding.sampling import FilterMode, SamplingParams, sample, token_probs
-from dspark_jax.drafters.base import Proposal, draft_head_matrix, draft_layer_config, softcap
+from dspark_jax.drafters.base import DrafterBase, Proposal, draft_layer_config, softcap
 from dspark_jax.drafters.config import DrafterConfig
 from dspark_jax.drafters.heads import ConfidenceHead, MarkovHead
-from dspark_jax.drafters.vocab import VocabMap, build_maps, check_draft_vocab
 from dspark_jax.models.config import TransformerConfig
 from dspark_jax.models.kv_cache import KVCache, write_contiguous
 from dspark_jax.models.layers import DecoderLayer, RMSNorm, _param
 
 
-class DSparkDrafter(nnx.Module):
+class DSparkDrafter(DrafterBase):
     def __init__(self, config: DrafterConfig, target: TransformerConfig, *, dtype=jnp.float32,
                  rngs: nnx.Rngs, draft_vocab_ids: np.ndarray | None = None):
-        config.check_fits(target)
-        check_draft_vocab(config, draft_vocab_ids)
-        self.config, self.target_config, self.dtype = config, target, dtype
+        self._init_common(config, target, dtype, draft_vocab_ids)
         d = target.hidden_size
         self.layer_config = draft_layer_config(target, config.num_layers)
         self.fc = _param(rngs, (len(config.target_layer_ids) * d, d), ("features", "embed"), dtype)
         self.hidden_norm = RMSNorm(d, target.rms_norm_eps, target.family == "gemma3", dtype)
         self.layers = nnx.List([DecoderLayer(self.layer_config, i, dtype, rngs) for i in range(config.num_layers)])
         self.norm = RMSNorm(d, target.rms_norm_eps, target.family == "gemma3", dtype)
-        d2t, t2d = build_maps(draft_vocab_ids if config.draft_vocab_size else None, target.vocab_size)
-        self.draft_to_target, self.target_to_draft = VocabMap(d2t), VocabMap(t2d)
         n = self.vocab_size
         self.markov = (MarkovHead(config.markov_head_type, n + (0 if self.full_vocab else 1), n, config.markov_rank,
                                   d, dtype, rngs) if config.markov_rank else None)
         conf_in = d + (config.markov_rank if config.uses_confidence_markov_input else 0)
         self.confidence = ConfidenceHead(conf_in, config.block_size, dtype, rngs) if config.confidence_head else None
-
-    @property
-    def full_vocab(self) -> bool:
-        return self.config.draft_vocab_size is None
-
-    @property
-    def vocab_size(self) -> int:
-        return self.config.draft_vocab_size or self.target_config.vocab_size
 
     # ---- context (target features) -------------------------------------------------------------
     def init_state(self, batch: int, max_len: int) -> KVCache:
@@ -158,5 +145,3 @@ class DSparkDrafter(nnx.Module):
             z = jnp.zeros(rows.shape, jnp.float32)
         return logits.reshape(lead + logits.shape[1:]), z.reshape(lead + (g,))
 
-    def head_matrix(self, target_model) -> jax.Array:
-        return draft_head_matrix(target_model, self.draft_to_target[...], self.full_vocab)

@@ -16,9 +16,8 @@ import numpy as np
 from flax import nnx
 
 from dspark_jax.decoding.sampling import FilterMode, SamplingParams, sample, token_probs
-from dspark_jax.drafters.base import Proposal, draft_head_matrix, draft_layer_config, softcap
+from dspark_jax.drafters.base import DrafterBase, Proposal, draft_layer_config, softcap
 from dspark_jax.drafters.config import DrafterConfig
-from dspark_jax.drafters.vocab import VocabMap, build_maps, check_draft_vocab
 from dspark_jax.models.config import TransformerConfig
 from dspark_jax.models.kv_cache import KVCache, write_contiguous
 from dspark_jax.models.layers import MLP, Attention, RMSNorm, _param, apply_rope, rope_inv_freq
@@ -34,12 +33,10 @@ class Eagle3State:
     pending: jax.Array
 
 
-class Eagle3Drafter(nnx.Module):
+class Eagle3Drafter(DrafterBase):
     def __init__(self, config: DrafterConfig, target: TransformerConfig, *, dtype=jnp.float32,
                  rngs: nnx.Rngs, draft_vocab_ids: np.ndarray | None = None):
-        config.check_fits(target)
-        check_draft_vocab(config, draft_vocab_ids)
-        self.config, self.target_config, self.dtype = config, target, dtype
+        self._init_common(config, target, dtype, draft_vocab_ids)
         d = target.hidden_size
         gemma = target.family == "gemma3"
         self.layer_config = draft_layer_config(target, 1)
@@ -54,15 +51,6 @@ class Eagle3Drafter(nnx.Module):
         self.post_attention_layernorm = RMSNorm(d, target.rms_norm_eps, gemma, dtype)
         self.mlp = MLP(c, dtype, rngs)
         self.norm = RMSNorm(d, target.rms_norm_eps, gemma, dtype)
-        d2t, t2d = build_maps(draft_vocab_ids if config.draft_vocab_size else None, target.vocab_size)
-        self.draft_to_target, self.target_to_draft = VocabMap(d2t), VocabMap(t2d)
-
-    @property
-    def full_vocab(self) -> bool:
-        return self.config.draft_vocab_size is None
-
-    def head_matrix(self, target_model) -> jax.Array:
-        return draft_head_matrix(target_model, self.draft_to_target[...], self.full_vocab)
 
     def init_state(self, batch: int, max_len: int) -> Eagle3State:
         c = self.layer_config

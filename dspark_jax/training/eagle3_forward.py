@@ -19,6 +19,10 @@ context pairs (features_j, x_{j+1}), j < i, in its cache and the tokens x_{i+2},
 0 writes the pair (features_i, x_{i+1}) at position i, step k the pair (step k-1's hidden, x_{i+k+1}) at i+k,
 and each step attends to every cache row up to its own position.
 
+Memory: the outputs are [S, B, T, N] float32 — fine for the 270M target with a 16k draft vocabulary, but at
+Qwen scale (T 4096, N 151,936) they would not fit; those runs need a per-step (chunked) soft cross-entropy,
+which is not implemented yet.
+
 Mask convention: the reference's mask is written as `mask_k[i] = loss_mask[i+k]` (last real token zeroed).
 Here query i at step k is supervised iff the token it predicts, x_{i+k+2}, is a real, supervised token (the
 rule of DSpark's `eval_mask`) AND the target row i+k+1 it is trained toward is a loss position, where the

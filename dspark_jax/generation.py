@@ -100,16 +100,14 @@ def generate_text(target: Target, prompts: Sequence[str], config: GenerationConf
                      confidence_threshold=jnp.float32(confidence_threshold))
     key = jax.random.key(config.seed)
     results: list[Completion] = []
-    compiled = {}
     for start in range(0, len(encoded), bs):
         chunk = encoded[start:start + bs]
         tokens, lens = pad_batch(chunk, target.config.pad_token_id, bs)
         key, sub = jax.random.split(key)
         args = dict(fixed, prompts=jnp.asarray(tokens), prompt_lens=jnp.asarray(lens), key=sub, params=params)
-        if tokens.shape not in compiled:
-            compiled[tokens.shape] = fn.lower(**args, **static).compile()
+        executable = _compiled(fn, static, args)
         t0 = time.perf_counter()
-        out = jax.device_get(compiled[tokens.shape](**args))
+        out = jax.device_get(executable(**args))
         seconds = time.perf_counter() - t0
         for i, ids in enumerate(chunk):
             n = int(out.num_tokens[i])
@@ -125,6 +123,23 @@ def generate_text(target: Target, prompts: Sequence[str], config: GenerationConf
         if progress:
             progress(len(results), len(encoded))
     return results
+
+
+_EXECUTABLES: dict = {}
+_MAX_EXECUTABLES = 32
+
+
+def _compiled(fn, static: dict, args: dict):
+    """Ahead-of-time compiled `fn` for these static arguments and argument shapes, kept across calls so that
+    timing excludes compilation and repeated calls do not compile again."""
+    shapes = tuple((k, tuple(jax.tree.map(lambda a: (a.shape, str(a.dtype)), jax.tree.leaves(v))))
+                   for k, v in sorted(args.items()))
+    key = (fn.__name__, tuple(sorted(static.items())), shapes)
+    if key not in _EXECUTABLES:
+        if len(_EXECUTABLES) >= _MAX_EXECUTABLES:
+            _EXECUTABLES.pop(next(iter(_EXECUTABLES)))
+        _EXECUTABLES[key] = fn.lower(**args, **static).compile()
+    return _EXECUTABLES[key]
 
 
 def pooled_accept_length(results: Sequence[Completion]) -> float | None:

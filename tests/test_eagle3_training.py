@@ -24,7 +24,7 @@ from dspark_jax.training.trainer import TrainConfig, Trainer
 
 import drafter_reference as ref
 from test_drafter_parity import _randomize
-from test_trainer import cache, target  # noqa: F401  (module-scoped pytest fixtures: tiny target + real cache)
+from test_trainer import assert_decodes_like_plain, cache, target  # noqa: F401  (fixtures: tiny target + real cache)
 
 TARGETS = {
     # Gemma 3 with linear RoPE scaling, query_pre_attn_scalar != head_dim and a logit soft-cap
@@ -244,8 +244,6 @@ CFG = TrainConfig(algorithm="eagle3", gamma=4, num_layers=1, markov_rank=0, draf
 
 
 def test_eagle3_training_loss_falls_and_exported_drafter_is_lossless(target, cache, tmp_path):  # noqa: F811
-    from dspark_jax.decoding.autoregressive import generate
-    from dspark_jax.decoding.speculative import speculative_generate
     from dspark_jax.drafters.checkpoint import save_drafter
     from dspark_jax.drafters.factory import load_drafter
     before = [np.asarray(x) for x in jax.tree.leaves(target.state)]
@@ -267,11 +265,5 @@ def test_eagle3_training_loss_falls_and_exported_drafter_is_lossless(target, cac
     save_drafter(nnx.merge(trained.graphdef, trained.state), tmp_path / "drafter")
     drafter = load_drafter(str(tmp_path / "drafter"), target)
     assert drafter.config.algorithm == "eagle3"
-    tokens = jnp.asarray([[5, 6, 7, 8, 0, 0], [9, 10, 11, 12, 13, 14]], jnp.int32)
-    lens = jnp.asarray([4, 6])
-    kw = dict(max_new_tokens=16, stop_ids=())
-    ar = generate(target.graphdef, target.state, tokens, lens, jax.random.key(0), SamplingParams.create(2), **kw)
-    sp = speculative_generate(target.graphdef, target.state, drafter.graphdef, drafter.state, tokens, lens,
-                              jax.random.key(0), SamplingParams.create(2), jnp.float32(0.0), **kw)
-    np.testing.assert_array_equal(np.asarray(sp.tokens), np.asarray(ar.tokens))
+    sp = assert_decodes_like_plain(target, drafter)
     assert int(np.asarray(sp.accepted).sum()) > 0  # the trained drafter gets drafts accepted

@@ -89,13 +89,9 @@ def full_micro(cache):
     return CFG.epochs * (len(cache) // CFG.batch_size)
 
 
-def test_exported_drafter_decodes_losslessly(target, cache, tmp_path):
+def assert_decodes_like_plain(target, drafter):
+    """Greedy speculative decoding with `drafter` equals plain greedy decoding; returns the speculative output."""
     from dspark_jax.decoding.speculative import speculative_generate
-    from dspark_jax.drafters.checkpoint import save_drafter
-    from dspark_jax.drafters.factory import load_drafter
-    trained = Trainer(target, cache, dataclasses.replace(CFG, epochs=1), tmp_path).run(progress=False)
-    save_drafter(nnx.merge(trained.graphdef, trained.state), tmp_path / "drafter")
-    drafter = load_drafter(str(tmp_path / "drafter"), target)
     tokens = jnp.asarray([[5, 6, 7, 8, 0, 0], [9, 10, 11, 12, 13, 14]], jnp.int32)
     lens = jnp.asarray([4, 6])
     kw = dict(max_new_tokens=16, stop_ids=())
@@ -103,6 +99,15 @@ def test_exported_drafter_decodes_losslessly(target, cache, tmp_path):
     sp = speculative_generate(target.graphdef, target.state, drafter.graphdef, drafter.state, tokens, lens,
                               jax.random.key(0), SamplingParams.create(2), jnp.float32(0.0), **kw)
     np.testing.assert_array_equal(np.asarray(sp.tokens), np.asarray(ar.tokens))
+    return sp
+
+
+def test_exported_drafter_decodes_losslessly(target, cache, tmp_path):
+    from dspark_jax.drafters.checkpoint import save_drafter
+    from dspark_jax.drafters.factory import load_drafter
+    trained = Trainer(target, cache, dataclasses.replace(CFG, epochs=1), tmp_path).run(progress=False)
+    save_drafter(nnx.merge(trained.graphdef, trained.state), tmp_path / "drafter")
+    assert_decodes_like_plain(target, load_drafter(str(tmp_path / "drafter"), target))
 
 
 def test_drafter_for_another_target_is_rejected(target, tmp_path):

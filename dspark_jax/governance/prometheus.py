@@ -1,0 +1,127 @@
+"""Prometheus text exposition (format 0.0.4) of a governance snapshot.
+
+Per (class, tenant) group: counters of requests, tokens, rounds, draft tokens, busy seconds and cost; gauges of
+accepted tokens per round, acceptance and unit costs; summaries of latency and time to first token (quantiles
+over recent requests, _sum / _count all-time). Per class: the speculation state (one series per state, 1 for the
+current one), the rollback metric's rolling value and the switch counts. Per tenant: quota limit, usage and
+reservations. Undefined values (e.g. cost per token before any output) are left out.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Iterable
+
+from dspark_jax.governance.rollback import PROBING, ROLLED_BACK, SPECULATIVE
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+STATES = (SPECULATIVE, ROLLED_BACK, PROBING, "disabled")
+
+# (metric name, snapshot field, help) of per-group counters and gauges.
+GROUP_COUNTERS = (
+    ("dspark_requests_admitted_total", "admitted", "Requests admitted."),
+    ("dspark_probe_requests_total", "probe_requests", "Finished probe requests of rolled-back classes."),
+    ("dspark_speculative_requests_total", "speculative_requests", "Finished requests admitted with speculation."),
+    ("dspark_prompt_tokens_total", "prompt_tokens", "Prompt tokens of finished requests."),
+    ("dspark_output_tokens_total", "output_tokens", "Output tokens of finished requests."),
+    ("dspark_draft_tokens_verified_total", "verified_draft_tokens", "Draft tokens verified by the target."),
+    ("dspark_draft_tokens_accepted_total", "accepted_draft_tokens", "Draft tokens accepted by the target."),
+    ("dspark_draft_tokens_rejected_total", "rejected_draft_tokens",
+     "Draft tokens verified but rejected (wasted verification work)."),
+    ("dspark_committed_tokens_total", "committed_tokens", "Tokens committed by verification rounds."),
+    ("dspark_busy_seconds_total", "busy_seconds", "Busy wall time attributed to the group (processor sharing)."),
+    ("dspark_cost_usd_total", "cost_usd", "Serving cost attributed to the group: cost_per_hour * busy_s / 3600."),
+)
+GROUP_GAUGES = (
+    ("dspark_accepted_tokens_per_round", "accepted_per_round", "Accepted draft tokens per drafted round."),
+    ("dspark_committed_tokens_per_round", "committed_per_round", "Committed tokens per round (bonus included)."),
+    ("dspark_draft_acceptance_ratio", "acceptance_rate", "Accepted / verified draft tokens."),
+    ("dspark_cost_per_million_output_tokens_usd", "cost_per_million_output_tokens_usd",
+     "Cost per million output tokens: cost_usd / output_tokens * 1e6."),
+    ("dspark_cost_per_successful_request_usd", "cost_per_successful_request_usd",
+     "Cost per successful request: cost_usd / ok_requests."),
+    ("dspark_user_tokens_per_second_p50", "tokens_per_s_p50", "Median per-request output tokens / latency."),
+)
+
+
+def _escape(value: str) -> str:
+    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(**labels) -> str:
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items()) + "}"
+
+
+def _number(value: float) -> str:
+    return repr(float(value)) if isinstance(value, float) else str(value)
+
+
+class _Exposition:
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def family(self, name: str, kind: str, help_text: str, samples: Iterable[tuple[str, dict, float | None]]):
+        """One metric family; samples are (suffix, labels, value), None values skipped."""
+        rows = [(s, l, v) for s, l, v in samples if v is not None]
+        if not rows:
+            return
+        self.lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+        self.lines += [f"{name}{suffix}{_labels(**labels)} {_number(value)}" for suffix, labels, value in rows]
+
+
+def render_prometheus(snapshot: dict) -> str:
+    out = _Exposition()
+    groups = snapshot["groups"]
+    gl = [dict({"class": g["class"], "tenant": g["tenant"]}) for g in groups]
+    for name, key, help_text in GROUP_COUNTERS:
+        out.family(name, "counter", help_text, (("", l, g[key]) for l, g in zip(gl, groups)))
+    out.family("dspark_requests_finished_total", "counter", "Finished requests by outcome.",
+               (("", dict(l, outcome=o), g[f"{o}_requests"]) for l, g in zip(gl, groups) for o in ("ok", "failed")))
+    out.family("dspark_requests_rejected_total", "counter", "Requests rejected at admission, by reason code.",
+               (("", dict(l, code=code), n) for l, g in zip(gl, groups) for code, n in g["rejections"].items()))
+    out.family("dspark_verification_rounds_total", "counter", "Verification rounds: drafted, or fallback (plain "
+               "decoding step, no draft).",
+               (("", dict(l, kind=k), g[f"{k}_rounds"]) for l, g in zip(gl, groups) for k in ("drafted", "fallback")))
+    for name, key, help_text in GROUP_GAUGES:
+        out.family(name, "gauge", help_text, (("", l, g[key]) for l, g in zip(gl, groups)))
+    for name, prefix, help_text in (("dspark_request_latency_seconds", "latency", "End-to-end request latency."),
+                                    ("dspark_first_token_seconds", "first_token", "Time to first token.")):
+        count_key = "requests" if prefix == "latency" else "first_token_count"
+        samples = []
+        for l, g in zip(gl, groups):
+            if not g[count_key]:
+                continue
+            samples += [("", dict(l, quantile=q), g[f"{prefix}_p{p}_s"]) for q, p in (("0.5", 50), ("0.95", 95))]
+            samples += [("_sum", l, g[f"{prefix}_sum_s"]), ("_count", l, g[count_key])]
+        out.family(name, "summary", help_text, samples)
+
+    classes = snapshot["classes"]
+    out.family("dspark_speculation_state", "gauge", "Speculation state of each class (1 = current state).",
+               (("", {"class": c, "state": s}, int(info["state"] == s)) for c, info in classes.items()
+                for s in STATES))
+    out.family("dspark_rollback_metric_value", "gauge", "Rolling value of the class's rollback metric.",
+               (("", {"class": c, "metric": info["rollback"]["metric"]}, info["rollback"]["rolling_value"])
+                for c, info in classes.items() if info["rollback"]))
+    out.family("dspark_rollback_threshold", "gauge", "Threshold of the class's rollback rule.",
+               (("", {"class": c, "metric": info["rollback"]["metric"]}, info["rollback"]["threshold"])
+                for c, info in classes.items() if info["rollback"]))
+    switches = Counter((e["workload_class"], e["from_state"], e["to_state"]) for e in snapshot["switches"])
+    out.family("dspark_speculation_switches_total", "counter", "Speculation state switches of each class.",
+               (("", {"class": c, "from": f, "to": t}, n) for (c, f, t), n in sorted(switches.items())))
+
+    quota_rows = [(t, q) for t, rows in snapshot["quotas"].items() for q in rows]
+
+    def ql(t: str, q: dict) -> dict:
+        return dict(tenant=t, window_s=f"{q['window_s']:g}", count=q["count"])
+
+    for name, key, help_text in (("dspark_quota_limit_tokens", "tokens", "Tenant token quota per window."),
+                                 ("dspark_quota_used_tokens", "used", "Tokens charged in the current window."),
+                                 ("dspark_quota_reserved_tokens", "reserved", "Tokens reserved by in-flight "
+                                                                              "requests.")):
+        out.family(name, "gauge", help_text, (("", ql(t, q), q[key]) for t, q in quota_rows))
+    out.family("dspark_in_flight_requests", "gauge", "Admitted requests not finished yet.",
+               [("", {}, snapshot["in_flight"])])
+    out.family("dspark_cost_per_hour_usd", "gauge", "Configured serving cost per hour.",
+               [("", {}, snapshot["cost_per_hour_usd"])])
+    return "\n".join(out.lines) + "\n"

@@ -12,7 +12,7 @@ from flax import nnx
 from scipy import stats
 
 from configs.tiny import tiny_gemma3, tiny_qwen3
-from dspark_jax.decoding import speculative
+from dspark_jax.decoding import speculative, verification
 from dspark_jax.decoding.autoregressive import generate
 from dspark_jax.decoding.rejection import Verdict
 from dspark_jax.decoding.sampling import FilterMode, SamplingParams, token_probs
@@ -203,10 +203,10 @@ def test_chi_square_rejects_a_sampler_that_accepts_every_draft(small_target, mon
     dc = make_drafter_config("dspark", cfg, block_size=2, num_layers=1, markov_rank=4)
     dg, ds = nnx.split(DSparkDrafter(dc, cfg, rngs=nnx.Rngs(3)))
 
-    def accept_everything(key, draft_tokens, p_draft_x, p_draft_full_at, p_target, proposal_len):
+    def accept_everything(key, draft_tokens, p_draft_x, p_draft_full_at, p_target, proposal_len, row_index):
         g = draft_tokens.shape[1]
         acc = jnp.arange(g)[None] < proposal_len[:, None]
-        bonus = jnp.take_along_axis(p_target, proposal_len[:, None, None], 1)[:, 0]
+        bonus = p_target[jnp.take_along_axis(row_index, proposal_len[:, None], 1)[:, 0]]
         nxt = jax.random.categorical(key, jnp.log(bonus), axis=-1).astype(jnp.int32)
         return Verdict(num_accepted=proposal_len, accepted=acc, next_token=nxt)
 
@@ -214,7 +214,7 @@ def test_chi_square_rejects_a_sampler_that_accepts_every_draft(small_target, mon
     prompt = [1, 3, 2]
     seqs, prob = exact_joint(tg, ts, prompt, params, mode)
     jax.clear_caches()
-    monkeypatch.setattr(speculative, "verify", accept_everything)
+    monkeypatch.setattr(verification, "verify", accept_everything)
     try:
         codes, _ = sampled_joint(tg, ts, dg, ds, prompt, params, mode)
     finally:

@@ -38,19 +38,25 @@ def residual_distribution(p_target: jax.Array, p_draft: jax.Array) -> jax.Array:
 
 
 def verify(key: jax.Array, draft_tokens: jax.Array, p_draft_x: jax.Array, p_draft_full_at, p_target: jax.Array,
-           proposal_len: jax.Array) -> Verdict:
+           proposal_len: jax.Array, row_index: jax.Array | None = None) -> Verdict:
     """Rejection-samples a batch of draft blocks.
 
-    draft_tokens: [B, G] target ids; p_draft_x: [B, G] p_d of each drafted token; p_target: [B, G+1, V]
-    target distributions (row k scores draft token k, row G is the bonus); p_draft_full_at(k): [B] -> [B, V]
+    draft_tokens: [B, G] target ids; p_draft_x: [B, G] p_d of each drafted token; p_draft_full_at(k): [B] -> [B, V]
     returns the draft distribution at per-request position k over the full vocabulary; proposal_len: [B] in 0..G.
+    Target distributions: either p_target [B, G+1, V] (row k scores draft token k, row G is the bonus), or
+    flat rows p_target [T, V] with row_index [B, G+1] naming request b's k-th row (the flattened
+    verification layout; rows past proposal_len are never read).
     """
     b, g = draft_tokens.shape
+    if row_index is None:
+        row_index = jnp.arange(b * (g + 1), dtype=jnp.int32).reshape(b, g + 1)
+        p_target = p_target.reshape(b * (g + 1), -1)
+    row_index = jnp.clip(row_index, 0, p_target.shape[0] - 1)
     k_u, k_next = jax.random.split(key)
-    p_target_x = jnp.take_along_axis(p_target[:, :g], draft_tokens[..., None], axis=-1)[..., 0]
+    p_target_x = p_target[row_index[:, :g], draft_tokens]
     accepted = accept_flags(jax.random.uniform(k_u, (b, g)), p_target_x, p_draft_x, proposal_len)
     num = accepted.sum(1).astype(jnp.int32)
-    pt_at = jnp.take_along_axis(p_target, num[:, None, None], axis=1)[:, 0]
+    pt_at = p_target[jnp.take_along_axis(row_index, num[:, None], axis=1)[:, 0]]
     rejected = num < proposal_len
     dist = jnp.where(rejected[:, None], residual_distribution(pt_at, p_draft_full_at(jnp.minimum(num, g - 1))), pt_at)
     nxt = jax.random.categorical(k_next, jnp.log(jnp.maximum(dist, 0.0)), axis=-1).astype(jnp.int32)

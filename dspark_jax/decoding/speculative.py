@@ -15,8 +15,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dspark_jax.decoding.autoregressive import prefill
-from dspark_jax.decoding.rejection import verify
-from dspark_jax.decoding.sampling import FilterMode, SamplingParams, sample, token_probs
+from dspark_jax.decoding.layout import dense_layout
+from dspark_jax.decoding.sampling import FilterMode, SamplingParams, sample
+from dspark_jax.decoding.verification import verify_round
 
 
 @jax.tree_util.register_dataclass
@@ -65,7 +66,6 @@ def speculative_generate(target_graphdef: nnx.GraphDef, target_state: nnx.State,
     cache_len = p + max_new_tokens + g + 1
     stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
     head = drafter.head_matrix(target)
-    params_rows = jax.tree.map(lambda a: jnp.repeat(a, g + 1), params)  # per verified row
 
     key, sub = jax.random.split(key)
     logits, out = prefill(target, prompts, prompt_lens, cache_len, attn_impl, tap_layers=taps)
@@ -92,32 +92,11 @@ def speculative_generate(target_graphdef: nnx.GraphDef, target_state: nnx.State,
         anchor, start = c["anchor"], c["start"]
         prop = drafter.propose(target, c["dstate"], anchor, start, k_draft, params, mode, head, attn_impl)
         n_prop = proposal_lengths(prop.confidence, confidence_threshold)
-        verify_tokens = jnp.concatenate([anchor[:, None], prop.tokens], axis=1)
-        pos = start[:, None] + jnp.arange(g + 1, dtype=jnp.int32)[None]
-        o = target(verify_tokens, pos, c["tcache"], start, tap_layers=taps, attn_impl=attn_impl)
-        t_logits = target.logits(o.hidden)  # [B, G+1, V]
-        p_t = token_probs(t_logits.reshape(b * (g + 1), -1), params_rows, mode).reshape(b, g + 1, -1)
-        p_dx = jnp.take_along_axis(prop.p_draft, prop.draft_index[..., None], axis=-1)[..., 0]
-
-        def p_draft_full_at(k):
-            row = jnp.take_along_axis(prop.p_draft, k[:, None, None], axis=1)[:, 0]  # [B, N]
-            if drafter.full_vocab:
-                return row
-            return jnp.zeros((b, p_t.shape[-1]), row.dtype).at[:, drafter.draft_to_target[...]].set(row)
-
-        verdict = verify(k_verify, prop.tokens, p_dx, p_draft_full_at, p_t, n_prop)
-        a = verdict.num_accepted
-        # committed = accepted drafts + correction/bonus, cut at the first stop token and at the budget
-        committed = jnp.concatenate([prop.tokens, jnp.zeros((b, 1), jnp.int32)], 1)
-        committed = jnp.where(jnp.arange(g + 1)[None] == a[:, None], verdict.next_token[:, None], committed)
-        valid = jnp.arange(g + 1)[None] <= a[:, None]
-        is_stop = jnp.isin(committed, stops) & valid
-        count = jnp.where(is_stop.any(1), jnp.argmax(is_stop, 1) + 1, a + 1)
-        count = jnp.minimum(count, max_new_tokens - c["n_gen"])
-        active = ~c["done"]
-        count = jnp.where(active, count, 0)
-        stopped = is_stop.any(1) & (jnp.argmax(is_stop, 1) + 1 <= count)
-        finished = stopped | (c["n_gen"] + count >= max_new_tokens)
+        res = verify_round(target, drafter, c["tcache"], c["dstate"], prop, anchor, start, n_prop, ~c["done"],
+                           max_new_tokens - c["n_gen"], dense_layout(b, g + 1, start), k_verify, params, mode,
+                           stops, attn_impl)
+        committed, count, a, active = res.committed, res.count, res.num_accepted, ~c["done"]
+        finished = res.stopped | (c["n_gen"] + count >= max_new_tokens)
 
         write = jax.vmap(lambda row, new, s: jax.lax.dynamic_update_slice(row, new, (s,)))
         keep = jnp.arange(g + 1)[None] < count[:, None]
@@ -133,15 +112,13 @@ def speculative_generate(target_graphdef: nnx.GraphDef, target_state: nnx.State,
             return arr.at[rows, slot].set(jnp.where(active.reshape((b,) + (1,) * (val.ndim - 1)), val, cur))
 
         st = dict(proposed=upd(st["proposed"], n_prop), accepted=upd(st["accepted"], a),
-                  committed=upd(st["committed"], count), accept_flags=upd(st["accept_flags"], verdict.accepted),
+                  committed=upd(st["committed"], count), accept_flags=upd(st["accept_flags"], res.accept_flags),
                   confidence=upd(st["confidence"], prop.confidence),
                   confidence_logits=upd(st["confidence_logits"], prop.confidence_logits))
 
-        dstate = drafter.commit(target, c["dstate"], _concat_taps(o.taps), verify_tokens, start, count)
-        last = jnp.take_along_axis(committed, jnp.maximum(count - 1, 0)[:, None], axis=1)[:, 0]
-        return dict(key=key, anchor=jnp.where(active, last, anchor), start=start + count,
-                    tcache=o.cache, dstate=dstate, tokens=toks, n_gen=c["n_gen"] + count,
-                    done=c["done"] | finished, rounds=r + active.astype(jnp.int32), stats=st)
+        return dict(key=key, anchor=res.anchor, start=start + count, tcache=res.tcache, dstate=res.dstate,
+                    tokens=toks, n_gen=c["n_gen"] + count, done=c["done"] | finished,
+                    rounds=r + active.astype(jnp.int32), stats=st)
 
     carry = dict(key=key, anchor=first, start=prompt_lens.astype(jnp.int32), tcache=out.cache, dstate=dstate,
                  tokens=tokens, n_gen=n_gen, done=done, rounds=rounds, stats=stats)

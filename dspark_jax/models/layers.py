@@ -87,6 +87,24 @@ class Attention(nnx.Module):
         out = attention(q, k_cache, v_cache, positions, scale=self.scale, window=self.window, impl=attn_impl)
         return out.reshape(b, t, -1) @ self.o_proj[...], k_cache, v_cache
 
+    def flat(self, x: jax.Array, layout, k_cache: jax.Array, v_cache: jax.Array,
+             attn_impl: str) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Flattened tokens x [T, d] of several requests (`decoding.layout.TokenLayout`): K/V scattered into
+        each token's own request row at its position (padding dropped); attention runs per request on the
+        dense grid view, so each token sees only its request's cache, causally. Returns (out [T, d], k, v)."""
+        from dspark_jax.decoding.layout import from_grid, to_grid
+        t = x.shape[0]
+        pos = layout.position[None]
+        q = (x @ self.q_proj[...]).reshape(1, t, self.num_heads, self.head_dim)
+        q = apply_rope(self.q_norm(q), pos, rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling))
+        k, v = self.project_kv(x[None], pos)
+        rows = jnp.where(layout.valid, layout.position, k_cache.shape[1])  # out of range: dropped
+        k_cache = k_cache.at[layout.slot, rows].set(k[0].astype(k_cache.dtype), mode="drop")
+        v_cache = v_cache.at[layout.slot, rows].set(v[0].astype(v_cache.dtype), mode="drop")
+        out = attention(to_grid(q[0], layout), k_cache, v_cache, to_grid(layout.position, layout, fill=-1),
+                        scale=self.scale, window=self.window, impl=attn_impl)
+        return from_grid(out, layout).reshape(t, -1) @ self.o_proj[...], k_cache, v_cache
+
     def block(self, x: jax.Array, positions: jax.Array, ctx_k: jax.Array, ctx_v: jax.Array, ctx_len: jax.Array,
               attn_impl: str) -> jax.Array:
         """Drafter block attention: x [B, G, d] attends to cached context K/V (< ctx_len) and, bidirectionally,

@@ -63,6 +63,23 @@ class Transformer(nnx.Module):
         return ForwardOutput(self.norm(x), KVCache(tuple(ks), tuple(vs)), tuple(taps[i] for i in tap_layers))
 
 
+    def forward_flat(self, tokens: jax.Array, layout, cache: KVCache, *, tap_layers: tuple[int, ...] = (),
+                     attn_impl: str = "reference") -> ForwardOutput:
+        """Runs a flattened bucket of tokens [T] from several requests (`decoding.layout.TokenLayout`):
+        cost scales with T, not with requests × longest request. hidden and taps are [T, d]."""
+        x = self.embed(tokens)
+        taps = {-1: x} if -1 in tap_layers else {}
+        ks, vs = list(cache.k), list(cache.v)
+        for i, layer in enumerate(self.layers):
+            def attend(h, i=i, layer=layer):
+                out, ks[i], vs[i] = layer.self_attn.flat(h, layout, ks[i], vs[i], attn_impl)
+                return out
+            x = layer.mix(x, attend)
+            if i in tap_layers:
+                taps[i] = x
+        return ForwardOutput(self.norm(x), KVCache(tuple(ks), tuple(vs)), tuple(taps[i] for i in tap_layers))
+
+
 def abstract_model(config: TransformerConfig, dtype=jnp.float32) -> Transformer:
     """The model's structure with ShapeDtypeStruct leaves (no memory allocated)."""
     return nnx.eval_shape(lambda: Transformer(config, dtype=dtype, rngs=nnx.Rngs(0)))

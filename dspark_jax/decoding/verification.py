@@ -1,0 +1,72 @@
+"""One verification round over a flattened bucket of tokens — the single verification function used by the
+jitted speculative loop (one fixed bucket: every request verifies anchor + G drafts) and by the serving
+engine's bucketed step (each request verifies its scheduled prefix, padded to the step's bucket).
+
+Round: the target runs [anchor, x_1..x_n] of every request in one flat forward → lossless rejection sampling
+on the first n drafts → stop tokens and the token budget cut the committed tokens → rollback is by positions
+(stale K/V past the next anchor are masked) → the verified positions' target features become drafter context.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from dspark_jax.decoding.layout import TokenLayout, from_grid, to_grid
+from dspark_jax.decoding.rejection import verify
+from dspark_jax.decoding.sampling import FilterMode, SamplingParams, token_probs
+from dspark_jax.drafters.base import Proposal
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RoundResult:
+    """committed [B, G+1]: tokens committed this round (first `count` valid); count [B] (0 for inactive
+    requests); num_accepted [B] draft tokens accepted; accept_flags [B, G]; stopped [B] a stop token was
+    committed; anchor [B] the next anchor; tcache / dstate after the round."""
+    committed: jax.Array
+    count: jax.Array
+    num_accepted: jax.Array
+    accept_flags: jax.Array
+    stopped: jax.Array
+    anchor: jax.Array
+    tcache: object
+    dstate: object
+
+
+def verify_round(target, drafter, tcache, dstate, proposal: Proposal, anchor: jax.Array, start: jax.Array,
+                 num_verify: jax.Array, active: jax.Array, budget: jax.Array, layout: TokenLayout, key: jax.Array,
+                 params: SamplingParams, mode: FilterMode, stops: jax.Array, attn_impl: str) -> RoundResult:
+    """Verifies, per request b, the anchor and the first num_verify[b] (0..G) drafts of `proposal`, laid out
+    by `layout` (which must give active request b exactly 1 + num_verify[b] rows at positions start[b]..).
+    At most budget[b] tokens are committed; inactive requests commit nothing."""
+    b, g = proposal.tokens.shape
+    taps = drafter.config.target_layer_ids
+    grid_tokens = jnp.concatenate([anchor[:, None], proposal.tokens], axis=1)  # [B, G+1]
+    out = target.forward_flat(from_grid(grid_tokens, layout), layout, tcache, tap_layers=taps, attn_impl=attn_impl)
+    row_params = jax.tree.map(lambda a: a[layout.slot], params)
+    p_target = token_probs(target.logits(out.hidden), row_params, mode)  # [T, V]
+    p_dx = jnp.take_along_axis(proposal.p_draft, proposal.draft_index[..., None], axis=-1)[..., 0]
+
+    def p_draft_full_at(k):
+        row = jnp.take_along_axis(proposal.p_draft, k[:, None, None], axis=1)[:, 0]  # [B, N]
+        if drafter.full_vocab:
+            return row
+        return jnp.zeros((b, p_target.shape[-1]), row.dtype).at[:, drafter.draft_to_target[...]].set(row)
+
+    verdict = verify(key, proposal.tokens, p_dx, p_draft_full_at, p_target, num_verify, row_index=layout.grid)
+    a = verdict.num_accepted
+    slots = jnp.arange(g + 1)[None]
+    committed = jnp.concatenate([proposal.tokens, jnp.zeros((b, 1), jnp.int32)], 1)
+    committed = jnp.where(slots == a[:, None], verdict.next_token[:, None], committed)
+    is_stop = jnp.isin(committed, stops) & (slots <= a[:, None])
+    count = jnp.where(is_stop.any(1), jnp.argmax(is_stop, 1) + 1, a + 1)
+    count = jnp.where(active, jnp.minimum(count, budget), 0)
+    stopped = is_stop.any(1) & (jnp.argmax(is_stop, 1) + 1 <= count)
+    features = to_grid(jnp.concatenate(out.taps, axis=-1), layout)  # [B, G+1, m·d]
+    dstate = drafter.commit(target, dstate, features, grid_tokens, start, count)
+    last = jnp.take_along_axis(committed, jnp.maximum(count - 1, 0)[:, None], axis=1)[:, 0]
+    return RoundResult(committed=committed, count=count, num_accepted=jnp.where(active, a, 0),
+                       accept_flags=verdict.accepted & active[:, None], stopped=stopped,
+                       anchor=jnp.where(count > 0, last, anchor), tcache=out.cache, dstate=dstate)

@@ -1,0 +1,131 @@
+"""The engine's device-side functions over a fixed set of request slots: admit one request into a slot
+(prefill + first token + first proposal), run one bucketed draft–verify step, free a slot.
+
+All are pure functions of (graphdefs, states, EngineState, ...) so the host can AOT-compile each shape once.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dspark_jax.decoding.autoregressive import prefill
+from dspark_jax.decoding.layout import make_layout
+from dspark_jax.decoding.sampling import FilterMode, SamplingParams, sample
+from dspark_jax.decoding.verification import verify_round
+from dspark_jax.drafters.base import Proposal
+from dspark_jax.models.kv_cache import init_cache
+from dspark_jax.serving.scheduler import allocate_top_k
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class EngineState:
+    """Per slot s: target cache rows, drafter state, the anchor token at position start[s] (its K/V not yet
+    written), active flag, token budget left, sampling params and the pending proposal for the next step."""
+    tcache: object
+    dstate: object
+    anchor: jax.Array
+    start: jax.Array
+    active: jax.Array
+    budget: jax.Array
+    params: SamplingParams
+    proposal: Proposal
+    key: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StepOutput:
+    """committed [S, G+1] (first count[s] valid), count [S], verified [S] draft tokens verified, accepted [S],
+    finished [S] (stop token or budget reached this step), confidence [S, G] of the next proposal."""
+    committed: jax.Array
+    count: jax.Array
+    verified: jax.Array
+    accepted: jax.Array
+    finished: jax.Array
+    confidence: jax.Array
+
+
+def init_engine_state(target, drafter, slots: int, max_len: int, key: jax.Array) -> EngineState:
+    g = drafter.config.block_size
+    n = drafter.vocab_size
+    def zeros_i():
+        return jnp.zeros((slots,), jnp.int32)  # distinct buffers: the state is donated leaf by leaf
+    proposal = Proposal(tokens=jnp.zeros((slots, g), jnp.int32), draft_index=jnp.zeros((slots, g), jnp.int32),
+                        p_draft=jnp.zeros((slots, g, n), jnp.float32), confidence=jnp.zeros((slots, g), jnp.float32),
+                        confidence_logits=jnp.zeros((slots, g), jnp.float32))
+    return EngineState(tcache=init_cache(target.config, slots, max_len, target.dtype),
+                       dstate=drafter.init_state(slots, max_len), anchor=zeros_i(), start=zeros_i(),
+                       active=jnp.zeros((slots,), bool), budget=zeros_i(), params=SamplingParams.create(slots),
+                       proposal=proposal, key=key)
+
+
+def _set_row(full, row, slot):
+    """Writes the batch-1 pytree `row` into row `slot` of the batch-S pytree `full`."""
+    return jax.tree.map(lambda f, r: jax.lax.dynamic_update_slice_in_dim(f, r.astype(f.dtype), slot, axis=0),
+                        full, row)
+
+
+def admit(target_graphdef, target_state, drafter_graphdef, drafter_state, state: EngineState, slot: jax.Array,
+          prompt: jax.Array, prompt_len: jax.Array, params: SamplingParams, max_new_tokens: jax.Array,
+          stops: jax.Array, *, mode: FilterMode, attn_impl: str) -> tuple[EngineState, jax.Array, jax.Array]:
+    """Prefills right-padded prompt [P] into `slot`; samples the first token; drafts its first proposal.
+    params: batch-1 SamplingParams. Returns (state, first token, whether the request already finished)."""
+    target = nnx.merge(target_graphdef, target_state)
+    drafter = nnx.merge(drafter_graphdef, drafter_state)
+    max_len = state.tcache.max_len
+    key, k_first, k_draft = jax.random.split(state.key, 3)
+    lens = prompt_len[None].astype(jnp.int32)
+    logits, out = prefill(target, prompt[None], lens, max_len, attn_impl, tap_layers=drafter.config.target_layer_ids)
+    first = sample(k_first, logits, params, mode)
+    dstate = drafter.prefill(target, drafter.init_state(1, max_len), jnp.concatenate(out.taps, -1), prompt[None], lens)
+    prop = drafter.propose(target, dstate, first, lens, k_draft, params, mode, drafter.head_matrix(target), attn_impl)
+    finished = jnp.isin(first[0], stops) | (max_new_tokens <= 1)
+    state = dataclasses.replace(
+        state, tcache=_set_row(state.tcache, out.cache, slot), dstate=_set_row(state.dstate, dstate, slot),
+        anchor=state.anchor.at[slot].set(first[0]), start=state.start.at[slot].set(prompt_len),
+        active=state.active.at[slot].set(~finished), budget=state.budget.at[slot].set(max_new_tokens - 1),
+        params=_set_row(state.params, params, slot), proposal=_set_row(state.proposal, prop, slot), key=key)
+    return state, first[0], finished
+
+
+def deactivate(state: EngineState, slot: jax.Array) -> EngineState:
+    """Frees a slot (cancellation); its rows are overwritten by the next admission."""
+    return dataclasses.replace(state, active=state.active.at[slot].set(False))
+
+
+def step(target_graphdef, target_state, drafter_graphdef, drafter_state, state: EngineState, caps: jax.Array,
+         draft_budget: jax.Array, stops: jax.Array, *, bucket: int, draft: bool, mode: FilterMode,
+         attn_impl: str) -> tuple[EngineState, StepOutput]:
+    """Verifies the pending proposals and drafts the next ones.
+
+    Each active slot verifies its anchor plus ℓ_s drafts, ℓ = the `draft_budget` drafts of highest fresh
+    survival product within per-slot caps (`allocate_top_k`; with draft_budget = Σ caps every capped draft is
+    taken, which is how static policies and the synchronous scheduler pass exact lengths). The tokens are
+    laid out flat in `bucket` rows. `draft=False` (plain decoding) skips the drafter."""
+    target = nnx.merge(target_graphdef, target_state)
+    drafter = nnx.merge(drafter_graphdef, drafter_state)
+    s, g = state.proposal.tokens.shape
+    active = state.active
+    n_active = active.sum().astype(jnp.int32)
+    budget = jnp.clip(draft_budget, 0, bucket - n_active)
+    caps = jnp.where(active, jnp.minimum(caps, g), 0) if draft else jnp.zeros_like(caps)
+    verified = allocate_top_k(state.proposal.confidence, caps, budget)
+    layout = make_layout(jnp.where(active, verified + 1, 0), state.start, bucket, g + 1)
+    key, k_verify, k_draft = jax.random.split(state.key, 3)
+    res = verify_round(target, drafter, state.tcache, state.dstate, state.proposal, state.anchor, state.start,
+                       verified, active, state.budget, layout, k_verify, state.params, mode, stops, attn_impl)
+    start = state.start + res.count
+    left = state.budget - res.count
+    still = active & ~res.stopped & (left > 0)
+    proposal = state.proposal
+    if draft:
+        proposal = drafter.propose(target, res.dstate, res.anchor, start, k_draft, state.params, mode,
+                                   drafter.head_matrix(target), attn_impl)
+    new = EngineState(tcache=res.tcache, dstate=res.dstate, anchor=res.anchor, start=start, active=still,
+                      budget=left, params=state.params, proposal=proposal, key=key)
+    return new, StepOutput(committed=res.committed, count=res.count, verified=jnp.where(active, verified, 0),
+                           accepted=res.num_accepted, finished=active & ~still, confidence=proposal.confidence)

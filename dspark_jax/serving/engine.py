@@ -1,0 +1,512 @@
+"""Continuous-batching speculative decoding engine: request slots, per-request sampling / budgets / stop
+tokens / draft policy, a bucketed verification step chosen per step by the scheduling policy, streaming,
+cancellation, per-request stats. Every device shape compiles once, at engine start.
+
+    engine = Engine(target, drafter, EngineConfig(slots=8, policy="scheduler"), cost_table=table)
+    handle = engine.submit(Request(prompt_ids, max_new_tokens=64))
+    for token in engine.stream(handle): ...          # drives the engine from this thread
+    engine.run_until_idle(); engine.stats(handle)
+
+Or `engine.start()` runs the loop in a background thread and `stream` / `result` just wait.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import logging
+import queue
+import threading
+import time
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dspark_jax.decoding.sampling import FilterMode, SamplingParams, validate_sampling
+from dspark_jax.generation import bucket_length
+from dspark_jax.serving import device_step
+from dspark_jax.serving.scheduler import CostTable, capacity, schedule_synchronous, threshold_lengths
+
+POLICIES = ("plain", "fixed", "threshold", "scheduler", "scheduler_async")
+REQUEST_MODES = ("default", "off", "fixed", "static_threshold", "hardware_aware")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """slots: concurrent requests; max_len: cache rows per slot (prompt + max_new_tokens + G + 1 must fit);
+    policy: plain | fixed (γ = gamma) | threshold (confidence >= threshold) | scheduler (Alg. 1, synchronous,
+    early stop) | scheduler_async (§5.2: budget from confidences two steps old, fresh top-K ranking on
+    device, next step dispatched before the current one is read); buckets: verification sizes in tokens
+    (default: powers of two from slots up to slots·(G+1)); mode: sampling filters compiled in."""
+    slots: int = 8
+    max_len: int = 512
+    policy: str = "scheduler"
+    gamma: int | None = None
+    threshold: float = 0.5
+    buckets: tuple[int, ...] | None = None
+    mode: FilterMode = FilterMode()
+    attn_impl: str = "reference"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.slots < 1:
+            raise ValueError(f"slots must be >= 1, got {self.slots}")
+        if self.max_len < 16:
+            raise ValueError(f"max_len must be >= 16, got {self.max_len}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+        if self.gamma is not None and self.gamma < 0:
+            raise ValueError(f"gamma must be >= 0, got {self.gamma}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """prompt_ids: token ids (BOS included). draft_mode / max_draft / confidence_floor: per-request draft
+    policy (default: the engine's); a governance layer fills them from the workload class."""
+    prompt_ids: Sequence[int]
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    stop_ids: Sequence[int] | None = None  # extra stop tokens (the target's always stop)
+    draft_mode: str = "default"
+    max_draft: int | None = None
+    confidence_floor: float = 0.0
+
+
+@dataclasses.dataclass
+class RequestStats:
+    prompt_tokens: int
+    output_tokens: int = 0
+    rounds: int = 0
+    verified_draft: int = 0
+    accepted_draft: int = 0
+    no_draft_rounds: int = 0
+    submitted_at: float = 0.0
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    finish_reason: str | None = None  # stop | length | cancelled | error
+    error: str | None = None
+
+    @property
+    def latency_s(self) -> float | None:
+        return None if self.finished_at is None else self.finished_at - self.submitted_at
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        lat = self.latency_s
+        return self.output_tokens / lat if lat else None
+
+    @property
+    def accept_length(self) -> float | None:
+        """Committed tokens per verification round (bonus included)."""
+        return (self.output_tokens - 1) / self.rounds if self.rounds else None
+
+
+class RequestError(ValueError):
+    """A request the engine cannot serve (empty / over-long prompt, invalid sampling or policy)."""
+
+
+@dataclasses.dataclass
+class _Live:
+    rid: int
+    request: Request
+    stats: RequestStats
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    out: "queue.Queue[int | None]" = dataclasses.field(default_factory=queue.Queue)
+    slot: int | None = None
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    cancel_requested: bool = False
+
+
+class Engine:
+    def __init__(self, target, drafter, config: EngineConfig = EngineConfig(), cost_table: CostTable | None = None,
+                 observer=None):
+        """drafter: a `dspark_jax.drafters.factory.Drafter`. observer: optional object with
+        on_start(rid) / on_round(rid, verified, accepted, committed, drafted) / on_finish(rid, stats)."""
+        self.target, self.drafter, self.config = target, drafter, config
+        g = drafter.config.block_size
+        self.gamma = g if config.gamma is None else min(config.gamma, g)
+        self.block = g
+        if config.policy.startswith("scheduler") and cost_table is None:
+            raise ValueError(f"policy {config.policy!r} needs a cost table (run `dspark profile`)")
+        self.buckets = tuple(config.buckets or default_buckets(config.slots, g))
+        if self.buckets[-1] > config.slots * (g + 1) or self.buckets[0] < 1:
+            raise ValueError(f"buckets must lie in 1..slots·(G+1) = {config.slots * (g + 1)}, got {self.buckets}")
+        if self.buckets[-1] < config.slots:
+            raise ValueError(f"the largest bucket must hold one token per slot ({config.slots})")
+        self.cost_table = cost_table
+        self.observer = observer
+        self.stop_ids = tuple(target.stop_ids)
+        self._stops = jnp.asarray(self.stop_ids or (-1,), jnp.int32)
+        self._ids = itertools.count()
+        self._queue: collections.deque[_Live] = collections.deque()
+        self._requests: dict[int, _Live] = {}
+        self._slots: list[_Live | None] = [None] * config.slots
+        self._lock = threading.RLock()
+        self._thread: threading.Thread | None = None
+        self._stop_thread = threading.Event()
+        self._history: collections.deque[np.ndarray] = collections.deque(maxlen=2)
+        self._pending = None  # async policy: (StepOutput future, owners)
+        self.steps = 0
+        self.bucket_counts: collections.Counter[int] = collections.Counter()
+        self._state = device_step.init_engine_state(target.model, nnx.merge(drafter.graphdef, drafter.state),
+                                                    config.slots, config.max_len, jax.random.key(config.seed))
+        self._compile()
+
+    # ---- compilation -------------------------------------------------------------------------------
+    def _compile(self) -> None:
+        t, d = self.target, self.drafter
+        common = dict(target_graphdef=t.graphdef, target_state=t.state, drafter_graphdef=d.graphdef,
+                      drafter_state=d.state)
+        self._dynamic = dict(target_state=t.state, drafter_state=d.state)  # compiled calls omit static args
+        cfg = self.config
+        s = cfg.slots
+        step_jit = jax.jit(device_step.step, static_argnames=("target_graphdef", "drafter_graphdef", "bucket",
+                                                               "draft", "mode", "attn_impl"), donate_argnames=("state",))
+        draft = cfg.policy != "plain"
+        buckets = self.buckets if draft else tuple(b for b in self.buckets if b >= s)[:1]
+        self.buckets = buckets
+        self._step_exec = {}
+        for b in buckets:
+            self._step_exec[b] = step_jit.lower(
+                **common, state=self._state, caps=jnp.zeros((s,), jnp.int32), draft_budget=jnp.int32(0),
+                stops=self._stops, bucket=b, draft=draft, mode=cfg.mode, attn_impl=cfg.attn_impl).compile()
+        admit_jit = jax.jit(device_step.admit, static_argnames=("target_graphdef", "drafter_graphdef", "mode",
+                                                                 "attn_impl"), donate_argnames=("state",))
+        self._admit_exec = {}
+        for p in prompt_buckets(cfg.max_len):
+            self._admit_exec[p] = admit_jit.lower(
+                **common, state=self._state, slot=jnp.int32(0), prompt=jnp.zeros((p,), jnp.int32),
+                prompt_len=jnp.int32(1), params=SamplingParams.create(1), max_new_tokens=jnp.int32(1),
+                stops=self._stops, mode=cfg.mode, attn_impl=cfg.attn_impl).compile()
+        self._deactivate = jax.jit(device_step.deactivate, donate_argnames=("state",)).lower(
+            self._state, jnp.int32(0)).compile()
+
+    @property
+    def compiled_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every executable the engine will ever run (built at start; calls never compile)."""
+        return dict(step=tuple(self._step_exec), admit=tuple(self._admit_exec))
+
+    # ---- public API --------------------------------------------------------------------------------
+    def submit(self, request: Request) -> int:
+        """Queues a request; returns its id. Raises RequestError for requests the engine cannot serve."""
+        self._validate(request)
+        with self._lock:
+            rid = next(self._ids)
+            live = _Live(rid, request, RequestStats(prompt_tokens=len(request.prompt_ids),
+                                                    submitted_at=time.perf_counter()))
+            self._requests[rid] = live
+            self._queue.append(live)
+        return rid
+
+    def cancel(self, rid: int) -> None:
+        """Cancels a queued or running request; its slot is freed at the next step boundary."""
+        with self._lock:
+            live = self._get(rid)
+            if live.done.is_set():
+                return
+            live.cancel_requested = True
+            if live.slot is None and live in self._queue:
+                self._queue.remove(live)
+                self._finish(live, "cancelled")
+
+    def stream(self, rid: int) -> Iterator[int]:
+        """Yields the request's tokens as they are committed (drives the engine unless it runs in a thread)."""
+        live = self._get(rid)
+        while True:
+            try:
+                tok = live.out.get_nowait()
+            except queue.Empty:
+                if self._thread is None:
+                    if live.done.is_set() and live.out.empty():
+                        return
+                    self.step()
+                    continue
+                tok = live.out.get()
+            if tok is None:
+                return
+            yield tok
+
+    def result(self, rid: int, timeout: float | None = None) -> list[int]:
+        live = self._get(rid)
+        if self._thread is None:
+            while not live.done.is_set():
+                self.step()
+        elif not live.done.wait(timeout):
+            raise TimeoutError(f"request {rid} not finished after {timeout} s")
+        return list(live.tokens)
+
+    def stats(self, rid: int) -> RequestStats:
+        return dataclasses.replace(self._get(rid).stats)
+
+    def tokens(self, rid: int) -> list[int]:
+        return list(self._get(rid).tokens)
+
+    @property
+    def idle(self) -> bool:
+        with self._lock:
+            return not self._queue and all(s is None for s in self._slots) and self._pending is None
+
+    def run_until_idle(self) -> None:
+        while not self.idle:
+            self.step()
+
+    def start(self) -> None:
+        """Runs the engine loop in a background thread (stop with `shutdown`)."""
+        if self._thread is not None:
+            return
+        self._stop_thread.clear()
+
+        def loop():
+            while not self._stop_thread.is_set():
+                if self.idle:
+                    time.sleep(0.001)
+                    continue
+                try:
+                    self.step()
+                except Exception as e:  # noqa: BLE001 — an engine fault fails every live request, loudly
+                    with self._lock:
+                        for live in list(self._requests.values()):
+                            if not live.done.is_set():
+                                self._finish(live, "error")
+                    raise e
+        self._thread = threading.Thread(target=loop, name="dspark-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        if self._thread is not None:
+            self._stop_thread.set()
+            self._thread.join()
+            self._thread = None
+
+    # ---- one engine step ---------------------------------------------------------------------------
+    def step(self) -> None:
+        """Frees cancelled slots, admits queued requests into free slots, runs one draft–verify step and
+        delivers its tokens."""
+        with self._lock:
+            self._reap_cancelled()
+            self._admit_queued()
+            if self.config.policy == "scheduler_async":
+                self._step_async()
+            elif any(s is not None for s in self._slots):
+                caps, budget = self._sync_lengths()
+                out = self._dispatch(caps, budget)
+                self._deliver(jax.device_get(out), list(self._slots))
+
+    def _dispatch(self, caps: np.ndarray, budget: int):
+        n_active = sum(s is not None for s in self._slots)
+        bucket = next(b for b in self.buckets if b >= min(n_active + budget, self.buckets[-1]))
+        self.bucket_counts[bucket] += 1
+        self.steps += 1
+        self._state, out = self._step_exec[bucket](**self._dynamic, state=self._state,
+                                                   caps=jnp.asarray(caps, jnp.int32),
+                                                   draft_budget=jnp.int32(budget), stops=self._stops)
+        return out
+
+    def _step_async(self) -> None:
+        """Dispatch step t+1 (budget from the confidences we hold, two steps old) before reading step t."""
+        owners = list(self._slots)
+        nxt = None
+        if any(s is not None for s in owners):
+            caps = self._caps(None)
+            conf = self._history[0] if len(self._history) == 2 else None
+            if conf is None:
+                budget = int(caps.sum())
+            else:
+                act = np.array([s is not None for s in owners])
+                budget = capacity(conf[act], self.cost_table, caps[act])
+            nxt = (self._dispatch(caps, budget), owners)
+        if self._pending is not None:
+            out, prev_owners = self._pending
+            self._pending = None
+            self._deliver(jax.device_get(out), prev_owners)
+        self._pending = nxt
+
+    def _caps(self, confidence: np.ndarray | None) -> np.ndarray:
+        """Per-slot maximum drafts from each request's own policy (0 for idle slots)."""
+        caps = np.zeros(self.config.slots, np.int64)
+        for i, live in enumerate(self._slots):
+            if live is None:
+                continue
+            r = live.request
+            mode = r.draft_mode if r.draft_mode != "default" else None
+            cap = self.gamma if r.max_draft is None else min(r.max_draft, self.block)
+            if mode == "off" or self.config.policy == "plain":
+                cap = 0
+            floor = max(r.confidence_floor, self.config.threshold if (mode or self.config.policy) in (
+                "threshold", "static_threshold") else 0.0)
+            if floor > 0 and confidence is not None:
+                cap = min(cap, int(threshold_lengths(confidence[i:i + 1], floor)[0]))
+            caps[i] = cap
+        return caps
+
+    def _sync_lengths(self) -> tuple[np.ndarray, int]:
+        """Exact lengths per slot for the synchronous policies (budget = Σ lengths)."""
+        conf = np.asarray(jax.device_get(self._state.proposal.confidence))
+        caps = self._caps(conf)
+        if self.config.policy == "scheduler":
+            ha = np.array([s is not None and s.request.draft_mode in ("default", "hardware_aware")
+                           for s in self._slots])
+            if ha.any():
+                static_tokens = int(caps[~ha & np.array([s is not None for s in self._slots])].sum())
+                caps[ha] = schedule_synchronous(conf[ha], self.cost_table, caps[ha], base_tokens=static_tokens)
+        return caps, int(caps.sum())
+
+    # ---- host bookkeeping --------------------------------------------------------------------------
+    def _deliver(self, out: device_step.StepOutput, owners: list[_Live | None]) -> None:
+        self._history.append(np.asarray(out.confidence))
+        now = time.perf_counter()
+        for i, live in enumerate(owners):
+            if live is None or live.done.is_set() or self._slots[i] is not live:
+                continue
+            n = int(out.count[i])
+            if n == 0:
+                continue
+            st = live.stats
+            st.rounds += 1
+            st.verified_draft += int(out.verified[i])
+            st.accepted_draft += int(out.accepted[i])
+            st.no_draft_rounds += int(out.verified[i]) == 0
+            new = [int(t) for t in out.committed[i, :n]]
+            extra = _first_stop(new, live.request.stop_ids)
+            if extra is not None:  # a request's own stop token: cut there and free the slot
+                new = new[:extra + 1]
+            self._emit(live, new, now)
+            if self.observer is not None:
+                self.observer.on_round(live.rid, int(out.verified[i]), int(out.accepted[i]), n,
+                                       int(out.verified[i]) > 0)
+            if extra is not None:
+                self._state = self._deactivate(self._state, jnp.int32(i))
+                self._release(live, "stop")
+            elif bool(out.finished[i]):
+                self._release(live, "stop" if new[-1] in self.stop_ids else "length")
+
+    def _emit(self, live: _Live, new: list[int], now: float) -> None:
+        if live.stats.first_token_at is None and new:
+            live.stats.first_token_at = now
+        live.tokens.extend(new)
+        live.stats.output_tokens += len(new)
+        for t in new:
+            live.out.put(t)
+
+    def _release(self, live: _Live, reason: str) -> None:
+        if live.slot is not None and self._slots[live.slot] is live:
+            self._slots[live.slot] = None
+        self._finish(live, reason)
+
+    def _finish(self, live: _Live, reason: str) -> None:
+        live.stats.finished_at = time.perf_counter()
+        live.stats.finish_reason = reason
+        live.out.put(None)
+        live.done.set()
+        if self.observer is not None:
+            self.observer.on_finish(live.rid, dataclasses.replace(live.stats))
+
+    def _reap_cancelled(self) -> None:
+        for i, live in enumerate(self._slots):
+            if live is not None and live.cancel_requested:
+                self._state = self._deactivate(self._state, jnp.int32(i))
+                self._release(live, "cancelled")
+
+    def _admit_queued(self) -> None:
+        for i in range(self.config.slots):
+            if self._slots[i] is not None or not self._queue:
+                continue
+            live = self._queue.popleft()
+            r = live.request
+            ids = list(r.prompt_ids)
+            width = next(p for p in self._admit_exec if p >= len(ids))
+            prompt = np.zeros(width, np.int32)
+            prompt[:len(ids)] = ids
+            params = SamplingParams.create(1, r.temperature, r.top_k, r.top_p)
+            if self.observer is not None:
+                self.observer.on_start(live.rid)
+            try:
+                self._state, first, finished = self._admit_exec[width](
+                    **self._dynamic, state=self._state, slot=jnp.int32(i), prompt=jnp.asarray(prompt),
+                    prompt_len=jnp.int32(len(ids)), params=params, max_new_tokens=jnp.int32(r.max_new_tokens),
+                    stops=self._stops)
+            except Exception as e:  # noqa: BLE001 — this request fails, the others go on
+                live.stats.error = f"{type(e).__name__}: {e}"
+                logging.getLogger(__name__).error("request %d failed at admission: %s", live.rid, live.stats.error)
+                self._finish(live, "error")
+                continue
+            live.slot = i
+            self._slots[i] = live
+            first, finished = int(first), bool(finished)
+            self._emit(live, [first], time.perf_counter())
+            if _first_stop([first], r.stop_ids) is not None and not finished:
+                self._state = self._deactivate(self._state, jnp.int32(i))
+                finished = True
+            if finished:
+                own = first in self.stop_ids or first in (r.stop_ids or ())
+                self._release(live, "stop" if own else "length")
+
+    def _get(self, rid: int) -> _Live:
+        try:
+            return self._requests[rid]
+        except KeyError:
+            raise KeyError(f"unknown request id {rid}") from None
+
+    def _validate(self, r: Request) -> None:
+        n = len(r.prompt_ids)
+        if n == 0:
+            raise RequestError("prompt is empty")
+        if r.max_new_tokens < 1:
+            raise RequestError(f"max_new_tokens must be >= 1, got {r.max_new_tokens}")
+        need = n + r.max_new_tokens + self.block + 1
+        if need > self.config.max_len:
+            raise RequestError(f"prompt of {n} tokens + max_new_tokens {r.max_new_tokens} + draft block "
+                               f"{self.block + 1} = {need} exceeds the engine's max_len {self.config.max_len}")
+        if max(r.prompt_ids) >= self.target.config.vocab_size or min(r.prompt_ids) < 0:
+            raise RequestError("prompt contains token ids outside the target's vocabulary")
+        try:
+            validate_sampling(r.temperature, r.top_k, r.top_p)
+        except ValueError as e:
+            raise RequestError(str(e)) from None
+        m = self.config.mode
+        if r.top_k > 0 and r.top_k > m.max_top_k:
+            raise RequestError(f"top_k={r.top_k} needs an engine compiled with FilterMode(max_top_k >= {r.top_k})")
+        if r.top_p < 1.0 and not m.top_p:
+            raise RequestError("top_p < 1 needs an engine compiled with FilterMode(top_p=True)")
+        if r.draft_mode not in REQUEST_MODES:
+            raise RequestError(f"draft_mode must be one of {REQUEST_MODES}, got {r.draft_mode!r}")
+        if r.max_draft is not None and r.max_draft < 0:
+            raise RequestError(f"max_draft must be >= 0, got {r.max_draft}")
+        if not 0.0 <= r.confidence_floor <= 1.0:
+            raise RequestError(f"confidence_floor must be in [0, 1], got {r.confidence_floor}")
+        if r.stop_ids is not None and any(not 0 <= t < self.target.config.vocab_size for t in r.stop_ids):
+            raise RequestError("stop_ids contain token ids outside the target's vocabulary")
+
+
+def _first_stop(tokens: list[int], stop_ids: Sequence[int] | None) -> int | None:
+    if not stop_ids:
+        return None
+    hits = [j for j, t in enumerate(tokens) if t in stop_ids]
+    return hits[0] if hits else None
+
+
+def default_buckets(slots: int, block: int) -> tuple[int, ...]:
+    """Powers of two from `slots` up to slots·(G+1), plus slots·(G+1) itself."""
+    top = slots * (block + 1)
+    out, b = [], slots
+    while b < top:
+        out.append(b)
+        b *= 2
+    return tuple(out + [top])
+
+
+def prompt_buckets(max_len: int) -> tuple[int, ...]:
+    """Prompt widths compiled for admission: powers of two from 32 below max_len, and max_len."""
+    out = []
+    b = bucket_length(1)
+    while b < max_len:
+        out.append(b)
+        b *= 2
+    return tuple(out + [max_len])

@@ -1,0 +1,154 @@
+"""How many draft tokens each request verifies: DSpark's hardware-aware prefix scheduler (paper Alg. 1 and
+its production variant, §5.2) and the static policies it is compared with.
+
+Notation: c [R, G] per-position confidences of R active requests (c_k = P(slot k accepted | earlier accepted)),
+a_{r,j} = Π_{i<=j} c_{r,i} the prefix survival; verifying ℓ_r drafts costs 1 + ℓ_r tokens and is expected to
+commit 1 + Σ_{j<=ℓ_r} a_{r,j}. SPS(B) is the measured steps/s at B verified tokens (a `CostTable`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class CostTable:
+    """Profiled steps/s per verification bucket (total tokens). SPS(B) for any B is the SPS of the smallest
+    bucket >= B — exactly what a step of B tokens costs, cliffs included; B past the largest bucket → 0."""
+    buckets: tuple[int, ...]
+    steps_per_s: tuple[float, ...]
+    machine: str = ""
+
+    def __post_init__(self):
+        if not self.buckets or len(self.buckets) != len(self.steps_per_s):
+            raise ValueError("a cost table needs one steps/s value per bucket")
+        if list(self.buckets) != sorted(set(self.buckets)) or self.buckets[0] < 1:
+            raise ValueError(f"buckets must be strictly increasing positive token counts, got {self.buckets}")
+        if any(not np.isfinite(s) or s <= 0 for s in self.steps_per_s):
+            raise ValueError(f"steps/s must be positive, got {self.steps_per_s}")
+
+    def bucket_for(self, tokens: int) -> int | None:
+        i = int(np.searchsorted(self.buckets, tokens))
+        return self.buckets[i] if i < len(self.buckets) else None
+
+    def sps(self, tokens: int) -> float:
+        i = int(np.searchsorted(self.buckets, tokens))
+        return self.steps_per_s[i] if i < len(self.buckets) else 0.0
+
+    def to_json(self) -> dict:
+        return dict(buckets=list(self.buckets), steps_per_s=list(self.steps_per_s), machine=self.machine)
+
+    @staticmethod
+    def from_json(data: dict) -> "CostTable":
+        try:
+            return CostTable(tuple(int(b) for b in data["buckets"]), tuple(float(s) for s in data["steps_per_s"]),
+                             str(data.get("machine", "")))
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"not a cost table (needs 'buckets' and 'steps_per_s'): {e}") from None
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=2))
+        tmp.replace(path)
+        return path
+
+    @staticmethod
+    def load(path: str | Path) -> "CostTable":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"cost table {path} does not exist (run `dspark profile`)")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"cost table {path} is not valid JSON: {e}") from None
+        return CostTable.from_json(data)
+
+
+def survival(confidence: np.ndarray) -> np.ndarray:
+    """a_{r,j} = Π_{i<=j} c_{r,i}, [R, G]."""
+    return np.cumprod(np.clip(np.asarray(confidence, np.float64), 0.0, 1.0), axis=1)
+
+
+def _greedy_path(confidence: np.ndarray, max_draft: np.ndarray):
+    """Candidates (r, j) with a_{r,j} > 0 and j < max_draft[r], sorted by survival descending (ties: lower j
+    first, so every request's admitted set stays a prefix)."""
+    a = survival(confidence)
+    r_idx, j_idx = np.nonzero((a > 0) & (np.arange(a.shape[1])[None] < np.asarray(max_draft)[:, None]))
+    order = np.lexsort((j_idx, -a[r_idx, j_idx]))
+    return r_idx[order], j_idx[order], a[r_idx[order], j_idx[order]]
+
+
+def schedule_synchronous(confidence: np.ndarray, table: CostTable, max_draft: np.ndarray | None = None,
+                         early_stop: bool = True, base_tokens: int = 0) -> np.ndarray:
+    """Algorithm 1: admit drafts in descending survival while Θ = τ* · SPS(B) improves; stop at the first
+    non-improvement (early stop — lossless). `early_stop=False` scans the whole path and keeps the global
+    best: better on jagged SPS curves but biased when run on fresh confidences (paper App. A); it is here for
+    the production variant (on stale confidences) and for the test that shows the bias. `base_tokens`: tokens
+    other requests (on static policies) already put in the same step."""
+    confidence = np.asarray(confidence, np.float64)
+    r_n, g = confidence.shape
+    max_draft = np.full(r_n, g) if max_draft is None else np.minimum(np.asarray(max_draft), g)
+    lengths = np.zeros(r_n, np.int64)
+    best_lengths = lengths.copy()
+    batch, tau = r_n + base_tokens, float(r_n)
+    best = tau * table.sps(batch)
+    for r, j, a in zip(*_greedy_path(confidence, max_draft)):
+        lengths[r] = j + 1
+        batch += 1
+        tau += a
+        theta = tau * table.sps(batch)
+        if theta > best:
+            best, best_lengths = theta, lengths.copy()
+        elif early_stop:
+            break
+    return best_lengths
+
+
+def capacity(confidence: np.ndarray, table: CostTable, max_draft: np.ndarray | None = None,
+             base_tokens: int = 0) -> int:
+    """Production variant, host side: the verification budget K (draft tokens) from the global search without
+    early stop over (stale) confidences; the device then fills K by fresh survival ranking."""
+    return int(schedule_synchronous(confidence, table, max_draft, early_stop=False, base_tokens=base_tokens).sum())
+
+
+def allocate_top_k(confidence: jax.Array, max_draft: jax.Array, budget: jax.Array) -> jax.Array:
+    """Production variant, device side: the `budget` drafts with the highest fresh survival products (rank
+    preserving, ties to lower positions), within per-request caps max_draft [R]. Returns ℓ [R] int32.
+
+    Lossless: whether (r, j) is admitted depends on a_{r,j} (known before x_{r,j} is drawn), other requests,
+    and the budget; a_{r,j'} for j' > j are never ranked above a_{r,j}, so x_{r,j} cannot influence it."""
+    r_n, g = confidence.shape
+    a = jnp.cumprod(jnp.clip(confidence.astype(jnp.float32), 0.0, 1.0), axis=1)
+    allowed = jnp.arange(g)[None] < max_draft[:, None]
+    score = jnp.where(allowed & (a > 0), a, -1.0)
+    flat = score.reshape(-1)
+    # rank by (score desc, position asc): stable argsort over position-major order
+    pos_major = jnp.transpose(score).reshape(-1)
+    order = jnp.argsort(-pos_major, stable=True)
+    rank = jnp.zeros((r_n * g,), jnp.int32).at[order].set(jnp.arange(r_n * g, dtype=jnp.int32))
+    rank = jnp.transpose(rank.reshape(g, r_n)).reshape(-1)
+    chosen = (rank < budget) & (flat > -1.0)
+    return chosen.reshape(r_n, g).sum(1).astype(jnp.int32)
+
+
+def fixed_lengths(num_requests: int, gamma: int, max_draft: np.ndarray | None = None) -> np.ndarray:
+    """Static fixed-γ policy."""
+    out = np.full(num_requests, gamma, np.int64)
+    return out if max_draft is None else np.minimum(out, max_draft)
+
+
+def threshold_lengths(confidence: np.ndarray, threshold: float | np.ndarray,
+                      max_draft: np.ndarray | None = None) -> np.ndarray:
+    """Static-threshold policy: verify drafts up to the first position whose confidence c_k < threshold."""
+    c = np.asarray(confidence)
+    low = c < np.asarray(threshold).reshape(-1, 1)
+    out = np.where(low.any(1), np.argmax(low, 1), c.shape[1])
+    return out if max_draft is None else np.minimum(out, max_draft)
+

@@ -1,7 +1,8 @@
 """Attention kernels for dspark-jax, each beside its pure-JAX reference.
 
-`attention` (causal, KV cache) and `block_attention` (drafter block) are the entry points models call. Today it always runs the pure-JAX
-reference (`reference.causal_attention`); Pallas GPU/TPU kernels plug in behind the same signature.
+`attention` (causal verification attention against a KV cache) and `block_attention` (drafter block) are the
+entry points models call; `impl` picks the pure-JAX reference (default) or the Pallas kernel (Triton on GPU,
+Mosaic on TPU, interpret mode elsewhere). See `dispatch` and README.md.
 """
 from pallas_kernels.dispatch import AttentionImpl, attention, block_attention
 

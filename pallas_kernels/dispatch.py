@@ -1,32 +1,124 @@
-"""One attention function for every model; the implementation is chosen here, not in model code."""
+"""One attention function for every model; the implementation is chosen here, not in model code.
+
+`impl` (models pass their `attn_impl` string through):
+  "reference"  pure-JAX einsum reference (`reference`), the default;
+  "pallas"     the Pallas kernel: Triton lowering on GPU (`gpu_attention`), Mosaic on TPU (`tpu_attention`,
+               untested on hardware), the GPU kernel in interpret mode on CPU;
+  "interpret"  the GPU kernel in Pallas interpret mode on any backend (slow; for tests);
+  "auto"       "pallas" on GPU/TPU, "reference" on CPU.
+(Tests reach the Mosaic path on CPU by patching `kernel_backend`; off TPU it runs in TPU interpret mode.)
+Explicit fallbacks to the reference (same results, no kernel): `kv_positions` given (the kernels assume key
+slot s holds position s); queries and cache of different dtypes; on GPU a head_dim that is not a power of
+two >= 16 or a dtype other than float32/bfloat16/float16 (Triton block-shape and dot limits).
+
+Acceptance (rejection sampling) has no kernel on purpose; see README.md ("Why no acceptance kernel").
+"""
 from __future__ import annotations
 
 import enum
 
 import jax
+import jax.numpy as jnp
 
-from pallas_kernels import reference
+from pallas_kernels import gpu_attention, reference, tpu_attention
+from pallas_kernels.folding import causal_bounds, fold_queries, next_pow2, prefix_bounds, unfold_output
 
 
 class AttentionImpl(str, enum.Enum):
     REFERENCE = "reference"
+    PALLAS = "pallas"
+    INTERPRET = "interpret"
+    AUTO = "auto"
+
+
+_TRITON_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+_INTERPRET_CONFIG = gpu_attention.GpuConfig(k_splits=1)  # splits only pay off on a real GPU
+
+
+def kernel_backend(impl: AttentionImpl | str) -> str:
+    """What `impl` runs on this process's default backend: "reference", "triton", "mosaic" or "interpret"."""
+    impl = AttentionImpl(impl)
+    if impl is AttentionImpl.REFERENCE:
+        return "reference"
+    if impl is AttentionImpl.INTERPRET:
+        return "interpret"
+    platform = jax.default_backend()
+    if platform in ("gpu", "cuda", "rocm"):
+        return "triton"
+    if platform == "tpu":
+        return "mosaic"
+    return "interpret" if impl is AttentionImpl.PALLAS else "reference"
+
+
+def _kernel_or_reference(impl: AttentionImpl | str, q: jax.Array, k: jax.Array, v: jax.Array) -> str:
+    backend = kernel_backend(impl)
+    d = q.shape[-1]
+    if not q.dtype == k.dtype == v.dtype:
+        return "reference"
+    if backend == "triton" and (d < 16 or d != next_pow2(d) or q.dtype not in _TRITON_DTYPES):
+        return "reference"
+    return backend
+
+
+def _simulate_tpu() -> bool:
+    return jax.default_backend() != "tpu"
+
+
+def _gpu_rows(n: int) -> int:
+    return max(16, next_pow2(n))
+
+
+def _tpu_rows(n: int) -> int:
+    return -(-n // 16) * 16
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, *, scale: float,
               window: int | None = None, kv_positions: jax.Array | None = None,
               impl: AttentionImpl | str = AttentionImpl.REFERENCE) -> jax.Array:
     """Causal (optionally sliding-window) GQA attention of `q` against a KV cache. See `reference`."""
-    impl = AttentionImpl(impl)
-    if impl is AttentionImpl.REFERENCE:
+    backend = _kernel_or_reference(impl, q, k, v)
+    if backend == "reference" or kv_positions is not None:
         return reference.causal_attention(q, k, v, q_positions, scale=scale, window=window,
                                           kv_positions=kv_positions)
-    raise ValueError(f"unknown attention implementation {impl!r}")
+    b, t, h, _ = q.shape
+    s, kvh = k.shape[1], k.shape[2]
+    group = h // kvh
+    if backend == "mosaic":
+        rows = _tpu_rows(t * group)
+        lo, hi = causal_bounds(q_positions, group, rows, s, window)
+        out = tpu_attention.ranged_attention(fold_queries(q, kvh, rows), lo, hi, k, v, scale=float(scale),
+                                             interpret=_simulate_tpu())
+    else:
+        rows = _gpu_rows(t * group)
+        lo, hi = causal_bounds(q_positions, group, rows, s, window)
+        interpret = backend == "interpret"
+        out = gpu_attention.ranged_attention(
+            fold_queries(q, kvh, rows), lo, hi, k, v, scale=float(scale), interpret=interpret,
+            config=_INTERPRET_CONFIG if interpret else gpu_attention.GpuConfig())
+    return unfold_output(out, t, h)
 
 
 def block_attention(q: jax.Array, ctx_k: jax.Array, ctx_v: jax.Array, ctx_len: jax.Array, blk_k: jax.Array,
                     blk_v: jax.Array, *, scale: float, impl: AttentionImpl | str = AttentionImpl.REFERENCE) -> jax.Array:
     """Drafter block attention (context prefix + bidirectional block). See `reference.block_attention`."""
-    impl = AttentionImpl(impl)
-    if impl is AttentionImpl.REFERENCE:
+    backend = _kernel_or_reference(impl, q, ctx_k, ctx_v)
+    if backend == "reference":
         return reference.block_attention(q, ctx_k, ctx_v, ctx_len, blk_k, blk_v, scale=scale)
-    raise ValueError(f"unknown attention implementation {impl!r}")
+    b, g, h, _ = q.shape
+    s, kvh = ctx_k.shape[1], ctx_k.shape[2]
+    group = h // kvh
+    if backend == "mosaic":
+        rows = _tpu_rows(g * group)
+        k = tpu_attention.append_block(ctx_k, blk_k, ctx_len)
+        v = tpu_attention.append_block(ctx_v, blk_v, ctx_len)
+        lo, hi = prefix_bounds(jnp.minimum(ctx_len, s) + g, g, group, rows, s + g)
+        out = tpu_attention.ranged_attention(fold_queries(q, kvh, rows), lo, hi, k, v, scale=float(scale),
+                                             interpret=_simulate_tpu())
+    else:
+        rows = _gpu_rows(g * group)
+        lo, hi = prefix_bounds(ctx_len, g, group, rows, s)
+        interpret = backend == "interpret"
+        out = gpu_attention.ranged_attention(
+            fold_queries(q, kvh, rows), lo, hi, ctx_k, ctx_v, blk_k, blk_v, scale=float(scale),
+            interpret=interpret, config=_INTERPRET_CONFIG if interpret else gpu_attention.GpuConfig())
+    return unfold_output(out, g, h)

@@ -8,10 +8,12 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from dspark_jax.decoding.autoregressive import generate
 from dspark_jax.decoding.speculative import speculative_generate
 from dspark_jax.decoding.sampling import FilterMode, SamplingParams, validate_sampling
+from dspark_jax.parallel.placement import replicate, shard_batch, shard_state, to_host
 from dspark_jax.target import Target
 
 
@@ -79,13 +81,19 @@ def pad_batch(batch: Sequence[Sequence[int]], pad_id: int, batch_size: int) -> t
 
 def generate_text(target: Target, prompts: Sequence[str], config: GenerationConfig = GenerationConfig(),
                   progress: Callable[[int, int], None] | None = None, drafter=None,
-                  confidence_threshold: float = 0.0) -> list[Completion]:
+                  confidence_threshold: float = 0.0, mesh: Mesh | None = None) -> list[Completion]:
     """Generates completions for `prompts` in batches of `config.batch_size`: plain autoregressive, or
-    speculative with `drafter` (a `dspark_jax.drafters.factory.Drafter`)."""
+    speculative with `drafter` (a `dspark_jax.drafters.factory.Drafter`).
+
+    With a `mesh` (`dspark_jax.parallel.make_mesh`), weights are split by their logical axes (tensor
+    parallelism over `model`) and requests over `data`; the batch is rounded up to a multiple of `data`."""
     if not 0.0 <= confidence_threshold <= 1.0:
         raise ValueError(f"confidence_threshold must be in [0, 1], got {confidence_threshold}")
     encoded = encode_prompts(target, prompts, config.max_new_tokens)
     bs = min(config.batch_size, len(encoded))
+    if mesh is not None:  # whole requests per data shard
+        data = mesh.shape.get("data", 1)
+        bs = -(-bs // data) * data
     params = SamplingParams.create(bs, config.temperature, config.top_k, config.top_p)
     mode = FilterMode.for_params(config.top_k, config.top_p) if config.temperature > 0 else FilterMode()
     static = dict(max_new_tokens=config.max_new_tokens, stop_ids=target.stop_ids, mode=mode,
@@ -98,6 +106,9 @@ def generate_text(target: Target, prompts: Sequence[str], config: GenerationConf
                                                 **static)
         fixed = dict(target_state=target.state, drafter_state=drafter.state,
                      confidence_threshold=jnp.float32(confidence_threshold))
+    if mesh is not None:
+        fixed = {k: shard_state(v, mesh) if k.endswith("state") else replicate(v, mesh) for k, v in fixed.items()}
+        params = shard_batch(params, mesh)
     key = jax.random.key(config.seed)
     results: list[Completion] = []
     for start in range(0, len(encoded), bs):
@@ -105,9 +116,11 @@ def generate_text(target: Target, prompts: Sequence[str], config: GenerationConf
         tokens, lens = pad_batch(chunk, target.config.pad_token_id, bs)
         key, sub = jax.random.split(key)
         args = dict(fixed, prompts=jnp.asarray(tokens), prompt_lens=jnp.asarray(lens), key=sub, params=params)
+        if mesh is not None:
+            args.update(shard_batch(dict(prompts=tokens, prompt_lens=lens), mesh), key=replicate(sub, mesh))
         executable = _compiled(fn, static, args)
         t0 = time.perf_counter()
-        out = jax.device_get(executable(**args))
+        out = jax.device_get(executable(**args)) if mesh is None else to_host(executable(**args))
         seconds = time.perf_counter() - t0
         for i, ids in enumerate(chunk):
             n = int(out.num_tokens[i])
@@ -130,9 +143,11 @@ _MAX_EXECUTABLES = 32
 
 
 def _compiled(fn, static: dict, args: dict):
-    """Ahead-of-time compiled `fn` for these static arguments and argument shapes, kept across calls so that
-    timing excludes compilation and repeated calls do not compile again."""
-    shapes = tuple((k, tuple(jax.tree.map(lambda a: (a.shape, str(a.dtype)), jax.tree.leaves(v))))
+    """Ahead-of-time compiled `fn` for these static arguments and argument shapes and shardings, kept across
+    calls so that timing excludes compilation and repeated calls do not compile again. Sharded arguments
+    make the compiled program sharded (their shardings are its input shardings)."""
+    shapes = tuple((k, tuple(jax.tree.map(lambda a: (a.shape, str(a.dtype), getattr(a, "sharding", None)),
+                                          jax.tree.leaves(v))))
                    for k, v in sorted(args.items()))
     key = (fn.__name__, tuple(sorted(static.items())), shapes)
     if key not in _EXECUTABLES:

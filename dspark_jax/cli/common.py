@@ -1,6 +1,7 @@
 """Helpers shared by CLI commands: help text, one-line errors, prompt files."""
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable
 
@@ -33,3 +34,21 @@ def read_prompts_file(path: str) -> list[str]:
     """First turn of each line of a jsonl file with `{"turns": [...]}` objects."""
     from dspark_jax.data import read_first_turns
     return read_first_turns(path)
+
+
+MESH_HELP = ("Device mesh, e.g. 'data=8' or 'data=2,model=4' (sizes multiply to the number of devices of all "
+             "processes): weights are split by their logical axes (heads, MLP, vocabulary over 'model'), requests / "
+             "training sequences over 'data'. Default: a single device.")
+DISTRIBUTED_HELP = ("Multi-host run: call jax.distributed.initialize() before anything else (automatic when "
+                    "JAX_COORDINATOR_ADDRESS is set); only process 0 prints and writes files. See launch/README.md.")
+
+
+def setup_devices(mesh: str | None, distributed: bool):
+    """Joins the multi-process runtime when asked (before any device is used), silences the stdout of
+    processes other than 0, and returns the `--mesh` mesh (None: one device, as without the flag)."""
+    from dspark_jax.parallel import initialize_distributed, is_primary, make_mesh, wants_distributed
+    if wants_distributed(distributed):
+        initialize_distributed()
+        if not is_primary():
+            sys.stdout = open(os.devnull, "w")
+    return make_mesh(mesh) if mesh else None

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from absl import flags
 
-from dspark_jax.cli.common import read_prompts_file, run_command
+from dspark_jax.cli.common import DISTRIBUTED_HELP, MESH_HELP, read_prompts_file, run_command, setup_devices
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("prompt", [], "A prompt to complete; repeat the flag for several prompts.")
@@ -36,6 +36,8 @@ flags.DEFINE_float("confidence_threshold", 0.0, "Static confidence threshold in 
                    "the first draft position whose confidence is below it (0 = always verify the full block).")
 flags.DEFINE_integer("draft_vocab_size", 32768, "For --drafter=random: draft vocabulary of the N most frequent "
                      "target tokens (0 = the full target vocabulary).", lower_bound=0)
+flags.DEFINE_string("mesh", None, MESH_HELP)
+flags.DEFINE_bool("distributed", False, DISTRIBUTED_HELP)
 flags.DEFINE_string("output_json", None, "Write a JSON list with prompt, completion_ids, completion_text, "
                     "new_tokens, seconds, tokens_per_s per prompt.")
 
@@ -44,6 +46,7 @@ def body() -> None:
     import jax.numpy as jnp
 
     from dspark_jax.generation import GenerationConfig, generate_text, pooled_accept_length
+    from dspark_jax.parallel import is_primary
     from dspark_jax.target import load_target
 
     prompts = list(FLAGS.prompt)
@@ -57,6 +60,7 @@ def body() -> None:
     if FLAGS.drafter not in ("none", "random", "default") and not Path(FLAGS.drafter).expanduser().exists():
         raise FileNotFoundError(f"drafter not found: {FLAGS.drafter!r} (expected 'none', 'random' or a drafter "
                                 f"directory)")
+    mesh = setup_devices(FLAGS.mesh, FLAGS.distributed)
     print(f"loading target {FLAGS.target} ...", file=sys.stderr)
     target = load_target(FLAGS.target, dtype=dtype)
     progress = lambda done, total: print(f"  [{done}/{total}] prompts done", file=sys.stderr)  # noqa: E731
@@ -73,7 +77,7 @@ def body() -> None:
         print(f"drafter: {drafter.source} ({drafter.config.algorithm}, gamma={drafter.config.block_size})",
               file=sys.stderr)
     results = generate_text(target, prompts, config, progress=progress, drafter=drafter,
-                            confidence_threshold=FLAGS.confidence_threshold)
+                            confidence_threshold=FLAGS.confidence_threshold, mesh=mesh)
     for i, r in enumerate(results):
         spec = f", {r.rounds} rounds, accept length {r.mean_accept_len:.2f}" if r.mean_accept_len else ""
         print(f"=== prompt {i}: {r.prompt!r}\n{r.completion_text}\n--- {r.new_tokens} tokens, "
@@ -87,7 +91,7 @@ def body() -> None:
         tau = pooled_accept_length(results)
         print(f"pooled accept length (committed tokens per verification round, bonus included): "
               f"{'n/a' if tau is None else f'{tau:.3f}'}")
-    if FLAGS.output_json:
+    if FLAGS.output_json and is_primary():
         out = Path(FLAGS.output_json)
         tmp = out.with_suffix(out.suffix + ".tmp")
         rows = [{k: v for k, v in r.__dict__.items() if v is not None} for r in results]

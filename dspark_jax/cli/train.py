@@ -9,7 +9,7 @@ from pathlib import Path
 
 from absl import flags
 
-from dspark_jax.cli.common import run_command
+from dspark_jax.cli.common import DISTRIBUTED_HELP, MESH_HELP, run_command, setup_devices
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", None, "Python file defining CONFIG, a TrainConfig (see configs/train/).")
@@ -20,6 +20,10 @@ flags.DEFINE_string("data_dir", None, "Output directory of `dspark prepare-data`
 flags.DEFINE_string("workdir", None, "Run directory: orbax checkpoints (the run resumes from the latest), "
                     "metrics.jsonl, TensorBoard events, and the exported drafter in <workdir>/drafter.")
 flags.DEFINE_string("target", "gemma3-270m", "Target model: 'gemma3-270m', a .gguf file or a HF directory.")
+flags.DEFINE_string("mesh", None, MESH_HELP)
+flags.DEFINE_bool("fsdp", False, "With --mesh: also split parameters (drafter and frozen target) over 'data' "
+                  "along their embedding dimension (fully sharded data parallelism).")
+flags.DEFINE_bool("distributed", False, DISTRIBUTED_HELP)
 flags.DEFINE_integer("stop_after", None, "Stop after this many micro-steps (the run can be resumed later).")
 
 
@@ -56,6 +60,9 @@ def body() -> None:
         if not getattr(FLAGS, name):
             raise ValueError(f"--{name} is required")
     config = load_train_config(FLAGS.config, FLAGS.override)
+    if FLAGS.fsdp and not FLAGS.mesh:
+        raise ValueError("--fsdp needs a --mesh with a 'data' axis, e.g. --mesh data=8")
+    mesh = setup_devices(FLAGS.mesh, FLAGS.distributed)
     print(f"loading target {FLAGS.target} ...", file=sys.stderr)
     target = load_target(FLAGS.target)
     dc = config.drafter_config(target.config)
@@ -66,15 +73,19 @@ def body() -> None:
         cache = TargetCache.open(data / "sequences", target_config=target.config)
     else:
         raise FileNotFoundError(f"{data} has neither cache/ nor sequences/: run `dspark prepare-data` first")
-    trainer = Trainer(target, cache, config, FLAGS.workdir)
+    trainer = Trainer(target, cache, config, FLAGS.workdir, mesh=mesh, fsdp=FLAGS.fsdp)
     print(f"training {config.algorithm} drafter: {len(cache)} sequences, {trainer.total_steps} optimizer steps "
           f"({trainer.steps_per_epoch} micro-steps per epoch)", file=sys.stderr)
     drafter = trainer.run(stop_at_micro_step=FLAGS.stop_after)
     if trainer.micro_step >= trainer.total_micro:
         from flax import nnx
-        out = save_drafter(nnx.merge(drafter.graphdef, drafter.state), Path(FLAGS.workdir) / "drafter",
-                           extra=dict(train_config=dataclasses.asdict(config), micro_steps=trainer.micro_step))
-        print(f"exported drafter to {out}")
+
+        from dspark_jax.parallel import is_primary, to_host
+        state = to_host(drafter.state)  # gathered from every process on a multi-host run
+        if is_primary():
+            out = save_drafter(nnx.merge(drafter.graphdef, state), Path(FLAGS.workdir) / "drafter",
+                               extra=dict(train_config=dataclasses.asdict(config), micro_steps=trainer.micro_step))
+            print(f"exported drafter to {out}")
     else:
         print(f"stopped at micro-step {trainer.micro_step}/{trainer.total_micro}; rerun to resume")
 

@@ -18,11 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 
 from dspark_jax.drafters.config import DrafterConfig, make_drafter_config
 from dspark_jax.drafters.eagle3 import Eagle3Drafter
 from dspark_jax.drafters.factory import Drafter, drafter_class
 from dspark_jax.drafters.vocab import frequent_token_ids
+from dspark_jax.parallel import (is_primary, make_rules, opt_state_shardings, replicate, replicated, shard_batch,
+                                 shard_state, shardings_of)
 from dspark_jax.training.eagle3_forward import eagle3_ttt_outputs, ttt_loss_floor
 from dspark_jax.training.forward import (TrainBatch, block_outputs, draft_labels, target_block_logits,
                                          with_online_features)
@@ -148,7 +151,8 @@ def to_batch(np_batch: dict, feature_dtype) -> TrainBatch:
 class Trainer:
     """Owns the run state; `run()` trains to the end (resuming from the latest checkpoint in `workdir`)."""
 
-    def __init__(self, target, cache, config: TrainConfig, workdir: str | Path):
+    def __init__(self, target, cache, config: TrainConfig, workdir: str | Path, mesh: Mesh | None = None,
+                 fsdp: bool = False):
         import orbax.checkpoint as ocp
         self.target, self.cache, self.config = target, cache, config
         self.workdir = Path(workdir).resolve()
@@ -167,12 +171,31 @@ class Trainer:
         module = init_drafter(target, cache, config)
         self.graphdef, self.params, self.rest = nnx.split(module, nnx.Param, ...)
         self.tx = make_optimizer(config, self.total_steps)
-        self.opt_state = self.tx.init(self.params)
+        self.mesh, self.target_state = mesh, target.state
+        if mesh is None:
+            self.opt_state = self.tx.init(self.params)
+            self._step = jax.jit(self._train_step, donate_argnums=(0, 1))
+        else:
+            self._shard(mesh, make_rules(fsdp))
         self.micro_step = 0
         self.manager = ocp.CheckpointManager(self.workdir / "checkpoints", options=ocp.CheckpointManagerOptions(
             max_to_keep=config.keep_checkpoints, save_interval_steps=1))
         self._write_meta(module)
-        self._step = jax.jit(self._train_step, donate_argnums=(0, 1))
+
+    def _shard(self, mesh: Mesh, rules) -> None:
+        """Drafter parameters, frozen target and optimizer state onto `mesh` by their logical axes (data
+        parallel, tensor parallel over `model`, FSDP with `rules=make_rules(fsdp=True)`); the jitted step
+        keeps them there (`out_shardings`) and takes batches split over `data`."""
+        if self.config.batch_size % mesh.shape.get("data", 1):
+            logging.warning("batch_size %d is not divisible by the mesh's data axis (%d): batches are replicated",
+                            self.config.batch_size, mesh.shape["data"])
+        self.params, self.rest = shard_state(self.params, mesh, rules), shard_state(self.rest, mesh, rules)
+        self.target_state = shard_state(self.target.state, mesh, rules)
+        param_sh = shardings_of(self.params)
+        opt_sh = opt_state_shardings(self.tx, jax.eval_shape(self.tx.init, self.params), param_sh, mesh)
+        self.opt_state = jax.jit(self.tx.init, out_shardings=opt_sh)(self.params)
+        self._step = jax.jit(self._train_step, donate_argnums=(0, 1),
+                             out_shardings=(param_sh, opt_sh, replicated(mesh)))
 
     def _write_meta(self, module):
         """run.json beside the checkpoints: configs, target identity, data; a run directory of another
@@ -189,7 +212,8 @@ class Trainer:
                                 source=self.target.source),
                     cache=str(getattr(self.cache, "path", "")), total_steps=self.total_steps,
                     steps_per_epoch=self.steps_per_epoch)
-        (self.workdir / "run.json").write_text(json.dumps(meta, indent=2))
+        if is_primary():
+            (self.workdir / "run.json").write_text(json.dumps(meta, indent=2))
 
     def _train_step(self, params, opt_state, rest, target_state, batch, key):
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -202,8 +226,9 @@ class Trainer:
 
     # ---- checkpoints --------------------------------------------------------------------------------
     def _ckpt_tree(self):
+        step = jnp.asarray(self.micro_step)
         return dict(params=self.params, rest=self.rest, opt_state=self.opt_state,
-                    micro_step=jnp.asarray(self.micro_step))
+                    micro_step=step if self.mesh is None else replicate(step, self.mesh))
 
     def save(self):
         import orbax.checkpoint as ocp
@@ -240,13 +265,13 @@ class Trainer:
         writer = None
         try:
             from tensorboardX import SummaryWriter
-            writer = SummaryWriter(str(self.workdir / "tensorboard"))
+            writer = SummaryWriter(str(self.workdir / "tensorboard")) if is_primary() else None
         except ImportError:
             logging.warning("tensorboardX not installed: no TensorBoard event files")
         end = self.total_micro if stop_at_micro_step is None else min(stop_at_micro_step, self.total_micro)
         bar = tqdm(total=self.total_micro, initial=self.micro_step, desc="training drafter", unit="step",
                    disable=not progress)
-        target_state = self.target.state
+        target_state = self.target_state
         feature_dtype = self.compute_dtype
         data = self.batches_from(self.micro_step)
         t0, tokens_seen = time.perf_counter(), 0
@@ -255,6 +280,8 @@ class Trainer:
             np_batch = next(data)
             batch = to_batch(np_batch, feature_dtype)
             key = jax.random.fold_in(base_key, self.micro_step)
+            if self.mesh is not None:
+                batch, key = shard_batch(batch, self.mesh), replicate(key, self.mesh)
             self.params, self.opt_state, metrics = self._step(self.params, self.opt_state, self.rest, target_state,
                                                               batch, key)
             self.micro_step += 1
@@ -273,10 +300,10 @@ class Trainer:
                         if np.ndim(v) == 1:
                             for i, x in enumerate(v):
                                 writer.add_scalar(f"train/{k}@{i}", float(x), self.micro_step)
-                with (self.workdir / "metrics.jsonl").open("a") as f:
-                    f.write(json.dumps(dict(micro_step=self.micro_step, **scalars,
-                                            **{k: np.asarray(v).tolist() for k, v in m.items() if np.ndim(v) == 1}))
-                            + "\n")
+                if is_primary():
+                    with (self.workdir / "metrics.jsonl").open("a") as f:
+                        f.write(json.dumps(dict(micro_step=self.micro_step, **scalars, **{
+                            k: np.asarray(v).tolist() for k, v in m.items() if np.ndim(v) == 1})) + "\n")
             if self.micro_step % self.config.checkpoint_every == 0 or self.micro_step == end:
                 self.save()
         bar.close()

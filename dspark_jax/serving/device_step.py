@@ -1,4 +1,4 @@
-"""The engine's device-side functions over a fixed set of request slots: admit one request into a slot
+"""The engine's device-side functions over a fixed set of request slots: admit requests into slots
 (prefill + first token + first proposal), run one bucketed draft–verify step, free a slot.
 
 All are pure functions of (graphdefs, states, EngineState, ...) so the host can AOT-compile each shape once.
@@ -63,33 +63,33 @@ def init_engine_state(target, drafter, slots: int, max_len: int, key: jax.Array)
                        proposal=proposal, key=key)
 
 
-def _set_row(full, row, slot):
-    """Writes the batch-1 pytree `row` into row `slot` of the batch-S pytree `full`."""
-    return jax.tree.map(lambda f, r: jax.lax.dynamic_update_slice_in_dim(f, r.astype(f.dtype), slot, axis=0),
-                        full, row)
+def _set_rows(full, rows, slots):
+    """Writes the batch-n pytree `rows` into rows `slots` [n] of the batch-S pytree `full`."""
+    return jax.tree.map(lambda f, r: f.at[slots].set(r.astype(f.dtype)), full, rows)
 
 
-def admit(target_graphdef, target_state, drafter_graphdef, drafter_state, state: EngineState, slot: jax.Array,
-          prompt: jax.Array, prompt_len: jax.Array, params: SamplingParams, max_new_tokens: jax.Array,
+def admit(target_graphdef, target_state, drafter_graphdef, drafter_state, state: EngineState, slots: jax.Array,
+          prompts: jax.Array, prompt_lens: jax.Array, params: SamplingParams, max_new_tokens: jax.Array,
           stops: jax.Array, *, mode: FilterMode, attn_impl: str) -> tuple[EngineState, jax.Array, jax.Array]:
-    """Prefills right-padded prompt [P] into `slot`; samples the first token; drafts its first proposal.
-    params: batch-1 SamplingParams. Returns (state, first token, whether the request already finished)."""
+    """Prefills right-padded prompts [n, P] into `slots` [n]; samples each first token; drafts each first
+    proposal. params: batch-n SamplingParams. Returns (state, first tokens [n], already finished [n])."""
     target = nnx.merge(target_graphdef, target_state)
     drafter = nnx.merge(drafter_graphdef, drafter_state)
+    n = prompts.shape[0]
     max_len = state.tcache.max_len
     key, k_first, k_draft = jax.random.split(state.key, 3)
-    lens = prompt_len[None].astype(jnp.int32)
-    logits, out = prefill(target, prompt[None], lens, max_len, attn_impl, tap_layers=drafter.config.target_layer_ids)
+    lens = prompt_lens.astype(jnp.int32)
+    logits, out = prefill(target, prompts, lens, max_len, attn_impl, tap_layers=drafter.config.target_layer_ids)
     first = sample(k_first, logits, params, mode)
-    dstate = drafter.prefill(target, drafter.init_state(1, max_len), jnp.concatenate(out.taps, -1), prompt[None], lens)
+    dstate = drafter.prefill(target, drafter.init_state(n, max_len), jnp.concatenate(out.taps, -1), prompts, lens)
     prop = drafter.propose(target, dstate, first, lens, k_draft, params, mode, drafter.head_matrix(target), attn_impl)
-    finished = jnp.isin(first[0], stops) | (max_new_tokens <= 1)
+    finished = jnp.isin(first, stops) | (max_new_tokens <= 1)
     state = dataclasses.replace(
-        state, tcache=_set_row(state.tcache, out.cache, slot), dstate=_set_row(state.dstate, dstate, slot),
-        anchor=state.anchor.at[slot].set(first[0]), start=state.start.at[slot].set(prompt_len),
-        active=state.active.at[slot].set(~finished), budget=state.budget.at[slot].set(max_new_tokens - 1),
-        params=_set_row(state.params, params, slot), proposal=_set_row(state.proposal, prop, slot), key=key)
-    return state, first[0], finished
+        state, tcache=_set_rows(state.tcache, out.cache, slots), dstate=_set_rows(state.dstate, dstate, slots),
+        anchor=state.anchor.at[slots].set(first), start=state.start.at[slots].set(lens),
+        active=state.active.at[slots].set(~finished), budget=state.budget.at[slots].set(max_new_tokens - 1),
+        params=_set_rows(state.params, params, slots), proposal=_set_rows(state.proposal, prop, slots), key=key)
+    return state, first, finished
 
 
 def deactivate(state: EngineState, slot: jax.Array) -> EngineState:

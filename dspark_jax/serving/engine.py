@@ -182,8 +182,9 @@ class Engine:
         self._admit_exec = {}
         for p in prompt_buckets(cfg.max_len):
             self._admit_exec[p] = admit_jit.lower(
-                **common, state=self._state, slot=jnp.int32(0), prompt=jnp.zeros((p,), jnp.int32),
-                prompt_len=jnp.int32(1), params=SamplingParams.create(1), max_new_tokens=jnp.int32(1),
+                **common, state=self._state, slots=jnp.zeros((1,), jnp.int32), prompts=jnp.zeros((1, p), jnp.int32),
+                prompt_lens=jnp.ones((1,), jnp.int32), params=SamplingParams.create(1),
+                max_new_tokens=jnp.ones((1,), jnp.int32),
                 stops=self._stops, mode=cfg.mode, attn_impl=cfg.attn_impl).compile()
         self._deactivate = jax.jit(device_step.deactivate, donate_argnames=("state",)).lower(
             self._state, jnp.int32(0)).compile()
@@ -429,9 +430,9 @@ class Engine:
                 self.observer.on_start(live.rid)
             try:
                 self._state, first, finished = self._admit_exec[width](
-                    **self._dynamic, state=self._state, slot=jnp.int32(i), prompt=jnp.asarray(prompt),
-                    prompt_len=jnp.int32(len(ids)), params=params, max_new_tokens=jnp.int32(r.max_new_tokens),
-                    stops=self._stops)
+                    **self._dynamic, state=self._state, slots=jnp.asarray([i], jnp.int32),
+                    prompts=jnp.asarray(prompt[None]), prompt_lens=jnp.asarray([len(ids)], jnp.int32), params=params,
+                    max_new_tokens=jnp.asarray([r.max_new_tokens], jnp.int32), stops=self._stops)
             except Exception as e:  # noqa: BLE001 — this request fails, the others go on
                 live.stats.error = f"{type(e).__name__}: {e}"
                 logging.getLogger(__name__).error("request %d failed at admission: %s", live.rid, live.stats.error)
@@ -439,7 +440,7 @@ class Engine:
                 continue
             live.slot = i
             self._slots[i] = live
-            first, finished = int(first), bool(finished)
+            first, finished = int(first[0]), bool(finished[0])
             self._emit(live, [first], time.perf_counter())
             if _first_stop([first], r.stop_ids) is not None and not finished:
                 self._state = self._deactivate(self._state, jnp.int32(i))

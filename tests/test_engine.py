@@ -145,10 +145,17 @@ def test_bad_requests_are_rejected_with_clear_messages(target, drafter):
         engine.submit(Request([3, 400], max_new_tokens=8))
     with pytest.raises(RequestError, match="draft_mode"):
         engine.submit(Request([3, 4], max_new_tokens=8, draft_mode="turbo"))
-    with pytest.raises(ValueError, match="cost table"):
-        Engine(target, drafter, EngineConfig(slots=2, max_len=64, policy="scheduler"))
     with pytest.raises(KeyError, match="unknown request"):
         engine.stats(12345)
+
+
+def test_engine_profiles_its_buckets_when_given_no_cost_table(target, drafter):
+    engine = Engine(target, drafter, EngineConfig(slots=2, max_len=64, policy="scheduler"))
+    table = engine.cost_table
+    assert table.buckets == engine.compiled_shapes["step"] == (2, 4, 8)
+    assert all(s > 0 for s in table.steps_per_s) and engine.idle
+    rid = engine.submit(Request(PROMPTS[0], max_new_tokens=12))
+    assert engine.result(rid) == plain_greedy(target, PROMPTS[0], 12)
 
 
 def test_request_draft_caps_are_respected(target, drafter, expected):

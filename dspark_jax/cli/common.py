@@ -52,3 +52,29 @@ def setup_devices(mesh: str | None, distributed: bool):
         if not is_primary():
             sys.stdout = open(os.devnull, "w")
     return make_mesh(mesh) if mesh else None
+
+
+def define_flag(kind: str, name: str, default, help_text: str, **kwargs) -> None:
+    """Defines an absl flag unless a command imported earlier in this process already did (commands define
+    their flags on first use so that shared names like --target never clash)."""
+    if name not in flags.FLAGS:
+        getattr(flags, f"DEFINE_{kind}")(name, default, help_text, **kwargs)
+
+
+def load_target_and_drafter(target_spec: str, drafter_spec: str, gamma: int | None = None):
+    """The target and a drafter ('default', 'random:<algorithm>' or a directory) for serving commands."""
+    from dspark_jax.drafters.factory import load_drafter, with_block_size
+    from dspark_jax.target import load_target
+    print(f"loading target {target_spec} ...", file=sys.stderr)
+    target = load_target(target_spec)
+    algorithm = "dspark"
+    if drafter_spec.startswith("random:"):
+        drafter_spec, algorithm = "random", drafter_spec.split(":", 1)[1]
+    drafter = load_drafter(drafter_spec, target, algorithm=algorithm, gamma=gamma or 7, draft_vocab_size=16384)
+    if drafter is None:
+        raise ValueError("serving needs a drafter ('default', 'random:<algorithm>' or a drafter directory)")
+    if gamma:
+        drafter = with_block_size(drafter, gamma)
+    print(f"drafter: {drafter.source} ({drafter.config.algorithm}, gamma={drafter.config.block_size})",
+          file=sys.stderr)
+    return target, drafter

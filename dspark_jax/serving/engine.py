@@ -133,8 +133,6 @@ class Engine:
         g = drafter.config.block_size
         self.gamma = g if config.gamma is None else min(config.gamma, g)
         self.block = g
-        if config.policy.startswith("scheduler") and cost_table is None:
-            raise ValueError(f"policy {config.policy!r} needs a cost table (run `dspark profile`)")
         self.buckets = tuple(config.buckets or default_buckets(config.slots, g))
         if self.buckets[-1] > config.slots * (g + 1) or self.buckets[0] < 1:
             raise ValueError(f"buckets must lie in 1..slots·(G+1) = {config.slots * (g + 1)}, got {self.buckets}")
@@ -158,6 +156,43 @@ class Engine:
         self._state = device_step.init_engine_state(target.model, nnx.merge(drafter.graphdef, drafter.state),
                                                     config.slots, config.max_len, jax.random.key(config.seed))
         self._compile()
+        if config.policy.startswith("scheduler") and cost_table is None:
+            self.cost_table = self.profile()  # the scheduler needs SPS(B) of this machine
+
+    def profile(self, steps: int = 5, prompt_len: int = 16) -> CostTable:
+        """Measures steps/s of the real draft+verify step at every bucket on this machine: all slots busy,
+        each step verifying exactly `bucket` tokens; median of `steps` timed steps after one warm-up. The
+        engine must be idle; its state is reset afterwards."""
+        if not self.idle:
+            raise RuntimeError("profile an idle engine")
+        s, cfg = self.config.slots, self.config
+        budget = cfg.max_len - prompt_len - self.block - 1
+        if budget < (steps + 1) * (self.block + 1):
+            raise ValueError(f"max_len {cfg.max_len} is too small to profile {steps} steps")
+        width = next(p for p in self._admit_exec if p >= prompt_len)
+        prompts = np.full((1, width), 3, np.int32)
+        sps = []
+        for bucket in self.buckets:
+            for i in range(s):
+                self._state, _, _ = self._admit_exec[width](
+                    **self._dynamic, state=self._state, slots=jnp.asarray([i], jnp.int32), prompts=jnp.asarray(prompts),
+                    prompt_lens=jnp.asarray([prompt_len], jnp.int32), params=SamplingParams.create(1),
+                    max_new_tokens=jnp.asarray([budget], jnp.int32), stops=jnp.full_like(self._stops, -1))
+            caps = jnp.full((s,), self.block, jnp.int32)
+            times = []
+            for k in range(steps + 1):
+                t0 = time.perf_counter()
+                self._state, out = self._step_exec[bucket](**self._dynamic, state=self._state, caps=caps,
+                                                           draft_budget=jnp.int32(bucket - s),
+                                                           stops=jnp.full_like(self._stops, -1))
+                jax.block_until_ready(out)
+                if k:
+                    times.append(time.perf_counter() - t0)
+            sps.append(1.0 / float(np.median(times)))
+        for i in range(s):
+            self._state = self._deactivate(self._state, jnp.int32(i))
+        from dspark_jax.utils.machine import describe_machine
+        return CostTable(self.buckets, tuple(sps), machine=describe_machine())
 
     # ---- compilation -------------------------------------------------------------------------------
     def _compile(self) -> None:

@@ -162,8 +162,10 @@ def test_request_draft_caps_are_respected(target, drafter, expected):
     engine = make_engine(target, drafter, "fixed")
     capped = engine.submit(Request(PROMPTS[0], max_new_tokens=12, max_draft=1))
     off = engine.submit(Request(PROMPTS[1], max_new_tokens=13, draft_mode="off"))
+    floored = engine.submit(Request(PROMPTS[2], max_new_tokens=14, confidence_floor=1.0))  # no c_k reaches 1
     engine.run_until_idle()
     assert engine.tokens(capped) == expected[0] and engine.tokens(off) == expected[1]
+    assert engine.tokens(floored) == expected[2] and engine.stats(floored).verified_draft == 0
     st = engine.stats(capped)
     assert st.verified_draft <= st.rounds
     assert engine.stats(off).verified_draft == 0
@@ -207,7 +209,8 @@ def test_scheduled_decoding_is_lossless_at_temperature_one(variant):
             budget = capacity(stale[act], table) if stale is not None else S // 2
         stale = conf
         state, out = step(target_state=ts, drafter_state=dr.state, state=state, caps=jnp.asarray(caps, jnp.int32),
-                          draft_budget=jnp.int32(budget), stops=stops, bucket=3 * S, draft=True, **static)
+                          floors=jnp.zeros((S,), jnp.float32), draft_budget=jnp.int32(budget), stops=stops,
+                          bucket=3 * S, draft=True, **static)
         count = np.asarray(out.count)
         committed = np.asarray(out.committed)
         tokens.append(np.where(np.arange(3)[None] < count[:, None], committed, -1))

@@ -61,19 +61,23 @@ def body() -> None:
     target, drafter = load_target_and_drafter(FLAGS.target, FLAGS.drafter)
     per_set = [[target.tokenizer.encode(p, add_bos=True)[:FLAGS.max_prompt_tokens] for p in b.prompts] for b in sets]
     prompts = [p for group in zip(*per_set) for p in group]
-    rows = []
+    rows, rows_tables = [], {}
     out_dir = Path(FLAGS.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for c in levels:
+        table = None  # SPS(B) is profiled once per engine size and shared by both scheduler variants
         for p in policies:
-            print(f"[concurrency {c}] {p}: compiling{' + profiling' if p.startswith('scheduler') else ''} ...",
-                  file=sys.stderr)
-            engine = Engine(target, drafter, engine_config(p, slots=c, max_len=FLAGS.max_len))
+            print(f"[concurrency {c}] {p}: compiling{' + profiling' if p.startswith('scheduler') and table is None else ''}"
+                  " ...", file=sys.stderr)
+            engine = Engine(target, drafter, engine_config(p, slots=c, max_len=FLAGS.max_len), cost_table=table)
+            if p.startswith("scheduler"):
+                table = engine.cost_table
+                rows_tables[c] = table.to_json()
             r = closed_loop(engine, p, prompts, c, FLAGS.requests_per_client, FLAGS.max_new_tokens)
             rows.append(dataclasses.asdict(r))
             print(f"[concurrency {c}] {p}: {r.aggregate_tps:.1f} tok/s aggregate, {r.per_user_tps:.2f} tok/s/user, "
                   f"{r.verified_per_round:.2f} drafts verified/step, τ {r.accept_length:.2f}", file=sys.stderr)
-            _write(out_dir, rows, describe_machine())  # partial results survive an interruption
+            _write(out_dir, rows, rows_tables, describe_machine())  # partial results survive an interruption
     print(_markdown(rows))
     paths = plot_load(rows, out_dir)
     print(f"wrote {out_dir / 'serve_bench.json'}, {out_dir / 'serve_bench.md'}, "
@@ -89,12 +93,13 @@ def _markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _write(out_dir: Path, rows: list[dict], machine: str) -> None:
+def _write(out_dir: Path, rows: list[dict], cost_tables: dict, machine: str) -> None:
     from dspark_jax.utils.results import write_result
     cmd = "dspark serve-bench " + " ".join(f"--{k}={getattr(FLAGS, k)}" for k in (
         "target", "drafter", "policies", "concurrency", "requests_per_client", "max_new_tokens", "prompt_sets",
         "max_prompt_tokens", "max_len"))
-    write_result(out_dir / "serve_bench.json", dict(command=cmd, machine=machine, results=rows))
+    write_result(out_dir / "serve_bench.json", dict(command=cmd, machine=machine, results=rows,
+                                                    cost_tables={str(k): v for k, v in cost_tables.items()}))
     tmp = out_dir / ".serve_bench.md.tmp"
     tmp.write_text(f"`{cmd}`\n\nMachine: {machine}\n\n{_markdown(rows)}\n")
     tmp.replace(out_dir / "serve_bench.md")

@@ -39,8 +39,10 @@ class SpecOutput:
 
 
 def proposal_lengths(confidence: jax.Array, threshold: jax.Array) -> jax.Array:
-    """Static-threshold truncation: index of the first k with c_k < threshold (G if none, or threshold <= 0)."""
+    """Static-threshold truncation: index of the first k with c_k < threshold (G if none, or threshold <= 0).
+    threshold: a scalar or one per request [B]."""
     g = confidence.shape[1]
+    threshold = jnp.reshape(threshold, (-1, 1)) if jnp.ndim(threshold) else threshold
     low = (confidence < threshold) & (threshold > 0)
     return jnp.where(low.any(1), jnp.argmax(low, axis=1), g).astype(jnp.int32)
 

@@ -14,6 +14,7 @@ from flax import nnx
 from dspark_jax.decoding.autoregressive import prefill
 from dspark_jax.decoding.layout import make_layout
 from dspark_jax.decoding.sampling import FilterMode, SamplingParams, sample
+from dspark_jax.decoding.speculative import proposal_lengths
 from dspark_jax.decoding.verification import verify_round
 from dspark_jax.drafters.base import Proposal
 from dspark_jax.models.kv_cache import init_cache
@@ -98,13 +99,14 @@ def deactivate(state: EngineState, slot: jax.Array) -> EngineState:
 
 
 def step(target_graphdef, target_state, drafter_graphdef, drafter_state, state: EngineState, caps: jax.Array,
-         draft_budget: jax.Array, stops: jax.Array, *, bucket: int, draft: bool, mode: FilterMode,
+         floors: jax.Array, draft_budget: jax.Array, stops: jax.Array, *, bucket: int, draft: bool, mode: FilterMode,
          attn_impl: str) -> tuple[EngineState, StepOutput]:
     """Verifies the pending proposals and drafts the next ones.
 
     Each active slot verifies its anchor plus ℓ_s drafts, ℓ = the `draft_budget` drafts of highest fresh
     survival product within per-slot caps (`allocate_top_k`; with draft_budget = Σ caps every capped draft is
-    taken, which is how static policies and the synchronous scheduler pass exact lengths). The tokens are
+    taken, which is how static policies and the synchronous scheduler pass exact lengths); caps are also cut
+    at the first fresh confidence below floors[s] (a per-request confidence floor). The tokens are
     laid out flat in `bucket` rows. `draft=False` (plain decoding) skips the drafter."""
     target = nnx.merge(target_graphdef, target_state)
     drafter = nnx.merge(drafter_graphdef, drafter_state)
@@ -113,6 +115,7 @@ def step(target_graphdef, target_state, drafter_graphdef, drafter_state, state: 
     n_active = active.sum().astype(jnp.int32)
     budget = jnp.clip(draft_budget, 0, bucket - n_active)
     caps = jnp.where(active, jnp.minimum(caps, g), 0) if draft else jnp.zeros_like(caps)
+    caps = jnp.minimum(caps, proposal_lengths(state.proposal.confidence, floors))
     verified = allocate_top_k(state.proposal.confidence, caps, budget)
     layout = make_layout(jnp.where(active, verified + 1, 0), state.start, bucket, g + 1)
     key, k_verify, k_draft = jax.random.split(state.key, 3)

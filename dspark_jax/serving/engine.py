@@ -183,6 +183,7 @@ class Engine:
             for k in range(steps + 1):
                 t0 = time.perf_counter()
                 self._state, out = self._step_exec[bucket](**self._dynamic, state=self._state, caps=caps,
+                                                           floors=jnp.zeros((s,), jnp.float32),
                                                            draft_budget=jnp.int32(bucket - s),
                                                            stops=jnp.full_like(self._stops, -1))
                 jax.block_until_ready(out)
@@ -210,7 +211,8 @@ class Engine:
         self._step_exec = {}
         for b in buckets:
             self._step_exec[b] = step_jit.lower(
-                **common, state=self._state, caps=jnp.zeros((s,), jnp.int32), draft_budget=jnp.int32(0),
+                **common, state=self._state, caps=jnp.zeros((s,), jnp.int32), floors=jnp.zeros((s,), jnp.float32),
+                draft_budget=jnp.int32(0),
                 stops=self._stops, bucket=b, draft=draft, mode=cfg.mode, attn_impl=cfg.attn_impl).compile()
         admit_jit = jax.jit(device_step.admit, static_argnames=("target_graphdef", "drafter_graphdef", "mode",
                                                                  "attn_impl"), donate_argnames=("state",))
@@ -335,6 +337,17 @@ class Engine:
                 out = self._dispatch(caps, budget)
                 self._deliver(jax.device_get(out), list(self._slots))
 
+    def _floors(self) -> np.ndarray:
+        """Per-slot confidence floors (request floor, or the engine threshold for threshold policies)."""
+        floors = np.zeros(self.config.slots, np.float32)
+        for i, live in enumerate(self._slots):
+            if live is not None:
+                r = live.request
+                mode = r.draft_mode if r.draft_mode != "default" else self.config.policy
+                floors[i] = max(r.confidence_floor,
+                                self.config.threshold if mode in ("threshold", "static_threshold") else 0.0)
+        return floors
+
     def _dispatch(self, caps: np.ndarray, budget: int):
         n_active = sum(s is not None for s in self._slots)
         bucket = next(b for b in self.buckets if b >= min(n_active + budget, self.buckets[-1]))
@@ -342,6 +355,7 @@ class Engine:
         self.steps += 1
         self._state, out = self._step_exec[bucket](**self._dynamic, state=self._state,
                                                    caps=jnp.asarray(caps, jnp.int32),
+                                                   floors=jnp.asarray(self._floors()),
                                                    draft_budget=jnp.int32(budget), stops=self._stops)
         return out
 
@@ -375,10 +389,9 @@ class Engine:
             cap = self.gamma if r.max_draft is None else min(r.max_draft, self.block)
             if mode == "off" or self.config.policy == "plain":
                 cap = 0
-            floor = max(r.confidence_floor, self.config.threshold if (mode or self.config.policy) in (
-                "threshold", "static_threshold") else 0.0)
-            if floor > 0 and confidence is not None:
-                cap = min(cap, int(threshold_lengths(confidence[i:i + 1], floor)[0]))
+            floor = self._floors()[i]
+            if floor > 0 and confidence is not None:  # the device cuts at the floor too; the host scheduler
+                cap = min(cap, int(threshold_lengths(confidence[i:i + 1], floor)[0]))  # must know it
             caps[i] = cap
         return caps
 

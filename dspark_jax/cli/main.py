@@ -8,12 +8,15 @@ COMMANDS = {
     "generate": ("dspark_jax.cli.generate", "Generate completions: plain autoregressive or speculative with a drafter."),
     "prepare-data": ("dspark_jax.cli.prepare_data", "Regenerate training responses and build the target feature cache."),
     "train": ("dspark_jax.cli.train", "Train a drafter (DSpark / DFlash) against the frozen target from a target cache."),
+    "profile": ("dspark_jax.cli.profile", "Measure steps/s of the draft+verify step per verification bucket (SPS cost table)."),
+    "serve-bench": ("dspark_jax.cli.serve_bench", "Closed-loop load benchmark of the serving engine across policies and concurrency."),
+    "report": ("dspark_jax.cli.report", "Tables and plots of a governance snapshot (usage, cost, rollbacks)."),
 }
 
 
 def usage() -> str:
     lines = ["usage: dspark <command> [--flags]", "", "commands:"]
-    lines += [f"  {name:<12} {doc}" for name, (_, doc) in COMMANDS.items()]
+    lines += [f"  {name:<13} {doc}" for name, (_, doc) in COMMANDS.items()]
     lines += ["", "Run `dspark <command> --help` for the flags of a command."]
     return "\n".join(lines)
 

@@ -58,7 +58,8 @@ def define_flag(kind: str, name: str, default, help_text: str, **kwargs) -> None
     """Defines an absl flag unless a command imported earlier in this process already did (commands define
     their flags on first use so that shared names like --target never clash)."""
     if name not in flags.FLAGS:
-        getattr(flags, f"DEFINE_{kind}")(name, default, help_text, **kwargs)
+        caller = sys._getframe(1).f_globals["__name__"]  # so `dspark <command> --help` lists the flag
+        getattr(flags, f"DEFINE_{kind}")(name, default, help_text, module_name=caller, **kwargs)
 
 
 def load_target_and_drafter(target_spec: str, drafter_spec: str, gamma: int | None = None):

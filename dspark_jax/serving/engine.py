@@ -287,6 +287,11 @@ class Engine:
         return list(self._get(rid).tokens)
 
     @property
+    def running(self) -> bool:
+        """Whether the loop runs in a background thread (`start`)."""
+        return self._thread is not None
+
+    @property
     def idle(self) -> bool:
         with self._lock:
             return not self._queue and all(s is None for s in self._slots) and self._pending is None
@@ -338,14 +343,19 @@ class Engine:
                 self._deliver(jax.device_get(out), list(self._slots))
 
     def _floors(self) -> np.ndarray:
-        """Per-slot confidence floors (request floor, or the engine threshold for threshold policies)."""
+        """Per-slot confidence floors: a static_threshold request's own floor (the engine threshold if it
+        gives none); under the engine's threshold policy, the larger of the request floor and the threshold."""
         floors = np.zeros(self.config.slots, np.float32)
         for i, live in enumerate(self._slots):
-            if live is not None:
-                r = live.request
-                mode = r.draft_mode if r.draft_mode != "default" else self.config.policy
-                floors[i] = max(r.confidence_floor,
-                                self.config.threshold if mode in ("threshold", "static_threshold") else 0.0)
+            if live is None:
+                continue
+            r = live.request
+            if r.draft_mode == "static_threshold":
+                floors[i] = r.confidence_floor or self.config.threshold
+            elif r.draft_mode == "default" and self.config.policy == "threshold":
+                floors[i] = max(r.confidence_floor, self.config.threshold)
+            else:
+                floors[i] = r.confidence_floor
         return floors
 
     def _dispatch(self, caps: np.ndarray, budget: int):
@@ -428,7 +438,7 @@ class Engine:
                 new = new[:extra + 1]
             self._emit(live, new, now)
             if self.observer is not None:
-                self.observer.on_round(live.rid, int(out.verified[i]), int(out.accepted[i]), n,
+                self.observer.on_round(live.rid, int(out.verified[i]), int(out.accepted[i]), len(new),
                                        int(out.verified[i]) > 0)
             if extra is not None:
                 self._state = self._deactivate(self._state, jnp.int32(i))

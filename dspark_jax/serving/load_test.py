@@ -41,7 +41,7 @@ def closed_loop(engine: Engine, policy: str, prompts: Sequence[Sequence[int]], c
     """Runs `concurrency` clients × `requests_per_client` requests on a started-or-not engine."""
     if not prompts:
         raise ValueError("no prompts")
-    started_here = engine._thread is None
+    started_here = not engine.running
     engine.start()
     steps0, buckets0 = engine.steps, dict(engine.bucket_counts)
     ids: list[int] = []

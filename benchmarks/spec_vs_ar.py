@@ -48,9 +48,10 @@ def main():
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                            batch_size=args.batch_size, seed=0)
 
+    from dspark_jax.evaluation.runner import batch_seconds
+
     def throughput(results):
-        seconds = sum(r.seconds for i, r in enumerate(results) if i % cfg.batch_size == 0)
-        return sum(r.new_tokens for r in results) / seconds
+        return sum(r.new_tokens for r in results) / batch_seconds(results, cfg.batch_size)
 
     plain = generate_text(target, prompts, cfg)
     base = throughput(plain)

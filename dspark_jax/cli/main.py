@@ -12,6 +12,8 @@ COMMANDS = {
     "serve-bench": ("dspark_jax.cli.serve_bench", "Closed-loop load benchmark of the serving engine across policies and concurrency."),
     "ab": ("dspark_jax.cli.ab", "A/B test of speculation per workload class: baseline vs policy, cost and latency table."),
     "report": ("dspark_jax.cli.report", "Tables and plots of a governance snapshot (usage, cost, rollbacks)."),
+    "eval": ("dspark_jax.cli.eval", "Evaluate drafters on benchmark prompts: accept length, speed-up, confidence quality."),
+    "calibrate": ("dspark_jax.cli.calibrate", "Calibrate a drafter's confidence head (Sequential Temperature Scaling)."),
 }
 
 

@@ -121,3 +121,37 @@ def load_drafter_module(path: str | os.PathLike, target: TransformerConfig, dtyp
         raise DrafterFileError(f"{path}: unexpected tensors {sorted(decoded)[:5]}")
     new_state = nnx.from_flat_state(flat)
     return nnx.merge(graphdef, new_state)
+
+
+TEMPERATURES_TENSOR = "confidence/temperatures"
+
+
+def write_temperatures(src: str | os.PathLike, dst: str | os.PathLike, temperatures, calibration: dict) -> Path:
+    """Copies the drafter directory `src` to `dst` (which may be `src` itself) with new confidence-head
+    temperatures [G] (float32) and `calibration` recorded in drafter.json; every other tensor is copied
+    byte for byte. Written to a temporary directory first and swapped into place."""
+    from safetensors.numpy import load_file, save_file
+    src, dst = Path(src), Path(dst)
+    meta = read_meta(src)
+    tensors = load_file(str(src / WEIGHTS_FILE))
+    if TEMPERATURES_TENSOR not in tensors:
+        raise DrafterFileError(f"{src}: this drafter has no confidence head (no {TEMPERATURES_TENSOR!r})")
+    temps = np.asarray(temperatures, np.float32)
+    if temps.shape != tensors[TEMPERATURES_TENSOR].shape or not (np.isfinite(temps) & (temps > 0)).all():
+        raise ValueError(f"temperatures must be {tensors[TEMPERATURES_TENSOR].shape[0]} positive finite numbers, "
+                         f"got {temps.tolist()}")
+    tensors[TEMPERATURES_TENSOR] = temps
+    meta["calibration"] = calibration
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=dst.name + ".tmp"))
+    save_file(tensors, str(tmp / WEIGHTS_FILE))
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+    if dst.exists():
+        old = Path(tempfile.mkdtemp(dir=dst.parent, prefix=dst.name + ".old"))
+        os.replace(dst, old / dst.name)
+        os.replace(tmp, dst)
+        import shutil
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, dst)
+    return dst

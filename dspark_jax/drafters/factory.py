@@ -108,3 +108,20 @@ def load_drafter(spec: str, target: Target, *, algorithm: str = "dspark", gamma:
     module = load_deepspec_drafter(path, target.config, dtype=target.state_dtype)
     graphdef, state = nnx.split(module)
     return Drafter(module.config, graphdef, state, str(path))
+
+
+def with_confidence_temperatures(drafter: Drafter, temperatures) -> Drafter:
+    """The same drafter with confidence-head temperatures T_k replaced (c_k = σ(z_k / T_k); all ones = the raw
+    head). Proposals do not depend on them; a confidence threshold and the scheduler do."""
+    import jax.numpy as jnp
+    module = nnx.merge(drafter.graphdef, drafter.state)
+    head = getattr(module, "confidence", None)
+    if head is None:
+        raise ValueError(f"drafter {drafter.source} ({drafter.config.algorithm}) has no confidence head")
+    temps = np.asarray(temperatures, np.float32)
+    if temps.shape != head.temperatures[...].shape or not (np.isfinite(temps) & (temps > 0)).all():
+        raise ValueError(f"temperatures must be {head.temperatures[...].shape[0]} positive finite numbers, "
+                         f"got {temps.tolist()}")
+    head.temperatures.value = jnp.asarray(temps)
+    graphdef, state = nnx.split(module)
+    return Drafter(drafter.config, graphdef, state, drafter.source)

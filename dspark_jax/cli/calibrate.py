@@ -1,0 +1,204 @@
+"""`dspark calibrate`: Sequential Temperature Scaling of a drafter's confidence head (paper §3.2.1).
+
+Runs speculative decoding with the drafter on held-out prompts (confidence threshold 0, temperatures reset to
+1), records every round's confidence logits z_k and accept flags, then for k = 1..γ left to right picks T_k
+(log grid 0.05..20 + golden-section refinement) minimising the ECE (20 equal-width bins) of the predicted
+prefix survival Π_{i<=k} σ(z_i/T_i) against "first k draft tokens accepted", earlier T fixed. The
+temperatures are written into a drafter directory (--output, or the drafter itself with --in_place), so
+`dspark generate` / `dspark eval` and the scheduler use them from then on.
+
+Held-out prompts (default): training-distribution prompts that are neither trained on nor evaluation
+prompts: gsm8k lines 201+, livecodebench and arena-hard-v2 minus the prompts the default training mix
+selects (`dspark_jax.evaluation.datasets.heldout_prompts`), round-robin over the three sources, prompts
+longer than --max_prompt_tokens skipped. --prompts_file replaces them.
+Calibrate at the sampling temperature you decode with: acceptance at T=0 (greedy matching) differs from T=1.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+from absl import flags
+
+from dspark_jax.cli.common import read_prompts_file, run_command
+
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+    """Defined on first use (not at import), so other commands' flags of the same names never clash."""
+    if "in_place" in FLAGS:
+        return
+    flags.DEFINE_string("drafter", "default", "Drafter to calibrate: 'default' (the shipped drafter) or a drafter "
+                        "directory exported by `dspark train`.")
+    flags.DEFINE_string("output", None, "New drafter directory to write (a copy of --drafter with the fitted "
+                        "temperatures).")
+    flags.DEFINE_bool("in_place", False, "Write the temperatures into the --drafter directory itself.")
+    flags.DEFINE_string("target", "gemma3-270m", "Target model: 'gemma3-270m' (the embedded default), a .gguf file "
+                        "or a Hugging Face model directory.")
+    flags.DEFINE_string("prompts_file", None, 'Held-out prompts as a JSONL file of {"turns": [...]} objects (used in '
+                        "the training format); default: the built-in held-out split (see --help).")
+    flags.DEFINE_integer("num_prompts", 48, "Held-out prompts to decode.", lower_bound=1)
+    flags.DEFINE_integer("max_prompt_tokens", 256, "Skip built-in held-out prompts longer than this (tokens).",
+                         lower_bound=8)
+    flags.DEFINE_integer("max_new_tokens", 64, "New tokens per prompt.", lower_bound=2)
+    flags.DEFINE_float("temperature", 1.0, "Sampling temperature of the calibration rollouts.", lower_bound=0.0)
+    flags.DEFINE_integer("seed", 0, "Random seed (prompt selection and sampling).")
+    flags.DEFINE_integer("batch_size", 1, "Prompts decoded together in one batch.", lower_bound=1)
+    flags.DEFINE_integer("bins", 20, "Equal-width ECE bins.", lower_bound=1)
+    flags.DEFINE_integer("min_class_count", 5, "A position needs this many held-out survivals and failures to get "
+                         "its own temperature (otherwise T_k = 1).", lower_bound=0)
+    flags.DEFINE_string("report_dir", "benchmarks/results/eval/calibration", "Where calibration.json, "
+                        "calibration.md, reliability_before_after.png and heldout_records.npz go.")
+
+
+def _check_output(source: Path) -> Path:
+    from dspark_jax.drafters.checkpoint import is_drafter_dir
+    if FLAGS.in_place:
+        return source
+    out = Path(FLAGS.output).expanduser()
+    if out.resolve() == source.resolve():
+        raise ValueError("--output is the drafter itself; use --in_place to overwrite it")
+    if out.exists() and not is_drafter_dir(out):
+        raise ValueError(f"--output {out} exists and is not a drafter directory; choose a new path")
+    return out
+
+
+def _source_dir(spec: str, target) -> Path:
+    from dspark_jax.drafters.checkpoint import is_drafter_dir
+    from dspark_jax.drafters.factory import default_drafter_path
+    path = default_drafter_path(target) if spec == "default" else Path(spec).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"drafter not found: {spec!r} (expected 'default' or a drafter directory)")
+    if not is_drafter_dir(path):
+        raise ValueError(f"{path} is not a drafter directory exported by `dspark train` (no drafter.json)")
+    return path
+
+
+def _reliability_table(result, min_class_count: int) -> str:
+    from dspark_jax.evaluation.report import fmt, md_table
+    rows = []
+    for t, fit, b, a in zip(result.temperatures, result.fitted, result.before, result.after):
+        rows.append([str(b.position), str(b.count), f"{t:.3f}" if fit else "1 (kept¹)", fmt(b.ece, pct=True),
+                     fmt(a.ece, pct=True), fmt(b.auc, 3), fmt(a.auc, 3), fmt(b.brier, 4), fmt(a.brier, 4),
+                     fmt(b.mean_label, 3)])
+    header = ["position", "rounds", "T_k", "ECE before", "ECE after", "AUC before", "AUC after", "Brier before",
+              "Brier after", "observed survival"]
+    table = "\n".join(md_table(header, rows))
+    if not all(result.fitted):
+        table += (f"\n\n¹ fewer than {min_class_count} held-out survivals or failures at this position: temperature "
+                  f"left at 1.")
+    return table
+
+
+def _summary_line(result) -> str:
+    from dspark_jax.evaluation.report import reliability_summary
+    b, a = reliability_summary(result.before), reliability_summary(result.after)
+    return (f"count-weighted mean ECE {100 * b['ece_mean']:.2f}% -> {100 * a['ece_mean']:.2f}%, worst position "
+            f"{100 * b['ece_max']:.2f}% -> {100 * a['ece_max']:.2f}%; mean AUC {b['auc_mean']:.3f} -> "
+            f"{a['auc_mean']:.3f}")
+
+
+def _heldout_prompts(target, file_prompts: list[str] | None) -> tuple[list[str], str]:
+    from dspark_jax.evaluation.datasets import heldout_prompts
+    from dspark_jax.training.responses import format_prompt
+    if file_prompts is not None:
+        return [format_prompt(p) for p in file_prompts][:FLAGS.num_prompts], f"file:{FLAGS.prompts_file}"
+    fits = lambda p: len(target.tokenizer.encode(p)) <= FLAGS.max_prompt_tokens  # noqa: E731
+    return (heldout_prompts(FLAGS.num_prompts, FLAGS.seed, keep=fits),
+            "heldout:gsm8k[200:]+livecodebench+arena-hard-v2 minus the default training mix")
+
+
+def _write_report(report: Path, rec, result, calibration: dict, extra: dict) -> Path:
+    """calibration.json, calibration.md, reliability_before_after.png and heldout_records.npz."""
+    import numpy as np
+
+    from dspark_jax.evaluation.calibration import survival_confidences
+    from dspark_jax.evaluation.plots import plot_reliability
+    from dspark_jax.evaluation.reliability import survival_pairs
+    from dspark_jax.evaluation.report import json_safe
+    from dspark_jax.utils.results import write_result
+
+    temps = np.asarray(result.temperatures)
+    pairs = lambda t: survival_pairs(survival_confidences(rec.confidence_logits, t), rec.accept_flags,  # noqa: E731
+                                     rec.proposed)
+    plot = plot_reliability({"before (T=1)": pairs(np.ones_like(temps)), "after STS": pairs(temps)},
+                            report / "reliability_before_after.png", bins=calibration["ece_bins"],
+                            title=f"Held-out prefix-survival reliability before / after STS ({len(rec)} rounds)")
+    positions = [dict(temperature=t, fitted=f, before=dataclasses.asdict(b), after=dataclasses.asdict(a))
+                 for t, f, b, a in zip(result.temperatures, result.fitted, result.before, result.after)]
+    write_result(report / "calibration.json", json_safe(dict(calibration, **extra, positions=positions,
+                                                             plot=str(plot))))
+    np.savez_compressed(report / "heldout_records.npz", **rec.to_arrays())  # every held-out round, to refit offline
+    md = report / "calibration.md"
+    md.write_text(f"STS of `{calibration['source']}` on {calibration['num_prompts']} held-out prompts ({len(rec)} "
+                  f"rounds, T={calibration['sampling_temperature']:g}, {calibration['max_new_tokens']} new tokens) -> "
+                  f"`{extra['drafter_written']}`\n\n{_reliability_table(result, calibration['min_class_count'])}\n\n"
+                  f"{_summary_line(result)}\n\nPlot: `{plot}`\n", encoding="utf-8")
+    return md
+
+
+def body() -> None:
+    # bad input fails here, before the (slow) JAX imports
+    if FLAGS.in_place == bool(FLAGS.output):
+        raise ValueError("give exactly one of --output=DIR (a new drafter directory) or --in_place")
+    if FLAGS.drafter != "default" and not Path(FLAGS.drafter).expanduser().exists():
+        raise FileNotFoundError(f"drafter not found: {FLAGS.drafter!r} (expected 'default' or a drafter directory)")
+    file_prompts = read_prompts_file(FLAGS.prompts_file) if FLAGS.prompts_file else None
+
+    import numpy as np
+
+    from dspark_jax.drafters.checkpoint import write_temperatures
+    from dspark_jax.drafters.factory import load_drafter, with_confidence_temperatures
+    from dspark_jax.evaluation.calibration import STSConfig, sequential_temperature_scaling
+    from dspark_jax.evaluation.report import json_safe, reliability_summary
+    from dspark_jax.evaluation.runner import decode_speculative
+    from dspark_jax.generation import GenerationConfig
+    from dspark_jax.target import load_target
+    from dspark_jax.utils.machine import describe_machine
+
+    gen = GenerationConfig(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, seed=FLAGS.seed,
+                           batch_size=FLAGS.batch_size)
+    sts = STSConfig(bins=FLAGS.bins, min_class_count=FLAGS.min_class_count)
+    print(f"loading target {FLAGS.target} ...", file=sys.stderr)
+    target = load_target(FLAGS.target)
+    source = _source_dir(FLAGS.drafter, target)
+    output = _check_output(source)
+    drafter = load_drafter(str(source), target)
+    if not getattr(drafter.config, "confidence_head", False):
+        raise ValueError(f"{source}: a {drafter.config.algorithm} drafter has no confidence head to calibrate")
+    raw = with_confidence_temperatures(drafter, np.ones(drafter.config.block_size))
+    prompts, prompt_source = _heldout_prompts(target, file_prompts)
+
+    print(f"decoding {len(prompts)} held-out prompts with {source} (threshold 0, temperatures 1) ...",
+          file=sys.stderr)
+    rec = decode_speculative(target, raw, prompts, gen, 0.0, progress=lambda d, n: print(
+        f"  [{d}/{n}] prompts", file=sys.stderr, flush=True)).records
+    if not len(rec):
+        raise ValueError("the held-out rollouts produced no verification rounds (every prompt stopped at once)")
+    result = sequential_temperature_scaling(rec.confidence_logits, rec.accept_flags, rec.proposed, sts)
+
+    calibration = json_safe(dict(
+        method="sequential temperature scaling (ECE of the cumulative product, left to right)",
+        temperatures=list(result.temperatures), fitted=list(result.fitted), min_class_count=sts.min_class_count,
+        prompts=prompt_source, num_prompts=len(prompts), rounds=len(rec), sampling_temperature=gen.temperature,
+        max_new_tokens=gen.max_new_tokens, seed=gen.seed, ece_bins=sts.bins,
+        grid=dict(t_min=sts.t_min, t_max=sts.t_max, points=sts.grid_points, golden_iterations=sts.refine_iterations),
+        source=str(source), before=reliability_summary(result.before), after=reliability_summary(result.after)))
+    written = write_temperatures(source, output, result.temperatures, calibration)
+    loaded = np.asarray(load_drafter(str(written), target).state["confidence"]["temperatures"][...])
+    if not np.array_equal(loaded, np.float32(result.temperatures)):
+        raise RuntimeError(f"{written}: temperatures read back {loaded} differ from the fitted {result.temperatures}")
+
+    print(_reliability_table(result, sts.min_class_count))
+    print(_summary_line(result))
+    md = _write_report(Path(FLAGS.report_dir), rec, result, calibration, dict(
+        drafter_written=str(written), machine=describe_machine(), target=target.config.name,
+        command="dspark calibrate " + " ".join(sys.argv[2:])))
+    print(f"wrote calibrated drafter {written}; report {md}", file=sys.stderr)
+
+
+def run(argv: list[str]) -> None:
+    _define_flags()
+    run_command("calibrate", __name__, __doc__, body, argv)

@@ -1,0 +1,130 @@
+"""`dspark eval`: speculative decoding over benchmark prompt sets for one or more drafters.
+
+Every drafter decodes the same prompts with the same seed and batching; plain decoding runs once per set in
+the same process, so speed-ups are measured side by side (compilation excluded). Reports per set and per
+domain (math / code / chat, macro averages over sets): accept length τ (Σ committed / Σ rounds, bonus
+included), draft tokens verified per round, verify rate, position-wise prefix survival and conditional
+acceptance, rounds, tokens/s; for drafters with a confidence head also the reliability of the predicted
+prefix survival (ECE / ROC-AUC / Brier per position) and an offline static-threshold sweep.
+Writes <output_dir>/eval.json, eval.md, records.npz (every round) and PNG plots.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from absl import flags
+
+from dspark_jax.cli.common import run_command
+
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+    """Defined on first use (not at import), so other commands' flags of the same names never clash."""
+    if "drafters" in FLAGS:
+        return
+    from dspark_jax.evaluation.datasets import DEFAULT_DATASETS
+    flags.DEFINE_string("datasets", ",".join(DEFAULT_DATASETS), "Comma-separated benchmark sets: gsm8k (its first "
+                        "200 prompts), math500, aime25, humaneval, mbpp, mt-bench, or paths of {\"turns\": [...]} "
+                        "JSONL files.")
+    flags.DEFINE_string("drafters", "default", "Comma-separated drafters, each 'default' (the shipped drafter), a "
+                        "drafter directory, or 'random:<dspark|dflash|eagle3>'; 'LABEL=SPEC' names one in the "
+                        "report.")
+    flags.DEFINE_string("target", "gemma3-270m", "Target model: 'gemma3-270m' (the embedded default), a .gguf file "
+                        "or a Hugging Face model directory.")
+    flags.DEFINE_integer("limit", None, "Use the first N prompts of each set (default: all).", lower_bound=1)
+    flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 = greedy.", lower_bound=0.0)
+    flags.DEFINE_integer("max_new_tokens", 256, "New tokens per prompt (fewer if a stop token comes).", lower_bound=1)
+    flags.DEFINE_integer("gamma", None, "Draft tokens per round for every drafter (default: each drafter's trained "
+                         "block size; at most that).", lower_bound=1)
+    flags.DEFINE_float("confidence_threshold", 0.0, "Static confidence threshold in [0, 1] (0 = verify full blocks; "
+                       "the threshold sweep is exact only from a threshold-0 run).")
+    flags.DEFINE_string("output_dir", "benchmarks/results/eval", "Directory for eval.json, eval.md, records.npz and "
+                        "the plots.")
+    flags.DEFINE_integer("seed", 0, "Random seed (the same for every drafter).")
+    flags.DEFINE_integer("batch_size", 1, "Prompts decoded together in one batch.", lower_bound=1)
+    flags.DEFINE_integer("draft_vocab_size", 32768, "For random drafters: draft vocabulary size (0 = full).",
+                         lower_bound=0)
+    flags.DEFINE_bool("raw_prompts", False, "Use prompts as they are instead of the training format "
+                      "'Question: ...\\n\\nAnswer:' (the default target is a base model).")
+
+
+def parse_drafter_specs(text: str) -> list[tuple[str, str]]:
+    """'default,DFlash=runs/dflash/drafter' -> [('default', 'default'), ('DFlash', 'runs/dflash/drafter')]."""
+    out = []
+    for item in (s.strip() for s in text.split(",")):
+        if not item:
+            continue
+        label, sep, spec = item.partition("=")
+        label, spec = (label.strip(), spec.strip()) if sep else (item, item)
+        if not label or not spec:
+            raise ValueError(f"--drafters: bad item {item!r}; expected SPEC or LABEL=SPEC")
+        kind = spec.partition(":")[0]
+        if kind not in ("default", "random") and not Path(spec).expanduser().exists():
+            raise FileNotFoundError(f"drafter not found: {spec!r} (expected 'default', 'random:<algorithm>' or a "
+                                    f"drafter directory)")
+        if kind == "random" and spec.partition(":")[2] not in ("", "dspark", "dflash", "eagle3"):
+            raise ValueError(f"--drafters: unknown random drafter {spec!r}; use random:dspark, random:dflash or "
+                             f"random:eagle3")
+        out.append((label, spec))
+    if not out:
+        raise ValueError("--drafters is empty")
+    labels = [label for label, _ in out]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"--drafters: labels must be distinct, got {labels}")
+    return out
+
+
+def load_drafters(target, specs: list[tuple[str, str]], gamma: int | None, draft_vocab_size: int | None, seed: int):
+    from dspark_jax.drafters.factory import load_drafter, with_block_size
+    out = []
+    for label, spec in specs:
+        kind, _, algorithm = spec.partition(":") if spec.startswith("random") else (spec, "", "")
+        drafter = load_drafter(kind, target, algorithm=algorithm or "dspark", gamma=gamma or 7,
+                               draft_vocab_size=draft_vocab_size, seed=seed)
+        if gamma:
+            drafter = with_block_size(drafter, gamma)
+        print(f"drafter {label}: {drafter.source} ({drafter.config.algorithm}, gamma={drafter.config.block_size})",
+              file=sys.stderr)
+        out.append((label, drafter))
+    return out
+
+
+def body() -> None:
+    from dspark_jax.evaluation.datasets import load_benchmarks
+
+    # bad input fails here, before the (slow) JAX imports
+    specs = parse_drafter_specs(FLAGS.drafters)
+    names = [s.strip() for s in FLAGS.datasets.split(",") if s.strip()]
+    if not names:
+        raise ValueError("--datasets is empty")
+    benchmarks = load_benchmarks(names, FLAGS.limit, raw=FLAGS.raw_prompts)
+    if not 0.0 <= FLAGS.confidence_threshold <= 1.0:
+        raise ValueError(f"--confidence_threshold must be in [0, 1], got {FLAGS.confidence_threshold}")
+
+    from dspark_jax.evaluation.report import write_report
+    from dspark_jax.evaluation.suite import EvalConfig, evaluate
+    from dspark_jax.generation import GenerationConfig
+    config = EvalConfig(generation=GenerationConfig(max_new_tokens=FLAGS.max_new_tokens,
+                                                    temperature=FLAGS.temperature, seed=FLAGS.seed,
+                                                    batch_size=FLAGS.batch_size),
+                        confidence_threshold=FLAGS.confidence_threshold)
+
+    from dspark_jax.target import load_target
+    from dspark_jax.utils.machine import describe_machine
+    print(f"loading target {FLAGS.target} ...", file=sys.stderr)
+    target = load_target(FLAGS.target)
+    drafters = load_drafters(target, specs, FLAGS.gamma, FLAGS.draft_vocab_size or None, FLAGS.seed)
+    result = evaluate(target, benchmarks, drafters, config, log=lambda m: print(m, file=sys.stderr, flush=True))
+    paths = write_report(result, FLAGS.output_dir, machine=describe_machine(), target=target.config.name,
+                         command="dspark eval " + " ".join(sys.argv[2:]))
+    md = Path(paths["markdown"]).read_text(encoding="utf-8")
+    print(md.split("\n\n**Speed**")[0])  # the τ table; the rest is in the markdown file
+    print(f"\nwrote {paths['markdown']}, {paths['json']}, {paths['records']} and "
+          f"{sum(1 for k in paths if k not in ('markdown', 'json', 'records'))} plots", file=sys.stderr)
+
+
+def run(argv: list[str]) -> None:
+    _define_flags()
+    run_command("eval", __name__, __doc__, body, argv)

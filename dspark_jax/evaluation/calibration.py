@@ -1,0 +1,123 @@
+"""Sequential Temperature Scaling (paper §3.2.1): calibrate the predicted prefix survival Π_{i<=k} σ(z_i/T_i).
+
+For k = 1..G left to right, with T_1..T_{k-1} fixed, T_k minimises the ECE of the cumulative product against
+the realised survival "first k draft tokens accepted", over the held-out rounds that verified position k:
+a 1-D search over log-spaced temperatures, then golden-section refinement between the best grid point's
+neighbours. A position with fewer than `min_class_count` survivals or failures keeps T_k = 1 (an extreme
+temperature fitted to a handful of outcomes would push c_k to 0 or 1). A positive temperature keeps the
+order of σ(z_k/T_k) at each position; the cumulative product's order across rounds can still change a
+little (its ROC-AUC is reported before and after).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import numpy as np
+
+from dspark_jax.evaluation.reliability import (DEFAULT_BINS, PositionReliability, expected_calibration_error,
+                                               position_reliability)
+
+
+@dataclasses.dataclass(frozen=True)
+class STSConfig:
+    t_min: float = 0.05
+    t_max: float = 20.0
+    grid_points: int = 121
+    refine_iterations: int = 40
+    bins: int = DEFAULT_BINS
+    min_class_count: int = 5
+
+    def __post_init__(self):
+        if not 0 < self.t_min < self.t_max:
+            raise ValueError(f"need 0 < t_min < t_max, got {self.t_min}, {self.t_max}")
+        if self.grid_points < 3 or self.bins < 1 or self.refine_iterations < 0 or self.min_class_count < 0:
+            raise ValueError("grid_points >= 3, bins >= 1, refine_iterations >= 0 and min_class_count >= 0 are "
+                             "required")
+
+
+@dataclasses.dataclass(frozen=True)
+class STSResult:
+    temperatures: tuple[float, ...]
+    fitted: tuple[bool, ...]  # False: too few survivals or failures at that position, T_k kept at 1
+    before: list[PositionReliability]  # raw head (all T = 1)
+    after: list[PositionReliability]  # with the fitted temperatures
+
+
+def _log_sigmoid(x: np.ndarray) -> np.ndarray:
+    return -np.logaddexp(0.0, -x)
+
+
+def survival_confidences(logits: np.ndarray, temperatures: np.ndarray) -> np.ndarray:
+    """c_k = σ(z_k / T_k) for logits [N, G] (float64)."""
+    return np.exp(_log_sigmoid(np.asarray(logits, np.float64) / np.asarray(temperatures, np.float64)))
+
+
+def golden_section_minimize(f: Callable[[float], float], lo: float, hi: float, iterations: int) -> float:
+    """x in [lo, hi] with (locally) smallest f(x); f need not be smooth (ECE is piecewise constant)."""
+    inv_phi = (math.sqrt(5) - 1) / 2
+    a, b = lo, hi
+    c, d = b - inv_phi * (b - a), a + inv_phi * (b - a)
+    fc, fd = f(c), f(d)
+    for _ in range(iterations):
+        if fc <= fd:
+            b, d, fd = d, c, fc
+            c = b - inv_phi * (b - a)
+            fc = f(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + inv_phi * (b - a)
+            fd = f(d)
+    return c if fc <= fd else d
+
+
+def fittable_positions(accept_flags: np.ndarray, proposed: np.ndarray, min_class_count: int) -> np.ndarray:
+    """[G] bool: positions whose verified rounds hold at least `min_class_count` survivals and failures."""
+    flags = np.cumprod(np.asarray(accept_flags, bool), axis=1).astype(bool)
+    verified = np.asarray(proposed)[:, None] > np.arange(flags.shape[1])[None]
+    survived = (flags & verified).sum(0)
+    return (survived >= min_class_count) & (verified.sum(0) - survived >= min_class_count)
+
+
+def fit_sequential_temperatures(logits: np.ndarray, accept_flags: np.ndarray, proposed: np.ndarray,
+                                config: STSConfig = STSConfig()) -> np.ndarray:
+    """Temperatures [G] from held-out rounds: logits [N, G] raw confidence logits, accept_flags [N, G],
+    proposed [N]. Positions that are not `fittable_positions` keep T = 1."""
+    logits = np.asarray(logits, np.float64)
+    flags = np.cumprod(np.asarray(accept_flags, bool), axis=1).astype(bool)
+    proposed = np.asarray(proposed)
+    g = logits.shape[1]
+    temps = np.ones(g)
+    log_prefix = np.zeros(len(logits))  # log Π_{i<k} σ(z_i / T_i) with the fitted T_i
+    grid = np.log(np.geomspace(config.t_min, config.t_max, config.grid_points))
+    fit = fittable_positions(flags, proposed, config.min_class_count)
+    for k in range(g):
+        rows = proposed > k
+        z, label, prior = logits[rows, k], flags[rows, k], log_prefix[rows]
+        if rows.any() and fit[k]:
+            def ece_at(log_t: float) -> float:
+                return expected_calibration_error(np.exp(prior + _log_sigmoid(z / math.exp(log_t))), label,
+                                                  config.bins)
+
+            scores = np.array([ece_at(x) for x in grid])
+            best = scores.min()
+            ties = np.flatnonzero(scores <= best + 1e-12)
+            i = ties[np.argmin(np.abs(grid[ties]))]  # among equal ECEs the temperature closest to 1
+            lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
+            refined = golden_section_minimize(ece_at, lo, hi, config.refine_iterations)
+            temps[k] = math.exp(refined if ece_at(refined) < best else grid[i])
+        log_prefix = log_prefix + _log_sigmoid(logits[:, k] / temps[k])
+    return temps
+
+
+def sequential_temperature_scaling(logits: np.ndarray, accept_flags: np.ndarray, proposed: np.ndarray,
+                                   config: STSConfig = STSConfig()) -> STSResult:
+    """Fits the temperatures and reports per-position reliability before (T = 1) and after."""
+    temps = fit_sequential_temperatures(logits, accept_flags, proposed, config)
+    before = position_reliability(survival_confidences(logits, np.ones_like(temps)), accept_flags, proposed,
+                                  config.bins)
+    after = position_reliability(survival_confidences(logits, temps), accept_flags, proposed, config.bins)
+    fitted = fittable_positions(accept_flags, proposed, config.min_class_count)
+    return STSResult(temperatures=tuple(float(t) for t in temps), fitted=tuple(bool(f) for f in fitted),
+                     before=before, after=after)

@@ -25,8 +25,12 @@ class GenerationConfig:
     top_p: float = 1.0
     seed: int = 0
     batch_size: int = 8
+    attn_impl: str = "reference"  # pallas_kernels.AttentionImpl: reference | pallas | interpret | auto
 
     def __post_init__(self):
+        from pallas_kernels import AttentionImpl
+        if self.attn_impl not in [i.value for i in AttentionImpl]:
+            raise ValueError(f"attn_impl must be one of {[i.value for i in AttentionImpl]}, got {self.attn_impl!r}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.batch_size < 1:
@@ -97,7 +101,7 @@ def generate_text(target: Target, prompts: Sequence[str], config: GenerationConf
     params = SamplingParams.create(bs, config.temperature, config.top_k, config.top_p)
     mode = FilterMode.for_params(config.top_k, config.top_p) if config.temperature > 0 else FilterMode()
     static = dict(max_new_tokens=config.max_new_tokens, stop_ids=target.stop_ids, mode=mode,
-                  pad_id=target.config.pad_token_id)
+                  pad_id=target.config.pad_token_id, attn_impl=config.attn_impl)
     if drafter is None:
         fn, static = generate, dict(graphdef=target.graphdef, **static)
         fixed = dict(state=target.state)

@@ -219,3 +219,10 @@ def test_scheduled_decoding_is_lossless_at_temperature_one(variant):
     codes = (seqs * (V ** np.arange(N_NEW)[::-1])).sum(1)
     _, prob = exact_joint(tg, ts, prompt, SamplingParams.create(1, 1.0), FilterMode())
     assert chi_square_pvalue(codes, prob) > 1e-3
+
+
+def test_attention_implementation_is_validated():
+    from dspark_jax.generation import GenerationConfig
+    assert GenerationConfig(attn_impl="interpret").attn_impl == "interpret"
+    with pytest.raises(ValueError, match="attn_impl must be one of"):
+        GenerationConfig(attn_impl="cuda")

@@ -59,7 +59,7 @@ def define_flag(kind: str, name: str, default, help_text: str, **kwargs) -> None
     their flags on first use so that shared names like --target never clash)."""
     if name not in flags.FLAGS:
         caller = sys._getframe(1).f_globals["__name__"]  # so `dspark <command> --help` lists the flag
-        getattr(flags, f"DEFINE_{kind}")(name, default, help_text, module_name=caller, **kwargs)
+        getattr(flags, f"DEFINE_{kind}")(name=name, default=default, help=help_text, module_name=caller, **kwargs)
 
 
 def load_target_and_drafter(target_spec: str, drafter_spec: str, gamma: int | None = None):
@@ -79,3 +79,8 @@ def load_target_and_drafter(target_spec: str, drafter_spec: str, gamma: int | No
     print(f"drafter: {drafter.source} ({drafter.config.algorithm}, gamma={drafter.config.block_size})",
           file=sys.stderr)
     return target, drafter
+
+
+ATTN_IMPL_HELP = ("Attention implementation: 'reference' (pure JAX), 'pallas' (Pallas kernels: Triton on GPU, Mosaic "
+                  "on TPU, interpret mode on CPU), 'interpret' (kernels in Pallas interpret mode) or 'auto' (kernels "
+                  "on GPU/TPU, reference on CPU). The kernels have been tested in interpret mode only.")

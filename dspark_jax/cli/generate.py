@@ -7,7 +7,7 @@ from pathlib import Path
 
 from absl import flags
 
-from dspark_jax.cli.common import DISTRIBUTED_HELP, MESH_HELP, read_prompts_file, run_command, setup_devices
+from dspark_jax.cli.common import ATTN_IMPL_HELP, DISTRIBUTED_HELP, MESH_HELP, read_prompts_file, run_command, setup_devices
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("prompt", [], "A prompt to complete; repeat the flag for several prompts.")
@@ -36,6 +36,7 @@ flags.DEFINE_float("confidence_threshold", 0.0, "Static confidence threshold in 
                    "the first draft position whose confidence is below it (0 = always verify the full block).")
 flags.DEFINE_integer("draft_vocab_size", 32768, "For --drafter=random: draft vocabulary of the N most frequent "
                      "target tokens (0 = the full target vocabulary).", lower_bound=0)
+flags.DEFINE_enum("attn_impl", "reference", ["reference", "pallas", "interpret", "auto"], ATTN_IMPL_HELP)
 flags.DEFINE_string("mesh", None, MESH_HELP)
 flags.DEFINE_bool("distributed", False, DISTRIBUTED_HELP)
 flags.DEFINE_string("output_json", None, "Write a JSON list with prompt, completion_ids, completion_text, "
@@ -55,7 +56,8 @@ def body() -> None:
     if not prompts:
         raise ValueError("give at least one --prompt or a --prompts_file")
     config = GenerationConfig(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
-                              top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed, batch_size=FLAGS.batch_size)
+                              top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
+                              attn_impl=FLAGS.attn_impl)
     dtype = None if FLAGS.dtype == "auto" else getattr(jnp, FLAGS.dtype)
     if FLAGS.drafter not in ("none", "random", "default") and not Path(FLAGS.drafter).expanduser().exists():
         raise FileNotFoundError(f"drafter not found: {FLAGS.drafter!r} (expected 'none', 'random' or a drafter "

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from absl import flags
 
-from dspark_jax.cli.common import define_flag, load_target_and_drafter, run_command
+from dspark_jax.cli.common import ATTN_IMPL_HELP, define_flag, load_target_and_drafter, run_command
 
 FLAGS = flags.FLAGS
 
@@ -22,6 +22,7 @@ def _define_flags() -> None:
     define_flag("integer", "slots", 8, "Concurrent request slots of the engine.", lower_bound=1)
     define_flag("integer", "max_len", 512, "Cache rows per slot.", lower_bound=16)
     define_flag("integer", "steps", 5, "Timed steps per bucket (median).", lower_bound=1)
+    define_flag("enum", "attn_impl", "reference", ATTN_IMPL_HELP, enum_values=["reference", "pallas", "interpret", "auto"])
     define_flag("string", "output", "benchmarks/results/cost_table.json", "Cost table JSON to write.")
     define_flag("string", "plot", None, "PNG of steps/s and tokens/s vs bucket (default: next to --output).")
 
@@ -32,7 +33,8 @@ def body() -> None:
 
     target, drafter = load_target_and_drafter(FLAGS.target, FLAGS.drafter, FLAGS.gamma)
     print("compiling every bucket ...", file=sys.stderr)
-    engine = Engine(target, drafter, EngineConfig(slots=FLAGS.slots, max_len=FLAGS.max_len, policy="fixed"))
+    engine = Engine(target, drafter, EngineConfig(slots=FLAGS.slots, max_len=FLAGS.max_len, policy="fixed",
+                                                     attn_impl=FLAGS.attn_impl))
     print("profiling ...", file=sys.stderr)
     table = engine.profile(steps=FLAGS.steps)
     print(f"machine: {table.machine}")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from absl import flags
 
-from dspark_jax.cli.common import define_flag, load_target_and_drafter, run_command
+from dspark_jax.cli.common import ATTN_IMPL_HELP, define_flag, load_target_and_drafter, run_command
 
 FLAGS = flags.FLAGS
 
@@ -33,6 +33,7 @@ def _define_flags() -> None:
                 "(interleaved), in the training prompt format.")
     define_flag("integer", "max_prompt_tokens", 96, "Prompts are cut to their first N tokens.", lower_bound=1)
     define_flag("integer", "max_len", 256, "Cache rows per slot.", lower_bound=16)
+    define_flag("enum", "attn_impl", "reference", ATTN_IMPL_HELP, enum_values=["reference", "pallas", "interpret", "auto"])
     define_flag("string", "output_dir", "benchmarks/results/serve_bench", "Where JSON, markdown and plots go.")
 
 
@@ -69,7 +70,8 @@ def body() -> None:
         for p in policies:
             print(f"[concurrency {c}] {p}: compiling{' + profiling' if p.startswith('scheduler') and table is None else ''}"
                   " ...", file=sys.stderr)
-            engine = Engine(target, drafter, engine_config(p, slots=c, max_len=FLAGS.max_len), cost_table=table)
+            engine = Engine(target, drafter, engine_config(p, slots=c, max_len=FLAGS.max_len,
+                                                                  attn_impl=FLAGS.attn_impl), cost_table=table)
             if p.startswith("scheduler"):
                 table = engine.cost_table
                 rows_tables[c] = table.to_json()

@@ -130,3 +130,70 @@ def test_one_step_output_distribution_is_the_target(seed):
     assert counts[~support].sum() == 0
     assert stats.chisquare(counts[support], pt[support] * n).pvalue > 1e-3
     np.testing.assert_allclose(np.asarray(acc).mean(), np.minimum(pt, pd).sum(), atol=0.01)
+
+
+# ---- the lean target side (LazyTokenProbs) against the dense token_probs ----------------------------------
+
+from dspark_jax.decoding.layout import make_layout  # noqa: E402
+from dspark_jax.decoding.sampling import (  # noqa: E402
+    _CANDIDATES, FilterMode, SamplingParams, lazy_token_probs, token_probs)
+
+
+def _flat_round(seed, temperature, top_k, top_p, g=4):
+    """A flattened verification bucket (with padding rows) for len(temperature) requests: logits [T, V], drafts
+    half from the target's argmax (long acceptance), half random; draft distributions over the full vocab."""
+    rng = np.random.default_rng(seed)
+    b, v = len(temperature), 2 * _CANDIDATES
+    n = jnp.asarray(rng.integers(0, g + 1, b), jnp.int32)
+    layout = make_layout(n + 1, jnp.zeros((b,), jnp.int32), int(n.sum()) + b + 3, g + 1)
+    params = SamplingParams(jnp.asarray(temperature, jnp.float32), jnp.asarray(top_k, jnp.int32),
+                            jnp.asarray(top_p, jnp.float32))
+    row_params = jax.tree.map(lambda a: a[layout.slot], params)
+    logits = jnp.asarray(rng.normal(size=(layout.bucket, v)).astype(np.float32) * 3)
+    target_argmax = jnp.argmax(jnp.concatenate([logits, logits[:1]])[layout.grid[:, :g]], -1)
+    draft = jnp.where(jnp.asarray(rng.random((b, g)) < 0.6), target_argmax,
+                      jnp.asarray(rng.integers(0, v, (b, g)))).astype(jnp.int32)
+    pd = jax.nn.softmax(jnp.asarray(rng.normal(size=(b, g, v)).astype(np.float32)) * 3, -1)
+    pd = pd.at[jnp.arange(b)[:, None], jnp.arange(g)[None], draft].add(0.3)
+    pd = pd / pd.sum(-1, keepdims=True)
+    mode = FilterMode.for_params(np.asarray(top_k), np.asarray(top_p))
+    return logits, row_params, mode, layout, draft, pd, n
+
+
+def _verify_both(logits, row_params, mode, layout, draft, pd, n):
+    """A jitted key -> (dense verdict, lean verdict)."""
+    pd_x = jnp.take_along_axis(pd, draft[..., None], -1)[..., 0]
+    full_at = lambda k: jnp.take_along_axis(pd, k[:, None, None], 1)[:, 0]  # noqa: E731
+
+    @jax.jit
+    def run(key):
+        dense = verify(key, draft, pd_x, full_at, token_probs(logits, row_params, mode), n, row_index=layout.grid)
+        lean = verify(key, draft, pd_x, full_at, lazy_token_probs(logits, row_params, mode), n,
+                      row_index=layout.grid)
+        return dense, lean
+    return run
+
+
+@pytest.mark.parametrize("case", [
+    ([0.0, 0.0, 0.0], [0, 0, 0], [1.0, 1.0, 1.0]),  # all greedy: only the argmax is computed
+    ([0.0, 1.0, 1.0, 0.7], [0, 0, 20, 0], [1.0, 1.0, 0.9, 0.8]),  # mixed, top-p beyond the candidates
+    ([1.0, 0.5], [5, 40], [0.6, 1.0]),  # every request with top-k
+])
+def test_lean_verification_equals_dense(case):
+    """Same accepted drafts and next tokens, key by key, as verification on the dense [T, V] token_probs."""
+    args = _flat_round(1, *case)
+    run = _verify_both(*args)
+    accepted = 0
+    for i in range(12):
+        dense, lean = run(jax.random.key(i))
+        for a, b in zip(jax.tree.leaves(dense), jax.tree.leaves(lean)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        accepted += int(lean.num_accepted.sum())
+    assert accepted > 0
+    if case[0][0] == 0.0:  # greedy: argmax matching, next token = target argmax at the stopping row
+        logits, _, _, layout, draft, _, n = args
+        grid = jnp.concatenate([logits, logits[:1]])[layout.grid]
+        t_arg = np.asarray(jnp.argmax(grid, -1))
+        a = int(lean.num_accepted[0])
+        assert a == next((k for k in range(int(n[0])) if draft[0, k] != t_arg[0, k]), int(n[0]))
+        assert int(lean.next_token[0]) == t_arg[0, a]

@@ -84,3 +84,134 @@ def test_filter_logits_without_filters_is_temperature_only():
     logits = jnp.asarray([[1.0, 2.0, 3.0]])
     out = filter_logits(logits, SamplingParams.create(1, 2.0), FilterMode())
     np.testing.assert_allclose(np.asarray(out), [[0.5, 1.0, 1.5]])
+
+
+# ---- threshold filters without a sort, fast argmax / categorical, lazy token_probs ------------------------
+
+from dspark_jax.decoding.sampling import (  # noqa: E402
+    _CANDIDATES, categorical, fast_argmax, filter_threshold, lazy_token_probs)
+
+
+def np_kept(x, top_k, top_p):
+    """Reference kept set on scaled float32 values x (float64 masses): the top-k value and its ties, then the
+    values whose mass strictly above (within the top-k set) is < top_p · mass — every tie of a kept value."""
+    vals = np.sort(x)[::-1]
+    kth = vals[top_k - 1] if top_k > 0 else -np.inf
+    keep = x >= kth
+    if top_p >= 1.0:
+        return keep
+    p = np.where(keep, np.exp(x.astype(np.float64) - x.max()), 0.0)
+    uniq, inv = np.unique(x, return_inverse=True)  # ascending distinct values
+    group = np.bincount(inv, weights=p, minlength=len(uniq))
+    above = np.cumsum(group[::-1])[::-1] - group  # mass strictly above each distinct value
+    ok = (above < top_p * p.sum()) & (uniq >= kth)
+    return x >= uniq[ok].min()
+
+
+def _kept(logits, params, mode):
+    return np.isfinite(np.asarray(jax.jit(filter_logits, static_argnums=2)(jnp.asarray(logits), params, mode)))
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_threshold_filters_match_the_sort_definition_including_ties(quantized):
+    """Rows with and without top-k, nucleus inside and beyond the top-k candidates (full-row search), ties."""
+    rng = np.random.default_rng(4 + quantized)
+    b, v = 12, 3 * _CANDIDATES
+    logits = rng.normal(size=(b, v)).astype(np.float32) * np.array([0.3, 1, 3, 8] * 3, np.float32)[:, None]
+    if quantized:
+        logits = np.round(logits * 2) / 2  # many ties, exact zeros
+    temp = np.array([1.0, 0.5] * 6, np.float32)  # 1 / T exact: the reference scales the same way
+    top_k = np.array([0, 0, 0, 0, 1, 7, 50, 0, 0, 3, 0, 40], np.int32)
+    top_p = np.array([0.9, 0.37, 0.95, 0.6, 0.9, 0.5, 0.83, 1.0, 0.99, 1.0, 0.2, 0.7], np.float32)
+    params = SamplingParams(jnp.asarray(temp), jnp.asarray(top_k), jnp.asarray(top_p))
+    got = _kept(logits, params, FilterMode.for_params(top_k, top_p))
+    x = logits * (np.float32(1) / temp)[:, None]
+    for r in range(b):
+        np.testing.assert_array_equal(got[r], np_kept(x[r], top_k[r], top_p[r]), err_msg=f"row {r}")
+    assert got[[0, 1, 2, 3]].sum(1).max() > _CANDIDATES  # the full-row search did run
+    # every request with top-k: the candidate-only mode gives the same sets
+    k_rows = top_k > 0
+    sub = SamplingParams(*(jnp.asarray(a[k_rows]) for a in (temp, top_k, top_p)))
+    mode = FilterMode.for_params(top_k[k_rows], top_p[k_rows])
+    assert mode.all_top_k
+    np.testing.assert_array_equal(_kept(logits[k_rows], sub, mode), got[k_rows])
+
+
+def test_top_p_threshold_among_tiny_and_zero_logits():
+    """The nucleus ends among values within 2^-100 of zero (where the arithmetic compare needs care)."""
+    v = 2 * _CANDIDATES
+    base = np.full(v, -30.0, np.float32)
+    base[:40] = 3.0
+    # normal floats whose differences are denormal (flushed to zero by XLA:CPU), exact zeros, ±0
+    tiny = np.array([0.0, 1.3e-38, 1.25e-38, -1.2e-38, -1.22e-38, 2e-33, 1e-31, 1.2e-38, -0.0, 4e-30], np.float32)
+    base[40:50] = tiny
+    rows, ps = [], []
+    for p in np.linspace(0.987, 0.99999, 24, dtype=np.float32):  # mass above each tiny value: 40 + j · e^-3
+        rows.append(np.random.default_rng(len(rows)).permutation(base))
+        ps.append(p)
+    logits = np.stack(rows)
+    params = SamplingParams(jnp.ones(len(ps)), jnp.zeros(len(ps), jnp.int32), jnp.asarray(ps))
+    got = _kept(logits, params, FilterMode(top_p=True))
+    for r in range(len(ps)):
+        np.testing.assert_array_equal(got[r], np_kept(logits[r], 0, ps[r]), err_msg=f"row {r}")
+    assert len({int(n) for n in got.sum(1)}) >= 7  # the boundary moved through the tiny values
+
+
+def test_top_p_one_is_off_in_a_top_p_batch():
+    logits = jnp.asarray(np.random.default_rng(6).normal(size=(2, 300)).astype(np.float32) * 5)
+    params = SamplingParams(jnp.ones(2), jnp.zeros(2, jnp.int32), jnp.asarray([1.0, 0.5]))
+    assert _kept(logits, params, FilterMode(top_p=True))[0].all()
+    assert filter_threshold(logits, SamplingParams.create(2), FilterMode()) is None
+
+
+def test_fast_argmax_is_jnp_argmax():
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(9, 500)).astype(np.float32)
+    x[1, [3, 80]] = 10.0  # ties: the first index
+    x[2] = np.round(x[2])
+    x[3, ::2] = -np.inf
+    x[4] = 0.0
+    x[4, 17] = 0.0  # max exactly 0, all tied
+    x[5] -= 5.0
+    x[5, 123] = 0.0
+    x[6] = -1.0
+    x[6, [10, 20]] = [1.25e-38, 1.3e-38]  # their difference flushes to zero: the jnp.argmax fallback
+    x[7] = -x[7] ** 2 - 1e-20
+    x[8, 42] = 1e30
+    for batch in (x, np.where(np.arange(9)[:, None] == 0, np.nan, x), np.where(np.arange(500) == 9, np.inf, x)):
+        np.testing.assert_array_equal(np.asarray(jax.jit(fast_argmax)(jnp.asarray(batch))),
+                                      np.asarray(jnp.argmax(jnp.asarray(batch), -1)))
+
+
+def test_categorical_is_jax_random_categorical():
+    rng = np.random.default_rng(8)
+    logits = rng.normal(size=(6, 700)).astype(np.float32) * 3
+    logits[2, rng.random(700) < 0.9] = -np.inf
+    logits = jnp.asarray(logits)
+    for i in range(20):
+        key = jax.random.key(i)
+        np.testing.assert_array_equal(np.asarray(jax.jit(categorical)(key, logits)),
+                                      np.asarray(jax.random.categorical(key, logits, axis=-1)))
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.0, 0, 1.0), (1.0, 0, 1.0), (1.0, 20, 0.9), (0.7, 0, 0.8)])
+def test_lazy_token_probs_is_token_probs(temperature, top_k, top_p):
+    rng = np.random.default_rng(9)
+    t, v = 6, 2 * _CANDIDATES
+    logits = jnp.asarray(rng.normal(size=(t, v)).astype(np.float32) * 3)
+    params = SamplingParams(jnp.asarray([temperature] * 4 + [0.0, 1.0], jnp.float32),
+                            jnp.full((t,), top_k, jnp.int32), jnp.full((t,), top_p, jnp.float32))
+    if temperature == 0:  # an all-greedy batch (the lazy statistics are skipped)
+        params = SamplingParams.create(t)
+    mode = FilterMode.for_params(top_k, top_p)
+    dense = np.asarray(jax.jit(token_probs, static_argnums=2)(logits, params, mode))
+    lazy = jax.jit(lazy_token_probs, static_argnums=2)(logits, params, mode)
+    rows = jnp.repeat(jnp.arange(t), 8)
+    toks = jnp.asarray(rng.integers(0, v, t * 8)).at[::8].set(jnp.argmax(logits, -1)).at[1::8].set(
+        jnp.argsort(-logits, -1)[:, 3])
+    at = np.asarray(jax.jit(lambda p, r, k: p[r, k])(lazy, rows, toks))
+    full = np.asarray(jax.jit(lambda p, r: p[r])(lazy, jnp.arange(t)[::-1]))[::-1]
+    # same formula on the same per-row values; XLA:CPU may still pick different exp kernels (1 ulp) per fusion
+    np.testing.assert_allclose(at, dense[np.asarray(rows), np.asarray(toks)], rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(full, dense, rtol=1e-6, atol=1e-12)
+    assert ((full > 0) == (dense > 0)).all()

@@ -3,6 +3,9 @@
 Accept draft token x_k with probability min(1, p_t(x_k) / p_d(x_k)) left to right; at the first rejection
 sample from normalize(max(p_t - p_d, 0)); if every proposed token is accepted sample a bonus from p_t.
 With one-hot distributions (temperature 0) this is greedy matching.
+
+The target side is either a dense p_target array or a `LazyTokenProbs` (the verification round): only the
+drafted tokens' probabilities and one full row per request (the stopping row) are ever read.
 """
 from __future__ import annotations
 
@@ -10,6 +13,8 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+
+from dspark_jax.decoding.sampling import LazyTokenProbs, categorical
 
 
 @jax.tree_util.register_dataclass
@@ -37,27 +42,42 @@ def residual_distribution(p_target: jax.Array, p_draft: jax.Array) -> jax.Array:
     return jnp.where(mass > 1e-12, r / jnp.maximum(mass, 1e-30), p_target)
 
 
-def verify(key: jax.Array, draft_tokens: jax.Array, p_draft_x: jax.Array, p_draft_full_at, p_target: jax.Array,
-           proposal_len: jax.Array, row_index: jax.Array | None = None) -> Verdict:
+def verify(key: jax.Array, draft_tokens: jax.Array, p_draft_x: jax.Array, p_draft_full_at,
+           p_target: jax.Array | LazyTokenProbs, proposal_len: jax.Array,
+           row_index: jax.Array | None = None) -> Verdict:
     """Rejection-samples a batch of draft blocks.
 
     draft_tokens: [B, G] target ids; p_draft_x: [B, G] p_d of each drafted token; p_draft_full_at(k): [B] -> [B, V]
     returns the draft distribution at per-request position k over the full vocabulary; proposal_len: [B] in 0..G.
     Target distributions: either p_target [B, G+1, V] (row k scores draft token k, row G is the bonus), or
     flat rows p_target [T, V] with row_index [B, G+1] naming request b's k-th row (the flattened
-    verification layout; rows past proposal_len are never read).
+    verification layout; rows past proposal_len are never read). p_target may be a `LazyTokenProbs` over the
+    flat rows (row_index optional as above, rows = b·(G+1) + k): it is indexed exactly like the dense array.
     """
     b, g = draft_tokens.shape
     if row_index is None:
         row_index = jnp.arange(b * (g + 1), dtype=jnp.int32).reshape(b, g + 1)
-        p_target = p_target.reshape(b * (g + 1), -1)
+        if not isinstance(p_target, LazyTokenProbs):
+            p_target = p_target.reshape(b * (g + 1), -1)
     row_index = jnp.clip(row_index, 0, p_target.shape[0] - 1)
     k_u, k_next = jax.random.split(key)
     p_target_x = p_target[row_index[:, :g], draft_tokens]
     accepted = accept_flags(jax.random.uniform(k_u, (b, g)), p_target_x, p_draft_x, proposal_len)
     num = accepted.sum(1).astype(jnp.int32)
-    pt_at = p_target[jnp.take_along_axis(row_index, num[:, None], axis=1)[:, 0]]
+    stop_row = jnp.take_along_axis(row_index, num[:, None], axis=1)[:, 0]
     rejected = num < proposal_len
-    dist = jnp.where(rejected[:, None], residual_distribution(pt_at, p_draft_full_at(jnp.minimum(num, g - 1))), pt_at)
-    nxt = jax.random.categorical(k_next, jnp.log(jnp.maximum(dist, 0.0)), axis=-1).astype(jnp.int32)
+
+    def draw():
+        pt_at = p_target[stop_row]
+        dist = jnp.where(rejected[:, None], residual_distribution(pt_at, p_draft_full_at(jnp.minimum(num, g - 1))),
+                         pt_at)
+        return categorical(k_next, jnp.log(jnp.maximum(dist, 0.0)))
+
+    if isinstance(p_target, LazyTokenProbs):
+        # a greedy row's target is one-hot at its argmax, and so is its residual (or the fallback to p_t):
+        # the draw is the argmax whatever the key — skip building the rows when every request is greedy
+        nxt = jax.lax.cond(jnp.all(p_target.greedy[stop_row]),
+                           lambda: p_target.argmax[stop_row].astype(jnp.int32), draw)
+    else:
+        nxt = draw()
     return Verdict(num_accepted=num, accepted=accepted, next_token=nxt)

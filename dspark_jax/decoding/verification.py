@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from dspark_jax.decoding.layout import TokenLayout, from_grid, to_grid
 from dspark_jax.decoding.rejection import verify
-from dspark_jax.decoding.sampling import FilterMode, SamplingParams, token_probs
+from dspark_jax.decoding.sampling import FilterMode, SamplingParams, lazy_token_probs
 from dspark_jax.drafters.base import Proposal
 
 
@@ -46,7 +46,8 @@ def verify_round(target, drafter, tcache, dstate, proposal: Proposal, anchor: ja
     grid_tokens = jnp.concatenate([anchor[:, None], proposal.tokens], axis=1)  # [B, G+1]
     out = target.forward_flat(from_grid(grid_tokens, layout), layout, tcache, tap_layers=taps, attn_impl=attn_impl)
     row_params = jax.tree.map(lambda a: a[layout.slot], params)
-    p_target = token_probs(target.logits(out.hidden), row_params, mode)  # [T, V]
+    # token_probs [T, V], read only at the drafted tokens and at each request's stopping row (never materialised)
+    p_target = lazy_token_probs(target.logits(out.hidden), row_params, mode)
     p_dx = jnp.take_along_axis(proposal.p_draft, proposal.draft_index[..., None], axis=-1)[..., 0]
 
     def p_draft_full_at(k):

@@ -292,7 +292,10 @@ class Trainer:
                 elapsed = time.perf_counter() - t0
                 scalars = {k: float(v) for k, v in m.items() if np.ndim(v) == 0}
                 scalars["tokens_per_s"] = tokens_seen / max(elapsed, 1e-9)
-                bar.set_postfix(loss=f"{scalars['loss']:.3f}", tau=f"{scalars.get('tau_probabilistic', 0):.2f}")
+                shown = {"loss": f"{scalars['loss']:.3f}"}
+                if "tau_probabilistic" in scalars:  # only losses with a confidence head estimate τ
+                    shown["tau"] = f"{scalars['tau_probabilistic']:.2f}"
+                bar.set_postfix(**shown)
                 if writer:
                     for k, v in scalars.items():
                         writer.add_scalar(f"train/{k}", v, self.micro_step)

@@ -14,7 +14,6 @@ import sys
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ["JAX_PLATFORMS"] = "cpu"
 
-import dataclasses  # noqa: E402
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -25,39 +24,25 @@ from flax import nnx  # noqa: E402
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
-from configs.tiny import tiny_gemma3  # noqa: E402
 from dspark_jax import generation  # noqa: E402
 from dspark_jax.decoding.autoregressive import generate  # noqa: E402
 from dspark_jax.decoding.sampling import SamplingParams  # noqa: E402
 from dspark_jax.drafters.config import make_drafter_config  # noqa: E402
 from dspark_jax.drafters.dspark import DSparkDrafter  # noqa: E402
 from dspark_jax.drafters.factory import Drafter  # noqa: E402
-from dspark_jax.models.transformer import Transformer  # noqa: E402
 from dspark_jax.parallel import make_mesh, shard_state  # noqa: E402
 from dspark_jax.target import Target  # noqa: E402
 from dspark_jax.training.target_cache import TargetCache, build_target_cache, make_sequence  # noqa: E402
 from dspark_jax.training.trainer import TrainConfig, Trainer  # noqa: E402
 from oracle_drafter import OracleDrafter  # noqa: E402
+from tiny_target import make_tiny_target  # noqa: E402
 
 PROMPTS = ["hello", "sharded decoding", "a", "the same tokens", "x y z"]  # 5: the data axis pads the batch
 
 
-class CharTokenizer:
-    """Characters → ids 3..96 (BOS 2, EOS 1, pad 0): enough for generate_text's host side."""
-    vocab_size, bos_id, eos_id, pad_id, stop_ids = 97, 2, 1, 0, (1,)
-
-    def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        return ([2] if add_bos else []) + [3 + ord(c) % 94 for c in text]
-
-    def decode(self, ids) -> str:
-        return "".join(chr(i - 3) if i >= 3 else "" for i in ids)
-
-
 def make_target() -> Target:
     # mlp 64, heads 4x8, kv heads 2x8 split over model=4; the vocabulary of 97 is replicated (not divisible)
-    cfg = dataclasses.replace(tiny_gemma3(num_layers=2), bos_token_id=2, eos_token_ids=(1,))
-    graphdef, state = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
-    return Target(cfg, graphdef, state, CharTokenizer(), "tiny")
+    return make_tiny_target(num_layers=2)
 
 
 def make_drafter(target: Target) -> Drafter:

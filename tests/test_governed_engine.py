@@ -7,24 +7,17 @@ from __future__ import annotations
 import dataclasses
 import json
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from configs.tiny import tiny_gemma3
-from dspark_jax.decoding.autoregressive import generate
-from dspark_jax.decoding.sampling import SamplingParams
 from dspark_jax.drafters.factory import random_drafter
 from dspark_jax.governance import GovernedRequest, Governor, RequestRejected, policy_from_dict
 from dspark_jax.governance.ab import baseline_policy, check_workload, run_ab
 from dspark_jax.governance.ab_report import recommend, write_ab
 from dspark_jax.governance.serving import GovernedEngine, GovernorRelay, engine_request
-from dspark_jax.models.transformer import Transformer
 from dspark_jax.serving.engine import Engine, EngineConfig, RequestStats
 from dspark_jax.serving.scheduler import CostTable
-from dspark_jax.target import Target
+from tiny_target import make_tiny_target, plain_greedy
 
 POLICY = {
     "gamma": 3, "cost_per_hour_usd": 36.0,
@@ -43,10 +36,6 @@ POLICY = {
 PROMPTS = [[int(t) for t in np.random.default_rng(i).integers(3, 97, size=3 + (5 * i) % 11)] for i in range(6)]
 
 
-class Tok:
-    vocab_size, bos_id, eos_id, pad_id, stop_ids = 97, 2, 1, 0, (1,)
-
-
 class RecordingGovernor(Governor):
     """A real Governor that also keeps every round it is told about."""
 
@@ -62,9 +51,7 @@ class RecordingGovernor(Governor):
 
 @pytest.fixture(scope="module")
 def target():
-    cfg = dataclasses.replace(tiny_gemma3(), bos_token_id=2, eos_token_ids=(1,))
-    graphdef, state = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
-    return Target(cfg, graphdef, state, Tok(), "tiny")
+    return make_tiny_target()
 
 
 @pytest.fixture(scope="module")
@@ -81,13 +68,8 @@ def policy():
 
 @pytest.fixture(scope="module")
 def greedy(target):
-    def run(prompt, n):
-        toks = jnp.asarray([prompt + [0] * (32 - len(prompt))], jnp.int32)
-        out = generate(target.graphdef, target.state, toks, jnp.asarray([len(prompt)]), jax.random.key(0),
-                       SamplingParams.create(1), max_new_tokens=n, stop_ids=target.stop_ids)
-        return [int(t) for t in out.tokens[0, :int(out.num_tokens[0])]]
     cache = {}
-    return lambda prompt, n: cache.setdefault((tuple(prompt), n), run(prompt, n))
+    return lambda prompt, n: cache.setdefault((tuple(prompt), n), plain_greedy(target, prompt, n))
 
 
 def test_class_settings_reach_the_engine_round_by_round(engine, policy, greedy):

@@ -10,24 +10,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs.tiny import tiny_gemma3
 from dspark_jax.decoding.autoregressive import generate
 from dspark_jax.decoding.sampling import SamplingParams
-from dspark_jax.models.transformer import Transformer
 from dspark_jax.target import Target
 from dspark_jax.training.target_cache import TargetCache, build_target_cache, make_sequence
 from dspark_jax.training.trainer import TrainConfig, Trainer
-
-
-class FakeTokenizer:
-    vocab_size, bos_id, eos_id, pad_id, stop_ids = 97, 2, 1, 0, (1,)
+from tiny_target import make_tiny_target
 
 
 @pytest.fixture(scope="module")
 def target():
-    cfg = dataclasses.replace(tiny_gemma3(), bos_token_id=2, eos_token_ids=(1,))
-    graphdef, state = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
-    return Target(cfg, graphdef, state, FakeTokenizer(), "tiny")
+    return make_tiny_target()
 
 
 @pytest.fixture(scope="module")

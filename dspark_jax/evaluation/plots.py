@@ -10,29 +10,19 @@ import numpy as np
 from dspark_jax.evaluation.reliability import (DEFAULT_BINS, expected_calibration_error, reliability_curve,
                                                roc_auc)
 from dspark_jax.evaluation.sweep import SweepPoint
+from dspark_jax.utils.files import pyplot, save_figure
 
 LINE_STYLES = ("-", "--", "-.", ":")
 
 
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    _pyplot().close(fig)
-    return path
+    return save_figure(fig, path, tight=True)
 
 
 def plot_position_acceptance(curves: Mapping[str, Mapping[str, np.ndarray]], path: str | Path,
                              title: str = "", ylabel: str = "Cond. acceptance") -> Path:
     """curves[domain][drafter] = [G] per-position values; one panel per domain, one line per drafter."""
-    plt = _pyplot()
+    plt = pyplot()
     domains = list(curves)
     fig, axes = plt.subplots(1, len(domains), figsize=(4.2 * len(domains), 3.4), squeeze=False)
     for ax, domain in zip(axes[0], domains):
@@ -56,7 +46,7 @@ def plot_position_acceptance(curves: Mapping[str, Mapping[str, np.ndarray]], pat
 
 def plot_threshold_sweep(points: Mapping[str, Sequence[SweepPoint]], path: str | Path, title: str = "") -> Path:
     """points[domain] = sweep; stacked bars accepted / rejected draft tokens per round, acceptance-rate line."""
-    plt = _pyplot()
+    plt = pyplot()
     domains = list(points)
     fig, axes = plt.subplots(1, len(domains), figsize=(4.4 * len(domains), 3.4), squeeze=False)
     for ax, domain in zip(axes[0], domains):
@@ -90,7 +80,7 @@ def plot_reliability(series: Mapping[str, Sequence[tuple[np.ndarray, np.ndarray]
     """series[name] = per-position (predicted survival, realised) pairs, e.g. {"before": ..., "after": ...}.
     One panel per position: observed vs predicted per bin, the diagonal, and the first series' sample
     histogram shaded behind."""
-    plt = _pyplot()
+    plt = pyplot()
     names = list(series)
     g = len(series[names[0]])
     cols = min(g, 4)

@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from dspark_jax.governance.ab import ARMS
 from dspark_jax.governance.policy import GovernancePolicy
+from dspark_jax.utils.files import atomic_write_text, pyplot, save_figure
 
 MIN_GAIN = 0.05  # a p50 latency gain smaller than this is noise at these sample sizes
 
@@ -220,12 +219,9 @@ def format_markdown(result: dict, tables: dict, header: str = "") -> str:
 def plot_ab(tables: dict, output_dir: str | Path) -> list[Path]:
     """ab_latency.png (p50 / p95), ab_cost.png ($ per M output tokens, $ per ok request) and
     ab_tokens_per_cycle.png (tokens per cycle, rejection rate), baseline vs accelerated per class."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from dspark_jax.governance.report import _bars
 
+    plt = pyplot()
     output_dir = Path(output_dir)
     names = list(tables)
 
@@ -247,8 +243,7 @@ def plot_ab(tables: dict, output_dir: str | Path) -> list[Path]:
         for ax, (key, ylabel, title) in zip(axes, panels):
             _bars(ax, names, pair(key), ylabel, f"{title}: baseline vs accelerated")
         fig.tight_layout()
-        written.append(_save_figure(fig, output_dir / filename))
-        plt.close(fig)
+        written.append(save_figure(fig, output_dir / filename))
     return written
 
 
@@ -260,35 +255,9 @@ def write_ab(result: dict, policy: GovernancePolicy, output_dir: str | Path, hea
     output_dir.mkdir(parents=True, exist_ok=True)
     tables = ab_tables(result, policy, min_gain)
     payload = dict(result, header=header, min_gain=min_gain, tables=tables)
-    paths = [_atomic_text(output_dir / "ab.json", json.dumps(_json_safe(payload), indent=1, allow_nan=False) + "\n"),
-             _atomic_text(output_dir / "ab.md", format_markdown(result, tables, header))]
+    paths = [atomic_write_text(output_dir / "ab.json", json.dumps(_json_safe(payload), indent=1, allow_nan=False) + "\n"),
+             atomic_write_text(output_dir / "ab.md", format_markdown(result, tables, header))]
     return paths + plot_ab(tables, output_dir)
-
-
-def _atomic_text(path: Path, text: str) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 is for the temporary only
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _save_figure(fig, path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110, format="png")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _json_safe(value: Any) -> Any:

@@ -4,6 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from dspark_jax.utils.files import pyplot, save_figure
+
 STATE_LEVELS = {"rolled_back": 0, "probing": 1, "speculative": 2}
 
 
@@ -96,22 +98,15 @@ def _bars(ax, names: list[str], series: dict[str, list[float | None]], ylabel: s
 def plot_report(snapshot: dict, output_dir: str | Path) -> list[Path]:
     """Writes accepted_per_round.png, cost_per_million_tokens.png, latency_percentiles.png and, when there were
     switches, speculation_timeline.png to `output_dir`; returns their paths."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     by_class = snapshot["by_class"]
     names = list(by_class)
     written = []
 
     def save(fig, name: str) -> None:
-        path = output_dir / name
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(fig, output_dir / name))
 
     def column(key: str) -> list[float | None]:
         return [by_class[n][key] for n in names]

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
+
+from dspark_jax.utils.files import atomic_write_text
 
 SNAPSHOT_SCHEMA = "dspark-governance-snapshot/1"
 REQUIRED_KEYS = ("time", "totals", "by_class", "by_tenant", "groups", "classes", "switches", "quotas")
@@ -12,18 +12,7 @@ REQUIRED_KEYS = ("time", "totals", "by_class", "by_tenant", "groups", "classes",
 
 def write_snapshot(path: str | Path, snapshot: dict) -> Path:
     """Writes `snapshot` as JSON to `path` via a temporary file in the same directory and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(snapshot, f, indent=1, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(path, json.dumps(snapshot, indent=1, allow_nan=False) + "\n")
 
 
 def read_snapshot(path: str | Path) -> dict:

@@ -1,0 +1,45 @@
+"""Writing result files atomically (a temporary in the same folder, then a rename: a reader or a crash never
+sees half a file) and PNG figures with matplotlib's Agg backend."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+
+def _atomic(path: str | Path, write: Callable[[str], None]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 is for the temporary only
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Writes `text` to `path` (creating parent folders) atomically."""
+    return _atomic(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path: str | Path, dpi: int = 110, tight: bool = False) -> Path:
+    """Saves `fig` as PNG to `path` atomically (creating parent folders) and closes it."""
+    try:
+        return _atomic(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png",
+                                                     bbox_inches="tight" if tight else None))
+    finally:
+        pyplot().close(fig)

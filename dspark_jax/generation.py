@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -83,17 +83,13 @@ def pad_batch(batch: Sequence[Sequence[int]], pad_id: int, batch_size: int) -> t
     return tokens, np.array([len(r) for r in rows], np.int32)
 
 
-def generate_text(target: Target, prompts: Sequence[str], config: GenerationConfig = GenerationConfig(),
-                  progress: Callable[[int, int], None] | None = None, drafter=None,
-                  confidence_threshold: float = 0.0, mesh: Mesh | None = None) -> list[Completion]:
-    """Generates completions for `prompts` in batches of `config.batch_size`: plain autoregressive, or
-    speculative with `drafter` (a `dspark_jax.drafters.factory.Drafter`).
-
-    With a `mesh` (`dspark_jax.parallel.make_mesh`), weights are split by their logical axes (tensor
-    parallelism over `model`) and requests over `data`; the batch is rounded up to a multiple of `data`."""
+def decode_batches(target: Target, encoded: Sequence[Sequence[int]], config: GenerationConfig, drafter=None,
+                   confidence_threshold: float = 0.0, mesh: Mesh | None = None) -> Iterator[tuple[int, int, Any, float]]:
+    """Decodes token prompts in batches of `config.batch_size` (padded, one key per batch, compiled once per
+    shape); yields (index of the batch's first prompt, its number of prompts, the batch's output on the host,
+    seconds without compiling)."""
     if not 0.0 <= confidence_threshold <= 1.0:
         raise ValueError(f"confidence_threshold must be in [0, 1], got {confidence_threshold}")
-    encoded = encode_prompts(target, prompts, config.max_new_tokens)
     bs = min(config.batch_size, len(encoded))
     if mesh is not None:  # whole requests per data shard
         data = mesh.shape.get("data", 1)
@@ -114,7 +110,6 @@ def generate_text(target: Target, prompts: Sequence[str], config: GenerationConf
         fixed = {k: shard_state(v, mesh) if k.endswith("state") else replicate(v, mesh) for k, v in fixed.items()}
         params = shard_batch(params, mesh)
     key = jax.random.key(config.seed)
-    results: list[Completion] = []
     for start in range(0, len(encoded), bs):
         chunk = encoded[start:start + bs]
         tokens, lens = pad_batch(chunk, target.config.pad_token_id, bs)
@@ -125,8 +120,21 @@ def generate_text(target: Target, prompts: Sequence[str], config: GenerationConf
         executable = _compiled(fn, static, args)
         t0 = time.perf_counter()
         out = jax.device_get(executable(**args)) if mesh is None else to_host(executable(**args))
-        seconds = time.perf_counter() - t0
-        for i, ids in enumerate(chunk):
+        yield start, len(chunk), out, time.perf_counter() - t0
+
+
+def generate_text(target: Target, prompts: Sequence[str], config: GenerationConfig = GenerationConfig(),
+                  progress: Callable[[int, int], None] | None = None, drafter=None,
+                  confidence_threshold: float = 0.0, mesh: Mesh | None = None) -> list[Completion]:
+    """Generates completions for `prompts` in batches of `config.batch_size`: plain autoregressive, or
+    speculative with `drafter` (a `dspark_jax.drafters.factory.Drafter`).
+
+    With a `mesh` (`dspark_jax.parallel.make_mesh`), weights are split by their logical axes (tensor
+    parallelism over `model`) and requests over `data`; the batch is rounded up to a multiple of `data`."""
+    encoded = encode_prompts(target, prompts, config.max_new_tokens)
+    results: list[Completion] = []
+    for start, count, out, seconds in decode_batches(target, encoded, config, drafter, confidence_threshold, mesh):
+        for i in range(count):
             n = int(out.num_tokens[i])
             comp = [int(t) for t in out.tokens[i, :n]]
             extra = {}

@@ -60,16 +60,20 @@ def _kernel_or_reference(impl: AttentionImpl | str, q: jax.Array, k: jax.Array, 
     return backend
 
 
-def _simulate_tpu() -> bool:
-    return jax.default_backend() != "tpu"
+def _folded_rows(backend: str, n: int) -> int:
+    """Rows the folded queries are padded to: a power of two >= 16 for Triton, a multiple of 16 for Mosaic."""
+    return -(-n // 16) * 16 if backend == "mosaic" else max(16, next_pow2(n))
 
 
-def _gpu_rows(n: int) -> int:
-    return max(16, next_pow2(n))
-
-
-def _tpu_rows(n: int) -> int:
-    return -(-n // 16) * 16
+def _ranged(backend: str, q_folded: jax.Array, lo: jax.Array, hi: jax.Array, kv: tuple[jax.Array, ...],
+            scale: float) -> jax.Array:
+    """The kernel of `backend` on folded queries; Mosaic off TPU runs in TPU interpret mode."""
+    if backend == "mosaic":
+        return tpu_attention.ranged_attention(q_folded, lo, hi, *kv, scale=float(scale),
+                                              interpret=jax.default_backend() != "tpu")
+    interpret = backend == "interpret"
+    return gpu_attention.ranged_attention(q_folded, lo, hi, *kv, scale=float(scale), interpret=interpret,
+                                          config=_INTERPRET_CONFIG if interpret else gpu_attention.GpuConfig())
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, *, scale: float,
@@ -82,20 +86,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, 
                                           kv_positions=kv_positions)
     b, t, h, _ = q.shape
     s, kvh = k.shape[1], k.shape[2]
-    group = h // kvh
-    if backend == "mosaic":
-        rows = _tpu_rows(t * group)
-        lo, hi = causal_bounds(q_positions, group, rows, s, window)
-        out = tpu_attention.ranged_attention(fold_queries(q, kvh, rows), lo, hi, k, v, scale=float(scale),
-                                             interpret=_simulate_tpu())
-    else:
-        rows = _gpu_rows(t * group)
-        lo, hi = causal_bounds(q_positions, group, rows, s, window)
-        interpret = backend == "interpret"
-        out = gpu_attention.ranged_attention(
-            fold_queries(q, kvh, rows), lo, hi, k, v, scale=float(scale), interpret=interpret,
-            config=_INTERPRET_CONFIG if interpret else gpu_attention.GpuConfig())
-    return unfold_output(out, t, h)
+    rows = _folded_rows(backend, t * (h // kvh))
+    lo, hi = causal_bounds(q_positions, h // kvh, rows, s, window)
+    return unfold_output(_ranged(backend, fold_queries(q, kvh, rows), lo, hi, (k, v), scale), t, h)
 
 
 def block_attention(q: jax.Array, ctx_k: jax.Array, ctx_v: jax.Array, ctx_len: jax.Array, blk_k: jax.Array,
@@ -107,18 +100,11 @@ def block_attention(q: jax.Array, ctx_k: jax.Array, ctx_v: jax.Array, ctx_len: j
     b, g, h, _ = q.shape
     s, kvh = ctx_k.shape[1], ctx_k.shape[2]
     group = h // kvh
-    if backend == "mosaic":
-        rows = _tpu_rows(g * group)
-        k = tpu_attention.append_block(ctx_k, blk_k, ctx_len)
-        v = tpu_attention.append_block(ctx_v, blk_v, ctx_len)
+    rows = _folded_rows(backend, g * group)
+    if backend == "mosaic":  # no extra-keys operand: the block is written after the context
+        kv = (tpu_attention.append_block(ctx_k, blk_k, ctx_len), tpu_attention.append_block(ctx_v, blk_v, ctx_len))
         lo, hi = prefix_bounds(jnp.minimum(ctx_len, s) + g, g, group, rows, s + g)
-        out = tpu_attention.ranged_attention(fold_queries(q, kvh, rows), lo, hi, k, v, scale=float(scale),
-                                             interpret=_simulate_tpu())
     else:
-        rows = _gpu_rows(g * group)
+        kv = (ctx_k, ctx_v, blk_k, blk_v)
         lo, hi = prefix_bounds(ctx_len, g, group, rows, s)
-        interpret = backend == "interpret"
-        out = gpu_attention.ranged_attention(
-            fold_queries(q, kvh, rows), lo, hi, ctx_k, ctx_v, blk_k, blk_v, scale=float(scale),
-            interpret=interpret, config=_INTERPRET_CONFIG if interpret else gpu_attention.GpuConfig())
-    return unfold_output(out, g, h)
+    return unfold_output(_ranged(backend, fold_queries(q, kvh, rows), lo, hi, kv, scale), g, h)

@@ -14,7 +14,7 @@ import sys
 
 from absl import flags
 
-from dspark_jax.cli.common import define_flag, load_target_and_drafter, run_command
+from dspark_jax.cli.common import define_flag, define_serving_flags, load_target_and_drafter, run_command
 
 FLAGS = flags.FLAGS
 
@@ -28,10 +28,7 @@ def _define_flags() -> None:
     define_flag("integer", "concurrency", 3, "Requests running together (engine slots; block size).", lower_bound=1)
     define_flag("float", "cost_per_hour", None, "All-in serving cost per hour in USD (default: the policy's).")
     define_flag("string", "output_dir", "benchmarks/results/ab", "Where ab.md, ab.json and plots go.")
-    define_flag("string", "target", "gemma3-270m", "Target model: 'gemma3-270m' (the embedded default), a .gguf "
-                "file or a Hugging Face model directory.")
-    define_flag("string", "drafter", "default", "Drafter: 'default' (shipped), 'random:<dspark|dflash|eagle3>' or "
-                "a drafter directory.")
+    define_serving_flags(attn_impl=False)
     define_flag("string", "engine_policy", "scheduler", "Engine draft policy for requests that do not set their "
                 "own: scheduler (profiles SPS(B) at start; needed by hardware_aware classes), fixedN, threshold.")
     define_flag("integer", "max_prompt_tokens", 96, "Prompts are cut to their first N tokens.", lower_bound=1)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from absl import flags
 
-from dspark_jax.cli.common import read_prompts_file, run_command
+from dspark_jax.cli.common import TARGET_HELP, read_prompts_file, run_command
 
 FLAGS = flags.FLAGS
 
@@ -35,8 +35,7 @@ def _define_flags() -> None:
     flags.DEFINE_string("output", None, "New drafter directory to write (a copy of --drafter with the fitted "
                         "temperatures).")
     flags.DEFINE_bool("in_place", False, "Write the temperatures into the --drafter directory itself.")
-    flags.DEFINE_string("target", "gemma3-270m", "Target model: 'gemma3-270m' (the embedded default), a .gguf file "
-                        "or a Hugging Face model directory.")
+    flags.DEFINE_string("target", "gemma3-270m", TARGET_HELP)
     flags.DEFINE_string("prompts_file", None, 'Held-out prompts as a JSONL file of {"turns": [...]} objects (used in '
                         "the training format); default: the built-in held-out split (see --help).")
     flags.DEFINE_integer("num_prompts", 48, "Held-out prompts to decode.", lower_bound=1)

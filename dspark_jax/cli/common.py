@@ -54,12 +54,30 @@ def setup_devices(mesh: str | None, distributed: bool):
     return make_mesh(mesh) if mesh else None
 
 
-def define_flag(kind: str, name: str, default, help_text: str, **kwargs) -> None:
+def define_flag(kind: str, name: str, default, help_text: str, *, module_name: str | None = None,
+                **kwargs) -> None:
     """Defines an absl flag unless a command imported earlier in this process already did (commands define
-    their flags on first use so that shared names like --target never clash)."""
+    their flags on first use so that shared names like --target never clash). The flag belongs to
+    `module_name` (default: the caller's module), so `dspark <command> --help` lists it."""
     if name not in flags.FLAGS:
-        caller = sys._getframe(1).f_globals["__name__"]  # so `dspark <command> --help` lists the flag
-        getattr(flags, f"DEFINE_{kind}")(name=name, default=default, help=help_text, module_name=caller, **kwargs)
+        module_name = module_name or sys._getframe(1).f_globals["__name__"]
+        getattr(flags, f"DEFINE_{kind}")(name=name, default=default, help=help_text, module_name=module_name,
+                                         **kwargs)
+
+
+TARGET_HELP = ("Target model: 'gemma3-270m' (the embedded default), a .gguf file or a Hugging Face model directory "
+               "(config.json + *.safetensors).")
+SERVING_DRAFTER_HELP = "Drafter: 'default' (shipped), 'random:<dspark|dflash|eagle3>' or a drafter directory."
+ATTN_IMPLS = ["reference", "pallas", "interpret", "auto"]
+
+
+def define_serving_flags(attn_impl: bool = True) -> None:
+    """--target, --drafter (and --attn_impl) of the commands that run the serving engine."""
+    caller = sys._getframe(1).f_globals["__name__"]
+    define_flag("string", "target", "gemma3-270m", TARGET_HELP, module_name=caller)
+    define_flag("string", "drafter", "default", SERVING_DRAFTER_HELP, module_name=caller)
+    if attn_impl:
+        define_flag("enum", "attn_impl", "reference", ATTN_IMPL_HELP, enum_values=ATTN_IMPLS, module_name=caller)
 
 
 def load_target_and_drafter(target_spec: str, drafter_spec: str, gamma: int | None = None):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from absl import flags
 
-from dspark_jax.cli.common import run_command
+from dspark_jax.cli.common import TARGET_HELP, run_command
 
 FLAGS = flags.FLAGS
 
@@ -31,8 +31,7 @@ def _define_flags() -> None:
     flags.DEFINE_string("drafters", "default", "Comma-separated drafters, each 'default' (the shipped drafter), a "
                         "drafter directory, or 'random:<dspark|dflash|eagle3>'; 'LABEL=SPEC' names one in the "
                         "report.")
-    flags.DEFINE_string("target", "gemma3-270m", "Target model: 'gemma3-270m' (the embedded default), a .gguf file "
-                        "or a Hugging Face model directory.")
+    flags.DEFINE_string("target", "gemma3-270m", TARGET_HELP)
     flags.DEFINE_integer("limit", None, "Use the first N prompts of each set (default: all).", lower_bound=1)
     flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 = greedy.", lower_bound=0.0)
     flags.DEFINE_integer("max_new_tokens", 256, "New tokens per prompt (fewer if a stop token comes).", lower_bound=1)

@@ -7,13 +7,13 @@ from pathlib import Path
 
 from absl import flags
 
-from dspark_jax.cli.common import ATTN_IMPL_HELP, DISTRIBUTED_HELP, MESH_HELP, read_prompts_file, run_command, setup_devices
+from dspark_jax.cli.common import (ATTN_IMPL_HELP, ATTN_IMPLS, DISTRIBUTED_HELP, MESH_HELP, TARGET_HELP,
+                                   read_prompts_file, run_command, setup_devices)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("prompt", [], "A prompt to complete; repeat the flag for several prompts.")
 flags.DEFINE_string("prompts_file", None, 'JSONL file of {"turns": [...]} objects; the first turn of each is a prompt.')
-flags.DEFINE_string("target", "gemma3-270m", "Target model: 'gemma3-270m' (the embedded default), a .gguf file "
-                    "or a Hugging Face model directory (config.json + *.safetensors).")
+flags.DEFINE_string("target", "gemma3-270m", TARGET_HELP)
 flags.DEFINE_integer("max_new_tokens", 64, "Exact number of new tokens per prompt (fewer if a stop token comes).",
                      lower_bound=1)
 flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 = greedy.", lower_bound=0.0)
@@ -36,7 +36,7 @@ flags.DEFINE_float("confidence_threshold", 0.0, "Static confidence threshold in 
                    "the first draft position whose confidence is below it (0 = always verify the full block).")
 flags.DEFINE_integer("draft_vocab_size", 32768, "For --drafter=random: draft vocabulary of the N most frequent "
                      "target tokens (0 = the full target vocabulary).", lower_bound=0)
-flags.DEFINE_enum("attn_impl", "reference", ["reference", "pallas", "interpret", "auto"], ATTN_IMPL_HELP)
+flags.DEFINE_enum("attn_impl", "reference", ATTN_IMPLS, ATTN_IMPL_HELP)
 flags.DEFINE_string("mesh", None, MESH_HELP)
 flags.DEFINE_bool("distributed", False, DISTRIBUTED_HELP)
 flags.DEFINE_string("output_json", None, "Write a JSON list with prompt, completion_ids, completion_text, "

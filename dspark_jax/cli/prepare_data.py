@@ -17,7 +17,7 @@ from pathlib import Path
 
 from absl import flags
 
-from dspark_jax.cli.common import read_prompts_file, run_command
+from dspark_jax.cli.common import TARGET_HELP, read_prompts_file, run_command
 
 FLAGS = flags.FLAGS
 SETTINGS_NAME = "prepare_settings.json"
@@ -31,8 +31,7 @@ def _define_flags() -> None:
         return
     from dspark_jax.training.responses import RegenConfig
     d = RegenConfig()
-    flags.DEFINE_string("target", "gemma3-270m", "Target model: 'gemma3-270m' (the embedded default), a .gguf file "
-                        "or a Hugging Face model directory (config.json + *.safetensors).")
+    flags.DEFINE_string("target", "gemma3-270m", TARGET_HELP)
     flags.DEFINE_string("output_dir", None, "Directory for responses.jsonl, the cache and data_stats.json "
                         "(required). Rerunning with the same directory resumes.")
     flags.DEFINE_string("mix", None, "Training prompts per source, e.g. 'gsm8k=500,livecodebench=350,"

@@ -13,7 +13,6 @@ import pytest
 from flax import nnx
 
 from configs.tiny import tiny_gemma3
-from dspark_jax.decoding.autoregressive import generate
 from dspark_jax.decoding.sampling import FilterMode, SamplingParams
 from dspark_jax.drafters.factory import random_drafter
 from dspark_jax.models.transformer import Transformer
@@ -21,19 +20,14 @@ from dspark_jax.serving import device_step
 from dspark_jax.serving.engine import Engine, EngineConfig, Request, RequestError
 from dspark_jax.serving.scheduler import CostTable, capacity, schedule_synchronous
 from dspark_jax.target import Target
+from tiny_target import CharTokenizer, make_tiny_target, plain_greedy
 
 TABLE = CostTable((4, 8, 16), (100.0, 70.0, 40.0))  # jagged enough that policies differ
 
 
-class Tok:
-    vocab_size, bos_id, eos_id, pad_id, stop_ids = 97, 2, 1, 0, (1,)
-
-
 @pytest.fixture(scope="module")
 def target():
-    cfg = dataclasses.replace(tiny_gemma3(), bos_token_id=2, eos_token_ids=(1,))
-    graphdef, state = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
-    return Target(cfg, graphdef, state, Tok(), "tiny")
+    return make_tiny_target()
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +36,6 @@ def drafter(target):
 
 
 PROMPTS = [list(np.random.default_rng(i).integers(3, 97, size=3 + (5 * i) % 11)) for i in range(9)]
-
-
-def plain_greedy(target, prompt, n):
-    toks = jnp.asarray([prompt + [0] * (32 - len(prompt))], jnp.int32)
-    out = generate(target.graphdef, target.state, toks, jnp.asarray([len(prompt)]), jax.random.key(0),
-                   SamplingParams.create(1), max_new_tokens=n, stop_ids=target.stop_ids)
-    return [int(t) for t in out.tokens[0, :int(out.num_tokens[0])]]
 
 
 @pytest.fixture(scope="module")
@@ -153,9 +140,29 @@ def test_engine_profiles_its_buckets_when_given_no_cost_table(target, drafter):
     engine = Engine(target, drafter, EngineConfig(slots=2, max_len=64, policy="scheduler"))
     table = engine.cost_table
     assert table.buckets == engine.compiled_shapes["step"] == (2, 4, 8)
-    assert all(s > 0 for s in table.steps_per_s) and engine.idle
+    assert engine.compiled_shapes["plain_step"] == (2,)
+    assert all(s > 0 for s in table.steps_per_s) and table.plain_steps_per_s > 0 and engine.idle
     rid = engine.submit(Request(PROMPTS[0], max_new_tokens=12))
     assert engine.result(rid) == plain_greedy(target, PROMPTS[0], 12)
+
+
+@pytest.mark.parametrize("policy", ["scheduler", "scheduler_async"])
+def test_plain_fallback_runs_the_target_alone_when_drafting_does_not_pay(target, drafter, expected, policy):
+    never = dataclasses.replace(TABLE, plain_steps_per_s=1000.0)  # 10x the fastest draft step: never draft
+    engine = Engine(target, drafter, EngineConfig(slots=4, max_len=64, policy=policy, probe_every=3),
+                    cost_table=never)
+    ids = [engine.submit(Request(p, max_new_tokens=12 + i)) for i, p in enumerate(PROMPTS)]
+    engine.run_until_idle()
+    assert [engine.tokens(i) for i in ids] == expected
+    draft_steps = engine.steps - engine.plain_steps
+    blind = 3 if policy == "scheduler_async" else 0  # async drafts until it has read confidences (3 steps)
+    assert engine.plain_steps >= 3 * (draft_steps - blind - 1) and engine.plain_steps > 0  # then ≤ 1 probe per 3
+    assert engine.compiled_shapes["plain_step"] == (4,)
+    always = dataclasses.replace(TABLE, plain_steps_per_s=1e-3)
+    engine = Engine(target, drafter, EngineConfig(slots=4, max_len=64, policy=policy), cost_table=always)
+    ids = [engine.submit(Request(p, max_new_tokens=12 + i)) for i, p in enumerate(PROMPTS)]
+    engine.run_until_idle()
+    assert [engine.tokens(i) for i in ids] == expected and engine.plain_steps == 0
 
 
 def test_request_draft_caps_are_respected(target, drafter, expected):
@@ -181,7 +188,7 @@ def test_scheduled_decoding_is_lossless_at_temperature_one(variant):
     from test_speculative import chi_square_pvalue, exact_joint
     cfg = tiny_gemma3(vocab_size=V)
     tg, ts = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
-    tgt = Target(cfg, tg, ts, Tok(), "tiny-v6")
+    tgt = Target(cfg, tg, ts, CharTokenizer(), "tiny-v6")
     dr = random_drafter(tgt, "dspark", gamma=2, num_layers=1, seed=3)
     params = SamplingParams.create(S, 1.0)
     prompt = [1, 3, 2]

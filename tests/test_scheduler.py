@@ -2,6 +2,8 @@
 statistical test: the synchronous search without early stop is biased, the two lossless variants are not."""
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,8 +11,8 @@ import pytest
 from scipy import stats
 
 from dspark_jax.decoding.rejection import verify
-from dspark_jax.serving.scheduler import (CostTable, allocate_top_k, capacity, fixed_lengths, schedule_synchronous,
-                                          survival, threshold_lengths)
+from dspark_jax.serving.scheduler import (CostTable, allocate_top_k, capacity, drafting_pays, expected_throughput,
+                                          fixed_lengths, schedule_synchronous, survival, threshold_lengths)
 
 SMOOTH = CostTable((1, 2, 3, 4, 5, 6, 7, 8), (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65))
 
@@ -66,6 +68,26 @@ def test_cost_table_lookup_and_validation(tmp_path):
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(ValueError, match="not valid JSON"):
         CostTable.load(tmp_path / "bad.json")
+    with_plain = dataclasses.replace(t, plain_steps_per_s=12.5)
+    assert CostTable.load(with_plain.save(tmp_path / "p.json")) == with_plain
+    legacy = CostTable.from_json(dict(buckets=[4, 8], steps_per_s=[2.0, 1.0]))  # tables written before the field
+    assert legacy.plain_steps_per_s is None
+    with pytest.raises(ValueError, match="plain steps/s"):
+        dataclasses.replace(t, plain_steps_per_s=-1.0)
+
+
+def test_drafting_pays_compares_expected_throughput_with_the_draft_free_step():
+    conf = np.array([[0.9, 0.5], [0.2, 0.9]])
+    table = CostTable((2, 3, 4), (10.0, 8.0, 6.0))
+    # verifying (2, 1) drafts: B = 2 + 3 = 5 > the largest bucket -> 0; verifying (1, 0): B = 3, τ = 2 + 0.9
+    assert expected_throughput(conf, np.array([2, 1]), table) == 0.0
+    assert expected_throughput(conf, np.array([1, 0]), table) == pytest.approx(2.9 * 8.0)
+    assert expected_throughput(conf, np.array([0, 0]), table) == pytest.approx(2 * 10.0)
+    assert drafting_pays(conf, np.array([1, 0]), table)  # no profiled draft-free step: never turn drafting off
+    assert drafting_pays(conf, np.array([1, 0]), dataclasses.replace(table, plain_steps_per_s=11.5))  # 23.2 > 23
+    assert not drafting_pays(conf, np.array([1, 0]), dataclasses.replace(table, plain_steps_per_s=11.7))
+    # no drafts at all: the draft step costs the drafter for nothing, so any faster draft-free step wins
+    assert not drafting_pays(conf, np.array([0, 0]), dataclasses.replace(table, plain_steps_per_s=10.1))
 
 
 def test_static_policies():

@@ -1,5 +1,6 @@
 """`dspark profile`: steps per second of the engine's real draft+verify step at every verification bucket on
-this machine — the SPS(B) cost table the hardware-aware scheduler uses. Prints the table, writes it as JSON
+this machine, and of the draft-free step (target alone) — the SPS(B) cost table the hardware-aware scheduler
+uses. Prints the table, writes it as JSON
 (`--output`) and plots it (`--plot`)."""
 from __future__ import annotations
 
@@ -8,21 +9,17 @@ from pathlib import Path
 
 from absl import flags
 
-from dspark_jax.cli.common import ATTN_IMPL_HELP, define_flag, load_target_and_drafter, run_command
+from dspark_jax.cli.common import define_flag, define_serving_flags, load_target_and_drafter, run_command
 
 FLAGS = flags.FLAGS
 
 
 def _define_flags() -> None:
-    define_flag("string", "target", "gemma3-270m", "Target model: 'gemma3-270m' (the embedded default), a .gguf "
-                "file or a Hugging Face model directory.")
-    define_flag("string", "drafter", "default", "Drafter: 'default' (shipped), 'random:<dspark|dflash|eagle3>' or "
-                "a drafter directory.")
+    define_serving_flags()
     define_flag("integer", "gamma", None, "Draft block size (default: the drafter's).", lower_bound=1)
     define_flag("integer", "slots", 8, "Concurrent request slots of the engine.", lower_bound=1)
     define_flag("integer", "max_len", 512, "Cache rows per slot.", lower_bound=16)
     define_flag("integer", "steps", 5, "Timed steps per bucket (median).", lower_bound=1)
-    define_flag("enum", "attn_impl", "reference", ATTN_IMPL_HELP, enum_values=["reference", "pallas", "interpret", "auto"])
     define_flag("string", "output", "benchmarks/results/cost_table.json", "Cost table JSON to write.")
     define_flag("string", "plot", None, "PNG of steps/s and tokens/s vs bucket (default: next to --output).")
 
@@ -32,15 +29,16 @@ def body() -> None:
     from dspark_jax.serving.plots import plot_cost_table
 
     target, drafter = load_target_and_drafter(FLAGS.target, FLAGS.drafter, FLAGS.gamma)
-    print("compiling every bucket ...", file=sys.stderr)
-    engine = Engine(target, drafter, EngineConfig(slots=FLAGS.slots, max_len=FLAGS.max_len, policy="fixed",
-                                                     attn_impl=FLAGS.attn_impl))
-    print("profiling ...", file=sys.stderr)
-    table = engine.profile(steps=FLAGS.steps)
+    print("compiling every bucket and profiling ...", file=sys.stderr)
+    engine = Engine(target, drafter, EngineConfig(slots=FLAGS.slots, max_len=FLAGS.max_len, policy="scheduler",
+                                                     attn_impl=FLAGS.attn_impl, profile_steps=FLAGS.steps))
+    table = engine.cost_table
     print(f"machine: {table.machine}")
     print(f"{'tokens (bucket)':>16} {'steps/s':>9} {'tokens/s':>10}")
     for b, s in zip(table.buckets, table.steps_per_s):
         print(f"{b:>16} {s:>9.2f} {b * s:>10.1f}")
+    print(f"{'no drafter':>16} {table.plain_steps_per_s:>9.2f} {FLAGS.slots * table.plain_steps_per_s:>10.1f}"
+          "   (target alone, one token per slot: the scheduler's plain fallback)")
     out = table.save(FLAGS.output)
     plot = Path(FLAGS.plot) if FLAGS.plot else out.with_suffix(".png")
     plot_cost_table(table, plot)

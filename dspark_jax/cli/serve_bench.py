@@ -7,22 +7,18 @@ paper's Fig. 7, verification budget vs concurrency like Fig. 8). Scheduler engin
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
 from absl import flags
 
-from dspark_jax.cli.common import ATTN_IMPL_HELP, define_flag, load_target_and_drafter, run_command
+from dspark_jax.cli.common import define_flag, define_serving_flags, load_target_and_drafter, run_command
 
 FLAGS = flags.FLAGS
 
 
 def _define_flags() -> None:
-    define_flag("string", "target", "gemma3-270m", "Target model: 'gemma3-270m' (the embedded default), a .gguf "
-                "file or a Hugging Face model directory.")
-    define_flag("string", "drafter", "default", "Drafter: 'default' (shipped), 'random:<dspark|dflash|eagle3>' or "
-                "a drafter directory.")
+    define_serving_flags()
     define_flag("string", "policies", "plain,fixed1,fixed3,fixed7,threshold,scheduler,scheduler_async",
                 "Comma-separated policies: plain, fixedN, threshold[@T], scheduler, scheduler_async.")
     define_flag("string", "concurrency", "1,2,4,8,16,32", "Comma-separated numbers of concurrent clients.")
@@ -33,7 +29,6 @@ def _define_flags() -> None:
                 "(interleaved), in the training prompt format.")
     define_flag("integer", "max_prompt_tokens", 96, "Prompts are cut to their first N tokens.", lower_bound=1)
     define_flag("integer", "max_len", 256, "Cache rows per slot.", lower_bound=16)
-    define_flag("enum", "attn_impl", "reference", ATTN_IMPL_HELP, enum_values=["reference", "pallas", "interpret", "auto"])
     define_flag("string", "output_dir", "benchmarks/results/serve_bench", "Where JSON, markdown and plots go.")
 
 
@@ -78,7 +73,8 @@ def body() -> None:
             r = closed_loop(engine, p, prompts, c, FLAGS.requests_per_client, FLAGS.max_new_tokens)
             rows.append(dataclasses.asdict(r))
             print(f"[concurrency {c}] {p}: {r.aggregate_tps:.1f} tok/s aggregate, {r.per_user_tps:.2f} tok/s/user, "
-                  f"{r.verified_per_round:.2f} drafts verified/step, τ {r.accept_length:.2f}", file=sys.stderr)
+                  f"{r.verified_per_round:.2f} drafts verified/step, τ {r.accept_length:.2f}"
+                  + (f", {r.plain_steps}/{r.steps} steps without drafter" if r.plain_steps else ""), file=sys.stderr)
             _write(out_dir, rows, rows_tables, describe_machine())  # partial results survive an interruption
     print(_markdown(rows))
     paths = plot_load(rows, out_dir)
@@ -87,24 +83,24 @@ def body() -> None:
 
 
 def _markdown(rows: list[dict]) -> str:
-    lines = ["| concurrency | policy | aggregate tok/s | tok/s per user | drafts verified / step | τ | steps |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| concurrency | policy | aggregate tok/s | tok/s per user | drafts verified / step | τ | steps "
+             "| of which without drafter |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['concurrency']} | {r['policy']} | {r['aggregate_tps']:.1f} | {r['per_user_tps']:.2f} | "
-                     f"{r['verified_per_round']:.2f} | {r['accept_length']:.2f} | {r['steps']} |")
+                     f"{r['verified_per_round']:.2f} | {r['accept_length']:.2f} | {r['steps']} | "
+                     f"{r.get('plain_steps', 0)} |")
     return "\n".join(lines)
 
 
 def _write(out_dir: Path, rows: list[dict], cost_tables: dict, machine: str) -> None:
+    from dspark_jax.utils.files import atomic_write_text
     from dspark_jax.utils.results import write_result
     cmd = "dspark serve-bench " + " ".join(f"--{k}={getattr(FLAGS, k)}" for k in (
         "target", "drafter", "policies", "concurrency", "requests_per_client", "max_new_tokens", "prompt_sets",
         "max_prompt_tokens", "max_len"))
     write_result(out_dir / "serve_bench.json", dict(command=cmd, machine=machine, results=rows,
                                                     cost_tables={str(k): v for k, v in cost_tables.items()}))
-    tmp = out_dir / ".serve_bench.md.tmp"
-    tmp.write_text(f"`{cmd}`\n\nMachine: {machine}\n\n{_markdown(rows)}\n")
-    tmp.replace(out_dir / "serve_bench.md")
+    atomic_write_text(out_dir / "serve_bench.md", f"`{cmd}`\n\nMachine: {machine}\n\n{_markdown(rows)}\n")
 
 
 def run(argv: list[str]) -> None:

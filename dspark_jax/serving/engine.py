@@ -28,7 +28,7 @@ from flax import nnx
 from dspark_jax.decoding.sampling import FilterMode, SamplingParams, validate_sampling
 from dspark_jax.generation import bucket_length
 from dspark_jax.serving import device_step
-from dspark_jax.serving.scheduler import CostTable, capacity, schedule_synchronous, threshold_lengths
+from dspark_jax.serving.scheduler import CostTable, drafting_pays, schedule_synchronous, threshold_lengths
 
 POLICIES = ("plain", "fixed", "threshold", "scheduler", "scheduler_async")
 REQUEST_MODES = ("default", "off", "fixed", "static_threshold", "hardware_aware")
@@ -40,7 +40,10 @@ class EngineConfig:
     policy: plain | fixed (γ = gamma) | threshold (confidence >= threshold) | scheduler (Alg. 1, synchronous,
     early stop) | scheduler_async (§5.2: budget from confidences two steps old, fresh top-K ranking on
     device, next step dispatched before the current one is read); buckets: verification sizes in tokens
-    (default: powers of two from slots up to slots·(G+1)); mode: sampling filters compiled in."""
+    (default: powers of two from slots up to slots·(G+1)); mode: sampling filters compiled in.
+    plain_fallback (scheduler policies): when a draft step is not expected to beat the draft-free step
+    (profiled SPS), steps run the target alone; every `probe_every` such steps one draft step refreshes the
+    confidences the decision is made on. profile_steps: timed steps per bucket when profiling at start."""
     slots: int = 8
     max_len: int = 512
     policy: str = "scheduler"
@@ -50,6 +53,9 @@ class EngineConfig:
     mode: FilterMode = FilterMode()
     attn_impl: str = "reference"
     seed: int = 0
+    plain_fallback: bool = True
+    probe_every: int = 8
+    profile_steps: int = 5
 
     def __post_init__(self):
         if self.slots < 1:
@@ -62,6 +68,10 @@ class EngineConfig:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
         if self.gamma is not None and self.gamma < 0:
             raise ValueError(f"gamma must be >= 0, got {self.gamma}")
+        if self.probe_every < 1:
+            raise ValueError(f"probe_every must be >= 1, got {self.probe_every}")
+        if self.profile_steps < 1:
+            raise ValueError(f"profile_steps must be >= 1, got {self.profile_steps}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,19 +160,24 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stop_thread = threading.Event()
         self._history: collections.deque[np.ndarray] = collections.deque(maxlen=2)
-        self._pending = None  # async policy: (StepOutput future, owners)
+        self._pending = None  # async policy: (StepOutput future, owners, step kind)
+        self._last_probe_read = False  # async policy: the latest confidences come from a probe read just now
+        self._fresh = np.zeros(config.slots, bool)  # slot's pending proposal was drafted at its current anchor
+        self._plain_run = 0  # draft-free steps since the last draft step
         self.steps = 0
+        self.plain_steps = 0  # of `steps`, those that ran without the drafter (plain fallback)
         self.bucket_counts: collections.Counter[int] = collections.Counter()
         self._state = device_step.init_engine_state(target.model, nnx.merge(drafter.graphdef, drafter.state),
                                                     config.slots, config.max_len, jax.random.key(config.seed))
         self._compile()
         if config.policy.startswith("scheduler") and cost_table is None:
-            self.cost_table = self.profile()  # the scheduler needs SPS(B) of this machine
+            self.cost_table = self.profile(config.profile_steps)  # the scheduler needs SPS(B) of this machine
 
     def profile(self, steps: int = 5, prompt_len: int = 16) -> CostTable:
         """Measures steps/s of the real draft+verify step at every bucket on this machine: all slots busy,
-        each step verifying exactly `bucket` tokens; median of `steps` timed steps after one warm-up. The
-        engine must be idle; its state is reset afterwards."""
+        each step verifying exactly `bucket` tokens; median of `steps` timed steps after one warm-up; and of
+        the draft-free step when the engine has one (scheduler policies with plain_fallback). The engine must
+        be idle; its state is reset afterwards."""
         if not self.idle:
             raise RuntimeError("profile an idle engine")
         s, cfg = self.config.slots, self.config
@@ -172,7 +187,10 @@ class Engine:
         width = next(p for p in self._admit_exec if p >= prompt_len)
         prompts = np.full((1, width), 3, np.int32)
         sps = []
-        for bucket in self.buckets:
+        runs = [(b, self._step_exec[b]) for b in self.buckets]
+        if self._plain_exec is not None:
+            runs.append((self._plain_bucket, self._plain_exec))
+        for bucket, executable in runs:
             for i in range(s):
                 self._state, _, _ = self._admit_exec[width](
                     **self._dynamic, state=self._state, slots=jnp.asarray([i], jnp.int32), prompts=jnp.asarray(prompts),
@@ -182,7 +200,7 @@ class Engine:
             times = []
             for k in range(steps + 1):
                 t0 = time.perf_counter()
-                self._state, out = self._step_exec[bucket](**self._dynamic, state=self._state, caps=caps,
+                self._state, out = executable(**self._dynamic, state=self._state, caps=caps,
                                                            floors=jnp.zeros((s,), jnp.float32),
                                                            draft_budget=jnp.int32(bucket - s),
                                                            stops=jnp.full_like(self._stops, -1))
@@ -193,7 +211,8 @@ class Engine:
         for i in range(s):
             self._state = self._deactivate(self._state, jnp.int32(i))
         from dspark_jax.utils.machine import describe_machine
-        return CostTable(self.buckets, tuple(sps), machine=describe_machine())
+        plain = sps.pop() if self._plain_exec is not None else None
+        return CostTable(self.buckets, tuple(sps), machine=describe_machine(), plain_steps_per_s=plain)
 
     # ---- compilation -------------------------------------------------------------------------------
     def _compile(self) -> None:
@@ -214,6 +233,12 @@ class Engine:
                 **common, state=self._state, caps=jnp.zeros((s,), jnp.int32), floors=jnp.zeros((s,), jnp.float32),
                 draft_budget=jnp.int32(0),
                 stops=self._stops, bucket=b, draft=draft, mode=cfg.mode, attn_impl=cfg.attn_impl).compile()
+        self._plain_exec, self._plain_bucket = None, next(b for b in buckets if b >= s)
+        if cfg.policy.startswith("scheduler") and cfg.plain_fallback:  # the draft-free step the scheduler may pick
+            self._plain_exec = step_jit.lower(
+                **common, state=self._state, caps=jnp.zeros((s,), jnp.int32), floors=jnp.zeros((s,), jnp.float32),
+                draft_budget=jnp.int32(0), stops=self._stops, bucket=self._plain_bucket, draft=False,
+                mode=cfg.mode, attn_impl=cfg.attn_impl).compile()
         admit_jit = jax.jit(device_step.admit, static_argnames=("target_graphdef", "drafter_graphdef", "mode",
                                                                  "attn_impl"), donate_argnames=("state",))
         self._admit_exec = {}
@@ -229,7 +254,10 @@ class Engine:
     @property
     def compiled_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every executable the engine will ever run (built at start; calls never compile)."""
-        return dict(step=tuple(self._step_exec), admit=tuple(self._admit_exec))
+        shapes = dict(step=tuple(self._step_exec), admit=tuple(self._admit_exec))
+        if self._plain_exec is not None:
+            shapes["plain_step"] = (self._plain_bucket,)
+        return shapes
 
     # ---- public API --------------------------------------------------------------------------------
     def submit(self, request: Request) -> int:
@@ -338,8 +366,8 @@ class Engine:
             if self.config.policy == "scheduler_async":
                 self._step_async()
             elif any(s is not None for s in self._slots):
-                caps, budget = self._sync_lengths()
-                out = self._dispatch(caps, budget)
+                caps, budget, kind = self._sync_plan()
+                out = self._dispatch(caps, budget, kind)
                 self._deliver(jax.device_get(out), list(self._slots))
 
     def _floors(self) -> np.ndarray:
@@ -358,39 +386,80 @@ class Engine:
                 floors[i] = r.confidence_floor
         return floors
 
-    def _dispatch(self, caps: np.ndarray, budget: int):
-        n_active = sum(s is not None for s in self._slots)
-        bucket = next(b for b in self.buckets if b >= min(n_active + budget, self.buckets[-1]))
-        self.bucket_counts[bucket] += 1
+    def _dispatch(self, caps: np.ndarray, budget: int, kind: str = "draft"):
+        """Runs one step: "draft" (verify + draft the next proposals), "probe" (a draft step after draft-free
+        ones) or "plain" (the target alone: no drafts verified, none proposed)."""
         self.steps += 1
-        self._state, out = self._step_exec[bucket](**self._dynamic, state=self._state,
-                                                   caps=jnp.asarray(caps, jnp.int32),
-                                                   floors=jnp.asarray(self._floors()),
-                                                   draft_budget=jnp.int32(budget), stops=self._stops)
+        if kind == "plain":
+            executable, budget = self._plain_exec, 0
+            self.plain_steps += 1
+            self._plain_run += 1
+            self._fresh[:] = False
+        else:
+            n_active = sum(s is not None for s in self._slots)
+            bucket = next(b for b in self.buckets if b >= min(n_active + budget, self.buckets[-1]))
+            self.bucket_counts[bucket] += 1
+            executable = self._step_exec[bucket]
+            self._plain_run = 0
+            self._fresh[:] = True
+        self._state, out = executable(**self._dynamic, state=self._state, caps=jnp.asarray(caps, jnp.int32),
+                                      floors=jnp.asarray(self._floors()), draft_budget=jnp.int32(budget),
+                                      stops=self._stops)
         return out
 
+    def _kind(self, confidence: np.ndarray | None, lengths: np.ndarray, adaptive: np.ndarray) -> str:
+        """Plain fallback: "plain" when every drafting request is hardware-aware and a draft step is not
+        expected to pay (or drafting is already off and no probe is due), "probe" when one is due, else "draft"."""
+        act = np.array([s is not None for s in self._slots])
+        if self._plain_exec is None or (act & ~adaptive & (lengths > 0)).any():
+            return "draft"
+        if (act & ~self._fresh).any():  # drafting is off: proposals are stale
+            return "plain" if self._plain_run < self.config.probe_every else "probe"
+        if confidence is None:
+            return "draft"
+        return "draft" if drafting_pays(confidence[act], lengths[act], self.cost_table) else "plain"
+
+    def _adaptive(self) -> np.ndarray:
+        """Slots whose request follows the engine's scheduler (draft_mode default or hardware_aware)."""
+        return np.array([s is not None and s.request.draft_mode in ("default", "hardware_aware")
+                         for s in self._slots])
+
     def _step_async(self) -> None:
-        """Dispatch step t+1 (budget from the confidences we hold, two steps old) before reading step t."""
+        """Dispatch step t+1 (budget from the confidences we hold, two steps old) before reading step t. A
+        probe (the first draft step after draft-free ones) is read before the next step is planned."""
+        if self._pending is not None and self._pending[2] == "probe":
+            self._read_pending()
         owners = list(self._slots)
         nxt = None
         if any(s is not None for s in owners):
             caps = self._caps(None)
+            caps[~self._fresh] = 0
             conf = self._history[0] if len(self._history) == 2 else None
+            if self._history and self._last_probe_read:
+                conf = self._history[-1]
             if conf is None:
-                budget = int(caps.sum())
+                lengths = caps
             else:
                 act = np.array([s is not None for s in owners])
-                budget = capacity(conf[act], self.cost_table, caps[act])
-            nxt = (self._dispatch(caps, budget), owners)
-        if self._pending is not None:
-            out, prev_owners = self._pending
-            self._pending = None
-            self._deliver(jax.device_get(out), prev_owners)
+                lengths = np.zeros_like(caps)
+                lengths[act] = schedule_synchronous(conf[act], self.cost_table, caps[act], early_stop=False)
+            kind = self._kind(conf, lengths, self._adaptive())
+            self._last_probe_read = False
+            nxt = (self._dispatch(caps, int(lengths.sum()), kind), owners, kind)
+        self._read_pending()
         self._pending = nxt
+
+    def _read_pending(self) -> None:
+        if self._pending is not None:
+            out, owners, kind = self._pending
+            self._pending = None
+            self._deliver(jax.device_get(out), owners)
+            self._last_probe_read = kind == "probe"
 
     def _caps(self, confidence: np.ndarray | None) -> np.ndarray:
         """Per-slot maximum drafts from each request's own policy (0 for idle slots)."""
         caps = np.zeros(self.config.slots, np.int64)
+        floors = self._floors()
         for i, live in enumerate(self._slots):
             if live is None:
                 continue
@@ -399,23 +468,23 @@ class Engine:
             cap = self.gamma if r.max_draft is None else min(r.max_draft, self.block)
             if mode == "off" or self.config.policy == "plain":
                 cap = 0
-            floor = self._floors()[i]
+            floor = floors[i]
             if floor > 0 and confidence is not None:  # the device cuts at the floor too; the host scheduler
                 cap = min(cap, int(threshold_lengths(confidence[i:i + 1], floor)[0]))  # must know it
             caps[i] = cap
         return caps
 
-    def _sync_lengths(self) -> tuple[np.ndarray, int]:
-        """Exact lengths per slot for the synchronous policies (budget = Σ lengths)."""
+    def _sync_plan(self) -> tuple[np.ndarray, int, str]:
+        """Exact lengths per slot for the synchronous policies (budget = Σ lengths) and the step kind."""
         conf = np.asarray(jax.device_get(self._state.proposal.confidence))
         caps = self._caps(conf)
-        if self.config.policy == "scheduler":
-            ha = np.array([s is not None and s.request.draft_mode in ("default", "hardware_aware")
-                           for s in self._slots])
-            if ha.any():
-                static_tokens = int(caps[~ha & np.array([s is not None for s in self._slots])].sum())
-                caps[ha] = schedule_synchronous(conf[ha], self.cost_table, caps[ha], base_tokens=static_tokens)
-        return caps, int(caps.sum())
+        caps[~self._fresh] = 0  # proposals drafted before draft-free steps are not verified
+        ha = self._adaptive()
+        if self.config.policy == "scheduler" and ha.any():
+            static_tokens = int(caps[~ha & np.array([s is not None for s in self._slots])].sum())
+            caps[ha] = schedule_synchronous(conf[ha], self.cost_table, caps[ha], base_tokens=static_tokens)
+        kind = self._kind(conf, caps, ha) if self.config.policy == "scheduler" else "draft"
+        return caps, int(caps.sum()), kind
 
     # ---- host bookkeeping --------------------------------------------------------------------------
     def _deliver(self, out: device_step.StepOutput, owners: list[_Live | None]) -> None:
@@ -498,6 +567,7 @@ class Engine:
                 continue
             live.slot = i
             self._slots[i] = live
+            self._fresh[i] = True  # admission drafts the first proposal
             first, finished = int(first[0]), bool(finished[0])
             self._emit(live, [first], time.perf_counter())
             if _first_stop([first], r.stop_ids) is not None and not finished:

@@ -34,6 +34,7 @@ class LoadResult:
     accept_length: float        # committed tokens per round, bonus included (pooled)
     steps: int
     bucket_counts: dict
+    plain_steps: int = 0        # steps without the drafter (the scheduler's plain fallback)
 
 
 def closed_loop(engine: Engine, policy: str, prompts: Sequence[Sequence[int]], concurrency: int,
@@ -43,7 +44,7 @@ def closed_loop(engine: Engine, policy: str, prompts: Sequence[Sequence[int]], c
         raise ValueError("no prompts")
     started_here = not engine.running
     engine.start()
-    steps0, buckets0 = engine.steps, dict(engine.bucket_counts)
+    steps0, plain0, buckets0 = engine.steps, engine.plain_steps, dict(engine.bucket_counts)
     ids: list[int] = []
     lock = threading.Lock()
     errors: list[BaseException] = []
@@ -82,4 +83,4 @@ def closed_loop(engine: Engine, policy: str, prompts: Sequence[Sequence[int]], c
                       per_user_tps=sum(s.tokens_per_s for s in stats) / len(stats),
                       verified_per_round=sum(s.verified_draft for s in stats) / max(rounds, 1),
                       accept_length=sum(s.output_tokens - 1 for s in stats) / max(rounds, 1),
-                      steps=engine.steps - steps0, bucket_counts=buckets)
+                      steps=engine.steps - steps0, bucket_counts=buckets, plain_steps=engine.plain_steps - plain0)

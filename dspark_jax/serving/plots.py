@@ -5,18 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from dspark_jax.utils.files import pyplot, save_figure
 
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+
 
 
 def plot_cost_table(table, path: str | Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    ax.plot(table.buckets, table.steps_per_s, "o-", label="steps/s")
+    ax.plot(table.buckets, table.steps_per_s, "o-", label="draft+verify steps/s")
+    if table.plain_steps_per_s is not None:
+        ax.axhline(table.plain_steps_per_s, color="tab:gray", ls=":", label="target-alone steps/s")
+    ax.legend(fontsize=7, loc="lower left")
     ax.set_xlabel("verified tokens per step (bucket)")
     ax.set_ylabel("steps/s")
     ax2 = ax.twinx()
@@ -25,18 +25,13 @@ def plot_cost_table(table, path: str | Path) -> Path:
     ax2.set_ylabel("verified tokens/s")
     ax.set_title("SPS(B)" + (f" — {table.machine[:60]}" if table.machine else ""), fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def plot_load(results: Sequence[dict], out_dir: str | Path) -> list[Path]:
     """results: rows with policy, concurrency, aggregate_tps, per_user_tps, verified_per_round."""
-    plt = _pyplot()
+    plt = pyplot()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     policies = list(dict.fromkeys(r["policy"] for r in results))
     paths = []
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -50,9 +45,7 @@ def plot_load(results: Sequence[dict], out_dir: str | Path) -> list[Path]:
     ax.set_title("throughput vs per-user speed (labels: concurrency)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    paths.append(out_dir / "throughput_vs_per_user.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(save_figure(fig, out_dir / "throughput_vs_per_user.png", dpi=120))
     fig, ax = plt.subplots(figsize=(6, 4))
     for p in policies:
         rows = sorted((r for r in results if r["policy"] == p), key=lambda r: r["concurrency"])
@@ -63,7 +56,5 @@ def plot_load(results: Sequence[dict], out_dir: str | Path) -> list[Path]:
     ax.set_title("verification budget vs concurrency")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    paths.append(out_dir / "verification_budget.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(save_figure(fig, out_dir / "verification_budget.png", dpi=120))
     return paths

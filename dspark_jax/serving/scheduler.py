@@ -15,14 +15,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dspark_jax.utils.files import atomic_write_text
+
 
 @dataclasses.dataclass(frozen=True)
 class CostTable:
     """Profiled steps/s per verification bucket (total tokens). SPS(B) for any B is the SPS of the smallest
-    bucket >= B — exactly what a step of B tokens costs, cliffs included; B past the largest bucket → 0."""
+    bucket >= B — exactly what a step of B tokens costs, cliffs included; B past the largest bucket → 0.
+    `plain_steps_per_s`: steps/s of the draft-free step (target only, one token per slot); None when not
+    profiled (the scheduler then never turns drafting off)."""
     buckets: tuple[int, ...]
     steps_per_s: tuple[float, ...]
     machine: str = ""
+    plain_steps_per_s: float | None = None
 
     def __post_init__(self):
         if not self.buckets or len(self.buckets) != len(self.steps_per_s):
@@ -31,6 +36,9 @@ class CostTable:
             raise ValueError(f"buckets must be strictly increasing positive token counts, got {self.buckets}")
         if any(not np.isfinite(s) or s <= 0 for s in self.steps_per_s):
             raise ValueError(f"steps/s must be positive, got {self.steps_per_s}")
+        if self.plain_steps_per_s is not None and not (np.isfinite(self.plain_steps_per_s)
+                                                       and self.plain_steps_per_s > 0):
+            raise ValueError(f"plain steps/s must be positive, got {self.plain_steps_per_s}")
 
     def bucket_for(self, tokens: int) -> int | None:
         i = int(np.searchsorted(self.buckets, tokens))
@@ -41,23 +49,20 @@ class CostTable:
         return self.steps_per_s[i] if i < len(self.buckets) else 0.0
 
     def to_json(self) -> dict:
-        return dict(buckets=list(self.buckets), steps_per_s=list(self.steps_per_s), machine=self.machine)
+        return dict(buckets=list(self.buckets), steps_per_s=list(self.steps_per_s), machine=self.machine,
+                    plain_steps_per_s=self.plain_steps_per_s)
 
     @staticmethod
     def from_json(data: dict) -> "CostTable":
         try:
+            plain = data.get("plain_steps_per_s")
             return CostTable(tuple(int(b) for b in data["buckets"]), tuple(float(s) for s in data["steps_per_s"]),
-                             str(data.get("machine", "")))
-        except (KeyError, TypeError) as e:
+                             str(data.get("machine", "")), None if plain is None else float(plain))
+        except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"not a cost table (needs 'buckets' and 'steps_per_s'): {e}") from None
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=2))
-        tmp.replace(path)
-        return path
+        return atomic_write_text(path, json.dumps(self.to_json(), indent=2))
 
     @staticmethod
     def load(path: str | Path) -> "CostTable":
@@ -109,6 +114,24 @@ def schedule_synchronous(confidence: np.ndarray, table: CostTable, max_draft: np
         elif early_stop:
             break
     return best_lengths
+
+
+def expected_throughput(confidence: np.ndarray, lengths: np.ndarray, table: CostTable, base_tokens: int = 0) -> float:
+    """Θ = τ · SPS(B): expected committed tokens per second of one step verifying `lengths` drafts per request
+    (B = requests + base_tokens + Σ lengths, τ = requests + Σ_r Σ_{j<ℓ_r} a_{r,j})."""
+    a = survival(confidence)
+    lengths = np.asarray(lengths)
+    tau = len(lengths) + float((a * (np.arange(a.shape[1])[None] < lengths[:, None])).sum())
+    return tau * table.sps(len(lengths) + base_tokens + int(lengths.sum()))
+
+
+def drafting_pays(confidence: np.ndarray, lengths: np.ndarray, table: CostTable, base_tokens: int = 0) -> bool:
+    """Whether a draft step with these lengths is expected to commit more tokens per second than the
+    draft-free step (target only: one token per request at `table.plain_steps_per_s`). Always True without a
+    profiled draft-free step."""
+    if table.plain_steps_per_s is None:
+        return True
+    return expected_throughput(confidence, lengths, table, base_tokens) > len(lengths) * table.plain_steps_per_s
 
 
 def capacity(confidence: np.ndarray, table: CostTable, max_draft: np.ndarray | None = None,

@@ -12,22 +12,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-
-def median_time(fn, repeats):
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from dspark_jax.utils.timing import median_seconds
 
 
 @functools.partial(jax.jit, static_argnames=("tg", "dg"))
@@ -68,7 +58,7 @@ def main():
     params = SamplingParams.create(b, 1.0)
     anchor, start = jnp.full((b,), 100, jnp.int32), jnp.full((b,), ctx, jnp.int32)
     cache = init_cache(target.config, b, ctx + g + 1)
-    verify_s = median_time(lambda: _verify(target.graphdef, target.state, cache,
+    verify_s = median_seconds(lambda: _verify(target.graphdef, target.state, cache,
                                            jnp.ones((b, g + 1), jnp.int32), start), args.repeats)
     from dspark_jax.data import EVAL_ONLY, eval_dataset_path, read_first_turns
     eval_tokens = jnp.asarray([t for name in EVAL_ONLY for text in read_first_turns(eval_dataset_path(name))
@@ -82,7 +72,7 @@ def main():
         feats = jax.random.normal(key, (b, ctx, len(d.config.target_layer_ids) * target.config.hidden_size))
         dstate = drafter.write_context(drafter.init_state(b, ctx + g + 1), feats, jnp.zeros((b,), jnp.int32))
         head = jax.jit(drafter.head_matrix)(target.model)
-        s = median_time(lambda: _propose(target.graphdef, target.state, d.graphdef, d.state, dstate, head, anchor,
+        s = median_seconds(lambda: _propose(target.graphdef, target.state, d.graphdef, d.state, dstate, head, anchor,
                                          start, key, params), args.repeats)
         ids = jnp.asarray(drafter.draft_to_target[...])
         cover = 1.0 if n is None else float(jnp.isin(eval_tokens, ids).mean())

@@ -42,8 +42,8 @@ class EngineConfig:
     device, next step dispatched before the current one is read); buckets: verification sizes in tokens
     (default: powers of two from slots up to slots·(G+1)); mode: sampling filters compiled in.
     plain_fallback (scheduler policies): when a draft step is not expected to beat the draft-free step
-    (profiled SPS), steps run the target alone; every `probe_every` such steps one draft step refreshes the
-    confidences the decision is made on. profile_steps: timed steps per bucket when profiling at start."""
+    (profiled SPS), steps run the target alone; after `probe_every` such steps one draft step refreshes the
+    confidences the decision is made on (the interval doubles, up to 8×, while probes find drafting not paying). profile_steps: timed steps per bucket when profiling at start."""
     slots: int = 8
     max_len: int = 512
     policy: str = "scheduler"
@@ -164,6 +164,8 @@ class Engine:
         self._last_probe_read = False  # async policy: the latest confidences come from a probe read just now
         self._fresh = np.zeros(config.slots, bool)  # slot's pending proposal was drafted at its current anchor
         self._plain_run = 0  # draft-free steps since the last draft step
+        self._probe_interval = config.probe_every  # doubles after each probe that finds drafting not paying
+        self._last_kind = "draft"
         self.steps = 0
         self.plain_steps = 0  # of `steps`, those that ran without the drafter (plain fallback)
         self.bucket_counts: collections.Counter[int] = collections.Counter()
@@ -390,6 +392,7 @@ class Engine:
         """Runs one step: "draft" (verify + draft the next proposals), "probe" (a draft step after draft-free
         ones) or "plain" (the target alone: no drafts verified, none proposed)."""
         self.steps += 1
+        self._last_kind = kind
         if kind == "plain":
             executable, budget = self._plain_exec, 0
             self.plain_steps += 1
@@ -414,10 +417,14 @@ class Engine:
         if self._plain_exec is None or (act & ~adaptive & (lengths > 0)).any():
             return "draft"
         if (act & ~self._fresh).any():  # drafting is off: proposals are stale
-            return "plain" if self._plain_run < self.config.probe_every else "probe"
+            return "plain" if self._plain_run < self._probe_interval else "probe"
         if confidence is None:
             return "draft"
-        return "draft" if drafting_pays(confidence[act], lengths[act], self.cost_table) else "plain"
+        pays = drafting_pays(confidence[act], lengths[act], self.cost_table)
+        if self._last_kind == "probe":  # back off while probes keep finding drafting not worth it
+            every = self.config.probe_every
+            self._probe_interval = every if pays else min(2 * self._probe_interval, 8 * every)
+        return "draft" if pays else "plain"
 
     def _adaptive(self) -> np.ndarray:
         """Slots whose request follows the engine's scheduler (draft_mode default or hardware_aware)."""

@@ -3,6 +3,7 @@ previous one finishes; aggregate and per-user tokens/s and verification lengths.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import threading
 import time
 from typing import Sequence
@@ -38,12 +39,20 @@ class LoadResult:
 
 
 def closed_loop(engine: Engine, policy: str, prompts: Sequence[Sequence[int]], concurrency: int,
-                requests_per_client: int, max_new_tokens: int) -> LoadResult:
-    """Runs `concurrency` clients × `requests_per_client` requests on a started-or-not engine."""
+                requests_per_client: int, max_new_tokens: int, warmup_tokens: int = 4) -> LoadResult:
+    """Runs `concurrency` clients × `requests_per_client` requests on a started-or-not engine. Before timing,
+    garbage from earlier engines is collected and `concurrency` untimed requests of `warmup_tokens` tokens
+    run (0: none): without both, whichever engine ran first at a new size measured 10–20 % slow."""
     if not prompts:
         raise ValueError("no prompts")
     started_here = not engine.running
     engine.start()
+    gc.collect()
+    if warmup_tokens:
+        warm = [engine.submit(Request(list(prompts[c % len(prompts)]), max_new_tokens=warmup_tokens))
+                for c in range(concurrency)]
+        for rid in warm:
+            engine.result(rid)
     steps0, plain0, buckets0 = engine.steps, engine.plain_steps, dict(engine.bucket_counts)
     ids: list[int] = []
     lock = threading.Lock()

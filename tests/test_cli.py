@@ -107,3 +107,36 @@ def test_bad_drafter_flags():
     assert r.returncode != 0 and "draft_algorithm" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("generate", "--prompt", "hi", "--gamma", "0")
     assert r.returncode != 0 and "gamma" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_profile_writes_cost_table_with_draft_free_step(tmp_path):
+    out = tmp_path / "cost.json"
+    r = run_cli("profile", "--slots", "2", "--steps", "1", "--max_len", "64", "--output", str(out))
+    assert r.returncode == 0, r.stderr
+    table = json.loads(out.read_text())
+    assert table["buckets"] == [2, 4, 8, 16] and all(s > 0 for s in table["steps_per_s"])
+    assert table["plain_steps_per_s"] > 0 and "no drafter" in r.stdout
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_serve_bench_end_to_end(tmp_path):
+    r = run_cli("serve-bench", "--concurrency", "1", "--policies", "plain,scheduler", "--requests_per_client", "1",
+                "--max_new_tokens", "4", "--max_len", "128", "--prompt_sets", "gsm8k", "--output_dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((tmp_path / "serve_bench.json").read_text())["results"]
+    assert [x["policy"] for x in rows] == ["plain", "scheduler"]
+    assert all(x["output_tokens"] == 4 and x["aggregate_tps"] > 0 for x in rows)
+    assert "| 1 | scheduler |" in (tmp_path / "serve_bench.md").read_text()
+    assert (tmp_path / "throughput_vs_per_user.png").exists() and (tmp_path / "verification_budget.png").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--policies", "fixedx"], "unknown policy"),
+    (["--concurrency", "0"], "positive integers"),
+    (["--concurrency", "a,b"], "comma-separated integers"),
+])
+def test_serve_bench_bad_flags(args, message):
+    r = run_cli("serve-bench", *args)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr

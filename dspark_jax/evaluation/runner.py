@@ -1,7 +1,7 @@
 """Timed decoding for evaluation: plain, and speculative keeping every round's statistics.
 
-`decode_speculative` runs exactly what `generate_text(..., drafter=...)` runs (`decode_batches`: same
-batching, padding, per-batch keys and compiled executables, so outputs are identical) but keeps the per-round arrays of
+Both run exactly what `generate_text` runs (`decode_batches`: same batching, padding, per-batch keys and
+compiled executables, so outputs are identical); `decode_speculative` also keeps the per-round arrays of
 `SpecOutput` that `Completion` summarises away. Timing is the wall time of the compiled calls (compilation
 excluded), summed over batches.
 """
@@ -32,26 +32,25 @@ class DecodeRun:
 def decode_plain(target, prompts: Sequence[str], config: GenerationConfig,
                  progress: Progress | None = None) -> DecodeRun:
     """Plain autoregressive decoding of `prompts`, exactly as `generate_text` runs it."""
-    encoded = encode_prompts(target, prompts, config.max_new_tokens)
-    ids, seconds = [], 0.0
-    for start, count, out, secs in decode_batches(target, encoded, config):
-        seconds += secs
-        ids += [tuple(int(t) for t in out.tokens[i, :int(out.num_tokens[i])]) for i in range(count)]
-        if progress:
-            progress(len(ids), len(encoded))
-    return DecodeRun(token_ids=tuple(ids), new_tokens=sum(len(t) for t in ids), seconds=seconds)
+    return _decode(target, None, prompts, config, 0.0, progress)
 
 
 def decode_speculative(target, drafter, prompts: Sequence[str], config: GenerationConfig,
                        confidence_threshold: float = 0.0, progress: Progress | None = None) -> DecodeRun:
     """Speculative decoding of `prompts` with `drafter`, keeping every verification round."""
+    return _decode(target, drafter, prompts, config, confidence_threshold, progress)
+
+
+def _decode(target, drafter, prompts: Sequence[str], config: GenerationConfig, confidence_threshold: float,
+            progress: Progress | None) -> DecodeRun:
     encoded = encode_prompts(target, prompts, config.max_new_tokens)
     ids, parts, seconds = [], [], 0.0
     for start, count, out, secs in decode_batches(target, encoded, config, drafter, confidence_threshold):
         seconds += secs
         ids += [tuple(int(t) for t in out.tokens[i, :int(out.num_tokens[i])]) for i in range(count)]
-        parts.append(RoundRecords.from_spec_output(out, count, first_request=start))
+        if drafter is not None:
+            parts.append(RoundRecords.from_spec_output(out, count, first_request=start))
         if progress:
             progress(len(ids), len(encoded))
-    return DecodeRun(token_ids=tuple(ids), new_tokens=sum(len(t) for t in ids), seconds=seconds,
-                     records=RoundRecords.concatenate(parts, renumber=False))
+    records = RoundRecords.concatenate(parts, renumber=False) if drafter is not None else None
+    return DecodeRun(token_ids=tuple(ids), new_tokens=sum(len(t) for t in ids), seconds=seconds, records=records)

@@ -43,7 +43,8 @@ class EngineConfig:
     (default: powers of two from slots up to slots·(G+1)); mode: sampling filters compiled in.
     plain_fallback (scheduler policies): when a draft step is not expected to beat the draft-free step
     (profiled SPS), steps run the target alone; after `probe_every` such steps one draft step refreshes the
-    confidences the decision is made on (the interval doubles, up to 8×, while probes find drafting not paying). profile_steps: timed steps per bucket when profiling at start."""
+    confidences the decision is made on (the interval doubles, up to 8×, while probes find drafting not
+    paying). profile_steps: timed steps per bucket when profiling at start."""
     slots: int = 8
     max_len: int = 512
     policy: str = "scheduler"
@@ -161,7 +162,6 @@ class Engine:
         self._stop_thread = threading.Event()
         self._history: collections.deque[np.ndarray] = collections.deque(maxlen=2)
         self._pending = None  # async policy: (StepOutput future, owners, step kind)
-        self._last_probe_read = False  # async policy: the latest confidences come from a probe read just now
         self._fresh = np.zeros(config.slots, bool)  # slot's pending proposal was drafted at its current anchor
         self._plain_run = 0  # draft-free steps since the last draft step
         self._probe_interval = config.probe_every  # doubles after each probe that finds drafting not paying
@@ -367,7 +367,7 @@ class Engine:
             self._admit_queued()
             if self.config.policy == "scheduler_async":
                 self._step_async()
-            elif any(s is not None for s in self._slots):
+            elif self._active().any():
                 caps, budget, kind = self._sync_plan()
                 out = self._dispatch(caps, budget, kind)
                 self._deliver(jax.device_get(out), list(self._slots))
@@ -399,7 +399,7 @@ class Engine:
             self._plain_run += 1
             self._fresh[:] = False
         else:
-            n_active = sum(s is not None for s in self._slots)
+            n_active = int(self._active().sum())
             bucket = next(b for b in self.buckets if b >= min(n_active + budget, self.buckets[-1]))
             self.bucket_counts[bucket] += 1
             executable = self._step_exec[bucket]
@@ -413,7 +413,7 @@ class Engine:
     def _kind(self, confidence: np.ndarray | None, lengths: np.ndarray, adaptive: np.ndarray) -> str:
         """Plain fallback: "plain" when every drafting request is hardware-aware and a draft step is not
         expected to pay (or drafting is already off and no probe is due), "probe" when one is due, else "draft"."""
-        act = np.array([s is not None for s in self._slots])
+        act = self._active()
         if self._plain_exec is None or (act & ~adaptive & (lengths > 0)).any():
             return "draft"
         if (act & ~self._fresh).any():  # drafting is off: proposals are stale
@@ -426,6 +426,10 @@ class Engine:
             self._probe_interval = every if pays else min(2 * self._probe_interval, 8 * every)
         return "draft" if pays else "plain"
 
+    def _active(self) -> np.ndarray:
+        """Slots holding a request."""
+        return np.array([s is not None for s in self._slots])
+
     def _adaptive(self) -> np.ndarray:
         """Slots whose request follows the engine's scheduler (draft_mode default or hardware_aware)."""
         return np.array([s is not None and s.request.draft_mode in ("default", "hardware_aware")
@@ -434,34 +438,34 @@ class Engine:
     def _step_async(self) -> None:
         """Dispatch step t+1 (budget from the confidences we hold, two steps old) before reading step t. A
         probe (the first draft step after draft-free ones) is read before the next step is planned."""
-        if self._pending is not None and self._pending[2] == "probe":
+        probe_read = self._pending is not None and self._pending[2] == "probe"
+        if probe_read:
             self._read_pending()
         owners = list(self._slots)
+        act = self._active()
         nxt = None
-        if any(s is not None for s in owners):
+        if act.any():
             caps = self._caps(None)
             caps[~self._fresh] = 0
-            conf = self._history[0] if len(self._history) == 2 else None
-            if self._history and self._last_probe_read:
+            if probe_read:  # the probe's own proposals, drafted at the current anchors
                 conf = self._history[-1]
+            else:
+                conf = self._history[0] if len(self._history) == 2 else None
             if conf is None:
                 lengths = caps
             else:
-                act = np.array([s is not None for s in owners])
                 lengths = np.zeros_like(caps)
                 lengths[act] = schedule_synchronous(conf[act], self.cost_table, caps[act], early_stop=False)
             kind = self._kind(conf, lengths, self._adaptive())
-            self._last_probe_read = False
             nxt = (self._dispatch(caps, int(lengths.sum()), kind), owners, kind)
         self._read_pending()
         self._pending = nxt
 
     def _read_pending(self) -> None:
         if self._pending is not None:
-            out, owners, kind = self._pending
+            out, owners, _ = self._pending
             self._pending = None
             self._deliver(jax.device_get(out), owners)
-            self._last_probe_read = kind == "probe"
 
     def _caps(self, confidence: np.ndarray | None) -> np.ndarray:
         """Per-slot maximum drafts from each request's own policy (0 for idle slots)."""
@@ -488,7 +492,7 @@ class Engine:
         caps[~self._fresh] = 0  # proposals drafted before draft-free steps are not verified
         ha = self._adaptive()
         if self.config.policy == "scheduler" and ha.any():
-            static_tokens = int(caps[~ha & np.array([s is not None for s in self._slots])].sum())
+            static_tokens = int(caps[~ha & self._active()].sum())
             caps[ha] = schedule_synchronous(conf[ha], self.cost_table, caps[ha], base_tokens=static_tokens)
         kind = self._kind(conf, caps, ha) if self.config.policy == "scheduler" else "draft"
         return caps, int(caps.sum()), kind

@@ -1,7 +1,6 @@
 """`dspark profile`: steps per second of the engine's real draft+verify step at every verification bucket on
 this machine, and of the draft-free step (target alone) — the SPS(B) cost table the hardware-aware scheduler
-uses. Prints the table, writes it as JSON
-(`--output`) and plots it (`--plot`)."""
+uses. Prints the table, writes it as JSON (`--output`) and plots it (`--plot`)."""
 from __future__ import annotations
 
 import sys

@@ -8,8 +8,6 @@ from typing import Sequence
 from dspark_jax.utils.files import pyplot, save_figure
 
 
-
-
 def plot_cost_table(table, path: str | Path) -> Path:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.5))

@@ -36,6 +36,7 @@ def main():
     from dspark_jax.data import eval_dataset_path, read_first_turns
     from dspark_jax.drafters.factory import load_drafter, with_block_size
     from dspark_jax.generation import GenerationConfig, generate_text, pooled_accept_length
+    from dspark_jax.generation import throughput as throughput_of
     from dspark_jax.target import load_target
     from dspark_jax.utils.machine import describe_machine
 
@@ -48,10 +49,9 @@ def main():
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                            batch_size=args.batch_size, seed=0)
 
-    from dspark_jax.evaluation.runner import batch_seconds
 
     def throughput(results):
-        return sum(r.new_tokens for r in results) / batch_seconds(results, cfg.batch_size)
+        return throughput_of(results, cfg.batch_size)
 
     plain = generate_text(target, prompts, cfg)
     base = throughput(plain)

@@ -169,6 +169,17 @@ def _compiled(fn, static: dict, args: dict):
     return _EXECUTABLES[key]
 
 
+def batch_seconds(results: Sequence[Completion], batch_size: int) -> float:
+    """Wall time of all batches (each batch's prompts share its time; compilation excluded)."""
+    bs = min(batch_size, len(results))
+    return sum(r.seconds for i, r in enumerate(results) if i % bs == 0)
+
+
+def throughput(results: Sequence[Completion], batch_size: int) -> float:
+    """New tokens per second over all batches of `generate_text` results."""
+    return sum(r.new_tokens for r in results) / batch_seconds(results, batch_size)
+
+
 def pooled_accept_length(results: Sequence[Completion]) -> float | None:
     """Σ committed tokens in verification rounds / Σ rounds over all prompts (bonus included)."""
     rounds = sum(r.rounds or 0 for r in results)

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dspark_jax.decoding.sampling import FilterMode, SamplingParams, filter_logits, sample, token_probs
+from dspark_jax.decoding.sampling import (FilterMode, SamplingParams, filter_logits, sample, token_probs,
+                                          top_k_candidates)
 
 
 def np_filtered_probs(logits, temperature, top_k, top_p):
@@ -69,6 +70,50 @@ def test_sample_frequencies_follow_filtered_distribution():
     draws = np.asarray(jax.vmap(lambda k: sample(k, logits, params, mode)[0])(keys))
     freq = np.bincount(draws, minlength=8) / len(draws)
     expected = np.asarray(token_probs(logits, params, mode))[0]
+    np.testing.assert_allclose(freq, expected, atol=0.015)
+    assert (freq[expected == 0] == 0).all()
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_top_p_within_top_k_candidates_is_the_full_vocabulary_filter(quantized):
+    """Sampling among the top-k candidates (top-p applied inside them) is exactly token_probs over the whole
+    vocabulary: same kept set, same probabilities; ties of the k-th value past the candidates are detected."""
+    rng = np.random.default_rng(7)
+    logits = rng.normal(size=(6, 300)).astype(np.float32) * 3
+    if quantized:  # many ties, the k-th value among them
+        logits = np.round(logits)
+    params = SamplingParams(temperature=jnp.array([0.7, 1.0, 1.3, 0.5, 1.0, 2.0]),
+                            top_k=jnp.array([20, 5, 20, 1, 12, 20], jnp.int32),
+                            top_p=jnp.array([0.8, 1.0, 0.5, 1.0, 0.95, 0.3]))
+    mode = FilterMode.for_params(np.asarray(params.top_k), np.asarray(params.top_p))
+    assert mode.all_top_k
+    ids, z, complete = top_k_candidates(jnp.asarray(logits), params, mode)
+    dense = np.asarray(token_probs(jnp.asarray(logits), params, mode))
+    kept_everywhere = np.isfinite(np.asarray(z)).sum(1) == (dense > 0).sum(1)
+    assert bool(complete) == bool(kept_everywhere.all())
+    if quantized:
+        assert not bool(complete)  # rounding makes the k-th value of some row tie past the candidates
+    rows = np.flatnonzero(kept_everywhere)
+    assert len(rows) >= 3
+    for r in rows:
+        cand = np.zeros(300)
+        zr = np.asarray(z[r], np.float64)
+        np.add.at(cand, np.asarray(ids[r]), np.where(np.isfinite(zr), np.exp(zr - zr.max()), 0.0))
+        np.testing.assert_allclose(cand / cand.sum(), dense[r], atol=1e-6)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_top_k_sampling_frequencies_follow_filtered_distribution(quantized):
+    """The candidate draw (and its full-row fallback when ties spill past the candidates) samples token_probs."""
+    logits = np.random.default_rng(4).normal(size=(1, 64)).astype(np.float32) * 2
+    if quantized:
+        logits = np.round(logits)
+    params = SamplingParams.create(1, 0.7, 8, 0.8)
+    mode = FilterMode.for_params(8, 0.8)
+    keys = jax.random.split(jax.random.key(1), 20000)
+    draws = np.asarray(jax.vmap(lambda k: sample(k, jnp.asarray(logits), params, mode)[0])(keys))
+    freq = np.bincount(draws, minlength=64) / len(draws)
+    expected = np.asarray(token_probs(jnp.asarray(logits), params, mode))[0]
     np.testing.assert_allclose(freq, expected, atol=0.015)
     assert (freq[expected == 0] == 0).all()
 

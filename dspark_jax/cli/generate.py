@@ -24,9 +24,11 @@ flags.DEFINE_integer("batch_size", 8, "Prompts decoded together in one batch.", 
 flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
                   "Parameter/compute dtype; auto = float32 on CPU, bfloat16 on GPU/TPU.")
 flags.DEFINE_string("drafter", "none", "Speculative decoding drafter: 'none' (plain autoregressive decoding), 'default' "
-                    "(the shipped drafter trained for the target), 'random' (a randomly initialised drafter of "
-                    "--draft_algorithm: correct output, low acceptance), or a drafter directory (exported by "
-                    "`dspark train`, or a DeepSpec DSpark/DFlash checkpoint).")
+                    "(the shipped drafter trained for the target), 'ngram' (prompt lookup: propose what followed the "
+                    "last 3..1 tokens' most recent earlier occurrence; 'ngram:n_max=4,n_min=2' sets the lengths), "
+                    "'random' (a randomly initialised drafter of --draft_algorithm: correct output, low "
+                    "acceptance), or a drafter directory (exported by `dspark train`, or a DeepSpec DSpark/DFlash "
+                    "checkpoint).")
 flags.DEFINE_enum("draft_algorithm", "dspark", ["dspark", "dflash", "eagle3"],
                   "Drafter kind for --drafter=random (a checkpoint names its own).")
 flags.DEFINE_integer("gamma", None, "Draft block size: tokens proposed per verification round (default: 7 for "
@@ -46,7 +48,7 @@ flags.DEFINE_string("output_json", None, "Write a JSON list with prompt, complet
 def body() -> None:
     import jax.numpy as jnp
 
-    from dspark_jax.generation import GenerationConfig, generate_text, pooled_accept_length
+    from dspark_jax.generation import GenerationConfig, batch_seconds, generate_text, pooled_accept_length
     from dspark_jax.parallel import is_primary
     from dspark_jax.target import load_target
 
@@ -59,7 +61,8 @@ def body() -> None:
                               top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
                               attn_impl=FLAGS.attn_impl)
     dtype = None if FLAGS.dtype == "auto" else getattr(jnp, FLAGS.dtype)
-    if FLAGS.drafter not in ("none", "random", "default") and not Path(FLAGS.drafter).expanduser().exists():
+    lookup = FLAGS.drafter == "ngram" or FLAGS.drafter.startswith("ngram:")
+    if FLAGS.drafter not in ("none", "random", "default") and not lookup and not Path(FLAGS.drafter).expanduser().exists():
         raise FileNotFoundError(f"drafter not found: {FLAGS.drafter!r} (expected 'none', 'random' or a drafter "
                                 f"directory)")
     mesh = setup_devices(FLAGS.mesh, FLAGS.distributed)
@@ -85,8 +88,7 @@ def body() -> None:
         print(f"=== prompt {i}: {r.prompt!r}\n{r.completion_text}\n--- {r.new_tokens} tokens, "
               f"{r.tokens_per_s:.1f} tokens/s{spec}")
     total_tokens = sum(r.new_tokens for r in results)
-    bs = min(config.batch_size, len(results))
-    total_seconds = sum(r.seconds for i, r in enumerate(results) if i % bs == 0)
+    total_seconds = batch_seconds(results, config.batch_size)
     print(f"total: {total_tokens} tokens in {total_seconds:.2f} s = {total_tokens / total_seconds:.1f} tokens/s "
           f"(compilation excluded)")
     if drafter is not None:

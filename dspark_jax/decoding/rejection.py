@@ -69,6 +69,8 @@ def verify(key: jax.Array, draft_tokens: jax.Array, p_draft_x: jax.Array, p_draf
 
     def draw():
         pt_at = p_target[stop_row]
+        if g == 0:  # nothing was drafted: the next token comes from the target alone
+            return categorical(k_next, jnp.log(jnp.maximum(pt_at, 0.0)))
         dist = jnp.where(rejected[:, None], residual_distribution(pt_at, p_draft_full_at(jnp.minimum(num, g - 1))),
                          pt_at)
         return categorical(k_next, jnp.log(jnp.maximum(dist, 0.0)))

@@ -18,6 +18,7 @@ from dspark_jax.decoding.autoregressive import prefill
 from dspark_jax.decoding.layout import dense_layout
 from dspark_jax.decoding.sampling import FilterMode, SamplingParams, sample
 from dspark_jax.decoding.verification import verify_round
+from dspark_jax.drafters.base import Proposal
 
 
 @jax.tree_util.register_dataclass
@@ -48,7 +49,23 @@ def proposal_lengths(confidence: jax.Array, threshold: jax.Array) -> jax.Array:
 
 
 def _concat_taps(taps):
-    return jnp.concatenate(taps, axis=-1)
+    """Tapped target features [B, T, m·d], or None for drafters that tap nothing (lookup)."""
+    return jnp.concatenate(taps, axis=-1) if taps else None
+
+
+def _pad_slots(x: jax.Array, width: int) -> jax.Array:
+    """[B, w, ...] → [B, width, ...], zeros (False) appended along axis 1."""
+    pad = [(0, 0)] * x.ndim
+    pad[1] = (0, width - x.shape[1])
+    return jnp.pad(x, pad)
+
+
+def _without_drafts(proposal):
+    """The proposal cut to zero draft tokens (a round that verifies the anchor alone: a plain step)."""
+    cut = lambda a: None if a is None else a[:, :0]  # noqa: E731
+    return Proposal(tokens=cut(proposal.tokens), draft_index=cut(proposal.draft_index), p_draft=cut(proposal.p_draft),
+                    confidence=cut(proposal.confidence), confidence_logits=cut(proposal.confidence_logits),
+                    length=jnp.zeros(proposal.tokens.shape[:1], jnp.int32))
 
 
 @functools.partial(jax.jit, static_argnames=("target_graphdef", "drafter_graphdef", "max_new_tokens", "stop_ids",
@@ -93,10 +110,20 @@ def speculative_generate(target_graphdef: nnx.GraphDef, target_state: nnx.State,
         key, k_draft, k_verify = jax.random.split(c["key"], 3)
         anchor, start = c["anchor"], c["start"]
         prop = drafter.propose(target, c["dstate"], anchor, start, k_draft, params, mode, head, attn_impl)
-        n_prop = proposal_lengths(prop.confidence, confidence_threshold)
-        res = verify_round(target, drafter, c["tcache"], c["dstate"], prop, anchor, start, n_prop, ~c["done"],
-                           max_new_tokens - c["n_gen"], dense_layout(b, g + 1, start), k_verify, params, mode,
-                           stops, attn_impl)
+        n_prop = jnp.minimum(proposal_lengths(prop.confidence, confidence_threshold), prop.num_drafted)
+        n_prop = jnp.where(c["done"], 0, n_prop)
+
+        def verify(proposal, width):
+            return verify_round(target, drafter, c["tcache"], c["dstate"], proposal, anchor, start,
+                                jnp.minimum(n_prop, width - 1), ~c["done"], max_new_tokens - c["n_gen"],
+                                dense_layout(b, width, start), k_verify, params, mode, stops, attn_impl)
+
+        def plain_step():  # no request drafted anything: verify the anchors alone, as cheap as a plain step
+            r = verify(_without_drafts(prop), 1)
+            return dataclasses.replace(r, committed=_pad_slots(r.committed, g + 1),
+                                       accept_flags=_pad_slots(r.accept_flags, g))
+
+        res = jax.lax.cond(jnp.all(n_prop == 0), plain_step, lambda: verify(prop, g + 1))
         committed, count, a, active = res.committed, res.count, res.num_accepted, ~c["done"]
         finished = res.stopped | (c["n_gen"] + count >= max_new_tokens)
 

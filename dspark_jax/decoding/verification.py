@@ -48,9 +48,16 @@ def verify_round(target, drafter, tcache, dstate, proposal: Proposal, anchor: ja
     row_params = jax.tree.map(lambda a: a[layout.slot], params)
     # token_probs [T, V], read only at the drafted tokens and at each request's stopping row (never materialised)
     p_target = lazy_token_probs(target.logits(out.hidden), row_params, mode)
-    p_dx = jnp.take_along_axis(proposal.p_draft, proposal.draft_index[..., None], axis=-1)[..., 0]
+    deterministic = proposal.p_draft is None  # lookup drafts: p_d is one-hot at each drafted token
+    if deterministic:
+        p_dx = jnp.ones(proposal.tokens.shape, jnp.float32)
+    else:
+        p_dx = jnp.take_along_axis(proposal.p_draft, proposal.draft_index[..., None], axis=-1)[..., 0]
 
     def p_draft_full_at(k):
+        if deterministic:
+            token = jnp.take_along_axis(proposal.tokens, k[:, None], axis=1)[:, 0]
+            return jax.nn.one_hot(token, p_target.shape[-1], dtype=jnp.float32)
         row = jnp.take_along_axis(proposal.p_draft, k[:, None, None], axis=1)[:, 0]  # [B, N]
         if drafter.full_vocab:
             return row
@@ -65,7 +72,7 @@ def verify_round(target, drafter, tcache, dstate, proposal: Proposal, anchor: ja
     count = jnp.where(is_stop.any(1), jnp.argmax(is_stop, 1) + 1, a + 1)
     count = jnp.where(active, jnp.minimum(count, budget), 0)
     stopped = is_stop.any(1) & (jnp.argmax(is_stop, 1) + 1 <= count)
-    features = to_grid(jnp.concatenate(out.taps, axis=-1), layout)  # [B, G+1, m·d]
+    features = to_grid(jnp.concatenate(out.taps, axis=-1), layout) if taps else None  # [B, G+1, m·d]
     dstate = drafter.commit(target, dstate, features, grid_tokens, start, count)
     last = jnp.take_along_axis(committed, jnp.maximum(count - 1, 0)[:, None], axis=1)[:, 0]
     return RoundResult(committed=committed, count=count, num_accepted=jnp.where(active, a, 0),

@@ -16,14 +16,23 @@ class Proposal:
     """One round's draft block for B requests and G = block size.
 
     tokens: [B, G] target ids; p_draft: [B, G, N] the exact (filtered, float32) distributions the tokens
-    were drawn from, over the draft vocabulary; confidence: [B, G] calibrated c_k (1 without a head);
-    confidence_logits: [B, G] raw logits (0 without a head).
+    were drawn from, over the draft vocabulary, or None for deterministic drafts (lookup: p_d is one-hot at
+    each token); confidence: [B, G] calibrated c_k (1 without a head); confidence_logits: [B, G] raw logits
+    (0 without a head); length: [B] drafted tokens per request (None: all G).
     """
     tokens: jax.Array
     draft_index: jax.Array
-    p_draft: jax.Array
+    p_draft: jax.Array | None
     confidence: jax.Array
     confidence_logits: jax.Array
+    length: jax.Array | None = None
+
+    @property
+    def num_drafted(self) -> jax.Array:
+        """[B] tokens each request drafted (G unless the drafter says fewer)."""
+        if self.length is None:
+            return jnp.full(self.tokens.shape[:1], self.tokens.shape[1], jnp.int32)
+        return self.length
 
 
 def draft_layer_config(target: TransformerConfig, num_layers: int) -> TransformerConfig:

@@ -23,6 +23,26 @@ class Drafter:
     source: str
 
 
+def ngram_drafter(target: Target, spec: str = "ngram", gamma: int = 7) -> Drafter:
+    """A prompt-lookup drafter from a spec "ngram" or "ngram:n_max=4,n_min=2" (defaults n_max 3, n_min 1)."""
+    from dspark_jax.drafters.ngram import NgramConfig, NgramDrafter
+    name, _, options = spec.partition(":")
+    if name != "ngram":
+        raise ValueError(f"not an n-gram drafter spec: {spec!r}")
+    fields = {}
+    for item in filter(None, options.split(",")):
+        key, eq, value = item.partition("=")
+        if key not in ("n_max", "n_min") or not eq:
+            raise ValueError(f"bad n-gram drafter option {item!r} in {spec!r}: expected n_max=N or n_min=N")
+        try:
+            fields[key] = int(value)
+        except ValueError:
+            raise ValueError(f"n-gram drafter option {key} must be an integer, got {value!r}") from None
+    config = NgramConfig(block_size=gamma, **fields)
+    graphdef, state = nnx.split(NgramDrafter(config, target.config.vocab_size))
+    return Drafter(config, graphdef, state, spec)
+
+
 def drafter_class(config: DrafterConfig):
     return Eagle3Drafter if config.algorithm == "eagle3" else DSparkDrafter
 
@@ -72,9 +92,21 @@ def with_block_size(drafter: Drafter, gamma: int) -> Drafter:
     trained = drafter.config.block_size
     if gamma == trained:
         return drafter
+    if drafter.config.algorithm == "ngram":  # lookup has no trained size
+        return ngram_drafter_like(drafter, gamma)
     if not 1 <= gamma <= trained:
         raise ValueError(f"gamma must be in [1, {trained}] for this drafter (trained with block size {trained}), "
                          f"got {gamma}")
+    module = nnx.merge(drafter.graphdef, drafter.state)
+    module.config = dataclasses.replace(module.config, block_size=gamma)
+    graphdef, state = nnx.split(module)
+    return Drafter(module.config, graphdef, state, drafter.source)
+
+
+def ngram_drafter_like(drafter: Drafter, gamma: int) -> Drafter:
+    """The same lookup drafter proposing `gamma` tokens."""
+    if gamma < 1:
+        raise ValueError(f"gamma must be >= 1, got {gamma}")
     module = nnx.merge(drafter.graphdef, drafter.state)
     module.config = dataclasses.replace(module.config, block_size=gamma)
     graphdef, state = nnx.split(module)
@@ -89,10 +121,13 @@ def default_drafter(target: Target) -> Drafter:
 def load_drafter(spec: str, target: Target, *, algorithm: str = "dspark", gamma: int = 7,
                  draft_vocab_size: int | None = None, seed: int = 0) -> Drafter | None:
     """`none` → None; `random` → a random drafter of `algorithm`; `default` → the shipped drafter for the
-    target; a directory → a drafter exported by `dspark train`, or a DeepSpec DSpark/DFlash checkpoint."""
+    target; `ngram[:n_max=N,n_min=M]` → prompt lookup proposing `gamma` tokens; a directory → a drafter
+    exported by `dspark train`, or a DeepSpec DSpark/DFlash checkpoint."""
     from dspark_jax.drafters.checkpoint import is_drafter_dir, load_drafter_module
     if spec in ("", "none"):
         return None
+    if spec == "ngram" or spec.startswith("ngram:"):
+        return ngram_drafter(target, spec, gamma)
     if spec == "random":
         return random_drafter(target, algorithm, gamma=gamma, draft_vocab_size=draft_vocab_size, seed=seed)
     path = default_drafter_path(target) if spec == "default" else Path(spec).expanduser()

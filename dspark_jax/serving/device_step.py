@@ -55,9 +55,11 @@ def init_engine_state(target, drafter, slots: int, max_len: int, key: jax.Array)
     n = drafter.vocab_size
     def zeros_i():
         return jnp.zeros((slots,), jnp.int32)  # distinct buffers: the state is donated leaf by leaf
+    lookup = drafter.config.algorithm == "ngram"  # deterministic drafts: no p_draft, a length per slot
     proposal = Proposal(tokens=jnp.zeros((slots, g), jnp.int32), draft_index=jnp.zeros((slots, g), jnp.int32),
-                        p_draft=jnp.zeros((slots, g, n), jnp.float32), confidence=jnp.zeros((slots, g), jnp.float32),
-                        confidence_logits=jnp.zeros((slots, g), jnp.float32))
+                        p_draft=None if lookup else jnp.zeros((slots, g, n), jnp.float32),
+                        confidence=jnp.zeros((slots, g), jnp.float32),
+                        confidence_logits=jnp.zeros((slots, g), jnp.float32), length=zeros_i() if lookup else None)
     return EngineState(tcache=init_cache(target.config, slots, max_len, target.dtype),
                        dstate=drafter.init_state(slots, max_len), anchor=zeros_i(), start=zeros_i(),
                        active=jnp.zeros((slots,), bool), budget=zeros_i(), params=SamplingParams.create(slots),
@@ -82,7 +84,8 @@ def admit(target_graphdef, target_state, drafter_graphdef, drafter_state, state:
     lens = prompt_lens.astype(jnp.int32)
     logits, out = prefill(target, prompts, lens, max_len, attn_impl, tap_layers=drafter.config.target_layer_ids)
     first = sample(k_first, logits, params, mode)
-    dstate = drafter.prefill(target, drafter.init_state(n, max_len), jnp.concatenate(out.taps, -1), prompts, lens)
+    features = jnp.concatenate(out.taps, -1) if out.taps else None
+    dstate = drafter.prefill(target, drafter.init_state(n, max_len), features, prompts, lens)
     prop = drafter.propose(target, dstate, first, lens, k_draft, params, mode, drafter.head_matrix(target), attn_impl)
     finished = jnp.isin(first, stops) | (max_new_tokens <= 1)
     state = dataclasses.replace(
@@ -115,7 +118,8 @@ def step(target_graphdef, target_state, drafter_graphdef, drafter_state, state: 
     n_active = active.sum().astype(jnp.int32)
     budget = jnp.clip(draft_budget, 0, bucket - n_active)
     caps = jnp.where(active, jnp.minimum(caps, g), 0) if draft else jnp.zeros_like(caps)
-    caps = jnp.minimum(caps, proposal_lengths(state.proposal.confidence, floors))
+    caps = jnp.minimum(caps, jnp.minimum(proposal_lengths(state.proposal.confidence, floors),
+                                         state.proposal.num_drafted))
     verified = allocate_top_k(state.proposal.confidence, caps, budget)
     layout = make_layout(jnp.where(active, verified + 1, 0), state.start, bucket, g + 1)
     key, k_verify, k_draft = jax.random.split(state.key, 3)

@@ -1,0 +1,124 @@
+"""Prompt-lookup (n-gram) drafting vs plain decoding, the shipped DSpark drafter and HF transformers' prompt
+lookup: same held-out prompts, machine and run.
+
+    python benchmarks/ngram.py [--datasets gsm8k,humaneval,mbpp,mt-bench --limit 8 --max_new_tokens 96
+                                --batch_sizes 1,8 --gamma 7 --drafters ngram,default --hf]
+
+Per dataset and batch size: tokens/s of plain decoding and of each drafter, pooled τ (committed tokens per
+verification round, bonus included), the speed-up over plain, greedy identity with plain, and the τ an offline
+simulation of lookup predicts on plain decoding's outputs (`dspark_jax.evaluation.lookup_simulation`).
+`--hf` adds HF transformers (float32, same GGUF) at batch 1: greedy `generate` and `prompt_lookup_num_tokens`
+(γ tokens, `max_matching_ngram_size` = n_max), and the tokens/s ratio of our lookup to theirs.
+Prompts are wrapped in the training format. Compilation and warm-up are excluded. Writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+
+def hf_tokens_per_s(model, prompts_ids, max_new, pad_id, **kw) -> tuple[float, list[list[int]]]:
+    """HF generate one prompt at a time (prompt lookup supports batch 1): tokens/s over all prompts."""
+    import torch
+    outs, seconds, tokens = [], 0.0, 0
+    with torch.no_grad():
+        model.generate(torch.tensor([prompts_ids[0]]), max_new_tokens=4, do_sample=False, pad_token_id=pad_id, **kw)
+        for ids in prompts_ids:
+            t0 = time.perf_counter()
+            out = model.generate(torch.tensor([ids]), max_new_tokens=max_new, min_new_tokens=max_new,
+                                 do_sample=False, pad_token_id=pad_id, **kw)
+            seconds += time.perf_counter() - t0
+            new = out[0, len(ids):].tolist()
+            tokens += len(new)
+            outs.append(new)
+    return tokens / seconds, outs
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--datasets", default="gsm8k,humaneval,mbpp,mt-bench")
+    ap.add_argument("--limit", type=int, default=8)
+    ap.add_argument("--max_new_tokens", type=int, default=96)
+    ap.add_argument("--batch_sizes", default="1,8")
+    ap.add_argument("--gamma", type=int, default=7)
+    ap.add_argument("--n_max", type=int, default=3)
+    ap.add_argument("--n_min", type=int, default=1)
+    ap.add_argument("--drafters", default="ngram,default", help="comma list of --drafter values")
+    ap.add_argument("--hf", action="store_true", help="also time HF transformers' prompt lookup (batch 1)")
+    ap.add_argument("--output", default="benchmarks/results/ngram.json")
+    args = ap.parse_args()
+
+    from dspark_jax.data import eval_dataset_path, read_first_turns
+    from dspark_jax.drafters.factory import load_drafter
+    from dspark_jax.evaluation.lookup_simulation import simulated_tau
+    from dspark_jax.generation import GenerationConfig, generate_text, pooled_accept_length, throughput
+    from dspark_jax.target import load_target
+    from dspark_jax.training.responses import format_prompt
+    from dspark_jax.utils.machine import describe_machine
+    from dspark_jax.utils.results import write_result
+
+    target = load_target()
+    drafters = {}
+    for spec in args.drafters.split(","):
+        full = f"ngram:n_max={args.n_max},n_min={args.n_min}" if spec == "ngram" else spec
+        drafters[spec] = load_drafter(full, target, gamma=args.gamma)
+    hf = None
+    if args.hf:
+        from pathlib import Path
+
+        import torch
+        import transformers
+        path = Path(target.source)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                               dtype=torch.float32).eval()
+    rows = []
+    print(f"machine: {describe_machine()}; {args.max_new_tokens} new tokens, T=0, gamma {args.gamma}")
+    header = f"{'dataset':<10} {'batch':>5} {'decoding':<10} {'tokens/s':>9} {'tau':>6} {'speed-up':>9} {'same':>5}"
+    print(header)
+    for name in args.datasets.split(","):
+        prompts = [format_prompt(p) for p in read_first_turns(eval_dataset_path(name))[:args.limit]]
+        for bs in [int(b) for b in args.batch_sizes.split(",")]:
+            cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=bs)
+
+            def tps(results):
+                return throughput(results, bs)
+
+            plain = generate_text(target, prompts, cfg)
+            base = tps(plain)
+            pairs = [(target.tokenizer.encode(p, add_bos=True), r.completion_ids) for p, r in zip(prompts, plain)]
+            sim = simulated_tau(pairs, args.n_max, args.n_min, args.gamma)
+            rows.append(dict(dataset=name, batch_size=bs, decoding="plain", tokens_per_s=base, tau=None,
+                             speedup=1.0, simulated_ngram_tau=sim))
+            print(f"{name:<10} {bs:>5} {'plain':<10} {base:9.1f} {'-':>6} {1.0:9.2f} {'':>5}  "
+                  f"(simulated lookup tau {sim:.2f})", flush=True)
+            for spec, drafter in drafters.items():
+                res = generate_text(target, prompts, cfg, drafter=drafter)
+                same = all(a.completion_ids == b.completion_ids for a, b in zip(plain, res))
+                tau = pooled_accept_length(res)
+                rows.append(dict(dataset=name, batch_size=bs, decoding=spec, tokens_per_s=tps(res), tau=tau,
+                                 speedup=tps(res) / base, identical_to_plain=same))
+                print(f"{name:<10} {bs:>5} {spec:<10} {tps(res):9.1f} {tau:6.2f} {tps(res) / base:9.2f} "
+                      f"{str(same):>5}", flush=True)
+            if hf is not None and bs == 1:
+                ids = [target.tokenizer.encode(p, add_bos=True) for p in prompts]
+                pad = target.config.pad_token_id
+                hf_plain, _ = hf_tokens_per_s(hf, ids, args.max_new_tokens, pad)
+                hf_lookup, outs = hf_tokens_per_s(hf, ids, args.max_new_tokens, pad,
+                                                  prompt_lookup_num_tokens=args.gamma,
+                                                  max_matching_ngram_size=args.n_max)
+                ours = next(r for r in rows[::-1] if r["decoding"] == "ngram" and r["dataset"] == name)
+                agree = statistics.mean(o == r.completion_ids[:len(o)] for o, r in zip(outs, plain))
+                rows.append(dict(dataset=name, batch_size=1, decoding="hf plain", tokens_per_s=hf_plain))
+                rows.append(dict(dataset=name, batch_size=1, decoding="hf prompt lookup", tokens_per_s=hf_lookup,
+                                 speedup_over_hf_plain=hf_lookup / hf_plain,
+                                 ours_ngram_over_hf_lookup=ours["tokens_per_s"] / hf_lookup,
+                                 same_tokens_as_ours=agree))
+                print(f"{name:<10} {1:>5} {'hf plain':<10} {hf_plain:9.1f}\n{name:<10} {1:>5} {'hf lookup':<10} "
+                      f"{hf_lookup:9.1f}  (ours/HF lookup {ours['tokens_per_s'] / hf_lookup:.2f}x, "
+                      f"same tokens {agree:.0%})", flush=True)
+    write_result(args.output, dict(machine=describe_machine(), model=target.config.name, **vars(args), rows=rows))
+
+
+if __name__ == "__main__":
+    main()

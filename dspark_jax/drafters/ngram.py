@@ -1,0 +1,124 @@
+"""Prompt-lookup (n-gram) drafting on device: propose what followed the most recent earlier occurrence of the
+request's last n tokens (prompt + generated text), n from n_max down to n_min. No model, no training.
+
+The lookup is one vectorised comparison per n over each request's token buffer ([B, L] → [B, L]), the most
+recent match a max over positions, and the proposal a static-shape gather. When the match ends p tokens
+before the anchor (p < γ), the proposal continues with period p — the continuation the repetition that
+matched implies (a loop "abcabc…" proposes γ tokens, not p). Proposals are deterministic: p_d is one-hot,
+so verification accepts x with probability p_t(x) and resamples from p_t without x — exact at every
+temperature, top-k and top-p (the `Proposal.p_draft is None` case of `verify_round`). No match → a
+zero-length proposal. Same idea as vLLM's `ngram` method, llama.cpp's lookup decoding and HF transformers'
+`prompt_lookup_num_tokens`.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dspark_jax.drafters.base import Proposal
+
+
+@dataclasses.dataclass(frozen=True)
+class NgramConfig:
+    """block_size (γ): tokens proposed per round; n_max ≥ n_min ≥ 1: the n-gram lengths tried, longest first.
+    `target_layer_ids` is empty: lookup needs no target features."""
+    block_size: int = 7
+    n_max: int = 3
+    n_min: int = 1
+    algorithm: str = "ngram"
+    target_layer_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.block_size < 1:
+            raise ValueError(f"block_size (gamma) must be >= 1, got {self.block_size}")
+        if not 1 <= self.n_min <= self.n_max:
+            raise ValueError(f"n-gram lengths need 1 <= n_min <= n_max, got n_min={self.n_min}, n_max={self.n_max}")
+        if self.algorithm != "ngram" or self.target_layer_ids:
+            raise ValueError("an n-gram config has algorithm 'ngram' and taps no target layers")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class NgramState:
+    """tokens [B, L]: each request's committed tokens by position (prompt, then generated; entries at or
+    past the anchor position are stale and never read)."""
+    tokens: jax.Array
+
+
+def find_match(tokens: jax.Array, last: jax.Array, n_max: int, n_min: int) -> tuple[jax.Array, jax.Array]:
+    """The most recent earlier occurrence of the longest suffix that occurs before.
+
+    tokens [B, L]; last [B]: position of each request's newest token (its suffix ends there). Returns
+    (end [B]: position j < last where the matched n-gram ends, -1 if none; n [B]: its length, 0 if none):
+    tokens[j-n+1 .. j] == tokens[last-n+1 .. last] for the largest n in [n_min, n_max] that occurs, and the
+    largest such j for that n."""
+    b, length = tokens.shape
+    pos = jnp.arange(length, dtype=jnp.int32)[None]
+    rows = jnp.arange(b)
+    matched = jnp.ones((b, length), bool)
+    end = jnp.full((b,), -1, jnp.int32)
+    n_found = jnp.zeros((b,), jnp.int32)
+    for i in range(n_max):  # extend every window one token further back: matched = windows of length i + 1
+        back = last - i
+        suffix_token = tokens[rows, jnp.maximum(back, 0)]
+        shifted = jnp.roll(tokens, i, axis=1)  # shifted[:, j] = tokens[:, j - i]
+        matched = matched & (shifted == suffix_token[:, None]) & (pos >= i) & (back >= 0)[:, None]
+        if i + 1 >= n_min:
+            j = jnp.max(jnp.where(matched & (pos < last[:, None]), pos, -1), axis=1)
+            end = jnp.where(j >= 0, j, end)  # a longer match overrides a shorter one
+            n_found = jnp.where(j >= 0, i + 1, n_found)
+    return end, n_found
+
+
+def lookup_proposal(tokens: jax.Array, last: jax.Array, end: jax.Array, gamma: int) -> jax.Array:
+    """[B, γ] tokens after a match ending at `end` (< last): tokens[end+1 .. last], continued with period
+    last − end. Rows without a match (end < 0) get tokens[0] (their proposal length is 0)."""
+    period = jnp.maximum(last - end, 1)
+    k = jnp.arange(gamma, dtype=jnp.int32)[None]
+    idx = jnp.clip(end[:, None] + 1 + k % period[:, None], 0, tokens.shape[1] - 1)
+    return jnp.take_along_axis(tokens, idx, axis=1)
+
+
+class NgramDrafter(nnx.Module):
+    """The drafter interface (`init_state / prefill / propose / commit / head_matrix`) for prompt lookup."""
+
+    def __init__(self, config: NgramConfig, vocab_size: int):
+        self.config = config
+        self.vocab_size = vocab_size
+        self.full_vocab = True
+
+    def init_state(self, batch: int, max_len: int) -> NgramState:
+        return NgramState(jnp.zeros((batch, max_len), jnp.int32))
+
+    def prefill(self, target_model, state: NgramState, features, prompts: jax.Array,
+                prompt_lens: jax.Array) -> NgramState:
+        del target_model, features, prompt_lens  # positions past a prompt are stale until committed
+        return NgramState(jax.lax.dynamic_update_slice(state.tokens, prompts.astype(jnp.int32), (0, 0)))
+
+    def commit(self, target_model, state: NgramState, features, verified: jax.Array, start: jax.Array,
+               count: jax.Array) -> NgramState:
+        """verified [B, W]: the anchor and drafts at positions start..; the first `count` are committed (the
+        rest lie at or past the next anchor: stale, overwritten later)."""
+        del target_model, features, count
+        write = jax.vmap(lambda row, new, s: jax.lax.dynamic_update_slice(row, new, (s,)))
+        return NgramState(write(state.tokens, verified.astype(jnp.int32), start))
+
+    def head_matrix(self, target_model):
+        return None
+
+    def propose(self, target_model, state: NgramState, anchor: jax.Array, start: jax.Array, key, params, mode,
+                head, attn_impl: str = "reference") -> Proposal:
+        """γ tokens after the anchor (at position start) and their count (γ on a match, else 0)."""
+        del target_model, key, params, mode, head, attn_impl
+        g = self.config.block_size
+        rows = jnp.arange(anchor.shape[0])
+        tokens = state.tokens.at[rows, start].set(anchor.astype(jnp.int32))
+        end, n = find_match(tokens, start, self.config.n_max, self.config.n_min)
+        proposed = lookup_proposal(tokens, start, end, g)
+        length = jnp.where(n > 0, g, 0).astype(jnp.int32)
+        ones = jnp.ones(proposed.shape, jnp.float32)
+        return Proposal(tokens=proposed, draft_index=proposed, p_draft=None, confidence=ones,
+                        confidence_logits=0 * ones, length=length)

@@ -149,3 +149,161 @@ def test_offline_simulation_predicts_the_loop_rounds():
         out = [int(t) for t in spec.tokens[0]]
         r = int(spec.rounds[0])
         assert [int(c) for c in spec.committed[0, :r]] == simulate_rounds(prompt, out, 3, 1, 4)
+
+
+# ---- lookup confidence -------------------------------------------------------------------------------
+
+def test_acceptance_statistics_are_counted_per_match_length_and_position():
+    """commit counts, for the proposal's match length, the positions verified with all earlier accepted."""
+    drafter = NgramDrafter(NgramConfig(block_size=4, n_max=2, n_min=1), 50)
+    state = drafter.prefill(None, drafter.init_state(2, 16), None, jnp.asarray([[5, 6, 7, 5, 0], [1, 2, 3, 4, 5]]),
+                            jnp.asarray([4, 5]))
+    # row 0: anchor 6 at position 4 -> "5 6" matched (n = 2); 4 drafts verified, 2 accepted (+ correction = 3)
+    # row 1: anchor 9 at position 5 -> no match; nothing verified
+    verified = jnp.asarray([[6, 7, 5, 6, 7], [9, 0, 0, 0, 0]])
+    new = drafter.commit(None, state, None, verified, jnp.asarray([4, 5]), jnp.asarray([3, 1]),
+                         num_verified=jnp.asarray([4, 0]))
+    np.testing.assert_array_equal(np.asarray(new.tested[0]), [[0, 0, 0, 0], [1, 1, 1, 0]])
+    np.testing.assert_array_equal(np.asarray(new.accepted[0]), [[0, 0, 0, 0], [1, 1, 0, 0]])
+    assert float(new.tested[1].sum()) == 0
+    # a round that verified only 2 drafts and accepted both tests positions 0 and 1, not 2
+    again = drafter.commit(None, state, None, verified, jnp.asarray([4, 5]), jnp.asarray([3, 1]),
+                           num_verified=jnp.asarray([2, 0]))
+    np.testing.assert_array_equal(np.asarray(again.tested[0, 1]), [1, 1, 0, 0])
+    np.testing.assert_array_equal(np.asarray(again.accepted[0, 1]), [1, 1, 0, 0])
+    # the confidence of the next "5 6"-match proposal is the Beta(1, 1) posterior mean
+    from dspark_jax.drafters.ngram import lookup_confidence
+    conf = lookup_confidence(new, jnp.asarray([2, 0]), 4, (1.0, 1.0))
+    np.testing.assert_allclose(np.asarray(conf), [[2 / 3, 2 / 3, 1 / 3, 1 / 2], [0, 0, 0, 0]], rtol=1e-6)
+
+
+def test_confidence_learns_online_in_the_loop():
+    """On a prompt that loops, lookup drafts are accepted and their confidence rises above the prior."""
+    tg, ts, cfg = make_target("gemma3")
+    dg, ds = _ngram(cfg, 3)
+    tokens, lens = _batch([[5, 6, 7, 5, 6, 7, 5, 6]])
+    spec = speculative_generate(tg, ts, dg, ds, tokens, lens, jax.random.key(0), SamplingParams.create(1),
+                                jnp.float32(0.0), max_new_tokens=24, stop_ids=())
+    r = int(spec.rounds[0])
+    conf, flags = np.asarray(spec.confidence[0, :r]), np.asarray(spec.accept_flags[0, :r])
+    drafted = np.asarray(spec.proposed[0, :r]) > 0
+    assert drafted.any()
+    first = np.flatnonzero(drafted)[0]
+    np.testing.assert_allclose(conf[first], 0.5)  # the prior, before any evidence
+    if flags[drafted, 0].mean() > 0.5:  # mostly accepted: later estimates move up
+        assert conf[drafted][-1, 0] > 0.5
+
+
+# ---- hybrid: a trained drafter + lookup ------------------------------------------------------------
+
+def _hybrid(cfg, gamma, reduced=False):
+    from dspark_jax.drafters.hybrid import HybridDrafter
+    from test_speculative import make_drafter
+    dg, ds = make_drafter("dspark", cfg, gamma, reduced)
+    lg, ls = _ngram(cfg, gamma)
+    return nnx.split(HybridDrafter(nnx.merge(dg, ds), nnx.merge(lg, ls)))
+
+
+@pytest.mark.parametrize("gamma,reduced,threshold", [(3, False, 0.0), (4, True, 0.0), (2, True, 0.3)])
+def test_greedy_hybrid_equals_greedy_plain(gamma, reduced, threshold):
+    tg, ts, cfg = make_target("gemma3")
+    hg, hs = _hybrid(cfg, gamma, reduced)
+    tokens, lens = _batch(REPETITIVE)
+    kw = dict(max_new_tokens=20, stop_ids=())
+    plain = generate(tg, ts, tokens, lens, jax.random.key(0), SamplingParams.create(4), **kw)
+    spec = speculative_generate(tg, ts, hg, hs, tokens, lens, jax.random.key(0), SamplingParams.create(4),
+                                jnp.float32(threshold), **kw)
+    np.testing.assert_array_equal(np.asarray(spec.tokens), np.asarray(plain.tokens))
+
+
+def test_hybrid_proposes_the_draft_expected_to_be_accepted_further():
+    from dspark_jax.drafters.base import Proposal
+    from dspark_jax.drafters.hybrid import HybridDrafter
+    tg, ts, cfg = make_target("gemma3")
+    hybrid = nnx.merge(*_hybrid(cfg, 3))
+    target = nnx.merge(tg, ts)
+    lens = jnp.asarray([5, 5], jnp.int32)
+    # model confidences: row 0 low, row 1 high; lookup: row 0 matches (confidence 0.5 prior), row 1 none
+    model = Proposal(tokens=jnp.full((2, 3), 9), draft_index=jnp.full((2, 3), 9), p_draft=jnp.zeros((2, 3, 4)),
+                     confidence=jnp.asarray([[0.2, 0.1, 0.1], [0.9, 0.9, 0.9]]), confidence_logits=jnp.zeros((2, 3)))
+    lookup = Proposal(tokens=jnp.full((2, 3), 7), draft_index=jnp.full((2, 3), 7), p_draft=None,
+                      confidence=jnp.asarray([[0.5, 0.5, 0.5], [0.0, 0.0, 0.0]]), confidence_logits=jnp.zeros((2, 3)),
+                      length=jnp.asarray([3, 0]))
+    hybrid.model.propose = lambda *a, **k: model
+    hybrid.lookup.propose = lambda *a, **k: lookup
+    from dspark_jax.drafters.hybrid import HybridState
+    out = HybridDrafter.propose(hybrid, target, HybridState(None, None), jnp.zeros(2, jnp.int32), lens, None, None,
+                                None, None)
+    np.testing.assert_array_equal(np.asarray(out.deterministic), [True, False])
+    np.testing.assert_array_equal(np.asarray(out.tokens), [[7, 7, 7], [9, 9, 9]])
+    np.testing.assert_array_equal(np.asarray(out.num_drafted), [3, 3])
+    np.testing.assert_allclose(np.asarray(out.expected_accept_length), [0.5 + 0.25 + 0.125, 0.9 + 0.81 + 0.729],
+                               rtol=1e-6)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (3, 0.8)])
+def test_hybrid_temperature_one_is_lossless(top_k, top_p):
+    from test_speculative import V_SMALL
+    tg, ts, cfg = make_target("gemma3", vocab_size=V_SMALL)
+    hg, hs = _hybrid(cfg, 2)
+    params = SamplingParams.create(1, 1.0, top_k, top_p)
+    mode = FilterMode.for_params(top_k, top_p)
+    prompt = [1, 2, 1, 2, 1]
+    seqs, prob = exact_joint(tg, ts, prompt, params, mode)
+    codes, sp = sampled_joint(tg, ts, hg, hs, prompt, params, mode)
+    assert 0.1 < np.asarray(sp.accepted).sum(1).mean() < 2
+    assert chi_square_pvalue(codes, prob) > 1e-3
+
+
+# ---- the serving engine ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind,policy", [("ngram", "fixed"), ("ngram", "scheduler"), ("hybrid", "scheduler_async")])
+def test_engine_with_lookup_gives_plain_greedy_output(kind, policy):
+    from dspark_jax.drafters.factory import hybrid_drafter, load_drafter, random_drafter
+    from dspark_jax.serving.engine import Engine, EngineConfig, Request
+    from dspark_jax.serving.scheduler import CostTable
+    from tiny_target import make_tiny_target, plain_greedy
+    target = make_tiny_target()
+    drafter = (load_drafter("ngram", target, gamma=3) if kind == "ngram"
+               else hybrid_drafter(random_drafter(target, "dspark", gamma=3, num_layers=1), target))
+    prompts = [[5, 6, 7, 5, 6, 7, 5], [9, 10, 11, 12], [20, 21, 20, 21], [3, 4, 5], [40, 41, 42, 40, 41], [7, 8]]
+    expected = [plain_greedy(target, p, 14) for p in prompts]
+    engine = Engine(target, drafter, EngineConfig(slots=4, max_len=64, policy=policy, gamma=3),
+                    cost_table=CostTable((4, 8, 16), (100.0, 90.0, 80.0)))
+    ids = [engine.submit(Request(p, max_new_tokens=14)) for p in prompts]
+    engine.run_until_idle()
+    assert [engine.tokens(i) for i in ids] == expected
+    assert sum(engine.stats(i).accepted_draft for i in ids) > 0
+
+
+# ---- a DSpark drafter with lookup inputs -----------------------------------------------------------
+
+def _lookup_input_drafter(cfg, gamma, reduced):
+    from dspark_jax.drafters.config import make_drafter_config
+    from dspark_jax.drafters.dspark import DSparkDrafter
+    vocab_ids = np.arange(0, cfg.vocab_size, 2)[:40] if reduced else None
+    dc = make_drafter_config("dspark", cfg, block_size=gamma, num_layers=1, markov_rank=8,
+                             draft_vocab_size=len(vocab_ids) if reduced else None, lookup_inputs=3)
+    module = DSparkDrafter(dc, cfg, rngs=nnx.Rngs(1), draft_vocab_ids=vocab_ids)
+    module.lookup_fc.value = 0.5 * jax.random.normal(jax.random.key(2), module.lookup_fc.value.shape)  # not a no-op
+    return module
+
+
+@pytest.mark.parametrize("gamma,reduced", [(3, False), (5, True)])
+def test_greedy_lookup_input_drafter_equals_greedy_plain_and_uses_the_lookup(gamma, reduced):
+    tg, ts, cfg = make_target("gemma3")
+    module = _lookup_input_drafter(cfg, gamma, reduced)
+    dg, ds = nnx.split(module)
+    tokens, lens = _batch(REPETITIVE)
+    kw = dict(max_new_tokens=20, stop_ids=())
+    plain = generate(tg, ts, tokens, lens, jax.random.key(0), SamplingParams.create(4), **kw)
+    spec = speculative_generate(tg, ts, dg, ds, tokens, lens, jax.random.key(0), SamplingParams.create(4),
+                                jnp.float32(0.0), **kw)
+    np.testing.assert_array_equal(np.asarray(spec.tokens), np.asarray(plain.tokens))
+    # the block reads the lookup: the proposal changes when the lookup's tokens do
+    target = nnx.merge(tg, ts)
+    state = module.prefill(target, module.init_state(4, 40), jnp.zeros((4, 16, len(module.config.target_layer_ids) * cfg.hidden_size)), tokens, lens)
+    anchor = jnp.asarray([6, 17, 20, 3])
+    hidden = module.backbone(target, anchor, lens, state)
+    no_lookup = module.backbone(target, anchor, lens, state, lookup=jnp.full((4, gamma), module.config.mask_token_id))
+    assert not np.allclose(np.asarray(hidden[0]), np.asarray(no_lookup[0]))  # row 0 loops: lookup matched

@@ -26,6 +26,7 @@ flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
 flags.DEFINE_string("drafter", "none", "Speculative decoding drafter: 'none' (plain autoregressive decoding), 'default' "
                     "(the shipped drafter trained for the target), 'ngram' (prompt lookup: propose what followed the "
                     "last 3..1 tokens' most recent earlier occurrence; 'ngram:n_max=4,n_min=2' sets the lengths), "
+                    "'default+ngram' (both; per request and round the draft expected to be accepted further), "
                     "'random' (a randomly initialised drafter of --draft_algorithm: correct output, low "
                     "acceptance), or a drafter directory (exported by `dspark train`, or a DeepSpec DSpark/DFlash "
                     "checkpoint).")
@@ -61,8 +62,9 @@ def body() -> None:
                               top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
                               attn_impl=FLAGS.attn_impl)
     dtype = None if FLAGS.dtype == "auto" else getattr(jnp, FLAGS.dtype)
-    lookup = FLAGS.drafter == "ngram" or FLAGS.drafter.startswith("ngram:")
-    if FLAGS.drafter not in ("none", "random", "default") and not lookup and not Path(FLAGS.drafter).expanduser().exists():
+    base = FLAGS.drafter.partition("+")[0]
+    lookup = base == "ngram" or base.startswith("ngram:")
+    if base not in ("none", "random", "default") and not lookup and not Path(base).expanduser().exists():
         raise FileNotFoundError(f"drafter not found: {FLAGS.drafter!r} (expected 'none', 'random' or a drafter "
                                 f"directory)")
     mesh = setup_devices(FLAGS.mesh, FLAGS.distributed)

@@ -65,7 +65,7 @@ def _without_drafts(proposal):
     cut = lambda a: None if a is None else a[:, :0]  # noqa: E731
     return Proposal(tokens=cut(proposal.tokens), draft_index=cut(proposal.draft_index), p_draft=cut(proposal.p_draft),
                     confidence=cut(proposal.confidence), confidence_logits=cut(proposal.confidence_logits),
-                    length=jnp.zeros(proposal.tokens.shape[:1], jnp.int32))
+                    length=jnp.zeros(proposal.tokens.shape[:1], jnp.int32), deterministic=proposal.deterministic)
 
 
 @functools.partial(jax.jit, static_argnames=("target_graphdef", "drafter_graphdef", "max_new_tokens", "stop_ids",

@@ -48,20 +48,25 @@ def verify_round(target, drafter, tcache, dstate, proposal: Proposal, anchor: ja
     row_params = jax.tree.map(lambda a: a[layout.slot], params)
     # token_probs [T, V], read only at the drafted tokens and at each request's stopping row (never materialised)
     p_target = lazy_token_probs(target.logits(out.hidden), row_params, mode)
-    deterministic = proposal.p_draft is None  # lookup drafts: p_d is one-hot at each drafted token
-    if deterministic:
-        p_dx = jnp.ones(proposal.tokens.shape, jnp.float32)
+    # deterministic (lookup) drafts: p_d is one-hot at each drafted token — all rows, or those flagged
+    all_det, some_det = proposal.p_draft is None, proposal.deterministic
+    ones = jnp.ones(proposal.tokens.shape, jnp.float32)
+    if all_det:
+        p_dx = ones
     else:
         p_dx = jnp.take_along_axis(proposal.p_draft, proposal.draft_index[..., None], axis=-1)[..., 0]
+        if some_det is not None:
+            p_dx = jnp.where(some_det[:, None], ones, p_dx)
 
     def p_draft_full_at(k):
-        if deterministic:
-            token = jnp.take_along_axis(proposal.tokens, k[:, None], axis=1)[:, 0]
-            return jax.nn.one_hot(token, p_target.shape[-1], dtype=jnp.float32)
+        token = jnp.take_along_axis(proposal.tokens, k[:, None], axis=1)[:, 0]
+        one_hot = jax.nn.one_hot(token, p_target.shape[-1], dtype=jnp.float32)
+        if all_det:
+            return one_hot
         row = jnp.take_along_axis(proposal.p_draft, k[:, None, None], axis=1)[:, 0]  # [B, N]
-        if drafter.full_vocab:
-            return row
-        return jnp.zeros((b, p_target.shape[-1]), row.dtype).at[:, drafter.draft_to_target[...]].set(row)
+        if not drafter.full_vocab:
+            row = jnp.zeros((b, p_target.shape[-1]), row.dtype).at[:, drafter.draft_to_target[...]].set(row)
+        return row if some_det is None else jnp.where(some_det[:, None], one_hot, row)
 
     verdict = verify(key, proposal.tokens, p_dx, p_draft_full_at, p_target, num_verify, row_index=layout.grid)
     a = verdict.num_accepted
@@ -73,7 +78,7 @@ def verify_round(target, drafter, tcache, dstate, proposal: Proposal, anchor: ja
     count = jnp.where(active, jnp.minimum(count, budget), 0)
     stopped = is_stop.any(1) & (jnp.argmax(is_stop, 1) + 1 <= count)
     features = to_grid(jnp.concatenate(out.taps, axis=-1), layout) if taps else None  # [B, G+1, m·d]
-    dstate = drafter.commit(target, dstate, features, grid_tokens, start, count)
+    dstate = drafter.commit(target, dstate, features, grid_tokens, start, count, num_verified=num_verify)
     last = jnp.take_along_axis(committed, jnp.maximum(count - 1, 0)[:, None], axis=1)[:, 0]
     return RoundResult(committed=committed, count=count, num_accepted=jnp.where(active, a, 0),
                        accept_flags=verdict.accepted & active[:, None], stopped=stopped,

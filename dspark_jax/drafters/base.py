@@ -18,7 +18,9 @@ class Proposal:
     tokens: [B, G] target ids; p_draft: [B, G, N] the exact (filtered, float32) distributions the tokens
     were drawn from, over the draft vocabulary, or None for deterministic drafts (lookup: p_d is one-hot at
     each token); confidence: [B, G] calibrated c_k (1 without a head); confidence_logits: [B, G] raw logits
-    (0 without a head); length: [B] drafted tokens per request (None: all G).
+    (0 without a head); length: [B] drafted tokens per request (None: all G); deterministic: [B] bool, rows
+    whose tokens are deterministic drafts (p_d one-hot; their p_draft rows are ignored), None: no row, or
+    every row when p_draft is None.
     """
     tokens: jax.Array
     draft_index: jax.Array
@@ -26,6 +28,7 @@ class Proposal:
     confidence: jax.Array
     confidence_logits: jax.Array
     length: jax.Array | None = None
+    deterministic: jax.Array | None = None
 
     @property
     def num_drafted(self) -> jax.Array:
@@ -33,6 +36,14 @@ class Proposal:
         if self.length is None:
             return jnp.full(self.tokens.shape[:1], self.tokens.shape[1], jnp.int32)
         return self.length
+
+    @property
+    def expected_accept_length(self) -> jax.Array:
+        """[B] Σ_k Π_{i≤k} c_i over each request's drafted positions: the drafts a full verification is
+        expected to accept, by the proposal's own confidences."""
+        g = self.tokens.shape[1]
+        drafted = jnp.arange(g)[None] < self.num_drafted[:, None]
+        return jnp.sum(jnp.cumprod(jnp.where(drafted, self.confidence, 0.0), axis=1), axis=1)
 
 
 def draft_layer_config(target: TransformerConfig, num_layers: int) -> TransformerConfig:

@@ -30,6 +30,10 @@ class DrafterConfig:
     block_size (γ): draft tokens per round. DSpark/DFlash: anchor + (γ-1) mask tokens predict γ tokens.
     markov_rank 0 disables the Markov head; confidence_head False disables the confidence head
     (DFlash = both off). draft_vocab_size None = the target's full vocabulary.
+    lookup_inputs n > 0 (DSpark/DFlash; our deviation from the paper, 0 = the paper's drafter): block slot k
+    also reads the token a prompt lookup over the committed text (last n..1 tokens) proposes for the position
+    it predicts, so copying is an input the drafter learns to trust or overrule; without it a parallel
+    drafter learns to copy only its first slot (`tests/test_copy_learning.py`).
     """
     algorithm: Algorithm
     target_layer_ids: tuple[int, ...]
@@ -41,6 +45,7 @@ class DrafterConfig:
     confidence_head: bool = True
     confidence_with_markov: bool = True
     draft_vocab_size: int | None = None
+    lookup_inputs: int = 0
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
@@ -55,6 +60,8 @@ class DrafterConfig:
             raise ValueError(f"markov_rank must be >= 0, got {self.markov_rank}")
         if self.markov_head_type not in MARKOV_HEAD_TYPES:
             raise ValueError(f"unknown markov_head_type {self.markov_head_type!r}; choose from {MARKOV_HEAD_TYPES}")
+        if self.lookup_inputs < 0 or (self.lookup_inputs and self.algorithm == "eagle3"):
+            raise ValueError(f"lookup_inputs must be >= 0 (and 0 for eagle3), got {self.lookup_inputs}")
         if self.draft_vocab_size is not None and self.draft_vocab_size < 2:
             raise ValueError(f"draft_vocab_size must be >= 2 or None, got {self.draft_vocab_size}")
         if self.algorithm == "dflash" and (self.markov_rank or self.confidence_head):
@@ -86,8 +93,8 @@ class DrafterConfig:
 def make_drafter_config(algorithm: str, target: TransformerConfig, *, block_size: int = 7,
                         num_layers: int | None = None, mask_token_id: int | None = None,
                         draft_vocab_size: int | None = None, markov_rank: int = 256,
-                        markov_head_type: str = "vanilla", target_layer_ids: tuple[int, ...] | None = None
-                        ) -> DrafterConfig:
+                        markov_head_type: str = "vanilla", target_layer_ids: tuple[int, ...] | None = None,
+                        lookup_inputs: int = 0) -> DrafterConfig:
     """Paper defaults for each algorithm, fitted to `target`."""
     ids = tuple(target_layer_ids) if target_layer_ids else default_target_layer_ids(target.num_layers)
     mask = mask_token_id if mask_token_id is not None else default_mask_token_id(target)
@@ -97,7 +104,7 @@ def make_drafter_config(algorithm: str, target: TransformerConfig, *, block_size
     dspark = algorithm == "dspark"
     return DrafterConfig(algorithm, ids, block_size=block_size, num_layers=num_layers or 5, mask_token_id=mask,
                          markov_rank=markov_rank if dspark else 0, markov_head_type=markov_head_type,
-                         confidence_head=dspark, draft_vocab_size=draft_vocab_size)
+                         confidence_head=dspark, draft_vocab_size=draft_vocab_size, lookup_inputs=lookup_inputs)
 
 
 def default_mask_token_id(target: TransformerConfig) -> int:

@@ -1,7 +1,13 @@
 """The DSpark drafter (spec §1.2–1.7): target features → fc + RMSNorm → K/V injected into every draft
 layer; one parallel pass over [anchor, MASK × (γ-1)]; then the sequential Markov head samples left to
-right and the confidence head scores each slot. DFlash is this module with both heads off."""
+right and the confidence head scores each slot. DFlash is this module with both heads off.
+
+With `lookup_inputs` (our deviation, see `DrafterConfig`) block slot k's input also holds lookup_fc(e(l_k)),
+l_k the token a prompt lookup over the committed text proposes for the position slot k predicts (MASK where
+nothing matches); the drafter state then also keeps the committed tokens (`LookupState`)."""
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -12,9 +18,31 @@ from dspark_jax.decoding.sampling import FilterMode, SamplingParams, sample, tok
 from dspark_jax.drafters.base import DrafterBase, Proposal, draft_layer_config, softcap
 from dspark_jax.drafters.config import DrafterConfig
 from dspark_jax.drafters.heads import ConfidenceHead, MarkovHead
+from dspark_jax.drafters.ngram import find_match, lookup_proposal
 from dspark_jax.models.config import TransformerConfig
 from dspark_jax.models.kv_cache import KVCache, write_contiguous
 from dspark_jax.models.layers import DecoderLayer, RMSNorm, _param
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LookupState:
+    """Drafter state with lookup inputs: cache (context K/V of every draft layer) and tokens [B, L], the
+    committed tokens by position (entries at or past the anchor are stale)."""
+    cache: KVCache
+    tokens: jax.Array
+
+
+def context_cache(state) -> KVCache:
+    """The context K/V of a DSpark drafter state (a KVCache, or a LookupState's cache)."""
+    return state.cache if isinstance(state, LookupState) else state
+
+
+def lookup_inputs(tokens: jax.Array, last: jax.Array, n_max: int, gamma: int, mask_token_id: int) -> jax.Array:
+    """[B, γ] tokens a lookup (last n_max..1 tokens, see `drafters.ngram`) proposes after position `last` of
+    tokens [B, L]; mask_token_id where nothing matches."""
+    end, n = find_match(tokens, last, n_max, 1)
+    return jnp.where((n > 0)[:, None], lookup_proposal(tokens, last, end, gamma), mask_token_id)
 
 
 class DSparkDrafter(DrafterBase):
@@ -27,6 +55,9 @@ class DSparkDrafter(DrafterBase):
         self.hidden_norm = RMSNorm(d, target.rms_norm_eps, target.family == "gemma3", dtype)
         self.layers = nnx.List([DecoderLayer(self.layer_config, i, dtype, rngs) for i in range(config.num_layers)])
         self.norm = RMSNorm(d, target.rms_norm_eps, target.family == "gemma3", dtype)
+        if config.lookup_inputs:  # zero-initialised: training starts from the paper's drafter
+            self.lookup_fc = nnx.Param(jnp.zeros((d, d), dtype), sharding_names=("embed", "embed"),
+                                       eager_sharding=False)
         n = self.vocab_size
         self.markov = (MarkovHead(config.markov_head_type, n + (0 if self.full_vocab else 1), n, config.markov_rank,
                                   d, dtype, rngs) if config.markov_rank else None)
@@ -34,11 +65,14 @@ class DSparkDrafter(DrafterBase):
         self.confidence = ConfidenceHead(conf_in, config.block_size, dtype, rngs) if config.confidence_head else None
 
     # ---- context (target features) -------------------------------------------------------------
-    def init_state(self, batch: int, max_len: int) -> KVCache:
+    def init_state(self, batch: int, max_len: int) -> KVCache | LookupState:
         c = self.layer_config
         shape = (batch, max_len, c.num_kv_heads, c.head_dim)
-        return KVCache(k=tuple(jnp.zeros(shape, self.dtype) for _ in self.layers),
-                       v=tuple(jnp.zeros(shape, self.dtype) for _ in self.layers))
+        cache = KVCache(k=tuple(jnp.zeros(shape, self.dtype) for _ in self.layers),
+                        v=tuple(jnp.zeros(shape, self.dtype) for _ in self.layers))
+        if self.config.lookup_inputs:
+            return LookupState(cache, jnp.zeros((batch, max_len), jnp.int32))
+        return cache
 
     def context(self, features: jax.Array) -> jax.Array:
         """hidden_norm(fc(F)) for concatenated tapped target features F [B, T, m·d]."""
@@ -55,26 +89,48 @@ class DSparkDrafter(DrafterBase):
             vs.append(write_contiguous(state.v[i], v, start))
         return KVCache(tuple(ks), tuple(vs))
 
-    def prefill(self, target_model, state: KVCache, features: jax.Array, prompts: jax.Array,
-                prompt_lens: jax.Array) -> KVCache:
-        del target_model, prompts, prompt_lens
-        return self.write_context(state, features, jnp.zeros((features.shape[0],), jnp.int32))
+    def _with_tokens(self, state, tokens: jax.Array, start: jax.Array, cache: KVCache):
+        """The new state: `cache`, and with lookup inputs tokens [B, W] written at positions start.."""
+        if not isinstance(state, LookupState):
+            return cache
+        write = jax.vmap(lambda row, new, s: jax.lax.dynamic_update_slice(row, new, (s,)))
+        return LookupState(cache, write(state.tokens, tokens.astype(jnp.int32), start))
 
-    def commit(self, target_model, state: KVCache, features: jax.Array, verified: jax.Array,
-               start: jax.Array, count: jax.Array) -> KVCache:
+    def prefill(self, target_model, state, features: jax.Array, prompts: jax.Array, prompt_lens: jax.Array):
+        del target_model, prompt_lens
+        zeros = jnp.zeros((features.shape[0],), jnp.int32)
+        return self._with_tokens(state, prompts, zeros, self.write_context(context_cache(state), features, zeros))
+
+    def commit(self, target_model, state, features: jax.Array, verified: jax.Array, start: jax.Array,
+               count: jax.Array, num_verified: jax.Array | None = None):
         """After verification: the verified positions' target features become context (only the first
         `count` are valid; the rest lie past the next anchor, are masked, and get overwritten)."""
-        del target_model, verified, count
-        return self.write_context(state, features, start)
+        del target_model, count, num_verified
+        return self._with_tokens(state, verified, start, self.write_context(context_cache(state), features, start))
+
+    def lookup_tokens(self, state, anchor: jax.Array, start: jax.Array) -> jax.Array | None:
+        """[B, G] the lookup inputs after the anchor at position start (None without lookup inputs)."""
+        if not isinstance(state, LookupState):
+            return None
+        tokens = state.tokens.at[jnp.arange(anchor.shape[0]), start].set(anchor.astype(jnp.int32))
+        return lookup_inputs(tokens, start, self.config.lookup_inputs, self.config.block_size,
+                             self.config.mask_token_id)
 
     # ---- block forward ---------------------------------------------------------------------------
-    def backbone(self, target_model, anchor: jax.Array, start: jax.Array, state: KVCache,
-                 attn_impl: str = "reference") -> jax.Array:
-        """Final-normed hidden states H [B, G, d] of the block [anchor, MASK × (G-1)] at positions start.."""
+    def backbone(self, target_model, anchor: jax.Array, start: jax.Array, state,
+                 attn_impl: str = "reference", lookup: jax.Array | None = None) -> jax.Array:
+        """Final-normed hidden states H [B, G, d] of the block [anchor, MASK × (G-1)] at positions start..
+        (state: a context KVCache, or a LookupState whose lookup inputs are used unless `lookup` [B, G] is
+        given)."""
+        if isinstance(state, LookupState):
+            lookup = self.lookup_tokens(state, anchor, start) if lookup is None else lookup
+            state = state.cache
         b, g = anchor.shape[0], self.config.block_size
         tokens = jnp.concatenate([anchor[:, None], jnp.full((b, g - 1), self.config.mask_token_id, jnp.int32)], 1)
         pos = start[:, None] + jnp.arange(g, dtype=jnp.int32)[None]
         x = target_model.embed(tokens).astype(self.dtype)
+        if self.config.lookup_inputs:
+            x = x + target_model.embed(lookup[:, :g]).astype(self.dtype) @ self.lookup_fc[...]
         for i, layer in enumerate(self.layers):
             x = layer.mix(x, lambda h, i=i, layer=layer: layer.self_attn.block(
                 h, pos, state.k[i], state.v[i], start, attn_impl))

@@ -43,6 +43,18 @@ def ngram_drafter(target: Target, spec: str = "ngram", gamma: int = 7) -> Drafte
     return Drafter(config, graphdef, state, spec)
 
 
+def hybrid_drafter(model: Drafter, target: Target, lookup_spec: str = "ngram") -> Drafter:
+    """`model` and prompt lookup (`lookup_spec`, see `ngram_drafter`) proposing per request whichever draft
+    is expected to be accepted further (`drafters.hybrid`)."""
+    from dspark_jax.drafters.hybrid import HybridDrafter
+    if model is None or model.config.algorithm == "ngram":
+        raise ValueError("a hybrid drafter pairs a trained (or random) drafter with lookup")
+    lookup = ngram_drafter(target, lookup_spec, model.config.block_size)
+    module = HybridDrafter(nnx.merge(model.graphdef, model.state), nnx.merge(lookup.graphdef, lookup.state))
+    graphdef, state = nnx.split(module)
+    return Drafter(module.config, graphdef, state, f"{model.source}+{lookup_spec}")
+
+
 def drafter_class(config: DrafterConfig):
     return Eagle3Drafter if config.algorithm == "eagle3" else DSparkDrafter
 
@@ -94,6 +106,15 @@ def with_block_size(drafter: Drafter, gamma: int) -> Drafter:
         return drafter
     if drafter.config.algorithm == "ngram":  # lookup has no trained size
         return ngram_drafter_like(drafter, gamma)
+    if drafter.config.algorithm.endswith("+ngram"):
+        module = nnx.merge(drafter.graphdef, drafter.state)
+        trained = module.model.config.block_size
+        if not 1 <= gamma <= trained:
+            raise ValueError(f"gamma must be in [1, {trained}] for this drafter (trained with block size "
+                             f"{trained}), got {gamma}")
+        module.set_block_size(gamma)
+        graphdef, state = nnx.split(module)
+        return Drafter(module.config, graphdef, state, drafter.source)
     if not 1 <= gamma <= trained:
         raise ValueError(f"gamma must be in [1, {trained}] for this drafter (trained with block size {trained}), "
                          f"got {gamma}")
@@ -128,6 +149,12 @@ def load_drafter(spec: str, target: Target, *, algorithm: str = "dspark", gamma:
         return None
     if spec == "ngram" or spec.startswith("ngram:"):
         return ngram_drafter(target, spec, gamma)
+    if "+" in spec:  # a trained drafter and prompt lookup: "default+ngram", "DIR+ngram:n_max=4"
+        model_spec, _, lookup_spec = spec.partition("+")
+        if not (lookup_spec == "ngram" or lookup_spec.startswith("ngram:")):
+            raise ValueError(f"a hybrid drafter is '<drafter>+ngram[:n_max=N,n_min=M]', got {spec!r}")
+        return hybrid_drafter(load_drafter(model_spec, target, algorithm=algorithm, gamma=gamma,
+                                           draft_vocab_size=draft_vocab_size, seed=seed), target, lookup_spec)
     if spec == "random":
         return random_drafter(target, algorithm, gamma=gamma, draft_vocab_size=draft_vocab_size, seed=seed)
     path = default_drafter_path(target) if spec == "default" else Path(spec).expanduser()

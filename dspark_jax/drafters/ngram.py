@@ -44,8 +44,12 @@ class NgramConfig:
 @dataclasses.dataclass(frozen=True)
 class NgramState:
     """tokens [B, L]: each request's committed tokens by position (prompt, then generated; entries at or
-    past the anchor position are stale and never read)."""
+    past the anchor position are stale and never read). tested / accepted [B, n_max, G]: per request, how
+    often draft position k of a proposal from an n-token match was verified with every earlier position
+    accepted, and how often it was then accepted (the online acceptance statistics behind the confidence)."""
     tokens: jax.Array
+    tested: jax.Array
+    accepted: jax.Array
 
 
 def find_match(tokens: jax.Array, last: jax.Array, n_max: int, n_min: int) -> tuple[jax.Array, jax.Array]:
@@ -82,29 +86,61 @@ def lookup_proposal(tokens: jax.Array, last: jax.Array, end: jax.Array, gamma: i
     return jnp.take_along_axis(tokens, idx, axis=1)
 
 
+def lookup_confidence(state: NgramState, n: jax.Array, gamma: int, prior: tuple[float, float]) -> jax.Array:
+    """[B, γ] c_k = P(position k accepted | earlier ones accepted, match length n) estimated per request as
+    (accepted + a) / (tested + a + b) with a Beta(a, b) prior; 0 without a match (n = 0)."""
+    a, b = prior
+    row = jnp.clip(n - 1, 0, state.tested.shape[1] - 1)
+    tested = jnp.take_along_axis(state.tested, row[:, None, None], axis=1)[:, 0, :gamma]
+    accepted = jnp.take_along_axis(state.accepted, row[:, None, None], axis=1)[:, 0, :gamma]
+    return jnp.where((n > 0)[:, None], (accepted + a) / (tested + a + b), 0.0)
+
+
 class NgramDrafter(nnx.Module):
-    """The drafter interface (`init_state / prefill / propose / commit / head_matrix`) for prompt lookup."""
+    """The drafter interface (`init_state / prefill / propose / commit / head_matrix`) for prompt lookup.
+
+    Confidence: per request, acceptance counts keyed by match length and draft position, updated at every
+    commit (`lookup_confidence`); it drives a confidence threshold and the serving scheduler like DSpark's
+    calibrated head. A round cut short by a stop token or the token budget counts as a rejection there."""
 
     def __init__(self, config: NgramConfig, vocab_size: int):
         self.config = config
         self.vocab_size = vocab_size
         self.full_vocab = True
 
+    prior = (1.0, 1.0)  # Beta prior of the acceptance estimates: 0.5 before any evidence
+
     def init_state(self, batch: int, max_len: int) -> NgramState:
-        return NgramState(jnp.zeros((batch, max_len), jnp.int32))
+        shape = (batch, self.config.n_max, self.config.block_size)  # distinct buffers: engines donate leaf by leaf
+        return NgramState(jnp.zeros((batch, max_len), jnp.int32), jnp.zeros(shape, jnp.float32),
+                          jnp.zeros(shape, jnp.float32))
 
     def prefill(self, target_model, state: NgramState, features, prompts: jax.Array,
                 prompt_lens: jax.Array) -> NgramState:
         del target_model, features, prompt_lens  # positions past a prompt are stale until committed
-        return NgramState(jax.lax.dynamic_update_slice(state.tokens, prompts.astype(jnp.int32), (0, 0)))
+        tokens = jax.lax.dynamic_update_slice(state.tokens, prompts.astype(jnp.int32), (0, 0))
+        return dataclasses.replace(state, tokens=tokens)
 
     def commit(self, target_model, state: NgramState, features, verified: jax.Array, start: jax.Array,
-               count: jax.Array) -> NgramState:
+               count: jax.Array, num_verified: jax.Array | None = None) -> NgramState:
         """verified [B, W]: the anchor and drafts at positions start..; the first `count` are committed (the
-        rest lie at or past the next anchor: stale, overwritten later)."""
-        del target_model, features, count
+        rest lie at or past the next anchor: stale, overwritten later). With num_verified [B] (drafts
+        verified) the acceptance statistics of the proposal's match length are updated."""
+        del target_model, features
+        rows = jnp.arange(verified.shape[0])
+        before = state.tokens.at[rows, start].set(verified[:, 0].astype(jnp.int32))
         write = jax.vmap(lambda row, new, s: jax.lax.dynamic_update_slice(row, new, (s,)))
-        return NgramState(write(state.tokens, verified.astype(jnp.int32), start))
+        new = dataclasses.replace(state, tokens=write(state.tokens, verified.astype(jnp.int32), start))
+        if num_verified is None:
+            return new
+        _, n = find_match(before, start, self.config.n_max, self.config.n_min)
+        accepted = jnp.clip(count - 1, 0, num_verified)
+        k = jnp.arange(self.config.block_size)[None]
+        tested = (k < jnp.minimum(accepted + 1, num_verified)[:, None]).astype(jnp.float32)
+        ok = (k < accepted[:, None]).astype(jnp.float32)
+        at_n = (jnp.arange(self.config.n_max)[None] == (n - 1)[:, None]).astype(jnp.float32)[..., None]  # [B, n, 1]
+        return dataclasses.replace(new, tested=new.tested + at_n * tested[:, None],
+                                   accepted=new.accepted + at_n * ok[:, None])
 
     def head_matrix(self, target_model):
         return None
@@ -119,6 +155,7 @@ class NgramDrafter(nnx.Module):
         end, n = find_match(tokens, start, self.config.n_max, self.config.n_min)
         proposed = lookup_proposal(tokens, start, end, g)
         length = jnp.where(n > 0, g, 0).astype(jnp.int32)
-        ones = jnp.ones(proposed.shape, jnp.float32)
-        return Proposal(tokens=proposed, draft_index=proposed, p_draft=None, confidence=ones,
-                        confidence_logits=0 * ones, length=length)
+        conf = lookup_confidence(state, n, g, self.prior)
+        logits = jnp.log(jnp.maximum(conf, 1e-6)) - jnp.log(jnp.maximum(1.0 - conf, 1e-6))
+        return Proposal(tokens=proposed, draft_index=proposed, p_draft=None, confidence=conf,
+                        confidence_logits=logits, length=length)

@@ -51,19 +51,18 @@ class StepOutput:
 
 
 def init_engine_state(target, drafter, slots: int, max_len: int, key: jax.Array) -> EngineState:
-    g = drafter.config.block_size
-    n = drafter.vocab_size
     def zeros_i():
         return jnp.zeros((slots,), jnp.int32)  # distinct buffers: the state is donated leaf by leaf
-    lookup = drafter.config.algorithm == "ngram"  # deterministic drafts: no p_draft, a length per slot
-    proposal = Proposal(tokens=jnp.zeros((slots, g), jnp.int32), draft_index=jnp.zeros((slots, g), jnp.int32),
-                        p_draft=None if lookup else jnp.zeros((slots, g, n), jnp.float32),
-                        confidence=jnp.zeros((slots, g), jnp.float32),
-                        confidence_logits=jnp.zeros((slots, g), jnp.float32), length=zeros_i() if lookup else None)
-    return EngineState(tcache=init_cache(target.config, slots, max_len, target.dtype),
-                       dstate=drafter.init_state(slots, max_len), anchor=zeros_i(), start=zeros_i(),
-                       active=jnp.zeros((slots,), bool), budget=zeros_i(), params=SamplingParams.create(slots),
-                       proposal=proposal, key=key)
+
+    dstate = drafter.init_state(slots, max_len)
+    # an empty proposal of exactly the structure this drafter proposes (p_draft or not, lengths, flags)
+    shapes = jax.eval_shape(lambda d: drafter.propose(target, d, zeros_i(), zeros_i(), jax.random.key(0),
+                                                      SamplingParams.create(slots), FilterMode(),
+                                                      drafter.head_matrix(target)), dstate)
+    proposal = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+    return EngineState(tcache=init_cache(target.config, slots, max_len, target.dtype), dstate=dstate,
+                       anchor=zeros_i(), start=zeros_i(), active=jnp.zeros((slots,), bool), budget=zeros_i(),
+                       params=SamplingParams.create(slots), proposal=proposal, key=key)
 
 
 def _set_rows(full, rows, slots):

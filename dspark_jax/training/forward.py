@@ -11,6 +11,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from dspark_jax.drafters.dspark import context_cache, lookup_inputs
 from dspark_jax.models.kv_cache import KVCache
 from dspark_jax.training.anchors import build_blocks, sample_anchors
 
@@ -39,13 +40,16 @@ def block_outputs(drafter, target_model, batch: TrainBatch, key: jax.Array, num_
     anchors, valid = jax.vmap(sample_anchors, in_axes=(0, 0, None))(keys, batch.loss_mask.astype(bool), num_anchors)
     blocks = jax.vmap(build_blocks, in_axes=(0, 0, 0, 0, None, None))(
         batch.tokens, batch.loss_mask.astype(bool), anchors, valid, g, drafter.config.mask_token_id)
-    ctx = drafter.write_context(drafter.init_state(b, t), batch.features, jnp.zeros((b,), jnp.int32))
+    ctx = drafter.write_context(context_cache(drafter.init_state(b, t)), batch.features, jnp.zeros((b,), jnp.int32))
     k = anchors.shape[1]
     rep = lambda a: jnp.repeat(a, k, axis=0)  # noqa: E731  [B, ...] -> [B*K, ...]
     ctx_bk = KVCache(tuple(rep(x) for x in ctx.k), tuple(rep(x) for x in ctx.v))
     anchor_tok = blocks.input_ids[:, :, 0].reshape(b * k)
     start = anchors.reshape(b * k)
-    hidden = drafter.backbone(target_model, anchor_tok, start, ctx_bk)  # [B*K, G, d]
+    lookup = None
+    if drafter.config.lookup_inputs:  # what a lookup over the text up to each anchor proposes
+        lookup = lookup_inputs(rep(batch.tokens), start, drafter.config.lookup_inputs, g, drafter.config.mask_token_id)
+    hidden = drafter.backbone(target_model, anchor_tok, start, ctx_bk, lookup=lookup)  # [B*K, G, d]
     head = drafter.head_matrix(target_model)
     base = drafter.base_logits(hidden, head)
     logits, conf = drafter.teacher_forced(hidden, base, blocks.prev_tokens.reshape(b * k, g))

@@ -42,6 +42,7 @@ class TrainConfig:
     markov_head_type: str = "vanilla"
     draft_vocab_size: int | None = 16384
     target_layer_ids: tuple[int, ...] | None = None
+    lookup_inputs: int = 0    # DSpark/DFlash: prompt-lookup proposals as block inputs (DrafterConfig)
     learning_rate: float = 6e-4
     warmup_fraction: float = 0.04
     weight_decay: float = 0.0
@@ -83,7 +84,8 @@ class TrainConfig:
     def drafter_config(self, target) -> DrafterConfig:
         return make_drafter_config(self.algorithm, target, block_size=self.gamma, num_layers=self.num_layers,
                                    draft_vocab_size=self.draft_vocab_size, markov_rank=self.markov_rank,
-                                   markov_head_type=self.markov_head_type, target_layer_ids=self.target_layer_ids)
+                                   markov_head_type=self.markov_head_type, target_layer_ids=self.target_layer_ids,
+                                   lookup_inputs=self.lookup_inputs)
 
 
 def lr_schedule(config: TrainConfig, total_steps: int) -> optax.Schedule:

@@ -1,0 +1,8 @@
+"""DSpark with lookup inputs for the embedded Gemma 3 270M (the shipped default since the copy fix): the
+comparison config (gemma3_270m_dspark.py) plus prompt-lookup proposals (last 3..1 tokens) as block inputs,
+trained on the greedy responses shipped in dspark_jax/data/train/ (sequences up to 512 tokens)."""
+import dataclasses
+
+from configs.train.gemma3_270m_dspark import CONFIG as BASE
+
+CONFIG = dataclasses.replace(BASE, lookup_inputs=3, epochs=6, max_len=512, checkpoint_every=100)

@@ -1,0 +1,96 @@
+"""A trained drafter and prompt lookup together (`--drafter default+ngram`): each round, per request, both
+propose and the one with the larger expected accepted length Σ_k Π_{i≤k} c_i is verified — the trained
+drafter's calibrated confidence head against the lookup's online acceptance estimates.
+
+The choice uses only what is known before the round (the proposals and their confidences), so
+verification stays lossless: a chosen lookup row is verified as a deterministic draft (one-hot p_d), a chosen
+model row with the model's p_d. Both drafters see every committed token, whichever was chosen.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dspark_jax.drafters.base import Proposal
+from dspark_jax.drafters.ngram import NgramDrafter
+
+
+@dataclasses.dataclass(frozen=True)
+class HybridConfig:
+    """block_size (γ, both drafters'); target_layer_ids: the model drafter's taps; algorithm "<model>+ngram"."""
+    block_size: int
+    target_layer_ids: tuple[int, ...]
+    algorithm: str
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class HybridState:
+    model: object
+    lookup: object
+
+
+class HybridDrafter(nnx.Module):
+    """`model` (DSpark, DFlash or Eagle3) + `lookup` (an `NgramDrafter` of the same block size)."""
+
+    def __init__(self, model, lookup: NgramDrafter):
+        if model.config.block_size != lookup.config.block_size:
+            raise ValueError(f"hybrid drafters need one block size, got {model.config.block_size} (model) and "
+                             f"{lookup.config.block_size} (lookup)")
+        self.model, self.lookup = model, lookup
+        self.config = HybridConfig(model.config.block_size, tuple(model.config.target_layer_ids),
+                                   f"{model.config.algorithm}+ngram")
+
+    def set_block_size(self, gamma: int) -> None:
+        """Propose `gamma` tokens (at most the model's trained block size)."""
+        self.model.config = dataclasses.replace(self.model.config, block_size=gamma)
+        self.lookup.config = dataclasses.replace(self.lookup.config, block_size=gamma)
+        self.config = dataclasses.replace(self.config, block_size=gamma)
+
+    # the model drafter's vocabulary is the one its p_draft rows live in
+    @property
+    def full_vocab(self) -> bool:
+        return self.model.full_vocab
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.vocab_size
+
+    @property
+    def draft_to_target(self):
+        return self.model.draft_to_target
+
+    def head_matrix(self, target_model):
+        return self.model.head_matrix(target_model)
+
+    def init_state(self, batch: int, max_len: int) -> HybridState:
+        return HybridState(self.model.init_state(batch, max_len), self.lookup.init_state(batch, max_len))
+
+    def prefill(self, target_model, state: HybridState, features, prompts, prompt_lens) -> HybridState:
+        return HybridState(self.model.prefill(target_model, state.model, features, prompts, prompt_lens),
+                           self.lookup.prefill(target_model, state.lookup, features, prompts, prompt_lens))
+
+    def commit(self, target_model, state: HybridState, features, verified, start, count,
+               num_verified=None) -> HybridState:
+        return HybridState(
+            self.model.commit(target_model, state.model, features, verified, start, count, num_verified=num_verified),
+            self.lookup.commit(target_model, state.lookup, features, verified, start, count,
+                               num_verified=num_verified))
+
+    def propose(self, target_model, state: HybridState, anchor, start, key, params, mode, head,
+                attn_impl: str = "reference") -> Proposal:
+        by_model = self.model.propose(target_model, state.model, anchor, start, key, params, mode, head, attn_impl)
+        by_lookup = self.lookup.propose(target_model, state.lookup, anchor, start, key, params, mode, head, attn_impl)
+        use = by_lookup.expected_accept_length > by_model.expected_accept_length  # [B]
+
+        def pick(a, b):
+            return jnp.where(use.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
+
+        return Proposal(tokens=pick(by_lookup.tokens, by_model.tokens),
+                        draft_index=jnp.where(use[:, None], 0, by_model.draft_index), p_draft=by_model.p_draft,
+                        confidence=pick(by_lookup.confidence, by_model.confidence),
+                        confidence_logits=pick(by_lookup.confidence_logits, by_model.confidence_logits),
+                        length=pick(by_lookup.num_drafted, by_model.num_drafted), deterministic=use)

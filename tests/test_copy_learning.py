@@ -14,7 +14,7 @@ from flax import nnx
 
 from configs.tiny import tiny_gemma3
 from dspark_jax.drafters.factory import Drafter
-from dspark_jax.evaluation.teacher_forced import teacher_forced_quality
+from dspark_jax.training.heldout import teacher_forced_quality
 from dspark_jax.models.transformer import Transformer
 from dspark_jax.target import Target
 from dspark_jax.training.forward import TrainBatch
@@ -80,7 +80,7 @@ def test_teacher_forced_metric_against_a_hand_computed_example(monkeypatch):
     slots) and probabilistic τ (prefix products of 1 − TV) computed by hand for two blocks of one sequence."""
     import jax
 
-    from dspark_jax.evaluation import teacher_forced as tf
+    from dspark_jax.training import heldout as tf
     from dspark_jax.training.anchors import build_blocks
 
     g, v = 3, 5

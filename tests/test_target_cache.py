@@ -293,6 +293,15 @@ def test_prepare_pipeline(target, tmp_path):
             parse_mix(bad)
 
 
+def test_heldout_prompts_are_the_first_of_each_evaluation_set():
+    from dspark_jax.cli.prepare_data import HELDOUT_SETS, heldout_prompts
+    from dspark_jax.data import eval_dataset_path, read_first_turns
+    prompts = heldout_prompts(2)
+    assert prompts == [p for name in HELDOUT_SETS for p in read_first_turns(eval_dataset_path(name))[:2]]
+    with pytest.raises(ValueError, match="at most 200"):
+        heldout_prompts(201)
+
+
 def test_cli_help_and_errors(tmp_path):
     def cli(*args):
         return subprocess.run([sys.executable, "-m", "dspark_jax.cli.main", "prepare-data", *args],
@@ -302,8 +311,10 @@ def test_cli_help_and_errors(tmp_path):
     assert r.returncode == 0
     for flag in ("--target", "--output_dir", "--mix", "--prompts_file", "--seed", "--max_new_tokens",
                  "--max_prompt_tokens", "--temperature", "--top_k", "--top_p", "--batch_size", "--layer_ids",
-                 "--cache_dtype", "--min_loss_tokens", "--online"):
+                 "--cache_dtype", "--min_loss_tokens", "--online", "--heldout"):
         assert flag in r.stdout, flag
     r = cli("--output_dir", str(tmp_path), "--cache_dtype", "float16")
     assert r.returncode == 2 and "float16" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+    r = cli("--output_dir", str(tmp_path), "--heldout", "4", "--mix", "gsm8k=3")
+    assert r.returncode == 2 and "--heldout" in r.stderr and "Traceback" not in r.stderr

@@ -66,6 +66,20 @@ def test_loss_falls_and_target_is_frozen(target, cache, tmp_path):
     assert (tmp_path / "tensorboard").is_dir() and any((tmp_path / "tensorboard").iterdir())
 
 
+def test_heldout_quality_is_logged_and_rises(target, cache, tmp_path):
+    """With a held-out cache the trainer logs teacher-forced slot accuracy and τ every heldout_every steps
+    (metrics.jsonl and TensorBoard) and at the end; training on the target's own outputs improves them."""
+    import json
+    cfg = dataclasses.replace(CFG, epochs=6, heldout_every=4)
+    Trainer(target, cache, cfg, tmp_path, heldout=cache).run(progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    held = [r for r in rows if "heldout/greedy_tau" in r]
+    assert [r["micro_step"] for r in held] == [4, 8, 12, 16, 20, 24]
+    assert {f"heldout/slot_accuracy@{k}" for k in range(CFG.gamma)} <= set(held[0])
+    assert held[-1]["heldout/greedy_tau"] > held[0]["heldout/greedy_tau"]
+    assert held[-1]["heldout/probabilistic_tau"] > held[0]["heldout/probabilistic_tau"]
+
+
 def test_resume_after_interrupt_equals_uninterrupted_run(target, cache, tmp_path):
     full = Trainer(target, cache, CFG, tmp_path / "full").run(progress=False)
     first = Trainer(target, cache, CFG, tmp_path / "split")

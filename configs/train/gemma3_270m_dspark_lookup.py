@@ -5,4 +5,4 @@ import dataclasses
 
 from configs.train.gemma3_270m_dspark import CONFIG as BASE
 
-CONFIG = dataclasses.replace(BASE, lookup_inputs=3, epochs=6, max_len=512, checkpoint_every=100)
+CONFIG = dataclasses.replace(BASE, lookup_inputs=3, epochs=10, max_len=512, checkpoint_every=100)

@@ -51,18 +51,19 @@ def _define_flags() -> None:
 
 def parse_drafter_specs(text: str) -> list[tuple[str, str]]:
     """'default,DFlash=runs/dflash/drafter' -> [('default', 'default'), ('DFlash', 'runs/dflash/drafter')]."""
+    from dspark_jax.drafters.factory import check_drafter_spec
     out = []
     for item in (s.strip() for s in text.split(",")):
         if not item:
             continue
         label, sep, spec = item.partition("=")
+        if ":" in label or "+" in label:  # "ngram:n_max=4" is a spec, not LABEL=SPEC
+            label, sep, spec = item, "", item
         label, spec = (label.strip(), spec.strip()) if sep else (item, item)
         if not label or not spec:
             raise ValueError(f"--drafters: bad item {item!r}; expected SPEC or LABEL=SPEC")
         kind = spec.partition(":")[0]
-        if kind not in ("default", "random") and not Path(spec).expanduser().exists():
-            raise FileNotFoundError(f"drafter not found: {spec!r} (expected 'default', 'random:<algorithm>' or a "
-                                    f"drafter directory)")
+        check_drafter_spec(spec)
         if kind == "random" and spec.partition(":")[2] not in ("", "dspark", "dflash", "eagle3"):
             raise ValueError(f"--drafters: unknown random drafter {spec!r}; use random:dspark, random:dflash or "
                              f"random:eagle3")

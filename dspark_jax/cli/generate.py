@@ -62,11 +62,8 @@ def body() -> None:
                               top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
                               attn_impl=FLAGS.attn_impl)
     dtype = None if FLAGS.dtype == "auto" else getattr(jnp, FLAGS.dtype)
-    base = FLAGS.drafter.partition("+")[0]
-    lookup = base == "ngram" or base.startswith("ngram:")
-    if base not in ("none", "random", "default") and not lookup and not Path(base).expanduser().exists():
-        raise FileNotFoundError(f"drafter not found: {FLAGS.drafter!r} (expected 'none', 'random' or a drafter "
-                                f"directory)")
+    from dspark_jax.drafters.factory import check_drafter_spec
+    check_drafter_spec(FLAGS.drafter)
     mesh = setup_devices(FLAGS.mesh, FLAGS.distributed)
     print(f"loading target {FLAGS.target} ...", file=sys.stderr)
     target = load_target(FLAGS.target, dtype=dtype)

@@ -39,6 +39,10 @@ def _define_flags() -> None:
                         "evaluation lines), livecodebench, arena-hard-v2.")
     flags.DEFINE_string("prompts_file", None, 'Instead of --mix: a JSONL file of {"turns": [...]} objects whose '
                         "first turns are the training prompts.")
+    flags.DEFINE_integer("heldout", None, "Instead of training prompts: the first N prompts of each held-out "
+                         "evaluation set (gsm8k's first 200 lines, humaneval, mbpp, mt-bench) — data for the "
+                         "trainer's held-out quality (`dspark train --heldout_dir`), never trained on.",
+                         lower_bound=1)
     flags.DEFINE_integer("seed", d.seed, "Seed of the prompt sample and of response sampling.")
     flags.DEFINE_integer("max_new_tokens", d.max_new_tokens, "Maximum response tokens per prompt.", lower_bound=1)
     flags.DEFINE_integer("max_prompt_tokens", d.max_prompt_tokens, "Prompts are cut to this many tokens (the "
@@ -83,6 +87,17 @@ def parse_mix(text: str) -> dict[str, int]:
             raise ValueError(f"--mix: {name} given twice")
         mix[name] = n
     return mix
+
+
+HELDOUT_SETS = ("gsm8k", "humaneval", "mbpp", "mt-bench")
+
+
+def heldout_prompts(per_set: int) -> list[str]:
+    """The first `per_set` prompts of each held-out evaluation set (gsm8k: of its first 200 lines)."""
+    from dspark_jax.data import N_GSM8K_EVAL, eval_dataset_path, read_first_turns
+    if per_set > N_GSM8K_EVAL:
+        raise ValueError(f"--heldout: at most {N_GSM8K_EVAL} prompts per set, got {per_set}")
+    return [p for name in HELDOUT_SETS for p in read_first_turns(eval_dataset_path(name))[:per_set]]
 
 
 def parse_layer_ids(text: str) -> tuple[int, ...]:
@@ -217,14 +232,16 @@ def body() -> None:
 
     if not FLAGS.output_dir:
         raise ValueError("--output_dir is required")
-    if FLAGS.mix and FLAGS.prompts_file:
-        raise ValueError("give either --mix or --prompts_file, not both")
+    if sum(bool(x) for x in (FLAGS.mix, FLAGS.prompts_file, FLAGS.heldout)) > 1:
+        raise ValueError("give one of --mix, --prompts_file and --heldout")
     validate_sampling(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
     layer_ids = parse_layer_ids(FLAGS.layer_ids) if FLAGS.layer_ids else None
     if not FLAGS.online:
         tc.check_cache_dtype(FLAGS.cache_dtype)
     if FLAGS.prompts_file:
         prompts, source = read_prompts_file(FLAGS.prompts_file), f"file:{FLAGS.prompts_file}"
+    elif FLAGS.heldout:
+        prompts, source = heldout_prompts(FLAGS.heldout), f"heldout:{FLAGS.heldout}"
     else:
         mix = parse_mix(FLAGS.mix) if FLAGS.mix else DEFAULT_TRAINING_MIX
         prompts = select_training_prompts(mix, seed=FLAGS.seed)

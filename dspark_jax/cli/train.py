@@ -25,6 +25,9 @@ flags.DEFINE_bool("fsdp", False, "With --mesh: also split parameters (drafter an
                   "along their embedding dimension (fully sharded data parallelism).")
 flags.DEFINE_bool("distributed", False, DISTRIBUTED_HELP)
 flags.DEFINE_integer("stop_after", None, "Stop after this many micro-steps (the run can be resumed later).")
+flags.DEFINE_string("heldout_dir", None, "Output directory of `dspark prepare-data --heldout N` (same --layer_ids): "
+                    "the drafter's teacher-forced quality on the target's outputs for held-out prompts (slot "
+                    "accuracy, greedy and probabilistic tau) is logged every heldout_every steps.")
 
 
 def load_train_config(path: str, overrides: list[str]):
@@ -73,7 +76,14 @@ def body() -> None:
         cache = TargetCache.open(data / "sequences", target_config=target.config)
     else:
         raise FileNotFoundError(f"{data} has neither cache/ nor sequences/: run `dspark prepare-data` first")
-    trainer = Trainer(target, cache, config, FLAGS.workdir, mesh=mesh, fsdp=FLAGS.fsdp)
+    heldout = None
+    if FLAGS.heldout_dir:
+        if not (Path(FLAGS.heldout_dir) / "cache").is_dir():
+            raise FileNotFoundError(f"{FLAGS.heldout_dir} has no cache/: run `dspark prepare-data --heldout N "
+                                    f"--output_dir {FLAGS.heldout_dir}` with the same --layer_ids first")
+        heldout = TargetCache.open(Path(FLAGS.heldout_dir) / "cache", target_config=target.config,
+                                   layer_ids=dc.target_layer_ids)
+    trainer = Trainer(target, cache, config, FLAGS.workdir, mesh=mesh, fsdp=FLAGS.fsdp, heldout=heldout)
     print(f"training {config.algorithm} drafter: {len(cache)} sequences, {trainer.total_steps} optimizer steps "
           f"({trainer.steps_per_epoch} micro-steps per epoch)", file=sys.stderr)
     drafter = trainer.run(stop_at_micro_step=FLAGS.stop_after)

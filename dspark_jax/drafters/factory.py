@@ -23,6 +23,23 @@ class Drafter:
     source: str
 
 
+def check_drafter_spec(spec: str) -> None:
+    """Fails fast (before any model loads) on a --drafter value `load_drafter` cannot resolve: 'none',
+    'random[:<algorithm>]', 'default', 'ngram[:n_max=N,n_min=M]', '<drafter>+ngram[...]' or a directory."""
+    model, plus, lookup = spec.partition("+")
+    if plus and not (lookup == "ngram" or lookup.startswith("ngram:")):
+        raise ValueError(f"a hybrid drafter is '<drafter>+ngram[:n_max=N,n_min=M]', got {spec!r}")
+    if model == "ngram" or model.startswith("ngram:"):
+        if plus:
+            raise ValueError(f"a hybrid drafter pairs a trained (or random) drafter with lookup, got {spec!r}")
+        return
+    if model in ("none", "default", "random") or model.startswith("random:"):
+        return
+    if not Path(model).expanduser().exists():
+        raise FileNotFoundError(f"drafter not found: {model!r} (expected 'none', 'default', 'random', 'ngram', "
+                                f"'<drafter>+ngram' or a drafter directory)")
+
+
 def ngram_drafter(target: Target, spec: str = "ngram", gamma: int = 7) -> Drafter:
     """A prompt-lookup drafter from a spec "ngram" or "ngram:n_max=4,n_min=2" (defaults n_max 3, n_min 1)."""
     from dspark_jax.drafters.ngram import NgramConfig, NgramDrafter

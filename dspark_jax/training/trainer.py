@@ -62,10 +62,11 @@ class TrainConfig:
     compute_dtype: str = "auto"
     ttt_length: int = 7       # Eagle3: training-time-test steps (spec §2.9)
     ttt_decay: float = 0.8    # Eagle3: step k weighs ttt_decay^k
+    heldout_every: int = 100  # micro-steps between held-out quality evaluations (with a held-out cache)
 
     def __post_init__(self):
         for name in ("gamma", "num_layers", "epochs", "batch_size", "grad_accum", "num_anchors", "max_len",
-                     "log_every", "checkpoint_every", "keep_checkpoints", "ttt_length"):
+                     "log_every", "checkpoint_every", "keep_checkpoints", "ttt_length", "heldout_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train config: {name} must be >= 1, got {getattr(self, name)}")
         if self.learning_rate <= 0:
@@ -154,9 +155,11 @@ class Trainer:
     """Owns the run state; `run()` trains to the end (resuming from the latest checkpoint in `workdir`)."""
 
     def __init__(self, target, cache, config: TrainConfig, workdir: str | Path, mesh: Mesh | None = None,
-                 fsdp: bool = False):
+                 fsdp: bool = False, heldout=None):
+        """heldout: a feature cache of the target's outputs for held-out prompts (`dspark prepare-data
+        --heldout`); its teacher-forced quality (`training.heldout`) is logged every `heldout_every` steps."""
         import orbax.checkpoint as ocp
-        self.target, self.cache, self.config = target, cache, config
+        self.target, self.cache, self.config, self.heldout = target, cache, config, heldout
         self.workdir = Path(workdir).resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
         on_cpu = jax.default_backend() == "cpu"
@@ -248,6 +251,18 @@ class Trainer:
         logging.info("resumed from %s at micro step %d", self.workdir, self.micro_step)
         return True
 
+    def heldout_quality(self) -> dict[str, float]:
+        """Teacher-forced quality of the current parameters on the held-out cache ({} without one, or for
+        Eagle3 drafters, whose forward is sequential)."""
+        from dspark_jax.training.heldout import teacher_forced_quality
+        if self.heldout is None or self.config.algorithm == "eagle3":
+            return {}
+        module = nnx.merge(self.graphdef, self.params, self.rest)
+        drafter = Drafter(module.config, *nnx.split(module), "training")
+        batches = (to_batch(b, self.compute_dtype)
+                   for b in self.heldout.batches(self.config.batch_size, self.config.max_len, shuffle=False))
+        return teacher_forced_quality(drafter, self.target, batches).as_dict()
+
     # ---- loop ---------------------------------------------------------------------------------------
     def batches_from(self, micro_step: int):
         """Deterministic data order: epoch e uses permutation(seed + e); resumes at any micro step."""
@@ -309,6 +324,19 @@ class Trainer:
                     with (self.workdir / "metrics.jsonl").open("a") as f:
                         f.write(json.dumps(dict(micro_step=self.micro_step, **scalars, **{
                             k: np.asarray(v).tolist() for k, v in m.items() if np.ndim(v) == 1})) + "\n")
+            if self.heldout is not None and (self.micro_step % self.config.heldout_every == 0
+                                             or self.micro_step == end):
+                held = self.heldout_quality()
+                if held:
+                    shown = ", ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in held.items()
+                                      if "slot_accuracy@" not in k or k.endswith(("@0", "@1", "@2")))
+                    bar.write(f"step {self.micro_step}: held-out {shown}")
+                    if writer:
+                        for k, v in held.items():
+                            writer.add_scalar(k, v, self.micro_step)
+                    if is_primary():
+                        with (self.workdir / "metrics.jsonl").open("a") as f:
+                            f.write(json.dumps(dict(micro_step=self.micro_step, **held)) + "\n")
             if self.micro_step % self.config.checkpoint_every == 0 or self.micro_step == end:
                 self.save()
         bar.close()

@@ -103,6 +103,25 @@ def test_evaluation_writes_report_json_markdown_and_plots(tiny, tmp_path):
     assert "| drafter | math: a | chat: b | math | chat | macro |" in md and "ECE" in md
 
 
+def test_evaluation_reports_lookup_and_hybrid_drafters_with_calibration(tiny, tmp_path):
+    """`dspark eval` takes ngram and <drafter>+ngram specs; their confidences get reliability / ECE rows."""
+    from dspark_jax.cli.eval import parse_drafter_specs
+    from dspark_jax.drafters.factory import hybrid_drafter, load_drafter
+    from dspark_jax.evaluation.report import write_report
+    from dspark_jax.evaluation.suite import EvalConfig, evaluate
+    assert parse_drafter_specs("ngram:n_max=4:n_min=2,default+ngram,H=default+ngram:n_max=2") == [
+        ("ngram:n_max=4:n_min=2", "ngram:n_max=4:n_min=2"), ("default+ngram", "default+ngram"),
+        ("H", "default+ngram:n_max=2")]
+    target, dspark = tiny
+    drafters = [("lookup", load_drafter("ngram", target, gamma=4)), ("hybrid", hybrid_drafter(dspark, target))]
+    loops = ("abcabcabcabc", "xyxyxyxy", "hello hello hello")
+    result = evaluate(target, [Benchmark("a", "code", loops, "mem")], drafters, EvalConfig(GEN))
+    write_report(result, tmp_path, machine="test")
+    data = json.loads((tmp_path / "eval.json").read_text())
+    assert set(data["confidence_reliability"]) == {"lookup", "hybrid"}
+    assert {r["drafter"] for r in data["results"]} == {"lookup", "hybrid"}
+
+
 def test_benchmark_names_and_heldout_split():
     gsm = load_benchmark("gsm8k")
     assert len(gsm.prompts) == 200 and gsm.domain == "math" and gsm.prompts[0].startswith("Question: ")

@@ -313,3 +313,26 @@ def test_greedy_lookup_input_drafter_equals_greedy_plain_and_uses_the_lookup(gam
     hidden = module.backbone(target, anchor, lens, state)
     no_lookup = module.backbone(target, anchor, lens, state, lookup=jnp.full((4, gamma), module.config.mask_token_id))
     assert not np.allclose(np.asarray(hidden[0]), np.asarray(no_lookup[0]))  # row 0 loops: lookup matched
+
+
+def test_drafter_specs():
+    from dspark_jax.drafters.factory import check_drafter_spec, load_drafter, with_block_size
+    from tiny_target import make_tiny_target
+    target = make_tiny_target()
+    for spec in ("ngram:n_max=4,n_min=2", "ngram:n_max=4:n_min=2"):
+        d = load_drafter(spec, target, gamma=5)
+        assert (d.config.n_max, d.config.n_min, d.config.block_size) == (4, 2, 5)
+    assert with_block_size(load_drafter("ngram", target), 9).config.block_size == 9  # lookup: any length
+    for bad, match in (("ngram:n_max=x", "integer"), ("ngram:size=3", "n_max=N"), ("ngram:n_max=1,n_min=2", "n_min")):
+        with pytest.raises(ValueError, match=match):
+            load_drafter(bad, target)
+    for bad in ("ngram+ngram", "default+lookup"):
+        with pytest.raises(ValueError, match="hybrid"):
+            check_drafter_spec(bad)
+    with pytest.raises(FileNotFoundError, match="drafter not found"):
+        check_drafter_spec("/nonexistent+ngram")
+    hybrid = load_drafter("random+ngram:n_max=2", target, gamma=4, draft_vocab_size=None)
+    assert hybrid.config.algorithm == "dspark+ngram" and hybrid.config.block_size == 4
+    assert with_block_size(hybrid, 2).config.block_size == 2
+    with pytest.raises(ValueError, match="gamma must be in"):
+        with_block_size(hybrid, 5)

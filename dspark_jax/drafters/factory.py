@@ -41,13 +41,14 @@ def check_drafter_spec(spec: str) -> None:
 
 
 def ngram_drafter(target: Target, spec: str = "ngram", gamma: int = 7) -> Drafter:
-    """A prompt-lookup drafter from a spec "ngram" or "ngram:n_max=4,n_min=2" (defaults n_max 3, n_min 1)."""
+    """A prompt-lookup drafter from a spec "ngram", "ngram:n_max=4,n_min=2" or "ngram:n_max=4:n_min=2" (the form
+    for comma-separated lists of drafters); defaults n_max 3, n_min 1."""
     from dspark_jax.drafters.ngram import NgramConfig, NgramDrafter
     name, _, options = spec.partition(":")
     if name != "ngram":
         raise ValueError(f"not an n-gram drafter spec: {spec!r}")
     fields = {}
-    for item in filter(None, options.split(",")):
+    for item in filter(None, options.replace(":", ",").split(",")):
         key, eq, value = item.partition("=")
         if key not in ("n_max", "n_min") or not eq:
             raise ValueError(f"bad n-gram drafter option {item!r} in {spec!r}: expected n_max=N or n_min=N")

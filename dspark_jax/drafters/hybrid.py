@@ -24,6 +24,7 @@ class HybridConfig:
     block_size: int
     target_layer_ids: tuple[int, ...]
     algorithm: str
+    confidence_head: bool = True  # each row's confidence: the model's head or the lookup's estimates
 
 
 @jax.tree_util.register_dataclass

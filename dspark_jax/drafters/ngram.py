@@ -30,6 +30,7 @@ class NgramConfig:
     n_min: int = 1
     algorithm: str = "ngram"
     target_layer_ids: tuple[int, ...] = ()
+    confidence_head: bool = True  # confidences from online acceptance counts (calibration is reported for them)
 
     def __post_init__(self):
         if self.block_size < 1:

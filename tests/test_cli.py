@@ -100,6 +100,25 @@ def test_generate_with_random_drafter_reports_speculative_stats(tmp_path):
     assert s["rounds"] >= 1 and s["proposed"] == 3 * s["rounds"] and s["mean_accept_len"] >= 1
 
 
+@pytest.mark.slow
+def test_generate_with_lookup_and_hybrid_drafters(tmp_path):
+    """--drafter ngram[:…] and default+ngram on the default target: output equals plain decoding."""
+    prompt = "Question: Repeat after me: red green blue red green blue red green blue\n\nAnswer:"
+    args = ["generate", "--prompt", prompt, "--max_new_tokens", "24"]
+    outs = {}
+    for name, extra in (("plain", []), ("ngram", ["--drafter", "ngram:n_max=4,n_min=2", "--gamma", "5"]),
+                        ("hybrid", ["--drafter", "default+ngram", "--gamma", "4"])):
+        path = tmp_path / f"{name}.json"
+        r = run_cli(*args, "--output_json", str(path), *extra)
+        assert r.returncode == 0, r.stderr
+        outs[name] = json.loads(path.read_text())[0]
+    assert outs["ngram"]["completion_ids"] == outs["plain"]["completion_ids"]
+    assert outs["hybrid"]["completion_ids"] == outs["plain"]["completion_ids"]
+    assert outs["ngram"]["proposed"] > 0 and outs["ngram"]["mean_accept_len"] >= 1
+    r = run_cli("generate", "--prompt", "hi", "--drafter", "ngram:n_max=0")
+    assert r.returncode == 2 and "n_min" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_bad_drafter_flags():
     r = run_cli("generate", "--prompt", "hi", "--drafter", "/nonexistent/drafter")
     assert r.returncode == 2 and "drafter not found" in r.stderr and "Traceback" not in r.stderr

@@ -171,6 +171,11 @@ def test_acceptance_statistics_are_counted_per_match_length_and_position():
                            num_verified=jnp.asarray([2, 0]))
     np.testing.assert_array_equal(np.asarray(again.tested[0, 1]), [1, 1, 0, 0])
     np.testing.assert_array_equal(np.asarray(again.accepted[0, 1]), [1, 1, 0, 0])
+    # another drafter's draft (the hybrid chose the model) agreeing with the lookup on its first token only
+    other = drafter.commit(None, state, None, jnp.asarray([[6, 7, 9, 9, 9], [9, 0, 0, 0, 0]]), jnp.asarray([4, 5]),
+                           jnp.asarray([3, 1]), num_verified=jnp.asarray([4, 0]))
+    np.testing.assert_array_equal(np.asarray(other.tested[0, 1]), [1, 0, 0, 0])
+    np.testing.assert_array_equal(np.asarray(other.accepted[0, 1]), [1, 0, 0, 0])
     # the confidence of the next "5 6"-match proposal is the Beta(1, 1) posterior mean
     from dspark_jax.drafters.ngram import lookup_confidence
     conf = lookup_confidence(new, jnp.asarray([2, 0]), 4, (1.0, 1.0))

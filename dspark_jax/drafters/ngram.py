@@ -126,7 +126,9 @@ class NgramDrafter(nnx.Module):
                count: jax.Array, num_verified: jax.Array | None = None) -> NgramState:
         """verified [B, W]: the anchor and drafts at positions start..; the first `count` are committed (the
         rest lie at or past the next anchor: stale, overwritten later). With num_verified [B] (drafts
-        verified) the acceptance statistics of the proposal's match length are updated."""
+        verified) the acceptance statistics of the lookup's match length are updated — over the leading
+        drafts that are the lookup's own proposal (all of them, unless another drafter's draft was verified,
+        as in the hybrid)."""
         del target_model, features
         rows = jnp.arange(verified.shape[0])
         before = state.tokens.at[rows, start].set(verified[:, 0].astype(jnp.int32))
@@ -134,11 +136,15 @@ class NgramDrafter(nnx.Module):
         new = dataclasses.replace(state, tokens=write(state.tokens, verified.astype(jnp.int32), start))
         if num_verified is None:
             return new
-        _, n = find_match(before, start, self.config.n_max, self.config.n_min)
+        g = self.config.block_size
+        end, n = find_match(before, start, self.config.n_max, self.config.n_min)
+        drafts = verified[:, 1:1 + g]
+        own = jnp.cumprod(drafts == lookup_proposal(before, start, end, g)[:, :drafts.shape[1]], axis=1).sum(1)
+        limit = jnp.minimum(num_verified, own)  # positions where the lookup's own token was verified
         accepted = jnp.clip(count - 1, 0, num_verified)
-        k = jnp.arange(self.config.block_size)[None]
-        tested = (k < jnp.minimum(accepted + 1, num_verified)[:, None]).astype(jnp.float32)
-        ok = (k < accepted[:, None]).astype(jnp.float32)
+        k = jnp.arange(g)[None]
+        tested = (k < jnp.minimum(accepted + 1, limit)[:, None]).astype(jnp.float32)
+        ok = (k < jnp.minimum(accepted, limit)[:, None]).astype(jnp.float32)
         at_n = (jnp.arange(self.config.n_max)[None] == (n - 1)[:, None]).astype(jnp.float32)[..., None]  # [B, n, 1]
         return dataclasses.replace(new, tested=new.tested + at_n * tested[:, None],
                                    accepted=new.accepted + at_n * ok[:, None])

@@ -84,17 +84,24 @@ def _ngram(cfg, gamma, n_max=3, n_min=1):
 REPETITIVE = [[5, 6, 7, 5, 6, 7, 5], [9, 10, 11, 12, 13, 14, 15, 16, 17, 18], [20, 21], [3, 4, 3, 4, 3, 4, 3, 4]]
 
 
+def greedy_plain_and_speculative(tg, ts, dg, ds, prompts, max_new_tokens, threshold=0.0):
+    """Plain greedy and greedy speculative decoding of the same batch: (plain output, speculative output)."""
+    tokens, lens = _batch(prompts)
+    kw = dict(max_new_tokens=max_new_tokens, stop_ids=())
+    b = len(prompts)
+    plain = generate(tg, ts, tokens, lens, jax.random.key(0), SamplingParams.create(b), **kw)
+    spec = speculative_generate(tg, ts, dg, ds, tokens, lens, jax.random.key(0), SamplingParams.create(b),
+                                jnp.float32(threshold), **kw)
+    np.testing.assert_array_equal(np.asarray(spec.tokens), np.asarray(plain.tokens))
+    return plain, spec
+
+
 @pytest.mark.parametrize("gamma,n_max,n_min", [(g, *n) for g, n in itertools.product(
     [1, 3, 7], [(3, 1), (2, 2), (4, 2)])])
 def test_greedy_ngram_equals_greedy_plain(gamma, n_max, n_min):
     tg, ts, cfg = make_target("gemma3")
     dg, ds = _ngram(cfg, gamma, n_max, n_min)
-    tokens, lens = _batch(REPETITIVE)
-    kw = dict(max_new_tokens=24, stop_ids=())
-    plain = generate(tg, ts, tokens, lens, jax.random.key(0), SamplingParams.create(4), **kw)
-    spec = speculative_generate(tg, ts, dg, ds, tokens, lens, jax.random.key(0), SamplingParams.create(4),
-                                jnp.float32(0.0), **kw)
-    np.testing.assert_array_equal(np.asarray(spec.tokens), np.asarray(plain.tokens))
+    _, spec = greedy_plain_and_speculative(tg, ts, dg, ds, REPETITIVE, 24)
     rounds = np.asarray(spec.rounds)
     committed = np.asarray(spec.committed)
     for b in range(4):
@@ -213,12 +220,7 @@ def _hybrid(cfg, gamma, reduced=False):
 def test_greedy_hybrid_equals_greedy_plain(gamma, reduced, threshold):
     tg, ts, cfg = make_target("gemma3")
     hg, hs = _hybrid(cfg, gamma, reduced)
-    tokens, lens = _batch(REPETITIVE)
-    kw = dict(max_new_tokens=20, stop_ids=())
-    plain = generate(tg, ts, tokens, lens, jax.random.key(0), SamplingParams.create(4), **kw)
-    spec = speculative_generate(tg, ts, hg, hs, tokens, lens, jax.random.key(0), SamplingParams.create(4),
-                                jnp.float32(threshold), **kw)
-    np.testing.assert_array_equal(np.asarray(spec.tokens), np.asarray(plain.tokens))
+    greedy_plain_and_speculative(tg, ts, hg, hs, REPETITIVE, 20, threshold)
 
 
 def test_hybrid_proposes_the_draft_expected_to_be_accepted_further():
@@ -304,16 +306,12 @@ def _lookup_input_drafter(cfg, gamma, reduced):
 def test_greedy_lookup_input_drafter_equals_greedy_plain_and_uses_the_lookup(gamma, reduced):
     tg, ts, cfg = make_target("gemma3")
     module = _lookup_input_drafter(cfg, gamma, reduced)
-    dg, ds = nnx.split(module)
-    tokens, lens = _batch(REPETITIVE)
-    kw = dict(max_new_tokens=20, stop_ids=())
-    plain = generate(tg, ts, tokens, lens, jax.random.key(0), SamplingParams.create(4), **kw)
-    spec = speculative_generate(tg, ts, dg, ds, tokens, lens, jax.random.key(0), SamplingParams.create(4),
-                                jnp.float32(0.0), **kw)
-    np.testing.assert_array_equal(np.asarray(spec.tokens), np.asarray(plain.tokens))
+    greedy_plain_and_speculative(tg, ts, *nnx.split(module), REPETITIVE, 20)
     # the block reads the lookup: the proposal changes when the lookup's tokens do
     target = nnx.merge(tg, ts)
-    state = module.prefill(target, module.init_state(4, 40), jnp.zeros((4, 16, len(module.config.target_layer_ids) * cfg.hidden_size)), tokens, lens)
+    tokens, lens = _batch(REPETITIVE)
+    features = jnp.zeros((4, 16, len(module.config.target_layer_ids) * cfg.hidden_size))
+    state = module.prefill(target, module.init_state(4, 40), features, tokens, lens)
     anchor = jnp.asarray([6, 17, 20, 3])
     hidden = module.backbone(target, anchor, lens, state)
     no_lookup = module.backbone(target, anchor, lens, state, lookup=jnp.full((4, gamma), module.config.mask_token_id))

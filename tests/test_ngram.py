@@ -3,8 +3,6 @@
 simulation against the loop, and losslessness at temperature 1 (chi-square)."""
 from __future__ import annotations
 
-import itertools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -96,8 +94,7 @@ def greedy_plain_and_speculative(tg, ts, dg, ds, prompts, max_new_tokens, thresh
     return plain, spec
 
 
-@pytest.mark.parametrize("gamma,n_max,n_min", [(g, *n) for g, n in itertools.product(
-    [1, 3, 7], [(3, 1), (2, 2), (4, 2)])])
+@pytest.mark.parametrize("gamma,n_max,n_min", [(1, 3, 1), (3, 2, 2), (7, 3, 1), (7, 4, 2)])
 def test_greedy_ngram_equals_greedy_plain(gamma, n_max, n_min):
     tg, ts, cfg = make_target("gemma3")
     dg, ds = _ngram(cfg, gamma, n_max, n_min)
@@ -216,7 +213,7 @@ def _hybrid(cfg, gamma, reduced=False):
     return nnx.split(HybridDrafter(nnx.merge(dg, ds), nnx.merge(lg, ls)))
 
 
-@pytest.mark.parametrize("gamma,reduced,threshold", [(3, False, 0.0), (4, True, 0.0), (2, True, 0.3)])
+@pytest.mark.parametrize("gamma,reduced,threshold", [(3, False, 0.0), (4, True, 0.3)])
 def test_greedy_hybrid_equals_greedy_plain(gamma, reduced, threshold):
     tg, ts, cfg = make_target("gemma3")
     hg, hs = _hybrid(cfg, gamma, reduced)
@@ -248,7 +245,7 @@ def test_hybrid_proposes_the_draft_expected_to_be_accepted_further():
                                rtol=1e-6)
 
 
-@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (3, 0.8)])
+@pytest.mark.parametrize("top_k,top_p", [(3, 0.8)])
 def test_hybrid_temperature_one_is_lossless(top_k, top_p):
     from test_speculative import V_SMALL
     tg, ts, cfg = make_target("gemma3", vocab_size=V_SMALL)
@@ -264,7 +261,7 @@ def test_hybrid_temperature_one_is_lossless(top_k, top_p):
 
 # ---- the serving engine ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind,policy", [("ngram", "fixed"), ("ngram", "scheduler"), ("hybrid", "scheduler_async")])
+@pytest.mark.parametrize("kind,policy", [("ngram", "scheduler"), ("hybrid", "scheduler_async")])
 def test_engine_with_lookup_gives_plain_greedy_output(kind, policy):
     from dspark_jax.drafters.factory import hybrid_drafter, load_drafter, random_drafter
     from dspark_jax.serving.engine import Engine, EngineConfig, Request

@@ -17,7 +17,7 @@ from flax import nnx
 from dspark_jax.decoding.autoregressive import prefill
 from dspark_jax.decoding.layout import dense_layout
 from dspark_jax.decoding.sampling import FilterMode, SamplingParams, sample
-from dspark_jax.decoding.verification import verify_round
+from dspark_jax.decoding.verification import concat_taps, verify_round
 from dspark_jax.drafters.base import Proposal
 
 
@@ -46,11 +46,6 @@ def proposal_lengths(confidence: jax.Array, threshold: jax.Array) -> jax.Array:
     threshold = jnp.reshape(threshold, (-1, 1)) if jnp.ndim(threshold) else threshold
     low = (confidence < threshold) & (threshold > 0)
     return jnp.where(low.any(1), jnp.argmax(low, axis=1), g).astype(jnp.int32)
-
-
-def _concat_taps(taps):
-    """Tapped target features [B, T, m·d], or None for drafters that tap nothing (lookup)."""
-    return jnp.concatenate(taps, axis=-1) if taps else None
 
 
 def _pad_slots(x: jax.Array, width: int) -> jax.Array:
@@ -89,7 +84,7 @@ def speculative_generate(target_graphdef: nnx.GraphDef, target_state: nnx.State,
     key, sub = jax.random.split(key)
     logits, out = prefill(target, prompts, prompt_lens, cache_len, attn_impl, tap_layers=taps)
     first = sample(sub, logits, params, mode)
-    dstate = drafter.prefill(target, drafter.init_state(b, cache_len), _concat_taps(out.taps), prompts,
+    dstate = drafter.prefill(target, drafter.init_state(b, cache_len), concat_taps(out.taps), prompts,
                              prompt_lens)
 
     buf_len = max_new_tokens + g + 1

@@ -35,6 +35,11 @@ class RoundResult:
     dstate: object
 
 
+def concat_taps(taps) -> jax.Array | None:
+    """Tapped target features [B, T, m·d] (the drafter's context), or None for drafters that tap nothing."""
+    return jnp.concatenate(taps, axis=-1) if taps else None
+
+
 def verify_round(target, drafter, tcache, dstate, proposal: Proposal, anchor: jax.Array, start: jax.Array,
                  num_verify: jax.Array, active: jax.Array, budget: jax.Array, layout: TokenLayout, key: jax.Array,
                  params: SamplingParams, mode: FilterMode, stops: jax.Array, attn_impl: str) -> RoundResult:
@@ -77,7 +82,7 @@ def verify_round(target, drafter, tcache, dstate, proposal: Proposal, anchor: ja
     count = jnp.where(is_stop.any(1), jnp.argmax(is_stop, 1) + 1, a + 1)
     count = jnp.where(active, jnp.minimum(count, budget), 0)
     stopped = is_stop.any(1) & (jnp.argmax(is_stop, 1) + 1 <= count)
-    features = to_grid(jnp.concatenate(out.taps, axis=-1), layout) if taps else None  # [B, G+1, m·d]
+    features = to_grid(concat_taps(out.taps), layout) if taps else None  # [B, G+1, m·d]
     dstate = drafter.commit(target, dstate, features, grid_tokens, start, count, num_verified=num_verify)
     last = jnp.take_along_axis(committed, jnp.maximum(count - 1, 0)[:, None], axis=1)[:, 0]
     return RoundResult(committed=committed, count=count, num_accepted=jnp.where(active, a, 0),

@@ -93,8 +93,7 @@ class DSparkDrafter(DrafterBase):
         """The new state: `cache`, and with lookup inputs tokens [B, W] written at positions start.."""
         if not isinstance(state, LookupState):
             return cache
-        write = jax.vmap(lambda row, new, s: jax.lax.dynamic_update_slice(row, new, (s,)))
-        return LookupState(cache, write(state.tokens, tokens.astype(jnp.int32), start))
+        return LookupState(cache, write_contiguous(state.tokens, tokens, start))
 
     def prefill(self, target_model, state, features: jax.Array, prompts: jax.Array, prompt_lens: jax.Array):
         del target_model, prompt_lens

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dspark_jax.drafters.base import Proposal
+from dspark_jax.models.kv_cache import write_contiguous
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,8 +133,7 @@ class NgramDrafter(nnx.Module):
         del target_model, features
         rows = jnp.arange(verified.shape[0])
         before = state.tokens.at[rows, start].set(verified[:, 0].astype(jnp.int32))
-        write = jax.vmap(lambda row, new, s: jax.lax.dynamic_update_slice(row, new, (s,)))
-        new = dataclasses.replace(state, tokens=write(state.tokens, verified.astype(jnp.int32), start))
+        new = dataclasses.replace(state, tokens=write_contiguous(state.tokens, verified, start))
         if num_verified is None:
             return new
         g = self.config.block_size

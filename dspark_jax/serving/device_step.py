@@ -15,7 +15,7 @@ from dspark_jax.decoding.autoregressive import prefill
 from dspark_jax.decoding.layout import make_layout
 from dspark_jax.decoding.sampling import FilterMode, SamplingParams, sample
 from dspark_jax.decoding.speculative import proposal_lengths
-from dspark_jax.decoding.verification import verify_round
+from dspark_jax.decoding.verification import concat_taps, verify_round
 from dspark_jax.drafters.base import Proposal
 from dspark_jax.models.kv_cache import init_cache
 from dspark_jax.serving.scheduler import allocate_top_k
@@ -83,8 +83,7 @@ def admit(target_graphdef, target_state, drafter_graphdef, drafter_state, state:
     lens = prompt_lens.astype(jnp.int32)
     logits, out = prefill(target, prompts, lens, max_len, attn_impl, tap_layers=drafter.config.target_layer_ids)
     first = sample(k_first, logits, params, mode)
-    features = jnp.concatenate(out.taps, -1) if out.taps else None
-    dstate = drafter.prefill(target, drafter.init_state(n, max_len), features, prompts, lens)
+    dstate = drafter.prefill(target, drafter.init_state(n, max_len), concat_taps(out.taps), prompts, lens)
     prop = drafter.propose(target, dstate, first, lens, k_draft, params, mode, drafter.head_matrix(target), attn_impl)
     finished = jnp.isin(first, stops) | (max_new_tokens <= 1)
     state = dataclasses.replace(

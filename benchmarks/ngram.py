@@ -4,6 +4,9 @@ lookup: same held-out prompts, machine and run.
     python benchmarks/ngram.py [--datasets gsm8k,humaneval,mbpp,mt-bench --limit 8 --max_new_tokens 96
                                 --batch_sizes 1,8 --gamma 7 --drafters ngram,default --hf]
 
+A --drafters entry is a --drafter value, optionally followed by "|g=N" (its γ, default --gamma) and "|auto"
+(hardware-aware draft length, `GenerationConfig.draft_length`): e.g. "ngram|g=11|auto,default|auto".
+
 Per dataset and batch size: tokens/s of plain decoding and of each drafter, pooled τ (committed tokens per
 verification round, bonus included), the speed-up over plain, greedy identity with plain, and the τ an offline
 simulation of lookup predicts on plain decoding's outputs (`dspark_jax.evaluation.lookup_simulation`).
@@ -14,6 +17,7 @@ Prompts are wrapped in the training format. Compilation and warm-up are excluded
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
@@ -59,10 +63,18 @@ def main():
     from dspark_jax.utils.results import write_result
 
     target = load_target()
-    drafters = {}
-    for spec in args.drafters.split(","):
+    drafters = {}  # label → (drafter, draft length policy)
+    for entry in args.drafters.split(","):
+        spec, *options = entry.split("|")
+        gamma = next((int(o[2:]) for o in options if o.startswith("g=")), args.gamma)
+        if any(o not in ("auto",) and not o.startswith("g=") for o in options):
+            raise SystemExit(f"unknown option in drafter entry {entry!r} (expected |g=N or |auto)")
         full = f"ngram:n_max={args.n_max},n_min={args.n_min}" if spec == "ngram" else spec
-        drafters[spec] = load_drafter(full, target, gamma=args.gamma)
+        drafter = load_drafter(full, target, gamma=gamma)
+        if drafter.config.block_size != gamma:
+            from dspark_jax.drafters.factory import with_block_size
+            drafter = with_block_size(drafter, gamma)
+        drafters[entry] = (drafter, "auto" if "auto" in options else "fixed")
     hf = None
     if args.hf:
         from pathlib import Path
@@ -74,7 +86,7 @@ def main():
                                                                dtype=torch.float32).eval()
     rows = []
     print(f"machine: {describe_machine()}; {args.max_new_tokens} new tokens, T=0, gamma {args.gamma}")
-    header = f"{'dataset':<10} {'batch':>5} {'decoding':<10} {'tokens/s':>9} {'tau':>6} {'speed-up':>9} {'same':>5}"
+    header = f"{'dataset':<10} {'batch':>5} {'decoding':<16} {'tokens/s':>9} {'tau':>6} {'speed-up':>9} {'same':>5}"
     print(header)
     for name in args.datasets.split(","):
         prompts = [format_prompt(p) for p in read_first_turns(eval_dataset_path(name))[:args.limit]]
@@ -87,18 +99,20 @@ def main():
             plain = generate_text(target, prompts, cfg)
             base = tps(plain)
             pairs = [(target.tokenizer.encode(p, add_bos=True), r.completion_ids) for p, r in zip(prompts, plain)]
-            sim = simulated_tau(pairs, args.n_max, args.n_min, args.gamma)
+            gammas = sorted({args.gamma} | {d.config.block_size for d, _ in drafters.values()})
+            sim = {g: simulated_tau(pairs, args.n_max, args.n_min, g) for g in gammas}
             rows.append(dict(dataset=name, batch_size=bs, decoding="plain", tokens_per_s=base, tau=None,
                              speedup=1.0, simulated_ngram_tau=sim))
-            print(f"{name:<10} {bs:>5} {'plain':<10} {base:9.1f} {'-':>6} {1.0:9.2f} {'':>5}  "
-                  f"(simulated lookup tau {sim:.2f})", flush=True)
-            for spec, drafter in drafters.items():
-                res = generate_text(target, prompts, cfg, drafter=drafter)
+            print(f"{name:<10} {bs:>5} {'plain':<16} {base:9.1f} {'-':>6} {1.0:9.2f} {'':>5}  (simulated lookup "
+                  f"tau: {', '.join(f'{t:.2f} at gamma {g}' for g, t in sim.items())})", flush=True)
+            for spec, (drafter, draft_length) in drafters.items():
+                res = generate_text(target, prompts, dataclasses.replace(cfg, draft_length=draft_length),
+                                    drafter=drafter)
                 same = all(a.completion_ids == b.completion_ids for a, b in zip(plain, res))
                 tau = pooled_accept_length(res)
                 rows.append(dict(dataset=name, batch_size=bs, decoding=spec, tokens_per_s=tps(res), tau=tau,
                                  speedup=tps(res) / base, identical_to_plain=same))
-                print(f"{name:<10} {bs:>5} {spec:<10} {tps(res):9.1f} {tau:6.2f} {tps(res) / base:9.2f} "
+                print(f"{name:<10} {bs:>5} {spec:<16} {tps(res):9.1f} {tau:6.2f} {tps(res) / base:9.2f} "
                       f"{str(same):>5}", flush=True)
             if hf is not None and bs == 1:
                 ids = [target.tokenizer.encode(p, add_bos=True) for p in prompts]
@@ -107,15 +121,18 @@ def main():
                 hf_lookup, outs = hf_tokens_per_s(hf, ids, args.max_new_tokens, pad,
                                                   prompt_lookup_num_tokens=args.gamma,
                                                   max_matching_ngram_size=args.n_max)
-                ours = next(r for r in rows[::-1] if r["decoding"] == "ngram" and r["dataset"] == name)
+                ours = max((r for r in rows if r["decoding"].startswith("ngram") and r["dataset"] == name
+                            and r["batch_size"] == 1), key=lambda r: r["tokens_per_s"])
                 agree = statistics.mean(o == r.completion_ids[:len(o)] for o, r in zip(outs, plain))
                 rows.append(dict(dataset=name, batch_size=1, decoding="hf plain", tokens_per_s=hf_plain))
                 rows.append(dict(dataset=name, batch_size=1, decoding="hf prompt lookup", tokens_per_s=hf_lookup,
                                  speedup_over_hf_plain=hf_lookup / hf_plain,
                                  ours_ngram_over_hf_lookup=ours["tokens_per_s"] / hf_lookup,
+                                 ours_ngram_variant=ours["decoding"],
                                  same_tokens_as_ours=agree))
-                print(f"{name:<10} {1:>5} {'hf plain':<10} {hf_plain:9.1f}\n{name:<10} {1:>5} {'hf lookup':<10} "
-                      f"{hf_lookup:9.1f}  (ours/HF lookup {ours['tokens_per_s'] / hf_lookup:.2f}x, "
+                print(f"{name:<10} {1:>5} {'hf plain':<16} {hf_plain:9.1f}\n{name:<10} {1:>5} {'hf lookup':<16} "
+                      f"{hf_lookup:9.1f}  (ours ({ours['decoding']})/HF lookup "
+                      f"{ours['tokens_per_s'] / hf_lookup:.2f}x, "
                       f"same tokens {agree:.0%})", flush=True)
     write_result(args.output, dict(machine=describe_machine(), model=target.config.name, **vars(args), rows=rows))
 

@@ -15,6 +15,7 @@ from dspark_jax.decoding.speculative import speculative_generate
 from dspark_jax.decoding.sampling import FilterMode, SamplingParams, validate_sampling
 from dspark_jax.parallel.placement import replicate, shard_batch, shard_state, to_host
 from dspark_jax.target import Target
+from dspark_jax.verify_costs import load_or_profile_verify_costs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,8 +27,14 @@ class GenerationConfig:
     seed: int = 0
     batch_size: int = 8
     attn_impl: str = "reference"  # pallas_kernels.AttentionImpl: reference | pallas | interpret | auto
+    # speculative only. "fixed": every round verifies the whole proposal (a round without drafts: one token);
+    # "auto": per round, the width with the most expected committed tokens per second on this machine's
+    # profiled cost curve (`verify_costs`, `decoding.draft_length`)
+    draft_length: str = "fixed"
 
     def __post_init__(self):
+        if self.draft_length not in ("fixed", "auto"):
+            raise ValueError(f"draft_length must be 'fixed' or 'auto', got {self.draft_length!r}")
         from pallas_kernels import AttentionImpl
         if self.attn_impl not in [i.value for i in AttentionImpl]:
             raise ValueError(f"attn_impl must be one of {[i.value for i in AttentionImpl]}, got {self.attn_impl!r}")
@@ -106,6 +113,11 @@ def decode_batches(target: Target, encoded: Sequence[Sequence[int]], config: Gen
                                                 **static)
         fixed = dict(target_state=target.state, drafter_state=drafter.state,
                      confidence_threshold=jnp.float32(confidence_threshold))
+        if config.draft_length == "auto":
+            if mesh is not None:
+                raise ValueError("draft_length 'auto' profiles one device; it is not available with a mesh")
+            widths, seconds = load_or_profile_verify_costs(target, drafter, bs, config.attn_impl).efficient()
+            static.update(verify_widths=widths, verify_costs=seconds)
     if mesh is not None:
         fixed = {k: shard_state(v, mesh) if k.endswith("state") else replicate(v, mesh) for k, v in fixed.items()}
         params = shard_batch(params, mesh)

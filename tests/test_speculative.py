@@ -149,13 +149,13 @@ def exact_joint(tg, ts, prompt, params1, mode):
     return seqs, prob
 
 
-def sampled_joint(tg, ts, dg, ds, prompt, params, mode):
+def sampled_joint(tg, ts, dg, ds, prompt, params, mode, **loop_options):
     b = N_SAMPLES
     tokens = jnp.tile(jnp.asarray(prompt, jnp.int32)[None], (b, 1))
     lens = jnp.full((b,), len(prompt), jnp.int32)
     params_b = jax.tree.map(lambda a: jnp.repeat(a[:1], b), params)
     sp = speculative_generate(tg, ts, dg, ds, tokens, lens, jax.random.key(11), params_b, jnp.float32(0.0),
-                              max_new_tokens=N_NEW, stop_ids=(), mode=mode)
+                              max_new_tokens=N_NEW, stop_ids=(), mode=mode, **loop_options)
     toks = np.asarray(sp.tokens)
     return (toks * (V_SMALL ** np.arange(N_NEW)[::-1])).sum(1), sp
 

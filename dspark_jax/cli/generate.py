@@ -37,6 +37,10 @@ flags.DEFINE_integer("gamma", None, "Draft block size: tokens proposed per verif
                      "to its trained size).", lower_bound=1)
 flags.DEFINE_float("confidence_threshold", 0.0, "Static confidence threshold in [0, 1]: a proposal is cut at "
                    "the first draft position whose confidence is below it (0 = always verify the full block).")
+flags.DEFINE_enum("draft_length", "fixed", ["fixed", "auto"], "'fixed': every round verifies the whole proposal; "
+                  "'auto': hardware-aware — per round the verification width with the most expected accepted "
+                  "tokens per second on this machine's cost curve (profiled once per machine, target, drafter "
+                  "and batch size, then cached).")
 flags.DEFINE_integer("draft_vocab_size", 32768, "For --drafter=random: draft vocabulary of the N most frequent "
                      "target tokens (0 = the full target vocabulary).", lower_bound=0)
 flags.DEFINE_enum("attn_impl", "reference", ATTN_IMPLS, ATTN_IMPL_HELP)
@@ -60,7 +64,7 @@ def body() -> None:
         raise ValueError("give at least one --prompt or a --prompts_file")
     config = GenerationConfig(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
                               top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
-                              attn_impl=FLAGS.attn_impl)
+                              attn_impl=FLAGS.attn_impl, draft_length=FLAGS.draft_length)
     dtype = None if FLAGS.dtype == "auto" else getattr(jnp, FLAGS.dtype)
     from dspark_jax.drafters.factory import check_drafter_spec
     check_drafter_spec(FLAGS.drafter)

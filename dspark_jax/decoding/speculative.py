@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dspark_jax.decoding.autoregressive import prefill
+from dspark_jax.decoding.draft_length import choose_width
 from dspark_jax.decoding.layout import dense_layout
 from dspark_jax.decoding.sampling import FilterMode, SamplingParams, sample
 from dspark_jax.decoding.verification import concat_taps, verify_round
@@ -55,23 +56,33 @@ def _pad_slots(x: jax.Array, width: int) -> jax.Array:
     return jnp.pad(x, pad)
 
 
-def _without_drafts(proposal):
-    """The proposal cut to zero draft tokens (a round that verifies the anchor alone: a plain step)."""
-    cut = lambda a: None if a is None else a[:, :0]  # noqa: E731
+def _first_drafts(proposal: Proposal, k: int) -> Proposal:
+    """The proposal cut to its first k draft tokens (k = 0: a round that verifies the anchor alone, a plain
+    step)."""
+    cut = lambda a: None if a is None else a[:, :k]  # noqa: E731
     return Proposal(tokens=cut(proposal.tokens), draft_index=cut(proposal.draft_index), p_draft=cut(proposal.p_draft),
                     confidence=cut(proposal.confidence), confidence_logits=cut(proposal.confidence_logits),
-                    length=jnp.zeros(proposal.tokens.shape[:1], jnp.int32), deterministic=proposal.deterministic)
+                    length=None if proposal.length is None else jnp.minimum(proposal.length, k),
+                    deterministic=proposal.deterministic)
 
 
 @functools.partial(jax.jit, static_argnames=("target_graphdef", "drafter_graphdef", "max_new_tokens", "stop_ids",
-                                             "mode", "pad_id", "attn_impl"))
+                                             "mode", "pad_id", "attn_impl", "verify_widths",
+                                             "verify_costs"))
 def speculative_generate(target_graphdef: nnx.GraphDef, target_state: nnx.State, drafter_graphdef: nnx.GraphDef,
                          drafter_state: nnx.State, prompts: jax.Array, prompt_lens: jax.Array, key: jax.Array,
                          params: SamplingParams, confidence_threshold: jax.Array, *, max_new_tokens: int,
                          stop_ids: tuple[int, ...], mode: FilterMode = FilterMode(), pad_id: int = 0,
-                         attn_impl: str = "reference") -> SpecOutput:
+                         attn_impl: str = "reference", verify_widths: tuple[int, ...] | None = None,
+                         verify_costs: tuple[float, ...] | None = None) -> SpecOutput:
     """Lossless speculative decoding of right-padded prompts [B, P] (lengths [B]); exactly
-    `max_new_tokens` per request, or fewer up to and including a stop token."""
+    `max_new_tokens` per request, or fewer up to and including a stop token.
+
+    Each round verifies every request at one width (anchor + drafts) out of `verify_widths` (ascending,
+    from 1 to at most G + 1; default (1, G + 1): a round where nothing was drafted is a plain step), each
+    compiled once. Without `verify_costs` a round takes the narrowest width holding every proposal; with
+    them (one per width, e.g. measured seconds) the one with the most expected committed tokens per cost
+    (`decoding.draft_length.choose_width`, hardware-aware draft length)."""
     target = nnx.merge(target_graphdef, target_state)
     drafter = nnx.merge(drafter_graphdef, drafter_state)
     g = drafter.config.block_size
@@ -80,6 +91,11 @@ def speculative_generate(target_graphdef: nnx.GraphDef, target_state: nnx.State,
     cache_len = p + max_new_tokens + g + 1
     stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
     head = drafter.head_matrix(target)
+    widths = tuple(verify_widths or (1, g + 1))
+    if list(widths) != sorted(set(widths)) or widths[0] != 1 or widths[-1] > g + 1:
+        raise ValueError(f"verify_widths must increase from 1 to at most G + 1 = {g + 1}, got {widths}")
+    if verify_costs is not None and len(verify_costs) != len(widths):
+        raise ValueError(f"one verify cost per width needed: {len(widths)} widths, {len(verify_costs)} costs")
 
     key, sub = jax.random.split(key)
     logits, out = prefill(target, prompts, prompt_lens, cache_len, attn_impl, tap_layers=taps)
@@ -113,12 +129,16 @@ def speculative_generate(target_graphdef: nnx.GraphDef, target_state: nnx.State,
                                 jnp.minimum(n_prop, width - 1), ~c["done"], max_new_tokens - c["n_gen"],
                                 dense_layout(b, width, start), k_verify, params, mode, stops, attn_impl)
 
-        def plain_step():  # no request drafted anything: verify the anchors alone, as cheap as a plain step
-            r = verify(_without_drafts(prop), 1)
-            return dataclasses.replace(r, committed=_pad_slots(r.committed, g + 1),
-                                       accept_flags=_pad_slots(r.accept_flags, g))
+        def at_width(width):  # a round verifying anchor + up to width − 1 drafts per request
+            def branch():
+                r = verify(_first_drafts(prop, width - 1), width)
+                return dataclasses.replace(r, committed=_pad_slots(r.committed, g + 1),
+                                           accept_flags=_pad_slots(r.accept_flags, g))
+            return branch
 
-        res = jax.lax.cond(jnp.all(n_prop == 0), plain_step, lambda: verify(prop, g + 1))
+        choice = choose_width(prop.confidence, n_prop, ~c["done"], widths, verify_costs)
+        res = jax.lax.switch(choice, [at_width(w) for w in widths])
+        n_prop = jnp.minimum(n_prop, jnp.asarray(widths)[choice] - 1)
         committed, count, a, active = res.committed, res.count, res.num_accepted, ~c["done"]
         finished = res.stopped | (c["n_gen"] + count >= max_new_tokens)
 

@@ -13,6 +13,9 @@ zero-length proposal. Same idea as vLLM's `ngram` method, llama.cpp's lookup dec
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -32,12 +35,15 @@ class NgramConfig:
     algorithm: str = "ngram"
     target_layer_ids: tuple[int, ...] = ()
     confidence_head: bool = True  # confidences from online acceptance counts (calibration is reported for them)
+    prior_strength: float = 4.0  # pseudo-observations of the prior (`ngram_prior.json`) per match length and slot
 
     def __post_init__(self):
         if self.block_size < 1:
             raise ValueError(f"block_size (gamma) must be >= 1, got {self.block_size}")
         if not 1 <= self.n_min <= self.n_max:
             raise ValueError(f"n-gram lengths need 1 <= n_min <= n_max, got n_min={self.n_min}, n_max={self.n_max}")
+        if not self.prior_strength > 0:
+            raise ValueError(f"prior_strength must be > 0, got {self.prior_strength}")
         if self.algorithm != "ngram" or self.target_layer_ids:
             raise ValueError("an n-gram config has algorithm 'ngram' and taps no target layers")
 
@@ -88,14 +94,30 @@ def lookup_proposal(tokens: jax.Array, last: jax.Array, end: jax.Array, gamma: i
     return jnp.take_along_axis(tokens, idx, axis=1)
 
 
-def lookup_confidence(state: NgramState, n: jax.Array, gamma: int, prior: tuple[float, float]) -> jax.Array:
+PRIOR_FILE = Path(__file__).with_name("ngram_prior.json")
+
+
+@functools.lru_cache(maxsize=None)
+def prior_means(n_max: int, gamma: int) -> tuple[tuple[float, ...], ...]:
+    """[n_max][γ] prior acceptance c_k per match length and slot: lookup's conditional acceptance on the shipped
+    greedy training responses (`benchmarks/ngram_prior.py` writes `ngram_prior.json`); n_max past the file's
+    largest table uses that table, lengths past its rows the last row, slots past its columns the last one."""
+    tables = json.loads(PRIOR_FILE.read_text())["tables"]
+    table = tables[str(min(n_max, max(int(k) for k in tables)))]["mean"]
+    rows = [table[min(n, len(table) - 1)] for n in range(n_max)]
+    return tuple(tuple(row[min(k, len(row) - 1)] for k in range(gamma)) for row in rows)
+
+
+def lookup_confidence(state: NgramState, n: jax.Array, gamma: int, prior_mean: jax.Array,
+                      prior_strength: float) -> jax.Array:
     """[B, γ] c_k = P(position k accepted | earlier ones accepted, match length n) estimated per request as
-    (accepted + a) / (tested + a + b) with a Beta(a, b) prior; 0 without a match (n = 0)."""
-    a, b = prior
+    (accepted + s·m) / (tested + s): the prior mean m [n_max, ≥γ] (`prior_means`) worth s observations, moved
+    by the request's own counts; 0 without a match (n = 0)."""
     row = jnp.clip(n - 1, 0, state.tested.shape[1] - 1)
     tested = jnp.take_along_axis(state.tested, row[:, None, None], axis=1)[:, 0, :gamma]
     accepted = jnp.take_along_axis(state.accepted, row[:, None, None], axis=1)[:, 0, :gamma]
-    return jnp.where((n > 0)[:, None], (accepted + a) / (tested + a + b), 0.0)
+    mean = jnp.asarray(prior_mean, jnp.float32)[row, :gamma]
+    return jnp.where((n > 0)[:, None], (accepted + prior_strength * mean) / (tested + prior_strength), 0.0)
 
 
 class NgramDrafter(nnx.Module):
@@ -109,8 +131,6 @@ class NgramDrafter(nnx.Module):
         self.config = config
         self.vocab_size = vocab_size
         self.full_vocab = True
-
-    prior = (1.0, 1.0)  # Beta prior of the acceptance estimates: 0.5 before any evidence
 
     def init_state(self, batch: int, max_len: int) -> NgramState:
         shape = (batch, self.config.n_max, self.config.block_size)  # distinct buffers: engines donate leaf by leaf
@@ -162,7 +182,8 @@ class NgramDrafter(nnx.Module):
         end, n = find_match(tokens, start, self.config.n_max, self.config.n_min)
         proposed = lookup_proposal(tokens, start, end, g)
         length = jnp.where(n > 0, g, 0).astype(jnp.int32)
-        conf = lookup_confidence(state, n, g, self.prior)
+        prior = prior_means(self.config.n_max, self.config.block_size)
+        conf = lookup_confidence(state, n, g, prior, self.config.prior_strength)
         logits = jnp.log(jnp.maximum(conf, 1e-6)) - jnp.log(jnp.maximum(1.0 - conf, 1e-6))
         return Proposal(tokens=proposed, draft_index=proposed, p_draft=None, confidence=conf,
                         confidence_logits=logits, length=length)

@@ -10,18 +10,24 @@ from __future__ import annotations
 from typing import Sequence
 
 
-def lookup(tokens: Sequence[int], n_max: int, n_min: int, gamma: int) -> list[int]:
-    """The lookup proposal after `tokens` (the anchor last): for the longest n in n_max..n_min whose last n
-    tokens occur earlier, the most recent occurrence's following tokens, continued with the period (the
-    distance from that occurrence to the end) up to `gamma`; [] when nothing matches."""
+def lookup_match(tokens: Sequence[int], n_max: int, n_min: int, gamma: int) -> tuple[list[int], int]:
+    """The lookup proposal after `tokens` (the anchor last) and its match length n: for the longest n in
+    n_max..n_min whose last n tokens occur earlier, the most recent occurrence's following tokens, continued
+    with the period (the distance from that occurrence to the end) up to `gamma`; ([], 0) when nothing
+    matches."""
     last = len(tokens) - 1
     for n in range(min(n_max, len(tokens)), n_min - 1, -1):
         suffix = list(tokens[len(tokens) - n:])
         for end in range(last - 1, n - 2, -1):  # most recent earlier window first
             if list(tokens[end - n + 1:end + 1]) == suffix:
                 period = last - end
-                return [tokens[end + 1 + k % period] for k in range(gamma)]
-    return []
+                return [tokens[end + 1 + k % period] for k in range(gamma)], n
+    return [], 0
+
+
+def lookup(tokens: Sequence[int], n_max: int, n_min: int, gamma: int) -> list[int]:
+    """The lookup proposal alone (`lookup_match`)."""
+    return lookup_match(tokens, n_max, n_min, gamma)[0]
 
 
 def simulate_rounds(prompt: Sequence[int], output: Sequence[int], n_max: int = 3, n_min: int = 1,
@@ -41,6 +47,29 @@ def simulate_rounds(prompt: Sequence[int], output: Sequence[int], n_max: int = 3
         counts.append(count)
         anchor += count
     return counts
+
+
+def conditional_acceptance(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], n_max: int = 3,
+                           n_min: int = 1, gamma: int = 15) -> tuple[list[list[int]], list[list[int]]]:
+    """Over the simulated rounds of (prompt, greedy output) pairs: tested[n−1][k] rounds whose proposal came
+    from an n-token match and reached draft position k with every earlier one accepted, accepted[n−1][k] of
+    them accepting position k too (c_k = accepted / tested: the statistic `NgramDrafter` estimates online)."""
+    tested = [[0] * gamma for _ in range(n_max)]
+    accepted = [[0] * gamma for _ in range(n_max)]
+    for prompt, output in pairs:
+        seq = list(prompt) + list(output)
+        anchor, end = len(prompt), len(prompt) + len(output)
+        while anchor < end - 1:
+            draft, n = lookup_match(seq[:anchor + 1], n_max, n_min, gamma)
+            room = min(len(draft), end - 1 - anchor)
+            a = 0
+            while a < room and draft[a] == seq[anchor + 1 + a]:
+                a += 1
+            for k in range(min(a + 1, room)):
+                tested[n - 1][k] += 1
+                accepted[n - 1][k] += k < a
+            anchor += min(a + 1, end - 1 - anchor)
+    return tested, accepted
 
 
 def simulated_tau(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], n_max: int = 3, n_min: int = 1,

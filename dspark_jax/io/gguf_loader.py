@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from dspark_jax.io.gguf_file import GGUFError, GGUFFile
+from dspark_jax.utils.files import cache_dir
 from dspark_jax.models.config import (TransformerConfig, gemma3_layer_types, gemma3_rope_thetas)
 
 CACHE_FORMAT_VERSION = 1
@@ -31,10 +32,6 @@ _LAYER_RENAMES = {
 }
 _GLOBAL_RENAMES = {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight",
                    "output.weight": "lm_head.weight"}
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("DSPARK_CACHE_DIR", Path.home() / ".cache" / "dspark_jax"))
 
 
 def config_from_gguf(gguf: GGUFFile) -> TransformerConfig:

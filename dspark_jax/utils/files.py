@@ -23,6 +23,11 @@ def _atomic(path: str | Path, write: Callable[[str], None]) -> Path:
     return path
 
 
+def cache_dir() -> Path:
+    """The user cache directory: `$DSPARK_CACHE_DIR`, default ~/.cache/dspark_jax."""
+    return Path(os.environ.get("DSPARK_CACHE_DIR", Path.home() / ".cache" / "dspark_jax"))
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Writes `text` to `path` (creating parent folders) atomically."""
     return _atomic(path, lambda tmp: Path(tmp).write_text(text))

@@ -1,0 +1,50 @@
+"""Writes the prior of prompt lookup's acceptance estimates: per match length n and draft position k, the
+conditional acceptance c_k = P(position k accepted | earlier ones accepted) of lookup over the shipped greedy
+training responses of the embedded target (`dspark_jax/data/train`; never the held-out prompts), from the
+offline simulation (`evaluation.lookup_simulation.conditional_acceptance`). `NgramDrafter` starts every
+request from these means (Laplace-smoothed) and moves to its own online counts.
+
+    python benchmarks/ngram_prior.py            # ~30 s; rewrites dspark_jax/drafters/ngram_prior.json
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESPONSES = ROOT / "dspark_jax" / "data" / "train" / "gemma3_270m_greedy_responses.jsonl.gz"
+OUTPUT = ROOT / "dspark_jax" / "drafters" / "ngram_prior.json"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n_max", type=int, default=6, help="tables for every n_max from 1 to this")
+    parser.add_argument("--gamma", type=int, default=16)
+    parser.add_argument("--output", type=Path, default=OUTPUT)
+    args = parser.parse_args()
+    from dspark_jax.evaluation.lookup_simulation import conditional_acceptance
+    from dspark_jax.utils.files import atomic_write_text
+
+    with gzip.open(RESPONSES, "rt") as f:
+        rows = [json.loads(line) for line in f]
+    pairs = [(r["prompt_ids"], r["response_ids"]) for r in rows]
+    tables = {}
+    for n_max in range(1, args.n_max + 1):  # a match of n tokens means "not n + 1": each n_max has its table
+        tested, accepted = conditional_acceptance(pairs, n_max, 1, args.gamma)
+        tables[str(n_max)] = dict(tested=tested, accepted=accepted,
+                                  mean=[[round((a + 1) / (t + 2), 4) for a, t in zip(ar, tr)]
+                                        for ar, tr in zip(accepted, tested)])
+        print(f"n_max={n_max}:", file=sys.stderr)
+        for n, row in enumerate(tables[str(n_max)]["mean"], 1):
+            print(f"  n={n}: " + " ".join(f"{m:.2f}" for m in row), file=sys.stderr, flush=True)
+    doc = dict(source=str(RESPONSES.relative_to(ROOT)), responses=len(rows),
+               command="python benchmarks/ngram_prior.py", gamma=args.gamma, n_min=1, tables=tables)
+    atomic_write_text(args.output, json.dumps(doc, indent=None) + "\n")
+    print(f"wrote {args.output}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -3,12 +3,10 @@ from __future__ import annotations
 
 import json
 import re
-import urllib.error
-import urllib.request
 
 import pytest
 
-from dspark_jax.governance import GovernedRequest, Governor, MetricsServer, RequestRejected, policy_from_dict
+from dspark_jax.governance import GovernedRequest, Governor, RequestRejected, policy_from_dict
 from dspark_jax.governance.costs import (BusyTimeAccountant, cost_per_million_tokens, cost_per_request,
                                          serving_cost_usd)
 from dspark_jax.governance.metrics import percentile
@@ -168,45 +166,33 @@ def test_prometheus_text_parses_and_carries_the_numbers():
     series = check_exposition(gov.prometheus_text())
     assert series['dspark_output_tokens_total{class="code",tenant="acme"}'] == 200
     assert series['dspark_draft_tokens_rejected_total{class="code",tenant="acme"}'] == 5
-    assert series['dspark_verification_rounds_total{class="code",tenant="acme",kind="fallback"}'] == 1
-    assert series['dspark_requests_finished_total{class="chat",tenant="beta",outcome="failed"}'] == 1
-    rejected = 'dspark_requests_rejected_total{class="<unclassified>",tenant="<unknown>",code="unknown_tenant"}'
+    assert series['dspark_verification_rounds_total{class="code",kind="fallback",tenant="acme"}'] == 1
+    assert series['dspark_requests_finished_total{class="chat",outcome="failed",tenant="beta"}'] == 1
+    rejected = 'dspark_requests_rejected_total{class="<unclassified>",code="unknown_tenant",tenant="<unknown>"}'
     assert series[rejected] == 1
     assert series['dspark_cost_usd_total{class="code",tenant="acme"}'] == pytest.approx(300 * 20 / 3600)
     assert series['dspark_cost_per_million_output_tokens_usd{class="code",tenant="acme"}'] == pytest.approx(
         300 * 20 / 3600 / 200 * 1e6)
-    assert series['dspark_request_latency_seconds{class="code",tenant="acme",quantile="0.95"}'] == 30.0
+    assert series['dspark_request_latency_seconds{class="code",quantile="0.95",tenant="acme"}'] == 30.0
     assert series['dspark_request_latency_seconds_count{class="chat",tenant="acme"}'] == 1
-    assert series['dspark_quota_used_tokens{tenant="acme",window_s="3600",count="total"}'] == 450
+    assert series['dspark_quota_used_tokens{count="total",tenant="acme",window_s="3600"}'] == 450
     assert series["dspark_cost_per_hour_usd"] == 300.0
     # No output yet in a group -> its cost per token is undefined and left out (not NaN).
     assert 'dspark_cost_per_million_output_tokens_usd{class="chat",tenant="beta"}' not in series
 
 
-def test_label_values_are_escaped():
-    from dspark_jax.governance.prometheus import _labels
-    assert _labels(tenant='a"b\\c\nd') == '{tenant="a\\"b\\\\c\\nd"}'
-    assert _labels() == ""
-
-
-def test_http_endpoint_serves_metrics_and_snapshot():
+def test_the_collector_reads_the_governor_at_every_scrape():
+    from prometheus_client import CollectorRegistry, generate_latest
+    from dspark_jax.governance import GovernorCollector
     clock = FakeClock()
     gov = Governor(policy_from_dict(POLICY), clock=clock)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(GovernorCollector(gov))
+    assert 'dspark_output_tokens_total{class="code",tenant="acme"}' not in check_exposition(
+        generate_latest(registry).decode())
     feed(gov, clock)
-    with MetricsServer(gov, port=0) as server:
-        assert server.port > 0
-        with urllib.request.urlopen(f"{server.url}/metrics", timeout=10) as r:
-            assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
-            series = check_exposition(r.read().decode())
-        assert series['dspark_output_tokens_total{class="code",tenant="acme"}'] == 200
-        with urllib.request.urlopen(f"{server.url}/snapshot.json", timeout=10) as r:
-            snap = json.loads(r.read())
-        assert snap["by_class"]["code"]["output_tokens"] == 200 and snap["schema"].startswith("dspark-governance")
-        with pytest.raises(urllib.error.HTTPError) as info:
-            urllib.request.urlopen(f"{server.url}/other", timeout=10)
-        assert info.value.code == 404
-    with pytest.raises(RuntimeError):
-        server.port
+    series = check_exposition(generate_latest(registry).decode())
+    assert series['dspark_output_tokens_total{class="code",tenant="acme"}'] == 200
 
 
 def test_snapshot_files_are_written_atomically_and_validated(tmp_path):

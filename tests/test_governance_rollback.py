@@ -151,9 +151,9 @@ def test_states_visible_in_snapshot_and_prometheus(gov, clock):
     assert snap["classes"]["fast"]["state"] == "speculative"
     assert snap["switches"][0]["to_state"] == "rolled_back" and snap["switches"][0]["value"] == 0.25
     text = gov.prometheus_text()
-    assert 'dspark_speculation_state{class="chat",state="rolled_back"} 1' in text
-    assert 'dspark_speculation_state{class="chat",state="speculative"} 0' in text
-    assert 'dspark_speculation_switches_total{class="chat",from="speculative",to="rolled_back"} 1' in text
+    assert 'dspark_speculation_state{class="chat",state="rolled_back"} 1.0' in text
+    assert 'dspark_speculation_state{class="chat",state="speculative"} 0.0' in text
+    assert 'dspark_speculation_switches_total{class="chat",from="speculative",to="rolled_back"} 1.0' in text
     assert gov.class_state("plain") == "disabled" and gov.class_state("free") == "speculative"
     with pytest.raises(KeyError):
         gov.class_state("nope")

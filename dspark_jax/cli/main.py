@@ -9,6 +9,7 @@ COMMANDS = {
     "prepare-data": ("dspark_jax.cli.prepare_data", "Regenerate training responses and build the target feature cache."),
     "train": ("dspark_jax.cli.train", "Train a drafter (DSpark / DFlash) against the frozen target from a target cache."),
     "profile": ("dspark_jax.cli.profile", "Measure steps/s of the draft+verify step per verification bucket (SPS cost table)."),
+    "serve": ("dspark_jax.cli.serve", "OpenAI-compatible HTTP server (completions, chat, streaming) with governance."),
     "serve-bench": ("dspark_jax.cli.serve_bench", "Closed-loop load benchmark of the serving engine across policies and concurrency."),
     "ab": ("dspark_jax.cli.ab", "A/B test of speculation per workload class: baseline vs policy, cost and latency table."),
     "report": ("dspark_jax.cli.report", "Tables and plots of a governance snapshot (usage, cost, rollbacks)."),

@@ -7,20 +7,20 @@
     governor.record_round(admission.request_id, verified_draft=5, accepted=3, committed=4)
     governor.record_finish(admission.request_id, prompt_tokens=n, output_tokens=64, latency_s=1.2,
                            first_token_s=0.1)
-    MetricsServer(governor, port=9464).start()                  # GET /metrics, /snapshot.json
+    registry.register(GovernorCollector(governor))              # Prometheus (`dspark serve` GET /metrics)
     governor.write_snapshot("snapshot.json")                    # then: dspark report --snapshot snapshot.json
 
 Modules: policy (frozen settings), policy_file (loading + validation), classifier (prompt -> class),
 quotas (token quotas), costs (busy time -> cost), metrics (counters + summaries), rollback (per-class state
-machine), governor (the engine-facing API), prometheus / server / snapshot (exposition), report (tables + plots).
+machine), governor (the engine-facing API), prometheus / snapshot (exposition), report (tables + plots).
 """
 from dspark_jax.governance.governor import (REJECTION_CODES, REQUEST_OVERRIDES, Admission, GovernedRequest, Governor,
                                             RequestRejected)
 from dspark_jax.governance.policy import GovernancePolicy
 from dspark_jax.governance.policy_file import PolicyError, load_policy, policy_from_dict
 from dspark_jax.governance.rollback import SwitchEvent
-from dspark_jax.governance.server import MetricsServer
+from dspark_jax.governance.prometheus import GovernorCollector
 
-__all__ = ["Admission", "GovernancePolicy", "GovernedRequest", "Governor", "MetricsServer", "PolicyError",
+__all__ = ["Admission", "GovernancePolicy", "GovernedRequest", "Governor", "GovernorCollector", "PolicyError",
            "REJECTION_CODES", "REQUEST_OVERRIDES", "RequestRejected", "SwitchEvent", "load_policy",
            "policy_from_dict"]

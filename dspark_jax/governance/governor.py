@@ -38,11 +38,12 @@ REJECTION_CODES = ("invalid_request", "unknown_tenant", "unknown_class", "class_
 
 
 class RequestRejected(Exception):
-    """A request refused at admission. `code` is one of REJECTION_CODES; `reason` explains it to the client."""
+    """A request refused at admission. `code` is one of REJECTION_CODES; `reason` explains it to the client;
+    `retry_after_s` (quota_exceeded only): seconds until the quota window resets."""
 
-    def __init__(self, reason: str, code: str):
+    def __init__(self, reason: str, code: str, retry_after_s: float | None = None):
         super().__init__(reason)
-        self.reason, self.code = reason, code
+        self.reason, self.code, self.retry_after_s = reason, code, retry_after_s
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -145,7 +146,7 @@ class Governor:
                     self._quotas.reserve(request_id, tenant.name, request.prompt_tokens, admission.max_new_tokens,
                                          now)
                 except QuotaExceeded as e:
-                    raise RequestRejected(str(e), "quota_exceeded") from None
+                    raise RequestRejected(str(e), "quota_exceeded", e.retry_after_s) from None
             except RequestRejected as e:
                 self._cell(label_class, label_tenant).add_rejection(e.code)
                 raise

@@ -1,4 +1,5 @@
-"""Prometheus text exposition (format 0.0.4) of a governance snapshot.
+"""Prometheus metrics of a governance snapshot, as `prometheus_client` metric families: `GovernorCollector`
+for a registry that `/metrics` serves (`dspark serve`), `render_prometheus` for one snapshot's text.
 
 Per (class, tenant) group: counters of requests, tokens, rounds, draft tokens, busy seconds and cost; gauges of
 accepted tokens per round, acceptance and unit costs; summaries of latency and time to first token (quantiles
@@ -11,9 +12,12 @@ from __future__ import annotations
 from collections import Counter
 from typing import Iterable
 
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import Metric
+from prometheus_client.registry import Collector
+
 from dspark_jax.governance.rollback import PROBING, ROLLED_BACK, SPECULATIVE
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 STATES = (SPECULATIVE, ROLLED_BACK, PROBING, "disabled")
 
 # (metric name, snapshot field, help) of per-group counters and gauges.
@@ -43,35 +47,27 @@ GROUP_GAUGES = (
 )
 
 
-def _escape(value: str) -> str:
-    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+class _Families:
+    """Collects metric families (prometheus_client `Metric`s) from snapshot rows."""
 
-
-def _labels(**labels) -> str:
-    if not labels:
-        return ""
-    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items()) + "}"
-
-
-def _number(value: float) -> str:
-    return repr(float(value)) if isinstance(value, float) else str(value)
-
-
-class _Exposition:
     def __init__(self):
-        self.lines: list[str] = []
+        self.metrics: list[Metric] = []
 
     def family(self, name: str, kind: str, help_text: str, samples: Iterable[tuple[str, dict, float | None]]):
-        """One metric family; samples are (suffix, labels, value), None values skipped."""
+        """One metric family; samples are (suffix, labels, value), None values skipped. Counter names carry
+        their `_total` suffix here; prometheus_client's family name drops it."""
         rows = [(s, l, v) for s, l, v in samples if v is not None]
         if not rows:
             return
-        self.lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-        self.lines += [f"{name}{suffix}{_labels(**labels)} {_number(value)}" for suffix, labels, value in rows]
+        metric = Metric(name.removesuffix("_total") if kind == "counter" else name, help_text, kind)
+        for suffix, labels, value in rows:
+            metric.add_sample(name + suffix, {k: str(v) for k, v in labels.items()}, float(value))
+        self.metrics.append(metric)
 
 
-def render_prometheus(snapshot: dict) -> str:
-    out = _Exposition()
+def snapshot_metrics(snapshot: dict) -> list[Metric]:
+    """The metric families of a governance snapshot."""
+    out = _Families()
     groups = snapshot["groups"]
     gl = [dict({"class": g["class"], "tenant": g["tenant"]}) for g in groups]
     for name, key, help_text in GROUP_COUNTERS:
@@ -124,4 +120,25 @@ def render_prometheus(snapshot: dict) -> str:
                [("", {}, snapshot["in_flight"])])
     out.family("dspark_cost_per_hour_usd", "gauge", "Configured serving cost per hour.",
                [("", {}, snapshot["cost_per_hour_usd"])])
-    return "\n".join(out.lines) + "\n"
+    return out.metrics
+
+
+class GovernorCollector(Collector):
+    """A prometheus_client collector reading a Governor's snapshot at every scrape: register it in the
+    registry `/metrics` exposes (`registry.register(GovernorCollector(governor))`)."""
+
+    def __init__(self, governor):
+        self.governor = governor
+
+    def collect(self):
+        return iter(snapshot_metrics(self.governor.snapshot()))
+
+
+def render_prometheus(snapshot: dict) -> str:
+    """Text exposition (format 0.0.4) of one snapshot."""
+    class _Once(Collector):
+        def collect(self):
+            return iter(snapshot_metrics(snapshot))
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Once())
+    return generate_latest(registry).decode()

@@ -21,7 +21,12 @@ from dspark_jax.governance.policy import QuotaRule
 
 
 class QuotaExceeded(Exception):
-    """A reservation that would exceed a tenant's quota; `str()` explains which and by how much."""
+    """A reservation that would exceed a tenant's quota; `str()` explains which and by how much;
+    `retry_after_s`: seconds until the window that refused it resets."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 @dataclass
@@ -72,7 +77,7 @@ class QuotaLedger:
                 raise QuotaExceeded(
                     f"tenant {tenant!r} quota of {w.rule.tokens} tokens ({counted}) per {w.rule.window_s:g} s "
                     f"would be exceeded: {w.charged} used and {w.reserved} reserved by in-flight requests in this "
-                    f"window, this request needs up to {need}; the window resets in {resets:.0f} s")
+                    f"window, this request needs up to {need}; the window resets in {resets:.0f} s", resets)
             amounts.append(need)
         for w, need in zip(windows, amounts):
             w.reserved += need

@@ -4,7 +4,6 @@ speculation settings of its workload class, and reports its rounds and its end b
     governed = GovernedEngine(engine, Governor.from_policy_file("configs/policies/default.yaml"))
     rid = governed.submit("research", prompt_text="Write a python function ...", max_new_tokens=64)
     tokens = governed.result(rid)              # submit raised RequestRejected if the policy refused it
-    governed.serve_metrics(port=9464)          # GET /metrics, /snapshot.json
     governed.write_snapshot("snapshot.json")
 
 Several GovernedEngines (e.g. the two arms of an A/B test, each with its own Governor) may share one Engine:
@@ -18,7 +17,6 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from dspark_jax.governance.governor import Admission, GovernedRequest, Governor
-from dspark_jax.governance.server import MetricsServer
 from dspark_jax.serving.engine import Engine, Request, RequestStats
 
 OK_REASONS = ("stop", "length")  # engine finish reasons of a successful request
@@ -123,7 +121,6 @@ class GovernedEngine:
         self.engine, self.governor = engine, governor
         self._relay = GovernorRelay.attach(engine)
         self._admissions: dict[int, Admission] = {}
-        self._server: MetricsServer | None = None
 
     def submit(self, tenant: str, prompt_text: str | None = None, prompt_ids: Sequence[int] | None = None, *,
                workload_class: str | None = None, max_new_tokens: int | None = None,
@@ -183,7 +180,6 @@ class GovernedEngine:
 
     def shutdown(self) -> None:
         self.engine.shutdown()
-        self.stop_metrics()
 
     def run_until_idle(self) -> None:
         self.engine.run_until_idle()
@@ -195,17 +191,6 @@ class GovernedEngine:
     def write_snapshot(self, path: str | Path) -> Path:
         """The governor's snapshot as JSON, written atomically (for `dspark report --snapshot`)."""
         return self.governor.write_snapshot(path)
-
-    def serve_metrics(self, port: int = 9464, host: str = "127.0.0.1") -> MetricsServer:
-        """Starts (once) an HTTP server for GET /metrics (Prometheus) and /snapshot.json; port 0 = any free."""
-        if self._server is None:
-            self._server = MetricsServer(self.governor, host=host, port=port).start()
-        return self._server
-
-    def stop_metrics(self) -> None:
-        if self._server is not None:
-            self._server.stop()
-            self._server = None
 
 
 def _decode(engine: Engine, prompt_ids: Sequence[int]) -> str:

@@ -1,0 +1,271 @@
+"""`dspark serve`: the OpenAI-compatible routes on a real uvicorn server (tiny target), called with the `openai`
+client and raw HTTP — greedy output equal to plain decoding, streaming, chat template, stop strings, usage,
+OpenAI-shaped errors naming the field, API keys → tenants, 401 / 403 / 429 + Retry-After, Prometheus metrics,
+and a disconnecting client freeing its slot."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from dspark_jax.decoding.sampling import FilterMode
+from dspark_jax.drafters.factory import random_drafter
+from dspark_jax.governance import Governor, policy_from_dict
+from dspark_jax.governance.serving import GovernedEngine
+from dspark_jax.server.app import create_app
+from dspark_jax.server.auth import ApiKeys, bearer_token
+from dspark_jax.server.backend import Backend
+from dspark_jax.server.chat import NoChatTemplate, render_chat
+from dspark_jax.server.text import TextStream
+from dspark_jax.serving.engine import Engine, EngineConfig
+from dspark_jax.serving.scheduler import CostTable
+from tiny_target import CharTokenizer, make_tiny_target, plain_greedy
+
+MAX_LEN = 64
+START, END = 95, 96
+
+
+class ChatCharTokenizer(CharTokenizer):
+    """The character tokenizer plus Gemma's turn markers as single ids."""
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        ids = [2] if add_bos else []
+        for k, part in enumerate(text.split("<start_of_turn>")):
+            if k:
+                ids.append(START)
+            for j, piece in enumerate(part.split("<end_of_turn>")):
+                if j:
+                    ids.append(END)
+                ids += super().encode(piece, add_bos=False)
+        return ids
+
+
+@pytest.fixture(scope="module")
+def target():
+    return dataclasses.replace(make_tiny_target(), tokenizer=ChatCharTokenizer())
+
+
+@pytest.fixture(scope="module")
+def drafter(target):
+    return random_drafter(target, "dspark", gamma=3, num_layers=1)
+
+
+@contextlib.contextmanager
+def serving(target, drafter, keys=None, policy=None):
+    engine = Engine(target, drafter, EngineConfig(slots=2, max_len=MAX_LEN, policy="fixed",
+                                                  mode=FilterMode(max_top_k=8, top_p=True)),
+                    cost_table=CostTable((2, 8), (10.0, 5.0)))
+    governed = GovernedEngine(engine, Governor(policy_from_dict(policy))) if policy else None
+    app = create_app(Backend(engine, governed), "tiny", keys)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not server.started:
+        assert time.time() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}", engine
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+    assert engine.idle  # nothing left in a slot
+
+
+@pytest.fixture(scope="module")
+def open_server(target, drafter):
+    with serving(target, drafter) as s:
+        yield s
+
+
+def client(url, key="unused"):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
+
+
+def greedy_text(target, ids, n):
+    return target.tokenizer.decode([t for t in plain_greedy(target, ids, n, width=64) if t != 1])
+
+
+def test_completion_equals_plain_greedy_and_reports_usage(target, open_server):
+    url, _ = open_server
+    out = client(url).completions.create(model="tiny", prompt="hello there", max_tokens=12, temperature=0)
+    ids = target.tokenizer.encode("hello there")
+    assert out.choices[0].text == greedy_text(target, ids, 12)
+    usage = out.usage.model_dump()
+    assert usage["prompt_tokens"] == len(ids) and 1 <= usage["completion_tokens"] <= 12
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert usage["rounds"] >= 1 and usage["accepted_draft_tokens"] >= 0 and usage["accept_length"] >= 1
+    assert out.choices[0].finish_reason in ("stop", "length")
+
+
+def test_streaming_gives_the_same_text_and_usage(target, open_server):
+    url, _ = open_server
+    c = client(url)
+    whole = c.completions.create(model="tiny", prompt="stream me", max_tokens=10, temperature=0).choices[0].text
+    chunks = list(c.completions.create(model="tiny", prompt="stream me", max_tokens=10, temperature=0, stream=True,
+                                       stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == whole
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] in ("stop", "length")
+    assert chunks[-1].usage.completion_tokens >= 1
+    with httpx.stream("POST", f"{url}/v1/completions", json=dict(prompt="stream me", max_tokens=3, stream=True,
+                                                               temperature=0), timeout=30) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+
+
+def test_chat_uses_the_turn_format(target, open_server):
+    url, _ = open_server
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    ids = render_chat(target.tokenizer, [(m["role"], m["content"]) for m in messages])
+    enc = lambda s: target.tokenizer.encode(s, add_bos=False)  # noqa: E731
+    assert ids == [2, START] + enc("user\nbe brief\n\nhi") + [END] + enc("\n") + [START] + enc("model\n")
+    out = client(url).chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)
+    assert out.choices[0].message.role == "assistant"
+    assert out.choices[0].message.content == greedy_text(target, ids, 8)
+    chunks = list(client(url).chat.completions.create(model="tiny", messages=messages, max_completion_tokens=8,
+                                                      temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == out.choices[0].message.content
+    with pytest.raises(NoChatTemplate):
+        render_chat(CharTokenizer(), [("user", "hi")])
+
+
+def test_stop_strings_end_the_text_before_them(target, open_server):
+    url, _ = open_server
+    full = greedy_text(target, target.tokenizer.encode("abc"), 16)
+    stop = full[5:7]
+    expected = full[:full.find(stop)]
+    for stream in (False, True):
+        out = client(url).completions.create(model="tiny", prompt="abc", max_tokens=16, temperature=0, stop=[stop],
+                                             stream=stream)
+        if stream:
+            chunks = [ch for ch in out if ch.choices]
+            text, reason = "".join(ch.choices[0].text for ch in chunks), chunks[-1].choices[0].finish_reason
+        else:
+            text, reason = out.choices[0].text, out.choices[0].finish_reason
+        assert text == expected and reason == "stop"
+
+
+def test_text_stream_holds_back_partial_stop_strings():
+    class Letters:
+        def decode(self, ids):
+            return "".join(chr(i) for i in ids)
+    s = TextStream(Letters(), stop=["xyz"])
+    assert [s.push(ord(c)) for c in "abx"] == ["a", "b", ""]  # "x" may start the stop string
+    assert s.push(ord("y")) == "" and s.push(ord("q")) == "xyq"
+    assert s.push(ord("x")) + s.push(ord("y")) + s.push(ord("z")) == "" and s.stopped and s.finish() == ""
+    t = TextStream(Letters(), stop=[])
+    assert t.push(ord("a")) == "a" and t.push(0xFFFD) == "" and t.finish() == "\ufffd"
+
+
+def _error(response, status, param=None):
+    assert response.status_code == status, response.text
+    err = response.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert err["param"] == param, err
+    return err
+
+
+def test_bad_requests_get_openai_errors_naming_the_field(target, open_server):
+    url, _ = open_server
+    post = lambda body, path="/v1/completions": httpx.post(f"{url}{path}", timeout=30, **body)  # noqa: E731
+    assert _error(post(dict(content=b"{not json", headers={"content-type": "application/json"})), 400)["type"] \
+        == "invalid_request_error"
+    _error(post(dict(json={"prompt": "x", "max_tokens": "many"})), 400, "max_tokens")
+    _error(post(dict(json={"prompt": "x", "max_tokens": -3})), 400, "max_tokens")
+    _error(post(dict(json={"prompt": "x", "max_tokens": 10_000})), 400, "max_tokens")
+    _error(post(dict(json={"prompt": "   "})), 400, "prompt")
+    _error(post(dict(json={"prompt": "y" * 200})), 400, "prompt")
+    _error(post(dict(json={"prompt": "x", "n": 2})), 400, "n")
+    _error(post(dict(json={"prompt": "x", "temperature": -1})), 400, "temperature")
+    _error(post(dict(json={"prompt": "x", "logprobs": 3})), 400)
+    _error(post(dict(json={"prompt": "x", "best_frobnicate": 1})), 400, "best_frobnicate")
+    _error(post(dict(json={"messages": []}), "/v1/chat/completions"), 400, "messages")
+    _error(post(dict(json={"messages": [{"role": "robot", "content": "x"}]}), "/v1/chat/completions"), 400,
+           "messages.0.role")
+    _error(post(dict(json={"prompt": "x", "max_tokens": 2, "seed": 1})), 400, "seed")
+    _error(httpx.get(f"{url}/v1/nothing", timeout=30), 404)
+    # the engine is still fine
+    assert client(url).completions.create(model="tiny", prompt="ok", max_tokens=2, temperature=0).choices
+
+
+def test_health_models_and_metrics(open_server):
+    url, _ = open_server
+    assert httpx.get(f"{url}/health", timeout=30).json() == {"status": "ok"}
+    assert [m.id for m in client(url).models.list()] == ["tiny"]
+    client(url).completions.create(model="tiny", prompt="count me", max_tokens=3, temperature=0)
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    assert 'dspark_http_requests_total{route="/v1/completions",status="200"}' in text
+    assert 'dspark_http_tokens_total{kind="completion"}' in text
+    assert httpx.get(f"{url}/snapshot.json", timeout=30).status_code == 404  # no policy in force
+
+
+def test_a_disconnecting_client_frees_its_slot(target, open_server):
+    url, engine = open_server
+    with httpx.stream("POST", f"{url}/v1/completions", timeout=30,
+                      json=dict(prompt="long", max_tokens=40, stream=True, temperature=0)) as r:
+        next(iter(r.iter_lines()))
+    deadline = time.time() + 30
+    while not engine.idle:
+        assert time.time() < deadline, "the slot of a disconnected client was not freed"
+        time.sleep(0.05)
+    rid = max(engine._requests)
+    assert engine.stats(rid).finish_reason in ("cancelled", "length", "stop")
+
+
+POLICY = {"gamma": 3, "cost_per_hour_usd": 10.0,
+          "classes": {"code": {}, "chat": {}},
+          "tenants": {"acme": {"classes": "*", "quotas": [{"tokens": 60, "window_s": 3600}]},
+                      "beta": {"classes": ["chat"]}}}
+
+
+def test_keys_tenants_quotas_and_governance_metrics(target, drafter, monkeypatch):
+    monkeypatch.setenv("DSPARK_API_KEYS", "key-a=acme,key-b=beta")
+    keys = ApiKeys.load()
+    with serving(target, drafter, keys, POLICY) as (url, _):
+        body = dict(prompt="hi", max_tokens=4, temperature=0)
+        _error(httpx.post(f"{url}/v1/completions", json=body, timeout=30), 401)
+        _error(httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": "Bearer nope"},
+                          timeout=30), 401)
+        with pytest.raises(openai.AuthenticationError):
+            client(url, "wrong").models.list()
+        beta = {"Authorization": "Bearer key-b"}
+        _error(httpx.post(f"{url}/v1/completions", json=dict(body, workload_class="code"), headers=beta, timeout=30),
+               403, "workload_class")
+        ok = httpx.post(f"{url}/v1/completions", json=body, headers={**beta, "X-Workload-Class": "chat"}, timeout=30)
+        assert ok.status_code == 200
+        acme = client(url, "key-a")
+        acme.completions.create(model="tiny", prompt="hi", max_tokens=20, temperature=0, extra_body={
+            "workload_class": "code"})
+        r = httpx.post(f"{url}/v1/completions", json=dict(body, max_tokens=50, workload_class="code"),
+                       headers={"Authorization": "Bearer key-a"}, timeout=30)
+        err = _error(r, 429)
+        assert err["code"] == "quota_exceeded" and int(r.headers["Retry-After"]) >= 1
+        text = httpx.get(f"{url}/metrics", timeout=30).text
+        assert 'dspark_requests_rejected_total{class="code",code="quota_exceeded",tenant="acme"}' in text
+        snap = httpx.get(f"{url}/snapshot.json", timeout=30).json()
+        assert snap["quotas"]["acme"][0]["used"] > 0
+
+
+def test_api_key_sources(tmp_path):
+    f = tmp_path / "keys.txt"
+    f.write_text("# comment\nk1 acme\n\nk2 beta  # trailing\n")
+    keys = ApiKeys.load(f, environ={"DSPARK_API_KEYS": "k3=gamma"})
+    assert keys.tenant("k1") == "acme" and keys.tenant("k2") == "beta" and keys.tenant("k3") == "gamma"
+    assert keys.tenant("k4") is None and keys.tenant(None) is None and keys.tenant("") is None
+    f.write_text("only-a-key\n")
+    with pytest.raises(ValueError, match=r"keys\.txt:1") as info:
+        ApiKeys.load(f, environ={})
+    assert "only-a-key" not in str(info.value)  # keys never appear in errors
+    with pytest.raises(ValueError, match="DSPARK_API_KEYS"):
+        ApiKeys.load(None, environ={"DSPARK_API_KEYS": "secret"})
+    with pytest.raises(FileNotFoundError):
+        ApiKeys.load(tmp_path / "missing.txt", environ={})
+    assert bearer_token("Bearer abc") == "abc" and bearer_token("Basic abc") is None and bearer_token(None) is None

@@ -11,6 +11,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from dspark_jax.decoding.autoregressive import generate
+from dspark_jax.decoding.keys import request_key_data, request_keys
 from dspark_jax.decoding.speculative import speculative_generate
 from dspark_jax.decoding.sampling import FilterMode, SamplingParams, validate_sampling
 from dspark_jax.parallel.placement import replicate, shard_batch, shard_state, to_host
@@ -92,8 +93,8 @@ def pad_batch(batch: Sequence[Sequence[int]], pad_id: int, batch_size: int) -> t
 
 def decode_batches(target: Target, encoded: Sequence[Sequence[int]], config: GenerationConfig, drafter=None,
                    confidence_threshold: float = 0.0, mesh: Mesh | None = None) -> Iterator[tuple[int, int, Any, float]]:
-    """Decodes token prompts in batches of `config.batch_size` (padded, one key per batch, compiled once per
-    shape); yields (index of the batch's first prompt, its number of prompts, the batch's output on the host,
+    """Decodes token prompts in batches of `config.batch_size` (padded, one key per prompt from the seed and the
+    prompt — `decoding.keys` —, compiled once per shape); yields (index of the batch's first prompt, its number of prompts, the batch's output on the host,
     seconds without compiling)."""
     if not 0.0 <= confidence_threshold <= 1.0:
         raise ValueError(f"confidence_threshold must be in [0, 1], got {confidence_threshold}")
@@ -121,14 +122,16 @@ def decode_batches(target: Target, encoded: Sequence[Sequence[int]], config: Gen
     if mesh is not None:
         fixed = {k: shard_state(v, mesh) if k.endswith("state") else replicate(v, mesh) for k, v in fixed.items()}
         params = shard_batch(params, mesh)
-    key = jax.random.key(config.seed)
     for start in range(0, len(encoded), bs):
         chunk = encoded[start:start + bs]
         tokens, lens = pad_batch(chunk, target.config.pad_token_id, bs)
-        key, sub = jax.random.split(key)
-        args = dict(fixed, prompts=jnp.asarray(tokens), prompt_lens=jnp.asarray(lens), key=sub, params=params)
+        # one key per prompt from (seed, prompt): a prompt's tokens do not depend on what shares its batch
+        key_data = np.asarray([request_key_data(config.seed, p) for p in chunk + [chunk[-1]] * (bs - len(chunk))],
+                              np.uint32)
+        keys = request_keys(key_data)
+        args = dict(fixed, prompts=jnp.asarray(tokens), prompt_lens=jnp.asarray(lens), key=keys, params=params)
         if mesh is not None:
-            args.update(shard_batch(dict(prompts=tokens, prompt_lens=lens), mesh), key=replicate(sub, mesh))
+            args.update(shard_batch(dict(prompts=tokens, prompt_lens=lens, key=keys), mesh))
         executable = _compiled(fn, static, args)
         t0 = time.perf_counter()
         out = jax.device_get(executable(**args)) if mesh is None else to_host(executable(**args))

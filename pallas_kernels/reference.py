@@ -28,8 +28,13 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.
     q: [B, T, H, D]; k, v: [B, S, KVH, D] with H a multiple of KVH; q_positions: [B, T] absolute
     positions of the queries; key slot s holds position `kv_positions[b, s]` (default: s).
     Softmax in float32; output [B, T, H, D] in q's dtype. Padded query rows (position < 0) give zeros.
+    Non-finite values in v are read as 0: a masked key's weight is exactly 0, but 0 · NaN is NaN, so a stale
+    or rejected row with NaN values would otherwise poison every query of its request; a broken row that a
+    query does attend to still makes that query non-finite through its key (same hidden state), which is how
+    the serving engine detects it.
     """
     b, t, h, d = q.shape
+    v = jnp.where(jnp.isfinite(v), v, jnp.zeros((), v.dtype))
     s, kvh = k.shape[1], k.shape[2]
     g = h // kvh
     if kv_positions is None:

@@ -190,13 +190,13 @@ def test_scheduled_decoding_is_lossless_at_temperature_one(variant):
     prompt = [1, 3, 2]
     table = CostTable((S, 2 * S, 3 * S), (1.0, 0.7, 0.6))
     model, dmodel = nnx.merge(tg, ts), nnx.merge(dr.graphdef, dr.state)
-    state = device_step.init_engine_state(model, dmodel, S, 16, jax.random.key(7))
+    state = device_step.init_engine_state(model, dmodel, S, 16)
     stops = jnp.asarray([-1], jnp.int32)
     static = dict(target_graphdef=tg, drafter_graphdef=dr.graphdef, mode=FilterMode(), attn_impl="reference")
-    state, first, _ = jax.jit(device_step.admit, static_argnames=tuple(static))(
+    state, first, _, _ = jax.jit(device_step.admit, static_argnames=tuple(static))(
         target_state=ts, drafter_state=dr.state, state=state, slots=jnp.arange(S), prompts=jnp.tile(
             jnp.asarray(prompt, jnp.int32), (S, 1)), prompt_lens=jnp.full((S,), 3), params=params,
-        max_new_tokens=jnp.full((S,), N_NEW), stops=stops, **static)
+        max_new_tokens=jnp.full((S,), N_NEW), keys=jax.random.split(jax.random.key(7), S), stops=stops, **static)
     step = jax.jit(device_step.step, static_argnames=tuple(static) + ("bucket", "draft"))
     tokens = [np.asarray(first)[:, None]]
     stale = None

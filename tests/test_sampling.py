@@ -228,15 +228,18 @@ def test_fast_argmax_is_jnp_argmax():
                                       np.asarray(jnp.argmax(jnp.asarray(batch), -1)))
 
 
-def test_categorical_is_jax_random_categorical():
+def test_categorical_is_jax_random_categorical_row_by_row():
     rng = np.random.default_rng(8)
     logits = rng.normal(size=(6, 700)).astype(np.float32) * 3
     logits[2, rng.random(700) < 0.9] = -np.inf
     logits = jnp.asarray(logits)
     for i in range(20):
-        key = jax.random.key(i)
-        np.testing.assert_array_equal(np.asarray(jax.jit(categorical)(key, logits)),
-                                      np.asarray(jax.random.categorical(key, logits, axis=-1)))
+        keys = jax.random.split(jax.random.key(i), 6)  # one key per row: row b's draw uses keys[b] only
+        expected = [int(jax.random.categorical(keys[b], logits[b])) for b in range(6)]
+        np.testing.assert_array_equal(np.asarray(jax.jit(categorical)(keys, logits)), expected)
+        # one key for the batch: split into one per row
+        np.testing.assert_array_equal(np.asarray(categorical(jax.random.key(i), logits)),
+                                      np.asarray(categorical(jax.random.split(jax.random.key(i), 6), logits)))
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(0.0, 0, 1.0), (1.0, 0, 1.0), (1.0, 20, 0.9), (0.7, 0, 0.8)])

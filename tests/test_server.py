@@ -4,8 +4,10 @@ OpenAI-shaped errors naming the field, API keys → tenants, 401 / 403 / 429 + R
 and a disconnecting client freeing its slot."""
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
+import json
 import threading
 import time
 
@@ -13,6 +15,7 @@ import httpx
 import openai
 import pytest
 import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
 
 from dspark_jax.decoding.sampling import FilterMode
 from dspark_jax.drafters.factory import random_drafter
@@ -137,6 +140,20 @@ def test_chat_uses_the_turn_format(target, open_server):
         render_chat(CharTokenizer(), [("user", "hi")])
 
 
+def test_a_seed_gives_the_same_sample_alone_or_with_concurrent_requests(open_server):
+    url, _ = open_server
+    c = client(url)
+    ask = lambda seed: c.completions.create(model="tiny", prompt="seeded", max_tokens=12, temperature=0.9,  # noqa: E731
+                                            seed=seed).choices[0].text
+    alone = ask(5)
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        noise = [pool.submit(c.completions.create, model="tiny", prompt=f"other {i}", max_tokens=20, temperature=1.0)
+                 for i in range(2)]
+        crowded = pool.submit(ask, 5)
+        assert crowded.result() == alone
+        [f.result() for f in noise]
+
+
 def test_stop_strings_end_the_text_before_them(target, open_server):
     url, _ = open_server
     full = greedy_text(target, target.tokenizer.encode("abc"), 16)
@@ -190,7 +207,7 @@ def test_bad_requests_get_openai_errors_naming_the_field(target, open_server):
     _error(post(dict(json={"messages": []}), "/v1/chat/completions"), 400, "messages")
     _error(post(dict(json={"messages": [{"role": "robot", "content": "x"}]}), "/v1/chat/completions"), 400,
            "messages.0.role")
-    _error(post(dict(json={"prompt": "x", "max_tokens": 2, "seed": 1})), 400, "seed")
+    _error(post(dict(json={"prompt": "x", "max_tokens": 2, "seed": "one"})), 400, "seed")
     _error(httpx.get(f"{url}/v1/nothing", timeout=30), 404)
     # the engine is still fine
     assert client(url).completions.create(model="tiny", prompt="ok", max_tokens=2, temperature=0).choices
@@ -202,9 +219,47 @@ def test_health_models_and_metrics(open_server):
     assert [m.id for m in client(url).models.list()] == ["tiny"]
     client(url).completions.create(model="tiny", prompt="count me", max_tokens=3, temperature=0)
     text = httpx.get(f"{url}/metrics", timeout=30).text
-    assert 'dspark_http_requests_total{route="/v1/completions",status="200"}' in text
-    assert 'dspark_http_tokens_total{kind="completion"}' in text
+    families = {f.name: f for f in text_string_to_metric_families(text)}  # prometheus_client's own parser
+    ok = [x for x in families["dspark_http_requests"].samples
+          if x.labels == {"route": "/v1/completions", "status": "200"}]
+    assert ok and ok[0].value >= 1
+    assert any(x.labels == {"kind": "completion"} and x.value >= 3 for x in families["dspark_http_tokens"].samples)
+    assert families["dspark_http_first_token_seconds"].type == "histogram"
     assert httpx.get(f"{url}/snapshot.json", timeout=30).status_code == 404  # no policy in force
+
+
+def test_load_32_streaming_clients_lose_nothing(target, open_server):
+    """32 concurrent streaming clients × 3 requests (loopback, bounded): every stream is well formed and complete
+    and equals offline greedy decoding."""
+    url, engine = open_server
+    prompts = [f"client {i} request {j}" for i in range(32) for j in range(3)]
+    expected = {p: greedy_text(target, target.tokenizer.encode(p), 6) for p in set(prompts)}
+
+    def one_client(i):
+        got = []
+        with httpx.Client(timeout=120) as http:
+            for j in range(3):
+                p = f"client {i} request {j}"
+                with http.stream("POST", f"{url}/v1/completions",
+                                 json=dict(prompt=p, max_tokens=6, temperature=0, stream=True)) as r:
+                    assert r.status_code == 200
+                    lines = [line for line in r.iter_lines() if line]
+                assert lines[-1] == "data: [DONE]"
+                events = [json.loads(line[6:]) for line in lines[:-1]]
+                assert all(e["object"] == "text_completion" for e in events)
+                assert events[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+                got.append((p, "".join(e["choices"][0]["text"] for e in events)))
+        return got
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        results = [x for f in [pool.submit(one_client, i) for i in range(32)] for x in f.result()]
+    assert len(results) == 96
+    for p, text in results:
+        assert text == expected[p], p
+    deadline = time.time() + 30
+    while not engine.idle:
+        assert time.time() < deadline
+        time.sleep(0.05)
 
 
 def test_a_disconnecting_client_frees_its_slot(target, open_server):

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dspark_jax.decoding.keys import SAMPLE, position_keys, row_keys
 from dspark_jax.decoding.sampling import FilterMode, SamplingParams, sample
 from dspark_jax.models.kv_cache import init_cache
 
@@ -41,15 +42,16 @@ def generate(graphdef: nnx.GraphDef, state: nnx.State, prompts: jax.Array, promp
              mode: FilterMode = FilterMode(), pad_id: int = 0, attn_impl: str = "reference") -> GenerateOutput:
     """Generates exactly `max_new_tokens` per request, or fewer up to and including a stop token.
 
-    prompts: [B, P] right-padded int32; prompt_lens: [B] (1 <= len <= P).
+    prompts: [B, P] right-padded int32; prompt_lens: [B] (1 <= len <= P). key: one per request [B] (its tokens
+    then do not depend on the rest of the batch: `decoding.keys`) or one for the batch.
     """
     model = nnx.merge(graphdef, state)
     b, p = prompts.shape
     cache_len = p + max_new_tokens
     stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
-    key, sub = jax.random.split(key)
+    keys = row_keys(key, b)
     logits, out = prefill(model, prompts, prompt_lens, cache_len, attn_impl)
-    first = sample(sub, logits, params, mode)
+    first = sample(position_keys(keys, prompt_lens - 1, SAMPLE), logits, params, mode)
     tokens = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
     done = jnp.isin(first, stops)
 
@@ -58,16 +60,15 @@ def generate(graphdef: nnx.GraphDef, state: nnx.State, prompts: jax.Array, promp
         return (step < max_new_tokens) & ~jnp.all(done)
 
     def body(carry):
-        step, prev, tokens, done, cache, key = carry
-        key, sub = jax.random.split(key)
-        pos = (prompt_lens + step - 1)[:, None]
+        step, prev, tokens, done, cache, keys = carry
+        pos = (prompt_lens + step - 1)[:, None]  # the anchor's position
         o = model(prev[:, None], pos, cache, pos[:, 0], attn_impl=attn_impl)
-        nxt = sample(sub, model.logits(o.hidden[:, 0]), params, mode)
+        nxt = sample(position_keys(keys, pos[:, 0], SAMPLE), model.logits(o.hidden[:, 0]), params, mode)
         nxt = jnp.where(done, pad_id, nxt)
         tokens = jax.lax.dynamic_update_slice(tokens, nxt[:, None], (0, step))
-        return step + 1, nxt, tokens, done | jnp.isin(nxt, stops), o.cache, key
+        return step + 1, nxt, tokens, done | jnp.isin(nxt, stops), o.cache, keys
 
-    carry = (jnp.int32(1), first, tokens, done, out.cache, key)
+    carry = (jnp.int32(1), first, tokens, done, out.cache, keys)
     _, _, tokens, _, _, _ = jax.lax.while_loop(cond, body, carry)
     is_stop = jnp.isin(tokens, stops)
     first_stop = jnp.where(is_stop.any(axis=1), jnp.argmax(is_stop, axis=1) + 1, max_new_tokens)

@@ -14,6 +14,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from dspark_jax.decoding.keys import row_keys, split_rows
 from dspark_jax.decoding.sampling import LazyTokenProbs, categorical
 
 
@@ -45,7 +46,7 @@ def residual_distribution(p_target: jax.Array, p_draft: jax.Array) -> jax.Array:
 def verify(key: jax.Array, draft_tokens: jax.Array, p_draft_x: jax.Array, p_draft_full_at,
            p_target: jax.Array | LazyTokenProbs, proposal_len: jax.Array,
            row_index: jax.Array | None = None) -> Verdict:
-    """Rejection-samples a batch of draft blocks.
+    """Rejection-samples a batch of draft blocks. key: one per request [B] (`decoding.keys`) or one for all.
 
     draft_tokens: [B, G] target ids; p_draft_x: [B, G] p_d of each drafted token; p_draft_full_at(k): [B] -> [B, V]
     returns the draft distribution at per-request position k over the full vocabulary; proposal_len: [B] in 0..G.
@@ -60,9 +61,11 @@ def verify(key: jax.Array, draft_tokens: jax.Array, p_draft_x: jax.Array, p_draf
         if not isinstance(p_target, LazyTokenProbs):
             p_target = p_target.reshape(b * (g + 1), -1)
     row_index = jnp.clip(row_index, 0, p_target.shape[0] - 1)
-    k_u, k_next = jax.random.split(key)
+    keys = row_keys(key, b)  # one key per request: its draws do not depend on the rest of the batch
+    k_u, k_next = split_rows(keys, 2)[:, 0], split_rows(keys, 2)[:, 1]
     p_target_x = p_target[row_index[:, :g], draft_tokens]
-    accepted = accept_flags(jax.random.uniform(k_u, (b, g)), p_target_x, p_draft_x, proposal_len)
+    uniforms = jax.vmap(lambda k: jax.random.uniform(k, (g,)))(k_u)
+    accepted = accept_flags(uniforms, p_target_x, p_draft_x, proposal_len)
     num = accepted.sum(1).astype(jnp.int32)
     stop_row = jnp.take_along_axis(row_index, num[:, None], axis=1)[:, 0]
     rejected = num < proposal_len

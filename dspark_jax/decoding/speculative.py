@@ -16,6 +16,7 @@ from flax import nnx
 
 from dspark_jax.decoding.autoregressive import prefill
 from dspark_jax.decoding.draft_length import choose_width
+from dspark_jax.decoding.keys import DRAFT, SAMPLE, VERIFY, position_keys, row_keys
 from dspark_jax.decoding.layout import dense_layout
 from dspark_jax.decoding.sampling import FilterMode, SamplingParams, sample
 from dspark_jax.decoding.verification import concat_taps, verify_round
@@ -28,7 +29,8 @@ class SpecOutput:
     """tokens [B, max_new_tokens]; num_tokens [B]; rounds [B] verification rounds per request;
     per round r < rounds[b]: proposed [B, R], accepted [B, R] (draft tokens accepted), committed [B, R]
     (tokens committed, bonus included), accept_flags [B, R, G], confidence [B, R, G] (calibrated c_k),
-    confidence_logits [B, R, G]."""
+    confidence_logits [B, R, G]; nonfinite [B]: the request stopped because the target's logits were not finite
+    (NaN / inf) — its tokens end before that round."""
     tokens: jax.Array
     num_tokens: jax.Array
     rounds: jax.Array
@@ -38,6 +40,7 @@ class SpecOutput:
     accept_flags: jax.Array
     confidence: jax.Array
     confidence_logits: jax.Array
+    nonfinite: jax.Array
 
 
 def proposal_lengths(confidence: jax.Array, threshold: jax.Array) -> jax.Array:
@@ -76,7 +79,8 @@ def speculative_generate(target_graphdef: nnx.GraphDef, target_state: nnx.State,
                          attn_impl: str = "reference", verify_widths: tuple[int, ...] | None = None,
                          verify_costs: tuple[float, ...] | None = None) -> SpecOutput:
     """Lossless speculative decoding of right-padded prompts [B, P] (lengths [B]); exactly
-    `max_new_tokens` per request, or fewer up to and including a stop token.
+    `max_new_tokens` per request, or fewer up to and including a stop token. key: one per request [B] or one
+    for the batch (`decoding.keys`).
 
     Each round verifies every request at one width (anchor + drafts) out of `verify_widths` (ascending,
     from 1 to at most G + 1; default (1, G + 1): a round where nothing was drafted is a plain step), each
@@ -97,16 +101,16 @@ def speculative_generate(target_graphdef: nnx.GraphDef, target_state: nnx.State,
     if verify_costs is not None and len(verify_costs) != len(widths):
         raise ValueError(f"one verify cost per width needed: {len(widths)} widths, {len(verify_costs)} costs")
 
-    key, sub = jax.random.split(key)
+    keys = row_keys(key, b)  # one per request: `decoding.keys`
     logits, out = prefill(target, prompts, prompt_lens, cache_len, attn_impl, tap_layers=taps)
-    first = sample(sub, logits, params, mode)
+    first = sample(position_keys(keys, prompt_lens - 1, SAMPLE), logits, params, mode)
     dstate = drafter.prefill(target, drafter.init_state(b, cache_len), concat_taps(out.taps), prompts,
                              prompt_lens)
 
     buf_len = max_new_tokens + g + 1
     tokens = jnp.full((b, buf_len), pad_id, jnp.int32).at[:, 0].set(first)
     n_gen = jnp.ones((b,), jnp.int32)
-    done = jnp.isin(first, stops) | (max_new_tokens <= 1)
+    done = jnp.isin(first, stops) | (max_new_tokens <= 1) | ~jnp.all(jnp.isfinite(logits), axis=-1)
     r_max = max_new_tokens
     stats = dict(proposed=jnp.zeros((b, r_max), jnp.int32), accepted=jnp.zeros((b, r_max), jnp.int32),
                  committed=jnp.zeros((b, r_max), jnp.int32), accept_flags=jnp.zeros((b, r_max, g), bool),
@@ -118,8 +122,8 @@ def speculative_generate(target_graphdef: nnx.GraphDef, target_state: nnx.State,
         return ~jnp.all(c["done"])
 
     def body(c):
-        key, k_draft, k_verify = jax.random.split(c["key"], 3)
         anchor, start = c["anchor"], c["start"]
+        k_draft, k_verify = position_keys(c["keys"], start, DRAFT), position_keys(c["keys"], start, VERIFY)
         prop = drafter.propose(target, c["dstate"], anchor, start, k_draft, params, mode, head, attn_impl)
         n_prop = jnp.minimum(proposal_lengths(prop.confidence, confidence_threshold), prop.num_drafted)
         n_prop = jnp.where(c["done"], 0, n_prop)
@@ -140,7 +144,7 @@ def speculative_generate(target_graphdef: nnx.GraphDef, target_state: nnx.State,
         res = jax.lax.switch(choice, [at_width(w) for w in widths])
         n_prop = jnp.minimum(n_prop, jnp.asarray(widths)[choice] - 1)
         committed, count, a, active = res.committed, res.count, res.num_accepted, ~c["done"]
-        finished = res.stopped | (c["n_gen"] + count >= max_new_tokens)
+        finished = res.stopped | (c["n_gen"] + count >= max_new_tokens) | res.nonfinite
 
         write = jax.vmap(lambda row, new, s: jax.lax.dynamic_update_slice(row, new, (s,)))
         keep = jnp.arange(g + 1)[None] < count[:, None]
@@ -160,11 +164,13 @@ def speculative_generate(target_graphdef: nnx.GraphDef, target_state: nnx.State,
                   confidence=upd(st["confidence"], prop.confidence),
                   confidence_logits=upd(st["confidence_logits"], prop.confidence_logits))
 
-        return dict(key=key, anchor=res.anchor, start=start + count, tcache=res.tcache, dstate=res.dstate,
+        return dict(keys=c["keys"], anchor=res.anchor, start=start + count, tcache=res.tcache, dstate=res.dstate,
                     tokens=toks, n_gen=c["n_gen"] + count, done=c["done"] | finished,
-                    rounds=r + active.astype(jnp.int32), stats=st)
+                    rounds=r + active.astype(jnp.int32), stats=st, nonfinite=c["nonfinite"] | res.nonfinite)
 
-    carry = dict(key=key, anchor=first, start=prompt_lens.astype(jnp.int32), tcache=out.cache, dstate=dstate,
-                 tokens=tokens, n_gen=n_gen, done=done, rounds=rounds, stats=stats)
+    carry = dict(keys=keys, anchor=first, start=prompt_lens.astype(jnp.int32), tcache=out.cache, dstate=dstate,
+                 tokens=tokens, n_gen=n_gen, done=done, rounds=rounds, stats=stats,
+                 nonfinite=~jnp.all(jnp.isfinite(logits), axis=-1))
     c = jax.lax.while_loop(cond, body, carry)
-    return SpecOutput(tokens=c["tokens"][:, :max_new_tokens], num_tokens=c["n_gen"], rounds=c["rounds"], **c["stats"])
+    return SpecOutput(tokens=c["tokens"][:, :max_new_tokens], num_tokens=c["n_gen"], rounds=c["rounds"],
+                      nonfinite=c["nonfinite"], **c["stats"])

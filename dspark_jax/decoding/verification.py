@@ -24,7 +24,9 @@ from dspark_jax.drafters.base import Proposal
 class RoundResult:
     """committed [B, G+1]: tokens committed this round (first `count` valid); count [B] (0 for inactive
     requests); num_accepted [B] draft tokens accepted; accept_flags [B, G]; stopped [B] a stop token was
-    committed; anchor [B] the next anchor; tcache / dstate after the round."""
+    committed; anchor [B] the next anchor; tcache / dstate after the round; nonfinite [B]: the target's logits
+    of an active request were not finite (NaN / inf) in this round — it commits nothing (count 0) and must end
+    with an error."""
     committed: jax.Array
     count: jax.Array
     num_accepted: jax.Array
@@ -33,6 +35,7 @@ class RoundResult:
     anchor: jax.Array
     tcache: object
     dstate: object
+    nonfinite: jax.Array
 
 
 def concat_taps(taps) -> jax.Array | None:
@@ -51,8 +54,10 @@ def verify_round(target, drafter, tcache, dstate, proposal: Proposal, anchor: ja
     grid_tokens = jnp.concatenate([anchor[:, None], proposal.tokens], axis=1)  # [B, G+1]
     out = target.forward_flat(from_grid(grid_tokens, layout), layout, tcache, tap_layers=taps, attn_impl=attn_impl)
     row_params = jax.tree.map(lambda a: a[layout.slot], params)
+    logits = target.logits(out.hidden)
+    row_nonfinite = to_grid(~jnp.all(jnp.isfinite(logits), axis=-1), layout, fill=False)  # [B, G+1]
     # token_probs [T, V], read only at the drafted tokens and at each request's stopping row (never materialised)
-    p_target = lazy_token_probs(target.logits(out.hidden), row_params, mode)
+    p_target = lazy_token_probs(logits, row_params, mode)
     # deterministic (lookup) drafts: p_d is one-hot at each drafted token — all rows, or those flagged
     all_det, some_det = proposal.p_draft is None, proposal.deterministic
     ones = jnp.ones(proposal.tokens.shape, jnp.float32)
@@ -76,15 +81,18 @@ def verify_round(target, drafter, tcache, dstate, proposal: Proposal, anchor: ja
     verdict = verify(key, proposal.tokens, p_dx, p_draft_full_at, p_target, num_verify, row_index=layout.grid)
     a = verdict.num_accepted
     slots = jnp.arange(g + 1)[None]
+    # a row whose distribution decided something (rows 0..a: acceptances, then the next token) was not finite
+    nonfinite = (row_nonfinite & (slots <= a[:, None])).any(1) & active
     committed = jnp.concatenate([proposal.tokens, jnp.zeros((b, 1), jnp.int32)], 1)
     committed = jnp.where(slots == a[:, None], verdict.next_token[:, None], committed)
     is_stop = jnp.isin(committed, stops) & (slots <= a[:, None])
     count = jnp.where(is_stop.any(1), jnp.argmax(is_stop, 1) + 1, a + 1)
-    count = jnp.where(active, jnp.minimum(count, budget), 0)
+    count = jnp.where(active & ~nonfinite, jnp.minimum(count, budget), 0)
     stopped = is_stop.any(1) & (jnp.argmax(is_stop, 1) + 1 <= count)
     features = to_grid(concat_taps(out.taps), layout) if taps else None  # [B, G+1, m·d]
     dstate = drafter.commit(target, dstate, features, grid_tokens, start, count, num_verified=num_verify)
     last = jnp.take_along_axis(committed, jnp.maximum(count - 1, 0)[:, None], axis=1)[:, 0]
     return RoundResult(committed=committed, count=count, num_accepted=jnp.where(active, a, 0),
                        accept_flags=verdict.accepted & active[:, None], stopped=stopped,
-                       anchor=jnp.where(count > 0, last, anchor), tcache=out.cache, dstate=dstate)
+                       anchor=jnp.where(count > 0, last, anchor), tcache=out.cache, dstate=dstate,
+                       nonfinite=nonfinite)

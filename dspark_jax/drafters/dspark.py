@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dspark_jax.decoding.keys import row_keys, split_rows
 from dspark_jax.decoding.sampling import FilterMode, SamplingParams, sample, token_probs
 from dspark_jax.drafters.base import DrafterBase, Proposal, draft_layer_config, softcap
 from dspark_jax.drafters.config import DrafterConfig
@@ -150,7 +151,7 @@ class DSparkDrafter(DrafterBase):
         hidden = self.backbone(target_model, anchor, start, state, attn_impl)
         base = self.base_logits(hidden, head)  # [B, G, N]
         b = anchor.shape[0]
-        keys = jax.random.split(key, self.config.block_size)
+        keys = jnp.swapaxes(split_rows(row_keys(key, b), self.config.block_size), 0, 1)  # [G, B]: per request
 
         def step(carry, inputs):
             prev_row, rnn_state = carry

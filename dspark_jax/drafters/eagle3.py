@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dspark_jax.decoding.keys import row_keys, split_rows
 from dspark_jax.decoding.sampling import FilterMode, SamplingParams, sample, token_probs
 from dspark_jax.drafters.base import DrafterBase, Proposal, draft_layer_config, softcap
 from dspark_jax.drafters.config import DrafterConfig
@@ -108,7 +109,7 @@ class Eagle3Drafter(DrafterBase):
     def propose(self, target_model, state: Eagle3State, anchor: jax.Array, start: jax.Array, key: jax.Array,
                 params: SamplingParams, mode: FilterMode, head: jax.Array, attn_impl: str = "reference") -> Proposal:
         g = self.config.block_size
-        keys = jax.random.split(key, g)
+        keys = jnp.swapaxes(split_rows(row_keys(key, anchor.shape[0]), g), 0, 1)  # [G, B]: per request
         hidden0 = state.pending @ self.fc[...]
 
         def step(carry, inputs):

@@ -22,7 +22,7 @@ from dspark_jax.serving.engine import Engine, Request, RequestStats
 OK_REASONS = ("stop", "length")  # engine finish reasons of a successful request
 
 
-def engine_request(admission: Admission, prompt_ids: Sequence[int]) -> Request:
+def engine_request(admission: Admission, prompt_ids: Sequence[int], seed: int | None = None) -> Request:
     """The engine Request that carries out an Admission: speculation off -> draft_mode 'off'; otherwise the
     class's scheduler mode, max_draft and confidence floor (mode 'fixed' ignores confidence, as the policy
     defines it), and the admitted sampling settings."""
@@ -33,7 +33,7 @@ def engine_request(admission: Admission, prompt_ids: Sequence[int]) -> Request:
         floor = 0.0 if mode == "fixed" else admission.confidence_floor
     return Request(prompt_ids=list(prompt_ids), max_new_tokens=admission.max_new_tokens,
                    temperature=admission.temperature, top_k=admission.top_k, top_p=admission.top_p,
-                   draft_mode=mode, max_draft=max_draft, confidence_floor=floor)
+                   draft_mode=mode, max_draft=max_draft, confidence_floor=floor, seed=seed)
 
 
 class GovernorRelay:
@@ -125,7 +125,7 @@ class GovernedEngine:
     def submit(self, tenant: str, prompt_text: str | None = None, prompt_ids: Sequence[int] | None = None, *,
                workload_class: str | None = None, max_new_tokens: int | None = None,
                temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
-               overrides: Mapping[str, Any] | None = None) -> int:
+               overrides: Mapping[str, Any] | None = None, seed: int | None = None) -> int:
         """Admits the request under the policy and queues it with its class's settings. Give `prompt_text`
         (tokenized with the target's tokenizer, BOS first) or `prompt_ids`; `workload_class=None` lets the
         classifier choose from the text. Raises RequestRejected (reason, code) or the engine's RequestError."""
@@ -139,7 +139,7 @@ class GovernedEngine:
             tenant=tenant, prompt_tokens=len(prompt_ids), prompt_text=prompt_text or "",
             workload_class=workload_class, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
             top_k=top_k, overrides=dict(overrides or {})))
-        request = engine_request(admission, prompt_ids)
+        request = engine_request(admission, prompt_ids, seed)
         with self._relay.submitting():
             try:
                 rid = self.engine.submit(request)

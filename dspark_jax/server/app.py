@@ -162,12 +162,10 @@ def create_app(backend: Backend, model_name: str, keys: ApiKeys | None = None,
         return await generate(request, body, tenant, ids, text, "messages", param, body.max_new_tokens, chat=True)
 
     async def generate(request: Request, body, tenant, ids, text, prompt_param, max_param, max_new, chat: bool):
-        if body.seed is not None:
-            raise ApiError(400, "per-request seeds are not supported yet", "seed", "unsupported")
         route = request.url.path
         workload_class = body.workload_class or request.headers.get(CLASS_HEADER)
         t0 = time.perf_counter()
-        sampling = Sampling(max_new, body.temperature, body.top_p, body.top_k)
+        sampling = Sampling(max_new, body.temperature, body.top_p, body.top_k, body.seed)
         rid = backend.submit(tenant, ids, text, sampling, workload_class, prompt_param, max_param)
         metrics.in_flight.inc()
         completion_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"

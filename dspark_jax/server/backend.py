@@ -30,6 +30,7 @@ class Sampling:
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
+    seed: int | None = None
 
 
 class Backend:
@@ -83,11 +84,12 @@ class Backend:
                 return self.engine.submit(Request(
                     prompt_ids=list(prompt_ids), max_new_tokens=max_new,
                     temperature=1.0 if sampling.temperature is None else sampling.temperature,
-                    top_k=sampling.top_k or 0, top_p=1.0 if sampling.top_p is None else sampling.top_p))
+                    top_k=sampling.top_k or 0, top_p=1.0 if sampling.top_p is None else sampling.top_p,
+                    seed=sampling.seed))
             # unset max_new_tokens: the class default (the engine refuses it if it does not fit: 400 below)
             return self.governed.submit(tenant, prompt_ids=list(prompt_ids), workload_class=workload_class,
                                         max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
-                                        top_p=sampling.top_p, top_k=sampling.top_k)
+                                        top_p=sampling.top_p, top_k=sampling.top_k, seed=sampling.seed)
         except RequestRejected as e:
             status = REJECTION_STATUS.get(e.code, 400)
             raise ApiError(status, e.reason, REJECTION_PARAM.get(e.code), e.code,

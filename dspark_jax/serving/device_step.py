@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dspark_jax.decoding.autoregressive import prefill
+from dspark_jax.decoding.keys import DRAFT, SAMPLE, VERIFY, position_keys
 from dspark_jax.decoding.layout import make_layout
 from dspark_jax.decoding.sampling import FilterMode, SamplingParams, sample
 from dspark_jax.decoding.speculative import proposal_lengths
@@ -25,7 +26,8 @@ from dspark_jax.serving.scheduler import allocate_top_k
 @dataclasses.dataclass(frozen=True)
 class EngineState:
     """Per slot s: target cache rows, drafter state, the anchor token at position start[s] (its K/V not yet
-    written), active flag, token budget left, sampling params and the pending proposal for the next step."""
+    written), active flag, token budget left, sampling params, the pending proposal for the next step and the
+    request's random key (keys [S]: every draw of a request comes from its own key, `decoding.keys`)."""
     tcache: object
     dstate: object
     anchor: jax.Array
@@ -34,23 +36,25 @@ class EngineState:
     budget: jax.Array
     params: SamplingParams
     proposal: Proposal
-    key: jax.Array
+    keys: jax.Array
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class StepOutput:
     """committed [S, G+1] (first count[s] valid), count [S], verified [S] draft tokens verified, accepted [S],
-    finished [S] (stop token or budget reached this step), confidence [S, G] of the next proposal."""
+    finished [S] (stop token or budget reached this step), confidence [S, G] of the next proposal, nonfinite [S]
+    (the slot's target logits were NaN / inf: it committed nothing and is deactivated)."""
     committed: jax.Array
     count: jax.Array
     verified: jax.Array
     accepted: jax.Array
     finished: jax.Array
     confidence: jax.Array
+    nonfinite: jax.Array
 
 
-def init_engine_state(target, drafter, slots: int, max_len: int, key: jax.Array) -> EngineState:
+def init_engine_state(target, drafter, slots: int, max_len: int) -> EngineState:
     def zeros_i():
         return jnp.zeros((slots,), jnp.int32)  # distinct buffers: the state is donated leaf by leaf
 
@@ -62,7 +66,8 @@ def init_engine_state(target, drafter, slots: int, max_len: int, key: jax.Array)
     proposal = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
     return EngineState(tcache=init_cache(target.config, slots, max_len, target.dtype), dstate=dstate,
                        anchor=zeros_i(), start=zeros_i(), active=jnp.zeros((slots,), bool), budget=zeros_i(),
-                       params=SamplingParams.create(slots), proposal=proposal, key=key)
+                       params=SamplingParams.create(slots), proposal=proposal,
+                       keys=jax.random.split(jax.random.key(0), slots))
 
 
 def _set_rows(full, rows, slots):
@@ -72,26 +77,31 @@ def _set_rows(full, rows, slots):
 
 def admit(target_graphdef, target_state, drafter_graphdef, drafter_state, state: EngineState, slots: jax.Array,
           prompts: jax.Array, prompt_lens: jax.Array, params: SamplingParams, max_new_tokens: jax.Array,
-          stops: jax.Array, *, mode: FilterMode, attn_impl: str) -> tuple[EngineState, jax.Array, jax.Array]:
+          keys: jax.Array, stops: jax.Array, *, mode: FilterMode, attn_impl: str
+          ) -> tuple[EngineState, jax.Array, jax.Array, jax.Array]:
     """Prefills right-padded prompts [n, P] into `slots` [n]; samples each first token; drafts each first
-    proposal. params: batch-n SamplingParams. Returns (state, first tokens [n], already finished [n])."""
+    proposal. params: batch-n SamplingParams; keys [n]: the requests' keys (`decoding.keys.request_keys`).
+    Returns (state, first tokens [n], already finished [n], non-finite prefill logits [n] — such a request is
+    not activated and must end with an error)."""
     target = nnx.merge(target_graphdef, target_state)
     drafter = nnx.merge(drafter_graphdef, drafter_state)
     n = prompts.shape[0]
     max_len = state.tcache.max_len
-    key, k_first, k_draft = jax.random.split(state.key, 3)
     lens = prompt_lens.astype(jnp.int32)
+    k_first, k_draft = position_keys(keys, lens - 1, SAMPLE), position_keys(keys, lens, DRAFT)
     logits, out = prefill(target, prompts, lens, max_len, attn_impl, tap_layers=drafter.config.target_layer_ids)
     first = sample(k_first, logits, params, mode)
     dstate = drafter.prefill(target, drafter.init_state(n, max_len), concat_taps(out.taps), prompts, lens)
     prop = drafter.propose(target, dstate, first, lens, k_draft, params, mode, drafter.head_matrix(target), attn_impl)
-    finished = jnp.isin(first, stops) | (max_new_tokens <= 1)
+    nonfinite = ~jnp.all(jnp.isfinite(logits), axis=-1)
+    finished = jnp.isin(first, stops) | (max_new_tokens <= 1) | nonfinite
     state = dataclasses.replace(
         state, tcache=_set_rows(state.tcache, out.cache, slots), dstate=_set_rows(state.dstate, dstate, slots),
         anchor=state.anchor.at[slots].set(first), start=state.start.at[slots].set(lens),
         active=state.active.at[slots].set(~finished), budget=state.budget.at[slots].set(max_new_tokens - 1),
-        params=_set_rows(state.params, params, slots), proposal=_set_rows(state.proposal, prop, slots), key=key)
-    return state, first, finished
+        params=_set_rows(state.params, params, slots), proposal=_set_rows(state.proposal, prop, slots),
+        keys=state.keys.at[slots].set(keys))
+    return state, first, finished, nonfinite
 
 
 def deactivate(state: EngineState, slot: jax.Array) -> EngineState:
@@ -120,17 +130,19 @@ def step(target_graphdef, target_state, drafter_graphdef, drafter_state, state: 
                                          state.proposal.num_drafted))
     verified = allocate_top_k(state.proposal.confidence, caps, budget)
     layout = make_layout(jnp.where(active, verified + 1, 0), state.start, bucket, g + 1)
-    key, k_verify, k_draft = jax.random.split(state.key, 3)
+    k_verify = position_keys(state.keys, state.start, VERIFY)
     res = verify_round(target, drafter, state.tcache, state.dstate, state.proposal, state.anchor, state.start,
                        verified, active, state.budget, layout, k_verify, state.params, mode, stops, attn_impl)
     start = state.start + res.count
     left = state.budget - res.count
-    still = active & ~res.stopped & (left > 0)
+    still = active & ~res.stopped & (left > 0) & ~res.nonfinite
     proposal = state.proposal
     if draft:
-        proposal = drafter.propose(target, res.dstate, res.anchor, start, k_draft, state.params, mode,
+        proposal = drafter.propose(target, res.dstate, res.anchor, start, position_keys(state.keys, start, DRAFT),
+                                   state.params, mode,
                                    drafter.head_matrix(target), attn_impl)
     new = EngineState(tcache=res.tcache, dstate=res.dstate, anchor=res.anchor, start=start, active=still,
-                      budget=left, params=state.params, proposal=proposal, key=key)
+                      budget=left, params=state.params, proposal=proposal, keys=state.keys)
     return new, StepOutput(committed=res.committed, count=res.count, verified=jnp.where(active, verified, 0),
-                           accepted=res.num_accepted, finished=active & ~still, confidence=proposal.confidence)
+                           accepted=res.num_accepted, finished=active & ~still, confidence=proposal.confidence,
+                           nonfinite=res.nonfinite)

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dspark_jax.decoding.keys import request_key_data, request_keys
 from dspark_jax.decoding.sampling import FilterMode, SamplingParams, validate_sampling
 from dspark_jax.generation import bucket_length
 from dspark_jax.serving import device_step
@@ -85,6 +86,9 @@ class Request:
     top_k: int = 0
     top_p: float = 1.0
     stop_ids: Sequence[int] | None = None  # extra stop tokens (the target's always stop)
+    # random draws come from (seed, prompt) and the position: the same request and seed give the same tokens
+    # whatever shares the batch, under per-request draft policies (`decoding.keys`); None: engine seed + request id
+    seed: int | None = None
     draft_mode: str = "default"
     max_draft: int | None = None
     confidence_floor: float = 0.0
@@ -170,7 +174,7 @@ class Engine:
         self.plain_steps = 0  # of `steps`, those that ran without the drafter (plain fallback)
         self.bucket_counts: collections.Counter[int] = collections.Counter()
         self._state = device_step.init_engine_state(target.model, nnx.merge(drafter.graphdef, drafter.state),
-                                                    config.slots, config.max_len, jax.random.key(config.seed))
+                                                    config.slots, config.max_len)
         self._compile()
         if config.policy.startswith("scheduler") and cost_table is None:
             self.cost_table = self.profile(config.profile_steps)  # the scheduler needs SPS(B) of this machine
@@ -194,10 +198,11 @@ class Engine:
             runs.append((self._plain_bucket, self._plain_exec))
         for bucket, executable in runs:
             for i in range(s):
-                self._state, _, _ = self._admit_exec[width](
+                self._state, _, _, _ = self._admit_exec[width](
                     **self._dynamic, state=self._state, slots=jnp.asarray([i], jnp.int32), prompts=jnp.asarray(prompts),
                     prompt_lens=jnp.asarray([prompt_len], jnp.int32), params=SamplingParams.create(1),
-                    max_new_tokens=jnp.asarray([budget], jnp.int32), stops=jnp.full_like(self._stops, -1))
+                    max_new_tokens=jnp.asarray([budget], jnp.int32), keys=request_keys([[cfg.seed, i]]),
+                    stops=jnp.full_like(self._stops, -1))
             caps = jnp.full((s,), self.block, jnp.int32)
             times = []
             for k in range(steps + 1):
@@ -248,7 +253,7 @@ class Engine:
             self._admit_exec[p] = admit_jit.lower(
                 **common, state=self._state, slots=jnp.zeros((1,), jnp.int32), prompts=jnp.zeros((1, p), jnp.int32),
                 prompt_lens=jnp.ones((1,), jnp.int32), params=SamplingParams.create(1),
-                max_new_tokens=jnp.ones((1,), jnp.int32),
+                max_new_tokens=jnp.ones((1,), jnp.int32), keys=request_keys([[0, 0]]),
                 stops=self._stops, mode=cfg.mode, attn_impl=cfg.attn_impl).compile()
         self._deactivate = jax.jit(device_step.deactivate, donate_argnames=("state",)).lower(
             self._state, jnp.int32(0)).compile()
@@ -504,6 +509,10 @@ class Engine:
         for i, live in enumerate(owners):
             if live is None or live.done.is_set() or self._slots[i] is not live:
                 continue
+            if bool(out.nonfinite[i]):  # deactivated on device; the other slots are unaffected
+                self._slots[i] = None
+                self._fail_nonfinite(live, len(live.request.prompt_ids) + len(live.tokens) - 1)
+                continue
             n = int(out.count[i])
             if n == 0:
                 continue
@@ -525,6 +534,12 @@ class Engine:
                 self._release(live, "stop")
             elif bool(out.finished[i]):
                 self._release(live, "stop" if new[-1] in self.stop_ids else "length")
+
+    def _fail_nonfinite(self, live: _Live, position: int) -> None:
+        live.stats.error = (f"the target's logits are not finite (NaN or inf) at position {position}: the model or "
+                            f"this input is numerically broken; the request was stopped")
+        logging.getLogger(__name__).error("request %d: %s", live.rid, live.stats.error)
+        self._finish(live, "error")
 
     def _emit(self, live: _Live, new: list[int], now: float) -> None:
         if live.stats.first_token_at is None and new:
@@ -567,14 +582,19 @@ class Engine:
             if self.observer is not None:
                 self.observer.on_start(live.rid)
             try:
-                self._state, first, finished = self._admit_exec[width](
+                self._state, first, finished, nonfinite = self._admit_exec[width](
                     **self._dynamic, state=self._state, slots=jnp.asarray([i], jnp.int32),
                     prompts=jnp.asarray(prompt[None]), prompt_lens=jnp.asarray([len(ids)], jnp.int32), params=params,
-                    max_new_tokens=jnp.asarray([r.max_new_tokens], jnp.int32), stops=self._stops)
+                    max_new_tokens=jnp.asarray([r.max_new_tokens], jnp.int32),
+                    keys=request_keys([request_key_data(self.config.seed + live.rid if r.seed is None else r.seed,
+                                                        ids)]), stops=self._stops)
             except Exception as e:  # noqa: BLE001 — this request fails, the others go on
                 live.stats.error = f"{type(e).__name__}: {e}"
                 logging.getLogger(__name__).error("request %d failed at admission: %s", live.rid, live.stats.error)
                 self._finish(live, "error")
+                continue
+            if bool(nonfinite[0]):  # this request fails alone: its slot was never activated
+                self._fail_nonfinite(live, len(ids))
                 continue
             live.slot = i
             self._slots[i] = live

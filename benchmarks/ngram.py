@@ -134,7 +134,8 @@ def main():
                       f"{hf_lookup:9.1f}  (ours ({ours['decoding']})/HF lookup "
                       f"{ours['tokens_per_s'] / hf_lookup:.2f}x, "
                       f"same tokens {agree:.0%})", flush=True)
-    write_result(args.output, dict(machine=describe_machine(), model=target.config.name, **vars(args), rows=rows))
+            write_result(args.output, dict(machine=describe_machine(), model=target.config.name, **vars(args),
+                                           rows=rows))  # after every group: an interrupted run keeps its rows
 
 
 if __name__ == "__main__":

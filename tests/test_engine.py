@@ -17,8 +17,10 @@ from dspark_jax.decoding.sampling import FilterMode, SamplingParams
 from dspark_jax.drafters.factory import random_drafter
 from dspark_jax.models.transformer import Transformer
 from dspark_jax.serving import device_step
-from dspark_jax.serving.engine import Engine, EngineConfig, Request, RequestError
-from dspark_jax.serving.scheduler import CostTable, capacity, schedule_synchronous
+from dspark_jax.serving.engine import Engine, EngineConfig
+from dspark_jax.serving.requests import Request, RequestError
+from dspark_jax.serving.cost_table import CostTable
+from dspark_jax.serving.scheduler import capacity, schedule_synchronous
 from dspark_jax.target import Target
 from tiny_target import CharTokenizer, make_tiny_target, plain_greedy
 

@@ -17,8 +17,9 @@ from dspark_jax.decoding.sampling import SamplingParams
 from dspark_jax.decoding.speculative import speculative_generate
 from dspark_jax.drafters.factory import random_drafter
 from dspark_jax.models.transformer import Transformer
-from dspark_jax.serving.engine import Engine, EngineConfig, Request
-from dspark_jax.serving.scheduler import CostTable
+from dspark_jax.serving.engine import Engine, EngineConfig
+from dspark_jax.serving.requests import Request
+from dspark_jax.serving.cost_table import CostTable
 from dspark_jax.target import Target
 from tiny_target import CharTokenizer, plain_greedy
 

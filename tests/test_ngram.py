@@ -269,8 +269,9 @@ def test_hybrid_temperature_one_is_lossless(top_k, top_p):
 @pytest.mark.parametrize("kind,policy", [("ngram", "scheduler"), ("hybrid", "scheduler_async")])
 def test_engine_with_lookup_gives_plain_greedy_output(kind, policy):
     from dspark_jax.drafters.factory import hybrid_drafter, load_drafter, random_drafter
-    from dspark_jax.serving.engine import Engine, EngineConfig, Request
-    from dspark_jax.serving.scheduler import CostTable
+    from dspark_jax.serving.engine import Engine, EngineConfig
+    from dspark_jax.serving.requests import Request
+    from dspark_jax.serving.cost_table import CostTable
     from tiny_target import make_tiny_target, plain_greedy
     target = make_tiny_target()
     drafter = (load_drafter("ngram", target, gamma=3) if kind == "ngram"

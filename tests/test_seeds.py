@@ -11,8 +11,9 @@ import pytest
 from dspark_jax.decoding.keys import position_keys, request_key_data, request_keys, row_keys
 from dspark_jax.drafters.factory import random_drafter
 from dspark_jax.generation import GenerationConfig, generate_text
-from dspark_jax.serving.engine import Engine, EngineConfig, Request
-from dspark_jax.serving.scheduler import CostTable
+from dspark_jax.serving.engine import Engine, EngineConfig
+from dspark_jax.serving.requests import Request
+from dspark_jax.serving.cost_table import CostTable
 from tiny_target import make_tiny_target
 
 PROMPT, OTHERS = "the same request", ["something else entirely", "a third one"]

@@ -27,7 +27,7 @@ from dspark_jax.server.backend import Backend
 from dspark_jax.server.chat import NoChatTemplate, render_chat
 from dspark_jax.server.text import TextStream
 from dspark_jax.serving.engine import Engine, EngineConfig
-from dspark_jax.serving.scheduler import CostTable
+from dspark_jax.serving.cost_table import CostTable
 from tiny_target import CharTokenizer, make_tiny_target, plain_greedy
 
 MAX_LEN = 64
@@ -60,8 +60,8 @@ def drafter(target):
 
 
 @contextlib.contextmanager
-def serving(target, drafter, keys=None, policy=None):
-    engine = Engine(target, drafter, EngineConfig(slots=2, max_len=MAX_LEN, policy="fixed",
+def serving(target, drafter, keys=None, policy=None, max_len=MAX_LEN, buckets=None):
+    engine = Engine(target, drafter, EngineConfig(slots=2, max_len=max_len, policy="fixed", buckets=buckets,
                                                   mode=FilterMode(max_top_k=8, top_p=True)),
                     cost_table=CostTable((2, 8), (10.0, 5.0)))
     governed = GovernedEngine(engine, Governor(policy_from_dict(policy))) if policy else None
@@ -324,3 +324,102 @@ def test_api_key_sources(tmp_path):
     with pytest.raises(FileNotFoundError):
         ApiKeys.load(tmp_path / "missing.txt", environ={})
     assert bearer_token("Bearer abc") == "abc" and bearer_token("Basic abc") is None and bearer_token(None) is None
+
+
+def test_a_request_with_broken_logits_ends_with_an_error(drafter):
+    """A poisoned request (non-finite target logits) gets a 500 / a stream ending in finish_reason "error" and an
+    error event; a neighbour is exact; the server keeps serving."""
+    from test_fault_isolation import _case, poisoned
+    from configs.tiny import tiny_qwen3
+    from flax import nnx
+    from dspark_jax.models.transformer import Transformer
+    from dspark_jax.target import Target
+    cfg = dataclasses.replace(tiny_qwen3(num_layers=2), bos_token_id=2, eos_token_ids=(1,))
+    clean = Target(cfg, *nnx.split(Transformer(cfg, rngs=nnx.Rngs(3))), CharTokenizer(), "tiny-qwen3")
+    _, _, t, bystander, expected = _case(clean)
+    broken = poisoned(clean, t)
+    d = random_drafter(broken, "dspark", gamma=3, num_layers=1)
+    with serving(broken, d) as (url, _):
+        bad_prompt = "ab" + chr(t - 3)  # the character tokenizer maps it to token t
+        r = httpx.post(f"{url}/v1/completions", json=dict(prompt=bad_prompt, max_tokens=5, temperature=0), timeout=60)
+        err = _error(r, 500)
+        assert err["code"] == "generation_failed" and "not finite" in err["message"]
+        with httpx.stream("POST", f"{url}/v1/completions", timeout=60,
+                          json=dict(prompt=bad_prompt, max_tokens=5, temperature=0, stream=True)) as r:
+            events = [line for line in r.iter_lines() if line]
+        assert events[-1] == "data: [DONE]"
+        payloads = [json.loads(e[6:]) for e in events[:-1]]
+        assert payloads[-2]["choices"][0]["finish_reason"] == "error" and "error" in payloads[-1]
+        ok = httpx.post(f"{url}/v1/completions", timeout=60, json=dict(
+            prompt=broken.tokenizer.decode(bystander[1:]), max_tokens=12, temperature=0))
+        assert ok.status_code == 200
+        assert ok.json()["choices"][0]["text"] == broken.tokenizer.decode([x for x in expected if x != 1])
+
+
+@pytest.mark.slow
+def test_server_greedy_output_equals_dspark_generate():
+    """The embedded Gemma 3 270M with the shipped drafter: the server's greedy completions are the library's
+    (`generate_text`, what `dspark generate` prints) for the same prompts."""
+    from dspark_jax.drafters.factory import default_drafter
+    from dspark_jax.generation import GenerationConfig, generate_text
+    from dspark_jax.target import load_target
+    real = load_target()
+    prompts = ["Question: A shop sells pens at 3 dollars each. How much do 7 pens cost?\n\nAnswer:",
+               "def fibonacci(n):"]
+    offline = generate_text(real, prompts, GenerationConfig(max_new_tokens=24, batch_size=2))
+    with serving(real, default_drafter(real), max_len=128, buckets=(2, 16)) as (url, _):
+        c = client(url)
+        for prompt, want in zip(prompts, offline):
+            got = c.completions.create(model="m", prompt=prompt, max_tokens=24, temperature=0).choices[0].text
+            assert got == want.completion_text
+
+
+SERVER_SCRIPT = r"""
+import sys
+sys.path.insert(0, {tests!r})
+from dspark_jax.drafters.factory import random_drafter
+from dspark_jax.server.app import create_app, serve
+from dspark_jax.server.backend import Backend
+from dspark_jax.serving.cost_table import CostTable
+from dspark_jax.serving.engine import Engine, EngineConfig
+from tiny_target import make_tiny_target
+target = make_tiny_target()
+engine = Engine(target, random_drafter(target, "dspark", gamma=3, num_layers=1),
+                EngineConfig(slots=2, max_len=64, policy="fixed"), cost_table=CostTable((2, 8), (10.0, 5.0)))
+serve(create_app(Backend(engine), "tiny"), "127.0.0.1", {port}, log_level="warning", graceful_s=60)
+"""
+
+
+def test_sigterm_finishes_in_flight_requests_and_exits_0(tmp_path):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "serve.py"
+    script.write_text(SERVER_SCRIPT.format(tests=os.path.dirname(__file__), port=port))
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=os.path.dirname(os.path.dirname(__file__)))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None and time.time() < deadline, "server did not start"
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        with httpx.stream("POST", f"{url}/v1/completions", timeout=60,
+                          json=dict(prompt="in flight", max_tokens=30, temperature=0, stream=True)) as r:
+            lines = r.iter_lines()
+            first = next(lines)
+            proc.send_signal(signal.SIGTERM)  # mid-stream
+            rest = [line for line in lines if line]
+        assert first.startswith("data: ") and rest[-1] == "data: [DONE]"  # the stream was finished, not cut
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()

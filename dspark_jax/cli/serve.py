@@ -42,14 +42,12 @@ def _define_flags() -> None:
 
 
 def body() -> None:
-    import uvicorn
-
     from dspark_jax.decoding.sampling import FilterMode
-    from dspark_jax.server.app import create_app
+    from dspark_jax.server.app import create_app, serve
     from dspark_jax.server.auth import ApiKeys
     from dspark_jax.server.backend import Backend
     from dspark_jax.serving.engine import Engine, EngineConfig
-    from dspark_jax.serving.scheduler import CostTable
+    from dspark_jax.serving.cost_table import CostTable
 
     keys = ApiKeys.load(FLAGS.api_keys_file)
     governor = None
@@ -80,7 +78,7 @@ def body() -> None:
     app = create_app(Backend(engine, governed), name, keys if len(keys) else None)
     print(f"serving {name} on http://{FLAGS.host}:{FLAGS.port} ({'policy ' + FLAGS.policy if governor else 'open: no tenants'})",
           file=sys.stderr)
-    uvicorn.run(app, host=FLAGS.host, port=FLAGS.port, log_level="info", timeout_graceful_shutdown=300)
+    serve(app, FLAGS.host, FLAGS.port)
 
 
 def run(argv: list[str]) -> None:

@@ -21,7 +21,8 @@ from typing import Callable, Mapping, Sequence
 from dspark_jax.governance.governor import Governor, RequestRejected
 from dspark_jax.governance.policy import GovernancePolicy
 from dspark_jax.governance.serving import GovernedEngine
-from dspark_jax.serving.engine import Engine, Request
+from dspark_jax.serving.engine import Engine
+from dspark_jax.serving.requests import Request
 
 ARMS = ("baseline", "accelerated")
 CLASS_PROMPT_SETS = {"code": "humaneval", "math": "gsm8k", "chat": "mt-bench"}

@@ -8,7 +8,9 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-SCHEDULER_MODES = ("hardware_aware", "static_threshold", "fixed", "off")
+from dspark_jax.serving.requests import DRAFT_MODES
+
+SCHEDULER_MODES = DRAFT_MODES  # the engine's request draft modes (`serving.requests`)
 """How the engine sizes each draft of a speculating request:
 hardware_aware   -- draft length chosen per round from the profiled throughput curve and the drafter's
                     confidence, at most `max_draft`, never verifying a token below `confidence_floor`;

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from dspark_jax.governance.governor import Admission, GovernedRequest, Governor
-from dspark_jax.serving.engine import Engine, Request, RequestStats
+from dspark_jax.serving.engine import Engine
+from dspark_jax.serving.requests import Request, RequestStats
 
 OK_REASONS = ("stop", "length")  # engine finish reasons of a successful request
 

@@ -70,7 +70,7 @@ def create_app(backend: Backend, model_name: str, keys: ApiKeys | None = None,
         backend.shutdown()
 
     app = FastAPI(title="dspark serve", lifespan=lifespan)
-    app.state.backend, app.state.registry, app.state.draining = backend, registry, False
+    app.state.backend, app.state.registry = backend, registry
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -110,14 +110,12 @@ def create_app(backend: Backend, model_name: str, keys: ApiKeys | None = None,
         return tenant
 
     def check_serving() -> None:
-        if app.state.draining:
-            raise ApiError(503, "the server is shutting down", None, "shutting_down", retry_after_s=1)
         if not backend.healthy:
             raise ApiError(503, "the engine is not running", None, "engine_down")
 
     @app.get("/health")
     async def health():
-        ok = backend.healthy and not app.state.draining
+        ok = backend.healthy
         return JSONResponse({"status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503)
 
     @app.get("/metrics")
@@ -281,3 +279,16 @@ async def _cancel_on_disconnect(request: Request, backend: Backend, rid: int) ->
         if await request.is_disconnected():
             backend.cancel(rid)
             return
+
+
+def serve(app: FastAPI, host: str, port: int, log_level: str = "info", graceful_s: float = 300) -> None:
+    """Runs the app with uvicorn until SIGTERM / SIGINT: the listener closes, in-flight requests finish (up to
+    `graceful_s`), the engine stops; SIGTERM then exits with status 0 (uvicorn re-raises the signal it caught
+    after shutting down; the handler installed here turns that into a clean exit)."""
+    import signal
+    import sys
+
+    import uvicorn
+
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=graceful_s)

@@ -12,7 +12,8 @@ import threading
 from typing import AsyncIterator, Sequence
 
 from dspark_jax.governance.governor import RequestRejected
-from dspark_jax.serving.engine import Engine, Request, RequestError, RequestStats
+from dspark_jax.serving.engine import Engine
+from dspark_jax.serving.requests import Request, RequestError, RequestStats
 from dspark_jax.server.errors import ApiError
 
 REJECTION_STATUS = {"unknown_tenant": 403, "unknown_class": 400, "class_not_allowed": 403, "context_budget": 400,
@@ -59,8 +60,7 @@ class Backend:
 
     @property
     def healthy(self) -> bool:
-        thread = getattr(self.engine, "_thread", None)
-        return thread is not None and thread.is_alive()
+        return self.engine.alive
 
     def submit(self, tenant: str | None, prompt_ids: Sequence[int], prompt_text: str, sampling: Sampling,
                workload_class: str | None, prompt_param: str, max_tokens_param: str) -> int:

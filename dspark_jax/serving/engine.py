@@ -26,13 +26,12 @@ import numpy as np
 from flax import nnx
 
 from dspark_jax.decoding.keys import request_key_data, request_keys
-from dspark_jax.decoding.sampling import FilterMode, SamplingParams, validate_sampling
+from dspark_jax.decoding.sampling import FilterMode, SamplingParams
 from dspark_jax.generation import bucket_length
 from dspark_jax.serving import device_step
-from dspark_jax.serving.scheduler import CostTable, drafting_pays, schedule_synchronous, threshold_lengths
-
-POLICIES = ("plain", "fixed", "threshold", "scheduler", "scheduler_async")
-REQUEST_MODES = ("default", "off", "fixed", "static_threshold", "hardware_aware")
+from dspark_jax.serving.cost_table import CostTable
+from dspark_jax.serving.planner import POLICIES, Planner
+from dspark_jax.serving.requests import Request, RequestError, RequestStats, first_stop, validate_request
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,59 +75,8 @@ class EngineConfig:
             raise ValueError(f"profile_steps must be >= 1, got {self.profile_steps}")
 
 
-@dataclasses.dataclass(frozen=True)
-class Request:
-    """prompt_ids: token ids (BOS included). draft_mode / max_draft / confidence_floor: per-request draft
-    policy (default: the engine's); a governance layer fills them from the workload class."""
-    prompt_ids: Sequence[int]
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    stop_ids: Sequence[int] | None = None  # extra stop tokens (the target's always stop)
-    # random draws come from (seed, prompt) and the position: the same request and seed give the same tokens
-    # whatever shares the batch, under per-request draft policies (`decoding.keys`); None: engine seed + request id
-    seed: int | None = None
-    draft_mode: str = "default"
-    max_draft: int | None = None
-    confidence_floor: float = 0.0
-
-
 @dataclasses.dataclass
-class RequestStats:
-    prompt_tokens: int
-    output_tokens: int = 0
-    rounds: int = 0
-    verified_draft: int = 0
-    accepted_draft: int = 0
-    no_draft_rounds: int = 0
-    submitted_at: float = 0.0
-    first_token_at: float | None = None
-    finished_at: float | None = None
-    finish_reason: str | None = None  # stop | length | cancelled | error
-    error: str | None = None
-
-    @property
-    def latency_s(self) -> float | None:
-        return None if self.finished_at is None else self.finished_at - self.submitted_at
-
-    @property
-    def tokens_per_s(self) -> float | None:
-        lat = self.latency_s
-        return self.output_tokens / lat if lat else None
-
-    @property
-    def accept_length(self) -> float | None:
-        """Committed tokens per verification round (bonus included)."""
-        return (self.output_tokens - 1) / self.rounds if self.rounds else None
-
-
-class RequestError(ValueError):
-    """A request the engine cannot serve (empty / over-long prompt, invalid sampling or policy)."""
-
-
-@dataclasses.dataclass
-class _Live:
+class LiveRequest:
     rid: int
     request: Request
     stats: RequestStats
@@ -158,26 +106,24 @@ class Engine:
         self.stop_ids = tuple(target.stop_ids)
         self._stops = jnp.asarray(self.stop_ids or (-1,), jnp.int32)
         self._ids = itertools.count()
-        self._queue: collections.deque[_Live] = collections.deque()
-        self._requests: dict[int, _Live] = {}
-        self._slots: list[_Live | None] = [None] * config.slots
+        self._queue: collections.deque[LiveRequest] = collections.deque()
+        self._requests: dict[int, LiveRequest] = {}
+        self._slots: list[LiveRequest | None] = [None] * config.slots
         self._lock = threading.RLock()
         self._thread: threading.Thread | None = None
         self._stop_thread = threading.Event()
-        self._history: collections.deque[np.ndarray] = collections.deque(maxlen=2)
         self._pending = None  # async policy: (StepOutput future, owners, step kind)
-        self._fresh = np.zeros(config.slots, bool)  # slot's pending proposal was drafted at its current anchor
-        self._plain_run = 0  # draft-free steps since the last draft step
-        self._probe_interval = config.probe_every  # doubles after each probe that finds drafting not paying
-        self._last_kind = "draft"
         self.steps = 0
         self.plain_steps = 0  # of `steps`, those that ran without the drafter (plain fallback)
         self.bucket_counts: collections.Counter[int] = collections.Counter()
         self._state = device_step.init_engine_state(target.model, nnx.merge(drafter.graphdef, drafter.state),
                                                     config.slots, config.max_len)
         self._compile()
+        self.planner = Planner(config.slots, config.policy, self.gamma, g, config.threshold, config.probe_every,
+                               cost_table, has_plain_step=self._plain_exec is not None)
         if config.policy.startswith("scheduler") and cost_table is None:
             self.cost_table = self.profile(config.profile_steps)  # the scheduler needs SPS(B) of this machine
+            self.planner.cost_table = self.cost_table
 
     def profile(self, steps: int = 5, prompt_len: int = 16) -> CostTable:
         """Measures steps/s of the real draft+verify step at every bucket on this machine: all slots busy,
@@ -269,10 +215,11 @@ class Engine:
     # ---- public API --------------------------------------------------------------------------------
     def submit(self, request: Request) -> int:
         """Queues a request; returns its id. Raises RequestError for requests the engine cannot serve."""
-        self._validate(request)
+        validate_request(request, vocab_size=self.target.config.vocab_size, max_len=self.config.max_len,
+                         block=self.block, mode=self.config.mode)
         with self._lock:
             rid = next(self._ids)
-            live = _Live(rid, request, RequestStats(prompt_tokens=len(request.prompt_ids),
+            live = LiveRequest(rid, request, RequestStats(prompt_tokens=len(request.prompt_ids),
                                                     submitted_at=time.perf_counter()))
             self._requests[rid] = live
             self._queue.append(live)
@@ -327,6 +274,11 @@ class Engine:
         return self._thread is not None
 
     @property
+    def alive(self) -> bool:
+        """Whether the background loop is running and has not died of an exception."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
     def idle(self) -> bool:
         with self._lock:
             return not self._queue and all(s is None for s in self._slots) and self._pending is None
@@ -372,73 +324,34 @@ class Engine:
             self._admit_queued()
             if self.config.policy == "scheduler_async":
                 self._step_async()
-            elif self._active().any():
-                caps, budget, kind = self._sync_plan()
+            elif self.planner.active(self._requests_by_slot()).any():
+                conf = np.asarray(jax.device_get(self._state.proposal.confidence))
+                caps, budget, kind = self.planner.sync_plan(self._requests_by_slot(), conf)
                 out = self._dispatch(caps, budget, kind)
                 self._deliver(jax.device_get(out), list(self._slots))
-
-    def _floors(self) -> np.ndarray:
-        """Per-slot confidence floors: a static_threshold request's own floor (the engine threshold if it
-        gives none); under the engine's threshold policy, the larger of the request floor and the threshold."""
-        floors = np.zeros(self.config.slots, np.float32)
-        for i, live in enumerate(self._slots):
-            if live is None:
-                continue
-            r = live.request
-            if r.draft_mode == "static_threshold":
-                floors[i] = r.confidence_floor or self.config.threshold
-            elif r.draft_mode == "default" and self.config.policy == "threshold":
-                floors[i] = max(r.confidence_floor, self.config.threshold)
-            else:
-                floors[i] = r.confidence_floor
-        return floors
 
     def _dispatch(self, caps: np.ndarray, budget: int, kind: str = "draft"):
         """Runs one step: "draft" (verify + draft the next proposals), "probe" (a draft step after draft-free
         ones) or "plain" (the target alone: no drafts verified, none proposed)."""
         self.steps += 1
-        self._last_kind = kind
+        requests = self._requests_by_slot()
+        floors = self.planner.floors(requests)
+        self.planner.dispatched(kind)
         if kind == "plain":
             executable, budget = self._plain_exec, 0
             self.plain_steps += 1
-            self._plain_run += 1
-            self._fresh[:] = False
         else:
-            n_active = int(self._active().sum())
+            n_active = int(self.planner.active(requests).sum())
             bucket = next(b for b in self.buckets if b >= min(n_active + budget, self.buckets[-1]))
             self.bucket_counts[bucket] += 1
             executable = self._step_exec[bucket]
-            self._plain_run = 0
-            self._fresh[:] = True
         self._state, out = executable(**self._dynamic, state=self._state, caps=jnp.asarray(caps, jnp.int32),
-                                      floors=jnp.asarray(self._floors()), draft_budget=jnp.int32(budget),
+                                      floors=jnp.asarray(floors), draft_budget=jnp.int32(budget),
                                       stops=self._stops)
         return out
 
-    def _kind(self, confidence: np.ndarray | None, lengths: np.ndarray, adaptive: np.ndarray) -> str:
-        """Plain fallback: "plain" when every drafting request is hardware-aware and a draft step is not
-        expected to pay (or drafting is already off and no probe is due), "probe" when one is due, else "draft"."""
-        act = self._active()
-        if self._plain_exec is None or (act & ~adaptive & (lengths > 0)).any():
-            return "draft"
-        if (act & ~self._fresh).any():  # drafting is off: proposals are stale
-            return "plain" if self._plain_run < self._probe_interval else "probe"
-        if confidence is None:
-            return "draft"
-        pays = drafting_pays(confidence[act], lengths[act], self.cost_table)
-        if self._last_kind == "probe":  # back off while probes keep finding drafting not worth it
-            every = self.config.probe_every
-            self._probe_interval = every if pays else min(2 * self._probe_interval, 8 * every)
-        return "draft" if pays else "plain"
-
-    def _active(self) -> np.ndarray:
-        """Slots holding a request."""
-        return np.array([s is not None for s in self._slots])
-
-    def _adaptive(self) -> np.ndarray:
-        """Slots whose request follows the engine's scheduler (draft_mode default or hardware_aware)."""
-        return np.array([s is not None and s.request.draft_mode in ("default", "hardware_aware")
-                         for s in self._slots])
+    def _requests_by_slot(self) -> list[Request | None]:
+        return [None if live is None else live.request for live in self._slots]
 
     def _step_async(self) -> None:
         """Dispatch step t+1 (budget from the confidences we hold, two steps old) before reading step t. A
@@ -447,22 +360,11 @@ class Engine:
         if probe_read:
             self._read_pending()
         owners = list(self._slots)
-        act = self._active()
+        requests = self._requests_by_slot()
         nxt = None
-        if act.any():
-            caps = self._caps(None)
-            caps[~self._fresh] = 0
-            if probe_read:  # the probe's own proposals, drafted at the current anchors
-                conf = self._history[-1]
-            else:
-                conf = self._history[0] if len(self._history) == 2 else None
-            if conf is None:
-                lengths = caps
-            else:
-                lengths = np.zeros_like(caps)
-                lengths[act] = schedule_synchronous(conf[act], self.cost_table, caps[act], early_stop=False)
-            kind = self._kind(conf, lengths, self._adaptive())
-            nxt = (self._dispatch(caps, int(lengths.sum()), kind), owners, kind)
+        if self.planner.active(requests).any():
+            caps, budget, kind = self.planner.async_plan(requests, probe_read)
+            nxt = (self._dispatch(caps, budget, kind), owners, kind)
         self._read_pending()
         self._pending = nxt
 
@@ -472,39 +374,9 @@ class Engine:
             self._pending = None
             self._deliver(jax.device_get(out), owners)
 
-    def _caps(self, confidence: np.ndarray | None) -> np.ndarray:
-        """Per-slot maximum drafts from each request's own policy (0 for idle slots)."""
-        caps = np.zeros(self.config.slots, np.int64)
-        floors = self._floors()
-        for i, live in enumerate(self._slots):
-            if live is None:
-                continue
-            r = live.request
-            mode = r.draft_mode if r.draft_mode != "default" else None
-            cap = self.gamma if r.max_draft is None else min(r.max_draft, self.block)
-            if mode == "off" or self.config.policy == "plain":
-                cap = 0
-            floor = floors[i]
-            if floor > 0 and confidence is not None:  # the device cuts at the floor too; the host scheduler
-                cap = min(cap, int(threshold_lengths(confidence[i:i + 1], floor)[0]))  # must know it
-            caps[i] = cap
-        return caps
-
-    def _sync_plan(self) -> tuple[np.ndarray, int, str]:
-        """Exact lengths per slot for the synchronous policies (budget = Σ lengths) and the step kind."""
-        conf = np.asarray(jax.device_get(self._state.proposal.confidence))
-        caps = self._caps(conf)
-        caps[~self._fresh] = 0  # proposals drafted before draft-free steps are not verified
-        ha = self._adaptive()
-        if self.config.policy == "scheduler" and ha.any():
-            static_tokens = int(caps[~ha & self._active()].sum())
-            caps[ha] = schedule_synchronous(conf[ha], self.cost_table, caps[ha], base_tokens=static_tokens)
-        kind = self._kind(conf, caps, ha) if self.config.policy == "scheduler" else "draft"
-        return caps, int(caps.sum()), kind
-
     # ---- host bookkeeping --------------------------------------------------------------------------
-    def _deliver(self, out: device_step.StepOutput, owners: list[_Live | None]) -> None:
-        self._history.append(np.asarray(out.confidence))
+    def _deliver(self, out: device_step.StepOutput, owners: list[LiveRequest | None]) -> None:
+        self.planner.observed(out.confidence)
         now = time.perf_counter()
         for i, live in enumerate(owners):
             if live is None or live.done.is_set() or self._slots[i] is not live:
@@ -522,7 +394,7 @@ class Engine:
             st.accepted_draft += int(out.accepted[i])
             st.no_draft_rounds += int(out.verified[i]) == 0
             new = [int(t) for t in out.committed[i, :n]]
-            extra = _first_stop(new, live.request.stop_ids)
+            extra = first_stop(new, live.request.stop_ids)
             if extra is not None:  # a request's own stop token: cut there and free the slot
                 new = new[:extra + 1]
             self._emit(live, new, now)
@@ -535,13 +407,13 @@ class Engine:
             elif bool(out.finished[i]):
                 self._release(live, "stop" if new[-1] in self.stop_ids else "length")
 
-    def _fail_nonfinite(self, live: _Live, position: int) -> None:
+    def _fail_nonfinite(self, live: LiveRequest, position: int) -> None:
         live.stats.error = (f"the target's logits are not finite (NaN or inf) at position {position}: the model or "
                             f"this input is numerically broken; the request was stopped")
         logging.getLogger(__name__).error("request %d: %s", live.rid, live.stats.error)
         self._finish(live, "error")
 
-    def _emit(self, live: _Live, new: list[int], now: float) -> None:
+    def _emit(self, live: LiveRequest, new: list[int], now: float) -> None:
         if live.stats.first_token_at is None and new:
             live.stats.first_token_at = now
         live.tokens.extend(new)
@@ -549,12 +421,12 @@ class Engine:
         for t in new:
             live.out.put(t)
 
-    def _release(self, live: _Live, reason: str) -> None:
+    def _release(self, live: LiveRequest, reason: str) -> None:
         if live.slot is not None and self._slots[live.slot] is live:
             self._slots[live.slot] = None
         self._finish(live, reason)
 
-    def _finish(self, live: _Live, reason: str) -> None:
+    def _finish(self, live: LiveRequest, reason: str) -> None:
         live.stats.finished_at = time.perf_counter()
         live.stats.finish_reason = reason
         live.out.put(None)
@@ -598,58 +470,21 @@ class Engine:
                 continue
             live.slot = i
             self._slots[i] = live
-            self._fresh[i] = True  # admission drafts the first proposal
+            self.planner.admitted(i)
             first, finished = int(first[0]), bool(finished[0])
             self._emit(live, [first], time.perf_counter())
-            if _first_stop([first], r.stop_ids) is not None and not finished:
+            if first_stop([first], r.stop_ids) is not None and not finished:
                 self._state = self._deactivate(self._state, jnp.int32(i))
                 finished = True
             if finished:
                 own = first in self.stop_ids or first in (r.stop_ids or ())
                 self._release(live, "stop" if own else "length")
 
-    def _get(self, rid: int) -> _Live:
+    def _get(self, rid: int) -> LiveRequest:
         try:
             return self._requests[rid]
         except KeyError:
             raise KeyError(f"unknown request id {rid}") from None
-
-    def _validate(self, r: Request) -> None:
-        n = len(r.prompt_ids)
-        if n == 0:
-            raise RequestError("prompt is empty")
-        if r.max_new_tokens < 1:
-            raise RequestError(f"max_new_tokens must be >= 1, got {r.max_new_tokens}")
-        need = n + r.max_new_tokens + self.block + 1
-        if need > self.config.max_len:
-            raise RequestError(f"prompt of {n} tokens + max_new_tokens {r.max_new_tokens} + draft block "
-                               f"{self.block + 1} = {need} exceeds the engine's max_len {self.config.max_len}")
-        if max(r.prompt_ids) >= self.target.config.vocab_size or min(r.prompt_ids) < 0:
-            raise RequestError("prompt contains token ids outside the target's vocabulary")
-        try:
-            validate_sampling(r.temperature, r.top_k, r.top_p)
-        except ValueError as e:
-            raise RequestError(str(e)) from None
-        m = self.config.mode
-        if r.top_k > 0 and r.top_k > m.max_top_k:
-            raise RequestError(f"top_k={r.top_k} needs an engine compiled with FilterMode(max_top_k >= {r.top_k})")
-        if r.top_p < 1.0 and not m.top_p:
-            raise RequestError("top_p < 1 needs an engine compiled with FilterMode(top_p=True)")
-        if r.draft_mode not in REQUEST_MODES:
-            raise RequestError(f"draft_mode must be one of {REQUEST_MODES}, got {r.draft_mode!r}")
-        if r.max_draft is not None and r.max_draft < 0:
-            raise RequestError(f"max_draft must be >= 0, got {r.max_draft}")
-        if not 0.0 <= r.confidence_floor <= 1.0:
-            raise RequestError(f"confidence_floor must be in [0, 1], got {r.confidence_floor}")
-        if r.stop_ids is not None and any(not 0 <= t < self.target.config.vocab_size for t in r.stop_ids):
-            raise RequestError("stop_ids contain token ids outside the target's vocabulary")
-
-
-def _first_stop(tokens: list[int], stop_ids: Sequence[int] | None) -> int | None:
-    if not stop_ids:
-        return None
-    hits = [j for j, t in enumerate(tokens) if t in stop_ids]
-    return hits[0] if hits else None
 
 
 def default_buckets(slots: int, block: int) -> tuple[int, ...]:

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dspark_jax.decoding.keys import row_keys, split_rows
 from dspark_jax.decoding.sampling import sample, token_probs
 from dspark_jax.drafters.base import Proposal
 from dspark_jax.models.kv_cache import init_cache
@@ -38,7 +39,7 @@ class OracleDrafter(nnx.Module):
         return target_model(prompts, pos, cache, jnp.zeros((b,), jnp.int32)).cache
 
     def propose(self, target_model, cache, anchor, start, key, params, mode, head, attn_impl="reference"):
-        keys = jax.random.split(key, self.config.block_size)
+        keys = jnp.swapaxes(split_rows(row_keys(key, anchor.shape[0]), self.config.block_size), 0, 1)  # [G, B]
 
         def step(carry, k):
             cache, tok, pos = carry

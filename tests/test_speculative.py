@@ -199,6 +199,7 @@ def test_temperature_one_is_lossless(small_target, alg, top_k, top_p, reduced):
 
 
 def test_chi_square_rejects_a_sampler_that_accepts_every_draft(small_target, monkeypatch):
+    from dspark_jax.decoding.sampling import categorical
     tg, ts, cfg = small_target
     dc = make_drafter_config("dspark", cfg, block_size=2, num_layers=1, markov_rank=4)
     dg, ds = nnx.split(DSparkDrafter(dc, cfg, rngs=nnx.Rngs(3)))
@@ -207,7 +208,7 @@ def test_chi_square_rejects_a_sampler_that_accepts_every_draft(small_target, mon
         g = draft_tokens.shape[1]
         acc = jnp.arange(g)[None] < proposal_len[:, None]
         bonus = p_target[jnp.take_along_axis(row_index, proposal_len[:, None], 1)[:, 0]]
-        nxt = jax.random.categorical(key, jnp.log(bonus), axis=-1).astype(jnp.int32)
+        nxt = categorical(key, jnp.log(bonus))  # one key per request
         return Verdict(num_accepted=proposal_len, accepted=acc, next_token=nxt)
 
     params, mode = SamplingParams.create(1, 1.0), FilterMode()

@@ -90,8 +90,8 @@ def profile_verify_costs(target: Target, drafter, batch: int, widths: tuple[int,
 def load_or_profile_verify_costs(target: Target, drafter, batch: int, attn_impl: str = "reference",
                                  use_cache: bool = True) -> VerifyCosts:
     """The cost of every width 1..G+1 of `drafter` at `batch`, from the cache when this machine already
-    profiled it, else profiled now (a few seconds per width on a CPU for the embedded target, mostly compilation) and cached.
-    A cache file that cannot be read is profiled again and rewritten."""
+    profiled it, else profiled now (a few seconds per width on a CPU for the embedded target, mostly
+    compilation) and cached. A cache file that cannot be read is profiled again and rewritten."""
     g = drafter.config.block_size
     widths = tuple(range(1, g + 2))
     path = cache_dir() / "verify_costs" / f"{_profile_key(target, drafter, batch, widths, attn_impl)}.json"

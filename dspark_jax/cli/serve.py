@@ -11,6 +11,7 @@ $DSPARK_API_KEYS: `key=tenant,...`). SIGTERM / Ctrl-C: stop accepting, finish in
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from absl import flags
 
@@ -38,7 +39,7 @@ def _define_flags() -> None:
     define_flag("integer", "max_top_k", 64, "Largest top_k a request may use (compiled into the engine).",
                 lower_bound=0)
     define_flag("string", "model_name", None, "Model id reported by /v1/models and responses (default: the "
-                "target's name).")
+                "--target value, or its file / directory name).")
 
 
 def body() -> None:
@@ -74,7 +75,7 @@ def body() -> None:
     if governor is not None:
         from dspark_jax.governance.serving import GovernedEngine
         governed = GovernedEngine(engine, governor)
-    name = FLAGS.model_name or target.config.name
+    name = FLAGS.model_name or Path(FLAGS.target).name  # "gemma3-270m", or the model file / directory name
     app = create_app(Backend(engine, governed), name, keys if len(keys) else None)
     print(f"serving {name} on http://{FLAGS.host}:{FLAGS.port} ({'policy ' + FLAGS.policy if governor else 'open: no tenants'})",
           file=sys.stderr)

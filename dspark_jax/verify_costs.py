@@ -21,7 +21,6 @@ from dspark_jax.decoding.draft_length import efficient_widths
 from dspark_jax.decoding.layout import dense_layout
 from dspark_jax.decoding.sampling import FilterMode, SamplingParams
 from dspark_jax.decoding.verification import concat_taps
-from dspark_jax.models.kv_cache import init_cache
 from dspark_jax.target import Target
 from dspark_jax.utils.files import atomic_write_text, cache_dir
 from dspark_jax.utils.machine import describe_machine

@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_cli(*args, timeout=300):
@@ -159,3 +163,47 @@ def test_serve_bench_end_to_end(tmp_path):
 def test_serve_bench_bad_flags(args, message):
     r = run_cli("serve-bench", *args)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_serve_command_answers_openai_clients_and_exits_0_on_sigterm(tmp_path):
+    """`dspark serve` end to end on the embedded target: a policy with API keys, a completion through the
+    `openai` client, 401 without a key, SIGTERM → exit 0."""
+    import signal
+    import socket
+    import time
+
+    import httpx
+    import openai
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    keys = tmp_path / "keys.txt"
+    keys.write_text("test-key research\n")
+    env = dict(os.environ)
+    env.pop("DSPARK_API_KEYS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "dspark_jax.cli.main", "serve", "--drafter", "ngram",
+                             "--engine_policy", "fixed", "--slots", "2", "--max_len", "128", "--port", str(port),
+                             "--policy", "configs/policies/default.yaml", "--api_keys_file", str(keys)],
+                            cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 600
+        while True:
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.time() < deadline, "dspark serve did not come up"
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(1)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="test-key", max_retries=0)
+        out = client.completions.create(model="gemma3-270m", prompt="Question: What is 2 + 2?\n\nAnswer:",
+                                        max_tokens=8, temperature=0)
+        assert out.choices[0].text and out.usage.completion_tokens >= 1 and out.model == "gemma3-270m"
+        assert httpx.post(f"{url}/v1/completions", json={"prompt": "x"}, timeout=30).status_code == 401
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -31,9 +31,8 @@ def _define_flags() -> None:
     define_flag("integer", "slots", 8, "Concurrent requests of the engine.", lower_bound=1)
     define_flag("integer", "max_len", 1024, "Cache rows per slot: prompt + new tokens + draft block.",
                 lower_bound=16)
-    define_flag("enum", "engine_policy", "scheduler", ["plain", "fixed", "threshold", "scheduler",
-                                                       "scheduler_async"],
-                "Draft policy of the engine (a policy file's workload classes refine it per request).")
+    define_flag("enum", "engine_policy", "scheduler", "Draft policy of the engine (a policy file's workload classes "
+                "refine it per request).", enum_values=["plain", "fixed", "threshold", "scheduler", "scheduler_async"])
     define_flag("string", "cost_table", None, "SPS cost table JSON from `dspark profile` (scheduler policies); "
                 "default: profile at start.")
     define_flag("integer", "max_top_k", 64, "Largest top_k a request may use (compiled into the engine).",

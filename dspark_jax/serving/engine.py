@@ -18,7 +18,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +31,7 @@ from dspark_jax.generation import bucket_length
 from dspark_jax.serving import device_step
 from dspark_jax.serving.cost_table import CostTable
 from dspark_jax.serving.planner import POLICIES, Planner
-from dspark_jax.serving.requests import Request, RequestError, RequestStats, first_stop, validate_request
+from dspark_jax.serving.requests import Request, RequestStats, first_stop, validate_request
 
 
 @dataclasses.dataclass(frozen=True)

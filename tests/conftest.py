@@ -28,3 +28,35 @@ def _release_compiled_programs():
     generation._EXECUTABLES.clear()
     jax.clear_caches()
     gc.collect()
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """One real redis-server for the session (tests keep apart by key prefix: see `store_prefix`)."""
+    from redis_server import RedisServer
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def store_prefix(request):
+    """A key prefix of this test alone."""
+    import re
+    return "t" + re.sub(r"[^A-Za-z0-9]", "", request.node.name)[-40:] + str(id(request))[-6:]
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store_kind(request):
+    """Parametrizes a test over the governance stores: in-process, and Redis (a real redis-server)."""
+    return request.param
+
+
+@pytest.fixture
+def store_section(store_kind, request, store_prefix):
+    """The policy's `store` section for the kind under test ({} = the in-process default); Redis leases long
+    enough never to expire under fake clocks, rollback states re-read at every use."""
+    if store_kind == "memory":
+        return {}
+    return {"store": {"url": request.getfixturevalue("redis_server").url, "key_prefix": store_prefix,
+                      "lease_s": 1e9, "sync_s": 0}}

@@ -1,7 +1,6 @@
 """The real embedded Gemma 3 270M against HF transformers' own GGUF loading of the same file (slow)."""
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -1,4 +1,5 @@
-"""Tenant token quotas: reservation at admission, reconciliation at finish, fixed windows, concurrency."""
+"""Tenant token quotas: reservation at admission, reconciliation at finish, fixed windows, concurrency — each
+test against the in-process ledger and against the Redis one (a real redis-server, see conftest.py)."""
 from __future__ import annotations
 
 import random
@@ -9,6 +10,8 @@ import pytest
 from dspark_jax.governance import GovernedRequest, Governor, RequestRejected, policy_from_dict
 from dspark_jax.governance.policy import QuotaRule
 from dspark_jax.governance.quotas import QuotaExceeded, QuotaLedger
+from dspark_jax.governance.redis_store import RedisCalls, RedisQuotaLedger, connect
+from dspark_jax.governance.store import StoreHealth
 
 
 class FakeClock:
@@ -19,16 +22,29 @@ class FakeClock:
         return self.t
 
 
-def ledger(*rules: QuotaRule) -> QuotaLedger:
-    return QuotaLedger({"acme": rules})
+@pytest.fixture
+def make_ledger(store_kind, request, store_prefix):
+    """quotas -> a ledger of the kind under test (Redis leases long enough never to expire here)."""
+    def make(quotas):
+        if store_kind == "memory":
+            return QuotaLedger(quotas)
+        server = request.getfixturevalue("redis_server")
+        return RedisQuotaLedger(RedisCalls(connect(server.url), StoreHealth()), quotas, store_prefix, 1e9,
+                                clock=lambda: 0.0)
+    return make
 
 
-def usage(led: QuotaLedger, now: float, i: int = 0) -> tuple[int, int]:
+@pytest.fixture
+def ledger(make_ledger):
+    return lambda *rules: make_ledger({"acme": rules})
+
+
+def usage(led, now: float, i: int = 0) -> tuple[int, int]:
     row = led.snapshot(now)["acme"][i]
     return row["used"], row["reserved"]
 
 
-def test_reservation_blocks_concurrent_requests_and_reconciliation_frees_the_rest():
+def test_reservation_blocks_concurrent_requests_and_reconciliation_frees_the_rest(ledger):
     led = ledger(QuotaRule(tokens=1000, window_s=60))
     led.reserve("r1", "acme", prompt_tokens=100, max_new_tokens=400, now=1)
     led.reserve("r2", "acme", prompt_tokens=100, max_new_tokens=400, now=2)
@@ -48,7 +64,7 @@ def test_reservation_blocks_concurrent_requests_and_reconciliation_frees_the_res
     assert led.snapshot(5)["acme"][0]["remaining"] == 0
 
 
-def test_window_roll_over_keeps_in_flight_reservations():
+def test_window_roll_over_keeps_in_flight_reservations(ledger):
     led = ledger(QuotaRule(tokens=1000, window_s=60))
     led.reserve("a", "acme", 100, 300, now=10)
     led.reconcile("a", 100, 300, now=20)
@@ -64,7 +80,7 @@ def test_window_roll_over_keeps_in_flight_reservations():
     assert usage(led, 130) == (0, 700)
 
 
-def test_output_only_counting_and_several_quotas_are_atomic():
+def test_output_only_counting_and_several_quotas_are_atomic(ledger):
     led = ledger(QuotaRule(tokens=500, window_s=60, count="output"), QuotaRule(tokens=1000, window_s=3600))
     led.reserve("a", "acme", prompt_tokens=800, max_new_tokens=100, now=0)
     assert usage(led, 0, 0) == (0, 100) and usage(led, 0, 1) == (0, 900)
@@ -76,8 +92,8 @@ def test_output_only_counting_and_several_quotas_are_atomic():
     assert led.snapshot(2)["acme"][0]["count"] == "output"
 
 
-def test_tenants_without_quotas_are_unlimited_and_overshoot_is_reported():
-    led = QuotaLedger({"acme": (QuotaRule(tokens=100, window_s=10),)})
+def test_tenants_without_quotas_are_unlimited_and_overshoot_is_reported(make_ledger):
+    led = make_ledger({"acme": (QuotaRule(tokens=100, window_s=10),)})
     led.reserve("x", "free", 10**9, 10**9, now=0)
     led.reconcile("x", 10**9, 10**9, now=1)
     led.reserve("y", "acme", 10, 10, now=0)
@@ -86,7 +102,7 @@ def test_tenants_without_quotas_are_unlimited_and_overshoot_is_reported():
     assert row["used"] == 40 and row["overshoot_total"] == 20
 
 
-def test_random_interleavings_never_overcharge_a_window():
+def test_random_interleavings_never_overcharge_a_window(ledger):
     rng = random.Random(0)
     led = ledger(QuotaRule(tokens=5000, window_s=100))
     in_flight, charged = {}, {}
@@ -118,9 +134,9 @@ POLICY = {
 }
 
 
-def test_governor_reserves_at_admission_and_reconciles_at_finish():
+def test_governor_reserves_at_admission_and_reconciles_at_finish(store_section):
     clock = FakeClock(0.0)
-    gov = Governor(policy_from_dict(POLICY), clock=clock)
+    gov = Governor(policy_from_dict(dict(POLICY, **store_section)), clock=clock)
     ids = [gov.admit(GovernedRequest(tenant="acme", prompt_tokens=150)).request_id for _ in range(4)]  # 4 x 250
     with pytest.raises(RequestRejected) as info:
         gov.admit(GovernedRequest(tenant="acme", prompt_tokens=1, max_new_tokens=1))
@@ -140,8 +156,8 @@ def test_governor_reserves_at_admission_and_reconciles_at_finish():
     assert gov.snapshot()["by_tenant"]["acme"]["rejections"] == {"quota_exceeded": 2}
 
 
-def test_concurrent_admissions_from_threads_never_overshoot():
-    gov = Governor(policy_from_dict(POLICY), clock=FakeClock(5.0))
+def test_concurrent_admissions_from_threads_never_overshoot(store_section):
+    gov = Governor(policy_from_dict(dict(POLICY, **store_section)), clock=FakeClock(5.0))
     admitted, barrier = [], threading.Barrier(8)
 
     def worker():

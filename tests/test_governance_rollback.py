@@ -36,8 +36,10 @@ def clock():
 
 
 @pytest.fixture
-def gov(clock):
-    return Governor(policy_from_dict(POLICY), clock=clock)
+def gov(clock, store_section):
+    governor = Governor(policy_from_dict(dict(POLICY, **store_section)), clock=clock)
+    yield governor
+    governor.close()
 
 
 def admit(gov, cls: str = "chat"):

@@ -12,7 +12,7 @@ from flax import nnx
 from scipy import stats
 
 from configs.tiny import tiny_gemma3, tiny_qwen3
-from dspark_jax.decoding import speculative, verification
+from dspark_jax.decoding import verification
 from dspark_jax.decoding.autoregressive import generate
 from dspark_jax.decoding.rejection import Verdict
 from dspark_jax.decoding.sampling import FilterMode, SamplingParams, token_probs

@@ -2,11 +2,14 @@
 
     dspark serve                                   # open server: embedded target, shipped drafter, no tenants
     dspark serve --policy configs/policies/default.yaml --api_keys_file keys.txt --port 8000 --slots 8
+    dspark serve --policy policy.yaml --api_keys_file keys.txt --quota_store redis://10.0.0.5:6379/0   # a replica
 
 Routes: POST /v1/completions, POST /v1/chat/completions (stream: true → server-sent events), GET /v1/models,
 /health, /metrics (Prometheus), /snapshot.json (with a policy). With --policy every request needs
 `Authorization: Bearer <key>`; keys map to the policy's tenants (--api_keys_file: `<key> <tenant>` lines, and/or
-$DSPARK_API_KEYS: `key=tenant,...`). SIGTERM / Ctrl-C: stop accepting, finish in-flight requests, exit 0.
+$DSPARK_API_KEYS: `key=tenant,...`). Replicas behind a load balancer share quotas and rollback states through one
+Redis (--quota_store, or the policy's `store` section). SIGTERM / Ctrl-C: stop accepting, finish in-flight
+requests, exit 0.
 """
 from __future__ import annotations
 
@@ -24,6 +27,9 @@ def _define_flags() -> None:
     define_serving_flags()
     define_flag("string", "policy", None, "Governance policy file (YAML): tenants, workload classes, quotas, "
                 "rollback. Needs API keys. Without it the server is open (no tenants, no quotas).")
+    define_flag("string", "quota_store", None, "Where quota usage and rollback states live: 'memory' (this "
+                "process) or a Redis URL (redis://host:port/db) shared by every replica. Default: the policy's "
+                "store.url (memory).")
     define_flag("string", "api_keys_file", None, "File of '<key> <tenant>' lines (also read: $DSPARK_API_KEYS "
                 "as 'key=tenant,...'). Keys are required when any are configured.")
     define_flag("string", "host", "127.0.0.1", "Address to listen on (0.0.0.0: every interface).")
@@ -50,10 +56,12 @@ def body() -> None:
     from dspark_jax.serving.cost_table import CostTable
 
     keys = ApiKeys.load(FLAGS.api_keys_file)
+    if FLAGS.quota_store and not FLAGS.policy:
+        raise ValueError("--quota_store needs --policy (an open server has no quotas or rollback)")
     governor = None
     if FLAGS.policy:
         from dspark_jax.governance import Governor
-        governor = Governor.from_policy_file(FLAGS.policy)
+        governor = Governor.from_policy_file(FLAGS.policy, store_url=FLAGS.quota_store)
         if not len(keys):
             raise ValueError("--policy needs API keys to know who is calling: give --api_keys_file or set "
                              "$DSPARK_API_KEYS")
@@ -76,8 +84,9 @@ def body() -> None:
         governed = GovernedEngine(engine, governor)
     name = FLAGS.model_name or Path(FLAGS.target).name  # "gemma3-270m", or the model file / directory name
     app = create_app(Backend(engine, governed), name, keys if len(keys) else None)
-    print(f"serving {name} on http://{FLAGS.host}:{FLAGS.port} ({'policy ' + FLAGS.policy if governor else 'open: no tenants'})",
-          file=sys.stderr)
+    where = (f"policy {FLAGS.policy}, store {governor.store.describe()['url']}" if governor
+             else "open: no tenants")
+    print(f"serving {name} on http://{FLAGS.host}:{FLAGS.port} ({where})", file=sys.stderr)
     serve(app, FLAGS.host, FLAGS.port)
 
 

@@ -11,7 +11,8 @@
     governor.write_snapshot("snapshot.json")                    # then: dspark report --snapshot snapshot.json
 
 Modules: policy (frozen settings), policy_file (loading + validation), classifier (prompt -> class),
-quotas (token quotas), costs (busy time -> cost), metrics (counters + summaries), rollback (per-class state
+quotas (token quotas), store / redis_store (where quota usage and rollback states live: this process, or a
+Redis shared by replicas), costs (busy time -> cost), metrics (counters + summaries), rollback (per-class state
 machine), governor (the engine-facing API), prometheus / snapshot (exposition), report (tables + plots).
 """
 from dspark_jax.governance.governor import (REJECTION_CODES, REQUEST_OVERRIDES, Admission, GovernedRequest, Governor,

@@ -9,6 +9,10 @@ The serving engine calls, per request:
 `now` defaults to the governor's clock (injectable; `time.time` by default). A request counts as running (for
 busy time and cost, see costs.py) from `record_start`, or from its first round if the engine never calls
 `record_start`, until `record_finish`. All methods are thread-safe.
+
+Quota usage and rollback states live in the policy's store (store.py): this process by default, or a Redis shared
+by every replica (`store.url`). While a shared store is unreachable, admission of tenants with quotas follows
+`store.on_error` (reject: code store_unavailable; allow: admitted, charged when the store returns).
 """
 from __future__ import annotations
 
@@ -25,8 +29,9 @@ from dspark_jax.governance.classifier import PromptClassifier
 from dspark_jax.governance.costs import BusyTimeAccountant
 from dspark_jax.governance.metrics import UsageCell, summarize
 from dspark_jax.governance.policy import SCHEDULER_MODES, GovernancePolicy, WorkloadClassPolicy
-from dspark_jax.governance.quotas import QuotaExceeded, QuotaLedger
+from dspark_jax.governance.quotas import QuotaExceeded
 from dspark_jax.governance.rollback import SPECULATIVE, RollbackController, SwitchEvent
+from dspark_jax.governance.store import GovernanceStore, StoreUnavailable, open_store
 from dspark_jax.governance.snapshot import SNAPSHOT_SCHEMA, write_snapshot
 
 UNKNOWN = "<unknown>"  # metric label of a tenant or class name not in the policy (bounds label cardinality)
@@ -34,12 +39,13 @@ UNCLASSIFIED = "<unclassified>"  # metric label of a request rejected before it 
 DISABLED = "disabled"  # class state when its policy has speculation off
 REQUEST_OVERRIDES = ("speculate", "max_draft", "confidence_floor", "scheduler_mode")
 REJECTION_CODES = ("invalid_request", "unknown_tenant", "unknown_class", "class_not_allowed", "context_budget",
-                   "invalid_override", "override_forbidden", "sampling_limit", "quota_exceeded")
+                   "invalid_override", "override_forbidden", "sampling_limit", "quota_exceeded", "store_unavailable")
 
 
 class RequestRejected(Exception):
     """A request refused at admission. `code` is one of REJECTION_CODES; `reason` explains it to the client;
-    `retry_after_s` (quota_exceeded only): seconds until the quota window resets."""
+    `retry_after_s`: seconds until the quota window resets (quota_exceeded), or until the store is retried
+    (store_unavailable)."""
 
     def __init__(self, reason: str, code: str, retry_after_s: float | None = None):
         super().__init__(reason)
@@ -91,23 +97,35 @@ class _InFlight:
 class Governor:
     """Enforces a GovernancePolicy for a serving engine and meters its usage; see the module docstring."""
 
-    def __init__(self, policy: GovernancePolicy, clock: Callable[[], float] = time.time):
+    def __init__(self, policy: GovernancePolicy, clock: Callable[[], float] = time.time,
+                 store: GovernanceStore | None = None):
+        """store None: the one `policy.store` names (in-process by default)."""
         self.policy, self.clock = policy, clock
         self._lock = threading.RLock()
         self._classifier = PromptClassifier(policy.classifier)
-        self._quotas = QuotaLedger({t.name: t.quotas for t in policy.tenants if t.quotas})
+        self.store = store or open_store(policy.store, {t.name: t.quotas for t in policy.tenants if t.quotas},
+                                         clock)
+        self._quotas = self.store.quotas
         self._busy = BusyTimeAccountant()
         self._cells: dict[tuple[str, str], UsageCell] = {}
         self._in_flight: dict[str, _InFlight] = {}
-        self._switches: list[SwitchEvent] = []
-        self._controllers = {c.name: RollbackController(c.name, c.rollback, self._switches.append)
+        self._switches: list[SwitchEvent] = []  # the store's switch log as last read
+        self._controllers = {c.name: RollbackController(c.name, c.rollback, self.store.rollback,
+                                                        self.store.settings.sync_s)
                              for c in policy.classes if c.rollback is not None and c.speculate}
         self._ids = itertools.count(1)
 
+    def close(self) -> None:
+        """Releases the store (a Redis store stops renewing its leases and settles what it can)."""
+        self.store.close()
+
     @classmethod
-    def from_policy_file(cls, path: str | Path, clock: Callable[[], float] = time.time) -> "Governor":
-        from dspark_jax.governance.policy_file import load_policy
-        return cls(load_policy(path), clock)
+    def from_policy_file(cls, path: str | Path, clock: Callable[[], float] = time.time,
+                         store_url: str | None = None) -> "Governor":
+        """store_url: overrides the file's `store.url` ('memory' or a Redis URL)."""
+        from dspark_jax.governance.policy_file import load_policy, with_store_url
+        policy = load_policy(path)
+        return cls(with_store_url(policy, store_url) if store_url else policy, clock)
 
     # -- admission ---------------------------------------------------------------------------------------------
     def admit(self, request: GovernedRequest, now: float | None = None) -> Admission:
@@ -147,6 +165,11 @@ class Governor:
                                          now)
                 except QuotaExceeded as e:
                     raise RequestRejected(str(e), "quota_exceeded", e.retry_after_s) from None
+                except StoreUnavailable as e:
+                    if self.store.settings.on_error == "reject":
+                        raise RequestRejected(f"the quota store is unavailable ({e}); retry shortly",
+                                              "store_unavailable", self.store.health.retry_s) from None
+                    self._quotas.admit_unreserved(request_id, tenant.name)
             except RequestRejected as e:
                 self._cell(label_class, label_tenant).add_rejection(e.code)
                 raise
@@ -286,8 +309,16 @@ class Governor:
 
     @property
     def switches(self) -> tuple[SwitchEvent, ...]:
+        """Every class's switches, oldest first (with a shared store: those of every replica)."""
         with self._lock:
-            return tuple(self._switches)
+            return tuple(self._read_switches())
+
+    def _read_switches(self) -> list[SwitchEvent]:
+        try:
+            self._switches = self.store.rollback.events()
+        except StoreUnavailable:
+            pass  # the last log read
+        return self._switches
 
     @property
     def in_flight(self) -> int:
@@ -323,8 +354,14 @@ class Governor:
                 cost_per_hour_usd=cph, in_flight=len(self._in_flight),
                 totals=summarize(list(self._cells.values()), self._busy.busy_seconds, cph),
                 by_class=grouped(0), by_tenant=grouped(1), groups=groups, classes=classes,
-                switches=[dataclasses.asdict(e) for e in self._switches],
-                quotas=self._quotas.snapshot(now)))
+                switches=[dataclasses.asdict(e) for e in self._read_switches()],
+                quotas=self._quota_snapshot(now), store=self.store.describe()))
+
+    def _quota_snapshot(self, now: float) -> dict:
+        try:
+            return self._quotas.snapshot(now)
+        except StoreUnavailable:
+            return {}  # unknown while the store is away (store.up is false in the snapshot)
 
     def prometheus_text(self, now: float | None = None) -> str:
         from dspark_jax.governance.prometheus import render_prometheus

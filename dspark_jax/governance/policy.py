@@ -29,6 +29,11 @@ QUOTA_COUNTS = ("total", "output")
 """total  -- a request is charged prompt tokens + output tokens;
 output -- a request is charged output tokens only."""
 
+STORE_ERROR_POLICIES = ("reject", "allow")
+"""What admission does while the shared store (Redis) cannot be reached:
+reject -- refuse requests of tenants with quotas (code store_unavailable, HTTP 503): never over quota;
+allow  -- admit them without a reservation and charge their tokens when the store returns: never refuses."""
+
 OVERRIDABLE = ("speculate", "max_draft", "confidence_floor", "scheduler_mode", "temperature", "top_p", "top_k")
 """Settings a request may change when its class lists them in `allow_overrides`. The first four come in the
 request's `overrides` dict; the sampling ones are the request's own temperature / top_p / top_k fields (a value
@@ -111,6 +116,21 @@ class ClassifierConfig:
 
 
 @dataclass(frozen=True)
+class StoreSettings:
+    """Where quota usage and rollback states live. url 'memory': in this process only (one replica); a Redis URL
+    (redis://host:port/db, rediss://, unix://): shared by every replica using it (governance.redis_store)."""
+    url: str = "memory"
+    on_error: str = "reject"  # one of STORE_ERROR_POLICIES
+    lease_s: float = 30.0  # a reservation not renewed for this long (its replica died) is given back
+    sync_s: float = 0.5  # how often a replica re-reads the shared rollback states (at most this stale)
+    key_prefix: str = "dspark"
+
+    @property
+    def shared(self) -> bool:
+        return self.url != "memory"
+
+
+@dataclass(frozen=True)
 class GovernancePolicy:
     """The whole policy. `source` names the file it was loaded from (for messages)."""
     gamma: int  # the drafter's block size: upper bound of every max_draft
@@ -118,6 +138,7 @@ class GovernancePolicy:
     classes: tuple[WorkloadClassPolicy, ...]
     tenants: tuple[TenantPolicy, ...]
     classifier: ClassifierConfig
+    store: StoreSettings = StoreSettings()
     source: str = "<dict>"
 
     @functools.cached_property

@@ -45,9 +45,16 @@ File schema (YAML; a Python file defines `POLICY` as the same structure as a dic
       default_class: chat          # default: 'chat' if defined, else the first class
       rules:                       # default: classifier.DEFAULT_RULES for the classes the policy defines
         - {class: code, patterns: ['```', '\\bdef \\w+\\(']}
+    store:                         # optional: where quota usage and rollback states live
+      url: memory                  # memory (this process) | redis://host:port/db (shared by replicas)
+      on_error: reject             # reject | allow: admission while Redis is unreachable
+      lease_s: 30                  # an unrenewed reservation (its replica died) is given back after this
+      sync_s: 0.5                  # replicas re-read the shared rollback states this often
+      key_prefix: dspark
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import re
@@ -56,11 +63,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dspark_jax.governance.policy import (
-    OVERRIDABLE, QUOTA_COUNTS, ROLLBACK_METRICS, SCHEDULER_MODES, ClassifierConfig, ClassifierRule,
-    GovernancePolicy, QuotaRule, RollbackRule, SamplingLimits, TenantPolicy, WorkloadClassPolicy)
+    OVERRIDABLE, QUOTA_COUNTS, ROLLBACK_METRICS, SCHEDULER_MODES, STORE_ERROR_POLICIES, ClassifierConfig,
+    ClassifierRule, GovernancePolicy, QuotaRule, RollbackRule, SamplingLimits, StoreSettings, TenantPolicy,
+    WorkloadClassPolicy)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-TOP_FIELDS = ("version", "gamma", "cost_per_hour_usd", "class_defaults", "classes", "tenants", "classifier")
+TOP_FIELDS = ("version", "gamma", "cost_per_hour_usd", "class_defaults", "classes", "tenants", "classifier",
+              "store")
+STORE_FIELDS = tuple(StoreSettings.__dataclass_fields__)
+STORE_SCHEMES = ("redis://", "rediss://", "unix://")
 CLASS_FIELDS = ("speculate", "max_draft", "confidence_floor", "scheduler_mode", "max_prompt_tokens",
                 "allow_overrides", "sampling", "rollback", "description")
 SAMPLING_FIELDS = tuple(SamplingLimits.__dataclass_fields__)
@@ -359,6 +370,31 @@ def _classifier(raw: Any, ctx: _Context, class_names: tuple[str, ...]) -> Classi
     return ClassifierConfig(default_class=default_class, rules=tuple(rules))
 
 
+def store_settings(raw: Any, ctx: _Context) -> StoreSettings:
+    """Validated `store` section (also used for `dspark serve --quota_store`)."""
+    raw = _mapping({} if raw is None else raw, ctx, STORE_FIELDS)
+    values = dict(StoreSettings().__dict__)
+    if "url" in raw:
+        url = _str(raw["url"], ctx.at("url"))
+        if url != "memory" and not url.startswith(STORE_SCHEMES):
+            raise ctx.at("url").error(f"must be 'memory' or a Redis URL ({', '.join(STORE_SCHEMES)}...), got {url!r}")
+        values["url"] = url
+    if "on_error" in raw:
+        values["on_error"] = _choice(raw["on_error"], ctx.at("on_error"), STORE_ERROR_POLICIES)
+    for key in ("lease_s", "sync_s"):
+        if key in raw:
+            values[key] = _float(raw[key], ctx.at(key), lo=0.0, lo_open=key == "lease_s")
+    if "key_prefix" in raw:
+        values["key_prefix"] = _name(raw["key_prefix"], ctx.at("key_prefix"), "key prefix")
+    return StoreSettings(**values)
+
+
+def with_store_url(policy: GovernancePolicy, url: str) -> GovernancePolicy:
+    """The policy with its store moved to `url` ('memory' or a Redis URL; PolicyError when it is neither)."""
+    settings = store_settings(dict(policy.store.__dict__, url=url), _Context("--quota_store"))
+    return dataclasses.replace(policy, store=settings)
+
+
 def policy_from_dict(data: Any, source: str = "<dict>") -> GovernancePolicy:
     """Validates a policy given as plain data (the file schema above) and returns the frozen policy."""
     ctx = _Context(source)
@@ -383,8 +419,9 @@ def policy_from_dict(data: Any, source: str = "<dict>") -> GovernancePolicy:
         raise ctx.at("tenants").error("must be a non-empty mapping of tenant name -> tenant settings")
     tenants = tuple(_tenant(_name(name, ctx.at("tenants"), "tenant"), raw, ctx.at("tenants").at(name), class_names,
                             classifier.default_class) for name, raw in tenants_raw.items())
+    store = store_settings(data.get("store"), ctx.at("store"))
     return GovernancePolicy(gamma=gamma, cost_per_hour_usd=cost, classes=classes, tenants=tenants,
-                            classifier=classifier, source=source)
+                            classifier=classifier, store=store, source=source)
 
 
 def load_policy(path: str | Path) -> GovernancePolicy:

@@ -5,7 +5,8 @@ Per (class, tenant) group: counters of requests, tokens, rounds, draft tokens, b
 accepted tokens per round, acceptance and unit costs; summaries of latency and time to first token (quantiles
 over recent requests, _sum / _count all-time). Per class: the speculation state (one series per state, 1 for the
 current one), the rollback metric's rolling value and the switch counts. Per tenant: quota limit, usage and
-reservations. Undefined values (e.g. cost per token before any output) are left out.
+reservations. The governance store: up, errors by operation, settlements waiting.
+Undefined values (e.g. cost per token before any output) are left out.
 """
 from __future__ import annotations
 
@@ -116,6 +117,14 @@ def snapshot_metrics(snapshot: dict) -> list[Metric]:
                                  ("dspark_quota_reserved_tokens", "reserved", "Tokens reserved by in-flight "
                                                                               "requests.")):
         out.family(name, "gauge", help_text, (("", ql(t, q), q[key]) for t, q in quota_rows))
+    store = snapshot.get("store")  # absent in snapshots written before shared stores existed
+    if store is not None:
+        out.family("dspark_governance_store_up", "gauge", "1 when the last call to the governance store (quota "
+                   "ledger, rollback states) succeeded.", [("", dict(kind=store["kind"]), int(store["up"]))])
+        out.family("dspark_governance_store_errors_total", "counter", "Failed calls to the governance store, by "
+                   "operation.", (("", dict(operation=op), n) for op, n in sorted(store["errors"].items())))
+        out.family("dspark_quota_pending_settlements", "gauge", "Finished requests whose tokens wait for the store "
+                   "to be charged.", [("", {}, store.get("pending_settlements"))])
     out.family("dspark_in_flight_requests", "gauge", "Admitted requests not finished yet.",
                [("", {}, snapshot["in_flight"])])
     out.family("dspark_cost_per_hour_usd", "gauge", "Configured serving cost per hour.",

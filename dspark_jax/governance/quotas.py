@@ -29,6 +29,16 @@ class QuotaExceeded(Exception):
         self.retry_after_s = retry_after_s
 
 
+def quota_exceeded(tenant: str, rule: QuotaRule, charged: int, reserved: int, need: int,
+                   resets_in_s: float) -> QuotaExceeded:
+    """The refusal of a reservation of `need` tokens, explained."""
+    counted = "prompt + output" if rule.count == "total" else "output"
+    return QuotaExceeded(
+        f"tenant {tenant!r} quota of {rule.tokens} tokens ({counted}) per {rule.window_s:g} s would be exceeded: "
+        f"{charged} used and {reserved} reserved by in-flight requests in this window, this request needs up to "
+        f"{need}; the window resets in {resets_in_s:.0f} s", resets_in_s)
+
+
 @dataclass
 class _WindowUsage:
     rule: QuotaRule
@@ -72,16 +82,19 @@ class QuotaLedger:
             w.roll(now)
             need = w.amount(prompt_tokens, max_new_tokens)
             if w.charged + w.reserved + need > w.rule.tokens:
-                counted = "prompt + output" if w.rule.count == "total" else "output"
-                resets = w.window_start + w.rule.window_s - now
-                raise QuotaExceeded(
-                    f"tenant {tenant!r} quota of {w.rule.tokens} tokens ({counted}) per {w.rule.window_s:g} s "
-                    f"would be exceeded: {w.charged} used and {w.reserved} reserved by in-flight requests in this "
-                    f"window, this request needs up to {need}; the window resets in {resets:.0f} s", resets)
+                raise quota_exceeded(tenant, w.rule, w.charged, w.reserved, need,
+                                     w.window_start + w.rule.window_s - now)
             amounts.append(need)
         for w, need in zip(windows, amounts):
             w.reserved += need
         self._reservations[request_id] = _Reservation(tenant, amounts)
+
+    def admit_unreserved(self, request_id: str, tenant: str) -> None:
+        """Tracks a request admitted without a reservation (the store was down under `on_error: allow`): its
+        tokens are still charged at `reconcile`, and count as overshoot."""
+        windows = self._usage.get(tenant)
+        if windows:
+            self._reservations[request_id] = _Reservation(tenant, [0] * len(windows))
 
     def reconcile(self, request_id: str, prompt_tokens: int, output_tokens: int, now: float) -> None:
         """Replaces the request's reservation by its actual tokens, charged to the current window."""

@@ -10,32 +10,22 @@ While rolled back no request of the class speculates; while probing, `probe_frac
 speculate do (spread evenly: the first request after probation starts is a probe, then one in every
 1/probe_fraction). Only samples of the current state count: every switch starts a new epoch, and rounds or
 finishes of requests admitted in an earlier epoch are ignored. Every switch is logged and kept as a SwitchEvent.
+
+Across replicas: the state lives in the store's RollbackStates (store.py; Redis for a shared store). Each replica
+decides from its own samples and applies a switch by compare-and-set on the epoch, so a switch is made (and
+recorded, and logged) once, and every replica adopts the stored state within `sync_s`. While a shared store is
+unreachable a replica keeps the last state it saw and its switches wait for the store.
 """
 from __future__ import annotations
 
-import logging
 from collections import deque
-from dataclasses import dataclass
-from typing import Callable
 
 from dspark_jax.governance.metrics import percentile
 from dspark_jax.governance.policy import RollbackRule
+from dspark_jax.governance.store import (PROBING, ROLLED_BACK, SPECULATIVE, ClassState, RollbackStates,
+                                         StoreUnavailable, SwitchEvent, logger)
 
-SPECULATIVE, ROLLED_BACK, PROBING = "speculative", "rolled_back", "probing"
-logger = logging.getLogger("dspark_jax.governance")
-
-
-@dataclass(frozen=True)
-class SwitchEvent:
-    """One change of a class's speculation state."""
-    time: float
-    workload_class: str
-    from_state: str
-    to_state: str
-    reason: str
-    metric: str
-    value: float | None  # the metric value that caused the switch (None for the end of a probation period)
-    threshold: float
+__all__ = ["PROBING", "ROLLED_BACK", "SPECULATIVE", "RollbackController", "SwitchEvent"]
 
 
 class _Window:
@@ -74,15 +64,21 @@ class _Window:
 class RollbackController:
     """The speculation state of one class under its RollbackRule. Not thread-safe: the Governor locks."""
 
-    def __init__(self, workload_class: str, rule: RollbackRule, on_switch: Callable[[SwitchEvent], None]):
-        self.workload_class, self.rule, self._on_switch = workload_class, rule, on_switch
-        self.state = SPECULATIVE
-        self.since = 0.0
-        self.epoch = 0
-        self.probation_until: float | None = None
+    def __init__(self, workload_class: str, rule: RollbackRule, states: RollbackStates, sync_s: float = 0.0):
+        self.workload_class, self.rule, self._states, self.sync_s = workload_class, rule, states, sync_s
+        self.view = ClassState()
+        self._synced_at: float | None = None
         self._window = _Window(rule.metric, rule.window)
         self._probes = _Window(rule.metric, rule.probe_window)
         self._probe_credit = 0.0
+
+    @property
+    def state(self) -> str:
+        return self.view.state
+
+    @property
+    def epoch(self) -> int:
+        return self.view.epoch
 
     # -- admission ---------------------------------------------------------------------------------------------
     def admit(self, now: float) -> tuple[bool, bool, int]:
@@ -99,12 +95,25 @@ class RollbackController:
         return False, False, self.epoch
 
     def refresh(self, now: float) -> None:
-        """Starts probing once the probation period is over."""
-        if self.state == ROLLED_BACK and now >= self.probation_until:
-            self._probe_credit = 1.0 - self.rule.probe_fraction
-            self._switch(PROBING, self.probation_until,
+        """Adopts the stored state (at most every sync_s), and starts probing once the probation period is over."""
+        if self._synced_at is None or now - self._synced_at >= self.sync_s or now < self._synced_at:
+            try:
+                self._adopt(self._states.load(self.workload_class))
+                self._synced_at = now
+            except StoreUnavailable:
+                pass  # keep the last state seen; counted by the store's health
+        if self.state == ROLLED_BACK and now >= self.view.probation_until:
+            self._switch(PROBING, self.view.probation_until,
                          f"probation of {self.rule.probation_s:g} s over; speculating on "
                          f"{self.rule.probe_fraction:.0%} of requests as probes", None)
+
+    def _adopt(self, view: ClassState) -> None:
+        """A new epoch (ours or another replica's): fresh windows; probing starts with a probe."""
+        if view.epoch != self.view.epoch:
+            self._window = _Window(self.rule.metric, self.rule.window)
+            self._probes = _Window(self.rule.metric, self.rule.probe_window)
+            self._probe_credit = 1.0 - self.rule.probe_fraction
+        self.view = view
 
     # -- samples -----------------------------------------------------------------------------------------------
     def record_round(self, epoch: int, probe: bool, verified_draft: int, accepted: int, now: float) -> None:
@@ -152,22 +161,26 @@ class RollbackController:
         return "at or below" if value <= self.rule.threshold else "above"
 
     def _switch(self, to_state: str, now: float, reason: str, value: float | None) -> None:
+        """Proposes the switch to the store: applied and logged if no replica switched the class first (then its
+        state is adopted instead). While the store is unreachable nothing changes: the next sample retries."""
         event = SwitchEvent(time=now, workload_class=self.workload_class, from_state=self.state, to_state=to_state,
                             reason=reason, metric=self.rule.metric, value=value, threshold=self.rule.threshold)
-        self.state, self.since = to_state, now
-        self.epoch += 1
-        self._window = _Window(self.rule.metric, self.rule.window)
-        self._probes = _Window(self.rule.metric, self.rule.probe_window)
-        self.probation_until = now + self.rule.probation_s if to_state == ROLLED_BACK else None
-        log = logger.warning if to_state == ROLLED_BACK else logger.info
-        log("workload class %r: %s -> %s: %s", self.workload_class, event.from_state, to_state, reason)
-        self._on_switch(event)
+        new = ClassState(to_state, self.epoch + 1, now,
+                         now + self.rule.probation_s if to_state == ROLLED_BACK else None)
+        try:
+            applied, current = self._states.switch(self.epoch, new, event)
+        except StoreUnavailable:
+            return
+        self._adopt(current)
+        if applied:
+            log = logger.warning if to_state == ROLLED_BACK else logger.info
+            log("workload class %r: %s -> %s: %s", self.workload_class, event.from_state, to_state, reason)
 
     def status(self, now: float) -> dict:
         """JSON-ready state: current state, rule, rolling values and window fill."""
         self.refresh(now)
-        return dict(state=self.state, since=self.since, epoch=self.epoch, metric=self.rule.metric,
+        return dict(state=self.state, since=self.view.since, epoch=self.epoch, metric=self.rule.metric,
                     threshold=self.rule.threshold, window=self.rule.window, rolling_value=self._window.value(),
                     window_samples=len(self._window), probe_fraction=self.rule.probe_fraction,
                     probe_window=self.rule.probe_window, probe_value=self._probes.value(),
-                    probe_samples=len(self._probes), probation_until=self.probation_until)
+                    probe_samples=len(self._probes), probation_until=self.view.probation_until)

@@ -180,7 +180,9 @@ class GovernedEngine:
         self.engine.start()
 
     def shutdown(self) -> None:
+        """Stops the engine, then releases the governor's store (settles what finished)."""
         self.engine.shutdown()
+        self.governor.close()
 
     def run_until_idle(self) -> None:
         self.engine.run_until_idle()

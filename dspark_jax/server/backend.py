@@ -18,7 +18,7 @@ from dspark_jax.server.errors import ApiError
 
 REJECTION_STATUS = {"unknown_tenant": 403, "unknown_class": 400, "class_not_allowed": 403, "context_budget": 400,
                     "invalid_override": 400, "override_forbidden": 403, "sampling_limit": 400,
-                    "quota_exceeded": 429, "invalid_request": 400}
+                    "quota_exceeded": 429, "invalid_request": 400, "store_unavailable": 503}
 REJECTION_PARAM = {"unknown_class": "workload_class", "class_not_allowed": "workload_class",
                    "context_budget": "max_tokens", "sampling_limit": None}
 
@@ -64,7 +64,7 @@ class Backend:
 
     def submit(self, tenant: str | None, prompt_ids: Sequence[int], prompt_text: str, sampling: Sampling,
                workload_class: str | None, prompt_param: str, max_tokens_param: str) -> int:
-        """Queues the request; returns the engine id. Raises ApiError (400 / 403 / 429) naming the field."""
+        """Queues the request; returns the engine id. Raises ApiError (400 / 403 / 429 / 503) naming the field."""
         n = len(prompt_ids)
         room = self.room(n)
         if room < 1:
@@ -93,7 +93,7 @@ class Backend:
         except RequestRejected as e:
             status = REJECTION_STATUS.get(e.code, 400)
             raise ApiError(status, e.reason, REJECTION_PARAM.get(e.code), e.code,
-                           retry_after_s=e.retry_after_s if status == 429 else None) from None
+                           retry_after_s=e.retry_after_s if status in (429, 503) else None) from None
         except RequestError as e:
             raise ApiError(400, str(e), _param_of(str(e), prompt_param, max_tokens_param)) from None
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dspark_jax.decoding.rejection import verify
-from dspark_jax.decoding.sampling import FilterMode, SamplingParams, lazy_token_probs, token_probs
+from dspark_jax.sampling import FilterMode, SamplingParams, lazy_token_probs, token_probs
 from dspark_jax.utils.machine import describe_machine
 from dspark_jax.utils.results import write_result
 from dspark_jax.utils.timing import median_seconds

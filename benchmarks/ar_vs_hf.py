@@ -20,7 +20,7 @@ import numpy as np
 
 def time_ours(target, prompt_ids, max_new, repeats):
     from dspark_jax.decoding.autoregressive import generate
-    from dspark_jax.decoding.sampling import SamplingParams
+    from dspark_jax.sampling import SamplingParams
     from dspark_jax.generation import pad_batch
     tokens, lens = pad_batch(prompt_ids, target.config.pad_token_id, len(prompt_ids))
     args = (target.graphdef, target.state, jnp.asarray(tokens), jnp.asarray(lens), jax.random.key(0),

@@ -21,10 +21,10 @@ from dspark_jax.utils.timing import median_seconds
 
 
 @functools.partial(jax.jit, static_argnames=("tg", "dg"))
-def _propose(tg, ts, dg, ds, dstate, head, anchor, start, key, params):
-    from dspark_jax.decoding.sampling import FilterMode
+def _propose(tg, ts, dg, ds, drafter_state, head, anchor, start, key, params):
+    from dspark_jax.sampling import FilterMode
     target, drafter = nnx.merge(tg, ts), nnx.merge(dg, ds)
-    return drafter.propose(target, dstate, anchor, start, key, params, FilterMode(), head)
+    return drafter.propose(target, drafter_state, anchor, start, key, params, FilterMode(), head)
 
 
 @functools.partial(jax.jit, static_argnames=("tg",))
@@ -46,7 +46,7 @@ def main():
     ap.add_argument("--output", default="benchmarks/results/draft_vocab.json")
     args = ap.parse_args()
 
-    from dspark_jax.decoding.sampling import SamplingParams
+    from dspark_jax.sampling import SamplingParams
     from dspark_jax.drafters.factory import random_drafter
     from dspark_jax.models.kv_cache import init_cache
     from dspark_jax.target import load_target
@@ -70,9 +70,9 @@ def main():
         d = random_drafter(target, "dspark", gamma=g, num_layers=args.num_layers, draft_vocab_size=n)
         drafter = nnx.merge(d.graphdef, d.state)
         feats = jax.random.normal(key, (b, ctx, len(d.config.target_layer_ids) * target.config.hidden_size))
-        dstate = drafter.write_context(drafter.init_state(b, ctx + g + 1), feats, jnp.zeros((b,), jnp.int32))
+        drafter_state = drafter.write_context(drafter.init_state(b, ctx + g + 1), feats, jnp.zeros((b,), jnp.int32))
         head = jax.jit(drafter.head_matrix)(target.model)
-        s = median_seconds(lambda: _propose(target.graphdef, target.state, d.graphdef, d.state, dstate, head, anchor,
+        s = median_seconds(lambda: _propose(target.graphdef, target.state, d.graphdef, d.state, drafter_state, head, anchor,
                                          start, key, params), args.repeats)
         ids = jnp.asarray(drafter.draft_to_target[...])
         cover = 1.0 if n is None else float(jnp.isin(eval_tokens, ids).mean())

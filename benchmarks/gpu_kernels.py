@@ -201,7 +201,7 @@ def _lean_step(key, logits, p_draft, tokens):
 
 def acceptance(batches: list[int], g: int, vocab: int) -> list[dict]:
     from dspark_jax.decoding.rejection import verify
-    from dspark_jax.decoding.sampling import FilterMode, SamplingParams, token_probs
+    from dspark_jax.sampling import FilterMode, SamplingParams, token_probs
 
     rows = []
     for b in batches:

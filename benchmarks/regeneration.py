@@ -18,7 +18,7 @@ import numpy as np
 
 from dspark_jax.data import training_prompts
 from dspark_jax.decoding import autoregressive
-from dspark_jax.decoding.sampling import FilterMode, SamplingParams, categorical, fast_argmax, filter_logits, sample
+from dspark_jax.sampling import FilterMode, SamplingParams, categorical, fast_argmax, filter_logits, sample
 from dspark_jax.generation import pad_batch
 from dspark_jax.target import load_target
 from dspark_jax.training.responses import RegenConfig, prompt_ids

@@ -11,10 +11,10 @@ import numpy as np
 from jax.sharding import Mesh
 
 from dspark_jax.decoding.autoregressive import generate
-from dspark_jax.decoding.keys import request_key_data, request_keys
 from dspark_jax.decoding.speculative import speculative_generate
-from dspark_jax.decoding.sampling import FilterMode, SamplingParams, validate_sampling
 from dspark_jax.parallel.placement import replicate, shard_batch, shard_state, to_host
+from dspark_jax.sampling import FilterMode, SamplingParams, validate_sampling
+from dspark_jax.sampling.keys import request_key_data, request_keys
 from dspark_jax.target import Target
 from dspark_jax.verify_costs import load_or_profile_verify_costs
 
@@ -94,7 +94,7 @@ def pad_batch(batch: Sequence[Sequence[int]], pad_id: int, batch_size: int) -> t
 def decode_batches(target: Target, encoded: Sequence[Sequence[int]], config: GenerationConfig, drafter=None,
                    confidence_threshold: float = 0.0, mesh: Mesh | None = None) -> Iterator[tuple[int, int, Any, float]]:
     """Decodes token prompts in batches of `config.batch_size` (padded, one key per prompt from the seed and the
-    prompt — `decoding.keys` —, compiled once per shape); yields (index of the batch's first prompt, its number of prompts, the batch's output on the host,
+    prompt — `sampling.keys` —, compiled once per shape); yields (index of the batch's first prompt, its number of prompts, the batch's output on the host,
     seconds without compiling)."""
     if not 0.0 <= confidence_threshold <= 1.0:
         raise ValueError(f"confidence_threshold must be in [0, 1], got {confidence_threshold}")

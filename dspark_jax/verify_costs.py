@@ -18,9 +18,9 @@ from flax import nnx
 
 from dspark_jax.decoding.autoregressive import prefill
 from dspark_jax.decoding.draft_length import efficient_widths
-from dspark_jax.decoding.layout import dense_layout
-from dspark_jax.decoding.sampling import FilterMode, SamplingParams
 from dspark_jax.decoding.verification import concat_taps
+from dspark_jax.models.layout import dense_layout
+from dspark_jax.sampling import FilterMode, SamplingParams
 from dspark_jax.target import Target
 from dspark_jax.utils.files import atomic_write_text, cache_dir
 from dspark_jax.utils.machine import describe_machine
@@ -67,13 +67,13 @@ def profile_verify_costs(target: Target, drafter, batch: int, widths: tuple[int,
     start = lens
 
     @jax.jit
-    def propose(dstate):
+    def propose(drafter_state):
         params = SamplingParams.create(batch, 0.0, 0, 1.0)
-        return d.propose(model, dstate, prompts[:, -1], start, jax.random.key(0), params, FilterMode(),
+        return d.propose(model, drafter_state, prompts[:, -1], start, jax.random.key(0), params, FilterMode(),
                          d.head_matrix(model), attn_impl)
 
-    dstate = d.prefill(model, d.init_state(batch, cache_len), concat_taps(out.taps), prompts, lens)
-    propose_s = median_seconds(lambda: propose(dstate), repeats)
+    drafter_state = d.prefill(model, d.init_state(batch, cache_len), concat_taps(out.taps), prompts, lens)
+    propose_s = median_seconds(lambda: propose(drafter_state), repeats)
     seconds = []
     for w in widths:
         @jax.jit

@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dspark_jax.decoding.keys import row_keys, split_rows
-from dspark_jax.decoding.sampling import sample, token_probs
+from dspark_jax.sampling.keys import row_keys, split_rows
+from dspark_jax.sampling import sample, token_probs
 from dspark_jax.drafters.base import Proposal
 from dspark_jax.models.kv_cache import init_cache
 

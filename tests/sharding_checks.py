@@ -26,7 +26,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 
 from dspark_jax import generation  # noqa: E402
 from dspark_jax.decoding.autoregressive import generate  # noqa: E402
-from dspark_jax.decoding.sampling import SamplingParams  # noqa: E402
+from dspark_jax.sampling import SamplingParams  # noqa: E402
 from dspark_jax.drafters.config import make_drafter_config  # noqa: E402
 from dspark_jax.drafters.dspark import DSparkDrafter  # noqa: E402
 from dspark_jax.drafters.factory import Drafter  # noqa: E402

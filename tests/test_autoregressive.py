@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from dspark_jax.decoding.autoregressive import generate
-from dspark_jax.decoding.sampling import FilterMode, SamplingParams
+from dspark_jax.sampling import FilterMode, SamplingParams
 from configs.tiny import tiny_gemma3, tiny_qwen3
 from dspark_jax.models.transformer import Transformer
 

@@ -16,9 +16,9 @@ from safetensors.numpy import save_file
 
 from configs.tiny import tiny_gemma3, tiny_qwen3
 from dspark_jax.decoding.autoregressive import generate, prefill
-from dspark_jax.decoding.sampling import FilterMode, SamplingParams
+from dspark_jax.sampling import FilterMode, SamplingParams
 from dspark_jax.decoding.speculative import speculative_generate
-from dspark_jax.io.deepspec import (DrafterMismatchError, drafter_config_from_deepspec, load_deepspec_config,
+from dspark_jax.drafters.deepspec import (DrafterMismatchError, drafter_config_from_deepspec, load_deepspec_config,
                                     load_deepspec_drafter)
 from dspark_jax.io.hf_checkpoint import CheckpointError, expected_shapes
 from dspark_jax.models.transformer import model_from_canonical

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dspark_jax.decoding.draft_length import choose_width, covering_width, efficient_widths, expected_committed
-from dspark_jax.decoding.sampling import FilterMode, SamplingParams
+from dspark_jax.sampling import FilterMode, SamplingParams
 from test_ngram import REPETITIVE, _ngram, greedy_plain_and_speculative
 from test_speculative import chi_square_pvalue, exact_joint, make_target, sampled_joint
 

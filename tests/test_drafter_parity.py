@@ -21,7 +21,7 @@ import pytest
 from flax import nnx
 
 from configs.tiny import tiny_gemma3, tiny_qwen3
-from dspark_jax.decoding.sampling import FilterMode, SamplingParams
+from dspark_jax.sampling import FilterMode, SamplingParams
 from dspark_jax.drafters.config import make_drafter_config
 from dspark_jax.drafters.dspark import DSparkDrafter
 from dspark_jax.drafters.eagle3 import Eagle3Drafter, Eagle3State

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from configs.tiny import tiny_gemma3
-from dspark_jax.decoding.sampling import FilterMode, SamplingParams
+from dspark_jax.sampling import FilterMode, SamplingParams
 from dspark_jax.drafters.factory import random_drafter
 from dspark_jax.models.transformer import Transformer
 from dspark_jax.serving import device_step

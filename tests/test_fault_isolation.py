@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from configs.tiny import tiny_qwen3
-from dspark_jax.decoding.sampling import SamplingParams
+from dspark_jax.sampling import SamplingParams
 from dspark_jax.decoding.speculative import speculative_generate
 from dspark_jax.drafters.factory import random_drafter
 from dspark_jax.models.transformer import Transformer

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from dspark_jax.decoding.autoregressive import generate
-from dspark_jax.decoding.sampling import FilterMode, SamplingParams
+from dspark_jax.sampling import FilterMode, SamplingParams
 from dspark_jax.decoding.speculative import speculative_generate
 from dspark_jax.drafters.ngram import NgramConfig, NgramDrafter, find_match, lookup_proposal
 from dspark_jax.evaluation.lookup_simulation import lookup, simulate_rounds

@@ -134,16 +134,16 @@ def test_one_step_output_distribution_is_the_target(seed):
 
 # ---- the lean target side (LazyTokenProbs) against the dense token_probs ----------------------------------
 
-from dspark_jax.decoding.layout import make_layout  # noqa: E402
-from dspark_jax.decoding.sampling import (  # noqa: E402
-    _CANDIDATES, FilterMode, SamplingParams, lazy_token_probs, token_probs)
+from dspark_jax.models.layout import make_layout  # noqa: E402
+from dspark_jax.sampling import FilterMode, SamplingParams, lazy_token_probs, token_probs  # noqa: E402
+from dspark_jax.sampling.threshold import NUCLEUS_CANDIDATES  # noqa: E402
 
 
 def _flat_round(seed, temperature, top_k, top_p, g=4):
     """A flattened verification bucket (with padding rows) for len(temperature) requests: logits [T, V], drafts
     half from the target's argmax (long acceptance), half random; draft distributions over the full vocab."""
     rng = np.random.default_rng(seed)
-    b, v = len(temperature), 2 * _CANDIDATES
+    b, v = len(temperature), 2 * NUCLEUS_CANDIDATES
     n = jnp.asarray(rng.integers(0, g + 1, b), jnp.int32)
     layout = make_layout(n + 1, jnp.zeros((b,), jnp.int32), int(n.sum()) + b + 3, g + 1)
     params = SamplingParams(jnp.asarray(temperature, jnp.float32), jnp.asarray(top_k, jnp.int32),

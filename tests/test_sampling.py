@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dspark_jax.decoding.sampling import (FilterMode, SamplingParams, filter_logits, sample, token_probs,
+from dspark_jax.sampling import (FilterMode, SamplingParams, filter_logits, sample, token_probs,
                                           top_k_candidates)
 
 
@@ -133,8 +133,8 @@ def test_filter_logits_without_filters_is_temperature_only():
 
 # ---- threshold filters without a sort, fast argmax / categorical, lazy token_probs ------------------------
 
-from dspark_jax.decoding.sampling import (  # noqa: E402
-    _CANDIDATES, categorical, fast_argmax, filter_threshold, lazy_token_probs)
+from dspark_jax.sampling import categorical, fast_argmax, filter_threshold, lazy_token_probs  # noqa: E402
+from dspark_jax.sampling.threshold import NUCLEUS_CANDIDATES  # noqa: E402
 
 
 def np_kept(x, top_k, top_p):
@@ -161,7 +161,7 @@ def _kept(logits, params, mode):
 def test_threshold_filters_match_the_sort_definition_including_ties(quantized):
     """Rows with and without top-k, nucleus inside and beyond the top-k candidates (full-row search), ties."""
     rng = np.random.default_rng(4 + quantized)
-    b, v = 12, 3 * _CANDIDATES
+    b, v = 12, 3 * NUCLEUS_CANDIDATES
     logits = rng.normal(size=(b, v)).astype(np.float32) * np.array([0.3, 1, 3, 8] * 3, np.float32)[:, None]
     if quantized:
         logits = np.round(logits * 2) / 2  # many ties, exact zeros
@@ -173,7 +173,7 @@ def test_threshold_filters_match_the_sort_definition_including_ties(quantized):
     x = logits * (np.float32(1) / temp)[:, None]
     for r in range(b):
         np.testing.assert_array_equal(got[r], np_kept(x[r], top_k[r], top_p[r]), err_msg=f"row {r}")
-    assert got[[0, 1, 2, 3]].sum(1).max() > _CANDIDATES  # the full-row search did run
+    assert got[[0, 1, 2, 3]].sum(1).max() > NUCLEUS_CANDIDATES  # the full-row search did run
     # every request with top-k: the candidate-only mode gives the same sets
     k_rows = top_k > 0
     sub = SamplingParams(*(jnp.asarray(a[k_rows]) for a in (temp, top_k, top_p)))
@@ -184,7 +184,7 @@ def test_threshold_filters_match_the_sort_definition_including_ties(quantized):
 
 def test_top_p_threshold_among_tiny_and_zero_logits():
     """The nucleus ends among values within 2^-100 of zero (where the arithmetic compare needs care)."""
-    v = 2 * _CANDIDATES
+    v = 2 * NUCLEUS_CANDIDATES
     base = np.full(v, -30.0, np.float32)
     base[:40] = 3.0
     # normal floats whose differences are denormal (flushed to zero by XLA:CPU), exact zeros, ±0
@@ -245,7 +245,7 @@ def test_categorical_is_jax_random_categorical_row_by_row():
 @pytest.mark.parametrize("temperature,top_k,top_p", [(0.0, 0, 1.0), (1.0, 0, 1.0), (1.0, 20, 0.9), (0.7, 0, 0.8)])
 def test_lazy_token_probs_is_token_probs(temperature, top_k, top_p):
     rng = np.random.default_rng(9)
-    t, v = 6, 2 * _CANDIDATES
+    t, v = 6, 2 * NUCLEUS_CANDIDATES
     logits = jnp.asarray(rng.normal(size=(t, v)).astype(np.float32) * 3)
     params = SamplingParams(jnp.asarray([temperature] * 4 + [0.0, 1.0], jnp.float32),
                             jnp.full((t,), top_k, jnp.int32), jnp.full((t,), top_p, jnp.float32))

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from dspark_jax.decoding.keys import position_keys, request_key_data, request_keys, row_keys
+from dspark_jax.sampling.keys import position_keys, request_key_data, request_keys, row_keys
 from dspark_jax.drafters.factory import random_drafter
 from dspark_jax.generation import GenerationConfig, generate_text
 from dspark_jax.serving.engine import Engine, EngineConfig

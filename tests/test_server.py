@@ -17,7 +17,7 @@ import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
-from dspark_jax.decoding.sampling import FilterMode
+from dspark_jax.sampling import FilterMode
 from dspark_jax.drafters.factory import random_drafter
 from dspark_jax.governance import Governor, policy_from_dict
 from dspark_jax.governance.serving import GovernedEngine

@@ -15,7 +15,7 @@ from configs.tiny import tiny_gemma3, tiny_qwen3
 from dspark_jax.decoding import verification
 from dspark_jax.decoding.autoregressive import generate
 from dspark_jax.decoding.rejection import Verdict
-from dspark_jax.decoding.sampling import FilterMode, SamplingParams, token_probs
+from dspark_jax.sampling import FilterMode, SamplingParams, token_probs
 from dspark_jax.decoding.speculative import speculative_generate
 from dspark_jax.drafters.config import make_drafter_config
 from dspark_jax.drafters.dspark import DSparkDrafter
@@ -199,7 +199,7 @@ def test_temperature_one_is_lossless(small_target, alg, top_k, top_p, reduced):
 
 
 def test_chi_square_rejects_a_sampler_that_accepts_every_draft(small_target, monkeypatch):
-    from dspark_jax.decoding.sampling import categorical
+    from dspark_jax.sampling import categorical
     tg, ts, cfg = small_target
     dc = make_drafter_config("dspark", cfg, block_size=2, num_layers=1, markov_rank=4)
     dg, ds = nnx.split(DSparkDrafter(dc, cfg, rngs=nnx.Rngs(3)))

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from dspark_jax.decoding.autoregressive import generate
-from dspark_jax.decoding.sampling import SamplingParams
+from dspark_jax.sampling import SamplingParams
 from dspark_jax.target import Target
 from dspark_jax.training.target_cache import TargetCache, build_target_cache, make_sequence
 from dspark_jax.training.trainer import TrainConfig, Trainer

@@ -10,7 +10,7 @@ from flax import nnx
 
 from configs.tiny import tiny_gemma3
 from dspark_jax.decoding.autoregressive import generate
-from dspark_jax.decoding.sampling import SamplingParams
+from dspark_jax.sampling import SamplingParams
 from dspark_jax.models.transformer import Transformer
 from dspark_jax.target import Target
 

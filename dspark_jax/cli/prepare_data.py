@@ -225,7 +225,7 @@ def body() -> None:
     import jax.numpy as jnp
 
     from dspark_jax.data import DEFAULT_TRAINING_MIX, select_training_prompts
-    from dspark_jax.decoding.sampling import validate_sampling
+    from dspark_jax.sampling import validate_sampling
     from dspark_jax.target import load_target
     from dspark_jax.training import target_cache as tc
     from dspark_jax.training.responses import RegenConfig

@@ -48,7 +48,7 @@ def _define_flags() -> None:
 
 
 def body() -> None:
-    from dspark_jax.decoding.sampling import FilterMode
+    from dspark_jax.sampling import FilterMode
     from dspark_jax.server.app import create_app, serve
     from dspark_jax.server.auth import ApiKeys
     from dspark_jax.server.backend import Backend

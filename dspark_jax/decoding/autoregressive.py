@@ -11,9 +11,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dspark_jax.decoding.keys import SAMPLE, position_keys, row_keys
-from dspark_jax.decoding.sampling import FilterMode, SamplingParams, sample
 from dspark_jax.models.kv_cache import init_cache
+from dspark_jax.sampling import FilterMode, SamplingParams, sample
+from dspark_jax.sampling.keys import SAMPLE, position_keys, row_keys
 
 
 @jax.tree_util.register_dataclass
@@ -43,7 +43,7 @@ def generate(graphdef: nnx.GraphDef, state: nnx.State, prompts: jax.Array, promp
     """Generates exactly `max_new_tokens` per request, or fewer up to and including a stop token.
 
     prompts: [B, P] right-padded int32; prompt_lens: [B] (1 <= len <= P). key: one per request [B] (its tokens
-    then do not depend on the rest of the batch: `decoding.keys`) or one for the batch.
+    then do not depend on the rest of the batch: `sampling.keys`) or one for the batch.
     """
     model = nnx.merge(graphdef, state)
     b, p = prompts.shape

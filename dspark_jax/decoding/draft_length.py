@@ -71,3 +71,13 @@ def efficient_widths(widths: tuple[int, ...], costs: tuple[float, ...], max_widt
         inner = sorted(sorted(inner, key=lambda i: -saving[i])[:max_widths - 2])
         keep = [keep[0]] + inner + [keep[-1]]
     return tuple(widths[i] for i in keep), tuple(float(costs[i]) for i in keep)
+
+
+def proposal_lengths(confidence: jax.Array, threshold: jax.Array) -> jax.Array:
+    """Static-threshold truncation: index of the first k with c_k < threshold (G if none, or threshold <= 0).
+    confidence [B, G]; threshold: a scalar or one per request [B]. The one static-threshold rule (the jitted
+    loop, the engine and the offline threshold sweep all call it)."""
+    g = confidence.shape[1]
+    threshold = jnp.reshape(threshold, (-1, 1)) if jnp.ndim(threshold) else threshold
+    low = (confidence < threshold) & (threshold > 0)
+    return jnp.where(low.any(1), jnp.argmax(low, axis=1), g).astype(jnp.int32)

@@ -14,8 +14,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from dspark_jax.decoding.keys import row_keys, split_rows
-from dspark_jax.decoding.sampling import LazyTokenProbs, categorical
+from dspark_jax.sampling import LazyTokenProbs, categorical
+from dspark_jax.sampling.keys import row_keys, split_rows
 
 
 @jax.tree_util.register_dataclass
@@ -46,7 +46,7 @@ def residual_distribution(p_target: jax.Array, p_draft: jax.Array) -> jax.Array:
 def verify(key: jax.Array, draft_tokens: jax.Array, p_draft_x: jax.Array, p_draft_full_at,
            p_target: jax.Array | LazyTokenProbs, proposal_len: jax.Array,
            row_index: jax.Array | None = None) -> Verdict:
-    """Rejection-samples a batch of draft blocks. key: one per request [B] (`decoding.keys`) or one for all.
+    """Rejection-samples a batch of draft blocks. key: one per request [B] (`sampling.keys`) or one for all.
 
     draft_tokens: [B, G] target ids; p_draft_x: [B, G] p_d of each drafted token; p_draft_full_at(k): [B] -> [B, V]
     returns the draft distribution at per-request position k over the full vocabulary; proposal_len: [B] in 0..G.

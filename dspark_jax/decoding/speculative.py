@@ -15,12 +15,52 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dspark_jax.decoding.autoregressive import prefill
-from dspark_jax.decoding.draft_length import choose_width
-from dspark_jax.decoding.keys import DRAFT, SAMPLE, VERIFY, position_keys, row_keys
-from dspark_jax.decoding.layout import dense_layout
-from dspark_jax.decoding.sampling import FilterMode, SamplingParams, sample
+from dspark_jax.decoding.draft_length import choose_width, proposal_lengths
 from dspark_jax.decoding.verification import concat_taps, verify_round
 from dspark_jax.drafters.base import Proposal
+from dspark_jax.models.layout import dense_layout
+from dspark_jax.sampling import FilterMode, SamplingParams, sample
+from dspark_jax.sampling.keys import DRAFT, SAMPLE, VERIFY, position_keys, row_keys
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RoundStats:
+    """Per request and round (slot r < rounds[b]): proposed [B, R] draft tokens, accepted [B, R], committed
+    [B, R] (bonus included), accept_flags [B, R, G], confidence and confidence_logits [B, R, G]."""
+    proposed: jax.Array
+    accepted: jax.Array
+    committed: jax.Array
+    accept_flags: jax.Array
+    confidence: jax.Array
+    confidence_logits: jax.Array
+
+    @staticmethod
+    def zeros(batch: int, max_rounds: int, gamma: int) -> "RoundStats":
+        counts = jnp.zeros((batch, max_rounds), jnp.int32)
+        per_draft = jnp.zeros((batch, max_rounds, gamma), jnp.float32)
+        return RoundStats(proposed=counts, accepted=counts, committed=counts,
+                          accept_flags=jnp.zeros((batch, max_rounds, gamma), bool), confidence=per_draft,
+                          confidence_logits=per_draft)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SpecState:
+    """The loop's carry: keys [B] per request; anchor [B] the last committed token, at position start [B];
+    the target's KV cache and the drafter's state; tokens [B, max_new + G + 1] generated so far (num_generated
+    [B] valid); done [B]; rounds [B]; stats; nonfinite [B] (see SpecOutput)."""
+    keys: jax.Array
+    anchor: jax.Array
+    start: jax.Array
+    target_cache: object
+    drafter_state: object
+    tokens: jax.Array
+    num_generated: jax.Array
+    done: jax.Array
+    rounds: jax.Array
+    stats: RoundStats
+    nonfinite: jax.Array
 
 
 @jax.tree_util.register_dataclass
@@ -41,15 +81,6 @@ class SpecOutput:
     confidence: jax.Array
     confidence_logits: jax.Array
     nonfinite: jax.Array
-
-
-def proposal_lengths(confidence: jax.Array, threshold: jax.Array) -> jax.Array:
-    """Static-threshold truncation: index of the first k with c_k < threshold (G if none, or threshold <= 0).
-    threshold: a scalar or one per request [B]."""
-    g = confidence.shape[1]
-    threshold = jnp.reshape(threshold, (-1, 1)) if jnp.ndim(threshold) else threshold
-    low = (confidence < threshold) & (threshold > 0)
-    return jnp.where(low.any(1), jnp.argmax(low, axis=1), g).astype(jnp.int32)
 
 
 def _pad_slots(x: jax.Array, width: int) -> jax.Array:
@@ -80,7 +111,7 @@ def speculative_generate(target_graphdef: nnx.GraphDef, target_state: nnx.State,
                          verify_costs: tuple[float, ...] | None = None) -> SpecOutput:
     """Lossless speculative decoding of right-padded prompts [B, P] (lengths [B]); exactly
     `max_new_tokens` per request, or fewer up to and including a stop token. key: one per request [B] or one
-    for the batch (`decoding.keys`).
+    for the batch (`sampling.keys`).
 
     Each round verifies every request at one width (anchor + drafts) out of `verify_widths` (ascending,
     from 1 to at most G + 1; default (1, G + 1): a round where nothing was drafted is a plain step), each
@@ -101,76 +132,67 @@ def speculative_generate(target_graphdef: nnx.GraphDef, target_state: nnx.State,
     if verify_costs is not None and len(verify_costs) != len(widths):
         raise ValueError(f"one verify cost per width needed: {len(widths)} widths, {len(verify_costs)} costs")
 
-    keys = row_keys(key, b)  # one per request: `decoding.keys`
+    keys = row_keys(key, b)  # one per request: `sampling.keys`
     logits, out = prefill(target, prompts, prompt_lens, cache_len, attn_impl, tap_layers=taps)
     first = sample(position_keys(keys, prompt_lens - 1, SAMPLE), logits, params, mode)
-    dstate = drafter.prefill(target, drafter.init_state(b, cache_len), concat_taps(out.taps), prompts,
-                             prompt_lens)
+    first_drafter_state = drafter.prefill(target, drafter.init_state(b, cache_len), concat_taps(out.taps),
+                                          prompts, prompt_lens)
 
     buf_len = max_new_tokens + g + 1
-    tokens = jnp.full((b, buf_len), pad_id, jnp.int32).at[:, 0].set(first)
-    n_gen = jnp.ones((b,), jnp.int32)
-    done = jnp.isin(first, stops) | (max_new_tokens <= 1) | ~jnp.all(jnp.isfinite(logits), axis=-1)
     r_max = max_new_tokens
-    stats = dict(proposed=jnp.zeros((b, r_max), jnp.int32), accepted=jnp.zeros((b, r_max), jnp.int32),
-                 committed=jnp.zeros((b, r_max), jnp.int32), accept_flags=jnp.zeros((b, r_max, g), bool),
-                 confidence=jnp.zeros((b, r_max, g), jnp.float32),
-                 confidence_logits=jnp.zeros((b, r_max, g), jnp.float32))
-    rounds = jnp.zeros((b,), jnp.int32)
+    finite = jnp.all(jnp.isfinite(logits), axis=-1)
+    state = SpecState(keys=keys, anchor=first, start=prompt_lens.astype(jnp.int32), target_cache=out.cache,
+                      drafter_state=first_drafter_state,
+                      tokens=jnp.full((b, buf_len), pad_id, jnp.int32).at[:, 0].set(first),
+                      num_generated=jnp.ones((b,), jnp.int32),
+                      done=jnp.isin(first, stops) | (max_new_tokens <= 1) | ~finite,
+                      rounds=jnp.zeros((b,), jnp.int32), stats=RoundStats.zeros(b, r_max, g), nonfinite=~finite)
 
-    def cond(c):
-        return ~jnp.all(c["done"])
-
-    def body(c):
-        anchor, start = c["anchor"], c["start"]
-        k_draft, k_verify = position_keys(c["keys"], start, DRAFT), position_keys(c["keys"], start, VERIFY)
-        prop = drafter.propose(target, c["dstate"], anchor, start, k_draft, params, mode, head, attn_impl)
+    def body(c: SpecState) -> SpecState:
+        anchor, start, active = c.anchor, c.start, ~c.done
+        k_draft, k_verify = position_keys(c.keys, start, DRAFT), position_keys(c.keys, start, VERIFY)
+        prop = drafter.propose(target, c.drafter_state, anchor, start, k_draft, params, mode, head, attn_impl)
         n_prop = jnp.minimum(proposal_lengths(prop.confidence, confidence_threshold), prop.num_drafted)
-        n_prop = jnp.where(c["done"], 0, n_prop)
-
-        def verify(proposal, width):
-            return verify_round(target, drafter, c["tcache"], c["dstate"], proposal, anchor, start,
-                                jnp.minimum(n_prop, width - 1), ~c["done"], max_new_tokens - c["n_gen"],
-                                dense_layout(b, width, start), k_verify, params, mode, stops, attn_impl)
+        n_prop = jnp.where(c.done, 0, n_prop)
 
         def at_width(width):  # a round verifying anchor + up to width − 1 drafts per request
             def branch():
-                r = verify(_first_drafts(prop, width - 1), width)
+                r = verify_round(target, drafter, c.target_cache, c.drafter_state, _first_drafts(prop, width - 1),
+                                 anchor, start, jnp.minimum(n_prop, width - 1), active,
+                                 max_new_tokens - c.num_generated, dense_layout(b, width, start), k_verify, params,
+                                 mode, stops, attn_impl)
                 return dataclasses.replace(r, committed=_pad_slots(r.committed, g + 1),
                                            accept_flags=_pad_slots(r.accept_flags, g))
             return branch
 
-        choice = choose_width(prop.confidence, n_prop, ~c["done"], widths, verify_costs)
+        choice = choose_width(prop.confidence, n_prop, active, widths, verify_costs)
         res = jax.lax.switch(choice, [at_width(w) for w in widths])
         n_prop = jnp.minimum(n_prop, jnp.asarray(widths)[choice] - 1)
-        committed, count, a, active = res.committed, res.count, res.num_accepted, ~c["done"]
-        finished = res.stopped | (c["n_gen"] + count >= max_new_tokens) | res.nonfinite
+        count = res.count
+        finished = res.stopped | (c.num_generated + count >= max_new_tokens) | res.nonfinite
 
         write = jax.vmap(lambda row, new, s: jax.lax.dynamic_update_slice(row, new, (s,)))
         keep = jnp.arange(g + 1)[None] < count[:, None]
-        old = jax.vmap(lambda row, s: jax.lax.dynamic_slice(row, (s,), (g + 1,)))(c["tokens"], c["n_gen"])
-        toks = write(c["tokens"], jnp.where(keep, committed, old), c["n_gen"])
+        old = jax.vmap(lambda row, s: jax.lax.dynamic_slice(row, (s,), (g + 1,)))(c.tokens, c.num_generated)
+        tokens = write(c.tokens, jnp.where(keep, res.committed, old), c.num_generated)
 
-        r = c["rounds"]
-        st = c["stats"]
-        rows, slot = jnp.arange(b), jnp.minimum(r, r_max - 1)
+        rows, slot = jnp.arange(b), jnp.minimum(c.rounds, r_max - 1)
 
-        def upd(arr, val):
+        def record(arr, val):  # this round's value in each active request's round slot
             cur = arr[rows, slot]
             return arr.at[rows, slot].set(jnp.where(active.reshape((b,) + (1,) * (val.ndim - 1)), val, cur))
 
-        st = dict(proposed=upd(st["proposed"], n_prop), accepted=upd(st["accepted"], a),
-                  committed=upd(st["committed"], count), accept_flags=upd(st["accept_flags"], res.accept_flags),
-                  confidence=upd(st["confidence"], prop.confidence),
-                  confidence_logits=upd(st["confidence_logits"], prop.confidence_logits))
+        st = c.stats
+        stats = RoundStats(proposed=record(st.proposed, n_prop), accepted=record(st.accepted, res.num_accepted),
+                           committed=record(st.committed, count),
+                           accept_flags=record(st.accept_flags, res.accept_flags),
+                           confidence=record(st.confidence, prop.confidence),
+                           confidence_logits=record(st.confidence_logits, prop.confidence_logits))
+        return SpecState(keys=c.keys, anchor=res.anchor, start=start + count, target_cache=res.target_cache,
+                         drafter_state=res.drafter_state, tokens=tokens, num_generated=c.num_generated + count,
+                         done=c.done | finished, rounds=c.rounds + active.astype(jnp.int32), stats=stats,
+                         nonfinite=c.nonfinite | res.nonfinite)
 
-        return dict(keys=c["keys"], anchor=res.anchor, start=start + count, tcache=res.tcache, dstate=res.dstate,
-                    tokens=toks, n_gen=c["n_gen"] + count, done=c["done"] | finished,
-                    rounds=r + active.astype(jnp.int32), stats=st, nonfinite=c["nonfinite"] | res.nonfinite)
-
-    carry = dict(keys=keys, anchor=first, start=prompt_lens.astype(jnp.int32), tcache=out.cache, dstate=dstate,
-                 tokens=tokens, n_gen=n_gen, done=done, rounds=rounds, stats=stats,
-                 nonfinite=~jnp.all(jnp.isfinite(logits), axis=-1))
-    c = jax.lax.while_loop(cond, body, carry)
-    return SpecOutput(tokens=c["tokens"][:, :max_new_tokens], num_tokens=c["n_gen"], rounds=c["rounds"],
-                      nonfinite=c["nonfinite"], **c["stats"])
+    final = jax.lax.while_loop(lambda c: ~jnp.all(c.done), body, state)
+    return SpecOutput(tokens=final.tokens[:, :max_new_tokens], num_tokens=final.num_generated, rounds=final.rounds,
+                      nonfinite=final.nonfinite, **vars(final.stats))

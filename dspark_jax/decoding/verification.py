@@ -13,10 +13,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from dspark_jax.decoding.layout import TokenLayout, from_grid, to_grid
 from dspark_jax.decoding.rejection import verify
-from dspark_jax.decoding.sampling import FilterMode, SamplingParams, lazy_token_probs
 from dspark_jax.drafters.base import Proposal
+from dspark_jax.models.layout import TokenLayout, from_grid, to_grid
+from dspark_jax.sampling import FilterMode, SamplingParams, lazy_token_probs
 
 
 @jax.tree_util.register_dataclass
@@ -24,17 +24,17 @@ from dspark_jax.drafters.base import Proposal
 class RoundResult:
     """committed [B, G+1]: tokens committed this round (first `count` valid); count [B] (0 for inactive
     requests); num_accepted [B] draft tokens accepted; accept_flags [B, G]; stopped [B] a stop token was
-    committed; anchor [B] the next anchor; tcache / dstate after the round; nonfinite [B]: the target's logits
-    of an active request were not finite (NaN / inf) in this round — it commits nothing (count 0) and must end
-    with an error."""
+    committed; anchor [B] the next anchor; target_cache / drafter_state after the round; nonfinite [B]: the
+    target's logits of an active request were not finite (NaN / inf) in this round — it commits nothing (count 0)
+    and must end with an error."""
     committed: jax.Array
     count: jax.Array
     num_accepted: jax.Array
     accept_flags: jax.Array
     stopped: jax.Array
     anchor: jax.Array
-    tcache: object
-    dstate: object
+    target_cache: object
+    drafter_state: object
     nonfinite: jax.Array
 
 
@@ -43,7 +43,7 @@ def concat_taps(taps) -> jax.Array | None:
     return jnp.concatenate(taps, axis=-1) if taps else None
 
 
-def verify_round(target, drafter, tcache, dstate, proposal: Proposal, anchor: jax.Array, start: jax.Array,
+def verify_round(target, drafter, target_cache, drafter_state, proposal: Proposal, anchor: jax.Array, start: jax.Array,
                  num_verify: jax.Array, active: jax.Array, budget: jax.Array, layout: TokenLayout, key: jax.Array,
                  params: SamplingParams, mode: FilterMode, stops: jax.Array, attn_impl: str) -> RoundResult:
     """Verifies, per request b, the anchor and the first num_verify[b] (0..G) drafts of `proposal`, laid out
@@ -52,7 +52,7 @@ def verify_round(target, drafter, tcache, dstate, proposal: Proposal, anchor: ja
     b, g = proposal.tokens.shape
     taps = drafter.config.target_layer_ids
     grid_tokens = jnp.concatenate([anchor[:, None], proposal.tokens], axis=1)  # [B, G+1]
-    out = target.forward_flat(from_grid(grid_tokens, layout), layout, tcache, tap_layers=taps, attn_impl=attn_impl)
+    out = target.forward_flat(from_grid(grid_tokens, layout), layout, target_cache, tap_layers=taps, attn_impl=attn_impl)
     row_params = jax.tree.map(lambda a: a[layout.slot], params)
     logits = target.logits(out.hidden)
     row_nonfinite = to_grid(~jnp.all(jnp.isfinite(logits), axis=-1), layout, fill=False)  # [B, G+1]
@@ -90,9 +90,9 @@ def verify_round(target, drafter, tcache, dstate, proposal: Proposal, anchor: ja
     count = jnp.where(active & ~nonfinite, jnp.minimum(count, budget), 0)
     stopped = is_stop.any(1) & (jnp.argmax(is_stop, 1) + 1 <= count)
     features = to_grid(concat_taps(out.taps), layout) if taps else None  # [B, G+1, m·d]
-    dstate = drafter.commit(target, dstate, features, grid_tokens, start, count, num_verified=num_verify)
+    drafter_state = drafter.commit(target, drafter_state, features, grid_tokens, start, count, num_verified=num_verify)
     last = jnp.take_along_axis(committed, jnp.maximum(count - 1, 0)[:, None], axis=1)[:, 0]
     return RoundResult(committed=committed, count=count, num_accepted=jnp.where(active, a, 0),
                        accept_flags=verdict.accepted & active[:, None], stopped=stopped,
-                       anchor=jnp.where(count > 0, last, anchor), tcache=out.cache, dstate=dstate,
+                       anchor=jnp.where(count > 0, last, anchor), target_cache=out.cache, drafter_state=drafter_state,
                        nonfinite=nonfinite)

@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from dspark_jax.drafters.config import DrafterConfig
+from dspark_jax.drafters.registry import drafter_class
 from dspark_jax.models.config import TransformerConfig
 
 FORMAT_VERSION = 1
@@ -81,7 +82,6 @@ def load_drafter_module(path: str | os.PathLike, target: TransformerConfig, dtyp
     """Rebuilds the saved drafter for `target`; a drafter trained for another target is a clear error."""
     from safetensors.numpy import load_file
 
-    from dspark_jax.drafters.factory import drafter_class
     meta = read_meta(path)
     want = meta["target"]
     if want["fingerprint"] != target.fingerprint():

@@ -14,15 +14,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dspark_jax.decoding.keys import row_keys, split_rows
-from dspark_jax.decoding.sampling import FilterMode, SamplingParams, sample, token_probs
 from dspark_jax.drafters.base import DrafterBase, Proposal, draft_layer_config, softcap
 from dspark_jax.drafters.config import DrafterConfig
 from dspark_jax.drafters.heads import ConfidenceHead, MarkovHead
 from dspark_jax.drafters.ngram import find_match, lookup_proposal
 from dspark_jax.models.config import TransformerConfig
 from dspark_jax.models.kv_cache import KVCache, write_contiguous
-from dspark_jax.models.layers import DecoderLayer, RMSNorm, _param
+from dspark_jax.models.layers import DecoderLayer, RMSNorm, param
+from dspark_jax.sampling import FilterMode, SamplingParams, sample, token_probs
+from dspark_jax.sampling.keys import row_keys, split_rows
 
 
 @jax.tree_util.register_dataclass
@@ -52,7 +52,7 @@ class DSparkDrafter(DrafterBase):
         self._init_common(config, target, dtype, draft_vocab_ids)
         d = target.hidden_size
         self.layer_config = draft_layer_config(target, config.num_layers)
-        self.fc = _param(rngs, (len(config.target_layer_ids) * d, d), ("features", "embed"), dtype)
+        self.fc = param(rngs, (len(config.target_layer_ids) * d, d), ("features", "embed"), dtype)
         self.hidden_norm = RMSNorm(d, target.rms_norm_eps, target.family == "gemma3", dtype)
         self.layers = nnx.List([DecoderLayer(self.layer_config, i, dtype, rngs) for i in range(config.num_layers)])
         self.norm = RMSNorm(d, target.rms_norm_eps, target.family == "gemma3", dtype)

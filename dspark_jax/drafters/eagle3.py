@@ -15,13 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dspark_jax.decoding.keys import row_keys, split_rows
-from dspark_jax.decoding.sampling import FilterMode, SamplingParams, sample, token_probs
 from dspark_jax.drafters.base import DrafterBase, Proposal, draft_layer_config, softcap
 from dspark_jax.drafters.config import DrafterConfig
 from dspark_jax.models.config import TransformerConfig
 from dspark_jax.models.kv_cache import KVCache, write_contiguous
-from dspark_jax.models.layers import MLP, Attention, RMSNorm, _param, apply_rope, rope_inv_freq
+from dspark_jax.models.layers import MLP, Attention, RMSNorm, param, apply_rope, rope_inv_freq
+from dspark_jax.sampling import FilterMode, SamplingParams, sample, token_probs
+from dspark_jax.sampling.keys import row_keys, split_rows
 from pallas_kernels import attention
 
 
@@ -42,13 +42,13 @@ class Eagle3Drafter(DrafterBase):
         gemma = target.family == "gemma3"
         self.layer_config = draft_layer_config(target, 1)
         c = self.layer_config
-        self.fc = _param(rngs, (len(config.target_layer_ids) * d, d), ("features", "embed"), dtype)
+        self.fc = param(rngs, (len(config.target_layer_ids) * d, d), ("features", "embed"), dtype)
         self.hidden_norm = RMSNorm(d, target.rms_norm_eps, gemma, dtype)
         self.input_layernorm = RMSNorm(d, target.rms_norm_eps, gemma, dtype)
         self.self_attn = Attention(c, 0, dtype, rngs)
-        self.self_attn.q_proj = _param(rngs, (2 * d, c.num_heads * c.head_dim), ("embed", "heads"), dtype)
-        self.self_attn.k_proj = _param(rngs, (2 * d, c.num_kv_heads * c.head_dim), ("embed", "kv_heads"), dtype)
-        self.self_attn.v_proj = _param(rngs, (2 * d, c.num_kv_heads * c.head_dim), ("embed", "kv_heads"), dtype)
+        self.self_attn.q_proj = param(rngs, (2 * d, c.num_heads * c.head_dim), ("embed", "heads"), dtype)
+        self.self_attn.k_proj = param(rngs, (2 * d, c.num_kv_heads * c.head_dim), ("embed", "kv_heads"), dtype)
+        self.self_attn.v_proj = param(rngs, (2 * d, c.num_kv_heads * c.head_dim), ("embed", "kv_heads"), dtype)
         self.post_attention_layernorm = RMSNorm(d, target.rms_norm_eps, gemma, dtype)
         self.mlp = MLP(c, dtype, rngs)
         self.norm = RMSNorm(d, target.rms_norm_eps, gemma, dtype)

@@ -4,12 +4,17 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dspark_jax.data import training_prompts
+from dspark_jax.drafters.checkpoint import is_drafter_dir, load_drafter_module, read_meta
 from dspark_jax.drafters.config import DrafterConfig, make_drafter_config
-from dspark_jax.drafters.dspark import DSparkDrafter
-from dspark_jax.drafters.eagle3 import Eagle3Drafter
+from dspark_jax.drafters.deepspec import load_deepspec_drafter
+from dspark_jax.drafters.hybrid import HybridDrafter
+from dspark_jax.drafters.ngram import NgramConfig, NgramDrafter
+from dspark_jax.drafters.registry import drafter_class
 from dspark_jax.drafters.vocab import frequent_token_ids
 from dspark_jax.target import Target
 
@@ -43,7 +48,6 @@ def check_drafter_spec(spec: str) -> None:
 def ngram_drafter(target: Target, spec: str = "ngram", gamma: int = 7) -> Drafter:
     """A prompt-lookup drafter from a spec "ngram", "ngram:n_max=4,n_min=2" or "ngram:n_max=4:n_min=2" (the form
     for comma-separated lists of drafters); defaults n_max 3, n_min 1."""
-    from dspark_jax.drafters.ngram import NgramConfig, NgramDrafter
     name, _, options = spec.partition(":")
     if name != "ngram":
         raise ValueError(f"not an n-gram drafter spec: {spec!r}")
@@ -64,7 +68,6 @@ def ngram_drafter(target: Target, spec: str = "ngram", gamma: int = 7) -> Drafte
 def hybrid_drafter(model: Drafter, target: Target, lookup_spec: str = "ngram") -> Drafter:
     """`model` and prompt lookup (`lookup_spec`, see `ngram_drafter`) proposing per request whichever draft
     is expected to be accepted further (`drafters.hybrid`)."""
-    from dspark_jax.drafters.hybrid import HybridDrafter
     if model is None or model.config.algorithm == "ngram":
         raise ValueError("a hybrid drafter pairs a trained (or random) drafter with lookup")
     lookup = ngram_drafter(target, lookup_spec, model.config.block_size)
@@ -73,12 +76,7 @@ def hybrid_drafter(model: Drafter, target: Target, lookup_spec: str = "ngram") -
     return Drafter(module.config, graphdef, state, f"{model.source}+{lookup_spec}")
 
 
-def drafter_class(config: DrafterConfig):
-    return Eagle3Drafter if config.algorithm == "eagle3" else DSparkDrafter
-
-
 def _frequent_ids(tokenizer, vocab_size: int, size: int, always: tuple[int, ...]) -> np.ndarray:
-    from dspark_jax.data import training_prompts
     ids = (tokenizer.encode(t, add_bos=False) for t in training_prompts())
     return frequent_token_ids(ids, size, vocab_size, always_include=always)
 
@@ -107,7 +105,6 @@ SHIPPED_DRAFTERS = Path(__file__).parent / "shipped"
 
 def default_drafter_path(target: Target) -> Path:
     """The shipped drafter trained for this target, if there is one."""
-    from dspark_jax.drafters.checkpoint import is_drafter_dir, read_meta
     for d in sorted(SHIPPED_DRAFTERS.glob("*")) if SHIPPED_DRAFTERS.is_dir() else []:
         if is_drafter_dir(d) and read_meta(d)["target"]["fingerprint"] == target.config.fingerprint():
             return d
@@ -162,7 +159,6 @@ def load_drafter(spec: str, target: Target, *, algorithm: str = "dspark", gamma:
     """`none` → None; `random` → a random drafter of `algorithm`; `default` → the shipped drafter for the
     target; `ngram[:n_max=N,n_min=M]` → prompt lookup proposing `gamma` tokens; a directory → a drafter
     exported by `dspark train`, or a DeepSpec DSpark/DFlash checkpoint."""
-    from dspark_jax.drafters.checkpoint import is_drafter_dir, load_drafter_module
     if spec in ("", "none"):
         return None
     if spec == "ngram" or spec.startswith("ngram:"):
@@ -184,7 +180,6 @@ def load_drafter(spec: str, target: Target, *, algorithm: str = "dspark", gamma:
         graphdef, state = nnx.split(module)
         return Drafter(module.config, graphdef, state, str(path))
 
-    from dspark_jax.io.deepspec import load_deepspec_drafter
     module = load_deepspec_drafter(path, target.config, dtype=target.state_dtype)
     graphdef, state = nnx.split(module)
     return Drafter(module.config, graphdef, state, str(path))
@@ -193,7 +188,6 @@ def load_drafter(spec: str, target: Target, *, algorithm: str = "dspark", gamma:
 def with_confidence_temperatures(drafter: Drafter, temperatures) -> Drafter:
     """The same drafter with confidence-head temperatures T_k replaced (c_k = σ(z_k / T_k); all ones = the raw
     head). Proposals do not depend on them; a confidence threshold and the scheduler do."""
-    import jax.numpy as jnp
     module = nnx.merge(drafter.graphdef, drafter.state)
     head = getattr(module, "confidence", None)
     if head is None:

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dspark_jax.models.layers import _param
+from dspark_jax.models.layers import param
 
 
 class MarkovHead(nnx.Module):
@@ -18,13 +18,13 @@ class MarkovHead(nnx.Module):
 
     def __init__(self, kind: str, num_rows: int, vocab: int, rank: int, hidden: int, dtype, rngs: nnx.Rngs):
         self.kind, self.rank = kind, rank
-        self.w1 = _param(rngs, (num_rows, rank), ("draft_vocab", "markov"), dtype)
-        self.w2 = _param(rngs, (rank, vocab), ("markov", "draft_vocab"), dtype)
+        self.w1 = param(rngs, (num_rows, rank), ("draft_vocab", "markov"), dtype)
+        self.w2 = param(rngs, (rank, vocab), ("markov", "draft_vocab"), dtype)
         if kind == "gated":
-            self.gate_w = _param(rngs, (hidden + rank, rank), ("embed", "markov"), dtype)
+            self.gate_w = param(rngs, (hidden + rank, rank), ("embed", "markov"), dtype)
             self.gate_b = nnx.Param(jnp.zeros((rank,), dtype), sharding_names=("markov",), eager_sharding=False)
         elif kind == "rnn":
-            self.joint_w = _param(rngs, (2 * rank + hidden, 3 * rank), ("embed", "markov"), dtype)
+            self.joint_w = param(rngs, (2 * rank + hidden, 3 * rank), ("embed", "markov"), dtype)
             self.joint_b = nnx.Param(jnp.zeros((3 * rank,), dtype), sharding_names=("markov",), eager_sharding=False)
 
     def embed_prev(self, prev: jax.Array) -> jax.Array:
@@ -55,7 +55,7 @@ class ConfidenceHead(nnx.Module):
     T_k are Sequential-Temperature-Scaling temperatures (1 until calibrated)."""
 
     def __init__(self, in_dim: int, block_size: int, dtype, rngs: nnx.Rngs):
-        self.w = _param(rngs, (in_dim,), ("embed",), dtype)
+        self.w = param(rngs, (in_dim,), ("embed",), dtype)
         self.b = nnx.Param(jnp.zeros((), dtype), sharding_names=(), eager_sharding=False)
         self.temperatures = nnx.Variable(jnp.ones((block_size,), jnp.float32))
 

@@ -73,7 +73,3 @@ class RoundRecords:
 
     def to_arrays(self, prefix: str = "") -> dict[str, np.ndarray]:
         return {prefix + name: getattr(self, name) for name in FIELDS}
-
-    @classmethod
-    def from_arrays(cls, arrays, prefix: str = "") -> "RoundRecords":
-        return cls(**{name: np.asarray(arrays[prefix + name]) for name in FIELDS})

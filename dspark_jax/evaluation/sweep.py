@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
+from dspark_jax.decoding.draft_length import proposal_lengths
 from dspark_jax.evaluation.records import RoundRecords
 
 DEFAULT_THRESHOLDS = tuple(round(0.1 * i, 1) for i in range(10))
@@ -32,9 +34,6 @@ class SweepPoint:
 
 def cut_lengths(confidence: np.ndarray, threshold: float) -> np.ndarray:
     """[N] the decoding loop's proposal length under a static threshold (its own function, on the host)."""
-    import jax.numpy as jnp
-
-    from dspark_jax.decoding.speculative import proposal_lengths
     if len(confidence) == 0:
         return np.zeros(0, np.int64)
     return np.asarray(proposal_lengths(jnp.asarray(confidence, jnp.float32), jnp.float32(threshold)), np.int64)

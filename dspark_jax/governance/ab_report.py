@@ -31,6 +31,7 @@ from typing import Any
 
 from dspark_jax.governance.ab import ARMS
 from dspark_jax.governance.policy import GovernancePolicy
+from dspark_jax.governance.report import bar_chart
 from dspark_jax.utils.files import atomic_write_text, pyplot, save_figure
 
 MIN_GAIN = 0.05  # a p50 latency gain smaller than this is noise at these sample sizes
@@ -219,8 +220,6 @@ def format_markdown(result: dict, tables: dict, header: str = "") -> str:
 def plot_ab(tables: dict, output_dir: str | Path) -> list[Path]:
     """ab_latency.png (p50 / p95), ab_cost.png ($ per M output tokens, $ per ok request) and
     ab_tokens_per_cycle.png (tokens per cycle, rejection rate), baseline vs accelerated per class."""
-    from dspark_jax.governance.report import _bars
-
     plt = pyplot()
     output_dir = Path(output_dir)
     names = list(tables)
@@ -241,7 +240,7 @@ def plot_ab(tables: dict, output_dir: str | Path) -> list[Path]:
                                          ("rejection_rate", "share", "rejection rate of draft tokens")])):
         fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4))
         for ax, (key, ylabel, title) in zip(axes, panels):
-            _bars(ax, names, pair(key), ylabel, f"{title}: baseline vs accelerated")
+            bar_chart(ax, names, pair(key), ylabel, f"{title}: baseline vs accelerated")
         fig.tight_layout()
         written.append(save_figure(fig, output_dir / filename))
     return written

@@ -23,16 +23,20 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from dspark_jax.governance.classifier import PromptClassifier
 from dspark_jax.governance.costs import BusyTimeAccountant
 from dspark_jax.governance.metrics import UsageCell, summarize
-from dspark_jax.governance.policy import SCHEDULER_MODES, GovernancePolicy, WorkloadClassPolicy
-from dspark_jax.governance.quotas import QuotaExceeded
+from dspark_jax.governance.policy import (SCHEDULER_MODES, GovernancePolicy, QuotaRule, StoreSettings,
+                                          WorkloadClassPolicy)
+from dspark_jax.governance.policy_file import load_policy, with_store_url
+from dspark_jax.governance.prometheus import render_prometheus
+from dspark_jax.governance.quotas import QuotaExceeded, QuotaLedger
+from dspark_jax.governance.redis_store import open_redis_store
 from dspark_jax.governance.rollback import SPECULATIVE, RollbackController, SwitchEvent
-from dspark_jax.governance.store import GovernanceStore, StoreUnavailable, open_store
 from dspark_jax.governance.snapshot import SNAPSHOT_SCHEMA, write_snapshot
+from dspark_jax.governance.store import GovernanceStore, LocalRollbackStates, StoreHealth, StoreUnavailable
 
 UNKNOWN = "<unknown>"  # metric label of a tenant or class name not in the policy (bounds label cardinality)
 UNCLASSIFIED = "<unclassified>"  # metric label of a request rejected before it had a class
@@ -40,6 +44,15 @@ DISABLED = "disabled"  # class state when its policy has speculation off
 REQUEST_OVERRIDES = ("speculate", "max_draft", "confidence_floor", "scheduler_mode")
 REJECTION_CODES = ("invalid_request", "unknown_tenant", "unknown_class", "class_not_allowed", "context_budget",
                    "invalid_override", "override_forbidden", "sampling_limit", "quota_exceeded", "store_unavailable")
+
+
+def open_store(settings: StoreSettings, quotas: Mapping[str, Sequence[QuotaRule]],
+               clock: Callable[[], float] = time.time) -> GovernanceStore:
+    """The store `settings.url` names: this process ('memory'), or a Redis shared by replicas (connected lazily:
+    an unreachable Redis at start is an outage like any other, handled by `on_error`, not a start failure)."""
+    if not settings.shared:
+        return GovernanceStore(settings, QuotaLedger(quotas), LocalRollbackStates(), StoreHealth())
+    return open_redis_store(settings, quotas, clock)
 
 
 class RequestRejected(Exception):
@@ -123,7 +136,6 @@ class Governor:
     def from_policy_file(cls, path: str | Path, clock: Callable[[], float] = time.time,
                          store_url: str | None = None) -> "Governor":
         """store_url: overrides the file's `store.url` ('memory' or a Redis URL)."""
-        from dspark_jax.governance.policy_file import load_policy, with_store_url
         policy = load_policy(path)
         return cls(with_store_url(policy, store_url) if store_url else policy, clock)
 
@@ -364,7 +376,6 @@ class Governor:
             return {}  # unknown while the store is away (store.up is false in the snapshot)
 
     def prometheus_text(self, now: float | None = None) -> str:
-        from dspark_jax.governance.prometheus import render_prometheus
         return render_prometheus(self.snapshot(now))
 
     def write_snapshot(self, path: str | Path, now: float | None = None) -> Path:

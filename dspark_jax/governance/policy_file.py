@@ -62,6 +62,7 @@ import runpy
 from pathlib import Path
 from typing import Any, Callable
 
+from dspark_jax.governance.classifier import DEFAULT_RULES
 from dspark_jax.governance.policy import (
     OVERRIDABLE, QUOTA_COUNTS, ROLLBACK_METRICS, SCHEDULER_MODES, STORE_ERROR_POLICIES, ClassifierConfig,
     ClassifierRule, GovernancePolicy, QuotaRule, RollbackRule, SamplingLimits, StoreSettings, TenantPolicy,
@@ -337,7 +338,6 @@ def _tenant(name: str, raw: Any, ctx: _Context, class_names: tuple[str, ...], fa
 
 
 def _classifier(raw: Any, ctx: _Context, class_names: tuple[str, ...]) -> ClassifierConfig:
-    from dspark_jax.governance.classifier import DEFAULT_RULES
     raw = _mapping({} if raw is None else raw, ctx, CLASSIFIER_FIELDS)
     fallback = "chat" if "chat" in class_names else class_names[0]
     default_class = raw.get("default_class", fallback)

@@ -78,7 +78,8 @@ def format_report(snapshot: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def _bars(ax, names: list[str], series: dict[str, list[float | None]], ylabel: str, title: str) -> None:
+def bar_chart(ax, names: list[str], series: dict[str, list[float | None]], ylabel: str, title: str) -> None:
+    """Grouped bars on matplotlib axes `ax`: one group per name, one bar per series (None values skipped)."""
     import numpy as np
     width = 0.8 / max(1, len(series))
     x = np.arange(len(names))
@@ -112,22 +113,22 @@ def plot_report(snapshot: dict, output_dir: str | Path) -> list[Path]:
         return [by_class[n][key] for n in names]
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    _bars(ax, names, {"accepted draft tokens / drafted round": column("accepted_per_round"),
+    bar_chart(ax, names, {"accepted draft tokens / drafted round": column("accepted_per_round"),
                       "committed tokens / round (tau)": column("committed_per_round")},
           "tokens per round", "Accepted tokens per verification round, per class")
     save(fig, "accepted_per_round.png")
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    _bars(axes[0], names, {"$/M": column("cost_per_million_output_tokens_usd")}, "USD per million output tokens",
+    bar_chart(axes[0], names, {"$/M": column("cost_per_million_output_tokens_usd")}, "USD per million output tokens",
           "Cost per million output tokens, per class")
     tenants = list(snapshot["by_tenant"])
-    _bars(axes[1], tenants, {"$/M": [snapshot["by_tenant"][t]["cost_per_million_output_tokens_usd"]
+    bar_chart(axes[1], tenants, {"$/M": [snapshot["by_tenant"][t]["cost_per_million_output_tokens_usd"]
                                      for t in tenants]},
           "USD per million output tokens", "per tenant")
     save(fig, "cost_per_million_tokens.png")
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    _bars(ax, names, {"p50": column("latency_p50_s"), "p95": column("latency_p95_s"),
+    bar_chart(ax, names, {"p50": column("latency_p50_s"), "p95": column("latency_p95_s"),
                       "time to first token p95": column("first_token_p95_s")},
           "seconds", "Request latency percentiles, per class")
     save(fig, "latency_percentiles.png")

@@ -1,7 +1,5 @@
 """Where a Governor keeps what replicas must agree on: the quota ledger and the per-class rollback states.
 
-    store = open_store(policy.store, quotas, clock)   # 'memory': this process; redis://...: shared by replicas
-
 A store is a quota ledger (`reserve` / `reconcile` / `admit_unreserved` / `snapshot`, see quotas.QuotaLedger)
 plus rollback states (`load` / `switch` / `events`, below), and a StoreHealth that counts failures. The in-process
 implementations never fail; the Redis ones (redis_store.py) raise StoreUnavailable while Redis cannot be reached,
@@ -15,9 +13,9 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Mapping, Protocol, Sequence
+from typing import Callable, Mapping, Protocol
 
-from dspark_jax.governance.policy import QuotaRule, StoreSettings
+from dspark_jax.governance.policy import StoreSettings
 from dspark_jax.governance.quotas import QuotaLedger
 
 SPECULATIVE, ROLLED_BACK, PROBING = "speculative", "rolled_back", "probing"
@@ -141,16 +139,6 @@ class GovernanceStore:
         return dict(kind="redis" if self.settings.shared else "memory", url=redact(self.settings.url),
                     on_error=self.settings.on_error, lease_s=self.settings.lease_s,
                     pending_settlements=getattr(self.quotas, "pending", 0), **self.health.status())
-
-
-def open_store(settings: StoreSettings, quotas: Mapping[str, Sequence[QuotaRule]],
-               clock: Callable[[], float] = time.time) -> GovernanceStore:
-    """The store `settings.url` names. A Redis store connects lazily: an unreachable Redis at start is an
-    outage like any other (handled by `on_error`), not a start failure."""
-    if not settings.shared:
-        return GovernanceStore(settings, QuotaLedger(quotas), LocalRollbackStates(), StoreHealth())
-    from dspark_jax.governance.redis_store import open_redis_store
-    return open_redis_store(settings, quotas, clock)
 
 
 def redact(url: str) -> str:

@@ -46,7 +46,7 @@ def config_from_gguf(gguf: GGUFFile) -> TransformerConfig:
     vocab = gguf.tensors["token_embd.weight"].shape[0] if "token_embd.weight" in gguf.tensors else None
     if vocab is None:
         raise GGUFError(f"{gguf.path}: missing tensor 'token_embd.weight'")
-    base = float(gguf.field(key("rope.freq_base"), 1e6 if arch == "gemma3" else 1e6))
+    base = float(gguf.field(key("rope.freq_base"), 1e6))
     eos = gguf.field("tokenizer.ggml.eos_token_id")
     common = dict(
         vocab_size=int(vocab), hidden_size=hidden, intermediate_size=int(gguf.require(key("feed_forward_length"))),

@@ -68,7 +68,7 @@ def _src(source: str) -> str:
     return source or "<config>"
 
 
-def _get(cfg: Mapping[str, Any], key: str, source: str, kind: type | tuple[type, ...],
+def config_value(cfg: Mapping[str, Any], key: str, source: str, kind: type | tuple[type, ...],
          default: Any = _REQUIRED, nullable: bool = False) -> Any:
     """`cfg[key]` checked against `kind`; missing → `default` (or an error when required)."""
     if key not in cfg or (cfg[key] is None and default is not _REQUIRED and not nullable):
@@ -222,11 +222,11 @@ def config_from_hf(config_dict: Mapping[str, Any], name: str = "", *, source: st
     defaults = _QWEN3_DEFAULTS if family == "qwen3" else _GEMMA3_DEFAULTS
 
     def opt(key, kind, nullable=False):
-        return _get(cfg, key, source, kind, defaults.get(key) if key in defaults else _REQUIRED,
+        return config_value(cfg, key, source, kind, defaults.get(key) if key in defaults else _REQUIRED,
                     nullable=nullable)
 
     def req(key, kind):
-        return _get(cfg, key, source, kind)
+        return config_value(cfg, key, source, kind)
 
     for key, (unsupported, why) in {
         "attention_bias": (True, "attention projections with bias"),
@@ -248,7 +248,7 @@ def config_from_hf(config_dict: Mapping[str, Any], name: str = "", *, source: st
     if family == "qwen3":
         vocab = req("vocab_size", int)
         heads = req("num_attention_heads", int)
-        kv_heads = _get(cfg, "num_key_value_heads", source, int, heads)
+        kv_heads = config_value(cfg, "num_key_value_heads", source, int, heads)
     else:
         vocab = opt("vocab_size", int)
         heads = opt("num_attention_heads", int)
@@ -263,7 +263,7 @@ def config_from_hf(config_dict: Mapping[str, Any], name: str = "", *, source: st
         sliding_window = opt("sliding_window", int, nullable=True)
         query_pre_attn_scalar = opt("query_pre_attn_scalar", (int, float))
         query_pre_attn_scalar = float(query_pre_attn_scalar)
-    softcap = _get(cfg, "final_logit_softcapping", source, float, None, nullable=True)
+    softcap = config_value(cfg, "final_logit_softcapping", source, float, None, nullable=True)
 
     generation_config = generation_config or {}
     gen_source = f"{_src(source)} ({GENERATION_CONFIG_FILE})"
@@ -307,7 +307,7 @@ def config_from_hf(config_dict: Mapping[str, Any], name: str = "", *, source: st
         raise CheckpointError(f"{_src(source)}: invalid config: {e}") from e
 
 
-def _read_json(path: str) -> Any:
+def read_json(path: str) -> Any:
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -327,9 +327,9 @@ def load_hf_config(model_dir: str | os.PathLike) -> TransformerConfig:
     path = os.path.join(model_dir, CONFIG_FILE)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: file not found ({CONFIG_FILE} is required in a HF model directory)")
-    config_dict = _read_json(path)
+    config_dict = read_json(path)
     gen_path = os.path.join(model_dir, GENERATION_CONFIG_FILE)
-    gen = _read_json(gen_path) if os.path.isfile(gen_path) else None
+    gen = read_json(gen_path) if os.path.isfile(gen_path) else None
     if gen is not None and not isinstance(gen, dict):
         raise CheckpointError(f"{gen_path}: expected a JSON object")
     name = os.path.basename(os.path.normpath(os.path.abspath(model_dir)))
@@ -436,12 +436,12 @@ def _canonical(name: str) -> str | None:
     return name
 
 
-def _listing(items: list[str]) -> str:
+def listing(items: list[str]) -> str:
     shown = "; ".join(items[:_MAX_LISTED])
     return shown + (f"; ... and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else "")
 
 
-def _collect_entries(model_dir: str) -> tuple[str, dict[str, _Entry]]:
+def checkpoint_entries(model_dir: str) -> tuple[str, dict[str, _Entry]]:
     """(description of the checkpoint, canonical name → entry) from the single file or the index."""
     single = os.path.join(model_dir, SINGLE_FILE)
     index = os.path.join(model_dir, INDEX_FILE)
@@ -449,7 +449,7 @@ def _collect_entries(model_dir: str) -> tuple[str, dict[str, _Entry]]:
         described, stored = single, _read_safetensors_header(single)
     elif os.path.isfile(index):
         described = index
-        data = _read_json(index)
+        data = read_json(index)
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index}: missing or empty 'weight_map'")
@@ -462,7 +462,7 @@ def _collect_entries(model_dir: str) -> tuple[str, dict[str, _Entry]]:
         missing = [s for s in sorted(needed_shards) if not os.path.isfile(os.path.join(model_dir, s))]
         if missing:
             raise CheckpointError(f"{index}: shard file(s) listed in the index are missing from "
-                                  f"{model_dir}: {_listing(missing)}")
+                                  f"{model_dir}: {listing(missing)}")
         stored = {}
         for shard, names in sorted(needed_shards.items()):
             path = os.path.join(model_dir, shard)
@@ -470,7 +470,7 @@ def _collect_entries(model_dir: str) -> tuple[str, dict[str, _Entry]]:
             absent = [n for n in names if n not in entries]
             if absent:
                 raise CheckpointError(f"{path}: tensors that {INDEX_FILE} places in this shard are not in "
-                                      f"it: {_listing(absent)}")
+                                      f"it: {listing(absent)}")
             for n in names:
                 stored[n] = entries[n]
     else:
@@ -500,7 +500,7 @@ def _bf16_tensor(entry: _Entry) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32).reshape(entry.shape)
 
 
-def _read_tensors(entries: Mapping[str, _Entry]) -> dict[str, np.ndarray]:
+def read_tensors(entries: Mapping[str, _Entry]) -> dict[str, np.ndarray]:
     """canonical name → float32 array; each file is opened once, bf16 is upcast without torch."""
     for cname, entry in entries.items():
         if entry.dtype not in _FLOAT_DTYPES:
@@ -539,26 +539,26 @@ def load_hf_weights(model_dir: str | os.PathLike, config: TransformerConfig) -> 
     model_dir = os.fspath(model_dir)
     if not os.path.isdir(model_dir):
         raise CheckpointError(f"{model_dir}: model directory not found")
-    described, entries = _collect_entries(model_dir)
+    described, entries = checkpoint_entries(model_dir)
     if config.tie_word_embeddings:
         entries.pop("lm_head.weight", None)
     expected = expected_shapes(config)
     problems = []
     missing = [n for n in expected if n not in entries]
     if missing:
-        problems.append(f"{len(missing)} missing tensor(s): {_listing(missing)}")
+        problems.append(f"{len(missing)} missing tensor(s): {listing(missing)}")
     wrong = [f"{n} expected {expected[n]} got {entries[n].shape}" for n in expected
              if n in entries and entries[n].shape != expected[n]]
     if wrong:
-        problems.append(f"{len(wrong)} tensor(s) with the wrong shape for the config: {_listing(wrong)}")
+        problems.append(f"{len(wrong)} tensor(s) with the wrong shape for the config: {listing(wrong)}")
     unexpected = sorted(n for n in entries if n not in expected)
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected tensor(s): {_listing(unexpected)}")
+        problems.append(f"{len(unexpected)} unexpected tensor(s): {listing(unexpected)}")
     if problems:
         raise CheckpointError(f"{described}: checkpoint does not match the config ({config.family}, "
                               f"{config.num_layers} layers, hidden {config.hidden_size}): "
                               + " | ".join(problems))
-    return _read_tensors({n: entries[n] for n in expected})
+    return read_tensors({n: entries[n] for n in expected})
 
 
 def load_hf_checkpoint(model_dir: str | os.PathLike) -> tuple[TransformerConfig, dict[str, np.ndarray]]:

@@ -7,10 +7,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dspark_jax.models.config import TransformerConfig
+from dspark_jax.models.layout import from_grid, to_grid
 from pallas_kernels import attention, block_attention
 
 
-def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype, std: float = 0.02) -> nnx.Param:
+def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype, std: float = 0.02) -> nnx.Param:
     value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
     return nnx.Param(value.astype(dtype), sharding_names=axes, eager_sharding=False)
 
@@ -51,10 +52,10 @@ class Attention(nnx.Module):
     def __init__(self, config: TransformerConfig, layer: int, dtype, rngs: nnx.Rngs):
         c = config
         gemma = c.family == "gemma3"
-        self.q_proj = _param(rngs, (c.hidden_size, c.num_heads * c.head_dim), ("embed", "heads"), dtype)
-        self.k_proj = _param(rngs, (c.hidden_size, c.num_kv_heads * c.head_dim), ("embed", "kv_heads"), dtype)
-        self.v_proj = _param(rngs, (c.hidden_size, c.num_kv_heads * c.head_dim), ("embed", "kv_heads"), dtype)
-        self.o_proj = _param(rngs, (c.num_heads * c.head_dim, c.hidden_size), ("heads", "embed"), dtype)
+        self.q_proj = param(rngs, (c.hidden_size, c.num_heads * c.head_dim), ("embed", "heads"), dtype)
+        self.k_proj = param(rngs, (c.hidden_size, c.num_kv_heads * c.head_dim), ("embed", "kv_heads"), dtype)
+        self.v_proj = param(rngs, (c.hidden_size, c.num_kv_heads * c.head_dim), ("embed", "kv_heads"), dtype)
+        self.o_proj = param(rngs, (c.num_heads * c.head_dim, c.hidden_size), ("heads", "embed"), dtype)
         self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, gemma, dtype, "head_dim")
         self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, gemma, dtype, "head_dim")
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
@@ -89,10 +90,9 @@ class Attention(nnx.Module):
 
     def flat(self, x: jax.Array, layout, k_cache: jax.Array, v_cache: jax.Array,
              attn_impl: str) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Flattened tokens x [T, d] of several requests (`decoding.layout.TokenLayout`): K/V scattered into
+        """Flattened tokens x [T, d] of several requests (`models.layout.TokenLayout`): K/V scattered into
         each token's own request row at its position (padding dropped); attention runs per request on the
         dense grid view, so each token sees only its request's cache, causally. Returns (out [T, d], k, v)."""
-        from dspark_jax.decoding.layout import from_grid, to_grid
         t = x.shape[0]
         pos = layout.position[None]
         q = (x @ self.q_proj[...]).reshape(1, t, self.num_heads, self.head_dim)
@@ -122,9 +122,9 @@ class MLP(nnx.Module):
 
     def __init__(self, config: TransformerConfig, dtype, rngs: nnx.Rngs):
         d, f = config.hidden_size, config.intermediate_size
-        self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), dtype)
-        self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), dtype)
-        self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), dtype)
+        self.gate_proj = param(rngs, (d, f), ("embed", "mlp"), dtype)
+        self.up_proj = param(rngs, (d, f), ("embed", "mlp"), dtype)
+        self.down_proj = param(rngs, (f, d), ("mlp", "embed"), dtype)
         self.gelu = config.family == "gemma3"
 
     def __call__(self, x: jax.Array) -> jax.Array:

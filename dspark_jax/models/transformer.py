@@ -11,7 +11,7 @@ from flax import nnx
 
 from dspark_jax.models.config import TransformerConfig
 from dspark_jax.models.kv_cache import KVCache
-from dspark_jax.models.layers import DecoderLayer, RMSNorm, _param
+from dspark_jax.models.layers import DecoderLayer, RMSNorm, param
 
 
 @jax.tree_util.register_dataclass
@@ -29,10 +29,10 @@ class Transformer(nnx.Module):
         c = config
         self.config = c
         self.dtype = dtype
-        self.embed_tokens = _param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"), dtype)
+        self.embed_tokens = param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"), dtype)
         self.layers = nnx.List([DecoderLayer(c, i, dtype, rngs) for i in range(c.num_layers)])
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, c.family == "gemma3", dtype)
-        self.lm_head = None if c.tie_word_embeddings else _param(
+        self.lm_head = None if c.tie_word_embeddings else param(
             rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"), dtype)
 
     def embed(self, tokens: jax.Array) -> jax.Array:
@@ -65,7 +65,7 @@ class Transformer(nnx.Module):
 
     def forward_flat(self, tokens: jax.Array, layout, cache: KVCache, *, tap_layers: tuple[int, ...] = (),
                      attn_impl: str = "reference") -> ForwardOutput:
-        """Runs a flattened bucket of tokens [T] from several requests (`decoding.layout.TokenLayout`):
+        """Runs a flattened bucket of tokens [T] from several requests (`models.layout.TokenLayout`):
         cost scales with T, not with requests × longest request. hidden and taps are [T, d]."""
         x = self.embed(tokens)
         taps = {-1: x} if -1 in tap_layers else {}

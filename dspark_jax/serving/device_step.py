@@ -12,13 +12,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dspark_jax.decoding.autoregressive import prefill
-from dspark_jax.decoding.keys import DRAFT, SAMPLE, VERIFY, position_keys
-from dspark_jax.decoding.layout import make_layout
-from dspark_jax.decoding.sampling import FilterMode, SamplingParams, sample
-from dspark_jax.decoding.speculative import proposal_lengths
+from dspark_jax.decoding.draft_length import proposal_lengths
 from dspark_jax.decoding.verification import concat_taps, verify_round
 from dspark_jax.drafters.base import Proposal
 from dspark_jax.models.kv_cache import init_cache
+from dspark_jax.models.layout import make_layout
+from dspark_jax.sampling import FilterMode, SamplingParams, sample
+from dspark_jax.sampling.keys import DRAFT, SAMPLE, VERIFY, position_keys
 from dspark_jax.serving.scheduler import allocate_top_k
 
 
@@ -27,9 +27,9 @@ from dspark_jax.serving.scheduler import allocate_top_k
 class EngineState:
     """Per slot s: target cache rows, drafter state, the anchor token at position start[s] (its K/V not yet
     written), active flag, token budget left, sampling params, the pending proposal for the next step and the
-    request's random key (keys [S]: every draw of a request comes from its own key, `decoding.keys`)."""
-    tcache: object
-    dstate: object
+    request's random key (keys [S]: every draw of a request comes from its own key, `sampling.keys`)."""
+    target_cache: object
+    drafter_state: object
     anchor: jax.Array
     start: jax.Array
     active: jax.Array
@@ -58,13 +58,13 @@ def init_engine_state(target, drafter, slots: int, max_len: int) -> EngineState:
     def zeros_i():
         return jnp.zeros((slots,), jnp.int32)  # distinct buffers: the state is donated leaf by leaf
 
-    dstate = drafter.init_state(slots, max_len)
+    drafter_state = drafter.init_state(slots, max_len)
     # an empty proposal of exactly the structure this drafter proposes (p_draft or not, lengths, flags)
     shapes = jax.eval_shape(lambda d: drafter.propose(target, d, zeros_i(), zeros_i(), jax.random.key(0),
                                                       SamplingParams.create(slots), FilterMode(),
-                                                      drafter.head_matrix(target)), dstate)
+                                                      drafter.head_matrix(target)), drafter_state)
     proposal = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
-    return EngineState(tcache=init_cache(target.config, slots, max_len, target.dtype), dstate=dstate,
+    return EngineState(target_cache=init_cache(target.config, slots, max_len, target.dtype), drafter_state=drafter_state,
                        anchor=zeros_i(), start=zeros_i(), active=jnp.zeros((slots,), bool), budget=zeros_i(),
                        params=SamplingParams.create(slots), proposal=proposal,
                        keys=jax.random.split(jax.random.key(0), slots))
@@ -80,23 +80,23 @@ def admit(target_graphdef, target_state, drafter_graphdef, drafter_state, state:
           keys: jax.Array, stops: jax.Array, *, mode: FilterMode, attn_impl: str
           ) -> tuple[EngineState, jax.Array, jax.Array, jax.Array]:
     """Prefills right-padded prompts [n, P] into `slots` [n]; samples each first token; drafts each first
-    proposal. params: batch-n SamplingParams; keys [n]: the requests' keys (`decoding.keys.request_keys`).
+    proposal. params: batch-n SamplingParams; keys [n]: the requests' keys (`sampling.keys.request_keys`).
     Returns (state, first tokens [n], already finished [n], non-finite prefill logits [n] — such a request is
     not activated and must end with an error)."""
     target = nnx.merge(target_graphdef, target_state)
     drafter = nnx.merge(drafter_graphdef, drafter_state)
     n = prompts.shape[0]
-    max_len = state.tcache.max_len
+    max_len = state.target_cache.max_len
     lens = prompt_lens.astype(jnp.int32)
     k_first, k_draft = position_keys(keys, lens - 1, SAMPLE), position_keys(keys, lens, DRAFT)
     logits, out = prefill(target, prompts, lens, max_len, attn_impl, tap_layers=drafter.config.target_layer_ids)
     first = sample(k_first, logits, params, mode)
-    dstate = drafter.prefill(target, drafter.init_state(n, max_len), concat_taps(out.taps), prompts, lens)
-    prop = drafter.propose(target, dstate, first, lens, k_draft, params, mode, drafter.head_matrix(target), attn_impl)
+    drafter_state = drafter.prefill(target, drafter.init_state(n, max_len), concat_taps(out.taps), prompts, lens)
+    prop = drafter.propose(target, drafter_state, first, lens, k_draft, params, mode, drafter.head_matrix(target), attn_impl)
     nonfinite = ~jnp.all(jnp.isfinite(logits), axis=-1)
     finished = jnp.isin(first, stops) | (max_new_tokens <= 1) | nonfinite
     state = dataclasses.replace(
-        state, tcache=_set_rows(state.tcache, out.cache, slots), dstate=_set_rows(state.dstate, dstate, slots),
+        state, target_cache=_set_rows(state.target_cache, out.cache, slots), drafter_state=_set_rows(state.drafter_state, drafter_state, slots),
         anchor=state.anchor.at[slots].set(first), start=state.start.at[slots].set(lens),
         active=state.active.at[slots].set(~finished), budget=state.budget.at[slots].set(max_new_tokens - 1),
         params=_set_rows(state.params, params, slots), proposal=_set_rows(state.proposal, prop, slots),
@@ -131,17 +131,17 @@ def step(target_graphdef, target_state, drafter_graphdef, drafter_state, state: 
     verified = allocate_top_k(state.proposal.confidence, caps, budget)
     layout = make_layout(jnp.where(active, verified + 1, 0), state.start, bucket, g + 1)
     k_verify = position_keys(state.keys, state.start, VERIFY)
-    res = verify_round(target, drafter, state.tcache, state.dstate, state.proposal, state.anchor, state.start,
+    res = verify_round(target, drafter, state.target_cache, state.drafter_state, state.proposal, state.anchor, state.start,
                        verified, active, state.budget, layout, k_verify, state.params, mode, stops, attn_impl)
     start = state.start + res.count
     left = state.budget - res.count
     still = active & ~res.stopped & (left > 0) & ~res.nonfinite
     proposal = state.proposal
     if draft:
-        proposal = drafter.propose(target, res.dstate, res.anchor, start, position_keys(state.keys, start, DRAFT),
+        proposal = drafter.propose(target, res.drafter_state, res.anchor, start, position_keys(state.keys, start, DRAFT),
                                    state.params, mode,
                                    drafter.head_matrix(target), attn_impl)
-    new = EngineState(tcache=res.tcache, dstate=res.dstate, anchor=res.anchor, start=start, active=still,
+    new = EngineState(target_cache=res.target_cache, drafter_state=res.drafter_state, anchor=res.anchor, start=start, active=still,
                       budget=left, params=state.params, proposal=proposal, keys=state.keys)
     return new, StepOutput(committed=res.committed, count=res.count, verified=jnp.where(active, verified, 0),
                            accepted=res.num_accepted, finished=active & ~still, confidence=proposal.confidence,

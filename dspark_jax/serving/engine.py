@@ -25,9 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dspark_jax.decoding.keys import request_key_data, request_keys
-from dspark_jax.decoding.sampling import FilterMode, SamplingParams
 from dspark_jax.generation import bucket_length
+from dspark_jax.sampling import FilterMode, SamplingParams
+from dspark_jax.sampling.keys import request_key_data, request_keys
 from dspark_jax.serving import device_step
 from dspark_jax.serving.cost_table import CostTable
 from dspark_jax.serving.planner import POLICIES, Planner

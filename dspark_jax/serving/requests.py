@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-from dspark_jax.decoding.sampling import FilterMode, validate_sampling
+from dspark_jax.sampling import FilterMode, validate_sampling
 
 DRAFT_MODES = ("hardware_aware", "static_threshold", "fixed", "off")  # a request's (or workload class's) draft policy
 REQUEST_MODES = ("default",) + DRAFT_MODES  # "default": the engine's policy
@@ -22,7 +22,7 @@ class Request:
     top_p: float = 1.0
     stop_ids: Sequence[int] | None = None  # extra stop tokens (the target's always stop)
     # random draws come from (seed, prompt) and the position: the same request and seed give the same tokens
-    # whatever shares the batch, under per-request draft policies (`decoding.keys`); None: engine seed + request id
+    # whatever shares the batch, under per-request draft policies (`sampling.keys`); None: engine seed + request id
     seed: int | None = None
     draft_mode: str = "default"
     max_draft: int | None = None

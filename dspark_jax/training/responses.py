@@ -63,7 +63,7 @@ def regenerate(target, prompts: Sequence[str], out_path: str | Path, cfg: RegenC
     import jax.numpy as jnp
 
     from dspark_jax.decoding.autoregressive import generate
-    from dspark_jax.decoding.sampling import FilterMode, SamplingParams
+    from dspark_jax.sampling import FilterMode, SamplingParams
     from dspark_jax.generation import pad_batch
 
     out_path = Path(out_path)

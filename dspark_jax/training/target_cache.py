@@ -707,6 +707,3 @@ class TargetCache:
                 for name, value in s.items():
                     out[name][r, :t] = value
             yield out
-
-    def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
-        return len(self) // batch_size if drop_last else math.ceil(len(self) / batch_size)

@@ -22,14 +22,15 @@ from jax.sharding import Mesh
 
 from dspark_jax.drafters.config import DrafterConfig, make_drafter_config
 from dspark_jax.drafters.eagle3 import Eagle3Drafter
-from dspark_jax.drafters.factory import Drafter, drafter_class
+from dspark_jax.drafters.factory import Drafter
+from dspark_jax.drafters.registry import drafter_class
 from dspark_jax.drafters.vocab import frequent_token_ids
 from dspark_jax.parallel import (is_primary, make_rules, opt_state_shardings, replicate, replicated, shard_batch,
                                  shard_state, shardings_of)
 from dspark_jax.training.eagle3_forward import eagle3_ttt_outputs, ttt_loss_floor
 from dspark_jax.training.forward import (TrainBatch, block_outputs, draft_labels, target_block_logits,
                                          with_online_features)
-from dspark_jax.training.losses import dspark_loss, eagle3_ttt_loss
+from dspark_jax.training.losses import DSPARK_ALPHA, dspark_loss, eagle3_ttt_loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +55,7 @@ class TrainConfig:
     num_anchors: int = 64
     max_len: int = 512
     loss_decay: float = 4.0
-    loss_weights: tuple[float, float, float] = (0.1, 0.9, 1.0)
+    loss_weights: tuple[float, float, float] = DSPARK_ALPHA
     seed: int = 42
     log_every: int = 10
     checkpoint_every: int = 200

@@ -36,8 +36,8 @@ from dspark_jax.drafters.base import draft_head_matrix, draft_layer_config
 from dspark_jax.drafters.config import MARKOV_HEAD_TYPES, DrafterConfig
 from dspark_jax.drafters.dspark import DSparkDrafter
 from dspark_jax.drafters.vocab import build_maps
-from dspark_jax.io.hf_checkpoint import (CONFIG_FILE, CheckpointError, _collect_entries, _get, _listing,
-                                         _read_json, _read_tensors, config_from_hf, expected_shapes)
+from dspark_jax.io.hf_checkpoint import (CONFIG_FILE, CheckpointError, checkpoint_entries, config_value, listing,
+                                         read_json, read_tensors, config_from_hf, expected_shapes)
 from dspark_jax.models.config import TransformerConfig
 from dspark_jax.models.transformer import canonical_to_pure_dict
 
@@ -126,11 +126,11 @@ def drafter_config_from_deepspec(config_dict: Mapping[str, Any], target: Transfo
     if not math.isclose(draft.rms_norm_eps, target.rms_norm_eps, rel_tol=1e-6):
         raise _mismatch(source, "rms_norm_eps", draft.rms_norm_eps, target, target.rms_norm_eps)
 
-    num_target_layers = _get(config_dict, "num_target_layers", source, int, None)
+    num_target_layers = config_value(config_dict, "num_target_layers", source, int, None)
     if num_target_layers is not None and num_target_layers != target.num_layers:
         raise _mismatch(source, "num_target_layers", num_target_layers, target,
                         f"{target.num_layers} layers", " (the drafter was trained for a different target)")
-    ids = _int_list(_get(config_dict, "target_layer_ids", source, list), "target_layer_ids", source)
+    ids = _int_list(config_value(config_dict, "target_layer_ids", source, list), "target_layer_ids", source)
     if list(ids) != sorted(set(ids)):
         raise CheckpointError(f"{source}: target_layer_ids must be strictly increasing, got {list(ids)}")
     bad = [i for i in ids if not -1 <= i < target.num_layers - 1]
@@ -140,21 +140,21 @@ def drafter_config_from_deepspec(config_dict: Mapping[str, Any], target: Transfo
             f"{target.num_layers} layers (valid: -1 = embeddings, 0..{target.num_layers - 2}; the last layer "
             "cannot be tapped)")
 
-    block_size = _get(config_dict, "block_size", source, int)
-    mask_token_id = _get(config_dict, "mask_token_id", source, int)
+    block_size = config_value(config_dict, "block_size", source, int)
+    mask_token_id = config_value(config_dict, "mask_token_id", source, int)
     if not 0 <= mask_token_id < target.vocab_size:
         raise _mismatch(source, "mask_token_id", mask_token_id, target,
                         f"a vocabulary of {target.vocab_size}")
-    markov_rank = _get(config_dict, "markov_rank", source, int, 0)
-    markov_type = _get(config_dict, "markov_head_type", source, str, "vanilla") if markov_rank else "vanilla"
+    markov_rank = config_value(config_dict, "markov_rank", source, int, 0)
+    markov_type = config_value(config_dict, "markov_head_type", source, str, "vanilla") if markov_rank else "vanilla"
     if markov_type not in MARKOV_HEAD_TYPES:
         raise CheckpointError(f"{source}: unsupported markov_head_type {markov_type!r}; supported: "
                               f"{', '.join(MARKOV_HEAD_TYPES)}")
     if "enable_confidence_head" in config_dict:
-        confidence = _get(config_dict, "enable_confidence_head", source, bool)
+        confidence = config_value(config_dict, "enable_confidence_head", source, bool)
     else:  # training-config spelling
-        confidence = _get(config_dict, "confidence_head_alpha", source, float, 0.0) > 0.0
-    with_markov = _get(config_dict, "confidence_head_with_markov", source, bool, True) if confidence else True
+        confidence = config_value(config_dict, "confidence_head_alpha", source, float, 0.0) > 0.0
+    with_markov = config_value(config_dict, "confidence_head_with_markov", source, bool, True) if confidence else True
     if confidence and with_markov and not markov_rank:
         raise CheckpointError(f"{source}: confidence_head_with_markov=true needs a Markov head "
                               "(markov_rank > 0)")
@@ -179,7 +179,7 @@ def load_deepspec_config(path: str | os.PathLike, target: TransformerConfig) -> 
     if not os.path.isfile(config_path):
         raise CheckpointError(f"{config_path}: file not found ({CONFIG_FILE} is required in a DeepSpec "
                               "drafter directory)")
-    return drafter_config_from_deepspec(_read_json(config_path), target, source=config_path)
+    return drafter_config_from_deepspec(read_json(config_path), target, source=config_path)
 
 
 def deepspec_expected_shapes(config: DrafterConfig, target: TransformerConfig) -> dict[str, tuple[int, ...]]:
@@ -244,7 +244,7 @@ def _check_frozen_copies(entries, target_model, described: str) -> None:
     present = {n: entries[n] for n in FROZEN_COPIES if n in entries}
     if not present:
         return
-    arrays = _read_tensors(present)
+    arrays = read_tensors(present)
     refs = {"embed_tokens.weight": lambda: target_model.embed_tokens[...],
             "lm_head.weight": lambda: draft_head_matrix(target_model, None, True)}
     for name, value in arrays.items():
@@ -280,7 +280,7 @@ def load_deepspec_drafter(path: str | os.PathLike, target: TransformerConfig, dt
     """
     path = os.fspath(path)
     config = load_deepspec_config(path, target)
-    described, entries = _collect_entries(path)
+    described, entries = checkpoint_entries(path)
     expected = deepspec_expected_shapes(config, target)
     copy_shape = (target.vocab_size, target.hidden_size)
     frozen_wrong = [_shape_problem(n, copy_shape, entries[n].shape) for n in FROZEN_COPIES
@@ -290,14 +290,14 @@ def load_deepspec_drafter(path: str | os.PathLike, target: TransformerConfig, dt
     if frozen_wrong or wrong:
         raise DrafterMismatchError(f"{described}: {len(frozen_wrong) + len(wrong)} tensor(s) do not fit the "
                                    f"target {target.name or target.family} (vocab {target.vocab_size}, hidden "
-                                   f"{target.hidden_size}): {_listing(frozen_wrong + wrong)}")
+                                   f"{target.hidden_size}): {listing(frozen_wrong + wrong)}")
     problems = []
     missing = [n for n in expected if n not in entries]
     if missing:
-        problems.append(f"{len(missing)} missing tensor(s): {_listing(missing)}")
+        problems.append(f"{len(missing)} missing tensor(s): {listing(missing)}")
     unexpected = sorted(n for n in entries if n not in expected and n not in FROZEN_COPIES)
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected tensor(s): {_listing(unexpected)}")
+        problems.append(f"{len(unexpected)} unexpected tensor(s): {listing(unexpected)}")
     if problems:
         raise CheckpointError(
             f"{described}: checkpoint does not match its config ({config.algorithm}, {config.num_layers} "
@@ -306,7 +306,7 @@ def load_deepspec_drafter(path: str | os.PathLike, target: TransformerConfig, dt
     if target_model is not None:
         _check_frozen_copies(entries, target_model, described)
 
-    tensors = _read_tensors({n: entries[n] for n in expected})
+    tensors = read_tensors({n: entries[n] for n in expected})
     abstract = nnx.eval_shape(lambda: DSparkDrafter(config, target, dtype=dtype, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     pure = _pure_dict(config, target, tensors)

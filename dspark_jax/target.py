@@ -9,6 +9,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dspark_jax.io.gguf_loader import load_gguf_weights
+from dspark_jax.io.hf_checkpoint import load_hf_config, load_hf_weights
+from dspark_jax.io.tokenizer import tokenizer_from_gguf, tokenizer_from_hf_dir
 from dspark_jax.models.config import TransformerConfig
 from dspark_jax.models.transformer import Transformer, model_from_canonical
 
@@ -70,14 +73,10 @@ def load_target(spec: str | os.PathLike | None = None, dtype=None) -> Target:
     dtype = dtype or default_dtype()
     path = resolve_target_path(spec)
     if path.is_dir():
-        from dspark_jax.io.hf_checkpoint import load_hf_config, load_hf_weights
-        from dspark_jax.io.tokenizer import tokenizer_from_hf_dir
         config = load_hf_config(path)
         tensors = load_hf_weights(path, config)
         tokenizer = tokenizer_from_hf_dir(path)
     else:
-        from dspark_jax.io.gguf_loader import load_gguf_weights
-        from dspark_jax.io.tokenizer import tokenizer_from_gguf
         config, tensors, gguf = load_gguf_weights(path)
         tokenizer = tokenizer_from_gguf(gguf)
     if tokenizer.vocab_size > config.vocab_size:

@@ -65,7 +65,7 @@ def body() -> None:
     from dspark_jax.governance.ab import check_workload, run_ab
     from dspark_jax.governance.ab_report import ab_tables, format_markdown, write_ab
     from dspark_jax.serving.engine import Engine
-    from dspark_jax.serving.load_test import engine_config
+    from dspark_jax.serving.closed_loop import engine_config
     from dspark_jax.utils.machine import describe_machine
 
     classes = list(dict.fromkeys(c.strip() for c in FLAGS.classes.split(",") if c.strip()))

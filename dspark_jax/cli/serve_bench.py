@@ -45,7 +45,7 @@ def _ints(text: str, name: str) -> list[int]:
 def body() -> None:
     from dspark_jax.evaluation.datasets import load_benchmarks
     from dspark_jax.serving.engine import Engine
-    from dspark_jax.serving.load_test import closed_loop, engine_config
+    from dspark_jax.serving.closed_loop import closed_loop, engine_config
     from dspark_jax.serving.plots import plot_load
     from dspark_jax.utils.machine import describe_machine
 

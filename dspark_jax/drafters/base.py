@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dspark_jax.drafters.vocab import VocabMap, build_maps, check_draft_vocab
 from dspark_jax.models.config import TransformerConfig
 
 
@@ -65,7 +66,6 @@ class DrafterBase(nnx.Module):
     """What every drafter shares: fitting checks, the frozen target's identity, the draft vocabulary maps."""
 
     def _init_common(self, config, target: TransformerConfig, dtype, draft_vocab_ids) -> None:
-        from dspark_jax.drafters.vocab import VocabMap, build_maps, check_draft_vocab
         config.check_fits(target)
         check_draft_vocab(config, draft_vocab_ids)
         self.config, self.target_config, self.dtype = config, target, dtype

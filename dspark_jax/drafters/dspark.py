@@ -132,7 +132,7 @@ class DSparkDrafter(DrafterBase):
         if self.config.lookup_inputs:
             x = x + target_model.embed(lookup[:, :g]).astype(self.dtype) @ self.lookup_fc[...]
         for i, layer in enumerate(self.layers):
-            x = layer.mix(x, lambda h, i=i, layer=layer: layer.self_attn.block(
+            x = layer.wrap_attention(x, lambda h, i=i, layer=layer: layer.self_attn.forward_block(
                 h, pos, state.k[i], state.v[i], start, attn_impl))
         return self.norm(x)
 

@@ -15,6 +15,7 @@ from typing import Callable
 
 from dspark_jax.data import (DEFAULT_TRAINING_MIX, EVAL_DATASETS, N_GSM8K_EVAL, eval_dataset_path, read_first_turns,
                              select_training_prompts)
+from dspark_jax.training.responses import format_prompt
 
 DOMAINS = {"gsm8k": "math", "math500": "math", "aime25": "math", "humaneval": "code", "mbpp": "code",
            "mt-bench": "chat"}
@@ -32,7 +33,6 @@ class Benchmark:
 
 def load_benchmark(spec: str, limit: int | None = None, raw: bool = False) -> Benchmark:
     """A shipped evaluation set by name, or a JSONL file by path; the first `limit` prompts (all if None)."""
-    from dspark_jax.training.responses import format_prompt
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
     if spec in DOMAINS:
@@ -70,7 +70,6 @@ def heldout_prompts(count: int, seed: int = 0, raw: bool = False,
     minus the prompts `dspark prepare-data` selects by default (`select_training_prompts()`, seed 0), drawn
     round-robin over the sources with `random.Random(seed)`; `keep` (on the formatted prompt, e.g. a length
     limit) skips prompts."""
-    from dspark_jax.training.responses import format_prompt
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
     trained = set(select_training_prompts())

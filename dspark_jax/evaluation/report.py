@@ -9,9 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
+from dspark_jax.evaluation import plots
 from dspark_jax.evaluation.reliability import PositionReliability, weighted_mean
+from dspark_jax.evaluation.reliability import survival_pairs
 from dspark_jax.evaluation.suite import SuiteResult
 from dspark_jax.evaluation.sweep import METHOD_NOTE as SWEEP_NOTE
+from dspark_jax.utils.results import write_result
 
 
 def json_safe(x):
@@ -198,9 +201,6 @@ def slug(label: str) -> str:
 
 def write_report(result: SuiteResult, output_dir: str | Path, **extra) -> dict[str, Path]:
     """eval.json, eval.md, records.npz and the PNG plots under `output_dir`; returns their paths."""
-    from dspark_jax.evaluation import plots
-    from dspark_jax.evaluation.reliability import survival_pairs
-    from dspark_jax.utils.results import write_result
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)

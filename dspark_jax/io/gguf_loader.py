@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from dspark_jax.io.gguf_file import GGUFError, GGUFFile
-from dspark_jax.utils.files import cache_dir
+from dspark_jax.io.hf_checkpoint import expected_shapes
 from dspark_jax.models.config import (TransformerConfig, gemma3_layer_types, gemma3_rope_thetas)
+from dspark_jax.utils.files import cache_dir
 
 CACHE_FORMAT_VERSION = 1
 SUPPORTED_GGUF_ARCHITECTURES = ("gemma3", "qwen3")
@@ -87,7 +88,6 @@ def canonical_name(gguf_name: str, family: str) -> str | None:
 
 def canonical_tensors_from_gguf(gguf: GGUFFile, config: TransformerConfig) -> dict[str, np.ndarray]:
     """Dequantized float32 tensors under canonical names in HF [out, in] layout (Gemma norms un-shifted)."""
-    from dspark_jax.io.hf_checkpoint import expected_shapes
     expected = expected_shapes(config)
     out: dict[str, np.ndarray] = {}
     for name in gguf.tensors:
@@ -124,7 +124,6 @@ def load_gguf_weights(path: str | os.PathLike, use_cache: bool = True) -> tuple[
     if target.exists():
         try:
             tensors = load_file(str(target))
-            from dspark_jax.io.hf_checkpoint import expected_shapes
             if {k: v.shape for k, v in tensors.items()} == expected_shapes(config):
                 return config, tensors, gguf
         except Exception as e:  # corrupted cache entry: rebuild it

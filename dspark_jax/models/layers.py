@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dspark_jax.models.config import TransformerConfig
+from dspark_jax.models.kv_cache import write_contiguous
 from dspark_jax.models.layout import from_grid, to_grid
 from pallas_kernels import attention, block_attention
 
@@ -78,7 +79,6 @@ class Attention(nnx.Module):
 
         Returns (output, new k_cache, new v_cache).
         """
-        from dspark_jax.models.kv_cache import write_contiguous
         b, t, _ = x.shape
         q = (x @ self.q_proj[...]).reshape(b, t, self.num_heads, self.head_dim)
         q = apply_rope(self.q_norm(q), positions, rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling))
@@ -88,7 +88,7 @@ class Attention(nnx.Module):
         out = attention(q, k_cache, v_cache, positions, scale=self.scale, window=self.window, impl=attn_impl)
         return out.reshape(b, t, -1) @ self.o_proj[...], k_cache, v_cache
 
-    def flat(self, x: jax.Array, layout, k_cache: jax.Array, v_cache: jax.Array,
+    def forward_flat(self, x: jax.Array, layout, k_cache: jax.Array, v_cache: jax.Array,
              attn_impl: str) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Flattened tokens x [T, d] of several requests (`models.layout.TokenLayout`): K/V scattered into
         each token's own request row at its position (padding dropped); attention runs per request on the
@@ -105,7 +105,7 @@ class Attention(nnx.Module):
                         scale=self.scale, window=self.window, impl=attn_impl)
         return from_grid(out, layout).reshape(t, -1) @ self.o_proj[...], k_cache, v_cache
 
-    def block(self, x: jax.Array, positions: jax.Array, ctx_k: jax.Array, ctx_v: jax.Array, ctx_len: jax.Array,
+    def forward_block(self, x: jax.Array, positions: jax.Array, ctx_k: jax.Array, ctx_v: jax.Array, ctx_len: jax.Array,
               attn_impl: str) -> jax.Array:
         """Drafter block attention: x [B, G, d] attends to cached context K/V (< ctx_len) and, bidirectionally,
         to the whole block. The block's K/V are not cached."""
@@ -148,7 +148,7 @@ class DecoderLayer(nnx.Module):
             self.post_feedforward_layernorm = norm()
         self.mlp = MLP(c, dtype, rngs)
 
-    def mix(self, x: jax.Array, attend) -> jax.Array:
+    def wrap_attention(self, x: jax.Array, attend) -> jax.Array:
         """The layer's residual structure around `attend(normed_x) -> attention output`."""
         h = attend(self.input_layernorm(x))
         if self.gemma:
@@ -165,5 +165,5 @@ class DecoderLayer(nnx.Module):
             new_cache.extend((k, v))
             return out
 
-        x = self.mix(x, attend)
+        x = self.wrap_attention(x, attend)
         return x, new_cache[0], new_cache[1]

@@ -72,9 +72,9 @@ class Transformer(nnx.Module):
         ks, vs = list(cache.k), list(cache.v)
         for i, layer in enumerate(self.layers):
             def attend(h, i=i, layer=layer):
-                out, ks[i], vs[i] = layer.self_attn.flat(h, layout, ks[i], vs[i], attn_impl)
+                out, ks[i], vs[i] = layer.self_attn.forward_flat(h, layout, ks[i], vs[i], attn_impl)
                 return out
-            x = layer.mix(x, attend)
+            x = layer.wrap_attention(x, attend)
             if i in tap_layers:
                 taps[i] = x
         return ForwardOutput(self.norm(x), KVCache(tuple(ks), tuple(vs)), tuple(taps[i] for i in tap_layers))

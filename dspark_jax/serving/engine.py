@@ -32,6 +32,7 @@ from dspark_jax.serving import device_step
 from dspark_jax.serving.cost_table import CostTable
 from dspark_jax.serving.planner import POLICIES, Planner
 from dspark_jax.serving.requests import Request, RequestStats, first_stop, validate_request
+from dspark_jax.utils.machine import describe_machine
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,7 +164,6 @@ class Engine:
             sps.append(1.0 / float(np.median(times)))
         for i in range(s):
             self._state = self._deactivate(self._state, jnp.int32(i))
-        from dspark_jax.utils.machine import describe_machine
         plain = sps.pop() if self._plain_exec is not None else None
         return CostTable(self.buckets, tuple(sps), machine=describe_machine(), plain_steps_per_s=plain)
 

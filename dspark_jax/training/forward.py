@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from dspark_jax.drafters.dspark import context_cache, lookup_inputs
 from dspark_jax.models.kv_cache import KVCache
+from dspark_jax.models.kv_cache import init_cache
 from dspark_jax.training.anchors import build_blocks, sample_anchors
 
 
@@ -92,7 +93,6 @@ def full_logsumexp(target_model, hidden: jax.Array, rows_per_chunk: int = 64) ->
 def with_online_features(target_model, batch: TrainBatch, layer_ids: tuple[int, ...]) -> TrainBatch:
     """Online mode (no target cache): runs the frozen target inside the training step to get the tapped
     features, final-normed hidden states and log-sum-exps the cache would have held."""
-    from dspark_jax.models.kv_cache import init_cache
     b, t = batch.tokens.shape
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
     out = target_model(batch.tokens, pos, init_cache(target_model.config, b, t, target_model.dtype),

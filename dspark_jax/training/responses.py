@@ -13,6 +13,10 @@ from typing import Sequence
 
 from tqdm import tqdm
 
+from dspark_jax.decoding.autoregressive import generate
+from dspark_jax.generation import pad_batch
+from dspark_jax.sampling import FilterMode, SamplingParams
+
 PROMPT_FORMAT = "Question: {prompt}\n\nAnswer:"
 
 
@@ -61,10 +65,6 @@ def regenerate(target, prompts: Sequence[str], out_path: str | Path, cfg: RegenC
     restricts the run to these prompt indices."""
     import jax
     import jax.numpy as jnp
-
-    from dspark_jax.decoding.autoregressive import generate
-    from dspark_jax.sampling import FilterMode, SamplingParams
-    from dspark_jax.generation import pad_batch
 
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,6 @@ import functools
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import sys
@@ -46,6 +45,10 @@ from collections.abc import Sequence as SequenceABC
 from pathlib import Path
 
 import numpy as np
+
+from dspark_jax.decoding.autoregressive import prefill
+from dspark_jax.generation import pad_batch
+from dspark_jax.training.responses import PROMPT_FORMAT
 
 CACHE_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -246,8 +249,6 @@ def _jitted():
     import jax.numpy as jnp
     from flax import nnx
 
-    from dspark_jax.decoding.autoregressive import prefill
-
     def encode(x, dtype):
         if dtype == "bfloat16":
             return jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16)
@@ -360,7 +361,6 @@ def build_target_cache(target, sequences: SequenceABC[Sequence], out_dir: str | 
     only cache (no target run; see `build_sequence_cache`). `prompt_format` and `metadata` are recorded in the
     manifest. Returns `out_dir`.
     """
-    from dspark_jax.training.responses import PROMPT_FORMAT
 
     config = target.config
     features = layer_ids is not None
@@ -459,8 +459,6 @@ def _write_shard(target, chunk, shard_dir: Path, layer_ids, dtype, batch_size, l
     import jax
     import jax.numpy as jnp
     from numpy.lib.format import open_memmap
-
-    from dspark_jax.generation import pad_batch
 
     config = target.config
     lengths = np.array([len(s) for s in chunk], np.int64)

@@ -30,6 +30,7 @@ from dspark_jax.parallel import (is_primary, make_rules, opt_state_shardings, re
 from dspark_jax.training.eagle3_forward import eagle3_ttt_outputs, ttt_loss_floor
 from dspark_jax.training.forward import (TrainBatch, block_outputs, draft_labels, target_block_logits,
                                          with_online_features)
+from dspark_jax.training.heldout import teacher_forced_quality
 from dspark_jax.training.losses import DSPARK_ALPHA, dspark_loss, eagle3_ttt_loss
 
 
@@ -255,7 +256,6 @@ class Trainer:
     def heldout_quality(self) -> dict[str, float]:
         """Teacher-forced quality of the current parameters on the held-out cache ({} without one, or for
         Eagle3 drafters, whose forward is sequential)."""
-        from dspark_jax.training.heldout import teacher_forced_quality
         if self.heldout is None or self.config.algorithm == "eagle3":
             return {}
         module = nnx.merge(self.graphdef, self.params, self.rest)

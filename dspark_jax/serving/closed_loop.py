@@ -11,6 +11,7 @@ from typing import Sequence
 from dspark_jax.serving.engine import Engine, EngineConfig
 from dspark_jax.serving.requests import Request
 
+
 def engine_config(spec: str, **kwargs) -> EngineConfig:
     """'plain' | 'fixedN' | 'threshold[@T]' | 'scheduler' | 'scheduler_async' → EngineConfig."""
     name, _, value = spec.partition("@")

@@ -32,7 +32,9 @@ from dspark_jax.drafters.dspark import DSparkDrafter  # noqa: E402
 from dspark_jax.drafters.factory import Drafter  # noqa: E402
 from dspark_jax.parallel import make_mesh, shard_state  # noqa: E402
 from dspark_jax.target import Target  # noqa: E402
-from dspark_jax.training.target_cache import TargetCache, build_target_cache, make_sequence  # noqa: E402
+from dspark_jax.training.cache_builder import build_target_cache  # noqa: E402
+from dspark_jax.training.sequences import make_sequence  # noqa: E402
+from dspark_jax.training.target_cache import TargetCache  # noqa: E402
 from dspark_jax.training.trainer import TrainConfig, Trainer  # noqa: E402
 from oracle_drafter import OracleDrafter  # noqa: E402
 from tiny_target import make_tiny_target  # noqa: E402

@@ -18,7 +18,9 @@ from dspark_jax.training.heldout import teacher_forced_quality
 from dspark_jax.models.transformer import Transformer
 from dspark_jax.target import Target
 from dspark_jax.training.forward import TrainBatch
-from dspark_jax.training.target_cache import TargetCache, build_target_cache, make_sequence
+from dspark_jax.training.cache_builder import build_target_cache
+from dspark_jax.training.sequences import make_sequence
+from dspark_jax.training.target_cache import TargetCache
 from dspark_jax.training.trainer import TrainConfig, Trainer, to_batch
 from tiny_target import CharTokenizer
 

@@ -18,8 +18,10 @@ from configs.tiny import tiny_gemma3, tiny_qwen3
 from dspark_jax.models.kv_cache import init_cache
 from dspark_jax.models.transformer import Transformer
 from dspark_jax.target import Target
-from dspark_jax.training import target_cache as tc
-from dspark_jax.training.target_cache import Sequence, TargetCache, build_target_cache
+from dspark_jax.training import cache_builder, cache_format, sequences
+from dspark_jax.training.cache_builder import build_target_cache
+from dspark_jax.training.sequences import Sequence
+from dspark_jax.training.target_cache import TargetCache
 
 LAYERS = (-1, 0, 2)  # tiny_gemma3 has 4 layers: embedding output, first and penultimate layer
 LENGTHS = (5, 17, 40, 33, 9)
@@ -119,8 +121,8 @@ def test_bfloat16_storage_round_trip(cache_bf16, reference):
     # Gemma-scale values survive (float16 would overflow at 65504)
     x = np.array([8.0e4, -1.5e5, 3.14159, 1e-30, 0.0], np.float32)
     bits = x.astype(ml_dtypes.bfloat16).view(np.uint16)
-    np.testing.assert_array_equal(tc.decode_bf16(bits), x.astype(ml_dtypes.bfloat16).astype(np.float32))
-    np.testing.assert_allclose(tc.decode_bf16(bits), x, rtol=2 ** -8)
+    np.testing.assert_array_equal(cache_format.decode_bf16(bits), x.astype(ml_dtypes.bfloat16).astype(np.float32))
+    np.testing.assert_allclose(cache_format.decode_bf16(bits), x, rtol=2 ** -8)
 
 
 @pytest.mark.parametrize("subset", [(0,), (-1, 2), (2,)])
@@ -150,7 +152,7 @@ def test_validation_errors(target, cache_f32, tmp_path):
     with pytest.raises(ValueError, match="float16"):
         build_target_cache(target, make_sequences(), tmp_path / "x", LAYERS, dtype="float16", progress=False)
     with pytest.raises(ValueError, match="float16"):
-        tc.estimate_cache_bytes(10, 5, 640, "float16")
+        cache_format.estimate_cache_bytes(10, 5, 640, "float16")
     with pytest.raises(ValueError, match="cannot be tapped"):
         build_target_cache(target, make_sequences(), tmp_path / "x", (0, 3), progress=False)
     with pytest.raises(ValueError, match="outside"):
@@ -245,23 +247,23 @@ def test_sequences_from_responses(tmp_path):
             {"index": 1, "prompt_ids": [2, 6], "response_ids": list(range(40, 56)), "stopped": False},
             {"index": 2, "prompt_ids": [9], "response_ids": [9], "stopped": True}]  # duplicate: first wins
     path.write_text("\n".join(json.dumps(r) for r in recs) + '\n{"index": 3, "prompt_i')  # torn last line
-    seqs = tc.sequences_from_responses(path, min_loss_tokens=14)
+    seqs = sequences.sequences_from_responses(path, min_loss_tokens=14)
     assert [len(s) for s in seqs] == [18, 23]  # index 0 dropped (3 response tokens), then 1 and 2 in order
     np.testing.assert_array_equal(seqs[0].tokens, [2, 6] + list(range(40, 56)))
     np.testing.assert_array_equal(seqs[0].loss_mask, [0, 0] + [1] * 16)
     assert seqs[1].loss_mask.dtype == np.uint8 and seqs[1].tokens.dtype == np.int32
-    assert len(tc.sequences_from_responses(path, min_loss_tokens=0)) == 3
-    cut = tc.sequences_from_responses(path, min_loss_tokens=14, max_length=17)  # 15 and 14 response tokens left
+    assert len(sequences.sequences_from_responses(path, min_loss_tokens=0)) == 3
+    cut = sequences.sequences_from_responses(path, min_loss_tokens=14, max_length=17)  # 15 and 14 response tokens left
     assert [len(s) for s in cut] == [17, 17] and [s.num_loss_tokens for s in cut] == [15, 14]
-    assert tc.sequences_from_responses(path, min_loss_tokens=15, max_length=17)[0].num_loss_tokens == 15
-    assert tc.plan_shards([5, 5, 5, 20, 1], 10) == [(0, 2), (2, 3), (3, 4), (4, 5)]
+    assert sequences.sequences_from_responses(path, min_loss_tokens=15, max_length=17)[0].num_loss_tokens == 15
+    assert sequences.plan_shards([5, 5, 5, 20, 1], 10) == [(0, 2), (2, 3), (3, 4), (4, 5)]
 
 
 def test_size_estimate_and_sequence_cache(target, tmp_path):
-    assert tc.estimate_cache_bytes(1000, 5, 640, "bfloat16") == 1000 * (6 * 640 * 2 + 9)
-    assert tc.estimate_cache_bytes(10, 2, 8, "float32") == 10 * (3 * 8 * 4 + 9)
-    assert "GiB" in tc.describe_cache_size(10**6, 5, 640)
-    path = tc.build_sequence_cache(target, make_sequences(), tmp_path / "seq", shard_max_tokens=50, progress=False)
+    assert cache_format.estimate_cache_bytes(1000, 5, 640, "bfloat16") == 1000 * (6 * 640 * 2 + 9)
+    assert cache_format.estimate_cache_bytes(10, 2, 8, "float32") == 10 * (3 * 8 * 4 + 9)
+    assert "GiB" in cache_format.describe_cache_size(10**6, 5, 640)
+    path = cache_builder.build_sequence_cache(target, make_sequences(), tmp_path / "seq", shard_max_tokens=50, progress=False)
     cache = TargetCache.open(path, target_config=target.config)
     assert not cache.has_features and not (path / "shard-00000" / "features.npy").exists()
     assert set(cache.sample(1)) == {"tokens", "loss_mask"}

@@ -13,7 +13,9 @@ from flax import nnx
 from dspark_jax.decoding.autoregressive import generate
 from dspark_jax.sampling import SamplingParams
 from dspark_jax.target import Target
-from dspark_jax.training.target_cache import TargetCache, build_target_cache, make_sequence
+from dspark_jax.training.cache_builder import build_target_cache
+from dspark_jax.training.sequences import make_sequence
+from dspark_jax.training.target_cache import TargetCache
 from dspark_jax.training.trainer import TrainConfig, Trainer
 from tiny_target import make_tiny_target
 
@@ -149,7 +151,7 @@ def test_run_directory_of_another_target_is_refused(target, cache, tmp_path):
 
 def test_online_mode_step_equals_cached_step(target, cache, tmp_path):
     """Without a feature cache the step runs the target itself and computes the same loss."""
-    from dspark_jax.training.target_cache import build_sequence_cache
+    from dspark_jax.training.cache_builder import build_sequence_cache
     from dspark_jax.training.trainer import init_drafter, loss_fn, to_batch
     seqs = [make_sequence(list(s["tokens"][s["loss_mask"] == 0]), list(s["tokens"][s["loss_mask"] == 1]))
             for s in (cache.sample(i) for i in range(len(cache)))]

@@ -136,7 +136,8 @@ def prepare(target, prompts: list[str], output_dir, regen, *, layer_ids=None, ca
     """The whole pipeline (see the module docstring); returns the data statistics also written to
     <output_dir>/data_stats.json."""
     from dspark_jax.drafters.config import default_target_layer_ids
-    from dspark_jax.training import target_cache as tc
+    from dspark_jax.training import cache_builder, cache_format
+    from dspark_jax.training.sequences import make_sequence, read_responses
     from dspark_jax.training.responses import regenerate
 
     config = target.config
@@ -146,13 +147,13 @@ def prepare(target, prompts: list[str], output_dir, regen, *, layer_ids=None, ca
         raise ValueError(f"max_prompt_tokens + max_new_tokens = {regen.max_prompt_tokens + regen.max_new_tokens} "
                          f"exceeds the target's context of {config.max_position_embeddings} tokens")
     if not online:
-        cache_dtype = tc.check_cache_dtype(cache_dtype)
+        cache_dtype = cache_format.check_cache_dtype(cache_dtype)
         layer_ids = tuple(layer_ids) if layer_ids else default_target_layer_ids(config.num_layers)
-        tc.check_layer_ids(layer_ids, config)
+        cache_builder.check_layer_ids(layer_ids, config)
     out_dir = Path(output_dir)
     regen_settings = {k: v for k, v in dataclasses.asdict(regen).items() if k != "batch_size"}
     _check_settings(out_dir, {
-        "target_fingerprint": tc.config_fingerprint(config),
+        "target_fingerprint": cache_format.config_fingerprint(config),
         "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
         "num_prompts": len(prompts), "regen": regen_settings})
 
@@ -161,10 +162,10 @@ def prepare(target, prompts: list[str], output_dir, regen, *, layer_ids=None, ca
         regenerate(target, prompts, responses, regen)
     elif not responses.exists():
         raise FileNotFoundError(f"--noregenerate: no {responses} to build the training data from")
-    records = [r for r in tc.read_responses(responses) if 0 <= r["index"] < len(prompts)]
+    records = [r for r in read_responses(responses) if 0 <= r["index"] < len(prompts)]
     sequences = []
     for r in records:
-        seq = tc.make_sequence(r["prompt_ids"], r["response_ids"], max_length)
+        seq = make_sequence(r["prompt_ids"], r["response_ids"], max_length)
         if seq.num_loss_tokens >= max(min_loss_tokens, 1):
             sequences.append(seq)
     if not sequences:
@@ -173,11 +174,11 @@ def prepare(target, prompts: list[str], output_dir, regen, *, layer_ids=None, ca
     meta = {"prompt_source": prompt_source, "min_loss_tokens": min_loss_tokens, "max_length": max_length,
             "responses": str(responses), "regen": regen_settings}
     if online:
-        cache_dir = tc.build_sequence_cache(target, sequences, out_dir / "sequences", progress=progress,
+        cache_dir = cache_builder.build_sequence_cache(target, sequences, out_dir / "sequences", progress=progress,
                                             shard_max_tokens=shard_max_tokens, prompt_format=regen.template,
                                             metadata=meta)
     else:
-        cache_dir = tc.build_target_cache(target, sequences, out_dir / "cache", layer_ids, dtype=cache_dtype,
+        cache_dir = cache_builder.build_target_cache(target, sequences, out_dir / "cache", layer_ids, dtype=cache_dtype,
                                           batch_size=cache_batch_size, shard_max_tokens=shard_max_tokens,
                                           progress=progress, prompt_format=regen.template, metadata=meta)
 
@@ -216,7 +217,7 @@ def prepare(target, prompts: list[str], output_dir, regen, *, layer_ids=None, ca
           f"response tokens)")
     print(f"response tokens: {stats['response_tokens']:,} (mean {stats['mean_response_tokens']:.1f}); total tokens: "
           f"{stats['total_tokens']:,} ({stats['prompt_tokens']:,} prompt)")
-    print(f"{'sequences' if online else 'cache'}: {cache_dir} ({tc.format_bytes(stats['cache_bytes'])}); "
+    print(f"{'sequences' if online else 'cache'}: {cache_dir} ({cache_format.format_bytes(stats['cache_bytes'])}); "
           f"stats: {out_dir / STATS_NAME}")
     return stats
 
@@ -227,7 +228,7 @@ def body() -> None:
     from dspark_jax.data import DEFAULT_TRAINING_MIX, select_training_prompts
     from dspark_jax.sampling import validate_sampling
     from dspark_jax.target import load_target
-    from dspark_jax.training import target_cache as tc
+    from dspark_jax.training import cache_format
     from dspark_jax.training.responses import RegenConfig
 
     if not FLAGS.output_dir:
@@ -237,7 +238,7 @@ def body() -> None:
     validate_sampling(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
     layer_ids = parse_layer_ids(FLAGS.layer_ids) if FLAGS.layer_ids else None
     if not FLAGS.online:
-        tc.check_cache_dtype(FLAGS.cache_dtype)
+        cache_format.check_cache_dtype(FLAGS.cache_dtype)
     if FLAGS.prompts_file:
         prompts, source = read_prompts_file(FLAGS.prompts_file), f"file:{FLAGS.prompts_file}"
     elif FLAGS.heldout:

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from dspark_jax.io.gguf_file import GGUFFile
-from dspark_jax.io.tokenizer import (Tokenizer, TokenizerError, split_space_run, tokenizer_from_gguf,
-                                     tokenizer_from_hf_dir)
+from dspark_jax.io.gguf_tokenizer import split_space_run, tokenizer_from_gguf
+from dspark_jax.io.tokenizer import Tokenizer, TokenizerError, tokenizer_from_hf_dir
 
 TEXTS = [
     "Hello world",

@@ -11,7 +11,8 @@ from flax import nnx
 
 from dspark_jax.io.gguf_loader import load_gguf_weights
 from dspark_jax.io.gguf_tokenizer import tokenizer_from_gguf
-from dspark_jax.io.hf_checkpoint import load_hf_config, load_hf_weights
+from dspark_jax.io.hf_checkpoint import load_hf_weights
+from dspark_jax.io.hf_config import load_hf_config
 from dspark_jax.io.tokenizer import tokenizer_from_hf_dir
 from dspark_jax.models.config import TransformerConfig
 from dspark_jax.models.transformer import Transformer, model_from_canonical

@@ -127,3 +127,38 @@ def test_with_confidence_temperatures(drafter_dir):
     np.testing.assert_array_equal(np.asarray(head.temperatures[...]), 4.0)
     with pytest.raises(ValueError, match="positive"):
         with_confidence_temperatures(d, [0.0] * G)
+
+
+def test_drafters_are_written_as_real_bf16_safetensors_and_format_1_still_loads(tmp_path):
+    """Format 2: BF16 tensors any safetensors reader understands; a format-1 directory (uint16 bit patterns under
+    '<name>:bf16') loads to the same weights."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    from dspark_jax.utils.bfloat16 import BFLOAT16
+    cfg = tiny_gemma3()
+    module = DSparkDrafter(make_drafter_config("dspark", cfg, block_size=G, num_layers=1, markov_rank=8), cfg,
+                           rngs=nnx.Rngs(4))
+    path = save_drafter(module, tmp_path / "bf16")
+    with safe_open(str(path / WEIGHTS_FILE), framework="np") as f:
+        dtypes = {name: f.get_slice(name).get_dtype() for name in f.keys()}
+    assert dtypes["fc"] == "BF16" and dtypes["confidence/temperatures"] == "F32"
+    loaded = load_drafter_module(path, cfg)
+    want = np.asarray(jnp.asarray(module.fc[...]).astype(jnp.bfloat16).astype(jnp.float32))
+    np.testing.assert_array_equal(np.asarray(loaded.fc[...]), want)  # rounded once, to nearest even
+    # the same drafter in format 1
+    old = tmp_path / "format1"
+    old.mkdir()
+    tensors = {(f"{n}:bf16" if a.dtype == BFLOAT16 else n): (a.view(np.uint16) if a.dtype == BFLOAT16 else a)
+               for n, a in load_file(str(path / WEIGHTS_FILE)).items()}
+    save_file(tensors, str(old / WEIGHTS_FILE))
+    meta = json.loads((path / META_FILE).read_text())
+    assert meta["format_version"] == 2
+    (old / META_FILE).write_text(json.dumps(dict(meta, format_version=1)))
+    for (p1, v1), (p2, v2) in zip(nnx.to_flat_state(nnx.state(loaded)),
+                                  nnx.to_flat_state(nnx.state(load_drafter_module(old, cfg)))):
+        assert p1 == p2
+        np.testing.assert_array_equal(np.asarray(v1), np.asarray(v2))
+    (old / META_FILE).write_text(json.dumps(dict(meta, format_version=3)))
+    with pytest.raises(DrafterFileError, match="unsupported drafter format version 3"):
+        load_drafter_module(old, cfg)

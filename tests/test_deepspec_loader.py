@@ -20,7 +20,8 @@ from dspark_jax.sampling import FilterMode, SamplingParams
 from dspark_jax.decoding.speculative import speculative_generate
 from dspark_jax.drafters.deepspec import (DrafterMismatchError, drafter_config_from_deepspec, load_deepspec_config,
                                     load_deepspec_drafter)
-from dspark_jax.io.hf_checkpoint import CheckpointError, expected_shapes
+from dspark_jax.io.hf_checkpoint import expected_shapes
+from dspark_jax.io.hf_config import CheckpointError
 from dspark_jax.models.transformer import model_from_canonical
 
 TARGET = tiny_qwen3(num_layers=6)  # vocab 97, d 32, MLP 64, 4 heads / 1 KV head, head_dim 8, untied

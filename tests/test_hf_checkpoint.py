@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from dspark_jax.io.hf_checkpoint import (CheckpointError, config_from_hf, expected_shapes,
-                                         load_hf_checkpoint, load_hf_config, load_hf_weights)
+from dspark_jax.io.hf_checkpoint import expected_shapes, load_hf_checkpoint, load_hf_weights
+from dspark_jax.io.hf_config import CheckpointError, config_from_hf, load_hf_config
 from hf_fixtures import (GEMMA3_LAYER_TYPES, GEMMA3_ROPE, QWEN3_ROPE_THETA, make_tiny_gemma3_multimodal,
                          make_tiny_hf_model, text_state_dict)
 

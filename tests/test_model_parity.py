@@ -10,7 +10,8 @@ pytest.importorskip("transformers")
 
 from hf_fixtures import make_tiny_hf_model  # noqa: E402
 
-from dspark_jax.io.hf_checkpoint import load_hf_config, load_hf_weights  # noqa: E402
+from dspark_jax.io.hf_checkpoint import load_hf_weights  # noqa: E402
+from dspark_jax.io.hf_config import load_hf_config  # noqa: E402
 from dspark_jax.models.kv_cache import init_cache  # noqa: E402
 from dspark_jax.models.transformer import model_from_canonical  # noqa: E402
 

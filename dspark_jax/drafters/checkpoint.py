@@ -1,6 +1,10 @@
 """Compact drafter files for shipping and loading: `drafter.safetensors` (every state leaf, parameters in
 the chosen dtype) + `drafter.json` (drafter config, target identity, provenance).
 
+Format 2 (written now): bfloat16 parameters are real BF16 safetensors tensors (any safetensors reader, e.g.
+`safetensors.safe_open(..., framework="pt")`, loads them). Format 1 (read still): bfloat16 stored as uint16 bit
+patterns under `<name>:bf16`.
+
 Training checkpoints (optimizer state, resume) use orbax in `dspark_jax.training.trainer`; this format is
 what a finished drafter is exported to and what `dspark generate --drafter=PATH` loads.
 """
@@ -9,18 +13,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from safetensors.numpy import load_file, save_file
 
 from dspark_jax.drafters.config import DrafterConfig
 from dspark_jax.drafters.registry import drafter_class
 from dspark_jax.models.config import TransformerConfig
+from dspark_jax.utils.bfloat16 import BFLOAT16, bits_to_float32, to_bfloat16
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 META_FILE, WEIGHTS_FILE = "drafter.json", "drafter.safetensors"
 
 
@@ -33,17 +41,14 @@ def _flat(state: nnx.State) -> dict[str, np.ndarray]:
 
 
 def save_drafter(module, path: str | os.PathLike, *, dtype=jnp.bfloat16, extra: dict | None = None) -> Path:
-    """Writes the drafter directory atomically (a temp dir renamed into place)."""
-    from safetensors.numpy import save_file
+    """Writes the drafter directory atomically (a temp dir renamed into place): `drafter.json` and
+    `drafter.safetensors`, float weights in `dtype` (real BF16 tensors by default, readable by any safetensors
+    tool; the confidence temperatures stay float32)."""
     path = Path(path)
     tensors = {}
     for name, arr in _flat(nnx.state(module)).items():
         if np.issubdtype(arr.dtype, np.floating) and "temperatures" not in name:
-            arr = np.asarray(jnp.asarray(arr).astype(dtype).astype(jnp.float32)) if dtype == jnp.bfloat16 else arr
-            # bf16 is stored as its upper 16 bits (safetensors numpy has no bf16 dtype)
-            if dtype == jnp.bfloat16:
-                arr = (np.ascontiguousarray(arr, np.float32).view(np.uint32) >> 16).astype(np.uint16)
-                name = name + ":bf16"
+            arr = to_bfloat16(arr) if dtype == jnp.bfloat16 else np.asarray(arr, np.float32)
         tensors[name] = np.array(arr, order="C")  # keeps 0-d arrays 0-d
     meta = dict(format_version=FORMAT_VERSION, drafter_config=dataclasses.asdict(module.config),
                 target=dict(name=module.target_config.name, fingerprint=module.target_config.fingerprint(),
@@ -55,7 +60,6 @@ def save_drafter(module, path: str | os.PathLike, *, dtype=jnp.bfloat16, extra: 
     save_file(tensors, str(tmp / WEIGHTS_FILE))
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
     if path.exists():
-        import shutil
         shutil.rmtree(path)
     os.replace(tmp, path)
     return path
@@ -73,15 +77,13 @@ def read_meta(path: str | os.PathLike) -> dict:
         meta = json.loads(f.read_text())
     except json.JSONDecodeError as e:
         raise DrafterFileError(f"{f}: corrupted ({e.msg})") from None
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") not in READABLE_VERSIONS:
         raise DrafterFileError(f"{f}: unsupported drafter format version {meta.get('format_version')}")
     return meta
 
 
 def load_drafter_module(path: str | os.PathLike, target: TransformerConfig, dtype=jnp.float32):
     """Rebuilds the saved drafter for `target`; a drafter trained for another target is a clear error."""
-    from safetensors.numpy import load_file
-
     meta = read_meta(path)
     want = meta["target"]
     if want["fingerprint"] != target.fingerprint():
@@ -98,9 +100,9 @@ def load_drafter_module(path: str | os.PathLike, target: TransformerConfig, dtyp
         raise DrafterFileError(f"{path}/{WEIGHTS_FILE}: unreadable or truncated ({e})") from None
     decoded = {}
     for name, arr in tensors.items():
-        if name.endswith(":bf16"):
-            name, arr = name[:-5], (arr.astype(np.uint32) << 16).view(np.float32)
-        decoded[name] = arr
+        if name.endswith(":bf16"):  # format 1: bfloat16 stored as uint16 bits under '<name>:bf16'
+            name, arr = name[:-5], bits_to_float32(arr)
+        decoded[name] = arr.astype(np.float32) if arr.dtype == BFLOAT16 else arr
     vocab_ids = decoded.get("draft_to_target") if config.draft_vocab_size else None
     abstract = nnx.eval_shape(lambda: drafter_class(config)(config, target, dtype=dtype, rngs=nnx.Rngs(0),
                                                             draft_vocab_ids=None if vocab_ids is None else
@@ -130,7 +132,6 @@ def write_temperatures(src: str | os.PathLike, dst: str | os.PathLike, temperatu
     """Copies the drafter directory `src` to `dst` (which may be `src` itself) with new confidence-head
     temperatures [G] (float32) and `calibration` recorded in drafter.json; every other tensor is copied
     byte for byte. Written to a temporary directory first and swapped into place."""
-    from safetensors.numpy import load_file, save_file
     src, dst = Path(src), Path(dst)
     meta = read_meta(src)
     tensors = load_file(str(src / WEIGHTS_FILE))
@@ -150,7 +151,6 @@ def write_temperatures(src: str | os.PathLike, dst: str | os.PathLike, temperatu
         old = Path(tempfile.mkdtemp(dir=dst.parent, prefix=dst.name + ".old"))
         os.replace(dst, old / dst.name)
         os.replace(tmp, dst)
-        import shutil
         shutil.rmtree(old)
     else:
         os.replace(tmp, dst)

@@ -36,8 +36,8 @@ from dspark_jax.drafters.base import draft_head_matrix, draft_layer_config
 from dspark_jax.drafters.config import MARKOV_HEAD_TYPES, DrafterConfig
 from dspark_jax.drafters.dspark import DSparkDrafter
 from dspark_jax.drafters.vocab import build_maps
-from dspark_jax.io.hf_checkpoint import (CONFIG_FILE, CheckpointError, checkpoint_entries, config_value, listing,
-                                         read_json, read_tensors, config_from_hf, expected_shapes)
+from dspark_jax.io.hf_checkpoint import checkpoint_entries, expected_shapes, listing, read_tensors
+from dspark_jax.io.hf_config import CONFIG_FILE, CheckpointError, config_from_hf, config_value, read_json
 from dspark_jax.models.config import TransformerConfig
 from dspark_jax.models.transformer import canonical_to_pure_dict
 

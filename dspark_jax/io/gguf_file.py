@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from dspark_jax.utils.bfloat16 import bits_to_float32
+
 GGUF_MAGIC = b"GGUF"
 _SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
                    10: "<Q", 11: "<q", 12: "<d"}
@@ -133,8 +135,8 @@ class GGUFFile:
         qtype = GGMLQuantizationType(info.qtype)
         if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16):
             dt = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16}.get(qtype)
-            if dt is None:  # bf16 -> f32 by shifting into the high half
-                arr = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+            if dt is None:  # bf16 -> f32
+                arr = bits_to_float32(raw.view(np.uint16))
             else:
                 arr = raw.view(dt).astype(np.float32)
             return arr.reshape(info.shape)

@@ -17,7 +17,7 @@ Layout of a cache directory (format version 1)::
     shard-00001/ ...
 
 `features` and `last_hidden` are float32, or bfloat16 stored as raw uint16 bits (numpy has no bfloat16):
-decode with `decode_bf16` (`(u16.astype(np.uint32) << 16).view(np.float32)`). float16 is refused: Gemma's
+decode with `decode_bf16` (`utils.bfloat16`). float16 is refused: Gemma's
 residual stream reaches ~8e4, past float16's 65504.
 
 A "sequences" cache (`build_sequence_cache`, for online training where the trainer runs the target itself)
@@ -34,6 +34,8 @@ from __future__ import annotations
 
 
 import numpy as np
+
+from dspark_jax.utils.bfloat16 import bits_to_float32, from_bits
 
 CACHE_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -87,13 +89,12 @@ def config_fingerprint(config) -> str:
 
 def decode_bf16(u16: np.ndarray) -> np.ndarray:
     """bfloat16 stored as raw uint16 bits -> float32 (exact)."""
-    return (np.asarray(u16).astype(np.uint32) << 16).view(np.float32)
+    return bits_to_float32(u16)
 
 
 def decode_stored(a: np.ndarray, dtype: str, as_float32: bool) -> np.ndarray:
+    """A stored features / last_hidden array as float32, or as ml_dtypes.bfloat16 (bfloat16 cache, as_float32
+    False)."""
     if dtype == "float32":
         return np.asarray(a, np.float32)
-    if as_float32:
-        return decode_bf16(a)
-    import ml_dtypes  # a jax dependency
-    return np.ascontiguousarray(a).view(ml_dtypes.bfloat16)
+    return decode_bf16(a) if as_float32 else from_bits(a)

@@ -12,6 +12,7 @@ import numpy as np
 
 from dspark_jax.training.cache_format import (CACHE_DTYPES, CACHE_VERSION, KIND_FEATURES, KIND_SEQUENCES,
                                               MANIFEST_NAME, STORAGE_DTYPES, config_fingerprint, decode_stored)
+from dspark_jax.utils.bfloat16 import BFLOAT16
 
 
 def _load_npy(path: Path, dtype, shape) -> np.ndarray:
@@ -175,10 +176,7 @@ class TargetCache:
             raise ValueError(f"batch_size and max_len must be >= 1, got {batch_size}, {max_len}")
         order = self.epoch_order(seed, epoch) if shuffle else np.arange(len(self))
         stop = len(order) - len(order) % batch_size if drop_last else len(order)
-        feat_dt = np.float32
-        if self.has_features and not as_float32 and self.dtype == "bfloat16":
-            import ml_dtypes
-            feat_dt = ml_dtypes.bfloat16
+        feat_dt = BFLOAT16 if self.has_features and not as_float32 and self.dtype == "bfloat16" else np.float32
         k = len(self.layer_ids)
         for b in range(0, stop, batch_size):
             idx = order[b:b + batch_size]

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from dspark_jax.governance import GovernedRequest, Governor, PolicyError, RequestRejected, policy_from_dict
-from dspark_jax.governance.policy_file import with_store_url
+from dspark_jax.governance.policy_validation import with_store_url
 from dspark_jax.governance.prometheus import render_prometheus
 from dspark_jax.governance.redis_store import open_redis_store
 from dspark_jax.governance.store import redact

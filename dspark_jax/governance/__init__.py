@@ -10,15 +10,16 @@
     registry.register(GovernorCollector(governor))              # Prometheus (`dspark serve` GET /metrics)
     governor.write_snapshot("snapshot.json")                    # then: dspark report --snapshot snapshot.json
 
-Modules: policy (frozen settings), policy_file (loading + validation), classifier (prompt -> class),
-quotas (token quotas), store / redis_store (where quota usage and rollback states live: this process, or a
-Redis shared by replicas), costs (busy time -> cost), metrics (counters + summaries), rollback (per-class state
-machine), governor (the engine-facing API), prometheus / snapshot (exposition), report (tables + plots).
+Modules: policy (frozen settings), policy_file (loading) / policy_validation (checking every field), classifier
+(prompt -> class), quotas (token quotas), store / redis_store (where quota usage and rollback states live: this
+process, or a Redis shared by replicas), costs (busy time -> cost), metrics (counters + summaries), rollback (per-
+class state machine), governor (the engine-facing API), prometheus / snapshot (exposition), report (tables + plots).
 """
 from dspark_jax.governance.governor import (REJECTION_CODES, REQUEST_OVERRIDES, Admission, GovernedRequest, Governor,
                                             RequestRejected)
 from dspark_jax.governance.policy import GovernancePolicy
-from dspark_jax.governance.policy_file import PolicyError, load_policy, policy_from_dict
+from dspark_jax.governance.policy_file import load_policy
+from dspark_jax.governance.policy_validation import PolicyError, policy_from_dict
 from dspark_jax.governance.rollback import SwitchEvent
 from dspark_jax.governance.prometheus import GovernorCollector
 

@@ -30,7 +30,8 @@ from dspark_jax.governance.costs import BusyTimeAccountant
 from dspark_jax.governance.metrics import UsageCell, summarize
 from dspark_jax.governance.policy import (SCHEDULER_MODES, GovernancePolicy, QuotaRule, StoreSettings,
                                           WorkloadClassPolicy)
-from dspark_jax.governance.policy_file import load_policy, with_store_url
+from dspark_jax.governance.policy_file import load_policy
+from dspark_jax.governance.policy_validation import with_store_url
 from dspark_jax.governance.prometheus import render_prometheus
 from dspark_jax.governance.quotas import QuotaExceeded, QuotaLedger
 from dspark_jax.governance.redis_store import open_redis_store

@@ -25,55 +25,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dspark_jax.generation import bucket_length
-from dspark_jax.sampling import FilterMode, SamplingParams
+from dspark_jax.sampling import SamplingParams
 from dspark_jax.sampling.keys import request_key_data, request_keys
 from dspark_jax.serving import device_step
 from dspark_jax.serving.cost_table import CostTable
-from dspark_jax.serving.planner import POLICIES, Planner
+from dspark_jax.serving.engine_config import EngineConfig, default_buckets, prompt_buckets
+from dspark_jax.serving.planner import Planner
 from dspark_jax.serving.requests import Request, RequestStats, first_stop, validate_request
 from dspark_jax.utils.machine import describe_machine
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineConfig:
-    """slots: concurrent requests; max_len: cache rows per slot (prompt + max_new_tokens + G + 1 must fit);
-    policy: plain | fixed (γ = gamma) | threshold (confidence >= threshold) | scheduler (Alg. 1, synchronous,
-    early stop) | scheduler_async (§5.2: budget from confidences two steps old, fresh top-K ranking on
-    device, next step dispatched before the current one is read); buckets: verification sizes in tokens
-    (default: powers of two from slots up to slots·(G+1)); mode: sampling filters compiled in.
-    plain_fallback (scheduler policies): when a draft step is not expected to beat the draft-free step
-    (profiled SPS), steps run the target alone; after `probe_every` such steps one draft step refreshes the
-    confidences the decision is made on (the interval doubles, up to 8×, while probes find drafting not
-    paying). profile_steps: timed steps per bucket when profiling at start."""
-    slots: int = 8
-    max_len: int = 512
-    policy: str = "scheduler"
-    gamma: int | None = None
-    threshold: float = 0.5
-    buckets: tuple[int, ...] | None = None
-    mode: FilterMode = FilterMode()
-    attn_impl: str = "reference"
-    seed: int = 0
-    plain_fallback: bool = True
-    probe_every: int = 8
-    profile_steps: int = 5
-
-    def __post_init__(self):
-        if self.slots < 1:
-            raise ValueError(f"slots must be >= 1, got {self.slots}")
-        if self.max_len < 16:
-            raise ValueError(f"max_len must be >= 16, got {self.max_len}")
-        if self.policy not in POLICIES:
-            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
-        if self.gamma is not None and self.gamma < 0:
-            raise ValueError(f"gamma must be >= 0, got {self.gamma}")
-        if self.probe_every < 1:
-            raise ValueError(f"probe_every must be >= 1, got {self.probe_every}")
-        if self.profile_steps < 1:
-            raise ValueError(f"profile_steps must be >= 1, got {self.profile_steps}")
 
 
 @dataclasses.dataclass
@@ -485,23 +444,3 @@ class Engine:
             return self._requests[rid]
         except KeyError:
             raise KeyError(f"unknown request id {rid}") from None
-
-
-def default_buckets(slots: int, block: int) -> tuple[int, ...]:
-    """Powers of two from `slots` up to slots·(G+1), plus slots·(G+1) itself."""
-    top = slots * (block + 1)
-    out, b = [], slots
-    while b < top:
-        out.append(b)
-        b *= 2
-    return tuple(out + [top])
-
-
-def prompt_buckets(max_len: int) -> tuple[int, ...]:
-    """Prompt widths compiled for admission: powers of two from 32 below max_len, and max_len."""
-    out = []
-    b = bucket_length(1)
-    while b < max_len:
-        out.append(b)
-        b *= 2
-    return tuple(out + [max_len])

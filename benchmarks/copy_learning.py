@@ -28,7 +28,7 @@ def main() -> None:
     import jax.numpy as jnp
     from flax import nnx
 
-    from configs.tiny import tiny_gemma3
+    from dspark_jax.testing.tiny_configs import tiny_gemma3
     from dspark_jax.models.transformer import Transformer
     from dspark_jax.target import Target
     from dspark_jax.training.heldout import teacher_forced_quality
@@ -38,7 +38,7 @@ def main() -> None:
     from dspark_jax.utils.machine import describe_machine
     from dspark_jax.utils.results import write_result
     from test_copy_learning import TAPS, loops
-    from tiny_target import CharTokenizer
+    from dspark_jax.testing.tiny_target import CharTokenizer
 
     cfg = dataclasses.replace(tiny_gemma3(num_layers=3), hidden_size=64, head_dim=32, num_heads=2, num_kv_heads=1,
                               intermediate_size=128, bos_token_id=2, eos_token_ids=(1,))

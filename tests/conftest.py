@@ -33,7 +33,7 @@ def _release_compiled_programs():
 @pytest.fixture(scope="session")
 def redis_server():
     """One real redis-server for the session (tests keep apart by key prefix: see `store_prefix`)."""
-    from redis_server import RedisServer
+    from dspark_jax.testing.redis_server import RedisServer
     server = RedisServer().start()
     yield server
     server.stop()

@@ -1,4 +1,4 @@
-"""Tiny random Hugging Face models saved locally, for tests (import as `from hf_fixtures import ...`).
+"""Tiny random Hugging Face models saved locally, for tests (`from tests.hf_fixtures import ...`).
 
 Not a test module. Everything is created with transformers on the spot (no hub access): float32,
 eval mode, eager attention, every norm weight randomized (HF initializes them to 0 / 1, which would

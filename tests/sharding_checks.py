@@ -1,4 +1,4 @@
-"""Sharded vs unsharded runs on 8 simulated CPU devices, for tests/test_sharding.py.
+"""Sharded vs unsharded runs on 8 simulated CPU devices, for tests/parallel/test_sharding.py.
 
 The device count is fixed when JAX starts, so this runs in its own process:
     python tests/sharding_checks.py WORKDIR
@@ -36,8 +36,8 @@ from dspark_jax.training.cache_builder import build_target_cache  # noqa: E402
 from dspark_jax.training.sequences import make_sequence  # noqa: E402
 from dspark_jax.training.target_cache import TargetCache  # noqa: E402
 from dspark_jax.training.trainer import TrainConfig, Trainer  # noqa: E402
-from oracle_drafter import OracleDrafter  # noqa: E402
-from tiny_target import make_tiny_target  # noqa: E402
+from dspark_jax.testing.oracle_drafter import OracleDrafter  # noqa: E402
+from dspark_jax.testing.tiny_target import make_tiny_target  # noqa: E402
 
 PROMPTS = ["hello", "sharded decoding", "a", "the same tokens", "x y z"]  # 5: the data axis pads the batch
 

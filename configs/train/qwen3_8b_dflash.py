@@ -1,2 +1,6 @@
 """DFlash for Qwen3-8B (spec §5)."""
-from configs.train.qwen3_4b_dflash import CONFIG  # noqa: F401
+from pathlib import Path
+
+from dspark_jax.training.config_file import load_config_file
+
+CONFIG = load_config_file(Path(__file__).with_name("qwen3_4b_dflash.py"))

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -31,15 +30,9 @@ flags.DEFINE_string("heldout_dir", None, "Output directory of `dspark prepare-da
 
 
 def load_train_config(path: str, overrides: list[str]):
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    spec = importlib.util.spec_from_file_location(f"_dspark_config_{p.stem}", p)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "CONFIG"):
-        raise ValueError(f"{path} defines no CONFIG")
-    config = module.CONFIG
+    """The config file's CONFIG with --override field=value changes applied."""
+    from dspark_jax.training.config_file import load_config_file
+    config = load_config_file(path)
     fields = {f.name for f in dataclasses.fields(config)}
     changes = {}
     for item in overrides:

@@ -33,7 +33,7 @@ class DrafterConfig:
     lookup_inputs n > 0 (DSpark/DFlash; our deviation from the paper, 0 = the paper's drafter): block slot k
     also reads the token a prompt lookup over the committed text (last n..1 tokens) proposes for the position
     it predicts, so copying is an input the drafter learns to trust or overrule; without it a parallel
-    drafter learns to copy only its first slot (`tests/test_copy_learning.py`).
+    drafter learns to copy only its first slot (`tests/training/test_copy_learning.py`).
     """
     algorithm: Algorithm
     target_layer_ids: tuple[int, ...]

@@ -11,7 +11,7 @@
     sentencepiece (greedy user-defined pieces: 50 spaces -> 31 + 19) and HF's tokenizer (BPE
     with merges derived from vocabulary order: 16 + 16 + 18) differ; runs are split the HF way
     (`split_space_run`). With that, ids match `AutoTokenizer.from_pretrained(dir, gguf_file=name)`
-    (see tests/test_tokenizer.py). Decoding matches HF too, except for invalid UTF-8 byte-piece
+    (see tests/io/test_tokenizer.py). Decoding matches HF too, except for invalid UTF-8 byte-piece
     sequences, where sentencepiece keeps the valid bytes and HF turns every byte into U+FFFD.
   - `tokenizer.ggml.model == "gpt2"` (byte-level BPE with merges, e.g. Qwen): rebuilt as a
     `tokenizers` byte-level BPE. The split regex is chosen from `tokenizer.ggml.pre` (Qwen2 and

@@ -1,1 +1,0 @@
-"""Named, versioned model configs. `tiny` holds the small random configs the tests use."""

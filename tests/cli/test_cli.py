@@ -1,0 +1,209 @@
+"""`dspark` CLI: help texts and one-line errors for bad input (no traceback, non-zero exit)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "dspark_jax.cli.main", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_top_level_help_lists_commands():
+    r = run_cli("--help")
+    assert r.returncode == 0 and "generate" in r.stdout
+
+
+def test_generate_help_explains_every_flag():
+    r = run_cli("generate", "--help")
+    assert r.returncode == 0
+    for flag in ("--prompt", "--prompts_file", "--target", "--max_new_tokens", "--temperature", "--top_k",
+                 "--top_p", "--seed", "--output_json", "--batch_size"):
+        assert flag in r.stdout, flag
+
+
+def test_unknown_command():
+    r = run_cli("frobnicate")
+    assert r.returncode == 2 and "unknown command" in r.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--prompt", "hi", "--temperature", "-1"], "temperature"),
+    (["--prompt", "hi", "--top_p", "1.5"], "top_p"),
+    (["--prompt", "hi", "--max_new_tokens", "0"], "max_new_tokens"),
+    (["--prompt", "hi", "--dtype", "int4"], "dtype"),
+    (["--prompt", "hi", "--bogus_flag", "1"], "bogus_flag"),
+    ([], "at least one --prompt"),
+    (["--prompts_file", "/nonexistent.jsonl"], "prompts file not found"),
+    (["--prompt", "hi", "--target", "/nonexistent/model.gguf"], "target not found"),
+])
+def test_bad_input_gives_one_line_error(args, message):
+    r = run_cli("generate", *args)
+    assert r.returncode != 0
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_bad_prompts_file(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"turns": ["ok"]}\nnot json\n')
+    r = run_cli("generate", "--prompts_file", str(f))
+    assert r.returncode == 2 and "p.jsonl:2: invalid JSON" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_corrupted_gguf_target(tmp_path):
+    f = tmp_path / "broken.gguf"
+    f.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + bytes(6))
+    r = run_cli("generate", "--prompt", "hi", "--target", str(f))
+    assert r.returncode == 2 and "truncated" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_generate_end_to_end_on_default_target(tmp_path):
+    out = tmp_path / "out.json"
+    r = run_cli("generate", "--prompt", "The capital of France is", "--prompt", "1, 2, 3, 4,",
+                "--max_new_tokens", "8", "--output_json", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "tokens/s" in r.stdout
+    data = json.loads(out.read_text())
+    assert [d["prompt"] for d in data] == ["The capital of France is", "1, 2, 3, 4,"]
+    for d in data:
+        assert set(d) == {"prompt", "completion_ids", "completion_text", "new_tokens", "seconds", "tokens_per_s"}
+        assert d["new_tokens"] == len(d["completion_ids"]) <= 8
+
+
+@pytest.mark.slow
+def test_empty_and_overlong_prompts_on_default_target(tmp_path):
+    r = run_cli("generate", "--prompt", "   ")
+    assert r.returncode == 2 and "prompt 0 is empty" in r.stderr and "Traceback" not in r.stderr
+    long_file = tmp_path / "long.jsonl"
+    long_file.write_text(json.dumps({"turns": ["word " * 40000]}) + "\n")
+    r = run_cli("generate", "--prompts_file", str(long_file), "--max_new_tokens", "4")
+    assert r.returncode == 2 and "exceeds the model's context" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_generate_with_random_drafter_reports_speculative_stats(tmp_path):
+    plain, spec = tmp_path / "plain.json", tmp_path / "spec.json"
+    args = ["generate", "--prompt", "The capital of France is", "--max_new_tokens", "8"]
+    assert run_cli(*args, "--output_json", str(plain)).returncode == 0
+    r = run_cli(*args, "--output_json", str(spec), "--drafter", "random", "--draft_algorithm", "dspark", "--gamma", "3",
+                "--draft_vocab_size", "2048")
+    assert r.returncode == 0, r.stderr
+    assert "pooled accept length" in r.stdout
+    p, s = json.loads(plain.read_text())[0], json.loads(spec.read_text())[0]
+    assert s["completion_ids"] == p["completion_ids"]
+    assert s["rounds"] >= 1 and s["proposed"] == 3 * s["rounds"] and s["mean_accept_len"] >= 1
+
+
+@pytest.mark.slow
+def test_generate_with_lookup_and_hybrid_drafters(tmp_path):
+    """--drafter ngram[:…] and default+ngram on the default target: output equals plain decoding."""
+    prompt = "Question: Repeat after me: red green blue red green blue red green blue\n\nAnswer:"
+    args = ["generate", "--prompt", prompt, "--max_new_tokens", "24"]
+    outs = {}
+    for name, extra in (("plain", []), ("ngram", ["--drafter", "ngram:n_max=4,n_min=2", "--gamma", "5"]),
+                        ("hybrid", ["--drafter", "default+ngram", "--gamma", "4"])):
+        path = tmp_path / f"{name}.json"
+        r = run_cli(*args, "--output_json", str(path), *extra)
+        assert r.returncode == 0, r.stderr
+        outs[name] = json.loads(path.read_text())[0]
+    assert outs["ngram"]["completion_ids"] == outs["plain"]["completion_ids"]
+    assert outs["hybrid"]["completion_ids"] == outs["plain"]["completion_ids"]
+    assert outs["ngram"]["proposed"] > 0 and outs["ngram"]["mean_accept_len"] >= 1
+    r = run_cli("generate", "--prompt", "hi", "--drafter", "ngram:n_max=0")
+    assert r.returncode == 2 and "n_min" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bad_drafter_flags():
+    r = run_cli("generate", "--prompt", "hi", "--drafter", "/nonexistent/drafter")
+    assert r.returncode == 2 and "drafter not found" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("generate", "--prompt", "hi", "--draft_algorithm", "medusa")
+    assert r.returncode != 0 and "draft_algorithm" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("generate", "--prompt", "hi", "--gamma", "0")
+    assert r.returncode != 0 and "gamma" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_profile_writes_cost_table_with_draft_free_step(tmp_path):
+    out = tmp_path / "cost.json"
+    r = run_cli("profile", "--slots", "2", "--steps", "1", "--max_len", "64", "--output", str(out))
+    assert r.returncode == 0, r.stderr
+    table = json.loads(out.read_text())
+    assert table["buckets"] == [2, 4, 8, 16] and all(s > 0 for s in table["steps_per_s"])
+    assert table["plain_steps_per_s"] > 0 and "no drafter" in r.stdout
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_serve_bench_end_to_end(tmp_path):
+    r = run_cli("serve-bench", "--concurrency", "1", "--policies", "plain,scheduler", "--requests_per_client", "1",
+                "--max_new_tokens", "4", "--max_len", "128", "--prompt_sets", "gsm8k", "--output_dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((tmp_path / "serve_bench.json").read_text())["results"]
+    assert [x["policy"] for x in rows] == ["plain", "scheduler"]
+    assert all(x["output_tokens"] == 4 and x["aggregate_tps"] > 0 for x in rows)
+    assert "| 1 | scheduler |" in (tmp_path / "serve_bench.md").read_text()
+    assert (tmp_path / "throughput_vs_per_user.png").exists() and (tmp_path / "verification_budget.png").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--policies", "fixedx"], "unknown policy"),
+    (["--concurrency", "0"], "positive integers"),
+    (["--concurrency", "a,b"], "comma-separated integers"),
+])
+def test_serve_bench_bad_flags(args, message):
+    r = run_cli("serve-bench", *args)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_serve_command_answers_openai_clients_and_exits_0_on_sigterm(tmp_path):
+    """`dspark serve` end to end on the embedded target: a policy with API keys, a completion through the
+    `openai` client, 401 without a key, SIGTERM → exit 0."""
+    import signal
+    import socket
+    import time
+
+    import httpx
+    import openai
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    keys = tmp_path / "keys.txt"
+    keys.write_text("test-key research\n")
+    env = dict(os.environ)
+    env.pop("DSPARK_API_KEYS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "dspark_jax.cli.main", "serve", "--drafter", "ngram",
+                             "--engine_policy", "fixed", "--slots", "2", "--max_len", "128", "--port", str(port),
+                             "--policy", "configs/policies/default.yaml", "--api_keys_file", str(keys)],
+                            cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 600
+        while True:
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.time() < deadline, "dspark serve did not come up"
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(1)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="test-key", max_retries=0)
+        out = client.completions.create(model="gemma3-270m", prompt="Question: What is 2 + 2?\n\nAnswer:",
+                                        max_tokens=8, temperature=0)
+        assert out.choices[0].text and out.usage.completion_tokens >= 1 and out.model == "gemma3-270m"
+        assert httpx.post(f"{url}/v1/completions", json={"prompt": "x"}, timeout=30).status_code == 401
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -1,0 +1,344 @@
+"""Prompt-lookup (n-gram) drafting: the match search against the plain Python reference
+(`evaluation.lookup_simulation.lookup`), greedy identity with plain decoding in the jitted loop, the offline
+simulation against the loop, and losslessness at temperature 1 (chi-square)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dspark_jax.decoding.autoregressive import generate
+from dspark_jax.sampling import FilterMode, SamplingParams
+from dspark_jax.decoding.speculative import speculative_generate
+from dspark_jax.drafters.ngram import NgramConfig, NgramDrafter, find_match, lookup_proposal
+from dspark_jax.evaluation.lookup_simulation import lookup, simulate_rounds
+from tests.decoding.test_speculative import N_NEW, _batch, chi_square_pvalue, exact_joint, make_target, sampled_joint
+
+
+def run_lookup(seq: list[int], n_max: int, n_min: int, gamma: int, width: int = 40) -> list[int]:
+    tokens = jnp.asarray([seq + [0] * (width - len(seq))], jnp.int32)
+    last = jnp.asarray([len(seq) - 1], jnp.int32)
+    end, n = find_match(tokens, last, n_max, n_min)
+    if int(n[0]) == 0:
+        assert int(end[0]) == -1
+        return []
+    return [int(t) for t in lookup_proposal(tokens, last, end, gamma)[0]]
+
+
+@pytest.mark.parametrize("seq,expected", [
+    ([5, 6, 7, 8, 5, 6], [7, 8, 5, 6, 7]),          # 2-gram match, continued periodically
+    ([1, 2, 9, 1, 2, 3, 1, 2], [3, 1, 2, 3, 1]),    # two occurrences of "1 2": the most recent wins
+    ([4, 4, 4, 4], [4, 4, 4, 4, 4]),                 # overlapping matches: period 1
+    ([1, 2, 3, 4, 5], []),                            # no earlier occurrence at all
+    ([7, 3, 1, 2, 7], [3, 1, 2, 7, 3]),              # 1-gram only, the match at the very start
+    ([9, 8, 9], [8, 9, 8, 9, 8]),                    # a match right before the end (period 2)
+    ([3, 1, 2, 3, 5, 1, 2, 3], [5, 1, 2, 3, 5]),     # the 3-gram beats a more recent 1-gram ("3" at 3)
+])
+def test_match_search_cases(seq, expected):
+    assert lookup(seq, 3, 1, 5) == expected
+    assert run_lookup(seq, 3, 1, 5) == expected
+
+
+def test_match_search_against_reference_on_random_sequences():
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        length = int(rng.integers(1, 30))
+        seq = [int(t) for t in rng.integers(0, 4 if trial % 2 else 8, length)]
+        n_min = int(rng.integers(1, 3))
+        n_max = n_min + int(rng.integers(0, 3))
+        gamma = int(rng.integers(1, 8))
+        assert run_lookup(seq, n_max, n_min, gamma) == lookup(seq, n_max, n_min, gamma), (seq, n_max, n_min)
+
+
+def test_match_search_in_a_batch_of_different_lengths():
+    seqs = [[5, 6, 7, 5, 6], [1, 2, 3], [4, 4], [9, 1, 9, 1, 9, 1, 9]]
+    width = 12
+    tokens = jnp.asarray([s + [9] * (width - len(s)) for s in seqs], jnp.int32)  # padding that would match
+    last = jnp.asarray([len(s) - 1 for s in seqs], jnp.int32)
+    end, n = find_match(tokens, last, 3, 1)
+    got = lookup_proposal(tokens, last, end, 4)
+    for i, s in enumerate(seqs):
+        ref = lookup(s, 3, 1, 4)
+        assert (int(n[i]) > 0) == bool(ref)
+        if ref:
+            assert [int(t) for t in got[i]] == ref
+
+
+def test_bad_ngram_configs_rejected():
+    with pytest.raises(ValueError, match="n_min"):
+        NgramConfig(n_max=1, n_min=2)
+    with pytest.raises(ValueError, match="n_min"):
+        NgramConfig(n_min=0)
+    with pytest.raises(ValueError, match="gamma"):
+        NgramConfig(block_size=0)
+
+
+def _ngram(cfg, gamma, n_max=3, n_min=1):
+    return nnx.split(NgramDrafter(NgramConfig(block_size=gamma, n_max=n_max, n_min=n_min), cfg.vocab_size))
+
+
+REPETITIVE = [[5, 6, 7, 5, 6, 7, 5], [9, 10, 11, 12, 13, 14, 15, 16, 17, 18], [20, 21], [3, 4, 3, 4, 3, 4, 3, 4]]
+
+
+def greedy_plain_and_speculative(tg, ts, dg, ds, prompts, max_new_tokens, threshold=0.0, **loop_options):
+    """Plain greedy and greedy speculative decoding of the same batch: (plain output, speculative output)."""
+    tokens, lens = _batch(prompts)
+    kw = dict(max_new_tokens=max_new_tokens, stop_ids=())
+    b = len(prompts)
+    plain = generate(tg, ts, tokens, lens, jax.random.key(0), SamplingParams.create(b), **kw)
+    spec = speculative_generate(tg, ts, dg, ds, tokens, lens, jax.random.key(0), SamplingParams.create(b),
+                                jnp.float32(threshold), **kw, **loop_options)
+    np.testing.assert_array_equal(np.asarray(spec.tokens), np.asarray(plain.tokens))
+    return plain, spec
+
+
+@pytest.mark.parametrize("gamma,n_max,n_min", [(1, 3, 1), (3, 2, 2), (7, 3, 1), (7, 4, 2)])
+def test_greedy_ngram_equals_greedy_plain(gamma, n_max, n_min):
+    tg, ts, cfg = make_target("gemma3")
+    dg, ds = _ngram(cfg, gamma, n_max, n_min)
+    _, spec = greedy_plain_and_speculative(tg, ts, dg, ds, REPETITIVE, 24)
+    rounds = np.asarray(spec.rounds)
+    committed = np.asarray(spec.committed)
+    for b in range(4):
+        assert committed[b, :rounds[b]].sum() == 24 - 1  # the first token comes from the prefill
+    if gamma > 1:  # a random tiny target loops quickly: lookup must save target forwards somewhere
+        assert rounds.min() < 23
+
+
+def test_rounds_without_a_match_cost_a_plain_step(monkeypatch):
+    """When no request has a lookup match, the round verifies the anchors alone (width 1), not G + 1 rows."""
+    from dspark_jax.decoding import speculative, verification
+    tg, ts, cfg = make_target("gemma3")
+    dg, ds = _ngram(cfg, 5, n_max=3, n_min=3)
+    widths = []
+    real = verification.verify_round
+
+    def spy(*args, **kw):
+        widths.append(args[10].grid.shape[1])  # the layout's tokens per request, at trace time
+        return real(*args, **kw)
+
+    monkeypatch.setattr(speculative, "verify_round", spy)
+    tokens, lens = _batch([[30, 31, 32, 33]])
+    speculative_generate.__wrapped__(tg, ts, dg, ds, tokens, lens, jax.random.key(0), SamplingParams.create(1),
+                                     jnp.float32(0.0), max_new_tokens=6, stop_ids=())
+    assert sorted(widths) == [1, 6]  # both branches exist: the narrow one for empty proposals
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (3, 0.8)])
+def test_temperature_one_is_lossless(top_k, top_p):
+    from tests.decoding.test_speculative import V_SMALL
+    tg, ts, cfg = make_target("gemma3", vocab_size=V_SMALL)
+    dg, ds = _ngram(cfg, 2, n_max=2, n_min=1)
+    params = SamplingParams.create(1, 1.0, top_k, top_p)
+    mode = FilterMode.for_params(top_k, top_p)
+    prompt = [1, 2, 1, 2, 1]  # a loop: lookup proposes "2 1"
+    seqs, prob = exact_joint(tg, ts, prompt, params, mode)
+    codes, sp = sampled_joint(tg, ts, dg, ds, prompt, params, mode)
+    accepted = np.asarray(sp.accepted).sum(1)
+    assert 0.1 < accepted.mean() < 2  # some lookup drafts accepted, some rejected
+    assert chi_square_pvalue(codes, prob) > 1e-3
+    assert N_NEW == 3
+
+
+def test_offline_simulation_predicts_the_loop_rounds():
+    """Replaying lookup over the greedy output gives the jitted loop's committed tokens round by round."""
+    tg, ts, cfg = make_target("gemma3")
+    dg, ds = _ngram(cfg, 4)
+    for prompt in REPETITIVE:
+        tokens, lens = _batch([prompt])
+        spec = speculative_generate(tg, ts, dg, ds, tokens, lens, jax.random.key(0), SamplingParams.create(1),
+                                    jnp.float32(0.0), max_new_tokens=20, stop_ids=())
+        out = [int(t) for t in spec.tokens[0]]
+        r = int(spec.rounds[0])
+        assert [int(c) for c in spec.committed[0, :r]] == simulate_rounds(prompt, out, 3, 1, 4)
+
+
+# ---- lookup confidence -------------------------------------------------------------------------------
+
+def test_acceptance_statistics_are_counted_per_match_length_and_position():
+    """commit counts, for the proposal's match length, the positions verified with all earlier accepted."""
+    drafter = NgramDrafter(NgramConfig(block_size=4, n_max=2, n_min=1), 50)
+    state = drafter.prefill(None, drafter.init_state(2, 16), None, jnp.asarray([[5, 6, 7, 5, 0], [1, 2, 3, 4, 5]]),
+                            jnp.asarray([4, 5]))
+    # row 0: anchor 6 at position 4 -> "5 6" matched (n = 2); 4 drafts verified, 2 accepted (+ correction = 3)
+    # row 1: anchor 9 at position 5 -> no match; nothing verified
+    verified = jnp.asarray([[6, 7, 5, 6, 7], [9, 0, 0, 0, 0]])
+    new = drafter.commit(None, state, None, verified, jnp.asarray([4, 5]), jnp.asarray([3, 1]),
+                         num_verified=jnp.asarray([4, 0]))
+    np.testing.assert_array_equal(np.asarray(new.tested[0]), [[0, 0, 0, 0], [1, 1, 1, 0]])
+    np.testing.assert_array_equal(np.asarray(new.accepted[0]), [[0, 0, 0, 0], [1, 1, 0, 0]])
+    assert float(new.tested[1].sum()) == 0
+    # a round that verified only 2 drafts and accepted both tests positions 0 and 1, not 2
+    again = drafter.commit(None, state, None, verified, jnp.asarray([4, 5]), jnp.asarray([3, 1]),
+                           num_verified=jnp.asarray([2, 0]))
+    np.testing.assert_array_equal(np.asarray(again.tested[0, 1]), [1, 1, 0, 0])
+    np.testing.assert_array_equal(np.asarray(again.accepted[0, 1]), [1, 1, 0, 0])
+    # another drafter's draft (the hybrid chose the model) agreeing with the lookup on its first token only
+    other = drafter.commit(None, state, None, jnp.asarray([[6, 7, 9, 9, 9], [9, 0, 0, 0, 0]]), jnp.asarray([4, 5]),
+                           jnp.asarray([3, 1]), num_verified=jnp.asarray([4, 0]))
+    np.testing.assert_array_equal(np.asarray(other.tested[0, 1]), [1, 0, 0, 0])
+    np.testing.assert_array_equal(np.asarray(other.accepted[0, 1]), [1, 0, 0, 0])
+    # the confidence of the next "5 6"-match proposal: the prior mean worth s observations, moved by the counts
+    from dspark_jax.drafters.ngram import lookup_confidence
+    prior = jnp.asarray([[0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.8]])
+    conf = lookup_confidence(new, jnp.asarray([2, 0]), 4, prior, 2.0)
+    np.testing.assert_allclose(np.asarray(conf), [[(1 + 1.0) / 3, (1 + 1.2) / 3, (0 + 1.4) / 3, 1.6 / 2],
+                                                  [0, 0, 0, 0]], rtol=1e-6)
+
+
+def test_confidence_learns_online_in_the_loop():
+    """On a prompt that loops, lookup drafts are accepted and their confidence rises above the prior."""
+    tg, ts, cfg = make_target("gemma3")
+    dg, ds = _ngram(cfg, 3)
+    tokens, lens = _batch([[5, 6, 7, 5, 6, 7, 5, 6]])
+    spec = speculative_generate(tg, ts, dg, ds, tokens, lens, jax.random.key(0), SamplingParams.create(1),
+                                jnp.float32(0.0), max_new_tokens=24, stop_ids=())
+    r = int(spec.rounds[0])
+    conf, flags = np.asarray(spec.confidence[0, :r]), np.asarray(spec.accept_flags[0, :r])
+    drafted = np.asarray(spec.proposed[0, :r]) > 0
+    assert drafted.any()
+    first = np.flatnonzero(drafted)[0]
+    from dspark_jax.drafters.ngram import prior_means
+    prior = np.asarray(prior_means(3, 3))
+    assert any(np.allclose(conf[first], prior[n], atol=1e-6) for n in range(3))  # the prior, before any evidence
+    rows = [n for n in range(3) if np.allclose(conf[first], prior[n], atol=1e-6)]
+    if flags[drafted, 0].mean() > 0.9:  # accepted: later estimates move up from the prior
+        assert conf[drafted][-1, 0] > prior[rows[0], 0]
+
+
+# ---- hybrid: a trained drafter + lookup ------------------------------------------------------------
+
+def _hybrid(cfg, gamma, reduced=False):
+    from dspark_jax.drafters.hybrid import HybridDrafter
+    from tests.decoding.test_speculative import make_drafter
+    dg, ds = make_drafter("dspark", cfg, gamma, reduced)
+    lg, ls = _ngram(cfg, gamma)
+    return nnx.split(HybridDrafter(nnx.merge(dg, ds), nnx.merge(lg, ls)))
+
+
+@pytest.mark.parametrize("gamma,reduced,threshold", [(3, False, 0.0), (4, True, 0.3)])
+def test_greedy_hybrid_equals_greedy_plain(gamma, reduced, threshold):
+    tg, ts, cfg = make_target("gemma3")
+    hg, hs = _hybrid(cfg, gamma, reduced)
+    greedy_plain_and_speculative(tg, ts, hg, hs, REPETITIVE, 20, threshold)
+
+
+def test_hybrid_proposes_the_draft_expected_to_be_accepted_further():
+    from dspark_jax.drafters.base import Proposal
+    from dspark_jax.drafters.hybrid import HybridDrafter
+    tg, ts, cfg = make_target("gemma3")
+    hybrid = nnx.merge(*_hybrid(cfg, 3))
+    target = nnx.merge(tg, ts)
+    lens = jnp.asarray([5, 5], jnp.int32)
+    # model confidences: row 0 low, row 1 high; lookup: row 0 matches (confidence 0.5 prior), row 1 none
+    model = Proposal(tokens=jnp.full((2, 3), 9), draft_index=jnp.full((2, 3), 9), p_draft=jnp.zeros((2, 3, 4)),
+                     confidence=jnp.asarray([[0.2, 0.1, 0.1], [0.9, 0.9, 0.9]]), confidence_logits=jnp.zeros((2, 3)))
+    lookup = Proposal(tokens=jnp.full((2, 3), 7), draft_index=jnp.full((2, 3), 7), p_draft=None,
+                      confidence=jnp.asarray([[0.5, 0.5, 0.5], [0.0, 0.0, 0.0]]), confidence_logits=jnp.zeros((2, 3)),
+                      length=jnp.asarray([3, 0]))
+    hybrid.model.propose = lambda *a, **k: model
+    hybrid.lookup.propose = lambda *a, **k: lookup
+    from dspark_jax.drafters.hybrid import HybridState
+    out = HybridDrafter.propose(hybrid, target, HybridState(None, None), jnp.zeros(2, jnp.int32), lens, None, None,
+                                None, None)
+    np.testing.assert_array_equal(np.asarray(out.deterministic), [True, False])
+    np.testing.assert_array_equal(np.asarray(out.tokens), [[7, 7, 7], [9, 9, 9]])
+    np.testing.assert_array_equal(np.asarray(out.num_drafted), [3, 3])
+    np.testing.assert_allclose(np.asarray(out.expected_accept_length), [0.5 + 0.25 + 0.125, 0.9 + 0.81 + 0.729],
+                               rtol=1e-6)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(3, 0.8)])
+def test_hybrid_temperature_one_is_lossless(top_k, top_p):
+    from tests.decoding.test_speculative import V_SMALL
+    tg, ts, cfg = make_target("gemma3", vocab_size=V_SMALL)
+    hg, hs = _hybrid(cfg, 2)
+    params = SamplingParams.create(1, 1.0, top_k, top_p)
+    mode = FilterMode.for_params(top_k, top_p)
+    prompt = [1, 2, 1, 2, 1]
+    seqs, prob = exact_joint(tg, ts, prompt, params, mode)
+    codes, sp = sampled_joint(tg, ts, hg, hs, prompt, params, mode)
+    assert 0.1 < np.asarray(sp.accepted).sum(1).mean() < 2
+    assert chi_square_pvalue(codes, prob) > 1e-3
+
+
+# ---- the serving engine ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind,policy", [("ngram", "scheduler"), ("hybrid", "scheduler_async")])
+def test_engine_with_lookup_gives_plain_greedy_output(kind, policy):
+    from dspark_jax.drafters.factory import hybrid_drafter, load_drafter, random_drafter
+    from dspark_jax.serving.engine import Engine, EngineConfig
+    from dspark_jax.serving.requests import Request
+    from dspark_jax.serving.cost_table import CostTable
+    from dspark_jax.testing.tiny_target import make_tiny_target, plain_greedy
+    target = make_tiny_target()
+    drafter = (load_drafter("ngram", target, gamma=3) if kind == "ngram"
+               else hybrid_drafter(random_drafter(target, "dspark", gamma=3, num_layers=1), target))
+    prompts = [[5, 6, 7, 5, 6, 7, 5], [9, 10, 11, 12], [20, 21, 20, 21], [3, 4, 5], [40, 41, 42, 40, 41], [7, 8]]
+    expected = [plain_greedy(target, p, 14) for p in prompts]
+    engine = Engine(target, drafter, EngineConfig(slots=4, max_len=64, policy=policy, gamma=3),
+                    cost_table=CostTable((4, 8, 16), (100.0, 90.0, 80.0)))
+    engine.submit(Request([3, 4, 3, 4], max_new_tokens=6))  # warm-up: the host side's small eager ops
+    engine.run_until_idle()
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, secs, **kw: compiles.append(event) if "backend_compile" in event else None)
+    ids = [engine.submit(Request(p, max_new_tokens=14)) for p in prompts]
+    engine.run_until_idle()
+    assert [engine.tokens(i) for i in ids] == expected
+    assert sum(engine.stats(i).accepted_draft for i in ids) > 0
+    assert compiles == []  # every bucket compiled at engine start: nothing recompiles while serving
+
+
+# ---- a DSpark drafter with lookup inputs -----------------------------------------------------------
+
+def _lookup_input_drafter(cfg, gamma, reduced):
+    from dspark_jax.drafters.config import make_drafter_config
+    from dspark_jax.drafters.dspark import DSparkDrafter
+    vocab_ids = np.arange(0, cfg.vocab_size, 2)[:40] if reduced else None
+    dc = make_drafter_config("dspark", cfg, block_size=gamma, num_layers=1, markov_rank=8,
+                             draft_vocab_size=len(vocab_ids) if reduced else None, lookup_inputs=3)
+    module = DSparkDrafter(dc, cfg, rngs=nnx.Rngs(1), draft_vocab_ids=vocab_ids)
+    module.lookup_fc.value = 0.5 * jax.random.normal(jax.random.key(2), module.lookup_fc.value.shape)  # not a no-op
+    return module
+
+
+@pytest.mark.parametrize("gamma,reduced", [(3, False), (5, True)])
+def test_greedy_lookup_input_drafter_equals_greedy_plain_and_uses_the_lookup(gamma, reduced):
+    tg, ts, cfg = make_target("gemma3")
+    module = _lookup_input_drafter(cfg, gamma, reduced)
+    greedy_plain_and_speculative(tg, ts, *nnx.split(module), REPETITIVE, 20)
+    # the block reads the lookup: the proposal changes when the lookup's tokens do
+    target = nnx.merge(tg, ts)
+    tokens, lens = _batch(REPETITIVE)
+    features = jnp.zeros((4, 16, len(module.config.target_layer_ids) * cfg.hidden_size))
+    state = module.prefill(target, module.init_state(4, 40), features, tokens, lens)
+    anchor = jnp.asarray([6, 17, 20, 3])
+    hidden = module.backbone(target, anchor, lens, state)
+    no_lookup = module.backbone(target, anchor, lens, state, lookup=jnp.full((4, gamma), module.config.mask_token_id))
+    assert not np.allclose(np.asarray(hidden[0]), np.asarray(no_lookup[0]))  # row 0 loops: lookup matched
+
+
+def test_drafter_specs():
+    from dspark_jax.drafters.factory import check_drafter_spec, load_drafter, with_block_size
+    from dspark_jax.testing.tiny_target import make_tiny_target
+    target = make_tiny_target()
+    for spec in ("ngram:n_max=4,n_min=2", "ngram:n_max=4:n_min=2"):
+        d = load_drafter(spec, target, gamma=5)
+        assert (d.config.n_max, d.config.n_min, d.config.block_size) == (4, 2, 5)
+    assert with_block_size(load_drafter("ngram", target), 9).config.block_size == 9  # lookup: any length
+    for bad, match in (("ngram:n_max=x", "integer"), ("ngram:size=3", "n_max=N"), ("ngram:n_max=1,n_min=2", "n_min")):
+        with pytest.raises(ValueError, match=match):
+            load_drafter(bad, target)
+    for bad in ("ngram+ngram", "default+lookup"):
+        with pytest.raises(ValueError, match="hybrid"):
+            check_drafter_spec(bad)
+    with pytest.raises(FileNotFoundError, match="drafter not found"):
+        check_drafter_spec("/nonexistent+ngram")
+    hybrid = load_drafter("random+ngram:n_max=2", target, gamma=4, draft_vocab_size=None)
+    assert hybrid.config.algorithm == "dspark+ngram" and hybrid.config.block_size == 4
+    assert with_block_size(hybrid, 2).config.block_size == 2
+    with pytest.raises(ValueError, match="gamma must be in"):
+        with_block_size(hybrid, 5)

@@ -1,0 +1,164 @@
+"""Sequential Temperature Scaling: it calibrates an overconfident synthetic head (lower ECE, same per-position
+order, AUC kept), leaves positions without enough outcomes alone, and the fitted temperatures round-trip
+through a drafter directory into `ConfidenceHead.calibrated`."""
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dspark_jax.testing.tiny_configs import tiny_gemma3
+from dspark_jax.drafters.checkpoint import (META_FILE, WEIGHTS_FILE, DrafterFileError, load_drafter_module,
+                                            save_drafter, write_temperatures)
+from dspark_jax.drafters.config import make_drafter_config
+from dspark_jax.drafters.dspark import DSparkDrafter
+from dspark_jax.drafters.factory import Drafter, with_confidence_temperatures
+from dspark_jax.evaluation.calibration import (STSConfig, fit_sequential_temperatures, golden_section_minimize,
+                                               sequential_temperature_scaling, survival_confidences)
+
+G = 4
+
+
+def overconfident_rollouts(n=6000, scale=3.0, seed=0):
+    """True conditional acceptance σ(s_k); the head reports z_k = scale · s_k (overconfident for scale > 1).
+    Flags follow the chain rule: position k is accepted only if 1..k-1 were."""
+    rng = np.random.default_rng(seed)
+    s = rng.normal(0.3, 1.2, (n, G))
+    accepted_each = rng.random((n, G)) < 1 / (1 + np.exp(-s))
+    flags = np.cumprod(accepted_each, axis=1).astype(bool)
+    return scale * s, flags, np.full(n, G)
+
+
+def test_sts_lowers_ece_keeps_order_and_auc():
+    z, flags, proposed = overconfident_rollouts()
+    result = sequential_temperature_scaling(z, flags, proposed)
+    temps = np.array(result.temperatures)
+    assert all(result.fitted)
+    assert 2.0 < temps[0] < 4.5  # the true temperature is 3
+    for b, a in zip(result.before, result.after):
+        assert a.ece < b.ece and a.ece < 0.03, (b, a)
+        assert abs(a.auc - b.auc) < 0.02
+    c_raw, c_cal = survival_confidences(z, np.ones(G)), survival_confidences(z, temps)
+    for k in range(G):  # a positive temperature never reorders a position's confidences
+        order = np.argsort(z[:, k], kind="stable")
+        assert (np.diff(c_cal[order, k]) >= 0).all() and (np.diff(c_raw[order, k]) >= 0).all()
+
+
+def test_positions_without_enough_outcomes_keep_temperature_one():
+    z, flags, proposed = overconfident_rollouts(n=500)
+    flags[:, 2:] = False  # nobody survives past position 2
+    temps = fit_sequential_temperatures(z, flags, proposed, STSConfig(min_class_count=5))
+    assert temps[2] == 1.0 and temps[3] == 1.0 and temps[0] != 1.0
+
+
+def test_only_verified_positions_count():
+    z, flags, proposed = overconfident_rollouts(n=2000)
+    proposed[:1000] = 1  # half the rounds verified one position only (a threshold cut them)
+    fitted = fit_sequential_temperatures(z, flags, proposed)
+    rng = np.random.default_rng(1)
+    z2, flags2 = z.copy(), flags.copy()
+    z2[:1000, 1:] = rng.normal(0, 5, (1000, G - 1))  # what lies past a cut must not matter
+    flags2[:1000, 1:] = rng.random((1000, G - 1)) < 0.5
+    np.testing.assert_array_equal(fit_sequential_temperatures(z2, flags2, proposed), fitted)
+
+
+def test_golden_section_minimize():
+    assert golden_section_minimize(lambda x: (x - 0.7) ** 2, -2, 3, 60) == pytest.approx(0.7, abs=1e-6)
+    with pytest.raises(ValueError):
+        STSConfig(t_min=2.0, t_max=1.0)
+
+
+@pytest.fixture(scope="module")
+def drafter_dir(tmp_path_factory):
+    cfg = tiny_gemma3()
+    dc = make_drafter_config("dspark", cfg, block_size=G, num_layers=1, markov_rank=8)
+    module = DSparkDrafter(dc, cfg, rngs=nnx.Rngs(3))
+    path = save_drafter(module, tmp_path_factory.mktemp("drafter") / "d", dtype=jnp.float32, extra=dict(note="x"))
+    return cfg, path
+
+
+def test_temperatures_round_trip_through_a_drafter_directory(drafter_dir, tmp_path):
+    cfg, src = drafter_dir
+    temps = [0.5, 2.0, 3.0, 0.25]
+    out = write_temperatures(src, tmp_path / "calibrated", temps, dict(method="sts", temperatures=temps))
+    before, after = load_drafter_module(src, cfg), load_drafter_module(out, cfg)
+    np.testing.assert_array_equal(np.asarray(after.confidence.temperatures[...]), np.float32(temps))
+    z = jnp.array([[0.7, -1.2, 2.0, 0.3]])
+    np.testing.assert_allclose(np.asarray(after.confidence.calibrated(z)),
+                               1 / (1 + np.exp(-np.asarray(z) / np.float32(temps))), rtol=1e-6)
+    assert not np.allclose(np.asarray(after.confidence.calibrated(z)), np.asarray(before.confidence.calibrated(z)))
+    # every other tensor is copied unchanged; the calibration is recorded next to the old metadata
+    for (p1, v1), (p2, v2) in zip(nnx.to_flat_state(nnx.state(before)), nnx.to_flat_state(nnx.state(after))):
+        if "temperatures" not in p1:
+            np.testing.assert_array_equal(np.asarray(v1), np.asarray(v2))
+    meta = json.loads((out / META_FILE).read_text())
+    assert meta["calibration"]["temperatures"] == temps and meta["note"] == "x"
+
+
+def test_write_temperatures_in_place_and_bad_input(drafter_dir, tmp_path):
+    import shutil
+    cfg, src = drafter_dir
+    copy = tmp_path / "copy"
+    shutil.copytree(src, copy)
+    write_temperatures(copy, copy, [2.0] * G, {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]  # no temporary directories left behind
+    assert sorted(p.name for p in copy.iterdir()) == sorted([META_FILE, WEIGHTS_FILE])
+    np.testing.assert_array_equal(np.asarray(load_drafter_module(copy, cfg).confidence.temperatures[...]), 2.0)
+    with pytest.raises(ValueError, match="positive"):
+        write_temperatures(copy, copy, [1.0, -1.0, 1.0, 1.0], {})
+    with pytest.raises(ValueError, match="positive"):
+        write_temperatures(copy, copy, [1.0] * (G + 1), {})
+    dflash = DSparkDrafter(make_drafter_config("dflash", cfg, block_size=G, num_layers=1), cfg, rngs=nnx.Rngs(0))
+    no_head = save_drafter(dflash, tmp_path / "dflash", dtype=jnp.float32)
+    with pytest.raises(DrafterFileError, match="no confidence head"):
+        write_temperatures(no_head, tmp_path / "out", [1.0] * G, {})
+
+
+def test_with_confidence_temperatures(drafter_dir):
+    cfg, src = drafter_dir
+    module = load_drafter_module(src, cfg)
+    graphdef, state = nnx.split(module)
+    d = Drafter(module.config, graphdef, state, str(src))
+    changed = with_confidence_temperatures(d, [4.0] * G)
+    head = nnx.merge(changed.graphdef, changed.state).confidence
+    np.testing.assert_array_equal(np.asarray(head.temperatures[...]), 4.0)
+    with pytest.raises(ValueError, match="positive"):
+        with_confidence_temperatures(d, [0.0] * G)
+
+
+def test_drafters_are_written_as_real_bf16_safetensors_and_format_1_still_loads(tmp_path):
+    """Format 2: BF16 tensors any safetensors reader understands; a format-1 directory (uint16 bit patterns under
+    '<name>:bf16') loads to the same weights."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    from dspark_jax.utils.bfloat16 import BFLOAT16
+    cfg = tiny_gemma3()
+    module = DSparkDrafter(make_drafter_config("dspark", cfg, block_size=G, num_layers=1, markov_rank=8), cfg,
+                           rngs=nnx.Rngs(4))
+    path = save_drafter(module, tmp_path / "bf16")
+    with safe_open(str(path / WEIGHTS_FILE), framework="np") as f:
+        dtypes = {name: f.get_slice(name).get_dtype() for name in f.keys()}
+    assert dtypes["fc"] == "BF16" and dtypes["confidence/temperatures"] == "F32"
+    loaded = load_drafter_module(path, cfg)
+    want = np.asarray(jnp.asarray(module.fc[...]).astype(jnp.bfloat16).astype(jnp.float32))
+    np.testing.assert_array_equal(np.asarray(loaded.fc[...]), want)  # rounded once, to nearest even
+    # the same drafter in format 1
+    old = tmp_path / "format1"
+    old.mkdir()
+    tensors = {(f"{n}:bf16" if a.dtype == BFLOAT16 else n): (a.view(np.uint16) if a.dtype == BFLOAT16 else a)
+               for n, a in load_file(str(path / WEIGHTS_FILE)).items()}
+    save_file(tensors, str(old / WEIGHTS_FILE))
+    meta = json.loads((path / META_FILE).read_text())
+    assert meta["format_version"] == 2
+    (old / META_FILE).write_text(json.dumps(dict(meta, format_version=1)))
+    for (p1, v1), (p2, v2) in zip(nnx.to_flat_state(nnx.state(loaded)),
+                                  nnx.to_flat_state(nnx.state(load_drafter_module(old, cfg)))):
+        assert p1 == p2
+        np.testing.assert_array_equal(np.asarray(v1), np.asarray(v2))
+    (old / META_FILE).write_text(json.dumps(dict(meta, format_version=3)))
+    with pytest.raises(DrafterFileError, match="unsupported drafter format version 3"):
+        load_drafter_module(old, cfg)

@@ -1,0 +1,233 @@
+"""Serving engine: exact greedy output under every policy with more requests than slots, slot reuse,
+cancellation, stop tokens, streaming, a background thread, compile-once buckets, request errors, and
+losslessness of scheduled decoding at temperature 1 (chi-square)."""
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dspark_jax.testing.tiny_configs import tiny_gemma3
+from dspark_jax.sampling import FilterMode, SamplingParams
+from dspark_jax.drafters.factory import random_drafter
+from dspark_jax.models.transformer import Transformer
+from dspark_jax.serving import device_step
+from dspark_jax.serving.engine import Engine, EngineConfig
+from dspark_jax.serving.requests import Request, RequestError
+from dspark_jax.serving.cost_table import CostTable
+from dspark_jax.serving.scheduler import capacity, schedule_synchronous
+from dspark_jax.target import Target
+from dspark_jax.testing.tiny_target import CharTokenizer, make_tiny_target, plain_greedy
+
+TABLE = CostTable((4, 8, 16), (100.0, 70.0, 40.0))  # jagged enough that policies differ
+
+
+@pytest.fixture(scope="module")
+def target():
+    return make_tiny_target()
+
+
+@pytest.fixture(scope="module")
+def drafter(target):
+    return random_drafter(target, "dspark", gamma=3, num_layers=1)
+
+
+PROMPTS = [list(np.random.default_rng(i).integers(3, 97, size=3 + (5 * i) % 11)) for i in range(9)]
+
+
+@pytest.fixture(scope="module")
+def expected(target):
+    return [plain_greedy(target, p, 12 + i) for i, p in enumerate(PROMPTS)]
+
+
+def make_engine(target, drafter, policy="scheduler", **kw):
+    return Engine(target, drafter, EngineConfig(slots=4, max_len=64, policy=policy, **kw), cost_table=TABLE)
+
+
+@pytest.mark.parametrize("policy", ["plain", "fixed", "threshold", "scheduler", "scheduler_async"])
+def test_every_policy_gives_plain_greedy_output_for_more_requests_than_slots(target, drafter, expected, policy):
+    engine = make_engine(target, drafter, policy)
+    ids = [engine.submit(Request(p, max_new_tokens=12 + i)) for i, p in enumerate(PROMPTS)]
+    engine.run_until_idle()
+    assert [engine.tokens(i) for i in ids] == expected
+    for i, rid in enumerate(ids):
+        st = engine.stats(rid)
+        assert st.output_tokens == len(expected[i]) and st.finish_reason in ("stop", "length")
+        assert st.rounds >= 1 and 0 <= st.accepted_draft <= st.verified_draft
+        if policy == "plain":
+            assert st.verified_draft == 0 and st.no_draft_rounds == st.rounds
+    assert set(engine.bucket_counts) <= set(engine.compiled_shapes["step"])
+
+
+def test_buckets_compile_once_at_start_and_never_again(target, drafter, expected):
+    engine = make_engine(target, drafter, "fixed", gamma=1)
+    assert engine.compiled_shapes["step"] == (4, 8, 16)
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, secs, **kw: compiles.append(event) if "backend_compile" in event else None)
+    ids = [engine.submit(Request(p, max_new_tokens=12 + i)) for i, p in enumerate(PROMPTS)]
+    engine.run_until_idle()
+    assert [engine.tokens(i) for i in ids] == expected
+    assert compiles == []
+    assert set(engine.bucket_counts) == {4, 8}  # 4 slots × (anchor + 1 draft); the tail with fewer requests
+    jax.jit(lambda x: x * 3 + 1)(jnp.ones(3))  # the listener does see compilations
+    assert compiles
+
+
+def test_cancellation_frees_the_slot_without_disturbing_others(target, drafter, expected):
+    engine = make_engine(target, drafter)
+    ids = [engine.submit(Request(p, max_new_tokens=12 + i)) for i, p in enumerate(PROMPTS[:6])]
+    engine.step()
+    engine.step()
+    engine.cancel(ids[1])  # running
+    engine.cancel(ids[5])  # still queued
+    engine.run_until_idle()
+    for i in (0, 2, 3, 4):
+        assert engine.tokens(ids[i]) == expected[i]
+    got = engine.tokens(ids[1])
+    assert engine.stats(ids[1]).finish_reason == "cancelled" and got == expected[1][:len(got)]
+    assert engine.stats(ids[5]).finish_reason == "cancelled" and engine.tokens(ids[5]) == []
+
+
+def test_per_request_stop_tokens_and_streaming(target, drafter, expected):
+    engine = make_engine(target, drafter)
+    want = expected[2]
+    stop = want[4]
+    rid = engine.submit(Request(PROMPTS[2], max_new_tokens=14, stop_ids=[stop]))
+    other = engine.submit(Request(PROMPTS[0], max_new_tokens=12))
+    streamed = list(engine.stream(rid))
+    cut = want.index(stop) + 1
+    assert streamed == want[:cut] and engine.stats(rid).finish_reason == "stop"
+    assert engine.result(other) == expected[0]
+
+
+def test_background_thread_with_concurrent_clients(target, drafter, expected):
+    engine = make_engine(target, drafter, "scheduler_async")
+    engine.start()
+    results = {}
+
+    def client(i):
+        rid = engine.submit(Request(PROMPTS[i], max_new_tokens=12 + i))
+        results[i] = list(engine.stream(rid))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(PROMPTS))]
+    [t.start() for t in threads]
+    [t.join(120) for t in threads]
+    engine.shutdown()
+    assert [results[i] for i in range(len(PROMPTS))] == expected
+
+
+def test_bad_requests_are_rejected_with_clear_messages(target, drafter):
+    engine = make_engine(target, drafter)
+    with pytest.raises(RequestError, match="empty"):
+        engine.submit(Request([]))
+    with pytest.raises(RequestError, match="exceeds the engine's max_len"):
+        engine.submit(Request([3] * 40, max_new_tokens=30))
+    with pytest.raises(RequestError, match="top_p"):
+        engine.submit(Request([3, 4], max_new_tokens=8, top_p=0.5))
+    with pytest.raises(RequestError, match="vocabulary"):
+        engine.submit(Request([3, 400], max_new_tokens=8))
+    with pytest.raises(RequestError, match="draft_mode"):
+        engine.submit(Request([3, 4], max_new_tokens=8, draft_mode="turbo"))
+    with pytest.raises(KeyError, match="unknown request"):
+        engine.stats(12345)
+
+
+def test_engine_profiles_its_buckets_when_given_no_cost_table(target, drafter):
+    engine = Engine(target, drafter, EngineConfig(slots=2, max_len=64, policy="scheduler"))
+    table = engine.cost_table
+    assert table.buckets == engine.compiled_shapes["step"] == (2, 4, 8)
+    assert engine.compiled_shapes["plain_step"] == (2,)
+    assert all(s > 0 for s in table.steps_per_s) and table.plain_steps_per_s > 0 and engine.idle
+    rid = engine.submit(Request(PROMPTS[0], max_new_tokens=12))
+    assert engine.result(rid) == plain_greedy(target, PROMPTS[0], 12)
+
+
+@pytest.mark.parametrize("policy", ["scheduler", "scheduler_async"])
+def test_plain_fallback_runs_the_target_alone_when_drafting_does_not_pay(target, drafter, expected, policy):
+    never = dataclasses.replace(TABLE, plain_steps_per_s=1000.0)  # 10x the fastest draft step: never draft
+    engine = Engine(target, drafter, EngineConfig(slots=4, max_len=64, policy=policy, probe_every=3),
+                    cost_table=never)
+    ids = [engine.submit(Request(p, max_new_tokens=12 + i)) for i, p in enumerate(PROMPTS)]
+    engine.run_until_idle()
+    assert [engine.tokens(i) for i in ids] == expected
+    draft_steps = engine.steps - engine.plain_steps
+    probes = draft_steps - (3 if policy == "scheduler_async" else 0)  # async drafts until it reads confidences
+    assert probes >= 1  # each probe follows 3, 6, 12, 24, 24, ... draft-free steps (backing off, capped at 8x)
+    assert engine.plain_steps >= sum(min(3 * 2 ** i, 24) for i in range(probes))
+    assert engine.compiled_shapes["plain_step"] == (4,)
+
+
+def test_request_draft_caps_are_respected(target, drafter, expected):
+    engine = make_engine(target, drafter, "fixed")
+    capped = engine.submit(Request(PROMPTS[0], max_new_tokens=12, max_draft=1))
+    off = engine.submit(Request(PROMPTS[1], max_new_tokens=13, draft_mode="off"))
+    floored = engine.submit(Request(PROMPTS[2], max_new_tokens=14, confidence_floor=1.0))  # no c_k reaches 1
+    engine.run_until_idle()
+    assert engine.tokens(capped) == expected[0] and engine.tokens(off) == expected[1]
+    assert engine.tokens(floored) == expected[2] and engine.stats(floored).verified_draft == 0
+    st = engine.stats(capped)
+    assert st.verified_draft <= st.rounds
+    assert engine.stats(off).verified_draft == 0
+
+
+# ---- losslessness of scheduled decoding at temperature 1 ----------------------------------------------
+
+V, N_NEW, S = 6, 3, 6000
+
+
+@pytest.mark.parametrize("variant", ["synchronous", "production"])
+def test_scheduled_decoding_is_lossless_at_temperature_one(variant):
+    from tests.decoding.test_speculative import chi_square_pvalue, exact_joint
+    cfg = tiny_gemma3(vocab_size=V)
+    tg, ts = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+    tgt = Target(cfg, tg, ts, CharTokenizer(), "tiny-v6")
+    dr = random_drafter(tgt, "dspark", gamma=2, num_layers=1, seed=3)
+    params = SamplingParams.create(S, 1.0)
+    prompt = [1, 3, 2]
+    table = CostTable((S, 2 * S, 3 * S), (1.0, 0.7, 0.6))
+    model, dmodel = nnx.merge(tg, ts), nnx.merge(dr.graphdef, dr.state)
+    state = device_step.init_engine_state(model, dmodel, S, 16)
+    stops = jnp.asarray([-1], jnp.int32)
+    static = dict(target_graphdef=tg, drafter_graphdef=dr.graphdef, mode=FilterMode(), attn_impl="reference")
+    state, first, _, _ = jax.jit(device_step.admit, static_argnames=tuple(static))(
+        target_state=ts, drafter_state=dr.state, state=state, slots=jnp.arange(S), prompts=jnp.tile(
+            jnp.asarray(prompt, jnp.int32), (S, 1)), prompt_lens=jnp.full((S,), 3), params=params,
+        max_new_tokens=jnp.full((S,), N_NEW), keys=jax.random.split(jax.random.key(7), S), stops=stops, **static)
+    step = jax.jit(device_step.step, static_argnames=tuple(static) + ("bucket", "draft"))
+    tokens = [np.asarray(first)[:, None]]
+    stale = None
+    while bool(np.asarray(state.active).any()):
+        conf = np.asarray(state.proposal.confidence)
+        act = np.asarray(state.active)
+        if variant == "synchronous":  # Algorithm 1 (early stop) over all requests on fresh confidences
+            caps = np.zeros(S, np.int64)
+            caps[act] = schedule_synchronous(conf[act], table)
+            budget = int(caps.sum())
+        else:  # budget from stale confidences, fresh top-K ranking on device
+            caps = np.where(act, 2, 0)
+            budget = capacity(stale[act], table) if stale is not None else S // 2
+        stale = conf
+        state, out = step(target_state=ts, drafter_state=dr.state, state=state, caps=jnp.asarray(caps, jnp.int32),
+                          floors=jnp.zeros((S,), jnp.float32), draft_budget=jnp.int32(budget), stops=stops,
+                          bucket=3 * S, draft=True, **static)
+        count = np.asarray(out.count)
+        committed = np.asarray(out.committed)
+        tokens.append(np.where(np.arange(3)[None] < count[:, None], committed, -1))
+    toks = np.concatenate(tokens, 1)
+    seqs = np.stack([row[row >= 0][:N_NEW] for row in toks])
+    codes = (seqs * (V ** np.arange(N_NEW)[::-1])).sum(1)
+    _, prob = exact_joint(tg, ts, prompt, SamplingParams.create(1, 1.0), FilterMode())
+    assert chi_square_pvalue(codes, prob) > 1e-3
+
+
+def test_attention_implementation_is_validated():
+    from dspark_jax.generation import GenerationConfig
+    assert GenerationConfig(attn_impl="interpret").attn_impl == "interpret"
+    with pytest.raises(ValueError, match="attn_impl must be one of"):
+        GenerationConfig(attn_impl="cuda")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from dspark_jax.governance import GovernedRequest, Governor, RequestRejected, policy_from_dict
+from dspark_jax.testing.fake_clock import FakeClock
 
 POLICY = {
     "gamma": 7,
@@ -24,17 +25,9 @@ POLICY = {
 }
 
 
-class FakeClock:
-    def __init__(self, t: float = 1000.0):
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-
 @pytest.fixture
 def governor():
-    return Governor(policy_from_dict(POLICY, "test-policy"), clock=FakeClock())
+    return Governor(policy_from_dict(POLICY, "test-policy"), clock=FakeClock(1000.0))
 
 
 def request(**kw) -> GovernedRequest:

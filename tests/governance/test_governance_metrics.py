@@ -11,6 +11,7 @@ from dspark_jax.governance.costs import (BusyTimeAccountant, cost_per_million_to
                                          serving_cost_usd)
 from dspark_jax.governance.metrics import percentile
 from dspark_jax.governance.snapshot import read_snapshot, write_snapshot
+from dspark_jax.testing.fake_clock import FakeClock
 
 POLICY = {
     "gamma": 7, "cost_per_hour_usd": 300.0,
@@ -18,14 +19,6 @@ POLICY = {
     "tenants": {"acme": {"classes": "*", "quotas": [{"tokens": 100000, "window_s": 3600}]},
                 "beta": {"classes": ["chat"]}},
 }
-
-
-class FakeClock:
-    def __init__(self, t: float = 0.0):
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def test_cost_formulas_by_hand():

@@ -12,14 +12,7 @@ from dspark_jax.governance.policy import QuotaRule
 from dspark_jax.governance.quotas import QuotaExceeded, QuotaLedger
 from dspark_jax.governance.redis_store import RedisCalls, RedisQuotaLedger, connect
 from dspark_jax.governance.store import StoreHealth
-
-
-class FakeClock:
-    def __init__(self, t: float = 0.0):
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
+from dspark_jax.testing.fake_clock import FakeClock
 
 
 @pytest.fixture

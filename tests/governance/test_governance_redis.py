@@ -12,6 +12,7 @@ from dspark_jax.governance.policy_validation import with_store_url
 from dspark_jax.governance.prometheus import render_prometheus
 from dspark_jax.governance.redis_store import open_redis_store
 from dspark_jax.governance.store import redact
+from dspark_jax.testing.fake_clock import FakeClock
 
 POLICY = {
     "gamma": 4, "cost_per_hour_usd": 100.0,
@@ -21,14 +22,6 @@ POLICY = {
     "tenants": {"acme": {"classes": ["chat"], "quotas": [{"tokens": 1000, "window_s": 3600, "count": "output"}]},
                 "free": {"classes": ["chat"]}},
 }
-
-
-class FakeClock:
-    def __init__(self, t: float = 1000.0):
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def replicas(url: str, prefix: str, n: int = 2, clock=None, heartbeat: bool = True, **store):
@@ -77,7 +70,7 @@ def test_a_burst_over_two_replicas_never_admits_more_than_the_quota(redis_server
 
 
 def test_a_dead_replicas_reservation_comes_back_after_its_lease(redis_server, store_prefix):
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     dead, live = replicas(redis_server.url, store_prefix, clock=clock, heartbeat=False, lease_s=30)
     admit(dead, max_new_tokens=600)   # then the replica dies: no renewal, no settlement
     held = admit(live, max_new_tokens=300)
@@ -93,7 +86,7 @@ def test_a_dead_replicas_reservation_comes_back_after_its_lease(redis_server, st
 
 
 def test_a_rollback_on_one_replica_is_seen_by_the_other_and_recorded_once(redis_server, store_prefix):
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     a, b = replicas(redis_server.url, store_prefix, clock=clock, heartbeat=False)
     req_a, req_b = admit(a, "free"), admit(b, "free")
     for gov, req in ((a, req_a), (b, req_b)):  # both replicas see acceptance 0.25 ...

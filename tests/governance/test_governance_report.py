@@ -8,6 +8,7 @@ import pytest
 
 from dspark_jax.governance import GovernedRequest, Governor, policy_from_dict
 from dspark_jax.governance.report import format_report
+from dspark_jax.testing.fake_clock import FakeClock
 
 POLICY = {
     "gamma": 7, "cost_per_hour_usd": 300.0,
@@ -16,14 +17,6 @@ POLICY = {
     "tenants": {"acme": {"classes": "*", "quotas": [{"tokens": 100000, "window_s": 3600}]},
                 "beta": {"classes": ["chat"]}},
 }
-
-
-class FakeClock:
-    def __init__(self):
-        self.t = 0.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import logging
 import pytest
 
 from dspark_jax.governance import GovernedRequest, Governor, policy_from_dict
+from dspark_jax.testing.fake_clock import FakeClock
 
 POLICY = {
     "gamma": 7, "cost_per_hour_usd": 300.0,
@@ -20,14 +21,6 @@ POLICY = {
     },
     "tenants": {"acme": {"classes": "*"}},
 }
-
-
-class FakeClock:
-    def __init__(self, t: float = 0.0):
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
 
 
 @pytest.fixture

@@ -15,9 +15,9 @@ from dspark_jax.governance import GovernedRequest, Governor, RequestRejected, po
 from dspark_jax.governance.ab import baseline_policy, check_workload, run_ab
 from dspark_jax.governance.ab_report import recommend, write_ab
 from dspark_jax.governance.serving import GovernedEngine, GovernorRelay, engine_request
+from dspark_jax.serving.cost_table import CostTable
 from dspark_jax.serving.engine import Engine, EngineConfig
 from dspark_jax.serving.requests import RequestStats
-from dspark_jax.serving.cost_table import CostTable
 from dspark_jax.testing.tiny_target import make_tiny_target, plain_greedy
 
 POLICY = {

@@ -8,14 +8,16 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
 from dspark_jax.io.gguf_loader import load_gguf_weights
 from dspark_jax.io.gguf_tokenizer import tokenizer_from_gguf
-from dspark_jax.io.hf_checkpoint import load_hf_weights
+from dspark_jax.io.hf_checkpoint import open_hf_weights
 from dspark_jax.io.hf_config import load_hf_config
 from dspark_jax.io.tokenizer import tokenizer_from_hf_dir
 from dspark_jax.models.config import TransformerConfig
-from dspark_jax.models.transformer import Transformer, model_from_canonical
+from dspark_jax.models.transformer import Transformer, abstract_model, model_from_canonical
+from dspark_jax.parallel.rules import DEFAULT_RULES, AxisRules, state_shardings
 
 DEFAULT_TARGET = "gemma3-270m"
 
@@ -70,13 +72,19 @@ def resolve_target_path(spec: str | os.PathLike | None) -> Path:
     return path
 
 
-def load_target(spec: str | os.PathLike | None = None, dtype=None) -> Target:
-    """Loads a target model and its tokenizer. Raises FileNotFoundError / ValueError with a clear message."""
+def load_target(spec: str | os.PathLike | None = None, dtype=None, mesh: Mesh | None = None,
+                rules: AxisRules = DEFAULT_RULES) -> Target:
+    """Loads a target model and its tokenizer. Raises FileNotFoundError / ValueError with a clear message.
+
+    Weights are read tensor by tensor (safetensors files are memory-mapped), cast to `dtype` on the host and
+    placed straight onto their devices — with `mesh`, onto their shardings under `rules` (`parallel.rules`) — so
+    loading never holds a float32 copy of the whole model in host memory (a GGUF is dequantized to float32 once,
+    on its first load, into ~/.cache/dspark_jax)."""
     dtype = dtype or default_dtype()
     path = resolve_target_path(spec)
     if path.is_dir():
         config = load_hf_config(path)
-        tensors = load_hf_weights(path, config)
+        tensors = open_hf_weights(path, config)
         tokenizer = tokenizer_from_hf_dir(path)
     else:
         config, tensors, gguf = load_gguf_weights(path)
@@ -84,6 +92,9 @@ def load_target(spec: str | os.PathLike | None = None, dtype=None) -> Target:
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model's embedding only "
                          f"{config.vocab_size} rows")
-    model = model_from_canonical(config, tensors, dtype)
+    shardings = None
+    if mesh is not None:
+        shardings = state_shardings(nnx.state(abstract_model(config, dtype)), mesh, rules)
+    model = model_from_canonical(config, tensors, dtype, shardings)
     graphdef, state = nnx.split(model)
     return Target(config=config, graphdef=graphdef, state=state, tokenizer=tokenizer, source=str(path))

@@ -31,6 +31,8 @@ from dspark_jax.drafters.config import make_drafter_config  # noqa: E402
 from dspark_jax.drafters.dspark import DSparkDrafter  # noqa: E402
 from dspark_jax.drafters.factory import Drafter  # noqa: E402
 from dspark_jax.parallel import make_mesh, shard_state  # noqa: E402
+from dspark_jax.models.transformer import abstract_model, canonical_layout, model_from_canonical  # noqa: E402
+from dspark_jax.parallel.rules import state_shardings  # noqa: E402
 from dspark_jax.target import Target  # noqa: E402
 from dspark_jax.training.cache_builder import build_target_cache  # noqa: E402
 from dspark_jax.training.sequences import make_sequence  # noqa: E402
@@ -131,6 +133,23 @@ def check_training(target: Target, workdir: Path) -> dict:
     return out
 
 
+def check_loading(target: Target, mesh) -> dict:
+    """Canonical tensors placed straight onto their shardings while the model is built (`load_target(mesh=...)`):
+    the same values as the single-device model, laid out as `shard_state` lays it out."""
+    tensors = {}
+
+    def record(spec, value):
+        tensors[spec.name] = np.asarray(value).T if spec.transpose else np.asarray(value)
+
+    jax.tree.map(record, canonical_layout(target.config), nnx.to_pure_dict(target.state))
+    shardings = state_shardings(nnx.state(abstract_model(target.config, jnp.float32)), mesh)
+    loaded = nnx.state(model_from_canonical(target.config, tensors, jnp.float32, shardings))
+    equal = all(np.array_equal(np.asarray(a), np.asarray(b))
+                for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(target.state)))
+    return dict(equal=equal, q_proj=split_of(loaded, "layers", 0, "self_attn", "q_proj"),
+                embed=split_of(loaded, "embed_tokens"))
+
+
 def main(workdir: str) -> None:
     assert jax.device_count() == 8, jax.devices()
     target = make_target()
@@ -139,7 +158,7 @@ def main(workdir: str) -> None:
     weights = dict(target_q_proj=split_of(shard_state(target.state, mesh), "layers", 0, "self_attn", "q_proj"),
                    target_embed=split_of(shard_state(target.state, mesh), "embed_tokens"),
                    drafter_markov_w2=split_of(shard_state(drafter.state, mesh), "markov", "w2"))
-    result = dict(weights=weights, generation=check_generation(target, drafter),
+    result = dict(weights=weights, loading=check_loading(target, mesh), generation=check_generation(target, drafter),
                   training=check_training(target, Path(workdir)))
     print(json.dumps(result))
 

@@ -70,7 +70,7 @@ def body() -> None:
     check_drafter_spec(FLAGS.drafter)
     mesh = setup_devices(FLAGS.mesh, FLAGS.distributed)
     print(f"loading target {FLAGS.target} ...", file=sys.stderr)
-    target = load_target(FLAGS.target, dtype=dtype)
+    target = load_target(FLAGS.target, dtype=dtype, mesh=mesh)  # weights placed straight onto their shardings
     progress = lambda done, total: print(f"  [{done}/{total}] prompts done", file=sys.stderr)  # noqa: E731
     drafter = None
     if FLAGS.drafter != "none":

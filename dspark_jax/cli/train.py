@@ -60,7 +60,8 @@ def body() -> None:
         raise ValueError("--fsdp needs a --mesh with a 'data' axis, e.g. --mesh data=8")
     mesh = setup_devices(FLAGS.mesh, FLAGS.distributed)
     print(f"loading target {FLAGS.target} ...", file=sys.stderr)
-    target = load_target(FLAGS.target)
+    from dspark_jax.parallel import make_rules
+    target = load_target(FLAGS.target, mesh=mesh, rules=make_rules(FLAGS.fsdp))  # straight onto the mesh
     dc = config.drafter_config(target.config)
     data = Path(FLAGS.data_dir)
     if (data / "cache").is_dir():

@@ -13,11 +13,14 @@ import os
 import re
 import tempfile
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
+from safetensors.numpy import save_file
 
 from dspark_jax.io.gguf_file import GGUFError, GGUFFile
-from dspark_jax.io.hf_checkpoint import expected_shapes
+from dspark_jax.io.hf_checkpoint import SafetensorsReader, expected_shapes, safetensors_entries
+from dspark_jax.io.hf_config import CheckpointError
 from dspark_jax.models.config import (TransformerConfig, gemma3_layer_types, gemma3_rope_thetas)
 from dspark_jax.utils.files import cache_dir
 
@@ -113,9 +116,11 @@ def _cache_key(path: str) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()[:20]
 
 
-def load_gguf_weights(path: str | os.PathLike, use_cache: bool = True) -> tuple[TransformerConfig, dict[str, np.ndarray], GGUFFile]:
-    """Config and canonical float32 tensors of a GGUF file, dequantized once and cached."""
-    from safetensors.numpy import load_file, save_file
+def load_gguf_weights(path: str | os.PathLike, use_cache: bool = True
+                      ) -> tuple[TransformerConfig, Mapping[str, np.ndarray], GGUFFile]:
+    """Config and canonical float32 tensors of a GGUF file, dequantized once and cached as safetensors. With the
+    cache the tensors come as a lazy `SafetensorsReader` over the cached file (each read when asked for: a model
+    is built from it one tensor at a time); without it, as a dict."""
     gguf = GGUFFile(path)
     config = config_from_gguf(gguf)
     if not use_cache:
@@ -123,10 +128,11 @@ def load_gguf_weights(path: str | os.PathLike, use_cache: bool = True) -> tuple[
     target = cache_dir() / "gguf" / f"{_cache_key(gguf.path)}.safetensors"
     if target.exists():
         try:
-            tensors = load_file(str(target))
-            if {k: v.shape for k, v in tensors.items()} == expected_shapes(config):
-                return config, tensors, gguf
-        except Exception as e:  # corrupted cache entry: rebuild it
+            entries = safetensors_entries(str(target))
+            if {k: e.shape for k, e in entries.items()} == expected_shapes(config):
+                return config, SafetensorsReader(entries), gguf
+            logging.warning("weight cache %s does not match %s: rebuilding it", target, gguf.path)
+        except CheckpointError as e:  # corrupted cache entry: rebuild it
             logging.warning("ignoring corrupted weight cache %s (%s)", target, e)
     logging.info("dequantizing %s into %s (once)", gguf.path, target)
     tensors = canonical_tensors_from_gguf(gguf, config)
@@ -139,4 +145,5 @@ def load_gguf_weights(path: str | os.PathLike, use_cache: bool = True) -> tuple[
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return config, tensors, gguf
+    del tensors
+    return config, SafetensorsReader(safetensors_entries(str(target))), gguf

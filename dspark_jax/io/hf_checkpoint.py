@@ -83,7 +83,7 @@ def _safetensors_error(path: str, error: Exception) -> CheckpointError:
     return CheckpointError(f"{path}: corrupted safetensors header ({message})")
 
 
-def _read_safetensors_header(path: str) -> dict[str, TensorEntry]:
+def safetensors_entries(path: str) -> dict[str, TensorEntry]:
     """The tensors of one safetensors file (validated against the file size by `safetensors`); no data read."""
     try:
         with safe_open(path, framework="np") as f:
@@ -116,7 +116,7 @@ def checkpoint_entries(model_dir: str) -> tuple[str, dict[str, TensorEntry]]:
     single = os.path.join(model_dir, SINGLE_FILE)
     index = os.path.join(model_dir, INDEX_FILE)
     if os.path.isfile(single):
-        described, stored = single, _read_safetensors_header(single)
+        described, stored = single, safetensors_entries(single)
     elif os.path.isfile(index):
         described = index
         data = read_json(index)
@@ -136,7 +136,7 @@ def checkpoint_entries(model_dir: str) -> tuple[str, dict[str, TensorEntry]]:
         stored = {}
         for shard, names in sorted(needed_shards.items()):
             path = os.path.join(model_dir, shard)
-            entries = _read_safetensors_header(path)
+            entries = safetensors_entries(path)
             absent = [n for n in names if n not in entries]
             if absent:
                 raise CheckpointError(f"{path}: tensors that {INDEX_FILE} places in this shard are not in "
@@ -181,14 +181,37 @@ def read_tensors(entries: Mapping[str, TensorEntry], dtype=np.float32) -> dict[s
     return {c: out[c] for c in entries}
 
 
-def load_hf_weights(model_dir: str | os.PathLike, config: TransformerConfig) -> dict[str, np.ndarray]:
-    """Load and validate the text-model weights of `model_dir` as canonical-name → float32 arrays.
+class SafetensorsReader(Mapping):
+    """canonical name → array (stored dtype; bfloat16 as ml_dtypes.bfloat16), each tensor read from its
+    safetensors file when asked for (the files stay open until `close`): a model can be built one tensor at a
+    time (`models.transformer.model_from_canonical`) without the whole checkpoint in host memory."""
 
-    Every tensor in `expected_shapes(config)` must be present with exactly that shape; text tensors
-    the model would not use are an error (they would be silently ignored otherwise), except a stored
-    `lm_head.weight` of a tied model, which is dropped. Vision-tower / projector tensors are skipped
-    without being read.
-    """
+    def __init__(self, entries: Mapping[str, TensorEntry]):
+        self.entries = dict(entries)
+        self._files: dict[str, object] = {}
+
+    def __getitem__(self, cname: str) -> np.ndarray:
+        entry = self.entries[cname]
+        try:
+            handle = self._files.get(entry.file)
+            if handle is None:
+                handle = self._files[entry.file] = safe_open(entry.file, framework="np")
+            return handle.get_tensor(entry.name).reshape(entry.shape)
+        except (SafetensorError, OSError) as e:
+            raise _safetensors_error(entry.file, e) from None
+
+    def __iter__(self):
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def close(self) -> None:
+        self._files.clear()  # safe_open handles release their memory maps when dropped
+
+
+def open_hf_weights(model_dir: str | os.PathLike, config: TransformerConfig) -> SafetensorsReader:
+    """The validated text-model weights of `model_dir` (see `load_hf_weights`), read lazily."""
     model_dir = os.fspath(model_dir)
     if not os.path.isdir(model_dir):
         raise CheckpointError(f"{model_dir}: model directory not found")
@@ -211,7 +234,23 @@ def load_hf_weights(model_dir: str | os.PathLike, config: TransformerConfig) -> 
         raise CheckpointError(f"{described}: checkpoint does not match the config ({config.family}, "
                               f"{config.num_layers} layers, hidden {config.hidden_size}): "
                               + " | ".join(problems))
-    return read_tensors({n: entries[n] for n in expected})
+    for cname, entry in entries.items():
+        if entry.dtype not in _FLOAT_DTYPES:
+            raise CheckpointError(f"{entry.file}: tensor {entry.name!r} ({cname}) has dtype {entry.dtype}; "
+                                  f"expected a float dtype ({', '.join(_FLOAT_DTYPES)})")
+    return SafetensorsReader({n: entries[n] for n in expected})
+
+
+def load_hf_weights(model_dir: str | os.PathLike, config: TransformerConfig) -> dict[str, np.ndarray]:
+    """Load and validate the text-model weights of `model_dir` as canonical-name → float32 arrays.
+
+    Every tensor in `expected_shapes(config)` must be present with exactly that shape; text tensors
+    the model would not use are an error (they would be silently ignored otherwise), except a stored
+    `lm_head.weight` of a tied model, which is dropped. Vision-tower / projector tensors are skipped
+    without being read.
+    """
+    reader = open_hf_weights(model_dir, config)
+    return {name: np.asarray(reader[name], np.float32) for name in reader}
 
 
 def load_hf_checkpoint(model_dir: str | os.PathLike) -> tuple[TransformerConfig, dict[str, np.ndarray]]:

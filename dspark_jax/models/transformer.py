@@ -12,6 +12,7 @@ from flax import nnx
 from dspark_jax.models.config import TransformerConfig
 from dspark_jax.models.kv_cache import KVCache
 from dspark_jax.models.layers import DecoderLayer, RMSNorm, param
+from dspark_jax.parallel.placement import put
 
 
 @jax.tree_util.register_dataclass
@@ -85,14 +86,30 @@ def abstract_model(config: TransformerConfig, dtype=jnp.float32) -> Transformer:
     return nnx.eval_shape(lambda: Transformer(config, dtype=dtype, rngs=nnx.Rngs(0)))
 
 
+@dataclasses.dataclass(frozen=True)
+class CanonicalTensor:
+    """Where a model parameter comes from: the canonical tensor `name`, transposed (torch Linear [out, in] → our
+    kernel [in, out]) or not."""
+    name: str
+    transpose: bool = False
+
+    def read(self, tensors: Mapping[str, np.ndarray]) -> np.ndarray:
+        a = np.asarray(tensors[self.name])
+        return a.T if self.transpose else a
+
+
+def canonical_layout(config: TransformerConfig) -> dict:
+    """The model's nested state (nnx pure-dict structure) with a CanonicalTensor at every parameter."""
+    return _layout(config, lambda name: CanonicalTensor(name, True), CanonicalTensor)
+
+
 def canonical_to_pure_dict(config: TransformerConfig, tensors: Mapping[str, np.ndarray]) -> dict:
     """Maps canonical (HF text-model, torch [out, in]) tensor names onto the model's nested state."""
-    def t(name):  # torch Linear [out, in] -> our kernel [in, out]
-        return np.ascontiguousarray(np.asarray(tensors[name]).T)
+    return jax.tree.map(lambda spec: np.ascontiguousarray(spec.read(tensors)), canonical_layout(config))
 
-    def w(name):
-        return np.asarray(tensors[name])
 
+def _layout(config: TransformerConfig, t, w) -> dict:
+    """The nested state with t(name) at Linear kernels (stored transposed) and w(name) at every other tensor."""
     layers = {}
     for i in range(config.num_layers):
         p = f"layers.{i}."
@@ -118,11 +135,24 @@ def canonical_to_pure_dict(config: TransformerConfig, tensors: Mapping[str, np.n
     return out
 
 
-def model_from_canonical(config: TransformerConfig, tensors: Mapping[str, np.ndarray],
-                         dtype=jnp.float32) -> Transformer:
-    """Builds a Transformer whose parameters are the given canonical tensors cast to `dtype`."""
+def model_from_canonical(config: TransformerConfig, tensors: Mapping[str, np.ndarray], dtype=jnp.float32,
+                         shardings: nnx.State | None = None) -> Transformer:
+    """Builds a Transformer whose parameters are the given canonical tensors cast to `dtype`, one tensor at a time:
+    each is read from `tensors` (a dict, or a lazy reader such as `io.hf_checkpoint.SafetensorsReader`), cast on the
+    host, placed on its device(s) (`shardings`: the abstract state's NamedShardings, e.g.
+    `parallel.state_shardings`; None = the default device) and dropped, so host memory holds one tensor beyond the
+    placed model, never a second copy of it."""
     graphdef, state = nnx.split(abstract_model(config, dtype))
-    pure = canonical_to_pure_dict(config, tensors)
-    pure = jax.tree.map(lambda a: jnp.asarray(a, dtype=dtype), pure)
+    host_dtype = np.dtype(dtype)
+    placements = None if shardings is None else nnx.to_pure_dict(shardings)
+
+    def place(spec: CanonicalTensor, sharding=None) -> jax.Array:
+        # one host copy at most (cast and / or transposed into place), then one device copy: jax.device_put, not
+        # jnp.asarray, which stages a second host copy of the whole tensor on CPU
+        a = np.ascontiguousarray(spec.read(tensors), dtype=host_dtype)
+        return jax.device_put(a) if sharding is None else put(a, sharding)
+
+    layout = canonical_layout(config)
+    pure = jax.tree.map(place, layout) if placements is None else jax.tree.map(place, layout, placements)
     nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state)

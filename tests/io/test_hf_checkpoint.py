@@ -436,3 +436,24 @@ def test_gemma3_wrapper_with_sparse_text_config(tmp_path):
                                                                          hf.max_position_embeddings)
     assert cfg.sliding_window == 1024 and cfg.eos_token_ids == (1, 106) and cfg.bos_token_id == 2
     assert cfg.tie_word_embeddings is True
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_models_are_built_tensor_by_tensor_from_the_lazy_reader(saved, dtype):
+    """`load_target`'s path: the validated checkpoint read lazily, each tensor cast on the host and placed; the same
+    parameters as building from the eager float32 dict."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from dspark_jax.io.hf_checkpoint import SafetensorsReader, open_hf_weights
+    from dspark_jax.models.transformer import model_from_canonical
+    _, d = saved("qwen3", tie=False)
+    config = load_hf_config(d)
+    reader = open_hf_weights(d, config)
+    assert isinstance(reader, SafetensorsReader) and sorted(reader) == sorted(expected_shapes(config))
+    lazy = nnx.state(model_from_canonical(config, reader, getattr(jnp, dtype)))
+    eager = nnx.state(model_from_canonical(config, load_hf_weights(d, config), getattr(jnp, dtype)))
+    for a, b in zip(jax.tree.leaves(lazy), jax.tree.leaves(eager)):
+        assert a.dtype == jnp.dtype(dtype)
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))

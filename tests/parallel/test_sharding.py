@@ -180,6 +180,11 @@ def test_weights_are_split(sharded):
     assert w["target_embed"]["spec"] == "P(None, None)"  # vocabulary 97: not divisible by 4, replicated
 
 
+def test_weights_are_placed_onto_their_shardings_while_loading(sharded):
+    loaded, w = sharded["loading"], sharded["weights"]
+    assert loaded["equal"] and loaded["q_proj"] == w["target_q_proj"] and loaded["embed"] == w["target_embed"]
+
+
 @pytest.mark.parametrize("case", ["dspark@data=2,model=4", "oracle@data=8", "autoregressive@data=8"])
 def test_sharded_generation_equals_single_device(sharded, case):
     g = sharded["generation"][case]

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dspark_jax.models.kv_cache import init_cache
-from dspark_jax.sampling import FilterMode, SamplingParams, sample
+from dspark_jax.sampling import FilterMode, SamplingParams, check_batch, sample
 from dspark_jax.sampling.keys import SAMPLE, position_keys, row_keys
 
 
@@ -45,6 +45,7 @@ def generate(graphdef: nnx.GraphDef, state: nnx.State, prompts: jax.Array, promp
     prompts: [B, P] right-padded int32; prompt_lens: [B] (1 <= len <= P). key: one per request [B] (its tokens
     then do not depend on the rest of the batch: `sampling.keys`) or one for the batch.
     """
+    check_batch(prompts, prompt_lens, params)
     model = nnx.merge(graphdef, state)
     b, p = prompts.shape
     cache_len = p + max_new_tokens

@@ -19,7 +19,7 @@ from dspark_jax.decoding.draft_length import choose_width, proposal_lengths
 from dspark_jax.decoding.verification import concat_taps, verify_round
 from dspark_jax.drafters.base import Proposal
 from dspark_jax.models.layout import dense_layout
-from dspark_jax.sampling import FilterMode, SamplingParams, sample
+from dspark_jax.sampling import FilterMode, SamplingParams, check_batch, sample
 from dspark_jax.sampling.keys import DRAFT, SAMPLE, VERIFY, position_keys, row_keys
 
 
@@ -118,6 +118,7 @@ def speculative_generate(target_graphdef: nnx.GraphDef, target_state: nnx.State,
     compiled once. Without `verify_costs` a round takes the narrowest width holding every proposal; with
     them (one per width, e.g. measured seconds) the one with the most expected committed tokens per cost
     (`decoding.draft_length.choose_width`, hardware-aware draft length)."""
+    check_batch(prompts, prompt_lens, params)
     target = nnx.merge(target_graphdef, target_state)
     drafter = nnx.merge(drafter_graphdef, drafter_state)
     g = drafter.config.block_size

@@ -52,7 +52,8 @@ def verify_round(target, drafter, target_cache, drafter_state, proposal: Proposa
     b, g = proposal.tokens.shape
     taps = drafter.config.target_layer_ids
     grid_tokens = jnp.concatenate([anchor[:, None], proposal.tokens], axis=1)  # [B, G+1]
-    out = target.forward_flat(from_grid(grid_tokens, layout), layout, target_cache, tap_layers=taps, attn_impl=attn_impl)
+    out = target.forward_flat(from_grid(grid_tokens, layout), layout, target_cache, tap_layers=taps,
+                              attn_impl=attn_impl)
     row_params = jax.tree.map(lambda a: a[layout.slot], params)
     logits = target.logits(out.hidden)
     row_nonfinite = to_grid(~jnp.all(jnp.isfinite(logits), axis=-1), layout, fill=False)  # [B, G+1]

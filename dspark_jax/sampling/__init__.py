@@ -14,10 +14,10 @@ Modules: params (SamplingParams, FilterMode, scaling), exact_compare (argmax and
 from dspark_jax.sampling.distribution import sample, softmax_stats, token_probs, top_k_candidates
 from dspark_jax.sampling.exact_compare import categorical, fast_argmax
 from dspark_jax.sampling.lazy import LazyTokenProbs, lazy_token_probs
-from dspark_jax.sampling.params import (FilterMode, SamplingParams, inverse_temperature, scale_logits,
+from dspark_jax.sampling.params import (FilterMode, SamplingParams, check_batch, inverse_temperature, scale_logits,
                                         validate_sampling)
 from dspark_jax.sampling.threshold import filter_logits, filter_threshold
 
-__all__ = ["FilterMode", "LazyTokenProbs", "SamplingParams", "categorical", "fast_argmax", "filter_logits",
-           "filter_threshold", "inverse_temperature", "lazy_token_probs", "sample", "scale_logits",
+__all__ = ["FilterMode", "LazyTokenProbs", "SamplingParams", "categorical", "check_batch", "fast_argmax",
+           "filter_logits", "filter_threshold", "inverse_temperature", "lazy_token_probs", "sample", "scale_logits",
            "softmax_stats", "token_probs", "top_k_candidates", "validate_sampling"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,3 +68,13 @@ def scale_logits(logits: jax.Array, temperature: jax.Array) -> jax.Array:
     inv = inverse_temperature(temperature)
     x = logits.astype(jnp.float32) * inv[(...,) + (None,) * (logits.ndim - inv.ndim)]
     return jnp.maximum(x, jnp.finfo(jnp.float32).min)
+
+
+def check_batch(prompts: jax.Array, prompt_lens: jax.Array, params: SamplingParams) -> None:
+    """Shape / dtype checks at a decoding loop's jit boundary (chex; evaluated while tracing, free at run time):
+    prompts int [B, P], prompt_lens int [B], one temperature / top_k / top_p per request. AssertionError naming the
+    mismatch otherwise."""
+    chex.assert_rank(prompts, 2)
+    chex.assert_type([prompts, prompt_lens], int)
+    batch = prompts.shape[0]
+    chex.assert_shape([prompt_lens, params.temperature, params.top_k, params.top_p], (batch,))

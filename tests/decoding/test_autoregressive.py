@@ -96,3 +96,18 @@ def test_sampling_is_seeded_and_respects_top_k(model):
     s1 = generate(graphdef, state, tokens, lens, jax.random.key(7), p, max_new_tokens=8, stop_ids=())
     s2 = generate(graphdef, state, tokens, lens, jax.random.key(7), p, max_new_tokens=8, stop_ids=())
     np.testing.assert_array_equal(np.asarray(s1.tokens), np.asarray(s2.tokens))
+
+
+def test_mismatched_batch_inputs_fail_while_tracing(model):
+    """chex checks at the loop's jit boundary name the mismatch before anything runs."""
+    graphdef, state = model
+    tokens, lens = _batch(PROMPTS)
+    with pytest.raises(AssertionError, match="shape"):
+        generate(graphdef, state, tokens, lens[:2], jax.random.key(0), SamplingParams.create(3), max_new_tokens=4,
+                 stop_ids=())
+    with pytest.raises(AssertionError, match="shape"):
+        generate(graphdef, state, tokens, lens, jax.random.key(0), SamplingParams.create(2), max_new_tokens=4,
+                 stop_ids=())
+    with pytest.raises(AssertionError, match="type"):
+        generate(graphdef, state, tokens.astype(jnp.float32), lens, jax.random.key(0), SamplingParams.create(3),
+                 max_new_tokens=4, stop_ids=())

@@ -442,6 +442,7 @@ def test_gemma3_wrapper_with_sparse_text_config(tmp_path):
 def test_models_are_built_tensor_by_tensor_from_the_lazy_reader(saved, dtype):
     """`load_target`'s path: the validated checkpoint read lazily, each tensor cast on the host and placed; the same
     parameters as building from the eager float32 dict."""
+    import chex
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -454,6 +455,5 @@ def test_models_are_built_tensor_by_tensor_from_the_lazy_reader(saved, dtype):
     assert isinstance(reader, SafetensorsReader) and sorted(reader) == sorted(expected_shapes(config))
     lazy = nnx.state(model_from_canonical(config, reader, getattr(jnp, dtype)))
     eager = nnx.state(model_from_canonical(config, load_hf_weights(d, config), getattr(jnp, dtype)))
-    for a, b in zip(jax.tree.leaves(lazy), jax.tree.leaves(eager)):
-        assert a.dtype == jnp.dtype(dtype)
-        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    chex.assert_trees_all_equal(lazy, eager)
+    chex.assert_trees_all_equal_dtypes(lazy, jax.tree.map(lambda a: a.astype(dtype), lazy))

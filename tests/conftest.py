@@ -11,7 +11,7 @@ import pytest  # noqa: E402
 def pytest_configure(config):
     """A persistent XLA compilation cache: the suite compiles the same tiny programs in many modules (and the
     compiled programs are dropped after each module, below); reading them back from disk instead of compiling
-    again makes a run ~2x faster once warm. $DSPARK_TEST_JAX_CACHE overrides the directory ('' disables)."""
+    again (measured: tests/governance/test_governed_engine.py 36 s cold, 12 s warm). $DSPARK_TEST_JAX_CACHE overrides the directory ('' disables)."""
     import jax
     directory = os.environ.get("DSPARK_TEST_JAX_CACHE",
                                os.path.join(os.path.expanduser("~"), ".cache", "dspark_jax", "jax_test_cache"))

@@ -160,25 +160,12 @@ def checkpoint_entries(model_dir: str) -> tuple[str, dict[str, TensorEntry]]:
     return described, canonical
 
 
-def read_tensors(entries: Mapping[str, TensorEntry], dtype=np.float32) -> dict[str, np.ndarray]:
-    """canonical name → array in `dtype` (float32 by default; ml_dtypes.bfloat16 keeps BF16 weights in half the
-    host memory), read one tensor at a time through `safetensors.safe_open` (bfloat16 via ml_dtypes)."""
+def check_float_dtypes(entries: Mapping[str, TensorEntry]) -> None:
+    """CheckpointError unless every tensor is stored in a float dtype (F64, F32, F16, BF16)."""
     for cname, entry in entries.items():
         if entry.dtype not in _FLOAT_DTYPES:
             raise CheckpointError(f"{entry.file}: tensor {entry.name!r} ({cname}) has dtype {entry.dtype}; "
                                   f"expected a float dtype ({', '.join(_FLOAT_DTYPES)})")
-    by_file: dict[str, list[str]] = {}
-    for cname, entry in entries.items():
-        by_file.setdefault(entry.file, []).append(cname)
-    out: dict[str, np.ndarray] = {}
-    for path, cnames in by_file.items():
-        try:
-            with safe_open(path, framework="np") as f:
-                for c in cnames:
-                    out[c] = np.asarray(f.get_tensor(entries[c].name)).astype(dtype).reshape(entries[c].shape)
-        except (SafetensorError, OSError) as e:
-            raise _safetensors_error(path, e) from None
-    return {c: out[c] for c in entries}
 
 
 class SafetensorsReader(Mapping):
@@ -210,6 +197,13 @@ class SafetensorsReader(Mapping):
         self._files.clear()  # safe_open handles release their memory maps when dropped
 
 
+def read_tensors(entries: Mapping[str, TensorEntry], dtype=np.float32) -> dict[str, np.ndarray]:
+    """canonical name → array in `dtype` (float32 by default), read one tensor at a time (`SafetensorsReader`)."""
+    check_float_dtypes(entries)
+    reader = SafetensorsReader(entries)
+    return {c: np.asarray(reader[c]).astype(dtype) for c in entries}
+
+
 def open_hf_weights(model_dir: str | os.PathLike, config: TransformerConfig) -> SafetensorsReader:
     """The validated text-model weights of `model_dir` (see `load_hf_weights`), read lazily."""
     model_dir = os.fspath(model_dir)
@@ -234,10 +228,7 @@ def open_hf_weights(model_dir: str | os.PathLike, config: TransformerConfig) -> 
         raise CheckpointError(f"{described}: checkpoint does not match the config ({config.family}, "
                               f"{config.num_layers} layers, hidden {config.hidden_size}): "
                               + " | ".join(problems))
-    for cname, entry in entries.items():
-        if entry.dtype not in _FLOAT_DTYPES:
-            raise CheckpointError(f"{entry.file}: tensor {entry.name!r} ({cname}) has dtype {entry.dtype}; "
-                                  f"expected a float dtype ({', '.join(_FLOAT_DTYPES)})")
+    check_float_dtypes(entries)
     return SafetensorsReader({n: entries[n] for n in expected})
 
 

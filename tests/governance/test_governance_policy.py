@@ -148,6 +148,24 @@ def test_missing_required_fields(tmp_path):
         policy_from_dict(with_change(("tenants",), {}))
 
 
+def test_every_type_error_is_reported_at_once(tmp_path):
+    """pydantic checks the whole file: each invalid field gets its own line, each line names file and field."""
+    data = with_change(("classes", "code", "speculate"), "yes")
+    data["gamma"] = 7.0
+    data["tenants"]["acme"]["quotas"] = [{"tokens": 10}]
+    file = write_yaml(tmp_path, data)
+    with pytest.raises(PolicyError) as info:
+        load_policy(file)
+    lines = str(info.value).splitlines()
+    assert all(line.startswith(f"{file}: ") for line in lines)
+    assert any(line.endswith("gamma: must be an integer >= 1, got 7.0") for line in lines)
+    assert any(line.endswith("classes.code.speculate: must be true or false, got 'yes'") for line in lines)
+    assert any(line.endswith("tenants.acme.quotas[0].window_s: required field missing") for line in lines)
+    assert len(lines) == 3
+    with pytest.raises(PolicyError, match=r"<dict>: classes: invalid name 1 \(names are strings"):
+        policy_from_dict(dict(copy.deepcopy(MINIMAL), classes={1: {}}))
+
+
 def test_missing_file_malformed_yaml_and_wrong_type(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"policy file not found: .*nope\.yaml"):
         load_policy(tmp_path / "nope.yaml")

@@ -16,7 +16,7 @@ from dspark_jax.parallel.placement import replicate, shard_batch, shard_state, t
 from dspark_jax.sampling import FilterMode, SamplingParams, validate_sampling
 from dspark_jax.sampling.keys import request_key_data, request_keys
 from dspark_jax.target import Target
-from dspark_jax.verify_costs import load_or_profile_verify_costs
+from dspark_jax.round_costs import load_or_profile_round_costs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +30,8 @@ class GenerationConfig:
     attn_impl: str = "reference"  # pallas_kernels.AttentionImpl: reference | pallas | interpret | auto
     # speculative only. "fixed": every round verifies the whole proposal (a round without drafts: one token);
     # "auto": per round, the width with the most expected committed tokens per second on this machine's
-    # profiled cost curve (`verify_costs`, `decoding.draft_length`)
+    # profiled round costs (`round_costs`, `decoding.draft_length`), and plain rounds (no proposal) while
+    # drafting is expected to lose
     draft_length: str = "fixed"
 
     def __post_init__(self):
@@ -117,8 +118,9 @@ def decode_batches(target: Target, encoded: Sequence[Sequence[int]], config: Gen
         if config.draft_length == "auto":
             if mesh is not None:
                 raise ValueError("draft_length 'auto' profiles one device; it is not available with a mesh")
-            widths, seconds = load_or_profile_verify_costs(target, drafter, bs, config.attn_impl).efficient()
-            static.update(verify_widths=widths, verify_costs=seconds)
+            costs = load_or_profile_round_costs(target, drafter, bs, config.attn_impl)
+            widths, seconds = costs.efficient()
+            static.update(verify_widths=widths, verify_costs=seconds, plain_cost=costs.plain)
     if mesh is not None:
         fixed = {k: shard_state(v, mesh) if k.endswith("state") else replicate(v, mesh) for k, v in fixed.items()}
         params = shard_batch(params, mesh)

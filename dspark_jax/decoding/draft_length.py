@@ -32,6 +32,15 @@ def expected_committed(confidence: jax.Array, num_drafts: jax.Array, active: jax
     return jnp.sum(jnp.where(active[:, None], 1.0 + gain, 0.0), axis=0)
 
 
+def width_rates(confidence: jax.Array, num_drafts: jax.Array, active: jax.Array, widths: tuple[int, ...],
+                costs: tuple[float, ...]) -> jax.Array:
+    """[len(widths)] expected committed tokens per unit cost of this round at each width up to the covering
+    width, −inf beyond it (wider widths verify nothing more). Shapes as in `choose_width`."""
+    cover = covering_width(num_drafts, widths)
+    rate = expected_committed(confidence, num_drafts, active, widths) / jnp.asarray(costs, jnp.float32)
+    return jnp.where(jnp.arange(len(widths)) <= cover, rate, -jnp.inf)
+
+
 def choose_width(confidence: jax.Array, num_drafts: jax.Array, active: jax.Array, widths: tuple[int, ...],
                  costs: tuple[float, ...] | None) -> jax.Array:
     """Index into `widths` of this round's verification width.
@@ -40,12 +49,9 @@ def choose_width(confidence: jax.Array, num_drafts: jax.Array, active: jax.Array
     expected committed tokens / cost among those up to the covering width (ties → the narrower one).
     Lossless: the choice reads only confidences and proposal lengths, known before any draft is verified.
     Shapes: confidence [B, G], num_drafts [B] (0..G), active [B] bool; widths ascending, widths[0] = 1."""
-    cover = covering_width(num_drafts, widths)
     if costs is None:
-        return cover
-    rate = expected_committed(confidence, num_drafts, active, widths) / jnp.asarray(costs, jnp.float32)
-    rate = jnp.where(jnp.arange(len(widths)) <= cover, rate, -jnp.inf)
-    return jnp.argmax(rate).astype(jnp.int32)  # argmax takes the first (narrowest) maximum
+        return covering_width(num_drafts, widths)
+    return jnp.argmax(width_rates(confidence, num_drafts, active, widths, costs)).astype(jnp.int32)
 
 
 def efficient_widths(widths: tuple[int, ...], costs: tuple[float, ...], max_widths: int = 5

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dspark_jax.decoding.autoregressive import prefill
-from dspark_jax.decoding.draft_length import choose_width, proposal_lengths
+from dspark_jax.decoding.draft_length import covering_width, proposal_lengths, width_rates
 from dspark_jax.decoding.verification import concat_taps, verify_round
 from dspark_jax.drafters.base import Proposal
 from dspark_jax.models.layout import dense_layout
@@ -49,7 +49,8 @@ class RoundStats:
 class SpecState:
     """The loop's carry: keys [B] per request; anchor [B] the last committed token, at position start [B];
     the target's KV cache and the drafter's state; tokens [B, max_new + G + 1] generated so far (num_generated
-    [B] valid); done [B]; rounds [B]; stats; nonfinite [B] (see SpecOutput)."""
+    [B] valid); done [B]; rounds [B]; stats; nonfinite [B] (see SpecOutput); the plain-round gate's scalars:
+    plain_left (plain rounds before the next drafted one) and backoff (the next plain run's length)."""
     keys: jax.Array
     anchor: jax.Array
     start: jax.Array
@@ -61,6 +62,8 @@ class SpecState:
     rounds: jax.Array
     stats: RoundStats
     nonfinite: jax.Array
+    plain_left: jax.Array
+    backoff: jax.Array
 
 
 @jax.tree_util.register_dataclass
@@ -100,84 +103,134 @@ def _first_drafts(proposal: Proposal, k: int) -> Proposal:
                     deterministic=proposal.deterministic)
 
 
-@functools.partial(jax.jit, static_argnames=("target_graphdef", "drafter_graphdef", "max_new_tokens", "stop_ids",
-                                             "mode", "pad_id", "attn_impl", "verify_widths",
-                                             "verify_costs"))
-def speculative_generate(target_graphdef: nnx.GraphDef, target_state: nnx.State, drafter_graphdef: nnx.GraphDef,
-                         drafter_state: nnx.State, prompts: jax.Array, prompt_lens: jax.Array, key: jax.Array,
-                         params: SamplingParams, confidence_threshold: jax.Array, *, max_new_tokens: int,
-                         stop_ids: tuple[int, ...], mode: FilterMode = FilterMode(), pad_id: int = 0,
-                         attn_impl: str = "reference", verify_widths: tuple[int, ...] | None = None,
-                         verify_costs: tuple[float, ...] | None = None) -> SpecOutput:
-    """Lossless speculative decoding of right-padded prompts [B, P] (lengths [B]); exactly
-    `max_new_tokens` per request, or fewer up to and including a stop token. key: one per request [B] or one
-    for the batch (`sampling.keys`).
+_STATIC = ("target_graphdef", "drafter_graphdef", "max_new_tokens", "stop_ids", "mode", "pad_id", "attn_impl",
+           "verify_widths", "verify_costs", "plain_cost")
+MAX_PLAIN_RUN = 16  # the longest run of plain rounds between two drafted rounds (the gate's back-off cap)
 
-    Each round verifies every request at one width (anchor + drafts) out of `verify_widths` (ascending,
-    from 1 to at most G + 1; default (1, G + 1): a round where nothing was drafted is a plain step), each
-    compiled once. Without `verify_costs` a round takes the narrowest width holding every proposal; with
-    them (one per width, e.g. measured seconds) the one with the most expected committed tokens per cost
-    (`decoding.draft_length.choose_width`, hardware-aware draft length)."""
-    check_batch(prompts, prompt_lens, params)
-    target = nnx.merge(target_graphdef, target_state)
-    drafter = nnx.merge(drafter_graphdef, drafter_state)
-    g = drafter.config.block_size
-    taps = drafter.config.target_layer_ids
-    b, p = prompts.shape
-    cache_len = p + max_new_tokens + g + 1
-    stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
-    head = drafter.head_matrix(target)
-    widths = tuple(verify_widths or (1, g + 1))
-    if list(widths) != sorted(set(widths)) or widths[0] != 1 or widths[-1] > g + 1:
-        raise ValueError(f"verify_widths must increase from 1 to at most G + 1 = {g + 1}, got {widths}")
-    if verify_costs is not None and len(verify_costs) != len(widths):
-        raise ValueError(f"one verify cost per width needed: {len(widths)} widths, {len(verify_costs)} costs")
 
-    keys = row_keys(key, b)  # one per request: `sampling.keys`
-    logits, out = prefill(target, prompts, prompt_lens, cache_len, attn_impl, tap_layers=taps)
-    first = sample(position_keys(keys, prompt_lens - 1, SAMPLE), logits, params, mode)
-    first_drafter_state = drafter.prefill(target, drafter.init_state(b, cache_len), concat_taps(out.taps),
-                                          prompts, prompt_lens)
+@dataclasses.dataclass(frozen=True)
+class _Rounds:
+    """What every round of one call shares: the merged modules, sampling settings and the width / cost
+    configuration (fixed while tracing). `start` prefills; `step` runs one round."""
+    target: nnx.Module
+    drafter: nnx.Module
+    params: SamplingParams
+    mode: FilterMode
+    stops: jax.Array
+    threshold: jax.Array
+    max_new_tokens: int
+    attn_impl: str
+    widths: tuple[int, ...]
+    costs: tuple[float, ...] | None
+    plain_cost: float | None
 
-    buf_len = max_new_tokens + g + 1
-    r_max = max_new_tokens
-    finite = jnp.all(jnp.isfinite(logits), axis=-1)
-    state = SpecState(keys=keys, anchor=first, start=prompt_lens.astype(jnp.int32), target_cache=out.cache,
-                      drafter_state=first_drafter_state,
-                      tokens=jnp.full((b, buf_len), pad_id, jnp.int32).at[:, 0].set(first),
-                      num_generated=jnp.ones((b,), jnp.int32),
-                      done=jnp.isin(first, stops) | (max_new_tokens <= 1) | ~finite,
-                      rounds=jnp.zeros((b,), jnp.int32), stats=RoundStats.zeros(b, r_max, g), nonfinite=~finite)
+    @property
+    def gate(self) -> bool:
+        """Whether rounds may skip the drafter (plain rounds): with costs for every width and the plain round."""
+        return self.costs is not None and self.plain_cost is not None
 
-    def body(c: SpecState) -> SpecState:
-        anchor, start, active = c.anchor, c.start, ~c.done
-        k_draft, k_verify = position_keys(c.keys, start, DRAFT), position_keys(c.keys, start, VERIFY)
-        prop = drafter.propose(target, c.drafter_state, anchor, start, k_draft, params, mode, head, attn_impl)
-        n_prop = jnp.minimum(proposal_lengths(prop.confidence, confidence_threshold), prop.num_drafted)
+    def start(self, prompts: jax.Array, prompt_lens: jax.Array, key: jax.Array, pad_id: int) -> SpecState:
+        target, drafter = self.target, self.drafter
+        g = drafter.config.block_size
+        b, p = prompts.shape
+        cache_len = p + self.max_new_tokens + g + 1
+        keys = row_keys(key, b)  # one per request: `sampling.keys`
+        logits, out = prefill(target, prompts, prompt_lens, cache_len, self.attn_impl,
+                              tap_layers=drafter.config.target_layer_ids)
+        first = sample(position_keys(keys, prompt_lens - 1, SAMPLE), logits, self.params, self.mode)
+        drafter_state = drafter.prefill(target, drafter.init_state(b, cache_len), concat_taps(out.taps), prompts,
+                                        prompt_lens)
+        finite = jnp.all(jnp.isfinite(logits), axis=-1)
+        return SpecState(keys=keys, anchor=first, start=prompt_lens.astype(jnp.int32), target_cache=out.cache,
+                         drafter_state=drafter_state,
+                         tokens=jnp.full((b, self.max_new_tokens + g + 1), pad_id, jnp.int32).at[:, 0].set(first),
+                         num_generated=jnp.ones((b,), jnp.int32),
+                         done=jnp.isin(first, self.stops) | (self.max_new_tokens <= 1) | ~finite,
+                         rounds=jnp.zeros((b,), jnp.int32), stats=RoundStats.zeros(b, self.max_new_tokens, g),
+                         nonfinite=~finite, plain_left=jnp.int32(0), backoff=jnp.int32(1))
+
+    def step(self, c: SpecState) -> SpecState:
+        """One round. With the gate on, a round drafts only when the last drafted round expected drafting to
+        beat a plain round (expected committed tokens per second, `draft_length.width_rates`); after a losing
+        drafted round the next 1, 2, 4, … (≤ MAX_PLAIN_RUN) rounds are plain. The decision reads only earlier
+        rounds, so it keeps the loop lossless."""
+        if not self.gate:
+            return self.drafted(c)
+        return jax.lax.cond(c.plain_left <= 0, self.drafted, self.plain, c)
+
+    def forced(self, c: SpecState, choice: jax.Array) -> SpecState:
+        """One round at a given width index (choice >= 0), or a plain round (choice < 0): for profiling."""
+        return jax.lax.cond(choice < 0, self.plain, lambda s: self.drafted(s, jnp.maximum(choice, 0)), c)
+
+    def drafted(self, c: SpecState, choice: jax.Array | None = None) -> SpecState:
+        """Propose, choose the width (`choice` given: that width index), verify, commit."""
+        target, drafter = self.target, self.drafter
+        g = drafter.config.block_size
+        active = ~c.done
+        k_draft = position_keys(c.keys, c.start, DRAFT)
+        prop = drafter.propose(target, c.drafter_state, c.anchor, c.start, k_draft, self.params, self.mode,
+                               drafter.head_matrix(target), self.attn_impl)
+        n_prop = jnp.minimum(proposal_lengths(prop.confidence, self.threshold), prop.num_drafted)
         n_prop = jnp.where(c.done, 0, n_prop)
 
         def at_width(width):  # a round verifying anchor + up to width − 1 drafts per request
             def branch():
-                r = verify_round(target, drafter, c.target_cache, c.drafter_state, _first_drafts(prop, width - 1),
-                                 anchor, start, jnp.minimum(n_prop, width - 1), active,
-                                 max_new_tokens - c.num_generated, dense_layout(b, width, start), k_verify, params,
-                                 mode, stops, attn_impl)
+                r = self._verify(c, _first_drafts(prop, width - 1), jnp.minimum(n_prop, width - 1), width)
                 return dataclasses.replace(r, committed=_pad_slots(r.committed, g + 1),
                                            accept_flags=_pad_slots(r.accept_flags, g))
             return branch
 
-        choice = choose_width(prop.confidence, n_prop, active, widths, verify_costs)
-        res = jax.lax.switch(choice, [at_width(w) for w in widths])
-        n_prop = jnp.minimum(n_prop, jnp.asarray(widths)[choice] - 1)
-        count = res.count
-        finished = res.stopped | (c.num_generated + count >= max_new_tokens) | res.nonfinite
+        plain_left, backoff = c.plain_left, c.backoff
+        if choice is None and self.costs is None:
+            choice = covering_width(n_prop, self.widths)
+        elif choice is None:
+            rates = width_rates(prop.confidence, n_prop, active, self.widths, self.costs)
+            choice = jnp.argmax(rates).astype(jnp.int32)  # the first (narrowest) maximum
+            if self.gate:
+                pays = rates[choice] >= jnp.sum(active) / self.plain_cost
+                plain_left = jnp.where(pays, 0, backoff).astype(jnp.int32)
+                backoff = jnp.where(pays, 1, jnp.minimum(2 * backoff, MAX_PLAIN_RUN)).astype(jnp.int32)
+        res = jax.lax.switch(choice, [at_width(w) for w in self.widths])
+        n_prop = jnp.minimum(n_prop, jnp.asarray(self.widths)[choice] - 1)
+        c = dataclasses.replace(c, plain_left=plain_left, backoff=backoff)
+        return self._commit(c, res, n_prop, prop.confidence, prop.confidence_logits)
 
+    def plain(self, c: SpecState) -> SpecState:
+        """A round without a proposal (the drafter's propose is skipped): one target step per request; the
+        drafter still receives the verified position's features."""
+        g = self.drafter.config.block_size
+        b = c.anchor.shape[0]
+        zeros = jnp.zeros((b, 0), jnp.int32)
+        empty = Proposal(tokens=zeros, draft_index=zeros, p_draft=None, confidence=jnp.zeros((b, 0), jnp.float32),
+                         confidence_logits=jnp.zeros((b, 0), jnp.float32), length=jnp.zeros((b,), jnp.int32))
+        res = self._verify(c, empty, jnp.zeros((b,), jnp.int32), 1)
+        res = dataclasses.replace(res, committed=_pad_slots(res.committed, g + 1),
+                                  accept_flags=_pad_slots(res.accept_flags, g))
+        c = dataclasses.replace(c, plain_left=c.plain_left - 1)
+        no_conf = jnp.zeros((b, g), jnp.float32)
+        return self._commit(c, res, jnp.zeros((b,), jnp.int32), no_conf, no_conf)
+
+    def _verify(self, c: SpecState, proposal: Proposal, num_verify: jax.Array, width: int):
+        b = c.anchor.shape[0]
+        return verify_round(self.target, self.drafter, c.target_cache, c.drafter_state, proposal, c.anchor, c.start,
+                            num_verify, ~c.done, self.max_new_tokens - c.num_generated,
+                            dense_layout(b, width, c.start), position_keys(c.keys, c.start, VERIFY), self.params,
+                            self.mode, self.stops, self.attn_impl)
+
+    def _commit(self, c: SpecState, res, n_prop: jax.Array, confidence: jax.Array,
+                confidence_logits: jax.Array) -> SpecState:
+        """Writes the round's committed tokens and statistics into the state."""
+        g = self.drafter.config.block_size
+        b = c.anchor.shape[0]
+        active = ~c.done
+        count = res.count
+        finished = res.stopped | (c.num_generated + count >= self.max_new_tokens) | res.nonfinite
         write = jax.vmap(lambda row, new, s: jax.lax.dynamic_update_slice(row, new, (s,)))
         keep = jnp.arange(g + 1)[None] < count[:, None]
         old = jax.vmap(lambda row, s: jax.lax.dynamic_slice(row, (s,), (g + 1,)))(c.tokens, c.num_generated)
         tokens = write(c.tokens, jnp.where(keep, res.committed, old), c.num_generated)
 
-        rows, slot = jnp.arange(b), jnp.minimum(c.rounds, r_max - 1)
+        rows, slot = jnp.arange(b), jnp.minimum(c.rounds, self.max_new_tokens - 1)
 
         def record(arr, val):  # this round's value in each active request's round slot
             cur = arr[rows, slot]
@@ -187,13 +240,78 @@ def speculative_generate(target_graphdef: nnx.GraphDef, target_state: nnx.State,
         stats = RoundStats(proposed=record(st.proposed, n_prop), accepted=record(st.accepted, res.num_accepted),
                            committed=record(st.committed, count),
                            accept_flags=record(st.accept_flags, res.accept_flags),
-                           confidence=record(st.confidence, prop.confidence),
-                           confidence_logits=record(st.confidence_logits, prop.confidence_logits))
-        return SpecState(keys=c.keys, anchor=res.anchor, start=start + count, target_cache=res.target_cache,
-                         drafter_state=res.drafter_state, tokens=tokens, num_generated=c.num_generated + count,
-                         done=c.done | finished, rounds=c.rounds + active.astype(jnp.int32), stats=stats,
-                         nonfinite=c.nonfinite | res.nonfinite)
+                           confidence=record(st.confidence, confidence),
+                           confidence_logits=record(st.confidence_logits, confidence_logits))
+        return dataclasses.replace(c, anchor=res.anchor, start=c.start + count, target_cache=res.target_cache,
+                                   drafter_state=res.drafter_state, tokens=tokens,
+                                   num_generated=c.num_generated + count, done=c.done | finished,
+                                   rounds=c.rounds + active.astype(jnp.int32), stats=stats,
+                                   nonfinite=c.nonfinite | res.nonfinite)
 
-    final = jax.lax.while_loop(lambda c: ~jnp.all(c.done), body, state)
+
+def _rounds(target_graphdef, target_state, drafter_graphdef, drafter_state, params, confidence_threshold, *,
+            max_new_tokens, stop_ids, mode, attn_impl, verify_widths, verify_costs, plain_cost) -> _Rounds:
+    """The static round context of one call, with the width / cost settings checked."""
+    target = nnx.merge(target_graphdef, target_state)
+    drafter = nnx.merge(drafter_graphdef, drafter_state)
+    g = drafter.config.block_size
+    widths = tuple(verify_widths or (1, g + 1))
+    if list(widths) != sorted(set(widths)) or widths[0] != 1 or widths[-1] > g + 1:
+        raise ValueError(f"verify_widths must increase from 1 to at most G + 1 = {g + 1}, got {widths}")
+    if verify_costs is not None and len(verify_costs) != len(widths):
+        raise ValueError(f"one verify cost per width needed: {len(widths)} widths, {len(verify_costs)} costs")
+    if plain_cost is not None and not (verify_costs is not None and plain_cost > 0):
+        raise ValueError(f"plain_cost needs verify_costs and must be > 0, got {plain_cost}")
+    return _Rounds(target=target, drafter=drafter, params=params, mode=mode,
+                   stops=jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32), threshold=confidence_threshold,
+                   max_new_tokens=max_new_tokens, attn_impl=attn_impl, widths=widths, costs=verify_costs,
+                   plain_cost=plain_cost)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def speculative_generate(target_graphdef: nnx.GraphDef, target_state: nnx.State, drafter_graphdef: nnx.GraphDef,
+                         drafter_state: nnx.State, prompts: jax.Array, prompt_lens: jax.Array, key: jax.Array,
+                         params: SamplingParams, confidence_threshold: jax.Array, *, max_new_tokens: int,
+                         stop_ids: tuple[int, ...], mode: FilterMode = FilterMode(), pad_id: int = 0,
+                         attn_impl: str = "reference", verify_widths: tuple[int, ...] | None = None,
+                         verify_costs: tuple[float, ...] | None = None, plain_cost: float | None = None
+                         ) -> SpecOutput:
+    """Lossless speculative decoding of right-padded prompts [B, P] (lengths [B]); exactly
+    `max_new_tokens` per request, or fewer up to and including a stop token. key: one per request [B] or one
+    for the batch (`sampling.keys`).
+
+    Each round verifies every request at one width (anchor + drafts) out of `verify_widths` (ascending,
+    from 1 to at most G + 1; default (1, G + 1): a round where nothing was drafted is a plain step), each
+    compiled once. Without `verify_costs` a round takes the narrowest width holding every proposal; with
+    them (one per width: seconds of a whole round, `verify_costs.profile_round_costs`) the one with the most
+    expected committed tokens per second (`decoding.draft_length.width_rates`, hardware-aware draft length).
+    With `plain_cost` too (seconds of a round without a proposal), rounds skip the drafter while drafting is
+    expected to lose to plain decoding (`_Rounds.step`). Raises ValueError on inconsistent widths / costs."""
+    check_batch(prompts, prompt_lens, params)
+    rounds = _rounds(target_graphdef, target_state, drafter_graphdef, drafter_state, params, confidence_threshold,
+                     max_new_tokens=max_new_tokens, stop_ids=stop_ids, mode=mode, attn_impl=attn_impl,
+                     verify_widths=verify_widths, verify_costs=verify_costs, plain_cost=plain_cost)
+    state = rounds.start(prompts, prompt_lens, key, pad_id)
+    final = jax.lax.while_loop(lambda c: ~jnp.all(c.done), rounds.step, state)
     return SpecOutput(tokens=final.tokens[:, :max_new_tokens], num_tokens=final.num_generated, rounds=final.rounds,
                       nonfinite=final.nonfinite, **vars(final.stats))
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def speculative_rounds(target_graphdef: nnx.GraphDef, target_state: nnx.State, drafter_graphdef: nnx.GraphDef,
+                       drafter_state: nnx.State, prompts: jax.Array, prompt_lens: jax.Array, key: jax.Array,
+                       params: SamplingParams, confidence_threshold: jax.Array, choice: jax.Array,
+                       num_rounds: jax.Array, *, max_new_tokens: int, stop_ids: tuple[int, ...],
+                       mode: FilterMode = FilterMode(), pad_id: int = 0, attn_impl: str = "reference",
+                       verify_widths: tuple[int, ...] | None = None, verify_costs: tuple[float, ...] | None = None,
+                       plain_cost: float | None = None) -> jax.Array:
+    """Prefill, then exactly `num_rounds` (traced: one compilation for any count) rounds of the loop's round
+    code at width index `choice` (traced; < 0: plain rounds), finished requests included — the profile of
+    round costs (`verify_costs`). Returns num_generated [B]."""
+    check_batch(prompts, prompt_lens, params)
+    rounds = _rounds(target_graphdef, target_state, drafter_graphdef, drafter_state, params, confidence_threshold,
+                     max_new_tokens=max_new_tokens, stop_ids=stop_ids, mode=mode, attn_impl=attn_impl,
+                     verify_widths=verify_widths, verify_costs=verify_costs, plain_cost=plain_cost)
+    state = rounds.start(prompts, prompt_lens, key, pad_id)
+    final = jax.lax.fori_loop(0, num_rounds, lambda _, c: rounds.forced(c, choice), state)
+    return final.num_generated

@@ -3,6 +3,7 @@ compiling, and losslessness (greedy identity, chi-square at T = 1) when rounds v
 from __future__ import annotations
 
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -113,3 +114,104 @@ def test_temperature_one_is_lossless_at_chosen_widths():
     assert set(np.unique(np.asarray(sp.proposed)[np.asarray(sp.rounds)[:, None] > np.arange(sp.proposed.shape[1])]))\
         <= {0, 1, 2}
     assert chi_square_pvalue(codes, prob) > 1e-3
+
+
+def _oracle(cfg, gamma):
+    from flax import nnx
+    from dspark_jax.testing.oracle_drafter import OracleDrafter
+    return nnx.split(OracleDrafter(gamma, cfg.vocab_size))
+
+
+def test_plain_rounds_follow_a_losing_drafted_round():
+    """The gate: a drafted round expected to lose to a plain round is followed by 1, 2, 4, 8, … plain rounds
+    (the drafter's propose skipped); when drafting pays every round drafts, as without the gate."""
+    tg, ts, cfg = make_target("gemma3")
+    dg, ds = _oracle(cfg, 5)  # proposes the target's own greedy tokens: a width-6 round commits 6
+    prompts = REPETITIVE[:2]
+    loop = dict(verify_widths=(1, 6), verify_costs=(1.0, 1.0))
+    _, losing = greedy_plain_and_speculative(tg, ts, dg, ds, prompts, 48, plain_cost=0.01, **loop)
+    _, paying = greedy_plain_and_speculative(tg, ts, dg, ds, prompts, 48, plain_cost=100.0, **loop)
+    _, ungated = greedy_plain_and_speculative(tg, ts, dg, ds, prompts, 48, **loop)
+    for b in range(len(prompts)):
+        r = int(losing.rounds[b])
+        proposed = np.asarray(losing.proposed)[b, :r]
+        np.testing.assert_array_equal(np.flatnonzero(proposed), [0, 2, 5, 10, 19])
+        assert set(proposed) == {0, 5}
+        assert np.asarray(losing.committed)[b, :r].sum() == 47
+        assert (np.asarray(losing.confidence)[b, :r][proposed == 0] == 0).all()  # plain rounds: no confidences
+    for name in ("rounds", "proposed", "accepted", "committed"):
+        np.testing.assert_array_equal(np.asarray(getattr(paying, name)), np.asarray(getattr(ungated, name)))
+    assert int(np.asarray(paying.rounds)[0]) == 8  # 47 tokens in rounds of 6
+
+
+def test_forced_rounds_for_the_cost_profile():
+    """`speculative_rounds` runs exactly num_rounds rounds at the forced width (or plain) from one compilation."""
+    from dspark_jax.decoding.speculative import speculative_rounds
+    tg, ts, cfg = make_target("gemma3")
+    dg, ds = _oracle(cfg, 5)
+    tokens = jnp.asarray([[5, 6, 7, 5], [9, 10, 11, 12]], jnp.int32)
+    lens = jnp.asarray([4, 3], jnp.int32)
+
+    def generated(choice, rounds):
+        return np.asarray(speculative_rounds(tg, ts, dg, ds, tokens, lens, jax.random.key(0), SamplingParams.create(2),
+                                             jnp.float32(0.0), jnp.int32(choice), jnp.int32(rounds),
+                                             max_new_tokens=40, stop_ids=(), verify_widths=(1, 3, 6)))
+
+    np.testing.assert_array_equal(generated(-1, 3), [4, 4])  # 1 from the prefill + one per plain round
+    np.testing.assert_array_equal(generated(0, 3), [4, 4])
+    np.testing.assert_array_equal(generated(1, 3), [10, 10])  # width 3: 2 accepted drafts + the bonus token
+    np.testing.assert_array_equal(generated(2, 5), [31, 31])
+
+
+def test_temperature_one_is_lossless_with_plain_rounds():
+    from tests.decoding.test_speculative import V_SMALL
+    tg, ts, cfg = make_target("gemma3", vocab_size=V_SMALL)
+    dg, ds = _ngram(cfg, 2, n_max=2, n_min=1)
+    params = SamplingParams.create(1, 1.0, 3, 0.8)
+    mode = FilterMode.for_params(3, 0.8)
+    prompt = [1, 2, 1, 2, 1]
+    _, prob = exact_joint(tg, ts, prompt, params, mode)
+    # drafting pays only when a confident lookup match lets a width-3 round commit more than 1.6 tokens
+    codes, sp = sampled_joint(tg, ts, dg, ds, prompt, params, mode, verify_widths=(1, 3), verify_costs=(1.0, 1.0),
+                              plain_cost=1.0 / 1.6)
+    proposed = np.asarray(sp.proposed)[np.asarray(sp.rounds)[:, None] > np.arange(sp.proposed.shape[1])]
+    assert 0 < (proposed > 0).mean() < 1  # some rounds drafted, some did not
+    assert chi_square_pvalue(codes, prob) > 1e-3
+
+
+def test_round_costs_profile_and_cache(tmp_path, monkeypatch):
+    from flax import nnx
+    from dspark_jax.drafters.factory import Drafter
+    from dspark_jax.round_costs import load_or_profile_round_costs
+    from dspark_jax.target import Target
+    monkeypatch.setenv("DSPARK_CACHE_DIR", str(tmp_path))
+    tg, ts, cfg = make_target("gemma3")
+    dg, ds = _ngram(cfg, 3)
+    drafter = Drafter(nnx.merge(dg, ds).config, dg, ds, "ngram")
+    target = Target(cfg, tg, ts, None, "tiny")
+    costs = load_or_profile_round_costs(target, drafter, batch=2)
+    assert costs.widths == (1, 2, 3, 4) and len(costs.seconds) == 4 and costs.batch == 2
+    assert costs.plain > 0 and all(s > 0 for s in costs.seconds)
+    files = list((tmp_path / "round_costs").glob("*.json"))
+    assert len(files) == 1
+    assert load_or_profile_round_costs(target, drafter, batch=2) == costs  # read back, not profiled again
+    files[0].write_text("{broken")
+    again = load_or_profile_round_costs(target, drafter, batch=2)
+    assert again.widths == costs.widths and again.plain > 0
+
+
+def test_generate_text_with_auto_draft_length(tmp_path, monkeypatch):
+    """`GenerationConfig(draft_length="auto")`: profiles round costs once (cached), decodes losslessly."""
+    from dspark_jax.drafters.factory import random_drafter
+    from dspark_jax.generation import GenerationConfig, generate_text
+    from dspark_jax.testing.tiny_target import make_tiny_target
+    monkeypatch.setenv("DSPARK_CACHE_DIR", str(tmp_path))
+    target = make_tiny_target()
+    drafter = random_drafter(target, "dspark", gamma=3, num_layers=1)
+    prompts = ["abcabcabc", "the same words"]
+    cfg = GenerationConfig(max_new_tokens=12, batch_size=2)
+    plain = generate_text(target, prompts, cfg)
+    auto = generate_text(target, prompts, GenerationConfig(max_new_tokens=12, batch_size=2, draft_length="auto"),
+                         drafter=drafter)
+    assert [r.completion_ids for r in auto] == [r.completion_ids for r in plain]
+    assert len(list((tmp_path / "round_costs").glob("*.json"))) == 1

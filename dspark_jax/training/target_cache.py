@@ -1,6 +1,7 @@
 """Reading a target cache (format: `cache_format`; built by `cache_builder`) through memory maps."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -51,6 +52,7 @@ class TargetCache:
         self.lengths = np.concatenate([np.diff(s.offsets) for s in shards]).astype(np.int64)
         pos = [self.cached_layer_ids.index(i) for i in self.layer_ids]
         self._columns = None if pos == list(range(len(self.cached_layer_ids))) else np.asarray(pos)
+        self._limit: int | None = None
 
     @property
     def has_features(self) -> bool:
@@ -58,14 +60,26 @@ class TargetCache:
 
     @property
     def num_tokens(self) -> int:
-        return int(self.manifest["num_tokens"])
+        return int(self.manifest["num_tokens"]) if self._limit is None else int(self.lengths[:self._limit].sum())
 
     @property
     def num_loss_tokens(self) -> int:
-        return int(self.manifest["num_loss_tokens"])
+        if self._limit is None:
+            return int(self.manifest["num_loss_tokens"])
+        return sum(int(shard.arrays["loss_mask"][a:e].sum()) for shard, a, e in map(self._locate, range(len(self))))
 
     def __len__(self) -> int:
-        return int(self.manifest["num_samples"])
+        return int(self.manifest["num_samples"]) if self._limit is None else self._limit
+
+    def first(self, n: int) -> "TargetCache":
+        """A view of the first n sequences (learning curves: the cache is in response order, and any prefix of
+        the shipped responses is a balanced mix of the training sources). Raises ValueError unless
+        1 <= n <= len(self)."""
+        if not 1 <= n <= len(self):
+            raise ValueError(f"{self.path}: cannot take the first {n} of {len(self)} sequences")
+        view = copy.copy(self)
+        view._limit = n
+        return view
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, target_config=None,

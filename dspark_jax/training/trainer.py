@@ -51,6 +51,7 @@ class TrainConfig:
     clip_norm: float = 1.0
     epochs: int = 10
     max_steps: int | None = None
+    max_sequences: int | None = None  # train on the cache's first N sequences only (learning curves)
     batch_size: int = 4
     grad_accum: int = 1
     num_anchors: int = 64
@@ -161,6 +162,8 @@ class Trainer:
         """heldout: a feature cache of the target's outputs for held-out prompts (`dspark prepare-data
         --heldout`); its teacher-forced quality (`training.heldout`) is logged every `heldout_every` steps."""
         import orbax.checkpoint as ocp
+        if config.max_sequences is not None:
+            cache = cache.first(min(config.max_sequences, len(cache)))
         self.target, self.cache, self.config, self.heldout = target, cache, config, heldout
         self.workdir = Path(workdir).resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -223,6 +226,7 @@ class Trainer:
             (self.workdir / "run.json").write_text(json.dumps(meta, indent=2))
 
     def _train_step(self, params, opt_state, rest, target_state, batch, key):
+        batch.check()
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (loss, metrics), grads = grad_fn(params, rest, self.graphdef, self.target.graphdef, target_state, batch, key,
                                          self.config, self.compute_dtype)

@@ -240,6 +240,23 @@ def test_batches(cache_f32):
             assert not batch["last_hidden"][r, n:].any() and not batch["target_lse"][r, n:].any()
 
 
+def test_first_sequences_view(cache_f32):
+    """`first(n)`: the smaller training sets of a learning curve (any prefix of the cache, across shards)."""
+    cache = TargetCache.open(cache_f32)
+    view = cache.first(3)
+    assert len(view) == 3 and len(cache) == 5
+    assert view.num_tokens == sum(LENGTHS[:3])
+    assert view.num_loss_tokens == sum(int(cache.sample(i)["loss_mask"].sum()) for i in range(3))
+    assert cache.first(len(cache)).num_loss_tokens == cache.num_loss_tokens
+    seen = sorted(int(i) for b in view.batches(2, 20, seed=1) for i in b["indices"] if i >= 0)
+    assert seen == [0, 1, 2]
+    with pytest.raises(IndexError):
+        view.sample(3)
+    for bad in (0, 6):
+        with pytest.raises(ValueError, match="first"):
+            cache.first(bad)
+
+
 def test_sequences_from_responses(tmp_path):
     path = tmp_path / "responses.jsonl"
     recs = [{"index": 2, "prompt_ids": [2, 7, 8], "response_ids": list(range(10, 30)), "stopped": True},

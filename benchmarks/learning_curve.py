@@ -1,0 +1,88 @@
+"""Learning curve and recipe sweep of the shipped drafter: held-out quality against training response tokens,
+read from finished `dspark train` run directories (each trained with --heldout_dir, so every run is scored on
+the same held-out feature cache: the target's own outputs for held-out prompts).
+
+    python benchmarks/learning_curve.py --runs runs/lc_050,runs/lc_100,runs/lc_200,runs/dspark_lookup
+                                        [--output benchmarks/results/learning_curve.json]
+
+Per run: algorithm, draft layers, tapped layers, draft vocabulary, epochs, steps, training sequences and
+response (loss) tokens (`TargetCache.first`), and the last held-out evaluation: greedy τ (exact T = 0 accept
+length of a full round, bonus included), probabilistic τ and per-slot teacher-forced accuracy
+(`training.heldout`). Prints a table, writes JSON and a plot (held-out τ against response tokens, log x)
+beside the JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def last_heldout(run: Path) -> dict:
+    """The run's last held-out evaluation (metrics.jsonl lines with heldout/ keys). Raises ValueError if none."""
+    last = None
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if any(k.startswith("heldout/") for k in record):
+            last = record
+    if last is None:
+        raise ValueError(f"{run}: no held-out evaluation in metrics.jsonl (train with --heldout_dir)")
+    return {k.removeprefix("heldout/"): v for k, v in last.items() if k.startswith("heldout/") or k == "micro_step"}
+
+
+def describe_run(run: Path) -> dict:
+    """One row of the curve: the run's recipe, its training data and its final held-out quality."""
+    from dspark_jax.training.target_cache import TargetCache
+    meta = json.loads((run / "run.json").read_text())
+    tc, dc = meta["train_config"], meta["drafter_config"]
+    cache = TargetCache.open(meta["cache"])
+    n = min(tc.get("max_sequences") or len(cache), len(cache))
+    data = cache.first(n)
+    quality = last_heldout(run)
+    return dict(run=str(run), algorithm=tc["algorithm"], num_layers=tc["num_layers"],
+                tapped_layers=list(dc["target_layer_ids"]), draft_vocab_size=tc["draft_vocab_size"],
+                lookup_inputs=tc.get("lookup_inputs", 0), epochs=tc["epochs"], steps=meta["total_steps"],
+                sequences=n, response_tokens=data.num_loss_tokens, heldout=quality)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", required=True, help="comma list of `dspark train` work directories")
+    ap.add_argument("--output", default="benchmarks/results/learning_curve.json")
+    args = ap.parse_args()
+    from dspark_jax.utils.files import pyplot, save_figure
+    from dspark_jax.utils.results import write_result
+
+    rows = [describe_run(Path(r)) for r in args.runs.split(",")]
+    header = (f"{'run':<22}{'layers':>7}{'taps':>6}{'vocab':>7}{'epochs':>7}{'steps':>6}{'seqs':>6}{'resp tok':>10}"
+              f"{'greedy τ':>10}{'prob τ':>8}{'acc@0':>7}{'acc@6':>7}")
+    print(header)
+    for r in rows:
+        h = r["heldout"]
+        print(f"{Path(r['run']).name:<22}{r['num_layers']:>7}{len(r['tapped_layers']):>6}{r['draft_vocab_size']:>7}"
+              f"{r['epochs']:>7}{r['steps']:>6}{r['sequences']:>6}{r['response_tokens']:>10,}"
+              f"{h['greedy_tau']:>10.3f}{h['probabilistic_tau']:>8.3f}{h['slot_accuracy@0']:>7.3f}"
+              f"{h.get('slot_accuracy@6', float('nan')):>7.3f}")
+    write_result(args.output, dict(rows=rows))
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["algorithm"], r["num_layers"], len(r["tapped_layers"]), r["draft_vocab_size"]), []).append(r)
+    for (algo, layers, taps, vocab), rs in groups.items():
+        rs = sorted(rs, key=lambda r: r["response_tokens"])
+        x = [r["response_tokens"] for r in rs]
+        for key, style in (("greedy_tau", "o-"), ("probabilistic_tau", "s--")):
+            ax.plot(x, [r["heldout"][key] for r in rs], style,
+                    label=f"{algo} {layers}L {taps} taps {vocab // 1024}k: {key.replace('_tau', ' τ')}")
+    ax.set_xscale("log")
+    ax.set_xlabel("training response tokens")
+    ax.set_ylabel("held-out τ (teacher-forced, γ 7)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    print(f"wrote {save_figure(fig, Path(args.output).with_suffix('.png'), tight=True)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -17,7 +18,7 @@ from dspark_jax.decoding.verification import concat_taps, verify_round
 from dspark_jax.drafters.base import Proposal
 from dspark_jax.models.kv_cache import init_cache
 from dspark_jax.models.layout import make_layout
-from dspark_jax.sampling import FilterMode, SamplingParams, sample
+from dspark_jax.sampling import FilterMode, SamplingParams, check_batch, sample
 from dspark_jax.sampling.keys import DRAFT, SAMPLE, VERIFY, position_keys
 from dspark_jax.serving.scheduler import allocate_top_k
 
@@ -83,6 +84,8 @@ def admit(target_graphdef, target_state, drafter_graphdef, drafter_state, state:
     proposal. params: batch-n SamplingParams; keys [n]: the requests' keys (`sampling.keys.request_keys`).
     Returns (state, first tokens [n], already finished [n], non-finite prefill logits [n] — such a request is
     not activated and must end with an error)."""
+    check_batch(prompts, prompt_lens, params)
+    chex.assert_shape([slots, max_new_tokens, keys], (prompts.shape[0],))
     target = nnx.merge(target_graphdef, target_state)
     drafter = nnx.merge(drafter_graphdef, drafter_state)
     n = prompts.shape[0]
@@ -119,6 +122,9 @@ def step(target_graphdef, target_state, drafter_graphdef, drafter_state, state: 
     taken, which is how static policies and the synchronous scheduler pass exact lengths); caps are also cut
     at the first fresh confidence below floors[s] (a per-request confidence floor). The tokens are
     laid out flat in `bucket` rows. `draft=False` (plain decoding) skips the drafter."""
+    chex.assert_shape([caps, floors], state.active.shape)
+    chex.assert_type(caps, int)
+    chex.assert_rank([draft_budget, stops], [0, 1])
     target = nnx.merge(target_graphdef, target_state)
     drafter = nnx.merge(drafter_graphdef, drafter_state)
     s, g = state.proposal.tokens.shape

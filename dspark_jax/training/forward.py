@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -29,6 +30,20 @@ class TrainBatch:
     last_hidden: jax.Array | None
     target_lse: jax.Array | None
     lengths: jax.Array | None = None
+
+    def check(self) -> None:
+        """Shape / dtype checks at the training step's jit boundary (chex, evaluated while tracing).
+        AssertionError naming the mismatch otherwise."""
+        chex.assert_rank(self.tokens, 2)
+        chex.assert_type([self.tokens, self.loss_mask], int)
+        chex.assert_equal_shape([self.tokens, self.loss_mask])
+        b, t = self.tokens.shape
+        if self.features is not None:
+            chex.assert_rank([self.features, self.last_hidden], 3)
+            chex.assert_shape([self.features, self.last_hidden], (b, t, None))
+            chex.assert_shape(self.target_lse, (b, t))
+        if self.lengths is not None:
+            chex.assert_shape(self.lengths, (b,))
 
 
 def block_outputs(drafter, target_model, batch: TrainBatch, key: jax.Array, num_anchors: int):

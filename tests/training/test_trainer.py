@@ -166,3 +166,17 @@ def test_online_mode_step_equals_cached_step(target, cache, tmp_path):
     b, mb = loss_fn(*args, to_batch(online_batch, jnp.float32), jax.random.key(1), CFG, jnp.float32)
     np.testing.assert_allclose(float(a), float(b), rtol=1e-4)
     np.testing.assert_allclose(float(ma["tau_probabilistic"]), float(mb["tau_probabilistic"]), rtol=1e-4)
+
+
+def test_train_batch_checks_shapes_at_the_jit_boundary():
+    from dspark_jax.training.forward import TrainBatch
+    tokens = jnp.zeros((2, 5), jnp.int32)
+    good = TrainBatch(tokens=tokens, loss_mask=jnp.ones((2, 5), jnp.int32), features=jnp.zeros((2, 5, 12)),
+                      last_hidden=jnp.zeros((2, 5, 4)), target_lse=jnp.zeros((2, 5)), lengths=jnp.full((2,), 5))
+    good.check()
+    TrainBatch(tokens=tokens, loss_mask=jnp.ones((2, 5), jnp.int32), features=None, last_hidden=None,
+               target_lse=None).check()  # online mode: no features
+    for bad in (dict(loss_mask=jnp.ones((2, 4), jnp.int32)), dict(features=jnp.zeros((2, 4, 12))),
+                dict(target_lse=jnp.zeros((2,))), dict(lengths=jnp.full((3,), 5)), dict(tokens=tokens.astype(float))):
+        with pytest.raises(AssertionError):
+            dataclasses.replace(good, **bad).check()

@@ -101,7 +101,11 @@ def test_bad_widths_are_rejected():
             greedy_plain_and_speculative(tg, ts, dg, ds, REPETITIVE[:1], 4, **options)
 
 
-def test_temperature_one_is_lossless_at_chosen_widths():
+@pytest.mark.parametrize("loop_options", [
+    dict(verify_widths=(1, 2, 3), verify_costs=(1.0, 1.2, 1.9)),
+    # plain rounds too: drafting pays only when a confident match lets a width-3 round commit > 1.6 tokens
+    dict(verify_widths=(1, 3), verify_costs=(1.0, 1.0), plain_cost=1.0 / 1.6)])
+def test_temperature_one_is_lossless_at_chosen_widths(loop_options):
     from tests.decoding.test_speculative import V_SMALL
     tg, ts, cfg = make_target("gemma3", vocab_size=V_SMALL)
     dg, ds = _ngram(cfg, 2, n_max=2, n_min=1)
@@ -109,10 +113,11 @@ def test_temperature_one_is_lossless_at_chosen_widths():
     mode = FilterMode.for_params(3, 0.8)
     prompt = [1, 2, 1, 2, 1]
     _, prob = exact_joint(tg, ts, prompt, params, mode)
-    codes, sp = sampled_joint(tg, ts, dg, ds, prompt, params, mode, verify_widths=(1, 2, 3),
-                              verify_costs=(1.0, 1.2, 1.9))
-    assert set(np.unique(np.asarray(sp.proposed)[np.asarray(sp.rounds)[:, None] > np.arange(sp.proposed.shape[1])]))\
-        <= {0, 1, 2}
+    codes, sp = sampled_joint(tg, ts, dg, ds, prompt, params, mode, **loop_options)
+    proposed = np.asarray(sp.proposed)[np.asarray(sp.rounds)[:, None] > np.arange(sp.proposed.shape[1])]
+    assert set(np.unique(proposed)) <= {w - 1 for w in loop_options["verify_widths"]}
+    if "plain_cost" in loop_options:
+        assert 0 < (proposed > 0).mean() < 1  # some rounds drafted, some did not
     assert chi_square_pvalue(codes, prob) > 1e-3
 
 
@@ -161,22 +166,6 @@ def test_forced_rounds_for_the_cost_profile():
     np.testing.assert_array_equal(generated(0, 3), [4, 4])
     np.testing.assert_array_equal(generated(1, 3), [10, 10])  # width 3: 2 accepted drafts + the bonus token
     np.testing.assert_array_equal(generated(2, 5), [31, 31])
-
-
-def test_temperature_one_is_lossless_with_plain_rounds():
-    from tests.decoding.test_speculative import V_SMALL
-    tg, ts, cfg = make_target("gemma3", vocab_size=V_SMALL)
-    dg, ds = _ngram(cfg, 2, n_max=2, n_min=1)
-    params = SamplingParams.create(1, 1.0, 3, 0.8)
-    mode = FilterMode.for_params(3, 0.8)
-    prompt = [1, 2, 1, 2, 1]
-    _, prob = exact_joint(tg, ts, prompt, params, mode)
-    # drafting pays only when a confident lookup match lets a width-3 round commit more than 1.6 tokens
-    codes, sp = sampled_joint(tg, ts, dg, ds, prompt, params, mode, verify_widths=(1, 3), verify_costs=(1.0, 1.0),
-                              plain_cost=1.0 / 1.6)
-    proposed = np.asarray(sp.proposed)[np.asarray(sp.rounds)[:, None] > np.arange(sp.proposed.shape[1])]
-    assert 0 < (proposed > 0).mean() < 1  # some rounds drafted, some did not
-    assert chi_square_pvalue(codes, prob) > 1e-3
 
 
 def test_round_costs_profile_and_cache(tmp_path, monkeypatch):

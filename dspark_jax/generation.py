@@ -16,6 +16,7 @@ from dspark_jax.parallel.placement import replicate, shard_batch, shard_state, t
 from dspark_jax.sampling import FilterMode, SamplingParams, validate_sampling
 from dspark_jax.sampling.keys import request_key_data, request_keys
 from dspark_jax.target import Target
+from dspark_jax.models.attn_impl import check_attn_impl
 from dspark_jax.round_costs import load_or_profile_round_costs
 
 
@@ -37,9 +38,7 @@ class GenerationConfig:
     def __post_init__(self):
         if self.draft_length not in ("fixed", "auto"):
             raise ValueError(f"draft_length must be 'fixed' or 'auto', got {self.draft_length!r}")
-        from pallas_kernels import AttentionImpl
-        if self.attn_impl not in [i.value for i in AttentionImpl]:
-            raise ValueError(f"attn_impl must be one of {[i.value for i in AttentionImpl]}, got {self.attn_impl!r}")
+        check_attn_impl(self.attn_impl)
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.batch_size < 1:
@@ -106,7 +105,9 @@ def decode_batches(target: Target, encoded: Sequence[Sequence[int]], config: Gen
     params = SamplingParams.create(bs, config.temperature, config.top_k, config.top_p)
     mode = FilterMode.for_params(config.top_k, config.top_p) if config.temperature > 0 else FilterMode()
     static = dict(max_new_tokens=config.max_new_tokens, stop_ids=target.stop_ids, mode=mode,
-                  pad_id=target.config.pad_token_id, attn_impl=config.attn_impl)
+                  pad_id=target.config.pad_token_id)
+    target = target.with_attn_impl(config.attn_impl)
+    drafter = drafter and drafter.with_attn_impl(config.attn_impl)
     if drafter is None:
         fn, static = generate, dict(graphdef=target.graphdef, **static)
         fixed = dict(state=target.state)
@@ -118,7 +119,7 @@ def decode_batches(target: Target, encoded: Sequence[Sequence[int]], config: Gen
         if config.draft_length == "auto":
             if mesh is not None:
                 raise ValueError("draft_length 'auto' profiles one device; it is not available with a mesh")
-            costs = load_or_profile_round_costs(target, drafter, bs, config.attn_impl)
+            costs = load_or_profile_round_costs(target, drafter, bs)
             widths, seconds = costs.efficient()
             static.update(verify_widths=widths, verify_costs=seconds, plain_cost=costs.plain)
     if mesh is not None:

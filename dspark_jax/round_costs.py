@@ -48,14 +48,13 @@ class RoundCosts:
         return tuple(s / self.plain for s in self.seconds)
 
 
-def _profile_key(target: Target, drafter, batch: int, widths: tuple[int, ...], attn_impl: str) -> str:
+def _profile_key(target: Target, drafter, batch: int, widths: tuple[int, ...]) -> str:
     raw = json.dumps([FORMAT_VERSION, describe_machine(), target.source, str(target.state_dtype), batch, list(widths),
-                      attn_impl, drafter.source, repr(drafter.config)], sort_keys=True)
+                      target.attn_impl, drafter.source, repr(drafter.config)], sort_keys=True)
     return hashlib.sha256(raw.encode()).hexdigest()[:20]
 
 
-def profile_round_costs(target: Target, drafter, batch: int, widths: tuple[int, ...], attn_impl: str = "reference",
-                        repeats: int = 3, lo: int = 1, hi: int = 4, prompt_len: int = 64) -> RoundCosts:
+def profile_round_costs(target: Target, drafter, batch: int, widths: tuple[int, ...], repeats: int = 3, lo: int = 1, hi: int = 4, prompt_len: int = 64) -> RoundCosts:
     """Times rounds of the speculative loop at every width in `widths` and plain rounds (median of `repeats`
     after a warm-up; one compilation for all of them), on prompts of `prompt_len` tokens at T = 0.
     drafter: a `drafters.factory.Drafter`. Raises ValueError unless 1 <= lo < hi."""
@@ -67,7 +66,7 @@ def profile_round_costs(target: Target, drafter, batch: int, widths: tuple[int, 
     lens = jnp.full((batch,), prompt_len, jnp.int32)
     static = dict(target_graphdef=target.graphdef, drafter_graphdef=drafter.graphdef,
                   max_new_tokens=hi * (g + 1) + 2, stop_ids=(), pad_id=target.config.pad_token_id,
-                  attn_impl=attn_impl, verify_widths=tuple(widths))
+                  verify_widths=tuple(widths))
     params = SamplingParams.create(batch, 0.0, 0, 1.0)
 
     def run(choice: int, rounds: int):
@@ -90,14 +89,13 @@ def profile_round_costs(target: Target, drafter, batch: int, widths: tuple[int, 
     return RoundCosts(batch, tuple(widths), tuple(seconds), plain, describe_machine())
 
 
-def load_or_profile_round_costs(target: Target, drafter, batch: int, attn_impl: str = "reference",
-                                use_cache: bool = True) -> RoundCosts:
+def load_or_profile_round_costs(target: Target, drafter, batch: int, use_cache: bool = True) -> RoundCosts:
     """The cost of a round at every width 1..G+1 of `drafter` at `batch` and of a plain round, from the cache
     when this machine already profiled it, else profiled now (about a minute on a 2-core CPU for the embedded
     target, half of it compilation) and cached. A cache file that cannot be read is profiled again."""
     g = drafter.config.block_size
     widths = tuple(range(1, g + 2))
-    path = cache_dir() / "round_costs" / f"{_profile_key(target, drafter, batch, widths, attn_impl)}.json"
+    path = cache_dir() / "round_costs" / f"{_profile_key(target, drafter, batch, widths)}.json"
     if use_cache and path.is_file():
         try:
             data = json.loads(path.read_text())
@@ -107,7 +105,7 @@ def load_or_profile_round_costs(target: Target, drafter, batch: int, attn_impl: 
             print(f"round cost cache {path} is unreadable; profiling again", file=sys.stderr)
     print(f"profiling speculative rounds at widths 1..{g + 1} and plain rounds at batch {batch} (once per machine)"
           " ...", file=sys.stderr)
-    costs = profile_round_costs(target, drafter, batch, widths, attn_impl)
+    costs = profile_round_costs(target, drafter, batch, widths)
     if use_cache:
         atomic_write_text(path, json.dumps(dataclasses.asdict(costs), indent=1))
     return costs

@@ -15,6 +15,7 @@ from dspark_jax.io.gguf_tokenizer import tokenizer_from_gguf
 from dspark_jax.io.hf_checkpoint import open_hf_weights
 from dspark_jax.io.hf_config import load_hf_config
 from dspark_jax.io.tokenizer import tokenizer_from_hf_dir
+from dspark_jax.models.attn_impl import attn_impl_of, with_attn_impl
 from dspark_jax.models.config import TransformerConfig
 from dspark_jax.models.transformer import Transformer, abstract_model, model_from_canonical
 from dspark_jax.parallel.rules import DEFAULT_RULES, AxisRules, state_shardings
@@ -34,6 +35,15 @@ class Target:
     @property
     def model(self) -> Transformer:
         return nnx.merge(self.graphdef, self.state)
+
+    @property
+    def attn_impl(self) -> str:
+        return attn_impl_of(self.graphdef, self.state)
+
+    def with_attn_impl(self, impl: str) -> "Target":
+        """This target attending with `impl` (`pallas_kernels.AttentionImpl`; ValueError for an unknown one)."""
+        return self if impl == self.attn_impl else dataclasses.replace(
+            self, graphdef=with_attn_impl(self.graphdef, self.state, impl))
 
     @property
     def state_dtype(self):

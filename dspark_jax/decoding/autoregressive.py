@@ -25,21 +25,20 @@ class GenerateOutput:
     num_tokens: jax.Array
 
 
-def prefill(model, prompts: jax.Array, prompt_lens: jax.Array, cache_len: int, attn_impl: str,
-            tap_layers: tuple[int, ...] = ()):
+def prefill(model, prompts: jax.Array, prompt_lens: jax.Array, cache_len: int, tap_layers: tuple[int, ...] = ()):
     """Runs right-padded prompts [B, P] through the model. Returns (last-position logits [B, V], output)."""
     b, p = prompts.shape
     cache = init_cache(model.config, b, cache_len, model.dtype)
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32)[None], (b, p))
-    out = model(prompts, positions, cache, jnp.zeros((b,), jnp.int32), tap_layers=tap_layers, attn_impl=attn_impl)
+    out = model(prompts, positions, cache, jnp.zeros((b,), jnp.int32), tap_layers=tap_layers)
     last = jnp.take_along_axis(out.hidden, (prompt_lens - 1)[:, None, None], axis=1)[:, 0]
     return model.logits(last), out
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "stop_ids", "mode", "pad_id", "attn_impl"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "stop_ids", "mode", "pad_id"))
 def generate(graphdef: nnx.GraphDef, state: nnx.State, prompts: jax.Array, prompt_lens: jax.Array,
              key: jax.Array, params: SamplingParams, *, max_new_tokens: int, stop_ids: tuple[int, ...],
-             mode: FilterMode = FilterMode(), pad_id: int = 0, attn_impl: str = "reference") -> GenerateOutput:
+             mode: FilterMode = FilterMode(), pad_id: int = 0) -> GenerateOutput:
     """Generates exactly `max_new_tokens` per request, or fewer up to and including a stop token.
 
     prompts: [B, P] right-padded int32; prompt_lens: [B] (1 <= len <= P). key: one per request [B] (its tokens
@@ -51,7 +50,7 @@ def generate(graphdef: nnx.GraphDef, state: nnx.State, prompts: jax.Array, promp
     cache_len = p + max_new_tokens
     stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
     keys = row_keys(key, b)
-    logits, out = prefill(model, prompts, prompt_lens, cache_len, attn_impl)
+    logits, out = prefill(model, prompts, prompt_lens, cache_len)
     first = sample(position_keys(keys, prompt_lens - 1, SAMPLE), logits, params, mode)
     tokens = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
     done = jnp.isin(first, stops)
@@ -63,7 +62,7 @@ def generate(graphdef: nnx.GraphDef, state: nnx.State, prompts: jax.Array, promp
     def body(carry):
         step, prev, tokens, done, cache, keys = carry
         pos = (prompt_lens + step - 1)[:, None]  # the anchor's position
-        o = model(prev[:, None], pos, cache, pos[:, 0], attn_impl=attn_impl)
+        o = model(prev[:, None], pos, cache, pos[:, 0])
         nxt = sample(position_keys(keys, pos[:, 0], SAMPLE), model.logits(o.hidden[:, 0]), params, mode)
         nxt = jnp.where(done, pad_id, nxt)
         tokens = jax.lax.dynamic_update_slice(tokens, nxt[:, None], (0, step))

@@ -103,8 +103,8 @@ def _first_drafts(proposal: Proposal, k: int) -> Proposal:
                     deterministic=proposal.deterministic)
 
 
-_STATIC = ("target_graphdef", "drafter_graphdef", "max_new_tokens", "stop_ids", "mode", "pad_id", "attn_impl",
-           "verify_widths", "verify_costs", "plain_cost")
+_STATIC = ("target_graphdef", "drafter_graphdef", "max_new_tokens", "stop_ids", "mode", "pad_id", "verify_widths",
+           "verify_costs", "plain_cost")
 MAX_PLAIN_RUN = 16  # the longest run of plain rounds between two drafted rounds (the gate's back-off cap)
 
 
@@ -119,7 +119,6 @@ class _Rounds:
     stops: jax.Array
     threshold: jax.Array
     max_new_tokens: int
-    attn_impl: str
     widths: tuple[int, ...]
     costs: tuple[float, ...] | None
     plain_cost: float | None
@@ -135,8 +134,7 @@ class _Rounds:
         b, p = prompts.shape
         cache_len = p + self.max_new_tokens + g + 1
         keys = row_keys(key, b)  # one per request: `sampling.keys`
-        logits, out = prefill(target, prompts, prompt_lens, cache_len, self.attn_impl,
-                              tap_layers=drafter.config.target_layer_ids)
+        logits, out = prefill(target, prompts, prompt_lens, cache_len, tap_layers=drafter.config.target_layer_ids)
         first = sample(position_keys(keys, prompt_lens - 1, SAMPLE), logits, self.params, self.mode)
         drafter_state = drafter.prefill(target, drafter.init_state(b, cache_len), concat_taps(out.taps), prompts,
                                         prompt_lens)
@@ -169,7 +167,7 @@ class _Rounds:
         active = ~c.done
         k_draft = position_keys(c.keys, c.start, DRAFT)
         prop = drafter.propose(target, c.drafter_state, c.anchor, c.start, k_draft, self.params, self.mode,
-                               drafter.head_matrix(target), self.attn_impl)
+                               drafter.head_matrix(target))
         n_prop = jnp.minimum(proposal_lengths(prop.confidence, self.threshold), prop.num_drafted)
         n_prop = jnp.where(c.done, 0, n_prop)
 
@@ -215,7 +213,7 @@ class _Rounds:
         return verify_round(self.target, self.drafter, c.target_cache, c.drafter_state, proposal, c.anchor, c.start,
                             num_verify, ~c.done, self.max_new_tokens - c.num_generated,
                             dense_layout(b, width, c.start), position_keys(c.keys, c.start, VERIFY), self.params,
-                            self.mode, self.stops, self.attn_impl)
+                            self.mode, self.stops)
 
     def _commit(self, c: SpecState, res, n_prop: jax.Array, confidence: jax.Array,
                 confidence_logits: jax.Array) -> SpecState:
@@ -250,7 +248,7 @@ class _Rounds:
 
 
 def _rounds(target_graphdef, target_state, drafter_graphdef, drafter_state, params, confidence_threshold, *,
-            max_new_tokens, stop_ids, mode, attn_impl, verify_widths, verify_costs, plain_cost) -> _Rounds:
+            max_new_tokens, stop_ids, mode, verify_widths, verify_costs, plain_cost) -> _Rounds:
     """The static round context of one call, with the width / cost settings checked."""
     target = nnx.merge(target_graphdef, target_state)
     drafter = nnx.merge(drafter_graphdef, drafter_state)
@@ -264,7 +262,7 @@ def _rounds(target_graphdef, target_state, drafter_graphdef, drafter_state, para
         raise ValueError(f"plain_cost needs verify_costs and must be > 0, got {plain_cost}")
     return _Rounds(target=target, drafter=drafter, params=params, mode=mode,
                    stops=jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32), threshold=confidence_threshold,
-                   max_new_tokens=max_new_tokens, attn_impl=attn_impl, widths=widths, costs=verify_costs,
+                   max_new_tokens=max_new_tokens, widths=widths, costs=verify_costs,
                    plain_cost=plain_cost)
 
 
@@ -273,7 +271,7 @@ def speculative_generate(target_graphdef: nnx.GraphDef, target_state: nnx.State,
                          drafter_state: nnx.State, prompts: jax.Array, prompt_lens: jax.Array, key: jax.Array,
                          params: SamplingParams, confidence_threshold: jax.Array, *, max_new_tokens: int,
                          stop_ids: tuple[int, ...], mode: FilterMode = FilterMode(), pad_id: int = 0,
-                         attn_impl: str = "reference", verify_widths: tuple[int, ...] | None = None,
+                         verify_widths: tuple[int, ...] | None = None,
                          verify_costs: tuple[float, ...] | None = None, plain_cost: float | None = None
                          ) -> SpecOutput:
     """Lossless speculative decoding of right-padded prompts [B, P] (lengths [B]); exactly
@@ -289,7 +287,7 @@ def speculative_generate(target_graphdef: nnx.GraphDef, target_state: nnx.State,
     expected to lose to plain decoding (`_Rounds.step`). Raises ValueError on inconsistent widths / costs."""
     check_batch(prompts, prompt_lens, params)
     rounds = _rounds(target_graphdef, target_state, drafter_graphdef, drafter_state, params, confidence_threshold,
-                     max_new_tokens=max_new_tokens, stop_ids=stop_ids, mode=mode, attn_impl=attn_impl,
+                     max_new_tokens=max_new_tokens, stop_ids=stop_ids, mode=mode,
                      verify_widths=verify_widths, verify_costs=verify_costs, plain_cost=plain_cost)
     state = rounds.start(prompts, prompt_lens, key, pad_id)
     final = jax.lax.while_loop(lambda c: ~jnp.all(c.done), rounds.step, state)
@@ -302,15 +300,14 @@ def speculative_rounds(target_graphdef: nnx.GraphDef, target_state: nnx.State, d
                        drafter_state: nnx.State, prompts: jax.Array, prompt_lens: jax.Array, key: jax.Array,
                        params: SamplingParams, confidence_threshold: jax.Array, choice: jax.Array,
                        num_rounds: jax.Array, *, max_new_tokens: int, stop_ids: tuple[int, ...],
-                       mode: FilterMode = FilterMode(), pad_id: int = 0, attn_impl: str = "reference",
-                       verify_widths: tuple[int, ...] | None = None, verify_costs: tuple[float, ...] | None = None,
-                       plain_cost: float | None = None) -> jax.Array:
+                       mode: FilterMode = FilterMode(), pad_id: int = 0, verify_widths: tuple[int, ...] | None = None,
+                       verify_costs: tuple[float, ...] | None = None, plain_cost: float | None = None) -> jax.Array:
     """Prefill, then exactly `num_rounds` (traced: one compilation for any count) rounds of the loop's round
     code at width index `choice` (traced; < 0: plain rounds), finished requests included — the profile of
     round costs (`verify_costs`). Returns num_generated [B]."""
     check_batch(prompts, prompt_lens, params)
     rounds = _rounds(target_graphdef, target_state, drafter_graphdef, drafter_state, params, confidence_threshold,
-                     max_new_tokens=max_new_tokens, stop_ids=stop_ids, mode=mode, attn_impl=attn_impl,
+                     max_new_tokens=max_new_tokens, stop_ids=stop_ids, mode=mode,
                      verify_widths=verify_widths, verify_costs=verify_costs, plain_cost=plain_cost)
     state = rounds.start(prompts, prompt_lens, key, pad_id)
     final = jax.lax.fori_loop(0, num_rounds, lambda _, c: rounds.forced(c, choice), state)

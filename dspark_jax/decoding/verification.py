@@ -45,15 +45,14 @@ def concat_taps(taps) -> jax.Array | None:
 
 def verify_round(target, drafter, target_cache, drafter_state, proposal: Proposal, anchor: jax.Array, start: jax.Array,
                  num_verify: jax.Array, active: jax.Array, budget: jax.Array, layout: TokenLayout, key: jax.Array,
-                 params: SamplingParams, mode: FilterMode, stops: jax.Array, attn_impl: str) -> RoundResult:
+                 params: SamplingParams, mode: FilterMode, stops: jax.Array) -> RoundResult:
     """Verifies, per request b, the anchor and the first num_verify[b] (0..G) drafts of `proposal`, laid out
     by `layout` (which must give active request b exactly 1 + num_verify[b] rows at positions start[b]..).
     At most budget[b] tokens are committed; inactive requests commit nothing."""
     b, g = proposal.tokens.shape
     taps = drafter.config.target_layer_ids
     grid_tokens = jnp.concatenate([anchor[:, None], proposal.tokens], axis=1)  # [B, G+1]
-    out = target.forward_flat(from_grid(grid_tokens, layout), layout, target_cache, tap_layers=taps,
-                              attn_impl=attn_impl)
+    out = target.forward_flat(from_grid(grid_tokens, layout), layout, target_cache, tap_layers=taps)
     row_params = jax.tree.map(lambda a: a[layout.slot], params)
     logits = target.logits(out.hidden)
     row_nonfinite = to_grid(~jnp.all(jnp.isfinite(logits), axis=-1), layout, fill=False)  # [B, G+1]

@@ -69,6 +69,7 @@ class DrafterBase(nnx.Module):
         config.check_fits(target)
         check_draft_vocab(config, draft_vocab_ids)
         self.config, self.target_config, self.dtype = config, target, dtype
+        self.attn_impl = "reference"  # static: `models.attn_impl.with_attn_impl` changes it
         d2t, t2d = build_maps(draft_vocab_ids if config.draft_vocab_size else None, target.vocab_size)
         self.draft_to_target, self.target_to_draft = VocabMap(d2t), VocabMap(t2d)
 

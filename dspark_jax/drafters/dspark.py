@@ -118,7 +118,7 @@ class DSparkDrafter(DrafterBase):
 
     # ---- block forward ---------------------------------------------------------------------------
     def backbone(self, target_model, anchor: jax.Array, start: jax.Array, state,
-                 attn_impl: str = "reference", lookup: jax.Array | None = None) -> jax.Array:
+                 lookup: jax.Array | None = None) -> jax.Array:
         """Final-normed hidden states H [B, G, d] of the block [anchor, MASK × (G-1)] at positions start..
         (state: a context KVCache, or a LookupState whose lookup inputs are used unless `lookup` [B, G] is
         given)."""
@@ -133,7 +133,7 @@ class DSparkDrafter(DrafterBase):
             x = x + target_model.embed(lookup[:, :g]).astype(self.dtype) @ self.lookup_fc[...]
         for i, layer in enumerate(self.layers):
             x = layer.wrap_attention(x, lambda h, i=i, layer=layer: layer.self_attn.forward_block(
-                h, pos, state.k[i], state.v[i], start, attn_impl))
+                h, pos, state.k[i], state.v[i], start, self.attn_impl))
         return self.norm(x)
 
     def base_logits(self, hidden: jax.Array, head: jax.Array) -> jax.Array:
@@ -145,10 +145,10 @@ class DSparkDrafter(DrafterBase):
         return jnp.take(self.target_to_draft[...], tokens, axis=0)
 
     def propose(self, target_model, state: KVCache, anchor: jax.Array, start: jax.Array, key: jax.Array,
-                params: SamplingParams, mode: FilterMode, head: jax.Array, attn_impl: str = "reference") -> Proposal:
+                params: SamplingParams, mode: FilterMode, head: jax.Array) -> Proposal:
         """Drafts G tokens: one parallel backbone pass, then left-to-right sampling with the Markov head,
         from exactly the distributions returned in `p_draft`."""
-        hidden = self.backbone(target_model, anchor, start, state, attn_impl)
+        hidden = self.backbone(target_model, anchor, start, state)
         base = self.base_logits(hidden, head)  # [B, G, N]
         b = anchor.shape[0]
         keys = jnp.swapaxes(split_rows(row_keys(key, b), self.config.block_size), 0, 1)  # [G, B]: per request

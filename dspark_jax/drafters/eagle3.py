@@ -91,8 +91,7 @@ class Eagle3Drafter(DrafterBase):
         cache = self._write_pairs(target_model, state.cache, feats, verified, start - 1)
         return self.set_pending(Eagle3State(cache, state.pending), features, jnp.maximum(count - 1, 0))
 
-    def _step(self, target_model, cache: KVCache, hidden: jax.Array, token: jax.Array, pos: jax.Array,
-              attn_impl: str):
+    def _step(self, target_model, cache: KVCache, hidden: jax.Array, token: jax.Array, pos: jax.Array):
         """One autoregressive step at positions pos [B]: returns (output hidden [B, d], updated cache)."""
         x_in = self._inputs(target_model, hidden[:, None], token[:, None])
         a = self.self_attn
@@ -101,13 +100,13 @@ class Eagle3Drafter(DrafterBase):
         q = apply_rope(a.q_norm(q), pos[:, None], rope_inv_freq(a.head_dim, a.rope_theta, a.rope_scaling))
         k, v = a.project_kv(x_in, pos[:, None])
         ck, cv = write_contiguous(cache.k[0], k, pos), write_contiguous(cache.v[0], v, pos)
-        out = attention(q, ck, cv, pos[:, None], scale=a.scale, impl=attn_impl).reshape(b, 1, -1) @ a.o_proj[...]
+        out = attention(q, ck, cv, pos[:, None], scale=a.scale, impl=self.attn_impl).reshape(b, 1, -1) @ a.o_proj[...]
         x = hidden[:, None] + out
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x[:, 0], KVCache((ck,), (cv,))
 
     def propose(self, target_model, state: Eagle3State, anchor: jax.Array, start: jax.Array, key: jax.Array,
-                params: SamplingParams, mode: FilterMode, head: jax.Array, attn_impl: str = "reference") -> Proposal:
+                params: SamplingParams, mode: FilterMode, head: jax.Array) -> Proposal:
         g = self.config.block_size
         keys = jnp.swapaxes(split_rows(row_keys(key, anchor.shape[0]), g), 0, 1)  # [G, B]: per request
         hidden0 = state.pending @ self.fc[...]
@@ -115,7 +114,7 @@ class Eagle3Drafter(DrafterBase):
         def step(carry, inputs):
             cache, hidden, token = carry
             k, key_k = inputs
-            out, cache = self._step(target_model, cache, hidden, token, start - 1 + k, attn_impl)
+            out, cache = self._step(target_model, cache, hidden, token, start - 1 + k)
             logits = jnp.einsum("bd,nd->bn", self.norm(out), head.astype(out.dtype),
                                 preferred_element_type=jnp.float32)
             logits = softcap(logits, self.target_config.final_logit_softcapping)

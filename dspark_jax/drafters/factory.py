@@ -16,6 +16,7 @@ from dspark_jax.drafters.hybrid import HybridDrafter
 from dspark_jax.drafters.ngram import NgramConfig, NgramDrafter
 from dspark_jax.drafters.registry import drafter_class
 from dspark_jax.drafters.vocab import frequent_token_ids
+from dspark_jax.models.attn_impl import attn_impl_of, with_attn_impl
 from dspark_jax.target import Target
 
 
@@ -26,6 +27,12 @@ class Drafter:
     graphdef: nnx.GraphDef
     state: nnx.State
     source: str
+
+    def with_attn_impl(self, impl: str) -> "Drafter":
+        """This drafter attending with `impl` (`pallas_kernels.AttentionImpl`; ValueError for an unknown one)."""
+        if impl == attn_impl_of(self.graphdef, self.state):
+            return self
+        return dataclasses.replace(self, graphdef=with_attn_impl(self.graphdef, self.state, impl))
 
 
 def check_drafter_spec(spec: str) -> None:

@@ -81,10 +81,9 @@ class HybridDrafter(nnx.Module):
             self.lookup.commit(target_model, state.lookup, features, verified, start, count,
                                num_verified=num_verified))
 
-    def propose(self, target_model, state: HybridState, anchor, start, key, params, mode, head,
-                attn_impl: str = "reference") -> Proposal:
-        by_model = self.model.propose(target_model, state.model, anchor, start, key, params, mode, head, attn_impl)
-        by_lookup = self.lookup.propose(target_model, state.lookup, anchor, start, key, params, mode, head, attn_impl)
+    def propose(self, target_model, state: HybridState, anchor, start, key, params, mode, head) -> Proposal:
+        by_model = self.model.propose(target_model, state.model, anchor, start, key, params, mode, head)
+        by_lookup = self.lookup.propose(target_model, state.lookup, anchor, start, key, params, mode, head)
         use = by_lookup.expected_accept_length > by_model.expected_accept_length  # [B]
 
         def pick(a, b):

@@ -173,9 +173,9 @@ class NgramDrafter(nnx.Module):
         return None
 
     def propose(self, target_model, state: NgramState, anchor: jax.Array, start: jax.Array, key, params, mode,
-                head, attn_impl: str = "reference") -> Proposal:
+                head) -> Proposal:
         """γ tokens after the anchor (at position start) and their count (γ on a match, else 0)."""
-        del target_model, key, params, mode, head, attn_impl
+        del target_model, key, params, mode, head
         g = self.config.block_size
         rows = jnp.arange(anchor.shape[0])
         tokens = state.tokens.at[rows, start].set(anchor.astype(jnp.int32))

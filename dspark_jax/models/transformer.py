@@ -26,10 +26,13 @@ class ForwardOutput:
 
 
 class Transformer(nnx.Module):
-    def __init__(self, config: TransformerConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, config: TransformerConfig, *, dtype=jnp.float32, rngs: nnx.Rngs, attn_impl: str = "reference"):
+        """attn_impl: the attention implementation (`pallas_kernels.AttentionImpl`), a static field of the
+        graph definition — change it with `models.attn_impl.with_attn_impl`."""
         c = config
         self.config = c
         self.dtype = dtype
+        self.attn_impl = attn_impl
         self.embed_tokens = param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"), dtype)
         self.layers = nnx.List([DecoderLayer(c, i, dtype, rngs) for i in range(c.num_layers)])
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, c.family == "gemma3", dtype)
@@ -50,7 +53,7 @@ class Transformer(nnx.Module):
         return cap * jnp.tanh(out / cap) if cap else out
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache, cache_start: jax.Array,
-                 *, tap_layers: tuple[int, ...] = (), attn_impl: str = "reference") -> ForwardOutput:
+                 *, tap_layers: tuple[int, ...] = ()) -> ForwardOutput:
         """Runs T new tokens per request. tokens/positions: [B, T]; their K/V are written into the cache
         at rows cache_start[b]..+T-1 (normally cache_start = positions[:, 0]). Queries with position < 0
         are padding."""
@@ -58,14 +61,14 @@ class Transformer(nnx.Module):
         taps = {-1: x} if -1 in tap_layers else {}
         ks, vs = list(cache.k), list(cache.v)
         for i, layer in enumerate(self.layers):
-            x, ks[i], vs[i] = layer(x, positions, ks[i], vs[i], cache_start, attn_impl)
+            x, ks[i], vs[i] = layer(x, positions, ks[i], vs[i], cache_start, self.attn_impl)
             if i in tap_layers:
                 taps[i] = x
         return ForwardOutput(self.norm(x), KVCache(tuple(ks), tuple(vs)), tuple(taps[i] for i in tap_layers))
 
 
-    def forward_flat(self, tokens: jax.Array, layout, cache: KVCache, *, tap_layers: tuple[int, ...] = (),
-                     attn_impl: str = "reference") -> ForwardOutput:
+    def forward_flat(self, tokens: jax.Array, layout, cache: KVCache, *, tap_layers: tuple[int, ...] = ()
+                     ) -> ForwardOutput:
         """Runs a flattened bucket of tokens [T] from several requests (`models.layout.TokenLayout`):
         cost scales with T, not with requests × longest request. hidden and taps are [T, d]."""
         x = self.embed(tokens)
@@ -73,7 +76,7 @@ class Transformer(nnx.Module):
         ks, vs = list(cache.k), list(cache.v)
         for i, layer in enumerate(self.layers):
             def attend(h, i=i, layer=layer):
-                out, ks[i], vs[i] = layer.self_attn.forward_flat(h, layout, ks[i], vs[i], attn_impl)
+                out, ks[i], vs[i] = layer.self_attn.forward_flat(h, layout, ks[i], vs[i], self.attn_impl)
                 return out
             x = layer.wrap_attention(x, attend)
             if i in tap_layers:

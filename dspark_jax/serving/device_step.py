@@ -78,8 +78,7 @@ def _set_rows(full, rows, slots):
 
 def admit(target_graphdef, target_state, drafter_graphdef, drafter_state, state: EngineState, slots: jax.Array,
           prompts: jax.Array, prompt_lens: jax.Array, params: SamplingParams, max_new_tokens: jax.Array,
-          keys: jax.Array, stops: jax.Array, *, mode: FilterMode, attn_impl: str
-          ) -> tuple[EngineState, jax.Array, jax.Array, jax.Array]:
+          keys: jax.Array, stops: jax.Array, *, mode: FilterMode) -> tuple[EngineState, jax.Array, jax.Array, jax.Array]:
     """Prefills right-padded prompts [n, P] into `slots` [n]; samples each first token; drafts each first
     proposal. params: batch-n SamplingParams; keys [n]: the requests' keys (`sampling.keys.request_keys`).
     Returns (state, first tokens [n], already finished [n], non-finite prefill logits [n] — such a request is
@@ -92,10 +91,10 @@ def admit(target_graphdef, target_state, drafter_graphdef, drafter_state, state:
     max_len = state.target_cache.max_len
     lens = prompt_lens.astype(jnp.int32)
     k_first, k_draft = position_keys(keys, lens - 1, SAMPLE), position_keys(keys, lens, DRAFT)
-    logits, out = prefill(target, prompts, lens, max_len, attn_impl, tap_layers=drafter.config.target_layer_ids)
+    logits, out = prefill(target, prompts, lens, max_len, tap_layers=drafter.config.target_layer_ids)
     first = sample(k_first, logits, params, mode)
     drafter_state = drafter.prefill(target, drafter.init_state(n, max_len), concat_taps(out.taps), prompts, lens)
-    prop = drafter.propose(target, drafter_state, first, lens, k_draft, params, mode, drafter.head_matrix(target), attn_impl)
+    prop = drafter.propose(target, drafter_state, first, lens, k_draft, params, mode, drafter.head_matrix(target))
     nonfinite = ~jnp.all(jnp.isfinite(logits), axis=-1)
     finished = jnp.isin(first, stops) | (max_new_tokens <= 1) | nonfinite
     state = dataclasses.replace(
@@ -113,8 +112,8 @@ def deactivate(state: EngineState, slot: jax.Array) -> EngineState:
 
 
 def step(target_graphdef, target_state, drafter_graphdef, drafter_state, state: EngineState, caps: jax.Array,
-         floors: jax.Array, draft_budget: jax.Array, stops: jax.Array, *, bucket: int, draft: bool, mode: FilterMode,
-         attn_impl: str) -> tuple[EngineState, StepOutput]:
+         floors: jax.Array, draft_budget: jax.Array, stops: jax.Array, *, bucket: int, draft: bool, mode: FilterMode
+         ) -> tuple[EngineState, StepOutput]:
     """Verifies the pending proposals and drafts the next ones.
 
     Each active slot verifies its anchor plus ℓ_s drafts, ℓ = the `draft_budget` drafts of highest fresh
@@ -138,7 +137,7 @@ def step(target_graphdef, target_state, drafter_graphdef, drafter_state, state: 
     layout = make_layout(jnp.where(active, verified + 1, 0), state.start, bucket, g + 1)
     k_verify = position_keys(state.keys, state.start, VERIFY)
     res = verify_round(target, drafter, state.target_cache, state.drafter_state, state.proposal, state.anchor, state.start,
-                       verified, active, state.budget, layout, k_verify, state.params, mode, stops, attn_impl)
+                       verified, active, state.budget, layout, k_verify, state.params, mode, stops)
     start = state.start + res.count
     left = state.budget - res.count
     still = active & ~res.stopped & (left > 0) & ~res.nonfinite
@@ -146,7 +145,7 @@ def step(target_graphdef, target_state, drafter_graphdef, drafter_state, state: 
     if draft:
         proposal = drafter.propose(target, res.drafter_state, res.anchor, start, position_keys(state.keys, start, DRAFT),
                                    state.params, mode,
-                                   drafter.head_matrix(target), attn_impl)
+                                   drafter.head_matrix(target))
     new = EngineState(target_cache=res.target_cache, drafter_state=res.drafter_state, anchor=res.anchor, start=start, active=still,
                       budget=left, params=state.params, proposal=proposal, keys=state.keys)
     return new, StepOutput(committed=res.committed, count=res.count, verified=jnp.where(active, verified, 0),

@@ -52,6 +52,7 @@ class Engine:
                  observer=None):
         """drafter: a `dspark_jax.drafters.factory.Drafter`. observer: optional object with
         on_start(rid) / on_round(rid, verified, accepted, committed, drafted) / on_finish(rid, stats)."""
+        target, drafter = target.with_attn_impl(config.attn_impl), drafter.with_attn_impl(config.attn_impl)
         self.target, self.drafter, self.config = target, drafter, config
         g = drafter.config.block_size
         self.gamma = g if config.gamma is None else min(config.gamma, g)
@@ -135,7 +136,7 @@ class Engine:
         cfg = self.config
         s = cfg.slots
         step_jit = jax.jit(device_step.step, static_argnames=("target_graphdef", "drafter_graphdef", "bucket",
-                                                               "draft", "mode", "attn_impl"), donate_argnames=("state",))
+                                                               "draft", "mode"), donate_argnames=("state",))
         draft = cfg.policy != "plain"
         buckets = self.buckets if draft else tuple(b for b in self.buckets if b >= s)[:1]
         self.buckets = buckets
@@ -144,22 +145,22 @@ class Engine:
             self._step_exec[b] = step_jit.lower(
                 **common, state=self._state, caps=jnp.zeros((s,), jnp.int32), floors=jnp.zeros((s,), jnp.float32),
                 draft_budget=jnp.int32(0),
-                stops=self._stops, bucket=b, draft=draft, mode=cfg.mode, attn_impl=cfg.attn_impl).compile()
+                stops=self._stops, bucket=b, draft=draft, mode=cfg.mode).compile()
         self._plain_exec, self._plain_bucket = None, next(b for b in buckets if b >= s)
         if cfg.policy.startswith("scheduler") and cfg.plain_fallback:  # the draft-free step the scheduler may pick
             self._plain_exec = step_jit.lower(
                 **common, state=self._state, caps=jnp.zeros((s,), jnp.int32), floors=jnp.zeros((s,), jnp.float32),
                 draft_budget=jnp.int32(0), stops=self._stops, bucket=self._plain_bucket, draft=False,
-                mode=cfg.mode, attn_impl=cfg.attn_impl).compile()
-        admit_jit = jax.jit(device_step.admit, static_argnames=("target_graphdef", "drafter_graphdef", "mode",
-                                                                 "attn_impl"), donate_argnames=("state",))
+                mode=cfg.mode).compile()
+        admit_jit = jax.jit(device_step.admit, static_argnames=("target_graphdef", "drafter_graphdef", "mode"),
+                            donate_argnames=("state",))
         self._admit_exec = {}
         for p in prompt_buckets(cfg.max_len):
             self._admit_exec[p] = admit_jit.lower(
                 **common, state=self._state, slots=jnp.zeros((1,), jnp.int32), prompts=jnp.zeros((1, p), jnp.int32),
                 prompt_lens=jnp.ones((1,), jnp.int32), params=SamplingParams.create(1),
                 max_new_tokens=jnp.ones((1,), jnp.int32), keys=request_keys([[0, 0]]),
-                stops=self._stops, mode=cfg.mode, attn_impl=cfg.attn_impl).compile()
+                stops=self._stops, mode=cfg.mode).compile()
         self._deactivate = jax.jit(device_step.deactivate, donate_argnames=("state",)).lower(
             self._state, jnp.int32(0)).compile()
 

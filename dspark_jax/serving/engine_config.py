@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 from dspark_jax.generation import bucket_length
+from dspark_jax.models.attn_impl import check_attn_impl
 from dspark_jax.sampling import FilterMode
 from dspark_jax.serving.planner import POLICIES
 
@@ -47,6 +48,7 @@ class EngineConfig:
             raise ValueError(f"probe_every must be >= 1, got {self.probe_every}")
         if self.profile_steps < 1:
             raise ValueError(f"profile_steps must be >= 1, got {self.profile_steps}")
+        check_attn_impl(self.attn_impl)
 
 
 def default_buckets(slots: int, block: int) -> tuple[int, ...]:

@@ -38,12 +38,12 @@ class OracleDrafter(nnx.Module):
         pos = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32)[None], (b, p))
         return target_model(prompts, pos, cache, jnp.zeros((b,), jnp.int32)).cache
 
-    def propose(self, target_model, cache, anchor, start, key, params, mode, head, attn_impl="reference"):
+    def propose(self, target_model, cache, anchor, start, key, params, mode, head):
         keys = jnp.swapaxes(split_rows(row_keys(key, anchor.shape[0]), self.config.block_size), 0, 1)  # [G, B]
 
         def step(carry, k):
             cache, tok, pos = carry
-            out = target_model(tok[:, None], pos[:, None], cache, pos, attn_impl=attn_impl)
+            out = target_model(tok[:, None], pos[:, None], cache, pos)
             logits = target_model.logits(out.hidden[:, 0])
             nxt = sample(keys[k], logits, params, mode)
             return (out.cache, nxt, pos + 1), (nxt, token_probs(logits, params, mode))

@@ -49,14 +49,14 @@ def _jitted():
             return jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16)
         return x.astype(jnp.float32)
 
-    @functools.partial(jax.jit, static_argnames=("graphdef", "tap_layers", "dtype", "attn_impl"))
-    def forward(graphdef, state, tokens, lengths, *, tap_layers, dtype, attn_impl):
+    @functools.partial(jax.jit, static_argnames=("graphdef", "tap_layers", "dtype"))
+    def forward(graphdef, state, tokens, lengths, *, tap_layers, dtype):
         model = nnx.merge(graphdef, state)
         if tap_layers:
-            _, out = prefill(model, tokens, lengths, tokens.shape[1], attn_impl, tap_layers)
+            _, out = prefill(model, tokens, lengths, tokens.shape[1], tap_layers)
             feats = encode(jnp.concatenate(out.taps, axis=-1), dtype)
         else:
-            _, out = prefill(model, tokens, lengths, tokens.shape[1], attn_impl)
+            _, out = prefill(model, tokens, lengths, tokens.shape[1])
             feats = None
         return feats, encode(out.hidden, dtype), out.hidden
 
@@ -154,9 +154,10 @@ def build_target_cache(target, sequences: SequenceABC[Sequence], out_dir: str | 
     shapes). The log-sum-exp is computed only at loss positions, `lse_chunk` rows of logits at a time (default:
     about 256 MiB of float32 logits). Resumable: finished shards are kept. `layer_ids=None` writes a sequences-
     only cache (no target run; see `build_sequence_cache`). `prompt_format` and `metadata` are recorded in the
-    manifest. Returns `out_dir`.
+    manifest. `attn_impl`: the attention implementation the target runs with. Returns `out_dir`.
     """
-
+    if layer_ids is not None:
+        target = target.with_attn_impl(attn_impl)
     config = target.config
     features = layer_ids is not None
     if features:
@@ -208,7 +209,7 @@ def build_target_cache(target, sequences: SequenceABC[Sequence], out_dir: str | 
         if not _shard_is_done(final, meta):
             tmp = out_dir / f"{stem}.tmp"
             tmp.mkdir()
-            _write_shard(target, chunk, tmp, layer_ids, dtype, batch_size, lse_chunk, attn_impl, bar)
+            _write_shard(target, chunk, tmp, layer_ids, dtype, batch_size, lse_chunk, bar)
             _atomic_write_json(tmp / SHARD_META_NAME, meta)
             tmp.rename(final)
         elif bar is not None:
@@ -250,7 +251,7 @@ def build_sequence_cache(target, sequences: SequenceABC[Sequence], out_dir: str 
                               progress=progress, prompt_format=prompt_format, metadata=metadata)
 
 
-def _write_shard(target, chunk, shard_dir: Path, layer_ids, dtype, batch_size, lse_chunk, attn_impl, bar) -> None:
+def _write_shard(target, chunk, shard_dir: Path, layer_ids, dtype, batch_size, lse_chunk, bar) -> None:
     import jax
     import jax.numpy as jnp
     from numpy.lib.format import open_memmap
@@ -284,7 +285,7 @@ def _write_shard(target, chunk, shard_dir: Path, layer_ids, dtype, batch_size, l
             idx = order[b:b + batch_size]
             toks, lens = pad_batch([chunk[j].tokens for j in idx], config.pad_token_id, batch_size)
             f_dev, h_dev, hidden = forward(target.graphdef, target.state, jnp.asarray(toks), jnp.asarray(lens),
-                                           tap_layers=tuple(layer_ids), dtype=dtype, attn_impl=attn_impl)
+                                           tap_layers=tuple(layer_ids), dtype=dtype)
             width = toks.shape[1]
             flat = np.concatenate([r * width + np.flatnonzero(chunk[j].loss_mask) for r, j in enumerate(idx)])
             lse = None

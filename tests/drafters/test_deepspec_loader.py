@@ -293,7 +293,7 @@ def test_propose_matches_reference(checkpoints, target_model, variant):
     drafter = load_deepspec_drafter(path, TARGET)
     prompts = jnp.asarray([[3, 14, 15, 92, 65, 35], [89, 79, 32, 0, 0, 0]], jnp.int32)
     lens = jnp.asarray([6, 3], jnp.int32)
-    _, out = prefill(target_model, prompts, lens, 16, "reference", tap_layers=tuple(IDS))
+    _, out = prefill(target_model, prompts, lens, 16, tap_layers=tuple(IDS))
     state = drafter.prefill(target_model, drafter.init_state(2, 16), jnp.concatenate(out.taps, -1), prompts, lens)
     anchor = jnp.asarray([7, 11], jnp.int32)
     params, mode = SamplingParams.create(2), FilterMode()

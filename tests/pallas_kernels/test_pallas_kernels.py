@@ -11,6 +11,7 @@ from flax import nnx
 from dspark_jax.testing.tiny_configs import tiny_gemma3
 from dspark_jax.drafters.config import make_drafter_config
 from dspark_jax.drafters.dspark import DSparkDrafter
+from dspark_jax.models.attn_impl import with_attn_impl
 from dspark_jax.models.kv_cache import init_cache
 from dspark_jax.models.transformer import Transformer
 from pallas_kernels import dispatch, gpu_attention, reference, tpu_attention
@@ -148,17 +149,24 @@ def test_tiny_models_same_outputs_through_kernels():
     lens = jnp.asarray([6, 2, 4], jnp.int32)
     feats = jnp.asarray(rng.normal(size=(b, 8, len(dc.target_layer_ids) * cfg.hidden_size)), jnp.float32)
 
-    @jax.jit(static_argnames="impl")
-    def run(t_state, d_state, impl):
-        model, dr = nnx.merge(target[0], t_state), nnx.merge(drafter[0], d_state)
+    def run(t_state, d_state, impl):  # the implementation is a static field of each graph definition
+        return _run(with_attn_impl(*target, impl), t_state, with_attn_impl(*drafter, impl), d_state)
+
+    @jax.jit(static_argnames=("t_graph", "d_graph"))
+    def _run(t_graph, t_state, d_graph, d_state):
+        model, dr = nnx.merge(t_graph, t_state), nnx.merge(d_graph, d_state)
         pos = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32)[None], (b, p))
-        out = model(tokens, pos, init_cache(cfg, b, 24), jnp.zeros((b,), jnp.int32), attn_impl=impl)
+        out = model(tokens, pos, init_cache(cfg, b, 24), jnp.zeros((b,), jnp.int32))
         step = lens[:, None] + jnp.arange(4, dtype=jnp.int32)[None]
         step = jnp.where(jnp.arange(4)[None] < jnp.asarray([[4], [1], [3]]), step, -1)  # padded verify rows
-        out2 = model(tokens[:, :4], step, out.cache, lens, attn_impl=impl)
+        out2 = model(tokens[:, :4], step, out.cache, lens)
         ctx = dr.write_context(dr.init_state(b, 16), feats, jnp.zeros((b,), jnp.int32))
-        hid = dr.backbone(model, jnp.asarray([3, 4, 5]), jnp.asarray([8, 2, 0], jnp.int32), ctx, impl)
+        hid = dr.backbone(model, jnp.asarray([3, 4, 5]), jnp.asarray([8, 2, 0], jnp.int32), ctx)
         return model.logits(out.hidden), model.logits(out2.hidden), hid
 
     for a, r in zip(run(target[1], drafter[1], "interpret"), run(target[1], drafter[1], "reference")):
         np.testing.assert_allclose(np.asarray(a), np.asarray(r), atol=1e-5, rtol=1e-5)
+    assert nnx.merge(with_attn_impl(*target, "interpret"), target[1]).attn_impl == "interpret"
+    assert nnx.merge(with_attn_impl(*drafter, "interpret"), drafter[1]).attn_impl == "interpret"
+    with pytest.raises(ValueError, match="attn_impl must be one of"):
+        with_attn_impl(*target, "cuda")

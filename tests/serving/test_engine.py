@@ -194,7 +194,7 @@ def test_scheduled_decoding_is_lossless_at_temperature_one(variant):
     model, dmodel = nnx.merge(tg, ts), nnx.merge(dr.graphdef, dr.state)
     state = device_step.init_engine_state(model, dmodel, S, 16)
     stops = jnp.asarray([-1], jnp.int32)
-    static = dict(target_graphdef=tg, drafter_graphdef=dr.graphdef, mode=FilterMode(), attn_impl="reference")
+    static = dict(target_graphdef=tg, drafter_graphdef=dr.graphdef, mode=FilterMode())
     state, first, _, _ = jax.jit(device_step.admit, static_argnames=tuple(static))(
         target_state=ts, drafter_state=dr.state, state=state, slots=jnp.arange(S), prompts=jnp.tile(
             jnp.asarray(prompt, jnp.int32), (S, 1)), prompt_lens=jnp.full((S,), 3), params=params,
@@ -231,3 +231,5 @@ def test_attention_implementation_is_validated():
     assert GenerationConfig(attn_impl="interpret").attn_impl == "interpret"
     with pytest.raises(ValueError, match="attn_impl must be one of"):
         GenerationConfig(attn_impl="cuda")
+    with pytest.raises(ValueError, match="attn_impl must be one of"):
+        EngineConfig(attn_impl="cuda")

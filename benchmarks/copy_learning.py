@@ -34,7 +34,8 @@ def main() -> None:
     from dspark_jax.training.heldout import teacher_forced_quality
     from dspark_jax.training.cache_builder import build_target_cache
     from dspark_jax.training.target_cache import TargetCache
-    from dspark_jax.training.trainer import TrainConfig, Trainer, to_batch
+    from dspark_jax.training.forward import to_batch
+    from dspark_jax.training.trainer import TrainConfig, Trainer
     from dspark_jax.utils.machine import describe_machine
     from dspark_jax.utils.results import write_result
     from test_copy_learning import TAPS, loops

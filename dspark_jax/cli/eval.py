@@ -45,6 +45,10 @@ def _define_flags() -> None:
     flags.DEFINE_integer("batch_size", 1, "Prompts decoded together in one batch.", lower_bound=1)
     flags.DEFINE_integer("draft_vocab_size", 32768, "For random drafters: draft vocabulary size (0 = full).",
                          lower_bound=0)
+    flags.DEFINE_string("heldout_dir", None, "Also score each DSpark / DFlash drafter teacher-forced on this held-out "
+                        "feature cache (`dspark prepare-data --heldout N --output_dir DIR`): slot accuracy, greedy "
+                        "and probabilistic tau, in seconds; written to heldout.json.")
+    flags.DEFINE_bool("heldout_only", False, "With --heldout_dir: only the held-out scores, no decoding.")
     flags.DEFINE_bool("raw_prompts", False, "Use prompts as they are instead of the training format "
                       "'Question: ...\\n\\nAnswer:' (the default target is a base model).")
 
@@ -91,6 +95,27 @@ def load_drafters(target, specs: list[tuple[str, str]], gamma: int | None, draft
     return out
 
 
+def report_heldout(target, drafters, heldout_dir: str, output: Path) -> dict[str, dict]:
+    """Teacher-forced held-out quality of each DSpark / DFlash drafter (`training.heldout.cache_quality`):
+    prints a table, writes `output` (JSON) and returns {label: scores}."""
+    from dspark_jax.training.heldout import cache_quality
+    from dspark_jax.utils.results import write_result
+    scores = {}
+    print(f"{'drafter':<16}{'greedy τ':>10}{'prob τ':>8}  slot accuracy", file=sys.stderr)
+    for label, drafter in drafters:
+        if drafter.config.algorithm not in ("dspark", "dflash"):
+            print(f"{label:<16}  (no teacher-forced score for {drafter.config.algorithm} drafters)", file=sys.stderr)
+            continue
+        q = cache_quality(drafter, target, heldout_dir)
+        scores[label] = dict(greedy_tau=q.greedy_tau, probabilistic_tau=q.probabilistic_tau,
+                             slot_accuracy=list(q.slot_accuracy), num_blocks=q.num_blocks, source=drafter.source)
+        prob = f"{q.probabilistic_tau:>8.3f}" if q.probabilistic_tau is not None else f"{'–':>8}"
+        print(f"{label:<16}{q.greedy_tau:>10.3f}{prob}  " + " ".join(f"{a:.2f}" for a in q.slot_accuracy),
+              file=sys.stderr)
+    write_result(output, dict(heldout_dir=str(heldout_dir), drafters=scores))
+    return scores
+
+
 def body() -> None:
     from dspark_jax.evaluation.datasets import load_benchmarks
 
@@ -102,6 +127,8 @@ def body() -> None:
     benchmarks = load_benchmarks(names, FLAGS.limit, raw=FLAGS.raw_prompts)
     if not 0.0 <= FLAGS.confidence_threshold <= 1.0:
         raise ValueError(f"--confidence_threshold must be in [0, 1], got {FLAGS.confidence_threshold}")
+    if FLAGS.heldout_only and not FLAGS.heldout_dir:
+        raise ValueError("--heldout_only needs --heldout_dir")
 
     from dspark_jax.evaluation.report import write_report
     from dspark_jax.evaluation.suite import EvalConfig, evaluate
@@ -116,6 +143,10 @@ def body() -> None:
     print(f"loading target {FLAGS.target} ...", file=sys.stderr)
     target = load_target(FLAGS.target)
     drafters = load_drafters(target, specs, FLAGS.gamma, FLAGS.draft_vocab_size or None, FLAGS.seed)
+    if FLAGS.heldout_dir:
+        report_heldout(target, drafters, FLAGS.heldout_dir, Path(FLAGS.output_dir) / "heldout.json")
+        if FLAGS.heldout_only:
+            return
     result = evaluate(target, benchmarks, drafters, config, log=lambda m: print(m, file=sys.stderr, flush=True))
     paths = write_report(result, FLAGS.output_dir, machine=describe_machine(), target=target.config.name,
                          command="dspark eval " + " ".join(sys.argv[2:]))

@@ -46,6 +46,17 @@ class TrainBatch:
             chex.assert_shape(self.lengths, (b,))
 
 
+def to_batch(np_batch: dict, feature_dtype) -> TrainBatch:
+    """Numpy batch from the target cache → device arrays (features None for an online-mode sequence cache)."""
+    online = "features" not in np_batch
+    opt = lambda name, dt: None if online else jnp.asarray(np_batch[name], dt)  # noqa: E731
+    return TrainBatch(tokens=jnp.asarray(np_batch["tokens"], jnp.int32),
+                      loss_mask=jnp.asarray(np_batch["loss_mask"], jnp.int32),
+                      features=opt("features", feature_dtype), last_hidden=opt("last_hidden", feature_dtype),
+                      target_lse=opt("target_lse", jnp.float32),
+                      lengths=jnp.asarray(np_batch["lengths"], jnp.int32) if "lengths" in np_batch else None)
+
+
 def block_outputs(drafter, target_model, batch: TrainBatch, key: jax.Array, num_anchors: int):
     """Runs the drafter over `num_anchors` sampled blocks per sequence.
 

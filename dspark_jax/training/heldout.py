@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from pathlib import Path
 from typing import Iterable
 
 import jax
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dspark_jax.training.forward import TrainBatch, block_outputs, draft_labels, target_block_logits
+from dspark_jax.training.forward import TrainBatch, block_outputs, draft_labels, target_block_logits, to_batch
 from dspark_jax.training.losses import dspark_slot_terms
 
 
@@ -91,3 +92,18 @@ def teacher_forced_quality(drafter, target, batches: Iterable[TrainBatch], *, nu
     accuracy = tuple(float(x) for x in correct / np.maximum(valid, 1))
     return TeacherForcedQuality(slot_accuracy=accuracy, greedy_tau=greedy / blocks,
                                 probabilistic_tau=prob / blocks if with_target else None, num_blocks=int(blocks))
+
+
+def cache_quality(drafter, target, cache_dir: str | Path, *, batch_size: int = 4, max_len: int = 512,
+                  num_anchors: int = 64) -> TeacherForcedQuality:
+    """`teacher_forced_quality` of `drafter` on a held-out feature cache (`dspark prepare-data --heldout N
+    --output_dir D`: pass D), read at the drafter's tapped layers in float32. Raises FileNotFoundError without
+    D/cache, ValueError when the cache is of another target or lacks the drafter's layers."""
+    from dspark_jax.training.target_cache import TargetCache
+    path = Path(cache_dir) / "cache"
+    if not path.is_dir():
+        raise FileNotFoundError(f"{cache_dir} has no cache/: run `dspark prepare-data --heldout N --output_dir "
+                                f"{cache_dir}` with the drafter's --layer_ids first")
+    cache = TargetCache.open(path, target_config=target.config, layer_ids=drafter.config.target_layer_ids)
+    batches = (to_batch(b, jnp.float32) for b in cache.batches(batch_size, max_len, shuffle=False))
+    return teacher_forced_quality(drafter, target, batches, num_anchors=num_anchors)

@@ -28,7 +28,7 @@ from dspark_jax.drafters.vocab import frequent_token_ids
 from dspark_jax.parallel import (is_primary, make_rules, opt_state_shardings, replicate, replicated, shard_batch,
                                  shard_state, shardings_of)
 from dspark_jax.training.eagle3_forward import eagle3_ttt_outputs, ttt_loss_floor
-from dspark_jax.training.forward import (TrainBatch, block_outputs, draft_labels, target_block_logits,
+from dspark_jax.training.forward import (TrainBatch, block_outputs, draft_labels, target_block_logits, to_batch,
                                          with_online_features)
 from dspark_jax.training.heldout import teacher_forced_quality
 from dspark_jax.training.losses import DSPARK_ALPHA, dspark_loss, eagle3_ttt_loss
@@ -141,17 +141,6 @@ def loss_fn(params, rest, graphdef, target_graphdef, target_state, batch: TrainB
     labels = draft_labels(drafter, blocks.labels)
     return dspark_loss(logits, t_logits, lse, labels, conf if drafter.confidence is not None else None,
                        blocks.eval_mask, alpha=config.alpha, decay=config.loss_decay)
-
-
-def to_batch(np_batch: dict, feature_dtype) -> TrainBatch:
-    """Numpy batch from the target cache → device arrays (features None for an online-mode sequence cache)."""
-    online = "features" not in np_batch
-    opt = lambda name, dt: None if online else jnp.asarray(np_batch[name], dt)  # noqa: E731
-    return TrainBatch(tokens=jnp.asarray(np_batch["tokens"], jnp.int32),
-                      loss_mask=jnp.asarray(np_batch["loss_mask"], jnp.int32),
-                      features=opt("features", feature_dtype), last_hidden=opt("last_hidden", feature_dtype),
-                      target_lse=opt("target_lse", jnp.float32),
-                      lengths=jnp.asarray(np_batch["lengths"], jnp.int32) if "lengths" in np_batch else None)
 
 
 class Trainer:

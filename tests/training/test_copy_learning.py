@@ -21,7 +21,8 @@ from dspark_jax.training.forward import TrainBatch
 from dspark_jax.training.cache_builder import build_target_cache
 from dspark_jax.training.sequences import make_sequence
 from dspark_jax.training.target_cache import TargetCache
-from dspark_jax.training.trainer import TrainConfig, Trainer, to_batch
+from dspark_jax.training.forward import to_batch
+from dspark_jax.training.trainer import TrainConfig, Trainer
 from dspark_jax.testing.tiny_target import CharTokenizer
 
 TAPS = (0, 1)

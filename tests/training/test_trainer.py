@@ -152,7 +152,8 @@ def test_run_directory_of_another_target_is_refused(target, cache, tmp_path):
 def test_online_mode_step_equals_cached_step(target, cache, tmp_path):
     """Without a feature cache the step runs the target itself and computes the same loss."""
     from dspark_jax.training.cache_builder import build_sequence_cache
-    from dspark_jax.training.trainer import init_drafter, loss_fn, to_batch
+    from dspark_jax.training.forward import to_batch
+    from dspark_jax.training.trainer import init_drafter, loss_fn
     seqs = [make_sequence(list(s["tokens"][s["loss_mask"] == 0]), list(s["tokens"][s["loss_mask"] == 1]))
             for s in (cache.sample(i) for i in range(len(cache)))]
     online = TargetCache.open(build_sequence_cache(target, seqs, tmp_path / "seq", progress=False),

@@ -119,7 +119,8 @@ def decode_batches(target: Target, encoded: Sequence[Sequence[int]], config: Gen
         if config.draft_length == "auto":
             if mesh is not None:
                 raise ValueError("draft_length 'auto' profiles one device; it is not available with a mesh")
-            costs = load_or_profile_round_costs(target, drafter, bs)
+            costs = load_or_profile_round_costs(target, drafter, bs, bucket_length(max(len(p) for p in encoded)),
+                                                config.max_new_tokens)
             widths, seconds = costs.efficient()
             static.update(verify_widths=widths, verify_costs=seconds, plain_cost=costs.plain)
     if mesh is not None:

@@ -26,7 +26,7 @@ from dspark_jax.utils.files import atomic_write_text, cache_dir
 from dspark_jax.utils.machine import describe_machine
 from dspark_jax.utils.timing import median_seconds
 
-FORMAT_VERSION = 2  # 1: verification forward + proposal timed apart (underestimated a batch-8 round ~2x)
+FORMAT_VERSION = 3  # 1: verification forward + proposal timed apart; 2: a 64-token prompt's cache for every run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,16 +48,20 @@ class RoundCosts:
         return tuple(s / self.plain for s in self.seconds)
 
 
-def _profile_key(target: Target, drafter, batch: int, widths: tuple[int, ...]) -> str:
+def _profile_key(target: Target, drafter, batch: int, widths: tuple[int, ...], cache_shape: tuple[int, int]) -> str:
     raw = json.dumps([FORMAT_VERSION, describe_machine(), target.source, str(target.state_dtype), batch, list(widths),
+                      list(cache_shape),
                       target.attn_impl, drafter.source, repr(drafter.config)], sort_keys=True)
     return hashlib.sha256(raw.encode()).hexdigest()[:20]
 
 
-def profile_round_costs(target: Target, drafter, batch: int, widths: tuple[int, ...], repeats: int = 3, lo: int = 1, hi: int = 4, prompt_len: int = 64) -> RoundCosts:
+def profile_round_costs(target: Target, drafter, batch: int, widths: tuple[int, ...], *, prompt_len: int = 64,
+                        max_new_tokens: int = 64, repeats: int = 3, lo: int = 1, hi: int = 4) -> RoundCosts:
     """Times rounds of the speculative loop at every width in `widths` and plain rounds (median of `repeats`
-    after a warm-up; one compilation for all of them), on prompts of `prompt_len` tokens at T = 0.
-    drafter: a `drafters.factory.Drafter`. Raises ValueError unless 1 <= lo < hi."""
+    after a warm-up; one compilation for all of them), on prompts of `prompt_len` tokens at T = 0 with the
+    KV cache of a `max_new_tokens` run (attention reads the whole cache buffer, so its length matters: profile
+    with the run's own). A width's round costs at least a plain round (it adds the proposal), so timing noise
+    below that is clipped. drafter: a `drafters.factory.Drafter`. Raises ValueError unless 1 <= lo < hi."""
     if not 1 <= lo < hi:
         raise ValueError(f"need 1 <= lo < hi rounds, got lo={lo}, hi={hi}")
     g = drafter.config.block_size
@@ -65,7 +69,7 @@ def profile_round_costs(target: Target, drafter, batch: int, widths: tuple[int, 
     prompts = (jnp.arange(batch * prompt_len, dtype=jnp.int32).reshape(batch, prompt_len) * 7919 + 3) % vocab
     lens = jnp.full((batch,), prompt_len, jnp.int32)
     static = dict(target_graphdef=target.graphdef, drafter_graphdef=drafter.graphdef,
-                  max_new_tokens=hi * (g + 1) + 2, stop_ids=(), pad_id=target.config.pad_token_id,
+                  max_new_tokens=max(max_new_tokens, hi * (g + 1) + 2), stop_ids=(), pad_id=target.config.pad_token_id,
                   verify_widths=tuple(widths))
     params = SamplingParams.create(batch, 0.0, 0, 1.0)
 
@@ -83,19 +87,22 @@ def profile_round_costs(target: Target, drafter, batch: int, widths: tuple[int, 
     print(f"  plain round: {plain * 1e3:.1f} ms", file=sys.stderr, flush=True)
     seconds = []
     for i, w in enumerate(widths):
-        seconds.append(per_round(i))
+        seconds.append(max(per_round(i), plain))
         print(f"  round at width {w}: {seconds[-1] * 1e3:.1f} ms ({seconds[-1] / plain:.2f}x plain)",
               file=sys.stderr, flush=True)
     return RoundCosts(batch, tuple(widths), tuple(seconds), plain, describe_machine())
 
 
-def load_or_profile_round_costs(target: Target, drafter, batch: int, use_cache: bool = True) -> RoundCosts:
-    """The cost of a round at every width 1..G+1 of `drafter` at `batch` and of a plain round, from the cache
+def load_or_profile_round_costs(target: Target, drafter, batch: int, prompt_len: int = 64, max_new_tokens: int = 64,
+                                use_cache: bool = True) -> RoundCosts:
+    """The cost of a round at every width 1..G+1 of `drafter` at `batch` and of a plain round, for prompts padded to
+    `prompt_len` and `max_new_tokens` new tokens (the run's cache length), from the cache
     when this machine already profiled it, else profiled now (about a minute on a 2-core CPU for the embedded
     target, half of it compilation) and cached. A cache file that cannot be read is profiled again."""
     g = drafter.config.block_size
     widths = tuple(range(1, g + 2))
-    path = cache_dir() / "round_costs" / f"{_profile_key(target, drafter, batch, widths)}.json"
+    key = _profile_key(target, drafter, batch, widths, (prompt_len, max_new_tokens))
+    path = cache_dir() / "round_costs" / f"{key}.json"
     if use_cache and path.is_file():
         try:
             data = json.loads(path.read_text())
@@ -105,7 +112,7 @@ def load_or_profile_round_costs(target: Target, drafter, batch: int, use_cache: 
             print(f"round cost cache {path} is unreadable; profiling again", file=sys.stderr)
     print(f"profiling speculative rounds at widths 1..{g + 1} and plain rounds at batch {batch} (once per machine)"
           " ...", file=sys.stderr)
-    costs = profile_round_costs(target, drafter, batch, widths)
+    costs = profile_round_costs(target, drafter, batch, widths, prompt_len=prompt_len, max_new_tokens=max_new_tokens)
     if use_cache:
         atomic_write_text(path, json.dumps(dataclasses.asdict(costs), indent=1))
     return costs

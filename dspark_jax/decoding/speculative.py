@@ -185,7 +185,7 @@ class _Rounds:
             rates = width_rates(prop.confidence, n_prop, active, self.widths, self.costs)
             choice = jnp.argmax(rates).astype(jnp.int32)  # the first (narrowest) maximum
             if self.gate:
-                pays = rates[choice] >= jnp.sum(active) / self.plain_cost
+                pays = rates[choice] > jnp.sum(active) / self.plain_cost  # a tie: drafting gains nothing
                 plain_left = jnp.where(pays, 0, backoff).astype(jnp.int32)
                 backoff = jnp.where(pays, 1, jnp.minimum(2 * backoff, MAX_PLAIN_RUN)).astype(jnp.int32)
         res = jax.lax.switch(choice, [at_width(w) for w in self.widths])

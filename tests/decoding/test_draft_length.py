@@ -180,13 +180,15 @@ def test_round_costs_profile_and_cache(tmp_path, monkeypatch):
     target = Target(cfg, tg, ts, None, "tiny")
     costs = load_or_profile_round_costs(target, drafter, batch=2)
     assert costs.widths == (1, 2, 3, 4) and len(costs.seconds) == 4 and costs.batch == 2
-    assert costs.plain > 0 and all(s > 0 for s in costs.seconds)
+    assert costs.plain > 0 and all(s >= costs.plain for s in costs.seconds)  # a round adds the proposal
     files = list((tmp_path / "round_costs").glob("*.json"))
     assert len(files) == 1
     assert load_or_profile_round_costs(target, drafter, batch=2) == costs  # read back, not profiled again
     files[0].write_text("{broken")
     again = load_or_profile_round_costs(target, drafter, batch=2)
     assert again.widths == costs.widths and again.plain > 0
+    load_or_profile_round_costs(target, drafter, batch=2, prompt_len=32, max_new_tokens=40)  # another cache length
+    assert len(list((tmp_path / "round_costs").glob("*.json"))) == 2
 
 
 def test_generate_text_with_auto_draft_length(tmp_path, monkeypatch):

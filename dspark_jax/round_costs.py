@@ -5,8 +5,8 @@ a plain round (no proposal) — the cost curve behind the loop's hardware-aware 
 A round is timed whole, with the loop's own round code (`decoding.speculative.speculative_rounds`): the
 drafter's proposal, the verification forward with its logits, rejection sampling, the drafter's commit and the
 loop's bookkeeping. cost(w) = (time of `hi` rounds − time of `lo` rounds) / (hi − lo), so the prefill cancels.
-Costs are profiled once per machine, target, drafter, batch and attention implementation and cached as JSON
-under the user cache directory.
+Costs are profiled once per machine, target, drafter, batch, attention implementation and cache shape (prompt
+bucket, new tokens) and cached as JSON under the user cache directory.
 """
 from __future__ import annotations
 
@@ -42,10 +42,6 @@ class RoundCosts:
     def efficient(self, max_widths: int = 5) -> tuple[tuple[int, ...], tuple[float, ...]]:
         """(widths, seconds) worth compiling into the loop (`draft_length.efficient_widths`)."""
         return efficient_widths(self.widths, self.seconds, max_widths)
-
-    def relative(self) -> tuple[float, ...]:
-        """Costs relative to a plain round."""
-        return tuple(s / self.plain for s in self.seconds)
 
 
 def _profile_key(target: Target, drafter, batch: int, widths: tuple[int, ...], cache_shape: tuple[int, int]) -> str:

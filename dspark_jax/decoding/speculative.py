@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dspark_jax.decoding.autoregressive import prefill
-from dspark_jax.decoding.draft_length import covering_width, proposal_lengths, width_rates
+from dspark_jax.decoding.draft_length import choose_width, proposal_lengths, width_rates
 from dspark_jax.decoding.verification import concat_taps, verify_round
 from dspark_jax.drafters.base import Proposal
 from dspark_jax.models.layout import dense_layout
@@ -163,7 +163,6 @@ class _Rounds:
     def drafted(self, c: SpecState, choice: jax.Array | None = None) -> SpecState:
         """Propose, choose the width (`choice` given: that width index), verify, commit."""
         target, drafter = self.target, self.drafter
-        g = drafter.config.block_size
         active = ~c.done
         k_draft = position_keys(c.keys, c.start, DRAFT)
         prop = drafter.propose(target, c.drafter_state, c.anchor, c.start, k_draft, self.params, self.mode,
@@ -172,20 +171,14 @@ class _Rounds:
         n_prop = jnp.where(c.done, 0, n_prop)
 
         def at_width(width):  # a round verifying anchor + up to width − 1 drafts per request
-            def branch():
-                r = self._verify(c, _first_drafts(prop, width - 1), jnp.minimum(n_prop, width - 1), width)
-                return dataclasses.replace(r, committed=_pad_slots(r.committed, g + 1),
-                                           accept_flags=_pad_slots(r.accept_flags, g))
-            return branch
+            return lambda: self._verify(c, _first_drafts(prop, width - 1), jnp.minimum(n_prop, width - 1), width)
 
         plain_left, backoff = c.plain_left, c.backoff
-        if choice is None and self.costs is None:
-            choice = covering_width(n_prop, self.widths)
-        elif choice is None:
-            rates = width_rates(prop.confidence, n_prop, active, self.widths, self.costs)
-            choice = jnp.argmax(rates).astype(jnp.int32)  # the first (narrowest) maximum
+        if choice is None:
+            choice = choose_width(prop.confidence, n_prop, active, self.widths, self.costs)
             if self.gate:
-                pays = rates[choice] > jnp.sum(active) / self.plain_cost  # a tie: drafting gains nothing
+                rate = width_rates(prop.confidence, n_prop, active, self.widths, self.costs)[choice]
+                pays = rate > jnp.sum(active) / self.plain_cost  # a tie: drafting gains nothing
                 plain_left = jnp.where(pays, 0, backoff).astype(jnp.int32)
                 backoff = jnp.where(pays, 1, jnp.minimum(2 * backoff, MAX_PLAIN_RUN)).astype(jnp.int32)
         res = jax.lax.switch(choice, [at_width(w) for w in self.widths])
@@ -202,18 +195,19 @@ class _Rounds:
         empty = Proposal(tokens=zeros, draft_index=zeros, p_draft=None, confidence=jnp.zeros((b, 0), jnp.float32),
                          confidence_logits=jnp.zeros((b, 0), jnp.float32), length=jnp.zeros((b,), jnp.int32))
         res = self._verify(c, empty, jnp.zeros((b,), jnp.int32), 1)
-        res = dataclasses.replace(res, committed=_pad_slots(res.committed, g + 1),
-                                  accept_flags=_pad_slots(res.accept_flags, g))
         c = dataclasses.replace(c, plain_left=c.plain_left - 1)
         no_conf = jnp.zeros((b, g), jnp.float32)
         return self._commit(c, res, jnp.zeros((b,), jnp.int32), no_conf, no_conf)
 
     def _verify(self, c: SpecState, proposal: Proposal, num_verify: jax.Array, width: int):
-        b = c.anchor.shape[0]
-        return verify_round(self.target, self.drafter, c.target_cache, c.drafter_state, proposal, c.anchor, c.start,
-                            num_verify, ~c.done, self.max_new_tokens - c.num_generated,
-                            dense_layout(b, width, c.start), position_keys(c.keys, c.start, VERIFY), self.params,
-                            self.mode, self.stops)
+        """`verify_round` at `width`, its per-slot outputs padded to G + 1 / G slots (one shape for every width)."""
+        b, g = c.anchor.shape[0], self.drafter.config.block_size
+        r = verify_round(self.target, self.drafter, c.target_cache, c.drafter_state, proposal, c.anchor, c.start,
+                         num_verify, ~c.done, self.max_new_tokens - c.num_generated,
+                         dense_layout(b, width, c.start), position_keys(c.keys, c.start, VERIFY), self.params,
+                         self.mode, self.stops)
+        return dataclasses.replace(r, committed=_pad_slots(r.committed, g + 1),
+                                   accept_flags=_pad_slots(r.accept_flags, g))
 
     def _commit(self, c: SpecState, res, n_prop: jax.Array, confidence: jax.Array,
                 confidence_logits: jax.Array) -> SpecState:

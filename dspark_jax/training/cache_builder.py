@@ -124,10 +124,30 @@ def _open_existing(out_dir: Path, settings: dict, digest: str) -> bool:
     except (OSError, json.JSONDecodeError):
         raise ValueError(f"{path}: unreadable manifest; delete it to rebuild the cache") from None
     have = manifest.get("settings", {})
-    if have.get("build") == settings and have.get("sequences_sha256") == digest:
-        return True
+    if have.get("build") == settings:
+        return have.get("sequences_sha256") == digest  # other sequences: its shards decide (`_finished_prefix`)
     raise ValueError(f"{out_dir} already holds a cache built from other sequences or settings "
                      f"(target, layer ids, dtype or shard size); use another output directory or delete it")
+
+
+def _finished_prefix(out_dir: Path, sequences: list[Sequence], settings: dict) -> list[tuple[int, int]]:
+    """[start, end) ranges of the finished shards shard-00000, shard-00001, ... of an earlier build with the same
+    settings that hold a prefix of `sequences`: a cache grows by appending sequences without recomputing the
+    ones it has."""
+    ranges, start = [], 0
+    while start < len(sequences):
+        try:
+            meta = json.loads((out_dir / f"shard-{len(ranges):05d}" / SHARD_META_NAME).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            break
+        n = meta.get("num_samples", 0) if isinstance(meta, dict) else 0
+        if (not isinstance(n, int) or not 0 < n <= len(sequences) - start or meta.get("settings") != settings
+                or meta.get("first_sample") != start
+                or meta.get("sequences_sha256") != sequences_digest(sequences[start:start + n])):
+            break
+        ranges.append((start, start + n))
+        start += n
+    return ranges
 
 
 def _shard_is_done(shard_dir: Path, meta: dict) -> bool:
@@ -152,9 +172,10 @@ def build_target_cache(target, sequences: SequenceABC[Sequence], out_dir: str | 
 
     Batches of `batch_size` similar-length sequences are right-padded to `bucket_length` widths (few compiled
     shapes). The log-sum-exp is computed only at loss positions, `lse_chunk` rows of logits at a time (default:
-    about 256 MiB of float32 logits). Resumable: finished shards are kept. `layer_ids=None` writes a sequences-
-    only cache (no target run; see `build_sequence_cache`). `prompt_format` and `metadata` are recorded in the
-    manifest. `attn_impl`: the attention implementation the target runs with. Returns `out_dir`.
+    about 256 MiB of float32 logits). Resumable: finished shards are kept, and a cache grows: run it again with
+    more sequences appended (same settings) and only the new ones are computed, into new shards. `layer_ids=None`
+    writes a sequences-only cache (no target run; see `build_sequence_cache`). `prompt_format` and `metadata` are
+    recorded in the manifest. `attn_impl`: the attention implementation the target runs with. Returns `out_dir`.
     """
     if layer_ids is not None:
         target = target.with_attn_impl(attn_impl)
@@ -193,7 +214,9 @@ def build_target_cache(target, sequences: SequenceABC[Sequence], out_dir: str | 
     if need > free:
         print(f"warning: {out_dir} has only {format_bytes(free)} free", file=sys.stderr)
 
-    plan = plan_shards(lengths, shard_max_tokens)
+    plan = _finished_prefix(out_dir, sequences, settings)
+    kept = plan[-1][1] if plan else 0
+    plan += [(kept + a, kept + b) for a, b in plan_shards(lengths[kept:], shard_max_tokens)]
     shards = []
     bar = None
     if progress:

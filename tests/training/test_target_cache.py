@@ -215,6 +215,29 @@ def test_resume_after_interruption(target, cache_f32, tmp_path):
                            progress=False)
 
 
+def test_cache_grows_by_appending(target, cache_f32, reference, tmp_path):
+    """More sequences appended to a finished cache's: its shards are kept, only the new sequences are computed."""
+    path = tmp_path / "cache"
+    shutil.copytree(cache_f32, path)
+    before = _snapshot(path)
+    extra = make_sequences(lengths=(12, 30), seed=7)
+    build_target_cache(target, make_sequences() + extra, path, LAYERS, dtype="float32", batch_size=2,
+                       shard_max_tokens=50, progress=False, lse_chunk=8)
+    after = _snapshot(path)
+    assert all(after[name] == data for name, data in before.items() if name != "manifest.json")
+    cache = TargetCache.open(path)
+    assert len(cache) == len(LENGTHS) + 2
+    for i, (feats, hidden, lse) in enumerate(reference + [direct(target, s) for s in extra]):
+        s = cache.sample(i)
+        np.testing.assert_allclose(s["features"], feats, rtol=2e-5, atol=2e-5)
+        np.testing.assert_allclose(s["target_lse"], lse, rtol=2e-5, atol=2e-5)
+    # sequences that do not extend the cached ones are refused, nothing written
+    with pytest.raises(ValueError, match="shard-00000 was built from other"):
+        build_target_cache(target, make_sequences()[1:] + extra, path, LAYERS, dtype="float32", batch_size=2,
+                           shard_max_tokens=50, progress=False, lse_chunk=8)
+    assert _snapshot(path) == after
+
+
 def test_batches(cache_f32):
     cache = TargetCache.open(cache_f32)
     epoch = lambda e, **kw: list(cache.batches(2, 20, seed=3, epoch=e, **kw))  # noqa: E731

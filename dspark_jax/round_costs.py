@@ -4,7 +4,8 @@ a plain round (no proposal) — the cost curve behind the loop's hardware-aware 
 
 A round is timed whole, with the loop's own round code (`decoding.speculative.speculative_rounds`): the
 drafter's proposal, the verification forward with its logits, rejection sampling, the drafter's commit and the
-loop's bookkeeping. cost(w) = (time of `hi` rounds − time of `lo` rounds) / (hi − lo), so the prefill cancels.
+loop's bookkeeping. From one prefilled state, cost(w) = (time of `hi` rounds − time of `lo` rounds) / (hi − lo),
+so the call overhead cancels; widths are interleaved and the median taken over passes.
 Costs are profiled once per machine, target, drafter, batch, attention implementation and cache shape (prompt
 bucket, new tokens) and cached as JSON under the user cache directory.
 """
@@ -13,20 +14,22 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import statistics
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
 
 from dspark_jax.decoding.draft_length import efficient_widths
-from dspark_jax.decoding.speculative import speculative_rounds
+from dspark_jax.decoding.speculative import speculative_rounds, speculative_start
 from dspark_jax.sampling import SamplingParams
 from dspark_jax.target import Target
 from dspark_jax.utils.files import atomic_write_text, cache_dir
 from dspark_jax.utils.machine import describe_machine
-from dspark_jax.utils.timing import median_seconds
 
-FORMAT_VERSION = 3  # 1: verification forward + proposal timed apart; 2: a 64-token prompt's cache for every run
+FORMAT_VERSION = 4  # 1: verification forward + proposal timed apart; 2: a 64-token prompt's cache for every run;
+# 3: every timing included a prefill
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,41 +55,48 @@ def _profile_key(target: Target, drafter, batch: int, widths: tuple[int, ...], c
 
 
 def profile_round_costs(target: Target, drafter, batch: int, widths: tuple[int, ...], *, prompt_len: int = 64,
-                        max_new_tokens: int = 64, repeats: int = 3, lo: int = 1, hi: int = 4) -> RoundCosts:
-    """Times rounds of the speculative loop at every width in `widths` and plain rounds (median of `repeats`
-    after a warm-up; one compilation for all of them), on prompts of `prompt_len` tokens at T = 0 with the
-    KV cache of a `max_new_tokens` run (attention reads the whole cache buffer, so its length matters: profile
-    with the run's own). A width's round costs at least a plain round (it adds the proposal), so timing noise
-    below that is clipped. drafter: a `drafters.factory.Drafter`. Raises ValueError unless 1 <= lo < hi."""
-    if not 1 <= lo < hi:
-        raise ValueError(f"need 1 <= lo < hi rounds, got lo={lo}, hi={hi}")
+                        max_new_tokens: int = 64, repeats: int = 5, lo: int = 1, hi: int = 5) -> RoundCosts:
+    """Times rounds of the speculative loop at every width in `widths` and plain rounds, on prompts of
+    `prompt_len` tokens at T = 0 with the KV cache of a `max_new_tokens` run (attention reads the whole cache
+    buffer, so its length matters: profile with the run's own). One prefill, then from its state
+    (time of `hi` rounds − time of `lo` rounds) / (hi − lo) per width, the widths interleaved in each of
+    `repeats` passes (slow drift of the machine's speed hits every width alike), median over the passes; one
+    compilation for all. A width's round costs at least a plain round (it adds the proposal), so timing noise
+    below that is clipped. drafter: a `drafters.factory.Drafter`. Raises ValueError unless 1 <= lo < hi and
+    repeats >= 1."""
+    if not 1 <= lo < hi or repeats < 1:
+        raise ValueError(f"need 1 <= lo < hi rounds and repeats >= 1, got lo={lo}, hi={hi}, repeats={repeats}")
     g = drafter.config.block_size
     vocab = target.config.vocab_size
     prompts = (jnp.arange(batch * prompt_len, dtype=jnp.int32).reshape(batch, prompt_len) * 7919 + 3) % vocab
     lens = jnp.full((batch,), prompt_len, jnp.int32)
-    static = dict(target_graphdef=target.graphdef, drafter_graphdef=drafter.graphdef,
-                  max_new_tokens=max(max_new_tokens, hi * (g + 1) + 2), stop_ids=(), pad_id=target.config.pad_token_id,
-                  verify_widths=tuple(widths))
-    params = SamplingParams.create(batch, 0.0, 0, 1.0)
+    static = dict(max_new_tokens=max(max_new_tokens, hi * (g + 1) + 2), stop_ids=(), verify_widths=tuple(widths))
+    params, threshold = SamplingParams.create(batch, 0.0, 0, 1.0), jnp.float32(0.0)
+    state = speculative_start(target.graphdef, target.state, drafter.graphdef, drafter.state, prompts, lens,
+                              jax.random.key(0), params, threshold, pad_id=target.config.pad_token_id, **static)
 
-    def run(choice: int, rounds: int):
-        return speculative_rounds(target_state=target.state, drafter_state=drafter.state, prompts=prompts,
-                                  prompt_lens=lens, key=jax.random.key(0), params=params,
-                                  confidence_threshold=jnp.float32(0.0), choice=jnp.int32(choice),
-                                  num_rounds=jnp.int32(rounds), **static)
+    def seconds(choice: int, rounds: int) -> float:
+        t0 = time.perf_counter()
+        jax.block_until_ready(speculative_rounds(target.graphdef, target.state, drafter.graphdef, drafter.state,
+                                                 state, params, threshold, jnp.int32(choice), jnp.int32(rounds),
+                                                 **static))
+        return time.perf_counter() - t0
 
-    def per_round(choice: int) -> float:
-        return max((median_seconds(lambda: run(choice, hi), repeats)
-                    - median_seconds(lambda: run(choice, lo), repeats)) / (hi - lo), 1e-6)
-
-    plain = per_round(-1)
+    choices = [-1, *range(len(widths))]  # -1: plain rounds
+    for c in choices:  # warm-up: compiles once, touches every branch
+        seconds(c, lo)
+    samples = {c: [] for c in choices}
+    for _ in range(repeats):
+        for c in choices:
+            samples[c].append((seconds(c, hi) - seconds(c, lo)) / (hi - lo))
+    plain = max(statistics.median(samples[-1]), 1e-6)
     print(f"  plain round: {plain * 1e3:.1f} ms", file=sys.stderr, flush=True)
-    seconds = []
+    costs = []
     for i, w in enumerate(widths):
-        seconds.append(max(per_round(i), plain))
-        print(f"  round at width {w}: {seconds[-1] * 1e3:.1f} ms ({seconds[-1] / plain:.2f}x plain)",
+        costs.append(max(statistics.median(samples[i]), plain))
+        print(f"  round at width {w}: {costs[-1] * 1e3:.1f} ms ({costs[-1] / plain:.2f}x plain)",
               file=sys.stderr, flush=True)
-    return RoundCosts(batch, tuple(widths), tuple(seconds), plain, describe_machine())
+    return RoundCosts(batch, tuple(widths), tuple(costs), plain, describe_machine())
 
 
 def load_or_profile_round_costs(target: Target, drafter, batch: int, prompt_len: int = 64, max_new_tokens: int = 64,

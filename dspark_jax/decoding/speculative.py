@@ -275,7 +275,7 @@ def speculative_generate(target_graphdef: nnx.GraphDef, target_state: nnx.State,
     Each round verifies every request at one width (anchor + drafts) out of `verify_widths` (ascending,
     from 1 to at most G + 1; default (1, G + 1): a round where nothing was drafted is a plain step), each
     compiled once. Without `verify_costs` a round takes the narrowest width holding every proposal; with
-    them (one per width: seconds of a whole round, `verify_costs.profile_round_costs`) the one with the most
+    them (one per width: seconds of a whole round, `round_costs.profile_round_costs`) the one with the most
     expected committed tokens per second (`decoding.draft_length.width_rates`, hardware-aware draft length).
     With `plain_cost` too (seconds of a round without a proposal), rounds skip the drafter while drafting is
     expected to lose to plain decoding (`_Rounds.step`). Raises ValueError on inconsistent widths / costs."""
@@ -290,19 +290,32 @@ def speculative_generate(target_graphdef: nnx.GraphDef, target_state: nnx.State,
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def speculative_rounds(target_graphdef: nnx.GraphDef, target_state: nnx.State, drafter_graphdef: nnx.GraphDef,
-                       drafter_state: nnx.State, prompts: jax.Array, prompt_lens: jax.Array, key: jax.Array,
-                       params: SamplingParams, confidence_threshold: jax.Array, choice: jax.Array,
-                       num_rounds: jax.Array, *, max_new_tokens: int, stop_ids: tuple[int, ...],
-                       mode: FilterMode = FilterMode(), pad_id: int = 0, verify_widths: tuple[int, ...] | None = None,
-                       verify_costs: tuple[float, ...] | None = None, plain_cost: float | None = None) -> jax.Array:
-    """Prefill, then exactly `num_rounds` (traced: one compilation for any count) rounds of the loop's round
-    code at width index `choice` (traced; < 0: plain rounds), finished requests included — the profile of
-    round costs (`verify_costs`). Returns num_generated [B]."""
+def speculative_start(target_graphdef: nnx.GraphDef, target_state: nnx.State, drafter_graphdef: nnx.GraphDef,
+                      drafter_state: nnx.State, prompts: jax.Array, prompt_lens: jax.Array, key: jax.Array,
+                      params: SamplingParams, confidence_threshold: jax.Array, *, max_new_tokens: int,
+                      stop_ids: tuple[int, ...], mode: FilterMode = FilterMode(), pad_id: int = 0,
+                      verify_widths: tuple[int, ...] | None = None, verify_costs: tuple[float, ...] | None = None,
+                      plain_cost: float | None = None) -> SpecState:
+    """The loop's state after the prefill (`speculative_generate`'s first step, same arguments): the start of
+    `speculative_rounds`."""
     check_batch(prompts, prompt_lens, params)
     rounds = _rounds(target_graphdef, target_state, drafter_graphdef, drafter_state, params, confidence_threshold,
                      max_new_tokens=max_new_tokens, stop_ids=stop_ids, mode=mode,
                      verify_widths=verify_widths, verify_costs=verify_costs, plain_cost=plain_cost)
-    state = rounds.start(prompts, prompt_lens, key, pad_id)
-    final = jax.lax.fori_loop(0, num_rounds, lambda _, c: rounds.forced(c, choice), state)
-    return final.num_generated
+    return rounds.start(prompts, prompt_lens, key, pad_id)
+
+
+@functools.partial(jax.jit, static_argnames=("target_graphdef", "drafter_graphdef", "max_new_tokens", "stop_ids",
+                                                   "mode", "verify_widths"))
+def speculative_rounds(target_graphdef: nnx.GraphDef, target_state: nnx.State, drafter_graphdef: nnx.GraphDef,
+                       drafter_state: nnx.State, state: SpecState, params: SamplingParams,
+                       confidence_threshold: jax.Array, choice: jax.Array, num_rounds: jax.Array, *,
+                       max_new_tokens: int, stop_ids: tuple[int, ...], mode: FilterMode = FilterMode(),
+                       verify_widths: tuple[int, ...] | None = None) -> SpecState:
+    """Exactly `num_rounds` (traced: one compilation for any count) rounds of the loop's round code from `state`
+    (`speculative_start`, same static arguments) at width index `choice` (traced; < 0: plain rounds), finished
+    requests included — what the round-cost profile (`round_costs`) times, without the prefill."""
+    rounds = _rounds(target_graphdef, target_state, drafter_graphdef, drafter_state, params, confidence_threshold,
+                     max_new_tokens=max_new_tokens, stop_ids=stop_ids, mode=mode,
+                     verify_widths=verify_widths, verify_costs=None, plain_cost=None)
+    return jax.lax.fori_loop(0, num_rounds, lambda _, c: rounds.forced(c, choice), state)

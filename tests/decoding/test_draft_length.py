@@ -150,22 +150,33 @@ def test_plain_rounds_follow_a_losing_drafted_round():
 
 
 def test_forced_rounds_for_the_cost_profile():
-    """`speculative_rounds` runs exactly num_rounds rounds at the forced width (or plain) from one compilation."""
-    from dspark_jax.decoding.speculative import speculative_rounds
+    """`speculative_rounds` runs exactly num_rounds rounds at the forced width (or plain) from the prefilled state of
+    `speculative_start`, one compilation for every count and width."""
+    from dspark_jax.decoding.speculative import speculative_generate, speculative_rounds, speculative_start
     tg, ts, cfg = make_target("gemma3")
     dg, ds = _oracle(cfg, 5)
     tokens = jnp.asarray([[5, 6, 7, 5], [9, 10, 11, 12]], jnp.int32)
     lens = jnp.asarray([4, 3], jnp.int32)
+    params = SamplingParams.create(2)
+    static = dict(max_new_tokens=40, stop_ids=(), verify_widths=(1, 3, 6))
+    state = speculative_start(tg, ts, dg, ds, tokens, lens, jax.random.key(0), params, jnp.float32(0.0), **static)
+    np.testing.assert_array_equal(np.asarray(state.num_generated), [1, 1])
 
     def generated(choice, rounds):
-        return np.asarray(speculative_rounds(tg, ts, dg, ds, tokens, lens, jax.random.key(0), SamplingParams.create(2),
-                                             jnp.float32(0.0), jnp.int32(choice), jnp.int32(rounds),
-                                             max_new_tokens=40, stop_ids=(), verify_widths=(1, 3, 6)))
+        out = speculative_rounds(tg, ts, dg, ds, state, params, jnp.float32(0.0), jnp.int32(choice),
+                                 jnp.int32(rounds), **static)
+        return np.asarray(out.num_generated)
 
     np.testing.assert_array_equal(generated(-1, 3), [4, 4])  # 1 from the prefill + one per plain round
     np.testing.assert_array_equal(generated(0, 3), [4, 4])
     np.testing.assert_array_equal(generated(1, 3), [10, 10])  # width 3: 2 accepted drafts + the bonus token
     np.testing.assert_array_equal(generated(2, 5), [31, 31])
+    assert speculative_rounds._cache_size() == 1
+    # the rounds continue the loop: its tokens equal speculative_generate's at the same width
+    full = speculative_generate(tg, ts, dg, ds, tokens, lens, jax.random.key(0), params, jnp.float32(0.0),
+                                max_new_tokens=40, stop_ids=(), verify_widths=(1, 6))
+    out = speculative_rounds(tg, ts, dg, ds, state, params, jnp.float32(0.0), jnp.int32(2), jnp.int32(5), **static)
+    np.testing.assert_array_equal(np.asarray(out.tokens)[:, :31], np.asarray(full.tokens)[:, :31])
 
 
 def test_round_costs_profile_and_cache(tmp_path, monkeypatch):

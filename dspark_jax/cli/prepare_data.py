@@ -63,8 +63,9 @@ def _define_flags() -> None:
                          lower_bound=0)
     flags.DEFINE_integer("max_length", 4096, "Training sequences are cut to this many tokens.", lower_bound=1)
     flags.DEFINE_bool("regenerate", True, "Regenerate (or resume regenerating) the responses. --noregenerate builds "
-                      "the training data from the responses already in <output_dir>/responses.jsonl, e.g. after "
-                      "stopping a long regeneration early.")
+                      "the training data from every response already in <output_dir>/responses.jsonl, e.g. after "
+                      "stopping a long regeneration early or from the shipped responses (the prompt flags are then not "
+                      "used).")
     flags.DEFINE_bool("online", False, "Regenerate responses and write the training sequences only (no feature "
                       "cache); the trainer computes target features in its step.")
     flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
@@ -151,18 +152,20 @@ def prepare(target, prompts: list[str], output_dir, regen, *, layer_ids=None, ca
         layer_ids = tuple(layer_ids) if layer_ids else default_target_layer_ids(config.num_layers)
         cache_builder.check_layer_ids(layer_ids, config)
     out_dir = Path(output_dir)
-    regen_settings = {k: v for k, v in dataclasses.asdict(regen).items() if k != "batch_size"}
-    _check_settings(out_dir, {
-        "target_fingerprint": cache_format.config_fingerprint(config),
-        "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
-        "num_prompts": len(prompts), "regen": regen_settings})
-
     responses = out_dir / "responses.jsonl"
     if regenerate_responses:
+        regen_settings = {k: v for k, v in dataclasses.asdict(regen).items() if k != "batch_size"}
+        _check_settings(out_dir, {
+            "target_fingerprint": cache_format.config_fingerprint(config),
+            "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
+            "num_prompts": len(prompts), "regen": regen_settings})
         regenerate(target, prompts, responses, regen)
-    elif not responses.exists():
-        raise FileNotFoundError(f"--noregenerate: no {responses} to build the training data from")
-    records = [r for r in read_responses(responses) if 0 <= r["index"] < len(prompts)]
+        records = [r for r in read_responses(responses) if 0 <= r["index"] < len(prompts)]
+    else:  # every response in the file: its indices refer to the prompt list that made it, not to `prompts`
+        if not responses.exists():
+            raise FileNotFoundError(f"--noregenerate: no {responses} to build the training data from")
+        regen_settings, prompt_source = None, f"responses file {responses} (--noregenerate)"
+        records = list(read_responses(responses))
     sequences = []
     for r in records:
         seq = make_sequence(r["prompt_ids"], r["response_ids"], max_length)
@@ -185,10 +188,10 @@ def prepare(target, prompts: list[str], output_dir, regen, *, layer_ids=None, ca
     response_tokens = sum(s.num_loss_tokens for s in sequences)
     total_tokens = sum(len(s) for s in sequences)
     stats = {
-        "prompts": len(prompts),
+        "prompts": len(prompts) if regenerate_responses else None,
         "prompt_source": prompt_source,
         "responses": len(records),
-        "failed_prompts": len(prompts) - len(records),
+        "failed_prompts": len(prompts) - len(records) if regenerate_responses else None,
         "stopped_responses": sum(bool(r.get("stopped")) for r in records),
         "sequences": len(sequences),
         "dropped_short": len(records) - len(sequences),
@@ -211,7 +214,7 @@ def prepare(target, prompts: list[str], output_dir, regen, *, layer_ids=None, ca
     tmp.replace(out_dir / STATS_NAME)
     failed = (f" ({stats['failed_prompts']} prompts without a response: not generated yet (--noregenerate) or failed, "
               f"see responses.errors.jsonl)" if stats["failed_prompts"] else "")
-    print(f"prompts: {stats['prompts']:,}; responses: {stats['responses']:,}{failed}, "
+    print(f"prompts: {stats['prompts'] or 'not used (--noregenerate)'}; responses: {stats['responses']:,}{failed}, "
           f"{stats['stopped_responses']:,} ended with a stop token")
     print(f"sequences: {stats['sequences']:,} ({stats['dropped_short']:,} dropped with < {min_loss_tokens} "
           f"response tokens)")

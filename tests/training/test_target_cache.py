@@ -328,6 +328,14 @@ def test_prepare_pipeline(target, tmp_path):
     assert prepare(target, prompts, tmp_path, regen, layer_ids=(0, 2), min_loss_tokens=4, progress=False) == stats
     with pytest.raises(ValueError, match="regen differ"):
         prepare(target, prompts, tmp_path, RegenConfig(max_new_tokens=8, max_prompt_tokens=24), progress=False)
+    # --noregenerate: every response of the file, whatever prompt list made it (its indices refer to that list)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "responses.jsonl").write_text((tmp_path / "responses.jsonl").read_text())
+    kept = prepare(target, prompts[:1], other, RegenConfig(temperature=0.7), layer_ids=(0, 2), min_loss_tokens=4,
+                   progress=False, regenerate_responses=False)
+    assert kept["responses"] == kept["sequences"] == 3 and kept["prompts"] is None
+    assert kept["response_tokens"] == 48 and not (other / "prepare_settings.json").exists()
     assert parse_mix("gsm8k=5, livecodebench=2") == {"gsm8k": 5, "livecodebench": 2}
     assert parse_layer_ids("-1,3,7") == (-1, 3, 7)
     for bad in ("gsm8k", "gsm8k=0", "gsm8k=x", "a=1,a=2"):

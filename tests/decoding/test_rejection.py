@@ -90,6 +90,20 @@ def test_none_accepted_samples_the_residual():
     np.testing.assert_allclose(freq, expected, atol=0.06)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_draft_distribution_costs_drafts_not_losslessness(bad):
+    """A drafter whose p_d is NaN / inf (a diverged checkpoint) gets every draft rejected and the token drawn from
+    p_t itself: the output distribution stays the target's."""
+    v = 5
+    pt = np.array([[0.1, 0.4, 0.5, 0.0, 0.0], [0.2] * 5], np.float32)[None]
+    pd = np.full((1, 1, v), bad, np.float32)
+    outs = [_run_verify(jax.random.key(i), jnp.asarray([[1]]), jnp.asarray(pd), jnp.asarray(pt), jnp.asarray([1]))
+            for i in range(500)]
+    assert all(int(o.num_accepted[0]) == 0 for o in outs)
+    freq = np.bincount([int(o.next_token[0]) for o in outs], minlength=v) / len(outs)
+    np.testing.assert_allclose(freq, pt[0, 0], atol=0.06)
+
+
 def test_zero_length_proposal_samples_first_target_row():
     pt = jnp.asarray(np.array([[[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]], np.float32))
     out = _run_verify(jax.random.key(0), jnp.asarray([[1]]), jnp.asarray([[[0.0, 1.0, 0.0]]]), pt, jnp.asarray([0]))

@@ -210,18 +210,19 @@ def test_confidence_learns_online_in_the_loop():
 
 # ---- hybrid: a trained drafter + lookup ------------------------------------------------------------
 
-def _hybrid(cfg, gamma, reduced=False):
+def _hybrid(cfg, gamma, reduced=False, skip_model_at=None):
     from dspark_jax.drafters.hybrid import HybridDrafter
     from tests.decoding.test_speculative import make_drafter
     dg, ds = make_drafter("dspark", cfg, gamma, reduced)
     lg, ls = _ngram(cfg, gamma)
-    return nnx.split(HybridDrafter(nnx.merge(dg, ds), nnx.merge(lg, ls)))
+    return nnx.split(HybridDrafter(nnx.merge(dg, ds), nnx.merge(lg, ls), skip_model_at=skip_model_at))
 
 
-@pytest.mark.parametrize("gamma,reduced,threshold", [(3, False, 0.0), (4, True, 0.3)])
-def test_greedy_hybrid_equals_greedy_plain(gamma, reduced, threshold):
+@pytest.mark.parametrize("gamma,reduced,threshold,skip_model_at", [(3, False, 0.0, None), (4, True, 0.3, None),
+                                                                   (3, False, 0.0, 0.2)])
+def test_greedy_hybrid_equals_greedy_plain(gamma, reduced, threshold, skip_model_at):
     tg, ts, cfg = make_target("gemma3")
-    hg, hs = _hybrid(cfg, gamma, reduced)
+    hg, hs = _hybrid(cfg, gamma, reduced, skip_model_at)
     greedy_plain_and_speculative(tg, ts, hg, hs, REPETITIVE, 20, threshold)
 
 
@@ -250,11 +251,42 @@ def test_hybrid_proposes_the_draft_expected_to_be_accepted_further():
                                rtol=1e-6)
 
 
-@pytest.mark.parametrize("top_k,top_p", [(3, 0.8)])
-def test_hybrid_temperature_one_is_lossless(top_k, top_p):
+def test_hybrid_skips_the_model_when_every_lookup_draft_is_expected_to_go_far():
+    """Every request's lookup draft expects >= skip_model_at accepted tokens: the model's forward is skipped (its
+    draft, better or not, is not consulted); below the threshold, or with inf, the per-request choice as before."""
+    from dspark_jax.drafters.base import Proposal
+    from dspark_jax.drafters.hybrid import HybridDrafter, HybridState
+    tg, ts, cfg = make_target("gemma3")
+    target = nnx.merge(tg, ts)
+    lens = jnp.asarray([5, 5], jnp.int32)
+    model = Proposal(tokens=jnp.full((2, 3), 9), draft_index=jnp.full((2, 3), 9), p_draft=jnp.ones((2, 3, 4)),
+                     confidence=jnp.full((2, 3), 0.9), confidence_logits=jnp.ones((2, 3)))  # expects 2.44
+    lookup = Proposal(tokens=jnp.full((2, 3), 7), draft_index=jnp.full((2, 3), 7), p_draft=None,
+                      confidence=jnp.asarray([[0.9, 0.5, 0.5], [0.5, 0.5, 0.5]]), confidence_logits=jnp.zeros((2, 3)),
+                      length=jnp.asarray([3, 3]))  # expects 1.58 and 0.875
+
+    def propose(skip_model_at):
+        hybrid = nnx.merge(*_hybrid(cfg, 3, skip_model_at=skip_model_at))
+        hybrid.model.propose = lambda *a, **k: model
+        hybrid.lookup.propose = lambda *a, **k: lookup
+        return jax.jit(lambda: HybridDrafter.propose(hybrid, target, HybridState(None, None), jnp.zeros(2, jnp.int32),
+                                                     lens, None, None, None, None))()
+
+    for skip_model_at, lookup_rows in ((0.8, [True, True]), (1.0, [False, False]), (float("inf"), [False, False])):
+        out = propose(skip_model_at)
+        np.testing.assert_array_equal(np.asarray(out.deterministic), lookup_rows)
+        np.testing.assert_array_equal(np.asarray(out.tokens)[:, 0], np.where(lookup_rows, 7, 9))
+        assert out.p_draft.shape == (2, 3, 4)
+    assert nnx.merge(*_hybrid(cfg, 5)).model_skip_threshold == pytest.approx(3.0)  # default 0.6·γ
+    with pytest.raises(ValueError, match="skip_model_at"):
+        _hybrid(cfg, 3, skip_model_at=0.0)
+
+
+@pytest.mark.parametrize("top_k,top_p,skip_model_at", [(3, 0.8, None), (0, 1.0, 0.3)])
+def test_hybrid_temperature_one_is_lossless(top_k, top_p, skip_model_at):
     from tests.decoding.test_speculative import V_SMALL
     tg, ts, cfg = make_target("gemma3", vocab_size=V_SMALL)
-    hg, hs = _hybrid(cfg, 2)
+    hg, hs = _hybrid(cfg, 2, skip_model_at=skip_model_at)
     params = SamplingParams.create(1, 1.0, top_k, top_p)
     mode = FilterMode.for_params(top_k, top_p)
     prompt = [1, 2, 1, 2, 1]

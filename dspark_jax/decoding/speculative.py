@@ -111,9 +111,12 @@ MAX_PLAIN_RUN = 16  # the longest run of plain rounds between two drafted rounds
 @dataclasses.dataclass(frozen=True)
 class _Rounds:
     """What every round of one call shares: the merged modules, sampling settings and the width / cost
-    configuration (fixed while tracing). `start` prefills; `step` runs one round."""
+    configuration (fixed while tracing). `start` prefills; `step` runs one round. `head`: the drafter's output
+    embedding rows (`head_matrix`), gathered once per call, outside the loop (a 16k-row gather from the
+    target's 262k-row embedding costs more than the draft layer itself on a CPU)."""
     target: nnx.Module
     drafter: nnx.Module
+    head: jax.Array | None
     params: SamplingParams
     mode: FilterMode
     stops: jax.Array
@@ -166,7 +169,7 @@ class _Rounds:
         active = ~c.done
         k_draft = position_keys(c.keys, c.start, DRAFT)
         prop = drafter.propose(target, c.drafter_state, c.anchor, c.start, k_draft, self.params, self.mode,
-                               drafter.head_matrix(target))
+                               self.head)
         n_prop = jnp.minimum(proposal_lengths(prop.confidence, self.threshold), prop.num_drafted)
         n_prop = jnp.where(c.done, 0, n_prop)
 
@@ -254,7 +257,7 @@ def _rounds(target_graphdef, target_state, drafter_graphdef, drafter_state, para
         raise ValueError(f"one verify cost per width needed: {len(widths)} widths, {len(verify_costs)} costs")
     if plain_cost is not None and not (verify_costs is not None and plain_cost > 0):
         raise ValueError(f"plain_cost needs verify_costs and must be > 0, got {plain_cost}")
-    return _Rounds(target=target, drafter=drafter, params=params, mode=mode,
+    return _Rounds(target=target, drafter=drafter, head=drafter.head_matrix(target), params=params, mode=mode,
                    stops=jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32), threshold=confidence_threshold,
                    max_new_tokens=max_new_tokens, widths=widths, costs=verify_costs,
                    plain_cost=plain_cost)

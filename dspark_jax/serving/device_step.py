@@ -76,11 +76,17 @@ def _set_rows(full, rows, slots):
     return jax.tree.map(lambda f, r: f.at[slots].set(r.astype(f.dtype)), full, rows)
 
 
-def admit(target_graphdef, target_state, drafter_graphdef, drafter_state, state: EngineState, slots: jax.Array,
+def head_matrix(target_graphdef, target_state, drafter_graphdef, drafter_state) -> jax.Array | None:
+    """The drafter's output-embedding rows (`head_matrix`; None for lookup): gathered once per engine and passed
+    to every `admit` / `step` (gathered inside each step it costs more than the draft layer on a CPU)."""
+    return nnx.merge(drafter_graphdef, drafter_state).head_matrix(nnx.merge(target_graphdef, target_state))
+
+
+def admit(target_graphdef, target_state, drafter_graphdef, drafter_state, head, state: EngineState, slots: jax.Array,
           prompts: jax.Array, prompt_lens: jax.Array, params: SamplingParams, max_new_tokens: jax.Array,
           keys: jax.Array, stops: jax.Array, *, mode: FilterMode) -> tuple[EngineState, jax.Array, jax.Array, jax.Array]:
     """Prefills right-padded prompts [n, P] into `slots` [n]; samples each first token; drafts each first
-    proposal. params: batch-n SamplingParams; keys [n]: the requests' keys (`sampling.keys.request_keys`).
+    proposal (head: `head_matrix`'s output). params: batch-n SamplingParams; keys [n]: the requests' keys (`sampling.keys.request_keys`).
     Returns (state, first tokens [n], already finished [n], non-finite prefill logits [n] — such a request is
     not activated and must end with an error)."""
     check_batch(prompts, prompt_lens, params)
@@ -94,7 +100,7 @@ def admit(target_graphdef, target_state, drafter_graphdef, drafter_state, state:
     logits, out = prefill(target, prompts, lens, max_len, tap_layers=drafter.config.target_layer_ids)
     first = sample(k_first, logits, params, mode)
     drafter_state = drafter.prefill(target, drafter.init_state(n, max_len), concat_taps(out.taps), prompts, lens)
-    prop = drafter.propose(target, drafter_state, first, lens, k_draft, params, mode, drafter.head_matrix(target))
+    prop = drafter.propose(target, drafter_state, first, lens, k_draft, params, mode, head)
     nonfinite = ~jnp.all(jnp.isfinite(logits), axis=-1)
     finished = jnp.isin(first, stops) | (max_new_tokens <= 1) | nonfinite
     state = dataclasses.replace(
@@ -111,10 +117,10 @@ def deactivate(state: EngineState, slot: jax.Array) -> EngineState:
     return dataclasses.replace(state, active=state.active.at[slot].set(False))
 
 
-def step(target_graphdef, target_state, drafter_graphdef, drafter_state, state: EngineState, caps: jax.Array,
+def step(target_graphdef, target_state, drafter_graphdef, drafter_state, head, state: EngineState, caps: jax.Array,
          floors: jax.Array, draft_budget: jax.Array, stops: jax.Array, *, bucket: int, draft: bool, mode: FilterMode
          ) -> tuple[EngineState, StepOutput]:
-    """Verifies the pending proposals and drafts the next ones.
+    """Verifies the pending proposals and drafts the next ones (head: `head_matrix`'s output).
 
     Each active slot verifies its anchor plus ℓ_s drafts, ℓ = the `draft_budget` drafts of highest fresh
     survival product within per-slot caps (`allocate_top_k`; with draft_budget = Σ caps every capped draft is
@@ -144,8 +150,7 @@ def step(target_graphdef, target_state, drafter_graphdef, drafter_state, state: 
     proposal = state.proposal
     if draft:
         proposal = drafter.propose(target, res.drafter_state, res.anchor, start, position_keys(state.keys, start, DRAFT),
-                                   state.params, mode,
-                                   drafter.head_matrix(target))
+                                   state.params, mode, head)
     new = EngineState(target_cache=res.target_cache, drafter_state=res.drafter_state, anchor=res.anchor, start=start, active=still,
                       budget=left, params=state.params, proposal=proposal, keys=state.keys)
     return new, StepOutput(committed=res.committed, count=res.count, verified=jnp.where(active, verified, 0),

@@ -132,7 +132,9 @@ class Engine:
         t, d = self.target, self.drafter
         common = dict(target_graphdef=t.graphdef, target_state=t.state, drafter_graphdef=d.graphdef,
                       drafter_state=d.state)
-        self._dynamic = dict(target_state=t.state, drafter_state=d.state)  # compiled calls omit static args
+        head = jax.jit(device_step.head_matrix, static_argnames=("target_graphdef", "drafter_graphdef"))(**common)
+        common["head"] = head
+        self._dynamic = dict(target_state=t.state, drafter_state=d.state, head=head)  # compiled calls omit static args
         cfg = self.config
         s = cfg.slots
         step_jit = jax.jit(device_step.step, static_argnames=("target_graphdef", "drafter_graphdef", "bucket",

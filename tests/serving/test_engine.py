@@ -195,8 +195,9 @@ def test_scheduled_decoding_is_lossless_at_temperature_one(variant):
     state = device_step.init_engine_state(model, dmodel, S, 16)
     stops = jnp.asarray([-1], jnp.int32)
     static = dict(target_graphdef=tg, drafter_graphdef=dr.graphdef, mode=FilterMode())
+    head = device_step.head_matrix(tg, ts, dr.graphdef, dr.state)
     state, first, _, _ = jax.jit(device_step.admit, static_argnames=tuple(static))(
-        target_state=ts, drafter_state=dr.state, state=state, slots=jnp.arange(S), prompts=jnp.tile(
+        target_state=ts, drafter_state=dr.state, head=head, state=state, slots=jnp.arange(S), prompts=jnp.tile(
             jnp.asarray(prompt, jnp.int32), (S, 1)), prompt_lens=jnp.full((S,), 3), params=params,
         max_new_tokens=jnp.full((S,), N_NEW), keys=jax.random.split(jax.random.key(7), S), stops=stops, **static)
     step = jax.jit(device_step.step, static_argnames=tuple(static) + ("bucket", "draft"))
@@ -213,7 +214,7 @@ def test_scheduled_decoding_is_lossless_at_temperature_one(variant):
             caps = np.where(act, 2, 0)
             budget = capacity(stale[act], table) if stale is not None else S // 2
         stale = conf
-        state, out = step(target_state=ts, drafter_state=dr.state, state=state, caps=jnp.asarray(caps, jnp.int32),
+        state, out = step(target_state=ts, drafter_state=dr.state, head=head, state=state, caps=jnp.asarray(caps, jnp.int32),
                           floors=jnp.zeros((S,), jnp.float32), draft_budget=jnp.int32(budget), stops=stops,
                           bucket=3 * S, draft=True, **static)
         count = np.asarray(out.count)

@@ -21,12 +21,19 @@ def softmax_stats(z: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 @functools.partial(jax.jit, static_argnames='mode')
 def token_probs(logits: jax.Array, params: SamplingParams, mode: FilterMode) -> jax.Array:
-    """The distribution a token is drawn from: softmax of the filtered logits, one-hot argmax if greedy."""
-    z = filter_logits(logits, params, mode)
-    m, inv_sum = softmax_stats(z)
-    probs = jnp.exp(z - m[:, None]) * inv_sum[:, None]
+    """The distribution a token is drawn from: softmax of the filtered logits, one-hot argmax if greedy (a batch
+    of greedy rows skips the filter and softmax)."""
+    greedy_rows = params.temperature == 0
+
+    def filtered(x):
+        z = filter_logits(x, params, mode)
+        m, inv_sum = softmax_stats(z)
+        return jnp.exp(z - m[:, None]) * inv_sum[:, None]
+
+    dtype = jax.eval_shape(filtered, logits).dtype
+    probs = jax.lax.cond(jnp.all(greedy_rows), lambda x: jnp.zeros(x.shape, dtype), filtered, logits)
     greedy = jax.nn.one_hot(fast_argmax(logits), logits.shape[-1], dtype=jnp.float32)
-    return jnp.where((params.temperature == 0)[:, None], greedy, probs)
+    return jnp.where(greedy_rows[:, None], greedy, probs)
 
 
 def top_k_candidates(logits: jax.Array, params: SamplingParams, mode: FilterMode
@@ -53,12 +60,16 @@ def sample(key: jax.Array, logits: jax.Array, params: SamplingParams, mode: Filt
     def full_row(key):
         return categorical(key, filter_logits(logits, params, mode))
 
-    if mode.all_top_k and mode.max_top_k:
-        ids, z, complete = top_k_candidates(logits, params, mode)
-        drawn = jax.lax.cond(complete, lambda k: jnp.take_along_axis(ids, categorical(k, z)[:, None], 1)[:, 0],
-                             full_row, key)
-    else:
-        drawn = full_row(key)
+    def draw(key):
+        if mode.all_top_k and mode.max_top_k:
+            ids, z, complete = top_k_candidates(logits, params, mode)
+            return jax.lax.cond(complete, lambda k: jnp.take_along_axis(ids, categorical(k, z)[:, None], 1)[:, 0],
+                                full_row, key)
+        return full_row(key)
+
     greedy_rows = params.temperature == 0
+    # a batch of greedy rows draws no noise (the Gumbel draw costs a random number per vocabulary entry)
+    drawn = jax.lax.cond(jnp.all(greedy_rows), lambda k: jnp.zeros(logits.shape[:1], jnp.int32),
+                         lambda k: draw(k).astype(jnp.int32), key)
     greedy = jax.lax.cond(jnp.any(greedy_rows), fast_argmax, lambda x: jnp.zeros(x.shape[:1], jnp.int32), logits)
     return jnp.where(greedy_rows, greedy, drawn).astype(jnp.int32)

@@ -60,6 +60,13 @@ def test_greedy_rows_are_argmax_and_one_hot():
     assert probs[0].argmax() == int(jnp.argmax(logits[0])) and probs[0].max() == 1.0
     toks = [int(sample(jax.random.key(i), logits, params, FilterMode())[0]) for i in range(5)]
     assert set(toks) == {int(jnp.argmax(logits[0]))}
+    # an all-greedy batch (which skips the noise and the softmax) gives the same rows as in a mixed batch
+    greedy = SamplingParams.create(2, 0.0)
+    for mode in (FilterMode(), FilterMode(max_top_k=4, top_p=True)):
+        np.testing.assert_array_equal(np.asarray(token_probs(logits, greedy, mode)),
+                                      np.asarray(jax.nn.one_hot(jnp.argmax(logits, -1), 30)))
+        np.testing.assert_array_equal(np.asarray(sample(jax.random.key(0), logits, greedy, mode)),
+                                      np.asarray(jnp.argmax(logits, -1)))
 
 
 def test_sample_frequencies_follow_filtered_distribution():

@@ -35,14 +35,21 @@ def describe_run(run: Path) -> dict:
     from dspark_jax.training.target_cache import TargetCache
     meta = json.loads((run / "run.json").read_text())
     tc, dc = meta["train_config"], meta["drafter_config"]
-    cache = TargetCache.open(meta["cache"])
-    n = min(tc.get("max_sequences") or len(cache), len(cache))
-    data = cache.first(n)
+    if "data" in meta:  # what the run trained on, recorded by the trainer
+        n, tokens = meta["data"]["sequences"], meta["data"]["response_tokens"]
+    else:  # an older run: its cache's first sequences, if the cache has not grown since
+        cache = TargetCache.open(meta["cache"])
+        n = min(tc.get("max_sequences") or len(cache), len(cache))
+        if n // tc["batch_size"] != meta["steps_per_epoch"]:
+            raise ValueError(f"{run}: its cache {meta['cache']} changed since the run ({n} sequences do not give "
+                             f"{meta['steps_per_epoch']} steps per epoch); add \"data\": {{\"sequences\": N, "
+                             f"\"response_tokens\": T}} to its run.json")
+        tokens = cache.first(n).num_loss_tokens
     quality = last_heldout(run)
     return dict(run=str(run), algorithm=tc["algorithm"], num_layers=tc["num_layers"],
                 tapped_layers=list(dc["target_layer_ids"]), draft_vocab_size=tc["draft_vocab_size"],
                 lookup_inputs=tc.get("lookup_inputs", 0), epochs=tc["epochs"], steps=meta["total_steps"],
-                sequences=n, response_tokens=data.num_loss_tokens, heldout=quality)
+                sequences=n, response_tokens=int(tokens), heldout=quality)
 
 
 def main() -> None:

@@ -210,7 +210,8 @@ class Trainer:
                     target=dict(name=self.target.config.name, fingerprint=self.target.config.fingerprint(),
                                 source=self.target.source),
                     cache=str(getattr(self.cache, "path", "")), total_steps=self.total_steps,
-                    steps_per_epoch=self.steps_per_epoch)
+                    steps_per_epoch=self.steps_per_epoch,
+                    data=dict(sequences=len(self.cache), response_tokens=int(self.cache.num_loss_tokens)))
         if is_primary():
             (self.workdir / "run.json").write_text(json.dumps(meta, indent=2))
 

@@ -66,6 +66,8 @@ def test_loss_falls_and_target_is_frozen(target, cache, tmp_path):
     names = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(drafter.state)}
     assert not any("embed_tokens" in n or "lm_head" in n for n in names)
     assert (tmp_path / "tensorboard").is_dir() and any((tmp_path / "tensorboard").iterdir())
+    run = json.loads((tmp_path / "run.json").read_text())  # what the run trained on, for learning curves
+    assert run["data"] == {"sequences": len(cache), "response_tokens": int(cache.num_loss_tokens)}
 
 
 def test_heldout_quality_is_logged_and_rises(target, cache, tmp_path):

@@ -56,7 +56,8 @@ def main():
     from dspark_jax.data import eval_dataset_path, read_first_turns
     from dspark_jax.drafters.factory import load_drafter
     from dspark_jax.evaluation.lookup_simulation import simulated_tau
-    from dspark_jax.generation import GenerationConfig, generate_text, pooled_accept_length, throughput
+    from dspark_jax.generation import (GenerationConfig, generate_text, pooled_accept_length,
+                                      release_compiled_programs, throughput)
     from dspark_jax.target import load_target
     from dspark_jax.training.responses import format_prompt
     from dspark_jax.utils.machine import describe_machine
@@ -114,6 +115,7 @@ def main():
                                  speedup=tps(res) / base, identical_to_plain=same))
                 print(f"{name:<10} {bs:>5} {spec:<16} {tps(res):9.1f} {tau:6.2f} {tps(res) / base:9.2f} "
                       f"{str(same):>5}", flush=True)
+                release_compiled_programs()  # every drafter × width × profile compiles its own programs
             if hf is not None and bs == 1:
                 ids = [target.tokenizer.encode(p, add_bos=True) for p in prompts]
                 pad = target.config.pad_token_id

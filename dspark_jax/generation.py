@@ -188,6 +188,16 @@ def _compiled(fn, static: dict, args: dict):
     return _EXECUTABLES[key]
 
 
+def release_compiled_programs() -> None:
+    """Drops every compiled XLA program: this module's executables and JAX's caches. A process that compiles
+    many (drafters × widths × profiles, a test suite) otherwise exhausts the kernel's memory-map limit
+    (vm.max_map_count) and XLA:CPU aborts while compiling."""
+    import gc
+    _EXECUTABLES.clear()
+    jax.clear_caches()
+    gc.collect()
+
+
 def batch_seconds(results: Sequence[Completion], batch_size: int) -> float:
     """Wall time of all batches (each batch's prompts share its time; compilation excluded)."""
     bs = min(batch_size, len(results))

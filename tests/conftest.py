@@ -33,14 +33,8 @@ def _release_compiled_programs():
     kept alive in one process, their code mappings approach the kernel's vm.max_map_count and XLA:CPU
     aborts while compiling late tests."""
     yield
-    import gc
-
-    import jax
-
-    from dspark_jax import generation
-    generation._EXECUTABLES.clear()
-    jax.clear_caches()
-    gc.collect()
+    from dspark_jax.generation import release_compiled_programs
+    release_compiled_programs()
 
 
 @pytest.fixture(scope="session")

@@ -28,8 +28,8 @@ from dspark_jax.target import Target
 from dspark_jax.utils.files import atomic_write_text, cache_dir
 from dspark_jax.utils.machine import describe_machine
 
-FORMAT_VERSION = 4  # 1: verification forward + proposal timed apart; 2: a 64-token prompt's cache for every run;
-# 3: every timing included a prefill
+FORMAT_VERSION = 5  # 1: verification forward + proposal timed apart; 2: a 64-token prompt's cache for every run;
+# 3: every timing included a prefill; 4: 2–8-row logits through XLA:CPU's GEMM (`models.output_head`)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,6 +12,7 @@ from flax import nnx
 from dspark_jax.models.config import TransformerConfig
 from dspark_jax.models.kv_cache import KVCache
 from dspark_jax.models.layers import DecoderLayer, RMSNorm, param
+from dspark_jax.models.output_head import tied_logits
 from dspark_jax.parallel.placement import put
 
 
@@ -46,7 +47,7 @@ class Transformer(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Float32 logits from final-normed hidden states (tied or untied head, optional soft-cap)."""
         if self.lm_head is None:
-            out = jnp.einsum("...d,vd->...v", hidden, self.embed_tokens[...], preferred_element_type=jnp.float32)
+            out = tied_logits(hidden, self.embed_tokens[...])
         else:
             out = jnp.einsum("...d,dv->...v", hidden, self.lm_head[...], preferred_element_type=jnp.float32)
         cap = self.config.final_logit_softcapping

@@ -1,0 +1,70 @@
+"""The output head (tied embedding, 262,144 × 640 for Gemma 3 270M) at each row count: XLA's einsum vs
+`models.output_head.tied_logits` (a fused multiply-and-sum loop for 2–8 rows on CPU), and the whole verification
+forward (18 layers + head) at each width, on the embedded target.
+
+    python benchmarks/lm_head.py [--rows 1,2,3,4,6,8,12,16] [--widths 1,2,4,8] [--repeats 15]
+
+Rows = requests × verified tokens. Median of --repeats jitted calls after warm-up; ratios are to one row in the same
+run. The forward is timed with the model's own `logits` (so with `tied_logits`) and a 512-row KV cache.
+"""
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dspark_jax.utils.timing import median_seconds
+
+
+def main():
+    from dspark_jax.models.kv_cache import init_cache
+    from dspark_jax.models.output_head import tied_logits, uses_fused_loop
+    from dspark_jax.target import load_target
+    from dspark_jax.utils.machine import describe_machine
+    from dspark_jax.utils.results import write_result
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", default="1,2,3,4,6,8,12,16")
+    ap.add_argument("--widths", default="1,2,4,8")
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--output", default="benchmarks/results/lm_head.json")
+    args = ap.parse_args()
+
+    target = load_target(None)
+    table = target.state["embed_tokens"][...]
+    einsum = jax.jit(lambda h, t: jnp.einsum("...d,vd->...v", h, t, preferred_element_type=jnp.float32))
+    fused = jax.jit(tied_logits)
+    print(f"machine: {describe_machine()}; table {tuple(table.shape)} {table.dtype}")
+    print(f"{'rows':>4} {'einsum ms':>10} {'tied_logits ms':>15} {'path':>7} {'gain':>6}")
+    head_rows = []
+    for n in [int(r) for r in args.rows.split(",")]:
+        h = jax.random.normal(jax.random.key(n), (n, table.shape[1]), jnp.float32)
+        a = median_seconds(lambda: einsum(h, table), args.repeats)
+        b = median_seconds(lambda: fused(h, table), args.repeats)
+        path = "fused" if uses_fused_loop(n) else "einsum"
+        head_rows.append({"rows": n, "einsum_ms": a * 1e3, "tied_logits_ms": b * 1e3, "path": path})
+        print(f"{n:>4} {a * 1e3:>10.1f} {b * 1e3:>15.1f} {path:>7} {a / b:>5.2f}x", flush=True)
+
+    @jax.jit
+    def forward(state, tokens, cache):
+        model = nnx.merge(target.graphdef, state)
+        start = jnp.full((tokens.shape[0],), 100, jnp.int32)
+        out = model(tokens, start[:, None] + jnp.arange(tokens.shape[1])[None], cache, start)
+        return model.logits(out.hidden)
+
+    cache = init_cache(target.config, 1, 512, jnp.float32)
+    print(f"\n{'width':>5} {'forward ms':>11} {'x width 1':>10}")
+    fwd_rows = []
+    for w in [int(x) for x in args.widths.split(",")]:
+        tokens = jnp.full((1, w), 7, jnp.int32)
+        s = median_seconds(lambda: forward(target.state, tokens, cache), args.repeats)
+        fwd_rows.append({"width": w, "forward_ms": s * 1e3})
+        print(f"{w:>5} {s * 1e3:>11.1f} {s / (fwd_rows[0]['forward_ms'] / 1e3):>9.2f}x", flush=True)
+    write_result(args.output, {"machine": describe_machine(), "backend": jax.default_backend(),
+                               "table_shape": list(table.shape), "head": head_rows, "forward": fwd_rows})
+
+
+if __name__ == "__main__":
+    main()

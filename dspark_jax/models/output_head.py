@@ -1,0 +1,38 @@
+"""Logits through a tied output embedding, without XLA:CPU's few-row matmul cliff.
+
+On XLA:CPU a dot of 2–8 rows against a large table leaves the single-row (GEMV) kernel for Eigen's GEMM, which
+packs the whole table on every call: for Gemma 3's 262,144 × 640 embedding, 2 rows cost ~2.5x one row and 8 rows
+~2.8x (`benchmarks/lm_head.py`). A verification round at batch 1 computes exactly 2–8 rows (the draft plus the
+bonus position), so the cliff made every drafted round cost twice a plain step before any token was accepted.
+Written as a broadcast multiply and a sum over the embedding axis, the product is one fused loop that streams the
+table once per call: ~1.6x cheaper than the GEMM at those row counts. Other row counts and other backends keep the
+einsum (GPU/TPU matmul units do not have this cliff).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+FUSED_ROWS = range(2, 9)  # row counts for which the fused loop beats XLA:CPU's GEMM (benchmarks/lm_head.py)
+
+
+def uses_fused_loop(rows: int, backend: str | None = None) -> bool:
+    """Whether `tied_logits` computes `rows` rows with the fused loop on `backend` (default: JAX's default)."""
+    return (backend or jax.default_backend()) == "cpu" and rows in FUSED_ROWS
+
+
+def tied_logits(hidden: jax.Array, table: jax.Array) -> jax.Array:
+    """hidden [..., d] · table [V, d]ᵀ → float32 logits [..., V]; equal to
+    `einsum("...d,vd->...v", preferred_element_type=float32)` up to float summation order."""
+    if hidden.shape[-1] != table.shape[-1]:
+        raise ValueError(f"hidden size {hidden.shape[-1]} does not match the table's {table.shape[-1]}")
+    lead = hidden.shape[:-1]
+    rows = 1
+    for n in lead:
+        rows *= n
+    if not uses_fused_loop(rows):
+        return jnp.einsum("...d,vd->...v", hidden, table, preferred_element_type=jnp.float32)
+    flat = hidden.reshape(rows, hidden.shape[-1]).astype(jnp.float32)
+    # [V, rows] with the vocabulary outermost: each table row is read once and used for every hidden row.
+    out = (table.astype(jnp.float32)[:, None, :] * flat[None, :, :]).sum(-1)
+    return out.T.reshape(*lead, table.shape[0])

@@ -5,12 +5,6 @@ unit of verification cost (DSpark §5's scheduler objective Θ = τ · SPS, for 
 Notation: c [B, G] calibrated per-position confidences, a_{b,j} = Π_{i<=j} c_{b,i}; at width w request b
 verifies ℓ_b(w) = min(n_b, w − 1) drafts and is expected to commit 1 + Σ_{j<ℓ_b(w)} a_{b,j} tokens; a round at
 width w costs cost(w) (seconds, or relative to width 1 — only ratios matter).
-
-Trust (our addition, not in the paper): confidences calibrated on one distribution over-promise on another
-(the shipped drafter on chat prompts). Each request keeps decayed sums of the drafts it had accepted and of the
-drafts its confidences expected over its earlier rounds (decayed every round, so a request that stopped drafting
-drifts back to trust 1 and tries again); trust_b = (accepted + prior) / (expected + prior) scales its expected gain
-Σ_j a_{b,j}. It reads only finished rounds, so the choice stays lossless.
 """
 from __future__ import annotations
 
@@ -26,67 +20,38 @@ def covering_width(num_drafts: jax.Array, widths: tuple[int, ...]) -> jax.Array:
     return jnp.minimum(jnp.searchsorted(jnp.asarray(widths), need), len(widths) - 1).astype(jnp.int32)
 
 
-TRUST_DECAY = 0.9  # per round: the sums remember ~10 rounds
-TRUST_PRIOR = 2.0  # draft tokens added to both sums: trust starts at 1 and moves with evidence
-
-
-def _prefix_gain(confidence: jax.Array) -> jax.Array:
-    """[B, G+1]: entry n = Σ_{j<n} a_{b,j}, the expected accepted drafts when the first n are verified."""
-    a = jnp.cumprod(jnp.clip(confidence.astype(jnp.float32), 0.0, 1.0), axis=1)  # [B, G]
-    return jnp.concatenate([jnp.zeros_like(a[:, :1]), jnp.cumsum(a, axis=1)], axis=1)
-
-
-def expected_accepted(confidence: jax.Array, num_verified: jax.Array) -> jax.Array:
-    """[B] expected accepted drafts when request b verifies its first num_verified[b] drafts: Σ_{j<n_b} a_{b,j}."""
-    return jnp.take_along_axis(_prefix_gain(confidence), num_verified[:, None].astype(jnp.int32), axis=1)[:, 0]
-
-
-def trust(accepted_sum: jax.Array, expected_sum: jax.Array) -> jax.Array:
-    """[B] realized / expected accepted drafts of earlier rounds, with TRUST_PRIOR on both sides."""
-    return (accepted_sum + TRUST_PRIOR) / (expected_sum + TRUST_PRIOR)
-
-
-def updated_trust_sums(accepted_sum: jax.Array, expected_sum: jax.Array, accepted: jax.Array,
-                       expected: jax.Array, active: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The sums [B] after a round: decayed and incremented by this round's accepted / expected drafts [B] where
-    active [B] (a plain round adds zeros)."""
-    step = lambda s, x: jnp.where(active, TRUST_DECAY * s + x, s)  # noqa: E731
-    return step(accepted_sum, accepted.astype(jnp.float32)), step(expected_sum, expected.astype(jnp.float32))
-
-
 def expected_committed(confidence: jax.Array, num_drafts: jax.Array, active: jax.Array,
-                       widths: tuple[int, ...], trust: jax.Array | float = 1.0) -> jax.Array:
+                       widths: tuple[int, ...]) -> jax.Array:
     """[len(widths)] expected tokens committed by the active requests in one round at each width:
-    Σ_b active_b (1 + min(ℓ_b, trust_b · Σ_{j < ℓ_b} a_{b,j})), ℓ_b = min(n_b, w − 1); trust scalar or [B]."""
-    prefix = _prefix_gain(confidence)
-    g = prefix.shape[1] - 1
+    Σ_b active_b (1 + Σ_{j < min(n_b, w − 1)} a_{b,j})."""
+    a = jnp.cumprod(jnp.clip(confidence.astype(jnp.float32), 0.0, 1.0), axis=1)  # [B, G]
+    prefix = jnp.concatenate([jnp.zeros_like(a[:, :1]), jnp.cumsum(a, axis=1)], axis=1)  # [B, G+1]
+    g = a.shape[1]
     lengths = jnp.minimum(num_drafts[:, None], jnp.minimum(jnp.asarray(widths) - 1, g)[None])  # [B, W]
-    scale = jnp.reshape(jnp.asarray(trust, jnp.float32), (-1, 1))
-    gain = jnp.minimum(scale * jnp.take_along_axis(prefix, lengths, axis=1), lengths)
+    gain = jnp.take_along_axis(prefix, lengths, axis=1)
     return jnp.sum(jnp.where(active[:, None], 1.0 + gain, 0.0), axis=0)
 
 
 def width_rates(confidence: jax.Array, num_drafts: jax.Array, active: jax.Array, widths: tuple[int, ...],
-                costs: tuple[float, ...], trust: jax.Array | float = 1.0) -> jax.Array:
+                costs: tuple[float, ...]) -> jax.Array:
     """[len(widths)] expected committed tokens per unit cost of this round at each width up to the covering
     width, −inf beyond it (wider widths verify nothing more). Shapes as in `choose_width`."""
     cover = covering_width(num_drafts, widths)
-    rate = expected_committed(confidence, num_drafts, active, widths, trust) / jnp.asarray(costs, jnp.float32)
+    rate = expected_committed(confidence, num_drafts, active, widths) / jnp.asarray(costs, jnp.float32)
     return jnp.where(jnp.arange(len(widths)) <= cover, rate, -jnp.inf)
 
 
 def choose_width(confidence: jax.Array, num_drafts: jax.Array, active: jax.Array, widths: tuple[int, ...],
-                 costs: tuple[float, ...] | None, trust: jax.Array | float = 1.0) -> jax.Array:
+                 costs: tuple[float, ...] | None) -> jax.Array:
     """Index into `widths` of this round's verification width.
 
     costs None: the covering width (verify everything proposed). Otherwise the width with the largest
     expected committed tokens / cost among those up to the covering width (ties → the narrower one).
-    Lossless: the choice reads only confidences, proposal lengths and earlier rounds (trust), known before any
-    draft is verified. Shapes: confidence [B, G], num_drafts [B] (0..G), active [B] bool, trust scalar or [B]
-    (`trust`); widths ascending, widths[0] = 1."""
+    Lossless: the choice reads only confidences and proposal lengths, known before any draft is verified.
+    Shapes: confidence [B, G], num_drafts [B] (0..G), active [B] bool; widths ascending, widths[0] = 1."""
     if costs is None:
         return covering_width(num_drafts, widths)
-    return jnp.argmax(width_rates(confidence, num_drafts, active, widths, costs, trust)).astype(jnp.int32)
+    return jnp.argmax(width_rates(confidence, num_drafts, active, widths, costs)).astype(jnp.int32)
 
 
 def efficient_widths(widths: tuple[int, ...], costs: tuple[float, ...], max_widths: int = 5

@@ -15,8 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dspark_jax.decoding.autoregressive import prefill
-from dspark_jax.decoding.draft_length import (choose_width, expected_accepted, proposal_lengths, trust,
-                                              updated_trust_sums, width_rates)
+from dspark_jax.decoding.draft_length import choose_width, proposal_lengths, width_rates
 from dspark_jax.decoding.verification import concat_taps, verify_round
 from dspark_jax.drafters.base import Proposal
 from dspark_jax.models.layout import dense_layout
@@ -51,8 +50,7 @@ class SpecState:
     """The loop's carry: keys [B] per request; anchor [B] the last committed token, at position start [B];
     the target's KV cache and the drafter's state; tokens [B, max_new + G + 1] generated so far (num_generated
     [B] valid); done [B]; rounds [B]; stats; nonfinite [B] (see SpecOutput); the plain-round gate's scalars:
-    plain_left (plain rounds before the next drafted one) and backoff (the next plain run's length); the
-    width choice's trust sums [B] (decayed accepted and expected drafts of earlier rounds, `draft_length.trust`)."""
+    plain_left (plain rounds before the next drafted one) and backoff (the next plain run's length)."""
     keys: jax.Array
     anchor: jax.Array
     start: jax.Array
@@ -66,8 +64,6 @@ class SpecState:
     nonfinite: jax.Array
     plain_left: jax.Array
     backoff: jax.Array
-    accepted_sum: jax.Array
-    expected_sum: jax.Array
 
 
 @jax.tree_util.register_dataclass
@@ -152,8 +148,7 @@ class _Rounds:
                          num_generated=jnp.ones((b,), jnp.int32),
                          done=jnp.isin(first, self.stops) | (self.max_new_tokens <= 1) | ~finite,
                          rounds=jnp.zeros((b,), jnp.int32), stats=RoundStats.zeros(b, self.max_new_tokens, g),
-                         nonfinite=~finite, plain_left=jnp.int32(0), backoff=jnp.int32(1),
-                         accepted_sum=jnp.zeros((b,), jnp.float32), expected_sum=jnp.zeros((b,), jnp.float32))
+                         nonfinite=~finite, plain_left=jnp.int32(0), backoff=jnp.int32(1))
 
     def step(self, c: SpecState) -> SpecState:
         """One round. With the gate on, a round drafts only when the last drafted round expected drafting to
@@ -183,19 +178,15 @@ class _Rounds:
 
         plain_left, backoff = c.plain_left, c.backoff
         if choice is None:
-            tr = trust(c.accepted_sum, c.expected_sum)
-            choice = choose_width(prop.confidence, n_prop, active, self.widths, self.costs, tr)
+            choice = choose_width(prop.confidence, n_prop, active, self.widths, self.costs)
             if self.gate:
-                rate = width_rates(prop.confidence, n_prop, active, self.widths, self.costs, tr)[choice]
+                rate = width_rates(prop.confidence, n_prop, active, self.widths, self.costs)[choice]
                 pays = rate > jnp.sum(active) / self.plain_cost  # a tie: drafting gains nothing
                 plain_left = jnp.where(pays, 0, backoff).astype(jnp.int32)
                 backoff = jnp.where(pays, 1, jnp.minimum(2 * backoff, MAX_PLAIN_RUN)).astype(jnp.int32)
         res = jax.lax.switch(choice, [at_width(w) for w in self.widths])
         n_prop = jnp.minimum(n_prop, jnp.asarray(self.widths)[choice] - 1)
-        accepted_sum, expected_sum = updated_trust_sums(c.accepted_sum, c.expected_sum, res.num_accepted,
-                                                        expected_accepted(prop.confidence, n_prop), active)
-        c = dataclasses.replace(c, plain_left=plain_left, backoff=backoff, accepted_sum=accepted_sum,
-                                expected_sum=expected_sum)
+        c = dataclasses.replace(c, plain_left=plain_left, backoff=backoff)
         return self._commit(c, res, n_prop, prop.confidence, prop.confidence_logits)
 
     def plain(self, c: SpecState) -> SpecState:
@@ -207,9 +198,7 @@ class _Rounds:
         empty = Proposal(tokens=zeros, draft_index=zeros, p_draft=None, confidence=jnp.zeros((b, 0), jnp.float32),
                          confidence_logits=jnp.zeros((b, 0), jnp.float32), length=jnp.zeros((b,), jnp.int32))
         res = self._verify(c, empty, jnp.zeros((b,), jnp.int32), 1)
-        none = jnp.zeros((b,), jnp.float32)
-        accepted_sum, expected_sum = updated_trust_sums(c.accepted_sum, c.expected_sum, none, none, ~c.done)
-        c = dataclasses.replace(c, plain_left=c.plain_left - 1, accepted_sum=accepted_sum, expected_sum=expected_sum)
+        c = dataclasses.replace(c, plain_left=c.plain_left - 1)
         no_conf = jnp.zeros((b, g), jnp.float32)
         return self._commit(c, res, jnp.zeros((b,), jnp.int32), no_conf, no_conf)
 
@@ -290,8 +279,7 @@ def speculative_generate(target_graphdef: nnx.GraphDef, target_state: nnx.State,
     from 1 to at most G + 1; default (1, G + 1): a round where nothing was drafted is a plain step), each
     compiled once. Without `verify_costs` a round takes the narrowest width holding every proposal; with
     them (one per width: seconds of a whole round, `round_costs.profile_round_costs`) the one with the most
-    expected committed tokens per second (`decoding.draft_length.width_rates`, hardware-aware draft length),
-    each request's expected gain scaled by its trust (realized / expected drafts of its earlier rounds).
+    expected committed tokens per second (`decoding.draft_length.width_rates`, hardware-aware draft length).
     With `plain_cost` too (seconds of a round without a proposal), rounds skip the drafter while drafting is
     expected to lose to plain decoding (`_Rounds.step`). Raises ValueError on inconsistent widths / costs."""
     check_batch(prompts, prompt_lens, params)

@@ -1,7 +1,5 @@
 """A test drafter that proposes with the target itself: every proposal must be accepted, so the loop's
-bookkeeping (rounds, commits, rollback, stop tokens, budget) can be checked exactly. With `wrong=True` it
-proposes the token after the target's greedy choice (never accepted at T = 0) with confidence 1: an
-over-confident drafter."""
+bookkeeping (rounds, commits, rollback, stop tokens, budget) can be checked exactly."""
 from __future__ import annotations
 
 import dataclasses
@@ -23,9 +21,8 @@ class OracleConfig:
 
 
 class OracleDrafter(nnx.Module):
-    def __init__(self, block_size: int, vocab_size: int, wrong: bool = False):
+    def __init__(self, block_size: int, vocab_size: int):
         self.config = OracleConfig(block_size)
-        self.wrong = wrong
         self.vocab_size = vocab_size
         self.full_vocab = True
 
@@ -53,9 +50,6 @@ class OracleDrafter(nnx.Module):
 
         _, (toks, p) = jax.lax.scan(step, (cache, anchor, start), jnp.arange(self.config.block_size))
         toks, p = jnp.swapaxes(toks, 0, 1), jnp.swapaxes(p, 0, 1)
-        if self.wrong:
-            toks = (toks + 1) % self.vocab_size
-            p = jax.nn.one_hot(toks, p.shape[-1], dtype=p.dtype)
         ones = jnp.ones(toks.shape, jnp.float32)
         return Proposal(tokens=toks, draft_index=toks, p_draft=p, confidence=ones, confidence_logits=ones)
 

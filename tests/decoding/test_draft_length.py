@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dspark_jax.decoding import draft_length
 from dspark_jax.decoding.draft_length import choose_width, covering_width, efficient_widths, expected_committed
 from dspark_jax.sampling import FilterMode, SamplingParams
 from tests.drafters.test_ngram import REPETITIVE, _ngram, greedy_plain_and_speculative
@@ -44,47 +43,6 @@ def test_choice_is_the_argmax_of_expected_tokens_per_cost(seed):
     np.testing.assert_allclose(np.asarray(expected_committed(jnp.asarray(conf), jnp.asarray(n), jnp.asarray(active),
                                                              widths)),
                                [_brute_force_rate(conf, n, active, w, 1.0) for w in widths], rtol=1e-5)
-
-
-def test_trust_scales_each_requests_expected_gain():
-    conf = jnp.asarray([[0.9, 0.8, 0.5], [0.6, 0.6, 0.6]])
-    n, active, widths = jnp.asarray([3, 2]), jnp.asarray([True, True]), (1, 2, 4)
-    a = np.cumprod(np.asarray(conf), axis=1)
-    tr = jnp.asarray([0.5, 3.0])
-    want = [2.0, 2 + 0.5 * a[0, 0] + min(1.0, 3.0 * a[1, 0]), 2 + 0.5 * a[0].sum() + min(2.0, 3.0 * a[1, :2].sum())]
-    np.testing.assert_allclose(np.asarray(expected_committed(conf, n, active, widths, tr)), want, rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(draft_length.expected_accepted(conf, n)), [a[0].sum(), a[1, :2].sum()],
-                               rtol=1e-6)
-    zero = jnp.zeros((2,))
-    np.testing.assert_allclose(np.asarray(draft_length.trust(zero, zero)), [1.0, 1.0])
-    acc, exp = draft_length.updated_trust_sums(jnp.asarray([1.0, 4.0]), jnp.asarray([2.0, 4.0]), jnp.asarray([0, 3]),
-                                               jnp.asarray([5.0, 3.0]), jnp.asarray([True, False]))
-    d = draft_length.TRUST_DECAY
-    np.testing.assert_allclose(np.asarray(acc), [d * 1.0, 4.0])
-    np.testing.assert_allclose(np.asarray(exp), [d * 2.0 + 5.0, 4.0])
-
-
-def test_an_over_confident_drafter_loses_trust_and_stops_wasting_rounds():
-    """Confidence 1, never accepted: after failed rounds the loop verifies the anchor alone until the decayed
-    evidence lets it try again — exactly the rule written out in Python, and still the plain output."""
-    from flax import nnx
-    from dspark_jax.testing.oracle_drafter import OracleDrafter
-    tg, ts, cfg = make_target("gemma3")
-    dg, ds = nnx.split(OracleDrafter(5, cfg.vocab_size, wrong=True))
-    widths, costs = (1, 6), (1.0, 2.0)
-    _, spec = greedy_plain_and_speculative(tg, ts, dg, ds, REPETITIVE[:2], 24, verify_widths=widths,
-                                           verify_costs=costs)
-    want, acc, exp = [], 0.0, 0.0
-    for _ in range(23):  # 24 tokens, the first from the prefill, one per round (nothing is ever accepted)
-        tr = (acc + draft_length.TRUST_PRIOR) / (exp + draft_length.TRUST_PRIOR)
-        drafts = 5 if (1 + min(5.0, 5 * tr)) / costs[1] > 1 / costs[0] else 0
-        want.append(drafts)
-        acc, exp = draft_length.TRUST_DECAY * acc, draft_length.TRUST_DECAY * exp + drafts
-    assert 0 < sum(w > 0 for w in want) < 12  # the rule tries again, but far less than every round
-    for b in range(2):
-        assert int(spec.rounds[b]) == 23
-        np.testing.assert_array_equal(np.asarray(spec.proposed)[b, :23], want)
-        assert int(np.asarray(spec.accepted)[b].sum()) == 0
 
 
 def test_choice_on_a_hand_made_table():

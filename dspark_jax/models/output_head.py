@@ -10,6 +10,8 @@ einsum (GPU/TPU matmul units do not have this cliff).
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -27,9 +29,7 @@ def tied_logits(hidden: jax.Array, table: jax.Array) -> jax.Array:
     if hidden.shape[-1] != table.shape[-1]:
         raise ValueError(f"hidden size {hidden.shape[-1]} does not match the table's {table.shape[-1]}")
     lead = hidden.shape[:-1]
-    rows = 1
-    for n in lead:
-        rows *= n
+    rows = math.prod(lead)
     if not uses_fused_loop(rows):
         return jnp.einsum("...d,vd->...v", hidden, table, preferred_element_type=jnp.float32)
     flat = hidden.reshape(rows, hidden.shape[-1]).astype(jnp.float32)

@@ -30,8 +30,9 @@ class GenerationConfig:
     batch_size: int = 8
     attn_impl: str = "reference"  # pallas_kernels.AttentionImpl: reference | pallas | interpret | auto
     # speculative only. "fixed": every round verifies the whole proposal (a round without drafts: one token);
-    # "auto": per round, the width with the most expected committed tokens per second on this machine's
-    # profiled round costs (`round_costs`, `decoding.draft_length`), and plain rounds (no proposal) while
+    # "auto": per round, the verification bucket (rows: anchors + the drafts of highest survival; at batch 1 the
+    # width) with the most expected committed tokens per second on this machine's profiled round costs
+    # (`round_costs`, `decoding.draft_length`), and plain rounds (no proposal) while
     # drafting is expected to lose
     draft_length: str = "fixed"
 
@@ -121,8 +122,8 @@ def decode_batches(target: Target, encoded: Sequence[Sequence[int]], config: Gen
                 raise ValueError("draft_length 'auto' profiles one device; it is not available with a mesh")
             costs = load_or_profile_round_costs(target, drafter, bs, bucket_length(max(len(p) for p in encoded)),
                                                 config.max_new_tokens)
-            widths, seconds = costs.efficient()
-            static.update(verify_widths=widths, verify_costs=seconds, plain_cost=costs.plain)
+            buckets, seconds = costs.efficient()
+            static.update(verify_buckets=buckets, verify_costs=seconds, plain_cost=costs.plain)
     if mesh is not None:
         fixed = {k: shard_state(v, mesh) if k.endswith("state") else replicate(v, mesh) for k, v in fixed.items()}
         params = shard_batch(params, mesh)

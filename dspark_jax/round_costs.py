@@ -1,11 +1,11 @@
-"""Measured cost of one round of the jitted speculative loop at each verification width on this machine, and of
-a plain round (no proposal) — the cost curve behind the loop's hardware-aware draft length
+"""Measured cost of one round of the jitted speculative loop at each verification bucket (total rows, flat) on
+this machine, and of a plain round (no proposal) — the cost curve behind the loop's hardware-aware draft length
 (`decoding.draft_length`, DSpark §5: Θ = τ · SPS).
 
 A round is timed whole, with the loop's own round code (`decoding.speculative.speculative_rounds`): the
 drafter's proposal, the verification forward with its logits, rejection sampling, the drafter's commit and the
 loop's bookkeeping. From one prefilled state, cost(w) = (time of `hi` rounds − time of `lo` rounds) / (hi − lo),
-so the call overhead cancels; widths are interleaved and the median taken over passes.
+so the call overhead cancels; buckets are interleaved and the median taken over passes.
 Costs are profiled once per machine, target, drafter, batch, attention implementation and cache shape (prompt
 bucket, new tokens) and cached as JSON under the user cache directory.
 """
@@ -21,47 +21,50 @@ import time
 import jax
 import jax.numpy as jnp
 
-from dspark_jax.decoding.draft_length import efficient_widths
+from dspark_jax.decoding.draft_length import efficient_buckets, profile_buckets
 from dspark_jax.decoding.speculative import speculative_rounds, speculative_start
 from dspark_jax.sampling import SamplingParams
 from dspark_jax.target import Target
 from dspark_jax.utils.files import atomic_write_text, cache_dir
 from dspark_jax.utils.machine import describe_machine
 
-FORMAT_VERSION = 5  # 1: verification forward + proposal timed apart; 2: a 64-token prompt's cache for every run;
-# 3: every timing included a prefill; 4: 2–8-row logits through XLA:CPU's GEMM (`models.output_head`)
+FORMAT_VERSION = 6  # 1: verification forward + proposal timed apart; 2: a 64-token prompt's cache for every run;
+# 3: every timing included a prefill; 4: 2–8-row logits through XLA:CPU's GEMM (`models.output_head`);
+# 5: dense widths (every request anchor + w − 1 rows) instead of flat buckets
 
 
 @dataclasses.dataclass(frozen=True)
 class RoundCosts:
-    """seconds[i]: one round verifying widths[i] tokens per request at `batch` requests (proposal and
-    bookkeeping included); plain: one round without a proposal (the drafter's propose skipped)."""
+    """seconds[i]: one round verifying a flat bucket of buckets[i] rows (anchors + drafts) at `batch` requests
+    (proposal and bookkeeping included); plain: one round without a proposal (the drafter's propose skipped).
+    At batch 1 a bucket is the verification width."""
     batch: int
-    widths: tuple[int, ...]
+    buckets: tuple[int, ...]
     seconds: tuple[float, ...]
     plain: float
     machine: str = ""
 
-    def efficient(self, max_widths: int = 5) -> tuple[tuple[int, ...], tuple[float, ...]]:
-        """(widths, seconds) worth compiling into the loop (`draft_length.efficient_widths`)."""
-        return efficient_widths(self.widths, self.seconds, max_widths)
+    def efficient(self, max_buckets: int = 5) -> tuple[tuple[int, ...], tuple[float, ...]]:
+        """(buckets, seconds) worth compiling into the loop (`draft_length.efficient_buckets`)."""
+        return efficient_buckets(self.buckets, self.seconds, max_buckets)
 
 
-def _profile_key(target: Target, drafter, batch: int, widths: tuple[int, ...], cache_shape: tuple[int, int]) -> str:
-    raw = json.dumps([FORMAT_VERSION, describe_machine(), target.source, str(target.state_dtype), batch, list(widths),
+def _profile_key(target: Target, drafter, batch: int, buckets: tuple[int, ...], cache_shape: tuple[int, int]) -> str:
+    raw = json.dumps([FORMAT_VERSION, describe_machine(), target.source, str(target.state_dtype), batch, list(buckets),
                       list(cache_shape),
                       target.attn_impl, drafter.source, repr(drafter.config)], sort_keys=True)
     return hashlib.sha256(raw.encode()).hexdigest()[:20]
 
 
-def profile_round_costs(target: Target, drafter, batch: int, widths: tuple[int, ...], *, prompt_len: int = 64,
+def profile_round_costs(target: Target, drafter, batch: int, buckets: tuple[int, ...], *, prompt_len: int = 64,
                         max_new_tokens: int = 64, repeats: int = 5, lo: int = 1, hi: int = 5) -> RoundCosts:
-    """Times rounds of the speculative loop at every width in `widths` and plain rounds, on prompts of
+    """Times rounds of the speculative loop at every bucket in `buckets` (rows; `speculative_generate`'s
+    verify_buckets) and plain rounds, on prompts of
     `prompt_len` tokens at T = 0 with the KV cache of a `max_new_tokens` run (attention reads the whole cache
     buffer, so its length matters: profile with the run's own). One prefill, then from its state
-    (time of `hi` rounds − time of `lo` rounds) / (hi − lo) per width, the widths interleaved in each of
-    `repeats` passes (slow drift of the machine's speed hits every width alike), median over the passes; one
-    compilation for all. A width's round costs at least a plain round (it adds the proposal), so timing noise
+    (time of `hi` rounds − time of `lo` rounds) / (hi − lo) per bucket, the buckets interleaved in each of
+    `repeats` passes (slow drift of the machine's speed hits every bucket alike), median over the passes; one
+    compilation for all. A bucket's round costs at least a plain round (it adds the proposal), so timing noise
     below that is clipped. drafter: a `drafters.factory.Drafter`. Raises ValueError unless 1 <= lo < hi and
     repeats >= 1."""
     if not 1 <= lo < hi or repeats < 1:
@@ -70,7 +73,7 @@ def profile_round_costs(target: Target, drafter, batch: int, widths: tuple[int, 
     vocab = target.config.vocab_size
     prompts = (jnp.arange(batch * prompt_len, dtype=jnp.int32).reshape(batch, prompt_len) * 7919 + 3) % vocab
     lens = jnp.full((batch,), prompt_len, jnp.int32)
-    static = dict(max_new_tokens=max(max_new_tokens, hi * (g + 1) + 2), stop_ids=(), verify_widths=tuple(widths))
+    static = dict(max_new_tokens=max(max_new_tokens, hi * (g + 1) + 2), stop_ids=(), verify_buckets=tuple(buckets))
     params, threshold = SamplingParams.create(batch, 0.0, 0, 1.0), jnp.float32(0.0)
     state = speculative_start(target.graphdef, target.state, drafter.graphdef, drafter.state, prompts, lens,
                               jax.random.key(0), params, threshold, pad_id=target.config.pad_token_id, **static)
@@ -82,7 +85,7 @@ def profile_round_costs(target: Target, drafter, batch: int, widths: tuple[int, 
                                                  **static))
         return time.perf_counter() - t0
 
-    choices = [-1, *range(len(widths))]  # -1: plain rounds
+    choices = [-1, *range(len(buckets))]  # -1: plain rounds
     for c in choices:  # warm-up: compiles once, touches every branch
         seconds(c, lo)
     samples = {c: [] for c in choices}
@@ -92,33 +95,35 @@ def profile_round_costs(target: Target, drafter, batch: int, widths: tuple[int, 
     plain = max(statistics.median(samples[-1]), 1e-6)
     print(f"  plain round: {plain * 1e3:.1f} ms", file=sys.stderr, flush=True)
     costs = []
-    for i, w in enumerate(widths):
+    for i, t in enumerate(buckets):
         costs.append(max(statistics.median(samples[i]), plain))
-        print(f"  round at width {w}: {costs[-1] * 1e3:.1f} ms ({costs[-1] / plain:.2f}x plain)",
+        print(f"  round at bucket {t} ({t - batch} drafts): {costs[-1] * 1e3:.1f} ms ({costs[-1] / plain:.2f}x plain)",
               file=sys.stderr, flush=True)
-    return RoundCosts(batch, tuple(widths), tuple(costs), plain, describe_machine())
+    return RoundCosts(batch, tuple(buckets), tuple(costs), plain, describe_machine())
 
 
 def load_or_profile_round_costs(target: Target, drafter, batch: int, prompt_len: int = 64, max_new_tokens: int = 64,
                                 use_cache: bool = True) -> RoundCosts:
-    """The cost of a round at every width 1..G+1 of `drafter` at `batch` and of a plain round, for prompts padded to
+    """The cost of a round at every bucket of `draft_length.profile_buckets` (at batch 1: every width 1..G+1) of
+    `drafter` at `batch` and of a plain round, for prompts padded to
     `prompt_len` and `max_new_tokens` new tokens (the run's cache length), from the cache
     when this machine already profiled it, else profiled now (about a minute on a 2-core CPU for the embedded
     target, half of it compilation) and cached. A cache file that cannot be read is profiled again."""
     g = drafter.config.block_size
-    widths = tuple(range(1, g + 2))
-    key = _profile_key(target, drafter, batch, widths, (prompt_len, max_new_tokens))
+    buckets = profile_buckets(batch, g)
+    key = _profile_key(target, drafter, batch, buckets, (prompt_len, max_new_tokens))
     path = cache_dir() / "round_costs" / f"{key}.json"
     if use_cache and path.is_file():
         try:
             data = json.loads(path.read_text())
-            return RoundCosts(int(data["batch"]), tuple(data["widths"]), tuple(data["seconds"]), float(data["plain"]),
+            return RoundCosts(int(data["batch"]), tuple(data["buckets"]), tuple(data["seconds"]), float(data["plain"]),
                               data["machine"])
         except (ValueError, KeyError, TypeError):
             print(f"round cost cache {path} is unreadable; profiling again", file=sys.stderr)
-    print(f"profiling speculative rounds at widths 1..{g + 1} and plain rounds at batch {batch} (once per machine)"
+    print(f"profiling speculative rounds at {len(buckets)} buckets ({buckets[0]}..{buckets[-1]} rows) and plain rounds"
+          f" at batch {batch} (once per machine)"
           " ...", file=sys.stderr)
-    costs = profile_round_costs(target, drafter, batch, widths, prompt_len=prompt_len, max_new_tokens=max_new_tokens)
+    costs = profile_round_costs(target, drafter, batch, buckets, prompt_len=prompt_len, max_new_tokens=max_new_tokens)
     if use_cache:
         atomic_write_text(path, json.dumps(dataclasses.asdict(costs), indent=1))
     return costs

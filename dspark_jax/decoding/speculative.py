@@ -1,7 +1,8 @@
 """The speculative draft–verify loop: one jitted `lax.while_loop` over a batch of requests.
 
 Round: drafter proposes G tokens after the anchor → optional static confidence threshold truncates the
-proposal → the target verifies [anchor, x_1..x_G] in one forward → lossless rejection sampling → stop
+proposal → the target verifies every active request's [anchor, x_1..x_ℓ] in one forward over a flat bucket of
+rows (ℓ per request: `decoding.draft_length`) → lossless rejection sampling → stop
 tokens inside the accepted prefix → rollback by cache lengths (stale K/V lie past the next anchor and are
 masked) → the verified positions' target features become drafter context.
 """
@@ -15,10 +16,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dspark_jax.decoding.autoregressive import prefill
-from dspark_jax.decoding.draft_length import choose_width, proposal_lengths, width_rates
+from dspark_jax.decoding.draft_length import (bucket_rates, budget_confidence, choose_bucket, per_request_rows,
+                                             proposal_lengths, verified_drafts)
 from dspark_jax.decoding.verification import concat_taps, verify_round
 from dspark_jax.drafters.base import Proposal
-from dspark_jax.models.layout import dense_layout
+from dspark_jax.models.layout import make_layout
 from dspark_jax.sampling import FilterMode, SamplingParams, check_batch, sample
 from dspark_jax.sampling.keys import DRAFT, SAMPLE, VERIFY, position_keys, row_keys
 
@@ -50,7 +52,9 @@ class SpecState:
     """The loop's carry: keys [B] per request; anchor [B] the last committed token, at position start [B];
     the target's KV cache and the drafter's state; tokens [B, max_new + G + 1] generated so far (num_generated
     [B] valid); done [B]; rounds [B]; stats; nonfinite [B] (see SpecOutput); the plain-round gate's scalars:
-    plain_left (plain rounds before the next drafted one) and backoff (the next plain run's length)."""
+    plain_left (plain rounds before the next drafted one) and backoff (the next plain run's length);
+    stale_confidence [B, G]: each request's confidences of its last drafted round (−1 before one;
+    `draft_length.budget_confidence`)."""
     keys: jax.Array
     anchor: jax.Array
     start: jax.Array
@@ -64,6 +68,7 @@ class SpecState:
     nonfinite: jax.Array
     plain_left: jax.Array
     backoff: jax.Array
+    stale_confidence: jax.Array
 
 
 @jax.tree_util.register_dataclass
@@ -103,14 +108,21 @@ def _first_drafts(proposal: Proposal, k: int) -> Proposal:
                     deterministic=proposal.deterministic)
 
 
-_STATIC = ("target_graphdef", "drafter_graphdef", "max_new_tokens", "stop_ids", "mode", "pad_id", "verify_widths",
+def _deterministic_rows(proposal: Proposal, batch: int) -> jax.Array:
+    """[B] bool: rows whose draft tokens are deterministic (one-hot p_d: lookup)."""
+    if proposal.p_draft is None:
+        return jnp.ones((batch,), bool)
+    return jnp.zeros((batch,), bool) if proposal.deterministic is None else proposal.deterministic
+
+
+_STATIC = ("target_graphdef", "drafter_graphdef", "max_new_tokens", "stop_ids", "mode", "pad_id", "verify_buckets",
            "verify_costs", "plain_cost")
 MAX_PLAIN_RUN = 16  # the longest run of plain rounds between two drafted rounds (the gate's back-off cap)
 
 
 @dataclasses.dataclass(frozen=True)
 class _Rounds:
-    """What every round of one call shares: the merged modules, sampling settings and the width / cost
+    """What every round of one call shares: the merged modules, sampling settings and the bucket / cost
     configuration (fixed while tracing). `start` prefills; `step` runs one round. `head`: the drafter's output
     embedding rows (`head_matrix`), gathered once per call, outside the loop (a 16k-row gather from the
     target's 262k-row embedding costs more than the draft layer itself on a CPU)."""
@@ -122,13 +134,13 @@ class _Rounds:
     stops: jax.Array
     threshold: jax.Array
     max_new_tokens: int
-    widths: tuple[int, ...]
+    buckets: tuple[int, ...]
     costs: tuple[float, ...] | None
     plain_cost: float | None
 
     @property
     def gate(self) -> bool:
-        """Whether rounds may skip the drafter (plain rounds): with costs for every width and the plain round."""
+        """Whether rounds may skip the drafter (plain rounds): with costs for every bucket and the plain round."""
         return self.costs is not None and self.plain_cost is not None
 
     def start(self, prompts: jax.Array, prompt_lens: jax.Array, key: jax.Array, pad_id: int) -> SpecState:
@@ -148,11 +160,12 @@ class _Rounds:
                          num_generated=jnp.ones((b,), jnp.int32),
                          done=jnp.isin(first, self.stops) | (self.max_new_tokens <= 1) | ~finite,
                          rounds=jnp.zeros((b,), jnp.int32), stats=RoundStats.zeros(b, self.max_new_tokens, g),
-                         nonfinite=~finite, plain_left=jnp.int32(0), backoff=jnp.int32(1))
+                         nonfinite=~finite, plain_left=jnp.int32(0), backoff=jnp.int32(1),
+                         stale_confidence=jnp.full((b, g), -1.0, jnp.float32))
 
     def step(self, c: SpecState) -> SpecState:
         """One round. With the gate on, a round drafts only when the last drafted round expected drafting to
-        beat a plain round (expected committed tokens per second, `draft_length.width_rates`); after a losing
+        beat a plain round (expected committed tokens per second, `draft_length.bucket_rates`); after a losing
         drafted round the next 1, 2, 4, … (≤ MAX_PLAIN_RUN) rounds are plain. The decision reads only earlier
         rounds, so it keeps the loop lossless."""
         if not self.gate:
@@ -160,12 +173,13 @@ class _Rounds:
         return jax.lax.cond(c.plain_left <= 0, self.drafted, self.plain, c)
 
     def forced(self, c: SpecState, choice: jax.Array) -> SpecState:
-        """One round at a given width index (choice >= 0), or a plain round (choice < 0): for profiling."""
+        """One round at a given bucket index (choice >= 0), or a plain round (choice < 0): for profiling."""
         return jax.lax.cond(choice < 0, self.plain, lambda s: self.drafted(s, jnp.maximum(choice, 0)), c)
 
     def drafted(self, c: SpecState, choice: jax.Array | None = None) -> SpecState:
-        """Propose, choose the width (`choice` given: that width index), verify, commit."""
+        """Propose, choose the bucket (`choice` given: that bucket index), verify, commit."""
         target, drafter = self.target, self.drafter
+        b, g = c.anchor.shape[0], drafter.config.block_size
         active = ~c.done
         k_draft = position_keys(c.keys, c.start, DRAFT)
         prop = drafter.propose(target, c.drafter_state, c.anchor, c.start, k_draft, self.params, self.mode,
@@ -173,21 +187,27 @@ class _Rounds:
         n_prop = jnp.minimum(proposal_lengths(prop.confidence, self.threshold), prop.num_drafted)
         n_prop = jnp.where(c.done, 0, n_prop)
 
-        def at_width(width):  # a round verifying anchor + up to width − 1 drafts per request
-            return lambda: self._verify(c, _first_drafts(prop, width - 1), jnp.minimum(n_prop, width - 1), width)
+        def at_bucket(bucket):  # a round verifying `bucket` rows: anchors + the drafts worth most
+            def run():
+                rows = per_request_rows(b, g, bucket)
+                verified = verified_drafts(prop.confidence, n_prop, active, bucket, take_all=self.costs is None)
+                return self._verify(c, _first_drafts(prop, rows - 1), verified, bucket, rows), verified
+            return run
 
         plain_left, backoff = c.plain_left, c.backoff
         if choice is None:
-            choice = choose_width(prop.confidence, n_prop, active, self.widths, self.costs)
+            sampled = (self.params.temperature > 0) & ~_deterministic_rows(prop, b)
+            conf = budget_confidence(prop.confidence, c.stale_confidence, sampled)
+            choice = choose_bucket(conf, n_prop, active, self.buckets, self.costs)
             if self.gate:
-                rate = width_rates(prop.confidence, n_prop, active, self.widths, self.costs)[choice]
+                rate = bucket_rates(conf, n_prop, active, self.buckets, self.costs)[choice]
                 pays = rate > jnp.sum(active) / self.plain_cost  # a tie: drafting gains nothing
                 plain_left = jnp.where(pays, 0, backoff).astype(jnp.int32)
                 backoff = jnp.where(pays, 1, jnp.minimum(2 * backoff, MAX_PLAIN_RUN)).astype(jnp.int32)
-        res = jax.lax.switch(choice, [at_width(w) for w in self.widths])
-        n_prop = jnp.minimum(n_prop, jnp.asarray(self.widths)[choice] - 1)
-        c = dataclasses.replace(c, plain_left=plain_left, backoff=backoff)
-        return self._commit(c, res, n_prop, prop.confidence, prop.confidence_logits)
+        res, verified = jax.lax.switch(choice, [at_bucket(t) for t in self.buckets])
+        stale = jnp.where(active[:, None], prop.confidence, c.stale_confidence)
+        c = dataclasses.replace(c, plain_left=plain_left, backoff=backoff, stale_confidence=stale)
+        return self._commit(c, res, verified, prop.confidence, prop.confidence_logits)
 
     def plain(self, c: SpecState) -> SpecState:
         """A round without a proposal (the drafter's propose is skipped): one target step per request; the
@@ -197,18 +217,20 @@ class _Rounds:
         zeros = jnp.zeros((b, 0), jnp.int32)
         empty = Proposal(tokens=zeros, draft_index=zeros, p_draft=None, confidence=jnp.zeros((b, 0), jnp.float32),
                          confidence_logits=jnp.zeros((b, 0), jnp.float32), length=jnp.zeros((b,), jnp.int32))
-        res = self._verify(c, empty, jnp.zeros((b,), jnp.int32), 1)
+        res = self._verify(c, empty, jnp.zeros((b,), jnp.int32), b, 1)
         c = dataclasses.replace(c, plain_left=c.plain_left - 1)
         no_conf = jnp.zeros((b, g), jnp.float32)
         return self._commit(c, res, jnp.zeros((b,), jnp.int32), no_conf, no_conf)
 
-    def _verify(self, c: SpecState, proposal: Proposal, num_verify: jax.Array, width: int):
-        """`verify_round` at `width`, its per-slot outputs padded to G + 1 / G slots (one shape for every width)."""
-        b, g = c.anchor.shape[0], self.drafter.config.block_size
+    def _verify(self, c: SpecState, proposal: Proposal, num_verify: jax.Array, bucket: int, rows: int):
+        """`verify_round` of num_verify[b] drafts per active request, laid out flat in `bucket` rows (at most
+        `rows` per request; finished requests take none), its per-slot outputs padded to G + 1 / G slots (one
+        shape for every bucket)."""
+        g = self.drafter.config.block_size
+        layout = make_layout(jnp.where(c.done, 0, num_verify + 1), c.start, bucket, rows)
         r = verify_round(self.target, self.drafter, c.target_cache, c.drafter_state, proposal, c.anchor, c.start,
-                         num_verify, ~c.done, self.max_new_tokens - c.num_generated,
-                         dense_layout(b, width, c.start), position_keys(c.keys, c.start, VERIFY), self.params,
-                         self.mode, self.stops)
+                         num_verify, ~c.done, self.max_new_tokens - c.num_generated, layout,
+                         position_keys(c.keys, c.start, VERIFY), self.params, self.mode, self.stops)
         return dataclasses.replace(r, committed=_pad_slots(r.committed, g + 1),
                                    accept_flags=_pad_slots(r.accept_flags, g))
 
@@ -245,21 +267,22 @@ class _Rounds:
 
 
 def _rounds(target_graphdef, target_state, drafter_graphdef, drafter_state, params, confidence_threshold, *,
-            max_new_tokens, stop_ids, mode, verify_widths, verify_costs, plain_cost) -> _Rounds:
-    """The static round context of one call, with the width / cost settings checked."""
+            batch, max_new_tokens, stop_ids, mode, verify_buckets, verify_costs, plain_cost) -> _Rounds:
+    """The static round context of one call, with the bucket / cost settings checked."""
     target = nnx.merge(target_graphdef, target_state)
     drafter = nnx.merge(drafter_graphdef, drafter_state)
     g = drafter.config.block_size
-    widths = tuple(verify_widths or (1, g + 1))
-    if list(widths) != sorted(set(widths)) or widths[0] != 1 or widths[-1] > g + 1:
-        raise ValueError(f"verify_widths must increase from 1 to at most G + 1 = {g + 1}, got {widths}")
-    if verify_costs is not None and len(verify_costs) != len(widths):
-        raise ValueError(f"one verify cost per width needed: {len(widths)} widths, {len(verify_costs)} costs")
+    buckets = tuple(verify_buckets or (batch, batch * (g + 1)))
+    if list(buckets) != sorted(set(buckets)) or buckets[0] != batch or buckets[-1] > batch * (g + 1):
+        raise ValueError(f"verify_buckets must increase from the batch size {batch} to at most batch·(G + 1) = "
+                         f"{batch * (g + 1)} rows, got {buckets}")
+    if verify_costs is not None and len(verify_costs) != len(buckets):
+        raise ValueError(f"one verify cost per bucket needed: {len(buckets)} buckets, {len(verify_costs)} costs")
     if plain_cost is not None and not (verify_costs is not None and plain_cost > 0):
         raise ValueError(f"plain_cost needs verify_costs and must be > 0, got {plain_cost}")
     return _Rounds(target=target, drafter=drafter, head=drafter.head_matrix(target), params=params, mode=mode,
                    stops=jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32), threshold=confidence_threshold,
-                   max_new_tokens=max_new_tokens, widths=widths, costs=verify_costs,
+                   max_new_tokens=max_new_tokens, buckets=buckets, costs=verify_costs,
                    plain_cost=plain_cost)
 
 
@@ -268,24 +291,26 @@ def speculative_generate(target_graphdef: nnx.GraphDef, target_state: nnx.State,
                          drafter_state: nnx.State, prompts: jax.Array, prompt_lens: jax.Array, key: jax.Array,
                          params: SamplingParams, confidence_threshold: jax.Array, *, max_new_tokens: int,
                          stop_ids: tuple[int, ...], mode: FilterMode = FilterMode(), pad_id: int = 0,
-                         verify_widths: tuple[int, ...] | None = None,
+                         verify_buckets: tuple[int, ...] | None = None,
                          verify_costs: tuple[float, ...] | None = None, plain_cost: float | None = None
                          ) -> SpecOutput:
     """Lossless speculative decoding of right-padded prompts [B, P] (lengths [B]); exactly
     `max_new_tokens` per request, or fewer up to and including a stop token. key: one per request [B] or one
     for the batch (`sampling.keys`).
 
-    Each round verifies every request at one width (anchor + drafts) out of `verify_widths` (ascending,
-    from 1 to at most G + 1; default (1, G + 1): a round where nothing was drafted is a plain step), each
-    compiled once. Without `verify_costs` a round takes the narrowest width holding every proposal; with
-    them (one per width: seconds of a whole round, `round_costs.profile_round_costs`) the one with the most
-    expected committed tokens per second (`decoding.draft_length.width_rates`, hardware-aware draft length).
+    Each round verifies one flat bucket of rows (`models.layout`) out of `verify_buckets` (ascending, from B to
+    at most B·(G + 1); default (B, B·(G + 1)): a round where nothing was drafted is a plain step), each compiled
+    once: every active request's anchor plus its drafts, finished requests none. Without `verify_costs` a round
+    takes the smallest bucket holding every proposal (the highest-survival drafts when none does); with them
+    (one per bucket: seconds of a whole round, `round_costs.profile_round_costs`) the bucket with the most
+    expected committed tokens per second, filled with the drafts of highest prefix survival
+    (`decoding.draft_length`, hardware-aware draft length). At batch 1 a bucket is the verification width.
     With `plain_cost` too (seconds of a round without a proposal), rounds skip the drafter while drafting is
-    expected to lose to plain decoding (`_Rounds.step`). Raises ValueError on inconsistent widths / costs."""
+    expected to lose to plain decoding (`_Rounds.step`). Raises ValueError on inconsistent buckets / costs."""
     check_batch(prompts, prompt_lens, params)
     rounds = _rounds(target_graphdef, target_state, drafter_graphdef, drafter_state, params, confidence_threshold,
-                     max_new_tokens=max_new_tokens, stop_ids=stop_ids, mode=mode,
-                     verify_widths=verify_widths, verify_costs=verify_costs, plain_cost=plain_cost)
+                     batch=prompts.shape[0], max_new_tokens=max_new_tokens, stop_ids=stop_ids, mode=mode,
+                     verify_buckets=verify_buckets, verify_costs=verify_costs, plain_cost=plain_cost)
     state = rounds.start(prompts, prompt_lens, key, pad_id)
     final = jax.lax.while_loop(lambda c: ~jnp.all(c.done), rounds.step, state)
     return SpecOutput(tokens=final.tokens[:, :max_new_tokens], num_tokens=final.num_generated, rounds=final.rounds,
@@ -297,28 +322,28 @@ def speculative_start(target_graphdef: nnx.GraphDef, target_state: nnx.State, dr
                       drafter_state: nnx.State, prompts: jax.Array, prompt_lens: jax.Array, key: jax.Array,
                       params: SamplingParams, confidence_threshold: jax.Array, *, max_new_tokens: int,
                       stop_ids: tuple[int, ...], mode: FilterMode = FilterMode(), pad_id: int = 0,
-                      verify_widths: tuple[int, ...] | None = None, verify_costs: tuple[float, ...] | None = None,
+                      verify_buckets: tuple[int, ...] | None = None, verify_costs: tuple[float, ...] | None = None,
                       plain_cost: float | None = None) -> SpecState:
     """The loop's state after the prefill (`speculative_generate`'s first step, same arguments): the start of
     `speculative_rounds`."""
     check_batch(prompts, prompt_lens, params)
     rounds = _rounds(target_graphdef, target_state, drafter_graphdef, drafter_state, params, confidence_threshold,
-                     max_new_tokens=max_new_tokens, stop_ids=stop_ids, mode=mode,
-                     verify_widths=verify_widths, verify_costs=verify_costs, plain_cost=plain_cost)
+                     batch=prompts.shape[0], max_new_tokens=max_new_tokens, stop_ids=stop_ids, mode=mode,
+                     verify_buckets=verify_buckets, verify_costs=verify_costs, plain_cost=plain_cost)
     return rounds.start(prompts, prompt_lens, key, pad_id)
 
 
 @functools.partial(jax.jit, static_argnames=("target_graphdef", "drafter_graphdef", "max_new_tokens", "stop_ids",
-                                                   "mode", "verify_widths"))
+                                                   "mode", "verify_buckets"))
 def speculative_rounds(target_graphdef: nnx.GraphDef, target_state: nnx.State, drafter_graphdef: nnx.GraphDef,
                        drafter_state: nnx.State, state: SpecState, params: SamplingParams,
                        confidence_threshold: jax.Array, choice: jax.Array, num_rounds: jax.Array, *,
                        max_new_tokens: int, stop_ids: tuple[int, ...], mode: FilterMode = FilterMode(),
-                       verify_widths: tuple[int, ...] | None = None) -> SpecState:
+                       verify_buckets: tuple[int, ...] | None = None) -> SpecState:
     """Exactly `num_rounds` (traced: one compilation for any count) rounds of the loop's round code from `state`
-    (`speculative_start`, same static arguments) at width index `choice` (traced; < 0: plain rounds), finished
+    (`speculative_start`, same static arguments) at bucket index `choice` (traced; < 0: plain rounds), finished
     requests included — what the round-cost profile (`round_costs`) times, without the prefill."""
     rounds = _rounds(target_graphdef, target_state, drafter_graphdef, drafter_state, params, confidence_threshold,
-                     max_new_tokens=max_new_tokens, stop_ids=stop_ids, mode=mode,
-                     verify_widths=verify_widths, verify_costs=None, plain_cost=None)
+                     batch=state.anchor.shape[0], max_new_tokens=max_new_tokens, stop_ids=stop_ids, mode=mode,
+                     verify_buckets=verify_buckets, verify_costs=None, plain_cost=None)
     return jax.lax.fori_loop(0, num_rounds, lambda _, c: rounds.forced(c, choice), state)

@@ -2,8 +2,11 @@
 propose and the one with the larger expected accepted length Σ_k Π_{i≤k} c_i is verified — the trained
 drafter's calibrated confidence head against the lookup's online acceptance estimates.
 
-The choice uses only what is known before the round (the proposals and their confidences), so
-verification stays lossless: a chosen lookup row is verified as a deterministic draft (one-hot p_d), a chosen
+The choice uses only what is known before any of the round's drafts is verified and never depends on a
+sampled draft token itself, so verification stays lossless: at T > 0 the model's drafts are sampled and, with
+a Markov head, c_k depends on x_{k−1}, so the model's side is scored from c_1 alone (Σ_k c_1^k; choosing
+whether to verify x_1 from c_2.. would bias x_1's acceptance — DSpark Appendix A); greedy drafts are functions
+of the past and use every c_k. A chosen lookup row is verified as a deterministic draft (one-hot p_d), a chosen
 model row with the model's p_d. Both drafters see every committed token, whichever was chosen.
 
 The model's forward is skipped in a round where every request's lookup draft is expected to accept at least
@@ -107,7 +110,7 @@ class HybridDrafter(nnx.Module):
 
         skip = jnp.all(by_lookup.expected_accept_length >= self.model_skip_threshold)
         by_model = jax.lax.cond(skip, no_model_proposal, model_proposal)
-        use = by_lookup.expected_accept_length > by_model.expected_accept_length  # [B]
+        use = by_lookup.expected_accept_length > _model_score(by_model, params)  # [B]
 
         def pick(a, b):
             return jnp.where(use.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
@@ -117,3 +120,12 @@ class HybridDrafter(nnx.Module):
                         confidence=pick(by_lookup.confidence, by_model.confidence),
                         confidence_logits=pick(by_lookup.confidence_logits, by_model.confidence_logits),
                         length=pick(by_lookup.num_drafted, by_model.num_drafted), deterministic=use)
+
+
+def _model_score(proposal: Proposal, params) -> jax.Array:
+    """[B] the model draft's expected accepted length for the choice: Σ_k Π_{i≤k} c_i for greedy rows, Σ_k c_1^k
+    for sampled rows (temperature > 0), whose c_2.. depend on this round's drawn tokens (module docstring)."""
+    sampled = (params.temperature > 0)[:, None]
+    first = jnp.broadcast_to(proposal.confidence[:, :1], proposal.confidence.shape)
+    return dataclasses.replace(proposal, confidence=jnp.where(sampled, first, proposal.confidence)
+                               ).expected_accept_length

@@ -13,14 +13,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dspark_jax.decoding.autoregressive import prefill
-from dspark_jax.decoding.draft_length import proposal_lengths
+from dspark_jax.decoding.draft_length import allocate_top_k, proposal_lengths
 from dspark_jax.decoding.verification import concat_taps, verify_round
 from dspark_jax.drafters.base import Proposal
 from dspark_jax.models.kv_cache import init_cache
 from dspark_jax.models.layout import make_layout
 from dspark_jax.sampling import FilterMode, SamplingParams, check_batch, sample
 from dspark_jax.sampling.keys import DRAFT, SAMPLE, VERIFY, position_keys
-from dspark_jax.serving.scheduler import allocate_top_k
 
 
 @jax.tree_util.register_dataclass

@@ -4,11 +4,11 @@ its production variant, §5.2) and the static policies it is compared with.
 Notation: c [R, G] per-position confidences of R active requests (c_k = P(slot k accepted | earlier accepted)),
 a_{r,j} = Π_{i<=j} c_{r,i} the prefix survival; verifying ℓ_r drafts costs 1 + ℓ_r tokens and is expected to
 commit 1 + Σ_{j<=ℓ_r} a_{r,j}. SPS(B) is the measured steps/s at B verified tokens (a `CostTable`).
+The device side of the production variant, `allocate_top_k`, lives in `decoding.draft_length` (the jitted loop
+uses it too).
 """
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from dspark_jax.serving.cost_table import CostTable
@@ -77,26 +77,6 @@ def capacity(confidence: np.ndarray, table: CostTable, max_draft: np.ndarray | N
     """Production variant, host side: the verification budget K (draft tokens) from the global search without
     early stop over (stale) confidences; the device then fills K by fresh survival ranking."""
     return int(schedule_synchronous(confidence, table, max_draft, early_stop=False, base_tokens=base_tokens).sum())
-
-
-def allocate_top_k(confidence: jax.Array, max_draft: jax.Array, budget: jax.Array) -> jax.Array:
-    """Production variant, device side: the `budget` drafts with the highest fresh survival products (rank
-    preserving, ties to lower positions), within per-request caps max_draft [R]. Returns ℓ [R] int32.
-
-    Lossless: whether (r, j) is admitted depends on a_{r,j} (known before x_{r,j} is drawn), other requests,
-    and the budget; a_{r,j'} for j' > j are never ranked above a_{r,j}, so x_{r,j} cannot influence it."""
-    r_n, g = confidence.shape
-    a = jnp.cumprod(jnp.clip(confidence.astype(jnp.float32), 0.0, 1.0), axis=1)
-    allowed = jnp.arange(g)[None] < max_draft[:, None]
-    score = jnp.where(allowed & (a > 0), a, -1.0)
-    flat = score.reshape(-1)
-    # rank by (score desc, position asc): stable argsort over position-major order
-    pos_major = jnp.transpose(score).reshape(-1)
-    order = jnp.argsort(-pos_major, stable=True)
-    rank = jnp.zeros((r_n * g,), jnp.int32).at[order].set(jnp.arange(r_n * g, dtype=jnp.int32))
-    rank = jnp.transpose(rank.reshape(g, r_n)).reshape(-1)
-    chosen = (rank < budget) & (flat > -1.0)
-    return chosen.reshape(r_n, g).sum(1).astype(jnp.int32)
 
 
 def fixed_lengths(num_requests: int, gamma: int, max_draft: np.ndarray | None = None) -> np.ndarray:

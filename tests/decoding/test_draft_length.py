@@ -1,121 +1,182 @@
-"""Hardware-aware draft length of the jitted loop: the width choice on hand-made cost tables, the widths worth
-compiling, and losslessness (greedy identity, chi-square at T = 1) when rounds verify at chosen widths."""
+"""Hardware-aware draft length of the jitted loop: the bucket choice and the draft allocation on hand-made cost
+tables against brute force, the buckets worth compiling, and losslessness (greedy identity, chi-square at T = 1)
+when rounds verify flat buckets."""
 from __future__ import annotations
 
+import itertools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dspark_jax.decoding.draft_length import choose_width, covering_width, efficient_widths, expected_committed
+from dspark_jax.decoding.draft_length import (budget_confidence, choose_bucket, covering_bucket, efficient_buckets,
+                                              expected_committed, profile_buckets, verified_drafts)
 from dspark_jax.sampling import FilterMode, SamplingParams
 from tests.drafters.test_ngram import REPETITIVE, _ngram, greedy_plain_and_speculative
 from tests.decoding.test_speculative import chi_square_pvalue, exact_joint, make_target, sampled_joint
 
 
-def _brute_force_rate(conf, n, active, width, cost):
-    """Expected committed tokens per unit cost at one width, written out request by request."""
-    total = 0.0
-    for b in range(conf.shape[0]):
-        if not active[b]:
+def _best_allocation(conf, n, active, bucket):
+    """(expected committed tokens, drafts per request) of the best allocation of a bucket, by enumerating every
+    ℓ with ℓ_b <= min(n_b, bucket − B) (0 when inactive) and n_active + Σ ℓ <= bucket."""
+    batch = conf.shape[0]
+    caps = [min(n[b], bucket - batch) if active[b] else 0 for b in range(batch)]
+    best = (-1.0, None)
+    for lengths in itertools.product(*[range(c + 1) for c in caps]):
+        if sum(active) + sum(lengths) > bucket:
             continue
-        survive, expected = 1.0, 1.0
-        for j in range(min(n[b], width - 1)):
-            survive *= conf[b, j]
-            expected += survive
-        total += expected
-    return total / cost
+        expected = sum(1 + np.cumprod(conf[b, :lengths[b]]).sum() for b in range(batch) if active[b])
+        best = max(best, (expected, lengths), key=lambda x: x[0])
+    return best
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_choice_is_the_argmax_of_expected_tokens_per_cost(seed):
+def test_choice_and_allocation_are_the_brute_force_optimum(seed):
     rng = np.random.default_rng(seed)
-    conf = rng.uniform(0.2, 1.0, (3, 7)).astype(np.float32)
-    n = rng.integers(0, 8, 3)
+    batch, g = 3, 4
+    conf = rng.uniform(0.2, 1.0, (batch, g)).astype(np.float32)
+    n = rng.integers(0, g + 1, batch)
     active = np.array([True, True, seed % 2 == 0])
-    widths = (1, 2, 4, 8)
-    costs = tuple(np.cumsum(rng.uniform(0.1, 1.0, 4)))
-    got = int(choose_width(jnp.asarray(conf), jnp.asarray(n), jnp.asarray(active), widths, costs))
-    cover = next((i for i, w in enumerate(widths) if w >= n.max() + 1), len(widths) - 1)
-    rates = [_brute_force_rate(conf, n, active, w, c) for w, c in zip(widths[:cover + 1], costs[:cover + 1])]
-    assert got == int(np.argmax(rates))
-    np.testing.assert_allclose(np.asarray(expected_committed(jnp.asarray(conf), jnp.asarray(n), jnp.asarray(active),
-                                                             widths)),
-                               [_brute_force_rate(conf, n, active, w, 1.0) for w in widths], rtol=1e-5)
+    buckets = (3, 4, 6, 9, 15)
+    costs = tuple(np.cumsum(rng.uniform(0.1, 1.0, len(buckets))))
+    args = jnp.asarray(conf), jnp.asarray(n), jnp.asarray(active)
+    best = [_best_allocation(conf, n, active, t) for t in buckets]
+    np.testing.assert_allclose(np.asarray(expected_committed(*args, buckets)), [e for e, _ in best], rtol=1e-5)
+    for t, (expected, _) in zip(buckets, best):  # the top-K allocation reaches the optimum
+        got = np.asarray(verified_drafts(*args, t, take_all=False))
+        assert sum(active) + got.sum() <= t
+        assert (got <= np.where(active, np.minimum(n, t - batch), 0)).all()
+        value = sum(1 + np.cumprod(conf[b, :got[b]]).sum() for b in range(batch) if active[b])
+        np.testing.assert_allclose(value, expected, rtol=1e-5)
+    need = sum(active) + n[active].sum()
+    cover = next((i for i, t in enumerate(buckets) if t >= need and n[active].max(initial=0) <= t - batch),
+                 len(buckets) - 1)
+    assert int(covering_bucket(jnp.asarray(n), jnp.asarray(active), buckets)) == cover
+    rates = [e / c for (e, _), c in zip(best[:cover + 1], costs[:cover + 1])]
+    assert int(choose_bucket(*args, buckets, costs)) == int(np.argmax(rates))
 
 
 def test_choice_on_a_hand_made_table():
-    widths, costs = (1, 2, 4, 8), (1.0, 1.5, 1.9, 2.3)
+    buckets, costs = (1, 2, 4, 8), (1.0, 1.5, 1.9, 2.3)  # batch 1: a bucket is a width
     high = jnp.full((1, 7), 0.95)
     low = jnp.full((1, 7), 0.2)
     seven, yes = jnp.asarray([7]), jnp.asarray([True])
     # confident drafts: 1 + Σ 0.95^k over 7 = 6.6 tokens for 2.3 beats every narrower width
-    assert int(choose_width(high, seven, yes, widths, costs)) == 3
+    assert int(choose_bucket(high, seven, yes, buckets, costs)) == 3
     # unlikely drafts: a plain step (1 token / 1.0) beats 1.2 / 1.5, 1.25 / 1.9, 1.25 / 2.3
-    assert int(choose_width(low, seven, yes, widths, costs)) == 0
+    assert int(choose_bucket(low, seven, yes, buckets, costs)) == 0
     # never wider than what was proposed: 1 draft → width 2 at most
-    assert int(choose_width(high, jnp.asarray([1]), yes, widths, costs)) == 1
-    # without costs: the narrowest width holding every proposal
-    assert int(choose_width(low, jnp.asarray([3]), yes, widths, None)) == 2
-    assert int(covering_width(jnp.asarray([0, 0]), widths)) == 0
-    assert int(covering_width(jnp.asarray([0, 9]), widths)) == 3
-    # equal rates: the narrower width
-    assert int(choose_width(jnp.full((1, 7), 1.0), seven, yes, (1, 2), (1.0, 2.0))) == 0
+    assert int(choose_bucket(high, jnp.asarray([1]), yes, buckets, costs)) == 1
+    # without costs: the smallest bucket holding every proposal
+    assert int(choose_bucket(low, jnp.asarray([3]), yes, buckets, None)) == 2
+    assert int(covering_bucket(jnp.asarray([0, 0]), jnp.asarray([True, True]), (2, 4, 8, 16))) == 0
+    assert int(covering_bucket(jnp.asarray([0, 9]), jnp.asarray([True, True]), (2, 4, 8, 16))) == 3
+    # equal rates: the smaller bucket
+    assert int(choose_bucket(jnp.full((1, 7), 1.0), seven, yes, (1, 2), (1.0, 2.0))) == 0
+    # batch 4, one confident request: a bucket of 4 anchors + 4 drafts gives all 4 drafts to it
+    conf = jnp.asarray([[0.95] * 7, [0.2] * 7, [0.2] * 7, [0.1] * 7])
+    n, act = jnp.asarray([7, 7, 7, 7]), jnp.ones((4,), bool)
+    np.testing.assert_array_equal(np.asarray(verified_drafts(conf, n, act, 8, take_all=False)), [4, 0, 0, 0])
+    assert int(choose_bucket(conf, n, act, (4, 8, 32), (1.0, 1.2, 4.0))) == 1  # 7.5 / 1.2 beats 4 / 1 and 9.2 / 4
+    # without a cost model every proposed draft is verified when they fit, zero confidence included
+    zero = jnp.zeros((4, 7))
+    np.testing.assert_array_equal(np.asarray(verified_drafts(zero, jnp.asarray([2, 0, 1, 3]), act, 12, take_all=True)),
+                                  [2, 0, 1, 3])
+    np.testing.assert_array_equal(np.asarray(verified_drafts(zero, jnp.asarray([2, 0, 1, 3]), act, 12, take_all=False)),
+                                  [0, 0, 0, 0])  # zero survival is never worth a row
+    # finished requests take no row: their share of the bucket goes to the others (at most 8 − 4 drafts each)
+    first = jnp.asarray([True, False, False, False])
+    np.testing.assert_array_equal(np.asarray(verified_drafts(conf, n, first, 8, take_all=False)), [4, 0, 0, 0])
+    np.testing.assert_array_equal(np.asarray(verified_drafts(conf, n, ~first, 8, take_all=False)), [0, 2, 2, 1])
 
 
-def test_widths_worth_compiling():
-    widths = tuple(range(1, 13))
+def test_the_bucket_of_sampled_drafts_never_reads_this_rounds_later_confidences():
+    """Sampled model drafts: c_2.. depend on the drawn x_1.. (Markov head), so the bucket reads c_1 fresh and later
+    positions from the last drafted round (c_1 repeated before one); deterministic rows read everything fresh."""
+    fresh = jnp.asarray([[0.9, 0.2, 0.1], [0.8, 0.7, 0.6], [0.5, 0.4, 0.3]])
+    stale = jnp.asarray([[0.5, 0.5, 0.5], [-1.0, -1.0, -1.0], [0.9, 0.9, 0.9]])
+    sampled = jnp.asarray([True, True, False])
+    np.testing.assert_allclose(np.asarray(budget_confidence(fresh, stale, sampled)),
+                               [[0.9, 0.5, 0.5], [0.8, 0.8, 0.8], [0.5, 0.4, 0.3]])
+    # the choice for a sampled row is the same whatever its later fresh confidences are
+    n, act, buckets, costs = jnp.asarray([3]), jnp.asarray([True]), (1, 2, 4), (1.0, 1.05, 1.3)
+    picks = {int(choose_bucket(budget_confidence(jnp.asarray([[0.9, later, later]]), jnp.full((1, 3), 0.2),
+                                                 jnp.asarray([True])), n, act, buckets, costs))
+             for later in (0.0, 0.5, 1.0)}
+    assert len(picks) == 1
+    picks = {int(choose_bucket(jnp.asarray([[0.9, later, later]]), n, act, buckets, costs)) for later in (0.0, 1.0)}
+    assert len(picks) == 2  # fresh confidences (deterministic drafts) do steer it
+
+
+def test_buckets_worth_compiling_and_profiled():
+    buckets = tuple(range(1, 13))
     costs = (1.0, 1.57, 1.88, 1.89, 2.16, 2.22, 2.3, 2.28, 2.3, 2.3, 2.3, 2.24)  # jagged, like XLA:CPU
-    kept, kept_costs = efficient_widths(widths, costs, max_widths=12)
+    kept, kept_costs = efficient_buckets(buckets, costs, max_buckets=12)
     assert kept == (1, 2, 3, 4, 5, 6, 12)  # 7..11 cost at least as much as 12
     assert kept_costs == (1.0, 1.57, 1.88, 1.89, 2.16, 2.22, 2.24)
-    few, _ = efficient_widths(widths, costs, max_widths=4)
+    few, _ = efficient_buckets(buckets, costs, max_buckets=4)
     assert few[0] == 1 and few[-1] == 12 and len(few) == 4
-    assert efficient_widths((1,), (0.5,)) == ((1,), (0.5,))
-    for bad in [((1, 2), (1.0,)), ((2, 3), (1.0, 2.0)), ((1, 1), (1.0, 1.0)), ((1, 2), (1.0, -1.0))]:
+    assert efficient_buckets((1,), (0.5,)) == ((1,), (0.5,))
+    assert efficient_buckets((8, 12), (1.0, 2.0)) == ((8, 12), (1.0, 2.0))
+    for bad in [((1, 2), (1.0,)), ((0, 3), (1.0, 2.0)), ((1, 1), (1.0, 1.0)), ((1, 2), (1.0, -1.0))]:
         with pytest.raises(ValueError):
-            efficient_widths(*bad)
+            efficient_buckets(*bad)
+    assert profile_buckets(1, 11) == tuple(range(1, 13))  # batch 1: every width
+    assert profile_buckets(2, 3) == (2, 3, 4, 5, 6, 7, 8)
+    wide = profile_buckets(8, 11)
+    assert wide[:9] == tuple(range(8, 17)) and wide[-1] == 96 and list(wide) == sorted(set(wide)) and len(wide) < 20
 
 
-COSTS = dict(verify_widths=(1, 2, 4, 6), verify_costs=(1.0, 1.3, 1.6, 2.0))
+COSTS = dict(verify_buckets=(4, 8, 16, 24), verify_costs=(1.0, 1.3, 1.6, 2.0))
 
 
-@pytest.mark.parametrize("loop_options", [dict(verify_widths=(1, 3, 6)), COSTS])
-def test_greedy_identity_at_chosen_widths(loop_options):
+@pytest.mark.parametrize("loop_options", [dict(verify_buckets=(4, 12, 24)), COSTS])
+def test_greedy_identity_at_chosen_buckets(loop_options):
     tg, ts, cfg = make_target("gemma3")
     dg, ds = _ngram(cfg, 5)
     _, spec = greedy_plain_and_speculative(tg, ts, dg, ds, REPETITIVE, 24, **loop_options)
     rounds, proposed = np.asarray(spec.rounds), np.asarray(spec.proposed)
-    widths = loop_options["verify_widths"]
-    for b in range(len(REPETITIVE)):
-        assert set(proposed[b, :rounds[b]] + 1) <= set(widths)  # lookup proposes G or nothing
+    batch, largest = len(REPETITIVE), loop_options["verify_buckets"][-1]
+    for r in range(rounds.max()):  # loop iteration r: the requests still active fill one bucket
+        active = rounds > r
+        assert (active.sum() + proposed[active, r].sum()) <= largest
+    for b in range(batch):
         assert np.asarray(spec.committed)[b, :rounds[b]].sum() == 23
+    if "verify_costs" not in loop_options:  # no cost model: every proposal fits the largest bucket, so all verified
+        assert set(np.unique(proposed[rounds[:, None] > np.arange(proposed.shape[1])])) <= {0, 5}
 
 
-def test_bad_widths_are_rejected():
+def test_bad_buckets_are_rejected():
     tg, ts, cfg = make_target("gemma3")
     dg, ds = _ngram(cfg, 3)
-    for options in [dict(verify_widths=(2, 4)), dict(verify_widths=(1, 8)), dict(verify_widths=(1, 2), verify_costs=(1.0,))]:
+    for options in [dict(verify_buckets=(2, 4)), dict(verify_buckets=(1, 8)),
+                    dict(verify_buckets=(1, 2), verify_costs=(1.0,))]:
         with pytest.raises(ValueError, match="verify"):
             greedy_plain_and_speculative(tg, ts, dg, ds, REPETITIVE[:1], 4, **options)
 
 
-@pytest.mark.parametrize("loop_options", [
-    dict(verify_widths=(1, 2, 3), verify_costs=(1.0, 1.2, 1.9)),
-    # plain rounds too: drafting pays only when a confident match lets a width-3 round commit > 1.6 tokens
-    dict(verify_widths=(1, 3), verify_costs=(1.0, 1.0), plain_cost=1.0 / 1.6)])
-def test_temperature_one_is_lossless_at_chosen_widths(loop_options):
-    from tests.decoding.test_speculative import V_SMALL
+@pytest.mark.parametrize("drafter,loop_options", [
+    ("ngram", dict(verify_buckets=(1, 2, 3), verify_costs=(1.0, 1.2, 1.9))),
+    # plain rounds too: drafting pays only when confident matches let a round commit > 1.6 tokens per request
+    ("ngram", dict(verify_buckets=(1, 3), verify_costs=(1.0, 1.0), plain_cost=1.0 / 1.6)),
+    # sampled model drafts: the bucket reads c_1 fresh and c_2 from the last drafted round
+    ("dspark", dict(verify_buckets=(1, 2, 3), verify_costs=(1.0, 1.3, 1.9)))])
+def test_temperature_one_is_lossless_at_chosen_buckets(drafter, loop_options):
+    """Buckets given per request (× the batch of samples): the batch shares each round's bucket."""
+    from tests.decoding.test_speculative import N_SAMPLES, V_SMALL, make_drafter
     tg, ts, cfg = make_target("gemma3", vocab_size=V_SMALL)
-    dg, ds = _ngram(cfg, 2, n_max=2, n_min=1)
+    dg, ds = _ngram(cfg, 2, n_max=2, n_min=1) if drafter == "ngram" else make_drafter("dspark", cfg, 2, False)
     params = SamplingParams.create(1, 1.0, 3, 0.8)
     mode = FilterMode.for_params(3, 0.8)
     prompt = [1, 2, 1, 2, 1]
     _, prob = exact_joint(tg, ts, prompt, params, mode)
-    codes, sp = sampled_joint(tg, ts, dg, ds, prompt, params, mode, **loop_options)
+    options = dict(loop_options, verify_buckets=tuple(N_SAMPLES * w for w in loop_options["verify_buckets"]))
+    codes, sp = sampled_joint(tg, ts, dg, ds, prompt, params, mode, **options)
     proposed = np.asarray(sp.proposed)[np.asarray(sp.rounds)[:, None] > np.arange(sp.proposed.shape[1])]
-    assert set(np.unique(proposed)) <= {w - 1 for w in loop_options["verify_widths"]}
+    assert proposed.max() <= 2
+    if drafter == "dspark":  # the rounds verified different numbers of drafts
+        assert len(np.unique(proposed)) > 1
     if "plain_cost" in loop_options:
         assert 0 < (proposed > 0).mean() < 1  # some rounds drafted, some did not
     assert chi_square_pvalue(codes, prob) > 1e-3
@@ -133,7 +194,7 @@ def test_plain_rounds_follow_a_losing_drafted_round():
     tg, ts, cfg = make_target("gemma3")
     dg, ds = _oracle(cfg, 5)  # proposes the target's own greedy tokens: a width-6 round commits 6
     prompts = REPETITIVE[:2]
-    loop = dict(verify_widths=(1, 6), verify_costs=(1.0, 1.0))
+    loop = dict(verify_buckets=(2, 12), verify_costs=(1.0, 1.0))
     _, losing = greedy_plain_and_speculative(tg, ts, dg, ds, prompts, 48, plain_cost=0.01, **loop)
     _, paying = greedy_plain_and_speculative(tg, ts, dg, ds, prompts, 48, plain_cost=100.0, **loop)
     _, ungated = greedy_plain_and_speculative(tg, ts, dg, ds, prompts, 48, **loop)
@@ -150,15 +211,15 @@ def test_plain_rounds_follow_a_losing_drafted_round():
 
 
 def test_forced_rounds_for_the_cost_profile():
-    """`speculative_rounds` runs exactly num_rounds rounds at the forced width (or plain) from the prefilled state of
-    `speculative_start`, one compilation for every count and width."""
+    """`speculative_rounds` runs exactly num_rounds rounds at the forced bucket (or plain) from the prefilled state
+    of `speculative_start`, one compilation for every count and bucket."""
     from dspark_jax.decoding.speculative import speculative_generate, speculative_rounds, speculative_start
     tg, ts, cfg = make_target("gemma3")
     dg, ds = _oracle(cfg, 5)
     tokens = jnp.asarray([[5, 6, 7, 5], [9, 10, 11, 12]], jnp.int32)
     lens = jnp.asarray([4, 3], jnp.int32)
     params = SamplingParams.create(2)
-    static = dict(max_new_tokens=40, stop_ids=(), verify_widths=(1, 3, 6))
+    static = dict(max_new_tokens=40, stop_ids=(), verify_buckets=(2, 6, 12))
     state = speculative_start(tg, ts, dg, ds, tokens, lens, jax.random.key(0), params, jnp.float32(0.0), **static)
     np.testing.assert_array_equal(np.asarray(state.num_generated), [1, 1])
 
@@ -169,12 +230,12 @@ def test_forced_rounds_for_the_cost_profile():
 
     np.testing.assert_array_equal(generated(-1, 3), [4, 4])  # 1 from the prefill + one per plain round
     np.testing.assert_array_equal(generated(0, 3), [4, 4])
-    np.testing.assert_array_equal(generated(1, 3), [10, 10])  # width 3: 2 accepted drafts + the bonus token
+    np.testing.assert_array_equal(generated(1, 3), [10, 10])  # 6 rows: 2 accepted drafts each + the bonus token
     np.testing.assert_array_equal(generated(2, 5), [31, 31])
     assert speculative_rounds._cache_size() == 1
     # the rounds continue the loop: its tokens equal speculative_generate's at the same width
     full = speculative_generate(tg, ts, dg, ds, tokens, lens, jax.random.key(0), params, jnp.float32(0.0),
-                                max_new_tokens=40, stop_ids=(), verify_widths=(1, 6))
+                                max_new_tokens=40, stop_ids=(), verify_buckets=(2, 12))
     out = speculative_rounds(tg, ts, dg, ds, state, params, jnp.float32(0.0), jnp.int32(2), jnp.int32(5), **static)
     np.testing.assert_array_equal(np.asarray(out.tokens)[:, :31], np.asarray(full.tokens)[:, :31])
 
@@ -190,14 +251,14 @@ def test_round_costs_profile_and_cache(tmp_path, monkeypatch):
     drafter = Drafter(nnx.merge(dg, ds).config, dg, ds, "ngram")
     target = Target(cfg, tg, ts, None, "tiny")
     costs = load_or_profile_round_costs(target, drafter, batch=2)
-    assert costs.widths == (1, 2, 3, 4) and len(costs.seconds) == 4 and costs.batch == 2
+    assert costs.buckets == (2, 3, 4, 5, 6, 7, 8) and len(costs.seconds) == 7 and costs.batch == 2
     assert costs.plain > 0 and all(s >= costs.plain for s in costs.seconds)  # a round adds the proposal
     files = list((tmp_path / "round_costs").glob("*.json"))
     assert len(files) == 1
     assert load_or_profile_round_costs(target, drafter, batch=2) == costs  # read back, not profiled again
     files[0].write_text("{broken")
     again = load_or_profile_round_costs(target, drafter, batch=2)
-    assert again.widths == costs.widths and again.plain > 0
+    assert again.buckets == costs.buckets and again.plain > 0
     load_or_profile_round_costs(target, drafter, batch=2, prompt_len=32, max_new_tokens=40)  # another cache length
     assert len(list((tmp_path / "round_costs").glob("*.json"))) == 2
 

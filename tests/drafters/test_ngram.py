@@ -242,13 +242,41 @@ def test_hybrid_proposes_the_draft_expected_to_be_accepted_further():
     hybrid.model.propose = lambda *a, **k: model
     hybrid.lookup.propose = lambda *a, **k: lookup
     from dspark_jax.drafters.hybrid import HybridState
-    out = HybridDrafter.propose(hybrid, target, HybridState(None, None), jnp.zeros(2, jnp.int32), lens, None, None,
-                                None, None)
+    out = HybridDrafter.propose(hybrid, target, HybridState(None, None), jnp.zeros(2, jnp.int32), lens, None,
+                                SamplingParams.create(2), None, None)
     np.testing.assert_array_equal(np.asarray(out.deterministic), [True, False])
     np.testing.assert_array_equal(np.asarray(out.tokens), [[7, 7, 7], [9, 9, 9]])
     np.testing.assert_array_equal(np.asarray(out.num_drafted), [3, 3])
     np.testing.assert_allclose(np.asarray(out.expected_accept_length), [0.5 + 0.25 + 0.125, 0.9 + 0.81 + 0.729],
                                rtol=1e-6)
+
+
+def test_hybrid_scores_sampled_model_drafts_by_their_first_confidence():
+    """At T > 0 the model's c_2.. depend on its sampled x_1.. (Markov head): the choice reads c_1 alone (Σ c_1^k),
+    so whether x_1 is verified never depends on x_1 (DSpark Appendix A); at T = 0 every c_k counts."""
+    from dspark_jax.drafters.base import Proposal
+    from dspark_jax.drafters.hybrid import HybridDrafter, HybridState
+    tg, ts, cfg = make_target("gemma3")
+    target = nnx.merge(tg, ts)
+    hybrid = nnx.merge(*_hybrid(cfg, 3))
+
+    def model(later):  # c_1 = 0.55 whatever was drawn; c_2, c_3 = later (as if they followed the drawn x_1)
+        return Proposal(tokens=jnp.full((1, 3), 9), draft_index=jnp.full((1, 3), 9), p_draft=jnp.ones((1, 3, 4)),
+                        confidence=jnp.asarray([[0.55, later, later]]), confidence_logits=jnp.zeros((1, 3)))
+    lookup = Proposal(tokens=jnp.full((1, 3), 7), draft_index=jnp.full((1, 3), 7), p_draft=None,
+                      confidence=jnp.full((1, 3), 0.6), confidence_logits=jnp.zeros((1, 3)),
+                      length=jnp.asarray([3]))  # expects 0.6 + 0.36 + 0.216 = 1.18
+    hybrid.lookup.propose = lambda *a, **k: lookup
+
+    def lookup_chosen(temperature, later):
+        hybrid.model.propose = lambda *a, **k: model(later)
+        out = HybridDrafter.propose(hybrid, target, HybridState(None, None), jnp.zeros(1, jnp.int32),
+                                    jnp.asarray([5]), None, SamplingParams.create(1, temperature), None, None)
+        return bool(out.deterministic[0])
+
+    assert not lookup_chosen(0.0, 1.0)  # greedy: 0.55 · 3 = 1.65 beats 1.18
+    assert lookup_chosen(0.0, 0.1)
+    assert lookup_chosen(1.0, 1.0) and lookup_chosen(1.0, 0.1)  # sampled: 0.55 + 0.30 + 0.17 = 1.02 either way
 
 
 def test_hybrid_skips_the_model_when_every_lookup_draft_is_expected_to_go_far():
@@ -270,7 +298,7 @@ def test_hybrid_skips_the_model_when_every_lookup_draft_is_expected_to_go_far():
         hybrid.model.propose = lambda *a, **k: model
         hybrid.lookup.propose = lambda *a, **k: lookup
         return jax.jit(lambda: HybridDrafter.propose(hybrid, target, HybridState(None, None), jnp.zeros(2, jnp.int32),
-                                                     lens, None, None, None, None))()
+                                                     lens, None, SamplingParams.create(2), None, None))()
 
     for skip_model_at, lookup_rows in ((0.8, [True, True]), (1.0, [False, False]), (float("inf"), [False, False])):
         out = propose(skip_model_at)

@@ -12,7 +12,8 @@ from scipy import stats
 
 from dspark_jax.decoding.rejection import verify
 from dspark_jax.serving.cost_table import CostTable
-from dspark_jax.serving.scheduler import (allocate_top_k, capacity, drafting_pays, expected_throughput, fixed_lengths,
+from dspark_jax.decoding.draft_length import allocate_top_k
+from dspark_jax.serving.scheduler import (capacity, drafting_pays, expected_throughput, fixed_lengths,
                                          schedule_synchronous, survival, threshold_lengths)
 
 SMOOTH = CostTable((1, 2, 3, 4, 5, 6, 7, 8), (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65))

@@ -1,5 +1,6 @@
-"""The output head (tied embedding, 262,144 × 640 for Gemma 3 270M) at each row count: XLA's einsum vs
-`models.output_head.tied_logits` (a fused multiply-and-sum loop for 2–8 rows on CPU), and the whole verification
+"""The output head (tied embedding, 262,144 × 640 for Gemma 3 270M) at each row count: XLA's einsum,
+`models.output_head.tied_logits` (the fused multiply-and-sum loop for `FUSED_ROWS` on CPU, the einsum otherwise)
+and the fused loop itself at every row count (`fused_logits`: where it would win), and the whole verification
 forward (18 layers + head) at each width, on the embedded target.
 
     python benchmarks/lm_head.py [--rows 1,2,3,4,6,8,12,16] [--widths 1,2,4,8] [--repeats 15]
@@ -20,7 +21,7 @@ from dspark_jax.utils.timing import median_seconds
 
 def main():
     from dspark_jax.models.kv_cache import init_cache
-    from dspark_jax.models.output_head import tied_logits, uses_fused_loop
+    from dspark_jax.models.output_head import fused_logits, tied_logits, uses_fused_loop
     from dspark_jax.target import load_target
     from dspark_jax.utils.machine import describe_machine
     from dspark_jax.utils.results import write_result
@@ -36,16 +37,19 @@ def main():
     table = target.state["embed_tokens"][...]
     einsum = jax.jit(lambda h, t: jnp.einsum("...d,vd->...v", h, t, preferred_element_type=jnp.float32))
     fused = jax.jit(tied_logits)
+    loop = jax.jit(fused_logits)
     print(f"machine: {describe_machine()}; table {tuple(table.shape)} {table.dtype}")
-    print(f"{'rows':>4} {'einsum ms':>10} {'tied_logits ms':>15} {'path':>7} {'gain':>6}")
+    print(f"{'rows':>4} {'einsum ms':>10} {'tied_logits ms':>15} {'path':>7} {'gain':>6} {'fused loop ms':>14}")
     head_rows = []
     for n in [int(r) for r in args.rows.split(",")]:
         h = jax.random.normal(jax.random.key(n), (n, table.shape[1]), jnp.float32)
         a = median_seconds(lambda: einsum(h, table), args.repeats)
         b = median_seconds(lambda: fused(h, table), args.repeats)
+        c = median_seconds(lambda: loop(h, table), args.repeats)
         path = "fused" if uses_fused_loop(n) else "einsum"
-        head_rows.append({"rows": n, "einsum_ms": a * 1e3, "tied_logits_ms": b * 1e3, "path": path})
-        print(f"{n:>4} {a * 1e3:>10.1f} {b * 1e3:>15.1f} {path:>7} {a / b:>5.2f}x", flush=True)
+        head_rows.append({"rows": n, "einsum_ms": a * 1e3, "tied_logits_ms": b * 1e3, "path": path,
+                          "fused_loop_ms": c * 1e3})
+        print(f"{n:>4} {a * 1e3:>10.1f} {b * 1e3:>15.1f} {path:>7} {a / b:>5.2f}x {c * 1e3:>14.1f}", flush=True)
 
     @jax.jit
     def forward(state, tokens, cache):

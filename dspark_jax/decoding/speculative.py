@@ -20,7 +20,7 @@ from dspark_jax.decoding.draft_length import (bucket_rates, budget_confidence, c
                                              proposal_lengths, verified_drafts)
 from dspark_jax.decoding.verification import concat_taps, verify_round
 from dspark_jax.drafters.base import Proposal
-from dspark_jax.models.layout import make_layout
+from dspark_jax.models.layout import dense_layout, make_layout
 from dspark_jax.sampling import FilterMode, SamplingParams, check_batch, sample
 from dspark_jax.sampling.keys import DRAFT, SAMPLE, VERIFY, position_keys, row_keys
 
@@ -224,10 +224,14 @@ class _Rounds:
 
     def _verify(self, c: SpecState, proposal: Proposal, num_verify: jax.Array, bucket: int, rows: int):
         """`verify_round` of num_verify[b] drafts per active request, laid out flat in `bucket` rows (at most
-        `rows` per request; finished requests take none), its per-slot outputs padded to G + 1 / G slots (one
-        shape for every bucket)."""
-        g = self.drafter.config.block_size
-        layout = make_layout(jnp.where(c.done, 0, num_verify + 1), c.start, bucket, rows)
+        `rows` per request; finished requests take none — unless the bucket is the full grid, bucket = B · rows:
+        then every request keeps its rows in a static layout, the dense layout of the loop before flat buckets),
+        its per-slot outputs padded to G + 1 / G slots (one shape for every bucket)."""
+        g, b = self.drafter.config.block_size, c.anchor.shape[0]
+        if bucket == b * rows:  # every request takes `rows` rows (batch 1, plain rounds, the largest bucket)
+            layout = dense_layout(b, rows, c.start)
+        else:
+            layout = make_layout(jnp.where(c.done, 0, num_verify + 1), c.start, bucket, rows)
         r = verify_round(self.target, self.drafter, c.target_cache, c.drafter_state, proposal, c.anchor, c.start,
                          num_verify, ~c.done, self.max_new_tokens - c.num_generated, layout,
                          position_keys(c.keys, c.start, VERIFY), self.params, self.mode, self.stops)

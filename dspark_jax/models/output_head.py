@@ -32,7 +32,12 @@ def tied_logits(hidden: jax.Array, table: jax.Array) -> jax.Array:
     rows = math.prod(lead)
     if not uses_fused_loop(rows):
         return jnp.einsum("...d,vd->...v", hidden, table, preferred_element_type=jnp.float32)
-    flat = hidden.reshape(rows, hidden.shape[-1]).astype(jnp.float32)
-    # [V, rows] with the vocabulary outermost: each table row is read once and used for every hidden row.
-    out = (table.astype(jnp.float32)[:, None, :] * flat[None, :, :]).sum(-1)
-    return out.T.reshape(*lead, table.shape[0])
+    return fused_logits(hidden.reshape(rows, hidden.shape[-1]), table).reshape(*lead, table.shape[0])
+
+
+def fused_logits(hidden: jax.Array, table: jax.Array) -> jax.Array:
+    """hidden [R, d] · table [V, d]ᵀ → float32 [R, V] as one fused multiply-and-sum loop over [V, R, d], the
+    vocabulary outermost, so each table row is read once for every hidden row (any R; `tied_logits` uses it for
+    `FUSED_ROWS`)."""
+    out = (table.astype(jnp.float32)[:, None, :] * hidden.astype(jnp.float32)[None, :, :]).sum(-1)
+    return out.T

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dspark_jax.models.output_head import FUSED_ROWS, tied_logits, uses_fused_loop
+from dspark_jax.models.output_head import FUSED_ROWS, fused_logits, tied_logits, uses_fused_loop
 
 
 def _einsum(h, t):
@@ -19,6 +19,13 @@ def test_matches_einsum(shape):
     got = jax.jit(tied_logits)(h, table)
     assert got.shape == shape[:-1] + (1000,) and got.dtype == jnp.float32
     np.testing.assert_allclose(got, _einsum(h, table), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 9, 16])
+def test_the_fused_loop_itself_matches_einsum_at_any_row_count(rows):
+    h = jax.random.normal(jax.random.key(rows), (rows, 24), jnp.float32)
+    table = jax.random.normal(jax.random.key(7), (500, 24), jnp.float32)
+    np.testing.assert_allclose(jax.jit(fused_logits)(h, table), _einsum(h, table), rtol=1e-5, atol=1e-5)
 
 
 def test_bfloat16_table_gives_float32_logits():

@@ -198,12 +198,15 @@ class _Rounds:
         if choice is None:
             sampled = (self.params.temperature > 0) & ~_deterministic_rows(prop, b)
             conf = budget_confidence(prop.confidence, c.stale_confidence, sampled)
-            choice = choose_bucket(conf, n_prop, active, self.buckets, self.costs)
-            if self.gate:
-                rate = bucket_rates(conf, n_prop, active, self.buckets, self.costs)[choice]
+            if self.gate:  # the rates once: the choice is their argmax (`choose_bucket`)
+                rates = bucket_rates(conf, n_prop, active, self.buckets, self.costs)
+                choice = jnp.argmax(rates).astype(jnp.int32)
+                rate = rates[choice]
                 pays = rate > jnp.sum(active) / self.plain_cost  # a tie: drafting gains nothing
                 plain_left = jnp.where(pays, 0, backoff).astype(jnp.int32)
                 backoff = jnp.where(pays, 1, jnp.minimum(2 * backoff, MAX_PLAIN_RUN)).astype(jnp.int32)
+            else:
+                choice = choose_bucket(conf, n_prop, active, self.buckets, self.costs)
         res, verified = jax.lax.switch(choice, [at_bucket(t) for t in self.buckets])
         stale = jnp.where(active[:, None], prop.confidence, c.stale_confidence)
         c = dataclasses.replace(c, plain_left=plain_left, backoff=backoff, stale_confidence=stale)

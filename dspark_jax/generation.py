@@ -30,10 +30,10 @@ class GenerationConfig:
     batch_size: int = 8
     attn_impl: str = "reference"  # pallas_kernels.AttentionImpl: reference | pallas | interpret | auto
     # speculative only. "fixed": every round verifies the whole proposal (a round without drafts: one token);
-    # "auto": per round, the verification bucket (rows: anchors + the drafts of highest survival; at batch 1 the
-    # width) with the most expected committed tokens per second on this machine's profiled round costs
-    # (`round_costs`, `decoding.draft_length`), and plain rounds (no proposal) while
-    # drafting is expected to lose
+    # "auto": per round, the verification bucket (rows: anchors + drafts, given first to the requests furthest
+    # behind; at batch 1 the width) that shortens the batch's longest remaining request the most per second on
+    # this machine's profiled round costs (`round_costs`, `decoding.draft_length`; at batch 1: the most expected
+    # committed tokens per second), and plain rounds (no proposal) while drafting is expected to lose
     draft_length: str = "fixed"
 
     def __post_init__(self):

@@ -91,6 +91,23 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, 
     return unfold_output(_ranged(backend, fold_queries(q, kvh, rows), lo, hi, (k, v), scale), t, h)
 
 
+def prefix_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cache_len: jax.Array, k_new: jax.Array,
+                     v_new: jax.Array, q_positions: jax.Array, new_positions: jax.Array, *, scale: float,
+                     window: int | None = None, impl: AttentionImpl | str = AttentionImpl.REFERENCE) -> jax.Array:
+    """New tokens against a read-only cache prefix (slots < cache_len) and their own keys, causally; the cache is
+    not written. See `reference.prefix_attention`. The kernels read one cache: for them the new keys are
+    written into a copy of it (slots = their positions; padding dropped) and `attention` runs on that."""
+    if _kernel_or_reference(impl, q, k_cache, v_cache) == "reference":
+        return reference.prefix_attention(q, k_cache, v_cache, cache_len, k_new, v_new, q_positions, new_positions,
+                                          scale=scale, window=window)
+    b = q.shape[0]
+    rows = jnp.where(new_positions >= 0, new_positions, k_cache.shape[1])  # out of range: dropped
+    at = (jnp.arange(b)[:, None], rows)
+    k = k_cache.at[at].set(k_new.astype(k_cache.dtype), mode="drop")
+    v = v_cache.at[at].set(v_new.astype(v_cache.dtype), mode="drop")
+    return attention(q, k, v, q_positions, scale=scale, window=window, impl=impl)
+
+
 def block_attention(q: jax.Array, ctx_k: jax.Array, ctx_v: jax.Array, ctx_len: jax.Array, blk_k: jax.Array,
                     blk_v: jax.Array, *, scale: float, impl: AttentionImpl | str = AttentionImpl.REFERENCE) -> jax.Array:
     """Drafter block attention (context prefix + bidirectional block). See `reference.block_attention`."""

@@ -67,3 +67,37 @@ def block_attention(q: jax.Array, ctx_k: jax.Array, ctx_v: jax.Array, ctx_len: j
     weights = jax.nn.softmax(logits, axis=-1)
     out = jnp.einsum("bkgts,bskd->btkgd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.reshape(b, g, h, d).astype(q.dtype)
+
+
+def prefix_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cache_len: jax.Array,
+                     k_new: jax.Array, v_new: jax.Array, q_positions: jax.Array, new_positions: jax.Array,
+                     *, scale: float, window: int | None = None) -> jax.Array:
+    """Causal attention of new tokens against a read-only KV cache prefix and their own keys, without writing
+    the new keys into the cache: query i of request b sees cache keys at slots s < cache_len[b] and new keys j
+    with new_positions[b, j] <= q_positions[b, i] (both within `window`). Equal to `causal_attention` over the
+    cache with the new keys written at their positions; the scores of the two parts are softmaxed together,
+    so the cache is read in place (a jitted loop that writes it afterwards, outside a conditional, never
+    copies it).
+
+    q: [B, T, H, D]; k_cache, v_cache: [B, S, KVH, D]; cache_len: [B]; k_new, v_new: [B, T, KVH, D];
+    q_positions, new_positions: [B, T] absolute positions (negative: padding — such a query sees nothing and
+    such a key is seen by none). Output [B, T, H, D] in q's dtype; padded query rows give zeros."""
+    b, t, h, d = q.shape
+    s, kvh = k_cache.shape[1], k_cache.shape[2]
+    v_cache = jnp.where(jnp.isfinite(v_cache), v_cache, jnp.zeros((), v_cache.dtype))
+    v_new = jnp.where(jnp.isfinite(v_new), v_new, jnp.zeros((), v_new.dtype))
+    qg = q.reshape(b, t, kvh, h // kvh, d)
+    slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None], (b, s))
+    cache_pos = jnp.where(slots < cache_len[:, None], slots, -1)
+    mask_c = attention_mask(q_positions, cache_pos, window)[:, None, None]
+    mask_n = attention_mask(q_positions, new_positions, window)[:, None, None]
+    logits_c = jnp.einsum("btkgd,bskd->bkgts", qg, k_cache, preferred_element_type=jnp.float32) * scale
+    logits_n = jnp.einsum("btkgd,bskd->bkgts", qg, k_new.astype(k_cache.dtype),
+                          preferred_element_type=jnp.float32) * scale
+    logits = jnp.concatenate([jnp.where(mask_c, logits_c, _NEG), jnp.where(mask_n, logits_n, _NEG)], axis=-1)
+    weights = jnp.where(jnp.concatenate([mask_c, mask_n], axis=-1), jax.nn.softmax(logits, axis=-1), 0.0)
+    out = (jnp.einsum("bkgts,bskd->btkgd", weights[..., :s].astype(v_cache.dtype), v_cache,
+                      preferred_element_type=jnp.float32)
+           + jnp.einsum("bkgts,bskd->btkgd", weights[..., s:].astype(v_cache.dtype), v_new.astype(v_cache.dtype),
+                        preferred_element_type=jnp.float32))
+    return out.reshape(b, t, h, d).astype(q.dtype)

@@ -38,10 +38,11 @@ flags.DEFINE_integer("gamma", None, "Draft block size: tokens proposed per verif
 flags.DEFINE_float("confidence_threshold", 0.0, "Static confidence threshold in [0, 1]: a proposal is cut at "
                    "the first draft position whose confidence is below it (0 = always verify the full block).")
 flags.DEFINE_enum("draft_length", "fixed", ["fixed", "auto"], "'fixed': every round verifies the whole proposal; "
-                  "'auto': hardware-aware — per round the verification bucket (every request's anchor plus the "
-                  "drafts most likely accepted, across the batch; at batch 1 the draft length) with the most "
-                  "expected accepted tokens per second on this machine's cost curve (profiled once per machine, "
-                  "target, drafter and batch size, then cached).")
+                  "'auto': hardware-aware — per round the verification bucket (every request's anchor plus drafts, "
+                  "first for the requests furthest behind; at batch 1 the draft length) that brings the batch's "
+                  "slowest request forward the most per second on this machine's cost curve (at batch 1: the most "
+                  "expected accepted tokens per second; profiled once per machine, target, drafter and batch "
+                  "size, then cached), and plain rounds while drafting is expected to lose.")
 flags.DEFINE_integer("draft_vocab_size", 32768, "For --drafter=random: draft vocabulary of the N most frequent "
                      "target tokens (0 = the full target vocabulary).", lower_bound=0)
 flags.DEFINE_enum("attn_impl", "reference", ATTN_IMPLS, ATTN_IMPL_HELP)

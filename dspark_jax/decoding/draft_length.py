@@ -1,13 +1,19 @@
 """Hardware-aware draft length for the jitted speculative loop: each round verifies one flat bucket of T
-rows (`models.layout`): every active request's anchor plus the T − n_active drafts of highest prefix survival
-(`allocate_top_k`), T chosen from a few compiled buckets to maximise expected committed tokens per unit of
-round cost (DSpark §5's scheduler objective Θ = τ · SPS, with its production top-K allocation, §5.2).
+rows (`models.layout`): every active request's anchor plus T − n_active drafts, T chosen from a few compiled
+buckets to maximise the expected progress of the batch per unit of round cost (DSpark §5's scheduler objective
+Θ = τ · SPS).
 
-Notation: c [B, G] calibrated per-position confidences, a_{b,j} = Π_{i<=j} c_{b,i}; request b proposed n_b
-drafts; a bucket of T rows holds the n_active anchors and verifies the T − n_active allowed drafts (j < n_b) of
-highest a_{b,j} (a prefix of each request's proposal, since a_{b,j} does not increase with j), expected to
-commit n_active + Σ a over them; a round at bucket T costs cost(T) (seconds, or relative — only ratios matter).
-At batch 1 a bucket is the verification width (anchor + drafts).
+The loop decodes a static batch: it ends when its slowest request ends, so a round's progress is how far it
+brings the request with the most tokens still to generate, not the batch's total of committed tokens (which
+DSpark §5.2's top-K allocation maximises, and which the serving engine, whose slots refill, maximises with
+`allocate_top_k`). With R_b tokens left for request b, slack_b = max R − R_b and X_b its accepted drafts, a round
+shortens the longest remaining request by 1 + E[min_b (slack_b + X_b)] tokens (`completion_gain`; a plain round:
+1). Drafts go first to the requests furthest behind (`allocate_by_level`: lowest slack + expected accepted
+drafts so far). At batch 1 this is τ itself: 1 + Σ_j a_j.
+
+Notation: c [B, G] calibrated per-position confidences, a_{b,j} = Π_{i<=j} c_{b,i} = P(X_b >= j) for the drafts
+verified (requests independent); request b proposed n_b drafts; a round at bucket T costs cost(T) (seconds, or
+relative — only ratios matter). At batch 1 a bucket is the verification width (anchor + drafts).
 """
 from __future__ import annotations
 
@@ -21,6 +27,18 @@ def survival(confidence: jax.Array) -> jax.Array:
     return jnp.cumprod(jnp.clip(confidence.astype(jnp.float32), 0.0, 1.0), axis=1)
 
 
+def _take_best(score: jax.Array, allowed: jax.Array, budget: jax.Array) -> jax.Array:
+    """[R] how many of each row's allowed entries are among the `budget` allowed entries of highest score
+    (ties → lower position, then lower row). score [R, G] must not increase along a row, so the taken entries
+    of a row are a prefix."""
+    r_n, g = score.shape
+    score = jnp.where(allowed, score, -jnp.inf)
+    order = jnp.argsort(-jnp.transpose(score).reshape(-1), stable=True)  # position-major: ties to lower positions
+    rank = jnp.zeros((r_n * g,), jnp.int32).at[order].set(jnp.arange(r_n * g, dtype=jnp.int32))
+    rank = jnp.transpose(rank.reshape(g, r_n))
+    return ((rank < budget) & allowed).sum(1).astype(jnp.int32)
+
+
 def allocate_top_k(confidence: jax.Array, max_draft: jax.Array, budget: jax.Array) -> jax.Array:
     """The `budget` drafts with the highest prefix survival a_{r,j} (ties to lower positions), within
     per-request caps max_draft [R]; drafts with a = 0 are never taken. confidence [R, G]. Returns ℓ [R] int32
@@ -28,31 +46,44 @@ def allocate_top_k(confidence: jax.Array, max_draft: jax.Array, budget: jax.Arra
 
     Lossless: whether (r, j) is admitted depends on a_{r,j} (known before x_{r,j} is drawn), other requests,
     and the budget; a_{r,j'} for j' > j are never ranked above a_{r,j}, so x_{r,j} cannot influence it."""
-    r_n, g = confidence.shape
     a = survival(confidence)
-    allowed = jnp.arange(g)[None] < max_draft[:, None]
-    score = jnp.where(allowed & (a > 0), a, -1.0)
-    flat = score.reshape(-1)
-    # rank by (score desc, position asc): stable argsort over position-major order
-    pos_major = jnp.transpose(score).reshape(-1)
-    order = jnp.argsort(-pos_major, stable=True)
-    rank = jnp.zeros((r_n * g,), jnp.int32).at[order].set(jnp.arange(r_n * g, dtype=jnp.int32))
-    rank = jnp.transpose(rank.reshape(g, r_n)).reshape(-1)
-    chosen = (rank < budget) & (flat > -1.0)
-    return chosen.reshape(r_n, g).sum(1).astype(jnp.int32)
+    allowed = (jnp.arange(a.shape[1])[None] < max_draft[:, None]) & (a > 0)
+    return _take_best(a, allowed, budget)
 
 
-def budget_confidence(fresh: jax.Array, stale: jax.Array, sampled: jax.Array) -> jax.Array:
-    """The confidences a round's bucket is chosen from [B, G]. A request whose drafts were sampled (T > 0, model
-    drafts) reads position 1 fresh (c_1 depends on no token drawn this round) and later positions from `stale`
-    (its last drafted round's confidences; negative where it has none: c_1 repeated): with a Markov head c_k
-    depends on x_{k−1}, so a bucket chosen from fresh c_2.. would decide whether x_1 is verified from x_1 itself —
-    DSpark Appendix A's selection bias. Deterministic drafts (lookup, greedy argmax) are functions of the past:
-    fresh throughout. Rows of the same bucket are then filled by fresh survival (`allocate_top_k`), which is
-    lossless (§5.2's production variant). sampled [B] bool."""
-    later = jnp.arange(fresh.shape[1])[None] >= 1
-    stale = jnp.where(stale < 0, fresh[:, :1], stale)
-    return jnp.where(sampled[:, None] & later, stale, fresh)
+def allocate_by_level(confidence: jax.Array, max_draft: jax.Array, budget: jax.Array, slack: jax.Array) -> jax.Array:
+    """Water-filling: the `budget` drafts of lowest level slack_r + Σ_{i<j} a_{r,i} (how far request r would
+    be ahead of the slowest one with its drafts before j accepted as expected; ties to lower positions), within
+    per-request caps max_draft [R]; drafts with a = 0 are never taken. confidence [R, G], slack [R] (≥ 0).
+    Returns ℓ [R] int32. Lossless as `allocate_top_k`: draft j's level reads only a_{r,i<j}."""
+    a = survival(confidence)
+    level = slack[:, None].astype(jnp.float32) + jnp.cumsum(a, axis=1) - a
+    allowed = (jnp.arange(a.shape[1])[None] < max_draft[:, None]) & (a > 0)
+    return _take_best(-level, allowed, budget)
+
+
+def slack_of(active: jax.Array, remaining: jax.Array) -> jax.Array:
+    """[B] slack_b = max R − R_b over active requests (R: remaining [B] tokens each may still commit); 0 when
+    inactive."""
+    lead = jnp.max(jnp.where(active, remaining, 0))
+    return jnp.where(active, lead - remaining, 0).astype(jnp.int32)
+
+
+def completion_gain(confidence: jax.Array, verified: jax.Array, active: jax.Array, remaining: jax.Array) -> jax.Array:
+    """Expected tokens by which a round verifying verified[b] drafts per request shortens the longest
+    remaining request: 1 + E[min_b (slack_b + X_b)] = 1 + Σ_{k>=1} Π_b P(X_b >= k − slack_b), with
+    P(X_b >= m) = a_{b,m} for 1 <= m <= min(verified_b, R_b − 1) (accepted drafts beyond a request's remaining
+    tokens are cut), 1 for m <= 0, else 0. Inactive requests do not count. At batch 1: 1 + Σ_{j<=ℓ} a_j.
+    confidence [B, G], verified [B], active [B] bool, remaining [B] tokens. Returns a float32 scalar."""
+    a = survival(confidence)
+    g = a.shape[1]
+    slack = slack_of(active, remaining)
+    m = jnp.arange(1, g + 1, dtype=jnp.int32)[:, None] - slack[None]  # [G, B]: drafts needed for level k
+    limit = jnp.minimum(verified, remaining - 1)[None]
+    at_m = jnp.take_along_axis(jnp.transpose(a), jnp.clip(m - 1, 0, g - 1), axis=0)
+    p = jnp.where(m <= 0, 1.0, jnp.where(m <= limit, at_m, 0.0))
+    p = jnp.where(active[None], p, 1.0)
+    return jnp.where(active.any(), 1.0 + jnp.prod(p, axis=1).sum(), 0.0).astype(jnp.float32)
 
 
 def per_request_rows(batch: int, gamma: int, bucket: int) -> int:
@@ -75,69 +106,77 @@ def covering_bucket(num_drafts: jax.Array, active: jax.Array, buckets: tuple[int
     return jnp.where(fits.any(), jnp.argmax(fits), len(buckets) - 1).astype(jnp.int32)
 
 
-def expected_committed(confidence: jax.Array, num_drafts: jax.Array, active: jax.Array,
-                       buckets: tuple[int, ...]) -> jax.Array:
-    """[len(buckets)] expected tokens committed by the active requests in one round at each bucket T:
-    n_active + the sum of the T − n_active largest a_{b,j} with j < `bucket_caps` (what `allocate_top_k`
-    verifies)."""
-    a = survival(confidence)
-    g = a.shape[1]
-    n_active = jnp.sum(active).astype(jnp.int32)
-    out = []
-    for t in buckets:
-        values = jnp.where(jnp.arange(g)[None] < bucket_caps(num_drafts, active, t)[:, None], a, 0.0).reshape(-1)
-        top = jnp.cumsum(-jnp.sort(-values))
-        k = jnp.clip(t - n_active, 0, values.shape[0])
-        out.append(jnp.where(k > 0, top[jnp.maximum(k - 1, 0)], 0.0))
-    return n_active.astype(jnp.float32) + jnp.stack(out)
-
-
-def bucket_rates(confidence: jax.Array, num_drafts: jax.Array, active: jax.Array, buckets: tuple[int, ...],
-                 costs: tuple[float, ...]) -> jax.Array:
-    """[len(buckets)] expected committed tokens per unit cost of this round at each bucket up to the covering
-    bucket, −inf beyond it (larger buckets verify nothing more). Shapes as in `choose_bucket`."""
-    cover = covering_bucket(num_drafts, active, buckets)
-    rate = expected_committed(confidence, num_drafts, active, buckets) / jnp.asarray(costs, jnp.float32)
-    return jnp.where(jnp.arange(len(buckets)) <= cover, rate, -jnp.inf)
-
-
-def choose_bucket(confidence: jax.Array, num_drafts: jax.Array, active: jax.Array, buckets: tuple[int, ...],
-                  costs: tuple[float, ...] | None) -> jax.Array:
-    """Index into `buckets` of this round's verification bucket.
-
-    costs None: the covering bucket (verify everything proposed). Otherwise the bucket with the largest
-    expected committed tokens / cost among those up to the covering bucket (ties → the smaller one).
-    Lossless: the choice reads only confidences and proposal lengths, known before any draft is verified.
-    Shapes: confidence [B, G], num_drafts [B] (0..G), active [B] bool; buckets ascending, buckets[0] >= B."""
-    if costs is None:
-        return covering_bucket(num_drafts, active, buckets)
-    return jnp.argmax(bucket_rates(confidence, num_drafts, active, buckets, costs)).astype(jnp.int32)
-
-
-def verified_drafts(confidence: jax.Array, num_drafts: jax.Array, active: jax.Array, bucket: int,
-                    take_all: bool) -> jax.Array:
-    """[B] drafts each request verifies in a bucket of `bucket` rows (within `bucket_caps`): the
-    highest-survival ones (`allocate_top_k`) — or, with `take_all` (no cost model: verify what was proposed),
-    every allowed draft whenever they all fit."""
+def verified_drafts(confidence: jax.Array, num_drafts: jax.Array, active: jax.Array, remaining: jax.Array,
+                    bucket: int, take_all: bool) -> jax.Array:
+    """[B] drafts each request verifies in a bucket of `bucket` rows (within `bucket_caps`): water-filling from
+    the slowest request (`allocate_by_level`) — or, with `take_all` (no cost model: verify what was proposed),
+    every allowed draft whenever they all fit (else the water-filling)."""
     caps = bucket_caps(num_drafts, active, bucket)
     budget = bucket - jnp.sum(active).astype(jnp.int32)
     batch, gamma = confidence.shape
-    top = allocate_top_k(confidence[:, :per_request_rows(batch, gamma, bucket) - 1], caps, budget)
-    return jnp.where(jnp.sum(caps) <= budget, caps, top) if take_all else top
+    chosen = allocate_by_level(confidence[:, :per_request_rows(batch, gamma, bucket) - 1], caps, budget,
+                               slack_of(active, remaining))
+    return jnp.where(jnp.sum(caps) <= budget, caps, chosen) if take_all else chosen
+
+
+def bucket_rates(confidence: jax.Array, num_drafts: jax.Array, active: jax.Array, remaining: jax.Array,
+                 buckets: tuple[int, ...], costs: tuple[float, ...]) -> jax.Array:
+    """[len(buckets)] `completion_gain` per unit cost of this round at each bucket (drafts by
+    `verified_drafts`) up to the covering bucket, −inf beyond it (larger buckets verify nothing more). A plain
+    round's rate is 1 / its cost. Shapes as in `choose_bucket`."""
+    cover = covering_bucket(num_drafts, active, buckets)
+    gains = jnp.stack([completion_gain(confidence, verified_drafts(confidence, num_drafts, active, remaining, t,
+                                                                   take_all=False), active, remaining)
+                       for t in buckets])
+    rate = gains / jnp.asarray(costs, jnp.float32)
+    return jnp.where(jnp.arange(len(buckets)) <= cover, rate, -jnp.inf)
+
+
+def choose_bucket(confidence: jax.Array, num_drafts: jax.Array, active: jax.Array, remaining: jax.Array,
+                  buckets: tuple[int, ...], costs: tuple[float, ...] | None) -> jax.Array:
+    """Index into `buckets` of this round's verification bucket.
+
+    costs None: the covering bucket (verify everything proposed). Otherwise the bucket with the largest
+    `bucket_rates` (ties → the smaller one). Lossless: the choice reads only confidences, proposal lengths and
+    token counts, known before any draft is verified.
+    Shapes: confidence [B, G], num_drafts [B] (0..G), active [B] bool, remaining [B] tokens each request may still
+    commit; buckets ascending, buckets[0] >= B."""
+    if costs is None:
+        return covering_bucket(num_drafts, active, buckets)
+    return jnp.argmax(bucket_rates(confidence, num_drafts, active, remaining, buckets, costs)).astype(jnp.int32)
+
+
+def budget_confidence(fresh: jax.Array, stale: jax.Array, sampled: jax.Array) -> jax.Array:
+    """The confidences a round's bucket is chosen from [B, G]. A request whose drafts were sampled (T > 0, model
+    drafts) reads position 1 fresh (c_1 depends on no token drawn this round) and later positions from `stale`
+    (its last drafted round's confidences; negative where it has none: c_1 repeated): with a Markov head c_k
+    depends on x_{k−1}, so a bucket chosen from fresh c_2.. would decide whether x_1 is verified from x_1 itself —
+    DSpark Appendix A's selection bias. Deterministic drafts (lookup, greedy argmax) are functions of the past:
+    fresh throughout. Rows of the same bucket are then filled from fresh confidences (`verified_drafts`), which
+    is lossless (§5.2's production variant). sampled [B] bool."""
+    later = jnp.arange(fresh.shape[1])[None] >= 1
+    stale = jnp.where(stale < 0, fresh[:, :1], stale)
+    return jnp.where(sampled[:, None] & later, stale, fresh)
 
 
 def profile_buckets(batch: int, gamma: int) -> tuple[int, ...]:
-    """The buckets a round-cost profile times: batch + d rows for every draft count d up to batch·γ when that
-    is at most 16 (every width at batch 1), else d = 0..8 then steps of ×1.5 and batch·γ itself."""
-    most = batch * gamma
-    if most <= 16:
-        drafts = list(range(most + 1))
-    else:
-        drafts, d = list(range(9)), 8.0
-        while (d := d * 1.5) < most:
-            drafts.append(int(round(d)))
-        drafts.append(most)
-    return tuple(batch + d for d in drafts)
+    """The buckets (rows) a round-cost profile times: batch + d rows for every draft count d up to batch·γ when
+    that is at most 16 (every width at batch 1); else d = 0..8, then every multiple of 8 rows up to 64 rows (a
+    CPU's vector units and GEMM tiles work in groups of 8 rows, so a round's cost steps there: the rows between
+    two multiples cost nearly as much as the next one), then steps of ×1.5, and batch·(γ + 1) itself."""
+    most = batch * (gamma + 1)
+    if batch * gamma <= 16:
+        return tuple(range(batch, most + 1))
+    rows = list(range(batch, batch + 9))
+    r = (rows[-1] // 8 + 1) * 8
+    while r < min(64, most):
+        rows.append(r)
+        r += 8
+    x = float(rows[-1])
+    while (x := x * 1.5) < most:
+        rows.append(int(round(x)))
+    rows.append(most)
+    return tuple(sorted(set(rows)))
 
 
 def efficient_buckets(buckets: tuple[int, ...], costs: tuple[float, ...], max_buckets: int = 5

@@ -18,7 +18,7 @@ from flax import nnx
 from dspark_jax.decoding.autoregressive import prefill
 from dspark_jax.decoding.draft_length import (bucket_rates, budget_confidence, choose_bucket, per_request_rows,
                                              proposal_lengths, verified_drafts)
-from dspark_jax.decoding.verification import concat_taps, verify_round
+from dspark_jax.decoding.verification import RoundResult, concat_taps, verify_round
 from dspark_jax.drafters.base import Proposal
 from dspark_jax.models.layout import dense_layout, make_layout
 from dspark_jax.sampling import FilterMode, SamplingParams, check_batch, sample
@@ -89,6 +89,21 @@ class SpecOutput:
     confidence: jax.Array
     confidence_logits: jax.Array
     nonfinite: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _Outcome:
+    """What a drafted or plain round computed, before anything is written into the state: the verification
+    (its K/V still unwritten: `RoundResult.kv_rows`), verified [B] drafts per request, the round's confidence /
+    confidence_logits [B, G] to record, and the gate's next plain_left, backoff and stale_confidence."""
+    res: RoundResult
+    verified: jax.Array
+    confidence: jax.Array
+    confidence_logits: jax.Array
+    plain_left: jax.Array
+    backoff: jax.Array
+    stale_confidence: jax.Array
 
 
 def _pad_slots(x: jax.Array, width: int) -> jax.Array:
@@ -165,19 +180,23 @@ class _Rounds:
 
     def step(self, c: SpecState) -> SpecState:
         """One round. With the gate on, a round drafts only when the last drafted round expected drafting to
-        beat a plain round (expected committed tokens per second, `draft_length.bucket_rates`); after a losing
+        beat a plain round (expected progress of the slowest request per second, `draft_length.bucket_rates`);
+        after a losing
         drafted round the next 1, 2, 4, … (≤ MAX_PLAIN_RUN) rounds are plain. The decision reads only earlier
-        rounds, so it keeps the loop lossless."""
+        rounds, so it keeps the loop lossless. The branches only read the state; the round is written after
+        them (`_apply`): XLA copies a buffer that more than one branch of a conditional updates, and the KV
+        cache is the largest buffer of the loop."""
         if not self.gate:
-            return self.drafted(c)
-        return jax.lax.cond(c.plain_left <= 0, self.drafted, self.plain, c)
+            return self._apply(c, self.drafted(c))
+        return self._apply(c, jax.lax.cond(c.plain_left <= 0, self.drafted, self.plain, c))
 
     def forced(self, c: SpecState, choice: jax.Array) -> SpecState:
         """One round at a given bucket index (choice >= 0), or a plain round (choice < 0): for profiling."""
-        return jax.lax.cond(choice < 0, self.plain, lambda s: self.drafted(s, jnp.maximum(choice, 0)), c)
+        return self._apply(c, jax.lax.cond(choice < 0, self.plain,
+                                           lambda s: self.drafted(s, jnp.maximum(choice, 0)), c))
 
-    def drafted(self, c: SpecState, choice: jax.Array | None = None) -> SpecState:
-        """Propose, choose the bucket (`choice` given: that bucket index), verify, commit."""
+    def drafted(self, c: SpecState, choice: jax.Array | None = None) -> _Outcome:
+        """Propose, choose the bucket (`choice` given: that bucket index), verify."""
         target, drafter = self.target, self.drafter
         b, g = c.anchor.shape[0], drafter.config.block_size
         active = ~c.done
@@ -186,11 +205,13 @@ class _Rounds:
                                self.head)
         n_prop = jnp.minimum(proposal_lengths(prop.confidence, self.threshold), prop.num_drafted)
         n_prop = jnp.where(c.done, 0, n_prop)
+        remaining = self.max_new_tokens - c.num_generated
 
         def at_bucket(bucket):  # a round verifying `bucket` rows: anchors + the drafts worth most
             def run():
                 rows = per_request_rows(b, g, bucket)
-                verified = verified_drafts(prop.confidence, n_prop, active, bucket, take_all=self.costs is None)
+                verified = verified_drafts(prop.confidence, n_prop, active, remaining, bucket,
+                                           take_all=self.costs is None)
                 return self._verify(c, _first_drafts(prop, rows - 1), verified, bucket, rows), verified
             return run
 
@@ -199,20 +220,18 @@ class _Rounds:
             sampled = (self.params.temperature > 0) & ~_deterministic_rows(prop, b)
             conf = budget_confidence(prop.confidence, c.stale_confidence, sampled)
             if self.gate:  # the rates once: the choice is their argmax (`choose_bucket`)
-                rates = bucket_rates(conf, n_prop, active, self.buckets, self.costs)
+                rates = bucket_rates(conf, n_prop, active, remaining, self.buckets, self.costs)
                 choice = jnp.argmax(rates).astype(jnp.int32)
-                rate = rates[choice]
-                pays = rate > jnp.sum(active) / self.plain_cost  # a tie: drafting gains nothing
+                pays = rates[choice] > 1.0 / self.plain_cost  # a plain round: one token off every request
                 plain_left = jnp.where(pays, 0, backoff).astype(jnp.int32)
                 backoff = jnp.where(pays, 1, jnp.minimum(2 * backoff, MAX_PLAIN_RUN)).astype(jnp.int32)
             else:
-                choice = choose_bucket(conf, n_prop, active, self.buckets, self.costs)
+                choice = choose_bucket(conf, n_prop, active, remaining, self.buckets, self.costs)
         res, verified = jax.lax.switch(choice, [at_bucket(t) for t in self.buckets])
         stale = jnp.where(active[:, None], prop.confidence, c.stale_confidence)
-        c = dataclasses.replace(c, plain_left=plain_left, backoff=backoff, stale_confidence=stale)
-        return self._commit(c, res, verified, prop.confidence, prop.confidence_logits)
+        return _Outcome(res, verified, prop.confidence, prop.confidence_logits, plain_left, backoff, stale)
 
-    def plain(self, c: SpecState) -> SpecState:
+    def plain(self, c: SpecState) -> _Outcome:
         """A round without a proposal (the drafter's propose is skipped): one target step per request; the
         drafter still receives the verified position's features."""
         g = self.drafter.config.block_size
@@ -221,15 +240,16 @@ class _Rounds:
         empty = Proposal(tokens=zeros, draft_index=zeros, p_draft=None, confidence=jnp.zeros((b, 0), jnp.float32),
                          confidence_logits=jnp.zeros((b, 0), jnp.float32), length=jnp.zeros((b,), jnp.int32))
         res = self._verify(c, empty, jnp.zeros((b,), jnp.int32), b, 1)
-        c = dataclasses.replace(c, plain_left=c.plain_left - 1)
         no_conf = jnp.zeros((b, g), jnp.float32)
-        return self._commit(c, res, jnp.zeros((b,), jnp.int32), no_conf, no_conf)
+        return _Outcome(res, jnp.zeros((b,), jnp.int32), no_conf, no_conf, c.plain_left - 1, c.backoff,
+                        c.stale_confidence)
 
     def _verify(self, c: SpecState, proposal: Proposal, num_verify: jax.Array, bucket: int, rows: int):
         """`verify_round` of num_verify[b] drafts per active request, laid out flat in `bucket` rows (at most
         `rows` per request; finished requests take none — unless the bucket is the full grid, bucket = B · rows:
         then every request keeps its rows in a static layout, the dense layout of the loop before flat buckets),
-        its per-slot outputs padded to G + 1 / G slots (one shape for every bucket)."""
+        its per-slot outputs padded to G + 1 / G slots and its K/V rows (not yet written) to G + 1 (one shape
+        for every bucket)."""
         g, b = self.drafter.config.block_size, c.anchor.shape[0]
         if bucket == b * rows:  # every request takes `rows` rows (batch 1, plain rounds, the largest bucket)
             layout = dense_layout(b, rows, c.start)
@@ -237,13 +257,21 @@ class _Rounds:
             layout = make_layout(jnp.where(c.done, 0, num_verify + 1), c.start, bucket, rows)
         r = verify_round(self.target, self.drafter, c.target_cache, c.drafter_state, proposal, c.anchor, c.start,
                          num_verify, ~c.done, self.max_new_tokens - c.num_generated, layout,
-                         position_keys(c.keys, c.start, VERIFY), self.params, self.mode, self.stops)
+                         position_keys(c.keys, c.start, VERIFY), self.params, self.mode, self.stops,
+                         write_cache=False)
         return dataclasses.replace(r, committed=_pad_slots(r.committed, g + 1),
-                                   accept_flags=_pad_slots(r.accept_flags, g))
+                                   accept_flags=_pad_slots(r.accept_flags, g), kv_rows=r.kv_rows.padded(g + 1))
+
+    def _apply(self, c: SpecState, o: _Outcome) -> SpecState:
+        """Writes a round's outcome into the state: its K/V rows into the target cache, the gate's scalars,
+        tokens and statistics."""
+        c = dataclasses.replace(c, target_cache=o.res.kv_rows.write(c.target_cache), plain_left=o.plain_left,
+                                backoff=o.backoff, stale_confidence=o.stale_confidence)
+        return self._commit(c, o.res, o.verified, o.confidence, o.confidence_logits)
 
     def _commit(self, c: SpecState, res, n_prop: jax.Array, confidence: jax.Array,
                 confidence_logits: jax.Array) -> SpecState:
-        """Writes the round's committed tokens and statistics into the state."""
+        """Writes the round's committed tokens and statistics into the state (the target cache: `_apply`)."""
         g = self.drafter.config.block_size
         b = c.anchor.shape[0]
         active = ~c.done
@@ -266,7 +294,7 @@ class _Rounds:
                            accept_flags=record(st.accept_flags, res.accept_flags),
                            confidence=record(st.confidence, confidence),
                            confidence_logits=record(st.confidence_logits, confidence_logits))
-        return dataclasses.replace(c, anchor=res.anchor, start=c.start + count, target_cache=res.target_cache,
+        return dataclasses.replace(c, anchor=res.anchor, start=c.start + count,
                                    drafter_state=res.drafter_state, tokens=tokens,
                                    num_generated=c.num_generated + count, done=c.done | finished,
                                    rounds=c.rounds + active.astype(jnp.int32), stats=stats,
@@ -308,10 +336,11 @@ def speculative_generate(target_graphdef: nnx.GraphDef, target_state: nnx.State,
     Each round verifies one flat bucket of rows (`models.layout`) out of `verify_buckets` (ascending, from B to
     at most B·(G + 1); default (B, B·(G + 1)): a round where nothing was drafted is a plain step), each compiled
     once: every active request's anchor plus its drafts, finished requests none. Without `verify_costs` a round
-    takes the smallest bucket holding every proposal (the highest-survival drafts when none does); with them
-    (one per bucket: seconds of a whole round, `round_costs.profile_round_costs`) the bucket with the most
-    expected committed tokens per second, filled with the drafts of highest prefix survival
-    (`decoding.draft_length`, hardware-aware draft length). At batch 1 a bucket is the verification width.
+    takes the smallest bucket holding every proposal (drafts of the slowest requests first when none does);
+    with them (one per bucket: seconds of a whole round, `round_costs.profile_round_costs`) the bucket that
+    shortens the longest remaining request the most per second, its drafts given to the requests furthest behind
+    (`decoding.draft_length`, hardware-aware draft length; at batch 1: the most expected committed tokens per
+    second). At batch 1 a bucket is the verification width.
     With `plain_cost` too (seconds of a round without a proposal), rounds skip the drafter while drafting is
     expected to lose to plain decoding (`_Rounds.step`). Raises ValueError on inconsistent buckets / costs."""
     check_batch(prompts, prompt_lens, params)

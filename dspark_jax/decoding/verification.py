@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from dspark_jax.decoding.rejection import verify
 from dspark_jax.drafters.base import Proposal
+from dspark_jax.models.kv_cache import KVRows
 from dspark_jax.models.layout import TokenLayout, from_grid, to_grid
 from dspark_jax.sampling import FilterMode, SamplingParams, lazy_token_probs
 
@@ -36,6 +37,7 @@ class RoundResult:
     target_cache: object
     drafter_state: object
     nonfinite: jax.Array
+    kv_rows: KVRows | None = None
 
 
 def concat_taps(taps) -> jax.Array | None:
@@ -45,14 +47,17 @@ def concat_taps(taps) -> jax.Array | None:
 
 def verify_round(target, drafter, target_cache, drafter_state, proposal: Proposal, anchor: jax.Array, start: jax.Array,
                  num_verify: jax.Array, active: jax.Array, budget: jax.Array, layout: TokenLayout, key: jax.Array,
-                 params: SamplingParams, mode: FilterMode, stops: jax.Array) -> RoundResult:
+                 params: SamplingParams, mode: FilterMode, stops: jax.Array, *, write_cache: bool = True) -> RoundResult:
     """Verifies, per request b, the anchor and the first num_verify[b] (0..G) drafts of `proposal`, laid out
     by `layout` (which must give active request b exactly 1 + num_verify[b] rows at positions start[b]..).
-    At most budget[b] tokens are committed; inactive requests commit nothing."""
+    At most budget[b] tokens are committed; inactive requests commit nothing. write_cache=False: the target
+    cache is only read and the verified tokens' K/V come back as `kv_rows` (grid [B, Q]) for the caller to
+    write — outside a conditional, where writing would copy the whole cache."""
     b, g = proposal.tokens.shape
     taps = drafter.config.target_layer_ids
     grid_tokens = jnp.concatenate([anchor[:, None], proposal.tokens], axis=1)  # [B, G+1]
-    out = target.forward_flat(from_grid(grid_tokens, layout), layout, target_cache, tap_layers=taps)
+    out = target.forward_flat(from_grid(grid_tokens, layout), layout, target_cache, tap_layers=taps,
+                              write=write_cache)
     row_params = jax.tree.map(lambda a: a[layout.slot], params)
     logits = target.logits(out.hidden)
     row_nonfinite = to_grid(~jnp.all(jnp.isfinite(logits), axis=-1), layout, fill=False)  # [B, G+1]
@@ -95,4 +100,10 @@ def verify_round(target, drafter, target_cache, drafter_state, proposal: Proposa
     return RoundResult(committed=committed, count=count, num_accepted=jnp.where(active, a, 0),
                        accept_flags=verdict.accepted & active[:, None], stopped=stopped,
                        anchor=jnp.where(count > 0, last, anchor), target_cache=out.cache, drafter_state=drafter_state,
-                       nonfinite=nonfinite)
+                       nonfinite=nonfinite, kv_rows=None if write_cache else _kv_rows(out, layout))
+
+
+def _kv_rows(out, layout: TokenLayout) -> KVRows:
+    """The flat forward's new K/V on the request grid [B, Q] (`forward_flat(write=False)`)."""
+    grid = lambda rows: tuple(to_grid(r, layout) for r in rows)  # noqa: E731
+    return KVRows(grid(out.new_k), grid(out.new_v), to_grid(layout.position, layout, fill=-1))

@@ -40,3 +40,37 @@ def write_contiguous(buffer: jax.Array, new: jax.Array, start: jax.Array) -> jax
     def one(buf, x, s):
         return jax.lax.dynamic_update_slice(buf, x.astype(buf.dtype), (s,) + (0,) * (buf.ndim - 1))
     return jax.vmap(one)(buffer, new, start)
+
+
+def scatter_rows(buffer: jax.Array, new: jax.Array, slot: jax.Array, position: jax.Array) -> jax.Array:
+    """buffer [B, S, ...] with row n of new ([N, ...]) written at [slot[n], position[n]]; rows with position < 0
+    are dropped. slot, position: [N] int."""
+    rows = jnp.where(position >= 0, position, buffer.shape[1])  # out of range: dropped
+    return buffer.at[slot, rows].set(new.astype(buffer.dtype), mode="drop")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVRows:
+    """K/V rows computed but not yet written into a cache: k[i], v[i] [B, Q, KVH, D] for layer i, row (b, j) at
+    position[b, j] of request b (position < 0: no row)."""
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+    position: jax.Array
+
+    def padded(self, rows: int) -> "KVRows":
+        """The same rows with Q padded to `rows` (padding: no row)."""
+        extra = rows - self.position.shape[1]
+        pad = lambda a: jnp.pad(a, [(0, 0), (0, extra)] + [(0, 0)] * (a.ndim - 2))  # noqa: E731
+        return KVRows(tuple(map(pad, self.k)), tuple(map(pad, self.v)),
+                      jnp.pad(self.position, [(0, 0), (0, extra)], constant_values=-1))
+
+    def write(self, cache: KVCache) -> KVCache:
+        """The cache with every row written (`scatter_rows`)."""
+        b, q = self.position.shape
+        slot = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, q)).reshape(-1)
+        position = self.position.reshape(-1)
+
+        def put(buffer, new):
+            return scatter_rows(buffer, new.reshape((b * q,) + new.shape[2:]), slot, position)
+        return KVCache(tuple(map(put, cache.k, self.k)), tuple(map(put, cache.v, self.v)))

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dspark_jax.models.config import TransformerConfig
-from dspark_jax.models.kv_cache import write_contiguous
+from dspark_jax.models.kv_cache import scatter_rows, write_contiguous
 from dspark_jax.models.layout import from_grid, to_grid
-from pallas_kernels import attention, block_attention
+from pallas_kernels import attention, block_attention, prefix_attention
 
 
 def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype, std: float = 0.02) -> nnx.Param:
@@ -89,20 +89,28 @@ class Attention(nnx.Module):
         return out.reshape(b, t, -1) @ self.o_proj[...], k_cache, v_cache
 
     def forward_flat(self, x: jax.Array, layout, k_cache: jax.Array, v_cache: jax.Array,
-             attn_impl: str) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Flattened tokens x [T, d] of several requests (`models.layout.TokenLayout`): K/V scattered into
-        each token's own request row at its position (padding dropped); attention runs per request on the
-        dense grid view, so each token sees only its request's cache, causally. Returns (out [T, d], k, v)."""
+                     attn_impl: str, write: bool = True) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Flattened tokens x [T, d] of several requests (`models.layout.TokenLayout`); attention runs per
+        request on the dense grid view, so each token sees only its request's cache, causally.
+        write=True: K/V scattered into each token's own request row at its position (padding dropped), then
+        attention over the cache; returns (out [T, d], k_cache, v_cache). write=False: the cache is only read
+        (slots before each request's first token; `prefix_attention`) and the tokens' own K/V are returned
+        instead: (out [T, d], k [T, KVH, D], v [T, KVH, D]) — for a caller that writes them outside a
+        conditional, where XLA would otherwise copy the whole cache."""
         t = x.shape[0]
         pos = layout.position[None]
         q = (x @ self.q_proj[...]).reshape(1, t, self.num_heads, self.head_dim)
         q = apply_rope(self.q_norm(q), pos, rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling))
         k, v = self.project_kv(x[None], pos)
-        rows = jnp.where(layout.valid, layout.position, k_cache.shape[1])  # out of range: dropped
-        k_cache = k_cache.at[layout.slot, rows].set(k[0].astype(k_cache.dtype), mode="drop")
-        v_cache = v_cache.at[layout.slot, rows].set(v[0].astype(v_cache.dtype), mode="drop")
-        out = attention(to_grid(q[0], layout), k_cache, v_cache, to_grid(layout.position, layout, fill=-1),
-                        scale=self.scale, window=self.window, impl=attn_impl)
+        q_grid, pos_grid = to_grid(q[0], layout), to_grid(layout.position, layout, fill=-1)
+        if not write:
+            out = prefix_attention(q_grid, k_cache, v_cache, pos_grid[:, 0], to_grid(k[0], layout),
+                                   to_grid(v[0], layout), pos_grid, pos_grid, scale=self.scale, window=self.window,
+                                   impl=attn_impl)
+            return from_grid(out, layout).reshape(t, -1) @ self.o_proj[...], k[0], v[0]
+        k_cache = scatter_rows(k_cache, k[0], layout.slot, layout.position)
+        v_cache = scatter_rows(v_cache, v[0], layout.slot, layout.position)
+        out = attention(q_grid, k_cache, v_cache, pos_grid, scale=self.scale, window=self.window, impl=attn_impl)
         return from_grid(out, layout).reshape(t, -1) @ self.o_proj[...], k_cache, v_cache
 
     def forward_block(self, x: jax.Array, positions: jax.Array, ctx_k: jax.Array, ctx_v: jax.Array, ctx_len: jax.Array,

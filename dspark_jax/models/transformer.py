@@ -19,11 +19,15 @@ from dspark_jax.parallel.placement import put
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class ForwardOutput:
-    """hidden: final-normed last hidden states [B, T, d]; taps: raw outputs of the requested layers
-    (id -1 = scaled embedding output), each [B, T, d], in the requested order."""
+    """hidden: final-normed last hidden states [B, T, d]; cache: the KV cache with the tokens' K/V written
+    (None for `forward_flat(write=False)`); taps: raw outputs of the requested layers (id -1 = scaled embedding
+    output), each [B, T, d], in the requested order; new_k / new_v: with `forward_flat(write=False)`, the
+    tokens' own K/V per layer, each [T, KVH, D] (else None)."""
     hidden: jax.Array
-    cache: KVCache
+    cache: KVCache | None
     taps: tuple[jax.Array, ...]
+    new_k: tuple[jax.Array, ...] | None = None
+    new_v: tuple[jax.Array, ...] | None = None
 
 
 class Transformer(nnx.Module):
@@ -68,21 +72,27 @@ class Transformer(nnx.Module):
         return ForwardOutput(self.norm(x), KVCache(tuple(ks), tuple(vs)), tuple(taps[i] for i in tap_layers))
 
 
-    def forward_flat(self, tokens: jax.Array, layout, cache: KVCache, *, tap_layers: tuple[int, ...] = ()
-                     ) -> ForwardOutput:
+    def forward_flat(self, tokens: jax.Array, layout, cache: KVCache, *, tap_layers: tuple[int, ...] = (),
+                     write: bool = True) -> ForwardOutput:
         """Runs a flattened bucket of tokens [T] from several requests (`models.layout.TokenLayout`):
-        cost scales with T, not with requests × longest request. hidden and taps are [T, d]."""
+        cost scales with T, not with requests × longest request. hidden and taps are [T, d]. write=False: the
+        cache is read, not written, and the tokens' K/V come back as new_k / new_v (`kv_cache.KVRows` writes
+        them) — a round inside a conditional then does not copy the whole cache."""
         x = self.embed(tokens)
         taps = {-1: x} if -1 in tap_layers else {}
         ks, vs = list(cache.k), list(cache.v)
         for i, layer in enumerate(self.layers):
             def attend(h, i=i, layer=layer):
-                out, ks[i], vs[i] = layer.self_attn.forward_flat(h, layout, ks[i], vs[i], self.attn_impl)
+                out, ks[i], vs[i] = layer.self_attn.forward_flat(h, layout, cache.k[i], cache.v[i], self.attn_impl,
+                                                                 write=write)
                 return out
             x = layer.wrap_attention(x, attend)
             if i in tap_layers:
                 taps[i] = x
-        return ForwardOutput(self.norm(x), KVCache(tuple(ks), tuple(vs)), tuple(taps[i] for i in tap_layers))
+        tapped = tuple(taps[i] for i in tap_layers)
+        if write:
+            return ForwardOutput(self.norm(x), KVCache(tuple(ks), tuple(vs)), tapped)
+        return ForwardOutput(self.norm(x), None, tapped, new_k=tuple(ks), new_v=tuple(vs))
 
 
 def abstract_model(config: TransformerConfig, dtype=jnp.float32) -> Transformer:

@@ -1,6 +1,6 @@
-"""Hardware-aware draft length of the jitted loop: the bucket choice and the draft allocation on hand-made cost
-tables against brute force, the buckets worth compiling, and losslessness (greedy identity, chi-square at T = 1)
-when rounds verify flat buckets."""
+"""Hardware-aware draft length of the jitted loop: the completion gain against enumeration of outcomes, the
+water-filling allocation and the bucket choice against Python references and hand-made tables, the buckets
+worth compiling, and losslessness (greedy identity, chi-square at T = 1) when rounds verify flat buckets."""
 from __future__ import annotations
 
 import itertools
@@ -10,85 +10,139 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dspark_jax.decoding.draft_length import (budget_confidence, choose_bucket, covering_bucket, efficient_buckets,
-                                              expected_committed, profile_buckets, verified_drafts)
+from dspark_jax.decoding.draft_length import (allocate_top_k, bucket_rates, budget_confidence, choose_bucket,
+                                              completion_gain, covering_bucket, efficient_buckets, profile_buckets,
+                                              slack_of, verified_drafts)
 from dspark_jax.sampling import FilterMode, SamplingParams
 from tests.drafters.test_ngram import REPETITIVE, _ngram, greedy_plain_and_speculative
 from tests.decoding.test_speculative import chi_square_pvalue, exact_joint, make_target, sampled_joint
 
 
-def _best_allocation(conf, n, active, bucket):
-    """(expected committed tokens, drafts per request) of the best allocation of a bucket, by enumerating every
-    ℓ with ℓ_b <= min(n_b, bucket − B) (0 when inactive) and n_active + Σ ℓ <= bucket."""
-    batch = conf.shape[0]
-    caps = [min(n[b], bucket - batch) if active[b] else 0 for b in range(batch)]
-    best = (-1.0, None)
-    for lengths in itertools.product(*[range(c + 1) for c in caps]):
-        if sum(active) + sum(lengths) > bucket:
-            continue
-        expected = sum(1 + np.cumprod(conf[b, :lengths[b]]).sum() for b in range(batch) if active[b])
-        best = max(best, (expected, lengths), key=lambda x: x[0])
-    return best
+def _gain_by_enumeration(conf, verified, active, remaining):
+    """1 + E[min_b (slack_b + X_b)] over active requests by enumerating every outcome (X_b accepted drafts of
+    request b: P(X_b >= m) = Π_{i<=m} c_i for m <= min(ℓ_b, R_b − 1), requests independent)."""
+    idx = [b for b in range(len(active)) if active[b]]
+    if not idx:
+        return 0.0
+    lead = max(remaining[b] for b in idx)
+    dists = []
+    for b in idx:
+        n = min(verified[b], remaining[b] - 1)
+        at_least = [1.0] + [float(np.prod(conf[b, :m])) for m in range(1, n + 1)] + [0.0]
+        dists.append([(lead - remaining[b] + m, at_least[m] - at_least[m + 1]) for m in range(n + 1)])
+    total = 0.0
+    for outcome in itertools.product(*dists):
+        total += np.prod([p for _, p in outcome]) * min(v for v, _ in outcome)
+    return 1.0 + total
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_choice_and_allocation_are_the_brute_force_optimum(seed):
+def _water_filling(conf, caps, budget, slack):
+    """Python reference of `allocate_by_level`: take, one at a time, the next draft of the request whose
+    level slack_b + Σ_{i<j} a_{b,i} is lowest (ties: lower position, then lower request), while a > 0."""
+    a = np.cumprod(conf, axis=1)
+    taken = [0] * len(caps)
+    for _ in range(budget):
+        options = [(slack[b] + a[b, :taken[b]].sum(), taken[b], b) for b in range(len(caps))
+                   if taken[b] < caps[b] and a[b, taken[b]] > 0]
+        if not options:
+            break
+        taken[min(options)[2]] += 1
+    return taken
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_gain_allocation_and_choice_against_python_references(seed):
     rng = np.random.default_rng(seed)
     batch, g = 3, 4
     conf = rng.uniform(0.2, 1.0, (batch, g)).astype(np.float32)
+    conf[0, rng.integers(0, g)] = 0.0 if seed % 3 == 0 else conf[0, 0]  # a dead draft: never taken
     n = rng.integers(0, g + 1, batch)
     active = np.array([True, True, seed % 2 == 0])
+    remaining = rng.integers(1, 9, batch)
     buckets = (3, 4, 6, 9, 15)
     costs = tuple(np.cumsum(rng.uniform(0.1, 1.0, len(buckets))))
-    args = jnp.asarray(conf), jnp.asarray(n), jnp.asarray(active)
-    best = [_best_allocation(conf, n, active, t) for t in buckets]
-    np.testing.assert_allclose(np.asarray(expected_committed(*args, buckets)), [e for e, _ in best], rtol=1e-5)
-    for t, (expected, _) in zip(buckets, best):  # the top-K allocation reaches the optimum
+    args = jnp.asarray(conf), jnp.asarray(n), jnp.asarray(active), jnp.asarray(remaining)
+    lead = remaining[active].max()
+    slack = np.where(active, lead - remaining, 0)
+    np.testing.assert_array_equal(np.asarray(slack_of(jnp.asarray(active), jnp.asarray(remaining))), slack)
+    rates = []
+    for t in buckets:
+        caps = np.where(active, np.minimum(n, t - batch), 0)
+        want = _water_filling(conf, caps, t - active.sum(), slack)
         got = np.asarray(verified_drafts(*args, t, take_all=False))
-        assert sum(active) + got.sum() <= t
-        assert (got <= np.where(active, np.minimum(n, t - batch), 0)).all()
-        value = sum(1 + np.cumprod(conf[b, :got[b]]).sum() for b in range(batch) if active[b])
-        np.testing.assert_allclose(value, expected, rtol=1e-5)
-    need = sum(active) + n[active].sum()
+        np.testing.assert_array_equal(got, want)
+        assert active.sum() + got.sum() <= t
+        gain = _gain_by_enumeration(conf, got, active, remaining)
+        np.testing.assert_allclose(float(completion_gain(jnp.asarray(conf), jnp.asarray(got), jnp.asarray(active),
+                                                         jnp.asarray(remaining))), gain, rtol=1e-5)
+        rates.append(gain / costs[buckets.index(t)])
+    need = active.sum() + n[active].sum()
     cover = next((i for i, t in enumerate(buckets) if t >= need and n[active].max(initial=0) <= t - batch),
                  len(buckets) - 1)
     assert int(covering_bucket(jnp.asarray(n), jnp.asarray(active), buckets)) == cover
-    rates = [e / c for (e, _), c in zip(best[:cover + 1], costs[:cover + 1])]
-    assert int(choose_bucket(*args, buckets, costs)) == int(np.argmax(rates))
+    assert int(choose_bucket(*args, buckets, costs)) == int(np.argmax(rates[:cover + 1]))
+
+
+def test_the_top_k_allocation_by_survival():
+    """The engine's allocation (DSpark §5.2): the budget's drafts of highest prefix survival across requests."""
+    conf = jnp.asarray([[0.95] * 4, [0.5] * 4, [0.9, 0.0, 0.9, 0.9]])
+    np.testing.assert_array_equal(np.asarray(allocate_top_k(conf, jnp.asarray([4, 4, 4]), 5)), [4, 0, 1])
+    np.testing.assert_array_equal(np.asarray(allocate_top_k(conf, jnp.asarray([2, 4, 4]), 5)), [2, 2, 1])
 
 
 def test_choice_on_a_hand_made_table():
     buckets, costs = (1, 2, 4, 8), (1.0, 1.5, 1.9, 2.3)  # batch 1: a bucket is a width
     high = jnp.full((1, 7), 0.95)
     low = jnp.full((1, 7), 0.2)
-    seven, yes = jnp.asarray([7]), jnp.asarray([True])
+    seven, yes, left = jnp.asarray([7]), jnp.asarray([True]), jnp.asarray([50])
     # confident drafts: 1 + Σ 0.95^k over 7 = 6.6 tokens for 2.3 beats every narrower width
-    assert int(choose_bucket(high, seven, yes, buckets, costs)) == 3
+    assert int(choose_bucket(high, seven, yes, left, buckets, costs)) == 3
+    assert float(completion_gain(high, seven, yes, left)) == pytest.approx(1 + sum(0.95 ** k for k in range(1, 8)))
     # unlikely drafts: a plain step (1 token / 1.0) beats 1.2 / 1.5, 1.25 / 1.9, 1.25 / 2.3
-    assert int(choose_bucket(low, seven, yes, buckets, costs)) == 0
+    assert int(choose_bucket(low, seven, yes, left, buckets, costs)) == 0
     # never wider than what was proposed: 1 draft → width 2 at most
-    assert int(choose_bucket(high, jnp.asarray([1]), yes, buckets, costs)) == 1
+    assert int(choose_bucket(high, jnp.asarray([1]), yes, left, buckets, costs)) == 1
+    # two tokens left: a second draft cannot commit anything, so width 2 is the best
+    assert int(choose_bucket(high, seven, yes, jnp.asarray([2]), buckets, costs)) == 1
     # without costs: the smallest bucket holding every proposal
-    assert int(choose_bucket(low, jnp.asarray([3]), yes, buckets, None)) == 2
+    assert int(choose_bucket(low, jnp.asarray([3]), yes, left, buckets, None)) == 2
     assert int(covering_bucket(jnp.asarray([0, 0]), jnp.asarray([True, True]), (2, 4, 8, 16))) == 0
     assert int(covering_bucket(jnp.asarray([0, 9]), jnp.asarray([True, True]), (2, 4, 8, 16))) == 3
     # equal rates: the smaller bucket
-    assert int(choose_bucket(jnp.full((1, 7), 1.0), seven, yes, (1, 2), (1.0, 2.0))) == 0
-    # batch 4, one confident request: a bucket of 4 anchors + 4 drafts gives all 4 drafts to it
-    conf = jnp.asarray([[0.95] * 7, [0.2] * 7, [0.2] * 7, [0.1] * 7])
-    n, act = jnp.asarray([7, 7, 7, 7]), jnp.ones((4,), bool)
-    np.testing.assert_array_equal(np.asarray(verified_drafts(conf, n, act, 8, take_all=False)), [4, 0, 0, 0])
-    assert int(choose_bucket(conf, n, act, (4, 8, 32), (1.0, 1.2, 4.0))) == 1  # 7.5 / 1.2 beats 4 / 1 and 9.2 / 4
+    assert int(choose_bucket(jnp.full((1, 7), 1.0), seven, yes, left, (1, 2), (1.0, 2.0))) == 0
     # without a cost model every proposed draft is verified when they fit, zero confidence included
-    zero = jnp.zeros((4, 7))
-    np.testing.assert_array_equal(np.asarray(verified_drafts(zero, jnp.asarray([2, 0, 1, 3]), act, 12, take_all=True)),
-                                  [2, 0, 1, 3])
-    np.testing.assert_array_equal(np.asarray(verified_drafts(zero, jnp.asarray([2, 0, 1, 3]), act, 12, take_all=False)),
-                                  [0, 0, 0, 0])  # zero survival is never worth a row
-    # finished requests take no row: their share of the bucket goes to the others (at most 8 − 4 drafts each)
+    zero, act = jnp.zeros((4, 7)), jnp.ones((4,), bool)
+    even = jnp.full((4,), 50)
+    np.testing.assert_array_equal(
+        np.asarray(verified_drafts(zero, jnp.asarray([2, 0, 1, 3]), act, even, 12, take_all=True)), [2, 0, 1, 3])
+    np.testing.assert_array_equal(
+        np.asarray(verified_drafts(zero, jnp.asarray([2, 0, 1, 3]), act, even, 12, take_all=False)),
+        [0, 0, 0, 0])  # zero survival is never worth a row
+
+
+def test_a_static_batch_drafts_for_its_slowest_requests():
+    """The batch ends with its slowest request: drafts go to the requests furthest behind, a request far ahead
+    gets none, and when every request is level one hopeless request makes drafting useless for all."""
+    conf = jnp.asarray([[0.95] * 7, [0.9] * 7, [0.9] * 7, [0.9] * 7])
+    n, act = jnp.full((4,), 7), jnp.ones((4,), bool)
+    ahead = jnp.asarray([20, 40, 40, 40])  # request 0 is 20 tokens ahead of the others
+    np.testing.assert_array_equal(np.asarray(verified_drafts(conf, n, act, ahead, 10, take_all=False)), [0, 2, 2, 2])
+    # one request behind the rest: it takes the bucket's drafts (up to 6 here), the others none
+    behind = jnp.asarray([40, 20, 20, 20])
+    np.testing.assert_array_equal(np.asarray(verified_drafts(conf, n, act, behind, 10, take_all=False)), [6, 0, 0, 0])
+    # level requests, three confident and one hopeless: no bucket beats a plain round (gain 1 per 1.0)
+    hopeless = conf.at[3].set(0.05)
+    level = jnp.full((4,), 40)
+    buckets, costs = (4, 8, 16, 32), (1.05, 1.3, 1.8, 3.0)
+    rates = np.asarray(bucket_rates(hopeless, n, act, level, buckets, costs))
+    assert rates.max() < 1.0 / 1.0
+    # all four confident: drafting for every request pays
+    assert np.asarray(bucket_rates(conf, n, act, level, buckets, costs)).max() > 1.0 / 1.0
+    # finished requests take no row and do not count
     first = jnp.asarray([True, False, False, False])
-    np.testing.assert_array_equal(np.asarray(verified_drafts(conf, n, first, 8, take_all=False)), [4, 0, 0, 0])
-    np.testing.assert_array_equal(np.asarray(verified_drafts(conf, n, ~first, 8, take_all=False)), [0, 2, 2, 1])
+    np.testing.assert_array_equal(np.asarray(verified_drafts(conf, n, first, level, 8, take_all=False)), [4, 0, 0, 0])
+    assert float(completion_gain(conf, jnp.asarray([4, 7, 7, 7]), first, level)) == pytest.approx(
+        1 + sum(0.95 ** k for k in range(1, 5)))
 
 
 def test_the_bucket_of_sampled_drafts_never_reads_this_rounds_later_confidences():
@@ -101,11 +155,13 @@ def test_the_bucket_of_sampled_drafts_never_reads_this_rounds_later_confidences(
                                [[0.9, 0.5, 0.5], [0.8, 0.8, 0.8], [0.5, 0.4, 0.3]])
     # the choice for a sampled row is the same whatever its later fresh confidences are
     n, act, buckets, costs = jnp.asarray([3]), jnp.asarray([True]), (1, 2, 4), (1.0, 1.05, 1.3)
+    left = jnp.asarray([30])
     picks = {int(choose_bucket(budget_confidence(jnp.asarray([[0.9, later, later]]), jnp.full((1, 3), 0.2),
-                                                 jnp.asarray([True])), n, act, buckets, costs))
+                                                 jnp.asarray([True])), n, act, left, buckets, costs))
              for later in (0.0, 0.5, 1.0)}
     assert len(picks) == 1
-    picks = {int(choose_bucket(jnp.asarray([[0.9, later, later]]), n, act, buckets, costs)) for later in (0.0, 1.0)}
+    picks = {int(choose_bucket(jnp.asarray([[0.9, later, later]]), n, act, left, buckets, costs))
+             for later in (0.0, 1.0)}
     assert len(picks) == 2  # fresh confidences (deterministic drafts) do steer it
 
 
@@ -126,6 +182,8 @@ def test_buckets_worth_compiling_and_profiled():
     assert profile_buckets(2, 3) == (2, 3, 4, 5, 6, 7, 8)
     wide = profile_buckets(8, 11)
     assert wide[:9] == tuple(range(8, 17)) and wide[-1] == 96 and list(wide) == sorted(set(wide)) and len(wide) < 20
+    assert {24, 32, 40, 48, 56} <= set(wide) and not {17, 23, 25} & set(wide)  # 8-row steps up to 64 rows
+    assert profile_buckets(4, 7) == (4, 5, 6, 7, 8, 9, 10, 11, 12, 16, 24, 32)
 
 
 COSTS = dict(verify_buckets=(4, 8, 16, 24), verify_costs=(1.0, 1.3, 1.6, 2.0))
@@ -158,12 +216,13 @@ def test_bad_buckets_are_rejected():
 
 @pytest.mark.parametrize("drafter,loop_options", [
     ("ngram", dict(verify_buckets=(1, 2, 3), verify_costs=(1.0, 1.2, 1.9))),
-    # plain rounds too: drafting pays only when confident matches let a round commit > 1.6 tokens per request
+    # plain rounds too: drafting pays only when confident matches shorten the pair's longer request by > 1.6
     ("ngram", dict(verify_buckets=(1, 3), verify_costs=(1.0, 1.0), plain_cost=1.0 / 1.6)),
     # sampled model drafts: the bucket reads c_1 fresh and c_2 from the last drafted round
     ("dspark", dict(verify_buckets=(1, 2, 3), verify_costs=(1.0, 1.3, 1.9)))])
 def test_temperature_one_is_lossless_at_chosen_buckets(drafter, loop_options):
-    """Buckets given per request (× the batch of samples): the batch shares each round's bucket."""
+    """Buckets given per request (× 2): batches of two requests, each batch choosing its rounds' buckets and
+    allocation (vmapped over N_SAMPLES / 2 batches)."""
     from tests.decoding.test_speculative import N_SAMPLES, V_SMALL, make_drafter
     tg, ts, cfg = make_target("gemma3", vocab_size=V_SMALL)
     dg, ds = _ngram(cfg, 2, n_max=2, n_min=1) if drafter == "ngram" else make_drafter("dspark", cfg, 2, False)
@@ -171,8 +230,8 @@ def test_temperature_one_is_lossless_at_chosen_buckets(drafter, loop_options):
     mode = FilterMode.for_params(3, 0.8)
     prompt = [1, 2, 1, 2, 1]
     _, prob = exact_joint(tg, ts, prompt, params, mode)
-    options = dict(loop_options, verify_buckets=tuple(N_SAMPLES * w for w in loop_options["verify_buckets"]))
-    codes, sp = sampled_joint(tg, ts, dg, ds, prompt, params, mode, **options)
+    options = dict(loop_options, verify_buckets=tuple(2 * w for w in loop_options["verify_buckets"]))
+    codes, sp = sampled_joint(tg, ts, dg, ds, prompt, params, mode, batch=2, **options)
     proposed = np.asarray(sp.proposed)[np.asarray(sp.rounds)[:, None] > np.arange(sp.proposed.shape[1])]
     assert proposed.max() <= 2
     if drafter == "dspark":  # the rounds verified different numbers of drafts

@@ -20,6 +20,7 @@ from dspark_jax.decoding.speculative import speculative_generate
 from dspark_jax.drafters.config import make_drafter_config
 from dspark_jax.drafters.dspark import DSparkDrafter
 from dspark_jax.drafters.eagle3 import Eagle3Drafter
+from dspark_jax.drafters.ngram import NgramConfig, NgramDrafter
 from dspark_jax.models.kv_cache import init_cache
 from dspark_jax.models.transformer import Transformer
 from dspark_jax.testing.oracle_drafter import OracleDrafter
@@ -149,13 +150,24 @@ def exact_joint(tg, ts, prompt, params1, mode):
     return seqs, prob
 
 
-def sampled_joint(tg, ts, dg, ds, prompt, params, mode, **loop_options):
-    b = N_SAMPLES
+def sampled_joint(tg, ts, dg, ds, prompt, params, mode, batch: int | None = None, **loop_options):
+    """N_SAMPLES speculative samples of `prompt`: one batch of N_SAMPLES requests, or (batch given) N_SAMPLES /
+    batch independent batches of `batch` requests, vmapped — a loop's rounds serve its own batch, and a static
+    batch of thousands of requests would never draft under the completion-time objective. Returns (codes of
+    the first N_NEW tokens [N_SAMPLES], the output with every leading axis merged into one)."""
+    b = batch or N_SAMPLES
     tokens = jnp.tile(jnp.asarray(prompt, jnp.int32)[None], (b, 1))
     lens = jnp.full((b,), len(prompt), jnp.int32)
     params_b = jax.tree.map(lambda a: jnp.repeat(a[:1], b), params)
-    sp = speculative_generate(tg, ts, dg, ds, tokens, lens, jax.random.key(11), params_b, jnp.float32(0.0),
-                              max_new_tokens=N_NEW, stop_ids=(), mode=mode, **loop_options)
+
+    def run(key):
+        return speculative_generate(tg, ts, dg, ds, tokens, lens, key, params_b, jnp.float32(0.0),
+                                    max_new_tokens=N_NEW, stop_ids=(), mode=mode, **loop_options)
+    if batch is None:
+        sp = run(jax.random.key(11))
+    else:
+        sp = jax.vmap(run)(jax.random.split(jax.random.key(11), N_SAMPLES // batch))
+        sp = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), sp)
     toks = np.asarray(sp.tokens)
     return (toks * (V_SMALL ** np.arange(N_NEW)[::-1])).sum(1), sp
 
@@ -243,3 +255,31 @@ def test_trained_drafter_with_fewer_slots_is_still_exact(alg):
                               SamplingParams.create(3), jnp.float32(0.0), **kw)
     np.testing.assert_array_equal(np.asarray(sp.tokens), np.asarray(ar.tokens))
     assert int(np.asarray(sp.proposed).max()) == 2
+
+
+def _copies_by_computation(hlo: str, shape: str) -> dict[str, int]:
+    """Per HLO computation, how many `copy` instructions produce an array of `shape` (e.g. "f32[8,88,2,8]")."""
+    counts, comp = {}, None
+    for line in hlo.splitlines():
+        if line and not line.startswith(" ") and "{" in line:
+            comp = "ENTRY" if line.startswith("ENTRY") else line.split(" ")[0]
+        if f"= {shape}{{" in line and " copy(" in line:
+            counts[comp] = counts.get(comp, 0) + 1
+    return counts
+
+
+@pytest.mark.parametrize("gate", [False, True])
+def test_a_round_never_copies_the_target_kv_cache(gate):
+    """XLA copies a buffer that more than one branch of a conditional updates; the rounds (a switch over buckets,
+    drafted vs plain rounds) only read the target's cache and it is written after them, so the compiled loop
+    copies a cache-shaped buffer only when it is created — not once per round. (A lookup drafter: a DSpark
+    drafter's context cache has the same shape here, and it is still written inside the round.)"""
+    tg, ts, cfg = make_target("gemma3")
+    dg, ds = nnx.split(NgramDrafter(NgramConfig(block_size=3), cfg.vocab_size))
+    tokens, lens = _batch([[5, 6, 7, 5, 6], [9, 10], [3, 4, 3], [1]] * 2)
+    opts = dict(verify_buckets=(8, 16, 24, 32), verify_costs=(1.0, 1.4, 1.8, 2.2), plain_cost=0.9) if gate else {}
+    hlo = speculative_generate.lower(tg, ts, dg, ds, tokens, lens, jax.random.key(0), SamplingParams.create(8),
+                                     jnp.float32(0), max_new_tokens=12, stop_ids=(), **opts).compile().as_text()
+    cache_shape = f"f32[8,{16 + 12 + 3 + 1},{cfg.num_kv_heads},{cfg.head_dim}]"
+    copies = _copies_by_computation(hlo, cache_shape)
+    assert set(copies) <= {"ENTRY"}, copies

@@ -42,7 +42,7 @@ def test_rejects_mismatched_hidden_size():
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the fused loop is the CPU path")
-@pytest.mark.parametrize("rows", [1, 2, 5, 8, 9, 16])
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 9, 16, 24, 32])
 def test_fused_loop_replaces_the_dot_for_few_rows(rows):
     hlo = jax.jit(tied_logits).lower(jnp.zeros((rows, 16)), jnp.zeros((64, 16))).compile().as_text()
     assert uses_fused_loop(rows) == (rows in FUSED_ROWS)

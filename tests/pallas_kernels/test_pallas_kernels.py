@@ -123,6 +123,33 @@ def test_kernels_lower_for_gpu_and_tpu(dtype):
     assert "tpu_custom_call" in jax.jit(tpu).trace(q, lo, lo, kv, kv).lower(lowering_platforms=("tpu",)).as_text()
 
 
+@pytest.mark.parametrize("impl", ["reference", "interpret"])
+@pytest.mark.parametrize("h,kvh,d,s,t,window,dtype", CASES[:3])
+def test_prefix_attention_equals_attention_over_the_written_cache(impl, h, kvh, d, s, t, window, dtype):
+    """New tokens against a read-only cache prefix plus their own keys = causal attention over the cache with
+    the new keys written at their positions; stale slots at and past each request's first new position (huge
+    values here, which would dominate any query that read them) are never read."""
+    rng = np.random.default_rng(h * 10 + t)
+    b = 5
+    pos = _positions(rng, b, t, s)
+    q = _normal(rng, (b, t, h, d), dtype)
+    k_new, v_new = _normal(rng, (b, t, kvh, d), dtype), _normal(rng, (b, t, kvh, d), dtype)
+    k, v = _normal(rng, (b, s, kvh, d), dtype), _normal(rng, (b, s, kvh, d), dtype)
+    first = np.where(np.asarray(pos)[:, 0] >= 0, np.asarray(pos)[:, 0], 0)
+    stale = np.arange(s)[None, :] >= first[:, None]
+    k_old = jnp.where(stale[..., None, None], jnp.asarray(1e3, dtype), k)
+    v_old = jnp.where(stale[..., None, None], jnp.asarray(1e3, dtype), v)
+    rows = np.where(np.asarray(pos) >= 0, np.asarray(pos), s)
+    at = (np.arange(b)[:, None], rows)
+    written_k = k.at[at].set(k_new, mode="drop")
+    written_v = v.at[at].set(v_new, mode="drop")
+    ref = reference.causal_attention(q, written_k, written_v, pos, scale=d ** -0.5, window=window)
+    out = dispatch.prefix_attention(q, k_old, v_old, jnp.asarray(pos[:, 0]), k_new, v_new, pos, pos,
+                                    scale=d ** -0.5, window=window, impl=impl)
+    _check(out, ref, dtype)
+    assert (np.asarray(out)[np.asarray(pos) < 0] == 0).all()
+
+
 def test_dispatch_resolution_and_fallbacks():
     assert dispatch.kernel_backend("auto") == "reference"  # CPU
     assert dispatch.kernel_backend("pallas") == "interpret"

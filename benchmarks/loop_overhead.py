@@ -1,0 +1,85 @@
+"""What the jitted speculative loop costs beyond the target's forward: the loop with every round plain (a cost
+model under which drafting never pays, so the gate keeps the drafter off after its first probe) against plain
+decoding (`decoding.autoregressive.generate`), same batch, same run; and the loop verifying every proposal.
+
+    python benchmarks/loop_overhead.py [--datasets mbpp --batch_size 8 --gamma 11 --repeats 3]
+
+Both loops decode the same tokens (greedy); the ratio of wall times (best of --repeats, compilation excluded)
+is the loop's overhead per round: its bookkeeping, the drafter's commit, and anything XLA adds around the
+conditionals of a round (before session 11, a copy of the whole KV cache in every round). Writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--datasets", default="mbpp")
+    ap.add_argument("--batch_size", type=int, default=8)
+    ap.add_argument("--max_new_tokens", type=int, default=96)
+    ap.add_argument("--gamma", type=int, default=11)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--output", default="benchmarks/results/loop_overhead.json")
+    args = ap.parse_args()
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from dspark_jax.data import eval_dataset_path, read_first_turns
+    from dspark_jax.decoding.autoregressive import generate
+    from dspark_jax.decoding.speculative import speculative_generate
+    from dspark_jax.drafters.factory import load_drafter, with_block_size
+    from dspark_jax.generation import encode_prompts, pad_batch
+    from dspark_jax.sampling import SamplingParams
+    from dspark_jax.target import load_target
+    from dspark_jax.training.responses import format_prompt
+    from dspark_jax.utils.machine import describe_machine
+    from dspark_jax.utils.results import write_result
+
+    target = load_target()
+    drafter = with_block_size(load_drafter("ngram", target, gamma=args.gamma), args.gamma)
+    bs = args.batch_size
+
+    def best_of(fn, call_args, static):
+        exe = fn.lower(**call_args, **static).compile()
+        out = jax.block_until_ready(exe(**call_args))
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(exe(**call_args))
+            times.append(time.perf_counter() - t0)
+        return min(times), out
+
+    rows = []
+    print(f"machine: {describe_machine()}; batch {bs}, {args.max_new_tokens} new tokens, lookup gamma {args.gamma}")
+    print(f"{'dataset':<10} {'loop':<22} {'seconds':>8} {'rounds':>7} {'plain decoding s':>17} {'ratio':>6}")
+    for name in args.datasets.split(","):
+        prompts = [format_prompt(p) for p in read_first_turns(eval_dataset_path(name))[:bs]]
+        tokens, lens = pad_batch(encode_prompts(target, prompts, args.max_new_tokens), target.config.pad_token_id, bs)
+        common = dict(prompts=jnp.asarray(tokens), prompt_lens=jnp.asarray(lens),
+                      key=jax.random.split(jax.random.key(0), bs), params=SamplingParams.create(bs, 0.0, 0, 1.0))
+        static = dict(max_new_tokens=args.max_new_tokens, stop_ids=target.stop_ids, pad_id=target.config.pad_token_id)
+        plain_s, plain = best_of(generate, dict(common, state=target.state), dict(static, graphdef=target.graphdef))
+        spec_args = dict(common, target_state=target.state, drafter_state=drafter.state,
+                         confidence_threshold=jnp.float32(0.0))
+        buckets = (bs, 2 * bs, bs * (args.gamma + 1))
+        for label, extra in [("every round plain", dict(verify_buckets=buckets, verify_costs=(1.0, 2.0, 5.0),
+                                                         plain_cost=1e-6)),
+                             ("every proposal verified", dict(verify_buckets=buckets))]:
+            seconds, out = best_of(speculative_generate, spec_args,
+                                   dict(static, target_graphdef=target.graphdef, drafter_graphdef=drafter.graphdef,
+                                        **extra))
+            same = bool((np.asarray(out.tokens) == np.asarray(plain.tokens)).all())
+            rows.append(dict(dataset=name, batch_size=bs, loop=label, seconds=seconds,
+                             rounds=int(np.asarray(out.rounds).max()), plain_decoding_s=plain_s,
+                             ratio=seconds / plain_s, identical_to_plain=same))
+            print(f"{name:<10} {label:<22} {seconds:8.2f} {rows[-1]['rounds']:7d} {plain_s:17.2f} "
+                  f"{seconds / plain_s:6.2f}", flush=True)
+        write_result(args.output, dict(machine=describe_machine(), **vars(args), rows=rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -6,10 +6,17 @@ buckets to maximise the expected progress of the batch per unit of round cost (D
 The loop decodes a static batch: it ends when its slowest request ends, so a round's progress is how far it
 brings the request with the most tokens still to generate, not the batch's total of committed tokens (which
 DSpark §5.2's top-K allocation maximises, and which the serving engine, whose slots refill, maximises with
-`allocate_top_k`). With R_b tokens left for request b, slack_b = max R − R_b and X_b its accepted drafts, a round
-shortens the longest remaining request by 1 + E[min_b (slack_b + X_b)] tokens (`completion_gain`; a plain round:
-1). Drafts go first to the requests furthest behind (`allocate_by_level`: lowest slack + expected accepted
-drafts so far). At batch 1 this is τ itself: 1 + Σ_j a_j.
+`allocate_top_k`). With R_b tokens left for request b, slack_b = max R − R_b and g_b = 1 + E[X_b] its expected
+committed tokens (X_b accepted drafts), the objective (`objective="fluid"`, the default) is
+min_b (slack_b + g_b): where the longest remaining request stands after the round if every request commits its
+expectation. Over the many rounds of a request the committed counts average out — and drafts go first to the
+requests furthest behind (`allocate_by_level`: lowest slack + expected accepted drafts so far), so a request that
+fell behind catches up in the next rounds. The exact one-round value 1 + E[min_b (slack_b + X_b)]
+(`completion_gain`, `objective="one_round"`) is myopic: from level requests it counts a round only if every
+request accepts, and a batch never drafts (`benchmarks/schedule_sim.py`: batch 8, lookup, humaneval 1.30x an
+all-plain loop with "fluid", 1.00x with "one_round"; session 12). `objective="throughput"` is §5.2's mean
+committed tokens per request with top-K allocation (no completion: 0.76x on mbpp). At batch 1 all three are
+τ itself: 1 + Σ_j a_j.
 
 Notation: c [B, G] calibrated per-position confidences, a_{b,j} = Π_{i<=j} c_{b,i} = P(X_b >= j) for the drafts
 verified (requests independent); request b proposed n_b drafts; a round at bucket T costs cost(T) (seconds, or
@@ -69,9 +76,33 @@ def slack_of(active: jax.Array, remaining: jax.Array) -> jax.Array:
     return jnp.where(active, lead - remaining, 0).astype(jnp.int32)
 
 
+def expected_committed(confidence: jax.Array, verified: jax.Array, remaining: jax.Array) -> jax.Array:
+    """[B] g_b = 1 + Σ_{j <= min(verified_b, R_b − 1)} a_{b,j}: the expected tokens request b commits in a round
+    verifying verified[b] drafts (accepted drafts beyond its remaining tokens are cut). confidence [B, G]."""
+    a = survival(confidence)
+    limit = jnp.minimum(verified, remaining - 1)
+    return 1.0 + jnp.sum(jnp.where(jnp.arange(a.shape[1])[None] < limit[:, None], a, 0.0), axis=1)
+
+
+def fluid_gain(confidence: jax.Array, verified: jax.Array, active: jax.Array, remaining: jax.Array) -> jax.Array:
+    """min over active b of slack_b + g_b (`expected_committed`): how far the longest remaining request moves
+    if every request commits its expected tokens (the default objective; module docstring). Inactive
+    requests do not count; 0 when none is active. Shapes as in `completion_gain`."""
+    score = slack_of(active, remaining) + expected_committed(confidence, verified, remaining)
+    return jnp.where(active.any(), jnp.min(jnp.where(active, score, jnp.inf)), 0.0).astype(jnp.float32)
+
+
+def throughput_gain(confidence: jax.Array, verified: jax.Array, active: jax.Array, remaining: jax.Array) -> jax.Array:
+    """Mean g_b over active requests (DSpark §5.2: committed tokens per request; blind to which request
+    finishes last). Shapes as in `completion_gain`."""
+    n = jnp.sum(active)
+    return (jnp.sum(jnp.where(active, expected_committed(confidence, verified, remaining), 0.0)) /
+            jnp.maximum(n, 1)).astype(jnp.float32)
+
+
 def completion_gain(confidence: jax.Array, verified: jax.Array, active: jax.Array, remaining: jax.Array) -> jax.Array:
     """Expected tokens by which a round verifying verified[b] drafts per request shortens the longest
-    remaining request: 1 + E[min_b (slack_b + X_b)] = 1 + Σ_{k>=1} Π_b P(X_b >= k − slack_b), with
+    remaining request (the exact one-round value, objective "one_round"): 1 + E[min_b (slack_b + X_b)] = 1 + Σ_{k>=1} Π_b P(X_b >= k − slack_b), with
     P(X_b >= m) = a_{b,m} for 1 <= m <= min(verified_b, R_b − 1) (accepted drafts beyond a request's remaining
     tokens are cut), 1 for m <= 0, else 0. Inactive requests do not count. At batch 1: 1 + Σ_{j<=ℓ} a_j.
     confidence [B, G], verified [B], active [B] bool, remaining [B] tokens. Returns a float32 scalar."""
@@ -84,6 +115,15 @@ def completion_gain(confidence: jax.Array, verified: jax.Array, active: jax.Arra
     p = jnp.where(m <= 0, 1.0, jnp.where(m <= limit, at_m, 0.0))
     p = jnp.where(active[None], p, 1.0)
     return jnp.where(active.any(), 1.0 + jnp.prod(p, axis=1).sum(), 0.0).astype(jnp.float32)
+
+
+GAINS = {"fluid": fluid_gain, "one_round": completion_gain, "throughput": throughput_gain}
+
+
+def check_objective(objective: str) -> None:
+    """Raises ValueError naming the known objectives for any other."""
+    if objective not in GAINS:
+        raise ValueError(f"unknown draft-length objective {objective!r}: one of {sorted(GAINS)}")
 
 
 def per_request_rows(batch: int, gamma: int, bucket: int) -> int:
@@ -107,43 +147,50 @@ def covering_bucket(num_drafts: jax.Array, active: jax.Array, buckets: tuple[int
 
 
 def verified_drafts(confidence: jax.Array, num_drafts: jax.Array, active: jax.Array, remaining: jax.Array,
-                    bucket: int, take_all: bool) -> jax.Array:
+                    bucket: int, take_all: bool, objective: str = "fluid") -> jax.Array:
     """[B] drafts each request verifies in a bucket of `bucket` rows (within `bucket_caps`): water-filling from
-    the slowest request (`allocate_by_level`) — or, with `take_all` (no cost model: verify what was proposed),
-    every allowed draft whenever they all fit (else the water-filling)."""
+    the slowest request (`allocate_by_level`; objective "throughput": `allocate_top_k`) — or, with `take_all`
+    (no cost model: verify what was proposed), every allowed draft whenever they all fit (else the
+    water-filling)."""
     caps = bucket_caps(num_drafts, active, bucket)
     budget = bucket - jnp.sum(active).astype(jnp.int32)
     batch, gamma = confidence.shape
-    chosen = allocate_by_level(confidence[:, :per_request_rows(batch, gamma, bucket) - 1], caps, budget,
-                               slack_of(active, remaining))
+    conf = confidence[:, :per_request_rows(batch, gamma, bucket) - 1]
+    if objective == "throughput":
+        chosen = allocate_top_k(conf, caps, budget)
+    else:
+        chosen = allocate_by_level(conf, caps, budget, slack_of(active, remaining))
     return jnp.where(jnp.sum(caps) <= budget, caps, chosen) if take_all else chosen
 
 
 def bucket_rates(confidence: jax.Array, num_drafts: jax.Array, active: jax.Array, remaining: jax.Array,
-                 buckets: tuple[int, ...], costs: tuple[float, ...]) -> jax.Array:
-    """[len(buckets)] `completion_gain` per unit cost of this round at each bucket (drafts by
+                 buckets: tuple[int, ...], costs: tuple[float, ...], objective: str = "fluid") -> jax.Array:
+    """[len(buckets)] the objective's gain (`GAINS`) per unit cost of this round at each bucket (drafts by
     `verified_drafts`) up to the covering bucket, −inf beyond it (larger buckets verify nothing more). A plain
     round's rate is 1 / its cost. Shapes as in `choose_bucket`."""
+    check_objective(objective)
     cover = covering_bucket(num_drafts, active, buckets)
-    gains = jnp.stack([completion_gain(confidence, verified_drafts(confidence, num_drafts, active, remaining, t,
-                                                                   take_all=False), active, remaining)
+    gain = GAINS[objective]
+    gains = jnp.stack([gain(confidence, verified_drafts(confidence, num_drafts, active, remaining, t, take_all=False,
+                                                        objective=objective), active, remaining)
                        for t in buckets])
     rate = gains / jnp.asarray(costs, jnp.float32)
     return jnp.where(jnp.arange(len(buckets)) <= cover, rate, -jnp.inf)
 
 
 def choose_bucket(confidence: jax.Array, num_drafts: jax.Array, active: jax.Array, remaining: jax.Array,
-                  buckets: tuple[int, ...], costs: tuple[float, ...] | None) -> jax.Array:
+                  buckets: tuple[int, ...], costs: tuple[float, ...] | None, objective: str = "fluid") -> jax.Array:
     """Index into `buckets` of this round's verification bucket.
 
     costs None: the covering bucket (verify everything proposed). Otherwise the bucket with the largest
-    `bucket_rates` (ties → the smaller one). Lossless: the choice reads only confidences, proposal lengths and
+    `bucket_rates` under `objective` (ties → the smaller one). Lossless: the choice reads only confidences, proposal lengths and
     token counts, known before any draft is verified.
     Shapes: confidence [B, G], num_drafts [B] (0..G), active [B] bool, remaining [B] tokens each request may still
     commit; buckets ascending, buckets[0] >= B."""
     if costs is None:
         return covering_bucket(num_drafts, active, buckets)
-    return jnp.argmax(bucket_rates(confidence, num_drafts, active, remaining, buckets, costs)).astype(jnp.int32)
+    return jnp.argmax(bucket_rates(confidence, num_drafts, active, remaining, buckets, costs,
+                                   objective)).astype(jnp.int32)
 
 
 def budget_confidence(fresh: jax.Array, stale: jax.Array, sampled: jax.Array) -> jax.Array:

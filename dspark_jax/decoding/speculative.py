@@ -152,6 +152,7 @@ class _Rounds:
     buckets: tuple[int, ...]
     costs: tuple[float, ...] | None
     plain_cost: float | None
+    objective: str = "fluid"  # `draft_length.GAINS` (benchmarks/schedule_sim.py replays the others)
 
     @property
     def gate(self) -> bool:
@@ -211,7 +212,7 @@ class _Rounds:
             def run():
                 rows = per_request_rows(b, g, bucket)
                 verified = verified_drafts(prop.confidence, n_prop, active, remaining, bucket,
-                                           take_all=self.costs is None)
+                                           take_all=self.costs is None, objective=self.objective)
                 return self._verify(c, _first_drafts(prop, rows - 1), verified, bucket, rows), verified
             return run
 
@@ -220,13 +221,13 @@ class _Rounds:
             sampled = (self.params.temperature > 0) & ~_deterministic_rows(prop, b)
             conf = budget_confidence(prop.confidence, c.stale_confidence, sampled)
             if self.gate:  # the rates once: the choice is their argmax (`choose_bucket`)
-                rates = bucket_rates(conf, n_prop, active, remaining, self.buckets, self.costs)
+                rates = bucket_rates(conf, n_prop, active, remaining, self.buckets, self.costs, self.objective)
                 choice = jnp.argmax(rates).astype(jnp.int32)
                 pays = rates[choice] > 1.0 / self.plain_cost  # a plain round: one token off every request
                 plain_left = jnp.where(pays, 0, backoff).astype(jnp.int32)
                 backoff = jnp.where(pays, 1, jnp.minimum(2 * backoff, MAX_PLAIN_RUN)).astype(jnp.int32)
             else:
-                choice = choose_bucket(conf, n_prop, active, remaining, self.buckets, self.costs)
+                choice = choose_bucket(conf, n_prop, active, remaining, self.buckets, self.costs, self.objective)
         res, verified = jax.lax.switch(choice, [at_bucket(t) for t in self.buckets])
         stale = jnp.where(active[:, None], prop.confidence, c.stale_confidence)
         return _Outcome(res, verified, prop.confidence, prop.confidence_logits, plain_left, backoff, stale)

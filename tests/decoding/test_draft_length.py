@@ -1,6 +1,7 @@
-"""Hardware-aware draft length of the jitted loop: the completion gain against enumeration of outcomes, the
-water-filling allocation and the bucket choice against Python references and hand-made tables, the buckets
-worth compiling, and losslessness (greedy identity, chi-square at T = 1) when rounds verify flat buckets."""
+"""Hardware-aware draft length of the jitted loop: the objectives (fluid, the exact one-round gain against
+enumeration of outcomes, throughput), the water-filling allocation and the bucket choice against Python
+references and hand-made tables, the buckets worth compiling, and losslessness (greedy identity, chi-square at
+T = 1) when rounds verify flat buckets."""
 from __future__ import annotations
 
 import itertools
@@ -11,8 +12,8 @@ import numpy as np
 import pytest
 
 from dspark_jax.decoding.draft_length import (allocate_top_k, bucket_rates, budget_confidence, choose_bucket,
-                                              completion_gain, covering_bucket, efficient_buckets, profile_buckets,
-                                              slack_of, verified_drafts)
+                                              completion_gain, covering_bucket, efficient_buckets, fluid_gain,
+                                              profile_buckets, slack_of, throughput_gain, verified_drafts)
 from dspark_jax.sampling import FilterMode, SamplingParams
 from tests.drafters.test_ngram import REPETITIVE, _ngram, greedy_plain_and_speculative
 from tests.decoding.test_speculative import chi_square_pvalue, exact_joint, make_target, sampled_joint
@@ -34,6 +35,17 @@ def _gain_by_enumeration(conf, verified, active, remaining):
     for outcome in itertools.product(*dists):
         total += np.prod([p for _, p in outcome]) * min(v for v, _ in outcome)
     return 1.0 + total
+
+
+def _expected_committed(conf, verified, remaining):
+    """Per request: 1 + Σ_{j <= min(ℓ_b, R_b − 1)} Π_{i<=j} c_i (loops, no vectorisation)."""
+    out = []
+    for b in range(conf.shape[0]):
+        total = 1.0
+        for j in range(min(int(verified[b]), int(remaining[b]) - 1)):
+            total += float(np.prod(conf[b, :j + 1]))
+        out.append(total)
+    return out
 
 
 def _water_filling(conf, caps, budget, slack):
@@ -65,22 +77,36 @@ def test_gain_allocation_and_choice_against_python_references(seed):
     lead = remaining[active].max()
     slack = np.where(active, lead - remaining, 0)
     np.testing.assert_array_equal(np.asarray(slack_of(jnp.asarray(active), jnp.asarray(remaining))), slack)
-    rates = []
+    rates = {"fluid": [], "one_round": [], "throughput": []}
     for t in buckets:
         caps = np.where(active, np.minimum(n, t - batch), 0)
         want = _water_filling(conf, caps, t - active.sum(), slack)
         got = np.asarray(verified_drafts(*args, t, take_all=False))
         np.testing.assert_array_equal(got, want)
         assert active.sum() + got.sum() <= t
+        assert active.sum() + np.asarray(verified_drafts(*args, t, take_all=False, objective="throughput")).sum() <= t
         gain = _gain_by_enumeration(conf, got, active, remaining)
-        np.testing.assert_allclose(float(completion_gain(jnp.asarray(conf), jnp.asarray(got), jnp.asarray(active),
-                                                         jnp.asarray(remaining))), gain, rtol=1e-5)
-        rates.append(gain / costs[buckets.index(t)])
+        on = jnp.asarray(conf), jnp.asarray(got), jnp.asarray(active), jnp.asarray(remaining)
+        np.testing.assert_allclose(float(completion_gain(*on)), gain, rtol=1e-5)
+        committed = _expected_committed(conf, got, remaining)
+        fluid = min(slack[b] + committed[b] for b in range(batch) if active[b])
+        np.testing.assert_allclose(float(fluid_gain(*on)), fluid, rtol=1e-5)
+        assert gain <= fluid + 1e-5  # E[min] <= min E
+        top = np.asarray(verified_drafts(*args, t, take_all=False, objective="throughput"))
+        np.testing.assert_array_equal(top, np.asarray(allocate_top_k(jnp.asarray(conf), jnp.asarray(caps),
+                                                                     t - active.sum())))
+        mean = np.mean([c for b, c in enumerate(_expected_committed(conf, top, remaining)) if active[b]])
+        np.testing.assert_allclose(float(throughput_gain(jnp.asarray(conf), jnp.asarray(top), jnp.asarray(active),
+                                                         jnp.asarray(remaining))), mean, rtol=1e-5)
+        for name, value in (("fluid", fluid), ("one_round", gain), ("throughput", mean)):
+            rates[name].append(value / costs[buckets.index(t)])
     need = active.sum() + n[active].sum()
     cover = next((i for i, t in enumerate(buckets) if t >= need and n[active].max(initial=0) <= t - batch),
                  len(buckets) - 1)
     assert int(covering_bucket(jnp.asarray(n), jnp.asarray(active), buckets)) == cover
-    assert int(choose_bucket(*args, buckets, costs)) == int(np.argmax(rates[:cover + 1]))
+    assert int(choose_bucket(*args, buckets, costs)) == int(np.argmax(rates["fluid"][:cover + 1]))
+    for name, want in rates.items():
+        assert int(choose_bucket(*args, buckets, costs, name)) == int(np.argmax(want[:cover + 1]))
 
 
 def test_the_top_k_allocation_by_survival():
@@ -143,6 +169,21 @@ def test_a_static_batch_drafts_for_its_slowest_requests():
     np.testing.assert_array_equal(np.asarray(verified_drafts(conf, n, first, level, 8, take_all=False)), [4, 0, 0, 0])
     assert float(completion_gain(conf, jnp.asarray([4, 7, 7, 7]), first, level)) == pytest.approx(
         1 + sum(0.95 ** k for k in range(1, 5)))
+
+
+def test_level_requests_draft_under_the_fluid_objective_only():
+    """Eight level requests, each with one 0.8-confidence draft: the fluid objective credits each with 1.8
+    tokens (a round at 16 rows for 1.4 beats a plain round), the exact one-round value only 1 + 0.8^8 (every
+    request must accept), which never pays; bad objectives are named."""
+    conf = jnp.full((8, 1), 0.8)
+    n, act, left = jnp.ones((8,), jnp.int32), jnp.ones((8,), bool), jnp.full((8,), 50)
+    buckets, costs = (8, 16), (1.0, 1.4)
+    assert int(choose_bucket(conf, n, act, left, buckets, costs)) == 1
+    assert float(fluid_gain(conf, n, act, left)) == pytest.approx(1.8)
+    assert int(choose_bucket(conf, n, act, left, buckets, costs, "one_round")) == 0
+    assert float(completion_gain(conf, n, act, left)) == pytest.approx(1 + 0.8 ** 8)
+    with pytest.raises(ValueError, match="unknown draft-length objective 'fastest'"):
+        bucket_rates(conf, n, act, left, buckets, costs, "fastest")
 
 
 def test_the_bucket_of_sampled_drafts_never_reads_this_rounds_later_confidences():
@@ -223,7 +264,7 @@ def test_bad_buckets_are_rejected():
 def test_temperature_one_is_lossless_at_chosen_buckets(drafter, loop_options):
     """Buckets given per request (× 2): batches of two requests, each batch choosing its rounds' buckets and
     allocation (vmapped over N_SAMPLES / 2 batches)."""
-    from tests.decoding.test_speculative import N_SAMPLES, V_SMALL, make_drafter
+    from tests.decoding.test_speculative import V_SMALL, make_drafter
     tg, ts, cfg = make_target("gemma3", vocab_size=V_SMALL)
     dg, ds = _ngram(cfg, 2, n_max=2, n_min=1) if drafter == "ngram" else make_drafter("dspark", cfg, 2, False)
     params = SamplingParams.create(1, 1.0, 3, 0.8)

@@ -2,10 +2,13 @@
 model under which drafting never pays, so the gate keeps the drafter off after its first probe) against plain
 decoding (`decoding.autoregressive.generate`), same batch, same run; and the loop verifying every proposal.
 
-    python benchmarks/loop_overhead.py [--datasets mbpp --batch_size 8 --gamma 11 --repeats 3]
+    python benchmarks/loop_overhead.py [--datasets mbpp --batch_size 8 --gamma 11 --repeats 3
+                                        --drafters "ngram,default+ngram|g=7"]
 
-Both loops decode the same tokens (greedy); the ratio of wall times (best of --repeats, compilation excluded)
-is the loop's overhead per round: its bookkeeping, the drafter's commit, and anything XLA adds around the
+All loops decode the same tokens (greedy); the ratio of wall times (best of --repeats, compilation excluded;
+the repeats interleave plain decoding and every loop, so a slow minute of a noisy machine hits all of them)
+is the loop's overhead per round: its bookkeeping, the drafter's commit (for a model drafter in the hybrid:
+its context update from the target's features, in every round), and anything XLA adds around the
 conditionals of a round (before session 11, a copy of the whole KV cache in every round). Writes JSON.
 """
 from __future__ import annotations
@@ -21,6 +24,8 @@ def main():
     ap.add_argument("--max_new_tokens", type=int, default=96)
     ap.add_argument("--gamma", type=int, default=11)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--drafters", default="ngram", help="--drafter values (load_drafter), each optionally "
+                    "followed by |g=N (its gamma, default --gamma), comma-separated")
     ap.add_argument("--output", default="benchmarks/results/loop_overhead.json")
     args = ap.parse_args()
 
@@ -40,43 +45,59 @@ def main():
     from dspark_jax.utils.results import write_result
 
     target = load_target()
-    drafter = with_block_size(load_drafter("ngram", target, gamma=args.gamma), args.gamma)
+    drafters = {}
+    for entry in args.drafters.split(","):  # "<--drafter value>[|g=N]" (N: its γ, default --gamma)
+        spec, _, g = entry.partition("|g=")
+        gamma = int(g or args.gamma)
+        drafter = load_drafter(spec, target, gamma=gamma)
+        drafters[entry] = drafter if drafter.config.block_size == gamma else with_block_size(drafter, gamma)
     bs = args.batch_size
 
-    def best_of(fn, call_args, static):
+    def compiled(fn, call_args, static):
         exe = fn.lower(**call_args, **static).compile()
-        out = jax.block_until_ready(exe(**call_args))
-        times = []
+        return lambda: jax.block_until_ready(exe(**call_args))
+
+    def best_of_interleaved(runs: dict) -> dict:
+        """label → (best seconds, output): every run once per repeat, in turn."""
+        outs = {k: run() for k, run in runs.items()}  # warm-up
+        best = dict.fromkeys(runs, float("inf"))
         for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            jax.block_until_ready(exe(**call_args))
-            times.append(time.perf_counter() - t0)
-        return min(times), out
+            for k, run in runs.items():
+                t0 = time.perf_counter()
+                run()
+                best[k] = min(best[k], time.perf_counter() - t0)
+        return {k: (best[k], outs[k]) for k in runs}
 
     rows = []
-    print(f"machine: {describe_machine()}; batch {bs}, {args.max_new_tokens} new tokens, lookup gamma {args.gamma}")
-    print(f"{'dataset':<10} {'loop':<22} {'seconds':>8} {'rounds':>7} {'plain decoding s':>17} {'ratio':>6}")
+    print(f"machine: {describe_machine()}; batch {bs}, {args.max_new_tokens} new tokens, gamma {args.gamma}")
+    print(f"{'dataset':<10} {'drafter':<14} {'loop':<24} {'seconds':>8} {'rounds':>7} {'plain decoding s':>17} "
+          f"{'ratio':>6}")
     for name in args.datasets.split(","):
         prompts = [format_prompt(p) for p in read_first_turns(eval_dataset_path(name))[:bs]]
         tokens, lens = pad_batch(encode_prompts(target, prompts, args.max_new_tokens), target.config.pad_token_id, bs)
         common = dict(prompts=jnp.asarray(tokens), prompt_lens=jnp.asarray(lens),
                       key=jax.random.split(jax.random.key(0), bs), params=SamplingParams.create(bs, 0.0, 0, 1.0))
         static = dict(max_new_tokens=args.max_new_tokens, stop_ids=target.stop_ids, pad_id=target.config.pad_token_id)
-        plain_s, plain = best_of(generate, dict(common, state=target.state), dict(static, graphdef=target.graphdef))
-        spec_args = dict(common, target_state=target.state, drafter_state=drafter.state,
-                         confidence_threshold=jnp.float32(0.0))
-        buckets = (bs, 2 * bs, bs * (args.gamma + 1))
-        for label, extra in [("every round plain", dict(verify_buckets=buckets, verify_costs=(1.0, 2.0, 5.0),
-                                                         plain_cost=1e-6)),
-                             ("every proposal verified", dict(verify_buckets=buckets))]:
-            seconds, out = best_of(speculative_generate, spec_args,
-                                   dict(static, target_graphdef=target.graphdef, drafter_graphdef=drafter.graphdef,
-                                        **extra))
+        runs = {("plain", ""): compiled(generate, dict(common, state=target.state),
+                                        dict(static, graphdef=target.graphdef))}
+        for spec, drafter in drafters.items():
+            buckets = (bs, 2 * bs, bs * (drafter.config.block_size + 1))
+            spec_args = dict(common, target_state=target.state, drafter_state=drafter.state,
+                             confidence_threshold=jnp.float32(0.0))
+            for label, extra in [("every round plain", dict(verify_buckets=buckets, verify_costs=(1.0, 2.0, 5.0),
+                                                             plain_cost=1e-6)),
+                                 ("every proposal verified", dict(verify_buckets=buckets))]:
+                runs[(spec, label)] = compiled(speculative_generate, spec_args,
+                                               dict(static, target_graphdef=target.graphdef,
+                                                    drafter_graphdef=drafter.graphdef, **extra))
+        timed = best_of_interleaved(runs)
+        plain_s, plain = timed.pop(("plain", ""))
+        for (spec, label), (seconds, out) in timed.items():
             same = bool((np.asarray(out.tokens) == np.asarray(plain.tokens)).all())
-            rows.append(dict(dataset=name, batch_size=bs, loop=label, seconds=seconds,
+            rows.append(dict(dataset=name, batch_size=bs, drafter=spec, loop=label, seconds=seconds,
                              rounds=int(np.asarray(out.rounds).max()), plain_decoding_s=plain_s,
                              ratio=seconds / plain_s, identical_to_plain=same))
-            print(f"{name:<10} {label:<22} {seconds:8.2f} {rows[-1]['rounds']:7d} {plain_s:17.2f} "
+            print(f"{name:<10} {spec:<14} {label:<24} {seconds:8.2f} {rows[-1]['rounds']:7d} {plain_s:17.2f} "
                   f"{seconds / plain_s:6.2f}", flush=True)
         write_result(args.output, dict(machine=describe_machine(), **vars(args), rows=rows))
 

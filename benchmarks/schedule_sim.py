@@ -3,7 +3,8 @@
 At T = 0 the loop commits exactly plain decoding's tokens, and a lookup proposal is a function of the tokens
 committed so far, so a round's outcome is known without the target: its drafts are accepted while they equal
 the greedy output. `SimulatedRounds` is the loop's own round code (`decoding.speculative._Rounds`: proposal,
-gate, bucket choice, drafter commit, bookkeeping) with the target's verification replaced by that comparison;
+gate, bucket choice, drafter commit, bookkeeping) with the target's verification (and plain rounds' forward)
+replaced by that comparison;
 each round is charged the round-cost profile's seconds (`round_costs`, the same profile the loop uses, within
 3 % of measured wall time: `benchmarks/round_check.py`). The prediction it gives — seconds of a batch's rounds
 against an all-plain loop's (`plain` × plain decoding's steps) — compares schedules, not machines.
@@ -42,6 +43,7 @@ def main():
     from dspark_jax.data import eval_dataset_path, read_first_turns
     from dspark_jax.decoding.speculative import RoundStats, SpecState, _Rounds
     from dspark_jax.decoding.verification import RoundResult
+    from dspark_jax.drafters.base import Proposal
     from dspark_jax.drafters.factory import load_drafter, with_block_size
     from dspark_jax.generation import GenerationConfig, bucket_length, decode_batches, encode_prompts, pad_batch
     from dspark_jax.round_costs import load_or_profile_round_costs
@@ -85,6 +87,15 @@ def main():
                                accept_flags=(jnp.cumprod(flags, axis=1) > 0) & active[:, None], stopped=stopped,
                                anchor=jnp.where(count > 0, last, c.anchor), target_cache=None, drafter_state=state,
                                nonfinite=jnp.zeros((b,), bool))
+
+        def plain(self, c):
+            b = c.anchor.shape[0]
+            empty = Proposal(tokens=jnp.zeros((b, 0), jnp.int32), draft_index=None, p_draft=None,
+                             confidence=None, confidence_logits=None)
+            none, no_conf = jnp.zeros((b,), jnp.int32), jnp.zeros((b, g), jnp.float32)
+            res = self._verify(c, empty, none, b, 1)
+            c = dataclasses.replace(c, plain_left=c.plain_left - 1)
+            return self._commit(c, res, none, no_conf, no_conf)
 
         def _apply(self, c, o):
             c = dataclasses.replace(c, plain_left=o.plain_left, backoff=o.backoff, stale_confidence=o.stale_confidence)

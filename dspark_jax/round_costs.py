@@ -28,10 +28,10 @@ from dspark_jax.target import Target
 from dspark_jax.utils.files import atomic_write_text, cache_dir
 from dspark_jax.utils.machine import describe_machine
 
-FORMAT_VERSION = 7  # 1: verification forward + proposal timed apart; 2: a 64-token prompt's cache for every run;
+FORMAT_VERSION = 8  # 1: verification forward + proposal timed apart; 2: a 64-token prompt's cache for every run;
 # 3: every timing included a prefill; 4: 2–8-row logits through XLA:CPU's GEMM (`models.output_head`);
 # 5: dense widths (every request anchor + w − 1 rows) instead of flat buckets; 6: rounds that copied the KV cache,
-# 16- and 24-row logits through the GEMM
+# 16- and 24-row logits through the GEMM; 7: plain rounds as a branch of the round's conditional
 
 
 @dataclasses.dataclass(frozen=True)

@@ -180,21 +180,27 @@ class _Rounds:
                          stale_confidence=jnp.full((b, g), -1.0, jnp.float32))
 
     def step(self, c: SpecState) -> SpecState:
-        """One round. With the gate on, a round drafts only when the last drafted round expected drafting to
-        beat a plain round (expected progress of the slowest request per second, `draft_length.bucket_rates`);
-        after a losing
-        drafted round the next 1, 2, 4, … (≤ MAX_PLAIN_RUN) rounds are plain. The decision reads only earlier
-        rounds, so it keeps the loop lossless. The branches only read the state; the round is written after
-        them (`_apply`): XLA copies a buffer that more than one branch of a conditional updates, and the KV
-        cache is the largest buffer of the loop."""
-        if not self.gate:
-            return self._apply(c, self.drafted(c))
-        return self._apply(c, jax.lax.cond(c.plain_left <= 0, self.drafted, self.plain, c))
+        """One drafted round, then — with the gate on — the plain rounds it scheduled. A round drafts only when
+        the last drafted round expected drafting to beat a plain round (expected progress of the slowest request
+        per second, `draft_length.bucket_rates`); after a losing drafted round the next 1, 2, 4, … (≤
+        MAX_PLAIN_RUN) rounds are plain. The decision reads only earlier rounds, so it keeps the loop lossless.
+        Plain rounds run in their own inner loop (`plain_run`), not as a branch of a conditional: a buffer that
+        more than one branch of a conditional updates is copied, and the KV cache is the loop's largest. The
+        drafted round's branches (one per bucket) only read the cache; its rows are written after them
+        (`_apply`)."""
+        c = self._apply(c, self.drafted(c))
+        return self.plain_run(c) if self.gate else c
 
-    def forced(self, c: SpecState, choice: jax.Array) -> SpecState:
-        """One round at a given bucket index (choice >= 0), or a plain round (choice < 0): for profiling."""
-        return self._apply(c, jax.lax.cond(choice < 0, self.plain,
-                                           lambda s: self.drafted(s, jnp.maximum(choice, 0)), c))
+    def plain_run(self, c: SpecState) -> SpecState:
+        """Plain rounds while the gate's plain_left > 0 and a request is active."""
+        return jax.lax.while_loop(lambda s: (s.plain_left > 0) & ~jnp.all(s.done), self.plain, c)
+
+    def forced_rounds(self, c: SpecState, choice: jax.Array, num_rounds: jax.Array) -> SpecState:
+        """num_rounds rounds at a given bucket index (choice >= 0), or plain rounds (choice < 0): for profiling."""
+        drafted = lambda s: jax.lax.fori_loop(  # noqa: E731
+            0, num_rounds, lambda _, x: self._apply(x, self.drafted(x, jnp.maximum(choice, 0))), s)
+        plain = lambda s: jax.lax.fori_loop(0, num_rounds, lambda _, x: self.plain(x), s)  # noqa: E731
+        return jax.lax.cond(choice < 0, plain, drafted, c)
 
     def drafted(self, c: SpecState, choice: jax.Array | None = None) -> _Outcome:
         """Propose, choose the bucket (`choice` given: that bucket index), verify."""
@@ -232,18 +238,30 @@ class _Rounds:
         stale = jnp.where(active[:, None], prop.confidence, c.stale_confidence)
         return _Outcome(res, verified, prop.confidence, prop.confidence_logits, plain_left, backoff, stale)
 
-    def plain(self, c: SpecState) -> _Outcome:
-        """A round without a proposal (the drafter's propose is skipped): one target step per request; the
-        drafter still receives the verified position's features."""
-        g = self.drafter.config.block_size
-        b = c.anchor.shape[0]
-        zeros = jnp.zeros((b, 0), jnp.int32)
-        empty = Proposal(tokens=zeros, draft_index=zeros, p_draft=None, confidence=jnp.zeros((b, 0), jnp.float32),
-                         confidence_logits=jnp.zeros((b, 0), jnp.float32), length=jnp.zeros((b,), jnp.int32))
-        res = self._verify(c, empty, jnp.zeros((b,), jnp.int32), b, 1)
+    def plain(self, c: SpecState) -> SpecState:
+        """A plain round (the drafter's propose skipped): plain decoding's step (`decoding.autoregressive`) —
+        one token per active request from the target's distribution, drawn with plain decoding's key stream
+        (`sampling.keys.SAMPLE`) at its position, the cache written in place — then the loop's bookkeeping; the
+        drafter receives the position's features and token."""
+        target, drafter = self.target, self.drafter
+        g, b = drafter.config.block_size, c.anchor.shape[0]
+        active = ~c.done
+        out = target(c.anchor[:, None], c.start[:, None], c.target_cache, c.start,
+                     tap_layers=drafter.config.target_layer_ids)
+        logits = target.logits(out.hidden[:, 0])
+        finite = jnp.all(jnp.isfinite(logits), axis=-1)
+        nxt = sample(position_keys(c.keys, c.start, SAMPLE), logits, self.params, self.mode)
+        count = (active & finite).astype(jnp.int32)
+        drafter_state = drafter.commit(target, c.drafter_state, concat_taps(out.taps), c.anchor[:, None], c.start,
+                                       count)
+        none = jnp.zeros((b,), jnp.int32)
+        res = RoundResult(committed=jnp.zeros((b, g + 1), jnp.int32).at[:, 0].set(nxt), count=count,
+                          num_accepted=none, accept_flags=jnp.zeros((b, g), bool),
+                          stopped=jnp.isin(nxt, self.stops) & (count > 0), anchor=jnp.where(count > 0, nxt, c.anchor),
+                          target_cache=out.cache, drafter_state=drafter_state, nonfinite=active & ~finite)
         no_conf = jnp.zeros((b, g), jnp.float32)
-        return _Outcome(res, jnp.zeros((b,), jnp.int32), no_conf, no_conf, c.plain_left - 1, c.backoff,
-                        c.stale_confidence)
+        c = dataclasses.replace(c, target_cache=out.cache, plain_left=c.plain_left - 1)
+        return self._commit(c, res, none, no_conf, no_conf)
 
     def _verify(self, c: SpecState, proposal: Proposal, num_verify: jax.Array, bucket: int, rows: int):
         """`verify_round` of num_verify[b] drafts per active request, laid out flat in `bucket` rows (at most
@@ -383,4 +401,4 @@ def speculative_rounds(target_graphdef: nnx.GraphDef, target_state: nnx.State, d
     rounds = _rounds(target_graphdef, target_state, drafter_graphdef, drafter_state, params, confidence_threshold,
                      batch=state.anchor.shape[0], max_new_tokens=max_new_tokens, stop_ids=stop_ids, mode=mode,
                      verify_buckets=verify_buckets, verify_costs=None, plain_cost=None)
-    return jax.lax.fori_loop(0, num_rounds, lambda _, c: rounds.forced(c, choice), state)
+    return rounds.forced_rounds(state, choice, num_rounds)

@@ -31,6 +31,8 @@ def main():
     ap.add_argument("--max_new_tokens", type=int, default=96)
     ap.add_argument("--batch_size", type=int, default=8)
     ap.add_argument("--gamma", type=int, default=11)
+    ap.add_argument("--drafter", default="ngram:n_max=3,n_min=1",
+                    help="a lookup --drafter value; the default is benchmarks/ngram.py's, so both read one cost profile")
     ap.add_argument("--objectives", default="fluid,one_round,throughput", help="`draft_length.GAINS` keys")
     ap.add_argument("--greedy_cache", default="runs/greedy_outputs.json")
     ap.add_argument("--output", default="benchmarks/results/schedule_sim.json")
@@ -56,7 +58,7 @@ def main():
 
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, draft_length="fixed")
     target = load_target().with_attn_impl(cfg.attn_impl)  # as `generation.decode_batches`: the same cost profile
-    drafter = load_drafter("ngram", target, gamma=args.gamma)
+    drafter = load_drafter(args.drafter, target, gamma=args.gamma)
     if drafter.config.block_size != args.gamma:
         drafter = with_block_size(drafter, args.gamma)
     drafter = drafter.with_attn_impl(cfg.attn_impl)

@@ -32,7 +32,8 @@ def main():
     ap.add_argument("--batch_size", type=int, default=8)
     ap.add_argument("--gamma", type=int, default=11)
     ap.add_argument("--drafter", default="ngram:n_max=3,n_min=1",
-                    help="a lookup --drafter value; the default is benchmarks/ngram.py's, so both read one cost profile")
+                    help="a lookup --drafter value; the default is benchmarks/ngram.py's, so both read one "
+                    "cost profile")
     ap.add_argument("--objectives", default="fluid,one_round,throughput", help="`draft_length.GAINS` keys")
     ap.add_argument("--greedy_cache", default="runs/greedy_outputs.json")
     ap.add_argument("--output", default="benchmarks/results/schedule_sim.json")

@@ -102,7 +102,8 @@ def throughput_gain(confidence: jax.Array, verified: jax.Array, active: jax.Arra
 
 def completion_gain(confidence: jax.Array, verified: jax.Array, active: jax.Array, remaining: jax.Array) -> jax.Array:
     """Expected tokens by which a round verifying verified[b] drafts per request shortens the longest
-    remaining request (the exact one-round value, objective "one_round"): 1 + E[min_b (slack_b + X_b)] = 1 + Σ_{k>=1} Π_b P(X_b >= k − slack_b), with
+    remaining request (the exact one-round value, objective "one_round"):
+    1 + E[min_b (slack_b + X_b)] = 1 + Σ_{k>=1} Π_b P(X_b >= k − slack_b), with
     P(X_b >= m) = a_{b,m} for 1 <= m <= min(verified_b, R_b − 1) (accepted drafts beyond a request's remaining
     tokens are cut), 1 for m <= 0, else 0. Inactive requests do not count. At batch 1: 1 + Σ_{j<=ℓ} a_j.
     confidence [B, G], verified [B], active [B] bool, remaining [B] tokens. Returns a float32 scalar."""
@@ -183,8 +184,8 @@ def choose_bucket(confidence: jax.Array, num_drafts: jax.Array, active: jax.Arra
     """Index into `buckets` of this round's verification bucket.
 
     costs None: the covering bucket (verify everything proposed). Otherwise the bucket with the largest
-    `bucket_rates` under `objective` (ties → the smaller one). Lossless: the choice reads only confidences, proposal lengths and
-    token counts, known before any draft is verified.
+    `bucket_rates` under `objective` (ties → the smaller one). Lossless: the choice reads only confidences,
+    proposal lengths and token counts, known before any draft is verified.
     Shapes: confidence [B, G], num_drafts [B] (0..G), active [B] bool, remaining [B] tokens each request may still
     commit; buckets ascending, buckets[0] >= B."""
     if costs is None:

@@ -10,8 +10,9 @@ A --drafters entry is a --drafter value, optionally followed by "|g=N" (its γ, 
 Per dataset and batch size: tokens/s of plain decoding and of each drafter, pooled τ (committed tokens per
 verification round, bonus included), the speed-up over plain, greedy identity with plain, and the τ an offline
 simulation of lookup predicts on plain decoding's outputs (`dspark_jax.evaluation.lookup_simulation`).
-Timing: per dataset and batch size, plain decoding, every drafter (and HF) run once untimed (compilation,
-profiling), then once each per repeat, in turn; each keeps its fastest run (`--repeats`, default 3).
+Timing: per dataset and batch size, plain decoding, every drafter (and HF) run once per repeat, in turn; each
+keeps its fastest run (`--repeats`, default 3). Compilation and profiling are excluded (`generate_text` times
+the compiled call; HF's `generate` is warmed up first).
 `--hf` adds HF transformers (float32, same GGUF) at batch 1: greedy `generate` and `prompt_lookup_num_tokens`
 (γ tokens, `max_matching_ngram_size` = n_max), and the tokens/s ratio of our lookup to theirs.
 Prompts are wrapped in the training format. Writes JSON.
@@ -42,11 +43,8 @@ def hf_tokens_per_s(model, prompts_ids, max_new, pad_id, **kw) -> tuple[float, l
 
 
 def best_of_interleaved(runs: dict, repeats: int) -> dict:
-    """label → the (tokens/s, outputs) of its fastest run: every run once per repeat, in turn (the first
-    call of each compiles and profiles, and is not timed; generation times exclude compilation anyway), so
-    a slow minute of a noisy machine hits all of them."""
-    for run in runs.values():
-        run()
+    """label → the (tokens/s, outputs) of its fastest run: every run once per repeat, in turn, so a slow
+    minute of a noisy machine hits all of them (a run's time excludes its compilation and profiling)."""
     best: dict = {}
     for _ in range(repeats):
         for label, run in runs.items():

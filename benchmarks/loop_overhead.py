@@ -3,7 +3,7 @@ model under which drafting never pays, so the gate keeps the drafter off after i
 decoding (`decoding.autoregressive.generate`), same batch, same run; and the loop verifying every proposal.
 
     python benchmarks/loop_overhead.py [--datasets mbpp --batch_size 8 --gamma 11 --repeats 3
-                                        --drafters "ngram,default+ngram|g=7"]
+                                        --drafters "ngram,default+ngram|g=7" --loops plain,verified]
 
 All loops decode the same tokens (greedy); the ratio of wall times (best of --repeats, compilation excluded;
 the repeats interleave plain decoding and every loop, so a slow minute of a noisy machine hits all of them)
@@ -26,8 +26,12 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--drafters", default="ngram", help="--drafter values (load_drafter), each optionally "
                     "followed by |g=N (its gamma, default --gamma), comma-separated")
+    ap.add_argument("--loops", default="plain,verified", help="which loops per drafter: 'plain' (every round "
+                    "plain), 'verified' (every proposal verified), comma-separated")
     ap.add_argument("--output", default="benchmarks/results/loop_overhead.json")
     args = ap.parse_args()
+    if set(args.loops.split(",")) - {"plain", "verified"}:
+        raise SystemExit(f"--loops takes 'plain' and/or 'verified', got {args.loops!r}")
 
     import jax
     import jax.numpy as jnp
@@ -84,9 +88,10 @@ def main():
             buckets = (bs, 2 * bs, bs * (drafter.config.block_size + 1))
             spec_args = dict(common, target_state=target.state, drafter_state=drafter.state,
                              confidence_threshold=jnp.float32(0.0))
-            for label, extra in [("every round plain", dict(verify_buckets=buckets, verify_costs=(1.0, 2.0, 5.0),
-                                                             plain_cost=1e-6)),
-                                 ("every proposal verified", dict(verify_buckets=buckets))]:
+            loops = {"plain": ("every round plain", dict(verify_buckets=buckets, verify_costs=(1.0, 2.0, 5.0),
+                                                         plain_cost=1e-6)),
+                     "verified": ("every proposal verified", dict(verify_buckets=buckets))}
+            for label, extra in (loops[k] for k in args.loops.split(",")):
                 runs[(spec, label)] = compiled(speculative_generate, spec_args,
                                                dict(static, target_graphdef=target.graphdef,
                                                     drafter_graphdef=drafter.graphdef, **extra))

@@ -95,7 +95,10 @@ def verify_round(target, drafter, target_cache, drafter_state, proposal: Proposa
     count = jnp.where(active & ~nonfinite, jnp.minimum(count, budget), 0)
     stopped = is_stop.any(1) & (jnp.argmax(is_stop, 1) + 1 <= count)
     features = to_grid(concat_taps(out.taps), layout) if taps else None  # [B, G+1, m·d]
-    drafter_state = drafter.commit(target, drafter_state, features, grid_tokens, start, count, num_verified=num_verify)
+    # rows of two sources (the hybrid): the drafter learns which source's drafts were verified
+    sources = {} if proposal.deterministic is None else dict(deterministic=proposal.deterministic)
+    drafter_state = drafter.commit(target, drafter_state, features, grid_tokens, start, count, num_verified=num_verify,
+                                   **sources)
     last = jnp.take_along_axis(committed, jnp.maximum(count - 1, 0)[:, None], axis=1)[:, 0]
     return RoundResult(committed=committed, count=count, num_accepted=jnp.where(active, a, 0),
                        accept_flags=verdict.accepted & active[:, None], stopped=stopped,

@@ -73,14 +73,15 @@ def ngram_drafter(target: Target, spec: str = "ngram", gamma: int = 7) -> Drafte
 
 
 def hybrid_drafter(model: Drafter, target: Target, lookup_spec: str = "ngram",
-                   skip_model_at: float | None = None) -> Drafter:
+                   skip_model_at: float | None = None, model_prior_strength: float = 4.0) -> Drafter:
     """`model` and prompt lookup (`lookup_spec`, see `ngram_drafter`) proposing per request whichever draft
-    is expected to be accepted further (`drafters.hybrid`; `skip_model_at`: see `HybridConfig`)."""
+    is expected to be accepted further (`drafters.hybrid`; `skip_model_at`, `model_prior_strength`: see
+    `HybridConfig`)."""
     if model is None or model.config.algorithm == "ngram":
         raise ValueError("a hybrid drafter pairs a trained (or random) drafter with lookup")
     lookup = ngram_drafter(target, lookup_spec, model.config.block_size)
     module = HybridDrafter(nnx.merge(model.graphdef, model.state), nnx.merge(lookup.graphdef, lookup.state),
-                           skip_model_at=skip_model_at)
+                           skip_model_at=skip_model_at, model_prior_strength=model_prior_strength)
     graphdef, state = nnx.split(module)
     return Drafter(module.config, graphdef, state, f"{model.source}+{lookup_spec}")
 

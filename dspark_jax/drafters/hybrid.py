@@ -9,6 +9,14 @@ whether to verify x_1 from c_2.. would bias x_1's acceptance — DSpark Appendix
 of the past and use every c_k. A chosen lookup row is verified as a deterministic draft (one-hot p_d), a chosen
 model row with the model's p_d. Both drafters see every committed token, whichever was chosen.
 
+Each side's confidences are corrected by its own record in this request, as the lookup's already are
+(`drafters.ngram.lookup_confidence`): the model's c_k becomes (accepted_k + s·c_k) / (tested_k + s), its
+calibrated head worth s observations (`model_prior_strength`), moved by how often position k of its verified
+drafts was accepted in this request's earlier rounds. A head calibrated on the training distribution can
+over-promise on a request unlike it (code it has not seen, where lookup is the better bet); the record reads
+only earlier rounds, so the choice stays lossless. The record is per source: a failed model draft does not lower
+the trust in the lookup's (a per-request factor on both did, session 9, BENCHMARKS.md).
+
 The model's forward is skipped in a round where every request's lookup draft is expected to accept at least
 `skip_model_at` tokens (default 0.6·γ): there the model's draft would rarely be chosen (on held-out prompts the
 calibrated head expects ≥ 4.4 of 7 in 5 % of rounds), and its forward is a large part of a round (about 40 % at
@@ -23,7 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dspark_jax.drafters.base import Proposal
-from dspark_jax.drafters.ngram import NgramDrafter
+from dspark_jax.drafters.ngram import NgramDrafter, acceptance_counts, record_confidence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,27 +42,37 @@ class HybridConfig:
     algorithm: str
     confidence_head: bool = True  # each row's confidence: the model's head or the lookup's estimates
     skip_model_at: float | None = None  # None: 0.6·block_size; inf: the model always proposes
+    model_prior_strength: float = 4.0  # observations the model's head is worth against its record (module doc)
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class HybridState:
+    """The two drafters' states and the model's record: model_tested / model_accepted [B, G], per request and
+    draft position, how often a verified model draft reached position k with every earlier one accepted, and
+    how often it was then accepted (None: no record — the head's confidences as they are)."""
     model: object
     lookup: object
+    model_tested: jax.Array | None = None
+    model_accepted: jax.Array | None = None
 
 
 class HybridDrafter(nnx.Module):
     """`model` (DSpark, DFlash or Eagle3) + `lookup` (an `NgramDrafter` of the same block size)."""
 
-    def __init__(self, model, lookup: NgramDrafter, skip_model_at: float | None = None):
+    def __init__(self, model, lookup: NgramDrafter, skip_model_at: float | None = None,
+                 model_prior_strength: float = 4.0):
         if model.config.block_size != lookup.config.block_size:
             raise ValueError(f"hybrid drafters need one block size, got {model.config.block_size} (model) and "
                              f"{lookup.config.block_size} (lookup)")
         self.model, self.lookup = model, lookup
         if skip_model_at is not None and not skip_model_at > 0:
             raise ValueError(f"skip_model_at must be > 0 (inf: never skip the model), got {skip_model_at}")
+        if not model_prior_strength > 0:
+            raise ValueError(f"model_prior_strength must be > 0, got {model_prior_strength}")
         self.config = HybridConfig(model.config.block_size, tuple(model.config.target_layer_ids),
-                                   f"{model.config.algorithm}+ngram", skip_model_at=skip_model_at)
+                                   f"{model.config.algorithm}+ngram", skip_model_at=skip_model_at,
+                                   model_prior_strength=model_prior_strength)
 
     @property
     def model_skip_threshold(self) -> float:
@@ -85,18 +103,40 @@ class HybridDrafter(nnx.Module):
         return self.model.head_matrix(target_model)
 
     def init_state(self, batch: int, max_len: int) -> HybridState:
-        return HybridState(self.model.init_state(batch, max_len), self.lookup.init_state(batch, max_len))
+        shape = (batch, self.config.block_size)  # distinct buffers: engines donate leaf by leaf
+        return HybridState(self.model.init_state(batch, max_len), self.lookup.init_state(batch, max_len),
+                           jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32))
 
     def prefill(self, target_model, state: HybridState, features, prompts, prompt_lens) -> HybridState:
-        return HybridState(self.model.prefill(target_model, state.model, features, prompts, prompt_lens),
-                           self.lookup.prefill(target_model, state.lookup, features, prompts, prompt_lens))
+        return dataclasses.replace(
+            state, model=self.model.prefill(target_model, state.model, features, prompts, prompt_lens),
+            lookup=self.lookup.prefill(target_model, state.lookup, features, prompts, prompt_lens))
 
     def commit(self, target_model, state: HybridState, features, verified, start, count,
-               num_verified=None) -> HybridState:
-        return HybridState(
-            self.model.commit(target_model, state.model, features, verified, start, count, num_verified=num_verified),
-            self.lookup.commit(target_model, state.lookup, features, verified, start, count,
-                               num_verified=num_verified))
+               num_verified=None, deterministic=None) -> HybridState:
+        """Both drafters commit (`verified`, `start`, `count`, `num_verified` as theirs). With num_verified and
+        deterministic [B] (the verified proposal's lookup rows, `Proposal.deterministic`) the model's record
+        counts the rows whose model draft was verified."""
+        new = dataclasses.replace(
+            state,
+            model=self.model.commit(target_model, state.model, features, verified, start, count,
+                                    num_verified=num_verified),
+            lookup=self.lookup.commit(target_model, state.lookup, features, verified, start, count,
+                                      num_verified=num_verified))
+        if num_verified is None or deterministic is None or state.model_tested is None:
+            return new
+        limit = jnp.where(deterministic, 0, num_verified)  # model rows: their verified drafts
+        tested, ok = acceptance_counts(jnp.clip(count - 1, 0, num_verified), limit, state.model_tested.shape[1])
+        return dataclasses.replace(new, model_tested=state.model_tested + tested,
+                                   model_accepted=state.model_accepted + ok)
+
+    def model_confidence(self, state: HybridState, confidence: jax.Array) -> jax.Array:
+        """[B, G] the model head's confidences corrected by the request's record (module docstring)."""
+        if state.model_tested is None:
+            return confidence
+        g = confidence.shape[1]
+        return record_confidence(state.model_accepted[:, :g], state.model_tested[:, :g], confidence,
+                                 self.config.model_prior_strength)
 
     def propose(self, target_model, state: HybridState, anchor, start, key, params, mode, head) -> Proposal:
         by_lookup = self.lookup.propose(target_model, state.lookup, anchor, start, key, params, mode, head)
@@ -110,6 +150,7 @@ class HybridDrafter(nnx.Module):
 
         skip = jnp.all(by_lookup.expected_accept_length >= self.model_skip_threshold)
         by_model = jax.lax.cond(skip, no_model_proposal, model_proposal)
+        by_model = dataclasses.replace(by_model, confidence=self.model_confidence(state, by_model.confidence))
         use = by_lookup.expected_accept_length > _model_score(by_model, params)  # [B]
 
         def pick(a, b):

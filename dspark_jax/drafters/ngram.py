@@ -108,6 +108,22 @@ def prior_means(n_max: int, gamma: int) -> tuple[tuple[float, ...], ...]:
     return tuple(tuple(row[min(k, len(row) - 1)] for k in range(gamma)) for row in rows)
 
 
+def acceptance_counts(accepted: jax.Array, limit: jax.Array, gamma: int) -> tuple[jax.Array, jax.Array]:
+    """One round's contribution to per-position acceptance counts: (tested, ok) [B, γ] float32 indicators —
+    draft position k was verified with every earlier position accepted (k ≤ accepted), and was accepted
+    (k < accepted); only positions k < limit [B] count (the drafts this record is about)."""
+    k = jnp.arange(gamma)[None]
+    tested = (k < jnp.minimum(accepted + 1, limit)[:, None]).astype(jnp.float32)
+    ok = (k < jnp.minimum(accepted, limit)[:, None]).astype(jnp.float32)
+    return tested, ok
+
+
+def record_confidence(accepted: jax.Array, tested: jax.Array, prior: jax.Array, strength: float) -> jax.Array:
+    """(accepted + s·prior) / (tested + s), elementwise: a prior acceptance worth s observations, moved by a
+    request's own record (`acceptance_counts` summed over its rounds)."""
+    return (accepted + strength * prior) / (tested + strength)
+
+
 def lookup_confidence(state: NgramState, n: jax.Array, gamma: int, prior_mean: jax.Array,
                       prior_strength: float) -> jax.Array:
     """[B, γ] c_k = P(position k accepted | earlier ones accepted, match length n) estimated per request as
@@ -117,7 +133,7 @@ def lookup_confidence(state: NgramState, n: jax.Array, gamma: int, prior_mean: j
     tested = jnp.take_along_axis(state.tested, row[:, None, None], axis=1)[:, 0, :gamma]
     accepted = jnp.take_along_axis(state.accepted, row[:, None, None], axis=1)[:, 0, :gamma]
     mean = jnp.asarray(prior_mean, jnp.float32)[row, :gamma]
-    return jnp.where((n > 0)[:, None], (accepted + prior_strength * mean) / (tested + prior_strength), 0.0)
+    return jnp.where((n > 0)[:, None], record_confidence(accepted, tested, mean, prior_strength), 0.0)
 
 
 class NgramDrafter(nnx.Module):
@@ -161,10 +177,7 @@ class NgramDrafter(nnx.Module):
         drafts = verified[:, 1:1 + g]
         own = jnp.cumprod(drafts == lookup_proposal(before, start, end, g)[:, :drafts.shape[1]], axis=1).sum(1)
         limit = jnp.minimum(num_verified, own)  # positions where the lookup's own token was verified
-        accepted = jnp.clip(count - 1, 0, num_verified)
-        k = jnp.arange(g)[None]
-        tested = (k < jnp.minimum(accepted + 1, limit)[:, None]).astype(jnp.float32)
-        ok = (k < jnp.minimum(accepted, limit)[:, None]).astype(jnp.float32)
+        tested, ok = acceptance_counts(jnp.clip(count - 1, 0, num_verified), limit, g)
         at_n = (jnp.arange(self.config.n_max)[None] == (n - 1)[:, None]).astype(jnp.float32)[..., None]  # [B, n, 1]
         return dataclasses.replace(new, tested=new.tested + at_n * tested[:, None],
                                    accepted=new.accepted + at_n * ok[:, None])

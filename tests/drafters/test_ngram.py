@@ -3,6 +3,8 @@
 simulation against the loop, and losslessness at temperature 1 (chi-square)."""
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -308,6 +310,92 @@ def test_hybrid_skips_the_model_when_every_lookup_draft_is_expected_to_go_far():
     assert nnx.merge(*_hybrid(cfg, 5)).model_skip_threshold == pytest.approx(3.0)  # default 0.6·γ
     with pytest.raises(ValueError, match="skip_model_at"):
         _hybrid(cfg, 3, skip_model_at=0.0)
+
+
+def test_hybrid_model_record_counts_only_rows_whose_model_draft_was_verified():
+    """commit: row 0 verified the model's 3 drafts and accepted 1 (count 2: one accepted + the next token);
+    row 1 verified the lookup's; row 2 the model's, all 3 accepted (count 4). Records (tested, accepted) per
+    position as `acceptance_counts`; plain rounds (no num_verified) leave it alone."""
+    from dspark_jax.drafters.hybrid import HybridDrafter
+    tg, ts, cfg = make_target("gemma3")
+    hybrid = nnx.merge(*_hybrid(cfg, 3))
+    hybrid.model.commit = lambda *a, **k: "model state"
+    hybrid.lookup.commit = lambda *a, **k: "lookup state"
+    state = hybrid.init_state(3, 16)
+    verified, start = jnp.zeros((3, 4), jnp.int32), jnp.asarray([5, 5, 5])
+    out = HybridDrafter.commit(hybrid, None, state, None, verified, start, jnp.asarray([2, 4, 4]),
+                               num_verified=jnp.asarray([3, 3, 3]), deterministic=jnp.asarray([False, True, False]))
+    assert (out.model, out.lookup) == ("model state", "lookup state")
+    np.testing.assert_array_equal(np.asarray(out.model_tested), [[1, 1, 0], [0, 0, 0], [1, 1, 1]])
+    np.testing.assert_array_equal(np.asarray(out.model_accepted), [[1, 0, 0], [0, 0, 0], [1, 1, 1]])
+    plain = HybridDrafter.commit(hybrid, None, out, None, verified[:, :1], start, jnp.asarray([1, 1, 1]))
+    np.testing.assert_array_equal(np.asarray(plain.model_tested), np.asarray(out.model_tested))
+
+
+def test_hybrid_corrects_the_model_confidence_by_its_record():
+    """c_k → (accepted_k + s·c_k) / (tested_k + s), s = model_prior_strength = 4. Row 0's model drafts failed at
+    position 1 eight times: its head's 0.9 becomes 0.3 there and the lookup's draft is chosen; row 1's record
+    (2 of 2 accepted at position 1) raises its c_1 and the model's draft stays chosen, with corrected confidences."""
+    from dspark_jax.drafters.base import Proposal
+    from dspark_jax.drafters.hybrid import HybridDrafter, HybridState
+    tg, ts, cfg = make_target("gemma3")
+    target = nnx.merge(tg, ts)
+    hybrid = nnx.merge(*_hybrid(cfg, 3))
+    model = Proposal(tokens=jnp.full((2, 3), 9), draft_index=jnp.full((2, 3), 9), p_draft=jnp.ones((2, 3, 4)),
+                     confidence=jnp.full((2, 3), 0.9), confidence_logits=jnp.ones((2, 3)))  # expects 2.44
+    lookup = Proposal(tokens=jnp.full((2, 3), 7), draft_index=jnp.full((2, 3), 7), p_draft=None,
+                      confidence=jnp.full((2, 3), 0.6), confidence_logits=jnp.zeros((2, 3)),
+                      length=jnp.asarray([3, 3]))  # expects 1.176
+    hybrid.model.propose = lambda *a, **k: model
+    hybrid.lookup.propose = lambda *a, **k: lookup
+    record = HybridState(None, None, model_tested=jnp.asarray([[8.0, 0, 0], [2, 0, 0]]),
+                         model_accepted=jnp.asarray([[0.0, 0, 0], [2, 0, 0]]))
+    out = HybridDrafter.propose(hybrid, target, record, jnp.zeros(2, jnp.int32), jnp.asarray([5, 5]), None,
+                                SamplingParams.create(2), None, None)
+    np.testing.assert_array_equal(np.asarray(out.deterministic), [True, False])
+    np.testing.assert_allclose(np.asarray(out.confidence), [[0.6, 0.6, 0.6], [(2 + 3.6) / 6, 0.9, 0.9]], rtol=1e-6)
+    no_record = HybridDrafter.propose(hybrid, target, HybridState(None, None), jnp.zeros(2, jnp.int32),
+                                      jnp.asarray([5, 5]), None, SamplingParams.create(2), None, None)
+    np.testing.assert_array_equal(np.asarray(no_record.deterministic), [False, False])
+    with pytest.raises(ValueError, match="model_prior_strength"):
+        from dspark_jax.drafters.hybrid import HybridDrafter as H
+        H(hybrid.model, hybrid.lookup, model_prior_strength=0.0)
+
+
+def test_hybrid_record_follows_the_verified_source_in_the_loop():
+    """One drafted round of the jitted loop's round code: the rows that verified the model's draft (the
+    proposal's non-deterministic rows) gain a test at position 1 and an acceptance per accepted draft; lookup
+    rows gain nothing."""
+    from dspark_jax.decoding.speculative import _rounds
+    from dspark_jax.sampling.keys import DRAFT, position_keys
+    tg, ts, cfg = make_target("gemma3")
+    hg, hs = _hybrid(cfg, 3)
+    prompts = jnp.asarray([[5, 6, 7, 5, 6, 7, 5, 6], [3, 9, 14, 22, 0, 0, 0, 0]], jnp.int32)
+    lens = jnp.asarray([8, 4], jnp.int32)
+    rounds = _rounds(tg, ts, hg, hs, SamplingParams.create(2), jnp.float32(0.0), batch=2, max_new_tokens=12,
+                     stop_ids=(), mode=FilterMode(), verify_buckets=None, verify_costs=None, plain_cost=None)
+    model_propose, lookup_propose = rounds.drafter.model.propose, rounds.drafter.lookup.propose
+
+    def unsure_in_row_0(*args, **kwargs):  # the model's head expects little in row 0 ...
+        prop = model_propose(*args, **kwargs)
+        return dataclasses.replace(prop, confidence=prop.confidence * jnp.asarray([[0.1], [1.0]]))
+
+    def sure_in_row_0(*args, **kwargs):  # ... and the lookup proposes there, with confidence 0.9
+        prop = lookup_propose(*args, **kwargs)
+        return dataclasses.replace(prop, length=prop.num_drafted.at[0].set(3),
+                                   confidence=prop.confidence.at[0].set(0.9))
+    rounds.drafter.model.propose, rounds.drafter.lookup.propose = unsure_in_row_0, sure_in_row_0
+    c = rounds.start(prompts, lens, jax.random.key(0), pad_id=0)
+    prop = rounds.drafter.propose(rounds.target, c.drafter_state, c.anchor, c.start,
+                                  position_keys(c.keys, c.start, DRAFT), rounds.params, rounds.mode, rounds.head)
+    after = rounds._apply(c, rounds.drafted(c))
+    model_rows = ~np.asarray(prop.deterministic)
+    assert model_rows.any() and not model_rows.all()  # both sources in one round
+    accepted = np.asarray(after.num_generated - c.num_generated) - 1
+    tested, acc = np.asarray(after.drafter_state.model_tested), np.asarray(after.drafter_state.model_accepted)
+    k = np.arange(3)[None]
+    np.testing.assert_array_equal(tested, model_rows[:, None] * (k <= accepted[:, None]))
+    np.testing.assert_array_equal(acc, model_rows[:, None] * (k < accepted[:, None]))
 
 
 @pytest.mark.parametrize("top_k,top_p,skip_model_at", [(3, 0.8, None), (0, 1.0, 0.3)])

@@ -63,7 +63,7 @@ def main():
         rows.append(dict(dataset=name, tau=taus, outputs_identical=same))
         print(f"{name:<10} " + " ".join(f"{t:14.2f}" for t in taus.values()) + ("" if same else "  OUTPUTS DIFFER"),
               flush=True)
-        write_result(args.output, dict(machine=describe_machine(), model=target.config.name, **vars(args),
+        write_result(args.output, dict(machine=describe_machine(), target=target.config.name, **vars(args),
                                        rows=rows))
 
 

@@ -10,7 +10,8 @@ each round is charged the round-cost profile's seconds (`round_costs`, the same 
 against an all-plain loop's (`plain` × plain decoding's steps) — compares schedules, not machines.
 
     python benchmarks/schedule_sim.py [--datasets gsm8k,humaneval,mbpp,mt-bench --limit 8 --batch_size 8
-                                       --gamma 11 --max_new_tokens 96 --objectives fluid,one_round,throughput]
+                                       --gamma 11 --max_new_tokens 96 --objectives fluid,one_round,throughput
+                                       --gate_margins 0]
 
 Greedy outputs come from plain decoding once and are cached (`--greedy_cache`). Writes JSON.
 """
@@ -35,6 +36,8 @@ def main():
                     help="a lookup --drafter value; the default is benchmarks/ngram.py's, so both read one "
                     "cost profile")
     ap.add_argument("--objectives", default="fluid,one_round,throughput", help="`draft_length.GAINS` keys")
+    ap.add_argument("--gate_margins", default="0", help="comma list of m: the replayed gate drafts only when the "
+                    "best bucket's rate beats a plain round's by more than a factor 1 + m (the loop's gate: m = 0)")
     ap.add_argument("--greedy_cache", default="runs/greedy_outputs.json")
     ap.add_argument("--output", default="benchmarks/results/schedule_sim.json")
     args = ap.parse_args()
@@ -104,7 +107,7 @@ def main():
             c = dataclasses.replace(c, plain_left=o.plain_left, backoff=o.backoff, stale_confidence=o.stale_confidence)
             return self._commit(c, o.res, o.verified, o.confidence, o.confidence_logits)
 
-    def simulate(prompts, truth, truth_len, buckets, seconds, plain, objective):
+    def simulate(prompts, truth, truth_len, buckets, seconds, plain, objective, margin):
         b = len(prompts)
         tokens, lens = pad_batch(prompts, target.config.pad_token_id, b)
         cache_len = tokens.shape[1] + args.max_new_tokens + g + 1
@@ -114,7 +117,7 @@ def main():
         rounds = SimulatedRounds(target=None, drafter=module, head=None, params=SamplingParams.create(b, 0.0, 0, 1.0),
                                  mode=FilterMode(), stops=jnp.asarray(target.stop_ids, jnp.int32),
                                  threshold=jnp.float32(0.0), max_new_tokens=args.max_new_tokens, buckets=buckets,
-                                 costs=seconds, plain_cost=plain, truth=jnp.asarray(tr),
+                                 costs=seconds, plain_cost=plain / (1 + margin), truth=jnp.asarray(tr),
                                  truth_len=jnp.asarray(truth_len, jnp.int32), objective=objective)
         state0 = module.prefill(None, module.init_state(b, cache_len), None, jnp.asarray(tokens), jnp.asarray(lens))
         first = jnp.asarray(tr[:, 0])
@@ -157,19 +160,21 @@ def main():
         costs = load_or_profile_round_costs(target, drafter, bs, bucket_length(max(len(p) for p in encoded)),
                                             args.max_new_tokens)
         buckets, seconds = costs.efficient()
-        for objective in args.objectives.split(","):
+        for objective, margin in ((o, float(m)) for o in args.objectives.split(",")
+                                  for m in args.gate_margins.split(",")):
             tot = dict(loop_s=0.0, plain_s=0.0, rounds=0, drafted_rounds=0, accepted=0)
             taus = []
             for s in range(0, len(encoded), bs):
                 chunk, truth = encoded[s:s + bs], greedy[key][s:s + bs]
-                res = simulate(chunk, truth, [len(t) for t in truth], buckets, seconds, costs.plain, objective)
+                res = simulate(chunk, truth, [len(t) for t in truth], buckets, seconds, costs.plain, objective,
+                               margin)
                 taus.append(res.pop("tau"))
                 for k in tot:
                     tot[k] += res[k]
-            row = dict(dataset=name, objective=objective, tau=float(np.mean(taus)), **tot,
+            row = dict(dataset=name, objective=objective, gate_margin=margin, tau=float(np.mean(taus)), **tot,
                        speed_up=tot["plain_s"] / tot["loop_s"])
             rows.append(row)
-            print(f"{name:<10} {objective:<12} {tot['rounds']:6d} {tot['drafted_rounds']:7d} {tot['accepted']:8d} "
+            print(f"{name:<10} {objective + (f' m={margin:g}' if margin else ''):<12} {tot['rounds']:6d} {tot['drafted_rounds']:7d} {tot['accepted']:8d} "
                   f"{row['tau']:5.2f} {tot['loop_s']:7.2f} {tot['plain_s']:7.2f} {row['speed_up']:8.2f}", flush=True)
     write_result(args.output, dict(machine=describe_machine(), **vars(args), rows=rows))
 

@@ -141,8 +141,9 @@ class HybridDrafter(nnx.Module):
     def propose(self, target_model, state: HybridState, anchor, start, key, params, mode, head) -> Proposal:
         by_lookup = self.lookup.propose(target_model, state.lookup, anchor, start, key, params, mode, head)
 
-        def model_proposal():
-            return self.model.propose(target_model, state.model, anchor, start, key, params, mode, head)
+        def model_proposal():  # confidences corrected by the record here: a skipped model keeps confidence 0
+            prop = self.model.propose(target_model, state.model, anchor, start, key, params, mode, head)
+            return dataclasses.replace(prop, confidence=self.model_confidence(state, prop.confidence))
 
         def no_model_proposal():  # confidences 0: expected accepted length 0, every row takes the lookup draft
             shapes = jax.eval_shape(model_proposal)
@@ -150,7 +151,6 @@ class HybridDrafter(nnx.Module):
 
         skip = jnp.all(by_lookup.expected_accept_length >= self.model_skip_threshold)
         by_model = jax.lax.cond(skip, no_model_proposal, model_proposal)
-        by_model = dataclasses.replace(by_model, confidence=self.model_confidence(state, by_model.confidence))
         use = by_lookup.expected_accept_length > _model_score(by_model, params)  # [B]
 
         def pick(a, b):

@@ -307,6 +307,14 @@ def test_hybrid_skips_the_model_when_every_lookup_draft_is_expected_to_go_far():
         np.testing.assert_array_equal(np.asarray(out.deterministic), lookup_rows)
         np.testing.assert_array_equal(np.asarray(out.tokens)[:, 0], np.where(lookup_rows, 7, 9))
         assert out.p_draft.shape == (2, 3, 4)
+    # a skipped model stays unchosen whatever its record: its zero confidences are not moved by it
+    hybrid = nnx.merge(*_hybrid(cfg, 3, skip_model_at=0.8))
+    hybrid.model.propose = lambda *a, **k: model
+    hybrid.lookup.propose = lambda *a, **k: lookup
+    perfect = HybridState(None, None, model_tested=jnp.full((2, 3), 100.0), model_accepted=jnp.full((2, 3), 100.0))
+    out = jax.jit(lambda: HybridDrafter.propose(hybrid, target, perfect, jnp.zeros(2, jnp.int32), lens, None,
+                                                SamplingParams.create(2), None, None))()
+    np.testing.assert_array_equal(np.asarray(out.deterministic), [True, True])
     assert nnx.merge(*_hybrid(cfg, 5)).model_skip_threshold == pytest.approx(3.0)  # default 0.6·γ
     with pytest.raises(ValueError, match="skip_model_at"):
         _hybrid(cfg, 3, skip_model_at=0.0)

@@ -9,7 +9,9 @@ All loops decode the same tokens (greedy); the ratio of wall times (best of --re
 the repeats interleave plain decoding and every loop, so a slow minute of a noisy machine hits all of them)
 is the loop's overhead per round: its bookkeeping, the drafter's commit (for a model drafter in the hybrid:
 its context update from the target's features, in every round), and anything XLA adds around the
-conditionals of a round (before session 11, a copy of the whole KV cache in every round). Writes JSON.
+conditionals of a round (before session 11, a copy of the whole KV cache in every round). The 'auto' loop is
+what `--draft_length auto` runs (the cached round-cost profile of this machine, `round_costs`), timed in the
+same interleaving: auto against every-round-plain is what the gate's choices cost or gain. Writes JSON.
 """
 from __future__ import annotations
 
@@ -27,11 +29,11 @@ def main():
     ap.add_argument("--drafters", default="ngram", help="--drafter values (load_drafter), each optionally "
                     "followed by |g=N (its gamma, default --gamma), comma-separated")
     ap.add_argument("--loops", default="plain,verified", help="which loops per drafter: 'plain' (every round "
-                    "plain), 'verified' (every proposal verified), comma-separated")
+                    "plain), 'verified' (every proposal verified), 'auto' (the profiled gate), comma-separated")
     ap.add_argument("--output", default="benchmarks/results/loop_overhead.json")
     args = ap.parse_args()
-    if set(args.loops.split(",")) - {"plain", "verified"}:
-        raise SystemExit(f"--loops takes 'plain' and/or 'verified', got {args.loops!r}")
+    if set(args.loops.split(",")) - {"plain", "verified", "auto"}:
+        raise SystemExit(f"--loops takes 'plain', 'verified' and/or 'auto', got {args.loops!r}")
 
     import jax
     import jax.numpy as jnp
@@ -41,7 +43,8 @@ def main():
     from dspark_jax.decoding.autoregressive import generate
     from dspark_jax.decoding.speculative import speculative_generate
     from dspark_jax.drafters.factory import load_drafter, with_block_size
-    from dspark_jax.generation import encode_prompts, pad_batch
+    from dspark_jax.generation import bucket_length, encode_prompts, pad_batch
+    from dspark_jax.round_costs import load_or_profile_round_costs
     from dspark_jax.sampling import SamplingParams
     from dspark_jax.target import load_target
     from dspark_jax.training.responses import format_prompt
@@ -78,7 +81,8 @@ def main():
           f"{'ratio':>6}")
     for name in args.datasets.split(","):
         prompts = [format_prompt(p) for p in read_first_turns(eval_dataset_path(name))[:bs]]
-        tokens, lens = pad_batch(encode_prompts(target, prompts, args.max_new_tokens), target.config.pad_token_id, bs)
+        encoded = encode_prompts(target, prompts, args.max_new_tokens)
+        tokens, lens = pad_batch(encoded, target.config.pad_token_id, bs)
         common = dict(prompts=jnp.asarray(tokens), prompt_lens=jnp.asarray(lens),
                       key=jax.random.split(jax.random.key(0), bs), params=SamplingParams.create(bs, 0.0, 0, 1.0))
         static = dict(max_new_tokens=args.max_new_tokens, stop_ids=target.stop_ids, pad_id=target.config.pad_token_id)
@@ -91,6 +95,12 @@ def main():
             loops = {"plain": ("every round plain", dict(verify_buckets=buckets, verify_costs=(1.0, 2.0, 5.0),
                                                          plain_cost=1e-6)),
                      "verified": ("every proposal verified", dict(verify_buckets=buckets))}
+            if "auto" in args.loops.split(","):  # as generate_text's draft_length "auto" (profiled once, cached)
+                costs = load_or_profile_round_costs(target, drafter, bs, bucket_length(max(map(len, encoded))),
+                                                    args.max_new_tokens)
+                auto_buckets, seconds = costs.efficient()
+                loops["auto"] = ("auto (profiled gate)", dict(verify_buckets=auto_buckets, verify_costs=seconds,
+                                                             plain_cost=costs.plain))
             for label, extra in (loops[k] for k in args.loops.split(",")):
                 runs[(spec, label)] = compiled(speculative_generate, spec_args,
                                                dict(static, target_graphdef=target.graphdef,

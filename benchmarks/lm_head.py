@@ -6,7 +6,9 @@ forward (18 layers + head) at each width, on the embedded target.
     python benchmarks/lm_head.py [--rows 1,2,3,4,6,8,12,16] [--widths 1,2,4,8] [--repeats 15]
 
 Rows = requests × verified tokens. Median of --repeats jitted calls after warm-up; ratios are to one row in the same
-run. The forward is timed with the model's own `logits` (so with `tied_logits`) and a 512-row KV cache.
+run. The forward is timed with the model's own `logits` (so with `tied_logits`) and without the head, with a
+512-row KV cache. Last, the layers' own products at each row count (`--matmul_rows`): 18 random 640 × 2048
+matrices (the MLP's gate and up shape) as a matmul and as the head's broadcast-multiply-and-sum over either axis.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default="1,2,3,4,6,8,12,16")
     ap.add_argument("--widths", default="1,2,4,8")
+    ap.add_argument("--matmul_rows", default="1,2,4,8")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--output", default="benchmarks/results/lm_head.json")
     args = ap.parse_args()
@@ -51,23 +54,46 @@ def main():
                           "fused_loop_ms": c * 1e3})
         print(f"{n:>4} {a * 1e3:>10.1f} {b * 1e3:>15.1f} {path:>7} {a / b:>5.2f}x {c * 1e3:>14.1f}", flush=True)
 
-    @jax.jit
-    def forward(state, tokens, cache):
-        model = nnx.merge(target.graphdef, state)
-        start = jnp.full((tokens.shape[0],), 100, jnp.int32)
-        out = model(tokens, start[:, None] + jnp.arange(tokens.shape[1])[None], cache, start)
-        return model.logits(out.hidden)
+    def forward_fn(head: bool):
+        @jax.jit
+        def forward(state, tokens, cache):
+            model = nnx.merge(target.graphdef, state)
+            start = jnp.full((tokens.shape[0],), 100, jnp.int32)
+            out = model(tokens, start[:, None] + jnp.arange(tokens.shape[1])[None], cache, start)
+            return model.logits(out.hidden) if head else out.hidden
+        return forward
 
+    with_head, layers_only = forward_fn(True), forward_fn(False)
     cache = init_cache(target.config, 1, 512, jnp.float32)
-    print(f"\n{'width':>5} {'forward ms':>11} {'x width 1':>10}")
+    print(f"\n{'width':>5} {'forward ms':>11} {'x width 1':>10} {'layers only ms':>15} {'x width 1':>10}")
     fwd_rows = []
     for w in [int(x) for x in args.widths.split(",")]:
         tokens = jnp.full((1, w), 7, jnp.int32)
-        s = median_seconds(lambda: forward(target.state, tokens, cache), args.repeats)
-        fwd_rows.append({"width": w, "forward_ms": s * 1e3})
-        print(f"{w:>5} {s * 1e3:>11.1f} {s / (fwd_rows[0]['forward_ms'] / 1e3):>9.2f}x", flush=True)
+        s = median_seconds(lambda: with_head(target.state, tokens, cache), args.repeats)
+        s_layers = median_seconds(lambda: layers_only(target.state, tokens, cache), args.repeats)
+        fwd_rows.append({"width": w, "forward_ms": s * 1e3, "layers_ms": s_layers * 1e3})
+        print(f"{w:>5} {s * 1e3:>11.1f} {s / (fwd_rows[0]['forward_ms'] / 1e3):>9.2f}x {s_layers * 1e3:>15.1f} "
+              f"{s_layers / (fwd_rows[0]['layers_ms'] / 1e3):>9.2f}x", flush=True)
+
+    weights = [jax.random.normal(jax.random.key(i), (640, 2048), jnp.float32) for i in range(18)]
+    transposed = [w.T.copy() for w in weights]
+    products = {"matmul": (jax.jit(lambda x, ws: [x @ w for w in ws]), weights),
+                "sum over major axis": (jax.jit(lambda x, ws: [(x[:, :, None] * w[None]).sum(1) for w in ws]),
+                                        weights),
+                "sum over minor axis": (jax.jit(lambda x, ws: [(x[:, None, :] * w[None]).sum(2) for w in ws]),
+                                        transposed)}
+    print(f"\n{'rows':>4} " + " ".join(f"{k + ' ms':>22}" for k in products) + "   (18 products 640 x 2048)")
+    mm_rows = []
+    for n in [int(r) for r in args.matmul_rows.split(",")]:
+        x = jax.random.normal(jax.random.key(100 + n), (n, 640), jnp.float32)
+        row = {"rows": n}
+        for name, (fn, ws) in products.items():
+            row[name + " ms"] = median_seconds(lambda: fn(x, ws), args.repeats) * 1e3
+        mm_rows.append(row)
+        print(f"{n:>4} " + " ".join(f"{row[k + ' ms']:>22.1f}" for k in products), flush=True)
     write_result(args.output, {"machine": describe_machine(), "backend": jax.default_backend(),
-                               "table_shape": list(table.shape), "head": head_rows, "forward": fwd_rows})
+                               "table_shape": list(table.shape), "head": head_rows, "forward": fwd_rows,
+                               "layer_products": mm_rows})
 
 
 if __name__ == "__main__":

@@ -6,8 +6,12 @@ A round is timed whole, with the loop's own round code (`decoding.speculative.sp
 drafter's proposal, the verification forward with its logits, rejection sampling, the drafter's commit and the
 loop's bookkeeping. From one prefilled state, cost(w) = (time of `hi` rounds − time of `lo` rounds) / (hi − lo),
 so the call overhead cancels; buckets are interleaved and the median taken over passes.
-Costs are profiled once per machine, target, drafter, batch, attention implementation and cache shape (prompt
-bucket, new tokens) and cached as JSON under the user cache directory.
+Costs are profiled once per machine, target, drafter structure, batch, attention implementation and cache shape
+(prompt bucket, new tokens) and cached as JSON under the user cache directory. The drafter is keyed by its
+structure and static settings (the configs of every module, `repr` of its graphdef), not by the name it was
+loaded under nor its weights: equal configurations (`ngram` and `ngram:n_max=3,n_min=1`) cost the same and share
+one profile — before session 14 they did not, and two profiles of one machine gave the same loop 0.99x and 0.91x
+(BENCHMARKS.md "Session 14").
 """
 from __future__ import annotations
 
@@ -51,9 +55,9 @@ class RoundCosts:
 
 
 def _profile_key(target: Target, drafter, batch: int, buckets: tuple[int, ...], cache_shape: tuple[int, int]) -> str:
+    """What a round's cost depends on: machine, target, drafter structure (module doc), batch, buckets, cache shape."""
     raw = json.dumps([FORMAT_VERSION, describe_machine(), target.source, str(target.state_dtype), batch, list(buckets),
-                      list(cache_shape),
-                      target.attn_impl, drafter.source, repr(drafter.config)], sort_keys=True)
+                      list(cache_shape), target.attn_impl, repr(drafter.graphdef)], sort_keys=True)
     return hashlib.sha256(raw.encode()).hexdigest()[:20]
 
 

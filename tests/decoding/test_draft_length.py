@@ -356,11 +356,18 @@ def test_round_costs_profile_and_cache(tmp_path, monkeypatch):
     files = list((tmp_path / "round_costs").glob("*.json"))
     assert len(files) == 1
     assert load_or_profile_round_costs(target, drafter, batch=2) == costs  # read back, not profiled again
+    # the same configuration under another name (other weights would not change a round's cost either): same profile
+    renamed = Drafter(drafter.config, dg, ds, "ngram:n_max=3,n_min=1")
+    assert load_or_profile_round_costs(target, renamed, batch=2) == costs
+    other_dg, other_ds = _ngram(cfg, 2)  # another block size: its own profile
+    load_or_profile_round_costs(target, Drafter(nnx.merge(other_dg, other_ds).config, other_dg, other_ds, "ngram"),
+                                batch=2)
+    assert len(list((tmp_path / "round_costs").glob("*.json"))) == 2
     files[0].write_text("{broken")
     again = load_or_profile_round_costs(target, drafter, batch=2)
     assert again.buckets == costs.buckets and again.plain > 0
     load_or_profile_round_costs(target, drafter, batch=2, prompt_len=32, max_new_tokens=40)  # another cache length
-    assert len(list((tmp_path / "round_costs").glob("*.json"))) == 2
+    assert len(list((tmp_path / "round_costs").glob("*.json"))) == 3
 
 
 def test_generate_text_with_auto_draft_length(tmp_path, monkeypatch):

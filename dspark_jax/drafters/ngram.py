@@ -165,10 +165,7 @@ class NgramDrafter(nnx.Module):
         rest lie at or past the next anchor: stale, overwritten later). With num_verified [B] (drafts
         verified) the acceptance statistics of the lookup's match length are updated — over the leading
         drafts that are the lookup's own proposal (all of them, unless another drafter's draft was verified,
-        as in the hybrid), and, where another drafter's accepted draft differs from the lookup's proposal,
-        that position as a rejection: the lookup's token there is known not to be the committed one (at
-        T > 0 the committed token is a draw from the target's distribution, so a deterministic draft matches
-        it with its acceptance probability p_t(x))."""
+        as in the hybrid)."""
         del target_model, features
         rows = jnp.arange(verified.shape[0])
         before = state.tokens.at[rows, start].set(verified[:, 0].astype(jnp.int32))
@@ -179,11 +176,8 @@ class NgramDrafter(nnx.Module):
         end, n = find_match(before, start, self.config.n_max, self.config.n_min)
         drafts = verified[:, 1:1 + g]
         own = jnp.cumprod(drafts == lookup_proposal(before, start, end, g)[:, :drafts.shape[1]], axis=1).sum(1)
-        accepted = jnp.clip(count - 1, 0, num_verified)
-        # own < accepted: the lookup's token at `own` differs from an accepted one, a known rejection; else the
-        # positions where its own token was verified (past `own` its token was not the one verified: unknown)
-        limit = jnp.where(own < accepted, g, jnp.minimum(num_verified, own))
-        tested, ok = acceptance_counts(jnp.minimum(accepted, own), limit, g)
+        limit = jnp.minimum(num_verified, own)  # positions where the lookup's own token was verified
+        tested, ok = acceptance_counts(jnp.clip(count - 1, 0, num_verified), limit, g)
         at_n = (jnp.arange(self.config.n_max)[None] == (n - 1)[:, None]).astype(jnp.float32)[..., None]  # [B, n, 1]
         return dataclasses.replace(new, tested=new.tested + at_n * tested[:, None],
                                    accepted=new.accepted + at_n * ok[:, None])

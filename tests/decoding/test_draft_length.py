@@ -359,7 +359,7 @@ def test_round_costs_profile_and_cache(tmp_path, monkeypatch):
     # the same configuration under another name (other weights would not change a round's cost either): same profile
     renamed = Drafter(drafter.config, dg, ds, "ngram:n_max=3,n_min=1")
     assert load_or_profile_round_costs(target, renamed, batch=2) == costs
-    other_dg, other_ds = _ngram(cfg, 2)  # another block size: its own profile
+    other_dg, other_ds = _ngram(cfg, 3, n_max=2)  # another configuration, same buckets: its own profile
     load_or_profile_round_costs(target, Drafter(nnx.merge(other_dg, other_ds).config, other_dg, other_ds, "ngram"),
                                 batch=2)
     assert len(list((tmp_path / "round_costs").glob("*.json"))) == 2

@@ -177,23 +177,11 @@ def test_acceptance_statistics_are_counted_per_match_length_and_position():
                            num_verified=jnp.asarray([2, 0]))
     np.testing.assert_array_equal(np.asarray(again.tested[0, 1]), [1, 1, 0, 0])
     np.testing.assert_array_equal(np.asarray(again.accepted[0, 1]), [1, 1, 0, 0])
-    # another drafter's draft (the hybrid chose the model) agreeing with the lookup on its first token only, its
-    # first two accepted: the lookup's 5 at position 1 is known to be rejected (9 was committed there)
+    # another drafter's draft (the hybrid chose the model) agreeing with the lookup on its first token only
     other = drafter.commit(None, state, None, jnp.asarray([[6, 7, 9, 9, 9], [9, 0, 0, 0, 0]]), jnp.asarray([4, 5]),
                            jnp.asarray([3, 1]), num_verified=jnp.asarray([4, 0]))
-    np.testing.assert_array_equal(np.asarray(other.tested[0, 1]), [1, 1, 0, 0])
+    np.testing.assert_array_equal(np.asarray(other.tested[0, 1]), [1, 0, 0, 0])
     np.testing.assert_array_equal(np.asarray(other.accepted[0, 1]), [1, 0, 0, 0])
-    # ... the same draft with only its first token accepted: the lookup's 5 at position 1 was not verified (the
-    # other drafter's 9 was, and rejected): unknown, not counted
-    unknown = drafter.commit(None, state, None, jnp.asarray([[6, 7, 9, 9, 9], [9, 0, 0, 0, 0]]), jnp.asarray([4, 5]),
-                             jnp.asarray([2, 1]), num_verified=jnp.asarray([4, 0]))
-    np.testing.assert_array_equal(np.asarray(unknown.tested[0, 1]), [1, 0, 0, 0])
-    np.testing.assert_array_equal(np.asarray(unknown.accepted[0, 1]), [1, 0, 0, 0])
-    # ... and agreeing on its first two tokens, the second rejected: the lookup's (same) token is rejected too
-    same = drafter.commit(None, state, None, jnp.asarray([[6, 7, 5, 9, 9], [9, 0, 0, 0, 0]]), jnp.asarray([4, 5]),
-                          jnp.asarray([2, 1]), num_verified=jnp.asarray([4, 0]))
-    np.testing.assert_array_equal(np.asarray(same.tested[0, 1]), [1, 1, 0, 0])
-    np.testing.assert_array_equal(np.asarray(same.accepted[0, 1]), [1, 0, 0, 0])
     # the confidence of the next "5 6"-match proposal: the prior mean worth s observations, moved by the counts
     from dspark_jax.drafters.ngram import lookup_confidence
     prior = jnp.asarray([[0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.8]])

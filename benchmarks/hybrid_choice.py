@@ -40,13 +40,12 @@ def main():
     target = load_target()
     lookup_spec = f"ngram:n_max={args.n_max},n_min={args.n_min}"
 
-    def at_gamma(drafter):
-        return drafter if drafter.config.block_size == args.gamma else with_block_size(drafter, args.gamma)
-
-    model = at_gamma(load_drafter(args.model, target, gamma=args.gamma))
-    drafters = {"lookup": at_gamma(load_drafter(lookup_spec, target, gamma=args.gamma)), "model": model}
+    model = with_block_size(load_drafter(args.model, target, gamma=args.gamma), args.gamma)
+    lookup = with_block_size(load_drafter(lookup_spec, target, gamma=args.gamma), args.gamma)
+    drafters = {"lookup": lookup, "model": model}
     for s in args.strengths.split(","):
-        drafters[f"hybrid s={s}"] = at_gamma(hybrid_drafter(model, target, lookup_spec, model_prior_strength=float(s)))
+        hybrid = hybrid_drafter(model, target, lookup_spec, model_prior_strength=float(s))
+        drafters[f"hybrid s={s}"] = with_block_size(hybrid, args.gamma)
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     rows = []
     print(f"machine: {describe_machine()}; T=0, gamma {args.gamma}, batch {args.batch_size}, "

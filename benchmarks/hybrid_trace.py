@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 
 
 def accepted(draft, length, continuation) -> int:
@@ -64,8 +65,7 @@ def main():
             chosen = super().propose(target_model, state, anchor, start, key, params, mode, head)
             by_lookup = self.lookup.propose(target_model, state.lookup, anchor, start, key, params, mode, head)
             by_model = self.model.propose(target_model, state.model, anchor, start, key, params, mode, head)
-            by_model = type(by_model)(**{**vars(by_model),
-                                         "confidence": self.model_confidence(state, by_model.confidence)})
+            by_model = dataclasses.replace(by_model, confidence=self.model_confidence(state, by_model.confidence))
             rows = jax.numpy.arange(anchor.shape[0])
             _, n = find_match(state.lookup.tokens.at[rows, start].set(anchor.astype(jax.numpy.int32)), start,
                               self.lookup.config.n_max, self.lookup.config.n_min)
@@ -77,11 +77,8 @@ def main():
 
     target = load_target()
 
-    def at_gamma(drafter):
-        return drafter if drafter.config.block_size == args.gamma else with_block_size(drafter, args.gamma)
-
-    model = at_gamma(load_drafter(args.model, target, gamma=args.gamma))
-    hybrid = at_gamma(hybrid_drafter(model, target, args.lookup))
+    model = with_block_size(load_drafter(args.model, target, gamma=args.gamma), args.gamma)
+    hybrid = with_block_size(hybrid_drafter(model, target, args.lookup), args.gamma)
     module = nnx.merge(hybrid.graphdef, hybrid.state)
     module.__class__ = TracedHybrid
     graphdef, state = nnx.split(module)

@@ -57,7 +57,7 @@ def main():
         spec, _, g = entry.partition("|g=")
         gamma = int(g or args.gamma)
         drafter = load_drafter(spec, target, gamma=gamma)
-        drafters[entry] = drafter if drafter.config.block_size == gamma else with_block_size(drafter, gamma)
+        drafters[entry] = with_block_size(drafter, gamma)
     bs = args.batch_size
 
     def compiled(fn, call_args, static):
@@ -98,9 +98,7 @@ def main():
             if "auto" in args.loops.split(","):  # as generate_text's draft_length "auto" (profiled once, cached)
                 costs = load_or_profile_round_costs(target, drafter, bs, bucket_length(max(map(len, encoded))),
                                                     args.max_new_tokens)
-                auto_buckets, seconds = costs.efficient()
-                loops["auto"] = ("auto (profiled gate)", dict(verify_buckets=auto_buckets, verify_costs=seconds,
-                                                             plain_cost=costs.plain))
+                loops["auto"] = ("auto (profiled gate)", costs.loop_settings())
             for label, extra in (loops[k] for k in args.loops.split(",")):
                 runs[(spec, label)] = compiled(speculative_generate, spec_args,
                                                dict(static, target_graphdef=target.graphdef,

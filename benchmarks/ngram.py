@@ -70,7 +70,7 @@ def main():
     args = ap.parse_args()
 
     from dspark_jax.data import eval_dataset_path, read_first_turns
-    from dspark_jax.drafters.factory import load_drafter
+    from dspark_jax.drafters.factory import load_drafter, with_block_size
     from dspark_jax.evaluation.lookup_simulation import simulated_tau
     from dspark_jax.generation import (GenerationConfig, generate_text, pooled_accept_length,
                                       release_compiled_programs, throughput)
@@ -87,10 +87,7 @@ def main():
         if any(o not in ("auto",) and not o.startswith("g=") for o in options):
             raise SystemExit(f"unknown option in drafter entry {entry!r} (expected |g=N or |auto)")
         full = f"ngram:n_max={args.n_max},n_min={args.n_min}" if spec == "ngram" else spec
-        drafter = load_drafter(full, target, gamma=gamma)
-        if drafter.config.block_size != gamma:
-            from dspark_jax.drafters.factory import with_block_size
-            drafter = with_block_size(drafter, gamma)
+        drafter = with_block_size(load_drafter(full, target, gamma=gamma), gamma)
         drafters[entry] = (drafter, "auto" if "auto" in options else "fixed")
     hf = None
     if args.hf:

@@ -122,8 +122,7 @@ def decode_batches(target: Target, encoded: Sequence[Sequence[int]], config: Gen
                 raise ValueError("draft_length 'auto' profiles one device; it is not available with a mesh")
             costs = load_or_profile_round_costs(target, drafter, bs, bucket_length(max(len(p) for p in encoded)),
                                                 config.max_new_tokens)
-            buckets, seconds = costs.efficient()
-            static.update(verify_buckets=buckets, verify_costs=seconds, plain_cost=costs.plain)
+            static.update(costs.loop_settings())
     if mesh is not None:
         fixed = {k: shard_state(v, mesh) if k.endswith("state") else replicate(v, mesh) for k, v in fixed.items()}
         params = shard_batch(params, mesh)

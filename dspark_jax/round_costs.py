@@ -53,6 +53,12 @@ class RoundCosts:
         """(buckets, seconds) worth compiling into the loop (`draft_length.efficient_buckets`)."""
         return efficient_buckets(self.buckets, self.seconds, max_buckets)
 
+    def loop_settings(self, max_buckets: int = 5) -> dict:
+        """`speculative_generate`'s verify_buckets / verify_costs / plain_cost for the gated loop (draft length
+        "auto"): the efficient buckets, their seconds and the plain round's."""
+        buckets, seconds = self.efficient(max_buckets)
+        return dict(verify_buckets=buckets, verify_costs=seconds, plain_cost=self.plain)
+
 
 def _profile_key(target: Target, drafter, batch: int, buckets: tuple[int, ...], cache_shape: tuple[int, int]) -> str:
     """What a round's cost depends on: machine, target, drafter structure (module doc), batch, buckets, cache shape."""

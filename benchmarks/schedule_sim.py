@@ -49,7 +49,7 @@ def main():
     from dspark_jax.data import eval_dataset_path, read_first_turns
     from dspark_jax.decoding.speculative import RoundStats, SpecState, _Rounds
     from dspark_jax.decoding.verification import RoundResult
-    from dspark_jax.drafters.base import Proposal
+    from dspark_jax.drafters.base import Proposal, RoundOutcome
     from dspark_jax.drafters.factory import load_drafter, with_block_size
     from dspark_jax.generation import GenerationConfig, bucket_length, decode_batches, encode_prompts, pad_batch
     from dspark_jax.round_costs import load_or_profile_round_costs
@@ -76,7 +76,7 @@ def main():
         truth: jax.Array = None  # [B, max_new + G + 1] greedy output, stop token included, then pads
         truth_len: jax.Array = None  # [B] tokens of the greedy output
 
-        def _verify(self, c, proposal, num_verify, bucket, rows):
+        def _verify(self, c, proposal, num_verify, bucket, rows, plain=False):
             b = c.anchor.shape[0]
             idx = c.num_generated[:, None] + jnp.arange(g + 1)[None]
             nxt = jnp.take_along_axis(self.truth, jnp.minimum(idx, self.truth.shape[1] - 1), axis=1)  # [B, G+1]
@@ -86,7 +86,8 @@ def main():
             active = ~c.done
             count = jnp.where(active, jnp.minimum(a + 1, self.truth_len - c.num_generated), 0)
             grid = jnp.concatenate([c.anchor[:, None], drafts], 1)
-            state = module.commit(None, c.drafter_state, None, grid, c.start, count, num_verified=num_verify)
+            outcome = None if plain else RoundOutcome(num_verify, nxt, proposal.deterministic)  # as the loop's
+            state = module.commit(None, c.drafter_state, None, grid, c.start, count, outcome)
             last = jnp.take_along_axis(nxt, jnp.maximum(count - 1, 0)[:, None], axis=1)[:, 0]
             stopped = active & (c.num_generated + count >= self.truth_len) & (self.truth_len < self.max_new_tokens)
             return RoundResult(committed=nxt, count=count, num_accepted=jnp.where(active, a, 0),
@@ -99,7 +100,7 @@ def main():
             empty = Proposal(tokens=jnp.zeros((b, 0), jnp.int32), draft_index=None, p_draft=None,
                              confidence=None, confidence_logits=None)
             none, no_conf = jnp.zeros((b,), jnp.int32), jnp.zeros((b, g), jnp.float32)
-            res = self._verify(c, empty, none, b, 1)
+            res = self._verify(c, empty, none, b, 1, plain=True)
             c = dataclasses.replace(c, plain_left=c.plain_left - 1)
             return self._commit(c, res, none, no_conf, no_conf)
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from dspark_jax.decoding.rejection import verify
-from dspark_jax.drafters.base import Proposal
+from dspark_jax.drafters.base import Proposal, RoundOutcome
 from dspark_jax.models.kv_cache import KVRows
 from dspark_jax.models.layout import TokenLayout, from_grid, to_grid
 from dspark_jax.sampling import FilterMode, SamplingParams, lazy_token_probs
@@ -95,10 +95,8 @@ def verify_round(target, drafter, target_cache, drafter_state, proposal: Proposa
     count = jnp.where(active & ~nonfinite, jnp.minimum(count, budget), 0)
     stopped = is_stop.any(1) & (jnp.argmax(is_stop, 1) + 1 <= count)
     features = to_grid(concat_taps(out.taps), layout) if taps else None  # [B, G+1, m·d]
-    # rows of two sources (the hybrid): the drafter learns which source's drafts were verified
-    sources = {} if proposal.deterministic is None else dict(deterministic=proposal.deterministic)
-    drafter_state = drafter.commit(target, drafter_state, features, grid_tokens, start, count, num_verified=num_verify,
-                                   **sources)
+    outcome = RoundOutcome(num_verified=num_verify, committed=committed, deterministic=proposal.deterministic)
+    drafter_state = drafter.commit(target, drafter_state, features, grid_tokens, start, count, outcome)
     last = jnp.take_along_axis(committed, jnp.maximum(count - 1, 0)[:, None], axis=1)[:, 0]
     return RoundResult(committed=committed, count=count, num_accepted=jnp.where(active, a, 0),
                        accept_flags=verdict.accepted & active[:, None], stopped=stopped,

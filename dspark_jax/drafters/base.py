@@ -47,6 +47,20 @@ class Proposal:
         return jnp.sum(jnp.cumprod(jnp.where(drafted, self.confidence, 0.0), axis=1), axis=1)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RoundOutcome:
+    """What a verification round hands the drafter's `commit` beyond the committed positions (plain rounds pass
+    None). num_verified [B]: drafts verified per request; committed [B, G+1]: the round's new tokens at positions
+    start+1.. (the first `count` valid: the accepted drafts, then the target's correction or bonus token);
+    deterministic [B] bool: rows whose verified draft was deterministic (`Proposal.deterministic`; None: the
+    proposal's p_draft decides for every row). Given its prefix, each committed token is a draw from the
+    target's (filtered) distribution — losslessness — whichever draft was verified."""
+    num_verified: jax.Array
+    committed: jax.Array
+    deterministic: jax.Array | None = None
+
+
 def draft_layer_config(target: TransformerConfig, num_layers: int) -> TransformerConfig:
     """Draft layers: the target's family and widths, every layer full attention with the target's
     global RoPE (base and scaling of its full-attention layers)."""

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dspark_jax.drafters.base import DrafterBase, Proposal, draft_layer_config, softcap
+from dspark_jax.drafters.base import DrafterBase, Proposal, RoundOutcome, draft_layer_config, softcap
 from dspark_jax.drafters.config import DrafterConfig
 from dspark_jax.drafters.heads import ConfidenceHead, MarkovHead
 from dspark_jax.drafters.ngram import find_match, lookup_proposal
@@ -102,10 +102,10 @@ class DSparkDrafter(DrafterBase):
         return self._with_tokens(state, prompts, zeros, self.write_context(context_cache(state), features, zeros))
 
     def commit(self, target_model, state, features: jax.Array, verified: jax.Array, start: jax.Array,
-               count: jax.Array, num_verified: jax.Array | None = None):
+               count: jax.Array, outcome: RoundOutcome | None = None):
         """After verification: the verified positions' target features become context (only the first
         `count` are valid; the rest lie past the next anchor, are masked, and get overwritten)."""
-        del target_model, count, num_verified
+        del target_model, count, outcome
         return self._with_tokens(state, verified, start, self.write_context(context_cache(state), features, start))
 
     def lookup_tokens(self, state, anchor: jax.Array, start: jax.Array) -> jax.Array | None:

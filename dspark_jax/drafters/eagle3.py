@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dspark_jax.drafters.base import DrafterBase, Proposal, draft_layer_config, softcap
+from dspark_jax.drafters.base import DrafterBase, Proposal, RoundOutcome, draft_layer_config, softcap
 from dspark_jax.drafters.config import DrafterConfig
 from dspark_jax.models.config import TransformerConfig
 from dspark_jax.models.kv_cache import KVCache, write_contiguous
@@ -84,7 +84,7 @@ class Eagle3Drafter(DrafterBase):
         return Eagle3State(state.cache, pending.astype(self.dtype))
 
     def commit(self, target_model, state: Eagle3State, features: jax.Array, verified: jax.Array,
-               start: jax.Array, count: jax.Array, num_verified: jax.Array | None = None) -> Eagle3State:
+               start: jax.Array, count: jax.Array, outcome: RoundOutcome | None = None) -> Eagle3State:
         """Pairs (pending, anchor) at start-1 and (features[j], verified[j+1]) at start+j; only those below the
         next anchor's position - 1 stay valid. The last committed position's features become pending."""
         feats = jnp.concatenate([state.pending[:, None].astype(features.dtype), features[:, :-1]], axis=1)

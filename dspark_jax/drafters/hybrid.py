@@ -15,7 +15,10 @@ calibrated head worth s observations (`model_prior_strength`), moved by how ofte
 drafts was accepted in this request's earlier rounds. A head calibrated on the training distribution can
 over-promise on a request unlike it (code it has not seen, where lookup is the better bet); the record reads
 only earlier rounds, so the choice stays lossless. The record is per source: a failed model draft does not lower
-the trust in the lookup's (a per-request factor on both did, session 9, BENCHMARKS.md).
+the trust in the lookup's (a per-request factor on both did, session 9, BENCHMARKS.md). The lookup's record learns
+from every verification round, also where the model's draft was verified (its proposal is compared with the
+committed tokens, `NgramDrafter.commit`); the model's only from rounds that verified its draft (sampled drafts:
+whether an unverified one would have been accepted is not known).
 
 The model's forward is skipped in a round where every request's lookup draft is expected to accept at least
 `skip_model_at` tokens (default 0.6·γ): there the model's draft would rarely be chosen (on held-out prompts the
@@ -30,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dspark_jax.drafters.base import Proposal
+from dspark_jax.drafters.base import Proposal, RoundOutcome
 from dspark_jax.drafters.ngram import NgramDrafter, acceptance_counts, record_confidence
 
 
@@ -113,20 +116,19 @@ class HybridDrafter(nnx.Module):
             lookup=self.lookup.prefill(target_model, state.lookup, features, prompts, prompt_lens))
 
     def commit(self, target_model, state: HybridState, features, verified, start, count,
-               num_verified=None, deterministic=None) -> HybridState:
-        """Both drafters commit (`verified`, `start`, `count`, `num_verified` as theirs). With num_verified and
-        deterministic [B] (the verified proposal's lookup rows, `Proposal.deterministic`) the model's record
-        counts the rows whose model draft was verified."""
+               outcome: RoundOutcome | None = None) -> HybridState:
+        """Both drafters commit (`verified`, `start`, `count`, `outcome` as theirs: the lookup's record compares
+        its proposal with the committed tokens, whichever draft was verified). With a verification round's
+        `outcome` the model's record counts the rows whose model draft was verified (outcome.deterministic
+        False; the model's drafts are sampled at T > 0, so their acceptance is only known where verified)."""
         new = dataclasses.replace(
-            state,
-            model=self.model.commit(target_model, state.model, features, verified, start, count,
-                                    num_verified=num_verified),
-            lookup=self.lookup.commit(target_model, state.lookup, features, verified, start, count,
-                                      num_verified=num_verified))
-        if num_verified is None or deterministic is None or state.model_tested is None:
+            state, model=self.model.commit(target_model, state.model, features, verified, start, count, outcome),
+            lookup=self.lookup.commit(target_model, state.lookup, features, verified, start, count, outcome))
+        if outcome is None or outcome.deterministic is None or state.model_tested is None:
             return new
-        limit = jnp.where(deterministic, 0, num_verified)  # model rows: their verified drafts
-        tested, ok = acceptance_counts(jnp.clip(count - 1, 0, num_verified), limit, state.model_tested.shape[1])
+        nv = outcome.num_verified
+        limit = jnp.where(outcome.deterministic, 0, nv)  # model rows: their verified drafts
+        tested, ok = acceptance_counts(jnp.clip(count - 1, 0, nv), limit, state.model_tested.shape[1])
         return dataclasses.replace(new, model_tested=state.model_tested + tested,
                                    model_accepted=state.model_accepted + ok)
 

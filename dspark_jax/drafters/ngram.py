@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dspark_jax.drafters.base import Proposal
+from dspark_jax.drafters.base import Proposal, RoundOutcome
 from dspark_jax.models.kv_cache import write_contiguous
 
 
@@ -87,7 +87,7 @@ def find_match(tokens: jax.Array, last: jax.Array, n_max: int, n_min: int) -> tu
 
 def lookup_proposal(tokens: jax.Array, last: jax.Array, end: jax.Array, gamma: int) -> jax.Array:
     """[B, γ] tokens after a match ending at `end` (< last): tokens[end+1 .. last], continued with period
-    last − end. Rows without a match (end < 0) get tokens[0] (their proposal length is 0)."""
+    last − end. Rows without a match (end < 0) get tokens[0 .. γ−1] (their proposal length is 0)."""
     period = jnp.maximum(last - end, 1)
     k = jnp.arange(gamma, dtype=jnp.int32)[None]
     idx = jnp.clip(end[:, None] + 1 + k % period[:, None], 0, tokens.shape[1] - 1)
@@ -140,8 +140,9 @@ class NgramDrafter(nnx.Module):
     """The drafter interface (`init_state / prefill / propose / commit / head_matrix`) for prompt lookup.
 
     Confidence: per request, acceptance counts keyed by match length and draft position, updated at every
-    commit (`lookup_confidence`); it drives a confidence threshold and the serving scheduler like DSpark's
-    calibrated head. A round cut short by a stop token or the token budget counts as a rejection there."""
+    verification round's commit from the committed tokens (`commit`; plain rounds skip the proposal and leave
+    them alone) and read by `lookup_confidence`; it drives a confidence threshold and the serving scheduler like
+    DSpark's calibrated head."""
 
     def __init__(self, config: NgramConfig, vocab_size: int):
         self.config = config
@@ -160,24 +161,26 @@ class NgramDrafter(nnx.Module):
         return dataclasses.replace(state, tokens=tokens)
 
     def commit(self, target_model, state: NgramState, features, verified: jax.Array, start: jax.Array,
-               count: jax.Array, num_verified: jax.Array | None = None) -> NgramState:
+               count: jax.Array, outcome: RoundOutcome | None = None) -> NgramState:
         """verified [B, W]: the anchor and drafts at positions start..; the first `count` are committed (the
-        rest lie at or past the next anchor: stale, overwritten later). With num_verified [B] (drafts
-        verified) the acceptance statistics of the lookup's match length are updated — over the leading
-        drafts that are the lookup's own proposal (all of them, unless another drafter's draft was verified,
-        as in the hybrid)."""
+        rest lie at or past the next anchor: stale, overwritten later). With a verification round's `outcome`
+        the acceptance statistics of the lookup's match length are updated by comparing the lookup's proposal
+        with the round's committed tokens, whichever draft was verified (another drafter's, as in the hybrid,
+        or none): given its prefix each committed token is a draw from the target's distribution, so it equals
+        the lookup's token x with probability p_t(x) — x's acceptance probability had it been verified (one-hot
+        p_d). Position k counts as tested when the proposal agrees with the first k committed tokens and k <
+        count, as accepted when it agrees with the first k + 1; positions past `count` are unknown."""
         del target_model, features
         rows = jnp.arange(verified.shape[0])
         before = state.tokens.at[rows, start].set(verified[:, 0].astype(jnp.int32))
         new = dataclasses.replace(state, tokens=write_contiguous(state.tokens, verified, start))
-        if num_verified is None:
+        if outcome is None:
             return new
         g = self.config.block_size
         end, n = find_match(before, start, self.config.n_max, self.config.n_min)
-        drafts = verified[:, 1:1 + g]
-        own = jnp.cumprod(drafts == lookup_proposal(before, start, end, g)[:, :drafts.shape[1]], axis=1).sum(1)
-        limit = jnp.minimum(num_verified, own)  # positions where the lookup's own token was verified
-        tested, ok = acceptance_counts(jnp.clip(count - 1, 0, num_verified), limit, g)
+        w = min(g, outcome.committed.shape[1])
+        agree = (lookup_proposal(before, start, end, g)[:, :w] == outcome.committed[:, :w]).astype(jnp.int32)
+        tested, ok = acceptance_counts(jnp.cumprod(agree, axis=1).sum(1), count, g)
         at_n = (jnp.arange(self.config.n_max)[None] == (n - 1)[:, None]).astype(jnp.float32)[..., None]  # [B, n, 1]
         return dataclasses.replace(new, tested=new.tested + at_n * tested[:, None],
                                    accepted=new.accepted + at_n * ok[:, None])

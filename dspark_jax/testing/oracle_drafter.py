@@ -53,7 +53,7 @@ class OracleDrafter(nnx.Module):
         ones = jnp.ones(toks.shape, jnp.float32)
         return Proposal(tokens=toks, draft_index=toks, p_draft=p, confidence=ones, confidence_logits=ones)
 
-    def commit(self, target_model, cache, features, verified, start, count, num_verified=None):
+    def commit(self, target_model, cache, features, verified, start, count, outcome=None):
         """Re-run the verified tokens so the oracle's own cache holds the committed prefix."""
         out = target_model(verified, start[:, None] + jnp.arange(verified.shape[1])[None], cache, start)
         return out.cache

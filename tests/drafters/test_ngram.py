@@ -160,28 +160,46 @@ def test_offline_simulation_predicts_the_loop_rounds():
 # ---- lookup confidence -------------------------------------------------------------------------------
 
 def test_acceptance_statistics_are_counted_per_match_length_and_position():
-    """commit counts, for the proposal's match length, the positions verified with all earlier accepted."""
+    """commit compares the proposal of the round's match length with the committed tokens (accepted drafts, then
+    the correction or bonus token), whichever draft was verified: position k is tested when the proposal agrees
+    with the first k committed tokens and k < count, accepted when it agrees with the first k + 1."""
+    from dspark_jax.drafters.base import RoundOutcome
     drafter = NgramDrafter(NgramConfig(block_size=4, n_max=2, n_min=1), 50)
     state = drafter.prefill(None, drafter.init_state(2, 16), None, jnp.asarray([[5, 6, 7, 5, 0], [1, 2, 3, 4, 5]]),
                             jnp.asarray([4, 5]))
-    # row 0: anchor 6 at position 4 -> "5 6" matched (n = 2); 4 drafts verified, 2 accepted (+ correction = 3)
-    # row 1: anchor 9 at position 5 -> no match; nothing verified
-    verified = jnp.asarray([[6, 7, 5, 6, 7], [9, 0, 0, 0, 0]])
-    new = drafter.commit(None, state, None, verified, jnp.asarray([4, 5]), jnp.asarray([3, 1]),
-                         num_verified=jnp.asarray([4, 0]))
+    starts = jnp.asarray([4, 5])
+
+    def commit(verified, count, num_verified, committed):
+        return drafter.commit(None, state, None, jnp.asarray(verified), starts, jnp.asarray(count),
+                              RoundOutcome(jnp.asarray(num_verified), jnp.asarray(committed, jnp.int32)))
+
+    # row 0: anchor 6 at position 4 -> "5 6" matched (n = 2), proposal 7 5 6 7; 4 drafts verified, 2 accepted,
+    # then the correction 9 (count 3). Row 1: anchor 9 at position 5 -> no match; nothing counted
+    new = commit([[6, 7, 5, 6, 7], [9, 0, 0, 0, 0]], [3, 1], [4, 0], [[7, 5, 9, 0, 0], [3, 0, 0, 0, 0]])
     np.testing.assert_array_equal(np.asarray(new.tested[0]), [[0, 0, 0, 0], [1, 1, 1, 0]])
     np.testing.assert_array_equal(np.asarray(new.accepted[0]), [[0, 0, 0, 0], [1, 1, 0, 0]])
-    assert float(new.tested[1].sum()) == 0
-    # a round that verified only 2 drafts and accepted both tests positions 0 and 1, not 2
-    again = drafter.commit(None, state, None, verified, jnp.asarray([4, 5]), jnp.asarray([3, 1]),
-                           num_verified=jnp.asarray([2, 0]))
-    np.testing.assert_array_equal(np.asarray(again.tested[0, 1]), [1, 1, 0, 0])
-    np.testing.assert_array_equal(np.asarray(again.accepted[0, 1]), [1, 1, 0, 0])
-    # another drafter's draft (the hybrid chose the model) agreeing with the lookup on its first token only
-    other = drafter.commit(None, state, None, jnp.asarray([[6, 7, 9, 9, 9], [9, 0, 0, 0, 0]]), jnp.asarray([4, 5]),
-                           jnp.asarray([3, 1]), num_verified=jnp.asarray([4, 0]))
-    np.testing.assert_array_equal(np.asarray(other.tested[0, 1]), [1, 0, 0, 0])
+    assert float(new.tested[1].sum()) == 0 and float(new.tested[0, 0].sum()) == 0
+    # 2 drafts verified, both accepted, bonus token 6 = the proposal's third: positions 0..2 tested and accepted
+    again = commit([[6, 7, 5, 6, 7], [9, 0, 0, 0, 0]], [3, 1], [2, 0], [[7, 5, 6, 0, 0], [3, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(np.asarray(again.tested[0, 1]), [1, 1, 1, 0])
+    np.testing.assert_array_equal(np.asarray(again.accepted[0, 1]), [1, 1, 1, 0])
+    # another drafter's draft verified (the hybrid chose the model): 7 accepted, 9 accepted, then 4 — the lookup's
+    # 5 at position 1 disagrees with the committed 9: tested and rejected there, nothing known after it
+    other = commit([[6, 7, 9, 9, 9], [9, 0, 0, 0, 0]], [3, 1], [4, 0], [[7, 9, 4, 0, 0], [3, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(np.asarray(other.tested[0, 1]), [1, 1, 0, 0])
     np.testing.assert_array_equal(np.asarray(other.accepted[0, 1]), [1, 0, 0, 0])
+    # no draft verified (a zero-draft round): the one committed token tests position 0
+    none = commit([[6, 0, 0, 0, 0], [9, 0, 0, 0, 0]], [1, 1], [0, 0], [[7, 0, 0, 0, 0], [3, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(np.asarray(none.tested[0, 1]), [1, 0, 0, 0])
+    np.testing.assert_array_equal(np.asarray(none.accepted[0, 1]), [1, 0, 0, 0])
+    # cut by a stop token or the budget at count 2: positions past it are unknown, not rejections
+    cut = commit([[6, 7, 5, 6, 7], [9, 0, 0, 0, 0]], [2, 0], [4, 0], [[7, 5, 6, 7, 1], [3, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(np.asarray(cut.tested[0, 1]), [1, 1, 0, 0])
+    np.testing.assert_array_equal(np.asarray(cut.accepted[0, 1]), [1, 1, 0, 0])
+    assert float(cut.tested[1].sum()) == 0  # count 0 (inactive): nothing
+    # a plain round (no outcome) writes the tokens and leaves the counts alone
+    plain = drafter.commit(None, new, None, jnp.asarray([[6], [9]]), starts, jnp.asarray([1, 1]))
+    np.testing.assert_array_equal(np.asarray(plain.tested), np.asarray(new.tested))
     # the confidence of the next "5 6"-match proposal: the prior mean worth s observations, moved by the counts
     from dspark_jax.drafters.ngram import lookup_confidence
     prior = jnp.asarray([[0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.8]])
@@ -323,7 +341,8 @@ def test_hybrid_skips_the_model_when_every_lookup_draft_is_expected_to_go_far():
 def test_hybrid_model_record_counts_only_rows_whose_model_draft_was_verified():
     """commit: row 0 verified the model's 3 drafts and accepted 1 (count 2: one accepted + the next token);
     row 1 verified the lookup's; row 2 the model's, all 3 accepted (count 4). Records (tested, accepted) per
-    position as `acceptance_counts`; plain rounds (no num_verified) leave it alone."""
+    position as `acceptance_counts`; plain rounds (no outcome) leave it alone."""
+    from dspark_jax.drafters.base import RoundOutcome
     from dspark_jax.drafters.hybrid import HybridDrafter
     tg, ts, cfg = make_target("gemma3")
     hybrid = nnx.merge(*_hybrid(cfg, 3))
@@ -332,7 +351,8 @@ def test_hybrid_model_record_counts_only_rows_whose_model_draft_was_verified():
     state = hybrid.init_state(3, 16)
     verified, start = jnp.zeros((3, 4), jnp.int32), jnp.asarray([5, 5, 5])
     out = HybridDrafter.commit(hybrid, None, state, None, verified, start, jnp.asarray([2, 4, 4]),
-                               num_verified=jnp.asarray([3, 3, 3]), deterministic=jnp.asarray([False, True, False]))
+                               RoundOutcome(jnp.asarray([3, 3, 3]), jnp.zeros((3, 4), jnp.int32),
+                                            jnp.asarray([False, True, False])))
     assert (out.model, out.lookup) == ("model state", "lookup state")
     np.testing.assert_array_equal(np.asarray(out.model_tested), [[1, 1, 0], [0, 0, 0], [1, 1, 1]])
     np.testing.assert_array_equal(np.asarray(out.model_accepted), [[1, 0, 0], [0, 0, 0], [1, 1, 1]])

@@ -153,7 +153,7 @@ class HybridDrafter(nnx.Module):
 
         skip = jnp.all(by_lookup.expected_accept_length >= self.model_skip_threshold)
         by_model = jax.lax.cond(skip, no_model_proposal, model_proposal)
-        use = by_lookup.expected_accept_length > _model_score(by_model, params)  # [B]
+        use = by_lookup.expected_accept_length > model_score(by_model, params)  # [B]
 
         def pick(a, b):
             return jnp.where(use.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
@@ -165,7 +165,7 @@ class HybridDrafter(nnx.Module):
                         length=pick(by_lookup.num_drafted, by_model.num_drafted), deterministic=use)
 
 
-def _model_score(proposal: Proposal, params) -> jax.Array:
+def model_score(proposal: Proposal, params) -> jax.Array:
     """[B] the model draft's expected accepted length for the choice: Σ_k Π_{i≤k} c_i for greedy rows, Σ_k c_1^k
     for sampled rows (temperature > 0), whose c_2.. depend on this round's drawn tokens (module docstring)."""
     sampled = (params.temperature > 0)[:, None]

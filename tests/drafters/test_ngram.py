@@ -179,24 +179,24 @@ def test_acceptance_statistics_are_counted_per_match_length_and_position():
     np.testing.assert_array_equal(np.asarray(new.tested[0]), [[0, 0, 0, 0], [1, 1, 1, 0]])
     np.testing.assert_array_equal(np.asarray(new.accepted[0]), [[0, 0, 0, 0], [1, 1, 0, 0]])
     assert float(new.tested[1].sum()) == 0 and float(new.tested[0, 0].sum()) == 0
-    # 2 drafts verified, both accepted, bonus token 6 = the proposal's third: positions 0..2 tested and accepted
-    again = commit([[6, 7, 5, 6, 7], [9, 0, 0, 0, 0]], [3, 1], [2, 0], [[7, 5, 6, 0, 0], [3, 0, 0, 0, 0]])
-    np.testing.assert_array_equal(np.asarray(again.tested[0, 1]), [1, 1, 1, 0])
-    np.testing.assert_array_equal(np.asarray(again.accepted[0, 1]), [1, 1, 1, 0])
-    # another drafter's draft verified (the hybrid chose the model): 7 accepted, 9 accepted, then 4 — the lookup's
-    # 5 at position 1 disagrees with the committed 9: tested and rejected there, nothing known after it
-    other = commit([[6, 7, 9, 9, 9], [9, 0, 0, 0, 0]], [3, 1], [4, 0], [[7, 9, 4, 0, 0], [3, 0, 0, 0, 0]])
-    np.testing.assert_array_equal(np.asarray(other.tested[0, 1]), [1, 1, 0, 0])
-    np.testing.assert_array_equal(np.asarray(other.accepted[0, 1]), [1, 0, 0, 0])
-    # no draft verified (a zero-draft round): the one committed token tests position 0
-    none = commit([[6, 0, 0, 0, 0], [9, 0, 0, 0, 0]], [1, 1], [0, 0], [[7, 0, 0, 0, 0], [3, 0, 0, 0, 0]])
-    np.testing.assert_array_equal(np.asarray(none.tested[0, 1]), [1, 0, 0, 0])
-    np.testing.assert_array_equal(np.asarray(none.accepted[0, 1]), [1, 0, 0, 0])
-    # cut by a stop token or the budget at count 2: positions past it are unknown, not rejections
-    cut = commit([[6, 7, 5, 6, 7], [9, 0, 0, 0, 0]], [2, 0], [4, 0], [[7, 5, 6, 7, 1], [3, 0, 0, 0, 0]])
-    np.testing.assert_array_equal(np.asarray(cut.tested[0, 1]), [1, 1, 0, 0])
-    np.testing.assert_array_equal(np.asarray(cut.accepted[0, 1]), [1, 1, 0, 0])
-    assert float(cut.tested[1].sum()) == 0  # count 0 (inactive): nothing
+    anchors = [6, 0, 0, 0, 0], [9, 0, 0, 0, 0]
+    cases = {  # case: (verified row 0, counts, drafts verified, committed row 0) -> row 0's (tested, accepted) at n = 2
+        # 2 drafts verified, both accepted, bonus token 6 = the proposal's third: positions 0..2 tested and accepted
+        "bonus": (([6, 7, 5, 6, 7], [3, 1], [2, 0], [7, 5, 6, 0, 0]), ([1, 1, 1, 0], [1, 1, 1, 0])),
+        # another drafter's draft verified (the hybrid chose the model): 7 and 9 accepted, then 4 — the lookup's 5
+        # at position 1 disagrees with the committed 9: tested and rejected there, nothing known after it
+        "other drafter": (([6, 7, 9, 9, 9], [3, 1], [4, 0], [7, 9, 4, 0, 0]), ([1, 1, 0, 0], [1, 0, 0, 0])),
+        # no draft verified (a zero-draft round): the one committed token tests position 0
+        "zero drafts": ((anchors[0], [1, 1], [0, 0], [7, 0, 0, 0, 0]), ([1, 0, 0, 0], [1, 0, 0, 0])),
+        # cut by a stop token or the budget at count 2: positions past it are unknown, not rejections; row 1
+        # inactive (count 0): nothing
+        "cut": (([6, 7, 5, 6, 7], [2, 0], [4, 0], [7, 5, 6, 7, 1]), ([1, 1, 0, 0], [1, 1, 0, 0])),
+    }
+    for case, ((verified, count, nv, committed), (tested, accepted)) in cases.items():
+        out = commit([verified, anchors[1]], count, nv, [committed, [3, 0, 0, 0, 0]])
+        np.testing.assert_array_equal(np.asarray(out.tested[0, 1]), tested, err_msg=case)
+        np.testing.assert_array_equal(np.asarray(out.accepted[0, 1]), accepted, err_msg=case)
+        assert float(out.tested[1].sum()) == 0, case
     # a plain round (no outcome) writes the tokens and leaves the counts alone
     plain = drafter.commit(None, new, None, jnp.asarray([[6], [9]]), starts, jnp.asarray([1, 1]))
     np.testing.assert_array_equal(np.asarray(plain.tested), np.asarray(new.tested))

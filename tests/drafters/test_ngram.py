@@ -188,15 +188,14 @@ def test_acceptance_statistics_are_counted_per_match_length_and_position():
         "other drafter": (([6, 7, 9, 9, 9], [3, 1], [4, 0], [7, 9, 4, 0, 0]), ([1, 1, 0, 0], [1, 0, 0, 0])),
         # no draft verified (a zero-draft round): the one committed token tests position 0
         "zero drafts": ((anchors[0], [1, 1], [0, 0], [7, 0, 0, 0, 0]), ([1, 0, 0, 0], [1, 0, 0, 0])),
-        # cut by a stop token or the budget at count 2: positions past it are unknown, not rejections; row 1
-        # inactive (count 0): nothing
+        # cut by a stop token or the budget at count 2: positions past it are unknown, not rejections
         "cut": (([6, 7, 5, 6, 7], [2, 0], [4, 0], [7, 5, 6, 7, 1]), ([1, 1, 0, 0], [1, 1, 0, 0])),
     }
     for case, ((verified, count, nv, committed), (tested, accepted)) in cases.items():
         out = commit([verified, anchors[1]], count, nv, [committed, [3, 0, 0, 0, 0]])
         np.testing.assert_array_equal(np.asarray(out.tested[0, 1]), tested, err_msg=case)
         np.testing.assert_array_equal(np.asarray(out.accepted[0, 1]), accepted, err_msg=case)
-        assert float(out.tested[1].sum()) == 0, case
+        assert float(out.tested[1].sum()) == 0, case  # row 1 has no match: nothing counted
     # a plain round (no outcome) writes the tokens and leaves the counts alone
     plain = drafter.commit(None, new, None, jnp.asarray([[6], [9]]), starts, jnp.asarray([1, 1]))
     np.testing.assert_array_equal(np.asarray(plain.tested), np.asarray(new.tested))

@@ -14,6 +14,7 @@ import hashlib
 import json
 import sys
 from pathlib import Path
+from typing import Sequence
 
 from absl import flags
 
@@ -66,6 +67,11 @@ def _define_flags() -> None:
                       "the training data from every response already in <output_dir>/responses.jsonl, e.g. after "
                       "stopping a long regeneration early or from the shipped responses (the prompt flags are then not "
                       "used).")
+    flags.DEFINE_list("responses", None, "With --noregenerate: the response files to build the training data "
+                      "from instead of <output_dir>/responses.jsonl, in this order — regenerate's JSONL, gzipped when "
+                      "the name ends in .gz (e.g. the shipped dspark_jax/data/train/*.jsonl.gz). Several files give "
+                      "several responses per prompt (greedy and sampled); within one file the first response of a "
+                      "prompt index counts.")
     flags.DEFINE_bool("online", False, "Regenerate responses and write the training sequences only (no feature "
                       "cache); the trainer computes target features in its step.")
     flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
@@ -133,9 +139,12 @@ def _check_settings(out_dir: Path, settings: dict) -> None:
 def prepare(target, prompts: list[str], output_dir, regen, *, layer_ids=None, cache_dtype: str = "bfloat16",
             min_loss_tokens: int = 14, max_length: int | None = 4096, online: bool = False,
             cache_batch_size: int = 8, shard_max_tokens: int = 2_000_000, prompt_source: str = "",
-            progress: bool = True, regenerate_responses: bool = True) -> dict:
+            progress: bool = True, regenerate_responses: bool = True,
+            response_files: Sequence[str | Path] | None = None) -> dict:
     """The whole pipeline (see the module docstring); returns the data statistics also written to
-    <output_dir>/data_stats.json."""
+    <output_dir>/data_stats.json. `response_files` (only without `regenerate_responses`): the `regenerate` files
+    (JSONL, or gzipped JSONL) read in this order instead of <output_dir>/responses.jsonl. Raises
+    FileNotFoundError for a missing responses file, ValueError for bad input."""
     from dspark_jax.drafters.config import default_target_layer_ids
     from dspark_jax.training import cache_builder, cache_format
     from dspark_jax.training.sequences import make_sequence, read_responses
@@ -153,6 +162,9 @@ def prepare(target, prompts: list[str], output_dir, regen, *, layer_ids=None, ca
         cache_builder.check_layer_ids(layer_ids, config)
     out_dir = Path(output_dir)
     responses = out_dir / "responses.jsonl"
+    if response_files and regenerate_responses:
+        raise ValueError("response files are read only with --noregenerate (regeneration writes "
+                         "<output_dir>/responses.jsonl)")
     if regenerate_responses:
         regen_settings = {k: v for k, v in dataclasses.asdict(regen).items() if k != "batch_size"}
         _check_settings(out_dir, {
@@ -161,11 +173,15 @@ def prepare(target, prompts: list[str], output_dir, regen, *, layer_ids=None, ca
             "num_prompts": len(prompts), "regen": regen_settings})
         regenerate(target, prompts, responses, regen)
         records = [r for r in read_responses(responses) if 0 <= r["index"] < len(prompts)]
-    else:  # every response in the file: its indices refer to the prompt list that made it, not to `prompts`
-        if not responses.exists():
-            raise FileNotFoundError(f"--noregenerate: no {responses} to build the training data from")
-        regen_settings, prompt_source = None, f"responses file {responses} (--noregenerate)"
-        records = list(read_responses(responses))
+    else:  # every response of the files: their indices refer to the prompt list that made them, not to `prompts`
+        files = [Path(f) for f in response_files] if response_files else [responses]
+        for f in files:
+            if not f.is_file():
+                raise FileNotFoundError(f"--noregenerate: no responses file {f} to build the training data from")
+        regen_settings = None
+        prompt_source = f"responses file{'s' if len(files) > 1 else ''} {', '.join(map(str, files))} (--noregenerate)"
+        records = [r for f in files for r in read_responses(f)]
+        responses = files[0] if len(files) == 1 else [str(f) for f in files]
     sequences = []
     for r in records:
         seq = make_sequence(r["prompt_ids"], r["response_ids"], max_length)
@@ -175,7 +191,7 @@ def prepare(target, prompts: list[str], output_dir, regen, *, layer_ids=None, ca
         raise ValueError(f"no training sequences: {len(records)} responses, none with >= {min_loss_tokens} tokens")
 
     meta = {"prompt_source": prompt_source, "min_loss_tokens": min_loss_tokens, "max_length": max_length,
-            "responses": str(responses), "regen": regen_settings}
+            "responses": responses if isinstance(responses, list) else str(responses), "regen": regen_settings}
     if online:
         cache_dir = cache_builder.build_sequence_cache(target, sequences, out_dir / "sequences", progress=progress,
                                             shard_max_tokens=shard_max_tokens, prompt_format=regen.template,
@@ -258,7 +274,7 @@ def body() -> None:
     prepare(target, prompts, FLAGS.output_dir, regen, layer_ids=layer_ids, cache_dtype=FLAGS.cache_dtype,
             min_loss_tokens=FLAGS.min_loss_tokens, max_length=FLAGS.max_length, online=FLAGS.online,
             cache_batch_size=FLAGS.cache_batch_size, shard_max_tokens=FLAGS.shard_max_tokens,
-            prompt_source=source, regenerate_responses=FLAGS.regenerate)
+            prompt_source=source, regenerate_responses=FLAGS.regenerate, response_files=FLAGS.responses)
 
 
 def run(argv: list[str]) -> None:

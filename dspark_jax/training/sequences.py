@@ -3,6 +3,7 @@ responses, and the plan that splits them into cache shards."""
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import hashlib
 import json
 import logging
@@ -44,17 +45,22 @@ def make_sequence(prompt_ids: SequenceABC[int], response_ids: SequenceABC[int],
 
 
 def read_responses(path: str | os.PathLike) -> list[dict]:
-    """The records of a `regenerate` JSONL file, sorted by prompt index (first record wins for an index).
+    """The records of a `regenerate` JSONL file (gzipped when its name ends in .gz), sorted by prompt index (first
+    record wins for an index).
 
     Lines that are not valid JSON are skipped with a warning (an interrupted `regenerate` can leave a torn line).
     """
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"responses file not found: {path}")
+    try:
+        text = (gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes()).decode("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a {'gzipped ' if p.suffix == '.gz' else ''}UTF-8 JSONL file ({e})") from None
     records: dict[int, dict] = {}
     torn = 0
     # split on "\n" only: str.splitlines() would also split on U+2028 inside JSON strings
-    for n, line in enumerate(p.read_text(encoding="utf-8").split("\n"), 1):
+    for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:

@@ -2,6 +2,7 @@
 validation, resume, batching; response -> sequence conversion; the prepare-data pipeline and CLI."""
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
 import subprocess
@@ -336,6 +337,24 @@ def test_prepare_pipeline(target, tmp_path):
                    progress=False, regenerate_responses=False)
     assert kept["responses"] == kept["sequences"] == 3 and kept["prompts"] is None
     assert kept["response_tokens"] == 48 and not (other / "prepare_settings.json").exists()
+    # several response files (one gzipped): several responses per prompt, read in order
+    packed = tmp_path / "responses.jsonl.gz"
+    packed.write_bytes(gzip.compress((tmp_path / "responses.jsonl").read_bytes()))
+    two = tmp_path / "two"
+    two.mkdir()
+    both = prepare(target, prompts[:1], two, RegenConfig(), layer_ids=(0, 2), min_loss_tokens=4, progress=False,
+                   regenerate_responses=False, response_files=[tmp_path / "responses.jsonl", packed])
+    assert both["responses"] == both["sequences"] == 6 and both["response_tokens"] == 96
+    assert TargetCache.open(two / "cache", target_config=target.config).num_loss_tokens == 96
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        prepare(target, prompts, two, regen, progress=False, regenerate_responses=False,
+                response_files=[packed, tmp_path / "missing.jsonl"])
+    with pytest.raises(ValueError, match="only with --noregenerate"):
+        prepare(target, prompts, two, regen, progress=False, response_files=[packed])
+    (tmp_path / "torn.jsonl.gz").write_bytes(b"not gzip")
+    with pytest.raises(ValueError, match="not a gzipped UTF-8 JSONL file"):
+        prepare(target, prompts, two, regen, progress=False, regenerate_responses=False,
+                response_files=[tmp_path / "torn.jsonl.gz"])
     assert parse_mix("gsm8k=5, livecodebench=2") == {"gsm8k": 5, "livecodebench": 2}
     assert parse_layer_ids("-1,3,7") == (-1, 3, 7)
     for bad in ("gsm8k", "gsm8k=0", "gsm8k=x", "a=1,a=2"):

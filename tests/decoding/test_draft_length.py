@@ -359,15 +359,27 @@ def test_round_costs_profile_and_cache(tmp_path, monkeypatch):
     # the same configuration under another name (other weights would not change a round's cost either): same profile
     renamed = Drafter(drafter.config, dg, ds, "ngram:n_max=3,n_min=1")
     assert load_or_profile_round_costs(target, renamed, batch=2) == costs
+    # keying and re-profiling, without timing again (the profiler's output is checked above)
+    import dataclasses
+    from dspark_jax import round_costs
+    calls = []
+
+    def fake_profile(target, drafter, batch, buckets, **kw):
+        calls.append(kw)
+        return dataclasses.replace(costs, plain=costs.plain * 2)
+
+    monkeypatch.setattr(round_costs, "profile_round_costs", fake_profile)
     other_dg, other_ds = _ngram(cfg, 3, n_max=2)  # another configuration, same buckets: its own profile
     load_or_profile_round_costs(target, Drafter(nnx.merge(other_dg, other_ds).config, other_dg, other_ds, "ngram"),
                                 batch=2)
-    assert len(list((tmp_path / "round_costs").glob("*.json"))) == 2
+    assert len(calls) == 1 and len(list((tmp_path / "round_costs").glob("*.json"))) == 2
     files[0].write_text("{broken")
-    again = load_or_profile_round_costs(target, drafter, batch=2)
-    assert again.buckets == costs.buckets and again.plain > 0
+    again = load_or_profile_round_costs(target, drafter, batch=2)  # unreadable: profiled again and rewritten
+    assert len(calls) == 2 and again.plain == 2 * costs.plain
+    assert load_or_profile_round_costs(target, drafter, batch=2) == again
     load_or_profile_round_costs(target, drafter, batch=2, prompt_len=32, max_new_tokens=40)  # another cache length
-    assert len(list((tmp_path / "round_costs").glob("*.json"))) == 3
+    assert calls[-1] == {"prompt_len": 32, "max_new_tokens": 40}
+    assert len(calls) == 3 and len(list((tmp_path / "round_costs").glob("*.json"))) == 3
 
 
 def test_generate_text_with_auto_draft_length(tmp_path, monkeypatch):

@@ -6,7 +6,8 @@ decoding (`decoding.autoregressive.generate`), same batch, same run; and the loo
                                         --drafters "ngram,default+ngram|g=7" --loops plain,verified]
 
 All loops decode the same tokens (greedy); the ratio of wall times (best of --repeats, compilation excluded;
-the repeats interleave plain decoding and every loop, so a slow minute of a noisy machine hits all of them)
+the repeats interleave plain decoding and every loop, so a slow minute of a noisy machine hits all of them; also
+the median and range over repeats of each run's time over plain decoding's run of the same repeat — paired)
 is the loop's overhead per round: its bookkeeping, the drafter's commit (for a model drafter in the hybrid:
 its context update from the target's features, in every round), and anything XLA adds around the
 conditionals of a round (before session 11, a copy of the whole KV cache in every round). The 'auto' loop is
@@ -64,21 +65,21 @@ def main():
         exe = fn.lower(**call_args, **static).compile()
         return lambda: jax.block_until_ready(exe(**call_args))
 
-    def best_of_interleaved(runs: dict) -> dict:
-        """label → (best seconds, output): every run once per repeat, in turn."""
+    def interleaved(runs: dict) -> dict:
+        """label → (seconds of every repeat, output): every run once per repeat, in turn."""
         outs = {k: run() for k, run in runs.items()}  # warm-up
-        best = dict.fromkeys(runs, float("inf"))
+        times = {k: [] for k in runs}
         for _ in range(args.repeats):
             for k, run in runs.items():
                 t0 = time.perf_counter()
                 run()
-                best[k] = min(best[k], time.perf_counter() - t0)
-        return {k: (best[k], outs[k]) for k in runs}
+                times[k].append(time.perf_counter() - t0)
+        return {k: (times[k], outs[k]) for k in runs}
 
     rows = []
     print(f"machine: {describe_machine()}; batch {bs}, {args.max_new_tokens} new tokens, gamma {args.gamma}")
     print(f"{'dataset':<10} {'drafter':<14} {'loop':<24} {'seconds':>8} {'rounds':>7} {'plain decoding s':>17} "
-          f"{'ratio':>6}")
+          f"{'ratio':>6} {'paired':>7} [range]")
     for name in args.datasets.split(","):
         prompts = [format_prompt(p) for p in read_first_turns(eval_dataset_path(name))[:bs]]
         encoded = encode_prompts(target, prompts, args.max_new_tokens)
@@ -103,15 +104,21 @@ def main():
                 runs[(spec, label)] = compiled(speculative_generate, spec_args,
                                                dict(static, target_graphdef=target.graphdef,
                                                     drafter_graphdef=drafter.graphdef, **extra))
-        timed = best_of_interleaved(runs)
-        plain_s, plain = timed.pop(("plain", ""))
-        for (spec, label), (seconds, out) in timed.items():
+        timed = interleaved(runs)
+        plain_times, plain = timed.pop(("plain", ""))
+        plain_s = min(plain_times)
+        for (spec, label), (times, out) in timed.items():
             same = bool((np.asarray(out.tokens) == np.asarray(plain.tokens)).all())
+            paired = [t / p for t, p in zip(times, plain_times)]  # each repeat against plain decoding's run next to it
+            seconds = min(times)
             rows.append(dict(dataset=name, batch_size=bs, drafter=spec, loop=label, seconds=seconds,
                              rounds=int(np.asarray(out.rounds).max()), plain_decoding_s=plain_s,
-                             ratio=seconds / plain_s, identical_to_plain=same))
+                             ratio=seconds / plain_s, paired_ratio_median=float(np.median(paired)),
+                             paired_ratios=paired, times=times, plain_decoding_times=plain_times,
+                             identical_to_plain=same))
             print(f"{name:<10} {spec:<14} {label:<24} {seconds:8.2f} {rows[-1]['rounds']:7d} {plain_s:17.2f} "
-                  f"{seconds / plain_s:6.2f}", flush=True)
+                  f"{seconds / plain_s:6.2f} {np.median(paired):7.3f} [{min(paired):.3f}, {max(paired):.3f}]",
+                  flush=True)
         write_result(args.output, dict(machine=describe_machine(), **vars(args), rows=rows))
 
 

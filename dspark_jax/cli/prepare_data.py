@@ -69,7 +69,7 @@ def _define_flags() -> None:
                       "used).")
     flags.DEFINE_list("responses", None, "With --noregenerate: the response files to build the training data "
                       "from instead of <output_dir>/responses.jsonl, in this order — regenerate's JSONL, gzipped when "
-                      "the name ends in .gz (e.g. the shipped dspark_jax/data/train/*.jsonl.gz). Several files give "
+                      "the name ends in .gz (e.g. the shipped dspark_jax/data/train/gemma3_270m_greedy_responses.jsonl.gz). Several files give "
                       "several responses per prompt (greedy and sampled); within one file the first response of a "
                       "prompt index counts.")
     flags.DEFINE_bool("online", False, "Regenerate responses and write the training sequences only (no feature "
@@ -117,6 +117,27 @@ def parse_layer_ids(text: str) -> tuple[int, ...]:
     return ids
 
 
+def check_response_files(files: Sequence[str | Path], regenerate: bool = False) -> list[Path]:
+    """The response files of `--responses` as paths; raises ValueError with `regenerate` (the files are read only
+    with --noregenerate), for an empty entry or a file given twice, FileNotFoundError for one that is missing or
+    not a file."""
+    if regenerate:
+        raise ValueError("--responses is read only with --noregenerate (regeneration writes "
+                         "<output_dir>/responses.jsonl)")
+    paths = []
+    for f in files:
+        if not str(f).strip():
+            raise ValueError(f"--responses: an empty entry in {','.join(map(str, files))!r}")
+        path = Path(f)
+        if not path.is_file():
+            what = "is a directory, not a" if path.is_dir() else "no"
+            raise FileNotFoundError(f"--responses: {what} responses file {path}")
+        if any(path.resolve() == p.resolve() for p in paths):
+            raise ValueError(f"--responses: {path} given twice (its responses would count twice)")
+        paths.append(path)
+    return paths
+
+
 def _check_settings(out_dir: Path, settings: dict) -> None:
     """Refuses to resume into a directory prepared with other prompts or response settings."""
     path = out_dir / SETTINGS_NAME
@@ -162,9 +183,8 @@ def prepare(target, prompts: list[str], output_dir, regen, *, layer_ids=None, ca
         cache_builder.check_layer_ids(layer_ids, config)
     out_dir = Path(output_dir)
     responses = out_dir / "responses.jsonl"
-    if response_files and regenerate_responses:
-        raise ValueError("response files are read only with --noregenerate (regeneration writes "
-                         "<output_dir>/responses.jsonl)")
+    if response_files:
+        response_files = check_response_files(response_files, regenerate_responses)
     if regenerate_responses:
         regen_settings = {k: v for k, v in dataclasses.asdict(regen).items() if k != "batch_size"}
         _check_settings(out_dir, {
@@ -174,10 +194,9 @@ def prepare(target, prompts: list[str], output_dir, regen, *, layer_ids=None, ca
         regenerate(target, prompts, responses, regen)
         records = [r for r in read_responses(responses) if 0 <= r["index"] < len(prompts)]
     else:  # every response of the files: their indices refer to the prompt list that made them, not to `prompts`
-        files = [Path(f) for f in response_files] if response_files else [responses]
-        for f in files:
-            if not f.is_file():
-                raise FileNotFoundError(f"--noregenerate: no responses file {f} to build the training data from")
+        files = response_files or [responses]
+        if not files[0].is_file():
+            raise FileNotFoundError(f"--noregenerate: no {files[0]} to build the training data from")
         regen_settings = None
         prompt_source = f"responses file{'s' if len(files) > 1 else ''} {', '.join(map(str, files))} (--noregenerate)"
         records = [r for f in files for r in read_responses(f)]
@@ -269,6 +288,8 @@ def body() -> None:
     regen = RegenConfig(max_new_tokens=FLAGS.max_new_tokens, max_prompt_tokens=FLAGS.max_prompt_tokens,
                         temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
                         batch_size=FLAGS.batch_size, seed=FLAGS.seed)
+    if FLAGS.responses is not None:  # before the target loads: a typo fails in a second
+        check_response_files(FLAGS.responses or [""], FLAGS.regenerate)
     print(f"loading target {FLAGS.target} ...", file=sys.stderr)
     target = load_target(FLAGS.target, dtype=None if FLAGS.dtype == "auto" else getattr(jnp, FLAGS.dtype))
     prepare(target, prompts, FLAGS.output_dir, regen, layer_ids=layer_ids, cache_dtype=FLAGS.cache_dtype,

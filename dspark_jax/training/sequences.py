@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+import zlib
 from collections.abc import Sequence as SequenceABC
 from pathlib import Path
 
@@ -55,7 +56,7 @@ def read_responses(path: str | os.PathLike) -> list[dict]:
         raise FileNotFoundError(f"responses file not found: {path}")
     try:
         text = (gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes()).decode("utf-8")
-    except (OSError, UnicodeDecodeError) as e:
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError) as e:  # EOFError: a truncated gzip
         raise ValueError(f"{path}: not a {'gzipped ' if p.suffix == '.gz' else ''}UTF-8 JSONL file ({e})") from None
     records: dict[int, dict] = {}
     torn = 0
@@ -75,6 +76,9 @@ def read_responses(path: str | os.PathLike) -> list[dict]:
         if not rec["prompt_ids"]:
             raise ValueError(f"{path}:{n}: empty prompt_ids")
         records.setdefault(rec["index"], rec)
+    if not records:
+        raise ValueError(f"{path}: no responses in it ({torn} line(s) that are not valid JSON)" if torn else
+                         f"{path}: no responses in it (empty)")
     if torn:
         logging.warning("%s: skipped %d line(s) that are not valid JSON (torn by an interrupted run?)", path, torn)
     return [records[i] for i in sorted(records)]

@@ -351,10 +351,24 @@ def test_prepare_pipeline(target, tmp_path):
                 response_files=[packed, tmp_path / "missing.jsonl"])
     with pytest.raises(ValueError, match="only with --noregenerate"):
         prepare(target, prompts, two, regen, progress=False, response_files=[packed])
-    (tmp_path / "torn.jsonl.gz").write_bytes(b"not gzip")
-    with pytest.raises(ValueError, match="not a gzipped UTF-8 JSONL file"):
-        prepare(target, prompts, two, regen, progress=False, regenerate_responses=False,
-                response_files=[tmp_path / "torn.jsonl.gz"])
+    bad_files = {"plain.jsonl.gz": b"not gzip", "cut.jsonl.gz": packed.read_bytes()[:60],  # truncated gzip
+                 "corrupt.jsonl.gz": packed.read_bytes()[:10] + b"garbage" * 20}
+    for name, data in bad_files.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match=f"{name}: not a gzipped UTF-8 JSONL file"):
+            prepare(target, prompts, two, regen, progress=False, regenerate_responses=False,
+                    response_files=[tmp_path / name])
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "prose.jsonl").write_text("not json\nat all\n")
+    for name, message in (("empty.jsonl", r"no responses in it \(empty\)"),
+                          ("prose.jsonl", r"no responses in it \(2 line\(s\) that are not valid JSON\)")):
+        with pytest.raises(ValueError, match=f"{name}: {message}"):
+            prepare(target, prompts, two, regen, progress=False, regenerate_responses=False,
+                    response_files=[packed, tmp_path / name])
+    for files, message in (([packed, str(packed)], "given twice"), ([packed, " "], "an empty entry"),
+                           ([tmp_path], "is a directory")):
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            prepare(target, prompts, two, regen, progress=False, regenerate_responses=False, response_files=files)
     assert parse_mix("gsm8k=5, livecodebench=2") == {"gsm8k": 5, "livecodebench": 2}
     assert parse_layer_ids("-1,3,7") == (-1, 3, 7)
     for bad in ("gsm8k", "gsm8k=0", "gsm8k=x", "a=1,a=2"):

@@ -193,6 +193,7 @@ def prepare(target, prompts: list[str], output_dir, regen, *, layer_ids=None, ca
             "num_prompts": len(prompts), "regen": regen_settings})
         regenerate(target, prompts, responses, regen)
         records = [r for r in read_responses(responses) if 0 <= r["index"] < len(prompts)]
+        files = [responses]
     else:  # every response of the files: their indices refer to the prompt list that made them, not to `prompts`
         files = response_files or [responses]
         if not files[0].is_file():
@@ -200,7 +201,6 @@ def prepare(target, prompts: list[str], output_dir, regen, *, layer_ids=None, ca
         regen_settings = None
         prompt_source = f"responses file{'s' if len(files) > 1 else ''} {', '.join(map(str, files))} (--noregenerate)"
         records = [r for f in files for r in read_responses(f)]
-        responses = files[0] if len(files) == 1 else [str(f) for f in files]
     sequences = []
     for r in records:
         seq = make_sequence(r["prompt_ids"], r["response_ids"], max_length)
@@ -210,7 +210,7 @@ def prepare(target, prompts: list[str], output_dir, regen, *, layer_ids=None, ca
         raise ValueError(f"no training sequences: {len(records)} responses, none with >= {min_loss_tokens} tokens")
 
     meta = {"prompt_source": prompt_source, "min_loss_tokens": min_loss_tokens, "max_length": max_length,
-            "responses": responses if isinstance(responses, list) else str(responses), "regen": regen_settings}
+            "responses": str(files[0]) if len(files) == 1 else [str(f) for f in files], "regen": regen_settings}
     if online:
         cache_dir = cache_builder.build_sequence_cache(target, sequences, out_dir / "sequences", progress=progress,
                                             shard_max_tokens=shard_max_tokens, prompt_format=regen.template,

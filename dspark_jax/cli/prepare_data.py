@@ -201,16 +201,20 @@ def prepare(target, prompts: list[str], output_dir, regen, *, layer_ids=None, ca
         regen_settings = None
         prompt_source = f"responses file{'s' if len(files) > 1 else ''} {', '.join(map(str, files))} (--noregenerate)"
         records = [r for f in files for r in read_responses(f)]
-    sequences = []
+    sequences, cut = [], 0
     for r in records:
         seq = make_sequence(r["prompt_ids"], r["response_ids"], max_length)
         if seq.num_loss_tokens >= max(min_loss_tokens, 1):
             sequences.append(seq)
+        elif len(r["response_ids"]) >= max(min_loss_tokens, 1):
+            cut += 1  # long enough, but max_length cut it (a long prompt)
     if not sequences:
-        raise ValueError(f"no training sequences: {len(records)} responses, none with >= {min_loss_tokens} tokens")
+        raise ValueError(f"no training sequences: {len(records)} responses, none with >= {min_loss_tokens} tokens"
+                         + (f" ({cut} of them cut by --max_length {max_length})" if cut else ""))
 
     meta = {"prompt_source": prompt_source, "min_loss_tokens": min_loss_tokens, "max_length": max_length,
-            "responses": str(files[0]) if len(files) == 1 else [str(f) for f in files], "regen": regen_settings}
+            "responses": str(files[0].resolve()) if len(files) == 1 else [str(f.resolve()) for f in files],
+            "regen": regen_settings}
     if online:
         cache_dir = cache_builder.build_sequence_cache(target, sequences, out_dir / "sequences", progress=progress,
                                             shard_max_tokens=shard_max_tokens, prompt_format=regen.template,
@@ -230,6 +234,7 @@ def prepare(target, prompts: list[str], output_dir, regen, *, layer_ids=None, ca
         "stopped_responses": sum(bool(r.get("stopped")) for r in records),
         "sequences": len(sequences),
         "dropped_short": len(records) - len(sequences),
+        "dropped_by_max_length": cut,
         "min_loss_tokens": min_loss_tokens,
         "max_length": max_length,
         "response_tokens": int(response_tokens),
@@ -251,8 +256,9 @@ def prepare(target, prompts: list[str], output_dir, regen, *, layer_ids=None, ca
               f"see responses.errors.jsonl)" if stats["failed_prompts"] else "")
     print(f"prompts: {stats['prompts'] or 'not used (--noregenerate)'}; responses: {stats['responses']:,}{failed}, "
           f"{stats['stopped_responses']:,} ended with a stop token")
+    by_length = f", {cut:,} of them because --max_length {max_length} cut the response" if cut else ""
     print(f"sequences: {stats['sequences']:,} ({stats['dropped_short']:,} dropped with < {min_loss_tokens} "
-          f"response tokens)")
+          f"response tokens{by_length})")
     print(f"response tokens: {stats['response_tokens']:,} (mean {stats['mean_response_tokens']:.1f}); total tokens: "
           f"{stats['total_tokens']:,} ({stats['prompt_tokens']:,} prompt)")
     print(f"{'sequences' if online else 'cache'}: {cache_dir} ({cache_format.format_bytes(stats['cache_bytes'])}); "

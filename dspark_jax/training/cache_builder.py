@@ -150,17 +150,31 @@ def _finished_prefix(out_dir: Path, sequences: list[Sequence], settings: dict) -
     return ranges
 
 
-def _shard_is_done(shard_dir: Path, meta: dict) -> bool:
-    if not shard_dir.exists():
-        return False
-    try:
-        have = json.loads((shard_dir / SHARD_META_NAME).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        have = None
-    if have != meta:
-        raise ValueError(f"{shard_dir} was built from other sequences or settings (target, layer ids, dtype, "
-                         f"shard size); use another output directory or delete it")
-    return True
+def _reusable_shards(out_dir: Path, metas: list[dict]) -> set[int]:
+    """Indices k of the finished shards shard-<k> in `out_dir` that hold exactly the planned shard `metas[k]`.
+    Raises ValueError, before anything is computed, if any other finished shard is there (built from other
+    sequences or settings, or lying past the plan: a cache only grows by appending sequences); nothing is
+    overwritten or deleted."""
+    reusable, stale = set(), []
+    for path in sorted(out_dir.glob("shard-*")):
+        index = path.name[len("shard-"):]
+        if not (path.is_dir() and index.isdigit()):
+            continue
+        k = int(index)
+        try:
+            have = json.loads((path / SHARD_META_NAME).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            have = None
+        if k < len(metas) and have == metas[k]:
+            reusable.add(k)
+        else:
+            stale.append(path.name)
+    if stale:
+        raise ValueError(f"{out_dir / stale[0]} was built from other sequences or settings (target, layer ids, "
+                         f"dtype, shard size) and is not part of this cache ({len(stale)} such shard(s): "
+                         f"{', '.join(stale[:4])}{' ...' if len(stale) > 4 else ''}); a cache only grows by "
+                         f"appending sequences: use another output directory or delete it")
+    return reusable
 
 
 def build_target_cache(target, sequences: SequenceABC[Sequence], out_dir: str | os.PathLike,
@@ -217,24 +231,24 @@ def build_target_cache(target, sequences: SequenceABC[Sequence], out_dir: str | 
     plan = _finished_prefix(out_dir, sequences, settings)
     kept = plan[-1][1] if plan else 0
     plan += [(kept + a, kept + b) for a, b in plan_shards(lengths[kept:], shard_max_tokens)]
+    metas = [{"first_sample": start, "num_samples": end - start, "num_tokens": int(sum(lengths[start:end])),
+              "sequences_sha256": sequences_digest(sequences[start:end]), "settings": settings}
+             for start, end in plan]
+    reusable = _reusable_shards(out_dir, metas)
     shards = []
     bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=num_tokens, desc="target cache" if features else "sequence cache", unit="tok",
                    unit_scale=True, file=sys.stderr)
-    for k, (start, end) in enumerate(plan):
+    for k, ((start, end), meta) in enumerate(zip(plan, metas)):
         stem = f"shard-{k:05d}"
-        chunk = sequences[start:end]
-        meta = {"first_sample": start, "num_samples": end - start, "num_tokens": int(sum(lengths[start:end])),
-                "sequences_sha256": sequences_digest(chunk), "settings": settings}
-        final = out_dir / stem
-        if not _shard_is_done(final, meta):
+        if k not in reusable:
             tmp = out_dir / f"{stem}.tmp"
             tmp.mkdir()
-            _write_shard(target, chunk, tmp, layer_ids, dtype, batch_size, lse_chunk, bar)
+            _write_shard(target, sequences[start:end], tmp, layer_ids, dtype, batch_size, lse_chunk, bar)
             _atomic_write_json(tmp / SHARD_META_NAME, meta)
-            tmp.rename(final)
+            tmp.rename(out_dir / stem)
         elif bar is not None:
             bar.update(meta["num_tokens"])
         shards.append({"name": stem, "first_sample": start, "num_samples": end - start,

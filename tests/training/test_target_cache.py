@@ -239,6 +239,21 @@ def test_cache_grows_by_appending(target, cache_f32, reference, tmp_path):
     assert _snapshot(path) == after
 
 
+def test_shrunk_sequences_refused_before_any_work(target, cache_f32, tmp_path):
+    """Sequences that end at a shard boundary of a finished cache (a response file dropped) would leave the later
+    shards beyond the new manifest, to break a later append: refused, naming the shard, nothing written."""
+    path = tmp_path / "cache"
+    shutil.copytree(cache_f32, path)
+    before = _snapshot(path)
+    shards = json.loads((path / "manifest.json").read_text())["shards"]
+    assert len(shards) >= 2
+    first = shards[0]["num_samples"]
+    with pytest.raises(ValueError, match=r"shard-00001 was built from other sequences.*not part of this cache"):
+        build_target_cache(target, make_sequences()[:first], path, LAYERS, dtype="float32", batch_size=2,
+                           shard_max_tokens=50, progress=False, lse_chunk=8)
+    assert _snapshot(path) == before
+
+
 def test_batches(cache_f32):
     cache = TargetCache.open(cache_f32)
     epoch = lambda e, **kw: list(cache.batches(2, 20, seed=3, epoch=e, **kw))  # noqa: E731
@@ -346,6 +361,11 @@ def test_prepare_pipeline(target, tmp_path):
                    regenerate_responses=False, response_files=[tmp_path / "responses.jsonl", packed])
     assert both["responses"] == both["sequences"] == 6 and both["response_tokens"] == 96
     assert TargetCache.open(two / "cache", target_config=target.config).num_loss_tokens == 96
+    manifest = json.loads((two / "cache" / "manifest.json").read_text())
+    assert manifest["settings"]["responses"] == [str((tmp_path / "responses.jsonl").resolve()), str(packed.resolve())]
+    with pytest.raises(ValueError, match=r"none with >= 4 tokens \(3 of them cut by --max_length 5\)"):
+        prepare(target, prompts, tmp_path / "cut", regen, progress=False, regenerate_responses=False,
+                response_files=[packed], max_length=5, min_loss_tokens=4)
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         prepare(target, prompts, two, regen, progress=False, regenerate_responses=False,
                 response_files=[packed, tmp_path / "missing.jsonl"])

@@ -30,13 +30,11 @@ def main():
     ap.add_argument("--drafters", default="ngram", help="--drafter values (load_drafter), each optionally "
                     "followed by |g=N (its gamma, default --gamma), comma-separated")
     ap.add_argument("--loops", default="plain,verified", help="which loops per drafter: 'plain' (every round "
-                    "plain), 'verified' (every proposal verified), 'auto' (the profiled gate), 'auto_backoff' (the "
-                    "same profile, the drafter's cheap proposal not rechecked in plain rounds: the gate before "
-                    "session 17), comma-separated")
+                    "plain), 'verified' (every proposal verified), 'auto' (the profiled gate), comma-separated")
     ap.add_argument("--output", default="benchmarks/results/loop_overhead.json")
     args = ap.parse_args()
-    if set(args.loops.split(",")) - {"plain", "verified", "auto", "auto_backoff"}:
-        raise SystemExit(f"--loops takes 'plain', 'verified', 'auto' and/or 'auto_backoff', got {args.loops!r}")
+    if set(args.loops.split(",")) - {"plain", "verified", "auto"}:
+        raise SystemExit(f"--loops takes 'plain', 'verified' and/or 'auto', got {args.loops!r}")
 
     import jax
     import jax.numpy as jnp
@@ -98,19 +96,14 @@ def main():
             loops = {"plain": ("every round plain", dict(verify_buckets=buckets, verify_costs=(1.0, 2.0, 5.0),
                                                          plain_cost=1e-6)),
                      "verified": ("every proposal verified", dict(verify_buckets=buckets))}
-            graphdefs = {k: drafter.graphdef for k in loops}
-            if {"auto", "auto_backoff"} & set(args.loops.split(",")):  # generate_text's "auto" (profiled, cached)
+            if "auto" in args.loops.split(","):  # as generate_text's draft_length "auto" (profiled once, cached)
                 costs = load_or_profile_round_costs(target, drafter, bs, bucket_length(max(map(len, encoded))),
                                                     args.max_new_tokens)
                 loops["auto"] = ("auto (profiled gate)", costs.loop_settings())
-                loops["auto_backoff"] = ("auto, back-off only", costs.loop_settings())
-                graphdefs["auto"] = drafter.graphdef
-                graphdefs["auto_backoff"] = without_recheck(drafter.graphdef, drafter.state)
-            for kind in args.loops.split(","):
-                label, extra = loops[kind]
+            for label, extra in (loops[k] for k in args.loops.split(",")):
                 runs[(spec, label)] = compiled(speculative_generate, spec_args,
                                                dict(static, target_graphdef=target.graphdef,
-                                                    drafter_graphdef=graphdefs[kind], **extra))
+                                                    drafter_graphdef=drafter.graphdef, **extra))
         timed = interleaved(runs)
         plain_times, plain = timed.pop(("plain", ""))
         plain_s = min(plain_times)
@@ -127,16 +120,6 @@ def main():
                   f"{seconds / plain_s:6.2f} {np.median(paired):7.3f} [{min(paired):.3f}, {max(paired):.3f}]",
                   flush=True)
         write_result(args.output, dict(machine=describe_machine(), **vars(args), rows=rows))
-
-
-def without_recheck(graphdef, state):
-    """The drafter's graph definition with its module class's `cheap_proposal` off (a subclass): the loop's gate
-    then backs off after a losing drafted round without checking fresh proposals in plain rounds."""
-    from flax import nnx
-    module = nnx.merge(graphdef, state)
-    cls = type(module)
-    module.__class__ = type(f"{cls.__name__}BackoffOnly", (cls,), {"cheap_proposal": False})
-    return nnx.split(module)[0]
 
 
 if __name__ == "__main__":

@@ -17,9 +17,9 @@ from flax import nnx
 
 from dspark_jax.decoding.autoregressive import prefill
 from dspark_jax.decoding.draft_length import (bucket_rates, budget_confidence, choose_bucket, per_request_rows,
-                                             proposal_lengths, slack_of, verified_drafts)
+                                             proposal_lengths, verified_drafts)
 from dspark_jax.decoding.verification import RoundResult, concat_taps, verify_round
-from dspark_jax.drafters.base import Proposal, RoundOutcome
+from dspark_jax.drafters.base import Proposal
 from dspark_jax.models.layout import dense_layout, make_layout
 from dspark_jax.sampling import FilterMode, SamplingParams, check_batch, sample
 from dspark_jax.sampling.keys import DRAFT, SAMPLE, VERIFY, position_keys, row_keys
@@ -183,9 +183,7 @@ class _Rounds:
         """One drafted round, then — with the gate on — the plain rounds it scheduled. A round drafts only when
         the last drafted round expected drafting to beat a plain round (expected progress of the slowest request
         per second, `draft_length.bucket_rates`); after a losing drafted round the next 1, 2, 4, … (≤
-        MAX_PLAIN_RUN) rounds are plain — or, for a drafter with a cheap proposal (lookup), plain rounds last until
-        the proposal at the current state pays (`plain_run`). The decision reads only earlier rounds, so it keeps
-        the loop lossless.
+        MAX_PLAIN_RUN) rounds are plain. The decision reads only earlier rounds, so it keeps the loop lossless.
         Plain rounds run in their own inner loop (`plain_run`), not as a branch of a conditional: a buffer that
         more than one branch of a conditional updates is copied, and the KV cache is the loop's largest. The
         drafted round's branches (one per bucket) only read the cache; its rows are written after them
@@ -193,42 +191,9 @@ class _Rounds:
         c = self._apply(c, self.drafted(c))
         return self.plain_run(c) if self.gate else c
 
-    @property
-    def recheck(self) -> bool:
-        """Whether plain runs end on a fresh proposal (`plain_run`): a drafter whose proposal costs a small
-        fraction of a plain round (`cheap_proposal`, prompt lookup)."""
-        return bool(getattr(self.drafter, "cheap_proposal", False))
-
     def plain_run(self, c: SpecState) -> SpecState:
-        """Plain rounds while a request is active and — for a drafter with a cheap proposal (`recheck`) — while
-        the drafter's proposal at the current state is not expected to beat a plain round (`_gate`; the next
-        round then drafts it: the decision reads nothing of the round it decides, so the loop stays lossless),
-        otherwise while the gate's plain_left > 0 (the back-off after a losing drafted round)."""
-        if self.recheck:
-            return jax.lax.while_loop(
-                lambda s: ~jnp.all(s.done) & ((s.plain_left > 0) | ~self._gate(s, self._propose(s))[1]), self.plain, c)
+        """Plain rounds while the gate's plain_left > 0 and a request is active."""
         return jax.lax.while_loop(lambda s: (s.plain_left > 0) & ~jnp.all(s.done), self.plain, c)
-
-    def _propose(self, c: SpecState) -> tuple[Proposal, jax.Array]:
-        """The drafter's proposal after the anchor and its drafts per request [B] (the confidence threshold
-        applied; 0 for finished requests)."""
-        prop = self.drafter.propose(self.target, c.drafter_state, c.anchor, c.start,
-                                    position_keys(c.keys, c.start, DRAFT), self.params, self.mode, self.head)
-        n_prop = jnp.minimum(proposal_lengths(prop.confidence, self.threshold), prop.num_drafted)
-        return prop, jnp.where(c.done, 0, n_prop)
-
-    def _gate(self, c: SpecState, proposed: tuple[Proposal, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        """The gate's view of a proposal (with costs and the plain cost): (the bucket index of the largest
-        `draft_length.bucket_rates`, whether that rate beats a plain round's — one token off every request per
-        plain_cost)."""
-        prop, n_prop = proposed
-        b = c.anchor.shape[0]
-        sampled = (self.params.temperature > 0) & ~_deterministic_rows(prop, b)
-        conf = budget_confidence(prop.confidence, c.stale_confidence, sampled)
-        rates = bucket_rates(conf, n_prop, ~c.done, self.max_new_tokens - c.num_generated, self.buckets,
-                             self.costs, self.objective)
-        choice = jnp.argmax(rates).astype(jnp.int32)
-        return choice, rates[choice] > 1.0 / self.plain_cost
 
     def forced_rounds(self, c: SpecState, choice: jax.Array, num_rounds: jax.Array) -> SpecState:
         """num_rounds rounds at a given bucket index (choice >= 0), or plain rounds (choice < 0): for profiling."""
@@ -239,9 +204,14 @@ class _Rounds:
 
     def drafted(self, c: SpecState, choice: jax.Array | None = None) -> _Outcome:
         """Propose, choose the bucket (`choice` given: that bucket index), verify."""
-        b, g = c.anchor.shape[0], self.drafter.config.block_size
+        target, drafter = self.target, self.drafter
+        b, g = c.anchor.shape[0], drafter.config.block_size
         active = ~c.done
-        prop, n_prop = self._propose(c)
+        k_draft = position_keys(c.keys, c.start, DRAFT)
+        prop = drafter.propose(target, c.drafter_state, c.anchor, c.start, k_draft, self.params, self.mode,
+                               self.head)
+        n_prop = jnp.minimum(proposal_lengths(prop.confidence, self.threshold), prop.num_drafted)
+        n_prop = jnp.where(c.done, 0, n_prop)
         remaining = self.max_new_tokens - c.num_generated
 
         def at_bucket(bucket):  # a round verifying `bucket` rows: anchors + the drafts worth most
@@ -253,22 +223,18 @@ class _Rounds:
             return run
 
         plain_left, backoff = c.plain_left, c.backoff
-        choice_given = choice
         if choice is None:
+            sampled = (self.params.temperature > 0) & ~_deterministic_rows(prop, b)
+            conf = budget_confidence(prop.confidence, c.stale_confidence, sampled)
             if self.gate:  # the rates once: the choice is their argmax (`choose_bucket`)
-                choice, pays = self._gate(c, (prop, n_prop))
+                rates = bucket_rates(conf, n_prop, active, remaining, self.buckets, self.costs, self.objective)
+                choice = jnp.argmax(rates).astype(jnp.int32)
+                pays = rates[choice] > 1.0 / self.plain_cost  # a plain round: one token off every request
                 plain_left = jnp.where(pays, 0, backoff).astype(jnp.int32)
                 backoff = jnp.where(pays, 1, jnp.minimum(2 * backoff, MAX_PLAIN_RUN)).astype(jnp.int32)
             else:
-                sampled = (self.params.temperature > 0) & ~_deterministic_rows(prop, b)
-                conf = budget_confidence(prop.confidence, c.stale_confidence, sampled)
                 choice = choose_bucket(conf, n_prop, active, remaining, self.buckets, self.costs, self.objective)
         res, verified = jax.lax.switch(choice, [at_bucket(t) for t in self.buckets])
-        if choice_given is None and self.gate and self.recheck:  # back off after a round that lost in fact
-            progress = jnp.min(jnp.where(active, slack_of(active, remaining) + res.count, jnp.iinfo(jnp.int32).max))
-            won = progress * self.plain_cost > jnp.asarray(self.costs, jnp.float32)[choice]
-            plain_left = jnp.where(won, 0, c.backoff).astype(jnp.int32)
-            backoff = jnp.where(won, 1, jnp.minimum(2 * c.backoff, MAX_PLAIN_RUN)).astype(jnp.int32)
         stale = jnp.where(active[:, None], prop.confidence, c.stale_confidence)
         return _Outcome(res, verified, prop.confidence, prop.confidence_logits, plain_left, backoff, stale)
 
@@ -286,13 +252,10 @@ class _Rounds:
         finite = jnp.all(jnp.isfinite(logits), axis=-1)
         nxt = sample(position_keys(c.keys, c.start, SAMPLE), logits, self.params, self.mode)
         count = (active & finite).astype(jnp.int32)
-        none = jnp.zeros((b,), jnp.int32)
-        committed = jnp.zeros((b, g + 1), jnp.int32).at[:, 0].set(nxt)
-        # a cheap drafter's record learns from plain rounds too (whether its first draft would have been accepted)
-        outcome = RoundOutcome(num_verified=none, committed=committed) if self.recheck else None
         drafter_state = drafter.commit(target, c.drafter_state, concat_taps(out.taps), c.anchor[:, None], c.start,
-                                       count, outcome)
-        res = RoundResult(committed=committed, count=count,
+                                       count)
+        none = jnp.zeros((b,), jnp.int32)
+        res = RoundResult(committed=jnp.zeros((b, g + 1), jnp.int32).at[:, 0].set(nxt), count=count,
                           num_accepted=none, accept_flags=jnp.zeros((b, g), bool),
                           stopped=jnp.isin(nxt, self.stops) & (count > 0), anchor=jnp.where(count > 0, nxt, c.anchor),
                           target_cache=out.cache, drafter_state=drafter_state, nonfinite=active & ~finite)

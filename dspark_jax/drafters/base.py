@@ -51,8 +51,7 @@ class Proposal:
 @dataclasses.dataclass(frozen=True)
 class RoundOutcome:
     """What a verification round hands the drafter's `commit` beyond the committed positions (plain rounds pass
-    None — for a drafter with a cheap proposal, whose record learns from them: num_verified 0 and the round's
-    token). num_verified [B]: drafts verified per request; committed [B, G+1]: the round's new tokens at positions
+    None). num_verified [B]: drafts verified per request; committed [B, G+1]: the round's new tokens at positions
     start+1.. (the first `count` valid: the accepted drafts, then the target's correction or bonus token);
     deterministic [B] bool: rows whose verified draft was deterministic (`Proposal.deterministic`; None: the
     proposal's p_draft decides for every row). Given its prefix, each committed token is a draw from the

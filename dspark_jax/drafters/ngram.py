@@ -144,8 +144,6 @@ class NgramDrafter(nnx.Module):
     them alone) and read by `lookup_confidence`; it drives a confidence threshold and the serving scheduler like
     DSpark's calibrated head."""
 
-    cheap_proposal = True  # a proposal costs a match search, not a forward: the loop's gate checks one every plain round
-
     def __init__(self, config: NgramConfig, vocab_size: int):
         self.config = config
         self.vocab_size = vocab_size

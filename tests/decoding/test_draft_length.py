@@ -310,35 +310,6 @@ def test_plain_rounds_follow_a_losing_drafted_round():
     assert int(np.asarray(paying.rounds)[0]) == 8  # 47 tokens in rounds of 6
 
 
-def test_lookup_drafts_when_its_fresh_proposal_pays_and_backs_off_after_a_loss():
-    """A drafter with a cheap proposal (lookup) has its proposal checked in every plain round: a plain run ends
-    as soon as the proposal at the current state is expected to beat a plain round (with equal costs: whenever
-    the lookup finds a match) and its back-off is over; a drafted round that lost in fact (here: no draft
-    accepted) is followed by 1, 2, 4, … plain rounds. The output stays plain decoding's."""
-    from dspark_jax.decoding.speculative import MAX_PLAIN_RUN
-    from dspark_jax.evaluation.lookup_simulation import lookup
-    tg, ts, cfg = make_target("gemma3")
-    dg, ds = _ngram(cfg, 3)
-    prompt, new = REPETITIVE[1], 40  # no repeated token: the first rounds have no match
-    plain, out = greedy_plain_and_speculative(tg, ts, dg, ds, [prompt], new, verify_buckets=(1, 4),
-                                              verify_costs=(1.0, 1.0), plain_cost=1.0)
-    generated = [int(t) for t in np.asarray(plain.tokens)[0]]
-    proposed, committed = np.asarray(out.proposed)[0], np.asarray(out.committed)[0]
-    done, plain_left, backoff, kinds = 1, 0, 1, []  # done: tokens before the round (the prefill made the first)
-    for r in range(int(out.rounds[0])):
-        pays = bool(lookup(prompt + generated[:done], 3, 1, 3)) and done < new - 1  # a draft needs 2 tokens left
-        drafted = r == 0 or (plain_left <= 0 and pays)
-        assert (proposed[r] > 0) == (drafted and pays), (r, done)
-        if drafted:
-            won = committed[r] >= 2  # progress per cost above a plain round's 1
-            plain_left, backoff = (0, 1) if won else (backoff, min(2 * backoff, MAX_PLAIN_RUN))
-        else:
-            plain_left -= 1
-        kinds.append("won" if drafted and committed[r] >= 2 else "lost" if drafted else "plain")
-        done += int(committed[r])
-    assert done == new and {"won", "lost", "plain"} <= set(kinds[1:]), kinds
-
-
 def test_forced_rounds_for_the_cost_profile():
     """`speculative_rounds` runs exactly num_rounds rounds at the forced bucket (or plain) from the prefilled state
     of `speculative_start`, one compilation for every count and bucket."""

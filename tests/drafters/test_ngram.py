@@ -227,32 +227,6 @@ def test_confidence_learns_online_in_the_loop():
         assert conf[drafted][-1, 0] > prior[rows[0], 0]
 
 
-def test_plain_rounds_teach_the_lookup_record_its_first_position():
-    """In the loop's plain rounds (the gate on) the lookup's record counts whether its first draft would have been
-    accepted: position 0 of its match length tested once per round, accepted iff the proposal equals the committed token."""
-    from dspark_jax.decoding.speculative import _rounds
-    tg, ts, cfg = make_target("gemma3")
-    dg, ds = _ngram(cfg, 3)
-    tokens, lens = _batch([[5, 6, 7, 5, 6, 7, 5, 6], [9, 10, 11, 12]])
-    rounds = _rounds(tg, ts, dg, ds, SamplingParams.create(2), jnp.float32(0.0), batch=2, max_new_tokens=8,
-                     stop_ids=(), mode=FilterMode(), verify_buckets=(2, 8), verify_costs=(1.0, 1.0), plain_cost=1.0)
-    c = rounds.start(tokens, lens, jax.random.key(0), pad_id=0)
-    tested = np.zeros(c.drafter_state.tested.shape, np.float32)
-    accepted = tested.copy()
-    for _ in range(6):
-        context = c.drafter_state.tokens.at[jnp.arange(2), c.start].set(c.anchor)
-        end, n = find_match(context, c.start, 3, 1)
-        first = np.asarray(lookup_proposal(context, c.start, end, 3)[:, 0])
-        nxt = rounds.plain(c)
-        for b in np.flatnonzero(np.asarray(n) > 0):
-            tested[b, int(n[b]) - 1, 0] += 1
-            accepted[b, int(n[b]) - 1, 0] += float(first[b] == int(nxt.anchor[b]))
-        c = nxt
-    assert tested.sum() > 0 and 0 < accepted.sum()  # the tiny target loops: matches, some first drafts right
-    np.testing.assert_array_equal(np.asarray(c.drafter_state.tested), tested)
-    np.testing.assert_array_equal(np.asarray(c.drafter_state.accepted), accepted)
-
-
 # ---- hybrid: a trained drafter + lookup ------------------------------------------------------------
 
 def _hybrid(cfg, gamma, reduced=False, skip_model_at=None):

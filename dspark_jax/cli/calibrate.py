@@ -45,6 +45,9 @@ def _define_flags() -> None:
     flags.DEFINE_float("temperature", 1.0, "Sampling temperature of the calibration rollouts.", lower_bound=0.0)
     flags.DEFINE_integer("seed", 0, "Random seed (prompt selection and sampling).")
     flags.DEFINE_integer("batch_size", 1, "Prompts decoded together in one batch.", lower_bound=1)
+    flags.DEFINE_bool("bias", False, "Also fit a per-position bias: c_k = σ(z_k / T_k + β_k), (T_k, β_k) by the "
+                      "likelihood of the held-out survival, left to right — a deviation from the paper's STS for "
+                      "survival curves a temperature alone cannot match (BENCHMARKS.md 'Session 17').")
     flags.DEFINE_integer("bins", 20, "Equal-width ECE bins.", lower_bound=1)
     flags.DEFINE_integer("min_class_count", 5, "A position needs this many held-out survivals and failures to get "
                          "its own temperature (otherwise T_k = 1).", lower_bound=0)
@@ -78,12 +81,15 @@ def _source_dir(spec: str, target) -> Path:
 def _reliability_table(result, min_class_count: int) -> str:
     from dspark_jax.evaluation.report import fmt, md_table
     rows = []
-    for t, fit, b, a in zip(result.temperatures, result.fitted, result.before, result.after):
-        rows.append([str(b.position), str(b.count), f"{t:.3f}" if fit else "1 (kept¹)", fmt(b.ece, pct=True),
-                     fmt(a.ece, pct=True), fmt(b.auc, 3), fmt(a.auc, 3), fmt(b.brier, 4), fmt(a.brier, 4),
-                     fmt(b.mean_label, 3)])
-    header = ["position", "rounds", "T_k", "ECE before", "ECE after", "AUC before", "AUC after", "Brier before",
-              "Brier after", "observed survival"]
+    with_bias = any(result.biases)
+    for t, beta, fit, b, a in zip(result.temperatures, result.biases, result.fitted, result.before, result.after):
+        rows.append([str(b.position), str(b.count), f"{t:.3f}" if fit else "1 (kept¹)"]
+                    + ([f"{beta:+.3f}" if fit else "0"] if with_bias else [])
+                    + [fmt(b.ece, pct=True), fmt(a.ece, pct=True), fmt(b.auc, 3), fmt(a.auc, 3), fmt(b.brier, 4),
+                       fmt(a.brier, 4), fmt(b.mean_label, 3)])
+    header = (["position", "rounds", "T_k"] + (["β_k"] if with_bias else [])
+              + ["ECE before", "ECE after", "AUC before", "AUC after", "Brier before", "Brier after",
+                 "observed survival"])
     table = "\n".join(md_table(header, rows))
     if not all(result.fitted):
         table += (f"\n\n¹ fewer than {min_class_count} held-out survivals or failures at this position: temperature "
@@ -119,19 +125,21 @@ def _write_report(report: Path, rec, result, calibration: dict, extra: dict) -> 
     from dspark_jax.evaluation.report import json_safe
     from dspark_jax.utils.results import write_result
 
-    temps = np.asarray(result.temperatures)
-    pairs = lambda t: survival_pairs(survival_confidences(rec.confidence_logits, t), rec.accept_flags,  # noqa: E731
-                                     rec.proposed)
-    plot = plot_reliability({"before (T=1)": pairs(np.ones_like(temps)), "after STS": pairs(temps)},
+    temps, biases = np.asarray(result.temperatures), np.asarray(result.biases)
+    pairs = lambda t, b=None: survival_pairs(survival_confidences(rec.confidence_logits, t, b),  # noqa: E731
+                                             rec.accept_flags, rec.proposed)
+    name = "STS + bias" if biases.any() else "STS"
+    plot = plot_reliability({"before (T=1)": pairs(np.ones_like(temps)), f"after {name}": pairs(temps, biases)},
                             report / "reliability_before_after.png", bins=calibration["ece_bins"],
-                            title=f"Held-out prefix-survival reliability before / after STS ({len(rec)} rounds)")
-    positions = [dict(temperature=t, fitted=f, before=dataclasses.asdict(b), after=dataclasses.asdict(a))
-                 for t, f, b, a in zip(result.temperatures, result.fitted, result.before, result.after)]
+                            title=f"Held-out prefix-survival reliability before / after {name} ({len(rec)} rounds)")
+    positions = [dict(temperature=t, bias=beta, fitted=f, before=dataclasses.asdict(b), after=dataclasses.asdict(a))
+                 for t, beta, f, b, a in zip(result.temperatures, result.biases, result.fitted, result.before,
+                                             result.after)]
     write_result(report / "calibration.json", json_safe(dict(calibration, **extra, positions=positions,
                                                              plot=str(plot))))
     np.savez_compressed(report / "heldout_records.npz", **rec.to_arrays())  # every held-out round, to refit offline
     md = report / "calibration.md"
-    md.write_text(f"STS of `{calibration['source']}` on {calibration['num_prompts']} held-out prompts ({len(rec)} "
+    md.write_text(f"{name} of `{calibration['source']}` on {calibration['num_prompts']} held-out prompts ({len(rec)} "
                   f"rounds, T={calibration['sampling_temperature']:g}, {calibration['max_new_tokens']} new tokens) -> "
                   f"`{extra['drafter_written']}`\n\n{_reliability_table(result, calibration['min_class_count'])}\n\n"
                   f"{_summary_line(result)}\n\nPlot: `{plot}`\n", encoding="utf-8")
@@ -150,7 +158,7 @@ def body() -> None:
 
     from dspark_jax.drafters.checkpoint import write_temperatures
     from dspark_jax.drafters.factory import load_drafter, with_confidence_temperatures
-    from dspark_jax.evaluation.calibration import STSConfig, sequential_temperature_scaling
+    from dspark_jax.evaluation.calibration import STSConfig, sequential_scale_and_bias, sequential_temperature_scaling
     from dspark_jax.evaluation.report import json_safe, reliability_summary
     from dspark_jax.evaluation.runner import decode_speculative
     from dspark_jax.generation import GenerationConfig
@@ -176,19 +184,25 @@ def body() -> None:
         f"  [{d}/{n}] prompts", file=sys.stderr, flush=True)).records
     if not len(rec):
         raise ValueError("the held-out rollouts produced no verification rounds (every prompt stopped at once)")
-    result = sequential_temperature_scaling(rec.confidence_logits, rec.accept_flags, rec.proposed, sts)
+    fit = sequential_scale_and_bias if FLAGS.bias else sequential_temperature_scaling
+    result = fit(rec.confidence_logits, rec.accept_flags, rec.proposed, sts)
 
     calibration = json_safe(dict(
-        method="sequential temperature scaling (ECE of the cumulative product, left to right)",
-        temperatures=list(result.temperatures), fitted=list(result.fitted), min_class_count=sts.min_class_count,
+        method=("sequential temperature and per-position bias (likelihood of the cumulative product's survival, left "
+                "to right; a deviation from the paper's STS)" if FLAGS.bias else
+                "sequential temperature scaling (ECE of the cumulative product, left to right)"),
+        temperatures=list(result.temperatures), biases=list(result.biases), fitted=list(result.fitted),
+        min_class_count=sts.min_class_count,
         prompts=prompt_source, num_prompts=len(prompts), rounds=len(rec), sampling_temperature=gen.temperature,
         max_new_tokens=gen.max_new_tokens, seed=gen.seed, ece_bins=sts.bins,
         grid=dict(t_min=sts.t_min, t_max=sts.t_max, points=sts.grid_points, golden_iterations=sts.refine_iterations),
         source=str(source), before=reliability_summary(result.before), after=reliability_summary(result.after)))
-    written = write_temperatures(source, output, result.temperatures, calibration)
-    loaded = np.asarray(load_drafter(str(written), target).state["confidence"]["temperatures"][...])
-    if not np.array_equal(loaded, np.float32(result.temperatures)):
-        raise RuntimeError(f"{written}: temperatures read back {loaded} differ from the fitted {result.temperatures}")
+    written = write_temperatures(source, output, result.temperatures, calibration, result.biases)
+    head = load_drafter(str(written), target).state["confidence"]
+    for name, fitted in (("temperatures", result.temperatures), ("biases", result.biases)):
+        loaded = np.asarray(head[name][...])
+        if not np.array_equal(loaded, np.float32(fitted)):
+            raise RuntimeError(f"{written}: {name} read back {loaded} differ from the fitted {fitted}")
 
     print(_reliability_table(result, sts.min_class_count))
     print(_summary_line(result))

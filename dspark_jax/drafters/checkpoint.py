@@ -28,6 +28,9 @@ from dspark_jax.models.config import TransformerConfig
 from dspark_jax.utils.bfloat16 import BFLOAT16, bits_to_float32, to_bfloat16
 
 FORMAT_VERSION = 2
+TEMPERATURES_TENSOR = "confidence/temperatures"
+BIASES_TENSOR = "confidence/biases"
+CALIBRATION_TENSORS = (TEMPERATURES_TENSOR, BIASES_TENSOR)  # kept float32 in the file
 READABLE_VERSIONS = (1, 2)
 META_FILE, WEIGHTS_FILE = "drafter.json", "drafter.safetensors"
 
@@ -43,11 +46,11 @@ def _flat(state: nnx.State) -> dict[str, np.ndarray]:
 def save_drafter(module, path: str | os.PathLike, *, dtype=jnp.bfloat16, extra: dict | None = None) -> Path:
     """Writes the drafter directory atomically (a temp dir renamed into place): `drafter.json` and
     `drafter.safetensors`, float weights in `dtype` (real BF16 tensors by default, readable by any safetensors
-    tool; the confidence temperatures stay float32)."""
+    tool; the confidence head's calibration tensors stay float32)."""
     path = Path(path)
     tensors = {}
     for name, arr in _flat(nnx.state(module)).items():
-        if np.issubdtype(arr.dtype, np.floating) and "temperatures" not in name:
+        if np.issubdtype(arr.dtype, np.floating) and name not in CALIBRATION_TENSORS:
             arr = to_bfloat16(arr) if dtype == jnp.bfloat16 else np.asarray(arr, np.float32)
         tensors[name] = np.array(arr, order="C")  # keeps 0-d arrays 0-d
     meta = dict(format_version=FORMAT_VERSION, drafter_config=dataclasses.asdict(module.config),
@@ -111,6 +114,8 @@ def load_drafter_module(path: str | os.PathLike, target: TransformerConfig, dtyp
     flat = []
     for path_, leaf in nnx.to_flat_state(state):
         name = "/".join(str(k) for k in path_)
+        if name == BIASES_TENSOR and name not in decoded:  # drafter files from before the per-position bias
+            decoded[name] = np.zeros(leaf.shape, np.float32)
         if name not in decoded:
             raise DrafterFileError(f"{path}: missing tensor {name!r}")
         arr = decoded.pop(name)
@@ -125,13 +130,12 @@ def load_drafter_module(path: str | os.PathLike, target: TransformerConfig, dtyp
     return nnx.merge(graphdef, new_state)
 
 
-TEMPERATURES_TENSOR = "confidence/temperatures"
-
-
-def write_temperatures(src: str | os.PathLike, dst: str | os.PathLike, temperatures, calibration: dict) -> Path:
+def write_temperatures(src: str | os.PathLike, dst: str | os.PathLike, temperatures, calibration: dict,
+                       biases=None) -> Path:
     """Copies the drafter directory `src` to `dst` (which may be `src` itself) with new confidence-head
-    temperatures [G] (float32) and `calibration` recorded in drafter.json; every other tensor is copied
-    byte for byte. Written to a temporary directory first and swapped into place."""
+    temperatures [G] and per-position biases [G] (float32; None: zeros) and `calibration` recorded in
+    drafter.json; every other tensor is copied byte for byte. Written to a temporary directory first and swapped
+    into place. Raises ValueError for temperatures that are not positive and finite or biases not finite."""
     src, dst = Path(src), Path(dst)
     meta = read_meta(src)
     tensors = load_file(str(src / WEIGHTS_FILE))
@@ -141,7 +145,11 @@ def write_temperatures(src: str | os.PathLike, dst: str | os.PathLike, temperatu
     if temps.shape != tensors[TEMPERATURES_TENSOR].shape or not (np.isfinite(temps) & (temps > 0)).all():
         raise ValueError(f"temperatures must be {tensors[TEMPERATURES_TENSOR].shape[0]} positive finite numbers, "
                          f"got {temps.tolist()}")
+    bias = np.zeros_like(temps) if biases is None else np.asarray(biases, np.float32)
+    if bias.shape != temps.shape or not np.isfinite(bias).all():
+        raise ValueError(f"biases must be {temps.shape[0]} finite numbers, got {bias.tolist()}")
     tensors[TEMPERATURES_TENSOR] = temps
+    tensors[BIASES_TENSOR] = bias
     meta["calibration"] = calibration
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=dst.name + ".tmp"))

@@ -195,10 +195,12 @@ def load_drafter(spec: str, target: Target, *, algorithm: str = "dspark", gamma:
     return Drafter(module.config, graphdef, state, str(path))
 
 
-def with_confidence_temperatures(drafter: Drafter, temperatures) -> Drafter:
-    """The same drafter with confidence-head temperatures T_k replaced (c_k = σ(z_k / T_k); all ones = the raw
-    head). Proposals do not depend on them; a confidence threshold and the scheduler do."""
-    module = nnx.merge(drafter.graphdef, drafter.state)
+def with_confidence_temperatures(drafter: Drafter, temperatures, biases=None) -> Drafter:
+    """The same drafter with confidence-head temperatures T_k and per-position biases β_k replaced (c_k =
+    σ(z_k / T_k + β_k); ones and zeros = the raw head; biases None: zeros). Proposals do not depend on them; a
+    confidence threshold and the scheduler do; `drafter` itself is left unchanged. Raises ValueError for a drafter
+    without a confidence head, temperatures that are not positive and finite, or biases not finite."""
+    module = nnx.merge(drafter.graphdef, drafter.state, copy=True)  # merged Variables would alias drafter.state's
     head = getattr(module, "confidence", None)
     if head is None:
         raise ValueError(f"drafter {drafter.source} ({drafter.config.algorithm}) has no confidence head")
@@ -206,6 +208,10 @@ def with_confidence_temperatures(drafter: Drafter, temperatures) -> Drafter:
     if temps.shape != head.temperatures[...].shape or not (np.isfinite(temps) & (temps > 0)).all():
         raise ValueError(f"temperatures must be {head.temperatures[...].shape[0]} positive finite numbers, "
                          f"got {temps.tolist()}")
+    bias = np.zeros_like(temps) if biases is None else np.asarray(biases, np.float32)
+    if bias.shape != temps.shape or not np.isfinite(bias).all():
+        raise ValueError(f"biases must be {temps.shape[0]} finite numbers, got {bias.tolist()}")
     head.temperatures.value = jnp.asarray(temps)
+    head.biases.value = jnp.asarray(bias)
     graphdef, state = nnx.split(module)
     return Drafter(drafter.config, graphdef, state, drafter.source)

@@ -50,19 +50,23 @@ class MarkovHead(nnx.Module):
 
 
 class ConfidenceHead(nnx.Module):
-    """c_k = σ((w·[h_k; W1[x_{k-1}]] + b) / T_k): predicted P(slot k accepted | earlier slots accepted).
+    """c_k = σ(z_k / T_k + β_k), z_k = w·[h_k; W1[x_{k-1}]] + b: predicted P(slot k accepted | earlier slots
+    accepted).
 
-    T_k are Sequential-Temperature-Scaling temperatures (1 until calibrated)."""
+    T_k are Sequential-Temperature-Scaling temperatures (spec §calibration; 1 until calibrated); β_k per-position
+    biases (0 unless `dspark calibrate --bias` fitted them: a deviation from the paper's STS, for positions whose
+    survival a temperature alone cannot match)."""
 
     def __init__(self, in_dim: int, block_size: int, dtype, rngs: nnx.Rngs):
         self.w = param(rngs, (in_dim,), ("embed",), dtype)
         self.b = nnx.Param(jnp.zeros((), dtype), sharding_names=(), eager_sharding=False)
         self.temperatures = nnx.Variable(jnp.ones((block_size,), jnp.float32))
+        self.biases = nnx.Variable(jnp.zeros((block_size,), jnp.float32))
 
     def logit(self, features: jax.Array) -> jax.Array:
         return (features @ self.w[...] + self.b[...]).astype(jnp.float32)
 
     def calibrated(self, logits: jax.Array) -> jax.Array:
-        """σ(z_k / T_k) for logits [..., G]."""
+        """σ(z_k / T_k + β_k) for logits [..., G]."""
         g = logits.shape[-1]  # a drafter may run with fewer slots than it was trained with
-        return jax.nn.sigmoid(logits / self.temperatures[...][:g])
+        return jax.nn.sigmoid(logits / self.temperatures[...][:g] + self.biases[...][:g])

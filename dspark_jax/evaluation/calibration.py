@@ -7,6 +7,11 @@ neighbours. A position with fewer than `min_class_count` survivals or failures k
 temperature fitted to a handful of outcomes would push c_k to 0 or 1). A positive temperature keeps the
 order of σ(z_k/T_k) at each position; the cumulative product's order across rounds can still change a
 little (its ROC-AUC is reported before and after).
+
+`sequential_scale_and_bias` (a deviation from the paper, `dspark calibrate --bias`) fits c_k = σ(z_k / T_k + β_k)
+left to right in the same way, (T_k, β_k) maximising the likelihood of the realised survival: a temperature
+alone cannot lower a survival curve that is too high at every confidence (BENCHMARKS.md "Session 17": held-out
+ECE at positions 2–7 of 7–9 % with STS, 3–4 % with the bias, fitted and scored on disjoint requests).
 """
 from __future__ import annotations
 
@@ -40,18 +45,21 @@ class STSConfig:
 @dataclasses.dataclass(frozen=True)
 class STSResult:
     temperatures: tuple[float, ...]
-    fitted: tuple[bool, ...]  # False: too few survivals or failures at that position, T_k kept at 1
-    before: list[PositionReliability]  # raw head (all T = 1)
-    after: list[PositionReliability]  # with the fitted temperatures
+    fitted: tuple[bool, ...]  # False: too few survivals or failures at that position, T_k kept at 1 (β_k at 0)
+    before: list[PositionReliability]  # raw head (all T = 1, β = 0)
+    after: list[PositionReliability]  # with the fitted temperatures (and biases)
+    biases: tuple[float, ...]  # per-position β_k: zeros for STS
 
 
 def _log_sigmoid(x: np.ndarray) -> np.ndarray:
     return -np.logaddexp(0.0, -x)
 
 
-def survival_confidences(logits: np.ndarray, temperatures: np.ndarray) -> np.ndarray:
-    """c_k = σ(z_k / T_k) for logits [N, G] (float64)."""
-    return np.exp(_log_sigmoid(np.asarray(logits, np.float64) / np.asarray(temperatures, np.float64)))
+def survival_confidences(logits: np.ndarray, temperatures: np.ndarray, biases: np.ndarray | None = None
+                         ) -> np.ndarray:
+    """c_k = σ(z_k / T_k + β_k) for logits [N, G] (float64; biases None: 0)."""
+    x = np.asarray(logits, np.float64) / np.asarray(temperatures, np.float64)
+    return np.exp(_log_sigmoid(x if biases is None else x + np.asarray(biases, np.float64)))
 
 
 def golden_section_minimize(f: Callable[[float], float], lo: float, hi: float, iterations: int) -> float:
@@ -120,4 +128,47 @@ def sequential_temperature_scaling(logits: np.ndarray, accept_flags: np.ndarray,
     after = position_reliability(survival_confidences(logits, temps), accept_flags, proposed, config.bins)
     fitted = fittable_positions(accept_flags, proposed, config.min_class_count)
     return STSResult(temperatures=tuple(float(t) for t in temps), fitted=tuple(bool(f) for f in fitted),
-                     before=before, after=after)
+                     before=before, after=after, biases=(0.0,) * len(temps))
+
+
+def fit_sequential_scale_and_bias(logits: np.ndarray, accept_flags: np.ndarray, proposed: np.ndarray,
+                                  config: STSConfig = STSConfig()) -> tuple[np.ndarray, np.ndarray]:
+    """(temperatures [G], biases [G]) from held-out rounds (shapes as `fit_sequential_temperatures`): for k = 1..G,
+    with the earlier positions fixed, (T_k, β_k) maximise the likelihood of the survival labels of the rounds that
+    verified position k under Π_{i<=k} σ(z_i / T_i + β_i) (Nelder–Mead over (log T_k, β_k) from (0, 0); T_k
+    clipped to [t_min, t_max]). Positions that are not `fittable_positions` keep T = 1, β = 0."""
+    from scipy.optimize import minimize
+    logits = np.asarray(logits, np.float64)
+    flags = np.cumprod(np.asarray(accept_flags, bool), axis=1).astype(bool)
+    proposed = np.asarray(proposed)
+    g = logits.shape[1]
+    temps, biases = np.ones(g), np.zeros(g)
+    log_prefix = np.zeros(len(logits))
+    fit = fittable_positions(flags, proposed, config.min_class_count)
+    lo, hi = math.log(config.t_min), math.log(config.t_max)
+    for k in range(g):
+        rows = proposed > k
+        z, label, prior = logits[rows, k], flags[rows, k], log_prefix[rows]
+        if rows.any() and fit[k]:
+            def nll(p):
+                log_a = np.minimum(prior + _log_sigmoid(z / math.exp(np.clip(p[0], lo, hi)) + p[1]), -1e-12)
+                return -np.mean(np.where(label, log_a, np.log(-np.expm1(log_a))))
+
+            best = minimize(nll, np.zeros(2), method="Nelder-Mead",
+                            options=dict(xatol=1e-6, fatol=1e-10, maxiter=4000)).x
+            temps[k], biases[k] = math.exp(float(np.clip(best[0], lo, hi))), float(best[1])
+        log_prefix = log_prefix + _log_sigmoid(logits[:, k] / temps[k] + biases[k])
+    return temps, biases
+
+
+def sequential_scale_and_bias(logits: np.ndarray, accept_flags: np.ndarray, proposed: np.ndarray,
+                              config: STSConfig = STSConfig()) -> STSResult:
+    """Fits temperatures and per-position biases (`fit_sequential_scale_and_bias`) and reports per-position
+    reliability before (T = 1, β = 0) and after."""
+    temps, biases = fit_sequential_scale_and_bias(logits, accept_flags, proposed, config)
+    before = position_reliability(survival_confidences(logits, np.ones_like(temps)), accept_flags, proposed,
+                                  config.bins)
+    after = position_reliability(survival_confidences(logits, temps, biases), accept_flags, proposed, config.bins)
+    fitted = fittable_positions(accept_flags, proposed, config.min_class_count)
+    return STSResult(temperatures=tuple(float(t) for t in temps), fitted=tuple(bool(f) for f in fitted),
+                     before=before, after=after, biases=tuple(float(b) for b in biases))

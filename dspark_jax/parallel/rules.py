@@ -10,7 +10,7 @@ A dimension whose size is not divisible by its mesh axes is replicated instead (
 97 on model=4, or batch 3 on data=2): the result is the same, only memory and speed differ. Mesh axes
 the mesh lacks (no `model` axis under `--mesh data=8`) and an axis already used by an earlier dimension
 of the same array are dropped the same way. Variables without names (counters, vocabulary maps,
-calibration temperatures) are replicated.
+calibration temperatures and biases) are replicated.
 """
 from __future__ import annotations
 

@@ -181,6 +181,8 @@ def _dspark(target_name: str, kind: str, vocab: str, seed: int = 11):
     if drafter.confidence is not None:
         drafter.confidence.temperatures[...] = jnp.asarray(np.random.default_rng(seed).uniform(0.5, 2.0, G),
                                                            jnp.float32)
+        drafter.confidence.biases[...] = jnp.asarray(np.random.default_rng(seed + 1).uniform(-1.0, 1.0, G),
+                                                     jnp.float32)
     return cfg, target, dcfg, drafter, draft_ids
 
 
@@ -245,6 +247,7 @@ def test_propose_matches_reference(target_name, kind, vocab):
     markov = None if kind in ("dflash", "confonly") else kind
     has_conf = drafter.confidence is not None
     temps = np.asarray(drafter.confidence.temperatures[...]) if has_conf else None
+    biases = np.asarray(drafter.confidence.biases[...]) if has_conf else None
     feats, tokens, rng = _scenario(cfg, len(dcfg.target_layer_ids) * cfg.hidden_size, draft_ids, seed=5)
     state0 = _garbage_cache(drafter.init_state(B, MAX_LEN), rng)
     head_ref = ref.target_head_rows(tp, draft_ids)
@@ -267,7 +270,7 @@ def test_propose_matches_reference(target_name, kind, vocab):
             np.testing.assert_array_equal(np.asarray(greedy.tokens[b]), d2t[idx], err_msg=where)
             np.testing.assert_array_equal(np.asarray(greedy.p_draft[b]), np.eye(len(head_ref))[idx], err_msg=where)
             _close(greedy.confidence_logits[b], conf, what=f"confidence logits, {where}")
-            _close(greedy.confidence[b], ref.sigmoid(conf / temps) if has_conf else np.ones(G), what=where)
+            _close(greedy.confidence[b], ref.sigmoid(conf / temps + biases) if has_conf else np.ones(G), what=where)
             # T = 0.8: p_draft = softmax(corrected logits / T), teacher-forced on the tokens JAX drew
             drawn = np.asarray(warm.draft_index[b])
             np.testing.assert_array_equal(np.asarray(warm.tokens[b]), d2t[drawn], err_msg=where)

@@ -16,7 +16,8 @@ from dspark_jax.drafters.checkpoint import (META_FILE, WEIGHTS_FILE, DrafterFile
 from dspark_jax.drafters.config import make_drafter_config
 from dspark_jax.drafters.dspark import DSparkDrafter
 from dspark_jax.drafters.factory import Drafter, with_confidence_temperatures
-from dspark_jax.evaluation.calibration import (STSConfig, fit_sequential_temperatures, golden_section_minimize,
+from dspark_jax.evaluation.calibration import (STSConfig, fit_sequential_scale_and_bias, fit_sequential_temperatures,
+                                               golden_section_minimize, sequential_scale_and_bias,
                                                sequential_temperature_scaling, survival_confidences)
 
 G = 4
@@ -45,6 +46,27 @@ def test_sts_lowers_ece_keeps_order_and_auc():
     for k in range(G):  # a positive temperature never reorders a position's confidences
         order = np.argsort(z[:, k], kind="stable")
         assert (np.diff(c_cal[order, k]) >= 0).all() and (np.diff(c_raw[order, k]) >= 0).all()
+
+
+def test_a_per_position_bias_fits_what_a_temperature_cannot():
+    """Acceptance σ(z_k / T_k + β_k) with biases: the scale-and-bias fit recovers (T_k, β_k) and a calibrated
+    survival (ECE < 2 % at every position), while STS, a temperature only, stays off at the biased positions."""
+    true_t, true_b = np.array([1.0, 0.5, 2.0, 1.0]), np.array([-1.0, 0.8, -0.6, 0.0])
+    rng = np.random.default_rng(2)
+    z = rng.normal(0.5, 2.0, (20000, G))
+    flags = np.cumprod(rng.random(z.shape) < survival_confidences(z, true_t, true_b), axis=1).astype(bool)
+    proposed = np.full(len(z), G)
+    temps, biases = fit_sequential_scale_and_bias(z, flags, proposed)
+    np.testing.assert_allclose(temps, true_t, rtol=0.15)
+    np.testing.assert_allclose(biases, true_b, atol=0.15)
+    both, sts = sequential_scale_and_bias(z, flags, proposed), sequential_temperature_scaling(z, flags, proposed)
+    assert both.biases == tuple(biases) and sts.biases == (0.0,) * G
+    assert all(a.ece < 0.02 for a in both.after), both.after
+    assert max(a.ece for a in sts.after) > 0.03 > max(a.ece for a in both.after)
+    few = flags.copy()
+    few[:, 2:] = False  # nobody survives past position 2: T = 1, β = 0 kept there
+    t_few, b_few = fit_sequential_scale_and_bias(z, few, proposed)
+    assert (t_few[2:] == 1.0).all() and (b_few[2:] == 0.0).all() and b_few[0] != 0.0
 
 
 def test_positions_without_enough_outcomes_keep_temperature_one():
@@ -98,6 +120,28 @@ def test_temperatures_round_trip_through_a_drafter_directory(drafter_dir, tmp_pa
     assert meta["calibration"]["temperatures"] == temps and meta["note"] == "x"
 
 
+def test_biases_round_trip_and_files_without_them_load_with_zeros(drafter_dir, tmp_path):
+    from safetensors.numpy import load_file, save_file
+    cfg, src = drafter_dir
+    temps, biases = [0.5, 2.0, 3.0, 0.25], [-0.5, 0.25, 0.0, 1.5]
+    out = write_temperatures(src, tmp_path / "calibrated", temps, {}, biases)
+    head = load_drafter_module(out, cfg).confidence
+    np.testing.assert_array_equal(np.asarray(head.biases[...]), np.float32(biases))
+    assert load_file(str(out / WEIGHTS_FILE))["confidence/biases"].dtype == np.float32
+    z = jnp.array([[0.7, -1.2, 2.0, 0.3]])
+    np.testing.assert_allclose(np.asarray(head.calibrated(z)),
+                               survival_confidences(np.asarray(z), np.float32(temps), np.float32(biases)), rtol=1e-6)
+    old = tmp_path / "old"  # a drafter file written before the bias existed
+    old.mkdir()
+    (old / META_FILE).write_text((out / META_FILE).read_text())
+    tensors = load_file(str(out / WEIGHTS_FILE))
+    del tensors["confidence/biases"]
+    save_file(tensors, str(old / WEIGHTS_FILE))
+    np.testing.assert_array_equal(np.asarray(load_drafter_module(old, cfg).confidence.biases[...]), 0.0)
+    with pytest.raises(ValueError, match="biases must be"):
+        write_temperatures(src, tmp_path / "bad", temps, {}, [0.0, np.nan, 0.0, 0.0])
+
+
 def test_write_temperatures_in_place_and_bad_input(drafter_dir, tmp_path):
     import shutil
     cfg, src = drafter_dir
@@ -127,6 +171,14 @@ def test_with_confidence_temperatures(drafter_dir):
     np.testing.assert_array_equal(np.asarray(head.temperatures[...]), 4.0)
     with pytest.raises(ValueError, match="positive"):
         with_confidence_temperatures(d, [0.0] * G)
+    biased = nnx.merge(*(lambda x: (x.graphdef, x.state))(with_confidence_temperatures(d, [1.0] * G, [0.5] * G)))
+    np.testing.assert_array_equal(np.asarray(biased.confidence.biases[...]), 0.5)
+    np.testing.assert_array_equal(np.asarray(head.biases[...]), 0.0)  # biases None: zeros
+    np.testing.assert_array_equal(np.asarray(head.temperatures[...]), 4.0)  # earlier results are not aliased
+    np.testing.assert_array_equal(np.asarray(nnx.merge(d.graphdef, d.state).confidence.temperatures[...]),
+                                  np.asarray(module.confidence.temperatures[...]))  # nor the input drafter
+    with pytest.raises(ValueError, match="biases must be"):
+        with_confidence_temperatures(d, [1.0] * G, [0.5] * (G + 1))
 
 
 def test_drafters_are_written_as_real_bf16_safetensors_and_format_1_still_loads(tmp_path):

@@ -113,7 +113,7 @@ def test_every_parameter_name_has_a_rule(alg, head):
         assert specs["draft_to_target"] == P()  # unnamed variables are replicated
         if alg == "dspark":
             assert specs["markov/w2"] == P(None, "model")
-            assert specs["confidence/temperatures"] == P()
+            assert specs["confidence/temperatures"] == P() and specs["confidence/biases"] == P()
 
 
 def test_single_device_mesh_places_state_and_optimizer():

@@ -13,10 +13,6 @@ import argparse
 import numpy as np
 
 
-def _log_sigmoid(x: np.ndarray) -> np.ndarray:
-    return -np.logaddexp(0.0, -x)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--records", required=True, help="heldout_records.npz written by dspark calibrate --report_dir")
@@ -24,7 +20,8 @@ def main():
     ap.add_argument("--output", default="benchmarks/results/calibration_refit.json")
     args = ap.parse_args()
 
-    from dspark_jax.evaluation.calibration import fit_sequential_scale_and_bias, fit_sequential_temperatures
+    from dspark_jax.evaluation.calibration import (fit_sequential_scale_and_bias, fit_sequential_temperatures,
+                                                   survival_confidences)
     from dspark_jax.evaluation.reliability import expected_calibration_error
     from dspark_jax.utils.results import write_result
 
@@ -40,12 +37,12 @@ def main():
         fit, test = (request % 2) == half, (request % 2) != half
         temps = fit_sequential_temperatures(z[fit], flags[fit], proposed[fit])
         scale_temps, biases = fit_sequential_scale_and_bias(z[fit], flags[fit], proposed[fit])
-        methods = {"raw head": np.cumsum(_log_sigmoid(z[test]), 1),
-                   "STS (temperatures)": np.cumsum(_log_sigmoid(z[test] / temps), 1),
-                   "scale + bias": np.cumsum(_log_sigmoid(z[test] / scale_temps + biases), 1)}
-        for name, log_a in methods.items():
-            verified = proposed[test][:, None] > np.arange(g)[None]
-            ece = [expected_calibration_error(np.exp(log_a[verified[:, k], k]), survived[test][verified[:, k], k],
+        methods = {"raw head": (np.ones(g), None), "STS (temperatures)": (temps, None),
+                   "scale + bias": (scale_temps, biases)}
+        verified = proposed[test][:, None] > np.arange(g)[None]
+        for name, (t, b) in methods.items():
+            survival = np.cumprod(survival_confidences(z[test], t, b), axis=1)
+            ece = [expected_calibration_error(survival[verified[:, k], k], survived[test][verified[:, k], k],
                                               args.bins) for k in range(g)]
             rows.append(dict(fit_half=half, method=name, ece=ece, rounds_fit=int(fit.sum()),
                              rounds_scored=int(test.sum())))

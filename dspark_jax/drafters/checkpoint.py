@@ -130,6 +130,18 @@ def load_drafter_module(path: str | os.PathLike, target: TransformerConfig, dtyp
     return nnx.merge(graphdef, new_state)
 
 
+def checked_calibration(temperatures, biases, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(temperatures [G], biases [G]) as float32 (biases None: zeros); raises ValueError unless there are G
+    positive finite temperatures and G finite biases."""
+    temps = np.asarray(temperatures, np.float32)
+    if temps.shape != (block_size,) or not (np.isfinite(temps) & (temps > 0)).all():
+        raise ValueError(f"temperatures must be {block_size} positive finite numbers, got {temps.tolist()}")
+    bias = np.zeros_like(temps) if biases is None else np.asarray(biases, np.float32)
+    if bias.shape != temps.shape or not np.isfinite(bias).all():
+        raise ValueError(f"biases must be {block_size} finite numbers, got {bias.tolist()}")
+    return temps, bias
+
+
 def write_temperatures(src: str | os.PathLike, dst: str | os.PathLike, temperatures, calibration: dict,
                        biases=None) -> Path:
     """Copies the drafter directory `src` to `dst` (which may be `src` itself) with new confidence-head
@@ -141,13 +153,7 @@ def write_temperatures(src: str | os.PathLike, dst: str | os.PathLike, temperatu
     tensors = load_file(str(src / WEIGHTS_FILE))
     if TEMPERATURES_TENSOR not in tensors:
         raise DrafterFileError(f"{src}: this drafter has no confidence head (no {TEMPERATURES_TENSOR!r})")
-    temps = np.asarray(temperatures, np.float32)
-    if temps.shape != tensors[TEMPERATURES_TENSOR].shape or not (np.isfinite(temps) & (temps > 0)).all():
-        raise ValueError(f"temperatures must be {tensors[TEMPERATURES_TENSOR].shape[0]} positive finite numbers, "
-                         f"got {temps.tolist()}")
-    bias = np.zeros_like(temps) if biases is None else np.asarray(biases, np.float32)
-    if bias.shape != temps.shape or not np.isfinite(bias).all():
-        raise ValueError(f"biases must be {temps.shape[0]} finite numbers, got {bias.tolist()}")
+    temps, bias = checked_calibration(temperatures, biases, tensors[TEMPERATURES_TENSOR].shape[0])
     tensors[TEMPERATURES_TENSOR] = temps
     tensors[BIASES_TENSOR] = bias
     meta["calibration"] = calibration

@@ -9,7 +9,7 @@ import numpy as np
 from flax import nnx
 
 from dspark_jax.data import training_prompts
-from dspark_jax.drafters.checkpoint import is_drafter_dir, load_drafter_module, read_meta
+from dspark_jax.drafters.checkpoint import checked_calibration, is_drafter_dir, load_drafter_module, read_meta
 from dspark_jax.drafters.config import DrafterConfig, make_drafter_config
 from dspark_jax.drafters.deepspec import load_deepspec_drafter
 from dspark_jax.drafters.hybrid import HybridDrafter
@@ -204,13 +204,7 @@ def with_confidence_temperatures(drafter: Drafter, temperatures, biases=None) ->
     head = getattr(module, "confidence", None)
     if head is None:
         raise ValueError(f"drafter {drafter.source} ({drafter.config.algorithm}) has no confidence head")
-    temps = np.asarray(temperatures, np.float32)
-    if temps.shape != head.temperatures[...].shape or not (np.isfinite(temps) & (temps > 0)).all():
-        raise ValueError(f"temperatures must be {head.temperatures[...].shape[0]} positive finite numbers, "
-                         f"got {temps.tolist()}")
-    bias = np.zeros_like(temps) if biases is None else np.asarray(biases, np.float32)
-    if bias.shape != temps.shape or not np.isfinite(bias).all():
-        raise ValueError(f"biases must be {temps.shape[0]} finite numbers, got {bias.tolist()}")
+    temps, bias = checked_calibration(temperatures, biases, head.temperatures[...].shape[0])
     head.temperatures.value = jnp.asarray(temps)
     head.biases.value = jnp.asarray(bias)
     graphdef, state = nnx.split(module)

@@ -10,7 +10,7 @@ little (its ROC-AUC is reported before and after).
 
 `sequential_scale_and_bias` (a deviation from the paper, `dspark calibrate --bias`) fits c_k = σ(z_k / T_k + β_k)
 left to right in the same way, (T_k, β_k) maximising the likelihood of the realised survival: a temperature
-alone cannot lower a survival curve that is too high at every confidence (BENCHMARKS.md "Session 17": held-out
+alone cannot shift a survival curve that is off in one direction at every confidence (BENCHMARKS.md "Session 17": held-out
 ECE at positions 2–7 of 7–9 % with STS, 3–4 % with the bias, fitted and scored on disjoint requests).
 """
 from __future__ import annotations
@@ -123,12 +123,17 @@ def sequential_temperature_scaling(logits: np.ndarray, accept_flags: np.ndarray,
                                    config: STSConfig = STSConfig()) -> STSResult:
     """Fits the temperatures and reports per-position reliability before (T = 1) and after."""
     temps = fit_sequential_temperatures(logits, accept_flags, proposed, config)
+    return _report(logits, accept_flags, proposed, config, temps, np.zeros_like(temps))
+
+
+def _report(logits, accept_flags, proposed, config: STSConfig, temps: np.ndarray, biases: np.ndarray) -> STSResult:
+    """The fitted temperatures and biases with per-position reliability before (T = 1, β = 0) and after."""
     before = position_reliability(survival_confidences(logits, np.ones_like(temps)), accept_flags, proposed,
                                   config.bins)
-    after = position_reliability(survival_confidences(logits, temps), accept_flags, proposed, config.bins)
+    after = position_reliability(survival_confidences(logits, temps, biases), accept_flags, proposed, config.bins)
     fitted = fittable_positions(accept_flags, proposed, config.min_class_count)
     return STSResult(temperatures=tuple(float(t) for t in temps), fitted=tuple(bool(f) for f in fitted),
-                     before=before, after=after, biases=(0.0,) * len(temps))
+                     before=before, after=after, biases=tuple(float(b) for b in biases))
 
 
 def fit_sequential_scale_and_bias(logits: np.ndarray, accept_flags: np.ndarray, proposed: np.ndarray,
@@ -166,9 +171,4 @@ def sequential_scale_and_bias(logits: np.ndarray, accept_flags: np.ndarray, prop
     """Fits temperatures and per-position biases (`fit_sequential_scale_and_bias`) and reports per-position
     reliability before (T = 1, β = 0) and after."""
     temps, biases = fit_sequential_scale_and_bias(logits, accept_flags, proposed, config)
-    before = position_reliability(survival_confidences(logits, np.ones_like(temps)), accept_flags, proposed,
-                                  config.bins)
-    after = position_reliability(survival_confidences(logits, temps, biases), accept_flags, proposed, config.bins)
-    fitted = fittable_positions(accept_flags, proposed, config.min_class_count)
-    return STSResult(temperatures=tuple(float(t) for t in temps), fitted=tuple(bool(f) for f in fitted),
-                     before=before, after=after, biases=tuple(float(b) for b in biases))
+    return _report(logits, accept_flags, proposed, config, temps, biases)

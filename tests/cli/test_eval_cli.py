@@ -151,7 +151,7 @@ def test_help_lists_the_flags():
                  "--confidence_threshold", "--output_dir", "--seed", "--batch_size"):
         assert flag in r.stdout, flag
     r = run_cli("calibrate", "--help")
-    assert r.returncode == 0 and "--in_place" in r.stdout and "held-out" in r.stdout and "--bias" in r.stdout
+    assert r.returncode == 0 and "--in_place" in r.stdout and "held-out" in r.stdout and "--[no]bias" in r.stdout
 
 
 @pytest.mark.parametrize("args,message", [

@@ -2,7 +2,8 @@
 (`heldout_records.npz`): sequential temperature scaling (STS, what `dspark calibrate` fits: c_k = σ(z_k / T_k))
 against a per-position temperature and bias (`dspark calibrate --bias`: c_k = σ(z_k / T_k + β_k), fitted left to
 right by the likelihood of the observed survival), each fitted on one half of the requests and scored on the other (ECE of the survival
-Π_{i≤k} c_i, 20 bins), both ways round.
+Π_{i≤k} c_i, 20 bins), both ways round; with the ECE a perfectly calibrated head would show on the scored half
+(`reliability.ece_noise_floor`: sampling noise at that many rounds).
 
     python benchmarks/calibration_refit.py --records benchmarks/results/eval/calibration_t0_s17/heldout_records.npz
 """
@@ -22,7 +23,7 @@ def main():
 
     from dspark_jax.evaluation.calibration import (fit_sequential_scale_and_bias, fit_sequential_temperatures,
                                                    survival_confidences)
-    from dspark_jax.evaluation.reliability import expected_calibration_error
+    from dspark_jax.evaluation.reliability import ece_noise_floor, expected_calibration_error
     from dspark_jax.utils.results import write_result
 
     rec = np.load(args.records)
@@ -44,9 +45,11 @@ def main():
             survival = np.cumprod(survival_confidences(z[test], t, b), axis=1)
             ece = [expected_calibration_error(survival[verified[:, k], k], survived[test][verified[:, k], k],
                                               args.bins) for k in range(g)]
-            rows.append(dict(fit_half=half, method=name, ece=ece, rounds_fit=int(fit.sum()),
+            floor = [ece_noise_floor(survival[verified[:, k], k], args.bins) for k in range(g)]
+            rows.append(dict(fit_half=half, method=name, ece=ece, ece_floor=floor, rounds_fit=int(fit.sum()),
                              rounds_scored=int(test.sum())))
             print(f"fit on half {half}  {name:<22} " + " ".join(f"{100 * e:5.1f}" for e in ece))
+        print(f"fit on half {half}  {'noise floor (last)':<22} " + " ".join(f"{100 * e:5.1f}" for e in floor))
         rows[-1].update(temperatures=scale_temps.tolist(), biases=biases.tolist())
         rows[-2]["temperatures"] = temps.tolist()
     write_result(args.output, dict(records=args.records, bins=args.bins, rows=rows))

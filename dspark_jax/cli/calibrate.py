@@ -85,12 +85,14 @@ def _reliability_table(result, min_class_count: int) -> str:
     for t, beta, fit, b, a in zip(result.temperatures, result.biases, result.fitted, result.before, result.after):
         rows.append([str(b.position), str(b.count), f"{t:.3f}" if fit else "1 (kept¹)"]
                     + ([f"{beta:+.3f}" if fit else "0"] if with_bias else [])
-                    + [fmt(b.ece, pct=True), fmt(a.ece, pct=True), fmt(b.auc, 3), fmt(a.auc, 3), fmt(b.brier, 4),
-                       fmt(a.brier, 4), fmt(b.mean_label, 3)])
+                    + [fmt(b.ece, pct=True), fmt(a.ece, pct=True), fmt(a.ece_floor, pct=True), fmt(b.auc, 3),
+                       fmt(a.auc, 3), fmt(b.brier, 4), fmt(a.brier, 4), fmt(b.mean_label, 3)])
     header = (["position", "rounds", "T_k"] + (["β_k"] if with_bias else [])
-              + ["ECE before", "ECE after", "AUC before", "AUC after", "Brier before", "Brier after",
+              + ["ECE before", "ECE after", "ECE floor²", "AUC before", "AUC after", "Brier before", "Brier after",
                  "observed survival"])
     table = "\n".join(md_table(header, rows))
+    table += ("\n\n² the ECE a perfectly calibrated head with the calibrated predictions shows at this many rounds "
+              "(`reliability.ece_noise_floor`): ECE after near it is sampling noise, not miscalibration.")
     if not all(result.fitted):
         table += (f"\n\n¹ fewer than {min_class_count} held-out survivals or failures at this position: temperature "
                   f"left at 1.")
@@ -101,7 +103,8 @@ def _summary_line(result) -> str:
     from dspark_jax.evaluation.report import reliability_summary
     b, a = reliability_summary(result.before), reliability_summary(result.after)
     return (f"count-weighted mean ECE {100 * b['ece_mean']:.2f}% -> {100 * a['ece_mean']:.2f}%, worst position "
-            f"{100 * b['ece_max']:.2f}% -> {100 * a['ece_max']:.2f}%; mean AUC {b['auc_mean']:.3f} -> "
+            f"{100 * b['ece_max']:.2f}% -> {100 * a['ece_max']:.2f}% (noise floor at this sample "
+            f"{100 * a['ece_floor_mean']:.2f}%); mean AUC {b['auc_mean']:.3f} -> "
             f"{a['auc_mean']:.3f}")
 
 

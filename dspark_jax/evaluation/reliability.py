@@ -2,7 +2,7 @@
 
 For every verified round and draft position k (only positions the target actually verified), the predicted
 prefix survival a_k = Π_{i<=k} c_i is compared with the realised outcome "first k draft tokens all accepted".
-Per position: ECE with equal-width bins, ROC-AUC (exact, rank based; ties count ½) and the Brier score.
+Per position: ECE with equal-width bins (and its noise floor at the sample size), ROC-AUC (exact, rank based; ties count ½) and the Brier score.
 """
 from __future__ import annotations
 
@@ -50,6 +50,18 @@ def expected_calibration_error(pred: np.ndarray, label: np.ndarray, bins: int = 
     return float(np.sum(np.abs(mean_pred[full] - observed[full]) * count[full]) / count.sum())
 
 
+def ece_noise_floor(pred: np.ndarray, bins: int = DEFAULT_BINS, draws: int = 100, seed: int = 0) -> float:
+    """The ECE a perfectly calibrated predictor with these predictions shows at this sample size: the mean ECE
+    of `draws` label sets drawn Bernoulli(pred) (seeded, so reports repeat). An observed ECE near it is noise,
+    not miscalibration: it falls as 1/√N (about 2 % at 4,000 rounds with 20 bins). NaN without samples."""
+    pred = np.asarray(pred, np.float64)
+    if len(pred) == 0:
+        return float("nan")
+    rng = np.random.default_rng(seed)
+    return float(np.mean([expected_calibration_error(pred, rng.random(len(pred)) < pred, bins)
+                          for _ in range(draws)]))
+
+
 def roc_auc(score: np.ndarray, label: np.ndarray) -> float:
     """P(score of a random positive > score of a random negative), ties ½ (Mann–Whitney U with mid-ranks);
     NaN unless both classes occur."""
@@ -83,6 +95,7 @@ class PositionReliability:
     brier: float
     mean_pred: float
     mean_label: float
+    ece_floor: float = float("nan")  # `ece_noise_floor` of this position's predictions
 
 
 def position_reliability(confidence: np.ndarray, accept_flags: np.ndarray, proposed: np.ndarray,
@@ -93,7 +106,8 @@ def position_reliability(confidence: np.ndarray, accept_flags: np.ndarray, propo
             position=k, count=len(pred), ece=expected_calibration_error(pred, label, bins),
             auc=roc_auc(pred, label), brier=brier_score(pred, label),
             mean_pred=float(pred.mean()) if len(pred) else float("nan"),
-            mean_label=float(label.mean()) if len(label) else float("nan")))
+            mean_label=float(label.mean()) if len(label) else float("nan"),
+            ece_floor=ece_noise_floor(pred, bins)))
     return out
 
 

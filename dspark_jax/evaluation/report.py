@@ -35,7 +35,8 @@ def json_safe(x):
 def reliability_summary(rows: list[PositionReliability]) -> dict:
     """Count-weighted means over positions (the spec's dataset summary) and the worst position's ECE."""
     eces = [r.ece for r in rows if r.count]
-    return dict(ece_mean=weighted_mean(rows, "ece"), auc_mean=weighted_mean(rows, "auc"),
+    return dict(ece_mean=weighted_mean(rows, "ece"), ece_floor_mean=weighted_mean(rows, "ece_floor"),
+                auc_mean=weighted_mean(rows, "auc"),
                 brier_mean=weighted_mean(rows, "brier"), ece_max=max(eces) if eces else None)
 
 
@@ -152,18 +153,20 @@ def markdown(result: SuiteResult, plots: dict[str, str] | None = None, title: st
     with_head = [d for d in result.drafters if d.has_confidence]
     if with_head:
         lines += ["", "**Confidence quality**: predicted prefix survival Π c_i vs realised, verified positions "
-                  f"only, all sets ({result.config.bins}-bin ECE, exact ROC-AUC, Brier):", ""]
+                  f"only, all sets ({result.config.bins}-bin ECE; ECE floor: what a perfectly calibrated head with the "
+                  "same predictions shows at this many rounds — ECE near it is noise; exact ROC-AUC, Brier):", ""]
         rows = []
         for d in with_head:
             rel = result.reliability(d.label)
             for p in rel:
-                rows.append([d.label, str(p.position), str(p.count), fmt(p.ece, pct=True), fmt(p.auc, 3),
+                rows.append([d.label, str(p.position), str(p.count), fmt(p.ece, pct=True),
+                             fmt(p.ece_floor, pct=True), fmt(p.auc, 3),
                              fmt(p.brier, 3), fmt(p.mean_pred, 3), fmt(p.mean_label, 3)])
             s = reliability_summary(rel)
             rows.append([d.label, "mean", str(sum(p.count for p in rel)), fmt(s["ece_mean"], pct=True),
-                         fmt(s["auc_mean"], 3), fmt(s["brier_mean"], 3), "", ""])
-        lines += md_table(["drafter", "position", "rounds", "ECE", "AUC", "Brier", "mean predicted", "mean observed"],
-                        rows)
+                         fmt(s["ece_floor_mean"], pct=True), fmt(s["auc_mean"], 3), fmt(s["brier_mean"], 3), "", ""])
+        lines += md_table(["drafter", "position", "rounds", "ECE", "ECE floor", "AUC", "Brier", "mean predicted",
+                           "mean observed"], rows)
         lines += ["", "**Static confidence-threshold sweep** (offline from this run; draft tokens verified per "
                   "round = accepted + rejected, acceptance rate = accepted / verified):", ""]
         rows = []

@@ -10,8 +10,9 @@ import pytest
 
 from dspark_jax.evaluation import acceptance as acc
 from dspark_jax.evaluation.records import RoundRecords
-from dspark_jax.evaluation.reliability import (brier_score, expected_calibration_error, position_reliability,
-                                               reliability_curve, roc_auc, survival_pairs, weighted_mean)
+from dspark_jax.evaluation.reliability import (brier_score, ece_noise_floor, expected_calibration_error,
+                                               position_reliability, reliability_curve, roc_auc, survival_pairs,
+                                               weighted_mean)
 from dspark_jax.evaluation.sweep import threshold_sweep
 
 
@@ -90,6 +91,20 @@ def test_survival_pairs_use_cumulative_product_and_only_verified_positions():
     assert [r.count for r in rows] == [2, 2, 1]
     assert rows[0].mean_label == 1.0 and rows[2].mean_label == 0.0
     assert weighted_mean(rows, "ece") == pytest.approx(sum(r.ece * r.count for r in rows) / 5)
+
+
+def test_ece_noise_floor_matches_the_binomial_expectation_and_falls_with_the_sample():
+    # every prediction 0.5 lies in one bin: ECE = |mean label − 0.5|, whose mean over Bernoulli(0.5) labels is
+    # ≈ √(0.25 / n) · √(2 / π) (the mean absolute value of a normal)
+    for n in (100, 400, 1600):
+        expected = np.sqrt(0.25 / n) * np.sqrt(2 / np.pi)
+        assert ece_noise_floor(np.full(n, 0.5), draws=2000) == pytest.approx(expected, rel=0.08)
+    pred = np.random.default_rng(1).uniform(0.05, 0.95, 4000)
+    assert ece_noise_floor(pred) < ece_noise_floor(pred[:1000])  # more rounds, less noise
+    assert ece_noise_floor(pred) == ece_noise_floor(pred)  # seeded: a report repeats
+    assert ece_noise_floor(np.zeros(50)) == 0.0 and np.isnan(ece_noise_floor(np.zeros(0)))
+    rows = position_reliability(np.full((400, 1), 0.5), np.ones((400, 1), bool), np.ones(400, int))
+    assert rows[0].ece == pytest.approx(0.5) and rows[0].ece_floor == pytest.approx(ece_noise_floor(np.full(400, 0.5)))
 
 
 def test_threshold_sweep_truncates_at_first_low_confidence():

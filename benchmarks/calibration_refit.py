@@ -23,13 +23,12 @@ def main():
 
     from dspark_jax.evaluation.calibration import (fit_sequential_scale_and_bias, fit_sequential_temperatures,
                                                    survival_confidences)
-    from dspark_jax.evaluation.reliability import ece_noise_floor, expected_calibration_error
+    from dspark_jax.evaluation.reliability import ece_noise_floor, expected_calibration_error, survival_pairs
     from dspark_jax.utils.results import write_result
 
     rec = np.load(args.records)
     z = rec["confidence_logits"].astype(np.float64)
     flags, proposed, request = rec["accept_flags"], rec["proposed"], rec["request"]
-    survived = np.cumprod(flags, axis=1).astype(bool)
     g = z.shape[1]
     rows = []
     print(f"{len(z)} rounds, {len(np.unique(request))} requests; ECE (%) of the survival on the held-out half, "
@@ -40,12 +39,10 @@ def main():
         scale_temps, biases = fit_sequential_scale_and_bias(z[fit], flags[fit], proposed[fit])
         methods = {"raw head": (np.ones(g), None), "STS (temperatures)": (temps, None),
                    "scale + bias": (scale_temps, biases)}
-        verified = proposed[test][:, None] > np.arange(g)[None]
         for name, (t, b) in methods.items():
-            survival = np.cumprod(survival_confidences(z[test], t, b), axis=1)
-            ece = [expected_calibration_error(survival[verified[:, k], k], survived[test][verified[:, k], k],
-                                              args.bins) for k in range(g)]
-            floor = [ece_noise_floor(survival[verified[:, k], k], args.bins) for k in range(g)]
+            pairs = survival_pairs(survival_confidences(z[test], t, b), flags[test], proposed[test])
+            ece = [expected_calibration_error(pred, label, args.bins) for pred, label in pairs]
+            floor = [ece_noise_floor(pred, args.bins) for pred, _ in pairs]
             rows.append(dict(fit_half=half, method=name, ece=ece, ece_floor=floor, rounds_fit=int(fit.sum()),
                              rounds_scored=int(test.sum())))
             print(f"fit on half {half}  {name:<22} " + " ".join(f"{100 * e:5.1f}" for e in ece))

@@ -2,7 +2,8 @@
 
 For every verified round and draft position k (only positions the target actually verified), the predicted
 prefix survival a_k = Π_{i<=k} c_i is compared with the realised outcome "first k draft tokens all accepted".
-Per position: ECE with equal-width bins (and its noise floor at the sample size), ROC-AUC (exact, rank based; ties count ½) and the Brier score.
+Per position: ECE with equal-width bins (and its noise floor at the sample size), ROC-AUC (exact, rank based;
+ties count ½) and the Brier score.
 """
 from __future__ import annotations
 

@@ -104,7 +104,8 @@ def test_ece_noise_floor_matches_the_binomial_expectation_and_falls_with_the_sam
     assert ece_noise_floor(pred) == ece_noise_floor(pred)  # seeded: a report repeats
     assert ece_noise_floor(np.zeros(50)) == 0.0 and np.isnan(ece_noise_floor(np.zeros(0)))
     rows = position_reliability(np.full((400, 1), 0.5), np.ones((400, 1), bool), np.ones(400, int))
-    assert rows[0].ece == pytest.approx(0.5) and rows[0].ece_floor == pytest.approx(ece_noise_floor(np.full(400, 0.5)))
+    assert rows[0].ece == pytest.approx(0.5)
+    assert rows[0].ece_floor == pytest.approx(ece_noise_floor(np.full(400, 0.5)))
 
 
 def test_threshold_sweep_truncates_at_first_low_confidence():

@@ -4,7 +4,8 @@ training responses of the embedded target (`dspark_jax/data/train`; never the he
 offline simulation (`evaluation.lookup_simulation.conditional_acceptance`). `NgramDrafter` starts every
 request from these means (Laplace-smoothed) and moves to its own online counts.
 
-    python benchmarks/ngram_prior.py            # ~30 s; rewrites dspark_jax/drafters/ngram_prior.json
+    python benchmarks/ngram_prior.py --max_responses 783   # ~30 s; rewrites dspark_jax/drafters/ngram_prior.json
+                                                           # (the shipped prior: the first 783 greedy responses)
 """
 from __future__ import annotations
 
@@ -24,12 +25,15 @@ def main() -> None:
     parser.add_argument("--n_max", type=int, default=6, help="tables for every n_max from 1 to this")
     parser.add_argument("--gamma", type=int, default=16)
     parser.add_argument("--output", type=Path, default=OUTPUT)
+    parser.add_argument("--responses", type=Path, default=RESPONSES, help="responses file (gzipped JSONL); another "
+                        "file with another --output compares settings, e.g. the shipped sampled responses")
+    parser.add_argument("--max_responses", type=int, default=None, help="use the first N responses (default all)")
     args = parser.parse_args()
     from dspark_jax.evaluation.lookup_simulation import conditional_acceptance
     from dspark_jax.utils.files import atomic_write_text
 
-    with gzip.open(RESPONSES, "rt") as f:
-        rows = [json.loads(line) for line in f]
+    with gzip.open(args.responses, "rt") as f:
+        rows = [json.loads(line) for line in f][:args.max_responses]
     pairs = [(r["prompt_ids"], r["response_ids"]) for r in rows]
     tables = {}
     for n_max in range(1, args.n_max + 1):  # a match of n tokens means "not n + 1": each n_max has its table
@@ -40,8 +44,9 @@ def main() -> None:
         print(f"n_max={n_max}:", file=sys.stderr)
         for n, row in enumerate(tables[str(n_max)]["mean"], 1):
             print(f"  n={n}: " + " ".join(f"{m:.2f}" for m in row), file=sys.stderr, flush=True)
-    doc = dict(source=str(RESPONSES.relative_to(ROOT)), responses=len(rows),
-               command="python benchmarks/ngram_prior.py", gamma=args.gamma, n_min=1, tables=tables)
+    source = args.responses.resolve()
+    doc = dict(source=str(source.relative_to(ROOT)) if source.is_relative_to(ROOT) else str(source),
+               responses=len(rows), command=" ".join(["python benchmarks/ngram_prior.py", *sys.argv[1:]]), gamma=args.gamma, n_min=1, tables=tables)
     atomic_write_text(args.output, json.dumps(doc, indent=None) + "\n")
     print(f"wrote {args.output}", file=sys.stderr)
 

@@ -5,7 +5,8 @@ decoding (`decoding.autoregressive.generate`), same batch, same run; and the loo
     python benchmarks/loop_overhead.py [--datasets mbpp --batch_size 8 --gamma 11 --repeats 3
                                         --drafters "ngram,default+ngram|g=7" --loops plain,verified]
 
-All loops decode the same tokens (greedy); the ratio of wall times (best of --repeats, compilation excluded;
+At T = 0 all loops decode the same tokens (greedy; checked); at --temperature > 0 (no top-k / top-p) each draws
+its own sample, and every ratio below is of time per generated token. The ratio of wall times (best of --repeats, compilation excluded;
 the repeats interleave plain decoding and every loop, so a slow minute of a noisy machine hits all of them; also
 the median and range over repeats of each run's time over plain decoding's run of the same repeat — paired)
 is the loop's overhead per round: its bookkeeping, the drafter's commit (for a model drafter in the hybrid:
@@ -31,6 +32,7 @@ def main():
                     "followed by |g=N (its gamma, default --gamma), comma-separated")
     ap.add_argument("--loops", default="plain,verified", help="which loops per drafter: 'plain' (every round "
                     "plain), 'verified' (every proposal verified), 'auto' (the profiled gate), comma-separated")
+    ap.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
     ap.add_argument("--output", default="benchmarks/results/loop_overhead.json")
     args = ap.parse_args()
     if set(args.loops.split(",")) - {"plain", "verified", "auto"}:
@@ -85,7 +87,7 @@ def main():
         encoded = encode_prompts(target, prompts, args.max_new_tokens)
         tokens, lens = pad_batch(encoded, target.config.pad_token_id, bs)
         common = dict(prompts=jnp.asarray(tokens), prompt_lens=jnp.asarray(lens),
-                      key=jax.random.split(jax.random.key(0), bs), params=SamplingParams.create(bs, 0.0, 0, 1.0))
+                      key=jax.random.split(jax.random.key(0), bs), params=SamplingParams.create(bs, args.temperature, 0, 1.0))
         static = dict(max_new_tokens=args.max_new_tokens, stop_ids=target.stop_ids, pad_id=target.config.pad_token_id)
         runs = {("plain", ""): compiled(generate, dict(common, state=target.state),
                                         dict(static, graphdef=target.graphdef))}
@@ -107,17 +109,21 @@ def main():
         timed = interleaved(runs)
         plain_times, plain = timed.pop(("plain", ""))
         plain_s = min(plain_times)
+        plain_tokens = int(np.asarray(plain.num_tokens).sum())
         for (spec, label), (times, out) in timed.items():
             same = bool((np.asarray(out.tokens) == np.asarray(plain.tokens)).all())
-            paired = [t / p for t, p in zip(times, plain_times)]  # each repeat against plain decoding's run next to it
+            per_token = plain_tokens / int(np.asarray(out.num_tokens).sum())  # 1 at T = 0 (the same tokens)
+            paired = [t / p * per_token for t, p in zip(times, plain_times)]  # against plain decoding's run next to it
             seconds = min(times)
-            rows.append(dict(dataset=name, batch_size=bs, drafter=spec, loop=label, seconds=seconds,
-                             rounds=int(np.asarray(out.rounds).max()), plain_decoding_s=plain_s,
-                             ratio=seconds / plain_s, paired_ratio_median=float(np.median(paired)),
+            ratio = seconds / plain_s * per_token
+            rows.append(dict(dataset=name, batch_size=bs, temperature=args.temperature, drafter=spec, loop=label,
+                             seconds=seconds, rounds=int(np.asarray(out.rounds).max()),
+                             tokens=int(np.asarray(out.num_tokens).sum()), plain_decoding_s=plain_s,
+                             plain_tokens=plain_tokens, ratio=ratio, paired_ratio_median=float(np.median(paired)),
                              paired_ratios=paired, times=times, plain_decoding_times=plain_times,
                              identical_to_plain=same))
             print(f"{name:<10} {spec:<14} {label:<24} {seconds:8.2f} {rows[-1]['rounds']:7d} {plain_s:17.2f} "
-                  f"{seconds / plain_s:6.2f} {np.median(paired):7.3f} [{min(paired):.3f}, {max(paired):.3f}]",
+                  f"{ratio:6.2f} {np.median(paired):7.3f} [{min(paired):.3f}, {max(paired):.3f}]",
                   flush=True)
         write_result(args.output, dict(machine=describe_machine(), **vars(args), rows=rows))
 

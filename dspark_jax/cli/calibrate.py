@@ -12,6 +12,9 @@ prompts: gsm8k lines 201+, livecodebench and arena-hard-v2 minus the prompts the
 selects (`dspark_jax.evaluation.datasets.heldout_prompts`), round-robin over the three sources, prompts
 longer than --max_prompt_tokens skipped. --prompts_file replaces them.
 Calibrate at the sampling temperature you decode with: acceptance at T=0 (greedy matching) differs from T=1.
+A drafter holds one calibration set per sampling temperature: a run at T replaces the set fitted at T and keeps
+those fitted at other temperatures (--nokeep_other_sets drops them); decoding uses, per request, the set fitted
+nearest to its temperature.
 """
 from __future__ import annotations
 
@@ -48,6 +51,9 @@ def _define_flags() -> None:
     flags.DEFINE_bool("bias", False, "Also fit a per-position bias: c_k = σ(z_k / T_k + β_k), (T_k, β_k) by the "
                       "likelihood of the held-out survival, left to right — a deviation from the paper's STS for "
                       "survival curves a temperature alone cannot match (BENCHMARKS.md 'Session 17').")
+    flags.DEFINE_bool("keep_other_sets", True, "Keep the drafter's calibration sets fitted at other sampling "
+                      "temperatures (each request uses the set fitted nearest to its temperature); "
+                      "--nokeep_other_sets: this run's set replaces them all.")
     flags.DEFINE_integer("bins", 20, "Equal-width ECE bins.", lower_bound=1)
     flags.DEFINE_integer("min_class_count", 5, "A position needs this many held-out survivals and failures to get "
                          "its own temperature (otherwise T_k = 1).", lower_bound=0)
@@ -200,10 +206,13 @@ def body() -> None:
         max_new_tokens=gen.max_new_tokens, seed=gen.seed, ece_bins=sts.bins,
         grid=dict(t_min=sts.t_min, t_max=sts.t_max, points=sts.grid_points, golden_iterations=sts.refine_iterations),
         source=str(source), before=reliability_summary(result.before), after=reliability_summary(result.after)))
-    written = write_temperatures(source, output, result.temperatures, calibration, result.biases)
+    written = write_temperatures(source, output, result.temperatures, calibration, result.biases,
+                                 keep_other_sets=FLAGS.keep_other_sets)
     head = load_drafter(str(written), target).state["confidence"]
+    at = np.asarray(head["calibrated_at"][...])
     for name, fitted in (("temperatures", result.temperatures), ("biases", result.biases)):
         loaded = np.asarray(head[name][...])
+        loaded = loaded[int(np.argmin(np.abs(at - gen.temperature)))] if loaded.ndim == 2 else loaded
         if not np.array_equal(loaded, np.float32(fitted)):
             raise RuntimeError(f"{written}: {name} read back {loaded} differ from the fitted {fitted}")
 
@@ -212,7 +221,8 @@ def body() -> None:
     md = _write_report(Path(FLAGS.report_dir), rec, result, calibration, dict(
         drafter_written=str(written), machine=describe_machine(), target=target.config.name,
         command="dspark calibrate " + " ".join(sys.argv[2:])))
-    print(f"wrote calibrated drafter {written}; report {md}", file=sys.stderr)
+    sets = ", ".join(f"T={t:g}" for t in at.tolist())
+    print(f"wrote calibrated drafter {written} (calibration sets: {sets}); report {md}", file=sys.stderr)
 
 
 def run(argv: list[str]) -> None:

@@ -30,7 +30,8 @@ from dspark_jax.utils.bfloat16 import BFLOAT16, bits_to_float32, to_bfloat16
 FORMAT_VERSION = 2
 TEMPERATURES_TENSOR = "confidence/temperatures"
 BIASES_TENSOR = "confidence/biases"
-CALIBRATION_TENSORS = (TEMPERATURES_TENSOR, BIASES_TENSOR)  # kept float32 in the file
+CALIBRATED_AT_TENSOR = "confidence/calibrated_at"  # [S] the sampling temperature of each calibration set
+CALIBRATION_TENSORS = (TEMPERATURES_TENSOR, BIASES_TENSOR, CALIBRATED_AT_TENSOR)  # kept float32 in the file
 READABLE_VERSIONS = (1, 2)
 META_FILE, WEIGHTS_FILE = "drafter.json", "drafter.safetensors"
 
@@ -111,17 +112,24 @@ def load_drafter_module(path: str | os.PathLike, target: TransformerConfig, dtyp
                                                             draft_vocab_ids=None if vocab_ids is None else
                                                             np.asarray(vocab_ids)))
     graphdef, state = nnx.split(abstract)
-    flat = []
-    for path_, leaf in nnx.to_flat_state(state):
+    flat, calibration = [], {}
+    for path_, leaf in sorted(nnx.to_flat_state(state), key=lambda kv: kv[0][-1] == "temperatures"):
         name = "/".join(str(k) for k in path_)
         if name == BIASES_TENSOR and name not in decoded:  # drafter files from before the per-position bias
-            decoded[name] = np.zeros(leaf.shape, np.float32)
+            decoded[name] = np.zeros(decoded.get(TEMPERATURES_TENSOR, np.zeros(leaf.shape)).shape, np.float32)
+        if name == CALIBRATED_AT_TENSOR and name not in decoded:  # files from before calibration sets: one set
+            decoded[name] = np.asarray([meta.get("calibration", {}).get("sampling_temperature", 0.0)], np.float32)
         if name not in decoded:
             raise DrafterFileError(f"{path}: missing tensor {name!r}")
         arr = decoded.pop(name)
+        if name in CALIBRATION_TENSORS:
+            calibration[name] = arr
         if arr.shape != leaf.shape and arr.size == 1 and leaf.size == 1:
             arr = arr.reshape(leaf.shape)  # safetensors stores scalars as [1]
-        if arr.shape != leaf.shape:
+        if name == TEMPERATURES_TENSOR:  # one set [G] or one per sampling temperature [S, G]: checked together
+            _check_calibration_tensors(path, arr, calibration[BIASES_TENSOR], calibration[CALIBRATED_AT_TENSOR],
+                                       leaf.shape[-1])
+        if name not in CALIBRATION_TENSORS and arr.shape != leaf.shape:
             raise DrafterFileError(f"{path}: tensor {name!r} has shape {arr.shape}, expected {leaf.shape}")
         flat.append((path_, jnp.asarray(arr, dtype=leaf.dtype)))
     if decoded:
@@ -142,21 +150,81 @@ def checked_calibration(temperatures, biases, block_size: int) -> tuple[np.ndarr
     return temps, bias
 
 
+def _check_calibration_tensors(path, temps: np.ndarray, biases: np.ndarray, at: np.ndarray,
+                               block_size: int) -> None:
+    """A drafter file's confidence calibration: temperatures and biases [G] (one set) or [S, G] (S > 1 sets, one
+    per sampling temperature) and calibrated_at [S] ascending; raises DrafterFileError otherwise."""
+    if temps.shape != (block_size,) and not (temps.ndim == 2 and temps.shape[1] == block_size and temps.shape[0] > 1):
+        raise DrafterFileError(f"{path}: tensor {TEMPERATURES_TENSOR!r} has shape {temps.shape}, expected "
+                               f"({block_size},) or (sets, {block_size})")
+    if biases.shape != temps.shape:
+        raise DrafterFileError(f"{path}: tensor {BIASES_TENSOR!r} has shape {biases.shape}, expected {temps.shape} "
+                               f"(as {TEMPERATURES_TENSOR!r})")
+    if not (np.isfinite(temps).all() and (temps > 0).all() and np.isfinite(biases).all()):
+        raise DrafterFileError(f"{path}: calibration temperatures must be positive and finite, biases finite")
+    sets = 1 if temps.ndim == 1 else temps.shape[0]
+    if at.shape != (sets,) or not np.isfinite(at).all() or (at < 0).any() or (np.diff(at) <= 0).any():
+        raise DrafterFileError(f"{path}: tensor {CALIBRATED_AT_TENSOR!r} must hold {sets} ascending sampling "
+                               f"temperatures >= 0 (one per calibration set), got {at.tolist()}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationSet:
+    """One confidence-head calibration: temperatures [G] and biases [G] fitted at `sampling_temperature`, and
+    the fit's record (drafter.json's `calibration` dict)."""
+    sampling_temperature: float
+    temperatures: np.ndarray
+    biases: np.ndarray
+    record: dict
+
+
+def calibration_sets(path: str | os.PathLike) -> list[CalibrationSet]:
+    """The calibration sets of a drafter directory, ascending in sampling temperature; [] for a head never
+    calibrated (no `calibration` in drafter.json). Raises DrafterFileError for a drafter without a confidence
+    head."""
+    meta = read_meta(path)
+    tensors = load_file(str(Path(path) / WEIGHTS_FILE))
+    if TEMPERATURES_TENSOR not in tensors:
+        raise DrafterFileError(f"{path}: this drafter has no confidence head (no {TEMPERATURES_TENSOR!r})")
+    records = meta.get("calibrations") or ([meta["calibration"]] if meta.get("calibration") else [])
+    if not records:
+        return []
+    temps = np.atleast_2d(tensors[TEMPERATURES_TENSOR])
+    biases = np.atleast_2d(tensors.get(BIASES_TENSOR, np.zeros_like(tensors[TEMPERATURES_TENSOR])))
+    if len(records) != temps.shape[0]:
+        raise DrafterFileError(f"{path}: {len(records)} calibration record(s) in {META_FILE} for "
+                               f"{temps.shape[0]} calibration set(s)")
+    return [CalibrationSet(float(r.get("sampling_temperature", 0.0)), t, b, r)
+            for r, t, b in zip(records, temps, biases)]
+
+
 def write_temperatures(src: str | os.PathLike, dst: str | os.PathLike, temperatures, calibration: dict,
-                       biases=None) -> Path:
+                       biases=None, *, keep_other_sets: bool = False) -> Path:
     """Copies the drafter directory `src` to `dst` (which may be `src` itself) with new confidence-head
-    temperatures [G] and per-position biases [G] (float32; None: zeros) and `calibration` recorded in
-    drafter.json; every other tensor is copied byte for byte. Written to a temporary directory first and swapped
-    into place. Raises ValueError for temperatures that are not positive and finite or biases not finite."""
+    temperatures [G] and per-position biases [G] (float32; None: zeros) fitted at
+    `calibration["sampling_temperature"]` (default 0) and `calibration` recorded in drafter.json; every other
+    tensor is copied byte for byte. `keep_other_sets`: the calibration sets `src` holds for other sampling
+    temperatures stay (one set per temperature, [S, G] tensors; decoding uses each request's nearest); otherwise
+    this set replaces them all. Written to a temporary directory first and swapped into place. Raises ValueError
+    for temperatures that are not positive and finite, biases not finite or a negative sampling temperature."""
     src, dst = Path(src), Path(dst)
     meta = read_meta(src)
+    sets = calibration_sets(src) if keep_other_sets else []
     tensors = load_file(str(src / WEIGHTS_FILE))
     if TEMPERATURES_TENSOR not in tensors:
         raise DrafterFileError(f"{src}: this drafter has no confidence head (no {TEMPERATURES_TENSOR!r})")
-    temps, bias = checked_calibration(temperatures, biases, tensors[TEMPERATURES_TENSOR].shape[0])
-    tensors[TEMPERATURES_TENSOR] = temps
-    tensors[BIASES_TENSOR] = bias
+    temps, bias = checked_calibration(temperatures, biases, tensors[TEMPERATURES_TENSOR].shape[-1])
+    at = float(calibration.get("sampling_temperature", 0.0))
+    if not (np.isfinite(at) and at >= 0):
+        raise ValueError(f"sampling_temperature must be a finite number >= 0, got {at}")
+    sets = sorted([s for s in sets if not np.isclose(s.sampling_temperature, at)]
+                  + [CalibrationSet(at, temps, bias, calibration)], key=lambda s: s.sampling_temperature)
+    one = len(sets) == 1  # a single set is stored [G], as before calibration sets
+    tensors[TEMPERATURES_TENSOR] = temps if one else np.stack([s.temperatures for s in sets]).astype(np.float32)
+    tensors[BIASES_TENSOR] = bias if one else np.stack([s.biases for s in sets]).astype(np.float32)
+    tensors[CALIBRATED_AT_TENSOR] = np.asarray([s.sampling_temperature for s in sets], np.float32)
     meta["calibration"] = calibration
+    meta["calibrations"] = [s.record for s in sets]
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=dst.name + ".tmp"))
     save_file(tensors, str(tmp / WEIGHTS_FILE))

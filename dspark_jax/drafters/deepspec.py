@@ -236,7 +236,8 @@ def _pure_dict(config: DrafterConfig, target: TransformerConfig, t: Mapping[str,
     if config.confidence_head:
         pure["confidence"] = {"w": t["confidence_head.proj.weight"][0], "b": t["confidence_head.proj.bias"][0],
                               "temperatures": np.ones((config.block_size,), np.float32),
-                              "biases": np.zeros((config.block_size,), np.float32)}
+                              "biases": np.zeros((config.block_size,), np.float32),
+                              "calibrated_at": np.zeros((1,), np.float32)}
     return pure
 
 

@@ -172,7 +172,8 @@ class DSparkDrafter(DrafterBase):
         xs = (jnp.swapaxes(base, 0, 1), jnp.swapaxes(hidden, 0, 1), keys)
         _, (idx, p, z) = jax.lax.scan(step, (self.prev_rows(anchor), rnn0), xs)
         idx, p, z = jnp.swapaxes(idx, 0, 1), jnp.swapaxes(p, 0, 1), jnp.swapaxes(z, 0, 1)
-        conf = self.confidence.calibrated(z) if self.confidence is not None else jnp.ones_like(z)
+        conf = (self.confidence.calibrated(z, params.temperature) if self.confidence is not None
+                else jnp.ones_like(z))
         return Proposal(tokens=jnp.take(self.draft_to_target[...], idx, axis=0), draft_index=idx, p_draft=p,
                         confidence=conf, confidence_logits=z)
 

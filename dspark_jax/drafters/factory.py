@@ -197,15 +197,17 @@ def load_drafter(spec: str, target: Target, *, algorithm: str = "dspark", gamma:
 
 def with_confidence_temperatures(drafter: Drafter, temperatures, biases=None) -> Drafter:
     """The same drafter with confidence-head temperatures T_k and per-position biases β_k replaced (c_k =
-    σ(z_k / T_k + β_k); ones and zeros = the raw head; biases None: zeros). Proposals do not depend on them; a
+    σ(z_k / T_k + β_k); ones and zeros = the raw head; biases None: zeros), one set for every sampling temperature
+    (the head's sets per temperature are dropped). Proposals do not depend on them; a
     confidence threshold and the scheduler do; `drafter` itself is left unchanged. Raises ValueError for a drafter
     without a confidence head, temperatures that are not positive and finite, or biases not finite."""
     module = nnx.merge(drafter.graphdef, drafter.state, copy=True)  # merged Variables would alias drafter.state's
     head = getattr(module, "confidence", None)
     if head is None:
         raise ValueError(f"drafter {drafter.source} ({drafter.config.algorithm}) has no confidence head")
-    temps, bias = checked_calibration(temperatures, biases, head.temperatures[...].shape[0])
-    head.temperatures.value = jnp.asarray(temps)
+    temps, bias = checked_calibration(temperatures, biases, head.temperatures[...].shape[-1])
+    head.temperatures.value = jnp.asarray(temps)  # one set, used at every sampling temperature
     head.biases.value = jnp.asarray(bias)
+    head.calibrated_at.value = jnp.zeros((1,), jnp.float32)
     graphdef, state = nnx.split(module)
     return Drafter(drafter.config, graphdef, state, drafter.source)

@@ -55,18 +55,37 @@ class ConfidenceHead(nnx.Module):
 
     T_k are Sequential-Temperature-Scaling temperatures (spec §calibration; 1 until calibrated); β_k per-position
     biases (0 unless `dspark calibrate --bias` fitted them: a deviation from the paper's STS, for positions whose
-    survival a temperature alone cannot match)."""
+    survival a temperature alone cannot match). Acceptance depends on the sampling temperature, so a head may hold
+    one calibration set per sampling temperature: `temperatures` / `biases` [G] (one set, used at every sampling
+    temperature) or [S, G] with `calibrated_at` [S] (ascending) the sampling temperature each set was fitted at;
+    each request then uses the set fitted nearest to its own temperature (`nearest_set`)."""
 
     def __init__(self, in_dim: int, block_size: int, dtype, rngs: nnx.Rngs):
         self.w = param(rngs, (in_dim,), ("embed",), dtype)
         self.b = nnx.Param(jnp.zeros((), dtype), sharding_names=(), eager_sharding=False)
         self.temperatures = nnx.Variable(jnp.ones((block_size,), jnp.float32))
         self.biases = nnx.Variable(jnp.zeros((block_size,), jnp.float32))
+        self.calibrated_at = nnx.Variable(jnp.zeros((1,), jnp.float32))
 
     def logit(self, features: jax.Array) -> jax.Array:
         return (features @ self.w[...] + self.b[...]).astype(jnp.float32)
 
-    def calibrated(self, logits: jax.Array) -> jax.Array:
-        """σ(z_k / T_k + β_k) for logits [..., G]."""
+    def calibrated(self, logits: jax.Array, sampling_temperature: jax.Array | None = None) -> jax.Array:
+        """σ(z_k / T_k + β_k) for logits [..., G]; with several calibration sets, logits [B, G] and each row's
+        `sampling_temperature` [B] picks its set (ValueError when it is missing)."""
         g = logits.shape[-1]  # a drafter may run with fewer slots than it was trained with
-        return jax.nn.sigmoid(logits / self.temperatures[...][:g] + self.biases[...][:g])
+        temps, biases = self.temperatures[...], self.biases[...]
+        if temps.ndim == 2:
+            if sampling_temperature is None:
+                raise ValueError("this confidence head holds one calibration set per sampling temperature: "
+                                 "pass each request's sampling temperature")
+            row = nearest_set(self.calibrated_at[...], sampling_temperature)
+            temps, biases = temps[row], biases[row]
+        return jax.nn.sigmoid(logits / temps[..., :g] + biases[..., :g])
+
+
+def nearest_set(calibrated_at: jax.Array, sampling_temperature: jax.Array) -> jax.Array:
+    """[B] index of the calibration set fitted nearest to each request's sampling temperature [B]
+    (`calibrated_at` [S] ascending; a tie takes the lower temperature's set)."""
+    gap = jnp.abs(jnp.asarray(sampling_temperature, jnp.float32)[:, None] - calibrated_at[None, :])
+    return jnp.argmin(gap, axis=1)

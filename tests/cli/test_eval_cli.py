@@ -182,4 +182,7 @@ def test_eval_and_calibrate_end_to_end_on_default_target(tmp_path):
     assert r.returncode == 0, r.stderr
     meta = json.loads((tmp_path / "calibrated" / "drafter.json").read_text())
     assert len(meta["calibration"]["temperatures"]) == 7
+    # the shipped drafter's set (fitted at T = 0) is kept next to this run's (T = 1, the flag's default)
+    assert [c["sampling_temperature"] for c in meta["calibrations"]] == [0.0, 1.0]
+    assert "calibration sets: T=0, T=1" in r.stderr
     assert (tmp_path / "report" / "reliability_before_after.png").exists()

@@ -280,6 +280,28 @@ def test_propose_matches_reference(target_name, kind, vocab):
             _close(warm.confidence_logits[b], conf, what=f"confidence logits at T=0.8, {where}")
 
 
+def test_propose_uses_each_request_s_calibration_set():
+    """A head with one calibration set per sampling temperature: each request's confidences use the set fitted
+    nearest to its own temperature (here T 0.9 -> the set at 1, T 0 -> the set at 0, in one batch)."""
+    cfg, target, dcfg, drafter, _ = _dspark("qwen3", "vanilla", "full")
+    rng = np.random.default_rng(1)
+    temps, biases = rng.uniform(0.5, 2.0, (2, G)), rng.uniform(-1.0, 1.0, (2, G))
+    drafter.confidence.temperatures.value = jnp.asarray(temps, jnp.float32)
+    drafter.confidence.biases.value = jnp.asarray(biases, jnp.float32)
+    drafter.confidence.calibrated_at.value = jnp.asarray([0.0, 1.0], jnp.float32)
+    feats, tokens, rng = _scenario(cfg, len(dcfg.target_layer_ids) * cfg.hidden_size, None, seed=5)
+    state, start = _context_rounds(drafter, target, _garbage_cache(drafter.init_state(B, MAX_LEN), rng), feats,
+                                   tokens, rng)[-1]
+    params = SamplingParams(temperature=jnp.array([0.9, 0.0]), top_k=jnp.zeros((B,), jnp.int32),
+                            top_p=jnp.ones((B,), jnp.float32))
+    prop = _call("propose", drafter, target, state, jnp.asarray(tokens[np.arange(B), start], jnp.int32),
+                 jnp.asarray(start, jnp.int32), jax.random.key(0), params)
+    for b, s in ((0, 1), (1, 0)):
+        z = np.asarray(prop.confidence_logits[b], np.float64)
+        _close(prop.confidence[b], ref.sigmoid(z / temps[s] + biases[s]), what=f"request {b}, set {s}")
+        assert np.abs(np.asarray(prop.confidence[b]) - ref.sigmoid(z / temps[1 - s] + biases[1 - s])).max() > 1e-3
+
+
 # ---- Eagle3 ----------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("vocab", ["full", "reduced"])

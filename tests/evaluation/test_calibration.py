@@ -214,3 +214,55 @@ def test_drafters_are_written_as_real_bf16_safetensors_and_format_1_still_loads(
     (old / META_FILE).write_text(json.dumps(dict(meta, format_version=3)))
     with pytest.raises(DrafterFileError, match="unsupported drafter format version 3"):
         load_drafter_module(old, cfg)
+
+
+def test_calibration_sets_one_per_sampling_temperature(drafter_dir, tmp_path):
+    from dspark_jax.drafters.checkpoint import calibration_sets
+    cfg, src = drafter_dir
+    rng = np.random.default_rng(0)
+    t0, t1, t1b, th = (rng.uniform(0.5, 2.0, G).tolist() for _ in range(4))
+    b0, b1 = rng.uniform(-1.0, 1.0, G).tolist(), rng.uniform(-1.0, 1.0, G).tolist()
+    assert calibration_sets(src) == []  # an uncalibrated head has no set (its identity is not kept as one)
+    at0 = write_temperatures(src, tmp_path / "at0", t0, dict(sampling_temperature=0.0), b0, keep_other_sets=True)
+    both = write_temperatures(at0, tmp_path / "both", t1, dict(sampling_temperature=1.0), b1, keep_other_sets=True)
+    sets = calibration_sets(both)
+    assert [s.sampling_temperature for s in sets] == [0.0, 1.0]
+    np.testing.assert_array_equal(sets[1].temperatures, np.float32(t1))
+    head = load_drafter_module(both, cfg).confidence
+    np.testing.assert_array_equal(np.asarray(head.calibrated_at[...]), [0.0, 1.0])
+    z = jnp.asarray(rng.normal(size=(4, G)), jnp.float32)
+    at = jnp.array([0.0, 0.4, 0.7, 2.0])  # nearest set: 0, 0, 1, 1
+    want = np.stack([survival_confidences(np.asarray(z[i:i + 1]), np.float32(t), np.float32(b))[0]
+                     for i, (t, b) in enumerate([(t0, b0), (t0, b0), (t1, b1), (t1, b1)])])
+    np.testing.assert_allclose(np.asarray(head.calibrated(z, at)), want, rtol=1e-6)
+    with pytest.raises(ValueError, match="sampling temperature"):
+        head.calibrated(z)
+    # recalibrating at T = 1 replaces that set; another temperature is inserted in order; without keeping, one set
+    again = write_temperatures(both, tmp_path / "again", t1b, dict(sampling_temperature=1.0), keep_other_sets=True)
+    assert [s.sampling_temperature for s in calibration_sets(again)] == [0.0, 1.0]
+    np.testing.assert_array_equal(calibration_sets(again)[1].temperatures, np.float32(t1b))
+    three = write_temperatures(again, tmp_path / "three", th, dict(sampling_temperature=0.5), keep_other_sets=True)
+    assert [s.sampling_temperature for s in calibration_sets(three)] == [0.0, 0.5, 1.0]
+    assert len(json.loads((three / META_FILE).read_text())["calibrations"]) == 3
+    one = write_temperatures(three, tmp_path / "one", t1, dict(sampling_temperature=1.0))
+    assert np.asarray(load_drafter_module(one, cfg).confidence.temperatures[...]).shape == (G,)
+    with pytest.raises(ValueError, match="sampling_temperature"):
+        write_temperatures(src, tmp_path / "bad", t0, dict(sampling_temperature=-1.0))
+
+
+def test_drafter_files_with_broken_calibration_sets_are_refused(drafter_dir, tmp_path):
+    from safetensors.numpy import load_file, save_file
+    cfg, src = drafter_dir
+    both = write_temperatures(write_temperatures(src, tmp_path / "a", [1.0] * G, dict(sampling_temperature=0.0)),
+                              tmp_path / "both", [2.0] * G, dict(sampling_temperature=1.0), keep_other_sets=True)
+    tensors = load_file(str(both / WEIGHTS_FILE))
+    for name, value, match in (("confidence/calibrated_at", np.float32([1.0, 0.0]), "ascending"),
+                               ("confidence/calibrated_at", np.float32([0.0]), "ascending"),
+                               ("confidence/biases", np.zeros((3, G), np.float32), "expected"),
+                               ("confidence/temperatures", np.zeros((2, G), np.float32), "positive")):
+        bad = tmp_path / f"bad_{name.split('/')[1]}_{value.size}"
+        bad.mkdir()
+        (bad / META_FILE).write_text((both / META_FILE).read_text())
+        save_file(dict(tensors, **{name: value}), str(bad / WEIGHTS_FILE))
+        with pytest.raises(DrafterFileError, match=match):
+            load_drafter_module(bad, cfg)

@@ -1,11 +1,17 @@
 """Writes the prior of prompt lookup's acceptance estimates: per match length n and draft position k, the
-conditional acceptance c_k = P(position k accepted | earlier ones accepted) of lookup over the shipped greedy
-training responses of the embedded target (`dspark_jax/data/train`; never the held-out prompts), from the
-offline simulation (`evaluation.lookup_simulation.conditional_acceptance`). `NgramDrafter` starts every
-request from these means (Laplace-smoothed) and moves to its own online counts.
+conditional acceptance c_k = P(position k accepted | earlier ones accepted) of lookup over training responses
+of the embedded target (`dspark_jax/data/train`; never the held-out prompts), from the offline simulation
+(`evaluation.lookup_simulation.conditional_acceptance`). `NgramDrafter` starts every request from these means
+(Laplace-smoothed) and moves to its own online counts.
 
-    python benchmarks/ngram_prior.py --max_responses 783   # ~30 s; rewrites dspark_jax/drafters/ngram_prior.json
-                                                           # (the shipped prior: the first 783 greedy responses)
+One set per sampling temperature: on responses drawn at temperature T the simulation's "the draft equals the
+next token" has the expectation E[p_t(x)], lookup's acceptance probability at T. A run writes the set of
+--temperature into the file and keeps the sets of other temperatures; each request uses the nearest.
+
+    # the shipped prior: the first 783 greedy responses (T = 0) and 256 responses at T = 1 (no top-k / top-p)
+    python benchmarks/ngram_prior.py --max_responses 783                          # ~30 s
+    python benchmarks/ngram_prior.py --temperature 1 \
+        --responses dspark_jax/data/train/gemma3_270m_t1_responses_seed1.jsonl.gz  # ~10 s
 """
 from __future__ import annotations
 
@@ -28,6 +34,8 @@ def main() -> None:
     parser.add_argument("--responses", type=Path, default=RESPONSES, help="responses file (gzipped JSONL); another "
                         "file with another --output compares settings, e.g. the shipped sampled responses")
     parser.add_argument("--max_responses", type=int, default=None, help="use the first N responses (default all)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="the sampling temperature the responses "
+                        "were drawn at (top-k / top-p off): the set this run writes; other temperatures' sets stay")
     args = parser.parse_args()
     from dspark_jax.evaluation.lookup_simulation import conditional_acceptance
     from dspark_jax.utils.files import atomic_write_text
@@ -45,10 +53,16 @@ def main() -> None:
         for n, row in enumerate(tables[str(n_max)]["mean"], 1):
             print(f"  n={n}: " + " ".join(f"{m:.2f}" for m in row), file=sys.stderr, flush=True)
     source = args.responses.resolve()
-    doc = dict(source=str(source.relative_to(ROOT)) if source.is_relative_to(ROOT) else str(source),
-               responses=len(rows), command=" ".join(["python benchmarks/ngram_prior.py", *sys.argv[1:]]), gamma=args.gamma, n_min=1, tables=tables)
+    entry = dict(temperature=args.temperature,
+                 source=str(source.relative_to(ROOT)) if source.is_relative_to(ROOT) else str(source),
+                 responses=len(rows), command=" ".join(["python benchmarks/ngram_prior.py", *sys.argv[1:]]),
+                 tables=tables)
+    sets = json.loads(args.output.read_text())["sets"] if args.output.exists() else []
+    sets = sorted([e for e in sets if e["temperature"] != args.temperature] + [entry], key=lambda e: e["temperature"])
+    doc = dict(gamma=args.gamma, n_min=1, sets=sets)
     atomic_write_text(args.output, json.dumps(doc, indent=None) + "\n")
-    print(f"wrote {args.output}", file=sys.stderr)
+    temperatures = ", ".join(f"{e['temperature']:g}" for e in sets)
+    print(f"wrote {args.output} (sets at T = {temperatures})", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -102,3 +102,10 @@ class DrafterBase(nnx.Module):
 
 def softcap(logits: jax.Array, cap: float | None) -> jax.Array:
     return cap * jnp.tanh(logits / cap) if cap else logits
+
+
+def nearest_set(calibrated_at: jax.Array, sampling_temperature: jax.Array) -> jax.Array:
+    """[B] index of the set (a confidence head's calibration, lookup's prior) fitted nearest to each request's
+    sampling temperature [B] (`calibrated_at` [S] ascending; a tie takes the lower temperature's set)."""
+    gap = jnp.abs(jnp.asarray(sampling_temperature, jnp.float32)[:, None] - calibrated_at[None, :])
+    return jnp.argmin(gap, axis=1)

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dspark_jax.drafters.base import nearest_set
 from dspark_jax.models.layers import param
 
 
@@ -83,9 +84,3 @@ class ConfidenceHead(nnx.Module):
             temps, biases = temps[row], biases[row]
         return jax.nn.sigmoid(logits / temps[..., :g] + biases[..., :g])
 
-
-def nearest_set(calibrated_at: jax.Array, sampling_temperature: jax.Array) -> jax.Array:
-    """[B] index of the calibration set fitted nearest to each request's sampling temperature [B]
-    (`calibrated_at` [S] ascending; a tie takes the lower temperature's set)."""
-    gap = jnp.abs(jnp.asarray(sampling_temperature, jnp.float32)[:, None] - calibrated_at[None, :])
-    return jnp.argmin(gap, axis=1)

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dspark_jax.drafters.base import Proposal, RoundOutcome
+from dspark_jax.drafters.base import Proposal, RoundOutcome, nearest_set
 from dspark_jax.models.kv_cache import write_contiguous
 
 
@@ -98,14 +98,28 @@ PRIOR_FILE = Path(__file__).with_name("ngram_prior.json")
 
 
 @functools.lru_cache(maxsize=None)
-def prior_means(n_max: int, gamma: int) -> tuple[tuple[float, ...], ...]:
-    """[n_max][γ] prior acceptance c_k per match length and slot: lookup's conditional acceptance on the shipped
-    greedy training responses (`benchmarks/ngram_prior.py` writes `ngram_prior.json`); n_max past the file's
-    largest table uses that table, lengths past its rows the last row, slots past its columns the last one."""
-    tables = json.loads(PRIOR_FILE.read_text())["tables"]
-    table = tables[str(min(n_max, max(int(k) for k in tables)))]["mean"]
-    rows = [table[min(n, len(table) - 1)] for n in range(n_max)]
-    return tuple(tuple(row[min(k, len(row) - 1)] for k in range(gamma)) for row in rows)
+def prior_means(n_max: int, gamma: int) -> tuple[tuple[float, ...], tuple[tuple[tuple[float, ...], ...], ...]]:
+    """(temperatures [S], means [S][n_max][γ]): prior acceptance c_k per match length and slot, one set per
+    sampling temperature the responses were drawn at (ascending) — lookup's conditional acceptance on the
+    embedded target's training responses (`benchmarks/ngram_prior.py` writes `ngram_prior.json`); n_max past a
+    set's largest table uses that table, lengths past its rows the last row, slots past its columns the last one."""
+    sets = sorted(json.loads(PRIOR_FILE.read_text())["sets"], key=lambda e: e["temperature"])
+    means = []
+    for entry in sets:
+        tables = entry["tables"]
+        table = tables[str(min(n_max, max(int(k) for k in tables)))]["mean"]
+        rows = [table[min(n, len(table) - 1)] for n in range(n_max)]
+        means.append(tuple(tuple(row[min(k, len(row) - 1)] for k in range(gamma)) for row in rows))
+    return tuple(float(e["temperature"]) for e in sets), tuple(means)
+
+
+def request_prior(n_max: int, gamma: int, sampling_temperature: jax.Array) -> jax.Array:
+    """[B, n_max, γ] each request's prior means: the set measured at the sampling temperature nearest to its
+    own (`prior_means`; at T > 0 lookup's draft x is accepted with probability p_t(x), less often than a greedy
+    match — a greedy prior would over-promise)."""
+    temperatures, means = prior_means(n_max, gamma)
+    table = jnp.asarray(means, jnp.float32)
+    return table[nearest_set(jnp.asarray(temperatures, jnp.float32), sampling_temperature)]
 
 
 def acceptance_counts(accepted: jax.Array, limit: jax.Array, gamma: int) -> tuple[jax.Array, jax.Array]:
@@ -127,12 +141,15 @@ def record_confidence(accepted: jax.Array, tested: jax.Array, prior: jax.Array, 
 def lookup_confidence(state: NgramState, n: jax.Array, gamma: int, prior_mean: jax.Array,
                       prior_strength: float) -> jax.Array:
     """[B, γ] c_k = P(position k accepted | earlier ones accepted, match length n) estimated per request as
-    (accepted + s·m) / (tested + s): the prior mean m [n_max, ≥γ] (`prior_means`) worth s observations, moved
-    by the request's own counts; 0 without a match (n = 0)."""
+    (accepted + s·m) / (tested + s): the prior mean m [n_max, ≥γ] or per request [B, n_max, ≥γ]
+    (`request_prior`) worth s observations, moved by the request's own counts; 0 without a match (n = 0)."""
     row = jnp.clip(n - 1, 0, state.tested.shape[1] - 1)
     tested = jnp.take_along_axis(state.tested, row[:, None, None], axis=1)[:, 0, :gamma]
     accepted = jnp.take_along_axis(state.accepted, row[:, None, None], axis=1)[:, 0, :gamma]
-    mean = jnp.asarray(prior_mean, jnp.float32)[row, :gamma]
+    prior_mean = jnp.asarray(prior_mean, jnp.float32)
+    if prior_mean.ndim == 2:
+        prior_mean = jnp.broadcast_to(prior_mean, (n.shape[0],) + prior_mean.shape)
+    mean = jnp.take_along_axis(prior_mean, row[:, None, None], axis=1)[:, 0, :gamma]
     return jnp.where((n > 0)[:, None], record_confidence(accepted, tested, mean, prior_strength), 0.0)
 
 
@@ -191,14 +208,14 @@ class NgramDrafter(nnx.Module):
     def propose(self, target_model, state: NgramState, anchor: jax.Array, start: jax.Array, key, params, mode,
                 head) -> Proposal:
         """γ tokens after the anchor (at position start) and their count (γ on a match, else 0)."""
-        del target_model, key, params, mode, head
+        del target_model, key, mode, head
         g = self.config.block_size
         rows = jnp.arange(anchor.shape[0])
         tokens = state.tokens.at[rows, start].set(anchor.astype(jnp.int32))
         end, n = find_match(tokens, start, self.config.n_max, self.config.n_min)
         proposed = lookup_proposal(tokens, start, end, g)
         length = jnp.where(n > 0, g, 0).astype(jnp.int32)
-        prior = prior_means(self.config.n_max, self.config.block_size)
+        prior = request_prior(self.config.n_max, g, params.temperature)
         conf = lookup_confidence(state, n, g, prior, self.config.prior_strength)
         logits = jnp.log(jnp.maximum(conf, 1e-6)) - jnp.log(jnp.maximum(1.0 - conf, 1e-6))
         return Proposal(tokens=proposed, draft_index=proposed, p_draft=None, confidence=conf,

@@ -207,6 +207,32 @@ def test_acceptance_statistics_are_counted_per_match_length_and_position():
                                                   [0, 0, 0, 0]], rtol=1e-6)
 
 
+def test_lookup_prior_per_sampling_temperature(tmp_path, monkeypatch):
+    """Each request's lookup confidence starts from the prior set measured nearest to its sampling temperature,
+    and a per-request prior [B, n_max, G] feeds `lookup_confidence` row by row."""
+    import json
+
+    from dspark_jax.drafters import ngram
+    def table(base):  # n_max 2: rows for n = 1, 2; three slots
+        return {"2": {"mean": [[base, base + 0.1, base + 0.2], [base + 0.3, base + 0.4, base + 0.5]]}}
+    path = tmp_path / "prior.json"
+    path.write_text(json.dumps({"sets": [{"temperature": 1.0, "tables": table(0.1)},
+                                         {"temperature": 0.0, "tables": table(0.5)}]}))
+    monkeypatch.setattr(ngram, "PRIOR_FILE", path)
+    ngram.prior_means.cache_clear()
+    try:
+        temperatures, means = ngram.prior_means(2, 3)
+        assert temperatures == (0.0, 1.0)  # ascending, whatever the file's order
+        prior = np.asarray(ngram.request_prior(2, 3, jnp.asarray([0.0, 0.3, 0.8, 1.5])))
+        np.testing.assert_allclose(prior[:, 1, 0], [0.8, 0.8, 0.4, 0.4], rtol=1e-6)
+        state = ngram.NgramState(tokens=jnp.zeros((2, 8), jnp.int32), tested=jnp.zeros((2, 2, 3)),
+                                 accepted=jnp.zeros((2, 2, 3)))
+        conf = ngram.lookup_confidence(state, jnp.asarray([2, 1]), 3, jnp.asarray(prior[[0, 3]]), 4.0)
+        np.testing.assert_allclose(np.asarray(conf), [[0.8, 0.9, 1.0], [0.1, 0.2, 0.3]], rtol=1e-6)
+    finally:
+        ngram.prior_means.cache_clear()
+
+
 def test_confidence_learns_online_in_the_loop():
     """On a prompt that loops, lookup drafts are accepted and their confidence rises above the prior."""
     tg, ts, cfg = make_target("gemma3")
@@ -220,7 +246,8 @@ def test_confidence_learns_online_in_the_loop():
     assert drafted.any()
     first = np.flatnonzero(drafted)[0]
     from dspark_jax.drafters.ngram import prior_means
-    prior = np.asarray(prior_means(3, 3))
+    temperatures, means = prior_means(3, 3)
+    prior = np.asarray(means[temperatures.index(0.0)])  # greedy decoding: the set measured at T = 0
     assert any(np.allclose(conf[first], prior[n], atol=1e-6) for n in range(3))  # the prior, before any evidence
     rows = [n for n in range(3) if np.allclose(conf[first], prior[n], atol=1e-6)]
     if flags[drafted, 0].mean() > 0.9:  # accepted: later estimates move up from the prior

@@ -66,8 +66,12 @@ def main():
     ap.add_argument("--drafters", default="ngram,default", help="comma list of --drafter values")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per decoding (interleaved; best kept)")
     ap.add_argument("--hf", action="store_true", help="also time HF transformers' prompt lookup (batch 1)")
+    ap.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (top-k / top-p off); "
+                    "> 0: outputs are samples, not compared with plain decoding's")
     ap.add_argument("--output", default="benchmarks/results/ngram.json")
     args = ap.parse_args()
+    if args.hf and args.temperature > 0:
+        raise SystemExit("--hf compares greedy decoding: run it at --temperature 0")
 
     from dspark_jax.data import eval_dataset_path, read_first_turns
     from dspark_jax.drafters.factory import load_drafter, with_block_size
@@ -99,7 +103,7 @@ def main():
         hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                                dtype=torch.float32).eval()
     rows = []
-    print(f"machine: {describe_machine()}; {args.max_new_tokens} new tokens, T=0, gamma {args.gamma}, best of "
+    print(f"machine: {describe_machine()}; {args.max_new_tokens} new tokens, T={args.temperature:g}, gamma {args.gamma}, best of "
           f"{args.repeats} interleaved repeats")
     header = f"{'dataset':<10} {'batch':>5} {'decoding':<16} {'tokens/s':>9} {'tau':>6} {'speed-up':>9} {'same':>5}"
     print(header)
@@ -107,7 +111,7 @@ def main():
         prompts = [format_prompt(p) for p in read_first_turns(eval_dataset_path(name))[:args.limit]]
         ids = [target.tokenizer.encode(p, add_bos=True) for p in prompts]
         for bs in [int(b) for b in args.batch_sizes.split(",")]:
-            cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=bs)
+            cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=bs, temperature=args.temperature)
 
             def ours(drafter=None, draft_length="fixed", cfg=cfg, prompts=prompts, bs=bs):
                 def run():
@@ -135,12 +139,13 @@ def main():
                   f"tau: {', '.join(f'{t:.2f} at gamma {g}' for g, t in sim.items())})", flush=True)
             for spec in drafters:
                 speed, res = best.pop(spec)
-                same = all(a.completion_ids == b.completion_ids for a, b in zip(plain, res))
+                same = (all(a.completion_ids == b.completion_ids for a, b in zip(plain, res))
+                        if args.temperature == 0 else None)  # samples: no identity to check
                 tau = pooled_accept_length(res)
                 rows.append(dict(dataset=name, batch_size=bs, decoding=spec, tokens_per_s=speed, tau=tau,
                                  speedup=speed / base, identical_to_plain=same))
                 print(f"{name:<10} {bs:>5} {spec:<16} {speed:9.1f} {tau:6.2f} {speed / base:9.2f} "
-                      f"{str(same):>5}", flush=True)
+                      f"{'-' if same is None else str(same):>5}", flush=True)
             if best:  # HF at batch 1
                 (hf_plain, _), (hf_lookup, outs) = best["hf plain"], best["hf prompt lookup"]
                 ours = max((r for r in rows if r["decoding"].startswith("ngram") and r["dataset"] == name

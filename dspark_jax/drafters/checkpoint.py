@@ -60,13 +60,23 @@ def save_drafter(module, path: str | os.PathLike, *, dtype=jnp.bfloat16, extra: 
                             hidden_size=module.target_config.hidden_size, vocab_size=module.target_config.vocab_size),
                 **(extra or {}))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".tmp"))
-    save_file(tensors, str(tmp / WEIGHTS_FILE))
-    (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+    tmp = _write_files(path, tensors, meta)
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)
     return path
+
+
+def _write_files(path: Path, tensors: dict, meta: dict) -> Path:
+    """The drafter files in a new temporary directory next to `path`, readable by everyone like any exported
+    file (mkdtemp and safetensors would leave them private to this user)."""
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".tmp"))
+    save_file(tensors, str(tmp / WEIGHTS_FILE))
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+    for f in (tmp / WEIGHTS_FILE, tmp / META_FILE):
+        f.chmod(0o644)
+    tmp.chmod(0o755)
+    return tmp
 
 
 def is_drafter_dir(path: str | os.PathLike) -> bool:
@@ -226,9 +236,7 @@ def write_temperatures(src: str | os.PathLike, dst: str | os.PathLike, temperatu
     meta["calibration"] = calibration
     meta["calibrations"] = [s.record for s in sets]
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=dst.name + ".tmp"))
-    save_file(tensors, str(tmp / WEIGHTS_FILE))
-    (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+    tmp = _write_files(dst, tensors, meta)
     if dst.exists():
         old = Path(tempfile.mkdtemp(dir=dst.parent, prefix=dst.name + ".old"))
         os.replace(dst, old / dst.name)

@@ -150,6 +150,8 @@ def test_write_temperatures_in_place_and_bad_input(drafter_dir, tmp_path):
     write_temperatures(copy, copy, [2.0] * G, {})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]  # no temporary directories left behind
     assert sorted(p.name for p in copy.iterdir()) == sorted([META_FILE, WEIGHTS_FILE])
+    assert [oct(p.stat().st_mode & 0o777) for p in (copy, copy / META_FILE, copy / WEIGHTS_FILE)] == \
+        ["0o755", "0o644", "0o644"]  # readable by a serving user other than the one who calibrated
     np.testing.assert_array_equal(np.asarray(load_drafter_module(copy, cfg).confidence.temperatures[...]), 2.0)
     with pytest.raises(ValueError, match="positive"):
         write_temperatures(copy, copy, [1.0, -1.0, 1.0, 1.0], {})

@@ -3,7 +3,11 @@ read from finished `dspark train` run directories (each trained with --heldout_d
 the same held-out feature cache: the target's own outputs for held-out prompts).
 
     python benchmarks/learning_curve.py --runs runs/lc_050,runs/lc_100,runs/lc_200,runs/dspark_lookup
+                                        [--previous benchmarks/results/learning_curve.json]
                                         [--output benchmarks/results/learning_curve.json]
+
+`--previous` keeps the rows of an earlier output whose runs are not listed (run directories do not outlive the
+machine they were trained on; their rows do), so the curve grows across sessions.
 
 Per run: algorithm, draft layers, tapped layers, draft vocabulary, epochs, steps, training sequences and
 response (loss) tokens (`TargetCache.first`), and the last held-out evaluation: greedy τ (exact T = 0 accept
@@ -52,15 +56,25 @@ def describe_run(run: Path) -> dict:
                 sequences=n, response_tokens=int(tokens), heldout=quality)
 
 
+def merge_rows(previous: list[dict], rows: list[dict]) -> list[dict]:
+    """previous rows whose run is not among `rows`, then `rows` (a listed run replaces its earlier row)."""
+    listed = {r["run"] for r in rows}
+    return [r for r in previous if r["run"] not in listed] + rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", required=True, help="comma list of `dspark train` work directories")
+    ap.add_argument("--previous", default=None,
+                    help="an earlier output JSON whose rows are kept for runs not listed in --runs")
     ap.add_argument("--output", default="benchmarks/results/learning_curve.json")
     args = ap.parse_args()
     from dspark_jax.utils.files import pyplot, save_figure
     from dspark_jax.utils.results import write_result
 
     rows = [describe_run(Path(r)) for r in args.runs.split(",")]
+    if args.previous:
+        rows = merge_rows(json.loads(Path(args.previous).read_text())["rows"], rows)
     header = (f"{'run':<22}{'layers':>7}{'taps':>6}{'vocab':>7}{'epochs':>7}{'steps':>6}{'seqs':>6}{'resp tok':>10}"
               f"{'greedy τ':>10}{'prob τ':>8}{'acc@0':>7}{'acc@6':>7}")
     print(header)
@@ -84,6 +98,10 @@ def main() -> None:
             ax.plot(x, [r["heldout"][key] for r in rs], style,
                     label=f"{algo} {layers}L {taps} taps {vocab // 1024}k: {key.replace('_tau', ' τ')}")
     ax.set_xscale("log")
+    ticks = [t for t in (1e4, 3e4, 1e5, 3e5, 1e6, 3e6, 1e7)
+             if min(r["response_tokens"] for r in rows) / 2 <= t <= 2 * max(r["response_tokens"] for r in rows)]
+    ax.set_xticks(ticks, [f"{t / 1e6:g}M" if t >= 1e6 else f"{t / 1e3:g}k" for t in ticks])
+    ax.set_xticks([], minor=True)
     ax.set_xlabel("training response tokens")
     ax.set_ylabel("held-out τ (teacher-forced, γ 7)")
     ax.grid(alpha=0.3)

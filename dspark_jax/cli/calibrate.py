@@ -187,8 +187,8 @@ def body() -> None:
     raw = with_confidence_temperatures(drafter, np.ones(drafter.config.block_size))
     prompts, prompt_source = _heldout_prompts(target, file_prompts)
 
-    print(f"decoding {len(prompts)} held-out prompts with {source} (threshold 0, temperatures 1) ...",
-          file=sys.stderr)
+    print(f"decoding {len(prompts)} held-out prompts with {source} at sampling temperature {FLAGS.temperature:g} "
+          f"(confidence threshold 0, the head's raw confidences) ...", file=sys.stderr)
     rec = decode_speculative(target, raw, prompts, gen, 0.0, progress=lambda d, n: print(
         f"  [{d}/{n}] prompts", file=sys.stderr, flush=True)).records
     if not len(rec):

@@ -12,7 +12,7 @@ from dspark_jax.data import training_prompts
 from dspark_jax.drafters.checkpoint import checked_calibration, is_drafter_dir, load_drafter_module, read_meta
 from dspark_jax.drafters.config import DrafterConfig, make_drafter_config
 from dspark_jax.drafters.deepspec import load_deepspec_drafter
-from dspark_jax.drafters.hybrid import HybridDrafter
+from dspark_jax.drafters.hybrid import HybridConfig, HybridDrafter
 from dspark_jax.drafters.ngram import NgramConfig, NgramDrafter
 from dspark_jax.drafters.registry import drafter_class
 from dspark_jax.drafters.vocab import frequent_token_ids
@@ -72,6 +72,27 @@ def ngram_drafter(target: Target, spec: str = "ngram", gamma: int = 7) -> Drafte
     return Drafter(config, graphdef, state, spec)
 
 
+HYBRID_OPTIONS = ("skip_model_at", "model_prior_strength")  # `HybridConfig` fields settable in a spec
+
+
+def split_hybrid_options(lookup_spec: str) -> tuple[str, dict[str, float]]:
+    """"ngram:n_max=4:skip_model_at=2" → ("ngram:n_max=4", {"skip_model_at": 2.0}): the hybrid's own options
+    (HYBRID_OPTIONS, floats; "inf" allowed) taken out of the lookup's spec. ValueError on a value that is not a
+    number."""
+    name, _, options = lookup_spec.partition(":")
+    kept, hybrid = [], {}
+    for item in filter(None, options.replace(":", ",").split(",")):
+        key, _, value = item.partition("=")
+        if key not in HYBRID_OPTIONS:
+            kept.append(item)
+            continue
+        try:
+            hybrid[key] = float(value)
+        except ValueError:
+            raise ValueError(f"hybrid drafter option {key} must be a number, got {value!r} in {lookup_spec!r}") from None
+    return (f"{name}:{','.join(kept)}" if kept else name), hybrid
+
+
 def hybrid_drafter(model: Drafter, target: Target, lookup_spec: str = "ngram",
                    skip_model_at: float | None = None, model_prior_strength: float = 4.0) -> Drafter:
     """`model` and prompt lookup (`lookup_spec`, see `ngram_drafter`) proposing per request whichever draft
@@ -83,7 +104,10 @@ def hybrid_drafter(model: Drafter, target: Target, lookup_spec: str = "ngram",
     module = HybridDrafter(nnx.merge(model.graphdef, model.state), nnx.merge(lookup.graphdef, lookup.state),
                            skip_model_at=skip_model_at, model_prior_strength=model_prior_strength)
     graphdef, state = nnx.split(module)
-    return Drafter(module.config, graphdef, state, f"{model.source}+{lookup_spec}")
+    options = "".join(f":{k}={v:g}" for k, v in (("skip_model_at", skip_model_at),
+                                                   ("model_prior_strength", model_prior_strength))
+                      if v is not None and v != HybridConfig.__dataclass_fields__[k].default)
+    return Drafter(module.config, graphdef, state, f"{model.source}+{lookup_spec}{options}")
 
 
 def _frequent_ids(tokenizer, vocab_size: int, size: int, always: tuple[int, ...]) -> np.ndarray:
@@ -173,12 +197,14 @@ def load_drafter(spec: str, target: Target, *, algorithm: str = "dspark", gamma:
         return None
     if spec == "ngram" or spec.startswith("ngram:"):
         return ngram_drafter(target, spec, gamma)
-    if "+" in spec:  # a trained drafter and prompt lookup: "default+ngram", "DIR+ngram:n_max=4"
+    if "+" in spec:  # a trained drafter and prompt lookup: "default+ngram", "DIR+ngram:n_max=4:skip_model_at=2"
         model_spec, _, lookup_spec = spec.partition("+")
         if not (lookup_spec == "ngram" or lookup_spec.startswith("ngram:")):
             raise ValueError(f"a hybrid drafter is '<drafter>+ngram[:n_max=N,n_min=M]', got {spec!r}")
+        lookup_spec, hybrid_options = split_hybrid_options(lookup_spec)
         return hybrid_drafter(load_drafter(model_spec, target, algorithm=algorithm, gamma=gamma,
-                                           draft_vocab_size=draft_vocab_size, seed=seed), target, lookup_spec)
+                                           draft_vocab_size=draft_vocab_size, seed=seed), target, lookup_spec,
+                              **hybrid_options)
     if spec == "random":
         return random_drafter(target, algorithm, gamma=gamma, draft_vocab_size=draft_vocab_size, seed=seed)
     path = default_drafter_path(target) if spec == "default" else Path(spec).expanduser()

@@ -541,6 +541,15 @@ def test_drafter_specs():
         check_drafter_spec("/nonexistent+ngram")
     hybrid = load_drafter("random+ngram:n_max=2", target, gamma=4, draft_vocab_size=None)
     assert hybrid.config.algorithm == "dspark+ngram" and hybrid.config.block_size == 4
+    assert hybrid.config.skip_model_at is None and hybrid.source == "random:dspark+ngram:n_max=2"
+    tuned = load_drafter("random+ngram:n_max=2:skip_model_at=1.5:model_prior_strength=8", target, gamma=4)
+    assert tuned.config.skip_model_at == 1.5 and tuned.config.model_prior_strength == 8
+    assert nnx.merge(tuned.graphdef, tuned.state).lookup.config.n_max == 2
+    assert tuned.source == "random:dspark+ngram:n_max=2:skip_model_at=1.5:model_prior_strength=8"
+    with pytest.raises(ValueError, match="skip_model_at must be a number"):
+        load_drafter("random+ngram:skip_model_at=x", target, gamma=4)
+    with pytest.raises(ValueError, match="skip_model_at must be > 0"):
+        load_drafter("random+ngram:skip_model_at=0", target, gamma=4)
     assert with_block_size(hybrid, 2).config.block_size == 2
     with pytest.raises(ValueError, match="gamma must be in"):
         with_block_size(hybrid, 5)

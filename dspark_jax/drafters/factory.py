@@ -94,7 +94,7 @@ def split_hybrid_options(lookup_spec: str) -> tuple[str, dict[str, float]]:
 
 
 def hybrid_drafter(model: Drafter, target: Target, lookup_spec: str = "ngram",
-                   skip_model_at: float | None = None, model_prior_strength: float = 4.0) -> Drafter:
+                   skip_model_at: float = 1.0, model_prior_strength: float = 4.0) -> Drafter:
     """`model` and prompt lookup (`lookup_spec`, see `ngram_drafter`) proposing per request whichever draft
     is expected to be accepted further (`drafters.hybrid`; `skip_model_at`, `model_prior_strength`: see
     `HybridConfig`)."""

@@ -21,9 +21,11 @@ committed tokens, `NgramDrafter.commit`); the model's only from rounds that veri
 whether an unverified one would have been accepted is not known).
 
 The model's forward is skipped in a round where every request's lookup draft is expected to accept at least
-`skip_model_at` tokens (default 0.6·γ): there the model's draft would rarely be chosen (on held-out prompts the
-calibrated head expects ≥ 4.4 of 7 in 5 % of rounds), and its forward is a large part of a round (about 40 % at
-batch 1 on a CPU). The rule reads only the lookup proposal, known before verification.
+`skip_model_at` tokens (default 1): the lookup draft is free and the model's forward is not (5–18 % of a plain
+step of the embedded 270M target at batch 1 on a 2-core CPU), and where lookup has a match its draft is the
+better bet on held-out prompts — with the default 1 instead of 0.6·γ (the default before session 21) the main job
+at T = 0, batch 1, gained on every set: humaneval 2.09x → 2.27x, τ 4.52 → 4.78 (BENCHMARKS.md "Session 21").
+The rule reads only the lookup proposal, known before verification.
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ class HybridConfig:
     target_layer_ids: tuple[int, ...]
     algorithm: str
     confidence_head: bool = True  # each row's confidence: the model's head or the lookup's estimates
-    skip_model_at: float | None = None  # None: 0.6·block_size; inf: the model always proposes
+    skip_model_at: float = 1.0  # expected accepted lookup drafts that skip the model; inf: it always proposes
     model_prior_strength: float = 4.0  # observations the model's head is worth against its record (module doc)
 
 
@@ -63,13 +65,13 @@ class HybridState:
 class HybridDrafter(nnx.Module):
     """`model` (DSpark, DFlash or Eagle3) + `lookup` (an `NgramDrafter` of the same block size)."""
 
-    def __init__(self, model, lookup: NgramDrafter, skip_model_at: float | None = None,
+    def __init__(self, model, lookup: NgramDrafter, skip_model_at: float = 1.0,
                  model_prior_strength: float = 4.0):
         if model.config.block_size != lookup.config.block_size:
             raise ValueError(f"hybrid drafters need one block size, got {model.config.block_size} (model) and "
                              f"{lookup.config.block_size} (lookup)")
         self.model, self.lookup = model, lookup
-        if skip_model_at is not None and not skip_model_at > 0:
+        if not skip_model_at > 0:
             raise ValueError(f"skip_model_at must be > 0 (inf: never skip the model), got {skip_model_at}")
         if not model_prior_strength > 0:
             raise ValueError(f"model_prior_strength must be > 0, got {model_prior_strength}")
@@ -80,8 +82,7 @@ class HybridDrafter(nnx.Module):
     @property
     def model_skip_threshold(self) -> float:
         """Expected accepted lookup drafts (every request) at or above which a round skips the model's forward."""
-        at = self.config.skip_model_at
-        return 0.6 * self.config.block_size if at is None else float(at)
+        return float(self.config.skip_model_at)
 
     def set_block_size(self, gamma: int) -> None:
         """Propose `gamma` tokens (at most the model's trained block size)."""

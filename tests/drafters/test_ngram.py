@@ -256,7 +256,7 @@ def test_confidence_learns_online_in_the_loop():
 
 # ---- hybrid: a trained drafter + lookup ------------------------------------------------------------
 
-def _hybrid(cfg, gamma, reduced=False, skip_model_at=None):
+def _hybrid(cfg, gamma, reduced=False, skip_model_at=1.0):
     from dspark_jax.drafters.hybrid import HybridDrafter
     from tests.decoding.test_speculative import make_drafter
     dg, ds = make_drafter("dspark", cfg, gamma, reduced)
@@ -264,7 +264,7 @@ def _hybrid(cfg, gamma, reduced=False, skip_model_at=None):
     return nnx.split(HybridDrafter(nnx.merge(dg, ds), nnx.merge(lg, ls), skip_model_at=skip_model_at))
 
 
-@pytest.mark.parametrize("gamma,reduced,threshold,skip_model_at", [(3, False, 0.0, None), (4, True, 0.3, None),
+@pytest.mark.parametrize("gamma,reduced,threshold,skip_model_at", [(3, False, 0.0, 1.0), (4, True, 0.3, float("inf")),
                                                                    (3, False, 0.0, 0.2)])
 def test_greedy_hybrid_equals_greedy_plain(gamma, reduced, threshold, skip_model_at):
     tg, ts, cfg = make_target("gemma3")
@@ -304,7 +304,7 @@ def test_hybrid_scores_sampled_model_drafts_by_their_first_confidence():
     from dspark_jax.drafters.hybrid import HybridDrafter, HybridState
     tg, ts, cfg = make_target("gemma3")
     target = nnx.merge(tg, ts)
-    hybrid = nnx.merge(*_hybrid(cfg, 3))
+    hybrid = nnx.merge(*_hybrid(cfg, 3, skip_model_at=float("inf")))  # the choice itself: never skip the model
 
     def model(later):  # c_1 = 0.55 whatever was drawn; c_2, c_3 = later (as if they followed the drawn x_1)
         return Proposal(tokens=jnp.full((1, 3), 9), draft_index=jnp.full((1, 3), 9), p_draft=jnp.ones((1, 3, 4)),
@@ -359,7 +359,9 @@ def test_hybrid_skips_the_model_when_every_lookup_draft_is_expected_to_go_far():
     out = jax.jit(lambda: HybridDrafter.propose(hybrid, target, perfect, jnp.zeros(2, jnp.int32), lens, None,
                                                 SamplingParams.create(2), None, None))()
     np.testing.assert_array_equal(np.asarray(out.deterministic), [True, True])
-    assert nnx.merge(*_hybrid(cfg, 5)).model_skip_threshold == pytest.approx(3.0)  # default 0.6·γ
+    from tests.decoding.test_speculative import make_drafter
+    assert HybridDrafter(*[nnx.merge(*m) for m in (make_drafter("dspark", cfg, 5, False), _ngram(cfg, 5))]
+                         ).model_skip_threshold == 1.0  # the default: one expected token, whatever γ
     with pytest.raises(ValueError, match="skip_model_at"):
         _hybrid(cfg, 3, skip_model_at=0.0)
 
@@ -394,7 +396,7 @@ def test_hybrid_corrects_the_model_confidence_by_its_record():
     from dspark_jax.drafters.hybrid import HybridDrafter, HybridState
     tg, ts, cfg = make_target("gemma3")
     target = nnx.merge(tg, ts)
-    hybrid = nnx.merge(*_hybrid(cfg, 3))
+    hybrid = nnx.merge(*_hybrid(cfg, 3, skip_model_at=float("inf")))  # the choice itself: never skip the model
     model = Proposal(tokens=jnp.full((2, 3), 9), draft_index=jnp.full((2, 3), 9), p_draft=jnp.ones((2, 3, 4)),
                      confidence=jnp.full((2, 3), 0.9), confidence_logits=jnp.ones((2, 3)))  # expects 2.44
     lookup = Proposal(tokens=jnp.full((2, 3), 7), draft_index=jnp.full((2, 3), 7), p_draft=None,
@@ -452,7 +454,7 @@ def test_hybrid_record_follows_the_verified_source_in_the_loop():
     np.testing.assert_array_equal(acc, model_rows[:, None] * (k < accepted[:, None]))
 
 
-@pytest.mark.parametrize("top_k,top_p,skip_model_at", [(3, 0.8, None), (0, 1.0, 0.3)])
+@pytest.mark.parametrize("top_k,top_p,skip_model_at", [(3, 0.8, 1.0), (0, 1.0, 0.3)])
 def test_hybrid_temperature_one_is_lossless(top_k, top_p, skip_model_at):
     from tests.decoding.test_speculative import V_SMALL
     tg, ts, cfg = make_target("gemma3", vocab_size=V_SMALL)
@@ -541,7 +543,7 @@ def test_drafter_specs():
         check_drafter_spec("/nonexistent+ngram")
     hybrid = load_drafter("random+ngram:n_max=2", target, gamma=4, draft_vocab_size=None)
     assert hybrid.config.algorithm == "dspark+ngram" and hybrid.config.block_size == 4
-    assert hybrid.config.skip_model_at is None and hybrid.source == "random:dspark+ngram:n_max=2"
+    assert hybrid.config.skip_model_at == 1.0 and hybrid.source == "random:dspark+ngram:n_max=2"
     tuned = load_drafter("random+ngram:n_max=2:skip_model_at=1.5:model_prior_strength=8", target, gamma=4)
     assert tuned.config.skip_model_at == 1.5 and tuned.config.model_prior_strength == 8
     assert nnx.merge(tuned.graphdef, tuned.state).lookup.config.n_max == 2

@@ -94,7 +94,8 @@ def split_hybrid_options(lookup_spec: str) -> tuple[str, dict[str, float]]:
 
 
 def hybrid_drafter(model: Drafter, target: Target, lookup_spec: str = "ngram",
-                   skip_model_at: float = 1.0, model_prior_strength: float = 4.0) -> Drafter:
+                   skip_model_at: float = HybridConfig.skip_model_at,
+                   model_prior_strength: float = HybridConfig.model_prior_strength) -> Drafter:
     """`model` and prompt lookup (`lookup_spec`, see `ngram_drafter`) proposing per request whichever draft
     is expected to be accepted further (`drafters.hybrid`; `skip_model_at`, `model_prior_strength`: see
     `HybridConfig`)."""
@@ -106,7 +107,7 @@ def hybrid_drafter(model: Drafter, target: Target, lookup_spec: str = "ngram",
     graphdef, state = nnx.split(module)
     options = "".join(f":{k}={v:g}" for k, v in (("skip_model_at", skip_model_at),
                                                    ("model_prior_strength", model_prior_strength))
-                      if v is not None and v != HybridConfig.__dataclass_fields__[k].default)
+                      if v != getattr(HybridConfig, k))
     return Drafter(module.config, graphdef, state, f"{model.source}+{lookup_spec}{options}")
 
 

@@ -65,8 +65,8 @@ class HybridState:
 class HybridDrafter(nnx.Module):
     """`model` (DSpark, DFlash or Eagle3) + `lookup` (an `NgramDrafter` of the same block size)."""
 
-    def __init__(self, model, lookup: NgramDrafter, skip_model_at: float = 1.0,
-                 model_prior_strength: float = 4.0):
+    def __init__(self, model, lookup: NgramDrafter, skip_model_at: float = HybridConfig.skip_model_at,
+                 model_prior_strength: float = HybridConfig.model_prior_strength):
         if model.config.block_size != lookup.config.block_size:
             raise ValueError(f"hybrid drafters need one block size, got {model.config.block_size} (model) and "
                              f"{lookup.config.block_size} (lookup)")

@@ -256,19 +256,19 @@ def test_confidence_learns_online_in_the_loop():
 
 # ---- hybrid: a trained drafter + lookup ------------------------------------------------------------
 
-def _hybrid(cfg, gamma, reduced=False, skip_model_at=1.0):
+def _hybrid(cfg, gamma, reduced=False, **options):
     from dspark_jax.drafters.hybrid import HybridDrafter
     from tests.decoding.test_speculative import make_drafter
     dg, ds = make_drafter("dspark", cfg, gamma, reduced)
     lg, ls = _ngram(cfg, gamma)
-    return nnx.split(HybridDrafter(nnx.merge(dg, ds), nnx.merge(lg, ls), skip_model_at=skip_model_at))
+    return nnx.split(HybridDrafter(nnx.merge(dg, ds), nnx.merge(lg, ls), **options))
 
 
 @pytest.mark.parametrize("gamma,reduced,threshold,skip_model_at", [(3, False, 0.0, 1.0), (4, True, 0.3, float("inf")),
                                                                    (3, False, 0.0, 0.2)])
 def test_greedy_hybrid_equals_greedy_plain(gamma, reduced, threshold, skip_model_at):
     tg, ts, cfg = make_target("gemma3")
-    hg, hs = _hybrid(cfg, gamma, reduced, skip_model_at)
+    hg, hs = _hybrid(cfg, gamma, reduced, skip_model_at=skip_model_at)
     greedy_plain_and_speculative(tg, ts, hg, hs, REPETITIVE, 20, threshold)
 
 
@@ -359,9 +359,7 @@ def test_hybrid_skips_the_model_when_every_lookup_draft_is_expected_to_go_far():
     out = jax.jit(lambda: HybridDrafter.propose(hybrid, target, perfect, jnp.zeros(2, jnp.int32), lens, None,
                                                 SamplingParams.create(2), None, None))()
     np.testing.assert_array_equal(np.asarray(out.deterministic), [True, True])
-    from tests.decoding.test_speculative import make_drafter
-    assert HybridDrafter(*[nnx.merge(*m) for m in (make_drafter("dspark", cfg, 5, False), _ngram(cfg, 5))]
-                         ).model_skip_threshold == 1.0  # the default: one expected token, whatever γ
+    assert nnx.merge(*_hybrid(cfg, 5)).model_skip_threshold == 1.0  # the default: one expected token, whatever γ
     with pytest.raises(ValueError, match="skip_model_at"):
         _hybrid(cfg, 3, skip_model_at=0.0)
 

@@ -69,7 +69,7 @@ def main():
             rows = jax.numpy.arange(anchor.shape[0])
             _, n = find_match(state.lookup.tokens.at[rows, start].set(anchor.astype(jax.numpy.int32)), start,
                               self.lookup.config.n_max, self.lookup.config.n_min)
-            skip = jax.numpy.all(by_lookup.expected_accept_length >= self.model_skip_threshold)
+            skip = self.skips_model(by_lookup)
             jax.debug.callback(log, start, chosen.deterministic, by_lookup.tokens, by_lookup.num_drafted,
                                by_lookup.expected_accept_length, n, by_model.tokens, by_model.num_drafted,
                                model_score(by_model, params), skip)

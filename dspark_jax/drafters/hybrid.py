@@ -20,12 +20,14 @@ from every verification round, also where the model's draft was verified (its pr
 committed tokens, `NgramDrafter.commit`); the model's only from rounds that verified its draft (sampled drafts:
 whether an unverified one would have been accepted is not known).
 
-The model's forward is skipped in a round where every request's lookup draft is expected to accept at least
-`skip_model_at` tokens (default 1): the lookup draft is free and the model's forward is not (5–18 % of a plain
-step of the embedded 270M target at batch 1 on a 2-core CPU), and where lookup has a match its draft is the
-better bet on held-out prompts — with the default 1 instead of 0.6·γ (the default before session 21) the main job
-at T = 0, batch 1, gained on every set: humaneval 2.09x → 2.27x, τ 4.52 → 4.78 (BENCHMARKS.md "Session 21").
-The rule reads only the lookup proposal, known before verification.
+A request whose lookup draft is expected to accept at least `skip_model_at` tokens (default 1) takes it, whatever
+the model's score, and the model's forward is skipped in a round where every request does: the lookup draft is
+free and the model's forward is not (5–18 % of a plain step of the embedded 270M target at batch 1 on a 2-core
+CPU), and where lookup has a match its draft is the better bet on held-out prompts — with the default 1 instead
+of 0.6·γ (the default before session 21) the main job at T = 0, batch 1, gained on every set: humaneval 2.09x →
+2.27x, τ 4.52 → 4.78 (BENCHMARKS.md "Session 21"). Per request, so a request's choice does not depend on what
+shares its batch (before session 22 a request whose companions needed the model could take the model's draft
+over a lookup match). The rule reads only the lookup proposal, known before verification.
 """
 from __future__ import annotations
 
@@ -141,6 +143,11 @@ class HybridDrafter(nnx.Module):
         return record_confidence(state.model_accepted[:, :g], state.model_tested[:, :g], confidence,
                                  self.config.model_prior_strength)
 
+    def skips_model(self, by_lookup: Proposal) -> jax.Array:
+        """Scalar bool: whether this round skips the model's forward — every request's lookup draft expects at
+        least `skip_model_at` accepted tokens (module docstring). Reads only the lookup's proposal."""
+        return jnp.all(by_lookup.expected_accept_length >= self.model_skip_threshold)
+
     def propose(self, target_model, state: HybridState, anchor, start, key, params, mode, head) -> Proposal:
         by_lookup = self.lookup.propose(target_model, state.lookup, anchor, start, key, params, mode, head)
 
@@ -152,9 +159,9 @@ class HybridDrafter(nnx.Module):
             shapes = jax.eval_shape(model_proposal)
             return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
-        skip = jnp.all(by_lookup.expected_accept_length >= self.model_skip_threshold)
-        by_model = jax.lax.cond(skip, no_model_proposal, model_proposal)
-        use = by_lookup.expected_accept_length > model_score(by_model, params)  # [B]
+        by_model = jax.lax.cond(self.skips_model(by_lookup), no_model_proposal, model_proposal)
+        lookup_expects = by_lookup.expected_accept_length
+        use = (lookup_expects >= self.model_skip_threshold) | (lookup_expects > model_score(by_model, params))  # [B]
 
         def pick(a, b):
             return jnp.where(use.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)

@@ -326,8 +326,9 @@ def test_hybrid_scores_sampled_model_drafts_by_their_first_confidence():
 
 
 def test_hybrid_skips_the_model_when_every_lookup_draft_is_expected_to_go_far():
-    """Every request's lookup draft expects >= skip_model_at accepted tokens: the model's forward is skipped (its
-    draft, better or not, is not consulted); below the threshold, or with inf, the per-request choice as before."""
+    """A request whose lookup draft expects >= skip_model_at accepted tokens takes it, whatever the model's draft
+    (so its choice does not depend on its batch companions); where every request does, the model's forward is
+    skipped. Below the threshold, or with inf, the per-request choice by expected accepted length."""
     from dspark_jax.drafters.base import Proposal
     from dspark_jax.drafters.hybrid import HybridDrafter, HybridState
     tg, ts, cfg = make_target("gemma3")
@@ -346,7 +347,8 @@ def test_hybrid_skips_the_model_when_every_lookup_draft_is_expected_to_go_far():
         return jax.jit(lambda: HybridDrafter.propose(hybrid, target, HybridState(None, None), jnp.zeros(2, jnp.int32),
                                                      lens, None, SamplingParams.create(2), None, None))()
 
-    for skip_model_at, lookup_rows in ((0.8, [True, True]), (1.0, [False, False]), (float("inf"), [False, False])):
+    for skip_model_at, lookup_rows in ((0.8, [True, True]), (1.0, [True, False]), (1.6, [False, False]),
+                                       (float("inf"), [False, False])):
         out = propose(skip_model_at)
         np.testing.assert_array_equal(np.asarray(out.deterministic), lookup_rows)
         np.testing.assert_array_equal(np.asarray(out.tokens)[:, 0], np.where(lookup_rows, 7, 9))

@@ -100,7 +100,7 @@ def main():
                      "verified": ("every proposal verified", dict(verify_buckets=buckets))}
             if "auto" in args.loops.split(","):  # as generate_text's draft_length "auto" (profiled once, cached)
                 costs = load_or_profile_round_costs(target, drafter, bs, bucket_length(max(map(len, encoded))),
-                                                    args.max_new_tokens)
+                                                    args.max_new_tokens, temperature=args.temperature)
                 loops["auto"] = ("auto (profiled gate)", costs.loop_settings())
             for label, extra in (loops[k] for k in args.loops.split(",")):
                 runs[(spec, label)] = compiled(speculative_generate, spec_args,

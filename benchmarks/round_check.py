@@ -91,7 +91,8 @@ def main():
         encoded = encode_prompts(target, prompts, cfg.max_new_tokens)
         bs = min(cfg.batch_size, len(encoded))
         costs = load_or_profile_round_costs(target, drafter, bs, bucket_length(max(len(p) for p in encoded)),
-                                            cfg.max_new_tokens)
+                                            cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                                            top_p=cfg.top_p)
         buckets, seconds = costs.efficient()
         cost = dict(zip(buckets, seconds))
         static = dict(target_graphdef=target.graphdef, drafter_graphdef=drafter.graphdef,

@@ -121,7 +121,8 @@ def decode_batches(target: Target, encoded: Sequence[Sequence[int]], config: Gen
             if mesh is not None:
                 raise ValueError("draft_length 'auto' profiles one device; it is not available with a mesh")
             costs = load_or_profile_round_costs(target, drafter, bs, bucket_length(max(len(p) for p in encoded)),
-                                                config.max_new_tokens)
+                                                config.max_new_tokens, temperature=config.temperature,
+                                                top_k=config.top_k, top_p=config.top_p)
             static.update(costs.loop_settings())
     if mesh is not None:
         fixed = {k: shard_state(v, mesh) if k.endswith("state") else replicate(v, mesh) for k, v in fixed.items()}

@@ -378,8 +378,44 @@ def test_round_costs_profile_and_cache(tmp_path, monkeypatch):
     assert len(calls) == 2 and again.plain == 2 * costs.plain
     assert load_or_profile_round_costs(target, drafter, batch=2) == again
     load_or_profile_round_costs(target, drafter, batch=2, prompt_len=32, max_new_tokens=40)  # another cache length
-    assert calls[-1] == {"prompt_len": 32, "max_new_tokens": 40}
+    assert calls[-1] == {"prompt_len": 32, "max_new_tokens": 40, "temperature": 0.0, "top_k": 0, "top_p": 1.0}
     assert len(calls) == 3 and len(list((tmp_path / "round_costs").glob("*.json"))) == 3
+    # the sampling kind: sampled rounds get their own profile, profiled at the run's settings; another temperature
+    # or top-p value of the same kind shares it, another static filter (top-k) does not
+    load_or_profile_round_costs(target, drafter, batch=2, temperature=1.0)
+    assert len(calls) == 4 and calls[-1]["temperature"] == 1.0
+    load_or_profile_round_costs(target, drafter, batch=2, temperature=0.7)
+    assert len(calls) == 4
+    load_or_profile_round_costs(target, drafter, batch=2, temperature=0.7, top_k=20, top_p=0.8)
+    assert len(calls) == 5 and (calls[-1]["top_k"], calls[-1]["top_p"]) == (20, 0.8)
+    load_or_profile_round_costs(target, drafter, batch=2, temperature=1.0, top_k=20, top_p=0.9)
+    assert len(calls) == 5
+    load_or_profile_round_costs(target, drafter, batch=2, top_k=20, top_p=0.8)  # greedy: filters do not matter
+    assert len(calls) == 5
+
+
+def test_round_costs_profiled_sampled(monkeypatch):
+    """A sampled profile runs the loop's rounds with sampling on (temperature > 0 and the run's filters)."""
+    from flax import nnx
+    from dspark_jax import round_costs
+    from dspark_jax.drafters.factory import Drafter
+    from dspark_jax.sampling import FilterMode
+    from dspark_jax.target import Target
+    tg, ts, cfg = make_target("gemma3")
+    dg, ds = _ngram(cfg, 2)
+    drafter = Drafter(nnx.merge(dg, ds).config, dg, ds, "ngram")
+    seen = []
+    real_rounds = round_costs.speculative_rounds
+
+    def spy(*args, **kw):
+        seen.append((float(args[5].temperature[0]), int(args[5].top_k[0]), kw["mode"]))
+        return real_rounds(*args, **kw)
+
+    monkeypatch.setattr(round_costs, "speculative_rounds", spy)
+    costs = round_costs.profile_round_costs(Target(cfg, tg, ts, None, "tiny"), drafter, 1, (1, 2, 3), repeats=1,
+                                            temperature=0.5, top_k=5)
+    assert len(costs.seconds) == 3 and costs.plain > 0
+    assert seen and all(s == (0.5, 5, FilterMode(max_top_k=5, top_p=False, all_top_k=True)) for s in seen)
 
 
 def test_generate_text_with_auto_draft_length(tmp_path, monkeypatch):

@@ -48,7 +48,7 @@ class HybridConfig:
     target_layer_ids: tuple[int, ...]
     algorithm: str
     confidence_head: bool = True  # each row's confidence: the model's head or the lookup's estimates
-    skip_model_at: float = 1.0  # expected accepted lookup drafts that skip the model; inf: it always proposes
+    skip_model_at: float = 1.0  # a lookup draft expecting this many accepted tokens is taken (module doc); inf: never
     model_prior_strength: float = 4.0  # observations the model's head is worth against its record (module doc)
 
 
@@ -83,7 +83,8 @@ class HybridDrafter(nnx.Module):
 
     @property
     def model_skip_threshold(self) -> float:
-        """Expected accepted lookup drafts (every request) at or above which a round skips the model's forward."""
+        """Expected accepted lookup drafts at or above which a request takes the lookup's draft (and a round in
+        which every request does skips the model's forward)."""
         return float(self.config.skip_model_at)
 
     def set_block_size(self, gamma: int) -> None:

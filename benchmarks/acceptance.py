@@ -61,7 +61,7 @@ def main() -> None:
     print(f"{'setting':<20} {'dense ms':>9} {'lean ms':>9} {'ratio':>7}  verdicts equal")
     for name, (t, k, p) in SETTINGS.items():
         params = SamplingParams.create(b, t, k, p)
-        mode = FilterMode.for_params(k, p) if t > 0 else FilterMode()
+        mode = FilterMode.for_run(t, k, p)
         run = functools.partial(acceptance, key, logits, draft_tokens, p_draft_x, p_draft, proposal_len, params,
                                 mode)
         dense, lean = run(lazy=False), run(lazy=True)

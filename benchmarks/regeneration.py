@@ -50,7 +50,7 @@ def main() -> None:
     print(f"machine: {describe_machine()}; batch {args.batch_size}, {args.max_new_tokens} new tokens")
     for name, t, k, p, sampler in settings:
         params = SamplingParams.create(args.batch_size, t, k, p)
-        mode = FilterMode.for_params(k, p) if t > 0 else FilterMode()
+        mode = FilterMode.for_run(t, k, p)
         autoregressive.sample = sampler  # the loop reads the module global when it is traced
         fn = jax.jit(functools.partial(autoregressive.generate.__wrapped__, target.graphdef,
                                        max_new_tokens=args.max_new_tokens, stop_ids=(), mode=mode,

@@ -104,7 +104,7 @@ def decode_batches(target: Target, encoded: Sequence[Sequence[int]], config: Gen
         data = mesh.shape.get("data", 1)
         bs = -(-bs // data) * data
     params = SamplingParams.create(bs, config.temperature, config.top_k, config.top_p)
-    mode = FilterMode.for_params(config.top_k, config.top_p) if config.temperature > 0 else FilterMode()
+    mode = FilterMode.for_run(config.temperature, config.top_k, config.top_p)
     static = dict(max_new_tokens=config.max_new_tokens, stop_ids=target.stop_ids, mode=mode,
                   pad_id=target.config.pad_token_id)
     target = target.with_attn_impl(config.attn_impl)

@@ -67,7 +67,7 @@ def sampling_kind(temperature: float, top_k: int = 0, top_p: float = 1.0) -> tup
     """(sampled, filter mode): what of a run's sampling settings a round's cost depends on — whether it samples
     (temperature > 0) and, if so, the static filters it compiles (`FilterMode`); not the values themselves."""
     sampled = temperature > 0
-    return sampled, (FilterMode.for_params(top_k, top_p) if sampled else FilterMode())
+    return sampled, FilterMode.for_run(temperature, top_k, top_p)
 
 
 def _profile_key(target: Target, drafter, batch: int, buckets: tuple[int, ...], cache_shape: tuple[int, int],

@@ -41,6 +41,11 @@ class FilterMode:
         return FilterMode(max_top_k=int(top_k.max(initial=0)), top_p=bool((top_p < 1.0).any()),
                           all_top_k=bool((top_k > 0).all()))
 
+    @staticmethod
+    def for_run(temperature: float, top_k: np.ndarray | int, top_p: np.ndarray | float) -> "FilterMode":
+        """The filters a run compiles: `for_params` when it samples (temperature > 0), none when greedy."""
+        return FilterMode.for_params(top_k, top_p) if temperature > 0 else FilterMode()
+
 
 def validate_sampling(temperature: float, top_k: int, top_p: float) -> None:
     if not np.isfinite(temperature) or temperature < 0:

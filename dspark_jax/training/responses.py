@@ -74,7 +74,7 @@ def regenerate(target, prompts: Sequence[str], out_path: str | Path, cfg: RegenC
     encoded = {i: prompt_ids(target, prompts[i], cfg) for i in todo}
     todo.sort(key=lambda i: len(encoded[i]))  # similar lengths batch together: fewer padded shapes
     params = SamplingParams.create(cfg.batch_size, cfg.temperature, cfg.top_k, cfg.top_p)
-    mode = FilterMode.for_params(cfg.top_k, cfg.top_p) if cfg.temperature > 0 else FilterMode()
+    mode = FilterMode.for_run(cfg.temperature, cfg.top_k, cfg.top_p)
     stops = target.stop_ids
     bar = tqdm(total=len(prompts), initial=len(done), desc="regenerating responses", unit="prompt")
     if out_path.exists() and out_path.stat().st_size and not out_path.read_bytes().endswith(b"\n"):

@@ -2,7 +2,7 @@
 model under which drafting never pays, so the gate keeps the drafter off after its first probe) against plain
 decoding (`decoding.autoregressive.generate`), same batch, same run; and the loop verifying every proposal.
 
-    python benchmarks/loop_overhead.py [--datasets mbpp --batch_size 8 --gamma 11 --repeats 3
+    python benchmarks/loop_overhead.py [--datasets mbpp --batch_size 8 --gamma 11 --repeats 3 --limit 0
                                         --drafters "ngram,default+ngram|g=7" --loops plain,verified]
 
 At T = 0 all loops decode the same tokens (greedy; checked); at --temperature > 0 (no top-k / top-p) each draws
@@ -28,15 +28,19 @@ def main():
     ap.add_argument("--max_new_tokens", type=int, default=96)
     ap.add_argument("--gamma", type=int, default=11)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--limit", type=int, default=0, help="prompts per set, decoded in batches of --batch_size "
+                    "(times summed per repeat); 0: one batch")
     ap.add_argument("--drafters", default="ngram", help="--drafter values (load_drafter), each optionally "
                     "followed by |g=N (its gamma, default --gamma), comma-separated")
     ap.add_argument("--loops", default="plain,verified", help="which loops per drafter: 'plain' (every round "
-                    "plain), 'verified' (every proposal verified), 'auto' (the profiled gate), comma-separated")
+                    "plain), 'verified' (every proposal verified), 'auto' (the profiled gate), 'auto_one_table' "
+                    "(the gate pricing a hybrid's rounds that skip its model by the table with the model, as "
+                    "before session 23), comma-separated")
     ap.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
     ap.add_argument("--output", default="benchmarks/results/loop_overhead.json")
     args = ap.parse_args()
-    if set(args.loops.split(",")) - {"plain", "verified", "auto"}:
-        raise SystemExit(f"--loops takes 'plain', 'verified' and/or 'auto', got {args.loops!r}")
+    if set(args.loops.split(",")) - {"plain", "verified", "auto", "auto_one_table"}:
+        raise SystemExit(f"--loops takes 'plain', 'verified', 'auto' and/or 'auto_one_table', got {args.loops!r}")
 
     import jax
     import jax.numpy as jnp
@@ -46,7 +50,7 @@ def main():
     from dspark_jax.decoding.autoregressive import generate
     from dspark_jax.decoding.speculative import speculative_generate
     from dspark_jax.drafters.factory import load_drafter, with_block_size
-    from dspark_jax.generation import bucket_length, encode_prompts, pad_batch
+    from dspark_jax.generation import encode_prompts, pad_batch
     from dspark_jax.round_costs import load_or_profile_round_costs
     from dspark_jax.sampling import SamplingParams
     from dspark_jax.target import load_target
@@ -63,8 +67,14 @@ def main():
         drafters[entry] = with_block_size(drafter, gamma)
     bs = args.batch_size
 
-    def compiled(fn, call_args, static):
-        exe = fn.lower(**call_args, **static).compile()
+    executables = {}
+
+    def compiled(key, fn, call_args, static):
+        """fn compiled once per run and prompt width (batches of one width share it), bound to call_args."""
+        key = (key, call_args["prompts"].shape)
+        if key not in executables:
+            executables[key] = fn.lower(**call_args, **static).compile()
+        exe = executables[key]
         return lambda: jax.block_until_ready(exe(**call_args))
 
     def interleaved(runs: dict) -> dict:
@@ -78,18 +88,13 @@ def main():
                 times[k].append(time.perf_counter() - t0)
         return {k: (times[k], outs[k]) for k in runs}
 
-    rows = []
-    print(f"machine: {describe_machine()}; batch {bs}, {args.max_new_tokens} new tokens, gamma {args.gamma}")
-    print(f"{'dataset':<10} {'drafter':<14} {'loop':<24} {'seconds':>8} {'rounds':>7} {'plain decoding s':>17} "
-          f"{'ratio':>6} {'paired':>7} [range]")
-    for name in args.datasets.split(","):
-        prompts = [format_prompt(p) for p in read_first_turns(eval_dataset_path(name))[:bs]]
-        encoded = encode_prompts(target, prompts, args.max_new_tokens)
+    def batch_runs(encoded) -> dict:
+        """(drafter spec, loop label) → a compiled run of one batch (("plain", ""): plain decoding)."""
         tokens, lens = pad_batch(encoded, target.config.pad_token_id, bs)
         common = dict(prompts=jnp.asarray(tokens), prompt_lens=jnp.asarray(lens),
                       key=jax.random.split(jax.random.key(0), bs), params=SamplingParams.create(bs, args.temperature, 0, 1.0))
         static = dict(max_new_tokens=args.max_new_tokens, stop_ids=target.stop_ids, pad_id=target.config.pad_token_id)
-        runs = {("plain", ""): compiled(generate, dict(common, state=target.state),
+        runs = {("plain", ""): compiled(("plain", ""), generate, dict(common, state=target.state),
                                         dict(static, graphdef=target.graphdef))}
         for spec, drafter in drafters.items():
             buckets = (bs, 2 * bs, bs * (drafter.config.block_size + 1))
@@ -98,27 +103,44 @@ def main():
             loops = {"plain": ("every round plain", dict(verify_buckets=buckets, verify_costs=(1.0, 2.0, 5.0),
                                                          plain_cost=1e-6)),
                      "verified": ("every proposal verified", dict(verify_buckets=buckets))}
-            if "auto" in args.loops.split(","):  # as generate_text's draft_length "auto" (profiled once, cached)
-                costs = load_or_profile_round_costs(target, drafter, bs, bucket_length(max(map(len, encoded))),
-                                                    args.max_new_tokens, temperature=args.temperature)
+            if {"auto", "auto_one_table"} & set(args.loops.split(",")):  # as draft_length "auto" (cached profile)
+                costs = load_or_profile_round_costs(target, drafter, bs, int(tokens.shape[1]), args.max_new_tokens,
+                                                    temperature=args.temperature)
                 loops["auto"] = ("auto (profiled gate)", costs.loop_settings())
+                one_table = {k: v for k, v in costs.loop_settings().items() if k != "lookup_costs"}
+                loops["auto_one_table"] = ("auto, one cost table", one_table)
             for label, extra in (loops[k] for k in args.loops.split(",")):
-                runs[(spec, label)] = compiled(speculative_generate, spec_args,
+                runs[(spec, label)] = compiled((spec, label), speculative_generate, spec_args,
                                                dict(static, target_graphdef=target.graphdef,
                                                     drafter_graphdef=drafter.graphdef, **extra))
-        timed = interleaved(runs)
+        return runs
+
+    def summed(parts: list) -> tuple:
+        """Batches' (times, output) → (times summed per repeat, [outputs])."""
+        return [sum(ts) for ts in zip(*(t for t, _ in parts))], [o for _, o in parts]
+
+    rows = []
+    print(f"machine: {describe_machine()}; batch {bs}, {args.max_new_tokens} new tokens, gamma {args.gamma}")
+    print(f"{'dataset':<10} {'drafter':<14} {'loop':<24} {'seconds':>8} {'rounds':>7} {'plain decoding s':>17} "
+          f"{'ratio':>6} {'paired':>7} [range]")
+    for name in args.datasets.split(","):
+        prompts = [format_prompt(p) for p in read_first_turns(eval_dataset_path(name))[:args.limit or bs]]
+        encoded = encode_prompts(target, prompts, args.max_new_tokens)
+        per_batch = [interleaved(batch_runs(encoded[i:i + bs])) for i in range(0, len(encoded), bs)]
+        timed = {k: summed([b[k] for b in per_batch]) for k in per_batch[0]}
         plain_times, plain = timed.pop(("plain", ""))
         plain_s = min(plain_times)
-        plain_tokens = int(np.asarray(plain.num_tokens).sum())
-        for (spec, label), (times, out) in timed.items():
-            same = bool((np.asarray(out.tokens) == np.asarray(plain.tokens)).all())
-            per_token = plain_tokens / int(np.asarray(out.num_tokens).sum())  # 1 at T = 0 (the same tokens)
+        plain_tokens = sum(int(np.asarray(o.num_tokens).sum()) for o in plain)
+        for (spec, label), (times, outs) in timed.items():
+            same = all(bool((np.asarray(o.tokens) == np.asarray(p.tokens)).all()) for o, p in zip(outs, plain))
+            tokens = sum(int(np.asarray(o.num_tokens).sum()) for o in outs)
+            per_token = plain_tokens / tokens  # 1 at T = 0 (the same tokens)
             paired = [t / p * per_token for t, p in zip(times, plain_times)]  # against plain decoding's run next to it
             seconds = min(times)
             ratio = seconds / plain_s * per_token
             rows.append(dict(dataset=name, batch_size=bs, temperature=args.temperature, drafter=spec, loop=label,
-                             seconds=seconds, rounds=int(np.asarray(out.rounds).max()),
-                             tokens=int(np.asarray(out.num_tokens).sum()), plain_decoding_s=plain_s,
+                             seconds=seconds, rounds=sum(int(np.asarray(o.rounds).max()) for o in outs),
+                             tokens=tokens, plain_decoding_s=plain_s,
                              plain_tokens=plain_tokens, ratio=ratio, paired_ratio_median=float(np.median(paired)),
                              paired_ratios=paired, times=times, plain_decoding_times=plain_times,
                              identical_to_plain=same))

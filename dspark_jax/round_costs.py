@@ -5,7 +5,10 @@ this machine, and of a plain round (no proposal) — the cost curve behind the l
 A round is timed whole, with the loop's own round code (`decoding.speculative.speculative_rounds`): the
 drafter's proposal, the verification forward with its logits, rejection sampling, the drafter's commit and the
 loop's bookkeeping. From one prefilled state, cost(w) = (time of `hi` rounds − time of `lo` rounds) / (hi − lo),
-so the call overhead cancels; buckets are interleaved and the median taken over passes.
+so the call overhead cancels; buckets are interleaved and the median taken over passes. A hybrid drafter
+(`drafters.hybrid`) is timed twice at every bucket, interleaved: with its model's forward run in every round
+(`seconds`) and skipped, lookup drafts only (`lookup_seconds`) — the loop prices each round by the kind it is
+(before session 23 one table, timed with whatever the profile's prompts made the hybrid do, priced both).
 Costs are profiled once per machine, target, drafter structure, batch, attention implementation, cache shape
 (prompt bucket, new tokens) and sampling kind (greedy, or sampled with its static top-k / top-p filters: a sampled
 round computes the target's softmax over every verified row, the rejection draw and the drafter's sampling, which
@@ -29,38 +32,45 @@ import jax.numpy as jnp
 
 from dspark_jax.decoding.draft_length import efficient_buckets, profile_buckets
 from dspark_jax.decoding.speculative import speculative_rounds, speculative_start
+from dspark_jax.drafters.factory import Drafter, with_skip_model_at
 from dspark_jax.sampling import FilterMode, SamplingParams
 from dspark_jax.target import Target
 from dspark_jax.utils.files import atomic_write_text, cache_dir
 from dspark_jax.utils.machine import describe_machine
 
-FORMAT_VERSION = 9  # 1: verification forward + proposal timed apart; 2: a 64-token prompt's cache for every run;
+FORMAT_VERSION = 10  # 1: verification forward + proposal timed apart; 2: a 64-token prompt's cache for every run;
 # 3: every timing included a prefill; 4: 2–8-row logits through XLA:CPU's GEMM (`models.output_head`);
 # 5: dense widths (every request anchor + w − 1 rows) instead of flat buckets; 6: rounds that copied the KV cache,
 # 16- and 24-row logits through the GEMM; 7: plain rounds as a branch of the round's conditional; 8: plain rounds
-# in their own loop; 9: profiled at the run's sampling kind (before: greedy rounds for every run)
+# in their own loop; 9: profiled at the run's sampling kind (before: greedy rounds for every run); 10: a hybrid
+# drafter's rounds timed with its model's forward forced on, and apart with it skipped (`lookup_seconds`)
 
 
 @dataclasses.dataclass(frozen=True)
 class RoundCosts:
     """seconds[i]: one round verifying a flat bucket of buckets[i] rows (anchors + drafts) at `batch` requests
     (proposal and bookkeeping included); plain: one round without a proposal (the drafter's propose skipped).
-    At batch 1 a bucket is the verification width."""
+    At batch 1 a bucket is the verification width. lookup_seconds (hybrid drafters, else None): a round at each
+    bucket that skips the model's forward."""
     batch: int
     buckets: tuple[int, ...]
     seconds: tuple[float, ...]
     plain: float
     machine: str = ""
+    lookup_seconds: tuple[float, ...] | None = None
 
     def efficient(self, max_buckets: int = 5) -> tuple[tuple[int, ...], tuple[float, ...]]:
         """(buckets, seconds) worth compiling into the loop (`draft_length.efficient_buckets`)."""
         return efficient_buckets(self.buckets, self.seconds, max_buckets)
 
     def loop_settings(self, max_buckets: int = 5) -> dict:
-        """`speculative_generate`'s verify_buckets / verify_costs / plain_cost for the gated loop (draft length
-        "auto"): the efficient buckets, their seconds and the plain round's."""
+        """`speculative_generate`'s verify_buckets / verify_costs / plain_cost (and lookup_costs for a hybrid)
+        for the gated loop (draft length "auto"): the efficient buckets, their seconds and the plain round's."""
         buckets, seconds = self.efficient(max_buckets)
-        return dict(verify_buckets=buckets, verify_costs=seconds, plain_cost=self.plain)
+        settings = dict(verify_buckets=buckets, verify_costs=seconds, plain_cost=self.plain)
+        if self.lookup_seconds is not None:
+            settings["lookup_costs"] = tuple(float(self.lookup_seconds[self.buckets.index(t)]) for t in buckets)
+        return settings
 
 
 def sampling_kind(temperature: float, top_k: int = 0, top_p: float = 1.0) -> tuple[bool, FilterMode]:
@@ -92,8 +102,9 @@ def profile_round_costs(target: Target, drafter, batch: int, buckets: tuple[int,
     (time of `hi` rounds − time of `lo` rounds) / (hi − lo) per bucket, the buckets interleaved in each of
     `repeats` passes (slow drift of the machine's speed hits every bucket alike), median over the passes; one
     compilation for all. A bucket's round costs at least a plain round (it adds the proposal), so timing noise
-    below that is clipped. drafter: a `drafters.factory.Drafter`. Raises ValueError unless 1 <= lo < hi and
-    repeats >= 1."""
+    below that is clipped. A hybrid drafter's rounds are timed with its model's forward and without
+    (`RoundCosts.lookup_seconds`), interleaved. drafter: a `drafters.factory.Drafter`. Raises ValueError unless
+    1 <= lo < hi and repeats >= 1."""
     if not 1 <= lo < hi or repeats < 1:
         raise ValueError(f"need 1 <= lo < hi rounds and repeats >= 1, got lo={lo}, hi={hi}, repeats={repeats}")
     g = drafter.config.block_size
@@ -106,31 +117,43 @@ def profile_round_costs(target: Target, drafter, batch: int, buckets: tuple[int,
     params = SamplingParams.create(batch, temperature if sampled else 0.0, top_k if sampled else 0,
                                    top_p if sampled else 1.0)
     threshold = jnp.float32(0.0)
-    state = speculative_start(target.graphdef, target.state, drafter.graphdef, drafter.state, prompts, lens,
-                              jax.random.key(0), params, threshold, pad_id=target.config.pad_token_id, **static)
+    variants = model_variants(drafter)  # (rounds that run the model, [rounds that skip it])
+    states = [speculative_start(target.graphdef, target.state, d.graphdef, d.state, prompts, lens, jax.random.key(0),
+                                params, threshold, pad_id=target.config.pad_token_id, **static) for d in variants]
 
-    def seconds(choice: int, rounds: int) -> float:
+    def seconds(variant: int, choice: int, rounds: int) -> float:
+        d = variants[variant]
         t0 = time.perf_counter()
-        jax.block_until_ready(speculative_rounds(target.graphdef, target.state, drafter.graphdef, drafter.state,
-                                                 state, params, threshold, jnp.int32(choice), jnp.int32(rounds),
-                                                 **static))
+        jax.block_until_ready(speculative_rounds(target.graphdef, target.state, d.graphdef, d.state, states[variant],
+                                                 params, threshold, jnp.int32(choice), jnp.int32(rounds), **static))
         return time.perf_counter() - t0
 
-    choices = [-1, *range(len(buckets))]  # -1: plain rounds
-    for c in choices:  # warm-up: compiles once, touches every branch
-        seconds(c, lo)
+    # (variant, bucket index); -1: plain rounds (no proposal: the same for every variant)
+    choices = [(0, -1)] + [(v, i) for v in range(len(variants)) for i in range(len(buckets))]
+    for c in choices:  # warm-up: compiles once per variant, touches every branch
+        seconds(*c, lo)
     samples = {c: [] for c in choices}
     for _ in range(repeats):
         for c in choices:
-            samples[c].append((seconds(c, hi) - seconds(c, lo)) / (hi - lo))
-    plain = max(statistics.median(samples[-1]), 1e-6)
+            samples[c].append((seconds(*c, hi) - seconds(*c, lo)) / (hi - lo))
+    plain = max(statistics.median(samples[(0, -1)]), 1e-6)
     print(f"  plain round: {plain * 1e3:.1f} ms", file=sys.stderr, flush=True)
-    costs = []
-    for i, t in enumerate(buckets):
-        costs.append(max(statistics.median(samples[i]), plain))
-        print(f"  round at bucket {t} ({t - batch} drafts): {costs[-1] * 1e3:.1f} ms ({costs[-1] / plain:.2f}x plain)",
-              file=sys.stderr, flush=True)
-    return RoundCosts(batch, tuple(buckets), tuple(costs), plain, describe_machine())
+    tables = []
+    for v, kind in enumerate(["", " (model skipped)"][:len(variants)]):
+        tables.append(tuple(max(statistics.median(samples[(v, i)]), plain) for i in range(len(buckets))))
+        for t, cost in zip(buckets, tables[-1]):
+            print(f"  round at bucket {t} ({t - batch} drafts){kind}: {cost * 1e3:.1f} ms ({cost / plain:.2f}x plain)",
+                  file=sys.stderr, flush=True)
+    return RoundCosts(batch, tuple(buckets), tables[0], plain, describe_machine(),
+                      lookup_seconds=tables[1] if len(tables) > 1 else None)
+
+
+def model_variants(drafter: Drafter) -> tuple[Drafter, ...]:
+    """What a profile times: a hybrid drafter (`drafters.hybrid`) as two drafters — its model's forward run in
+    every round (`skip_model_at` inf) and never (0) —, any other drafter as itself."""
+    if not drafter.config.algorithm.endswith("+ngram"):
+        return (drafter,)
+    return with_skip_model_at(drafter, float("inf")), with_skip_model_at(drafter, 0.0)
 
 
 def load_or_profile_round_costs(target: Target, drafter, batch: int, prompt_len: int = 64, max_new_tokens: int = 64,
@@ -150,8 +173,9 @@ def load_or_profile_round_costs(target: Target, drafter, batch: int, prompt_len:
     if use_cache and path.is_file():
         try:
             data = json.loads(path.read_text())
+            lookup = data.get("lookup_seconds")
             return RoundCosts(int(data["batch"]), tuple(data["buckets"]), tuple(data["seconds"]), float(data["plain"]),
-                              data["machine"])
+                              data["machine"], None if lookup is None else tuple(lookup))
         except (ValueError, KeyError, TypeError):
             print(f"round cost cache {path} is unreadable; profiling again", file=sys.stderr)
     print(f"profiling {'sampled' if sampling[0] else 'greedy'} speculative rounds at {len(buckets)} buckets"

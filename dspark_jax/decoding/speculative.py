@@ -120,7 +120,7 @@ def _first_drafts(proposal: Proposal, k: int) -> Proposal:
     return Proposal(tokens=cut(proposal.tokens), draft_index=cut(proposal.draft_index), p_draft=cut(proposal.p_draft),
                     confidence=cut(proposal.confidence), confidence_logits=cut(proposal.confidence_logits),
                     length=None if proposal.length is None else jnp.minimum(proposal.length, k),
-                    deterministic=proposal.deterministic)
+                    deterministic=proposal.deterministic, model_skipped=proposal.model_skipped)
 
 
 def _deterministic_rows(proposal: Proposal, batch: int) -> jax.Array:
@@ -131,7 +131,7 @@ def _deterministic_rows(proposal: Proposal, batch: int) -> jax.Array:
 
 
 _STATIC = ("target_graphdef", "drafter_graphdef", "max_new_tokens", "stop_ids", "mode", "pad_id", "verify_buckets",
-           "verify_costs", "plain_cost")
+           "verify_costs", "plain_cost", "lookup_costs")
 MAX_PLAIN_RUN = 16  # the longest run of plain rounds between two drafted rounds (the gate's back-off cap)
 
 
@@ -152,7 +152,17 @@ class _Rounds:
     buckets: tuple[int, ...]
     costs: tuple[float, ...] | None
     plain_cost: float | None
+    lookup_costs: tuple[float, ...] | None = None  # a hybrid's rounds that skip its model's forward, per bucket
     objective: str = "fluid"  # `draft_length.GAINS` (benchmarks/schedule_sim.py replays the others)
+
+    def round_costs(self, proposal: Proposal):
+        """The bucket costs of this round: `lookup_costs` where a hybrid drafter skipped its model's forward
+        (`Proposal.model_skipped`, decided from the lookup's proposal alone, before any bucket is chosen), else
+        `costs` (profiled with the model's forward)."""
+        if self.lookup_costs is None or proposal.model_skipped is None:
+            return self.costs
+        return jnp.where(jnp.all(proposal.model_skipped), jnp.asarray(self.lookup_costs, jnp.float32),
+                         jnp.asarray(self.costs, jnp.float32))
 
     @property
     def gate(self) -> bool:
@@ -227,13 +237,15 @@ class _Rounds:
             sampled = (self.params.temperature > 0) & ~_deterministic_rows(prop, b)
             conf = budget_confidence(prop.confidence, c.stale_confidence, sampled)
             if self.gate:  # the rates once: the choice is their argmax (`choose_bucket`)
-                rates = bucket_rates(conf, n_prop, active, remaining, self.buckets, self.costs, self.objective)
+                rates = bucket_rates(conf, n_prop, active, remaining, self.buckets, self.round_costs(prop),
+                                     self.objective)
                 choice = jnp.argmax(rates).astype(jnp.int32)
                 pays = rates[choice] > 1.0 / self.plain_cost  # a plain round: one token off every request
                 plain_left = jnp.where(pays, 0, backoff).astype(jnp.int32)
                 backoff = jnp.where(pays, 1, jnp.minimum(2 * backoff, MAX_PLAIN_RUN)).astype(jnp.int32)
             else:
-                choice = choose_bucket(conf, n_prop, active, remaining, self.buckets, self.costs, self.objective)
+                choice = choose_bucket(conf, n_prop, active, remaining, self.buckets, self.round_costs(prop),
+                                       self.objective)
         res, verified = jax.lax.switch(choice, [at_bucket(t) for t in self.buckets])
         stale = jnp.where(active[:, None], prop.confidence, c.stale_confidence)
         return _Outcome(res, verified, prop.confidence, prop.confidence_logits, plain_left, backoff, stale)
@@ -321,7 +333,8 @@ class _Rounds:
 
 
 def _rounds(target_graphdef, target_state, drafter_graphdef, drafter_state, params, confidence_threshold, *,
-            batch, max_new_tokens, stop_ids, mode, verify_buckets, verify_costs, plain_cost) -> _Rounds:
+            batch, max_new_tokens, stop_ids, mode, verify_buckets, verify_costs, plain_cost, lookup_costs=None
+            ) -> _Rounds:
     """The static round context of one call, with the bucket / cost settings checked."""
     target = nnx.merge(target_graphdef, target_state)
     drafter = nnx.merge(drafter_graphdef, drafter_state)
@@ -334,10 +347,13 @@ def _rounds(target_graphdef, target_state, drafter_graphdef, drafter_state, para
         raise ValueError(f"one verify cost per bucket needed: {len(buckets)} buckets, {len(verify_costs)} costs")
     if plain_cost is not None and not (verify_costs is not None and plain_cost > 0):
         raise ValueError(f"plain_cost needs verify_costs and must be > 0, got {plain_cost}")
+    if lookup_costs is not None and (verify_costs is None or len(lookup_costs) != len(buckets)):
+        raise ValueError(f"lookup_costs need verify_costs and one cost per bucket: {len(buckets)} buckets, "
+                         f"{len(lookup_costs)} lookup costs")
     return _Rounds(target=target, drafter=drafter, head=drafter.head_matrix(target), params=params, mode=mode,
                    stops=jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32), threshold=confidence_threshold,
                    max_new_tokens=max_new_tokens, buckets=buckets, costs=verify_costs,
-                   plain_cost=plain_cost)
+                   plain_cost=plain_cost, lookup_costs=lookup_costs)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -346,8 +362,8 @@ def speculative_generate(target_graphdef: nnx.GraphDef, target_state: nnx.State,
                          params: SamplingParams, confidence_threshold: jax.Array, *, max_new_tokens: int,
                          stop_ids: tuple[int, ...], mode: FilterMode = FilterMode(), pad_id: int = 0,
                          verify_buckets: tuple[int, ...] | None = None,
-                         verify_costs: tuple[float, ...] | None = None, plain_cost: float | None = None
-                         ) -> SpecOutput:
+                         verify_costs: tuple[float, ...] | None = None, plain_cost: float | None = None,
+                         lookup_costs: tuple[float, ...] | None = None) -> SpecOutput:
     """Lossless speculative decoding of right-padded prompts [B, P] (lengths [B]); exactly
     `max_new_tokens` per request, or fewer up to and including a stop token. key: one per request [B] or one
     for the batch (`sampling.keys`).
@@ -361,11 +377,14 @@ def speculative_generate(target_graphdef: nnx.GraphDef, target_state: nnx.State,
     (`decoding.draft_length`, hardware-aware draft length; at batch 1: the most expected committed tokens per
     second). At batch 1 a bucket is the verification width.
     With `plain_cost` too (seconds of a round without a proposal), rounds skip the drafter while drafting is
-    expected to lose to plain decoding (`_Rounds.step`). Raises ValueError on inconsistent buckets / costs."""
+    expected to lose to plain decoding (`_Rounds.step`). With `lookup_costs` too (a hybrid drafter's rounds
+    that skip its model's forward, per bucket), such rounds are priced by them (`_Rounds.round_costs`).
+    Raises ValueError on inconsistent buckets / costs."""
     check_batch(prompts, prompt_lens, params)
     rounds = _rounds(target_graphdef, target_state, drafter_graphdef, drafter_state, params, confidence_threshold,
                      batch=prompts.shape[0], max_new_tokens=max_new_tokens, stop_ids=stop_ids, mode=mode,
-                     verify_buckets=verify_buckets, verify_costs=verify_costs, plain_cost=plain_cost)
+                     verify_buckets=verify_buckets, verify_costs=verify_costs, plain_cost=plain_cost,
+                     lookup_costs=lookup_costs)
     state = rounds.start(prompts, prompt_lens, key, pad_id)
     final = jax.lax.while_loop(lambda c: ~jnp.all(c.done), rounds.step, state)
     return SpecOutput(tokens=final.tokens[:, :max_new_tokens], num_tokens=final.num_generated, rounds=final.rounds,
@@ -378,13 +397,14 @@ def speculative_start(target_graphdef: nnx.GraphDef, target_state: nnx.State, dr
                       params: SamplingParams, confidence_threshold: jax.Array, *, max_new_tokens: int,
                       stop_ids: tuple[int, ...], mode: FilterMode = FilterMode(), pad_id: int = 0,
                       verify_buckets: tuple[int, ...] | None = None, verify_costs: tuple[float, ...] | None = None,
-                      plain_cost: float | None = None) -> SpecState:
+                      plain_cost: float | None = None, lookup_costs: tuple[float, ...] | None = None) -> SpecState:
     """The loop's state after the prefill (`speculative_generate`'s first step, same arguments): the start of
     `speculative_rounds`."""
     check_batch(prompts, prompt_lens, params)
     rounds = _rounds(target_graphdef, target_state, drafter_graphdef, drafter_state, params, confidence_threshold,
                      batch=prompts.shape[0], max_new_tokens=max_new_tokens, stop_ids=stop_ids, mode=mode,
-                     verify_buckets=verify_buckets, verify_costs=verify_costs, plain_cost=plain_cost)
+                     verify_buckets=verify_buckets, verify_costs=verify_costs, plain_cost=plain_cost,
+                     lookup_costs=lookup_costs)
     return rounds.start(prompts, prompt_lens, key, pad_id)
 
 

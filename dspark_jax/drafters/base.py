@@ -21,7 +21,9 @@ class Proposal:
     each token); confidence: [B, G] calibrated c_k (1 without a head); confidence_logits: [B, G] raw logits
     (0 without a head); length: [B] drafted tokens per request (None: all G); deterministic: [B] bool, rows
     whose tokens are deterministic drafts (p_d one-hot; their p_draft rows are ignored), None: no row, or
-    every row when p_draft is None.
+    every row when p_draft is None; model_skipped: [B] bool, True in every row of a hybrid drafter's round
+    that skipped its model's forward (lookup drafts only: the round costs less, `round_costs.RoundCosts.lookup_seconds`;
+    one value per row so that engines can write proposals row by row), None for other drafters.
     """
     tokens: jax.Array
     draft_index: jax.Array
@@ -30,6 +32,7 @@ class Proposal:
     confidence_logits: jax.Array
     length: jax.Array | None = None
     deterministic: jax.Array | None = None
+    model_skipped: jax.Array | None = None
 
     @property
     def num_drafted(self) -> jax.Array:

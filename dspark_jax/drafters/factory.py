@@ -174,6 +174,20 @@ def with_block_size(drafter: Drafter, gamma: int) -> Drafter:
     return Drafter(module.config, graphdef, state, drafter.source)
 
 
+def with_skip_model_at(drafter: Drafter, skip_model_at: float) -> Drafter:
+    """The same hybrid drafter with `HybridConfig.skip_model_at` replaced (0: its model's forward never runs,
+    inf: it runs in every round). ValueError for a drafter that is not a hybrid or a negative value."""
+    if not drafter.config.algorithm.endswith("+ngram"):
+        raise ValueError(f"skip_model_at is a hybrid drafter's setting; {drafter.source} is "
+                         f"{drafter.config.algorithm}")
+    if not skip_model_at >= 0:
+        raise ValueError(f"skip_model_at must be >= 0, got {skip_model_at}")
+    module = nnx.merge(drafter.graphdef, drafter.state)
+    module.config = dataclasses.replace(module.config, skip_model_at=float(skip_model_at))
+    graphdef, state = nnx.split(module)
+    return Drafter(module.config, graphdef, state, drafter.source)
+
+
 def ngram_drafter_like(drafter: Drafter, gamma: int) -> Drafter:
     """The same lookup drafter proposing `gamma` tokens."""
     if gamma < 1:

@@ -27,7 +27,10 @@ CPU), and where lookup has a match its draft is the better bet on held-out promp
 of 0.6·γ (the default before session 21) the main job at T = 0, batch 1, gained on every set: humaneval 2.09x →
 2.27x, τ 4.52 → 4.78 (BENCHMARKS.md "Session 21"). Per request, so a request's choice does not depend on what
 shares its batch (before session 22 a request whose companions needed the model could take the model's draft
-over a lookup match). The rule reads only the lookup proposal, known before verification.
+over a lookup match). The rule reads only the lookup proposal, known before verification. `skip_model_at` 0:
+the model's forward never runs (lookup alone, with the hybrid's state); inf: it runs in every round — the two
+kinds of round a cost profile times (`round_costs`). A round's proposal says which kind it was
+(`Proposal.model_skipped`), so the loop prices a round without the model's forward by its own, cheaper costs.
 """
 from __future__ import annotations
 
@@ -48,7 +51,8 @@ class HybridConfig:
     target_layer_ids: tuple[int, ...]
     algorithm: str
     confidence_head: bool = True  # each row's confidence: the model's head or the lookup's estimates
-    skip_model_at: float = 1.0  # a lookup draft expecting this many accepted tokens is taken (module doc); inf: never
+    skip_model_at: float = 1.0  # a lookup draft expecting this many accepted tokens is taken (module doc); inf: never,
+    # 0: always (the model's forward never runs)
     model_prior_strength: float = 4.0  # observations the model's head is worth against its record (module doc)
 
 
@@ -73,8 +77,9 @@ class HybridDrafter(nnx.Module):
             raise ValueError(f"hybrid drafters need one block size, got {model.config.block_size} (model) and "
                              f"{lookup.config.block_size} (lookup)")
         self.model, self.lookup = model, lookup
-        if not skip_model_at > 0:
-            raise ValueError(f"skip_model_at must be > 0 (inf: never skip the model), got {skip_model_at}")
+        if not skip_model_at >= 0:
+            raise ValueError(f"skip_model_at must be >= 0 (0: never run the model, inf: never skip it), got "
+                             f"{skip_model_at}")
         if not model_prior_strength > 0:
             raise ValueError(f"model_prior_strength must be > 0, got {model_prior_strength}")
         self.config = HybridConfig(model.config.block_size, tuple(model.config.target_layer_ids),
@@ -160,7 +165,8 @@ class HybridDrafter(nnx.Module):
             shapes = jax.eval_shape(model_proposal)
             return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
-        by_model = jax.lax.cond(self.skips_model(by_lookup), no_model_proposal, model_proposal)
+        skipped = self.skips_model(by_lookup)
+        by_model = jax.lax.cond(skipped, no_model_proposal, model_proposal)
         lookup_expects = by_lookup.expected_accept_length
         use = (lookup_expects >= self.model_skip_threshold) | (lookup_expects > model_score(by_model, params))  # [B]
 
@@ -171,7 +177,8 @@ class HybridDrafter(nnx.Module):
                         draft_index=jnp.where(use[:, None], 0, by_model.draft_index), p_draft=by_model.p_draft,
                         confidence=pick(by_lookup.confidence, by_model.confidence),
                         confidence_logits=pick(by_lookup.confidence_logits, by_model.confidence_logits),
-                        length=pick(by_lookup.num_drafted, by_model.num_drafted), deterministic=use)
+                        length=pick(by_lookup.num_drafted, by_model.num_drafted), deterministic=use,
+                        model_skipped=jnp.broadcast_to(skipped, use.shape))
 
 
 def model_score(proposal: Proposal, params) -> jax.Array:

@@ -418,6 +418,58 @@ def test_round_costs_profiled_sampled(monkeypatch):
     assert seen and all(s == (0.5, 5, FilterMode(max_top_k=5, top_p=False, all_top_k=True)) for s in seen)
 
 
+def test_hybrid_profile_times_rounds_with_and_without_the_model(monkeypatch):
+    """A hybrid drafter's profile times its rounds twice at every bucket: the model's forward forced on
+    (`seconds`) and skipped (`lookup_seconds`); `loop_settings` hands both to the loop at the efficient buckets."""
+    from flax import nnx
+    from dspark_jax import round_costs
+    from dspark_jax.drafters.factory import Drafter
+    from dspark_jax.target import Target
+    from tests.drafters.test_ngram import _hybrid
+    tg, ts, cfg = make_target("gemma3")
+    dg, ds = _hybrid(cfg, 2)
+    drafter = Drafter(nnx.merge(dg, ds).config, dg, ds, "random+ngram")
+    seen = []
+    real_rounds = round_costs.speculative_rounds
+
+    def spy(*args, **kw):
+        seen.append(nnx.merge(args[2], args[3]).config.skip_model_at)
+        return real_rounds(*args, **kw)
+
+    monkeypatch.setattr(round_costs, "speculative_rounds", spy)
+    costs = round_costs.profile_round_costs(Target(cfg, tg, ts, None, "tiny"), drafter, 1, (1, 2, 3), repeats=1)
+    assert set(seen) == {float("inf"), 0.0}  # forced on, forced off
+    assert len(costs.seconds) == len(costs.lookup_seconds) == 3
+    assert all(s >= costs.plain for s in costs.seconds + costs.lookup_seconds)
+    table = round_costs.RoundCosts(1, (1, 2, 3), (1.0, 3.0, 2.0), 0.5, lookup_seconds=(0.6, 0.7, 0.8))
+    assert table.loop_settings() == dict(verify_buckets=(1, 3), verify_costs=(1.0, 2.0), plain_cost=0.5,
+                                         lookup_costs=(0.6, 0.8))
+    assert "lookup_costs" not in dataclasses_replace(table, lookup_seconds=None).loop_settings()
+
+
+def dataclasses_replace(obj, **changes):
+    import dataclasses
+    return dataclasses.replace(obj, **changes)
+
+
+def test_rounds_that_skip_the_model_are_priced_by_lookup_costs():
+    """A hybrid whose model's forward never runs (skip_model_at 0): with verification priced so that drafting
+    loses (`verify_costs`) no round verifies a draft; with the same rounds priced by `lookup_costs` under which
+    lookup drafts pay, rounds verify them. Greedy output equals plain decoding's."""
+    from tests.drafters.test_ngram import _hybrid
+    tg, ts, cfg = make_target("gemma3")
+    dg, ds = _hybrid(cfg, 3, skip_model_at=0.0)
+    prompts = REPETITIVE[3:]  # batch 1, no plain rounds: the wide bucket wherever lookup expects an accepted draft
+    loop = dict(verify_buckets=(1, 4), verify_costs=(1.0, 100.0))
+    plain, dear = greedy_plain_and_speculative(tg, ts, dg, ds, prompts, 24, **loop)
+    _, cheap = greedy_plain_and_speculative(tg, ts, dg, ds, prompts, 24, lookup_costs=(1.0, 1.0), **loop)
+    for out in (dear, cheap):
+        np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(plain.tokens))
+    assert np.asarray(dear.proposed).sum() == 0 and np.asarray(cheap.proposed).sum() > 0
+    with pytest.raises(ValueError, match="lookup_costs"):
+        greedy_plain_and_speculative(tg, ts, dg, ds, prompts, 4, lookup_costs=(1.0,), **loop)
+
+
 def test_generate_text_with_auto_draft_length(tmp_path, monkeypatch):
     """`GenerationConfig(draft_length="auto")`: profiles round costs once (cached), decodes losslessly."""
     from dspark_jax.drafters.factory import random_drafter

@@ -347,10 +347,12 @@ def test_hybrid_skips_the_model_when_every_lookup_draft_is_expected_to_go_far():
         return jax.jit(lambda: HybridDrafter.propose(hybrid, target, HybridState(None, None), jnp.zeros(2, jnp.int32),
                                                      lens, None, SamplingParams.create(2), None, None))()
 
-    for skip_model_at, lookup_rows in ((0.8, [True, True]), (1.0, [True, False]), (1.6, [False, False]),
-                                       (float("inf"), [False, False])):
+    for skip_model_at, lookup_rows in ((0.0, [True, True]), (0.8, [True, True]), (1.0, [True, False]),
+                                       (1.6, [False, False]), (float("inf"), [False, False])):
         out = propose(skip_model_at)
         np.testing.assert_array_equal(np.asarray(out.deterministic), lookup_rows)
+        # the round skips the model's forward where every row takes the lookup's draft (0: always)
+        np.testing.assert_array_equal(np.asarray(out.model_skipped), [skip_model_at <= 0.8] * 2)
         np.testing.assert_array_equal(np.asarray(out.tokens)[:, 0], np.where(lookup_rows, 7, 9))
         assert out.p_draft.shape == (2, 3, 4)
     # a skipped model stays unchosen whatever its record: its zero confidences are not moved by it
@@ -363,7 +365,7 @@ def test_hybrid_skips_the_model_when_every_lookup_draft_is_expected_to_go_far():
     np.testing.assert_array_equal(np.asarray(out.deterministic), [True, True])
     assert nnx.merge(*_hybrid(cfg, 5)).model_skip_threshold == 1.0  # the default: one expected token, whatever γ
     with pytest.raises(ValueError, match="skip_model_at"):
-        _hybrid(cfg, 3, skip_model_at=0.0)
+        _hybrid(cfg, 3, skip_model_at=-1.0)
 
 
 def test_hybrid_model_record_counts_only_rows_whose_model_draft_was_verified():
@@ -550,8 +552,8 @@ def test_drafter_specs():
     assert tuned.source == "random:dspark+ngram:n_max=2:skip_model_at=1.5:model_prior_strength=8"
     with pytest.raises(ValueError, match="skip_model_at must be a number"):
         load_drafter("random+ngram:skip_model_at=x", target, gamma=4)
-    with pytest.raises(ValueError, match="skip_model_at must be > 0"):
-        load_drafter("random+ngram:skip_model_at=0", target, gamma=4)
+    with pytest.raises(ValueError, match="skip_model_at must be >= 0"):
+        load_drafter("random+ngram:skip_model_at=-1", target, gamma=4)
     assert with_block_size(hybrid, 2).config.block_size == 2
     with pytest.raises(ValueError, match="gamma must be in"):
         with_block_size(hybrid, 5)

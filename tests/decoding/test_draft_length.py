@@ -394,62 +394,55 @@ def test_round_costs_profile_and_cache(tmp_path, monkeypatch):
     assert len(calls) == 5
 
 
-def test_round_costs_profiled_sampled(monkeypatch):
-    """A sampled profile runs the loop's rounds with sampling on (temperature > 0 and the run's filters)."""
+def _spied_profile(monkeypatch, split_drafter, name: str, record, **profile_options):
+    """profile_round_costs of a tiny target and `split_drafter` (graphdef, state) at batch 1, buckets (1, 2, 3), one
+    pass, with record(args, kw) of every `speculative_rounds` call it makes: (costs, records)."""
     from flax import nnx
     from dspark_jax import round_costs
     from dspark_jax.drafters.factory import Drafter
-    from dspark_jax.sampling import FilterMode
     from dspark_jax.target import Target
     tg, ts, cfg = make_target("gemma3")
-    dg, ds = _ngram(cfg, 2)
-    drafter = Drafter(nnx.merge(dg, ds).config, dg, ds, "ngram")
+    dg, ds = split_drafter(cfg)
     seen = []
     real_rounds = round_costs.speculative_rounds
 
     def spy(*args, **kw):
-        seen.append((float(args[5].temperature[0]), int(args[5].top_k[0]), kw["mode"]))
+        seen.append(record(args, kw))
         return real_rounds(*args, **kw)
 
     monkeypatch.setattr(round_costs, "speculative_rounds", spy)
-    costs = round_costs.profile_round_costs(Target(cfg, tg, ts, None, "tiny"), drafter, 1, (1, 2, 3), repeats=1,
-                                            temperature=0.5, top_k=5)
-    assert len(costs.seconds) == 3 and costs.plain > 0
+    costs = round_costs.profile_round_costs(Target(cfg, tg, ts, None, "tiny"),
+                                            Drafter(nnx.merge(dg, ds).config, dg, ds, name), 1, (1, 2, 3), repeats=1,
+                                            **profile_options)
+    return costs, seen
+
+
+def test_round_costs_profiled_sampled(monkeypatch):
+    """A sampled profile runs the loop's rounds with sampling on (temperature > 0 and the run's filters)."""
+    from dspark_jax.sampling import FilterMode
+    costs, seen = _spied_profile(monkeypatch, lambda cfg: _ngram(cfg, 2), "ngram",
+                                 lambda args, kw: (float(args[5].temperature[0]), int(args[5].top_k[0]), kw["mode"]),
+                                 temperature=0.5, top_k=5)
+    assert len(costs.seconds) == 3 and costs.plain > 0 and costs.lookup_seconds is None
     assert seen and all(s == (0.5, 5, FilterMode(max_top_k=5, top_p=False, all_top_k=True)) for s in seen)
 
 
 def test_hybrid_profile_times_rounds_with_and_without_the_model(monkeypatch):
     """A hybrid drafter's profile times its rounds twice at every bucket: the model's forward forced on
     (`seconds`) and skipped (`lookup_seconds`); `loop_settings` hands both to the loop at the efficient buckets."""
+    import dataclasses
     from flax import nnx
-    from dspark_jax import round_costs
-    from dspark_jax.drafters.factory import Drafter
-    from dspark_jax.target import Target
+    from dspark_jax.round_costs import RoundCosts
     from tests.drafters.test_ngram import _hybrid
-    tg, ts, cfg = make_target("gemma3")
-    dg, ds = _hybrid(cfg, 2)
-    drafter = Drafter(nnx.merge(dg, ds).config, dg, ds, "random+ngram")
-    seen = []
-    real_rounds = round_costs.speculative_rounds
-
-    def spy(*args, **kw):
-        seen.append(nnx.merge(args[2], args[3]).config.skip_model_at)
-        return real_rounds(*args, **kw)
-
-    monkeypatch.setattr(round_costs, "speculative_rounds", spy)
-    costs = round_costs.profile_round_costs(Target(cfg, tg, ts, None, "tiny"), drafter, 1, (1, 2, 3), repeats=1)
+    costs, seen = _spied_profile(monkeypatch, lambda cfg: _hybrid(cfg, 2), "random+ngram",
+                                 lambda args, kw: nnx.merge(args[2], args[3]).config.skip_model_at)
     assert set(seen) == {float("inf"), 0.0}  # forced on, forced off
     assert len(costs.seconds) == len(costs.lookup_seconds) == 3
     assert all(s >= costs.plain for s in costs.seconds + costs.lookup_seconds)
-    table = round_costs.RoundCosts(1, (1, 2, 3), (1.0, 3.0, 2.0), 0.5, lookup_seconds=(0.6, 0.7, 0.8))
+    table = RoundCosts(1, (1, 2, 3), (1.0, 3.0, 2.0), 0.5, lookup_seconds=(0.6, 0.7, 0.8))
     assert table.loop_settings() == dict(verify_buckets=(1, 3), verify_costs=(1.0, 2.0), plain_cost=0.5,
                                          lookup_costs=(0.6, 0.8))
-    assert "lookup_costs" not in dataclasses_replace(table, lookup_seconds=None).loop_settings()
-
-
-def dataclasses_replace(obj, **changes):
-    import dataclasses
-    return dataclasses.replace(obj, **changes)
+    assert "lookup_costs" not in dataclasses.replace(table, lookup_seconds=None).loop_settings()
 
 
 def test_rounds_that_skip_the_model_are_priced_by_lookup_costs():

@@ -260,13 +260,19 @@ def test_bad_buckets_are_rejected():
     # plain rounds too: drafting pays only when confident matches shorten the pair's longer request by > 1.6
     ("ngram", dict(verify_buckets=(1, 3), verify_costs=(1.0, 1.0), plain_cost=1.0 / 1.6)),
     # sampled model drafts: the bucket reads c_1 fresh and c_2 from the last drafted round
-    ("dspark", dict(verify_buckets=(1, 2, 3), verify_costs=(1.0, 1.3, 1.9)))])
+    ("dspark", dict(verify_buckets=(1, 2, 3), verify_costs=(1.0, 1.3, 1.9))),
+    # the hybrid, its rounds without the model's forward priced by their own costs (`lookup_costs`)
+    ("hybrid", dict(verify_buckets=(1, 2, 3), verify_costs=(1.0, 1.3, 1.9), lookup_costs=(1.0, 1.05, 1.1)))])
 def test_temperature_one_is_lossless_at_chosen_buckets(drafter, loop_options):
     """Buckets given per request (× 2): batches of two requests, each batch choosing its rounds' buckets and
     allocation (vmapped over N_SAMPLES / 2 batches)."""
     from tests.decoding.test_speculative import V_SMALL, make_drafter
     tg, ts, cfg = make_target("gemma3", vocab_size=V_SMALL)
-    dg, ds = _ngram(cfg, 2, n_max=2, n_min=1) if drafter == "ngram" else make_drafter("dspark", cfg, 2, False)
+    if drafter == "hybrid":
+        from tests.drafters.test_ngram import _hybrid
+        dg, ds = _hybrid(cfg, 2)
+    else:
+        dg, ds = _ngram(cfg, 2, n_max=2, n_min=1) if drafter == "ngram" else make_drafter("dspark", cfg, 2, False)
     params = SamplingParams.create(1, 1.0, 3, 0.8)
     mode = FilterMode.for_params(3, 0.8)
     prompt = [1, 2, 1, 2, 1]

@@ -106,8 +106,9 @@ def main():
             if {"auto", "auto_one_table"} & set(args.loops.split(",")):  # as draft_length "auto" (cached profile)
                 costs = load_or_profile_round_costs(target, drafter, bs, int(tokens.shape[1]), args.max_new_tokens,
                                                     temperature=args.temperature)
-                loops["auto"] = ("auto (profiled gate)", costs.loop_settings())
-                one_table = {k: v for k, v in costs.loop_settings().items() if k != "lookup_costs"}
+                settings = costs.loop_settings()
+                loops["auto"] = ("auto (profiled gate)", settings)
+                one_table = {k: v for k, v in settings.items() if k != "lookup_costs"}
                 loops["auto_one_table"] = ("auto, one cost table", one_table)
             for label, extra in (loops[k] for k in args.loops.split(",")):
                 runs[(spec, label)] = compiled((spec, label), speculative_generate, spec_args,

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from dspark_jax.decoding.draft_length import efficient_buckets, profile_buckets
 from dspark_jax.decoding.speculative import speculative_rounds, speculative_start
-from dspark_jax.drafters.factory import Drafter, with_skip_model_at
+from dspark_jax.drafters.factory import Drafter, is_hybrid, with_skip_model_at
 from dspark_jax.sampling import FilterMode, SamplingParams
 from dspark_jax.target import Target
 from dspark_jax.utils.files import atomic_write_text, cache_dir
@@ -118,14 +118,15 @@ def profile_round_costs(target: Target, drafter, batch: int, buckets: tuple[int,
                                    top_p if sampled else 1.0)
     threshold = jnp.float32(0.0)
     variants = model_variants(drafter)  # (rounds that run the model, [rounds that skip it])
-    states = [speculative_start(target.graphdef, target.state, d.graphdef, d.state, prompts, lens, jax.random.key(0),
-                                params, threshold, pad_id=target.config.pad_token_id, **static) for d in variants]
+    # one prefilled state for every variant: they differ only in when the model's forward runs, not in their state
+    state = speculative_start(target.graphdef, target.state, drafter.graphdef, drafter.state, prompts, lens,
+                              jax.random.key(0), params, threshold, pad_id=target.config.pad_token_id, **static)
 
     def seconds(variant: int, choice: int, rounds: int) -> float:
         d = variants[variant]
         t0 = time.perf_counter()
-        jax.block_until_ready(speculative_rounds(target.graphdef, target.state, d.graphdef, d.state, states[variant],
-                                                 params, threshold, jnp.int32(choice), jnp.int32(rounds), **static))
+        jax.block_until_ready(speculative_rounds(target.graphdef, target.state, d.graphdef, d.state, state, params,
+                                                 threshold, jnp.int32(choice), jnp.int32(rounds), **static))
         return time.perf_counter() - t0
 
     # (variant, bucket index); -1: plain rounds (no proposal: the same for every variant)
@@ -151,7 +152,7 @@ def profile_round_costs(target: Target, drafter, batch: int, buckets: tuple[int,
 def model_variants(drafter: Drafter) -> tuple[Drafter, ...]:
     """What a profile times: a hybrid drafter (`drafters.hybrid`) as two drafters — its model's forward run in
     every round (`skip_model_at` inf) and never (0) —, any other drafter as itself."""
-    if not drafter.config.algorithm.endswith("+ngram"):
+    if not is_hybrid(drafter):
         return (drafter,)
     return with_skip_model_at(drafter, float("inf")), with_skip_model_at(drafter, 0.0)
 

@@ -156,7 +156,7 @@ def with_block_size(drafter: Drafter, gamma: int) -> Drafter:
         return drafter
     if drafter.config.algorithm == "ngram":  # lookup has no trained size
         return ngram_drafter_like(drafter, gamma)
-    if drafter.config.algorithm.endswith("+ngram"):
+    if is_hybrid(drafter):
         module = nnx.merge(drafter.graphdef, drafter.state)
         trained = module.model.config.block_size
         if not 1 <= gamma <= trained:
@@ -168,8 +168,18 @@ def with_block_size(drafter: Drafter, gamma: int) -> Drafter:
     if not 1 <= gamma <= trained:
         raise ValueError(f"gamma must be in [1, {trained}] for this drafter (trained with block size {trained}), "
                          f"got {gamma}")
+    return _with_config(drafter, block_size=gamma)
+
+
+def is_hybrid(drafter: Drafter) -> bool:
+    """Whether `drafter` is a trained drafter and prompt lookup together (`drafters.hybrid`)."""
+    return drafter.config.algorithm.endswith("+ngram")
+
+
+def _with_config(drafter: Drafter, **changes) -> Drafter:
+    """The same drafter with fields of its module's config replaced (no other check)."""
     module = nnx.merge(drafter.graphdef, drafter.state)
-    module.config = dataclasses.replace(module.config, block_size=gamma)
+    module.config = dataclasses.replace(module.config, **changes)
     graphdef, state = nnx.split(module)
     return Drafter(module.config, graphdef, state, drafter.source)
 
@@ -177,25 +187,19 @@ def with_block_size(drafter: Drafter, gamma: int) -> Drafter:
 def with_skip_model_at(drafter: Drafter, skip_model_at: float) -> Drafter:
     """The same hybrid drafter with `HybridConfig.skip_model_at` replaced (0: its model's forward never runs,
     inf: it runs in every round). ValueError for a drafter that is not a hybrid or a negative value."""
-    if not drafter.config.algorithm.endswith("+ngram"):
+    if not is_hybrid(drafter):
         raise ValueError(f"skip_model_at is a hybrid drafter's setting; {drafter.source} is "
                          f"{drafter.config.algorithm}")
     if not skip_model_at >= 0:
         raise ValueError(f"skip_model_at must be >= 0, got {skip_model_at}")
-    module = nnx.merge(drafter.graphdef, drafter.state)
-    module.config = dataclasses.replace(module.config, skip_model_at=float(skip_model_at))
-    graphdef, state = nnx.split(module)
-    return Drafter(module.config, graphdef, state, drafter.source)
+    return _with_config(drafter, skip_model_at=float(skip_model_at))
 
 
 def ngram_drafter_like(drafter: Drafter, gamma: int) -> Drafter:
     """The same lookup drafter proposing `gamma` tokens."""
     if gamma < 1:
         raise ValueError(f"gamma must be >= 1, got {gamma}")
-    module = nnx.merge(drafter.graphdef, drafter.state)
-    module.config = dataclasses.replace(module.config, block_size=gamma)
-    graphdef, state = nnx.split(module)
-    return Drafter(module.config, graphdef, state, drafter.source)
+    return _with_config(drafter, block_size=gamma)
 
 
 def default_drafter(target: Target) -> Drafter:

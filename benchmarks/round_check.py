@@ -7,7 +7,8 @@ the measured wall time of each batch against the round-cost profile's prediction
 
 Per round r of a batch: the bucket is the smallest compiled bucket holding its rows (active requests' anchors +
 verified drafts; a round with no verified draft is counted as a plain round), its predicted cost the profile's
-seconds for that bucket (`round_costs`). Expected accepted drafts: Σ over verified drafts of the prefix survival
+seconds for that bucket (`round_costs`; a hybrid's rounds are priced by its table with the model's forward — the
+loop's record does not say which rounds skipped it — so the prediction is an upper bound there). Expected accepted drafts: Σ over verified drafts of the prefix survival
 Π_{i<=j} c_i of the confidences recorded for the round (at T = 0 the ones the bucket was chosen from).
 A ratio measured/predicted well above 1 means the loop pays for something the profile does not time; expected /
 accepted above 1 means the confidences over-predict. Plain decoding (`decoding.autoregressive`) is timed on the same
@@ -93,11 +94,12 @@ def main():
         costs = load_or_profile_round_costs(target, drafter, bs, bucket_length(max(len(p) for p in encoded)),
                                             cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                                             top_p=cfg.top_p)
-        buckets, seconds = costs.efficient()
+        settings = costs.loop_settings()  # what the run's loop compiles (generation.py)
+        buckets, seconds = settings["verify_buckets"], settings["verify_costs"]
         cost = dict(zip(buckets, seconds))
         static = dict(target_graphdef=target.graphdef, drafter_graphdef=drafter.graphdef,
                       max_new_tokens=cfg.max_new_tokens, stop_ids=target.stop_ids, pad_id=target.config.pad_token_id,
-                      verify_buckets=buckets, verify_costs=seconds, plain_cost=costs.plain)
+                      **settings)
         plain_walls = [w for *_, w in decode_batches(target, encoded, dataclasses.replace(cfg, draft_length="fixed"))]
         for (start, count, out, wall), plain_wall in zip(decode_batches(target, encoded, cfg, drafter), plain_walls):
             tokens, lens = pad_batch(encoded[start:start + count], target.config.pad_token_id, bs)

@@ -5,7 +5,8 @@ this machine, and of a plain round (no proposal) — the cost curve behind the l
 A round is timed whole, with the loop's own round code (`decoding.speculative.speculative_rounds`): the
 drafter's proposal, the verification forward with its logits, rejection sampling, the drafter's commit and the
 loop's bookkeeping. From one prefilled state, cost(w) = (time of `hi` rounds − time of `lo` rounds) / (hi − lo),
-so the call overhead cancels; buckets are interleaved and the median taken over passes. A hybrid drafter
+so the call overhead cancels; buckets are interleaved (each pass times a plain round, every bucket, and a plain
+round again) and the median taken over passes (`time_rounds` keeps every pass: `RoundTimings`). A hybrid drafter
 (`drafters.hybrid`) is timed twice at every bucket, interleaved: with its model's forward run in every round
 (`seconds`) and skipped, lookup drafts only (`lookup_seconds`) — the loop prices each round by the kind it is
 (before session 23 one table, timed with whatever the profile's prompts made the hybrid do, priced both).
@@ -91,20 +92,38 @@ def _profile_key(target: Target, drafter, batch: int, buckets: tuple[int, ...], 
     return hashlib.sha256(raw.encode()).hexdigest()[:20]
 
 
-def profile_round_costs(target: Target, drafter, batch: int, buckets: tuple[int, ...], *, prompt_len: int = 64,
-                        max_new_tokens: int = 64, repeats: int = 5, lo: int = 1, hi: int = 5,
-                        temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0) -> RoundCosts:
+@dataclasses.dataclass(frozen=True)
+class RoundTimings:
+    """A profile's raw timings, pass by pass: plain[p] seconds of a plain round in pass p (the mean of one timed
+    at the start and one at the end of the pass), rounds[v][i][p] seconds of a round at buckets[i] of drafter
+    variant v (`model_variants`) in pass p."""
+    batch: int
+    buckets: tuple[int, ...]
+    plain: tuple[float, ...]
+    rounds: tuple[tuple[tuple[float, ...], ...], ...]
+
+    def costs(self) -> RoundCosts:
+        """The profile's `RoundCosts`: each bucket's median seconds over the passes, clipped to at least the median
+        plain round (a round adds the proposal to a plain round). (Pricing each round against its own pass's plain
+        round instead does not make profiles of this 2-core machine more repeatable: BENCHMARKS.md "Session 24",
+        `benchmarks/profile_repeatability.py`.)"""
+        plain = max(statistics.median(self.plain), 1e-6)
+        tables = [tuple(max(statistics.median(times), plain) for times in variant) for variant in self.rounds]
+        return RoundCosts(self.batch, self.buckets, tables[0], plain, describe_machine(),
+                          lookup_seconds=tables[1] if len(tables) > 1 else None)
+
+
+def time_rounds(target: Target, drafter, batch: int, buckets: tuple[int, ...], *, prompt_len: int = 64,
+                max_new_tokens: int = 64, repeats: int = 5, lo: int = 1, hi: int = 5, temperature: float = 0.0,
+                top_k: int = 0, top_p: float = 1.0) -> RoundTimings:
     """Times rounds of the speculative loop at every bucket in `buckets` (rows; `speculative_generate`'s
-    verify_buckets) and plain rounds, on prompts of
-    `prompt_len` tokens sampled as the run samples (`temperature`, `top_k`, `top_p`; at T = 0 greedy) with the
-    KV cache of a `max_new_tokens` run (attention reads the whole cache
-    buffer, so its length matters: profile with the run's own). One prefill, then from its state
-    (time of `hi` rounds − time of `lo` rounds) / (hi − lo) per bucket, the buckets interleaved in each of
-    `repeats` passes (slow drift of the machine's speed hits every bucket alike), median over the passes; one
-    compilation for all. A bucket's round costs at least a plain round (it adds the proposal), so timing noise
-    below that is clipped. A hybrid drafter's rounds are timed with its model's forward and without
-    (`RoundCosts.lookup_seconds`), interleaved. drafter: a `drafters.factory.Drafter`. Raises ValueError unless
-    1 <= lo < hi and repeats >= 1."""
+    verify_buckets) and plain rounds, on prompts of `prompt_len` tokens sampled as the run samples
+    (`temperature`, `top_k`, `top_p`; at T = 0 greedy) with the KV cache of a `max_new_tokens` run (attention
+    reads the whole cache buffer, so its length matters: profile with the run's own). One prefill, then from
+    its state (time of `hi` rounds − time of `lo` rounds) / (hi − lo) per bucket, in each of `repeats` passes
+    that time a plain round, every bucket in turn, and a plain round again; one compilation for all. A hybrid
+    drafter's rounds are timed with its model's forward and without (`model_variants`), interleaved.
+    drafter: a `drafters.factory.Drafter`. Raises ValueError unless 1 <= lo < hi and repeats >= 1."""
     if not 1 <= lo < hi or repeats < 1:
         raise ValueError(f"need 1 <= lo < hi rounds and repeats >= 1, got lo={lo}, hi={hi}, repeats={repeats}")
     g = drafter.config.block_size
@@ -129,24 +148,37 @@ def profile_round_costs(target: Target, drafter, batch: int, buckets: tuple[int,
                                                  threshold, jnp.int32(choice), jnp.int32(rounds), **static))
         return time.perf_counter() - t0
 
+    def per_round(choice: tuple[int, int]) -> float:
+        return (seconds(*choice, hi) - seconds(*choice, lo)) / (hi - lo)
+
     # (variant, bucket index); -1: plain rounds (no proposal: the same for every variant)
-    choices = [(0, -1)] + [(v, i) for v in range(len(variants)) for i in range(len(buckets))]
-    for c in choices:  # warm-up: compiles once per variant, touches every branch
+    choices = [(v, i) for v in range(len(variants)) for i in range(len(buckets))]
+    for c in [(0, -1)] + choices:  # warm-up: compiles once per variant, touches every branch
         seconds(*c, lo)
-    samples = {c: [] for c in choices}
+    plain, rounds = [], {c: [] for c in choices}
     for _ in range(repeats):
+        first = per_round((0, -1))
         for c in choices:
-            samples[c].append((seconds(*c, hi) - seconds(*c, lo)) / (hi - lo))
-    plain = max(statistics.median(samples[(0, -1)]), 1e-6)
+            rounds[c].append(per_round(c))
+        plain.append((first + per_round((0, -1))) / 2)
+    return RoundTimings(batch, tuple(buckets), tuple(plain),
+                        tuple(tuple(tuple(rounds[(v, i)]) for i in range(len(buckets))) for v in range(len(variants))))
+
+
+def profile_round_costs(target: Target, drafter, batch: int, buckets: tuple[int, ...], *, prompt_len: int = 64,
+                        max_new_tokens: int = 64, repeats: int = 5, lo: int = 1, hi: int = 5,
+                        temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0) -> RoundCosts:
+    """The `RoundCosts` of `time_rounds` (same arguments and errors; `RoundTimings.costs`); prints the tables."""
+    costs = time_rounds(target, drafter, batch, buckets, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
+                        repeats=repeats, lo=lo, hi=hi, temperature=temperature, top_k=top_k, top_p=top_p).costs()
+    plain = costs.plain
     print(f"  plain round: {plain * 1e3:.1f} ms", file=sys.stderr, flush=True)
-    tables = []
-    for v, kind in enumerate(["", " (model skipped)"][:len(variants)]):
-        tables.append(tuple(max(statistics.median(samples[(v, i)]), plain) for i in range(len(buckets))))
-        for t, cost in zip(buckets, tables[-1]):
+    tables = [("", costs.seconds)] + ([(" (model skipped)", costs.lookup_seconds)] if costs.lookup_seconds else [])
+    for kind, table in tables:
+        for t, cost in zip(buckets, table):
             print(f"  round at bucket {t} ({t - batch} drafts){kind}: {cost * 1e3:.1f} ms ({cost / plain:.2f}x plain)",
                   file=sys.stderr, flush=True)
-    return RoundCosts(batch, tuple(buckets), tables[0], plain, describe_machine(),
-                      lookup_seconds=tables[1] if len(tables) > 1 else None)
+    return costs
 
 
 def model_variants(drafter: Drafter) -> tuple[Drafter, ...]:

@@ -451,6 +451,21 @@ def test_hybrid_profile_times_rounds_with_and_without_the_model(monkeypatch):
     assert "lookup_costs" not in dataclasses.replace(table, lookup_seconds=None).loop_settings()
 
 
+def test_round_timings_reduce_to_median_costs():
+    """`RoundTimings.costs`: each bucket's median seconds over the passes and the median plain round (each pass's
+    plain round the mean of its two timings); costs below a plain round are clipped to it; a second variant (a
+    hybrid's model skipped) becomes `lookup_seconds`."""
+    from dspark_jax.round_costs import RoundTimings
+    timings = RoundTimings(1, (1, 2, 3), (1.0, 2.0, 1.2), ((
+        (0.9, 0.8, 0.7), (3.5, 1.4, 1.5), (2.0, 2.6, 2.4)),))
+    costs = timings.costs()
+    assert (costs.batch, costs.buckets, costs.plain, costs.lookup_seconds) == (1, (1, 2, 3), 1.2, None)
+    assert costs.seconds == pytest.approx((1.2, 1.5, 2.4))  # 0.8 clipped to the plain round
+    hybrid = RoundTimings(1, (1, 2), (1.0, 1.0), (((1.2, 1.4), (2.0, 2.2)), ((1.0, 1.1), (1.5, 1.5))))
+    assert hybrid.costs().seconds == pytest.approx((1.3, 2.1))
+    assert hybrid.costs().lookup_seconds == pytest.approx((1.05, 1.5))
+
+
 def test_rounds_that_skip_the_model_are_priced_by_lookup_costs():
     """A hybrid whose model's forward never runs (skip_model_at 0): with verification priced so that drafting
     loses (`verify_costs`) no round verifies a draft; with the same rounds priced by `lookup_costs` under which

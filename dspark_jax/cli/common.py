@@ -67,7 +67,9 @@ def define_flag(kind: str, name: str, default, help_text: str, *, module_name: s
 
 TARGET_HELP = ("Target model: 'gemma3-270m' (the embedded default), a .gguf file or a Hugging Face model directory "
                "(config.json + *.safetensors).")
-SERVING_DRAFTER_HELP = "Drafter: 'default' (shipped), 'random:<dspark|dflash|eagle3>' or a drafter directory."
+SERVING_DRAFTER_HELP = ("Drafter: 'default' (shipped), 'ngram' (prompt lookup), 'default+ngram' (both: the hybrid; "
+                        "any trained drafter + 'ngram[:options]'), 'random:<dspark|dflash|eagle3>' or a drafter "
+                        "directory.")
 ATTN_IMPLS = ["reference", "pallas", "interpret", "auto"]
 
 
@@ -81,7 +83,8 @@ def define_serving_flags(attn_impl: bool = True) -> None:
 
 
 def load_target_and_drafter(target_spec: str, drafter_spec: str, gamma: int | None = None):
-    """The target and a drafter ('default', 'random:<algorithm>' or a directory) for serving commands."""
+    """The target and a drafter ('default', 'ngram', '<drafter>+ngram', 'random:<algorithm>' or a directory) for
+    serving commands."""
     from dspark_jax.drafters.factory import load_drafter, with_block_size
     from dspark_jax.target import load_target
     print(f"loading target {target_spec} ...", file=sys.stderr)
@@ -91,7 +94,8 @@ def load_target_and_drafter(target_spec: str, drafter_spec: str, gamma: int | No
         drafter_spec, algorithm = "random", drafter_spec.split(":", 1)[1]
     drafter = load_drafter(drafter_spec, target, algorithm=algorithm, gamma=gamma or 7, draft_vocab_size=16384)
     if drafter is None:
-        raise ValueError("serving needs a drafter ('default', 'random:<algorithm>' or a drafter directory)")
+        raise ValueError("serving needs a drafter ('default', 'ngram', 'default+ngram', 'random:<algorithm>' or a "
+                         "drafter directory)")
     if gamma:
         drafter = with_block_size(drafter, gamma)
     print(f"drafter: {drafter.source} ({drafter.config.algorithm}, gamma={drafter.config.block_size})",

@@ -54,37 +54,22 @@ def schedule_synchronous(confidence: np.ndarray, table: CostTable, max_draft: np
     return best_lengths
 
 
-def expected_tokens(confidence: np.ndarray, lengths: np.ndarray) -> float:
-    """τ: expected committed tokens of one step verifying `lengths` drafts per request, requests + Σ_r Σ_{j<ℓ_r}
-    a_{r,j} (confidence [R, G], lengths [R])."""
-    a = survival(confidence)
-    lengths = np.asarray(lengths)
-    return len(lengths) + float((a * (np.arange(a.shape[1])[None] < lengths[:, None])).sum())
-
-
-def step_tokens(lengths: np.ndarray, base_tokens: int = 0) -> int:
-    """B: tokens a step verifies — one per request, its drafts and `base_tokens` of other requests."""
-    return len(lengths) + base_tokens + int(np.asarray(lengths).sum())
-
-
 def expected_throughput(confidence: np.ndarray, lengths: np.ndarray, table: CostTable, base_tokens: int = 0) -> float:
     """Θ = τ · SPS(B): expected committed tokens per second of one step verifying `lengths` drafts per request
-    (`expected_tokens`, `step_tokens`)."""
-    return expected_tokens(confidence, lengths) * table.sps(step_tokens(lengths, base_tokens))
+    (B = requests + base_tokens + Σ lengths, τ = requests + Σ_r Σ_{j<ℓ_r} a_{r,j})."""
+    a = survival(confidence)
+    lengths = np.asarray(lengths)
+    tau = len(lengths) + float((a * (np.arange(a.shape[1])[None] < lengths[:, None])).sum())
+    return tau * table.sps(len(lengths) + base_tokens + int(lengths.sum()))
 
 
 def drafting_pays(confidence: np.ndarray, lengths: np.ndarray, table: CostTable, base_tokens: int = 0) -> bool:
     """Whether a draft step with these lengths is expected to commit more tokens per second than the
-    draft-free step (target only: one token per request at `table.plain_steps_per_s`). A draft step does the
-    draft-free step's work and the drafter's, so it is priced at no more steps/s than the draft-free one: a
-    profile whose draft step at the smallest bucket timed faster (noise: session 24, 5.6 vs 4.9 steps/s at 4
-    slots) would otherwise make a step verifying no draft "pay", and the engine run the drafter in every step
-    for nothing. Always True without a profiled draft-free step."""
-    plain = table.plain_steps_per_s
-    if plain is None:
+    draft-free step (target only: one token per request at `table.plain_steps_per_s`). Always True without a
+    profiled draft-free step."""
+    if table.plain_steps_per_s is None:
         return True
-    sps = min(table.sps(step_tokens(lengths, base_tokens)), plain)
-    return expected_tokens(confidence, lengths) * sps > len(lengths) * plain
+    return expected_throughput(confidence, lengths, table, base_tokens) > len(lengths) * table.plain_steps_per_s
 
 
 def capacity(confidence: np.ndarray, table: CostTable, max_draft: np.ndarray | None = None,

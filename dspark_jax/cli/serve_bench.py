@@ -25,6 +25,8 @@ def _define_flags() -> None:
     define_flag("integer", "requests_per_client", 2, "Requests each client sends, one after the other.",
                 lower_bound=1)
     define_flag("integer", "max_new_tokens", 32, "New tokens per request.", lower_bound=1)
+    define_flag("float", "temperature", 0.0, "Sampling temperature of every request (0: greedy; no top-k / top-p).",
+                lower_bound=0.0)
     define_flag("string", "prompt_sets", "humaneval,gsm8k,mt-bench", "Evaluation sets the prompts come from "
                 "(interleaved), in the training prompt format.")
     define_flag("integer", "max_prompt_tokens", 96, "Prompts are cut to their first N tokens.", lower_bound=1)
@@ -70,7 +72,8 @@ def body() -> None:
             if p.startswith("scheduler"):
                 table = engine.cost_table
                 rows_tables[c] = table.to_json()
-            r = closed_loop(engine, p, prompts, c, FLAGS.requests_per_client, FLAGS.max_new_tokens)
+            r = closed_loop(engine, p, prompts, c, FLAGS.requests_per_client, FLAGS.max_new_tokens,
+                            temperature=FLAGS.temperature)
             rows.append(dataclasses.asdict(r))
             print(f"[concurrency {c}] {p}: {r.aggregate_tps:.1f} tok/s aggregate, {r.per_user_tps:.2f} tok/s/user, "
                   f"{r.verified_per_round:.2f} drafts verified/step, τ {r.accept_length:.2f}"
@@ -96,7 +99,8 @@ def _write(out_dir: Path, rows: list[dict], cost_tables: dict, machine: str) -> 
     from dspark_jax.utils.files import atomic_write_text
     from dspark_jax.utils.results import write_result
     cmd = "dspark serve-bench " + " ".join(f"--{k}={getattr(FLAGS, k)}" for k in (
-        "target", "drafter", "policies", "concurrency", "requests_per_client", "max_new_tokens", "prompt_sets",
+        "target", "drafter", "policies", "concurrency", "requests_per_client", "max_new_tokens", "temperature",
+        "prompt_sets",
         "max_prompt_tokens", "max_len"))
     write_result(out_dir / "serve_bench.json", dict(command=cmd, machine=machine, results=rows,
                                                     cost_tables={str(k): v for k, v in cost_tables.items()}))

@@ -41,8 +41,11 @@ class LoadResult:
 
 
 def closed_loop(engine: Engine, policy: str, prompts: Sequence[Sequence[int]], concurrency: int,
-                requests_per_client: int, max_new_tokens: int, warmup_tokens: int = 4) -> LoadResult:
-    """Runs `concurrency` clients × `requests_per_client` requests on a started-or-not engine. Before timing,
+                requests_per_client: int, max_new_tokens: int, warmup_tokens: int = 4,
+                temperature: float = 0.0) -> LoadResult:
+    """Runs `concurrency` clients × `requests_per_client` requests (sampled at `temperature`, no top-k / top-p;
+    0: greedy; request i of client c seeded c · requests_per_client + i, so runs repeat) on a started-or-not
+    engine. Before timing,
     garbage from earlier engines is collected and `concurrency` untimed requests of `warmup_tokens` tokens
     run (0: none): without both, whichever engine ran first at a new size measured 10–20 % slow."""
     if not prompts:
@@ -64,7 +67,8 @@ def closed_loop(engine: Engine, policy: str, prompts: Sequence[Sequence[int]], c
         try:
             for j in range(requests_per_client):
                 prompt = prompts[(c * requests_per_client + j) % len(prompts)]
-                rid = engine.submit(Request(list(prompt), max_new_tokens=max_new_tokens))
+                rid = engine.submit(Request(list(prompt), max_new_tokens=max_new_tokens, temperature=temperature,
+                                            seed=c * requests_per_client + j))
                 with lock:
                     ids.append(rid)
                 engine.result(rid)

@@ -234,3 +234,18 @@ def test_attention_implementation_is_validated():
         GenerationConfig(attn_impl="cuda")
     with pytest.raises(ValueError, match="attn_impl must be one of"):
         EngineConfig(attn_impl="cuda")
+
+
+def test_closed_loop_load_samples_at_its_temperature_with_seeded_requests(target, drafter, monkeypatch):
+    """`closed_loop(temperature=T)` (serve-bench's --temperature): every timed request samples at T with its own
+    seed (client c's request j: c · requests_per_client + j), so a rerun draws the same tokens; warm-up requests
+    stay greedy."""
+    from dspark_jax.serving.closed_loop import closed_loop
+    engine = make_engine(target, drafter)
+    submitted, real_submit = [], engine.submit
+    monkeypatch.setattr(engine, "submit", lambda r: submitted.append(r) or real_submit(r))
+    result = closed_loop(engine, "scheduler", PROMPTS[:4], 2, 2, 6, temperature=0.7)
+    timed = submitted[2:]  # after one warm-up request per client
+    assert [r.temperature for r in submitted[:2]] == [0.0, 0.0]
+    assert sorted(r.seed for r in timed) == [0, 1, 2, 3] and {r.temperature for r in timed} == {0.7}
+    assert result.requests == 4 and result.output_tokens <= 4 * 6

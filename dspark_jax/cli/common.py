@@ -67,9 +67,9 @@ def define_flag(kind: str, name: str, default, help_text: str, *, module_name: s
 
 TARGET_HELP = ("Target model: 'gemma3-270m' (the embedded default), a .gguf file or a Hugging Face model directory "
                "(config.json + *.safetensors).")
-SERVING_DRAFTER_HELP = ("Drafter: 'default' (shipped), 'ngram' (prompt lookup), 'default+ngram' (both: the hybrid; "
-                        "any trained drafter + 'ngram[:options]'), 'random:<dspark|dflash|eagle3>' or a drafter "
-                        "directory.")
+SERVING_DRAFTER_HELP = ("Drafter: 'default+ngram' (the shipped drafter with prompt lookup: the hybrid, as the main "
+                        "job; any trained drafter + 'ngram[:options]'), 'default' (the shipped drafter alone), 'ngram' "
+                        "(prompt lookup alone), 'random:<dspark|dflash|eagle3>' or a drafter directory.")
 ATTN_IMPLS = ["reference", "pallas", "interpret", "auto"]
 
 
@@ -77,7 +77,7 @@ def define_serving_flags(attn_impl: bool = True) -> None:
     """--target, --drafter (and --attn_impl) of the commands that run the serving engine."""
     caller = sys._getframe(1).f_globals["__name__"]
     define_flag("string", "target", "gemma3-270m", TARGET_HELP, module_name=caller)
-    define_flag("string", "drafter", "default", SERVING_DRAFTER_HELP, module_name=caller)
+    define_flag("string", "drafter", "default+ngram", SERVING_DRAFTER_HELP, module_name=caller)
     if attn_impl:
         define_flag("enum", "attn_impl", "reference", ATTN_IMPL_HELP, enum_values=ATTN_IMPLS, module_name=caller)
 

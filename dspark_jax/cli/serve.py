@@ -1,6 +1,6 @@
 """`dspark serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) on the serving engine.
 
-    dspark serve                                   # open server: embedded target, shipped drafter, no tenants
+    dspark serve                                   # open server: embedded target, shipped drafter + lookup, no tenants
     dspark serve --policy configs/policies/default.yaml --api_keys_file keys.txt --port 8000 --slots 8
     dspark serve --policy policy.yaml --api_keys_file keys.txt --quota_store redis://10.0.0.5:6379/0   # a replica
 

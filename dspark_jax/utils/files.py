@@ -24,8 +24,9 @@ def _atomic(path: str | Path, write: Callable[[str], None]) -> Path:
 
 
 def cache_dir() -> Path:
-    """The user cache directory: `$DSPARK_CACHE_DIR`, default ~/.cache/dspark_jax."""
-    return Path(os.environ.get("DSPARK_CACHE_DIR", Path.home() / ".cache" / "dspark_jax"))
+    """The user cache directory: `$DSPARK_CACHE_DIR`, default (also when it is set but empty: `Path("")` would be
+    the working directory) ~/.cache/dspark_jax."""
+    return Path(os.environ.get("DSPARK_CACHE_DIR") or Path.home() / ".cache" / "dspark_jax")
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

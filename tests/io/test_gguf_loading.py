@@ -128,3 +128,16 @@ def test_default_model_config(default_gguf_path):
     assert [i for i, t in enumerate(config.layer_types) if t == "full_attention"] == [5, 11, 17]
     assert config.rope_thetas[5] == 1e6 and config.rope_thetas[0] == 1e4
     assert config.sliding_window == 512 and config.vocab_size == 262144
+
+
+def test_cache_dir_follows_the_environment_and_ignores_an_empty_value(monkeypatch, tmp_path):
+    """`$DSPARK_CACHE_DIR` moves the cache; set but empty it falls back to ~/.cache/dspark_jax (an empty path
+    would have been the working directory: a GGUF's dequantized weights written into a checkout)."""
+    from pathlib import Path
+    from dspark_jax.utils.files import cache_dir
+    monkeypatch.setenv("DSPARK_CACHE_DIR", str(tmp_path / "c"))
+    assert cache_dir() == tmp_path / "c"
+    monkeypatch.setenv("DSPARK_CACHE_DIR", "")
+    assert cache_dir() == Path.home() / ".cache" / "dspark_jax"
+    monkeypatch.delenv("DSPARK_CACHE_DIR")
+    assert cache_dir() == Path.home() / ".cache" / "dspark_jax"

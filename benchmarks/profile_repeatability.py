@@ -3,10 +3,10 @@ timings (`round_costs.time_rounds`) taken --profiles times in one process (nothi
 profile cache), for each number of timing passes in --passes, each reduced by two estimators: "independent"
 (`RoundTimings.costs`, what the loop uses: each bucket's median seconds over the passes) and "paired" (each round
 as a multiple of its own pass's plain round, median over passes: drift of the machine's speed between passes
-would cancel). Per estimator and bucket:
-the median and range over the profiles of its cost as a multiple of that profile's plain round, how often it
-looks cheaper than a smaller bucket (a non-monotone cost: noise, or a real step such as a GEMM tile), and the
-efficient buckets each profile yields (`draft_length.efficient_buckets`: what `--draft_length auto` compiles).
+would cancel). Per estimator and bucket: the median and range over the profiles of its cost as a multiple of
+that profile's plain round, how often it looks cheaper than a smaller bucket (a non-monotone cost: noise, or a
+real step such as a GEMM tile), and the efficient buckets each profile yields (`draft_length.efficient_buckets`:
+what `--draft_length auto` compiles).
 
     python benchmarks/profile_repeatability.py [--drafters ngram --batch_size 1 --gamma 7 --profiles 5
                                                 --passes 5,15 --prompt_len 64 --max_new_tokens 96]

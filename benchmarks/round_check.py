@@ -8,8 +8,9 @@ the measured wall time of each batch against the round-cost profile's prediction
 Per round r of a batch: the bucket is the smallest compiled bucket holding its rows (active requests' anchors +
 verified drafts; a round with no verified draft is counted as a plain round), its predicted cost the profile's
 seconds for that bucket (`round_costs`; a hybrid's rounds are priced by its table with the model's forward — the
-loop's record does not say which rounds skipped it — so the prediction is an upper bound there). Expected accepted drafts: Σ over verified drafts of the prefix survival
-Π_{i<=j} c_i of the confidences recorded for the round (at T = 0 the ones the bucket was chosen from).
+loop's record does not say which rounds skipped it — so the prediction is an upper bound there). Expected accepted
+drafts: Σ over verified drafts of the prefix survival Π_{i<=j} c_i of the confidences recorded for the round (at
+T = 0 the ones the bucket was chosen from).
 A ratio measured/predicted well above 1 means the loop pays for something the profile does not time; expected /
 accepted above 1 means the confidences over-predict. Plain decoding (`decoding.autoregressive`) is timed on the same
 batch: its time per step after the prefill against the loop's profiled plain round is the floor the gate can reach

@@ -100,8 +100,7 @@ def _write(out_dir: Path, rows: list[dict], cost_tables: dict, machine: str) -> 
     from dspark_jax.utils.results import write_result
     cmd = "dspark serve-bench " + " ".join(f"--{k}={getattr(FLAGS, k)}" for k in (
         "target", "drafter", "policies", "concurrency", "requests_per_client", "max_new_tokens", "temperature",
-        "prompt_sets",
-        "max_prompt_tokens", "max_len"))
+        "prompt_sets", "max_prompt_tokens", "max_len"))
     write_result(out_dir / "serve_bench.json", dict(command=cmd, machine=machine, results=rows,
                                                     cost_tables={str(k): v for k, v in cost_tables.items()}))
     atomic_write_text(out_dir / "serve_bench.md", f"`{cmd}`\n\nMachine: {machine}\n\n{_markdown(rows)}\n")

@@ -45,9 +45,9 @@ def closed_loop(engine: Engine, policy: str, prompts: Sequence[Sequence[int]], c
                 temperature: float = 0.0) -> LoadResult:
     """Runs `concurrency` clients × `requests_per_client` requests (sampled at `temperature`, no top-k / top-p;
     0: greedy; request i of client c seeded c · requests_per_client + i, so runs repeat) on a started-or-not
-    engine. Before timing,
-    garbage from earlier engines is collected and `concurrency` untimed requests of `warmup_tokens` tokens
-    run (0: none): without both, whichever engine ran first at a new size measured 10–20 % slow."""
+    engine. Before timing, garbage from earlier engines is collected and `concurrency` untimed requests of
+    `warmup_tokens` tokens run (0: none): without both, whichever engine ran first at a new size measured
+    10–20 % slow."""
     if not prompts:
         raise ValueError("no prompts")
     started_here = not engine.running

@@ -83,49 +83,71 @@ class Engine:
         self.planner = Planner(config.slots, config.policy, self.gamma, g, config.threshold, config.probe_every,
                                cost_table, has_plain_step=self._plain_exec is not None)
         if config.policy.startswith("scheduler") and cost_table is None:
-            self.cost_table = self.profile(config.profile_steps)  # the scheduler needs SPS(B) of this machine
+            # the scheduler needs SPS(B) of this machine
+            self.cost_table = self.profile(config.profile_steps, passes=config.profile_passes)
             self.planner.cost_table = self.cost_table
 
-    def profile(self, steps: int = 5, prompt_len: int = 16) -> CostTable:
-        """Measures steps/s of the real draft+verify step at every bucket on this machine: all slots busy,
-        each step verifying exactly `bucket` tokens; median of `steps` timed steps after one warm-up; and of
-        the draft-free step when the engine has one (scheduler policies with plain_fallback). The engine must
-        be idle; its state is reset afterwards."""
+    def profile(self, steps: int = 3, prompt_len: int = 16, passes: int = 3) -> CostTable:
+        """Measures steps/s of the real draft+verify step at every bucket on this machine, and of the draft-free
+        step when the engine has one (scheduler policies with plain_fallback): the median over every step timed by
+        `profile_timings` (interleaved passes). The engine must be idle; its state is reset afterwards."""
+        timings = self.profile_timings(steps, prompt_len, passes)
+        plain = timings.pop("plain", None)
+        sps = tuple(1.0 / float(np.median(timings[b])) for b in self.buckets)
+        return CostTable(self.buckets, sps, machine=describe_machine(),
+                         plain_steps_per_s=None if plain is None else 1.0 / float(np.median(plain)))
+
+    def profile_timings(self, steps: int = 3, prompt_len: int = 16, passes: int = 3) -> dict:
+        """Seconds of each timed step: {bucket: [...], "plain": [...]} ("plain" only with a draft-free step).
+        Every slot busy with a `prompt_len`-token prompt, each draft step verifying exactly `bucket` tokens. One
+        untimed warm-up step per executable, then `passes` passes, each timing the draft-free step, every bucket
+        and the draft-free step again, `steps` steps each from freshly admitted slots — interleaved, so a slower
+        minute of a noisy machine spreads over every bucket instead of landing on one (before session 25: 5 steps
+        per bucket, bucket after bucket, the draft-free step last; a 4-slot profile once timed the hybrid's draft
+        step faster than the draft-free one, BENCHMARKS.md "Session 24"). Raises RuntimeError unless the engine
+        is idle, ValueError when max_len cannot hold `steps` steps after the prompt or steps / passes < 1."""
         if not self.idle:
             raise RuntimeError("profile an idle engine")
+        if steps < 1 or passes < 1:
+            raise ValueError(f"need steps >= 1 and passes >= 1, got steps={steps}, passes={passes}")
         s, cfg = self.config.slots, self.config
         budget = cfg.max_len - prompt_len - self.block - 1
         if budget < (steps + 1) * (self.block + 1):
             raise ValueError(f"max_len {cfg.max_len} is too small to profile {steps} steps")
         width = next(p for p in self._admit_exec if p >= prompt_len)
-        prompts = np.full((1, width), 3, np.int32)
-        sps = []
-        runs = [(b, self._step_exec[b]) for b in self.buckets]
-        if self._plain_exec is not None:
-            runs.append((self._plain_bucket, self._plain_exec))
-        for bucket, executable in runs:
-            for i in range(s):
+        prompts = jnp.asarray(np.full((1, width), 3, np.int32))
+        caps = jnp.full((s,), self.block, jnp.int32)
+
+        def timed(bucket: int, executable, count: int) -> list[float]:
+            for i in range(s):  # every slot (re)admitted: each run starts from the same cache positions
                 self._state, _, _, _ = self._admit_exec[width](
-                    **self._dynamic, state=self._state, slots=jnp.asarray([i], jnp.int32), prompts=jnp.asarray(prompts),
+                    **self._dynamic, state=self._state, slots=jnp.asarray([i], jnp.int32), prompts=prompts,
                     prompt_lens=jnp.asarray([prompt_len], jnp.int32), params=SamplingParams.create(1),
                     max_new_tokens=jnp.asarray([budget], jnp.int32), keys=request_keys([[cfg.seed, i]]),
                     stops=jnp.full_like(self._stops, -1))
-            caps = jnp.full((s,), self.block, jnp.int32)
-            times = []
-            for k in range(steps + 1):
+            jax.block_until_ready(self._state)
+            out = []
+            for _ in range(count):
                 t0 = time.perf_counter()
-                self._state, out = executable(**self._dynamic, state=self._state, caps=caps,
-                                                           floors=jnp.zeros((s,), jnp.float32),
-                                                           draft_budget=jnp.int32(bucket - s),
-                                                           stops=jnp.full_like(self._stops, -1))
-                jax.block_until_ready(out)
-                if k:
-                    times.append(time.perf_counter() - t0)
-            sps.append(1.0 / float(np.median(times)))
+                self._state, res = executable(**self._dynamic, state=self._state, caps=caps,
+                                              floors=jnp.zeros((s,), jnp.float32), draft_budget=jnp.int32(bucket - s),
+                                              stops=jnp.full_like(self._stops, -1))
+                jax.block_until_ready(res)
+                out.append(time.perf_counter() - t0)
+            return out
+
+        runs = [(b, b, self._step_exec[b]) for b in self.buckets]
+        plain = [("plain", self._plain_bucket, self._plain_exec)] if self._plain_exec is not None else []
+        for _, bucket, executable in runs + plain:  # warm-up, untimed
+            timed(bucket, executable, 1)
+        order = plain + runs + plain
+        timings: dict = {key: [] for key, _, _ in order}
+        for _ in range(passes):
+            for key, bucket, executable in order:
+                timings[key] += timed(bucket, executable, steps)
         for i in range(s):
             self._state = self._deactivate(self._state, jnp.int32(i))
-        plain = sps.pop() if self._plain_exec is not None else None
-        return CostTable(self.buckets, tuple(sps), machine=describe_machine(), plain_steps_per_s=plain)
+        return timings
 
     # ---- compilation -------------------------------------------------------------------------------
     def _compile(self) -> None:

@@ -19,7 +19,8 @@ class EngineConfig:
     plain_fallback (scheduler policies): when a draft step is not expected to beat the draft-free step
     (profiled SPS), steps run the target alone; after `probe_every` such steps one draft step refreshes the
     confidences the decision is made on (the interval doubles, up to 8×, while probes find drafting not
-    paying). profile_steps: timed steps per bucket when profiling at start."""
+    paying). profile_steps, profile_passes: timed steps per bucket in each of the interleaved passes of the
+    profile taken at start (`Engine.profile_timings`)."""
     slots: int = 8
     max_len: int = 512
     policy: str = "scheduler"
@@ -31,7 +32,8 @@ class EngineConfig:
     seed: int = 0
     plain_fallback: bool = True
     probe_every: int = 8
-    profile_steps: int = 5
+    profile_steps: int = 3
+    profile_passes: int = 3
 
     def __post_init__(self):
         if self.slots < 1:
@@ -48,6 +50,8 @@ class EngineConfig:
             raise ValueError(f"probe_every must be >= 1, got {self.probe_every}")
         if self.profile_steps < 1:
             raise ValueError(f"profile_steps must be >= 1, got {self.profile_steps}")
+        if self.profile_passes < 1:
+            raise ValueError(f"profile_passes must be >= 1, got {self.profile_passes}")
         check_attn_impl(self.attn_impl)
 
 

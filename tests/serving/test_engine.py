@@ -148,6 +148,22 @@ def test_engine_profiles_its_buckets_when_given_no_cost_table(target, drafter):
     assert engine.result(rid) == plain_greedy(target, PROMPTS[0], 12)
 
 
+def test_engine_profile_times_interleaved_passes_and_takes_medians(target, drafter, monkeypatch):
+    engine = Engine(target, drafter, EngineConfig(slots=2, max_len=64, policy="scheduler"), cost_table=TABLE)
+    timings = engine.profile_timings(steps=2, passes=3)
+    assert set(timings) == {2, 4, 8, "plain"} and engine.idle
+    assert all(len(timings[b]) == 6 for b in (2, 4, 8)) and len(timings["plain"]) == 12  # timed first and last
+    fixed = {2: [0.1, 0.5, 0.2], 4: [0.4, 0.25, 9.0], 8: [1.0, 0.5, 0.5], "plain": [0.2, 0.125, 0.05, 7.0]}
+    monkeypatch.setattr(engine, "profile_timings", lambda *a, **k: {key: list(v) for key, v in fixed.items()})
+    table = engine.profile()
+    assert table.buckets == (2, 4, 8) and table.steps_per_s == pytest.approx((5.0, 2.5, 2.0))
+    assert table.plain_steps_per_s == pytest.approx(1 / 0.1625)
+    with pytest.raises(ValueError, match="passes"):
+        Engine.profile_timings(engine, steps=1, passes=0)  # the method itself, not the patched attribute
+    rid = engine.submit(Request(PROMPTS[0], max_new_tokens=12))  # the profile left the engine serving
+    assert engine.result(rid) == plain_greedy(target, PROMPTS[0], 12)
+
+
 @pytest.mark.parametrize("policy", ["scheduler", "scheduler_async"])
 def test_plain_fallback_runs_the_target_alone_when_drafting_does_not_pay(target, drafter, expected, policy):
     never = dataclasses.replace(TABLE, plain_steps_per_s=1000.0)  # 10x the fastest draft step: never draft

@@ -10,7 +10,9 @@ temperatures are written into a drafter directory (--output, or the drafter itse
 Held-out prompts (default): training-distribution prompts that are neither trained on nor evaluation
 prompts: gsm8k lines 201+, livecodebench and arena-hard-v2 minus the prompts the default training mix
 selects (`dspark_jax.evaluation.datasets.heldout_prompts`), round-robin over the three sources, prompts
-longer than --max_prompt_tokens skipped. --prompts_file replaces them.
+longer than --max_prompt_tokens skipped. --eval_tails N takes N of them from the end of each of humaneval,
+mbpp and mt-bench instead (the code and chat domains the held-out mix under-represents; disjoint from `dspark
+eval --limit M` for M <= 80 - N). --prompts_file replaces them.
 Calibrate at the sampling temperature you decode with: acceptance at T=0 (greedy matching) differs from T=1.
 A drafter holds one calibration set per sampling temperature: a run at T replaces the set fitted at T and keeps
 those fitted at other temperatures (--nokeep_other_sets drops them); decoding uses, per request, the set fitted
@@ -42,6 +44,9 @@ def _define_flags() -> None:
     flags.DEFINE_string("prompts_file", None, 'Held-out prompts as a JSONL file of {"turns": [...]} objects (used in '
                         "the training format); default: the built-in held-out split (see --help).")
     flags.DEFINE_integer("num_prompts", 48, "Held-out prompts to decode.", lower_bound=1)
+    flags.DEFINE_integer("eval_tails", 0, "Of --num_prompts, this many from the end of each of humaneval, mbpp and "
+                         "mt-bench (domains the training mix covers less well; disjoint from `dspark eval --limit N` "
+                         "for N <= 80 - this), the rest from the built-in held-out mix.", lower_bound=0)
     flags.DEFINE_integer("max_prompt_tokens", 256, "Skip built-in held-out prompts longer than this (tokens).",
                          lower_bound=8)
     flags.DEFINE_integer("max_new_tokens", 64, "New tokens per prompt.", lower_bound=2)
@@ -115,13 +120,20 @@ def _summary_line(result) -> str:
 
 
 def _heldout_prompts(target, file_prompts: list[str] | None) -> tuple[list[str], str]:
-    from dspark_jax.evaluation.datasets import heldout_prompts
+    from dspark_jax.evaluation.datasets import TAIL_SETS, eval_tail_prompts, heldout_prompts
     from dspark_jax.training.responses import format_prompt
     if file_prompts is not None:
         return [format_prompt(p) for p in file_prompts][:FLAGS.num_prompts], f"file:{FLAGS.prompts_file}"
     fits = lambda p: len(target.tokenizer.encode(p)) <= FLAGS.max_prompt_tokens  # noqa: E731
-    return (heldout_prompts(FLAGS.num_prompts, FLAGS.seed, keep=fits),
-            "heldout:gsm8k[200:]+livecodebench+arena-hard-v2 minus the default training mix")
+    source = "heldout:gsm8k[200:]+livecodebench+arena-hard-v2 minus the default training mix"
+    if not FLAGS.eval_tails:
+        return heldout_prompts(FLAGS.num_prompts, FLAGS.seed, keep=fits), source
+    tails = eval_tail_prompts(FLAGS.eval_tails, TAIL_SETS, keep=fits)
+    if len(tails) >= FLAGS.num_prompts:
+        raise ValueError(f"--eval_tails {FLAGS.eval_tails} x {len(TAIL_SETS)} sets = {len(tails)} prompts leaves none "
+                         f"of --num_prompts {FLAGS.num_prompts} for the held-out mix")
+    prompts = heldout_prompts(FLAGS.num_prompts - len(tails), FLAGS.seed, keep=fits) + tails
+    return prompts, f"{source} + the last {FLAGS.eval_tails} of {', '.join(TAIL_SETS)}"
 
 
 def _write_report(report: Path, rec, result, calibration: dict, extra: dict) -> Path:
@@ -161,6 +173,8 @@ def body() -> None:
         raise ValueError("give exactly one of --output=DIR (a new drafter directory) or --in_place")
     if FLAGS.drafter != "default" and not Path(FLAGS.drafter).expanduser().exists():
         raise FileNotFoundError(f"drafter not found: {FLAGS.drafter!r} (expected 'default' or a drafter directory)")
+    if FLAGS.prompts_file and FLAGS.eval_tails:
+        raise ValueError("--eval_tails picks built-in prompts; it cannot be combined with --prompts_file")
     file_prompts = read_prompts_file(FLAGS.prompts_file) if FLAGS.prompts_file else None
 
     import numpy as np

@@ -91,3 +91,25 @@ def heldout_prompts(count: int, seed: int = 0, raw: bool = False,
     if len(out) < count:
         raise ValueError(f"only {len(out)} held-out prompts qualify, {count} requested")
     return out
+
+
+TAIL_SETS = ("humaneval", "mbpp", "mt-bench")  # evaluation sets whose domains the training mix does not cover well
+
+
+def eval_tail_prompts(per_set: int, datasets: tuple[str, ...] = TAIL_SETS, raw: bool = False,
+                      keep: Callable[[str], bool] | None = None) -> list[str]:
+    """Calibration prompts from the evaluation sets' own domains: the last `per_set` prompts of each set in
+    `datasets` that pass `keep` (on the formatted prompt), interleaved set by set. Never evaluated by
+    `dspark eval --limit N` when every set holds at least N + per_set prompts (humaneval 164, mbpp 257, mt-bench
+    80: per_set 32 leaves --limit 48 disjoint); an evaluation of whole sets overlaps them. Raises ValueError for
+    a set that is not an evaluation set or holds fewer qualifying prompts."""
+    if per_set < 1:
+        raise ValueError(f"per_set must be >= 1, got {per_set}")
+    columns = []
+    for name in datasets:
+        pairs = [(p, format_prompt(p)) for p in load_benchmark(name, raw=True).prompts]
+        pairs = [pair for pair in pairs if keep is None or keep(pair[1])]
+        if len(pairs) < per_set:
+            raise ValueError(f"{name}: only {len(pairs)} prompts qualify, {per_set} requested")
+        columns.append([pair[0 if raw else 1] for pair in pairs[-per_set:]])
+    return [p for row in zip(*columns) for p in row]

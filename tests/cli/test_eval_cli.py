@@ -15,7 +15,7 @@ from flax import nnx
 from dspark_jax.testing.tiny_configs import tiny_gemma3
 from dspark_jax.drafters.factory import random_drafter
 from dspark_jax.evaluation.acceptance import accept_length
-from dspark_jax.evaluation.datasets import Benchmark, heldout_prompts, load_benchmark
+from dspark_jax.evaluation.datasets import Benchmark, eval_tail_prompts, heldout_prompts, load_benchmark
 from dspark_jax.evaluation.runner import decode_speculative
 from dspark_jax.evaluation.sweep import cut_lengths
 from dspark_jax.generation import GenerationConfig, generate_text
@@ -139,6 +139,18 @@ def test_benchmark_names_and_heldout_split():
     assert len(set(held)) == 30 and not (set(held) & evaluation) and not (set(held) & trained)
 
 
+def test_eval_tail_prompts_are_the_last_of_each_set_and_never_in_a_limited_eval():
+    tails = eval_tail_prompts(32)
+    sets = [load_benchmark(name).prompts for name in ("humaneval", "mbpp", "mt-bench")]
+    assert tails[:3] == [s[-32] for s in sets] and tails[-3:] == [s[-1] for s in sets] and len(set(tails)) == 96
+    assert not set(tails) & {p for name in ("humaneval", "mbpp", "mt-bench") for p in load_benchmark(name, 48).prompts}
+    short = eval_tail_prompts(2, ("mbpp",), keep=lambda p: len(p) < 300)  # the last two that pass the filter
+    assert short == [p for p in sets[1] if len(p) < 300][-2:]
+    assert eval_tail_prompts(1, ("mt-bench",), raw=True)[0] == load_benchmark("mt-bench", raw=True).prompts[-1]
+    with pytest.raises(ValueError, match="only 80 prompts"):
+        eval_tail_prompts(81, ("mt-bench",))
+
+
 def run_cli(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "dspark_jax.cli.main", *args], capture_output=True, text=True,
                           timeout=timeout)
@@ -161,6 +173,7 @@ def test_help_lists_the_flags():
     (["eval", "--drafters", "default,/nonexistent/drafter"], "drafter not found"),
     (["eval", "--confidence_threshold", "1.5"], "confidence_threshold"),
     (["calibrate", "--output", "/tmp/x", "--in_place"], "exactly one of --output"),
+    (["calibrate", "--output", "/tmp/x", "--eval_tails", "4", "--prompts_file", "/tmp/p.jsonl"], "--eval_tails"),
 ])
 def test_bad_input_gives_one_line_error(args, message):
     r = run_cli(*args)

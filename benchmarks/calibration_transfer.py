@@ -1,0 +1,75 @@
+"""How well do a drafter's calibration sets transfer to other prompts? Re-scores the rounds `dspark eval` recorded
+(records.npz: each round's raw confidence logits z_k and accept flags) under the calibration set each given drafter
+directory holds for the records' sampling temperature — calibration changes confidences, never proposals, so one
+eval run of a model scores every calibration of it. Per set: ECE of the predicted prefix survival Π c_i per
+position (20 bins, verified positions only, all sets pooled and per evaluation set), the ECE a perfectly calibrated
+head would show at that many rounds (`reliability.ece_noise_floor`), mean predicted vs observed survival.
+
+    python benchmarks/calibration_transfer.py --records benchmarks/results/eval/s25_t0_tails/records.npz \\
+        --index 0 --temperature 0 --drafters "before=dspark_jax/drafters/shipped/gemma3_270m_dspark,after=runs/x"
+
+Prints a table, writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--records", required=True, help="records.npz of `dspark eval`")
+    ap.add_argument("--index", type=int, default=0, help="the drafter's index in the eval run (its --drafters order)")
+    ap.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of the eval run")
+    ap.add_argument("--drafters", required=True, help="NAME=DIR,... drafter directories whose calibration sets to "
+                    "score (same model weights as the eval's drafter)")
+    ap.add_argument("--bins", type=int, default=20)
+    ap.add_argument("--output", default="benchmarks/results/calibration_transfer.json")
+    args = ap.parse_args()
+
+    from dspark_jax.drafters.checkpoint import calibration_sets
+    from dspark_jax.evaluation.calibration import survival_confidences
+    from dspark_jax.evaluation.reliability import ece_noise_floor, expected_calibration_error, survival_pairs
+    from dspark_jax.utils.results import write_result
+
+    rec = np.load(args.records)
+    prefix = f"{args.index}/"
+    sets = sorted({k.split("/")[1] for k in rec.files if k.startswith(prefix)})
+    if not sets:
+        raise SystemExit(f"no records of drafter index {args.index} in {args.records}")
+    data = {s: {f: rec[f"{prefix}{s}/{f}"] for f in ("confidence_logits", "accept_flags", "proposed")} for s in sets}
+    rows = []
+    for item in args.drafters.split(","):
+        name, _, path = item.partition("=")
+        calibrations = calibration_sets(path)
+        if not calibrations:
+            raise SystemExit(f"{path}: not calibrated")
+        cal = min(calibrations, key=lambda c: abs(c.sampling_temperature - args.temperature))
+        per_set = {}
+        for scope in sets + ["all"]:
+            chosen = sets if scope == "all" else [scope]
+            z = np.concatenate([data[s]["confidence_logits"] for s in chosen])
+            flags = np.concatenate([data[s]["accept_flags"] for s in chosen])
+            proposed = np.concatenate([data[s]["proposed"] for s in chosen])
+            conf = survival_confidences(z, cal.temperatures, cal.biases)
+            per_set[scope] = [dict(position=k + 1, rounds=int(len(p)), ece=expected_calibration_error(p, y, args.bins),
+                                   floor=ece_noise_floor(p, args.bins), predicted=float(p.mean()),
+                                   observed=float(y.mean()))
+                              for k, (p, y) in enumerate(survival_pairs(conf, flags, proposed))]
+        rows.append(dict(name=name, path=path, calibrated_at=cal.sampling_temperature,
+                         prompts=cal.record.get("prompts"), results=per_set))
+        print(f"\n{name} ({path}; set fitted at T = {cal.sampling_temperature:g} on {cal.record.get('prompts')})")
+        print(f"{'scope':>10} {'position':>8} {'rounds':>7} {'ECE %':>6} {'floor %':>8} {'predicted':>10} "
+              f"{'observed':>9}")
+        for scope, table in per_set.items():
+            for r in table:
+                if scope == "all" or r["position"] == 1:
+                    print(f"{scope:>10} {r['position']:>8} {r['rounds']:>7} {100 * r['ece']:>6.1f} "
+                          f"{100 * r['floor']:>8.1f} {r['predicted']:>10.3f} {r['observed']:>9.3f}")
+    write_result(args.output, dict(records=args.records, index=args.index, temperature=args.temperature,
+                                   bins=args.bins, drafters=rows))
+
+
+if __name__ == "__main__":
+    main()

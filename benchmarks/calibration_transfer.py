@@ -4,6 +4,8 @@ directory holds for the records' sampling temperature — calibration changes co
 eval run of a model scores every calibration of it. Per set: ECE of the predicted prefix survival Π c_i per
 position (20 bins, verified positions only, all sets pooled and per evaluation set), the ECE a perfectly calibrated
 head would show at that many rounds (`reliability.ece_noise_floor`), mean predicted vs observed survival.
+--cross_fit: also what the calibration family itself can do on these prompts — temperature and bias per position
+(`dspark calibrate --bias`) fitted on the rounds of half the requests and scored on the other half, both ways round.
 
     python benchmarks/calibration_transfer.py --records benchmarks/results/eval/s25_t0_tails/records.npz \\
         --index 0 --temperature 0 --drafters "before=dspark_jax/drafters/shipped/gemma3_270m_dspark,after=runs/x"
@@ -25,11 +27,12 @@ def main():
     ap.add_argument("--drafters", required=True, help="NAME=DIR,... drafter directories whose calibration sets to "
                     "score (same model weights as the eval's drafter)")
     ap.add_argument("--bins", type=int, default=20)
+    ap.add_argument("--cross_fit", action="store_true", help="also fit on half the requests, score the other half")
     ap.add_argument("--output", default="benchmarks/results/calibration_transfer.json")
     args = ap.parse_args()
 
     from dspark_jax.drafters.checkpoint import calibration_sets
-    from dspark_jax.evaluation.calibration import survival_confidences
+    from dspark_jax.evaluation.calibration import fit_sequential_scale_and_bias, survival_confidences
     from dspark_jax.evaluation.reliability import ece_noise_floor, expected_calibration_error, survival_pairs
     from dspark_jax.utils.results import write_result
 
@@ -67,8 +70,24 @@ def main():
                 if scope == "all" or r["position"] == 1:
                     print(f"{scope:>10} {r['position']:>8} {r['rounds']:>7} {100 * r['ece']:>6.1f} "
                           f"{100 * r['floor']:>8.1f} {r['predicted']:>10.3f} {r['observed']:>9.3f}")
+    cross = []
+    if args.cross_fit:
+        z = np.concatenate([data[s]["confidence_logits"] for s in sets]).astype(np.float64)
+        flags = np.concatenate([data[s]["accept_flags"] for s in sets])
+        proposed = np.concatenate([data[s]["proposed"] for s in sets])
+        request = np.concatenate([rec[f"{prefix}{s}/request"] + 100_000 * i for i, s in enumerate(sets)])
+        print("\ncross-fitted temperature + bias per position (fit on half the requests, ECE % on the other half)")
+        for half in (0, 1):
+            fit, test = (request % 2) == half, (request % 2) != half
+            temps, biases = fit_sequential_scale_and_bias(z[fit], flags[fit], proposed[fit])
+            pairs = survival_pairs(survival_confidences(z[test], temps, biases), flags[test], proposed[test])
+            ece = [expected_calibration_error(p, y, args.bins) for p, y in pairs]
+            floor = [ece_noise_floor(p, args.bins) for p, _ in pairs]
+            cross.append(dict(fitted_on_half=half, ece=ece, floor=floor, rounds=int(test.sum())))
+            print(f"  fitted on half {half}: ECE {' / '.join(f'{100 * e:.1f}' for e in ece)}; floor "
+                  f"{' / '.join(f'{100 * f:.1f}' for f in floor)} ({int(test.sum())} rounds scored)")
     write_result(args.output, dict(records=args.records, index=args.index, temperature=args.temperature,
-                                   bins=args.bins, drafters=rows))
+                                   bins=args.bins, drafters=rows, cross_fit=cross))
 
 
 if __name__ == "__main__":

@@ -135,7 +135,7 @@ def test_bad_drafter_flags():
 @pytest.mark.slow
 def test_profile_writes_cost_table_with_draft_free_step(tmp_path):
     out = tmp_path / "cost.json"
-    r = run_cli("profile", "--slots", "2", "--steps", "1", "--max_len", "64", "--output", str(out))
+    r = run_cli("profile", "--slots", "2", "--steps", "1", "--passes", "2", "--max_len", "64", "--output", str(out))
     assert r.returncode == 0, r.stderr
     table = json.loads(out.read_text())
     assert table["buckets"] == [2, 4, 8, 16] and all(s > 0 for s in table["steps_per_s"])

@@ -11,11 +11,13 @@ import pytest  # noqa: E402
 def pytest_configure(config):
     """A persistent XLA compilation cache: the suite compiles the same tiny programs in many modules (and the
     compiled programs are dropped after each module, below); reading them back from disk instead of compiling
-    again (measured: tests/governance/test_governed_engine.py 36 s cold, 12 s warm). $DSPARK_TEST_JAX_CACHE overrides the directory ('' disables)."""
+    again (measured: tests/governance/test_governed_engine.py 36 s cold, 12 s warm). $DSPARK_TEST_JAX_CACHE overrides the directory ('' disables); CLI
+    subprocesses use it too ($DSPARK_XLA_CACHE, `dspark_jax.utils.compile_cache`)."""
     import jax
     directory = os.environ.get("DSPARK_TEST_JAX_CACHE",
                                os.path.join(os.path.expanduser("~"), ".cache", "dspark_jax", "jax_test_cache"))
     if directory:
+        os.environ.setdefault("DSPARK_XLA_CACHE", directory)  # the CLI subprocesses tests start share it
         jax.config.update("jax_compilation_cache_dir", directory)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -21,6 +21,8 @@ def run_command(name: str, module_name: str, doc: str, body: Callable[[], None],
         logging.set_verbosity(logging.WARNING)
         if len(_argv) > 1:
             raise app.UsageError(f"unexpected positional arguments: {' '.join(_argv[1:])}")
+        from dspark_jax.utils.compile_cache import enable_compilation_cache
+        enable_compilation_cache()
         try:
             body()
         except USER_ERRORS as e:
@@ -73,13 +75,36 @@ SERVING_DRAFTER_HELP = ("Drafter: 'default+ngram' (the shipped drafter with prom
 ATTN_IMPLS = ["reference", "pallas", "interpret", "auto"]
 
 
-def define_serving_flags(attn_impl: bool = True) -> None:
-    """--target, --drafter (and --attn_impl) of the commands that run the serving engine."""
+KV_BUCKETS_HELP = ("Comma-separated cache lengths the engine's step is compiled for, ascending, the last = --max_len: "
+                   "each step attends over the shortest that holds every active request. Default: powers of two "
+                   "from 128 below --max_len, and --max_len; --kv_buckets=<max_len> attends over every row.")
+
+
+def define_serving_flags(attn_impl: bool = True, kv_buckets: bool = False) -> None:
+    """--target, --drafter (and --attn_impl, --kv_buckets) of the commands that run the serving engine."""
     caller = sys._getframe(1).f_globals["__name__"]
     define_flag("string", "target", "gemma3-270m", TARGET_HELP, module_name=caller)
     define_flag("string", "drafter", "default+ngram", SERVING_DRAFTER_HELP, module_name=caller)
     if attn_impl:
         define_flag("enum", "attn_impl", "reference", ATTN_IMPL_HELP, enum_values=ATTN_IMPLS, module_name=caller)
+    if kv_buckets:
+        define_flag("string", "kv_buckets", "", KV_BUCKETS_HELP, module_name=caller)
+
+
+def positive_ints(text: str, name: str) -> list[int]:
+    """'1,4,8' → [1, 4, 8]; ValueError naming --`name` for anything else (empty, non-integers, values < 1)."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--{name} must be comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"--{name} needs positive integers, got {text!r}")
+    return values
+
+
+def kv_buckets_flag(text: str) -> tuple[int, ...] | None:
+    """--kv_buckets as EngineConfig.kv_buckets (None: the default ladder)."""
+    return tuple(positive_ints(text, "kv_buckets")) if text.strip() else None
 
 
 def load_target_and_drafter(target_spec: str, drafter_spec: str, gamma: int | None = None):

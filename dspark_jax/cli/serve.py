@@ -18,13 +18,14 @@ from pathlib import Path
 
 from absl import flags
 
-from dspark_jax.cli.common import define_flag, define_serving_flags, load_target_and_drafter, run_command
+from dspark_jax.cli.common import (define_flag, define_serving_flags, kv_buckets_flag, load_target_and_drafter,
+                                   run_command)
 
 FLAGS = flags.FLAGS
 
 
 def _define_flags() -> None:
-    define_serving_flags()
+    define_serving_flags(kv_buckets=True)
     define_flag("string", "policy", None, "Governance policy file (YAML): tenants, workload classes, quotas, "
                 "rollback. Needs API keys. Without it the server is open (no tenants, no quotas).")
     define_flag("string", "quota_store", None, "Where quota usage and rollback states live: 'memory' (this "
@@ -71,10 +72,12 @@ def body() -> None:
             raise ValueError(f"API keys name tenants the policy does not define: {', '.join(unknown)} "
                              f"(policy tenants: {', '.join(sorted(known))})")
     table = CostTable.load(FLAGS.cost_table) if FLAGS.cost_table else None
+    config = EngineConfig(slots=FLAGS.slots, max_len=FLAGS.max_len, kv_buckets=kv_buckets_flag(FLAGS.kv_buckets),
+                          policy=FLAGS.engine_policy, mode=FilterMode(max_top_k=FLAGS.max_top_k, top_p=True),
+                          attn_impl=FLAGS.attn_impl)  # validated before the slow load
     target, drafter = load_target_and_drafter(FLAGS.target, FLAGS.drafter)
-    config = EngineConfig(slots=FLAGS.slots, max_len=FLAGS.max_len, policy=FLAGS.engine_policy,
-                          mode=FilterMode(max_top_k=FLAGS.max_top_k, top_p=True), attn_impl=FLAGS.attn_impl)
-    print(f"compiling the engine ({FLAGS.slots} slots × {FLAGS.max_len} rows)"
+    print(f"compiling the engine ({FLAGS.slots} slots × {FLAGS.max_len} rows, cache lengths "
+          f"{','.join(map(str, config.cache_lengths))})"
           f"{' and profiling SPS' if FLAGS.engine_policy.startswith('scheduler') and table is None else ''} ...",
           file=sys.stderr)
     engine = Engine(target, drafter, config, cost_table=table)

@@ -12,13 +12,14 @@ from pathlib import Path
 
 from absl import flags
 
-from dspark_jax.cli.common import define_flag, define_serving_flags, load_target_and_drafter, run_command
+from dspark_jax.cli.common import (define_flag, define_serving_flags, kv_buckets_flag, load_target_and_drafter,
+                                   positive_ints, run_command)
 
 FLAGS = flags.FLAGS
 
 
 def _define_flags() -> None:
-    define_serving_flags()
+    define_serving_flags(kv_buckets=True)
     define_flag("string", "policies", "plain,fixed1,fixed3,fixed7,threshold,scheduler,scheduler_async",
                 "Comma-separated policies: plain, fixedN, threshold[@T], scheduler, scheduler_async.")
     define_flag("string", "concurrency", "1,2,4,8,16,32", "Comma-separated numbers of concurrent clients.")
@@ -34,16 +35,6 @@ def _define_flags() -> None:
     define_flag("string", "output_dir", "benchmarks/results/serve_bench", "Where JSON, markdown and plots go.")
 
 
-def _ints(text: str, name: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"--{name} must be comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise ValueError(f"--{name} needs positive integers, got {text!r}")
-    return values
-
-
 def body() -> None:
     from dspark_jax.evaluation.datasets import load_benchmarks
     from dspark_jax.serving.engine import Engine
@@ -51,10 +42,11 @@ def body() -> None:
     from dspark_jax.serving.plots import plot_load
     from dspark_jax.utils.machine import describe_machine
 
-    levels = _ints(FLAGS.concurrency, "concurrency")
+    levels = positive_ints(FLAGS.concurrency, "concurrency")
+    kv = kv_buckets_flag(FLAGS.kv_buckets)
     policies = [p.strip() for p in FLAGS.policies.split(",") if p.strip()]
     for p in policies:
-        engine_config(p)  # validates before anything slow
+        engine_config(p, max_len=FLAGS.max_len, kv_buckets=kv)  # validates before anything slow
     sets = load_benchmarks([s.strip() for s in FLAGS.prompt_sets.split(",") if s.strip()])
     target, drafter = load_target_and_drafter(FLAGS.target, FLAGS.drafter)
     per_set = [[target.tokenizer.encode(p, add_bos=True)[:FLAGS.max_prompt_tokens] for p in b.prompts] for b in sets]
@@ -67,7 +59,7 @@ def body() -> None:
         for p in policies:
             print(f"[concurrency {c}] {p}: compiling{' + profiling' if p.startswith('scheduler') and table is None else ''}"
                   " ...", file=sys.stderr)
-            engine = Engine(target, drafter, engine_config(p, slots=c, max_len=FLAGS.max_len,
+            engine = Engine(target, drafter, engine_config(p, slots=c, max_len=FLAGS.max_len, kv_buckets=kv,
                                                                   attn_impl=FLAGS.attn_impl), cost_table=table)
             if p.startswith("scheduler"):
                 table = engine.cost_table
@@ -100,7 +92,7 @@ def _write(out_dir: Path, rows: list[dict], cost_tables: dict, machine: str) -> 
     from dspark_jax.utils.results import write_result
     cmd = "dspark serve-bench " + " ".join(f"--{k}={getattr(FLAGS, k)}" for k in (
         "target", "drafter", "policies", "concurrency", "requests_per_client", "max_new_tokens", "temperature",
-        "prompt_sets", "max_prompt_tokens", "max_len"))
+        "prompt_sets", "max_prompt_tokens", "max_len", "kv_buckets"))
     write_result(out_dir / "serve_bench.json", dict(command=cmd, machine=machine, results=rows,
                                                     cost_tables={str(k): v for k, v in cost_tables.items()}))
     atomic_write_text(out_dir / "serve_bench.md", f"`{cmd}`\n\nMachine: {machine}\n\n{_markdown(rows)}\n")

@@ -25,6 +25,19 @@ class KVCache:
     def batch_size(self) -> int:
         return self.k[0].shape[0]
 
+    def prefix(self, rows: int) -> "KVCache":
+        """The first `rows` positions of every request (a caller that knows no request reaches past them
+        attends over `rows` instead of `max_len`; `with_prefix` puts the result back). rows must be static."""
+        if not 0 < rows <= self.max_len:
+            raise ValueError(f"prefix rows must be in 1..{self.max_len}, got {rows}")
+        return KVCache(tuple(a[:, :rows] for a in self.k), tuple(a[:, :rows] for a in self.v))
+
+    def with_prefix(self, prefix: "KVCache") -> "KVCache":
+        """This cache with its first `prefix.max_len` positions replaced by `prefix`'s (in place when the cache
+        is donated to the jitted caller)."""
+        put = lambda full, part: jax.lax.dynamic_update_slice(full, part.astype(full.dtype), (0,) * full.ndim)  # noqa: E731
+        return KVCache(tuple(map(put, self.k, prefix.k)), tuple(map(put, self.v, prefix.v)))
+
 
 def init_cache(config: TransformerConfig, batch_size: int, max_len: int, dtype=jnp.float32) -> KVCache:
     shape = (batch_size, max_len, config.num_kv_heads, config.head_dim)

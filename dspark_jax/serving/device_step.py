@@ -117,15 +117,17 @@ def deactivate(state: EngineState, slot: jax.Array) -> EngineState:
 
 
 def step(target_graphdef, target_state, drafter_graphdef, drafter_state, head, state: EngineState, caps: jax.Array,
-         floors: jax.Array, draft_budget: jax.Array, stops: jax.Array, *, bucket: int, draft: bool, mode: FilterMode
-         ) -> tuple[EngineState, StepOutput]:
+         floors: jax.Array, draft_budget: jax.Array, stops: jax.Array, *, bucket: int, draft: bool, mode: FilterMode,
+         kv_len: int | None = None) -> tuple[EngineState, StepOutput]:
     """Verifies the pending proposals and drafts the next ones (head: `head_matrix`'s output).
 
     Each active slot verifies its anchor plus ℓ_s drafts, ℓ = the `draft_budget` drafts of highest fresh
     survival product within per-slot caps (`allocate_top_k`; with draft_budget = Σ caps every capped draft is
     taken, which is how static policies and the synchronous scheduler pass exact lengths); caps are also cut
     at the first fresh confidence below floors[s] (a per-request confidence floor). The tokens are
-    laid out flat in `bucket` rows. `draft=False` (plain decoding) skips the drafter."""
+    laid out flat in `bucket` rows. `draft=False` (plain decoding) skips the drafter. kv_len (static): the target
+    attends over the first kv_len cache positions only (None: all max_len); the caller guarantees every active
+    slot's start + G + 1 <= kv_len (rows written past it would be dropped) — `Engine` picks it per step."""
     chex.assert_shape([caps, floors], state.active.shape)
     chex.assert_type(caps, int)
     chex.assert_rank([draft_budget, stops], [0, 1])
@@ -141,8 +143,11 @@ def step(target_graphdef, target_state, drafter_graphdef, drafter_state, head, s
     verified = allocate_top_k(state.proposal.confidence, caps, budget)
     layout = make_layout(jnp.where(active, verified + 1, 0), state.start, bucket, g + 1)
     k_verify = position_keys(state.keys, state.start, VERIFY)
-    res = verify_round(target, drafter, state.target_cache, state.drafter_state, state.proposal, state.anchor, state.start,
+    short = kv_len is not None and kv_len < state.target_cache.max_len
+    cache = state.target_cache.prefix(kv_len) if short else state.target_cache
+    res = verify_round(target, drafter, cache, state.drafter_state, state.proposal, state.anchor, state.start,
                        verified, active, state.budget, layout, k_verify, state.params, mode, stops)
+    target_cache = state.target_cache.with_prefix(res.target_cache) if short else res.target_cache
     start = state.start + res.count
     left = state.budget - res.count
     still = active & ~res.stopped & (left > 0) & ~res.nonfinite
@@ -150,7 +155,7 @@ def step(target_graphdef, target_state, drafter_graphdef, drafter_state, head, s
     if draft:
         proposal = drafter.propose(target, res.drafter_state, res.anchor, start, position_keys(state.keys, start, DRAFT),
                                    state.params, mode, head)
-    new = EngineState(target_cache=res.target_cache, drafter_state=res.drafter_state, anchor=res.anchor, start=start, active=still,
+    new = EngineState(target_cache=target_cache, drafter_state=res.drafter_state, anchor=res.anchor, start=start, active=still,
                       budget=left, params=state.params, proposal=proposal, keys=state.keys)
     return new, StepOutput(committed=res.committed, count=res.count, verified=jnp.where(active, verified, 0),
                            accepted=res.num_accepted, finished=active & ~still, confidence=proposal.confidence,

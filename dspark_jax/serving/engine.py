@@ -12,9 +12,11 @@ Or `engine.start()` runs the loop in a background thread and `stream` / `result`
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import itertools
 import logging
+import os
 import queue
 import threading
 import time
@@ -77,6 +79,8 @@ class Engine:
         self.steps = 0
         self.plain_steps = 0  # of `steps`, those that ran without the drafter (plain fallback)
         self.bucket_counts: collections.Counter[int] = collections.Counter()
+        self.kv_counts: collections.Counter[int] = collections.Counter()  # steps per cache length attended
+        self.kv_buckets = config.cache_lengths
         self._state = device_step.init_engine_state(target.model, nnx.merge(drafter.graphdef, drafter.state),
                                                     config.slots, config.max_len)
         self._compile()
@@ -86,6 +90,13 @@ class Engine:
             # the scheduler needs SPS(B) of this machine
             self.cost_table = self.profile(config.profile_steps, passes=config.profile_passes)
             self.planner.cost_table = self.cost_table
+
+    def set_cost_table(self, table: CostTable) -> None:
+        """Prices steps with `table` from now on (e.g. a profile taken by another engine of the same shapes).
+        Raises ValueError unless it covers this engine's buckets."""
+        if tuple(table.buckets) != tuple(self.buckets):
+            raise ValueError(f"cost table buckets {tuple(table.buckets)} differ from the engine's {self.buckets}")
+        self.cost_table = self.planner.cost_table = table
 
     def profile(self, steps: int = 3, prompt_len: int = 16, passes: int = 3) -> CostTable:
         """Measures steps/s of the real draft+verify step at every bucket on this machine, and of the draft-free
@@ -99,7 +110,8 @@ class Engine:
 
     def profile_timings(self, steps: int = 3, prompt_len: int = 16, passes: int = 3) -> dict:
         """Seconds of each timed step: {bucket: [...], "plain": [...]} ("plain" only with a draft-free step).
-        Every slot busy with a `prompt_len`-token prompt, each draft step verifying exactly `bucket` tokens. One
+        Every slot busy with a `prompt_len`-token prompt, each draft step verifying exactly `bucket` tokens, at the
+        shortest cache length that holds the profile's steps (`kv_buckets`: the one most requests run at). One
         untimed warm-up step per executable, then `passes` passes, each timing the draft-free step, every bucket
         and the draft-free step again, `steps` steps each from freshly admitted slots — interleaved, so a slower
         minute of a noisy machine spreads over every bucket instead of landing on one (before session 25: 5 steps
@@ -115,6 +127,7 @@ class Engine:
         if budget < (steps + 1) * (self.block + 1):
             raise ValueError(f"max_len {cfg.max_len} is too small to profile {steps} steps")
         width = next(p for p in self._admit_exec if p >= prompt_len)
+        kv = self._kv_bucket([prompt_len + (steps + 1) * (self.block + 1)])
         prompts = jnp.asarray(np.full((1, width), 3, np.int32))
         caps = jnp.full((s,), self.block, jnp.int32)
 
@@ -136,8 +149,8 @@ class Engine:
                 out.append(time.perf_counter() - t0)
             return out
 
-        runs = [(b, b, self._step_exec[b]) for b in self.buckets]
-        plain = [("plain", self._plain_bucket, self._plain_exec)] if self._plain_exec is not None else []
+        runs = [(b, b, self._step_exec[b, kv]) for b in self.buckets]
+        plain = [("plain", self._plain_bucket, self._plain_exec[kv])] if self._plain_exec is not None else []
         for _, bucket, executable in runs + plain:  # warm-up, untimed
             timed(bucket, executable, 1)
         order = plain + runs + plain
@@ -159,39 +172,50 @@ class Engine:
         self._dynamic = dict(target_state=t.state, drafter_state=d.state, head=head)  # compiled calls omit static args
         cfg = self.config
         s = cfg.slots
-        step_jit = jax.jit(device_step.step, static_argnames=("target_graphdef", "drafter_graphdef", "bucket",
+        step_jit = jax.jit(device_step.step, static_argnames=("target_graphdef", "drafter_graphdef", "bucket", "kv_len",
                                                                "draft", "mode"), donate_argnames=("state",))
         draft = cfg.policy != "plain"
         buckets = self.buckets if draft else tuple(b for b in self.buckets if b >= s)[:1]
         self.buckets = buckets
-        self._step_exec = {}
-        for b in buckets:
-            self._step_exec[b] = step_jit.lower(
+        lowered = {}  # traced one after the other (Python), compiled in parallel (XLA releases the GIL)
+
+        def lower_step(bucket: int, kv: int, with_draft: bool):
+            return step_jit.lower(
                 **common, state=self._state, caps=jnp.zeros((s,), jnp.int32), floors=jnp.zeros((s,), jnp.float32),
-                draft_budget=jnp.int32(0),
-                stops=self._stops, bucket=b, draft=draft, mode=cfg.mode).compile()
-        self._plain_exec, self._plain_bucket = None, next(b for b in buckets if b >= s)
-        if cfg.policy.startswith("scheduler") and cfg.plain_fallback:  # the draft-free step the scheduler may pick
-            self._plain_exec = step_jit.lower(
-                **common, state=self._state, caps=jnp.zeros((s,), jnp.int32), floors=jnp.zeros((s,), jnp.float32),
-                draft_budget=jnp.int32(0), stops=self._stops, bucket=self._plain_bucket, draft=False,
-                mode=cfg.mode).compile()
+                draft_budget=jnp.int32(0), stops=self._stops, bucket=bucket, draft=with_draft, mode=cfg.mode,
+                kv_len=kv)
+
+        for kv in self.kv_buckets:
+            for b in buckets:
+                lowered["step", b, kv] = lower_step(b, kv, draft)
+        self._plain_bucket = next(b for b in buckets if b >= s)
+        with_plain = cfg.policy.startswith("scheduler") and cfg.plain_fallback  # the scheduler's draft-free step
+        if with_plain:
+            for kv in self.kv_buckets:
+                lowered["plain", kv] = lower_step(self._plain_bucket, kv, False)
         admit_jit = jax.jit(device_step.admit, static_argnames=("target_graphdef", "drafter_graphdef", "mode"),
                             donate_argnames=("state",))
-        self._admit_exec = {}
         for p in prompt_buckets(cfg.max_len):
-            self._admit_exec[p] = admit_jit.lower(
+            lowered["admit", p] = admit_jit.lower(
                 **common, state=self._state, slots=jnp.zeros((1,), jnp.int32), prompts=jnp.zeros((1, p), jnp.int32),
                 prompt_lens=jnp.ones((1,), jnp.int32), params=SamplingParams.create(1),
                 max_new_tokens=jnp.ones((1,), jnp.int32), keys=request_keys([[0, 0]]),
-                stops=self._stops, mode=cfg.mode).compile()
-        self._deactivate = jax.jit(device_step.deactivate, donate_argnames=("state",)).lower(
-            self._state, jnp.int32(0)).compile()
+                stops=self._stops, mode=cfg.mode)
+        lowered["deactivate"] = jax.jit(device_step.deactivate, donate_argnames=("state",)).lower(
+            self._state, jnp.int32(0))
+        with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            compiled = dict(zip(lowered, pool.map(lambda low: low.compile(), lowered.values())))
+        self._step_exec = {key[1:]: ex for key, ex in compiled.items() if key[0] == "step"}
+        self._plain_exec = ({key[1]: ex for key, ex in compiled.items() if key[0] == "plain"} if with_plain
+                            else None)
+        self._admit_exec = {key[1]: ex for key, ex in compiled.items() if key[0] == "admit"}
+        self._deactivate = compiled["deactivate"]
 
     @property
     def compiled_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Every executable the engine will ever run (built at start; calls never compile)."""
-        shapes = dict(step=tuple(self._step_exec), admit=tuple(self._admit_exec))
+        """Every executable the engine will ever run (built at start; calls never compile): the step at every
+        (step bucket, kv length), the draft-free step at every kv length, admission per prompt width."""
+        shapes = dict(step=self.buckets, kv=self.kv_buckets, admit=tuple(self._admit_exec))
         if self._plain_exec is not None:
             shapes["plain_step"] = (self._plain_bucket,)
         return shapes
@@ -321,18 +345,28 @@ class Engine:
         requests = self._requests_by_slot()
         floors = self.planner.floors(requests)
         self.planner.dispatched(kind)
+        kv = self._kv_bucket([len(live.request.prompt_ids) + len(live.tokens) + 2 * (self.block + 1)
+                              for live in self._slots if live is not None])
+        self.kv_counts[kv] += 1
         if kind == "plain":
-            executable, budget = self._plain_exec, 0
+            executable, budget = self._plain_exec[kv], 0
             self.plain_steps += 1
         else:
             n_active = int(self.planner.active(requests).sum())
             bucket = next(b for b in self.buckets if b >= min(n_active + budget, self.buckets[-1]))
             self.bucket_counts[bucket] += 1
-            executable = self._step_exec[bucket]
+            executable = self._step_exec[bucket, kv]
         self._state, out = executable(**self._dynamic, state=self._state, caps=jnp.asarray(caps, jnp.int32),
                                       floors=jnp.asarray(floors), draft_budget=jnp.int32(budget),
                                       stops=self._stops)
         return out
+
+    def _kv_bucket(self, rows_needed: list[int]) -> int:
+        """The shortest compiled cache length holding `rows_needed` rows of every slot. The step writes rows
+        start..start+G of a slot whose anchor sits at start = prompt + tokens delivered - 1; callers add 2(G+1)
+        to prompt + delivered: this step's rows and, under the async policy, the step still in flight."""
+        need = min(max(rows_needed, default=1), self.config.max_len)
+        return next(k for k in self.kv_buckets if k >= need)
 
     def _requests_by_slot(self) -> list[Request | None]:
         return [None if live is None else live.request for live in self._slots]

@@ -34,6 +34,7 @@ class EngineConfig:
     probe_every: int = 8
     profile_steps: int = 3
     profile_passes: int = 3
+    kv_buckets: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if self.slots < 1:
@@ -53,6 +54,16 @@ class EngineConfig:
         if self.profile_passes < 1:
             raise ValueError(f"profile_passes must be >= 1, got {self.profile_passes}")
         check_attn_impl(self.attn_impl)
+        if self.kv_buckets is not None:
+            kv = tuple(self.kv_buckets)
+            if not kv or list(kv) != sorted(set(kv)) or kv[0] < 1 or kv[-1] != self.max_len:
+                raise ValueError(f"kv_buckets must be strictly ascending, >= 1, and end at max_len "
+                                 f"({self.max_len}), got {self.kv_buckets}")
+
+    @property
+    def cache_lengths(self) -> tuple[int, ...]:
+        """The cache lengths the step compiles for: `kv_buckets`, or the default ladder."""
+        return tuple(self.kv_buckets) if self.kv_buckets is not None else kv_buckets(self.max_len)
 
 
 def default_buckets(slots: int, block: int) -> tuple[int, ...]:
@@ -69,6 +80,16 @@ def prompt_buckets(max_len: int) -> tuple[int, ...]:
     """Prompt widths compiled for admission: powers of two from 32 below max_len, and max_len."""
     out = []
     b = bucket_length(1)
+    while b < max_len:
+        out.append(b)
+        b *= 2
+    return tuple(out + [max_len])
+
+
+def kv_buckets(max_len: int, smallest: int = 128) -> tuple[int, ...]:
+    """Default cache lengths of the engine's step: powers of two from `smallest` below max_len, and max_len (each
+    doubles the step's executables, compiled at start; max_len <= smallest gives one)."""
+    out, b = [], smallest
     while b < max_len:
         out.append(b)
         b *= 2

@@ -79,6 +79,39 @@ def test_buckets_compile_once_at_start_and_never_again(target, drafter, expected
     assert compiles
 
 
+@pytest.mark.parametrize("policy", ["fixed", "scheduler_async"])
+def test_steps_attend_over_the_shortest_cache_length_and_give_plain_greedy_output(target, drafter, expected, policy):
+    engine = make_engine(target, drafter, policy, kv_buckets=(16, 32, 64))
+    assert engine.compiled_shapes["kv"] == (16, 32, 64)
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, secs, **kw: compiles.append(event) if "backend_compile" in event else None)
+    ids = [engine.submit(Request(p, max_new_tokens=12 + i)) for i, p in enumerate(PROMPTS)]
+    engine.run_until_idle()
+    assert [engine.tokens(i) for i in ids] == expected
+    assert compiles == []
+    assert len(engine.kv_counts) >= 2 and sum(engine.kv_counts.values()) == engine.steps
+    # the rule: prompt + delivered tokens + 2 (G + 1) rows, rounded up to a compiled length, capped at max_len
+    assert engine._kv_bucket([3 + 1 + 8]) == 16 and engine._kv_bucket([17]) == 32 and engine._kv_bucket([99]) == 64
+
+
+def test_set_cost_table_checks_the_buckets_and_prices_the_next_steps(target, drafter):
+    engine = make_engine(target, drafter)
+    with pytest.raises(ValueError, match="differ from the engine's"):
+        engine.set_cost_table(CostTable((4, 8), (1.0, 1.0)))
+    other = CostTable((4, 8, 16), (10.0, 9.0, 8.0))
+    engine.set_cost_table(other)
+    assert engine.cost_table is other and engine.planner.cost_table is other
+
+
+def test_kv_buckets_must_end_at_max_len():
+    for bad in ((16, 32), (32, 16, 64), (), (0, 64)):
+        with pytest.raises(ValueError, match="kv_buckets"):
+            EngineConfig(max_len=64, kv_buckets=bad)
+    assert EngineConfig(max_len=512).cache_lengths == (128, 256, 512)
+    assert EngineConfig(max_len=64).cache_lengths == (64,)
+
+
 def test_cancellation_frees_the_slot_without_disturbing_others(target, drafter, expected):
     engine = make_engine(target, drafter)
     ids = [engine.submit(Request(p, max_new_tokens=12 + i)) for i, p in enumerate(PROMPTS[:6])]

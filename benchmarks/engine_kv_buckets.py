@@ -1,7 +1,7 @@
 """What attending over the shortest compiled cache length buys the serving engine (`EngineConfig.kv_buckets`,
 session 26): the same closed-loop load (`serving.closed_loop`) on two engines that differ only in their cache
-lengths — the default ladder (powers of two from 128, and max_len) vs max_len alone (every step attends over
-all rows, the engine before session 26) — taking turns, `--repeats` times per slot count. Both engines share
+lengths — the ladder of `--kv_buckets=auto` (powers of two from 128, and max_len) vs max_len alone (every step attends
+over all rows: the engine's default) — taking turns, `--repeats` times per slot count. Both engines share
 one SPS profile (taken by the ladder engine, as it would at start), so at T = 0 they make the same choices and
 commit the same tokens (τ is printed as the check); only the step's cost differs. Also times each engine's
 compilation.
@@ -33,6 +33,7 @@ def main():
     if args.repeats < 1:
         raise SystemExit(f"need --repeats >= 1, got {args.repeats}")
 
+    import jax
     import numpy as np
 
     from dspark_jax.cli.common import load_target_and_drafter, positive_ints
@@ -40,11 +41,12 @@ def main():
     from dspark_jax.serving.closed_loop import closed_loop, engine_config
     from dspark_jax.serving.cost_table import CostTable
     from dspark_jax.serving.engine import Engine
+    from dspark_jax.serving.engine_config import kv_buckets
     from dspark_jax.utils.machine import describe_machine
     from dspark_jax.utils.results import write_result
 
     slot_counts = positive_ints(args.slots, "slots")
-    variants = {"ladder": None, "max_len only": (args.max_len,)}
+    variants = {"ladder": kv_buckets(args.max_len), "max_len only": (args.max_len,)}
     for kv in variants.values():
         engine_config(args.policy, max_len=args.max_len, kv_buckets=kv)  # validates before anything slow
     target, drafter = load_target_and_drafter("gemma3-270m", args.drafter)
@@ -57,6 +59,7 @@ def main():
         engines, compile_s = {}, {}
         placeholder = CostTable((slots,), (1.0,))  # skips the profile at start: compile times compare alone
         for name, kv in variants.items():
+            jax.clear_caches()  # else the second engine reuses the first's executables at max_len
             t0 = time.perf_counter()
             engines[name] = Engine(target, drafter, engine_config(args.policy, slots=slots, max_len=args.max_len,
                                                                   kv_buckets=kv), cost_table=placeholder)

@@ -75,9 +75,10 @@ SERVING_DRAFTER_HELP = ("Drafter: 'default+ngram' (the shipped drafter with prom
 ATTN_IMPLS = ["reference", "pallas", "interpret", "auto"]
 
 
-KV_BUCKETS_HELP = ("Comma-separated cache lengths the engine's step is compiled for, ascending, the last = --max_len: "
-                   "each step attends over the shortest that holds every active request. Default: powers of two "
-                   "from 128 below --max_len, and --max_len; --kv_buckets=<max_len> attends over every row.")
+KV_BUCKETS_HELP = ("Cache lengths the engine's step is compiled for: comma-separated, ascending, the last = "
+                   "--max_len, or 'auto' (powers of two from 128 below --max_len, and --max_len); each step then "
+                   "attends over the shortest that holds every active request. Default: --max_len alone (every "
+                   "step attends over all rows; on a 2-core CPU a ladder did not pay for its compile time).")
 
 
 def define_serving_flags(attn_impl: bool = True, kv_buckets: bool = False) -> None:
@@ -102,9 +103,13 @@ def positive_ints(text: str, name: str) -> list[int]:
     return values
 
 
-def kv_buckets_flag(text: str) -> tuple[int, ...] | None:
-    """--kv_buckets as EngineConfig.kv_buckets (None: the default ladder)."""
-    return tuple(positive_ints(text, "kv_buckets")) if text.strip() else None
+def kv_buckets_flag(text: str, max_len: int) -> tuple[int, ...] | None:
+    """--kv_buckets as EngineConfig.kv_buckets: None (max_len alone) when empty, the ladder for 'auto'."""
+    from dspark_jax.serving.engine_config import kv_buckets
+    text = text.strip()
+    if text == "auto":
+        return kv_buckets(max_len)
+    return tuple(positive_ints(text, "kv_buckets")) if text else None
 
 
 def load_target_and_drafter(target_spec: str, drafter_spec: str, gamma: int | None = None):

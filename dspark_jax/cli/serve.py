@@ -72,7 +72,8 @@ def body() -> None:
             raise ValueError(f"API keys name tenants the policy does not define: {', '.join(unknown)} "
                              f"(policy tenants: {', '.join(sorted(known))})")
     table = CostTable.load(FLAGS.cost_table) if FLAGS.cost_table else None
-    config = EngineConfig(slots=FLAGS.slots, max_len=FLAGS.max_len, kv_buckets=kv_buckets_flag(FLAGS.kv_buckets),
+    config = EngineConfig(slots=FLAGS.slots, max_len=FLAGS.max_len,
+                          kv_buckets=kv_buckets_flag(FLAGS.kv_buckets, FLAGS.max_len),
                           policy=FLAGS.engine_policy, mode=FilterMode(max_top_k=FLAGS.max_top_k, top_p=True),
                           attn_impl=FLAGS.attn_impl)  # validated before the slow load
     target, drafter = load_target_and_drafter(FLAGS.target, FLAGS.drafter)

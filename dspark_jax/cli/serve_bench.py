@@ -43,7 +43,7 @@ def body() -> None:
     from dspark_jax.utils.machine import describe_machine
 
     levels = positive_ints(FLAGS.concurrency, "concurrency")
-    kv = kv_buckets_flag(FLAGS.kv_buckets)
+    kv = kv_buckets_flag(FLAGS.kv_buckets, FLAGS.max_len)
     policies = [p.strip() for p in FLAGS.policies.split(",") if p.strip()]
     for p in policies:
         engine_config(p, max_len=FLAGS.max_len, kv_buckets=kv)  # validates before anything slow

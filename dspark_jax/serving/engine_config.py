@@ -62,8 +62,11 @@ class EngineConfig:
 
     @property
     def cache_lengths(self) -> tuple[int, ...]:
-        """The cache lengths the step compiles for: `kv_buckets`, or the default ladder."""
-        return tuple(self.kv_buckets) if self.kv_buckets is not None else kv_buckets(self.max_len)
+        """The cache lengths the step compiles for: `kv_buckets`, or max_len alone (every step attends over all
+        rows). A ladder (`kv_buckets(max_len)`) is opt-in: on the 2-core CPU it cut a draft-free step at short
+        contexts to 0.76x but left closed-loop tokens/s within noise (0.99-1.05x) for ~3x the engine's compile
+        time (BENCHMARKS.md "Session 26")."""
+        return tuple(self.kv_buckets) if self.kv_buckets is not None else (self.max_len,)
 
 
 def default_buckets(slots: int, block: int) -> tuple[int, ...]:
@@ -87,8 +90,8 @@ def prompt_buckets(max_len: int) -> tuple[int, ...]:
 
 
 def kv_buckets(max_len: int, smallest: int = 128) -> tuple[int, ...]:
-    """Default cache lengths of the engine's step: powers of two from `smallest` below max_len, and max_len (each
-    doubles the step's executables, compiled at start; max_len <= smallest gives one)."""
+    """A ladder of cache lengths for the engine's step (`--kv_buckets=auto`): powers of two from `smallest` below
+    max_len, and max_len (each adds a set of step executables, compiled at start; max_len <= smallest gives one)."""
     out, b = [], smallest
     while b < max_len:
         out.append(b)

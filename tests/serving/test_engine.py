@@ -18,6 +18,7 @@ from dspark_jax.drafters.factory import random_drafter
 from dspark_jax.models.transformer import Transformer
 from dspark_jax.serving import device_step
 from dspark_jax.serving.engine import Engine, EngineConfig
+from dspark_jax.serving.engine_config import kv_buckets
 from dspark_jax.serving.requests import Request, RequestError
 from dspark_jax.serving.cost_table import CostTable
 from dspark_jax.serving.scheduler import capacity, schedule_synchronous
@@ -108,8 +109,10 @@ def test_kv_buckets_must_end_at_max_len():
     for bad in ((16, 32), (32, 16, 64), (), (0, 64)):
         with pytest.raises(ValueError, match="kv_buckets"):
             EngineConfig(max_len=64, kv_buckets=bad)
-    assert EngineConfig(max_len=512).cache_lengths == (128, 256, 512)
-    assert EngineConfig(max_len=64).cache_lengths == (64,)
+    assert EngineConfig(max_len=512).cache_lengths == (512,)
+    assert EngineConfig(max_len=512, kv_buckets=(128, 256, 512)).cache_lengths == (128, 256, 512)
+    assert kv_buckets(512) == (128, 256, 512) and kv_buckets(1000) == (128, 256, 512, 1000)
+    assert kv_buckets(64) == (64,)
 
 
 def test_cancellation_frees_the_slot_without_disturbing_others(target, drafter, expected):

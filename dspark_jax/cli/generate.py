@@ -64,6 +64,11 @@ def body() -> None:
         prompts += read_prompts_file(FLAGS.prompts_file)
     if not prompts:
         raise ValueError("give at least one --prompt or a --prompts_file")
+    for i, text in enumerate(prompts):  # before the slow load; over-long prompts need the tokenizer (generate_text)
+        if not text.strip():
+            raise ValueError(f"prompt {i} is empty")
+    if not 0.0 <= FLAGS.confidence_threshold <= 1.0:
+        raise ValueError(f"--confidence_threshold must be in [0, 1], got {FLAGS.confidence_threshold}")
     config = GenerationConfig(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
                               top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
                               attn_impl=FLAGS.attn_impl, draft_length=FLAGS.draft_length)
@@ -77,8 +82,6 @@ def body() -> None:
     drafter = None
     if FLAGS.drafter != "none":
         from dspark_jax.drafters.factory import load_drafter
-        if not 0.0 <= FLAGS.confidence_threshold <= 1.0:
-            raise ValueError(f"--confidence_threshold must be in [0, 1], got {FLAGS.confidence_threshold}")
         from dspark_jax.drafters.factory import with_block_size
         drafter = load_drafter(FLAGS.drafter, target, algorithm=FLAGS.draft_algorithm, gamma=FLAGS.gamma or 7,
                                draft_vocab_size=FLAGS.draft_vocab_size or None, seed=FLAGS.seed)

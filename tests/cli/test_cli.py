@@ -66,24 +66,45 @@ def test_corrupted_gguf_target(tmp_path):
     assert r.returncode == 2 and "truncated" in r.stderr and "Traceback" not in r.stderr
 
 
+REPEAT_PROMPT = "Question: Repeat after me: red green blue red green blue red green blue\n\nAnswer:"
+PLAIN_PROMPTS = ("The capital of France is", "1, 2, 3, 4,", REPEAT_PROMPT)
+NEW_TOKENS = 24
+
+
+def generate_json(tmp_path, name, *args):
+    """`dspark generate ... --output_json` at batch 1 → (process, rows by prompt or None on failure)."""
+    out = tmp_path / f"{name}.json"
+    r = run_cli("generate", "--max_new_tokens", str(NEW_TOKENS), "--batch_size", "1", "--output_json", str(out), *args)
+    return r, ({d["prompt"]: d for d in json.loads(out.read_text())} if r.returncode == 0 else None)
+
+
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory):
+    """One plain `dspark generate` of every prompt on the default target: the speculative runs must equal it."""
+    args = [a for p in PLAIN_PROMPTS for a in ("--prompt", p)]
+    return generate_json(tmp_path_factory.mktemp("plain"), "plain", *args)
+
+
 @pytest.mark.slow
-def test_generate_end_to_end_on_default_target(tmp_path):
-    out = tmp_path / "out.json"
-    r = run_cli("generate", "--prompt", "The capital of France is", "--prompt", "1, 2, 3, 4,",
-                "--max_new_tokens", "8", "--output_json", str(out))
+def test_generate_end_to_end_on_default_target(plain_run):
+    r, rows = plain_run
     assert r.returncode == 0, r.stderr
-    assert "tokens/s" in r.stdout
-    data = json.loads(out.read_text())
-    assert [d["prompt"] for d in data] == ["The capital of France is", "1, 2, 3, 4,"]
-    for d in data:
+    assert "tokens/s" in r.stdout and "pooled accept length" not in r.stdout
+    assert list(rows) == list(PLAIN_PROMPTS)
+    for d in rows.values():
         assert set(d) == {"prompt", "completion_ids", "completion_text", "new_tokens", "seconds", "tokens_per_s"}
-        assert d["new_tokens"] == len(d["completion_ids"]) <= 8
+        assert 1 <= d["new_tokens"] == len(d["completion_ids"]) <= NEW_TOKENS
+
+
+def test_empty_prompt_fails_before_loading_the_target():
+    r = run_cli("generate", "--prompt", "hi", "--prompt", "   ", "--target", "/nonexistent/model.gguf")
+    assert r.returncode == 2 and "prompt 1 is empty" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("generate", "--prompt", "hi", "--confidence_threshold", "1.5", "--target", "/nonexistent/model.gguf")
+    assert r.returncode == 2 and "confidence_threshold" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.slow
-def test_empty_and_overlong_prompts_on_default_target(tmp_path):
-    r = run_cli("generate", "--prompt", "   ")
-    assert r.returncode == 2 and "prompt 0 is empty" in r.stderr and "Traceback" not in r.stderr
+def test_overlong_prompt_on_default_target(tmp_path):
     long_file = tmp_path / "long.jsonl"
     long_file.write_text(json.dumps({"turns": ["word " * 40000]}) + "\n")
     r = run_cli("generate", "--prompts_file", str(long_file), "--max_new_tokens", "4")
@@ -91,39 +112,33 @@ def test_empty_and_overlong_prompts_on_default_target(tmp_path):
 
 
 @pytest.mark.slow
-def test_generate_with_random_drafter_reports_speculative_stats(tmp_path):
-    plain, spec = tmp_path / "plain.json", tmp_path / "spec.json"
-    args = ["generate", "--prompt", "The capital of France is", "--max_new_tokens", "8"]
-    assert run_cli(*args, "--output_json", str(plain)).returncode == 0
-    r = run_cli(*args, "--output_json", str(spec), "--drafter", "random", "--draft_algorithm", "dspark", "--gamma", "3",
-                "--draft_vocab_size", "2048")
+def test_generate_with_random_drafter_reports_speculative_stats(tmp_path, plain_run):
+    prompt = PLAIN_PROMPTS[0]
+    r, rows = generate_json(tmp_path, "random", "--prompt", prompt, "--drafter", "random", "--draft_algorithm",
+                            "dspark", "--gamma", "3", "--draft_vocab_size", "2048")
     assert r.returncode == 0, r.stderr
     assert "pooled accept length" in r.stdout
-    p, s = json.loads(plain.read_text())[0], json.loads(spec.read_text())[0]
-    assert s["completion_ids"] == p["completion_ids"]
+    s = rows[prompt]
+    assert s["completion_ids"] == plain_run[1][prompt]["completion_ids"]
     assert s["rounds"] >= 1 and s["proposed"] == 3 * s["rounds"] and s["mean_accept_len"] >= 1
 
 
 @pytest.mark.slow
-def test_generate_with_lookup_and_hybrid_drafters(tmp_path):
+def test_generate_with_lookup_and_hybrid_drafters(tmp_path, plain_run):
     """--drafter ngram[:…] and default+ngram on the default target: output equals plain decoding."""
-    prompt = "Question: Repeat after me: red green blue red green blue red green blue\n\nAnswer:"
-    args = ["generate", "--prompt", prompt, "--max_new_tokens", "24"]
-    outs = {}
-    for name, extra in (("plain", []), ("ngram", ["--drafter", "ngram:n_max=4,n_min=2", "--gamma", "5"]),
+    expected = plain_run[1][REPEAT_PROMPT]["completion_ids"]
+    for name, extra in (("ngram", ["--drafter", "ngram:n_max=4,n_min=2", "--gamma", "5"]),
                         ("hybrid", ["--drafter", "default+ngram", "--gamma", "4"])):
-        path = tmp_path / f"{name}.json"
-        r = run_cli(*args, "--output_json", str(path), *extra)
+        r, rows = generate_json(tmp_path, name, "--prompt", REPEAT_PROMPT, *extra)
         assert r.returncode == 0, r.stderr
-        outs[name] = json.loads(path.read_text())[0]
-    assert outs["ngram"]["completion_ids"] == outs["plain"]["completion_ids"]
-    assert outs["hybrid"]["completion_ids"] == outs["plain"]["completion_ids"]
-    assert outs["ngram"]["proposed"] > 0 and outs["ngram"]["mean_accept_len"] >= 1
-    r = run_cli("generate", "--prompt", "hi", "--drafter", "ngram:n_max=0")
-    assert r.returncode == 2 and "n_min" in r.stderr and "Traceback" not in r.stderr
+        out = rows[REPEAT_PROMPT]
+        assert out["completion_ids"] == expected, name
+        assert out["proposed"] > 0 and out["mean_accept_len"] >= 1, name
 
 
 def test_bad_drafter_flags():
+    r = run_cli("generate", "--prompt", "hi", "--drafter", "ngram:n_max=0")
+    assert r.returncode == 2 and "n_min" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("generate", "--prompt", "hi", "--drafter", "/nonexistent/drafter")
     assert r.returncode == 2 and "drafter not found" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("generate", "--prompt", "hi", "--draft_algorithm", "medusa")
@@ -135,7 +150,8 @@ def test_bad_drafter_flags():
 @pytest.mark.slow
 def test_profile_writes_cost_table_with_draft_free_step(tmp_path):
     out = tmp_path / "cost.json"
-    r = run_cli("profile", "--slots", "2", "--steps", "1", "--passes", "2", "--max_len", "64", "--output", str(out))
+    r = run_cli("profile", "--drafter", "ngram", "--slots", "2", "--steps", "1", "--passes", "2", "--max_len", "64",
+                "--output", str(out))
     assert r.returncode == 0, r.stderr
     table = json.loads(out.read_text())
     assert table["buckets"] == [2, 4, 8, 16] and all(s > 0 for s in table["steps_per_s"])

@@ -356,8 +356,9 @@ class Engine:
             bucket = next(b for b in self.buckets if b >= min(n_active + budget, self.buckets[-1]))
             self.bucket_counts[bucket] += 1
             executable = self._step_exec[bucket, kv]
-        self._state, out = executable(**self._dynamic, state=self._state, caps=jnp.asarray(caps, jnp.int32),
-                                      floors=jnp.asarray(floors), draft_budget=jnp.int32(budget),
+        # host values go in as numpy: an eager jnp op here would compile on a request's first step
+        self._state, out = executable(**self._dynamic, state=self._state, caps=np.asarray(caps, np.int32),
+                                      floors=np.asarray(floors, np.float32), draft_budget=np.int32(budget),
                                       stops=self._stops)
         return out
 
@@ -472,10 +473,10 @@ class Engine:
             if self.observer is not None:
                 self.observer.on_start(live.rid)
             try:
-                self._state, first, finished, nonfinite = self._admit_exec[width](
-                    **self._dynamic, state=self._state, slots=jnp.asarray([i], jnp.int32),
-                    prompts=jnp.asarray(prompt[None]), prompt_lens=jnp.asarray([len(ids)], jnp.int32), params=params,
-                    max_new_tokens=jnp.asarray([r.max_new_tokens], jnp.int32),
+                self._state, *flags = self._admit_exec[width](
+                    **self._dynamic, state=self._state, slots=np.asarray([i], np.int32),
+                    prompts=prompt[None], prompt_lens=np.asarray([len(ids)], np.int32), params=params,
+                    max_new_tokens=np.asarray([r.max_new_tokens], np.int32),
                     keys=request_keys([request_key_data(self.config.seed + live.rid if r.seed is None else r.seed,
                                                         ids)]), stops=self._stops)
             except Exception as e:  # noqa: BLE001 — this request fails, the others go on
@@ -483,13 +484,14 @@ class Engine:
                 logging.getLogger(__name__).error("request %d failed at admission: %s", live.rid, live.stats.error)
                 self._finish(live, "error")
                 continue
-            if bool(nonfinite[0]):  # this request fails alone: its slot was never activated
+            first, finished, nonfinite = (x[0] for x in jax.device_get(flags))
+            if nonfinite:  # this request fails alone: its slot was never activated
                 self._fail_nonfinite(live, len(ids))
                 continue
             live.slot = i
             self._slots[i] = live
             self.planner.admitted(i)
-            first, finished = int(first[0]), bool(finished[0])
+            first, finished = int(first), bool(finished)
             self._emit(live, [first], time.perf_counter())
             if first_stop([first], r.stop_ids) is not None and not finished:
                 self._state = self._deactivate(self._state, jnp.int32(i))

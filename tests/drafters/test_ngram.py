@@ -478,6 +478,7 @@ def test_engine_with_lookup_gives_plain_greedy_output(kind, policy):
     from dspark_jax.serving.engine import Engine, EngineConfig
     from dspark_jax.serving.requests import Request
     from dspark_jax.serving.cost_table import CostTable
+    from dspark_jax.testing.compiles import counting_compiles
     from dspark_jax.testing.tiny_target import make_tiny_target, plain_greedy
     target = make_tiny_target()
     drafter = (load_drafter("ngram", target, gamma=3) if kind == "ngram"
@@ -486,16 +487,15 @@ def test_engine_with_lookup_gives_plain_greedy_output(kind, policy):
     expected = [plain_greedy(target, p, 14) for p in prompts]
     engine = Engine(target, drafter, EngineConfig(slots=4, max_len=64, policy=policy, gamma=3),
                     cost_table=CostTable((4, 8, 16), (100.0, 90.0, 80.0)))
-    engine.submit(Request([3, 4, 3, 4], max_new_tokens=6))  # warm-up: the host side's small eager ops
-    engine.run_until_idle()
-    compiles = []
-    jax.monitoring.register_event_duration_secs_listener(
-        lambda event, secs, **kw: compiles.append(event) if "backend_compile" in event else None)
-    ids = [engine.submit(Request(p, max_new_tokens=14)) for p in prompts]
-    engine.run_until_idle()
+    ids = []
+
+    def serve():
+        ids.extend(engine.submit(Request(p, max_new_tokens=14)) for p in prompts)
+        engine.run_until_idle()
+    compiles = counting_compiles(serve)
     assert [engine.tokens(i) for i in ids] == expected
     assert sum(engine.stats(i).accepted_draft for i in ids) > 0
-    assert compiles == []  # every bucket compiled at engine start: nothing recompiles while serving
+    assert compiles == []  # every bucket compiled at engine start: nothing compiles while serving, from the first request
 
 
 # ---- a DSpark drafter with lookup inputs -----------------------------------------------------------

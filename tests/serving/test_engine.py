@@ -23,6 +23,7 @@ from dspark_jax.serving.requests import Request, RequestError
 from dspark_jax.serving.cost_table import CostTable
 from dspark_jax.serving.scheduler import capacity, schedule_synchronous
 from dspark_jax.target import Target
+from dspark_jax.testing.compiles import counting_compiles
 from dspark_jax.testing.tiny_target import CharTokenizer, make_tiny_target, plain_greedy
 
 TABLE = CostTable((4, 8, 16), (100.0, 70.0, 40.0))  # jagged enough that policies differ
@@ -65,32 +66,30 @@ def test_every_policy_gives_plain_greedy_output_for_more_requests_than_slots(tar
     assert set(engine.bucket_counts) <= set(engine.compiled_shapes["step"])
 
 
+def serve_prompts_counting_compiles(engine, expected) -> list:
+    """Serves PROMPTS (output checked against `expected`); returns the XLA compilations it ran. A fresh engine
+    must run none, also as the first engine of a process (no eager jnp op on the host path)."""
+    def serve():
+        ids = [engine.submit(Request(p, max_new_tokens=12 + i)) for i, p in enumerate(PROMPTS)]
+        engine.run_until_idle()
+        assert [engine.tokens(i) for i in ids] == expected
+    return counting_compiles(serve)
+
+
 def test_buckets_compile_once_at_start_and_never_again(target, drafter, expected):
     engine = make_engine(target, drafter, "fixed", gamma=1)
     assert engine.compiled_shapes["step"] == (4, 8, 16)
-    compiles = []
-    jax.monitoring.register_event_duration_secs_listener(
-        lambda event, secs, **kw: compiles.append(event) if "backend_compile" in event else None)
-    ids = [engine.submit(Request(p, max_new_tokens=12 + i)) for i, p in enumerate(PROMPTS)]
-    engine.run_until_idle()
-    assert [engine.tokens(i) for i in ids] == expected
+    compiles = serve_prompts_counting_compiles(engine, expected)
     assert compiles == []
     assert set(engine.bucket_counts) == {4, 8}  # 4 slots × (anchor + 1 draft); the tail with fewer requests
-    jax.jit(lambda x: x * 3 + 1)(jnp.ones(3))  # the listener does see compilations
-    assert compiles
+    assert counting_compiles(lambda: jax.jit(lambda x: x * 3 + 1)(jnp.ones(3)))  # the listener sees compilations
 
 
 @pytest.mark.parametrize("policy", ["fixed", "scheduler_async"])
 def test_steps_attend_over_the_shortest_cache_length_and_give_plain_greedy_output(target, drafter, expected, policy):
     engine = make_engine(target, drafter, policy, kv_buckets=(16, 32, 64))
     assert engine.compiled_shapes["kv"] == (16, 32, 64)
-    compiles = []
-    jax.monitoring.register_event_duration_secs_listener(
-        lambda event, secs, **kw: compiles.append(event) if "backend_compile" in event else None)
-    ids = [engine.submit(Request(p, max_new_tokens=12 + i)) for i, p in enumerate(PROMPTS)]
-    engine.run_until_idle()
-    assert [engine.tokens(i) for i in ids] == expected
-    assert compiles == []
+    assert serve_prompts_counting_compiles(engine, expected) == []
     assert len(engine.kv_counts) >= 2 and sum(engine.kv_counts.values()) == engine.steps
     # the rule: prompt + delivered tokens + 2 (G + 1) rows, rounded up to a compiled length, capped at max_len
     assert engine._kv_bucket([3 + 1 + 8]) == 16 and engine._kv_bucket([17]) == 32 and engine._kv_bucket([99]) == 64

@@ -13,14 +13,17 @@ def pytest_configure(config):
     compiled programs are dropped after each module, below); reading them back from disk instead of compiling
     again (measured: tests/governance/test_governed_engine.py 36 s cold, 12 s warm). $DSPARK_TEST_JAX_CACHE overrides the directory ('' disables); CLI
     subprocesses use it too ($DSPARK_XLA_CACHE, `dspark_jax.utils.compile_cache`)."""
-    import jax
+    from pathlib import Path
+
+    from dspark_jax.utils.compile_cache import MAX_BYTES_ENV, configure_compilation_cache
     directory = os.environ.get("DSPARK_TEST_JAX_CACHE",
                                os.path.join(os.path.expanduser("~"), ".cache", "dspark_jax", "jax_test_cache"))
     if directory:
-        os.environ.setdefault("DSPARK_XLA_CACHE", directory)  # the CLI subprocesses tests start share it
-        jax.config.update("jax_compilation_cache_dir", directory)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+        # the CLI subprocesses tests start share it, without eviction as here (JAX's eviction scans every entry
+        # on each write: the suite writes thousands)
+        os.environ.setdefault("DSPARK_XLA_CACHE", directory)
+        os.environ.setdefault(MAX_BYTES_ENV, "-1")
+        configure_compilation_cache(Path(directory), max_bytes=-1, min_compile_s=0.0)
 
 
 @pytest.fixture(scope="session")

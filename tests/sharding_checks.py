@@ -25,6 +25,7 @@ from flax import nnx  # noqa: E402
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 from dspark_jax import generation  # noqa: E402
+from dspark_jax.utils.compile_cache import enable_compilation_cache  # noqa: E402
 from dspark_jax.decoding.autoregressive import generate  # noqa: E402
 from dspark_jax.sampling import SamplingParams  # noqa: E402
 from dspark_jax.drafters.config import make_drafter_config  # noqa: E402
@@ -152,6 +153,7 @@ def check_loading(target: Target, mesh) -> dict:
 
 def main(workdir: str) -> None:
     assert jax.device_count() == 8, jax.devices()
+    enable_compilation_cache()  # the suite's cache ($DSPARK_XLA_CACHE): a rerun reads its programs back
     target = make_target()
     drafter = make_drafter(target)
     mesh = make_mesh("data=2,model=4")

@@ -376,6 +376,8 @@ def test_server_greedy_output_equals_dspark_generate():
 
 
 SERVER_SCRIPT = r"""
+from dspark_jax.utils.compile_cache import enable_compilation_cache
+enable_compilation_cache()  # the suite's cache ($DSPARK_XLA_CACHE)
 from dspark_jax.drafters.factory import random_drafter
 from dspark_jax.server.app import create_app, serve
 from dspark_jax.server.backend import Backend

@@ -34,6 +34,8 @@ store: {lease_s: 2, sync_s: 0.1}
 """
 KEYS = {"acme": "key-acme", "beta": "key-beta", "gamma": "key-gamma"}
 REPLICA = r"""
+from dspark_jax.utils.compile_cache import enable_compilation_cache
+enable_compilation_cache()  # the suite's cache ($DSPARK_XLA_CACHE): the second replica reads the first's programs
 from dspark_jax.drafters.factory import random_drafter
 from dspark_jax.governance import Governor
 from dspark_jax.governance.serving import GovernedEngine
@@ -92,14 +94,15 @@ def cluster(tmp_path_factory):
     redis = RedisServer().start()
     policy = tmp / "policy.yaml"
     policy.write_text(POLICY)
-    a, b = (Replica(tmp, name, redis.url, str(policy)) for name in "ab")
+    replicas = []
     try:
-        a.wait_ready()
-        b.wait_ready()
-        yield redis, a, b
+        for name in "ab":  # one after the other: the second starts from the compilation cache
+            replicas.append(Replica(tmp, name, redis.url, str(policy)))
+            replicas[-1].wait_ready()
+        yield redis, *replicas
     finally:
-        a.stop()
-        b.stop()
+        for replica in replicas:
+            replica.stop()
         redis.stop()
 
 

@@ -22,8 +22,8 @@ def run_command(name: str, module_name: str, doc: str, body: Callable[[], None],
         if len(_argv) > 1:
             raise app.UsageError(f"unexpected positional arguments: {' '.join(_argv[1:])}")
         from dspark_jax.utils.compile_cache import enable_compilation_cache
-        enable_compilation_cache()
         try:
+            enable_compilation_cache()
             body()
         except USER_ERRORS as e:
             print(f"dspark {name}: error: {e}", file=sys.stderr)

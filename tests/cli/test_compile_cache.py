@@ -95,3 +95,10 @@ def test_a_process_that_enables_it_writes_its_executables_there(tmp_path):
     env["DSPARK_XLA_CACHE"] = ""
     out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.splitlines()[0] == "None"
+
+
+def test_a_bad_size_limit_is_a_one_line_error_of_the_command():
+    env = dict(os.environ, **{MAX_BYTES_ENV: "2GiB"})
+    out = subprocess.run([sys.executable, "-m", "dspark_jax.cli.main", "generate", "--prompt", "hi"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and MAX_BYTES_ENV in out.stderr and "Traceback" not in out.stderr

@@ -93,23 +93,33 @@ def define_serving_flags(attn_impl: bool = True, kv_buckets: bool = False) -> No
 
 
 def positive_ints(text: str, name: str) -> list[int]:
-    """'1,4,8' → [1, 4, 8]; ValueError naming --`name` for anything else (empty, non-integers, values < 1)."""
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"--{name} must be comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
+    """'1,4,8' → [1, 4, 8]; ValueError naming --`name` for anything else (empty, an empty item, anything but
+    decimal digits, values < 1)."""
+    items = [x.strip() for x in text.split(",")]
+    if not any(items):
+        raise ValueError(f"--{name} is empty: give comma-separated positive integers")
+    if not all(x.isdigit() and x.isascii() for x in items):
+        raise ValueError(f"--{name} must be comma-separated positive integers, got {text!r}")
+    values = [int(x) for x in items]
+    if min(values) < 1:
         raise ValueError(f"--{name} needs positive integers, got {text!r}")
     return values
 
 
 def kv_buckets_flag(text: str, max_len: int) -> tuple[int, ...] | None:
-    """--kv_buckets as EngineConfig.kv_buckets: None (max_len alone) when empty, the ladder for 'auto'."""
+    """--kv_buckets as EngineConfig.kv_buckets: None (max_len alone) when empty, the ladder for 'auto' (any case);
+    ValueError naming the flags unless ascending and ending at --max_len."""
     from dspark_jax.serving.engine_config import kv_buckets
     text = text.strip()
-    if text == "auto":
+    if text.lower() == "auto":
         return kv_buckets(max_len)
-    return tuple(positive_ints(text, "kv_buckets")) if text else None
+    if not text:
+        return None
+    values = positive_ints(text, "kv_buckets")
+    if values != sorted(set(values)) or values[-1] != max_len:
+        raise ValueError(f"--kv_buckets must be ascending cache lengths ending at --max_len ({max_len}), or 'auto'; "
+                         f"got {text!r}")
+    return tuple(values)
 
 
 def load_target_and_drafter(target_spec: str, drafter_spec: str, gamma: int | None = None):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from absl import flags
 
+from dspark_jax.utils.files import atomic_write_text
 from dspark_jax.cli.common import (ATTN_IMPL_HELP, ATTN_IMPLS, DISTRIBUTED_HELP, MESH_HELP, TARGET_HELP,
                                    read_prompts_file, run_command, setup_devices)
 
@@ -69,6 +70,8 @@ def body() -> None:
             raise ValueError(f"prompt {i} is empty")
     if not 0.0 <= FLAGS.confidence_threshold <= 1.0:
         raise ValueError(f"--confidence_threshold must be in [0, 1], got {FLAGS.confidence_threshold}")
+    if FLAGS.output_json and Path(FLAGS.output_json).is_dir():
+        raise ValueError(f"--output_json {FLAGS.output_json} is a directory: give a file path")
     config = GenerationConfig(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
                               top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
                               attn_impl=FLAGS.attn_impl, draft_length=FLAGS.draft_length)
@@ -104,11 +107,8 @@ def body() -> None:
         print(f"pooled accept length (committed tokens per verification round, bonus included): "
               f"{'n/a' if tau is None else f'{tau:.3f}'}")
     if FLAGS.output_json and is_primary():
-        out = Path(FLAGS.output_json)
-        tmp = out.with_suffix(out.suffix + ".tmp")
         rows = [{k: v for k, v in r.__dict__.items() if v is not None} for r in results]
-        tmp.write_text(json.dumps(rows, indent=2, ensure_ascii=False))
-        tmp.replace(out)
+        out = atomic_write_text(FLAGS.output_json, json.dumps(rows, indent=2, ensure_ascii=False))
         print(f"wrote {out}", file=sys.stderr)
 
 

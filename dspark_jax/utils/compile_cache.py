@@ -20,11 +20,12 @@ MIN_COMPILE_S = 1.0
 
 
 def compilation_cache_dir() -> Path | None:
-    """`$DSPARK_XLA_CACHE` (set but empty: no cache), default `<cache_dir()>/xla`."""
+    """`$DSPARK_XLA_CACHE` (`~` expanded; set but blank: no cache), default `<cache_dir()>/xla`
+    (`$DSPARK_CACHE_DIR/xla`)."""
     value = os.environ.get(ENV)
     if value is None:
         return cache_dir() / "xla"
-    return Path(value) if value else None
+    return Path(value.strip()).expanduser() if value.strip() else None
 
 
 def compilation_cache_max_bytes() -> int:
@@ -72,8 +73,9 @@ def configure_compilation_cache(directory: Path, max_bytes: int = DEFAULT_MAX_BY
     import jax
     directory = directory.expanduser().absolute()
     directory.mkdir(parents=True, exist_ok=True)
-    if not os.access(directory, os.W_OK):
-        raise PermissionError(f"{directory} is not writable")
+    probe = directory / f".write_probe_{os.getpid()}"  # os.access says yes to root where writes still fail
+    probe.write_bytes(b"")
+    probe.unlink()
     if max_bytes != -1:
         add_missing_access_times(directory)
     jax.config.update("jax_compilation_cache_dir", str(directory))

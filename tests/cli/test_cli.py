@@ -96,11 +96,14 @@ def test_generate_end_to_end_on_default_target(plain_run):
         assert 1 <= d["new_tokens"] == len(d["completion_ids"]) <= NEW_TOKENS
 
 
-def test_empty_prompt_fails_before_loading_the_target():
-    r = run_cli("generate", "--prompt", "hi", "--prompt", "   ", "--target", "/nonexistent/model.gguf")
-    assert r.returncode == 2 and "prompt 1 is empty" in r.stderr and "Traceback" not in r.stderr
-    r = run_cli("generate", "--prompt", "hi", "--confidence_threshold", "1.5", "--target", "/nonexistent/model.gguf")
-    assert r.returncode == 2 and "confidence_threshold" in r.stderr and "Traceback" not in r.stderr
+@pytest.mark.parametrize("args,message", [
+    (["--prompt", "hi", "--prompt", "   "], "prompt 1 is empty"),
+    (["--prompt", "hi", "--confidence_threshold", "1.5"], "confidence_threshold"),
+    (["--prompt", "hi", "--output_json", "."], "--output_json . is a directory"),
+])
+def test_bad_generate_input_fails_before_loading_the_target(args, message):
+    r = run_cli("generate", *args, "--target", "/nonexistent/model.gguf")  # loading it would fail differently
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 @pytest.mark.slow
@@ -174,7 +177,7 @@ def test_serve_bench_end_to_end(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--policies", "fixedx"], "unknown policy"),
     (["--concurrency", "0"], "positive integers"),
-    (["--concurrency", "a,b"], "comma-separated integers"),
+    (["--concurrency", "a,b"], "comma-separated positive integers"),
 ])
 def test_serve_bench_bad_flags(args, message):
     r = run_cli("serve-bench", *args)

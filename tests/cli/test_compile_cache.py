@@ -21,8 +21,13 @@ def test_directory_defaults_under_the_user_cache_and_empty_disables(monkeypatch,
     assert compilation_cache_dir() == tmp_path / "xla"
     monkeypatch.setenv("DSPARK_XLA_CACHE", "")
     assert compilation_cache_dir() is None
+    monkeypatch.setenv("DSPARK_XLA_CACHE", "  ")
+    assert compilation_cache_dir() is None
     monkeypatch.setenv("DSPARK_XLA_CACHE", str(tmp_path / "other"))
     assert compilation_cache_dir() == tmp_path / "other"
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("DSPARK_XLA_CACHE", "~/xla")
+    assert compilation_cache_dir() == tmp_path / "xla"
 
 
 def test_a_cache_configured_already_is_kept(monkeypatch, tmp_path):

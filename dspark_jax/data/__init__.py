@@ -23,11 +23,17 @@ def read_first_turns(path: str | Path) -> list[str]:
     """First turn of each `{"turns": [...]}` line of a JSONL file, with clear errors on bad lines."""
     import json
     p = Path(path)
+    if p.is_dir():
+        raise IsADirectoryError(f"prompts file is a directory: {path}")
     if not p.is_file():
         raise FileNotFoundError(f"prompts file not found: {path}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     prompts = []
     # split on "\n" only: str.splitlines() would also split on U+2028 inside JSON strings
-    for n, line in enumerate(p.read_text(encoding="utf-8").split("\n"), 1):
+    for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:

@@ -99,6 +99,8 @@ def decode_batches(target: Target, encoded: Sequence[Sequence[int]], config: Gen
     seconds without compiling)."""
     if not 0.0 <= confidence_threshold <= 1.0:
         raise ValueError(f"confidence_threshold must be in [0, 1], got {confidence_threshold}")
+    if drafter is None and confidence_threshold > 0:
+        raise ValueError("confidence_threshold needs a drafter: without one decoding is plain")
     bs = min(config.batch_size, len(encoded))
     if mesh is not None:  # whole requests per data shard
         data = mesh.shape.get("data", 1)

@@ -70,6 +70,12 @@ def body() -> None:
             raise ValueError(f"prompt {i} is empty")
     if not 0.0 <= FLAGS.confidence_threshold <= 1.0:
         raise ValueError(f"--confidence_threshold must be in [0, 1], got {FLAGS.confidence_threshold}")
+    if FLAGS.drafter == "none":
+        ignored = [f for f, used in (("--gamma", FLAGS.gamma is not None),
+                                     ("--confidence_threshold", FLAGS.confidence_threshold > 0),
+                                     ("--draft_length auto", FLAGS.draft_length == "auto")) if used]
+        if ignored:
+            raise ValueError(f"{', '.join(ignored)} need a drafter: --drafter none decodes plainly")
     if FLAGS.output_json and Path(FLAGS.output_json).is_dir():
         raise ValueError(f"--output_json {FLAGS.output_json} is a directory: give a file path")
     config = GenerationConfig(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,

@@ -99,6 +99,8 @@ def test_generate_end_to_end_on_default_target(plain_run):
 @pytest.mark.parametrize("args,message", [
     (["--prompt", "hi", "--prompt", "   "], "prompt 1 is empty"),
     (["--prompt", "hi", "--confidence_threshold", "1.5"], "confidence_threshold"),
+    (["--prompt", "hi", "--gamma", "4", "--draft_length", "auto"],
+     "--gamma, --draft_length auto need a drafter: --drafter none decodes plainly"),
     (["--prompt", "hi", "--output_json", "."], "--output_json . is a directory"),
 ])
 def test_bad_generate_input_fails_before_loading_the_target(args, message):

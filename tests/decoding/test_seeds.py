@@ -73,3 +73,13 @@ def test_engine_alone_or_with_others(target, drafter, policy):
     assert alone == crowded
     if policy == "fixed":  # drafts change the path, not the seed's determinism; another seed → another sample
         assert _engine_tokens(target, drafter, policy, [replace(mine, seed=124)])[0] != alone
+
+
+@pytest.mark.parametrize("threshold,with_drafter,message", [
+    (1.5, True, "confidence_threshold must be in [0, 1], got 1.5"),
+    (0.5, False, "confidence_threshold needs a drafter"),
+])
+def test_generate_text_rejects_a_threshold_it_cannot_use(target, drafter, threshold, with_drafter, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        generate_text(target, [PROMPT], GenerationConfig(max_new_tokens=2), drafter=drafter if with_drafter else None,
+                      confidence_threshold=threshold)

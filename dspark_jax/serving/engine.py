@@ -81,6 +81,10 @@ class Engine:
         self.bucket_counts: collections.Counter[int] = collections.Counter()
         self.kv_counts: collections.Counter[int] = collections.Counter()  # steps per cache length attended
         self.kv_buckets = config.cache_lengths
+        fewest_rows = 1 + 2 * (g + 1)  # a 1-token prompt's first step (see _kv_bucket)
+        if len(self.kv_buckets) > 1 and self.kv_buckets[0] < fewest_rows:
+            raise ValueError(f"kv_buckets {self.kv_buckets}: cache lengths below {fewest_rows} rows (a 1-token prompt "
+                             f"plus two steps of G + 1 = {g + 1}) would never be used")
         self._state = device_step.init_engine_state(target.model, nnx.merge(drafter.graphdef, drafter.state),
                                                     config.slots, config.max_len)
         self._compile()

@@ -95,6 +95,11 @@ def test_steps_attend_over_the_shortest_cache_length_and_give_plain_greedy_outpu
     assert engine._kv_bucket([3 + 1 + 8]) == 16 and engine._kv_bucket([17]) == 32 and engine._kv_bucket([99]) == 64
 
 
+def test_cache_lengths_no_step_can_use_are_refused(target, drafter):
+    with pytest.raises(ValueError, match=r"below 9 rows .* would never be used"):
+        make_engine(target, drafter, "fixed", kv_buckets=(8, 16, 64))
+
+
 def test_set_cost_table_checks_the_buckets_and_prices_the_next_steps(target, drafter):
     engine = make_engine(target, drafter)
     with pytest.raises(ValueError, match="differ from the engine's"):

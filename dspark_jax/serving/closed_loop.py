@@ -2,6 +2,7 @@
 previous one finishes; aggregate and per-user tokens/s and verification lengths."""
 from __future__ import annotations
 
+import collections
 import dataclasses
 import gc
 import threading
@@ -38,6 +39,7 @@ class LoadResult:
     steps: int
     bucket_counts: dict
     plain_steps: int = 0        # steps without the drafter (the scheduler's plain fallback)
+    kv_counts: dict = dataclasses.field(default_factory=dict)  # timed steps per cache length attended
 
 
 def closed_loop(engine: Engine, policy: str, prompts: Sequence[Sequence[int]], concurrency: int,
@@ -58,7 +60,8 @@ def closed_loop(engine: Engine, policy: str, prompts: Sequence[Sequence[int]], c
                 for c in range(concurrency)]
         for rid in warm:
             engine.result(rid)
-    steps0, plain0, buckets0 = engine.steps, engine.plain_steps, dict(engine.bucket_counts)
+    steps0, plain0 = engine.steps, engine.plain_steps
+    buckets0, kv0 = collections.Counter(engine.bucket_counts), collections.Counter(engine.kv_counts)
     ids: list[int] = []
     lock = threading.Lock()
     errors: list[BaseException] = []
@@ -92,10 +95,10 @@ def closed_loop(engine: Engine, policy: str, prompts: Sequence[Sequence[int]], c
         raise RuntimeError(f"{len(bad)} requests did not complete: {bad[0].finish_reason} {bad[0].error or ''}")
     out_tokens = sum(s.output_tokens for s in stats)
     rounds = sum(s.rounds for s in stats)
-    buckets = {b: n - buckets0.get(b, 0) for b, n in engine.bucket_counts.items() if n - buckets0.get(b, 0)}
     return LoadResult(policy=policy, concurrency=concurrency, requests=len(stats), output_tokens=out_tokens,
                       wall_s=wall, aggregate_tps=out_tokens / wall,
                       per_user_tps=sum(s.tokens_per_s for s in stats) / len(stats),
                       verified_per_round=sum(s.verified_draft for s in stats) / max(rounds, 1),
                       accept_length=sum(s.output_tokens - 1 for s in stats) / max(rounds, 1),
-                      steps=engine.steps - steps0, bucket_counts=buckets, plain_steps=engine.plain_steps - plain0)
+                      steps=engine.steps - steps0, bucket_counts=dict(engine.bucket_counts - buckets0),
+                      plain_steps=engine.plain_steps - plain0, kv_counts=dict(engine.kv_counts - kv0))

@@ -305,3 +305,5 @@ def test_closed_loop_load_samples_at_its_temperature_with_seeded_requests(target
     assert [r.temperature for r in submitted[:2]] == [0.0, 0.0]
     assert sorted(r.seed for r in timed) == [0, 1, 2, 3] and {r.temperature for r in timed} == {0.7}
     assert result.requests == 4 and result.output_tokens <= 4 * 6
+    assert sum(result.kv_counts.values()) == result.steps == sum(result.bucket_counts.values()) + result.plain_steps
+    assert set(result.kv_counts) == {64}  # the timed steps only, at the engine's one cache length

@@ -61,7 +61,7 @@ def parse_drafter_specs(text: str) -> list[tuple[str, str]]:
         if not item:
             continue
         label, sep, spec = item.partition("=")
-        if ":" in label or "+" in label:  # "ngram:n_max=4" is a spec, not LABEL=SPEC
+        if ":" in label:  # "ngram:n_max=4" and "default+ngram:n_max=4" are specs, not LABEL=SPEC
             label, sep, spec = item, "", item
         label, spec = (label.strip(), spec.strip()) if sep else (item, item)
         if not label or not spec:

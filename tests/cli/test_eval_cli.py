@@ -112,6 +112,7 @@ def test_evaluation_reports_lookup_and_hybrid_drafters_with_calibration(tiny, tm
     assert parse_drafter_specs("ngram:n_max=4:n_min=2,default+ngram,H=default+ngram:n_max=2") == [
         ("ngram:n_max=4:n_min=2", "ngram:n_max=4:n_min=2"), ("default+ngram", "default+ngram"),
         ("H", "default+ngram:n_max=2")]
+    assert parse_drafter_specs("greedy+sampled=default") == [("greedy+sampled", "default")]  # a label may hold '+'
     target, dspark = tiny
     drafters = [("lookup", load_drafter("ngram", target, gamma=4)), ("hybrid", hybrid_drafter(dspark, target))]
     loops = ("abcabcabcabc", "xyxyxyxy", "hello hello hello")

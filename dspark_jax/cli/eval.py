@@ -101,16 +101,18 @@ def report_heldout(target, drafters, heldout_dir: str, output: Path) -> dict[str
     from dspark_jax.training.heldout import cache_quality
     from dspark_jax.utils.results import write_result
     scores = {}
-    print(f"{'drafter':<16}{'greedy τ':>10}{'prob τ':>8}  slot accuracy", file=sys.stderr)
+    print(f"{'drafter':<16}{'greedy τ':>10}{'prob τ':>8}{'vocab mass':>12}  slot accuracy", file=sys.stderr)
     for label, drafter in drafters:
         if drafter.config.algorithm not in ("dspark", "dflash"):
             print(f"{label:<16}  (no teacher-forced score for {drafter.config.algorithm} drafters)", file=sys.stderr)
             continue
         q = cache_quality(drafter, target, heldout_dir)
         scores[label] = dict(greedy_tau=q.greedy_tau, probabilistic_tau=q.probabilistic_tau,
-                             slot_accuracy=list(q.slot_accuracy), num_blocks=q.num_blocks, source=drafter.source)
+                             draft_vocab_mass=q.draft_vocab_mass, slot_accuracy=list(q.slot_accuracy),
+                             num_blocks=q.num_blocks, source=drafter.source)
         prob = f"{q.probabilistic_tau:>8.3f}" if q.probabilistic_tau is not None else f"{'–':>8}"
-        print(f"{label:<16}{q.greedy_tau:>10.3f}{prob}  " + " ".join(f"{a:.2f}" for a in q.slot_accuracy),
+        mass = f"{q.draft_vocab_mass:>12.3f}" if q.draft_vocab_mass is not None else f"{'–':>12}"
+        print(f"{label:<16}{q.greedy_tau:>10.3f}{prob}{mass}  " + " ".join(f"{a:.2f}" for a in q.slot_accuracy),
               file=sys.stderr)
     write_result(output, dict(heldout_dir=str(heldout_dir), drafters=scores))
     return scores

@@ -9,7 +9,10 @@ Markov head fed the true previous tokens) and is scored per block slot k:
   at temperature 0 anchored there (with every earlier slot right, teacher forcing feeds the Markov head
   exactly the tokens the drafter would have drafted, so this is the round's outcome, not an approximation);
 - probabilistic τ (caches with target features): 1 + Σ_k Π_{i≤k} (1 − TV(p_d,i, p_t,i)), the temperature-1
-  expected accept length of spec §2.7.
+  expected accept length of spec §2.7;
+- draft-vocabulary mass (caches with target features): the mean over supervised slots of the target's
+  probability inside the draft vocabulary — a drafter never proposes a token outside it, so this bounds a
+  slot's temperature-1 acceptance 1 − TV from above (1 for a full-vocabulary drafter).
 
 Seconds for a few thousand blocks on a CPU, so training can be steered by held-out quality.
 """
@@ -31,17 +34,20 @@ from dspark_jax.training.losses import dspark_slot_terms
 
 @dataclasses.dataclass(frozen=True)
 class TeacherForcedQuality:
-    """slot_accuracy [G]; greedy_tau and probabilistic_tau (None without target features) as in the module
-    docstring; num_blocks: blocks scored."""
+    """slot_accuracy [G]; greedy_tau, probabilistic_tau and draft_vocab_mass (both None without target
+    features) as in the module docstring; num_blocks: blocks scored."""
     slot_accuracy: tuple[float, ...]
     greedy_tau: float
     probabilistic_tau: float | None
     num_blocks: int
+    draft_vocab_mass: float | None = None
 
     def as_dict(self, prefix: str = "heldout/") -> dict[str, float]:
         out = {f"{prefix}greedy_tau": self.greedy_tau, f"{prefix}num_blocks": float(self.num_blocks)}
         if self.probabilistic_tau is not None:
             out[f"{prefix}probabilistic_tau"] = self.probabilistic_tau
+        if self.draft_vocab_mass is not None:
+            out[f"{prefix}draft_vocab_mass"] = self.draft_vocab_mass
         out.update({f"{prefix}slot_accuracy@{k}": a for k, a in enumerate(self.slot_accuracy)})
         return out
 
@@ -49,7 +55,8 @@ class TeacherForcedQuality:
 @functools.partial(jax.jit, static_argnames=("graphdef", "target_graphdef", "num_anchors", "with_target"))
 def _block_counts(graphdef, state, target_graphdef, target_state, batch: TrainBatch, key, *, num_anchors: int,
                   with_target: bool):
-    """Per-batch sums: correct [G], valid [G], greedy τ sum, probabilistic τ sum, blocks."""
+    """Per-batch sums: correct [G], valid [G], greedy τ sum, probabilistic τ sum, draft-vocabulary mass sum over
+    supervised slots, blocks."""
     drafter, target = nnx.merge(graphdef, state), nnx.merge(target_graphdef, target_state)
     blocks, logits, _, _ = block_outputs(drafter, target, batch, key, num_anchors)
     mask = blocks.eval_mask
@@ -57,14 +64,16 @@ def _block_counts(graphdef, state, target_graphdef, target_state, batch: TrainBa
     correct = (predicted == blocks.labels) & mask
     first = mask[..., 0].astype(jnp.float32)
     greedy = jnp.sum(first * (1.0 + jnp.cumprod(correct, axis=-1).sum(-1)))
-    prob = jnp.float32(0.0)
+    prob = mass = jnp.float32(0.0)
     if with_target:
         t_logits, lse = target_block_logits(drafter, target, batch, blocks)
         terms = dspark_slot_terms(logits, t_logits, None if drafter.full_vocab else lse,
                                   draft_labels(drafter, blocks.labels), mask)
         prob = jnp.sum(first * (1.0 + jnp.cumprod(jnp.where(mask, terms.accept, 0.0), axis=-1).sum(-1)))
+        inside = 1.0 if drafter.full_vocab else jnp.exp(jax.nn.logsumexp(t_logits, axis=-1) - lse)
+        mass = jnp.sum(jnp.where(mask, inside, 0.0))
     lead = tuple(range(mask.ndim - 1))
-    return correct.sum(lead), mask.sum(lead), greedy, prob, first.sum()
+    return correct.sum(lead), mask.sum(lead), greedy, prob, mass, first.sum()
 
 
 def teacher_forced_quality(drafter, target, batches: Iterable[TrainBatch], *, num_anchors: int = 64,
@@ -77,21 +86,22 @@ def teacher_forced_quality(drafter, target, batches: Iterable[TrainBatch], *, nu
         raise ValueError(f"teacher-forced quality needs a DSpark or DFlash drafter, got {drafter.config.algorithm}")
     g = drafter.config.block_size
     correct, valid = np.zeros(g), np.zeros(g)
-    greedy = prob = blocks = 0.0
+    greedy = prob = mass = blocks = 0.0
     with_target = None
     for i, batch in enumerate(batches):
         with_target = batch.last_hidden is not None
-        c, v, gt, pt, n = jax.device_get(_block_counts(
+        c, v, gt, pt, mt, n = jax.device_get(_block_counts(
             drafter.graphdef, drafter.state, target.graphdef, target.state, batch,
             jax.random.fold_in(jax.random.key(seed), i), num_anchors=num_anchors, with_target=with_target))
         correct += c
         valid += v
-        greedy, prob, blocks = greedy + float(gt), prob + float(pt), blocks + float(n)
+        greedy, prob, mass, blocks = greedy + float(gt), prob + float(pt), mass + float(mt), blocks + float(n)
     if not blocks:
         raise ValueError("no supervised block in the held-out data (empty or too short responses)")
     accuracy = tuple(float(x) for x in correct / np.maximum(valid, 1))
     return TeacherForcedQuality(slot_accuracy=accuracy, greedy_tau=greedy / blocks,
-                                probabilistic_tau=prob / blocks if with_target else None, num_blocks=int(blocks))
+                                probabilistic_tau=prob / blocks if with_target else None, num_blocks=int(blocks),
+                                draft_vocab_mass=mass / valid.sum() if with_target else None)
 
 
 def cache_quality(drafter, target, cache_dir: str | Path, *, batch_size: int = 4, max_len: int = 512,

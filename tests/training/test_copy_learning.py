@@ -121,3 +121,14 @@ def test_teacher_forced_metric_against_a_hand_computed_example(monkeypatch):
     c = 1 - (m - 0.2)
     assert q.probabilistic_tau == pytest.approx(((1 + c + c ** 2 + c ** 3) + (1 + c + c ** 2)) / 2, rel=1e-5)
     assert q.num_blocks == 2
+    assert q.draft_vocab_mass == pytest.approx(1.0)  # a full-vocabulary drafter covers every token
+
+    class PartialVocab(Stub):  # the same 5 draft tokens out of a target vocabulary whose full mass is e^0 · 10
+        full_vocab = False
+
+    monkeypatch.setattr(tf, "target_block_logits", lambda drafter, target_model, batch, blocks: (
+        jnp.zeros((1, 2, g, v)), jnp.full((1, 2, g), np.log(10.0))))
+    graphdef, state = nnx.split(PartialVocab())
+    q = teacher_forced_quality(Drafter(config, graphdef, state, "stub"), empty, [batch], num_anchors=8)
+    assert q.draft_vocab_mass == pytest.approx(0.5, rel=1e-5)  # 5 of 10 equally likely tokens, every slot
+    assert q.as_dict()["heldout/draft_vocab_mass"] == q.draft_vocab_mass

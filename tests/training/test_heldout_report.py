@@ -28,6 +28,7 @@ def test_heldout_scores_per_drafter(tmp_path):
     q = cache_quality(dspark, target, tmp_path / "held")
     assert scores["D"]["greedy_tau"] == q.greedy_tau and 1.0 <= q.greedy_tau <= 4.0
     assert len(scores["D"]["slot_accuracy"]) == 3 and q.num_blocks > 0 and q.probabilistic_tau is not None
+    assert scores["D"]["draft_vocab_mass"] == q.draft_vocab_mass and 0.0 < q.draft_vocab_mass <= 1.0 + 1e-6
     assert json.loads((tmp_path / "out.json").read_text())["drafters"]["D"]["num_blocks"] == q.num_blocks
     with pytest.raises(FileNotFoundError, match="prepare-data --heldout"):
         cache_quality(dspark, target, tmp_path / "nowhere")

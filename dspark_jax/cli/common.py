@@ -29,7 +29,14 @@ def run_command(name: str, module_name: str, doc: str, body: Callable[[], None],
             print(f"dspark {name}: error: {e}", file=sys.stderr)
             sys.exit(2)
 
-    app.run(main, argv=argv)
+    def parse_flags(args: list[str]) -> list[str]:
+        try:
+            return flags.FLAGS(args)
+        except flags.Error as e:  # a bad flag value is bad input like any other: one line, exit status 2
+            print(f"dspark {name}: error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    app.run(main, argv=argv, flags_parser=parse_flags)
 
 
 def read_prompts_file(path: str) -> list[str]:

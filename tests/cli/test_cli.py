@@ -102,6 +102,8 @@ def test_generate_end_to_end_on_default_target(plain_run):
     (["--prompt", "hi", "--gamma", "4", "--draft_length", "auto"],
      "--gamma, --draft_length auto need a drafter: --drafter none decodes plainly"),
     (["--prompt", "hi", "--output_json", "."], "--output_json . is a directory"),
+    (["--prompt", "hi", "--max_new_tokens", "0"], "flag --max_new_tokens=0: 0 is not a positive integer"),
+    (["--prompt", "hi", "--no_such_flag"], "Unknown command line flag 'no_such_flag'"),
 ])
 def test_bad_generate_input_fails_before_loading_the_target(args, message):
     r = run_cli("generate", *args, "--target", "/nonexistent/model.gguf")  # loading it would fail differently

@@ -21,34 +21,33 @@ def main():
     ap.add_argument("--output", default="benchmarks/results/calibration_refit.json")
     args = ap.parse_args()
 
-    from dspark_jax.evaluation.calibration import (fit_sequential_scale_and_bias, fit_sequential_temperatures,
-                                                   survival_confidences)
-    from dspark_jax.evaluation.reliability import ece_noise_floor, expected_calibration_error, survival_pairs
+    from dspark_jax.evaluation.calibration import (cross_fitted_ece, fit_sequential_scale_and_bias,
+                                                   fit_sequential_temperatures)
     from dspark_jax.utils.results import write_result
 
     rec = np.load(args.records)
-    z = rec["confidence_logits"].astype(np.float64)
+    z = rec["confidence_logits"]
     flags, proposed, request = rec["accept_flags"], rec["proposed"], rec["request"]
     g = z.shape[1]
     rows = []
     print(f"{len(z)} rounds, {len(np.unique(request))} requests; ECE (%) of the survival on the held-out half, "
           f"positions 1..{g}")
+    methods = {"raw head": lambda *_: (np.ones(g), None),
+               "STS (temperatures)": lambda *a: (fit_sequential_temperatures(*a), None),
+               "scale + bias": fit_sequential_scale_and_bias}
+    by_method = {name: cross_fitted_ece(z, flags, proposed, request, fit, args.bins) for name, fit in methods.items()}
     for half in (0, 1):
-        fit, test = (request % 2) == half, (request % 2) != half
-        temps = fit_sequential_temperatures(z[fit], flags[fit], proposed[fit])
-        scale_temps, biases = fit_sequential_scale_and_bias(z[fit], flags[fit], proposed[fit])
-        methods = {"raw head": (np.ones(g), None), "STS (temperatures)": (temps, None),
-                   "scale + bias": (scale_temps, biases)}
-        for name, (t, b) in methods.items():
-            pairs = survival_pairs(survival_confidences(z[test], t, b), flags[test], proposed[test])
-            ece = [expected_calibration_error(pred, label, args.bins) for pred, label in pairs]
-            floor = [ece_noise_floor(pred, args.bins) for pred, _ in pairs]
-            rows.append(dict(fit_half=half, method=name, ece=ece, ece_floor=floor, rounds_fit=int(fit.sum()),
-                             rounds_scored=int(test.sum())))
-            print(f"fit on half {half}  {name:<22} " + " ".join(f"{100 * e:5.1f}" for e in ece))
-        print(f"fit on half {half}  {'noise floor (last)':<22} " + " ".join(f"{100 * e:5.1f}" for e in floor))
-        rows[-1].update(temperatures=scale_temps.tolist(), biases=biases.tolist())
-        rows[-2]["temperatures"] = temps.tolist()
+        for name, halves in by_method.items():
+            r = halves[half]
+            row = dict(fit_half=half, method=name, ece=r["ece"], ece_floor=r["floor"], rounds_fit=r["rounds_fit"],
+                       rounds_scored=r["rounds_scored"])
+            if name != "raw head":
+                row["temperatures"] = r["temperatures"]
+            if r["biases"] is not None:
+                row["biases"] = r["biases"]
+            rows.append(row)
+            print(f"fit on half {half}  {name:<22} " + " ".join(f"{100 * e:5.1f}" for e in r["ece"]))
+        print(f"fit on half {half}  {'noise floor (last)':<22} " + " ".join(f"{100 * e:5.1f}" for e in r["floor"]))
     write_result(args.output, dict(records=args.records, bins=args.bins, rows=rows))
 
 

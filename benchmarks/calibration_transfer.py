@@ -32,7 +32,8 @@ def main():
     args = ap.parse_args()
 
     from dspark_jax.drafters.checkpoint import calibration_sets
-    from dspark_jax.evaluation.calibration import fit_sequential_scale_and_bias, survival_confidences
+    from dspark_jax.evaluation.calibration import (cross_fitted_ece, fit_sequential_scale_and_bias,
+                                                   survival_confidences)
     from dspark_jax.evaluation.reliability import ece_noise_floor, expected_calibration_error, survival_pairs
     from dspark_jax.utils.results import write_result
 
@@ -72,20 +73,16 @@ def main():
                           f"{100 * r['floor']:>8.1f} {r['predicted']:>10.3f} {r['observed']:>9.3f}")
     cross = []
     if args.cross_fit:
-        z = np.concatenate([data[s]["confidence_logits"] for s in sets]).astype(np.float64)
+        z = np.concatenate([data[s]["confidence_logits"] for s in sets])
         flags = np.concatenate([data[s]["accept_flags"] for s in sets])
         proposed = np.concatenate([data[s]["proposed"] for s in sets])
         request = np.concatenate([rec[f"{prefix}{s}/request"] + 100_000 * i for i, s in enumerate(sets)])
         print("\ncross-fitted temperature + bias per position (fit on half the requests, ECE % on the other half)")
-        for half in (0, 1):
-            fit, test = (request % 2) == half, (request % 2) != half
-            temps, biases = fit_sequential_scale_and_bias(z[fit], flags[fit], proposed[fit])
-            pairs = survival_pairs(survival_confidences(z[test], temps, biases), flags[test], proposed[test])
-            ece = [expected_calibration_error(p, y, args.bins) for p, y in pairs]
-            floor = [ece_noise_floor(p, args.bins) for p, _ in pairs]
-            cross.append(dict(fitted_on_half=half, ece=ece, floor=floor, rounds=int(test.sum())))
-            print(f"  fitted on half {half}: ECE {' / '.join(f'{100 * e:.1f}' for e in ece)}; floor "
-                  f"{' / '.join(f'{100 * f:.1f}' for f in floor)} ({int(test.sum())} rounds scored)")
+        for row in cross_fitted_ece(z, flags, proposed, request, fit_sequential_scale_and_bias, args.bins):
+            cross.append(dict(fitted_on_half=row["fitted_on_half"], ece=row["ece"], floor=row["floor"],
+                              rounds=row["rounds_scored"]))
+            print(f"  fitted on half {row['fitted_on_half']}: ECE {' / '.join(f'{100 * e:.1f}' for e in row['ece'])}; "
+                  f"floor {' / '.join(f'{100 * f:.1f}' for f in row['floor'])} ({row['rounds_scored']} rounds scored)")
     write_result(args.output, dict(records=args.records, index=args.index, temperature=args.temperature,
                                    bins=args.bins, drafters=rows, cross_fit=cross))
 

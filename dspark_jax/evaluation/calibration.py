@@ -172,3 +172,25 @@ def sequential_scale_and_bias(logits: np.ndarray, accept_flags: np.ndarray, prop
     reliability before (T = 1, β = 0) and after."""
     temps, biases = fit_sequential_scale_and_bias(logits, accept_flags, proposed, config)
     return _report(logits, accept_flags, proposed, config, temps, biases)
+
+
+def cross_fitted_ece(logits: np.ndarray, accept_flags: np.ndarray, proposed: np.ndarray, request: np.ndarray,
+                     fit: Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray | None]],
+                     bins: int = DEFAULT_BINS) -> list[dict]:
+    """Out-of-sample ECE of a calibration family: `fit(logits, accept_flags, proposed) -> (temperatures,
+    biases or None)` on the rounds of the requests with even (then odd) id, scored on the others — the ECE of
+    the survival Π_{i<=k} c_i per position, with the noise floor at that many rounds (`ece_noise_floor`).
+    Shapes as `fit_sequential_temperatures`, request [N] ints. Returns two dicts (fitted_on_half 0 / 1):
+    ece [G], floor [G], rounds_fit, rounds_scored, temperatures [G], biases [G] or None."""
+    from dspark_jax.evaluation.reliability import ece_noise_floor, survival_pairs
+    logits, request = np.asarray(logits, np.float64), np.asarray(request)
+    out = []
+    for half in (0, 1):
+        on, off = (request % 2) == half, (request % 2) != half
+        temps, biases = fit(logits[on], accept_flags[on], proposed[on])
+        pairs = survival_pairs(survival_confidences(logits[off], temps, biases), accept_flags[off], proposed[off])
+        out.append(dict(fitted_on_half=half, ece=[expected_calibration_error(p, y, bins) for p, y in pairs],
+                        floor=[ece_noise_floor(p, bins) for p, _ in pairs], rounds_fit=int(on.sum()),
+                        rounds_scored=int(off.sum()), temperatures=np.asarray(temps).tolist(),
+                        biases=None if biases is None else np.asarray(biases).tolist()))
+    return out

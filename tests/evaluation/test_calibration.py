@@ -16,9 +16,11 @@ from dspark_jax.drafters.checkpoint import (META_FILE, WEIGHTS_FILE, DrafterFile
 from dspark_jax.drafters.config import make_drafter_config
 from dspark_jax.drafters.dspark import DSparkDrafter
 from dspark_jax.drafters.factory import Drafter, with_confidence_temperatures
-from dspark_jax.evaluation.calibration import (STSConfig, fit_sequential_scale_and_bias, fit_sequential_temperatures,
-                                               golden_section_minimize, sequential_scale_and_bias,
-                                               sequential_temperature_scaling, survival_confidences)
+from dspark_jax.evaluation.calibration import (STSConfig, cross_fitted_ece, fit_sequential_scale_and_bias,
+                                               fit_sequential_temperatures, golden_section_minimize,
+                                               sequential_scale_and_bias, sequential_temperature_scaling,
+                                               survival_confidences)
+from dspark_jax.evaluation.reliability import expected_calibration_error, survival_pairs
 
 G = 4
 
@@ -67,6 +69,27 @@ def test_a_per_position_bias_fits_what_a_temperature_cannot():
     few[:, 2:] = False  # nobody survives past position 2: T = 1, β = 0 kept there
     t_few, b_few = fit_sequential_scale_and_bias(z, few, proposed)
     assert (t_few[2:] == 1.0).all() and (b_few[2:] == 0.0).all() and b_few[0] != 0.0
+
+
+def test_cross_fitted_ece_fits_on_one_half_of_the_requests_and_scores_the_other():
+    z, flags, proposed = overconfident_rollouts(n=4000)
+    request = np.arange(len(z)) // 10  # 400 requests of 10 rounds each
+    seen = []
+
+    def raw_head(zf, ff, pf):  # no fit: the raw head's confidences, and a record of what it was given
+        seen.append(len(zf))
+        return np.ones(G), None
+
+    raw = cross_fitted_ece(z, flags, proposed, request, raw_head)
+    odd = request % 2 == 1
+    expected = [expected_calibration_error(p, y) for p, y in
+                survival_pairs(survival_confidences(z[odd], np.ones(G)), flags[odd], proposed[odd])]
+    assert seen == [2000, 2000] and raw[0]["rounds_scored"] == 2000 and raw[0]["biases"] is None
+    np.testing.assert_allclose(raw[0]["ece"], expected)  # fitted on the even requests, scored on the odd ones
+    fitted = cross_fitted_ece(z, flags, proposed, request, fit_sequential_scale_and_bias)
+    for half in (0, 1):  # the overconfident head, calibrated out of sample
+        assert max(fitted[half]["ece"]) < 0.5 * max(raw[half]["ece"]), (fitted[half], raw[half])
+        assert len(fitted[half]["biases"]) == len(fitted[half]["floor"]) == G
 
 
 def test_positions_without_enough_outcomes_keep_temperature_one():

@@ -21,8 +21,8 @@ from typing import Callable
 
 import numpy as np
 
-from dspark_jax.evaluation.reliability import (DEFAULT_BINS, PositionReliability, expected_calibration_error,
-                                               position_reliability)
+from dspark_jax.evaluation.reliability import (DEFAULT_BINS, PositionReliability, ece_noise_floor,
+                                               expected_calibration_error, position_reliability, survival_pairs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,7 +182,6 @@ def cross_fitted_ece(logits: np.ndarray, accept_flags: np.ndarray, proposed: np.
     the survival Π_{i<=k} c_i per position, with the noise floor at that many rounds (`ece_noise_floor`).
     Shapes as `fit_sequential_temperatures`, request [N] ints. Returns two dicts (fitted_on_half 0 / 1):
     ece [G], floor [G], rounds_fit, rounds_scored, temperatures [G], biases [G] or None."""
-    from dspark_jax.evaluation.reliability import ece_noise_floor, survival_pairs
     logits, request = np.asarray(logits, np.float64), np.asarray(request)
     out = []
     for half in (0, 1):

@@ -89,7 +89,8 @@ def correctness(impl: str, smoke: bool) -> list[dict]:
             q, k, v = _rand(keys[0], (b, t, h, dd), dtype), _rand(keys[1], (b, s, kvh, dd), dtype), \
                 _rand(keys[2], (b, s, kvh, dd), dtype)
             pos = ragged_positions(b, t, s, seed=h + kvh)
-            ref = reference.causal_attention(q, k, v, pos, scale=dd ** -0.5, window=window)
+            with jax.default_matmul_precision("highest"):  # XLA:GPU's default float32 dot is TF32
+                ref = reference.causal_attention(q, k, v, pos, scale=dd ** -0.5, window=window)
             outs = {"dispatch": dispatch.attention(q, k, v, pos, scale=dd ** -0.5, window=window, impl=impl)}
             rows_ = max(16, next_pow2(t * (h // kvh)))
             lo, hi = causal_bounds(pos, h // kvh, rows_, s, window)
@@ -106,7 +107,8 @@ def correctness(impl: str, smoke: bool) -> list[dict]:
             _rand(keys[5], (b, g, kvh, d), dtype)
         ck, cv = _rand(keys[1], (b, s, kvh, d), dtype), _rand(keys[2], (b, s, kvh, d), dtype)
         ctx_len = jnp.asarray([0, 1, s // 2, s, 7, s - 1][:b], jnp.int32)
-        ref = reference.block_attention(q, ck, cv, ctx_len, bk, bv, scale=d ** -0.5)
+        with jax.default_matmul_precision("highest"):
+            ref = reference.block_attention(q, ck, cv, ctx_len, bk, bv, scale=d ** -0.5)
         out = dispatch.block_attention(q, ck, cv, ctx_len, bk, bv, scale=d ** -0.5, impl=impl)
         rows.append(_compare("block", "dispatch", dtype, tol, out, ref, dict(H=h, KVH=kvh, D=d, S=s, G=g)))
     return rows

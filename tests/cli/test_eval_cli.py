@@ -195,7 +195,8 @@ def test_eval_and_calibrate_end_to_end_on_default_target(tmp_path):
                 "--output", str(tmp_path / "calibrated"), "--report_dir", str(tmp_path / "report"))
     assert r.returncode == 0, r.stderr
     meta = json.loads((tmp_path / "calibrated" / "drafter.json").read_text())
-    assert len(meta["calibration"]["temperatures"]) == 7
+    assert meta["drafter_config"]["block_size"] == 15  # the shipped drafter's 15-token block (session 30)
+    assert len(meta["calibration"]["temperatures"]) == 15  # one temperature per draft position
     # the shipped drafter's set (fitted at T = 0) is kept next to this run's (T = 1, the flag's default)
     assert [c["sampling_temperature"] for c in meta["calibrations"]] == [0.0, 1.0]
     assert "calibration sets: T=0, T=1" in r.stderr

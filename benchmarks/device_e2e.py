@@ -6,7 +6,8 @@
 The device machine gets the working tree only (64 MiB; the GGUF is 253 MB), so the target there is the embedded
 Gemma 3 270M's exact architecture (`TransformerConfig` written by `--prepare`) with random weights; the drafter is
 the shipped one (real weights, conditioned on the random target's features) in a hybrid with prompt lookup
-(`default+ngram`, γ 7, every round verifying γ + 1 rows). What this measures does not depend on the weights:
+(`default+ngram`, the shipped drafter's block: every round verifies block + 1 rows; session 30's recorded run
+used the 7-token drafter shipped before that session's 15-token one). What this measures does not depend on the weights:
 (1) losslessness on the device — in float32 every speculative run's greedy tokens must equal plain greedy
 decoding's, with the reference attention and with the Pallas kernels (`attn_impl` pallas: Triton on GPU);
 in bfloat16 a random-weight model's logits are near-ties (262,144 near-uniform logits), so a different
@@ -58,7 +59,8 @@ def prepare(out_dir: Path, per_set: int, bucket: int, max_prompts: int) -> None:
         kept = 0
         for text in read_first_turns(eval_dataset_path(name)):
             ids = target.tokenizer.encode(format_prompt(text), add_bos=True)
-            if kept < per_set and len(prompts) < max_prompts and bucket_length(len(ids)) == bucket:  # one prompt bucket: one compile per case
+            # one prompt bucket: one compiled program per case
+            if kept < per_set and len(prompts) < max_prompts and bucket_length(len(ids)) == bucket:
                 prompts[format_prompt(text)], kept = ids, kept + 1
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(target.config), indent=1))
@@ -68,7 +70,6 @@ def prepare(out_dir: Path, per_set: int, bucket: int, max_prompts: int) -> None:
 
 
 def random_target(inputs: Path, dtype):
-    import jax.numpy as jnp  # noqa: F401  (dtype names)
     from flax import nnx
 
     from dspark_jax.models.config import TransformerConfig
@@ -92,7 +93,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--inputs", default="benchmarks/device_inputs")
     ap.add_argument("--output", default="benchmarks/results/device_e2e.json")
     ap.add_argument("--max_new_tokens", type=int, default=96)
-    ap.add_argument("--gamma", type=int, default=7)
     ap.add_argument("--budget_s", type=float, default=240.0, help="start no case after this many seconds")
     ap.add_argument("--impls", default="reference,pallas")
     ap.add_argument("--groups", default="float32:1,bfloat16:1,bfloat16:8",
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
             if dtype_name not in targets:
                 targets[dtype_name] = random_target(Path(args.inputs), jnp.dtype(dtype_name))
             target, prompts = targets[dtype_name]
-            drafter = load_drafter(spec, target, gamma=args.gamma)
+            drafter = load_drafter(spec, target)
             cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=bs, attn_impl=impl)
             t0 = time.perf_counter()
             generate_text(target, prompts[:bs], cfg, drafter=drafter)  # compile (+ one batch)

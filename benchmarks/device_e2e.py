@@ -94,7 +94,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--output", default="benchmarks/results/device_e2e.json")
     ap.add_argument("--max_new_tokens", type=int, default=96)
     ap.add_argument("--budget_s", type=float, default=240.0, help="start no case after this many seconds")
-    ap.add_argument("--impls", default="reference,pallas")
+    ap.add_argument("--impls", default="reference,pallas",
+                    help="attention implementations; 'pallas:untuned' = the kernels with GpuConfig() tiles")
+    ap.add_argument("--tiles", default=None, help="a tile table (gpu_kernels.py --tiles_output) for 'pallas', "
+                    "over gpu_attention.TUNED as committed")
     ap.add_argument("--groups", default="float32:1,bfloat16:1,bfloat16:8",
                     help="dtype:batch groups, in order; each runs plain then the hybrid drafter per attention impl")
     args = ap.parse_args(argv)
@@ -106,12 +109,21 @@ def main(argv: list[str] | None = None) -> None:
     import jax.numpy as jnp
 
     from dspark_jax.drafters.factory import load_drafter
-    from dspark_jax.generation import GenerationConfig, generate_text, pooled_accept_length, throughput
+    from dspark_jax.generation import (GenerationConfig, generate_text, pooled_accept_length,
+                                       release_compiled_programs, throughput)
     from dspark_jax.utils.machine import describe_machine
     from dspark_jax.utils.results import write_result
 
+    from pallas_kernels import gpu_attention
+
     t_start = time.perf_counter()
     impls = args.impls.split(",")
+    tuned = dict(gpu_attention.TUNED)
+    if args.tiles:
+        from benchmarks.gpu_kernels import tuned_table
+
+        tuned.update(tuned_table(json.loads(Path(args.tiles).read_text())))
+    print(f"tiles for 'pallas': {len(tuned)} tuned shapes, GpuConfig() elsewhere", flush=True)
     # (dtype, impl, drafter, batch), the first implementation's plain run first in each (dtype, batch) group:
     # float32 at batch 1 checks losslessness per implementation, bfloat16 times
     groups = [(g.split(":")[0], int(g.split(":")[1])) for g in args.groups.split(",")]
@@ -130,7 +142,10 @@ def main(argv: list[str] | None = None) -> None:
                 targets[dtype_name] = random_target(Path(args.inputs), jnp.dtype(dtype_name))
             target, prompts = targets[dtype_name]
             drafter = load_drafter(spec, target)
-            cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=bs, attn_impl=impl)
+            # the tiles are read when a program is traced: drop compiled programs so each case traces its own
+            release_compiled_programs()
+            gpu_attention.set_tuned({} if impl == "pallas:untuned" else tuned)
+            cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=bs, attn_impl=impl.split(":")[0])
             t0 = time.perf_counter()
             generate_text(target, prompts[:bs], cfg, drafter=drafter)  # compile (+ one batch)
             row["compile_and_first_batch_s"] = time.perf_counter() - t0  # every prompt has one bucket

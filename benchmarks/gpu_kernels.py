@@ -29,7 +29,7 @@ import numpy as np
 from pallas_kernels import dispatch, gpu_attention, reference
 from pallas_kernels.folding import causal_bounds, fold_queries, next_pow2, unfold_output
 
-MODELS = {"gemma3-270m": (4, 1, 256), "qwen3-8b": (32, 8, 128)}  # (H, KVH, D)
+MODELS = {"qwen3-8b": (32, 8, 128), "gemma3-270m": (4, 1, 256)}  # (H, KVH, D), timed in this order
 
 
 # ---- timing -----------------------------------------------------------------------------------------------
@@ -182,6 +182,73 @@ def time_attention(impl: str, smoke: bool, iters: int, copy_rate: float, budget_
     return rows
 
 
+# ---- 5. tile sweep -----------------------------------------------------------------------------------------
+TILE_CANDIDATES = ((64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 4, 2), (64, 32, 8, 1), (32, 32, 4, 2), (32, 16, 4, 1),
+                   (16, 64, 4, 2), (16, 32, 4, 1))  # (block_rows, block_k, num_warps, num_stages); the first = GpuConfig()
+
+
+def tile_sweep(smoke: bool, iters: int, budget_s: float, t_start: float,
+               dtypes: tuple[str, ...] = ("float32", "bfloat16")) -> tuple[list[dict], dict]:
+    """Times every TILE_CANDIDATES config of the Triton kernel on its folded shapes (query groups of 4: rows 16 /
+    32 / 64 = 1–4 / 8 / 16 query tokens per KV head, every request verifying at the end of S = 1024 keys) of
+    both models' heads (Gemma at B 1, Qwen3-8B at B 8), float32 and bfloat16. Returns the rows and the fastest
+    config per (dtype, D, rows) — the table `gpu_attention.TUNED` holds."""
+    shapes = [("tiny", 1, 1, 32, 2, 16, 64)] if smoke else [
+        (m, b, kvh, d, 4, rows, 1024) for m, b, kvh, d in (("gemma3-270m", 1, 1, 256), ("qwen3-8b", 8, 8, 128))
+        for rows in (16, 32, 64)]
+    rows_out, best = [], {}
+    print(f"{'model':12s} {'dtype':8s} {'rows':>4s} " + " ".join(f"{'x'.join(map(str, c)):>10s}"
+                                                                    for c in TILE_CANDIDATES))
+    for dtype in map(jnp.dtype, dtypes):
+        for model, b, kvh, d, group, rows, s in shapes:
+            if time.perf_counter() - t_start > budget_s:
+                print(f"time budget of {budget_s:.0f} s spent: skipping the remaining sweep shapes", flush=True)
+                return rows_out, best
+            keys = jax.random.split(jax.random.key(rows + d), 3)
+            t = rows // group
+            q = _rand(keys[0], (b, kvh, rows, d), dtype)
+            k, v = _rand(keys[1], (b, s, kvh, d), dtype), _rand(keys[2], (b, s, kvh, d), dtype)
+            pos = jnp.broadcast_to(jnp.arange(s - t, s, dtype=jnp.int32)[None], (b, t))
+            lo, hi = causal_bounds(pos, group, rows, s, None)
+            name = jnp.dtype(dtype).name
+            cells, seen = [], {}
+            for cand in TILE_CANDIDATES:
+                br, bk, warps, stages = cand
+                eff = (min(br, rows), bk, warps, stages)  # the kernel clips block_rows to the rows
+                if eff not in seen:
+                    cfg = gpu_attention.GpuConfig(block_k=bk, block_rows=br, num_warps=warps, num_stages=stages)
+                    attend = functools.partial(gpu_attention.ranged_attention, scale=d ** -0.5, config=cfg,
+                                               interpret=smoke)
+                    try:
+                        seen[eff] = loop_time(lambda x, lo, hi, k, v: attend(x, lo, hi, k, v), q, lo, hi, k, v,
+                                              iters=iters)
+                    except Exception as e:  # e.g. Triton out of shared memory: record and go on
+                        seen[eff] = str(e).splitlines()[0][:200]
+                sec = seen[eff]
+                rows_out.append(dict(model=model, dtype=name, B=b, KVH=kvh, D=d, rows=rows, S=s,
+                                     block_rows=br, block_k=bk, num_warps=warps, num_stages=stages,
+                                     **({"us": sec * 1e6} if isinstance(sec, float) else {"error": sec})))
+                cells.append(f"{sec * 1e6:8.1f}us" if isinstance(sec, float) else f"{'error':>10s}")
+            timed = [(sec, eff) for eff, sec in seen.items() if isinstance(sec, float)]
+            if timed:
+                sec, (br, bk, warps, stages) = min(timed)
+                best[f"{name},{d},{rows}"] = dict(block_rows=br, block_k=bk, num_warps=warps, num_stages=stages,
+                                                  us=sec * 1e6, default_us=rows_out[-len(TILE_CANDIDATES)].get("us"))
+            print(f"{model:12s} {name:8s} {rows:4d} " + " ".join(f"{c:>10s}" for c in cells), flush=True)
+    return rows_out, best
+
+
+def tuned_table(best: dict) -> dict:
+    """`tile_sweep`'s best configs as a `gpu_attention.TUNED` table."""
+    table = {}
+    for key, cfg in best.items():
+        dtype, d, rows = key.split(",")
+        table[(dtype, int(d), int(rows))] = gpu_attention.GpuConfig(
+            block_rows=cfg["block_rows"], block_k=cfg["block_k"], num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"])
+    return table
+
+
 # ---- 4. acceptance ----------------------------------------------------------------------------------------
 def _lean_step(key, logits, p_draft, tokens):
     """The same temperature-1, unfiltered acceptance without materialising p_target [B, G+1, V]: per-row
@@ -243,9 +310,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--output", default="benchmarks/results/gpu_kernels.json")
     ap.add_argument("--cpu_smoke", action="store_true", help="tiny shapes, kernels in interpret mode (CPU)")
     ap.add_argument("--iters", type=int, default=None, help="kernel calls per timed loop (default 50; smoke 2)")
-    ap.add_argument("--budget_s", type=float, default=420.0, help="stop starting attention timings after this")
+    ap.add_argument("--budget_s", type=float, default=420.0, help="start no attention timing after this many "
+                    "seconds of them")
+    ap.add_argument("--sweep_budget_s", type=float, default=150.0, help="start no tile-sweep shape after this many "
+                    "seconds of the sweep")
     ap.add_argument("--acceptance_batches", default=None, help="comma list (default 1,8,32; smoke 1)")
     ap.add_argument("--skip_acceptance", action="store_true")
+    ap.add_argument("--tile_sweep", action="store_true", help="also time TILE_CANDIDATES (float32 and bfloat16) "
+                    "and write the fastest per shape to --tiles_output")
+    ap.add_argument("--sweep_dtypes", default="float32,bfloat16")
+    ap.add_argument("--tiles_output", default=None, help="JSON of the sweep's fastest tiles (device_e2e.py --tiles)")
     return run(ap.parse_args(argv))
 
 
@@ -262,10 +336,17 @@ def run(args) -> dict:
     iters = args.iters or (2 if smoke else 50)
     print(f"== correctness ({impl}, {dispatch.kernel_backend(impl)})", flush=True)
     checks = correctness(impl, smoke)
+    sweep, best = [], {}
+    if args.tile_sweep:
+        print("== tile sweep: us per call of the Triton kernel, (block_rows x block_k x warps x stages)", flush=True)
+        sweep, best = tile_sweep(smoke, iters, args.sweep_budget_s, time.perf_counter(),
+                                 tuple(args.sweep_dtypes.split(",")))
+        if args.tiles_output:
+            write_result(args.tiles_output, best)
     copy_rate = copy_gbps(2 ** 24 if smoke else 2 ** 31)
     print(f"== device copy: {copy_rate:.0f} GB/s (read + write)", flush=True)
     print("== verification attention, bfloat16, us per call and share of the copy rate", flush=True)
-    timings = time_attention(impl, smoke, iters, copy_rate, args.budget_s, t_start)
+    timings = time_attention(impl, smoke, iters, copy_rate, args.budget_s, time.perf_counter())
     accept = []
     if not args.skip_acceptance:
         batches = [int(x) for x in (args.acceptance_batches or ("1" if smoke else "1,8,32")).split(",")]
@@ -274,7 +355,7 @@ def run(args) -> dict:
     failed = [c for c in checks if not c["ok"]]
     result = dict(machine=describe_machine(), jax_version=jax.__version__, kernel_backend=dispatch.kernel_backend(impl),
                   cpu_smoke=smoke, iters=iters, copy_gbps=copy_rate, correctness=checks, all_correct=not failed,
-                  attention=timings, acceptance=accept, seconds=time.perf_counter() - t_start)
+                  attention=timings, tile_sweep=sweep, tuned=best, acceptance=accept, seconds=time.perf_counter() - t_start)
     write_result(args.output, result)
     if failed:
         raise SystemExit(f"{len(failed)} correctness checks failed")

@@ -72,8 +72,10 @@ def _ranged(backend: str, q_folded: jax.Array, lo: jax.Array, hi: jax.Array, kv:
         return tpu_attention.ranged_attention(q_folded, lo, hi, *kv, scale=float(scale),
                                               interpret=jax.default_backend() != "tpu")
     interpret = backend == "interpret"
+    rows, head_dim = q_folded.shape[2:]
+    config = _INTERPRET_CONFIG if interpret else gpu_attention.tuned_config(q_folded.dtype, head_dim, rows)
     return gpu_attention.ranged_attention(q_folded, lo, hi, *kv, scale=float(scale), interpret=interpret,
-                                          config=_INTERPRET_CONFIG if interpret else gpu_attention.GpuConfig())
+                                          config=config)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, *, scale: float,

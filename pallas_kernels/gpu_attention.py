@@ -100,6 +100,36 @@ def _combine(acc: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:
     return out / jnp.where(l_all > 0, l_all, 1.0)[..., None]
 
 
+# Tiles by (dtype, head_dim, folded rows), the fastest of `benchmarks/gpu_kernels.py --tile_sweep` on one H200
+# (session 31, benchmarks/results/device_s31/; us per call at S 1024: Gemma 3 270M heads at B 1, Qwen3-8B's at
+# B 8, GpuConfig()'s in brackets); shapes not listed use GpuConfig(). In float32 the default 64 x 64
+# tiles spill (float32 dots run on CUDA cores with their operands in registers): 10-22x slower at 32-64 rows.
+# Correctness does not depend on the tiles (tests/pallas_kernels run every entry against the reference).
+TUNED: dict[tuple[str, int, int], GpuConfig] = {
+    ("float32", 256, 16): GpuConfig(block_rows=16, block_k=16, num_stages=1),  # 33 us (GpuConfig(): 56)
+    ("float32", 256, 32): GpuConfig(block_rows=32, block_k=16, num_stages=1),  # 45 us (525)
+    ("float32", 256, 64): GpuConfig(block_rows=16, block_k=32, num_stages=1),  # 45 us (996)
+    ("float32", 128, 32): GpuConfig(block_rows=16),  # 143 us (858)
+    ("float32", 128, 64): GpuConfig(block_rows=16),  # 247 us (2,492)
+    ("bfloat16", 256, 16): GpuConfig(block_rows=16, block_k=32, num_warps=8, num_stages=1),  # 17 us (27)
+    ("bfloat16", 256, 32): GpuConfig(block_rows=32, block_k=32),  # 18 us (31)
+    ("bfloat16", 256, 64): GpuConfig(block_rows=64, block_k=32),  # 19 us (35)
+    ("bfloat16", 128, 16): GpuConfig(block_rows=16, block_k=32, num_warps=8, num_stages=1),  # 27 us (29)
+    ("bfloat16", 128, 64): GpuConfig(block_rows=16),  # 44 us (55)
+}
+
+
+def tuned_config(dtype, head_dim: int, rows: int) -> GpuConfig:
+    """The tiles for queries of `dtype` with `head_dim`, folded to `rows` rows: TUNED's entry or GpuConfig()."""
+    return TUNED.get((jnp.dtype(dtype).name, int(head_dim), int(rows)), GpuConfig())
+
+
+def set_tuned(table: dict[tuple[str, int, int], GpuConfig]) -> None:
+    """Replaces TUNED (a measured table for this process, e.g. from a tile sweep on this device)."""
+    TUNED.clear()
+    TUNED.update(table)
+
+
 def default_splits(programs: int, num_blocks: int) -> int:
     """Enough KV splits for ~_TARGET_PROGRAMS programs, each split at least 2 blocks."""
     return max(1, min(-(-_TARGET_PROGRAMS // programs), num_blocks // 2))

@@ -2,6 +2,8 @@
 lowerings (traced for cuda/tpu without a device), and a tiny model forward through the kernels."""
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -76,6 +78,29 @@ def test_split_k_and_shifted_tail_block(splits):
     out = gpu_attention.ranged_attention(fold_queries(q, kvh, 16), lo, hi, k, v, scale=0.25, interpret=True,
                                          config=gpu_attention.GpuConfig(block_k=16, k_splits=splits))
     _check(unfold_output(out, t, h), reference.causal_attention(q, k, v, pos, scale=0.25, window=9), jnp.float32)
+
+
+@pytest.mark.parametrize("key", sorted(gpu_attention.TUNED))
+def test_every_tuned_tile_config_matches_reference(key):
+    """Each committed tile config (`gpu_attention.TUNED`) on its own (dtype, head_dim, rows): causal verification
+    of rows / 4 tokens (GQA group 4) over S = 45 keys (not a block multiple), one and three KV splits."""
+    dtype, d, rows = key
+    dtype = jnp.dtype(dtype).type
+    rng = np.random.default_rng(rows + d)
+    b, kvh, group, s = 2, 1, 4, 45
+    t = rows // group
+    q, k, v = _normal(rng, (b, t, group, d), dtype), _normal(rng, (b, s, kvh, d), dtype), \
+        _normal(rng, (b, s, kvh, d), dtype)
+    pos = jnp.asarray([np.arange(s - t, s), np.r_[np.arange(10, 10 + t - 1), -1]], jnp.int32)
+    lo, hi = causal_bounds(pos, group, rows, s, None)
+    ref = reference.causal_attention(q, k, v, pos, scale=d ** -0.5)
+    for splits in (1, 3):
+        cfg = dataclasses.replace(gpu_attention.TUNED[key], k_splits=splits)
+        out = gpu_attention.ranged_attention(fold_queries(q, kvh, rows), lo, hi, k, v, scale=d ** -0.5,
+                                             interpret=True, config=cfg)
+        _check(unfold_output(out, t, group), ref, dtype)
+    assert gpu_attention.tuned_config(dtype, d, rows) == gpu_attention.TUNED[key]
+    assert gpu_attention.tuned_config(dtype, d, 2 * rows + 1) == gpu_attention.GpuConfig()  # not listed: default
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

@@ -12,11 +12,11 @@ PY=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 | tee "$OUT/nvidia_smi.txt"
 $PY -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" 2>&1 | tail -3
 timeout "${KERNELS_TIMEOUT:-300}" $PY benchmarks/gpu_kernels.py --output "$OUT/gpu_kernels.json" \
-    --budget_s "${KERNELS_BUDGET:-60}" --iters 20 ${KERNELS_ARGS:---skip_acceptance} \
-    --tile_sweep --sweep_budget_s "${SWEEP_BUDGET:-100}" --tiles_output "$OUT/tiles.json" 2>&1 | tee "$OUT/gpu_kernels.log"
+    --budget_s "${KERNELS_BUDGET:-45}" --iters 20 ${KERNELS_ARGS:---skip_acceptance} \
+    --tile_sweep --sweep_budget_s "${SWEEP_BUDGET:-180}" --tiles_output "$OUT/tiles.json" 2>&1 | tee "$OUT/gpu_kernels.log"
 echo "gpu_kernels exit ${PIPESTATUS[0]}"
 # 'pallas' with the tiles the sweep just chose, 'pallas:untuned' with GpuConfig()'s
 timeout "${E2E_TIMEOUT:-300}" $PY benchmarks/device_e2e.py --inputs benchmarks/device_inputs \
-    --output "$OUT/device_e2e.json" --budget_s "${E2E_BUDGET:-220}" --tiles "$OUT/tiles.json" \
+    --output "$OUT/device_e2e.json" --budget_s "${E2E_BUDGET:-180}" --tiles "$OUT/tiles.json" \
     --impls reference,pallas,pallas:untuned --groups "${E2E_GROUPS:-float32:1,bfloat16:8}" 2>&1 | tee "$OUT/device_e2e.log"
 echo "device_e2e exit ${PIPESTATUS[0]}"

@@ -102,7 +102,8 @@ def _combine(acc: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:
 
 # Tiles by (dtype, head_dim, folded rows), the fastest of `benchmarks/gpu_kernels.py --tile_sweep` on one H200
 # (session 31, benchmarks/results/device_s31/; us per call at S 1024: Gemma 3 270M heads at B 1, Qwen3-8B's at
-# B 8, GpuConfig()'s in brackets); shapes not listed use GpuConfig(). In float32 the default 64 x 64
+# B 8, GpuConfig()'s in brackets); shapes not listed use GpuConfig(). Other GPUs may prefer other tiles: rerun
+# the sweep there (`bash benchmarks/device_check.sh` writes tiles.json). In float32 the default 64 x 64
 # tiles spill (float32 dots run on CUDA cores with their operands in registers): 10-22x slower at 32-64 rows.
 # Correctness does not depend on the tiles (tests/pallas_kernels run every entry against the reference).
 TUNED: dict[tuple[str, int, int], GpuConfig] = {

@@ -238,17 +238,6 @@ def tile_sweep(smoke: bool, iters: int, budget_s: float, t_start: float,
     return rows_out, best
 
 
-def tuned_table(best: dict) -> dict:
-    """`tile_sweep`'s best configs as a `gpu_attention.TUNED` table."""
-    table = {}
-    for key, cfg in best.items():
-        dtype, d, rows = key.split(",")
-        table[(dtype, int(d), int(rows))] = gpu_attention.GpuConfig(
-            block_rows=cfg["block_rows"], block_k=cfg["block_k"], num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"])
-    return table
-
-
 # ---- 4. acceptance ----------------------------------------------------------------------------------------
 def _lean_step(key, logits, p_draft, tokens):
     """The same temperature-1, unfiltered acceptance without materialising p_target [B, G+1, V]: per-row

@@ -104,7 +104,8 @@ def _combine(acc: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:
 # (session 31, benchmarks/results/device_s31/; us per call at S 1024: Gemma 3 270M heads at B 1, Qwen3-8B's at
 # B 8, GpuConfig()'s in brackets); shapes not listed use GpuConfig(). Other GPUs may prefer other tiles: rerun
 # the sweep there (`bash benchmarks/device_check.sh` writes tiles.json). In float32 the default 64 x 64
-# tiles spill (float32 dots run on CUDA cores with their operands in registers): 10-22x slower at 32-64 rows.
+# tiles are 6-22x slower at 32-64 rows than the best (float32 dots run on CUDA cores with their operands in registers:
+# most likely register spills, not confirmed from the compiler's output).
 # Correctness does not depend on the tiles (tests/pallas_kernels run every entry against the reference).
 TUNED: dict[tuple[str, int, int], GpuConfig] = {
     ("float32", 256, 16): GpuConfig(block_rows=16, block_k=16, num_stages=1),  # 33 us (GpuConfig(): 56)
@@ -123,6 +124,17 @@ TUNED: dict[tuple[str, int, int], GpuConfig] = {
 def tuned_config(dtype, head_dim: int, rows: int) -> GpuConfig:
     """The tiles for queries of `dtype` with `head_dim`, folded to `rows` rows: TUNED's entry or GpuConfig()."""
     return TUNED.get((jnp.dtype(dtype).name, int(head_dim), int(rows)), GpuConfig())
+
+
+def table_from_sweep(best: dict[str, dict]) -> dict[tuple[str, int, int], GpuConfig]:
+    """A TUNED-style table from `benchmarks/gpu_kernels.py --tiles_output` JSON ({"dtype,D,rows": {block_rows,
+    block_k, num_warps, num_stages, ...}})."""
+    table = {}
+    for key, cfg in best.items():
+        dtype, d, rows = key.split(",")
+        table[(dtype, int(d), int(rows))] = GpuConfig(block_rows=cfg["block_rows"], block_k=cfg["block_k"],
+                                                      num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return table
 
 
 def set_tuned(table: dict[tuple[str, int, int], GpuConfig]) -> None:

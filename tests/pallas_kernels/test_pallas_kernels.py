@@ -83,11 +83,13 @@ def test_split_k_and_shifted_tail_block(splits):
 @pytest.mark.parametrize("key", sorted(gpu_attention.TUNED))
 def test_every_tuned_tile_config_matches_reference(key):
     """Each committed tile config (`gpu_attention.TUNED`) on its own (dtype, head_dim, rows): causal verification
-    of rows / 4 tokens (GQA group 4) over S = 45 keys (not a block multiple), one and three KV splits."""
+    of rows / 4 tokens (GQA group 4) over S = 150 keys (3+ blocks of every tile's block_k, the last one shifted
+    back to end at S), one and three KV splits. (Interpret mode ignores num_warps / num_stages: their legality is
+    the Triton lowering's, `test_tuned_tiles_lower_for_gpu`.)"""
     dtype, d, rows = key
     dtype = jnp.dtype(dtype).type
     rng = np.random.default_rng(rows + d)
-    b, kvh, group, s = 2, 1, 4, 45
+    b, kvh, group, s = 2, 1, 4, 150
     t = rows // group
     q, k, v = _normal(rng, (b, t, group, d), dtype), _normal(rng, (b, s, kvh, d), dtype), \
         _normal(rng, (b, s, kvh, d), dtype)
@@ -99,8 +101,37 @@ def test_every_tuned_tile_config_matches_reference(key):
         out = gpu_attention.ranged_attention(fold_queries(q, kvh, rows), lo, hi, k, v, scale=d ** -0.5,
                                              interpret=True, config=cfg)
         _check(unfold_output(out, t, group), ref, dtype)
-    assert gpu_attention.tuned_config(dtype, d, rows) == gpu_attention.TUNED[key]
-    assert gpu_attention.tuned_config(dtype, d, 2 * rows + 1) == gpu_attention.GpuConfig()  # not listed: default
+
+
+def test_dispatch_passes_the_tuned_tiles_of_its_shape(monkeypatch):
+    """On the Triton path `dispatch` hands the kernel TUNED's config for (dtype, head_dim, folded rows) — here
+    float32, D 256, 16 tokens x group 4 = 64 rows — and GpuConfig() for a shape TUNED does not list."""
+    seen = []
+
+    def spy(q, lo, hi, *kv, scale, interpret, config):
+        seen.append((q.dtype.name, q.shape[3], q.shape[2], config, interpret))
+        return jnp.zeros_like(q)
+
+    monkeypatch.setattr(dispatch, "kernel_backend", lambda impl: "triton")
+    monkeypatch.setattr(gpu_attention, "ranged_attention", spy)
+    b, s = 1, 40
+    for t, h, kvh, d in ((16, 4, 1, 256), (16, 4, 1, 64)):
+        q, kv = jnp.zeros((b, t, h, d), jnp.float32), jnp.zeros((b, s, kvh, d), jnp.float32)
+        dispatch.attention(q, kv, kv, jnp.arange(s - t, s, dtype=jnp.int32)[None], scale=0.1, impl="pallas")
+    assert seen[0][:3] == ("float32", 256, 64) and seen[0][3] == gpu_attention.TUNED[("float32", 256, 64)]
+    assert ("float32", 64, 64) not in gpu_attention.TUNED and seen[1][3] == gpu_attention.GpuConfig()
+    assert not seen[0][4]
+
+
+def test_tuned_tiles_lower_for_gpu():
+    """Every TUNED config lowers to Triton for its shape (block shapes, warps, stages legal; no device needed)."""
+    for (dtype, d, rows), cfg in sorted(gpu_attention.TUNED.items()):
+        q, kv = jnp.zeros((2, 1, rows, d), dtype), jnp.zeros((2, 300, 1, d), dtype)
+        lo = jnp.zeros((2, rows), jnp.int32)
+
+        def gpu(q, lo, hi, k, v, cfg=cfg):
+            return gpu_attention.ranged_attention(q, lo, hi, k, v, scale=0.1, config=cfg)
+        assert "triton" in jax.jit(gpu).trace(q, lo, lo, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

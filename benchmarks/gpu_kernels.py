@@ -210,7 +210,7 @@ def tile_sweep(smoke: bool, iters: int, budget_s: float, t_start: float,
             k, v = _rand(keys[1], (b, s, kvh, d), dtype), _rand(keys[2], (b, s, kvh, d), dtype)
             pos = jnp.broadcast_to(jnp.arange(s - t, s, dtype=jnp.int32)[None], (b, t))
             lo, hi = causal_bounds(pos, group, rows, s, None)
-            name = jnp.dtype(dtype).name
+            name = dtype.name
             cells, seen = [], {}
             for cand in TILE_CANDIDATES:
                 br, bk, warps, stages = cand
@@ -220,8 +220,7 @@ def tile_sweep(smoke: bool, iters: int, budget_s: float, t_start: float,
                     attend = functools.partial(gpu_attention.ranged_attention, scale=d ** -0.5, config=cfg,
                                                interpret=smoke)
                     try:
-                        seen[eff] = loop_time(lambda x, lo, hi, k, v: attend(x, lo, hi, k, v), q, lo, hi, k, v,
-                                              iters=iters)
+                        seen[eff] = loop_time(attend, q, lo, hi, k, v, iters=iters)
                     except Exception as e:  # e.g. Triton out of shared memory: record and go on
                         seen[eff] = str(e).splitlines()[0][:200]
                 sec = seen[eff]

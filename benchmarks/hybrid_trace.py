@@ -61,15 +61,15 @@ def main():
                            model_expected=float(m_score[0]), model_skipped=bool(skip)))
 
     class TracedHybrid(HybridDrafter):
-        def propose(self, target_model, state, anchor, start, key, params, mode, head):
-            chosen = super().propose(target_model, state, anchor, start, key, params, mode, head)
+        def propose(self, target_model, state, anchor, start, key, params, mode, head, model_pays=None):
+            chosen = super().propose(target_model, state, anchor, start, key, params, mode, head, model_pays)
             by_lookup = self.lookup.propose(target_model, state.lookup, anchor, start, key, params, mode, head)
             by_model = self.model.propose(target_model, state.model, anchor, start, key, params, mode, head)
             by_model = dataclasses.replace(by_model, confidence=self.model_confidence(state, by_model.confidence))
             rows = jax.numpy.arange(anchor.shape[0])
             _, n = find_match(state.lookup.tokens.at[rows, start].set(anchor.astype(jax.numpy.int32)), start,
                               self.lookup.config.n_max, self.lookup.config.n_min)
-            skip = self.skips_model(by_lookup)
+            skip = chosen.model_skipped[0]  # the round's own decision (the loop's pricing included)
             jax.debug.callback(log, start, chosen.deterministic, by_lookup.tokens, by_lookup.num_drafted,
                                by_lookup.expected_accept_length, n, by_model.tokens, by_model.num_drafted,
                                model_score(by_model, params), skip)

@@ -115,12 +115,13 @@ def _pad_slots(x: jax.Array, width: int) -> jax.Array:
 
 def _first_drafts(proposal: Proposal, k: int) -> Proposal:
     """The proposal cut to its first k draft tokens (k = 0: a round that verifies the anchor alone, a plain
-    step)."""
+    step); a hybrid's model_confidence stays whole (a record of the model's round, not of the verified drafts)."""
     cut = lambda a: None if a is None else a[:, :k]  # noqa: E731
     return Proposal(tokens=cut(proposal.tokens), draft_index=cut(proposal.draft_index), p_draft=cut(proposal.p_draft),
                     confidence=cut(proposal.confidence), confidence_logits=cut(proposal.confidence_logits),
                     length=None if proposal.length is None else jnp.minimum(proposal.length, k),
-                    deterministic=proposal.deterministic, model_skipped=proposal.model_skipped)
+                    deterministic=proposal.deterministic, model_skipped=proposal.model_skipped,
+                    model_confidence=proposal.model_confidence)
 
 
 def _deterministic_rows(proposal: Proposal, batch: int) -> jax.Array:
@@ -163,6 +164,20 @@ class _Rounds:
             return self.costs
         return jnp.where(jnp.all(proposal.model_skipped), jnp.asarray(self.lookup_costs, jnp.float32),
                          jnp.asarray(self.costs, jnp.float32))
+
+    def model_pays(self, active: jax.Array, remaining: jax.Array):
+        """A hybrid drafter's test of whether to run its model's forward this round (`drafters.hybrid`,
+        `price_model`): f(lookup confidence [B, G], lookup drafted [B], predicted confidence [B, G], predicted
+        drafted [B]) → whether the best bucket's rate (`draft_length.bucket_rates`, the threshold applied) of the
+        predicted rows at `costs` (rounds that run the model) exceeds the lookup rows' at `lookup_costs`."""
+        def best_rate(confidence, drafted, costs):
+            n = jnp.where(active, jnp.minimum(proposal_lengths(confidence, self.threshold), drafted), 0)
+            return jnp.max(bucket_rates(confidence, n, active, remaining, self.buckets, costs, self.objective))
+
+        def pays(lookup_confidence, lookup_drafted, confidence, drafted):
+            return best_rate(confidence, drafted, self.costs) > best_rate(lookup_confidence, lookup_drafted,
+                                                                          self.lookup_costs)
+        return pays
 
     @property
     def gate(self) -> bool:
@@ -217,12 +232,13 @@ class _Rounds:
         target, drafter = self.target, self.drafter
         b, g = c.anchor.shape[0], drafter.config.block_size
         active = ~c.done
+        remaining = self.max_new_tokens - c.num_generated
         k_draft = position_keys(c.keys, c.start, DRAFT)
+        priced = {} if self.lookup_costs is None else dict(model_pays=self.model_pays(active, remaining))
         prop = drafter.propose(target, c.drafter_state, c.anchor, c.start, k_draft, self.params, self.mode,
-                               self.head)
+                               self.head, **priced)
         n_prop = jnp.minimum(proposal_lengths(prop.confidence, self.threshold), prop.num_drafted)
         n_prop = jnp.where(c.done, 0, n_prop)
-        remaining = self.max_new_tokens - c.num_generated
 
         def at_bucket(bucket):  # a round verifying `bucket` rows: anchors + the drafts worth most
             def run():

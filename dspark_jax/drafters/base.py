@@ -23,7 +23,10 @@ class Proposal:
     whose tokens are deterministic drafts (p_d one-hot; their p_draft rows are ignored), None: no row, or
     every row when p_draft is None; model_skipped: [B] bool, True in every row of a hybrid drafter's round
     that skipped its model's forward (lookup drafts only: the round costs less, `round_costs.RoundCosts.lookup_seconds`;
-    one value per row so that engines can write proposals row by row), None for other drafters.
+    one value per row so that engines can write proposals row by row), None for other drafters;
+    model_confidence: [B, G] a hybrid drafter's model head's calibrated c_k for every row, whichever draft the
+    row takes (zeros where the model's forward was skipped), None for other drafters — what the hybrid's
+    prediction of its model's next drafts learns from (`drafters.hybrid`).
     """
     tokens: jax.Array
     draft_index: jax.Array
@@ -33,6 +36,7 @@ class Proposal:
     length: jax.Array | None = None
     deterministic: jax.Array | None = None
     model_skipped: jax.Array | None = None
+    model_confidence: jax.Array | None = None
 
     @property
     def num_drafted(self) -> jax.Array:
@@ -57,11 +61,14 @@ class RoundOutcome:
     None). num_verified [B]: drafts verified per request; committed [B, G+1]: the round's new tokens at positions
     start+1.. (the first `count` valid: the accepted drafts, then the target's correction or bonus token);
     deterministic [B] bool: rows whose verified draft was deterministic (`Proposal.deterministic`; None: the
-    proposal's p_draft decides for every row). Given its prefix, each committed token is a draw from the
+    proposal's p_draft decides for every row); model_skipped [B], model_confidence [B, G]: the proposal's
+    (`Proposal`; None for drafters other than a hybrid). Given its prefix, each committed token is a draw from the
     target's (filtered) distribution — losslessness — whichever draft was verified."""
     num_verified: jax.Array
     committed: jax.Array
     deterministic: jax.Array | None = None
+    model_skipped: jax.Array | None = None
+    model_confidence: jax.Array | None = None
 
 
 def draft_layer_config(target: TransformerConfig, num_layers: int) -> TransformerConfig:

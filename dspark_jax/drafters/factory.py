@@ -72,7 +72,7 @@ def ngram_drafter(target: Target, spec: str = "ngram", gamma: int = 7) -> Drafte
     return Drafter(config, graphdef, state, spec)
 
 
-HYBRID_OPTIONS = ("skip_model_at", "model_prior_strength")  # `HybridConfig` fields settable in a spec
+HYBRID_OPTIONS = ("skip_model_at", "model_prior_strength", "price_model")  # `HybridConfig` fields settable in a spec
 
 
 def split_hybrid_options(lookup_spec: str) -> tuple[str, dict[str, float]]:
@@ -95,18 +95,23 @@ def split_hybrid_options(lookup_spec: str) -> tuple[str, dict[str, float]]:
 
 def hybrid_drafter(model: Drafter, target: Target, lookup_spec: str = "ngram",
                    skip_model_at: float = HybridConfig.skip_model_at,
-                   model_prior_strength: float = HybridConfig.model_prior_strength) -> Drafter:
+                   model_prior_strength: float = HybridConfig.model_prior_strength,
+                   price_model: float = HybridConfig.price_model) -> Drafter:
     """`model` and prompt lookup (`lookup_spec`, see `ngram_drafter`) proposing per request whichever draft
-    is expected to be accepted further (`drafters.hybrid`; `skip_model_at`, `model_prior_strength`: see
-    `HybridConfig`)."""
+    is expected to be accepted further (`drafters.hybrid`; `skip_model_at`, `model_prior_strength`,
+    `price_model` (0 or 1 in a spec: "default+ngram:price_model=0"): see `HybridConfig`)."""
+    if price_model not in (0, 1):
+        raise ValueError(f"price_model is 0 or 1, got {price_model:g}")
     if model is None or model.config.algorithm == "ngram":
         raise ValueError("a hybrid drafter pairs a trained (or random) drafter with lookup")
     lookup = ngram_drafter(target, lookup_spec, model.config.block_size)
     module = HybridDrafter(nnx.merge(model.graphdef, model.state), nnx.merge(lookup.graphdef, lookup.state),
-                           skip_model_at=skip_model_at, model_prior_strength=model_prior_strength)
+                           skip_model_at=skip_model_at, model_prior_strength=model_prior_strength,
+                           price_model=bool(price_model))
     graphdef, state = nnx.split(module)
-    options = "".join(f":{k}={v:g}" for k, v in (("skip_model_at", skip_model_at),
-                                                   ("model_prior_strength", model_prior_strength))
+    options = "".join(f":{k}={float(v):g}" for k, v in (("skip_model_at", skip_model_at),
+                                                          ("model_prior_strength", model_prior_strength),
+                                                          ("price_model", price_model))
                       if v != getattr(HybridConfig, k))
     return Drafter(module.config, graphdef, state, f"{model.source}+{lookup_spec}{options}")
 

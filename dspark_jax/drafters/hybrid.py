@@ -31,6 +31,17 @@ over a lookup match). The rule reads only the lookup proposal, known before veri
 the model's forward never runs (lookup alone, with the hybrid's state); inf: it runs in every round — the two
 kinds of round a cost profile times (`round_costs`). A round's proposal says which kind it was
 (`Proposal.model_skipped`), so the loop prices a round without the model's forward by its own, cheaper costs.
+
+The model's forward is priced too (`price_model`, default on; session 32): with the loop's round costs (a
+profile with and without the forward, `round_costs`) the loop hands `propose` a test `model_pays`, and the
+forward is also skipped where the round it makes possible is not expected to progress faster per second than a
+lookup-only round. The model's drafts of a round not yet run are predicted per request from its earlier rounds:
+the mean of its head's confidences over the request's model rounds, corrected by its record as above
+(`predicted_model_confidence`); a request whose model never ran is predicted to accept everything (the forward
+runs and the prediction starts). At batch 8 a round with the 15-token model's forward costs 1.48–1.69x a plain
+round, without it 1.00–1.24x (BENCHMARKS.md "Session 31"): a forward run for requests whose model drafts rarely
+pass costs more than they bring, in drafted rounds and in the gate's probes alike. The test reads only the
+lookup's proposal and earlier rounds, so the choice stays lossless.
 """
 from __future__ import annotations
 
@@ -54,6 +65,7 @@ class HybridConfig:
     skip_model_at: float = 1.0  # a lookup draft expecting this many accepted tokens is taken (module doc); inf: never,
     # 0: always (the model's forward never runs)
     model_prior_strength: float = 4.0  # observations the model's head is worth against its record (module doc)
+    price_model: bool = True  # skip the model's forward where the loop's costs say it does not pay (module doc)
 
 
 @jax.tree_util.register_dataclass
@@ -61,18 +73,23 @@ class HybridConfig:
 class HybridState:
     """The two drafters' states and the model's record: model_tested / model_accepted [B, G], per request and
     draft position, how often a verified model draft reached position k with every earlier one accepted, and
-    how often it was then accepted (None: no record — the head's confidences as they are)."""
+    how often it was then accepted (None: no record — the head's confidences as they are); model_confidence_sum
+    [B, G] and model_rounds [B]: the sum of the model head's confidences over the request's rounds that ran the
+    model, and their number (`HybridDrafter.predicted_model_confidence`)."""
     model: object
     lookup: object
     model_tested: jax.Array | None = None
     model_accepted: jax.Array | None = None
+    model_confidence_sum: jax.Array | None = None
+    model_rounds: jax.Array | None = None
 
 
 class HybridDrafter(nnx.Module):
     """`model` (DSpark, DFlash or Eagle3) + `lookup` (an `NgramDrafter` of the same block size)."""
 
     def __init__(self, model, lookup: NgramDrafter, skip_model_at: float = HybridConfig.skip_model_at,
-                 model_prior_strength: float = HybridConfig.model_prior_strength):
+                 model_prior_strength: float = HybridConfig.model_prior_strength,
+                 price_model: bool = HybridConfig.price_model):
         if model.config.block_size != lookup.config.block_size:
             raise ValueError(f"hybrid drafters need one block size, got {model.config.block_size} (model) and "
                              f"{lookup.config.block_size} (lookup)")
@@ -84,7 +101,7 @@ class HybridDrafter(nnx.Module):
             raise ValueError(f"model_prior_strength must be > 0, got {model_prior_strength}")
         self.config = HybridConfig(model.config.block_size, tuple(model.config.target_layer_ids),
                                    f"{model.config.algorithm}+ngram", skip_model_at=skip_model_at,
-                                   model_prior_strength=model_prior_strength)
+                                   model_prior_strength=model_prior_strength, price_model=bool(price_model))
 
     @property
     def model_skip_threshold(self) -> float:
@@ -117,7 +134,8 @@ class HybridDrafter(nnx.Module):
     def init_state(self, batch: int, max_len: int) -> HybridState:
         shape = (batch, self.config.block_size)  # distinct buffers: engines donate leaf by leaf
         return HybridState(self.model.init_state(batch, max_len), self.lookup.init_state(batch, max_len),
-                           jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32))
+                           jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32),
+                           jnp.zeros((batch,), jnp.float32))
 
     def prefill(self, target_model, state: HybridState, features, prompts, prompt_lens) -> HybridState:
         return dataclasses.replace(
@@ -133,6 +151,15 @@ class HybridDrafter(nnx.Module):
         new = dataclasses.replace(
             state, model=self.model.commit(target_model, state.model, features, verified, start, count, outcome),
             lookup=self.lookup.commit(target_model, state.lookup, features, verified, start, count, outcome))
+        if outcome is not None and outcome.model_confidence is not None and state.model_rounds is not None:
+            ran = count > 0  # the model's confidences of the request's rounds that ran its forward
+            if outcome.model_skipped is not None:
+                ran = ran & ~outcome.model_skipped
+            g = state.model_confidence_sum.shape[1]
+            new = dataclasses.replace(
+                new, model_confidence_sum=state.model_confidence_sum + jnp.where(
+                    ran[:, None], outcome.model_confidence[:, :g].astype(jnp.float32), 0.0),
+                model_rounds=state.model_rounds + ran.astype(jnp.float32))
         if outcome is None or outcome.deterministic is None or state.model_tested is None:
             return new
         nv = outcome.num_verified
@@ -149,26 +176,58 @@ class HybridDrafter(nnx.Module):
         return record_confidence(state.model_accepted[:, :g], state.model_tested[:, :g], confidence,
                                  self.config.model_prior_strength)
 
+    def predicted_model_confidence(self, state: HybridState) -> jax.Array:
+        """[B, G] the model's confidences expected in a round not yet run: the mean of its head's confidences
+        over the request's rounds that ran it, corrected by its record (`model_confidence`); 1 for a request whose
+        model never ran (module docstring)."""
+        rounds = state.model_rounds[:, None]
+        mean = state.model_confidence_sum / jnp.maximum(rounds, 1.0)
+        return jnp.where(rounds > 0, self.model_confidence(state, mean), 1.0)
+
     def skips_model(self, by_lookup: Proposal) -> jax.Array:
         """Scalar bool: whether this round skips the model's forward — every request's lookup draft expects at
         least `skip_model_at` accepted tokens (module docstring). Reads only the lookup's proposal."""
         return jnp.all(by_lookup.expected_accept_length >= self.model_skip_threshold)
 
-    def propose(self, target_model, state: HybridState, anchor, start, key, params, mode, head) -> Proposal:
+    def predicted_rows(self, state: HybridState, by_lookup: Proposal, params) -> tuple[jax.Array, jax.Array]:
+        """What a round that runs the model is expected to verify, before it runs: per request the lookup's row
+        where it would be taken against the model's predicted draft (`predicted_model_confidence`, scored as
+        `model_score`), else the model's predicted one — (confidence [B, G], drafted tokens [B]). Sampled rows
+        (T > 0) read the predicted c_1 at every position, as `model_score` does."""
+        g = by_lookup.tokens.shape[1]
+        predicted = self.predicted_model_confidence(state)[:, :g]
+        predicted = jnp.where((params.temperature > 0)[:, None], predicted[:, :1], predicted)
+        stand_in = dataclasses.replace(by_lookup, confidence=predicted, length=None)
+        lookup_expects = by_lookup.expected_accept_length
+        takes_lookup = (lookup_expects >= self.model_skip_threshold) | (lookup_expects > stand_in.expected_accept_length)
+        return (jnp.where(takes_lookup[:, None], by_lookup.confidence, predicted),
+                jnp.where(takes_lookup, by_lookup.num_drafted, g).astype(jnp.int32))
+
+    def propose(self, target_model, state: HybridState, anchor, start, key, params, mode, head,
+                model_pays=None) -> Proposal:
+        """Both drafters' proposals, one row chosen per request (module docstring). model_pays (optional, the
+        loop's, with its round costs): f(lookup confidence [B, G], lookup drafted [B], predicted confidence
+        [B, G], predicted drafted [B]) → scalar bool, whether the round the model's forward makes possible
+        (`predicted_rows`) is expected to beat a lookup-only round; where it is not, the forward is skipped
+        (with `price_model`)."""
         by_lookup = self.lookup.propose(target_model, state.lookup, anchor, start, key, params, mode, head)
 
         def model_proposal():  # confidences corrected by the record here: a skipped model keeps confidence 0
             prop = self.model.propose(target_model, state.model, anchor, start, key, params, mode, head)
-            return dataclasses.replace(prop, confidence=self.model_confidence(state, prop.confidence))
+            return dataclasses.replace(prop, confidence=self.model_confidence(state, prop.confidence),
+                                       model_confidence=prop.confidence)
 
         def no_model_proposal():  # confidences 0: expected accepted length 0, every row takes the lookup draft
             shapes = jax.eval_shape(model_proposal)
             return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
         skipped = self.skips_model(by_lookup)
+        if model_pays is not None and self.config.price_model and state.model_rounds is not None:
+            skipped = skipped | ~model_pays(by_lookup.confidence, by_lookup.num_drafted,
+                                            *self.predicted_rows(state, by_lookup, params))
         by_model = jax.lax.cond(skipped, no_model_proposal, model_proposal)
         lookup_expects = by_lookup.expected_accept_length
-        use = (lookup_expects >= self.model_skip_threshold) | (lookup_expects > model_score(by_model, params))  # [B]
+        use = skipped | (lookup_expects >= self.model_skip_threshold) | (lookup_expects > model_score(by_model, params))
 
         def pick(a, b):
             return jnp.where(use.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
@@ -178,7 +237,7 @@ class HybridDrafter(nnx.Module):
                         confidence=pick(by_lookup.confidence, by_model.confidence),
                         confidence_logits=pick(by_lookup.confidence_logits, by_model.confidence_logits),
                         length=pick(by_lookup.num_drafted, by_model.num_drafted), deterministic=use,
-                        model_skipped=jnp.broadcast_to(skipped, use.shape))
+                        model_skipped=jnp.broadcast_to(skipped, use.shape), model_confidence=by_model.model_confidence)
 
 
 def model_score(proposal: Proposal, params) -> jax.Array:

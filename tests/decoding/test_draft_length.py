@@ -499,3 +499,41 @@ def test_generate_text_with_auto_draft_length(tmp_path, monkeypatch):
                          drafter=drafter)
     assert [r.completion_ids for r in auto] == [r.completion_ids for r in plain]
     assert len(list((tmp_path / "round_costs").glob("*.json"))) == 1
+
+
+def test_the_hybrid_runs_its_model_only_where_the_loop_prices_it_to_pay():
+    """`price_model` in the loop (skip_model_at inf: the model's forward would run in every round): rounds with the
+    forward priced at 3 a round (`verify_costs`), without it at 1 (`lookup_costs`). The forward runs in the first
+    round (predicted to accept every draft: the model never ran) and, with the random model's record, never again;
+    unpriced (price_model off) in every round; at 100 never; as cheap as a lookup round, in most rounds. Greedy
+    output equals plain decoding's throughout."""
+    import jax
+    from tests.drafters.test_ngram import _batch, _hybrid
+    from dspark_jax.decoding.speculative import _rounds
+    tg, ts, cfg = make_target("gemma3")
+    batch = [[5, 6, 7, 5, 6, 7, 5, 6], [3, 9, 14, 22]]
+    prompts, lens = _batch(batch)
+
+    def model_rounds(price_model, model_cost):
+        dg, ds = _hybrid(cfg, 3, price_model=price_model, skip_model_at=float("inf"))
+        rounds = _rounds(tg, ts, dg, ds, SamplingParams.create(2), jnp.float32(0.0), batch=2, max_new_tokens=10,
+                         stop_ids=(), mode=FilterMode(), verify_buckets=(2, 8), verify_costs=(model_cost, model_cost),
+                         plain_cost=None, lookup_costs=(1.0, 1.0))
+        c = rounds.start(prompts, lens, jax.random.key(0), pad_id=0)
+        step = jax.jit(lambda s: rounds._apply(s, rounds.drafted(s)))
+        while not bool(jnp.all(c.done)):
+            c = step(c)
+        return np.asarray(c.drafter_state.model_rounds), np.asarray(c.rounds), np.asarray(c.tokens)[:, :10]
+
+    plain, _ = greedy_plain_and_speculative(tg, ts, *_hybrid(cfg, 3), batch, 10, verify_buckets=(2, 8))
+    # a model round at 3x: worth it while the model is predicted to accept everything (the first round), not after
+    priced, active_rounds, tokens = model_rounds(True, 3.0)
+    np.testing.assert_array_equal(priced, [1, 1])
+    assert active_rounds.min() > 3
+    unpriced, active_rounds, tokens_unpriced = model_rounds(False, 3.0)
+    np.testing.assert_array_equal(unpriced, active_rounds)  # skip_model_at inf: every round each request is in
+    assert model_rounds(True, 100.0)[0].sum() == 0  # not even the first round: 4 tokens at most for 100x
+    cheap, _, tokens_cheap = model_rounds(True, 1.0)
+    assert (cheap > 3).all()  # as cheap as a lookup round: it runs wherever its predicted rows add progress
+    for t in (tokens, tokens_unpriced, tokens_cheap):
+        np.testing.assert_array_equal(t, np.asarray(plain.tokens))

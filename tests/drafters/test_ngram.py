@@ -557,3 +557,87 @@ def test_drafter_specs():
     assert with_block_size(hybrid, 2).config.block_size == 2
     with pytest.raises(ValueError, match="gamma must be in"):
         with_block_size(hybrid, 5)
+
+
+def test_hybrid_predicts_its_model_from_earlier_rounds_and_skips_a_forward_that_does_not_pay():
+    """`price_model`: the loop's `model_pays` sees the lookup's rows and the rows a model round is predicted to
+    verify — per request the mean of the model head's earlier confidences, corrected by its record (s = 4), 1 where
+    the model never ran —; where it says no, the forward is skipped (every row takes the lookup's draft)."""
+    from dspark_jax.drafters.base import Proposal
+    from dspark_jax.drafters.hybrid import HybridDrafter, HybridState
+    tg, ts, cfg = make_target("gemma3")
+    target = nnx.merge(tg, ts)
+    lens = jnp.asarray([5, 5], jnp.int32)
+    model = Proposal(tokens=jnp.full((2, 3), 9), draft_index=jnp.full((2, 3), 9), p_draft=jnp.ones((2, 3, 4)),
+                     confidence=jnp.full((2, 3), 0.9), confidence_logits=jnp.ones((2, 3)))
+    lookup = Proposal(tokens=jnp.full((2, 3), 7), draft_index=jnp.full((2, 3), 7), p_draft=None,
+                      confidence=jnp.asarray([[0.5, 0.5, 0.5], [0.0, 0.0, 0.0]]), confidence_logits=jnp.zeros((2, 3)),
+                      length=jnp.asarray([3, 0]))  # row 0 expects 0.875 (< skip_model_at 1), row 1 nothing
+    # row 0: two model rounds, head confidences summing to (1.2, 0.8, 0.4) → mean (0.6, 0.4, 0.2), record 4 of 4
+    # tested at position 1 accepted → c_1 (4 + 4·0.6) / 8 = 0.8; row 1: the model never ran → predicted 1
+    state = HybridState(None, None, model_tested=jnp.asarray([[4.0, 0, 0], [0, 0, 0]]),
+                        model_accepted=jnp.asarray([[4.0, 0, 0], [0, 0, 0]]),
+                        model_confidence_sum=jnp.asarray([[1.2, 0.8, 0.4], [0.0, 0.0, 0.0]]),
+                        model_rounds=jnp.asarray([2.0, 0.0]))
+    seen = {}
+
+    def propose(pays, price_model=True, temperature=0.0):
+        hybrid = nnx.merge(*_hybrid(cfg, 3, price_model=price_model))
+        hybrid.model.propose = lambda *a, **k: model
+        hybrid.lookup.propose = lambda *a, **k: lookup
+
+        def model_pays(*rows):
+            seen["rows"] = rows
+            return jnp.asarray(pays)
+        return HybridDrafter.propose(hybrid, target, state, jnp.zeros(2, jnp.int32), lens, None,
+                                     SamplingParams.create(2, temperature), None, None, model_pays=model_pays)
+
+    out = propose(True)
+    assert not bool(out.model_skipped[0])
+    np.testing.assert_array_equal(np.asarray(out.deterministic), [False, False])
+    np.testing.assert_allclose(np.asarray(out.model_confidence), np.full((2, 3), 0.9))  # the head's, uncorrected
+    lookup_conf, lookup_n, predicted, predicted_n = seen["rows"]
+    np.testing.assert_allclose(np.asarray(lookup_conf), np.asarray(lookup.confidence))
+    np.testing.assert_array_equal(np.asarray(lookup_n), [3, 0])
+    # row 0's predicted model draft expects 0.8 + 0.32 + 0.064 = 1.18 > 0.875: the model's row is predicted
+    np.testing.assert_allclose(np.asarray(predicted), [[0.8, 0.4, 0.2], [1.0, 1.0, 1.0]], rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(predicted_n), [3, 3])
+    out = propose(False)
+    assert np.asarray(out.model_skipped).all() and np.asarray(out.deterministic).all()
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.full((2, 3), 7))
+    np.testing.assert_array_equal(np.asarray(out.model_confidence), np.zeros((2, 3)))
+    assert not bool(propose(False, price_model=False).model_skipped[0])  # unpriced: the test is not asked
+    propose(True, temperature=1.0)  # sampled rows: the predicted c_1 at every position, as `model_score`
+    np.testing.assert_allclose(np.asarray(seen["rows"][2]), [[0.8, 0.8, 0.8], [1.0, 1.0, 1.0]], rtol=1e-6)
+
+
+def test_hybrid_learns_its_model_prediction_from_rounds_that_ran_the_model():
+    """commit: the model head's confidences of the round (`RoundOutcome.model_confidence`) are summed per request
+    where the model's forward ran and the request committed; a round that skipped the model adds nothing."""
+    from dspark_jax.drafters.base import RoundOutcome
+    from dspark_jax.drafters.hybrid import HybridDrafter
+    tg, ts, cfg = make_target("gemma3")
+    hybrid = nnx.merge(*_hybrid(cfg, 3))
+    hybrid.model.commit = lambda *a, **k: "model state"
+    hybrid.lookup.commit = lambda *a, **k: "lookup state"
+    state = hybrid.init_state(3, 16)
+    conf = jnp.asarray([[0.9, 0.8, 0.7], [0.5, 0.4, 0.3], [0.2, 0.1, 0.1]])
+    verified, start = jnp.zeros((3, 4), jnp.int32), jnp.asarray([5, 5, 5])
+
+    def commit(s, count, skipped):
+        return HybridDrafter.commit(hybrid, None, s, None, verified, start, jnp.asarray(count),
+                                    RoundOutcome(jnp.asarray([3, 3, 3]), jnp.zeros((3, 4), jnp.int32),
+                                                 jnp.asarray([False, True, False]),
+                                                 model_skipped=jnp.asarray([skipped] * 3), model_confidence=conf))
+    once = commit(state, [2, 1, 0], False)  # row 2 finished (count 0): nothing to learn
+    np.testing.assert_allclose(np.asarray(once.model_confidence_sum), np.asarray(conf) * [[1], [1], [0]])
+    np.testing.assert_array_equal(np.asarray(once.model_rounds), [1, 1, 0])
+    skipped = commit(once, [2, 1, 1], True)
+    np.testing.assert_array_equal(np.asarray(skipped.model_rounds), [1, 1, 0])
+    twice = commit(once, [2, 1, 1], False)
+    np.testing.assert_array_equal(np.asarray(twice.model_rounds), [2, 2, 1])
+    mean = np.asarray(conf) * [[1], [1], [1]]  # row 2: one round, its confidences; rows 0, 1: twice the same
+    acc, tested = np.asarray(twice.model_accepted), np.asarray(twice.model_tested)
+    np.testing.assert_allclose(np.asarray(hybrid.predicted_model_confidence(twice)), (acc + 4 * mean) / (tested + 4),
+                               rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(hybrid.predicted_model_confidence(state)), np.ones((3, 3)))

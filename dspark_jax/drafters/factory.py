@@ -200,6 +200,11 @@ def with_skip_model_at(drafter: Drafter, skip_model_at: float) -> Drafter:
     return _with_config(drafter, skip_model_at=float(skip_model_at))
 
 
+def with_choice_defaults(drafter: Drafter) -> Drafter:
+    """The same hybrid drafter with the options that only steer its choices (HYBRID_OPTIONS) at their defaults."""
+    return _with_config(drafter, **{k: getattr(HybridConfig, k) for k in HYBRID_OPTIONS})
+
+
 def ngram_drafter_like(drafter: Drafter, gamma: int) -> Drafter:
     """The same lookup drafter proposing `gamma` tokens."""
     if gamma < 1:

@@ -398,6 +398,17 @@ def test_round_costs_profile_and_cache(tmp_path, monkeypatch):
     assert len(calls) == 5
     load_or_profile_round_costs(target, drafter, batch=2, top_k=20, top_p=0.8)  # greedy: filters do not matter
     assert len(calls) == 5
+    # hybrids: options that only steer the choice (the profile forces its model on and off) share one profile
+    from tests.drafters.test_ngram import _hybrid
+
+    def hybrid(**options):
+        hg, hs = _hybrid(cfg, 3, **options)
+        return Drafter(nnx.merge(hg, hs).config, hg, hs, "hybrid")
+    load_or_profile_round_costs(target, hybrid(), batch=2)
+    assert len(calls) == 6
+    for options in (dict(price_model=False), dict(skip_model_at=2.0, model_prior_strength=8.0)):
+        load_or_profile_round_costs(target, hybrid(**options), batch=2)
+    assert len(calls) == 6
 
 
 def _spied_profile(monkeypatch, split_drafter, name: str, record, **profile_options):

@@ -158,8 +158,8 @@ class _Rounds:
 
     def round_costs(self, proposal: Proposal):
         """The bucket costs of this round: `lookup_costs` where a hybrid drafter skipped its model's forward
-        (`Proposal.model_skipped`, decided from the lookup's proposal alone, before any bucket is chosen), else
-        `costs` (profiled with the model's forward)."""
+        (`Proposal.model_skipped`, decided from the lookup's proposal, earlier rounds and the costs, before any
+        bucket is chosen), else `costs` (profiled with the model's forward)."""
         if self.lookup_costs is None or proposal.model_skipped is None:
             return self.costs
         return jnp.where(jnp.all(proposal.model_skipped), jnp.asarray(self.lookup_costs, jnp.float32),
@@ -234,7 +234,8 @@ class _Rounds:
         active = ~c.done
         remaining = self.max_new_tokens - c.num_generated
         k_draft = position_keys(c.keys, c.start, DRAFT)
-        priced = {} if self.lookup_costs is None else dict(model_pays=self.model_pays(active, remaining))
+        priced = ({} if self.lookup_costs is None or not hasattr(drafter.config, "price_model")
+                  else dict(model_pays=self.model_pays(active, remaining)))  # a hybrid with both cost tables
         prop = drafter.propose(target, c.drafter_state, c.anchor, c.start, k_draft, self.params, self.mode,
                                self.head, **priced)
         n_prop = jnp.minimum(proposal_lengths(prop.confidence, self.threshold), prop.num_drafted)
@@ -263,7 +264,8 @@ class _Rounds:
                 choice = choose_bucket(conf, n_prop, active, remaining, self.buckets, self.round_costs(prop),
                                        self.objective)
         res, verified = jax.lax.switch(choice, [at_bucket(t) for t in self.buckets])
-        stale = jnp.where(active[:, None], prop.confidence, c.stale_confidence)
+        # the model rows' confidences (deterministic rows read fresh ones: `budget_confidence`)
+        stale = jnp.where((active & ~_deterministic_rows(prop, b))[:, None], prop.confidence, c.stale_confidence)
         return _Outcome(res, verified, prop.confidence, prop.confidence_logits, plain_left, backoff, stale)
 
     def plain(self, c: SpecState) -> SpecState:
@@ -394,7 +396,8 @@ def speculative_generate(target_graphdef: nnx.GraphDef, target_state: nnx.State,
     second). At batch 1 a bucket is the verification width.
     With `plain_cost` too (seconds of a round without a proposal), rounds skip the drafter while drafting is
     expected to lose to plain decoding (`_Rounds.step`). With `lookup_costs` too (a hybrid drafter's rounds
-    that skip its model's forward, per bucket), such rounds are priced by them (`_Rounds.round_costs`).
+    that skip its model's forward, per bucket), such rounds are priced by them (`_Rounds.round_costs`), and a
+    hybrid with `price_model` skips its model's forward where it is not expected to pay (`_Rounds.model_pays`).
     Raises ValueError on inconsistent buckets / costs."""
     check_batch(prompts, prompt_lens, params)
     rounds = _rounds(target_graphdef, target_state, drafter_graphdef, drafter_state, params, confidence_threshold,

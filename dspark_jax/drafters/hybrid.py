@@ -41,7 +41,10 @@ the mean of its head's confidences over the request's model rounds, corrected by
 runs and the prediction starts). At batch 8 a round with the 15-token model's forward costs 1.48–1.69x a plain
 round, without it 1.00–1.24x (BENCHMARKS.md "Session 31"): a forward run for requests whose model drafts rarely
 pass costs more than they bring, in drafted rounds and in the gate's probes alike. The test reads only the
-lookup's proposal and earlier rounds, so the choice stays lossless.
+lookup's proposal and earlier rounds, so the choice stays lossless. A request whose model is priced out keeps its
+prediction (it changes only in rounds that run the model); the model runs again when the lookup's side or the
+tokens left change the comparison. Without `lookup_costs` (a fixed draft length) and in the serving engine nothing
+is priced.
 """
 from __future__ import annotations
 
@@ -147,7 +150,9 @@ class HybridDrafter(nnx.Module):
         """Both drafters commit (`verified`, `start`, `count`, `outcome` as theirs: the lookup's record compares
         its proposal with the committed tokens, whichever draft was verified). With a verification round's
         `outcome` the model's record counts the rows whose model draft was verified (outcome.deterministic
-        False; the model's drafts are sampled at T > 0, so their acceptance is only known where verified)."""
+        False; the model's drafts are sampled at T > 0, so their acceptance is only known where verified), and
+        the prediction's sums count the model head's confidences of every committing request in a round that ran
+        the model (`outcome.model_confidence`)."""
         new = dataclasses.replace(
             state, model=self.model.commit(target_model, state.model, features, verified, start, count, outcome),
             lookup=self.lookup.commit(target_model, state.lookup, features, verified, start, count, outcome))
@@ -185,8 +190,8 @@ class HybridDrafter(nnx.Module):
         return jnp.where(rounds > 0, self.model_confidence(state, mean), 1.0)
 
     def skips_model(self, by_lookup: Proposal) -> jax.Array:
-        """Scalar bool: whether this round skips the model's forward — every request's lookup draft expects at
-        least `skip_model_at` accepted tokens (module docstring). Reads only the lookup's proposal."""
+        """Scalar bool: the `skip_model_at` rule — every request's lookup draft expects at least `skip_model_at`
+        accepted tokens (module docstring; `propose` may also skip by price). Reads only the lookup's proposal."""
         return jnp.all(by_lookup.expected_accept_length >= self.model_skip_threshold)
 
     def predicted_rows(self, state: HybridState, by_lookup: Proposal, params) -> tuple[jax.Array, jax.Array]:

@@ -35,12 +35,15 @@ def main():
     ap.add_argument("--loops", default="plain,verified", help="which loops per drafter: 'plain' (every round "
                     "plain), 'verified' (every proposal verified), 'auto' (the profiled gate), 'auto_one_table' "
                     "(the gate pricing a hybrid's rounds that skip its model by the table with the model, as "
-                    "before session 23), comma-separated")
+                    "before session 23), 'auto_no_record' (without the progress record, as before session 33), "
+                    "'auto_step_buckets' (that, with the buckets kept before session 33), comma-separated")
     ap.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    ap.add_argument("--max_buckets", type=int, default=5, help="buckets the auto loops compile")
     ap.add_argument("--output", default="benchmarks/results/loop_overhead.json")
     args = ap.parse_args()
-    if set(args.loops.split(",")) - {"plain", "verified", "auto", "auto_one_table"}:
-        raise SystemExit(f"--loops takes 'plain', 'verified', 'auto' and/or 'auto_one_table', got {args.loops!r}")
+    loop_names = {"plain", "verified", "auto", "auto_one_table", "auto_step_buckets", "auto_no_record"}
+    if set(args.loops.split(",")) - loop_names:
+        raise SystemExit(f"--loops takes {sorted(loop_names)}, got {args.loops!r}")
 
     import jax
     import jax.numpy as jnp
@@ -68,6 +71,7 @@ def main():
     bs = args.batch_size
 
     executables = {}
+    buckets_of = {}  # (drafter spec, loop label) → the verification buckets compiled (last batch's)
 
     def compiled(key, fn, call_args, static):
         """fn compiled once per run and prompt width (batches of one width share it), bound to call_args."""
@@ -103,14 +107,18 @@ def main():
             loops = {"plain": ("every round plain", dict(verify_buckets=buckets, verify_costs=(1.0, 2.0, 5.0),
                                                          plain_cost=1e-6)),
                      "verified": ("every proposal verified", dict(verify_buckets=buckets))}
-            if {"auto", "auto_one_table"} & set(args.loops.split(",")):  # as draft_length "auto" (cached profile)
+            if set(args.loops.split(",")) - {"plain", "verified"}:  # draft length "auto" and its variants
                 costs = load_or_profile_round_costs(target, drafter, bs, int(tokens.shape[1]), args.max_new_tokens,
                                                     temperature=args.temperature)
-                settings = costs.loop_settings()
+                settings = costs.loop_settings(args.max_buckets)
                 loops["auto"] = ("auto (profiled gate)", settings)
                 one_table = {k: v for k, v in settings.items() if k != "lookup_costs"}
                 loops["auto_one_table"] = ("auto, one cost table", one_table)
+                loops["auto_step_buckets"] = ("auto, step buckets, no record",
+                                              dict(step_bucket_settings(costs, args.max_buckets), progress_prior=None))
+                loops["auto_no_record"] = ("auto, no progress record", dict(settings, progress_prior=None))
             for label, extra in (loops[k] for k in args.loops.split(",")):
+                buckets_of[(spec, label)] = extra.get("verify_buckets")
                 runs[(spec, label)] = compiled((spec, label), speculative_generate, spec_args,
                                                dict(static, target_graphdef=target.graphdef,
                                                     drafter_graphdef=drafter.graphdef, **extra))
@@ -144,11 +152,31 @@ def main():
                              tokens=tokens, plain_decoding_s=plain_s,
                              plain_tokens=plain_tokens, ratio=ratio, paired_ratio_median=float(np.median(paired)),
                              paired_ratios=paired, times=times, plain_decoding_times=plain_times,
-                             identical_to_plain=same))
+                             identical_to_plain=same, verify_buckets=buckets_of[(spec, label)]))
             print(f"{name:<10} {spec:<14} {label:<24} {seconds:8.2f} {rows[-1]['rounds']:7d} {plain_s:17.2f} "
                   f"{ratio:6.2f} {np.median(paired):7.3f} [{min(paired):.3f}, {max(paired):.3f}]",
                   flush=True)
         write_result(args.output, dict(machine=describe_machine(), **vars(args), rows=rows))
+
+
+def step_bucket_settings(costs, max_buckets: int) -> dict:
+    """The auto loop's settings with the buckets kept by the rule before session 33: the ends, and among the
+    buckets cheaper than every larger one those with the largest absolute cost step to their next larger kept
+    neighbour (it favours large buckets; `draft_length.efficient_buckets` now minimises the rounding waste)."""
+    keep = [len(costs.buckets) - 1]
+    for i in range(len(costs.buckets) - 2, -1, -1):
+        if costs.seconds[i] < costs.seconds[keep[-1]] or i == 0:
+            keep.append(i)
+    keep = sorted(set(keep))
+    if len(keep) > max_buckets:
+        inner = keep[1:-1]
+        saving = {i: costs.seconds[keep[keep.index(i) + 1]] - costs.seconds[i] for i in inner}
+        keep = [keep[0]] + sorted(sorted(inner, key=lambda i: -saving[i])[:max_buckets - 2]) + [keep[-1]]
+    settings = dict(verify_buckets=tuple(costs.buckets[i] for i in keep),
+                    verify_costs=tuple(float(costs.seconds[i]) for i in keep), plain_cost=costs.plain)
+    if costs.lookup_seconds is not None:
+        settings["lookup_costs"] = tuple(float(costs.lookup_seconds[i]) for i in keep)
+    return settings
 
 
 if __name__ == "__main__":

@@ -105,7 +105,7 @@ def main():
             return self._commit(c, res, none, no_conf, no_conf)
 
         def _apply(self, c, o):
-            c = dataclasses.replace(c, plain_left=o.plain_left, backoff=o.backoff, stale_confidence=o.stale_confidence)
+            c = self._gate_state(c, o)
             return self._commit(c, o.res, o.verified, o.confidence, o.confidence_logits)
 
     def simulate(prompts, truth, truth_len, buckets, seconds, plain, objective, margin):
@@ -128,7 +128,7 @@ def main():
                       num_generated=jnp.ones((b,), jnp.int32), done=jnp.asarray(truth_len) <= 1,
                       rounds=jnp.zeros((b,), jnp.int32), stats=RoundStats.zeros(b, args.max_new_tokens, g),
                       nonfinite=jnp.zeros((b,), bool), plain_left=jnp.int32(0), backoff=jnp.int32(1),
-                      stale_confidence=jnp.full((b, g), -1.0, jnp.float32))
+                      stale_confidence=jnp.full((b, g), -1.0, jnp.float32), progress=jnp.zeros((2,), jnp.float32))
         final = jax.jit(lambda s: jax.lax.while_loop(lambda x: ~jnp.all(x.done), rounds.step, s))(c)
         out_tokens = np.asarray(final.tokens)
         assert all((out_tokens[i, :truth_len[i]] == tr[i, :truth_len[i]]).all() for i in range(b)), "replay diverged"

@@ -45,6 +45,8 @@ FORMAT_VERSION = 10  # 1: verification forward + proposal timed apart; 2: a 64-t
 # 16- and 24-row logits through the GEMM; 7: plain rounds as a branch of the round's conditional; 8: plain rounds
 # in their own loop; 9: profiled at the run's sampling kind (before: greedy rounds for every run); 10: a hybrid
 # drafter's rounds timed with its model's forward forced on, and apart with it skipped (`lookup_seconds`)
+PROGRESS_PRIOR = 4.0  # expected progress (tokens beyond plain rounds') the gated loop's objective is trusted for
+# before its batch's drafted rounds say otherwise (`speculative._Rounds.progress_scale`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,9 +68,11 @@ class RoundCosts:
 
     def loop_settings(self, max_buckets: int = 5) -> dict:
         """`speculative_generate`'s verify_buckets / verify_costs / plain_cost (and lookup_costs for a hybrid)
-        for the gated loop (draft length "auto"): the efficient buckets, their seconds and the plain round's."""
+        for the gated loop (draft length "auto"): the efficient buckets, their seconds and the plain round's, and
+        the progress record's prior (`PROGRESS_PRIOR`)."""
         buckets, seconds = self.efficient(max_buckets)
-        settings = dict(verify_buckets=buckets, verify_costs=seconds, plain_cost=self.plain)
+        settings = dict(verify_buckets=buckets, verify_costs=seconds, plain_cost=self.plain,
+                        progress_prior=PROGRESS_PRIOR)
         if self.lookup_seconds is not None:
             settings["lookup_costs"] = tuple(float(self.lookup_seconds[self.buckets.index(t)]) for t in buckets)
         return settings

@@ -165,33 +165,37 @@ def verified_drafts(confidence: jax.Array, num_drafts: jax.Array, active: jax.Ar
 
 
 def bucket_rates(confidence: jax.Array, num_drafts: jax.Array, active: jax.Array, remaining: jax.Array,
-                 buckets: tuple[int, ...], costs: tuple[float, ...], objective: str = "fluid") -> jax.Array:
+                 buckets: tuple[int, ...], costs: tuple[float, ...], objective: str = "fluid",
+                 scale: jax.Array | float = 1.0) -> jax.Array:
     """[len(buckets)] the objective's gain (`GAINS`) per unit cost of this round at each bucket (drafts by
     `verified_drafts`) up to the covering bucket, −inf beyond it (larger buckets verify nothing more). A plain
-    round's rate is 1 / its cost. Shapes as in `choose_bucket`."""
+    round's rate is 1 / its cost. scale (scalar): each gain g counts as 1 + scale · (g − 1), the share of the
+    progress beyond a plain round's that is trusted (`speculative._Rounds.progress_scale`; 1: all). Shapes as in
+    `choose_bucket`."""
     check_objective(objective)
     cover = covering_bucket(num_drafts, active, buckets)
     gain = GAINS[objective]
     gains = jnp.stack([gain(confidence, verified_drafts(confidence, num_drafts, active, remaining, t, take_all=False,
                                                         objective=objective), active, remaining)
                        for t in buckets])
-    rate = gains / jnp.asarray(costs, jnp.float32)
+    rate = (1.0 + scale * (gains - 1.0)) / jnp.asarray(costs, jnp.float32)
     return jnp.where(jnp.arange(len(buckets)) <= cover, rate, -jnp.inf)
 
 
 def choose_bucket(confidence: jax.Array, num_drafts: jax.Array, active: jax.Array, remaining: jax.Array,
-                  buckets: tuple[int, ...], costs: tuple[float, ...] | None, objective: str = "fluid") -> jax.Array:
+                  buckets: tuple[int, ...], costs: tuple[float, ...] | None, objective: str = "fluid",
+                  scale: jax.Array | float = 1.0) -> jax.Array:
     """Index into `buckets` of this round's verification bucket.
 
     costs None: the covering bucket (verify everything proposed). Otherwise the bucket with the largest
-    `bucket_rates` under `objective` (ties → the smaller one). Lossless: the choice reads only confidences,
+    `bucket_rates` under `objective` and `scale` (ties → the smaller one). Lossless: the choice reads only confidences,
     proposal lengths and token counts, known before any draft is verified.
     Shapes: confidence [B, G], num_drafts [B] (0..G), active [B] bool, remaining [B] tokens each request may still
     commit; buckets ascending, buckets[0] >= B."""
     if costs is None:
         return covering_bucket(num_drafts, active, buckets)
     return jnp.argmax(bucket_rates(confidence, num_drafts, active, remaining, buckets, costs,
-                                   objective)).astype(jnp.int32)
+                                   objective, scale)).astype(jnp.int32)
 
 
 def budget_confidence(fresh: jax.Array, stale: jax.Array, sampled: jax.Array) -> jax.Array:
@@ -229,26 +233,49 @@ def profile_buckets(batch: int, gamma: int) -> tuple[int, ...]:
 
 def efficient_buckets(buckets: tuple[int, ...], costs: tuple[float, ...], max_buckets: int = 5
                       ) -> tuple[tuple[int, ...], tuple[float, ...]]:
-    """The buckets worth compiling: the smallest, the largest, and those that cost less than every larger one
-    (a bucket that costs as much as a larger one is never the best choice), at most `max_buckets` of them (the
-    ends and the ones with the largest cost steps to their next larger neighbour). Raises ValueError on
-    mismatched, unsorted or non-positive input."""
+    """The buckets worth compiling: the smallest, the largest, and among those that cost less than every larger
+    one (a bucket that costs as much as a larger one is never the best choice) the set of at most `max_buckets`
+    that wastes least on rounding up: a round whose rows fill profiled bucket i runs at the smallest kept bucket
+    holding them, so the kept set minimises Σ_i (cost(kept bucket of i) / cost_i − 1) over every profiled bucket
+    (exact, by dynamic programming over the candidates). Before session 33 the interior buckets kept were those
+    with the largest absolute cost step to their next larger neighbour, which favoured large buckets: at batch
+    8, γ 15 the loop compiled (8, 56, 84, 126, 128), so a drafted round verified 48 drafts or none (BENCHMARKS.md
+    "Session 33"). Raises ValueError on mismatched, unsorted or non-positive input."""
     if len(buckets) != len(costs) or not buckets:
         raise ValueError(f"one cost per bucket needed, got {len(buckets)} buckets and {len(costs)} costs")
     if list(buckets) != sorted(set(buckets)) or buckets[0] < 1:
         raise ValueError(f"buckets must be strictly increasing positive row counts, got {buckets}")
     if any(not np.isfinite(c) or c <= 0 for c in costs):
         raise ValueError(f"costs must be positive, got {costs}")
-    keep = [len(buckets) - 1]
-    for i in range(len(buckets) - 2, -1, -1):
-        if costs[i] < costs[keep[-1]] or i == 0:
-            keep.append(i)
-    keep = sorted(set(keep))
-    if len(keep) > max_buckets:  # keep the ends and the interior buckets that save the most against the next one
-        inner = keep[1:-1]
-        saving = {i: costs[keep[keep.index(i) + 1]] - costs[i] for i in inner}
-        inner = sorted(sorted(inner, key=lambda i: -saving[i])[:max_buckets - 2])
-        keep = [keep[0]] + inner + [keep[-1]]
+    if max_buckets < 2 and len(buckets) > 1:
+        raise ValueError(f"max_buckets must keep the smallest and the largest bucket (>= 2), got {max_buckets}")
+    n = len(buckets)
+    cand = [n - 1]
+    for i in range(n - 2, -1, -1):
+        if costs[i] < costs[cand[-1]] or i == 0:
+            cand.append(i)
+    cand = sorted(set(cand))
+
+    def waste(lo: int, hi: int) -> float:  # profiled buckets lo+1..hi rounded up to bucket hi
+        return sum(costs[hi] / costs[i] - 1.0 for i in range(lo + 1, hi + 1))
+
+    keep_count = min(max_buckets, len(cand))
+    # best[k][j]: least waste over buckets 0..cand[j] keeping k candidates, the last of them cand[j]
+    best = [[np.inf] * len(cand) for _ in range(keep_count + 1)]
+    came = [[-1] * len(cand) for _ in range(keep_count + 1)]
+    best[1][0] = 0.0
+    for k in range(2, keep_count + 1):
+        for j in range(1, len(cand)):
+            for prev in range(j):
+                total = best[k - 1][prev] + waste(cand[prev], cand[j])
+                if total < best[k][j]:
+                    best[k][j], came[k][j] = total, prev
+    k, j = (keep_count, len(cand) - 1) if len(cand) > 1 else (1, 0)
+    keep = []
+    while j >= 0 and k >= 1:
+        keep.append(cand[j])
+        j, k = came[k][j], k - 1
+    keep = sorted(keep)
     return tuple(buckets[i] for i in keep), tuple(float(costs[i]) for i in keep)
 
 

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dspark_jax.decoding.autoregressive import prefill
-from dspark_jax.decoding.draft_length import (bucket_rates, budget_confidence, choose_bucket, per_request_rows,
-                                             proposal_lengths, verified_drafts)
+from dspark_jax.decoding.draft_length import (GAINS, bucket_rates, budget_confidence, choose_bucket, per_request_rows,
+                                             proposal_lengths, slack_of, verified_drafts)
 from dspark_jax.decoding.verification import RoundResult, concat_taps, verify_round
 from dspark_jax.drafters.base import Proposal
 from dspark_jax.models.layout import dense_layout, make_layout
@@ -54,7 +54,8 @@ class SpecState:
     [B] valid); done [B]; rounds [B]; stats; nonfinite [B] (see SpecOutput); the plain-round gate's scalars:
     plain_left (plain rounds before the next drafted one) and backoff (the next plain run's length);
     stale_confidence [B, G]: each request's confidences of its last drafted round (−1 before one;
-    `draft_length.budget_confidence`)."""
+    `draft_length.budget_confidence`); progress [2]: Σ realized and Σ expected progress beyond a plain round's
+    over the drafted rounds so far (`_Rounds.progress_scale`)."""
     keys: jax.Array
     anchor: jax.Array
     start: jax.Array
@@ -69,6 +70,7 @@ class SpecState:
     plain_left: jax.Array
     backoff: jax.Array
     stale_confidence: jax.Array
+    progress: jax.Array
 
 
 @jax.tree_util.register_dataclass
@@ -96,7 +98,8 @@ class SpecOutput:
 class _Outcome:
     """What a drafted or plain round computed, before anything is written into the state: the verification
     (its K/V still unwritten: `RoundResult.kv_rows`), verified [B] drafts per request, the round's confidence /
-    confidence_logits [B, G] to record, and the gate's next plain_left, backoff and stale_confidence."""
+    confidence_logits [B, G] to record, the gate's next plain_left, backoff and stale_confidence, and the
+    objective's expected progress of the round (scalar, `draft_length.GAINS`, unscaled)."""
     res: RoundResult
     verified: jax.Array
     confidence: jax.Array
@@ -104,6 +107,7 @@ class _Outcome:
     plain_left: jax.Array
     backoff: jax.Array
     stale_confidence: jax.Array
+    expected: jax.Array
 
 
 def _pad_slots(x: jax.Array, width: int) -> jax.Array:
@@ -132,7 +136,7 @@ def _deterministic_rows(proposal: Proposal, batch: int) -> jax.Array:
 
 
 _STATIC = ("target_graphdef", "drafter_graphdef", "max_new_tokens", "stop_ids", "mode", "pad_id", "verify_buckets",
-           "verify_costs", "plain_cost", "lookup_costs")
+           "verify_costs", "plain_cost", "lookup_costs", "progress_prior")
 MAX_PLAIN_RUN = 16  # the longest run of plain rounds between two drafted rounds (the gate's back-off cap)
 
 
@@ -155,6 +159,23 @@ class _Rounds:
     plain_cost: float | None
     lookup_costs: tuple[float, ...] | None = None  # a hybrid's rounds that skip its model's forward, per bucket
     objective: str = "fluid"  # `draft_length.GAINS` (benchmarks/schedule_sim.py replays the others)
+    progress_prior: float | None = None  # expected progress the objective is trusted for (`progress_scale`)
+
+    def progress_scale(self, c: SpecState) -> jax.Array:
+        """Scalar in [0, 1]: how much of the objective's expected progress beyond a plain round's this batch's
+        drafted rounds have realized — (Σ realized + s) / (Σ expected + s) over its earlier drafted rounds, s =
+        `progress_prior` (None: 1, no correction). At batch 8 the fluid objective (min over requests of their
+        expected positions) promises more than the minimum of their realized positions brings: on gsm8k's first 8
+        held-out prompts the per-request expected committed tokens were right (603 expected, 600 committed) but
+        the longest request's expected progress was 107 tokens where 75 came (BENCHMARKS.md "Session 33"). The
+        rates scale each bucket's gain g to 1 + scale · (g − 1) (`draft_length.bucket_rates`). Capped at 1: the
+        per-request acceptance is the confidences' and their record's to correct — and at batch 1, where the
+        longest request is the only one, there is no minimum to be optimistic about: 1. Reads only earlier
+        rounds: lossless."""
+        if self.progress_prior is None or c.progress is None or c.num_generated.shape[0] == 1:
+            return jnp.float32(1.0)
+        realized, expected = c.progress[0], c.progress[1]
+        return jnp.clip((realized + self.progress_prior) / (expected + self.progress_prior), 0.0, 1.0)
 
     def round_costs(self, proposal: Proposal):
         """The bucket costs of this round: `lookup_costs` where a hybrid drafter skipped its model's forward
@@ -165,19 +186,26 @@ class _Rounds:
         return jnp.where(jnp.all(proposal.model_skipped), jnp.asarray(self.lookup_costs, jnp.float32),
                          jnp.asarray(self.costs, jnp.float32))
 
-    def model_pays(self, active: jax.Array, remaining: jax.Array):
+    def model_pays(self, active: jax.Array, remaining: jax.Array, scale: jax.Array):
         """A hybrid drafter's test of whether to run its model's forward this round (`drafters.hybrid`,
         `price_model`): f(lookup confidence [B, G], lookup drafted [B], predicted confidence [B, G], predicted
-        drafted [B]) → whether the best bucket's rate (`draft_length.bucket_rates`, the threshold applied) of the
-        predicted rows at `costs` (rounds that run the model) exceeds the lookup rows' at `lookup_costs`."""
+        drafted [B]) → whether the best bucket's rate (`draft_length.bucket_rates`, the threshold applied, gains
+        scaled by `scale`: `progress_scale`) of the predicted rows at `costs` (rounds that run the model) exceeds
+        the lookup rows' at `lookup_costs`."""
         def best_rate(confidence, drafted, costs):
-            n = jnp.where(active, jnp.minimum(proposal_lengths(confidence, self.threshold), drafted), 0)
-            return jnp.max(bucket_rates(confidence, n, active, remaining, self.buckets, costs, self.objective))
+            n = self.proposed(confidence, drafted, active)
+            return jnp.max(bucket_rates(confidence, n, active, remaining, self.buckets, costs, self.objective,
+                                        scale))
 
         def pays(lookup_confidence, lookup_drafted, confidence, drafted):
             return best_rate(confidence, drafted, self.costs) > best_rate(lookup_confidence, lookup_drafted,
                                                                           self.lookup_costs)
         return pays
+
+    def proposed(self, confidence: jax.Array, drafted: jax.Array, active: jax.Array) -> jax.Array:
+        """[B] drafts each request offers for verification: its drafted tokens [B] cut where the confidence [B, G]
+        falls below the threshold (`proposal_lengths`), 0 for inactive requests."""
+        return jnp.where(active, jnp.minimum(proposal_lengths(confidence, self.threshold), drafted), 0)
 
     @property
     def gate(self) -> bool:
@@ -202,7 +230,8 @@ class _Rounds:
                          done=jnp.isin(first, self.stops) | (self.max_new_tokens <= 1) | ~finite,
                          rounds=jnp.zeros((b,), jnp.int32), stats=RoundStats.zeros(b, self.max_new_tokens, g),
                          nonfinite=~finite, plain_left=jnp.int32(0), backoff=jnp.int32(1),
-                         stale_confidence=jnp.full((b, g), -1.0, jnp.float32))
+                         stale_confidence=jnp.full((b, g), -1.0, jnp.float32),
+                         progress=jnp.zeros((2,), jnp.float32))
 
     def step(self, c: SpecState) -> SpecState:
         """One drafted round, then — with the gate on — the plain rounds it scheduled. A round drafts only when
@@ -234,12 +263,12 @@ class _Rounds:
         active = ~c.done
         remaining = self.max_new_tokens - c.num_generated
         k_draft = position_keys(c.keys, c.start, DRAFT)
+        scale = self.progress_scale(c)
         priced = ({} if self.lookup_costs is None or not hasattr(drafter.config, "price_model")
-                  else dict(model_pays=self.model_pays(active, remaining)))  # a hybrid with both cost tables
+                  else dict(model_pays=self.model_pays(active, remaining, scale)))  # a hybrid with both cost tables
         prop = drafter.propose(target, c.drafter_state, c.anchor, c.start, k_draft, self.params, self.mode,
                                self.head, **priced)
-        n_prop = jnp.minimum(proposal_lengths(prop.confidence, self.threshold), prop.num_drafted)
-        n_prop = jnp.where(c.done, 0, n_prop)
+        n_prop = self.proposed(prop.confidence, prop.num_drafted, active)
 
         def at_bucket(bucket):  # a round verifying `bucket` rows: anchors + the drafts worth most
             def run():
@@ -250,23 +279,24 @@ class _Rounds:
             return run
 
         plain_left, backoff = c.plain_left, c.backoff
+        sampled = (self.params.temperature > 0) & ~_deterministic_rows(prop, b)
+        conf = budget_confidence(prop.confidence, c.stale_confidence, sampled)
         if choice is None:
-            sampled = (self.params.temperature > 0) & ~_deterministic_rows(prop, b)
-            conf = budget_confidence(prop.confidence, c.stale_confidence, sampled)
             if self.gate:  # the rates once: the choice is their argmax (`choose_bucket`)
                 rates = bucket_rates(conf, n_prop, active, remaining, self.buckets, self.round_costs(prop),
-                                     self.objective)
+                                     self.objective, scale)
                 choice = jnp.argmax(rates).astype(jnp.int32)
                 pays = rates[choice] > 1.0 / self.plain_cost  # a plain round: one token off every request
                 plain_left = jnp.where(pays, 0, backoff).astype(jnp.int32)
                 backoff = jnp.where(pays, 1, jnp.minimum(2 * backoff, MAX_PLAIN_RUN)).astype(jnp.int32)
             else:
                 choice = choose_bucket(conf, n_prop, active, remaining, self.buckets, self.round_costs(prop),
-                                       self.objective)
+                                       self.objective, scale)
         res, verified = jax.lax.switch(choice, [at_bucket(t) for t in self.buckets])
         # the model rows' confidences (deterministic rows read fresh ones: `budget_confidence`)
         stale = jnp.where((active & ~_deterministic_rows(prop, b))[:, None], prop.confidence, c.stale_confidence)
-        return _Outcome(res, verified, prop.confidence, prop.confidence_logits, plain_left, backoff, stale)
+        expected = GAINS[self.objective](conf, verified, active, remaining)
+        return _Outcome(res, verified, prop.confidence, prop.confidence_logits, plain_left, backoff, stale, expected)
 
     def plain(self, c: SpecState) -> SpecState:
         """A plain round (the drafter's propose skipped): plain decoding's step (`decoding.autoregressive`) —
@@ -312,11 +342,25 @@ class _Rounds:
                                    accept_flags=_pad_slots(r.accept_flags, g), kv_rows=r.kv_rows.padded(g + 1))
 
     def _apply(self, c: SpecState, o: _Outcome) -> SpecState:
-        """Writes a round's outcome into the state: its K/V rows into the target cache, the gate's scalars,
-        tokens and statistics."""
-        c = dataclasses.replace(c, target_cache=o.res.kv_rows.write(c.target_cache), plain_left=o.plain_left,
-                                backoff=o.backoff, stale_confidence=o.stale_confidence)
+        """Writes a round's outcome into the state: its K/V rows into the target cache, the gate's state
+        (`_gate_state`), tokens and statistics."""
+        c = dataclasses.replace(self._gate_state(c, o), target_cache=o.res.kv_rows.write(c.target_cache))
         return self._commit(c, o.res, o.verified, o.confidence, o.confidence_logits)
+
+    def _gate_state(self, c: SpecState, o: _Outcome) -> SpecState:
+        """The gate's state after a drafted round: plain_left, backoff, stale_confidence, and the progress record
+        (`progress_scale`): the round's realized progress of the longest remaining request — min over the
+        requests still to finish of slack + committed tokens (`draft_length.fluid_gain` with the committed counts
+        for the expected ones; a request that stopped this round holds nothing back) — beyond a plain round's 1,
+        against its expected progress beyond 1. A round whose every request stopped adds nothing."""
+        active = ~c.done
+        remaining = self.max_new_tokens - c.num_generated
+        staying = active & ~o.res.stopped & ~o.res.nonfinite
+        realized = jnp.min(jnp.where(staying, slack_of(active, remaining) + o.res.count, jnp.iinfo(jnp.int32).max))
+        counted = staying.any()
+        gained = jnp.where(counted, jnp.stack([realized.astype(jnp.float32), o.expected]) - 1.0, 0.0)
+        return dataclasses.replace(c, plain_left=o.plain_left, backoff=o.backoff, stale_confidence=o.stale_confidence,
+                                   progress=c.progress + gained)
 
     def _commit(self, c: SpecState, res, n_prop: jax.Array, confidence: jax.Array,
                 confidence_logits: jax.Array) -> SpecState:
@@ -351,8 +395,8 @@ class _Rounds:
 
 
 def _rounds(target_graphdef, target_state, drafter_graphdef, drafter_state, params, confidence_threshold, *,
-            batch, max_new_tokens, stop_ids, mode, verify_buckets, verify_costs, plain_cost, lookup_costs=None
-            ) -> _Rounds:
+            batch, max_new_tokens, stop_ids, mode, verify_buckets, verify_costs, plain_cost, lookup_costs=None,
+            progress_prior=None) -> _Rounds:
     """The static round context of one call, with the bucket / cost settings checked."""
     target = nnx.merge(target_graphdef, target_state)
     drafter = nnx.merge(drafter_graphdef, drafter_state)
@@ -365,13 +409,15 @@ def _rounds(target_graphdef, target_state, drafter_graphdef, drafter_state, para
         raise ValueError(f"one verify cost per bucket needed: {len(buckets)} buckets, {len(verify_costs)} costs")
     if plain_cost is not None and not (verify_costs is not None and plain_cost > 0):
         raise ValueError(f"plain_cost needs verify_costs and must be > 0, got {plain_cost}")
+    if progress_prior is not None and not progress_prior > 0:
+        raise ValueError(f"progress_prior must be > 0 (None: no correction), got {progress_prior}")
     if lookup_costs is not None and (verify_costs is None or len(lookup_costs) != len(buckets)):
         raise ValueError(f"lookup_costs need verify_costs and one cost per bucket: {len(buckets)} buckets, "
                          f"{len(lookup_costs)} lookup costs")
     return _Rounds(target=target, drafter=drafter, head=drafter.head_matrix(target), params=params, mode=mode,
                    stops=jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32), threshold=confidence_threshold,
                    max_new_tokens=max_new_tokens, buckets=buckets, costs=verify_costs,
-                   plain_cost=plain_cost, lookup_costs=lookup_costs)
+                   plain_cost=plain_cost, lookup_costs=lookup_costs, progress_prior=progress_prior)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -381,7 +427,8 @@ def speculative_generate(target_graphdef: nnx.GraphDef, target_state: nnx.State,
                          stop_ids: tuple[int, ...], mode: FilterMode = FilterMode(), pad_id: int = 0,
                          verify_buckets: tuple[int, ...] | None = None,
                          verify_costs: tuple[float, ...] | None = None, plain_cost: float | None = None,
-                         lookup_costs: tuple[float, ...] | None = None) -> SpecOutput:
+                         lookup_costs: tuple[float, ...] | None = None, progress_prior: float | None = None
+                         ) -> SpecOutput:
     """Lossless speculative decoding of right-padded prompts [B, P] (lengths [B]); exactly
     `max_new_tokens` per request, or fewer up to and including a stop token. key: one per request [B] or one
     for the batch (`sampling.keys`).
@@ -398,12 +445,14 @@ def speculative_generate(target_graphdef: nnx.GraphDef, target_state: nnx.State,
     expected to lose to plain decoding (`_Rounds.step`). With `lookup_costs` too (a hybrid drafter's rounds
     that skip its model's forward, per bucket), such rounds are priced by them (`_Rounds.round_costs`), and a
     hybrid with `price_model` skips its model's forward where it is not expected to pay (`_Rounds.model_pays`).
+    With `progress_prior` (> 0, tokens) the rates trust the objective's expected progress only as far as the
+    batch's earlier drafted rounds realized it (`_Rounds.progress_scale`).
     Raises ValueError on inconsistent buckets / costs."""
     check_batch(prompts, prompt_lens, params)
     rounds = _rounds(target_graphdef, target_state, drafter_graphdef, drafter_state, params, confidence_threshold,
                      batch=prompts.shape[0], max_new_tokens=max_new_tokens, stop_ids=stop_ids, mode=mode,
                      verify_buckets=verify_buckets, verify_costs=verify_costs, plain_cost=plain_cost,
-                     lookup_costs=lookup_costs)
+                     lookup_costs=lookup_costs, progress_prior=progress_prior)
     state = rounds.start(prompts, prompt_lens, key, pad_id)
     final = jax.lax.while_loop(lambda c: ~jnp.all(c.done), rounds.step, state)
     return SpecOutput(tokens=final.tokens[:, :max_new_tokens], num_tokens=final.num_generated, rounds=final.rounds,
@@ -416,14 +465,15 @@ def speculative_start(target_graphdef: nnx.GraphDef, target_state: nnx.State, dr
                       params: SamplingParams, confidence_threshold: jax.Array, *, max_new_tokens: int,
                       stop_ids: tuple[int, ...], mode: FilterMode = FilterMode(), pad_id: int = 0,
                       verify_buckets: tuple[int, ...] | None = None, verify_costs: tuple[float, ...] | None = None,
-                      plain_cost: float | None = None, lookup_costs: tuple[float, ...] | None = None) -> SpecState:
+                      plain_cost: float | None = None, lookup_costs: tuple[float, ...] | None = None,
+                      progress_prior: float | None = None) -> SpecState:
     """The loop's state after the prefill (`speculative_generate`'s first step, same arguments): the start of
     `speculative_rounds`."""
     check_batch(prompts, prompt_lens, params)
     rounds = _rounds(target_graphdef, target_state, drafter_graphdef, drafter_state, params, confidence_threshold,
                      batch=prompts.shape[0], max_new_tokens=max_new_tokens, stop_ids=stop_ids, mode=mode,
                      verify_buckets=verify_buckets, verify_costs=verify_costs, plain_cost=plain_cost,
-                     lookup_costs=lookup_costs)
+                     lookup_costs=lookup_costs, progress_prior=progress_prior)
     return rounds.start(prompts, prompt_lens, key, pad_id)
 
 

@@ -194,6 +194,11 @@ class HybridDrafter(nnx.Module):
         accepted tokens (module docstring; `propose` may also skip by price). Reads only the lookup's proposal."""
         return jnp.all(by_lookup.expected_accept_length >= self.model_skip_threshold)
 
+    def takes_lookup(self, lookup_expects: jax.Array, model_expects: jax.Array) -> jax.Array:
+        """[B] bool: requests whose lookup draft is taken — it expects at least `skip_model_at` accepted tokens,
+        or more than the model's draft (`model_score`). lookup_expects, model_expects [B] expected accepted lengths."""
+        return (lookup_expects >= self.model_skip_threshold) | (lookup_expects > model_expects)
+
     def predicted_rows(self, state: HybridState, by_lookup: Proposal, params) -> tuple[jax.Array, jax.Array]:
         """What a round that runs the model is expected to verify, before it runs: per request the lookup's row
         where it would be taken against the model's predicted draft (`predicted_model_confidence`, scored as
@@ -203,8 +208,7 @@ class HybridDrafter(nnx.Module):
         predicted = self.predicted_model_confidence(state)[:, :g]
         predicted = jnp.where((params.temperature > 0)[:, None], predicted[:, :1], predicted)
         stand_in = dataclasses.replace(by_lookup, confidence=predicted, length=None)
-        lookup_expects = by_lookup.expected_accept_length
-        takes_lookup = (lookup_expects >= self.model_skip_threshold) | (lookup_expects > stand_in.expected_accept_length)
+        takes_lookup = self.takes_lookup(by_lookup.expected_accept_length, stand_in.expected_accept_length)
         return (jnp.where(takes_lookup[:, None], by_lookup.confidence, predicted),
                 jnp.where(takes_lookup, by_lookup.num_drafted, g).astype(jnp.int32))
 
@@ -231,8 +235,7 @@ class HybridDrafter(nnx.Module):
             skipped = skipped | ~model_pays(by_lookup.confidence, by_lookup.num_drafted,
                                             *self.predicted_rows(state, by_lookup, params))
         by_model = jax.lax.cond(skipped, no_model_proposal, model_proposal)
-        lookup_expects = by_lookup.expected_accept_length
-        use = skipped | (lookup_expects >= self.model_skip_threshold) | (lookup_expects > model_score(by_model, params))
+        use = skipped | self.takes_lookup(by_lookup.expected_accept_length, model_score(by_model, params))
 
         def pick(a, b):
             return jnp.where(use.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)

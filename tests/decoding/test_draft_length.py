@@ -4,6 +4,7 @@ references and hand-made tables, the buckets worth compiling, and losslessness (
 T = 1) when rounds verify flat buckets."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import jax
@@ -146,6 +147,54 @@ def test_choice_on_a_hand_made_table():
         [0, 0, 0, 0])  # zero survival is never worth a row
 
 
+def test_rates_trust_a_share_of_the_expected_progress():
+    """`bucket_rates(scale=s)` counts a gain g as 1 + s·(g − 1): a 0.8-confidence draft at width 2 (cost 1.5)
+    brings 1.8 tokens (rate 1.2) and beats a plain step (1.0); trusted half, 1.4 / 1.5 = 0.93 does not."""
+    conf, one, yes, left = jnp.asarray([[0.8]]), jnp.asarray([1]), jnp.asarray([True]), jnp.asarray([10])
+    np.testing.assert_allclose(np.asarray(bucket_rates(conf, one, yes, left, (1, 2), (1.0, 1.5))), [1.0, 1.2],
+                               rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(bucket_rates(conf, one, yes, left, (1, 2), (1.0, 1.5), scale=0.5)),
+                               [1.0, 1.4 / 1.5], rtol=1e-6)
+    assert int(choose_bucket(conf, one, yes, left, (1, 2), (1.0, 1.5))) == 1
+    assert int(choose_bucket(conf, one, yes, left, (1, 2), (1.0, 1.5), scale=0.5)) == 0
+
+
+def test_the_progress_record_of_drafted_rounds():
+    """`_Rounds._gate_state` adds a drafted round's realized progress of the longest remaining request (min over
+    the requests still running of slack + committed) and its expected progress, each beyond a plain round's 1;
+    `progress_scale` trusts (Σ realized + s) / (Σ expected + s) of the objective's gains, at most all of them."""
+    from types import SimpleNamespace
+
+    from dspark_jax.decoding.speculative import SpecState, _Outcome, _Rounds
+    rounds = _Rounds(target=None, drafter=None, head=None, params=None, mode=None, stops=None, threshold=None,
+                     max_new_tokens=10, buckets=(3,), costs=None, plain_cost=None, progress_prior=4.0)
+    fields = {f: None for f in SpecState.__dataclass_fields__}
+    c = SpecState(**dict(fields, num_generated=jnp.asarray([1, 3, 5]), done=jnp.asarray([False, False, False]),
+                         progress=jnp.zeros((2,), jnp.float32)))
+    assert float(rounds.progress_scale(c)) == 1.0  # no record yet: (0 + 4) / (0 + 4)
+
+    def outcome(count, stopped, expected):
+        res = SimpleNamespace(count=jnp.asarray(count), stopped=jnp.asarray(stopped),
+                              nonfinite=jnp.zeros((3,), bool))
+        return _Outcome(res=res, verified=None, confidence=None, confidence_logits=None, plain_left=jnp.int32(0),
+                        backoff=jnp.int32(1), stale_confidence=None, expected=jnp.float32(expected))
+    # remaining 9, 7, 5 → slack 0, 2, 4; the third request stopped: min(0 + 2, 2 + 1) = 2, expected 3
+    after = rounds._gate_state(c, outcome([2, 1, 1], [False, False, True], 3.0))
+    np.testing.assert_allclose(np.asarray(after.progress), [1.0, 2.0])
+    assert float(rounds.progress_scale(after)) == pytest.approx(5 / 6)
+    # a round whose every request stopped adds nothing
+    same = rounds._gate_state(after, outcome([1, 1, 1], [True, True, True], 5.0))
+    np.testing.assert_allclose(np.asarray(same.progress), [1.0, 2.0])
+    # more realized than expected: trusted fully, not more
+    ahead = dataclasses.replace(c, progress=jnp.asarray([6.0, 1.0]))
+    assert float(rounds.progress_scale(ahead)) == 1.0
+    behind = dataclasses.replace(c, progress=jnp.asarray([0.0, 9.0]))
+    assert float(rounds.progress_scale(behind)) == pytest.approx(4 / 13)
+    assert float(dataclasses.replace(rounds, progress_prior=None).progress_scale(behind)) == 1.0
+    # batch 1: the longest request is the only one, no minimum to be optimistic about
+    assert float(rounds.progress_scale(dataclasses.replace(behind, num_generated=jnp.asarray([1])))) == 1.0
+
+
 def test_a_static_batch_drafts_for_its_slowest_requests():
     """The batch ends with its slowest request: drafts go to the requests furthest behind, a request far ahead
     gets none, and when every request is level one hopeless request makes drafting useless for all."""
@@ -214,6 +263,28 @@ def test_buckets_worth_compiling_and_profiled():
     assert kept_costs == (1.0, 1.57, 1.88, 1.89, 2.16, 2.22, 2.24)
     few, _ = efficient_buckets(buckets, costs, max_buckets=4)
     assert few[0] == 1 and few[-1] == 12 and len(few) == 4
+    # a hand-computed choice of one interior bucket: rounding waste Σ_i (cost(kept above i) / cost_i − 1) is
+    # 4.74 keeping 12, 2.24 keeping 16, 1.63 keeping 32, 2.95 keeping 64 (the largest cost step, kept before
+    # session 33)
+    assert efficient_buckets((8, 12, 16, 32, 64, 128), (1.0, 1.3, 1.4, 2.0, 3.0, 5.0), max_buckets=3) == (
+        (8, 32, 128), (1.0, 2.0, 5.0))
+    rng = np.random.default_rng(0)
+    for _ in range(20):  # the dynamic programme against every subset (ends kept, dominated buckets never)
+        n = int(rng.integers(3, 9))
+        sizes = tuple(int(x) for x in np.cumsum(rng.integers(1, 9, n)))
+        cost = tuple(float(x) for x in np.cumsum(rng.uniform(-0.2, 1.0, n)) + 3.0)
+        k = int(rng.integers(2, n + 1))
+
+        def waste(keep):
+            return sum(min(cost[j] for j in keep if j >= i) / cost[i] - 1.0 for i in range(n))
+        allowed = [i for i in range(1, n - 1) if all(cost[i] < cost[j] for j in range(i + 1, n))]
+        best = min(waste((0, *inner, n - 1)) for m in range(0, k - 1)
+                   for inner in itertools.combinations(allowed, m))
+        kept, _ = efficient_buckets(sizes, cost, max_buckets=k)
+        assert len(kept) <= k and kept[0] == sizes[0] and kept[-1] == sizes[-1]
+        assert waste(tuple(sizes.index(t) for t in kept)) == pytest.approx(best)
+    with pytest.raises(ValueError, match="max_buckets"):
+        efficient_buckets((8, 12), (1.0, 2.0), max_buckets=1)
     assert efficient_buckets((1,), (0.5,)) == ((1,), (0.5,))
     assert efficient_buckets((8, 12), (1.0, 2.0)) == ((8, 12), (1.0, 2.0))
     for bad in [((1, 2), (1.0,)), ((0, 3), (1.0, 2.0)), ((1, 1), (1.0, 1.0)), ((1, 2), (1.0, -1.0))]:
@@ -230,7 +301,8 @@ def test_buckets_worth_compiling_and_profiled():
 COSTS = dict(verify_buckets=(4, 8, 16, 24), verify_costs=(1.0, 1.3, 1.6, 2.0))
 
 
-@pytest.mark.parametrize("loop_options", [dict(verify_buckets=(4, 12, 24)), COSTS])
+@pytest.mark.parametrize("loop_options", [dict(verify_buckets=(4, 12, 24)), COSTS,
+                                          dict(COSTS, plain_cost=0.8, progress_prior=2.0)])
 def test_greedy_identity_at_chosen_buckets(loop_options):
     tg, ts, cfg = make_target("gemma3")
     dg, ds = _ngram(cfg, 5)
@@ -259,6 +331,8 @@ def test_bad_buckets_are_rejected():
     ("ngram", dict(verify_buckets=(1, 2, 3), verify_costs=(1.0, 1.2, 1.9))),
     # plain rounds too: drafting pays only when confident matches shorten the pair's longer request by > 1.6
     ("ngram", dict(verify_buckets=(1, 3), verify_costs=(1.0, 1.0), plain_cost=1.0 / 1.6)),
+    # and with the progress record trusting the objective only as far as earlier rounds realized it
+    ("ngram", dict(verify_buckets=(1, 3), verify_costs=(1.0, 1.0), plain_cost=1.0 / 1.6, progress_prior=2.0)),
     # sampled model drafts: the bucket reads c_1 fresh and c_2 from the last drafted round
     ("dspark", dict(verify_buckets=(1, 2, 3), verify_costs=(1.0, 1.3, 1.9))),
     # the hybrid, its rounds without the model's forward priced by their own costs (`lookup_costs`)
@@ -447,9 +521,8 @@ def test_round_costs_profiled_sampled(monkeypatch):
 def test_hybrid_profile_times_rounds_with_and_without_the_model(monkeypatch):
     """A hybrid drafter's profile times its rounds twice at every bucket: the model's forward forced on
     (`seconds`) and skipped (`lookup_seconds`); `loop_settings` hands both to the loop at the efficient buckets."""
-    import dataclasses
     from flax import nnx
-    from dspark_jax.round_costs import RoundCosts
+    from dspark_jax.round_costs import PROGRESS_PRIOR, RoundCosts
     from tests.drafters.test_ngram import _hybrid
     costs, seen = _spied_profile(monkeypatch, lambda cfg: _hybrid(cfg, 2), "random+ngram",
                                  lambda args, kw: nnx.merge(args[2], args[3]).config.skip_model_at)
@@ -458,7 +531,7 @@ def test_hybrid_profile_times_rounds_with_and_without_the_model(monkeypatch):
     assert all(s >= costs.plain for s in costs.seconds + costs.lookup_seconds)
     table = RoundCosts(1, (1, 2, 3), (1.0, 3.0, 2.0), 0.5, lookup_seconds=(0.6, 0.7, 0.8))
     assert table.loop_settings() == dict(verify_buckets=(1, 3), verify_costs=(1.0, 2.0), plain_cost=0.5,
-                                         lookup_costs=(0.6, 0.8))
+                                         lookup_costs=(0.6, 0.8), progress_prior=PROGRESS_PRIOR)
     assert "lookup_costs" not in dataclasses.replace(table, lookup_seconds=None).loop_settings()
 
 

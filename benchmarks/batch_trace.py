@@ -72,12 +72,15 @@ def main():
         common = dict(prompts=jnp.asarray(tokens), prompt_lens=jnp.asarray(lens),
                       key=jax.random.split(jax.random.key(0), bs), params=SamplingParams.create(bs, 0.0, 0, 1.0))
         static = dict(max_new_tokens=n_new, stop_ids=target.stop_ids, pad_id=target.config.pad_token_id)
-        spec = jax.jit(lambda **kw: speculative_generate(
-            target.graphdef, target.state, drafter.graphdef, drafter.state, confidence_threshold=jnp.float32(0.0),
-            **kw, **static, **settings))
-        plain = jax.jit(lambda **kw: generate(target.graphdef, target.state, **kw, **static))
-        prefill_only = jax.jit(lambda **kw: generate(target.graphdef, target.state, **kw,
-                                                     **dict(static, max_new_tokens=1)))
+        def spec(**kw):  # the jitted functions themselves: the weights are arguments, not constants
+            return speculative_generate(target.graphdef, target.state, drafter.graphdef, drafter.state,
+                                        confidence_threshold=jnp.float32(0.0), **kw, **static, **settings)
+
+        def plain(**kw):
+            return generate(target.graphdef, target.state, **kw, **static)
+
+        def prefill_only(**kw):
+            return generate(target.graphdef, target.state, **kw, **dict(static, max_new_tokens=1))
         out = jax.block_until_ready(spec(**common))
         spec_s = best_time(lambda: jax.block_until_ready(spec(**common)))
         plain_s = best_time(lambda: jax.block_until_ready(plain(**common)))
@@ -90,7 +93,6 @@ def main():
         conf = np.asarray(out.confidence)
         n_rounds = np.asarray(out.rounds)
         generated = np.ones(bs, int)
-        done = np.zeros(bs, bool)
         rounds = []
         for r in range(int(n_rounds.max())):
             active = n_rounds > r
@@ -103,7 +105,6 @@ def main():
                                         jnp.asarray(remaining)))
             per_request = np.asarray(expected_committed(jnp.asarray(conf[:, r]), jnp.asarray(v), jnp.asarray(remaining)))
             generated = generated + np.where(active, committed[:, r], 0)
-            done = done | ~(n_rounds > r + 1)
             longest_before = remaining[active].max()
             longest_after = (n_new - generated)[(n_rounds > r + 1)].max() if (n_rounds > r + 1).any() else 0
             rounds.append(dict(round=r, kind=kind, rows=rows, bucket=bucket, active=int(active.sum()),
@@ -116,7 +117,7 @@ def main():
         by_bucket = collections.Counter(x["bucket"] for x in drafted)
         predicted_model = sum(x["cost_model"] for x in rounds)
         predicted_lookup = sum(x["cost_lookup"] for x in rounds)
-        plain_steps = n_new - 1
+        plain_steps = int(np.asarray(out.num_tokens).max()) - 1  # plain decoding's steps after the prefill's token
         row = dict(dataset=name, rounds=len(rounds), drafted_rounds=len(drafted),
                    drafted_by_bucket=dict(sorted(by_bucket.items())),
                    expected_progress_drafted=sum(x["expected"] for x in drafted),

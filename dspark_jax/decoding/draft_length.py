@@ -247,7 +247,7 @@ def efficient_buckets(buckets: tuple[int, ...], costs: tuple[float, ...], max_bu
         raise ValueError(f"buckets must be strictly increasing positive row counts, got {buckets}")
     if any(not np.isfinite(c) or c <= 0 for c in costs):
         raise ValueError(f"costs must be positive, got {costs}")
-    if max_buckets < 2 and len(buckets) > 1:
+    if max_buckets < 1 or (max_buckets < 2 and len(buckets) > 1):
         raise ValueError(f"max_buckets must keep the smallest and the largest bucket (>= 2), got {max_buckets}")
     n = len(buckets)
     cand = [n - 1]

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dspark_jax.decoding.autoregressive import prefill
-from dspark_jax.decoding.draft_length import (GAINS, bucket_rates, budget_confidence, choose_bucket, per_request_rows,
-                                             proposal_lengths, slack_of, verified_drafts)
+from dspark_jax.decoding.draft_length import (bucket_rates, budget_confidence, choose_bucket, expected_committed,
+                                             per_request_rows, proposal_lengths, slack_of, verified_drafts)
 from dspark_jax.decoding.verification import RoundResult, concat_taps, verify_round
 from dspark_jax.drafters.base import Proposal
 from dspark_jax.models.layout import dense_layout, make_layout
@@ -98,8 +98,9 @@ class SpecOutput:
 class _Outcome:
     """What a drafted or plain round computed, before anything is written into the state: the verification
     (its K/V still unwritten: `RoundResult.kv_rows`), verified [B] drafts per request, the round's confidence /
-    confidence_logits [B, G] to record, the gate's next plain_left, backoff and stale_confidence, and the
-    objective's expected progress of the round (scalar, `draft_length.GAINS`, unscaled)."""
+    confidence_logits [B, G] to record, the gate's next plain_left, backoff and stale_confidence, and each
+    request's expected position after the round [B] (slack + expected committed tokens: the terms of
+    `draft_length.fluid_gain`, from the round's fresh confidences) for the progress record."""
     res: RoundResult
     verified: jax.Array
     confidence: jax.Array
@@ -161,6 +162,11 @@ class _Rounds:
     objective: str = "fluid"  # `draft_length.GAINS` (benchmarks/schedule_sim.py replays the others)
     progress_prior: float | None = None  # expected progress the objective is trusted for (`progress_scale`)
 
+    def __post_init__(self):
+        if self.progress_prior is not None and self.objective != "fluid":
+            raise ValueError(f"the progress record measures the fluid objective's progress, not {self.objective!r}: "
+                             "use progress_prior=None with other objectives")
+
     def progress_scale(self, c: SpecState) -> jax.Array:
         """Scalar in [0, 1]: how much of the objective's expected progress beyond a plain round's this batch's
         drafted rounds have realized — (Σ realized + s) / (Σ expected + s) over its earlier drafted rounds, s =
@@ -171,7 +177,8 @@ class _Rounds:
         rates scale each bucket's gain g to 1 + scale · (g − 1) (`draft_length.bucket_rates`). Capped at 1: the
         per-request acceptance is the confidences' and their record's to correct — and at batch 1, where the
         longest request is the only one, there is no minimum to be optimistic about: 1. Reads only earlier
-        rounds: lossless."""
+        rounds: lossless. The record measures the fluid objective's progress: with another `objective` it is
+        refused (`__post_init__`)."""
         if self.progress_prior is None or c.progress is None or c.num_generated.shape[0] == 1:
             return jnp.float32(1.0)
         realized, expected = c.progress[0], c.progress[1]
@@ -279,9 +286,9 @@ class _Rounds:
             return run
 
         plain_left, backoff = c.plain_left, c.backoff
-        sampled = (self.params.temperature > 0) & ~_deterministic_rows(prop, b)
-        conf = budget_confidence(prop.confidence, c.stale_confidence, sampled)
         if choice is None:
+            sampled = (self.params.temperature > 0) & ~_deterministic_rows(prop, b)
+            conf = budget_confidence(prop.confidence, c.stale_confidence, sampled)
             if self.gate:  # the rates once: the choice is their argmax (`choose_bucket`)
                 rates = bucket_rates(conf, n_prop, active, remaining, self.buckets, self.round_costs(prop),
                                      self.objective, scale)
@@ -295,7 +302,8 @@ class _Rounds:
         res, verified = jax.lax.switch(choice, [at_bucket(t) for t in self.buckets])
         # the model rows' confidences (deterministic rows read fresh ones: `budget_confidence`)
         stale = jnp.where((active & ~_deterministic_rows(prop, b))[:, None], prop.confidence, c.stale_confidence)
-        expected = GAINS[self.objective](conf, verified, active, remaining)
+        # read only by later rounds (the progress record), so the fresh confidences serve, as for `stale`
+        expected = slack_of(active, remaining) + expected_committed(prop.confidence, verified, remaining)
         return _Outcome(res, verified, prop.confidence, prop.confidence_logits, plain_left, backoff, stale, expected)
 
     def plain(self, c: SpecState) -> SpecState:
@@ -351,14 +359,15 @@ class _Rounds:
         """The gate's state after a drafted round: plain_left, backoff, stale_confidence, and the progress record
         (`progress_scale`): the round's realized progress of the longest remaining request — min over the
         requests still to finish of slack + committed tokens (`draft_length.fluid_gain` with the committed counts
-        for the expected ones; a request that stopped this round holds nothing back) — beyond a plain round's 1,
-        against its expected progress beyond 1. A round whose every request stopped adds nothing."""
+        for the expected ones) — beyond a plain round's 1, against the expected one over the same requests
+        (`_Outcome.expected`): a request that stopped this round (a stop token, non-finite logits) holds nothing
+        back and counts on neither side. A round whose every request stopped adds nothing."""
         active = ~c.done
         remaining = self.max_new_tokens - c.num_generated
         staying = active & ~o.res.stopped & ~o.res.nonfinite
-        realized = jnp.min(jnp.where(staying, slack_of(active, remaining) + o.res.count, jnp.iinfo(jnp.int32).max))
-        counted = staying.any()
-        gained = jnp.where(counted, jnp.stack([realized.astype(jnp.float32), o.expected]) - 1.0, 0.0)
+        realized = jnp.min(jnp.where(staying, slack_of(active, remaining) + o.res.count, jnp.inf))
+        expected = jnp.min(jnp.where(staying, o.expected, jnp.inf))
+        gained = jnp.where(staying.any(), jnp.stack([realized, expected]).astype(jnp.float32) - 1.0, 0.0)
         return dataclasses.replace(c, plain_left=o.plain_left, backoff=o.backoff, stale_confidence=o.stale_confidence,
                                    progress=c.progress + gained)
 

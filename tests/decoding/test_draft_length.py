@@ -161,8 +161,9 @@ def test_rates_trust_a_share_of_the_expected_progress():
 
 def test_the_progress_record_of_drafted_rounds():
     """`_Rounds._gate_state` adds a drafted round's realized progress of the longest remaining request (min over
-    the requests still running of slack + committed) and its expected progress, each beyond a plain round's 1;
-    `progress_scale` trusts (Σ realized + s) / (Σ expected + s) of the objective's gains, at most all of them."""
+    the requests still running of slack + committed) and its expected progress over the same requests (min of
+    their expected positions), each beyond a plain round's 1; `progress_scale` trusts (Σ realized + s) /
+    (Σ expected + s) of the objective's gains, at most all of them."""
     from types import SimpleNamespace
 
     from dspark_jax.decoding.speculative import SpecState, _Outcome, _Rounds
@@ -177,13 +178,17 @@ def test_the_progress_record_of_drafted_rounds():
         res = SimpleNamespace(count=jnp.asarray(count), stopped=jnp.asarray(stopped),
                               nonfinite=jnp.zeros((3,), bool))
         return _Outcome(res=res, verified=None, confidence=None, confidence_logits=None, plain_left=jnp.int32(0),
-                        backoff=jnp.int32(1), stale_confidence=None, expected=jnp.float32(expected))
-    # remaining 9, 7, 5 → slack 0, 2, 4; the third request stopped: min(0 + 2, 2 + 1) = 2, expected 3
-    after = rounds._gate_state(c, outcome([2, 1, 1], [False, False, True], 3.0))
+                        backoff=jnp.int32(1), stale_confidence=None, expected=jnp.asarray(expected, jnp.float32))
+    # remaining 9, 7, 5 → slack 0, 2, 4; the third request stopped: realized min(0 + 2, 2 + 1) = 2, expected
+    # min(3.0, 3.5) = 3 (the stopped request's 2.0 does not count)
+    after = rounds._gate_state(c, outcome([2, 1, 1], [False, False, True], [3.0, 3.5, 2.0]))
     np.testing.assert_allclose(np.asarray(after.progress), [1.0, 2.0])
     assert float(rounds.progress_scale(after)) == pytest.approx(5 / 6)
+    # the slowest request stopped: the next one's position on both sides — min(2 + 1, 4 + 1) = 3 against 3.5
+    np.testing.assert_allclose(np.asarray(rounds._gate_state(c, outcome([1, 1, 1], [True, False, False],
+                                                                        [3.0, 3.5, 6.0])).progress), [2.0, 2.5])
     # a round whose every request stopped adds nothing
-    same = rounds._gate_state(after, outcome([1, 1, 1], [True, True, True], 5.0))
+    same = rounds._gate_state(after, outcome([1, 1, 1], [True, True, True], [5.0, 5.0, 5.0]))
     np.testing.assert_allclose(np.asarray(same.progress), [1.0, 2.0])
     # more realized than expected: trusted fully, not more
     ahead = dataclasses.replace(c, progress=jnp.asarray([6.0, 1.0]))
@@ -193,6 +198,8 @@ def test_the_progress_record_of_drafted_rounds():
     assert float(dataclasses.replace(rounds, progress_prior=None).progress_scale(behind)) == 1.0
     # batch 1: the longest request is the only one, no minimum to be optimistic about
     assert float(rounds.progress_scale(dataclasses.replace(behind, num_generated=jnp.asarray([1])))) == 1.0
+    with pytest.raises(ValueError, match="fluid"):  # the record measures the fluid objective's progress
+        dataclasses.replace(rounds, objective="one_round")
 
 
 def test_a_static_batch_drafts_for_its_slowest_requests():
@@ -283,8 +290,9 @@ def test_buckets_worth_compiling_and_profiled():
         kept, _ = efficient_buckets(sizes, cost, max_buckets=k)
         assert len(kept) <= k and kept[0] == sizes[0] and kept[-1] == sizes[-1]
         assert waste(tuple(sizes.index(t) for t in kept)) == pytest.approx(best)
-    with pytest.raises(ValueError, match="max_buckets"):
-        efficient_buckets((8, 12), (1.0, 2.0), max_buckets=1)
+    for keep, sizes in [(1, (8, 12)), (0, (8,))]:
+        with pytest.raises(ValueError, match="max_buckets"):
+            efficient_buckets(sizes, (1.0, 2.0)[:len(sizes)], max_buckets=keep)
     assert efficient_buckets((1,), (0.5,)) == ((1,), (0.5,))
     assert efficient_buckets((8, 12), (1.0, 2.0)) == ((8, 12), (1.0, 2.0))
     for bad in [((1, 2), (1.0,)), ((0, 3), (1.0, 2.0)), ((1, 1), (1.0, 1.0)), ((1, 2), (1.0, -1.0))]:

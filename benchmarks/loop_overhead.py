@@ -163,20 +163,13 @@ def step_bucket_settings(costs, max_buckets: int) -> dict:
     """The auto loop's settings with the buckets kept by the rule before session 33: the ends, and among the
     buckets cheaper than every larger one those with the largest absolute cost step to their next larger kept
     neighbour (it favours large buckets; `draft_length.efficient_buckets` now minimises the rounding waste)."""
-    keep = [len(costs.buckets) - 1]
-    for i in range(len(costs.buckets) - 2, -1, -1):
-        if costs.seconds[i] < costs.seconds[keep[-1]] or i == 0:
-            keep.append(i)
-    keep = sorted(set(keep))
+    from dspark_jax.decoding.draft_length import undominated_buckets
+    keep = undominated_buckets(costs.seconds)
     if len(keep) > max_buckets:
         inner = keep[1:-1]
         saving = {i: costs.seconds[keep[keep.index(i) + 1]] - costs.seconds[i] for i in inner}
         keep = [keep[0]] + sorted(sorted(inner, key=lambda i: -saving[i])[:max_buckets - 2]) + [keep[-1]]
-    settings = dict(verify_buckets=tuple(costs.buckets[i] for i in keep),
-                    verify_costs=tuple(float(costs.seconds[i]) for i in keep), plain_cost=costs.plain)
-    if costs.lookup_seconds is not None:
-        settings["lookup_costs"] = tuple(float(costs.lookup_seconds[i]) for i in keep)
-    return settings
+    return costs.settings_at(tuple(costs.buckets[i] for i in keep))
 
 
 if __name__ == "__main__":

@@ -70,11 +70,15 @@ class RoundCosts:
         """`speculative_generate`'s verify_buckets / verify_costs / plain_cost (and lookup_costs for a hybrid)
         for the gated loop (draft length "auto"): the efficient buckets, their seconds and the plain round's, and
         the progress record's prior (`PROGRESS_PRIOR`)."""
-        buckets, seconds = self.efficient(max_buckets)
-        settings = dict(verify_buckets=buckets, verify_costs=seconds, plain_cost=self.plain,
-                        progress_prior=PROGRESS_PRIOR)
+        return self.settings_at(self.efficient(max_buckets)[0])
+
+    def settings_at(self, buckets: tuple[int, ...]) -> dict:
+        """`loop_settings` at the given profiled buckets (ascending, each one of `self.buckets`)."""
+        at = [self.buckets.index(t) for t in buckets]
+        settings = dict(verify_buckets=tuple(buckets), verify_costs=tuple(float(self.seconds[i]) for i in at),
+                        plain_cost=self.plain, progress_prior=PROGRESS_PRIOR)
         if self.lookup_seconds is not None:
-            settings["lookup_costs"] = tuple(float(self.lookup_seconds[self.buckets.index(t)]) for t in buckets)
+            settings["lookup_costs"] = tuple(float(self.lookup_seconds[i]) for i in at)
         return settings
 
 

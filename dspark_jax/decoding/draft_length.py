@@ -231,6 +231,17 @@ def profile_buckets(batch: int, gamma: int) -> tuple[int, ...]:
     return tuple(sorted(set(rows)))
 
 
+def undominated_buckets(costs: tuple[float, ...]) -> list[int]:
+    """Ascending indices of the buckets worth compiling at all: the smallest, and every one that costs less than
+    every larger one (a bucket costing as much as a larger one is never the best choice). costs [n] per bucket,
+    ascending bucket sizes."""
+    keep = [len(costs) - 1]
+    for i in range(len(costs) - 2, -1, -1):
+        if costs[i] < costs[keep[-1]] or i == 0:
+            keep.append(i)
+    return sorted(set(keep))
+
+
 def efficient_buckets(buckets: tuple[int, ...], costs: tuple[float, ...], max_buckets: int = 5
                       ) -> tuple[tuple[int, ...], tuple[float, ...]]:
     """The buckets worth compiling: the smallest, the largest, and among those that cost less than every larger
@@ -249,12 +260,7 @@ def efficient_buckets(buckets: tuple[int, ...], costs: tuple[float, ...], max_bu
         raise ValueError(f"costs must be positive, got {costs}")
     if max_buckets < 1 or (max_buckets < 2 and len(buckets) > 1):
         raise ValueError(f"max_buckets must keep the smallest and the largest bucket (>= 2), got {max_buckets}")
-    n = len(buckets)
-    cand = [n - 1]
-    for i in range(n - 2, -1, -1):
-        if costs[i] < costs[cand[-1]] or i == 0:
-            cand.append(i)
-    cand = sorted(set(cand))
+    cand = undominated_buckets(costs)
 
     def waste(lo: int, hi: int) -> float:  # profiled buckets lo+1..hi rounded up to bucket hi
         return sum(costs[hi] / costs[i] - 1.0 for i in range(lo + 1, hi + 1))
@@ -270,7 +276,7 @@ def efficient_buckets(buckets: tuple[int, ...], costs: tuple[float, ...], max_bu
                 total = best[k - 1][prev] + waste(cand[prev], cand[j])
                 if total < best[k][j]:
                     best[k][j], came[k][j] = total, prev
-    k, j = (keep_count, len(cand) - 1) if len(cand) > 1 else (1, 0)
+    k, j = keep_count, len(cand) - 1
     keep = []
     while j >= 0 and k >= 1:
         keep.append(cand[j])

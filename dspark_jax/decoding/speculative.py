@@ -172,14 +172,14 @@ class _Rounds:
         drafted rounds have realized — (Σ realized + s) / (Σ expected + s) over its earlier drafted rounds, s =
         `progress_prior` (None: 1, no correction). At batch 8 the fluid objective (min over requests of their
         expected positions) promises more than the minimum of their realized positions brings: on gsm8k's first 8
-        held-out prompts the per-request expected committed tokens were right (603 expected, 600 committed) but
-        the longest request's expected progress was 107 tokens where 75 came (BENCHMARKS.md "Session 33"). The
+        held-out prompts the per-request expected committed tokens were right (481 expected, 496 committed) but
+        the longest request's expected progress was 81 tokens where 62 came (BENCHMARKS.md "Session 33"). The
         rates scale each bucket's gain g to 1 + scale · (g − 1) (`draft_length.bucket_rates`). Capped at 1: the
         per-request acceptance is the confidences' and their record's to correct — and at batch 1, where the
         longest request is the only one, there is no minimum to be optimistic about: 1. Reads only earlier
         rounds: lossless. The record measures the fluid objective's progress: with another `objective` it is
         refused (`__post_init__`)."""
-        if self.progress_prior is None or c.progress is None or c.num_generated.shape[0] == 1:
+        if self.progress_prior is None or c.num_generated.shape[0] == 1:
             return jnp.float32(1.0)
         realized, expected = c.progress[0], c.progress[1]
         return jnp.clip((realized + self.progress_prior) / (expected + self.progress_prior), 0.0, 1.0)

@@ -13,7 +13,9 @@ is the loop's overhead per round: its bookkeeping, the drafter's commit (for a m
 its context update from the target's features, in every round), and anything XLA adds around the
 conditionals of a round (before session 11, a copy of the whole KV cache in every round). The 'auto' loop is
 what `--draft_length auto` runs (the cached round-cost profile of this machine, `round_costs`), timed in the
-same interleaving: auto against every-round-plain is what the gate's choices cost or gain. Writes JSON.
+same interleaving: auto against every-round-plain is what the gate's choices cost or gain. The drafter's head
+rows (`draft_head`) are gathered once per run and passed to every call, as `generation.decode_batches` does
+('auto_head_inside': gathered in every call, as before session 34). Writes JSON.
 """
 from __future__ import annotations
 
@@ -36,12 +38,14 @@ def main():
                     "plain), 'verified' (every proposal verified), 'auto' (the profiled gate), 'auto_one_table' "
                     "(the gate pricing a hybrid's rounds that skip its model by the table with the model, as "
                     "before session 23), 'auto_no_record' (without the progress record, as before session 33), "
-                    "'auto_step_buckets' (that, with the buckets kept before session 33), comma-separated")
+                    "'auto_step_buckets' (that, with the buckets kept before session 33), 'auto_head_inside' "
+                    "(the drafter's head rows gathered in every call, as before session 34), comma-separated")
     ap.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
     ap.add_argument("--max_buckets", type=int, default=5, help="buckets the auto loops compile")
     ap.add_argument("--output", default="benchmarks/results/loop_overhead.json")
     args = ap.parse_args()
-    loop_names = {"plain", "verified", "auto", "auto_one_table", "auto_step_buckets", "auto_no_record"}
+    loop_names = {"plain", "verified", "auto", "auto_one_table", "auto_step_buckets", "auto_no_record",
+                  "auto_head_inside"}
     if set(args.loops.split(",")) - loop_names:
         raise SystemExit(f"--loops takes {sorted(loop_names)}, got {args.loops!r}")
 
@@ -51,7 +55,7 @@ def main():
 
     from dspark_jax.data import eval_dataset_path, read_first_turns
     from dspark_jax.decoding.autoregressive import generate
-    from dspark_jax.decoding.speculative import speculative_generate
+    from dspark_jax.decoding.speculative import draft_head, speculative_generate
     from dspark_jax.drafters.factory import load_drafter, with_block_size
     from dspark_jax.generation import encode_prompts, pad_batch
     from dspark_jax.round_costs import load_or_profile_round_costs
@@ -68,6 +72,8 @@ def main():
         gamma = int(g or args.gamma)
         drafter = load_drafter(spec, target, gamma=gamma)
         drafters[entry] = with_block_size(drafter, gamma)
+    heads = {entry: jax.jit(draft_head, static_argnames=("target_graphdef", "drafter_graphdef"))(
+        target.graphdef, target.state, d.graphdef, d.state) for entry, d in drafters.items()}  # as generation does
     bs = args.batch_size
 
     executables = {}
@@ -102,8 +108,9 @@ def main():
                                         dict(static, graphdef=target.graphdef))}
         for spec, drafter in drafters.items():
             buckets = (bs, 2 * bs, bs * (drafter.config.block_size + 1))
-            spec_args = dict(common, target_state=target.state, drafter_state=drafter.state,
-                             confidence_threshold=jnp.float32(0.0))
+            inside = dict(common, target_state=target.state, drafter_state=drafter.state,
+                          confidence_threshold=jnp.float32(0.0))
+            spec_args = inside if heads[spec] is None else dict(inside, head=heads[spec])
             loops = {"plain": ("every round plain", dict(verify_buckets=buckets, verify_costs=(1.0, 2.0, 5.0),
                                                          plain_cost=1e-6)),
                      "verified": ("every proposal verified", dict(verify_buckets=buckets))}
@@ -117,9 +124,12 @@ def main():
                 loops["auto_step_buckets"] = ("auto, step buckets, no record",
                                               dict(step_bucket_settings(costs, args.max_buckets), progress_prior=None))
                 loops["auto_no_record"] = ("auto, no progress record", dict(settings, progress_prior=None))
-            for label, extra in (loops[k] for k in args.loops.split(",")):
+                loops["auto_head_inside"] = ("auto, head gathered inside", settings)
+            for key in args.loops.split(","):
+                label, extra = loops[key]
                 buckets_of[(spec, label)] = extra.get("verify_buckets")
-                runs[(spec, label)] = compiled((spec, label), speculative_generate, spec_args,
+                runs[(spec, label)] = compiled((spec, label), speculative_generate,
+                                               inside if key == "auto_head_inside" else spec_args,
                                                dict(static, target_graphdef=target.graphdef,
                                                     drafter_graphdef=drafter.graphdef, **extra))
         return runs

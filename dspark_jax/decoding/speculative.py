@@ -145,8 +145,9 @@ MAX_PLAIN_RUN = 16  # the longest run of plain rounds between two drafted rounds
 class _Rounds:
     """What every round of one call shares: the merged modules, sampling settings and the bucket / cost
     configuration (fixed while tracing). `start` prefills; `step` runs one round. `head`: the drafter's output
-    embedding rows (`head_matrix`), gathered once per call, outside the loop (a 16k-row gather from the
-    target's 262k-row embedding costs more than the draft layer itself on a CPU)."""
+    embedding rows (`head_matrix`), gathered outside the loop — by the caller once for all its calls
+    (`draft_head`), else once per call (a 32k-row gather from the target's 262k-row embedding costs more than
+    the draft layer itself on a CPU: ~24 ms, BENCHMARKS.md "Session 34")."""
     target: nnx.Module
     drafter: nnx.Module
     head: jax.Array | None
@@ -403,12 +404,27 @@ class _Rounds:
                                    nonfinite=c.nonfinite | res.nonfinite)
 
 
+def draft_head(target_graphdef: nnx.GraphDef, target_state: nnx.State, drafter_graphdef: nnx.GraphDef,
+               drafter_state: nnx.State) -> jax.Array | None:
+    """The drafter's output-embedding rows [N, d] (`head_matrix`: the target's embedding rows of the draft
+    vocabulary; None for lookup), for a caller that decodes many batches (`generation.decode_batches`) or serves
+    (`serving.engine`) to gather once and pass to every call. Jit it with the graph definitions static."""
+    return nnx.merge(drafter_graphdef, drafter_state).head_matrix(nnx.merge(target_graphdef, target_state))
+
+
 def _rounds(target_graphdef, target_state, drafter_graphdef, drafter_state, params, confidence_threshold, *,
             batch, max_new_tokens, stop_ids, mode, verify_buckets, verify_costs, plain_cost, lookup_costs=None,
-            progress_prior=None) -> _Rounds:
-    """The static round context of one call, with the bucket / cost settings checked."""
+            progress_prior=None, head=None) -> _Rounds:
+    """The static round context of one call, with the bucket / cost settings checked (head: `draft_head`'s
+    output, None: gathered here)."""
     target = nnx.merge(target_graphdef, target_state)
     drafter = nnx.merge(drafter_graphdef, drafter_state)
+    gathered = jax.eval_shape(drafter.head_matrix, target)
+    if head is None:
+        head = drafter.head_matrix(target)
+    elif gathered is None or head.shape != gathered.shape:
+        raise ValueError(f"head must be this drafter's draft_head output of shape "
+                         f"{None if gathered is None else gathered.shape}, got {head.shape}")
     g = drafter.config.block_size
     buckets = tuple(verify_buckets or (batch, batch * (g + 1)))
     if list(buckets) != sorted(set(buckets)) or buckets[0] != batch or buckets[-1] > batch * (g + 1):
@@ -423,7 +439,7 @@ def _rounds(target_graphdef, target_state, drafter_graphdef, drafter_state, para
     if lookup_costs is not None and (verify_costs is None or len(lookup_costs) != len(buckets)):
         raise ValueError(f"lookup_costs need verify_costs and one cost per bucket: {len(buckets)} buckets, "
                          f"{len(lookup_costs)} lookup costs")
-    return _Rounds(target=target, drafter=drafter, head=drafter.head_matrix(target), params=params, mode=mode,
+    return _Rounds(target=target, drafter=drafter, head=head, params=params, mode=mode,
                    stops=jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32), threshold=confidence_threshold,
                    max_new_tokens=max_new_tokens, buckets=buckets, costs=verify_costs,
                    plain_cost=plain_cost, lookup_costs=lookup_costs, progress_prior=progress_prior)
@@ -436,8 +452,8 @@ def speculative_generate(target_graphdef: nnx.GraphDef, target_state: nnx.State,
                          stop_ids: tuple[int, ...], mode: FilterMode = FilterMode(), pad_id: int = 0,
                          verify_buckets: tuple[int, ...] | None = None,
                          verify_costs: tuple[float, ...] | None = None, plain_cost: float | None = None,
-                         lookup_costs: tuple[float, ...] | None = None, progress_prior: float | None = None
-                         ) -> SpecOutput:
+                         lookup_costs: tuple[float, ...] | None = None, progress_prior: float | None = None,
+                         head: jax.Array | None = None) -> SpecOutput:
     """Lossless speculative decoding of right-padded prompts [B, P] (lengths [B]); exactly
     `max_new_tokens` per request, or fewer up to and including a stop token. key: one per request [B] or one
     for the batch (`sampling.keys`).
@@ -456,12 +472,14 @@ def speculative_generate(target_graphdef: nnx.GraphDef, target_state: nnx.State,
     hybrid with `price_model` skips its model's forward where it is not expected to pay (`_Rounds.model_pays`).
     With `progress_prior` (> 0, tokens) the rates trust the objective's expected progress only as far as the
     batch's earlier drafted rounds realized it (`_Rounds.progress_scale`).
-    Raises ValueError on inconsistent buckets / costs."""
+    head: the drafter's output-embedding rows from `draft_head` (a caller decoding many batches gathers them
+    once); None: gathered in the call.
+    Raises ValueError on inconsistent buckets / costs, or a head of another shape than `draft_head`'s."""
     check_batch(prompts, prompt_lens, params)
     rounds = _rounds(target_graphdef, target_state, drafter_graphdef, drafter_state, params, confidence_threshold,
                      batch=prompts.shape[0], max_new_tokens=max_new_tokens, stop_ids=stop_ids, mode=mode,
                      verify_buckets=verify_buckets, verify_costs=verify_costs, plain_cost=plain_cost,
-                     lookup_costs=lookup_costs, progress_prior=progress_prior)
+                     lookup_costs=lookup_costs, progress_prior=progress_prior, head=head)
     state = rounds.start(prompts, prompt_lens, key, pad_id)
     final = jax.lax.while_loop(lambda c: ~jnp.all(c.done), rounds.step, state)
     return SpecOutput(tokens=final.tokens[:, :max_new_tokens], num_tokens=final.num_generated, rounds=final.rounds,

@@ -75,17 +75,12 @@ def _set_rows(full, rows, slots):
     return jax.tree.map(lambda f, r: f.at[slots].set(r.astype(f.dtype)), full, rows)
 
 
-def head_matrix(target_graphdef, target_state, drafter_graphdef, drafter_state) -> jax.Array | None:
-    """The drafter's output-embedding rows (`head_matrix`; None for lookup): gathered once per engine and passed
-    to every `admit` / `step` (gathered inside each step it costs more than the draft layer on a CPU)."""
-    return nnx.merge(drafter_graphdef, drafter_state).head_matrix(nnx.merge(target_graphdef, target_state))
-
-
 def admit(target_graphdef, target_state, drafter_graphdef, drafter_state, head, state: EngineState, slots: jax.Array,
           prompts: jax.Array, prompt_lens: jax.Array, params: SamplingParams, max_new_tokens: jax.Array,
           keys: jax.Array, stops: jax.Array, *, mode: FilterMode) -> tuple[EngineState, jax.Array, jax.Array, jax.Array]:
     """Prefills right-padded prompts [n, P] into `slots` [n]; samples each first token; drafts each first
-    proposal (head: `head_matrix`'s output). params: batch-n SamplingParams; keys [n]: the requests' keys (`sampling.keys.request_keys`).
+    proposal (head: `decoding.speculative.draft_head`'s output, gathered once per engine). params: batch-n
+    SamplingParams; keys [n]: the requests' keys (`sampling.keys.request_keys`).
     Returns (state, first tokens [n], already finished [n], non-finite prefill logits [n] — such a request is
     not activated and must end with an error)."""
     check_batch(prompts, prompt_lens, params)
@@ -119,7 +114,8 @@ def deactivate(state: EngineState, slot: jax.Array) -> EngineState:
 def step(target_graphdef, target_state, drafter_graphdef, drafter_state, head, state: EngineState, caps: jax.Array,
          floors: jax.Array, draft_budget: jax.Array, stops: jax.Array, *, bucket: int, draft: bool, mode: FilterMode,
          kv_len: int | None = None) -> tuple[EngineState, StepOutput]:
-    """Verifies the pending proposals and drafts the next ones (head: `head_matrix`'s output).
+    """Verifies the pending proposals and drafts the next ones (head: `decoding.speculative.draft_head`'s
+    output, gathered once per engine).
 
     Each active slot verifies its anchor plus ℓ_s drafts, ℓ = the `draft_budget` drafts of highest fresh
     survival product within per-slot caps (`allocate_top_k`; with draft_budget = Σ caps every capped draft is

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dspark_jax.decoding.speculative import draft_head
 from dspark_jax.sampling import SamplingParams
 from dspark_jax.sampling.keys import request_key_data, request_keys
 from dspark_jax.serving import device_step
@@ -171,7 +172,7 @@ class Engine:
         t, d = self.target, self.drafter
         common = dict(target_graphdef=t.graphdef, target_state=t.state, drafter_graphdef=d.graphdef,
                       drafter_state=d.state)
-        head = jax.jit(device_step.head_matrix, static_argnames=("target_graphdef", "drafter_graphdef"))(**common)
+        head = jax.jit(draft_head, static_argnames=("target_graphdef", "drafter_graphdef"))(**common)
         common["head"] = head
         self._dynamic = dict(target_state=t.state, drafter_state=d.state, head=head)  # compiled calls omit static args
         cfg = self.config

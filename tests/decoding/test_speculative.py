@@ -16,7 +16,7 @@ from dspark_jax.decoding import verification
 from dspark_jax.decoding.autoregressive import generate
 from dspark_jax.decoding.rejection import Verdict
 from dspark_jax.sampling import FilterMode, SamplingParams, token_probs
-from dspark_jax.decoding.speculative import speculative_generate
+from dspark_jax.decoding.speculative import draft_head, speculative_generate
 from dspark_jax.drafters.config import make_drafter_config
 from dspark_jax.drafters.dspark import DSparkDrafter
 from dspark_jax.drafters.eagle3 import Eagle3Drafter
@@ -79,6 +79,32 @@ def test_greedy_speculative_equals_greedy_plain(family, alg, gamma, reduced, thr
         expect = np.where(low.any(1), low.argmax(1), gamma)
         np.testing.assert_array_equal(np.asarray(sp.proposed[i, :rounds[i]]), expect)
 
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_head_gathered_by_the_caller_decodes_the_same(temperature):
+    """The drafter's head rows gathered once by the caller (`draft_head`, what `generation.decode_batches`
+    passes) give the very same output as gathering them in the call — a reduced draft vocabulary, so the
+    gather is a real one; a head of another shape is refused, naming the expected one."""
+    tg, ts, cfg = make_target("gemma3")
+    dg, ds = make_drafter("dspark", cfg, 4, reduced=True)
+    tokens, lens = _batch(PROMPTS)
+    args = (tg, ts, dg, ds, tokens, lens, jax.random.key(3), SamplingParams.create(3, temperature), jnp.float32(0.0))
+    kw = dict(max_new_tokens=13, stop_ids=())
+    head = draft_head(tg, ts, dg, ds)
+    assert head.shape == (40, cfg.hidden_size)
+    inside, passed = speculative_generate(*args, **kw), speculative_generate(*args, head=head, **kw)
+    for field in ("tokens", "num_tokens", "rounds", "proposed", "accepted", "confidence"):
+        np.testing.assert_array_equal(np.asarray(getattr(passed, field)), np.asarray(getattr(inside, field)))
+    if temperature > 0:  # the passed rows are the ones drafted with: other rows, other draft probabilities
+        other = speculative_generate(*args, head=jnp.roll(head, 1, axis=0), **kw)
+        assert not np.array_equal(np.asarray(other.tokens), np.asarray(inside.tokens))
+    with pytest.raises(ValueError, match=r"head must be this drafter's draft_head output of shape \(40, "):
+        speculative_generate(*args, head=head[:39], **kw)
+    lookup_g, lookup_s = nnx.split(NgramDrafter(NgramConfig(block_size=4), cfg.vocab_size))
+    assert draft_head(tg, ts, lookup_g, lookup_s) is None
+    with pytest.raises(ValueError, match="shape None"):
+        speculative_generate(tg, ts, lookup_g, lookup_s, *args[4:], head=head, **kw)
 
 def test_zero_length_proposals_still_decode_exactly():
     """A threshold above every confidence proposes nothing: each round commits just the target's token."""

@@ -16,6 +16,7 @@ from dspark_jax.testing.tiny_configs import tiny_gemma3
 from dspark_jax.sampling import FilterMode, SamplingParams
 from dspark_jax.drafters.factory import random_drafter
 from dspark_jax.models.transformer import Transformer
+from dspark_jax.decoding.speculative import draft_head
 from dspark_jax.serving import device_step
 from dspark_jax.serving.engine import Engine, EngineConfig
 from dspark_jax.serving.engine_config import kv_buckets
@@ -251,7 +252,7 @@ def test_scheduled_decoding_is_lossless_at_temperature_one(variant):
     state = device_step.init_engine_state(model, dmodel, S, 16)
     stops = jnp.asarray([-1], jnp.int32)
     static = dict(target_graphdef=tg, drafter_graphdef=dr.graphdef, mode=FilterMode())
-    head = device_step.head_matrix(tg, ts, dr.graphdef, dr.state)
+    head = draft_head(tg, ts, dr.graphdef, dr.state)
     state, first, _, _ = jax.jit(device_step.admit, static_argnames=tuple(static))(
         target_state=ts, drafter_state=dr.state, head=head, state=state, slots=jnp.arange(S), prompts=jnp.tile(
             jnp.asarray(prompt, jnp.int32), (S, 1)), prompt_lens=jnp.full((S,), 3), params=params,

@@ -30,7 +30,8 @@ def main():
     ap.add_argument("--drafter", default="default+ngram")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--rounds", type=int, default=40, help="rounds per timing difference in part 1")
-    ap.add_argument("--caps", default="2,16,1000", help="back-off caps of part 2")
+    ap.add_argument("--caps", default="2,16,1000", help="back-off caps of part 2 (0: every round after the "
+                    "first plain one is a drafted round)")
     ap.add_argument("--output", default="benchmarks/results/probe_cost.json")
     args = ap.parse_args()
 

@@ -85,12 +85,17 @@ def main():
     try:
         for cap in caps:
             speculative.MAX_PLAIN_RUN = cap
+            jax.clear_caches()  # else the first variant's cached trace serves all (the cap is read while tracing)
             exe[cap] = speculative.speculative_generate.lower(
                 **spec_args, target_graphdef=target.graphdef, drafter_graphdef=drafter.graphdef, **static,
                 **settings).compile()
             call[cap] = spec_args
     finally:
         speculative.MAX_PLAIN_RUN = default_cap
+        jax.clear_caches()
+    texts = [exe[cap].as_text() for cap in caps]
+    if len(set(texts)) != len(texts):
+        raise SystemExit("the back-off cap variants compiled to the same program: the cap was not traced")
     outs = {k: jax.block_until_ready(exe[k](**call[k])) for k in exe}  # warm-up
     times = {k: [] for k in exe}
     for _ in range(args.repeats):

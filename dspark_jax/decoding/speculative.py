@@ -422,9 +422,10 @@ def _rounds(target_graphdef, target_state, drafter_graphdef, drafter_state, para
     gathered = jax.eval_shape(drafter.head_matrix, target)
     if head is None:
         head = drafter.head_matrix(target)
-    elif gathered is None or head.shape != gathered.shape:
+    elif gathered is None or head.shape != gathered.shape or head.dtype != gathered.dtype:
         raise ValueError(f"head must be this drafter's draft_head output of shape "
-                         f"{None if gathered is None else gathered.shape}, got {head.shape}")
+                         f"{None if gathered is None else (gathered.shape, str(gathered.dtype))}, "
+                         f"got {(head.shape, str(head.dtype))}")
     g = drafter.config.block_size
     buckets = tuple(verify_buckets or (batch, batch * (g + 1)))
     if list(buckets) != sorted(set(buckets)) or buckets[0] != batch or buckets[-1] > batch * (g + 1):

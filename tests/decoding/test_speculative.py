@@ -80,12 +80,11 @@ def test_greedy_speculative_equals_greedy_plain(family, alg, gamma, reduced, thr
         np.testing.assert_array_equal(np.asarray(sp.proposed[i, :rounds[i]]), expect)
 
 
-
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_head_gathered_by_the_caller_decodes_the_same(temperature):
     """The drafter's head rows gathered once by the caller (`draft_head`, what `generation.decode_batches`
     passes) give the very same output as gathering them in the call — a reduced draft vocabulary, so the
-    gather is a real one; a head of another shape is refused, naming the expected one."""
+    gather is a real one; a head of another shape or dtype is refused, naming the expected one."""
     tg, ts, cfg = make_target("gemma3")
     dg, ds = make_drafter("dspark", cfg, 4, reduced=True)
     tokens, lens = _batch(PROMPTS)
@@ -99,12 +98,15 @@ def test_head_gathered_by_the_caller_decodes_the_same(temperature):
     if temperature > 0:  # the passed rows are the ones drafted with: other rows, other draft probabilities
         other = speculative_generate(*args, head=jnp.roll(head, 1, axis=0), **kw)
         assert not np.array_equal(np.asarray(other.tokens), np.asarray(inside.tokens))
-    with pytest.raises(ValueError, match=r"head must be this drafter's draft_head output of shape \(40, "):
+    with pytest.raises(ValueError, match=r"head must be this drafter's draft_head output of shape \(\(40, "):
         speculative_generate(*args, head=head[:39], **kw)
+    with pytest.raises(ValueError, match="float32"):
+        speculative_generate(*args, head=head.astype(jnp.bfloat16), **kw)
     lookup_g, lookup_s = nnx.split(NgramDrafter(NgramConfig(block_size=4), cfg.vocab_size))
     assert draft_head(tg, ts, lookup_g, lookup_s) is None
     with pytest.raises(ValueError, match="shape None"):
         speculative_generate(tg, ts, lookup_g, lookup_s, *args[4:], head=head, **kw)
+
 
 def test_zero_length_proposals_still_decode_exactly():
     """A threshold above every confidence proposes nothing: each round commits just the target's token."""

@@ -6,11 +6,14 @@ verifies only the anchors (bucket B). Two measurements, one run:
    (time of lo + n rounds − time of lo rounds) / n over --rounds rounds (`round_costs.time_rounds`; the round-cost
    profile times 4 rounds: its ratios carry ±10–15 %), --repeats passes, the pass-by-pass ratio to the pass's
    plain round.
-2. The whole loop at three back-off caps (2: a probe every ≤ 3 rounds; 16, the loop's; 1000: ~7 probes in 96
-   rounds), `--draft_length auto` settings, against plain decoding, interleaved, paired per repeat, on the
-   first --batch_size prompts of --dataset. If probes cost something, the cap-2 loop is the slowest.
+2. The whole loop at several back-off caps (0: every round after the first plain one is a probe; 16, the loop's;
+   1000: ~7 probes in 96 rounds), `--draft_length auto` settings, against plain decoding, interleaved, paired per
+   repeat, on the first --batch_size prompts of --dataset: what the probes cost inside the loop. The cap is a
+   module constant read while tracing: JAX's caches are cleared between variants, and the run stops if two
+   variants compiled to the same program.
 
-    python benchmarks/probe_cost.py [--dataset mt-bench --batch_size 8 --gamma 15 --repeats 7 --rounds 40]
+    python benchmarks/probe_cost.py [--dataset mt-bench --batch_size 8 --gamma 15 --repeats 7 --rounds 40
+                                     --caps 0,16,1000]
 
 Writes JSON.
 """
@@ -30,7 +33,7 @@ def main():
     ap.add_argument("--drafter", default="default+ngram")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--rounds", type=int, default=40, help="rounds per timing difference in part 1")
-    ap.add_argument("--caps", default="2,16,1000", help="back-off caps of part 2 (0: every round after the "
+    ap.add_argument("--caps", default="0,16,1000", help="back-off caps of part 2 (0: every round after the "
                     "first plain one is a drafted round)")
     ap.add_argument("--output", default="benchmarks/results/probe_cost.json")
     args = ap.parse_args()

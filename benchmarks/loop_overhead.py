@@ -72,8 +72,8 @@ def main():
         gamma = int(g or args.gamma)
         drafter = load_drafter(spec, target, gamma=gamma)
         drafters[entry] = with_block_size(drafter, gamma)
-    heads = {entry: jax.jit(draft_head, static_argnames=("target_graphdef", "drafter_graphdef"))(
-        target.graphdef, target.state, d.graphdef, d.state) for entry, d in drafters.items()}  # as generation does
+    heads = {entry: draft_head(target.graphdef, target.state, d.graphdef, d.state)  # as generation does
+             for entry, d in drafters.items()}
     bs = args.batch_size
 
     executables = {}

@@ -122,8 +122,7 @@ def decode_batches(target: Target, encoded: Sequence[Sequence[int]], config: Gen
         # the drafter's head rows gathered once for every batch, not once per call (~24 ms each on a CPU); on a
         # mesh each call gathers them from the sharded embedding (a replicated copy would undo the vocabulary split)
         if mesh is None:
-            head = jax.jit(draft_head, static_argnames=("target_graphdef", "drafter_graphdef"))(
-                target.graphdef, target.state, drafter.graphdef, drafter.state)
+            head = draft_head(target.graphdef, target.state, drafter.graphdef, drafter.state)
             if head is not None:
                 fixed["head"] = head
         if config.draft_length == "auto":

@@ -404,11 +404,12 @@ class _Rounds:
                                    nonfinite=c.nonfinite | res.nonfinite)
 
 
+@functools.partial(jax.jit, static_argnames=("target_graphdef", "drafter_graphdef"))
 def draft_head(target_graphdef: nnx.GraphDef, target_state: nnx.State, drafter_graphdef: nnx.GraphDef,
                drafter_state: nnx.State) -> jax.Array | None:
     """The drafter's output-embedding rows [N, d] (`head_matrix`: the target's embedding rows of the draft
     vocabulary; None for lookup), for a caller that decodes many batches (`generation.decode_batches`) or serves
-    (`serving.engine`) to gather once and pass to every call. Jit it with the graph definitions static."""
+    (`serving.engine`) to gather once and pass to every call."""
     return nnx.merge(drafter_graphdef, drafter_state).head_matrix(nnx.merge(target_graphdef, target_state))
 
 
@@ -419,13 +420,14 @@ def _rounds(target_graphdef, target_state, drafter_graphdef, drafter_state, para
     output, None: gathered here)."""
     target = nnx.merge(target_graphdef, target_state)
     drafter = nnx.merge(drafter_graphdef, drafter_state)
-    gathered = jax.eval_shape(drafter.head_matrix, target)
     if head is None:
         head = drafter.head_matrix(target)
-    elif gathered is None or head.shape != gathered.shape or head.dtype != gathered.dtype:
-        raise ValueError(f"head must be this drafter's draft_head output of shape "
-                         f"{None if gathered is None else (gathered.shape, str(gathered.dtype))}, "
-                         f"got {(head.shape, str(head.dtype))}")
+    else:
+        gathered = jax.eval_shape(drafter.head_matrix, target)
+        if gathered is None or head.shape != gathered.shape or head.dtype != gathered.dtype:
+            raise ValueError(f"head must be this drafter's draft_head output of shape "
+                             f"{None if gathered is None else (gathered.shape, str(gathered.dtype))}, "
+                             f"got {(head.shape, str(head.dtype))}")
     g = drafter.config.block_size
     buckets = tuple(verify_buckets or (batch, batch * (g + 1)))
     if list(buckets) != sorted(set(buckets)) or buckets[0] != batch or buckets[-1] > batch * (g + 1):
@@ -475,7 +477,7 @@ def speculative_generate(target_graphdef: nnx.GraphDef, target_state: nnx.State,
     batch's earlier drafted rounds realized it (`_Rounds.progress_scale`).
     head: the drafter's output-embedding rows from `draft_head` (a caller decoding many batches gathers them
     once); None: gathered in the call.
-    Raises ValueError on inconsistent buckets / costs, or a head of another shape than `draft_head`'s."""
+    Raises ValueError on inconsistent buckets / costs, or a head of another shape or dtype than `draft_head`'s."""
     check_batch(prompts, prompt_lens, params)
     rounds = _rounds(target_graphdef, target_state, drafter_graphdef, drafter_state, params, confidence_threshold,
                      batch=prompts.shape[0], max_new_tokens=max_new_tokens, stop_ids=stop_ids, mode=mode,

@@ -172,7 +172,7 @@ class Engine:
         t, d = self.target, self.drafter
         common = dict(target_graphdef=t.graphdef, target_state=t.state, drafter_graphdef=d.graphdef,
                       drafter_state=d.state)
-        head = jax.jit(draft_head, static_argnames=("target_graphdef", "drafter_graphdef"))(**common)
+        head = draft_head(**common)
         common["head"] = head
         self._dynamic = dict(target_state=t.state, drafter_state=d.state, head=head)  # compiled calls omit static args
         cfg = self.config

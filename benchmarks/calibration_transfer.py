@@ -6,6 +6,11 @@ position (20 bins, verified positions only, all sets pooled and per evaluation s
 head would show at that many rounds (`reliability.ece_noise_floor`), mean predicted vs observed survival.
 --cross_fit: also what the calibration family itself can do on these prompts — temperature and bias per position
 (`dspark calibrate --bias`) fitted on the rounds of half the requests and scored on the other half, both ways round.
+--online_offset λ,...: also a calibration conditioned on the request, replayed (not in the product): each
+request's c_k at positions ≤ --online_positions moved by one logit offset δ, learnt from its own earlier rounds
+(the conditional accept events of its verified positions ≤ --online_positions) by a Laplace-approximation filter
+with prior precision λ: δ += Σ (y − c) / (λ + Σ c(1 − c)) after each round. Reads only earlier rounds, so it
+would keep decoding lossless.
 
     python benchmarks/calibration_transfer.py --records benchmarks/results/eval/s25_t0_tails/records.npz \\
         --index 0 --temperature 0 --drafters "before=dspark_jax/drafters/shipped/gemma3_270m_dspark,after=runs/x"
@@ -28,6 +33,9 @@ def main():
                     "score (same model weights as the eval's drafter)")
     ap.add_argument("--bins", type=int, default=20)
     ap.add_argument("--cross_fit", action="store_true", help="also fit on half the requests, score the other half")
+    ap.add_argument("--online_offset", default="", help="comma list of prior precisions λ of the per-request online "
+                    "offset (docstring); empty: not replayed")
+    ap.add_argument("--online_positions", type=int, default=1, help="positions the online offset moves")
     ap.add_argument("--output", default="benchmarks/results/calibration_transfer.json")
     args = ap.parse_args()
 
@@ -42,7 +50,8 @@ def main():
     sets = sorted({k.split("/")[1] for k in rec.files if k.startswith(prefix)})
     if not sets:
         raise SystemExit(f"no records of drafter index {args.index} in {args.records}")
-    data = {s: {f: rec[f"{prefix}{s}/{f}"] for f in ("confidence_logits", "accept_flags", "proposed")} for s in sets}
+    data = {s: {f: rec[f"{prefix}{s}/{f}"] for f in ("confidence_logits", "accept_flags", "proposed", "accepted")}
+            for s in sets}
     rows = []
     for item in args.drafters.split(","):
         name, _, path = item.partition("=")
@@ -83,8 +92,46 @@ def main():
                               rounds=row["rounds_scored"]))
             print(f"  fitted on half {row['fitted_on_half']}: ECE {' / '.join(f'{100 * e:.1f}' for e in row['ece'])}; "
                   f"floor {' / '.join(f'{100 * f:.1f}' for f in row['floor'])} ({row['rounds_scored']} rounds scored)")
+    online = []
+    for lam in [float(x) for x in args.online_offset.split(",") if x]:
+        for row in rows:
+            cal = min(calibration_sets(row["path"]), key=lambda c: abs(c.sampling_temperature - args.temperature))
+            conf, flags, proposed = [], [], []
+            for s in sets:
+                base = survival_confidences(data[s]["confidence_logits"], cal.temperatures, cal.biases)
+                conf.append(online_offset(base, data[s]["accepted"], data[s]["proposed"], rec[f"{prefix}{s}/request"],
+                                          lam, args.online_positions))
+                flags.append(data[s]["accept_flags"])
+                proposed.append(data[s]["proposed"])
+            pairs = survival_pairs(np.concatenate(conf), np.concatenate(flags), np.concatenate(proposed))
+            ece = [expected_calibration_error(p, y, args.bins) for p, y in pairs]
+            floor = [ece_noise_floor(p, args.bins) for p, _ in pairs]
+            online.append(dict(name=row["name"], prior_precision=lam, positions=args.online_positions, ece=ece,
+                               floor=floor))
+            print(f"\n{row['name']} with a per-request online offset at positions <= {args.online_positions}, λ {lam:g}: "
+                  f"ECE % {' / '.join(f'{100 * e:.1f}' for e in ece[:8])} …; worst {100 * max(ece):.1f} "
+                  f"(floor {' / '.join(f'{100 * f:.1f}' for f in floor[:8])} …)")
     write_result(args.output, dict(records=args.records, index=args.index, temperature=args.temperature,
-                                   bins=args.bins, drafters=rows, cross_fit=cross))
+                                   bins=args.bins, drafters=rows, cross_fit=cross, online_offset=online))
+
+
+def online_offset(conf: np.ndarray, accepted: np.ndarray, proposed: np.ndarray, request: np.ndarray, lam: float,
+                  positions: int) -> np.ndarray:
+    """conf [N, G] (rounds of each request in order) with positions < `positions` moved per request by the offset
+    δ its earlier rounds taught (module docstring); accepted, proposed, request [N]."""
+    out = np.array(conf, np.float64)
+    k = np.arange(conf.shape[1])
+    moved = k < positions
+    for r in np.unique(request):
+        delta, precision = 0.0, lam
+        for i in np.flatnonzero(request == r):
+            p = np.clip(out[i], 1e-6, 1 - 1e-6)
+            out[i] = np.where(moved, 1.0 / (1.0 + np.exp(-(np.log(p / (1 - p)) + delta))), out[i])
+            seen = moved & (k < min(accepted[i] + 1, proposed[i]))  # the conditional accept events observed
+            y = (k < accepted[i]).astype(np.float64)
+            precision += float(np.sum((out[i] * (1 - out[i]))[seen]))
+            delta += float(np.sum((y - out[i])[seen])) / precision
+    return out
 
 
 if __name__ == "__main__":

@@ -306,7 +306,7 @@ class _Rounds:
                 loses = ~(rates[choice] > 1.0 / self.plain_cost)  # a plain round: one token off every request
                 if DECLINE_EMPTY_ROUNDS:  # the plain run takes this round's place, then the `backoff` after it
                     declined = loses & (choice == 0)
-                    branches.append(self._nothing_verified(c, branches[0]))
+                    branches.append(self._nothing_verified(c, prop, branches[0]))
                     choice = jnp.where(declined, len(self.buckets), choice)
                 plain_left = jnp.where(loses, backoff + declined.astype(jnp.int32), 0).astype(jnp.int32)
                 backoff = jnp.where(loses, jnp.minimum(2 * backoff, MAX_PLAIN_RUN), 1).astype(jnp.int32)
@@ -321,17 +321,20 @@ class _Rounds:
         return _Outcome(res, verified, prop.confidence, prop.confidence_logits, plain_left, backoff, stale, expected,
                         declined)
 
-    @staticmethod
-    def _nothing_verified(c: SpecState, like):
+    def _nothing_verified(self, c: SpecState, prop: Proposal, like):
         """The branch of a declined round (`step`): the outputs of a bucket branch `like` with nothing verified
-        or committed — no K/V rows (position −1), the anchor, caches and drafter state as they are."""
+        or committed — no K/V rows (position −1), the anchor and caches as they are, the drafter's state as it is
+        but for a hybrid's record of the rounds that ran its model (`HybridDrafter.record_model_round`)."""
         def run():
+            state = c.drafter_state
+            if hasattr(self.drafter, "record_model_round"):
+                state = self.drafter.record_model_round(state, prop.model_confidence, prop.model_skipped, ~c.done)
             res, verified = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(like))
             rows = res.kv_rows
             if rows is not None:
                 rows = dataclasses.replace(rows, position=jnp.full(rows.position.shape, -1, rows.position.dtype))
             cache = None if res.target_cache is None else c.target_cache  # the bucket branches return none
-            return dataclasses.replace(res, anchor=c.anchor, target_cache=cache, drafter_state=c.drafter_state,
+            return dataclasses.replace(res, anchor=c.anchor, target_cache=cache, drafter_state=state,
                                        kv_rows=rows), verified
         return run
 

@@ -398,6 +398,27 @@ def test_plain_rounds_follow_a_losing_drafted_round():
     assert int(np.asarray(paying.rounds)[0]) == 8  # 47 tokens in rounds of 6
 
 
+def test_a_declined_round_still_records_that_the_hybrids_model_ran():
+    """A hybrid whose model never ran is predicted to accept everything, so its forward runs in the first drafted
+    round; when that round is declined (the model's real drafts not worth verifying) the record still counts the
+    model's round (`HybridDrafter.record_model_round`), else the next probe would run the forward again."""
+    from tests.drafters.test_ngram import _batch, _hybrid
+    from dspark_jax.decoding.speculative import _rounds
+    tg, ts, cfg = make_target("gemma3")
+    dg, ds = _hybrid(cfg, 3, skip_model_at=float("inf"))
+    costs = dict(verify_buckets=(2, 8), verify_costs=(1.0, 2.0), lookup_costs=(1.0, 2.0))
+    rounds = _rounds(tg, ts, dg, ds, SamplingParams.create(2), jnp.float32(0.0), batch=2, max_new_tokens=24,
+                     stop_ids=(), mode=FilterMode(), plain_cost=0.1, **costs)
+    c = rounds.start(*_batch([[3, 9, 14, 22], [7, 30, 2]]), jax.random.key(0), pad_id=0)
+    outcome = jax.jit(rounds.drafted)(c)
+    assert bool(outcome.declined) and not np.asarray(outcome.res.count).any()
+    np.testing.assert_array_equal(np.asarray(outcome.res.drafter_state.model_rounds), [1.0, 1.0])
+    assert (np.asarray(outcome.res.drafter_state.model_confidence_sum) > 0).all()  # the head's confidences
+    after = jax.jit(rounds.step)(c)  # declined, then the plain run: 1 + backoff 1 plain rounds
+    np.testing.assert_array_equal(np.asarray(after.rounds), [2, 2])
+    np.testing.assert_array_equal(np.asarray(after.drafter_state.model_rounds), [1.0, 1.0])
+
+
 @pytest.mark.parametrize("decline", [True, False])
 def test_a_losing_round_with_no_draft_to_verify_is_declined(decline, monkeypatch):
     """A losing drafted round whose best bucket holds no draft (the anchors alone: a plain round's work at a

@@ -8,14 +8,12 @@ verifies only the anchors (bucket B). Two measurements, one run:
    plain round.
 2. The whole loop at several back-off caps (0: every round after the first plain one is a probe; 16, the loop's;
    1000: ~7 probes in 96 rounds), `--draft_length auto` settings, against plain decoding, interleaved, paired per
-   repeat, on the first --batch_size prompts of --dataset: what the probes cost inside the loop. --decline on,off:
-   each cap with drafted rounds that have no draft worth verifying declined (`speculative.DECLINE_EMPTY_ROUNDS`,
-   the loop since session 35: a plain round in their place) and verifying the anchors anyway (before). Cap and flag are module constants read while
-   tracing: JAX's caches are cleared between variants, and the run stops if two variants compiled to the same
-   program.
+   repeat, on the first --batch_size prompts of --dataset: what the probes cost inside the loop. The cap is a
+   module constant read while tracing: JAX's caches are cleared between variants, and the run stops if two
+   variants compiled to the same program.
 
     python benchmarks/probe_cost.py [--dataset mt-bench --batch_size 8 --gamma 15 --repeats 7 --rounds 40
-                                     --caps 0,16,1000 --decline on --skip_rounds]
+                                     --caps 0,16,1000]
 
 Writes JSON.
 """
@@ -37,9 +35,6 @@ def main():
     ap.add_argument("--rounds", type=int, default=40, help="rounds per timing difference in part 1")
     ap.add_argument("--caps", default="0,16,1000", help="back-off caps of part 2 (0: every round after the "
                     "first plain one is a drafted round)")
-    ap.add_argument("--decline", default="on", help="comma list of on/off: drafted rounds with no draft worth "
-                    "verifying declined (on, the loop's) or verifying the anchors anyway (off)")
-    ap.add_argument("--skip_rounds", action="store_true", help="skip part 1 (rounds timed long)")
     ap.add_argument("--output", default="benchmarks/results/probe_cost.json")
     args = ap.parse_args()
 
@@ -67,14 +62,12 @@ def main():
     width = int(tokens.shape[1])
 
     # 1. rounds timed long (bucket B only: anchors, no draft)
-    part1 = {}
-    print(f"machine: {describe_machine()}; batch {bs}, prompt width {width}, {args.rounds} rounds per timing")
-    t = None if args.skip_rounds else time_rounds(target, drafter, bs, (bs,), prompt_len=width, max_new_tokens=n_new, repeats=args.repeats,
+    t = time_rounds(target, drafter, bs, (bs,), prompt_len=width, max_new_tokens=n_new, repeats=args.repeats,
                     lo=4, hi=4 + args.rounds)
-    names = [] if t is None else ["with the model's forward", "model skipped"][:len(t.rounds)]
-    if t is not None:
-        part1 = dict(plain_ms=[x * 1e3 for x in t.plain])
-        print(f"plain round: median {statistics.median(t.plain) * 1e3:.1f} ms")
+    names = ["with the model's forward", "model skipped"][:len(t.rounds)]
+    part1 = dict(plain_ms=[x * 1e3 for x in t.plain])
+    print(f"machine: {describe_machine()}; batch {bs}, prompt width {width}, {args.rounds} rounds per timing")
+    print(f"plain round: median {statistics.median(t.plain) * 1e3:.1f} ms")
     for v, name in enumerate(names):
         ratios = [r / p for r, p in zip(t.rounds[v][0], t.plain)]
         part1[name] = dict(ms=[x * 1e3 for x in t.rounds[v][0]], ratio_to_plain=ratios)
@@ -90,25 +83,22 @@ def main():
     call = {"plain": dict(state=target.state, **common)}
     spec_args = dict(common, target_state=target.state, drafter_state=drafter.state,
                      confidence_threshold=jnp.float32(0.0))
-    default_cap, default_decline = speculative.MAX_PLAIN_RUN, speculative.DECLINE_EMPTY_ROUNDS
-    flags = {"on": True, "off": False}
-    caps = [(int(c), d) for c in args.caps.split(",") for d in args.decline.split(",")]
-    if any(d not in flags for _, d in caps):
-        raise SystemExit(f"--decline takes on and/or off, got {args.decline!r}")
+    default_cap = speculative.MAX_PLAIN_RUN
+    caps = [int(c) for c in args.caps.split(",")]
     try:
         for cap in caps:
-            speculative.MAX_PLAIN_RUN, speculative.DECLINE_EMPTY_ROUNDS = cap[0], flags[cap[1]]
-            jax.clear_caches()  # else the first variant's cached trace serves all (both are read while tracing)
+            speculative.MAX_PLAIN_RUN = cap
+            jax.clear_caches()  # else the first variant's cached trace serves all (the cap is read while tracing)
             exe[cap] = speculative.speculative_generate.lower(
                 **spec_args, target_graphdef=target.graphdef, drafter_graphdef=drafter.graphdef, **static,
                 **settings).compile()
             call[cap] = spec_args
     finally:
-        speculative.MAX_PLAIN_RUN, speculative.DECLINE_EMPTY_ROUNDS = default_cap, default_decline
+        speculative.MAX_PLAIN_RUN = default_cap
         jax.clear_caches()
     texts = [exe[cap].as_text() for cap in caps]
     if len(set(texts)) != len(texts):
-        raise SystemExit("two variants compiled to the same program: a cap or flag was not traced")
+        raise SystemExit("the back-off cap variants compiled to the same program: the cap was not traced")
     outs = {k: jax.block_until_ready(exe[k](**call[k])) for k in exe}  # warm-up
     times = {k: [] for k in exe}
     for _ in range(args.repeats):
@@ -121,13 +111,10 @@ def main():
         same = bool((np.asarray(outs[cap].tokens) == np.asarray(outs["plain"].tokens)).all())
         stats = outs[cap]
         paired = [a / b for a, b in zip(times[cap], times["plain"])]
-        drafted = int((np.asarray(stats.proposed) > 0).sum())
-        part2.append(dict(cap=cap[0], decline=cap[1], paired_ratios=paired, paired_median=statistics.median(paired),
-                          times=times[cap], rounds=int(np.asarray(stats.rounds).max()), rounds_verifying_drafts=drafted,
-                          identical_to_plain=same))
-        print(f"loop, back-off cap {cap[0]:>4}, decline {cap[1]:>3}: time / plain decoding "
-              f"{statistics.median(paired):.3f} [{min(paired):.3f}, {max(paired):.3f}], {part2[-1]['rounds']} rounds "
-              f"(most of a request), {drafted} verified drafts (all requests), output = plain: {same}")
+        part2.append(dict(cap=cap, paired_ratios=paired, paired_median=statistics.median(paired), times=times[cap],
+                          rounds=int(np.asarray(stats.rounds).max()), identical_to_plain=same))
+        print(f"loop, back-off cap {cap:>4}: time / plain decoding {statistics.median(paired):.3f} "
+              f"[{min(paired):.3f}, {max(paired):.3f}], {part2[-1]['rounds']} rounds, output = plain: {same}")
     write_result(args.output, dict(machine=describe_machine(), **vars(args), prompt_width=width,
                                    plain_decoding_times=times["plain"], rounds_timed_long=part1, by_cap=part2,
                                    settings={k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}))

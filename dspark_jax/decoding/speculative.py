@@ -109,7 +109,6 @@ class _Outcome:
     backoff: jax.Array
     stale_confidence: jax.Array
     expected: jax.Array
-    declined: jax.Array | bool = False  # scalar: the gate declined the round, nothing verified (`_Rounds.step`)
 
 
 def _pad_slots(x: jax.Array, width: int) -> jax.Array:
@@ -140,8 +139,6 @@ def _deterministic_rows(proposal: Proposal, batch: int) -> jax.Array:
 _STATIC = ("target_graphdef", "drafter_graphdef", "max_new_tokens", "stop_ids", "mode", "pad_id", "verify_buckets",
            "verify_costs", "plain_cost", "lookup_costs", "progress_prior")
 MAX_PLAIN_RUN = 16  # the longest run of plain rounds between two drafted rounds (the gate's back-off cap)
-DECLINE_EMPTY_ROUNDS = True  # False: a drafted round with no draft worth verifying verifies the anchors anyway
-# (before session 35; both constants are read while tracing: `benchmarks/probe_cost.py` compares variants)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,12 +245,7 @@ class _Rounds:
         """One drafted round, then — with the gate on — the plain rounds it scheduled. A round drafts only when
         the last drafted round expected drafting to beat a plain round (expected progress of the slowest request
         per second, `draft_length.bucket_rates`); after a losing drafted round the next 1, 2, 4, … (≤
-        MAX_PLAIN_RUN) rounds are plain. A losing drafted round still verifies the drafts its best bucket holds
-        (what the drafters' records learn from); one whose best bucket holds none — the anchors alone, what a
-        plain round computes at a higher price (1.15–1.20x at batch 8, BENCHMARKS.md "Session 34") — is
-        declined: its proposal was made (the gate's probe) but nothing is verified or counted, and a plain round
-        takes its place (`DECLINE_EMPTY_ROUNDS`; session 35). The decisions read only the proposal's confidences
-        and earlier rounds, so they keep the loop lossless.
+        MAX_PLAIN_RUN) rounds are plain. The decision reads only earlier rounds, so it keeps the loop lossless.
         Plain rounds run in their own inner loop (`plain_run`), not as a branch of a conditional: a buffer that
         more than one branch of a conditional updates is copied, and the KV cache is the loop's largest. The
         drafted round's branches (one per bucket) only read the cache; its rows are written after them
@@ -295,7 +287,6 @@ class _Rounds:
             return run
 
         plain_left, backoff = c.plain_left, c.backoff
-        branches, declined = [at_bucket(t) for t in self.buckets], jnp.bool_(False)
         if choice is None:
             sampled = (self.params.temperature > 0) & ~_deterministic_rows(prop, b)
             conf = budget_confidence(prop.confidence, c.stale_confidence, sampled)
@@ -303,40 +294,18 @@ class _Rounds:
                 rates = bucket_rates(conf, n_prop, active, remaining, self.buckets, self.round_costs(prop),
                                      self.objective, scale)
                 choice = jnp.argmax(rates).astype(jnp.int32)
-                loses = ~(rates[choice] > 1.0 / self.plain_cost)  # a plain round: one token off every request
-                if DECLINE_EMPTY_ROUNDS:  # the plain run takes this round's place, then the `backoff` after it
-                    declined = loses & (choice == 0)
-                    branches.append(self._nothing_verified(c, prop, branches[0]))
-                    choice = jnp.where(declined, len(self.buckets), choice)
-                plain_left = jnp.where(loses, backoff + declined.astype(jnp.int32), 0).astype(jnp.int32)
-                backoff = jnp.where(loses, jnp.minimum(2 * backoff, MAX_PLAIN_RUN), 1).astype(jnp.int32)
+                pays = rates[choice] > 1.0 / self.plain_cost  # a plain round: one token off every request
+                plain_left = jnp.where(pays, 0, backoff).astype(jnp.int32)
+                backoff = jnp.where(pays, 1, jnp.minimum(2 * backoff, MAX_PLAIN_RUN)).astype(jnp.int32)
             else:
                 choice = choose_bucket(conf, n_prop, active, remaining, self.buckets, self.round_costs(prop),
                                        self.objective, scale)
-        res, verified = jax.lax.switch(choice, branches)
+        res, verified = jax.lax.switch(choice, [at_bucket(t) for t in self.buckets])
         # the model rows' confidences (deterministic rows read fresh ones: `budget_confidence`)
         stale = jnp.where((active & ~_deterministic_rows(prop, b))[:, None], prop.confidence, c.stale_confidence)
         # read only by later rounds (the progress record), so the fresh confidences serve, as for `stale`
         expected = slack_of(active, remaining) + expected_committed(prop.confidence, verified, remaining)
-        return _Outcome(res, verified, prop.confidence, prop.confidence_logits, plain_left, backoff, stale, expected,
-                        declined)
-
-    def _nothing_verified(self, c: SpecState, prop: Proposal, like):
-        """The branch of a declined round (`step`): the outputs of a bucket branch `like` with nothing verified
-        or committed — no K/V rows (position −1), the anchor and caches as they are, the drafter's state as it is
-        but for a hybrid's record of the rounds that ran its model (`HybridDrafter.record_model_round`)."""
-        def run():
-            state = c.drafter_state
-            if hasattr(self.drafter, "record_model_round"):
-                state = self.drafter.record_model_round(state, prop.model_confidence, prop.model_skipped, ~c.done)
-            res, verified = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(like))
-            rows = res.kv_rows
-            if rows is not None:
-                rows = dataclasses.replace(rows, position=jnp.full(rows.position.shape, -1, rows.position.dtype))
-            cache = None if res.target_cache is None else c.target_cache  # the bucket branches return none
-            return dataclasses.replace(res, anchor=c.anchor, target_cache=cache, drafter_state=state,
-                                       kv_rows=rows), verified
-        return run
+        return _Outcome(res, verified, prop.confidence, prop.confidence_logits, plain_left, backoff, stale, expected)
 
     def plain(self, c: SpecState) -> SpecState:
         """A plain round (the drafter's propose skipped): plain decoding's step (`decoding.autoregressive`) —
@@ -385,7 +354,7 @@ class _Rounds:
         """Writes a round's outcome into the state: its K/V rows into the target cache, the gate's state
         (`_gate_state`), tokens and statistics."""
         c = dataclasses.replace(self._gate_state(c, o), target_cache=o.res.kv_rows.write(c.target_cache))
-        return self._commit(c, o.res, o.verified, o.confidence, o.confidence_logits, counted=~jnp.asarray(o.declined))
+        return self._commit(c, o.res, o.verified, o.confidence, o.confidence_logits)
 
     def _gate_state(self, c: SpecState, o: _Outcome) -> SpecState:
         """The gate's state after a drafted round: plain_left, backoff, stale_confidence, and the progress record
@@ -399,18 +368,16 @@ class _Rounds:
         staying = active & ~o.res.stopped & ~o.res.nonfinite
         realized = jnp.min(jnp.where(staying, slack_of(active, remaining) + o.res.count, jnp.inf))
         expected = jnp.min(jnp.where(staying, o.expected, jnp.inf))
-        gained = jnp.where(staying.any() & ~jnp.asarray(o.declined),
-                           jnp.stack([realized, expected]).astype(jnp.float32) - 1.0, 0.0)
+        gained = jnp.where(staying.any(), jnp.stack([realized, expected]).astype(jnp.float32) - 1.0, 0.0)
         return dataclasses.replace(c, plain_left=o.plain_left, backoff=o.backoff, stale_confidence=o.stale_confidence,
                                    progress=c.progress + gained)
 
     def _commit(self, c: SpecState, res, n_prop: jax.Array, confidence: jax.Array,
-                confidence_logits: jax.Array, counted: jax.Array | bool = True) -> SpecState:
-        """Writes the round's committed tokens and statistics into the state (the target cache: `_apply`);
-        counted False (a declined round, which commits nothing): no round is counted or recorded."""
+                confidence_logits: jax.Array) -> SpecState:
+        """Writes the round's committed tokens and statistics into the state (the target cache: `_apply`)."""
         g = self.drafter.config.block_size
         b = c.anchor.shape[0]
-        active = ~c.done & counted
+        active = ~c.done
         count = res.count
         finished = res.stopped | (c.num_generated + count >= self.max_new_tokens) | res.nonfinite
         write = jax.vmap(lambda row, new, s: jax.lax.dynamic_update_slice(row, new, (s,)))

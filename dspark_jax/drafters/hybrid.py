@@ -156,8 +156,15 @@ class HybridDrafter(nnx.Module):
         new = dataclasses.replace(
             state, model=self.model.commit(target_model, state.model, features, verified, start, count, outcome),
             lookup=self.lookup.commit(target_model, state.lookup, features, verified, start, count, outcome))
-        if outcome is not None:
-            new = self.record_model_round(new, outcome.model_confidence, outcome.model_skipped, count > 0)
+        if outcome is not None and outcome.model_confidence is not None and state.model_rounds is not None:
+            ran = count > 0  # the model's confidences of the request's rounds that ran its forward
+            if outcome.model_skipped is not None:
+                ran = ran & ~outcome.model_skipped
+            g = state.model_confidence_sum.shape[1]
+            new = dataclasses.replace(
+                new, model_confidence_sum=state.model_confidence_sum + jnp.where(
+                    ran[:, None], outcome.model_confidence[:, :g].astype(jnp.float32), 0.0),
+                model_rounds=state.model_rounds + ran.astype(jnp.float32))
         if outcome is None or outcome.deterministic is None or state.model_tested is None:
             return new
         nv = outcome.num_verified
@@ -165,22 +172,6 @@ class HybridDrafter(nnx.Module):
         tested, ok = acceptance_counts(jnp.clip(count - 1, 0, nv), limit, state.model_tested.shape[1])
         return dataclasses.replace(new, model_tested=state.model_tested + tested,
                                    model_accepted=state.model_accepted + ok)
-
-    def record_model_round(self, state: HybridState, model_confidence: jax.Array | None,
-                           model_skipped: jax.Array | None, ran: jax.Array) -> HybridState:
-        """The prediction's sums (`predicted_model_confidence`) after a round: the model head's confidences
-        [B, G] counted for the requests `ran` [B] bool whose round ran its forward (not `model_skipped` [B]).
-        From `commit`, and from the loop for a round it declined (nothing verified: `speculative._Rounds.step`)
-        — else a model whose forward ran there would stay predicted to accept everything and run again."""
-        if model_confidence is None or state.model_rounds is None:
-            return state
-        if model_skipped is not None:
-            ran = ran & ~model_skipped
-        g = state.model_confidence_sum.shape[1]
-        return dataclasses.replace(
-            state, model_confidence_sum=state.model_confidence_sum + jnp.where(
-                ran[:, None], model_confidence[:, :g].astype(jnp.float32), 0.0),
-            model_rounds=state.model_rounds + ran.astype(jnp.float32))
 
     def model_confidence(self, state: HybridState, confidence: jax.Array) -> jax.Array:
         """[B, G] the model head's confidences corrected by the request's record (module docstring)."""

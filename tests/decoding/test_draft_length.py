@@ -398,67 +398,6 @@ def test_plain_rounds_follow_a_losing_drafted_round():
     assert int(np.asarray(paying.rounds)[0]) == 8  # 47 tokens in rounds of 6
 
 
-def test_a_declined_round_still_records_that_the_hybrids_model_ran():
-    """A hybrid whose model never ran is predicted to accept everything, so its forward runs in the first drafted
-    round; when that round is declined (the model's real drafts not worth verifying) the record still counts the
-    model's round (`HybridDrafter.record_model_round`), else the next probe would run the forward again."""
-    from tests.drafters.test_ngram import _batch, _hybrid
-    from dspark_jax.decoding.speculative import _rounds
-    tg, ts, cfg = make_target("gemma3")
-    dg, ds = _hybrid(cfg, 3, skip_model_at=float("inf"))
-    costs = dict(verify_buckets=(2, 8), verify_costs=(1.0, 2.0), lookup_costs=(1.0, 2.0))
-    rounds = _rounds(tg, ts, dg, ds, SamplingParams.create(2), jnp.float32(0.0), batch=2, max_new_tokens=24,
-                     stop_ids=(), mode=FilterMode(), plain_cost=0.1, **costs)
-    c = rounds.start(*_batch([[3, 9, 14, 22], [7, 30, 2]]), jax.random.key(0), pad_id=0)
-    outcome = jax.jit(rounds.drafted)(c)
-    assert bool(outcome.declined) and not np.asarray(outcome.res.count).any()
-    np.testing.assert_array_equal(np.asarray(outcome.res.drafter_state.model_rounds), [1.0, 1.0])
-    assert (np.asarray(outcome.res.drafter_state.model_confidence_sum) > 0).all()  # the head's confidences
-    after = jax.jit(rounds.step)(c)  # declined, then the plain run: 1 + backoff 1 plain rounds
-    np.testing.assert_array_equal(np.asarray(after.rounds), [2, 2])
-    np.testing.assert_array_equal(np.asarray(after.drafter_state.model_rounds), [1.0, 1.0])
-
-
-@pytest.mark.parametrize("decline", [True, False])
-def test_a_losing_round_with_no_draft_to_verify_is_declined(decline, monkeypatch):
-    """A losing drafted round whose best bucket holds no draft (the anchors alone: a plain round's work at a
-    higher price) is declined — nothing verified or counted, a plain round in its place, the back-off as after
-    any losing round (`speculative.DECLINE_EMPTY_ROUNDS`; False: the anchors verified anyway, the loop before
-    session 35, its rounds recorded with their proposal's confidences)."""
-    import dspark_jax.decoding.speculative as speculative
-    monkeypatch.setattr(speculative, "DECLINE_EMPTY_ROUNDS", decline)
-    jax.clear_caches()  # the flag is read while tracing
-    try:
-        _empty_losing_rounds(decline)
-    finally:
-        monkeypatch.undo()
-        jax.clear_caches()
-
-
-def _empty_losing_rounds(decline):
-    from tests.drafters.test_ngram import _batch
-    from dspark_jax.decoding.speculative import _rounds
-    tg, ts, cfg = make_target("gemma3")
-    dg, ds = _oracle(cfg, 5)
-    prompts = REPETITIVE[:2]
-    loop = dict(verify_buckets=(2, 12), verify_costs=(1.0, 100.0))  # drafts too dear: the best bucket is anchors
-    _, out = greedy_plain_and_speculative(tg, ts, dg, ds, prompts, 48, plain_cost=0.5, **loop)
-    # its drafted rounds, declined or not, begin rounds 0, 2, 5, 10, 19: 1, 2, 4, 8 plain ones between them
-    rounds = _rounds(tg, ts, dg, ds, SamplingParams.create(2), jnp.float32(0.0), batch=2, max_new_tokens=48,
-                     stop_ids=(), mode=FilterMode(), plain_cost=0.5, **loop)
-    c = rounds.start(*_batch(prompts), jax.random.key(0), pad_id=0)
-    step, counted = jax.jit(rounds.step), []
-    for _ in range(4):
-        c = step(c)
-        counted.append(int(c.rounds[0]))
-    assert counted == [2, 5, 10, 19] and int(c.backoff) == 16
-    for b in range(len(prompts)):
-        r = int(out.rounds[b])
-        assert r == 47 and not np.asarray(out.proposed)[b, :r].any()  # one token a round, no draft verified
-        drafted = np.flatnonzero(np.asarray(out.confidence)[b, :r].any(axis=1))
-        np.testing.assert_array_equal(drafted, [] if decline else [0, 2, 5, 10, 19, 36])
-
-
 def test_forced_rounds_for_the_cost_profile():
     """`speculative_rounds` runs exactly num_rounds rounds at the forced bucket (or plain) from the prefilled state
     of `speculative_start`, one compilation for every count and bucket."""

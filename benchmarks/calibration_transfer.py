@@ -52,7 +52,7 @@ def main():
         raise SystemExit(f"no records of drafter index {args.index} in {args.records}")
     data = {s: {f: rec[f"{prefix}{s}/{f}"] for f in ("confidence_logits", "accept_flags", "proposed", "accepted")}
             for s in sets}
-    rows = []
+    rows, cals = [], []
     for item in args.drafters.split(","):
         name, _, path = item.partition("=")
         calibrations = calibration_sets(path)
@@ -70,6 +70,7 @@ def main():
                                    floor=ece_noise_floor(p, args.bins), predicted=float(p.mean()),
                                    observed=float(y.mean()))
                               for k, (p, y) in enumerate(survival_pairs(conf, flags, proposed))]
+        cals.append(cal)
         rows.append(dict(name=name, path=path, calibrated_at=cal.sampling_temperature,
                          prompts=cal.record.get("prompts"), results=per_set))
         print(f"\n{name} ({path}; set fitted at T = {cal.sampling_temperature:g} on {cal.record.get('prompts')})")
@@ -93,17 +94,16 @@ def main():
             print(f"  fitted on half {row['fitted_on_half']}: ECE {' / '.join(f'{100 * e:.1f}' for e in row['ece'])}; "
                   f"floor {' / '.join(f'{100 * f:.1f}' for f in row['floor'])} ({row['rounds_scored']} rounds scored)")
     online = []
-    for lam in [float(x) for x in args.online_offset.split(",") if x]:
-        for row in rows:
-            cal = min(calibration_sets(row["path"]), key=lambda c: abs(c.sampling_temperature - args.temperature))
-            conf, flags, proposed = [], [], []
-            for s in sets:
-                base = survival_confidences(data[s]["confidence_logits"], cal.temperatures, cal.biases)
-                conf.append(online_offset(base, data[s]["accepted"], data[s]["proposed"], rec[f"{prefix}{s}/request"],
-                                          lam, args.online_positions))
-                flags.append(data[s]["accept_flags"])
-                proposed.append(data[s]["proposed"])
-            pairs = survival_pairs(np.concatenate(conf), np.concatenate(flags), np.concatenate(proposed))
+    lams = [float(x) for x in args.online_offset.split(",") if x]
+    bases = [{s: survival_confidences(data[s]["confidence_logits"], cal.temperatures, cal.biases) for s in sets}
+             for cal in (cals if lams else [])]  # each drafter's calibrated confidences, per set
+    flags_all = np.concatenate([data[s]["accept_flags"] for s in sets])
+    proposed_all = np.concatenate([data[s]["proposed"] for s in sets])
+    for lam in lams:
+        for row, base in zip(rows, bases):
+            conf = [online_offset(base[s], data[s]["accepted"], data[s]["proposed"], rec[f"{prefix}{s}/request"], lam,
+                                  args.online_positions) for s in sets]
+            pairs = survival_pairs(np.concatenate(conf), flags_all, proposed_all)
             ece = [expected_calibration_error(p, y, args.bins) for p, y in pairs]
             floor = [ece_noise_floor(p, args.bins) for p, _ in pairs]
             online.append(dict(name=row["name"], prior_precision=lam, positions=args.online_positions, ece=ece,

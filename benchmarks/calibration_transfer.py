@@ -10,7 +10,10 @@ head would show at that many rounds (`reliability.ece_noise_floor`), mean predic
 request's c_k at positions ≤ --online_positions moved by one logit offset δ, learnt from its own earlier rounds
 (the conditional accept events of its verified positions ≤ --online_positions) by a Laplace-approximation filter
 with prior precision λ: δ += Σ (y − c) / (λ + Σ c(1 − c)) after each round. Reads only earlier rounds, so it
-would keep decoding lossless.
+would keep decoding lossless. The hybrid drafter calibrates its model's c_1 this way since session 36
+(`drafters.hybrid`, `model_offset_precision`, λ 3).
+--count_record s,...: the hybrid's per-request correction before session 36, replayed: c_k ← (accepted_k + s·c_k) /
+(tested_k + s), the request's per-position counts of its earlier rounds.
 
     python benchmarks/calibration_transfer.py --records benchmarks/results/eval/s25_t0_tails/records.npz \\
         --index 0 --temperature 0 --drafters "before=dspark_jax/drafters/shipped/gemma3_270m_dspark,after=runs/x"
@@ -36,6 +39,8 @@ def main():
     ap.add_argument("--online_offset", default="", help="comma list of prior precisions λ of the per-request online "
                     "offset (docstring); empty: not replayed")
     ap.add_argument("--online_positions", type=int, default=1, help="positions the online offset moves")
+    ap.add_argument("--count_record", default="", help="comma list of prior strengths s of the count record replayed "
+                    "(the hybrid's correction before session 36)")
     ap.add_argument("--output", default="benchmarks/results/calibration_transfer.json")
     args = ap.parse_args()
 
@@ -111,8 +116,20 @@ def main():
             print(f"\n{row['name']} with a per-request online offset at positions <= {args.online_positions}, λ {lam:g}: "
                   f"ECE % {' / '.join(f'{100 * e:.1f}' for e in ece[:8])} …; worst {100 * max(ece):.1f} "
                   f"(floor {' / '.join(f'{100 * f:.1f}' for f in floor[:8])} …)")
+    counted = []
+    for strength in [float(x) for x in args.count_record.split(",") if x]:
+        for row, cal in zip(rows, cals):
+            conf = [count_record(survival_confidences(data[s]["confidence_logits"], cal.temperatures, cal.biases),
+                                 data[s]["accepted"], data[s]["proposed"], rec[f"{prefix}{s}/request"], strength)
+                    for s in sets]
+            pairs = survival_pairs(np.concatenate(conf), flags_all, proposed_all)
+            ece = [expected_calibration_error(p, y, args.bins) for p, y in pairs]
+            counted.append(dict(name=row["name"], strength=strength, ece=ece))
+            print(f"\n{row['name']} with the count record, s {strength:g}: ECE % "
+                  f"{' / '.join(f'{100 * e:.1f}' for e in ece[:8])} …; worst {100 * max(ece):.1f}")
     write_result(args.output, dict(records=args.records, index=args.index, temperature=args.temperature,
-                                   bins=args.bins, drafters=rows, cross_fit=cross, online_offset=online))
+                                   bins=args.bins, drafters=rows, cross_fit=cross, online_offset=online,
+                                   count_record=counted))
 
 
 def online_offset(conf: np.ndarray, accepted: np.ndarray, proposed: np.ndarray, request: np.ndarray, lam: float,
@@ -131,6 +148,22 @@ def online_offset(conf: np.ndarray, accepted: np.ndarray, proposed: np.ndarray, 
             y = (k < accepted[i]).astype(np.float64)
             precision += float(np.sum((out[i] * (1 - out[i]))[seen]))
             delta += float(np.sum((y - out[i])[seen])) / precision
+    return out
+
+
+def count_record(conf: np.ndarray, accepted: np.ndarray, proposed: np.ndarray, request: np.ndarray,
+                 strength: float) -> np.ndarray:
+    """conf [N, G] (rounds of each request in order) corrected per request by its earlier rounds' counts:
+    (accepted_k + s·c_k) / (tested_k + s), position k tested where every earlier draft was accepted (module
+    docstring); accepted, proposed, request [N]."""
+    out = np.array(conf, np.float64)
+    k = np.arange(conf.shape[1])
+    for r in np.unique(request):
+        tested, ok = np.zeros(conf.shape[1]), np.zeros(conf.shape[1])
+        for i in np.flatnonzero(request == r):
+            out[i] = (ok + strength * out[i]) / (tested + strength)
+            tested += k < min(accepted[i] + 1, proposed[i])
+            ok += k < min(accepted[i], proposed[i])
     return out
 
 

@@ -10,10 +10,11 @@ head would show at that many rounds (`reliability.ece_noise_floor`), mean predic
 request's c_k at positions ≤ --online_positions moved by one logit offset δ, learnt from its own earlier rounds
 (the conditional accept events of its verified positions ≤ --online_positions) by a Laplace-approximation filter
 with prior precision λ: δ += Σ (y − c) / (λ + Σ c(1 − c)) after each round. Reads only earlier rounds, so it
-would keep decoding lossless. The hybrid drafter calibrates its model's c_1 this way since session 36
-(`drafters.hybrid`, `model_offset_precision`, λ 3).
---count_record s,...: the hybrid's per-request correction before session 36, replayed: c_k ← (accepted_k + s·c_k) /
-(tested_k + s), the request's per-position counts of its earlier rounds.
+would keep decoding lossless (session 36 built it into the hybrid for its model's c_1 and reverted it: inside the
+hybrid it did not beat the count record below, BENCHMARKS.md "Session 36").
+--count_record s,...: the hybrid's per-request correction of its model's confidences (`drafters.hybrid`,
+`model_prior_strength`), replayed on every round of the drafter alone: c_k ← (accepted_k + s·c_k) / (tested_k + s),
+the request's per-position counts of its earlier rounds.
 
     python benchmarks/calibration_transfer.py --records benchmarks/results/eval/s25_t0_tails/records.npz \\
         --index 0 --temperature 0 --drafters "before=dspark_jax/drafters/shipped/gemma3_270m_dspark,after=runs/x"
@@ -40,7 +41,7 @@ def main():
                     "offset (docstring); empty: not replayed")
     ap.add_argument("--online_positions", type=int, default=1, help="positions the online offset moves")
     ap.add_argument("--count_record", default="", help="comma list of prior strengths s of the count record replayed "
-                    "(the hybrid's correction before session 36)")
+                    "(the hybrid's correction of its model's confidences)")
     ap.add_argument("--output", default="benchmarks/results/calibration_transfer.json")
     args = ap.parse_args()
 

@@ -1,12 +1,13 @@
 """The hybrid's choice at a fixed draft length, T = 0: its τ against the two drafters it chooses between, and
-how the model's per-request calibration (`drafters.hybrid`, `model_offset_precision`) moves it.
+how the model's record in the request (`drafters.hybrid`, `model_prior_strength`) moves it.
 
     python benchmarks/hybrid_choice.py [--datasets gsm8k,humaneval,mbpp,mt-bench --limit 8 --max_new_tokens 96
-                                        --gamma 7 --batch_size 1 --precisions 1e9,3,1]
+                                        --gamma 7 --batch_size 1 --strengths 1e9,4,1]
 
 At T = 0 with a fixed γ every round verifies all of its drafts and τ (committed tokens per round, bonus
 included) depends on the drafts only, not on the machine: no timing here (`benchmarks/ngram.py` times).
-A prior precision of 1e9 keeps the offset at 0: the head's calibrated confidences as they are. Per set, which source each verified round came from is not exposed by the loop,
+A strength of 1e9 weighs the head against its record as if it had been right a billion times: the choice
+before the record existed. Per set, which source each verified round came from is not exposed by the loop,
 so the table gives τ only. Writes JSON.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ def main():
     ap.add_argument("--n_max", type=int, default=3)
     ap.add_argument("--n_min", type=int, default=1)
     ap.add_argument("--model", default="default", help="the trained drafter (a --drafter value)")
-    ap.add_argument("--precisions", default="1e9,3,1", help="model_offset_precision values of the hybrid")
+    ap.add_argument("--strengths", default="1e9,4,1", help="model_prior_strength values of the hybrid")
     ap.add_argument("--output", default="benchmarks/results/hybrid_choice.json")
     args = ap.parse_args()
 
@@ -42,9 +43,9 @@ def main():
     model = with_block_size(load_drafter(args.model, target, gamma=args.gamma), args.gamma)
     lookup = with_block_size(load_drafter(lookup_spec, target, gamma=args.gamma), args.gamma)
     drafters = {"lookup": lookup, "model": model}
-    for lam in args.precisions.split(","):
-        hybrid = hybrid_drafter(model, target, lookup_spec, model_offset_precision=float(lam))
-        drafters[f"hybrid λ={lam}"] = with_block_size(hybrid, args.gamma)
+    for s in args.strengths.split(","):
+        hybrid = hybrid_drafter(model, target, lookup_spec, model_prior_strength=float(s))
+        drafters[f"hybrid s={s}"] = with_block_size(hybrid, args.gamma)
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     rows = []
     print(f"machine: {describe_machine()}; T=0, gamma {args.gamma}, batch {args.batch_size}, "

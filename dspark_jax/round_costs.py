@@ -192,7 +192,7 @@ def profile_round_costs(target: Target, drafter, batch: int, buckets: tuple[int,
 def model_variants(drafter: Drafter) -> tuple[Drafter, ...]:
     """What a profile times: a hybrid drafter (`drafters.hybrid`) as two drafters — its model's forward run in
     every round (`skip_model_at` inf) and never (0) —, any other drafter as itself. The hybrid's options that only
-    steer its choices (`skip_model_at`, `model_offset_precision`, `price_model`: none changes what a forced round
+    steer its choices (`skip_model_at`, `model_prior_strength`, `price_model`: none changes what a forced round
     computes) are set to one value in both, so hybrids that differ only in them share a profile."""
     if not is_hybrid(drafter):
         return (drafter,)

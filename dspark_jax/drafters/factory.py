@@ -62,8 +62,7 @@ def ngram_drafter(target: Target, spec: str = "ngram", gamma: int = 7) -> Drafte
     for item in filter(None, options.replace(":", ",").split(",")):
         key, eq, value = item.partition("=")
         if key not in ("n_max", "n_min") or not eq:
-            raise ValueError(f"bad n-gram drafter option {item!r} in {spec!r}: expected n_max=N or n_min=N (a "
-                             f"hybrid '<drafter>+ngram' also takes {', '.join(HYBRID_OPTIONS)})")
+            raise ValueError(f"bad n-gram drafter option {item!r} in {spec!r}: expected n_max=N or n_min=N")
         try:
             fields[key] = int(value)
         except ValueError:
@@ -73,7 +72,7 @@ def ngram_drafter(target: Target, spec: str = "ngram", gamma: int = 7) -> Drafte
     return Drafter(config, graphdef, state, spec)
 
 
-HYBRID_OPTIONS = ("skip_model_at", "model_offset_precision", "price_model")  # `HybridConfig` fields settable in a spec
+HYBRID_OPTIONS = ("skip_model_at", "model_prior_strength", "price_model")  # `HybridConfig` fields settable in a spec
 
 
 def split_hybrid_options(lookup_spec: str) -> tuple[str, dict[str, float]]:
@@ -96,10 +95,10 @@ def split_hybrid_options(lookup_spec: str) -> tuple[str, dict[str, float]]:
 
 def hybrid_drafter(model: Drafter, target: Target, lookup_spec: str = "ngram",
                    skip_model_at: float = HybridConfig.skip_model_at,
-                   model_offset_precision: float = HybridConfig.model_offset_precision,
+                   model_prior_strength: float = HybridConfig.model_prior_strength,
                    price_model: float = HybridConfig.price_model) -> Drafter:
     """`model` and prompt lookup (`lookup_spec`, see `ngram_drafter`) proposing per request whichever draft
-    is expected to be accepted further (`drafters.hybrid`; `skip_model_at`, `model_offset_precision`,
+    is expected to be accepted further (`drafters.hybrid`; `skip_model_at`, `model_prior_strength`,
     `price_model` (0 or 1 in a spec: "default+ngram:price_model=0"): see `HybridConfig`)."""
     if price_model not in (0, 1):
         raise ValueError(f"price_model is 0 or 1, got {price_model:g}")
@@ -107,11 +106,11 @@ def hybrid_drafter(model: Drafter, target: Target, lookup_spec: str = "ngram",
         raise ValueError("a hybrid drafter pairs a trained (or random) drafter with lookup")
     lookup = ngram_drafter(target, lookup_spec, model.config.block_size)
     module = HybridDrafter(nnx.merge(model.graphdef, model.state), nnx.merge(lookup.graphdef, lookup.state),
-                           skip_model_at=skip_model_at, model_offset_precision=model_offset_precision,
+                           skip_model_at=skip_model_at, model_prior_strength=model_prior_strength,
                            price_model=bool(price_model))
     graphdef, state = nnx.split(module)
     options = "".join(f":{k}={float(v):g}" for k, v in (("skip_model_at", skip_model_at),
-                                                          ("model_offset_precision", model_offset_precision),
+                                                          ("model_prior_strength", model_prior_strength),
                                                           ("price_model", price_model))
                       if v != getattr(HybridConfig, k))
     return Drafter(module.config, graphdef, state, f"{model.source}+{lookup_spec}{options}")

@@ -9,26 +9,16 @@ whether to verify x_1 from c_2.. would bias x_1's acceptance — DSpark Appendix
 of the past and use every c_k. A chosen lookup row is verified as a deterministic draft (one-hot p_d), a chosen
 model row with the model's p_d. Both drafters see every committed token, whichever was chosen.
 
-Each side's confidences are corrected in this request, the lookup's by its own record
-(`drafters.ngram.lookup_confidence`), the model's by a per-request calibration: its position-1 confidence c_1
-moves by a logit offset δ learnt from the request's earlier verified model drafts, c_1 ← σ(logit c_1 + δ), δ a
-Laplace-approximation filter with prior precision λ (`model_offset_precision`): after each round whose model draft
-was verified, with c the corrected c_1 of that round and y whether its first draft was accepted, I += c(1 − c),
-δ += (y − c) / (λ + I). The head is calibrated on the training distribution and over-promises on requests unlike
-it (code it has not seen, where lookup is the better bet) and under-promises on others; one map per position
-cannot fix both (BENCHMARKS.md "Session 35"). Moving c_1 moves the whole predicted survival Π c_i. Replayed on the
-shipped drafter's 3,885 T = 0 rounds of 32 prompts per evaluation set, λ 3 takes the survival's ECE at
-position 1 from 4.6 % (head alone) to 2.1 %, worst position 4.6 → 3.8 %; the per-position count record used
-before session 36 ((accepted_k + 4·c_k) / (tested_k + 4), which replaces every round's confidence by the
-request's average and loses the per-round resolution the survival needs) gave 9.2 % at position 1, worst 9.5 %
-(BENCHMARKS.md "Session 36"). It reads only earlier rounds, so the choice stays lossless. The correction is per
-source: a failed model draft does not lower the trust in the lookup's (a per-request factor on both did, session
-9, BENCHMARKS.md). The lookup's record learns from every verification round, also where the model's draft was
-verified (its proposal is compared with the committed tokens, `NgramDrafter.commit`); the model's offset only
-from rounds that verified its draft (sampled drafts: whether an unverified one would have been accepted is not
-known). Whether the first draft was accepted is read from the committed tokens (accepted iff the first committed
-token is the draft: a rejected draft token has no mass in the residual), so a round cut short by the token budget
-still counts right.
+Each side's confidences are corrected by its own record in this request, as the lookup's already are
+(`drafters.ngram.lookup_confidence`): the model's c_k becomes (accepted_k + s·c_k) / (tested_k + s), its
+calibrated head worth s observations (`model_prior_strength`), moved by how often position k of its verified
+drafts was accepted in this request's earlier rounds. A head calibrated on the training distribution can
+over-promise on a request unlike it (code it has not seen, where lookup is the better bet); the record reads
+only earlier rounds, so the choice stays lossless. The record is per source: a failed model draft does not lower
+the trust in the lookup's (a per-request factor on both did, session 9, BENCHMARKS.md). The lookup's record learns
+from every verification round, also where the model's draft was verified (its proposal is compared with the
+committed tokens, `NgramDrafter.commit`); the model's only from rounds that verified its draft (sampled drafts:
+whether an unverified one would have been accepted is not known).
 
 A request whose lookup draft is expected to accept at least `skip_model_at` tokens (default 1) takes it, whatever
 the model's score, and the model's forward is skipped in a round where every request does: the lookup draft is
@@ -46,7 +36,7 @@ The model's forward is priced too (`price_model`, default on; session 32): with 
 profile with and without the forward, `round_costs`) the loop hands `propose` a test `model_pays`, and the
 forward is also skipped where the round it makes possible is not expected to progress faster per second than a
 lookup-only round. The model's drafts of a round not yet run are predicted per request from its earlier rounds:
-the mean of its head's confidences over the request's model rounds, corrected by its offset as above
+the mean of its head's confidences over the request's model rounds, corrected by its record as above
 (`predicted_model_confidence`); a request whose model never ran is predicted to accept everything (the forward
 runs and the prediction starts). At batch 8 a round with the 15-token model's forward costs 1.48–1.69x a plain
 round, without it 1.00–1.24x (BENCHMARKS.md "Session 31"): a forward run for requests whose model drafts rarely
@@ -65,7 +55,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dspark_jax.drafters.base import Proposal, RoundOutcome
-from dspark_jax.drafters.ngram import NgramDrafter
+from dspark_jax.drafters.ngram import NgramDrafter, acceptance_counts, record_confidence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,22 +67,22 @@ class HybridConfig:
     confidence_head: bool = True  # each row's confidence: the model's head or the lookup's estimates
     skip_model_at: float = 1.0  # a lookup draft expecting this many accepted tokens is taken (module doc); inf: never,
     # 0: always (the model's forward never runs)
-    model_offset_precision: float = 3.0  # λ, prior precision of the model's per-request logit offset (module doc)
+    model_prior_strength: float = 4.0  # observations the model's head is worth against its record (module doc)
     price_model: bool = True  # skip the model's forward where the loop's costs say it does not pay (module doc)
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class HybridState:
-    """The two drafters' states and the model's per-request calibration: model_offset [B], the logit offset δ of
-    its c_1, and model_information [B], Σ c(1 − c) over the verified model drafts it learnt from (None: no
-    correction — the head's confidences as they are; module docstring); model_confidence_sum
+    """The two drafters' states and the model's record: model_tested / model_accepted [B, G], per request and
+    draft position, how often a verified model draft reached position k with every earlier one accepted, and
+    how often it was then accepted (None: no record — the head's confidences as they are); model_confidence_sum
     [B, G] and model_rounds [B]: the sum of the model head's confidences over the request's rounds that ran the
     model, and their number (`HybridDrafter.predicted_model_confidence`)."""
     model: object
     lookup: object
-    model_offset: jax.Array | None = None
-    model_information: jax.Array | None = None
+    model_tested: jax.Array | None = None
+    model_accepted: jax.Array | None = None
     model_confidence_sum: jax.Array | None = None
     model_rounds: jax.Array | None = None
 
@@ -101,7 +91,7 @@ class HybridDrafter(nnx.Module):
     """`model` (DSpark, DFlash or Eagle3) + `lookup` (an `NgramDrafter` of the same block size)."""
 
     def __init__(self, model, lookup: NgramDrafter, skip_model_at: float = HybridConfig.skip_model_at,
-                 model_offset_precision: float = HybridConfig.model_offset_precision,
+                 model_prior_strength: float = HybridConfig.model_prior_strength,
                  price_model: bool = HybridConfig.price_model):
         if model.config.block_size != lookup.config.block_size:
             raise ValueError(f"hybrid drafters need one block size, got {model.config.block_size} (model) and "
@@ -110,11 +100,11 @@ class HybridDrafter(nnx.Module):
         if not skip_model_at >= 0:
             raise ValueError(f"skip_model_at must be >= 0 (0: never run the model, inf: never skip it), got "
                              f"{skip_model_at}")
-        if not model_offset_precision > 0:
-            raise ValueError(f"model_offset_precision must be > 0, got {model_offset_precision}")
+        if not model_prior_strength > 0:
+            raise ValueError(f"model_prior_strength must be > 0, got {model_prior_strength}")
         self.config = HybridConfig(model.config.block_size, tuple(model.config.target_layer_ids),
                                    f"{model.config.algorithm}+ngram", skip_model_at=skip_model_at,
-                                   model_offset_precision=model_offset_precision, price_model=bool(price_model))
+                                   model_prior_strength=model_prior_strength, price_model=bool(price_model))
 
     @property
     def model_skip_threshold(self) -> float:
@@ -145,9 +135,10 @@ class HybridDrafter(nnx.Module):
         return self.model.head_matrix(target_model)
 
     def init_state(self, batch: int, max_len: int) -> HybridState:
-        zeros = lambda *shape: jnp.zeros(shape, jnp.float32)  # noqa: E731  distinct buffers: engines donate leaf by leaf
+        shape = (batch, self.config.block_size)  # distinct buffers: engines donate leaf by leaf
         return HybridState(self.model.init_state(batch, max_len), self.lookup.init_state(batch, max_len),
-                           zeros(batch), zeros(batch), zeros(batch, self.config.block_size), zeros(batch))
+                           jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32),
+                           jnp.zeros((batch,), jnp.float32))
 
     def prefill(self, target_model, state: HybridState, features, prompts, prompt_lens) -> HybridState:
         return dataclasses.replace(
@@ -158,7 +149,7 @@ class HybridDrafter(nnx.Module):
                outcome: RoundOutcome | None = None) -> HybridState:
         """Both drafters commit (`verified`, `start`, `count`, `outcome` as theirs: the lookup's record compares
         its proposal with the committed tokens, whichever draft was verified). With a verification round's
-        `outcome` the model's offset learns from the rows whose model draft was verified (outcome.deterministic
+        `outcome` the model's record counts the rows whose model draft was verified (outcome.deterministic
         False; the model's drafts are sampled at T > 0, so their acceptance is only known where verified), and
         the prediction's sums count the model head's confidences of every committing request in a round that ran
         the model (`outcome.model_confidence`)."""
@@ -174,28 +165,25 @@ class HybridDrafter(nnx.Module):
                 new, model_confidence_sum=state.model_confidence_sum + jnp.where(
                     ran[:, None], outcome.model_confidence[:, :g].astype(jnp.float32), 0.0),
                 model_rounds=state.model_rounds + ran.astype(jnp.float32))
-        if (outcome is None or outcome.deterministic is None or outcome.model_confidence is None
-                or state.model_offset is None or verified.shape[1] < 2):
+        if outcome is None or outcome.deterministic is None or state.model_tested is None:
             return new
-        # the verified model drafts' first positions: accepted iff the first committed token is the draft
-        event = ~outcome.deterministic & (outcome.num_verified >= 1) & (count >= 1)
-        accepted = (outcome.committed[:, 0] == verified[:, 1]).astype(jnp.float32)
-        c = shift_first(outcome.model_confidence[:, :1].astype(jnp.float32), state.model_offset)[:, 0]
-        information = state.model_information + jnp.where(event, c * (1.0 - c), 0.0)
-        step = (accepted - c) / (self.config.model_offset_precision + information)
-        return dataclasses.replace(new, model_offset=state.model_offset + jnp.where(event, step, 0.0),
-                                   model_information=information)
+        nv = outcome.num_verified
+        limit = jnp.where(outcome.deterministic, 0, nv)  # model rows: their verified drafts
+        tested, ok = acceptance_counts(jnp.clip(count - 1, 0, nv), limit, state.model_tested.shape[1])
+        return dataclasses.replace(new, model_tested=state.model_tested + tested,
+                                   model_accepted=state.model_accepted + ok)
 
     def model_confidence(self, state: HybridState, confidence: jax.Array) -> jax.Array:
-        """[B, G] the model head's confidences with the request's offset applied at position 1 (module
-        docstring)."""
-        if state.model_offset is None:
+        """[B, G] the model head's confidences corrected by the request's record (module docstring)."""
+        if state.model_tested is None:
             return confidence
-        return shift_first(confidence, state.model_offset)
+        g = confidence.shape[1]
+        return record_confidence(state.model_accepted[:, :g], state.model_tested[:, :g], confidence,
+                                 self.config.model_prior_strength)
 
     def predicted_model_confidence(self, state: HybridState) -> jax.Array:
         """[B, G] the model's confidences expected in a round not yet run: the mean of its head's confidences
-        over the request's rounds that ran it, corrected by its offset (`model_confidence`); 1 for a request whose
+        over the request's rounds that ran it, corrected by its record (`model_confidence`); 1 for a request whose
         model never ran (module docstring)."""
         rounds = state.model_rounds[:, None]
         mean = state.model_confidence_sum / jnp.maximum(rounds, 1.0)
@@ -233,7 +221,7 @@ class HybridDrafter(nnx.Module):
         (with `price_model`)."""
         by_lookup = self.lookup.propose(target_model, state.lookup, anchor, start, key, params, mode, head)
 
-        def model_proposal():  # confidences corrected by the offset here: a skipped model keeps confidence 0
+        def model_proposal():  # confidences corrected by the record here: a skipped model keeps confidence 0
             prop = self.model.propose(target_model, state.model, anchor, start, key, params, mode, head)
             return dataclasses.replace(prop, confidence=self.model_confidence(state, prop.confidence),
                                        model_confidence=prop.confidence)
@@ -267,10 +255,3 @@ def model_score(proposal: Proposal, params) -> jax.Array:
     first = jnp.broadcast_to(proposal.confidence[:, :1], proposal.confidence.shape)
     return dataclasses.replace(proposal, confidence=jnp.where(sampled, first, proposal.confidence)
                                ).expected_accept_length
-
-
-def shift_first(confidence: jax.Array, offset: jax.Array) -> jax.Array:
-    """[B, G] confidences with position 1's moved by a logit offset [B]: σ(logit c_1 + δ); the rest as they are."""
-    first = jnp.clip(confidence[:, :1], 1e-6, 1.0 - 1e-6)
-    moved = jax.nn.sigmoid(jnp.log(first) - jnp.log1p(-first) + offset[:, None].astype(first.dtype))
-    return jnp.concatenate([moved.astype(confidence.dtype), confidence[:, 1:]], axis=1)

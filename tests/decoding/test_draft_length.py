@@ -488,7 +488,7 @@ def test_round_costs_profile_and_cache(tmp_path, monkeypatch):
         return Drafter(nnx.merge(hg, hs).config, hg, hs, "hybrid")
     load_or_profile_round_costs(target, hybrid(), batch=2)
     assert len(calls) == 6
-    for options in (dict(price_model=False), dict(skip_model_at=2.0, model_offset_precision=8.0)):
+    for options in (dict(price_model=False), dict(skip_model_at=2.0, model_prior_strength=8.0)):
         load_or_profile_round_costs(target, hybrid(**options), batch=2)
     assert len(calls) == 6
 

@@ -355,11 +355,11 @@ def test_hybrid_skips_the_model_when_every_lookup_draft_is_expected_to_go_far():
         np.testing.assert_array_equal(np.asarray(out.model_skipped), [skip_model_at <= 0.8] * 2)
         np.testing.assert_array_equal(np.asarray(out.tokens)[:, 0], np.where(lookup_rows, 7, 9))
         assert out.p_draft.shape == (2, 3, 4)
-    # a skipped model stays unchosen whatever its offset: its zero confidences are not moved by it
+    # a skipped model stays unchosen whatever its record: its zero confidences are not moved by it
     hybrid = nnx.merge(*_hybrid(cfg, 3, skip_model_at=0.8))
     hybrid.model.propose = lambda *a, **k: model
     hybrid.lookup.propose = lambda *a, **k: lookup
-    perfect = HybridState(None, None, model_offset=jnp.full((2,), 20.0), model_information=jnp.zeros(2))
+    perfect = HybridState(None, None, model_tested=jnp.full((2, 3), 100.0), model_accepted=jnp.full((2, 3), 100.0))
     out = jax.jit(lambda: HybridDrafter.propose(hybrid, target, perfect, jnp.zeros(2, jnp.int32), lens, None,
                                                 SamplingParams.create(2), None, None))()
     np.testing.assert_array_equal(np.asarray(out.deterministic), [True, True])
@@ -368,47 +368,32 @@ def test_hybrid_skips_the_model_when_every_lookup_draft_is_expected_to_go_far():
         _hybrid(cfg, 3, skip_model_at=-1.0)
 
 
-def test_hybrid_model_offset_learns_only_from_rows_whose_model_draft_was_verified():
-    """commit: the logit offset δ of the model's c_1 moves by (y − c) / (λ + I), I += c(1 − c), λ 3, c the round's
-    c_1 with the offset applied, y whether the first draft was accepted (first committed token = the draft). Row 0
-    verified the model's drafts and its first was accepted, though the token budget cut the round to one token;
-    row 1 verified the lookup's; row 2 the model's, first rejected; row 3 the model's with no draft verified. Plain
-    rounds (no outcome) leave the offset alone; a second round starts from the moved c."""
+def test_hybrid_model_record_counts_only_rows_whose_model_draft_was_verified():
+    """commit: row 0 verified the model's 3 drafts and accepted 1 (count 2: one accepted + the next token);
+    row 1 verified the lookup's; row 2 the model's, all 3 accepted (count 4). Records (tested, accepted) per
+    position as `acceptance_counts`; plain rounds (no outcome) leave it alone."""
     from dspark_jax.drafters.base import RoundOutcome
     from dspark_jax.drafters.hybrid import HybridDrafter
     tg, ts, cfg = make_target("gemma3")
     hybrid = nnx.merge(*_hybrid(cfg, 3))
     hybrid.model.commit = lambda *a, **k: "model state"
     hybrid.lookup.commit = lambda *a, **k: "lookup state"
-    state = hybrid.init_state(4, 16)
-    verified = jnp.asarray([[1, 7, 8, 9]] * 4, jnp.int32)  # anchor 1, drafts 7, 8, 9
-    committed = jnp.asarray([[7, 0, 0, 0], [7, 8, 0, 0], [5, 0, 0, 0], [7, 0, 0, 0]], jnp.int32)
-    head = jnp.asarray([[0.5, 0.9, 0.9], [0.5, 0.9, 0.9], [0.8, 0.9, 0.9], [0.5, 0.9, 0.9]])
-    start, count = jnp.asarray([5, 5, 5, 5]), jnp.asarray([1, 2, 1, 1])
-    outcome = RoundOutcome(jnp.asarray([3, 3, 3, 0]), committed, jnp.asarray([False, True, False, False]),
-                           model_skipped=jnp.zeros(4, bool), model_confidence=head)
-    once = HybridDrafter.commit(hybrid, None, state, None, verified, start, count, outcome)
-    assert (once.model, once.lookup) == ("model state", "lookup state")
-    expected = [(1 - 0.5) / (3 + 0.25), 0.0, (0 - 0.8) / (3 + 0.16), 0.0]
-    np.testing.assert_allclose(np.asarray(once.model_offset), expected, rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(once.model_information), [0.25, 0, 0.16, 0], rtol=1e-6)
-    plain = HybridDrafter.commit(hybrid, None, once, None, verified[:, :1], start, jnp.asarray([1, 1, 1, 1]))
-    np.testing.assert_array_equal(np.asarray(plain.model_offset), np.asarray(once.model_offset))
-    twice = HybridDrafter.commit(hybrid, None, once, None, verified, start, count, outcome)
-    c = 1 / (1 + np.exp(-expected[0]))  # row 0's c_1 0.5 moved by its offset
-    np.testing.assert_allclose(float(twice.model_offset[0]), expected[0] + (1 - c) / (3 + 0.25 + c * (1 - c)),
-                               rtol=1e-6)
-    # the corrected confidences: c_1 moved in logit space, later positions as the head gave them
-    np.testing.assert_allclose(np.asarray(hybrid.model_confidence(once, head)),
-                               [[c, 0.9, 0.9], [0.5, 0.9, 0.9],
-                                [1 / (1 + np.exp(-(np.log(4.0) + expected[2]))), 0.9, 0.9], [0.5, 0.9, 0.9]],
-                               rtol=1e-5)
+    state = hybrid.init_state(3, 16)
+    verified, start = jnp.zeros((3, 4), jnp.int32), jnp.asarray([5, 5, 5])
+    out = HybridDrafter.commit(hybrid, None, state, None, verified, start, jnp.asarray([2, 4, 4]),
+                               RoundOutcome(jnp.asarray([3, 3, 3]), jnp.zeros((3, 4), jnp.int32),
+                                            jnp.asarray([False, True, False])))
+    assert (out.model, out.lookup) == ("model state", "lookup state")
+    np.testing.assert_array_equal(np.asarray(out.model_tested), [[1, 1, 0], [0, 0, 0], [1, 1, 1]])
+    np.testing.assert_array_equal(np.asarray(out.model_accepted), [[1, 0, 0], [0, 0, 0], [1, 1, 1]])
+    plain = HybridDrafter.commit(hybrid, None, out, None, verified[:, :1], start, jnp.asarray([1, 1, 1]))
+    np.testing.assert_array_equal(np.asarray(plain.model_tested), np.asarray(out.model_tested))
 
 
-def test_hybrid_corrects_the_model_confidence_by_its_offset():
-    """c_1 → σ(logit c_1 + δ). Row 0's offset −3 (its model drafts failed): its head's 0.9 becomes 0.309, the
-    model's draft expects 0.309 · (1 + 0.9 + 0.81) = 0.84 < the lookup's 1.176 and the lookup's draft is chosen;
-    row 1's offset +1 raises c_1 to 0.961 and the model's draft stays chosen, with corrected confidences."""
+def test_hybrid_corrects_the_model_confidence_by_its_record():
+    """c_k → (accepted_k + s·c_k) / (tested_k + s), s = model_prior_strength = 4. Row 0's model drafts failed at
+    position 1 eight times: its head's 0.9 becomes 0.3 there and the lookup's draft is chosen; row 1's record
+    (2 of 2 accepted at position 1) raises its c_1 and the model's draft stays chosen, with corrected confidences."""
     from dspark_jax.drafters.base import Proposal
     from dspark_jax.drafters.hybrid import HybridDrafter, HybridState
     tg, ts, cfg = make_target("gemma3")
@@ -421,24 +406,24 @@ def test_hybrid_corrects_the_model_confidence_by_its_offset():
                       length=jnp.asarray([3, 3]))  # expects 1.176
     hybrid.model.propose = lambda *a, **k: model
     hybrid.lookup.propose = lambda *a, **k: lookup
-    record = HybridState(None, None, model_offset=jnp.asarray([-3.0, 1.0]), model_information=jnp.zeros(2))
+    record = HybridState(None, None, model_tested=jnp.asarray([[8.0, 0, 0], [2, 0, 0]]),
+                         model_accepted=jnp.asarray([[0.0, 0, 0], [2, 0, 0]]))
     out = HybridDrafter.propose(hybrid, target, record, jnp.zeros(2, jnp.int32), jnp.asarray([5, 5]), None,
                                 SamplingParams.create(2), None, None)
     np.testing.assert_array_equal(np.asarray(out.deterministic), [True, False])
-    raised = 1 / (1 + np.exp(-(np.log(9.0) + 1.0)))
-    np.testing.assert_allclose(np.asarray(out.confidence), [[0.6, 0.6, 0.6], [raised, 0.9, 0.9]], rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(out.confidence), [[0.6, 0.6, 0.6], [(2 + 3.6) / 6, 0.9, 0.9]], rtol=1e-6)
     no_record = HybridDrafter.propose(hybrid, target, HybridState(None, None), jnp.zeros(2, jnp.int32),
                                       jnp.asarray([5, 5]), None, SamplingParams.create(2), None, None)
     np.testing.assert_array_equal(np.asarray(no_record.deterministic), [False, False])
-    with pytest.raises(ValueError, match="model_offset_precision"):
+    with pytest.raises(ValueError, match="model_prior_strength"):
         from dspark_jax.drafters.hybrid import HybridDrafter as H
-        H(hybrid.model, hybrid.lookup, model_offset_precision=0.0)
+        H(hybrid.model, hybrid.lookup, model_prior_strength=0.0)
 
 
-def test_hybrid_offset_follows_the_verified_source_in_the_loop():
+def test_hybrid_record_follows_the_verified_source_in_the_loop():
     """One drafted round of the jitted loop's round code: the rows that verified the model's draft (the
-    proposal's non-deterministic rows) move their offset by (y − c_1) / (λ + c_1(1 − c_1)) (y: the first draft
-    accepted, c_1 the head's, the offset still 0); lookup rows learn nothing."""
+    proposal's non-deterministic rows) gain a test at position 1 and an acceptance per accepted draft; lookup
+    rows gain nothing."""
     from dspark_jax.decoding.speculative import _rounds
     from dspark_jax.sampling.keys import DRAFT, position_keys
     tg, ts, cfg = make_target("gemma3")
@@ -464,12 +449,11 @@ def test_hybrid_offset_follows_the_verified_source_in_the_loop():
     after = rounds._apply(c, rounds.drafted(c))
     model_rows = ~np.asarray(prop.deterministic)
     assert model_rows.any() and not model_rows.all()  # both sources in one round
-    accepted = (np.asarray(after.num_generated - c.num_generated) - 1 >= 1).astype(np.float64)
-    c1 = np.asarray(prop.model_confidence, np.float64)[:, 0]
-    np.testing.assert_allclose(np.asarray(after.drafter_state.model_information), model_rows * c1 * (1 - c1),
-                               rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(np.asarray(after.drafter_state.model_offset),
-                               model_rows * (accepted - c1) / (3 + c1 * (1 - c1)), rtol=1e-5, atol=1e-7)
+    accepted = np.asarray(after.num_generated - c.num_generated) - 1
+    tested, acc = np.asarray(after.drafter_state.model_tested), np.asarray(after.drafter_state.model_accepted)
+    k = np.arange(3)[None]
+    np.testing.assert_array_equal(tested, model_rows[:, None] * (k <= accepted[:, None]))
+    np.testing.assert_array_equal(acc, model_rows[:, None] * (k < accepted[:, None]))
 
 
 @pytest.mark.parametrize("top_k,top_p,skip_model_at", [(3, 0.8, 1.0), (0, 1.0, 0.3)])
@@ -562,16 +546,14 @@ def test_drafter_specs():
     hybrid = load_drafter("random+ngram:n_max=2", target, gamma=4, draft_vocab_size=None)
     assert hybrid.config.algorithm == "dspark+ngram" and hybrid.config.block_size == 4
     assert hybrid.config.skip_model_at == 1.0 and hybrid.source == "random:dspark+ngram:n_max=2"
-    tuned = load_drafter("random+ngram:n_max=2:skip_model_at=1.5:model_offset_precision=8", target, gamma=4)
-    assert tuned.config.skip_model_at == 1.5 and tuned.config.model_offset_precision == 8
+    tuned = load_drafter("random+ngram:n_max=2:skip_model_at=1.5:model_prior_strength=8", target, gamma=4)
+    assert tuned.config.skip_model_at == 1.5 and tuned.config.model_prior_strength == 8
     assert nnx.merge(tuned.graphdef, tuned.state).lookup.config.n_max == 2
-    assert tuned.source == "random:dspark+ngram:n_max=2:skip_model_at=1.5:model_offset_precision=8"
+    assert tuned.source == "random:dspark+ngram:n_max=2:skip_model_at=1.5:model_prior_strength=8"
     with pytest.raises(ValueError, match="skip_model_at must be a number"):
         load_drafter("random+ngram:skip_model_at=x", target, gamma=4)
     with pytest.raises(ValueError, match="skip_model_at must be >= 0"):
         load_drafter("random+ngram:skip_model_at=-1", target, gamma=4)
-    with pytest.raises(ValueError, match="also takes skip_model_at, model_offset_precision"):  # the option before 36
-        load_drafter("random+ngram:model_prior_strength=8", target, gamma=4)
     assert with_block_size(hybrid, 2).config.block_size == 2
     with pytest.raises(ValueError, match="gamma must be in"):
         with_block_size(hybrid, 5)
@@ -579,7 +561,7 @@ def test_drafter_specs():
 
 def test_hybrid_predicts_its_model_from_earlier_rounds_and_skips_a_forward_that_does_not_pay():
     """`price_model`: the loop's `model_pays` sees the lookup's rows and the rows a model round is predicted to
-    verify — per request the mean of the model head's earlier confidences, corrected by its offset, 1 where
+    verify — per request the mean of the model head's earlier confidences, corrected by its record (s = 4), 1 where
     the model never ran —; where it says no, the forward is skipped (every row takes the lookup's draft)."""
     from dspark_jax.drafters.base import Proposal
     from dspark_jax.drafters.hybrid import HybridDrafter, HybridState
@@ -591,10 +573,10 @@ def test_hybrid_predicts_its_model_from_earlier_rounds_and_skips_a_forward_that_
     lookup = Proposal(tokens=jnp.full((2, 3), 7), draft_index=jnp.full((2, 3), 7), p_draft=None,
                       confidence=jnp.asarray([[0.5, 0.5, 0.5], [0.0, 0.0, 0.0]]), confidence_logits=jnp.zeros((2, 3)),
                       length=jnp.asarray([3, 0]))  # row 0 expects 0.875 (< skip_model_at 1), row 1 nothing
-    # row 0: two model rounds, head confidences summing to (1.2, 0.8, 0.4) → mean (0.6, 0.4, 0.2), an offset of
-    # logit 0.8 − logit 0.6 → c_1 0.8; row 1: the model never ran → predicted 1
-    state = HybridState(None, None, model_offset=jnp.asarray([np.log(4.0) - np.log(1.5), 0.0]),
-                        model_information=jnp.zeros(2),
+    # row 0: two model rounds, head confidences summing to (1.2, 0.8, 0.4) → mean (0.6, 0.4, 0.2), record 4 of 4
+    # tested at position 1 accepted → c_1 (4 + 4·0.6) / 8 = 0.8; row 1: the model never ran → predicted 1
+    state = HybridState(None, None, model_tested=jnp.asarray([[4.0, 0, 0], [0, 0, 0]]),
+                        model_accepted=jnp.asarray([[4.0, 0, 0], [0, 0, 0]]),
                         model_confidence_sum=jnp.asarray([[1.2, 0.8, 0.4], [0.0, 0.0, 0.0]]),
                         model_rounds=jnp.asarray([2.0, 0.0]))
     seen = {}
@@ -654,10 +636,8 @@ def test_hybrid_learns_its_model_prediction_from_rounds_that_ran_the_model():
     np.testing.assert_array_equal(np.asarray(skipped.model_rounds), [1, 1, 0])
     twice = commit(once, [2, 1, 1], False)
     np.testing.assert_array_equal(np.asarray(twice.model_rounds), [2, 2, 1])
-    mean = np.asarray(conf, np.float64)  # row 2: one round, its confidences; rows 0, 1: twice the same
-    offset = np.asarray(twice.model_offset, np.float64)
-    assert offset[0] != 0 and offset[1] == 0  # row 0 verified its model draft (row 1 the lookup's)
-    first = 1 / (1 + np.exp(-(np.log(mean[:, 0] / (1 - mean[:, 0])) + offset)))
-    np.testing.assert_allclose(np.asarray(hybrid.predicted_model_confidence(twice)),
-                               np.concatenate([first[:, None], mean[:, 1:]], 1), rtol=1e-5)
+    mean = np.asarray(conf) * [[1], [1], [1]]  # row 2: one round, its confidences; rows 0, 1: twice the same
+    acc, tested = np.asarray(twice.model_accepted), np.asarray(twice.model_tested)
+    np.testing.assert_allclose(np.asarray(hybrid.predicted_model_confidence(twice)), (acc + 4 * mean) / (tested + 4),
+                               rtol=1e-6)
     np.testing.assert_array_equal(np.asarray(hybrid.predicted_model_confidence(state)), np.ones((3, 3)))

@@ -12,6 +12,8 @@ request's c_k at positions ≤ --online_positions moved by one logit offset δ, 
 with prior precision λ: δ += Σ (y − c) / (λ + Σ c(1 − c)) after each round. Reads only earlier rounds, so it
 would keep decoding lossless (session 36 built it into the hybrid for its model's c_1 and reverted it: inside the
 hybrid it did not beat the count record below, BENCHMARKS.md "Session 36").
+--by_source: the confidences as decoded (records' `confidence`), ECE per source of a hybrid's rounds: lookup rows
+(the lookup stores logit c as its confidence logit, `NgramDrafter.propose`) and model rows (the head's raw logits).
 --count_record s,...: the hybrid's per-request correction of its model's confidences (`drafters.hybrid`,
 `model_prior_strength`), replayed on every round of the drafter alone: c_k ← (accepted_k + s·c_k) / (tested_k + s),
 the request's per-position counts of its earlier rounds.
@@ -40,6 +42,8 @@ def main():
     ap.add_argument("--online_offset", default="", help="comma list of prior precisions λ of the per-request online "
                     "offset (docstring); empty: not replayed")
     ap.add_argument("--online_positions", type=int, default=1, help="positions the online offset moves")
+    ap.add_argument("--by_source", action="store_true", help="ECE of the decoded confidences per source of a "
+                    "hybrid's rows (lookup / model)")
     ap.add_argument("--count_record", default="", help="comma list of prior strengths s of the count record replayed "
                     "(the hybrid's correction of its model's confidences)")
     ap.add_argument("--output", default="benchmarks/results/calibration_transfer.json")
@@ -128,9 +132,25 @@ def main():
             counted.append(dict(name=row["name"], strength=strength, ece=ece))
             print(f"\n{row['name']} with the count record, s {strength:g}: ECE % "
                   f"{' / '.join(f'{100 * e:.1f}' for e in ece[:8])} …; worst {100 * max(ece):.1f}")
+    by_source = []
+    if args.by_source:
+        decoded = np.concatenate([rec[f"{prefix}{s}/confidence"] for s in sets])
+        z = np.concatenate([data[s]["confidence_logits"] for s in sets])
+        lookup = np.abs(1.0 / (1.0 + np.exp(-z[:, 0].astype(np.float64))) - decoded[:, 0]) < 1e-4
+        print("\nconfidences as decoded, per source (20-bin ECE % of the survival, positions 1..; floor in brackets)")
+        for source, rows_of in (("lookup", lookup), ("model", ~lookup), ("all", np.ones_like(lookup))):
+            pairs = survival_pairs(decoded[rows_of], flags_all[rows_of], proposed_all[rows_of])
+            ece = [expected_calibration_error(p, y, args.bins) for p, y in pairs]
+            floor = [ece_noise_floor(p, args.bins) for p, _ in pairs]
+            by_source.append(dict(source=source, rounds=int(rows_of.sum()), ece=ece, floor=floor,
+                                  predicted=[float(p.mean()) for p, _ in pairs],
+                                  observed=[float(y.mean()) for _, y in pairs]))
+            print(f"{source:>7} ({int(rows_of.sum())} rounds): {' / '.join(f'{100 * e:.1f}' for e in ece[:4])} …, worst "
+                  f"{100 * max(ece):.1f} (floor {' / '.join(f'{100 * f:.1f}' for f in floor[:4])} …); position 1 "
+                  f"predicted {by_source[-1]['predicted'][0]:.3f}, observed {by_source[-1]['observed'][0]:.3f}")
     write_result(args.output, dict(records=args.records, index=args.index, temperature=args.temperature,
                                    bins=args.bins, drafters=rows, cross_fit=cross, online_offset=online,
-                                   count_record=counted))
+                                   count_record=counted, by_source=by_source))
 
 
 def online_offset(conf: np.ndarray, accepted: np.ndarray, proposed: np.ndarray, request: np.ndarray, lam: float,

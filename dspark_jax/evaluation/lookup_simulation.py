@@ -50,24 +50,31 @@ def simulate_rounds(prompt: Sequence[int], output: Sequence[int], n_max: int = 3
 
 
 def conditional_acceptance(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], n_max: int = 3,
-                           n_min: int = 1, gamma: int = 15) -> tuple[list[list[int]], list[list[int]]]:
+                           n_min: int = 1, gamma: int = 15,
+                           first_only: bool = False) -> tuple[list[list[int]], list[list[int]]]:
     """Over the simulated rounds of (prompt, greedy output) pairs: tested[n−1][k] rounds whose proposal came
     from an n-token match and reached draft position k with every earlier one accepted, accepted[n−1][k] of
-    them accepting position k too (c_k = accepted / tested: the statistic `NgramDrafter` estimates online)."""
+    them accepting position k too (c_k = accepted / tested: the statistic `NgramDrafter` estimates online).
+    first_only: only each pair's first round with an n-token match, per n — the rounds a request decodes before
+    it has any record of its own for n, where `NgramDrafter` reads its prior alone."""
     tested = [[0] * gamma for _ in range(n_max)]
     accepted = [[0] * gamma for _ in range(n_max)]
     for prompt, output in pairs:
         seq = list(prompt) + list(output)
         anchor, end = len(prompt), len(prompt) + len(output)
+        seen = set()
         while anchor < end - 1:
             draft, n = lookup_match(seq[:anchor + 1], n_max, n_min, gamma)
             room = min(len(draft), end - 1 - anchor)
             a = 0
             while a < room and draft[a] == seq[anchor + 1 + a]:
                 a += 1
-            for k in range(min(a + 1, room)):
-                tested[n - 1][k] += 1
-                accepted[n - 1][k] += k < a
+            if not (first_only and n in seen):
+                for k in range(min(a + 1, room)):
+                    tested[n - 1][k] += 1
+                    accepted[n - 1][k] += k < a
+            if room > 0:
+                seen.add(n)
             anchor += min(a + 1, end - 1 - anchor)
     return tested, accepted
 

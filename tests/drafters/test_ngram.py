@@ -157,6 +157,18 @@ def test_offline_simulation_predicts_the_loop_rounds():
         assert [int(c) for c in spec.committed[0, :r]] == simulate_rounds(prompt, out, 3, 1, 4)
 
 
+def test_offline_acceptance_counts_all_rounds_or_each_pairs_first_per_match_length():
+    """prompt [1, 2, 3], output [1, 9, 1, 2, 3, 1, 2], 1-token matches, γ 2, by hand: round 1 proposes [2, 3] after
+    the anchor 1 and misses (9); the anchor 9 matches nothing; the anchor 1 proposes [9, 1] and misses (2); the anchor
+    2 proposes [3, 1] and both are accepted. All rounds: tested [3, 1], accepted [1, 1]; each pair's first round with
+    a 1-token match alone (`first_only`, the prior a request without a record reads): tested [1, 0], accepted [0, 0]."""
+    from dspark_jax.evaluation.lookup_simulation import conditional_acceptance
+    pairs = [([1, 2, 3], [1, 9, 1, 2, 3, 1, 2])]
+    assert conditional_acceptance(pairs, 1, 1, 2) == ([[3, 1]], [[1, 1]])
+    assert conditional_acceptance(pairs, 1, 1, 2, first_only=True) == ([[1, 0]], [[0, 0]])
+    assert conditional_acceptance(pairs * 2, 1, 1, 2, first_only=True) == ([[2, 0]], [[0, 0]])  # per pair
+
+
 # ---- lookup confidence -------------------------------------------------------------------------------
 
 def test_acceptance_statistics_are_counted_per_match_length_and_position():

@@ -136,7 +136,7 @@ def main():
     if args.by_source:
         decoded = np.concatenate([rec[f"{prefix}{s}/confidence"] for s in sets])
         z = np.concatenate([data[s]["confidence_logits"] for s in sets])
-        lookup = np.abs(1.0 / (1.0 + np.exp(-z[:, 0].astype(np.float64))) - decoded[:, 0]) < 1e-4
+        lookup = np.all(np.abs(1.0 / (1.0 + np.exp(-z.astype(np.float64))) - decoded) < 1e-4, axis=1)
         print("\nconfidences as decoded, per source (20-bin ECE % of the survival, positions 1..; floor in brackets)")
         for source, rows_of in (("lookup", lookup), ("model", ~lookup), ("all", np.ones_like(lookup))):
             pairs = survival_pairs(decoded[rows_of], flags_all[rows_of], proposed_all[rows_of])

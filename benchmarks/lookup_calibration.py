@@ -31,13 +31,17 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 RESPONSES = ROOT / "dspark_jax" / "data" / "train" / "gemma3_270m_greedy_responses.jsonl.gz"
 N_MAX, GAMMA, SHIPPED_PRIOR_RESPONSES = 3, 15, 783
+PRIOR_GAMMA = 16  # the draft length `ngram_prior.py` simulates (its default): it changes which rounds are counted
 
 
 def prior_table(pairs, first_only: bool) -> np.ndarray:
-    """[N_MAX, GAMMA] Laplace-smoothed conditional acceptance means over `pairs` (`ngram_prior.py`'s)."""
+    """[N_MAX, GAMMA] Laplace-smoothed conditional acceptance means over `pairs`, simulated as `ngram_prior.py` does
+    (γ 16, its first GAMMA slots, 4 decimals: with `pairs` the first 783 training responses and first_only False,
+    exactly the shipped file's table)."""
     from dspark_jax.evaluation.lookup_simulation import conditional_acceptance
-    tested, accepted = conditional_acceptance(pairs, N_MAX, 1, GAMMA, first_only=first_only)
-    return (np.asarray(accepted, np.float64) + 1) / (np.asarray(tested, np.float64) + 2)
+    tested, accepted = conditional_acceptance(pairs, N_MAX, 1, PRIOR_GAMMA, first_only=first_only)
+    means = (np.asarray(accepted, np.float64) + 1) / (np.asarray(tested, np.float64) + 2)
+    return np.round(means, 4)[:, :GAMMA]  # rounded as the file stores them
 
 
 def state_prior(pairs) -> np.ndarray:
@@ -45,6 +49,8 @@ def state_prior(pairs) -> np.ndarray:
     previous lookup round's first draft was accepted (index 1) or not / no previous round (0)."""
     tested, ok = np.zeros((2, N_MAX, GAMMA)), np.zeros((2, N_MAX, GAMMA))
     for state, n, a, room in rounds(pairs):
+        if state is None:  # the end of a pair
+            continue
         k = np.arange(GAMMA)
         tested[state, n - 1] += k < min(a + 1, room)
         ok[state, n - 1] += k < min(a, room)

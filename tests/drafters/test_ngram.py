@@ -167,6 +167,12 @@ def test_offline_acceptance_counts_all_rounds_or_each_pairs_first_per_match_leng
     assert conditional_acceptance(pairs, 1, 1, 2) == ([[3, 1]], [[1, 1]])
     assert conditional_acceptance(pairs, 1, 1, 2, first_only=True) == ([[1, 0]], [[0, 0]])
     assert conditional_acceptance(pairs * 2, 1, 1, 2, first_only=True) == ([[2, 0]], [[0, 0]])  # per pair
+    # per match length: prompt [1, 2, 3, 1, 5], output [9, 1, 2, 6, 1, 7], n_max 2, γ 1 — the anchor 1 proposes 5 (a
+    # 1-token match, missed: 2), the anchor 2 after [1, 2] proposes 3 (a 2-token match, missed: 6), the last anchor 1
+    # proposes 2 (1-token, missed: 7); first_only keeps the first 1-token round and the 2-token one
+    pairs = [([1, 2, 3, 1, 5], [9, 1, 2, 6, 1, 7])]
+    assert conditional_acceptance(pairs, 2, 1, 1) == ([[2], [1]], [[0], [0]])
+    assert conditional_acceptance(pairs, 2, 1, 1, first_only=True) == ([[1], [1]], [[0], [0]])
 
 
 # ---- lookup confidence -------------------------------------------------------------------------------

@@ -116,7 +116,9 @@ def markdown(result: SuiteResult, plots: dict[str, str] | None = None, title: st
     lines += md_table(header, rows)
 
     lines += ["", "**Speed** (tokens/s, speculative and plain decoding side by side in one run; speed-up in "
-              "brackets):", ""]
+              "brackets; at each drafter's fixed draft length with every proposal verified — not the hardware-aware "
+              "draft length of `dspark generate --draft_length auto`, which can skip drafting where it does not pay):",
+              ""]
     plain = {p.dataset: p for p in result.plain}
     rows = [["plain"] + [fmt(plain[s].tokens_per_s, 1) for s in sets] + ["1.00"]]
     for d in result.drafters:

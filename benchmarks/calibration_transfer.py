@@ -103,32 +103,36 @@ def main():
                               rounds=row["rounds_scored"]))
             print(f"  fitted on half {row['fitted_on_half']}: ECE {' / '.join(f'{100 * e:.1f}' for e in row['ece'])}; "
                   f"floor {' / '.join(f'{100 * f:.1f}' for f in row['floor'])} ({row['rounds_scored']} rounds scored)")
-    online = []
-    lams = [float(x) for x in args.online_offset.split(",") if x]
-    bases = [{s: survival_confidences(data[s]["confidence_logits"], cal.temperatures, cal.biases) for s in sets}
-             for cal in (cals if lams else [])]  # each drafter's calibrated confidences, per set
     flags_all = np.concatenate([data[s]["accept_flags"] for s in sets])
     proposed_all = np.concatenate([data[s]["proposed"] for s in sets])
+
+    def survival_ece(conf: np.ndarray, rows_of=slice(None)) -> tuple[list[float], list[float], list]:
+        """Per position: ECE and noise floor of the survival of conf [N, G] (all sets' rounds), and the pairs."""
+        pairs = survival_pairs(conf, flags_all[rows_of], proposed_all[rows_of])
+        return ([expected_calibration_error(p, y, args.bins) for p, y in pairs],
+                [ece_noise_floor(p, args.bins) for p, _ in pairs], pairs)
+
+    lams = [float(x) for x in args.online_offset.split(",") if x]
+    strengths = [float(x) for x in args.count_record.split(",") if x]
+    bases = [{s: survival_confidences(data[s]["confidence_logits"], cal.temperatures, cal.biases) for s in sets}
+             for cal in (cals if lams or strengths else [])]  # each drafter's calibrated confidences, per set
+    online = []
     for lam in lams:
         for row, base in zip(rows, bases):
-            conf = [online_offset(base[s], data[s]["accepted"], data[s]["proposed"], rec[f"{prefix}{s}/request"], lam,
-                                  args.online_positions) for s in sets]
-            pairs = survival_pairs(np.concatenate(conf), flags_all, proposed_all)
-            ece = [expected_calibration_error(p, y, args.bins) for p, y in pairs]
-            floor = [ece_noise_floor(p, args.bins) for p, _ in pairs]
+            ece, floor, _ = survival_ece(np.concatenate([
+                online_offset(base[s], data[s]["accepted"], data[s]["proposed"], rec[f"{prefix}{s}/request"], lam,
+                              args.online_positions) for s in sets]))
             online.append(dict(name=row["name"], prior_precision=lam, positions=args.online_positions, ece=ece,
                                floor=floor))
             print(f"\n{row['name']} with a per-request online offset at positions <= {args.online_positions}, λ {lam:g}: "
                   f"ECE % {' / '.join(f'{100 * e:.1f}' for e in ece[:8])} …; worst {100 * max(ece):.1f} "
                   f"(floor {' / '.join(f'{100 * f:.1f}' for f in floor[:8])} …)")
     counted = []
-    for strength in [float(x) for x in args.count_record.split(",") if x]:
-        for row, cal in zip(rows, cals):
-            conf = [count_record(survival_confidences(data[s]["confidence_logits"], cal.temperatures, cal.biases),
-                                 data[s]["accepted"], data[s]["proposed"], rec[f"{prefix}{s}/request"], strength)
-                    for s in sets]
-            pairs = survival_pairs(np.concatenate(conf), flags_all, proposed_all)
-            ece = [expected_calibration_error(p, y, args.bins) for p, y in pairs]
+    for strength in strengths:
+        for row, base in zip(rows, bases):
+            ece, _, _ = survival_ece(np.concatenate([
+                count_record(base[s], data[s]["accepted"], data[s]["proposed"], rec[f"{prefix}{s}/request"], strength)
+                for s in sets]))
             counted.append(dict(name=row["name"], strength=strength, ece=ece))
             print(f"\n{row['name']} with the count record, s {strength:g}: ECE % "
                   f"{' / '.join(f'{100 * e:.1f}' for e in ece[:8])} …; worst {100 * max(ece):.1f}")
@@ -139,9 +143,7 @@ def main():
         lookup = np.all(np.abs(1.0 / (1.0 + np.exp(-z.astype(np.float64))) - decoded) < 1e-4, axis=1)
         print("\nconfidences as decoded, per source (20-bin ECE % of the survival, positions 1..; floor in brackets)")
         for source, rows_of in (("lookup", lookup), ("model", ~lookup), ("all", np.ones_like(lookup))):
-            pairs = survival_pairs(decoded[rows_of], flags_all[rows_of], proposed_all[rows_of])
-            ece = [expected_calibration_error(p, y, args.bins) for p, y in pairs]
-            floor = [ece_noise_floor(p, args.bins) for p, _ in pairs]
+            ece, floor, pairs = survival_ece(decoded[rows_of], rows_of)
             by_source.append(dict(source=source, rounds=int(rows_of.sum()), ece=ece, floor=floor,
                                   predicted=[float(p.mean()) for p, _ in pairs],
                                   observed=[float(y.mean()) for _, y in pairs]))

@@ -58,24 +58,17 @@ def state_prior(pairs) -> np.ndarray:
 
 
 def rounds(pairs):
-    """Every lookup round of `pairs` with a draft, in order, per pair: (state, n, accepted drafts a, drafts room);
-    state: 1 where the pair's previous lookup round with a draft had its first draft accepted."""
-    from dspark_jax.evaluation.lookup_simulation import lookup_match
+    """Every lookup round of `pairs` with a draft, in order, per pair (`lookup_simulation.lookup_rounds`): (state,
+    n, accepted drafts a, drafts room); state: 1 where the pair's previous lookup round with a draft had its first
+    draft accepted. Each pair ends with (None, 0, 0, 0): its record ends with it."""
+    from dspark_jax.evaluation.lookup_simulation import lookup_rounds
     for prompt, output in pairs:
-        seq = list(prompt) + list(output)
-        anchor, end = len(prompt), len(prompt) + len(output)
         state = 0
-        while anchor < end - 1:
-            draft, n = lookup_match(seq[:anchor + 1], N_MAX, 1, GAMMA)
-            room = min(len(draft), end - 1 - anchor)
-            a = 0
-            while a < room and draft[a] == seq[anchor + 1 + a]:
-                a += 1
+        for n, a, room, _ in lookup_rounds(prompt, output, N_MAX, 1, GAMMA):
             if room > 0:
                 yield state, n, a, room
                 state = int(a >= 1)
-            anchor += min(a + 1, end - 1 - anchor)
-        yield None, 0, 0, 0  # the pair ends: its record ends with it
+        yield None, 0, 0, 0
 
 
 def replay(pairs, priors: dict, kind: str, strength: float):

@@ -7,7 +7,7 @@ replays exactly those rounds over `prompt + output`, so at batch 1 it predicts t
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterator, Sequence
 
 
 def lookup_match(tokens: Sequence[int], n_max: int, n_min: int, gamma: int) -> tuple[list[int], int]:
@@ -30,23 +30,29 @@ def lookup(tokens: Sequence[int], n_max: int, n_min: int, gamma: int) -> list[in
     return lookup_match(tokens, n_max, n_min, gamma)[0]
 
 
+def lookup_rounds(prompt: Sequence[int], output: Sequence[int], n_max: int = 3, n_min: int = 1,
+                  gamma: int = 7) -> Iterator[tuple[int, int, int, int]]:
+    """The verification rounds of lookup drafting the greedy `output` of `prompt` (its first token comes from the
+    prefill, as in the loop), in order: (match length n — 0 without a match —, drafts accepted, drafts that could
+    be checked against `output` (the proposal cut where the output ends), tokens committed)."""
+    seq = list(prompt) + list(output)
+    anchor, end = len(prompt), len(seq)  # anchor: index of the newest committed token
+    while anchor < end - 1:
+        draft, n = lookup_match(seq[:anchor + 1], n_max, n_min, gamma)
+        room = min(len(draft), end - 1 - anchor)
+        accepted = 0
+        while accepted < room and draft[accepted] == seq[anchor + 1 + accepted]:
+            accepted += 1
+        count = min(accepted + 1, end - 1 - anchor)
+        yield n, accepted, room, count
+        anchor += count
+
+
 def simulate_rounds(prompt: Sequence[int], output: Sequence[int], n_max: int = 3, n_min: int = 1,
                     gamma: int = 7) -> list[int]:
     """Tokens committed per verification round when lookup drafts the greedy `output` of `prompt` (its first
     token comes from the prefill, as in the loop). Σ = len(output) − 1."""
-    seq = list(prompt) + list(output)
-    anchor = len(prompt)  # index of the newest committed token
-    end = len(seq)
-    counts = []
-    while anchor < end - 1:
-        draft = lookup(seq[:anchor + 1], n_max, n_min, gamma)
-        accepted = 0
-        while accepted < len(draft) and anchor + 1 + accepted < end and draft[accepted] == seq[anchor + 1 + accepted]:
-            accepted += 1
-        count = min(accepted + 1, end - 1 - anchor)
-        counts.append(count)
-        anchor += count
-    return counts
+    return [count for *_, count in lookup_rounds(prompt, output, n_max, n_min, gamma)]
 
 
 def conditional_acceptance(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], n_max: int = 3,
@@ -60,22 +66,14 @@ def conditional_acceptance(pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
     tested = [[0] * gamma for _ in range(n_max)]
     accepted = [[0] * gamma for _ in range(n_max)]
     for prompt, output in pairs:
-        seq = list(prompt) + list(output)
-        anchor, end = len(prompt), len(prompt) + len(output)
         seen = set()
-        while anchor < end - 1:
-            draft, n = lookup_match(seq[:anchor + 1], n_max, n_min, gamma)
-            room = min(len(draft), end - 1 - anchor)
-            a = 0
-            while a < room and draft[a] == seq[anchor + 1 + a]:
-                a += 1
-            if not (first_only and n in seen):
-                for k in range(min(a + 1, room)):
-                    tested[n - 1][k] += 1
-                    accepted[n - 1][k] += k < a
-            if room > 0:
-                seen.add(n)
-            anchor += min(a + 1, end - 1 - anchor)
+        for n, a, room, _ in lookup_rounds(prompt, output, n_max, n_min, gamma):
+            if room == 0 or (first_only and n in seen):
+                continue
+            seen.add(n)
+            for k in range(min(a + 1, room)):
+                tested[n - 1][k] += 1
+                accepted[n - 1][k] += k < a
     return tested, accepted
 
 

@@ -16,8 +16,17 @@ round of the first 783 training responses): a request inside a loop and one outs
 
 --pairs training: the greedy training responses past the first 783 (out of sample for both priors' 'all'; the
 'first' prior counts every response's first round, so it is in sample there); --pairs eval: the target's greedy
-96-token outputs for the first --limit prompts of each evaluation set (decoded here, ~4 min on a 2-core CPU).
-Writes JSON.
+96-token outputs for the first --limit prompts of each evaluation set (decoded here, ~6 min on a 2-core CPU;
+--pairs_cache keeps them). The row 'calibrated' is what the drafter ships: the 'all' prior at s 4 through the
+fitted logistic calibration (`drafters.ngram.calibrated_confidence`, `ngram_calibration.json`). Writes JSON.
+
+--fit fits that calibration and writes `dspark_jax/drafters/ngram_calibration.json` (the T = 0 set): logistic
+regression (Newton, L2 1) of "position k accepted | earlier ones accepted" on the features of
+`drafters.ngram.calibration_features`, over the lookup rounds (`evaluation.lookup_simulation.lookup_records`) of
+the target's greedy 96-token outputs for the calibration prompts `dspark calibrate --eval_tails 32` uses (96 of the
+held-out mix + the last 32 of humaneval, mbpp and mt-bench; never the first 48 of an evaluation set), ~8 min:
+
+    python benchmarks/lookup_calibration.py --fit --pairs_cache runs/lookup_calibration_pairs.json
 """
 from __future__ import annotations
 
@@ -30,7 +39,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 RESPONSES = ROOT / "dspark_jax" / "data" / "train" / "gemma3_270m_greedy_responses.jsonl.gz"
-N_MAX, GAMMA, SHIPPED_PRIOR_RESPONSES = 3, 15, 783
+N_MAX, GAMMA, SHIPPED_PRIOR_RESPONSES, SHIPPED_STRENGTH = 3, 15, 783, 4.0
 PRIOR_GAMMA = 16  # the draft length `ngram_prior.py` simulates (its default): it changes which rounds are counted
 
 
@@ -94,20 +103,114 @@ def replay(pairs, priors: dict, kind: str, strength: float):
     return np.asarray(conf), np.asarray(flags), np.asarray(drafted)
 
 
+def greedy_pairs(target, named_prompts: list[tuple[str, list[str]]]) -> list:
+    """(prompt ids, greedy 96-token output ids) for each group of formatted prompts, decoded at batch 8."""
+    from dspark_jax.generation import GenerationConfig, encode_prompts, generate_text
+    pairs = []
+    for name, prompts in named_prompts:
+        print(f"[{name}] decoding {len(prompts)} prompts ...", flush=True)
+        results = generate_text(target, prompts, GenerationConfig(max_new_tokens=96, batch_size=8))
+        pairs += [(list(map(int, ids)), list(map(int, r.completion_ids)))
+                  for ids, r in zip(encode_prompts(target, prompts, 96), results)]
+    return pairs
+
+
 def eval_pairs(limit: int) -> list:
     """(prompt ids, greedy 96-token output ids) for the first `limit` prompts of each evaluation set."""
     from dspark_jax.data import eval_dataset_path, read_first_turns
-    from dspark_jax.generation import GenerationConfig, encode_prompts, generate_text
     from dspark_jax.target import load_target
     from dspark_jax.training.responses import format_prompt
+    return greedy_pairs(load_target(), [(name, [format_prompt(p) for p in read_first_turns(eval_dataset_path(name))[:limit]])
+                                        for name in ("gsm8k", "humaneval", "mbpp", "mt-bench")])
+
+
+def calibration_pairs() -> list:
+    """(prompt ids, greedy 96-token output ids) for `dspark calibrate --eval_tails 32`'s 192 prompts (prompts over
+    256 tokens skipped, as there)."""
+    from dspark_jax.evaluation.datasets import TAIL_SETS, eval_tail_prompts, heldout_prompts
+    from dspark_jax.target import load_target
     target = load_target()
-    pairs = []
-    for name in ("gsm8k", "humaneval", "mbpp", "mt-bench"):
-        prompts = [format_prompt(p) for p in read_first_turns(eval_dataset_path(name))[:limit]]
-        print(f"[{name}] decoding {len(prompts)} prompts ...", flush=True)
-        results = generate_text(target, prompts, GenerationConfig(max_new_tokens=96, batch_size=8))
-        pairs += [(ids, r.completion_ids) for ids, r in zip(encode_prompts(target, prompts, 96), results)]
+    fits = lambda p: len(target.tokenizer.encode(p)) <= 256  # noqa: E731
+    return greedy_pairs(target, [("held-out mix", heldout_prompts(96, 0, keep=fits)),
+                                 ("evaluation tails", eval_tail_prompts(32, TAIL_SETS, keep=fits))])
+
+
+def cached(path: str | None, make) -> list:
+    """`make()`'s pairs, read from / written to the JSON file `path` when given."""
+    if path and Path(path).exists():
+        return [tuple(pair) for pair in json.loads(Path(path).read_text())]
+    pairs = make()
+    if path:
+        from dspark_jax.utils.files import atomic_write_text
+        atomic_write_text(Path(path), json.dumps(pairs))
     return pairs
+
+
+def record_arrays(pairs, prior: np.ndarray, strength: float) -> dict:
+    """The lookup rounds with a draft of `pairs` (`lookup_simulation.lookup_records`, γ 15) as arrays: n,
+    count_confidence [R, γ], previous, streak, accepted, room."""
+    from dspark_jax.evaluation.lookup_simulation import lookup_records
+    records = [r for prompt, output in pairs for r in lookup_records(prompt, output, prior, strength, N_MAX, 1, GAMMA)]
+    return {field: np.asarray([getattr(r, field) for r in records]) for field in records[0]._fields}
+
+
+def calibrated(records: dict, weights) -> np.ndarray:
+    """[R, γ] the drafter's calibrated confidences of `records` (`drafters.ngram.calibrated_confidence`)."""
+    from dspark_jax.drafters.ngram import calibrated_confidence
+    w = np.broadcast_to(np.asarray(weights, np.float32), (len(records["n"]), len(weights)))
+    return np.asarray(calibrated_confidence(records["count_confidence"], records["n"], records["previous"],
+                                            records["streak"], w), np.float64)
+
+
+def fit_calibration(records: dict, l2: float = 1.0, iterations: int = 50) -> np.ndarray:
+    """[F] logistic weights of "position k accepted | every earlier one accepted" on the calibration features, over
+    every verified position of `records` (Newton's method with an L2 penalty `l2`)."""
+    from dspark_jax.drafters.ngram import calibration_features
+    x = np.asarray(calibration_features(records["count_confidence"], records["n"], records["previous"],
+                                        records["streak"]), np.float64)
+    k = np.arange(GAMMA)[None]
+    verified = k < np.minimum(records["accepted"] + 1, records["room"])[:, None]
+    x, y = x[verified], (k < records["accepted"][:, None])[verified].astype(np.float64)
+    w = np.zeros(x.shape[1])
+    for _ in range(iterations):
+        p = 1 / (1 + np.exp(-(x @ w)))
+        step = np.linalg.solve((x * (p * (1 - p))[:, None]).T @ x + l2 * np.eye(len(w)), x.T @ (p - y) + l2 * w)
+        w -= step
+        if np.abs(step).max() < 1e-9:
+            break
+    return w
+
+
+def survival_ece(conf: np.ndarray, records: dict) -> tuple[list, list, float, float]:
+    """(ECE per position, noise floor at positions 1–2, predicted / observed c_1) of the survival Π c_i."""
+    from dspark_jax.evaluation.reliability import ece_noise_floor, expected_calibration_error, survival_pairs
+    flags = np.arange(GAMMA)[None] < records["accepted"][:, None]
+    sp = survival_pairs(conf, flags, records["room"])
+    return ([expected_calibration_error(p, y) for p, y in sp], [ece_noise_floor(p) for p, _ in sp[:2]],
+            float(sp[0][0].mean()), float(sp[0][1].mean()))
+
+
+def fit_main(args, prior_all: np.ndarray) -> None:
+    """--fit: fit the calibration on the calibration prompts' outputs and write it into the package."""
+    import sys
+
+    from dspark_jax.drafters.ngram import CALIBRATION_FEATURES, CALIBRATION_FILE
+    from dspark_jax.utils.files import atomic_write_text
+    records = record_arrays(cached(args.pairs_cache, calibration_pairs), prior_all, SHIPPED_STRENGTH)
+    weights = fit_calibration(records)
+    before = survival_ece(records["count_confidence"], records)
+    after = survival_ece(calibrated(records, weights), records)
+    for name, (ece, floor, pred, obs) in (("count estimate", before), ("calibrated (in sample)", after)):
+        print(f"{name:>24}: ECE % {' / '.join(f'{100 * e:.1f}' for e in ece[:4])}, worst {100 * np.nanmax(ece):.1f} "
+              f"(floor {' / '.join(f'{100 * f:.1f}' for f in floor)}); predicted / observed c_1 {pred:.3f} / {obs:.3f}")
+    print("weights:", ", ".join(f"{name} {w:+.3f}" for name, w in zip(CALIBRATION_FEATURES, weights)))
+    entry = dict(temperature=0.0, n_max=N_MAX, prior_strength=SHIPPED_STRENGTH, gamma=GAMMA,
+                 features=list(CALIBRATION_FEATURES), weights=[round(float(w), 6) for w in weights],
+                 rounds=int(len(records["n"])), fitted_on="greedy 96-token outputs of dspark calibrate --eval_tails 32's "
+                 "192 prompts", in_sample_ece=[round(e, 4) for e in after[0]],
+                 command=" ".join(["python benchmarks/lookup_calibration.py", *sys.argv[1:]]))
+    atomic_write_text(CALIBRATION_FILE, json.dumps(dict(sets=[entry]), indent=1) + "\n")
+    print(f"wrote {CALIBRATION_FILE}")
 
 
 def main():
@@ -115,36 +218,46 @@ def main():
     ap.add_argument("--pairs", choices=("training", "eval"), default="training")
     ap.add_argument("--limit", type=int, default=32, help="--pairs eval: prompts per evaluation set")
     ap.add_argument("--strengths", default="1,4,16", help="prior strengths s, comma-separated (4: the shipped one)")
+    ap.add_argument("--fit", action="store_true", help="fit the shipped calibration and write it (module doc)")
+    ap.add_argument("--pairs_cache", default=None, help="JSON file keeping the decoded pairs (--pairs eval, --fit)")
     ap.add_argument("--output", default="benchmarks/results/lookup_calibration.json")
     args = ap.parse_args()
 
-    from dspark_jax.evaluation.reliability import ece_noise_floor, expected_calibration_error, survival_pairs
+    from dspark_jax.drafters.ngram import calibration_weights
     from dspark_jax.utils.results import write_result
 
     with gzip.open(RESPONSES, "rt") as f:
         rows = [json.loads(line) for line in f]
     training = [(r["prompt_ids"], r["response_ids"]) for r in rows]
     prior_all = prior_table(training[:SHIPPED_PRIOR_RESPONSES], first_only=False)
+    if args.fit:
+        return fit_main(args, prior_all)
     prior_first = prior_table(training, first_only=True)
     priors = dict(all=prior_all, first=prior_first, state=state_prior(training[:SHIPPED_PRIOR_RESPONSES]))
     print(f"position-1 prior, n = 1 / 2 / 3: all rounds {' / '.join(f'{m:.3f}' for m in prior_all[:, 0])}; "
           f"first rounds {' / '.join(f'{m:.3f}' for m in prior_first[:, 0])}")
-    pairs = training[SHIPPED_PRIOR_RESPONSES:] if args.pairs == "training" else eval_pairs(args.limit)
+    pairs = (training[SHIPPED_PRIOR_RESPONSES:] if args.pairs == "training"
+             else cached(args.pairs_cache, lambda: eval_pairs(args.limit)))
     results = []
-    print(f"{'prior':>7} {'s':>5} {'rounds':>7}  ECE % positions 1 / 2 / 3 / 4, worst of {GAMMA} (floor 1 / 2)  "
+    print(f"{'prior':>10} {'s':>5} {'rounds':>7}  ECE % positions 1 / 2 / 3 / 4, worst of {GAMMA} (floor 1 / 2)  "
           f"predicted / observed at 1")
+
+    def row(kind, strength, ece, floor, pred, obs, rounds):
+        results.append(dict(prior=kind, strength=strength, rounds=rounds, ece=ece, floor=floor, predicted_1=pred,
+                            observed_1=obs))
+        print(f"{kind:>10} {strength:>5g} {rounds:>7}  {' / '.join(f'{100 * e:.1f}' for e in ece[:4])}, "
+              f"worst {100 * np.nanmax(ece):.1f} ({' / '.join(f'{100 * f:.1f}' for f in floor)})  "
+              f"{pred:.3f} / {obs:.3f}", flush=True)
+
     for kind in ("all", "first", "switch", "state"):
         for strength in [float(s) for s in args.strengths.split(",")]:
             conf, flags, drafted = replay(pairs, priors, kind, strength)
-            sp = survival_pairs(conf, flags, drafted)
-            ece = [expected_calibration_error(p, y) for p, y in sp]
-            floor = [ece_noise_floor(p) for p, _ in sp[:2]]
-            worst = np.nanmax(ece)
-            results.append(dict(prior=kind, strength=strength, rounds=len(conf), ece=ece, floor=floor,
-                                predicted_1=float(sp[0][0].mean()), observed_1=float(sp[0][1].mean())))
-            print(f"{kind:>7} {strength:>5g} {len(conf):>7}  {' / '.join(f'{100 * e:.1f}' for e in ece[:4])}, "
-                  f"worst {100 * worst:.1f} ({' / '.join(f'{100 * f:.1f}' for f in floor)})  "
-                  f"{results[-1]['predicted_1']:.3f} / {results[-1]['observed_1']:.3f}", flush=True)
+            records = dict(accepted=flags.sum(1), room=drafted)
+            row(kind, strength, *survival_ece(conf, records), len(conf))
+    weights = calibration_weights(N_MAX, SHIPPED_STRENGTH)
+    if weights is not None:  # the shipped calibration (its T = 0 set)
+        records = record_arrays(pairs, prior_all, SHIPPED_STRENGTH)
+        row("calibrated", SHIPPED_STRENGTH, *survival_ece(calibrated(records, weights[0]), records), len(records["n"]))
     write_result(args.output, dict(pairs=args.pairs, limit=args.limit, n_max=N_MAX, gamma=GAMMA,
                                    prior_all_position_1=prior_all[:, 0].tolist(),
                                    prior_first_position_1=prior_first[:, 0].tolist(), rows=results))

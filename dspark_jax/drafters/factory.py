@@ -54,15 +54,22 @@ def check_drafter_spec(spec: str) -> None:
 
 def ngram_drafter(target: Target, spec: str = "ngram", gamma: int = 7) -> Drafter:
     """A prompt-lookup drafter from a spec "ngram", "ngram:n_max=4,n_min=2" or "ngram:n_max=4:n_min=2" (the form
-    for comma-separated lists of drafters); defaults n_max 3, n_min 1."""
+    for comma-separated lists of drafters); defaults n_max 3, n_min 1; calibrated=0 keeps the count estimate of
+    the confidence without its fitted calibration (`NgramConfig.calibrated`)."""
     name, _, options = spec.partition(":")
     if name != "ngram":
         raise ValueError(f"not an n-gram drafter spec: {spec!r}")
     fields = {}
     for item in filter(None, options.replace(":", ",").split(",")):
         key, eq, value = item.partition("=")
-        if key not in ("n_max", "n_min") or not eq:
-            raise ValueError(f"bad n-gram drafter option {item!r} in {spec!r}: expected n_max=N or n_min=N")
+        if key not in ("n_max", "n_min", "calibrated") or not eq:
+            raise ValueError(f"bad n-gram drafter option {item!r} in {spec!r}: expected n_max=N, n_min=N or "
+                             f"calibrated=0|1")
+        if key == "calibrated":
+            if value not in ("0", "1"):
+                raise ValueError(f"n-gram drafter option calibrated must be 0 or 1, got {value!r}")
+            fields[key] = value == "1"
+            continue
         try:
             fields[key] = int(value)
         except ValueError:

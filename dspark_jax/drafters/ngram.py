@@ -36,6 +36,7 @@ class NgramConfig:
     target_layer_ids: tuple[int, ...] = ()
     confidence_head: bool = True  # confidences from online acceptance counts (calibration is reported for them)
     prior_strength: float = 4.0  # pseudo-observations of the prior (`ngram_prior.json`) per match length and slot
+    calibrated: bool = True  # the count estimate through its fitted calibration (`ngram_calibration.json`), where fitted
 
     def __post_init__(self):
         if self.block_size < 1:
@@ -54,10 +55,15 @@ class NgramState:
     """tokens [B, L]: each request's committed tokens by position (prompt, then generated; entries at or
     past the anchor position are stale and never read). tested / accepted [B, n_max, G]: per request, how
     often draft position k of a proposal from an n-token match was verified with every earlier position
-    accepted, and how often it was then accepted (the online acceptance statistics behind the confidence)."""
+    accepted, and how often it was then accepted (the online acceptance statistics behind the confidence).
+    previous [B]: drafts of the lookup's proposal known accepted in the request's last verification round that
+    had a match (−1 before any); streak [B]: how many such rounds in a row accepted at least one (both read by
+    the confidence's calibration, `calibrated_confidence`)."""
     tokens: jax.Array
     tested: jax.Array
     accepted: jax.Array
+    previous: jax.Array
+    streak: jax.Array
 
 
 def find_match(tokens: jax.Array, last: jax.Array, n_max: int, n_min: int) -> tuple[jax.Array, jax.Array]:
@@ -95,6 +101,9 @@ def lookup_proposal(tokens: jax.Array, last: jax.Array, end: jax.Array, gamma: i
 
 
 PRIOR_FILE = Path(__file__).with_name("ngram_prior.json")
+CALIBRATION_FILE = Path(__file__).with_name("ngram_calibration.json")
+CALIBRATION_FEATURES = ("bias", "count_logit", "match_1", "match_2", "log1p_position", "no_previous",
+                        "previous_rejected", "log1p_previous_accepted", "log1p_streak")
 
 
 @functools.lru_cache(maxsize=None)
@@ -120,6 +129,63 @@ def request_prior(n_max: int, gamma: int, sampling_temperature: jax.Array) -> ja
     temperatures, means = prior_means(n_max, gamma)
     table = jnp.asarray(means, jnp.float32)
     return table[nearest_set(jnp.asarray(temperatures, jnp.float32), sampling_temperature)]
+
+
+def calibration_features(count_confidence: jax.Array, n: jax.Array, previous: jax.Array,
+                         streak: jax.Array) -> jax.Array:
+    """[B, G, F] the features of the lookup confidence's calibration (`CALIBRATION_FEATURES`): 1, the logit of
+    the count estimate c_k [B, G] (`lookup_confidence`, clipped to [1e-4, 1 − 1e-4]), the match length n [B] as
+    n = 1 and n = 2 indicators, log(1 + k) of the draft position k (0-based), and the request's last round
+    with a match: none yet, none of its drafts accepted, log(1 + drafts accepted) — previous [B] (−1: none) —,
+    and log(1 + streak [B]) (`NgramState`). All known before the round is verified."""
+    b, g = count_confidence.shape
+    p = jnp.clip(count_confidence.astype(jnp.float32), 1e-4, 1 - 1e-4)
+    per_row = jnp.stack([n == 1, n == 2], axis=-1).astype(jnp.float32)
+    per_row = jnp.concatenate([per_row, jnp.stack([previous < 0, previous == 0], -1).astype(jnp.float32),
+                               jnp.log1p(jnp.maximum(previous, 0).astype(jnp.float32))[:, None],
+                               jnp.log1p(streak.astype(jnp.float32))[:, None]], axis=-1)  # [B, 6]
+    position = jnp.log1p(jnp.arange(g, dtype=jnp.float32))
+    return jnp.concatenate([jnp.ones((b, g, 1)), (jnp.log(p) - jnp.log1p(-p))[..., None],
+                            jnp.broadcast_to(per_row[:, None, :2], (b, g, 2)),
+                            jnp.broadcast_to(position[None, :, None], (b, g, 1)),
+                            jnp.broadcast_to(per_row[:, None, 2:], (b, g, 4))], axis=-1)
+
+
+@functools.lru_cache(maxsize=None)
+def calibration_weights(n_max: int, prior_strength: float) -> tuple[tuple[float, ...], ...] | None:
+    """[S][F] logistic weights of the lookup confidence's calibration per prior set (`prior_means`' temperatures),
+    from `ngram_calibration.json` (`benchmarks/lookup_calibration.py --fit` writes it): a set without a fit has
+    all-NaN weights (its requests keep the count estimate). None where nothing was fitted for this n_max and prior
+    strength (the features depend on both)."""
+    if not CALIBRATION_FILE.exists():
+        return None
+    temperatures, _ = prior_means(n_max, 1)
+    fits = [f for f in json.loads(CALIBRATION_FILE.read_text())["sets"]
+            if f["n_max"] == n_max and f["prior_strength"] == prior_strength]
+    if not fits:
+        return None
+    for f in fits:
+        if tuple(f["features"]) != CALIBRATION_FEATURES:
+            raise ValueError(f"{CALIBRATION_FILE} was fitted on features {f['features']}, this code computes "
+                             f"{list(CALIBRATION_FEATURES)}: refit it (benchmarks/lookup_calibration.py --fit)")
+    by_temperature = {float(f["temperature"]): tuple(float(w) for w in f["weights"]) for f in fits}
+    nan = (float("nan"),) * len(CALIBRATION_FEATURES)
+    return tuple(by_temperature.get(t, nan) for t in temperatures)
+
+
+def calibrated_confidence(count_confidence: jax.Array, n: jax.Array, previous: jax.Array, streak: jax.Array,
+                          weights: jax.Array) -> jax.Array:
+    """[B, G] σ(features · w) per request (`calibration_features`; weights [B, F], a row of NaN: that request keeps
+    `count_confidence`); 0 without a match (n = 0). A logistic calibration of the count estimate fitted on the
+    lookup rounds of the target's greedy outputs for calibration prompts (`benchmarks/lookup_calibration.py`): the
+    count estimate alone over- and under-predicts by the request's recent history (it enters and leaves loops faster
+    than its per-request average follows; BENCHMARKS.md "Session 37")."""
+    weights = jnp.asarray(weights, jnp.float32)
+    z = jnp.einsum("bgf,bf->bg", calibration_features(count_confidence, n, previous, streak),
+                   jnp.nan_to_num(weights))
+    fitted = ~jnp.isnan(weights[:, 0])
+    conf = jnp.where(fitted[:, None], jax.nn.sigmoid(z), count_confidence)
+    return jnp.where((n > 0)[:, None], conf, 0.0)
 
 
 def acceptance_counts(accepted: jax.Array, limit: jax.Array, gamma: int) -> tuple[jax.Array, jax.Array]:
@@ -158,8 +224,9 @@ class NgramDrafter(nnx.Module):
 
     Confidence: per request, acceptance counts keyed by match length and draft position, updated at every
     verification round's commit from the committed tokens (`commit`; plain rounds skip the proposal and leave
-    them alone) and read by `lookup_confidence`; it drives a confidence threshold and the serving scheduler like
-    DSpark's calibrated head."""
+    them alone) and read by `lookup_confidence`, then, where a calibration was fitted for the request's sampling
+    temperature (T = 0 as shipped), through it with the request's recent rounds (`calibrated_confidence`); it
+    drives a confidence threshold and the serving scheduler like DSpark's calibrated head."""
 
     def __init__(self, config: NgramConfig, vocab_size: int):
         self.config = config
@@ -169,7 +236,8 @@ class NgramDrafter(nnx.Module):
     def init_state(self, batch: int, max_len: int) -> NgramState:
         shape = (batch, self.config.n_max, self.config.block_size)  # distinct buffers: engines donate leaf by leaf
         return NgramState(jnp.zeros((batch, max_len), jnp.int32), jnp.zeros(shape, jnp.float32),
-                          jnp.zeros(shape, jnp.float32))
+                          jnp.zeros(shape, jnp.float32), jnp.full((batch,), -1, jnp.int32),
+                          jnp.zeros((batch,), jnp.int32))
 
     def prefill(self, target_model, state: NgramState, features, prompts: jax.Array,
                 prompt_lens: jax.Array) -> NgramState:
@@ -197,10 +265,16 @@ class NgramDrafter(nnx.Module):
         end, n = find_match(before, start, self.config.n_max, self.config.n_min)
         w = min(g, outcome.committed.shape[1])
         agree = (lookup_proposal(before, start, end, g)[:, :w] == outcome.committed[:, :w]).astype(jnp.int32)
-        tested, ok = acceptance_counts(jnp.cumprod(agree, axis=1).sum(1), count, g)
+        agreed = jnp.cumprod(agree, axis=1).sum(1)
+        tested, ok = acceptance_counts(agreed, count, g)
         at_n = (jnp.arange(self.config.n_max)[None] == (n - 1)[:, None]).astype(jnp.float32)[..., None]  # [B, n, 1]
+        accepted_now = jnp.minimum(agreed, count).astype(jnp.int32)  # drafts known accepted (known up to count)
+        matched = n > 0
         return dataclasses.replace(new, tested=new.tested + at_n * tested[:, None],
-                                   accepted=new.accepted + at_n * ok[:, None])
+                                   accepted=new.accepted + at_n * ok[:, None],
+                                   previous=jnp.where(matched, accepted_now, state.previous),
+                                   streak=jnp.where(matched, jnp.where(accepted_now > 0, state.streak + 1, 0),
+                                                    state.streak))
 
     def head_matrix(self, target_model):
         return None
@@ -217,6 +291,12 @@ class NgramDrafter(nnx.Module):
         length = jnp.where(n > 0, g, 0).astype(jnp.int32)
         prior = request_prior(self.config.n_max, g, params.temperature)
         conf = lookup_confidence(state, n, g, prior, self.config.prior_strength)
+        weights = calibration_weights(self.config.n_max, self.config.prior_strength) if self.config.calibrated else None
+        if weights is not None:
+            temperatures, _ = prior_means(self.config.n_max, g)
+            per_request = jnp.asarray(weights, jnp.float32)[
+                nearest_set(jnp.asarray(temperatures, jnp.float32), params.temperature)]
+            conf = calibrated_confidence(conf, n, state.previous, state.streak, per_request)
         logits = jnp.log(jnp.maximum(conf, 1e-6)) - jnp.log(jnp.maximum(1.0 - conf, 1e-6))
         return Proposal(tokens=proposed, draft_index=proposed, p_draft=None, confidence=conf,
                         confidence_logits=logits, length=length)

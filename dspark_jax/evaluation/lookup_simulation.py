@@ -7,7 +7,9 @@ replays exactly those rounds over `prompt + output`, so at batch 1 it predicts t
 """
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
+
+import numpy as np
 
 
 def lookup_match(tokens: Sequence[int], n_max: int, n_min: int, gamma: int) -> tuple[list[int], int]:
@@ -82,3 +84,35 @@ def simulated_tau(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], n_max: i
     """Pooled τ (Σ committed / Σ rounds, bonus included) of lookup over (prompt, greedy output) pairs."""
     counts = [c for p, o in pairs for c in simulate_rounds(p, o, n_max, n_min, gamma)]
     return sum(counts) / len(counts) if counts else float("nan")
+
+
+class LookupRecord(NamedTuple):
+    """One simulated lookup round with a draft, as `NgramDrafter` sees it before verification: match length n,
+    the count estimate c [γ] (`drafters.ngram.lookup_confidence`), previous / streak (`NgramState`), and its
+    outcome: drafts accepted, drafts checkable (room)."""
+    n: int
+    count_confidence: np.ndarray
+    previous: int
+    streak: int
+    accepted: int
+    room: int
+
+
+def lookup_records(prompt: Sequence[int], output: Sequence[int], prior: np.ndarray, strength: float,
+                   n_max: int = 3, n_min: int = 1, gamma: int = 15) -> Iterator[LookupRecord]:
+    """The rounds of `lookup_rounds` that have a draft, with the state `NgramDrafter` keeps for the request —
+    the plain-Python reference of its counts, previous and streak: per match length n and position k, c_k =
+    (accepted_k + s·m_k) / (tested_k + s) from the request's earlier rounds and the prior m = prior[n − 1] [γ]
+    worth s = `strength` observations; previous: drafts accepted in the last round with a draft (−1 before any);
+    streak: such rounds in a row with at least one accepted."""
+    prior = np.asarray(prior, np.float64)
+    tested, ok = np.zeros((n_max, gamma)), np.zeros((n_max, gamma))
+    previous, streak, k = -1, 0, np.arange(gamma)
+    for n, a, room, _ in lookup_rounds(prompt, output, n_max, n_min, gamma):
+        if room == 0:
+            continue
+        c = (ok[n - 1] + strength * prior[n - 1, :gamma]) / (tested[n - 1] + strength)
+        yield LookupRecord(n, c, previous, streak, a, room)
+        tested[n - 1] += k < min(a + 1, room)
+        ok[n - 1] += k < min(a, room)
+        previous, streak = a, (streak + 1 if a >= 1 else 0)

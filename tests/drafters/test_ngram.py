@@ -77,8 +77,8 @@ def test_bad_ngram_configs_rejected():
         NgramConfig(block_size=0)
 
 
-def _ngram(cfg, gamma, n_max=3, n_min=1):
-    return nnx.split(NgramDrafter(NgramConfig(block_size=gamma, n_max=n_max, n_min=n_min), cfg.vocab_size))
+def _ngram(cfg, gamma, n_max=3, n_min=1, **options):
+    return nnx.split(NgramDrafter(NgramConfig(block_size=gamma, n_max=n_max, n_min=n_min, **options), cfg.vocab_size))
 
 
 REPETITIVE = [[5, 6, 7, 5, 6, 7, 5], [9, 10, 11, 12, 13, 14, 15, 16, 17, 18], [20, 21], [3, 4, 3, 4, 3, 4, 3, 4]]
@@ -244,7 +244,7 @@ def test_lookup_prior_per_sampling_temperature(tmp_path, monkeypatch):
         prior = np.asarray(ngram.request_prior(2, 3, jnp.asarray([0.0, 0.3, 0.8, 1.5])))
         np.testing.assert_allclose(prior[:, 1, 0], [0.8, 0.8, 0.4, 0.4], rtol=1e-6)
         state = ngram.NgramState(tokens=jnp.zeros((2, 8), jnp.int32), tested=jnp.zeros((2, 2, 3)),
-                                 accepted=jnp.zeros((2, 2, 3)))
+                                 accepted=jnp.zeros((2, 2, 3)), previous=jnp.full((2,), -1), streak=jnp.zeros((2,)))
         conf = ngram.lookup_confidence(state, jnp.asarray([2, 1]), 3, jnp.asarray(prior[[0, 3]]), 4.0)
         np.testing.assert_allclose(np.asarray(conf), [[0.8, 0.9, 1.0], [0.1, 0.2, 0.3]], rtol=1e-6)
     finally:
@@ -252,9 +252,10 @@ def test_lookup_prior_per_sampling_temperature(tmp_path, monkeypatch):
 
 
 def test_confidence_learns_online_in_the_loop():
-    """On a prompt that loops, lookup drafts are accepted and their confidence rises above the prior."""
+    """On a prompt that loops, lookup drafts are accepted and their count estimate rises above the prior (the
+    estimate alone: `calibrated=False`; its calibration is tested against a reference below)."""
     tg, ts, cfg = make_target("gemma3")
-    dg, ds = _ngram(cfg, 3)
+    dg, ds = _ngram(cfg, 3, calibrated=False)
     tokens, lens = _batch([[5, 6, 7, 5, 6, 7, 5, 6]])
     spec = speculative_generate(tg, ts, dg, ds, tokens, lens, jax.random.key(0), SamplingParams.create(1),
                                 jnp.float32(0.0), max_new_tokens=24, stop_ids=())
@@ -270,6 +271,71 @@ def test_confidence_learns_online_in_the_loop():
     rows = [n for n in range(3) if np.allclose(conf[first], prior[n], atol=1e-6)]
     if flags[drafted, 0].mean() > 0.9:  # accepted: later estimates move up from the prior
         assert conf[drafted][-1, 0] > prior[rows[0], 0]
+
+
+def test_calibrated_confidence_in_the_loop_equals_the_plain_python_reference():
+    """The loop's lookup confidences at T = 0 equal a plain-NumPy reference: the request's state replayed over its
+    greedy output (`lookup_simulation.lookup_records`: counts, previous round's accepted drafts, streak) and the
+    shipped calibration's logistic with its features written out here, round by round."""
+    from dspark_jax.drafters.ngram import calibration_weights, prior_means
+    from dspark_jax.evaluation.lookup_simulation import lookup_records
+    gamma = 4
+    tg, ts, cfg = make_target("gemma3")
+    dg, ds = _ngram(cfg, gamma)
+    weights = calibration_weights(3, 4.0)
+    temperatures, means = prior_means(3, gamma)
+    assert weights is not None and not np.isnan(weights[temperatures.index(0.0)][0])  # the shipped T = 0 fit
+    w = np.asarray(weights[temperatures.index(0.0)])
+    prior = np.asarray(means[temperatures.index(0.0)])
+    seen_previous, seen_streak = set(), set()
+    for prompt in REPETITIVE:
+        tokens, lens = _batch([prompt])
+        spec = speculative_generate(tg, ts, dg, ds, tokens, lens, jax.random.key(0), SamplingParams.create(1),
+                                    jnp.float32(0.0), max_new_tokens=24, stop_ids=())
+        r = int(spec.rounds[0])
+        drafted = np.asarray(spec.proposed[0, :r]) > 0
+        conf = np.asarray(spec.confidence[0, :r])[drafted]
+        records = list(lookup_records(prompt, [int(t) for t in spec.tokens[0]], prior, 4.0, 3, 1, gamma))
+        assert len(records) == len(conf)
+        k = np.arange(gamma)
+        for rec, got in zip(records, conf):
+            c = np.clip(rec.count_confidence, 1e-4, 1 - 1e-4)
+            features = np.stack([np.ones(gamma), np.log(c / (1 - c)), np.full(gamma, rec.n == 1),
+                                 np.full(gamma, rec.n == 2), np.log1p(k), np.full(gamma, rec.previous < 0),
+                                 np.full(gamma, rec.previous == 0), np.full(gamma, np.log1p(max(rec.previous, 0))),
+                                 np.full(gamma, np.log1p(rec.streak))], axis=1)
+            np.testing.assert_allclose(got, 1 / (1 + np.exp(-features @ w)), rtol=1e-4, atol=1e-6)
+            seen_previous.add(min(rec.previous, 1))
+            seen_streak.add(min(rec.streak, 2))
+    assert seen_previous == {-1, 0, 1} and seen_streak == {0, 1, 2}  # every branch of the state was exercised
+
+
+def test_commit_tracks_the_previous_round_and_the_streak():
+    """previous: drafts of the lookup's proposal known accepted in the last round with a match (cut at the committed
+    count); streak: such rounds in a row with one accepted; a round without a match or a plain round keeps both."""
+    from dspark_jax.drafters.base import RoundOutcome
+    drafter = NgramDrafter(NgramConfig(block_size=4, n_max=2), 50)
+    state = drafter.init_state(2, 12)
+    state = drafter.prefill(None, state, None, jnp.asarray([[5, 6, 7, 5, 0, 0], [1, 2, 3, 4, 8, 0]]),
+                            jnp.asarray([4, 5]))
+    assert np.asarray(state.previous).tolist() == [-1, -1] and np.asarray(state.streak).tolist() == [0, 0]
+    starts = jnp.asarray([4, 5])
+
+    def commit(state, verified, count, committed):
+        return drafter.commit(None, state, None, jnp.asarray(verified), starts, jnp.asarray(count),
+                              RoundOutcome(jnp.asarray([4, 0]), jnp.asarray(committed, jnp.int32)))
+
+    # row 0: anchor 6 at position 4 -> "5 6" matched, proposal 7 5 6 7; 7 and 5 accepted, then 9. Row 1: no match
+    new = commit(state, [[6, 7, 5, 6, 7], [9, 0, 0, 0, 0]], [3, 1], [[7, 5, 9, 0, 0], [3, 0, 0, 0, 0]])
+    assert np.asarray(new.previous).tolist() == [2, -1] and np.asarray(new.streak).tolist() == [1, 0]
+    # the same round with the first draft rejected: previous 0, the streak broken
+    rejected = commit(new, [[6, 7, 5, 6, 7], [9, 0, 0, 0, 0]], [1, 1], [[8, 0, 0, 0, 0], [3, 0, 0, 0, 0]])
+    assert np.asarray(rejected.previous).tolist() == [0, -1] and np.asarray(rejected.streak).tolist() == [0, 0]
+    # all four agree but the round was cut at count 2: two drafts known accepted; the streak goes on
+    cut = commit(new, [[6, 7, 5, 6, 7], [9, 0, 0, 0, 0]], [2, 1], [[7, 5, 6, 7, 1], [3, 0, 0, 0, 0]])
+    assert np.asarray(cut.previous).tolist() == [2, -1] and np.asarray(cut.streak).tolist() == [2, 0]
+    plain = drafter.commit(None, cut, None, jnp.asarray([[6], [9]]), starts, jnp.asarray([1, 1]))
+    assert np.asarray(plain.previous).tolist() == [2, -1] and np.asarray(plain.streak).tolist() == [2, 0]
 
 
 # ---- hybrid: a trained drafter + lookup ------------------------------------------------------------
@@ -553,7 +619,11 @@ def test_drafter_specs():
         d = load_drafter(spec, target, gamma=5)
         assert (d.config.n_max, d.config.n_min, d.config.block_size) == (4, 2, 5)
     assert with_block_size(load_drafter("ngram", target), 9).config.block_size == 9  # lookup: any length
-    for bad, match in (("ngram:n_max=x", "integer"), ("ngram:size=3", "n_max=N"), ("ngram:n_max=1,n_min=2", "n_min")):
+    assert load_drafter("ngram", target).config.calibrated and not load_drafter("ngram:calibrated=0", target).config.calibrated
+    hybrid_uncalibrated = load_drafter("random+ngram:calibrated=0", target, draft_vocab_size=None)
+    assert not nnx.merge(hybrid_uncalibrated.graphdef, hybrid_uncalibrated.state).lookup.config.calibrated
+    for bad, match in (("ngram:n_max=x", "integer"), ("ngram:size=3", "n_max=N"), ("ngram:n_max=1,n_min=2", "n_min"),
+                       ("ngram:calibrated=yes", "0 or 1")):
         with pytest.raises(ValueError, match=match):
             load_drafter(bad, target)
     for bad in ("ngram+ngram", "default+lookup"):

@@ -14,8 +14,8 @@ Costs are profiled once per machine, target, drafter structure, batch, attention
 (prompt bucket, new tokens) and sampling kind (greedy, or sampled with its static top-k / top-p filters: a sampled
 round computes the target's softmax over every verified row, the rejection draw and the drafter's sampling, which
 greedy rounds skip at run time) and cached as JSON under the user cache directory. The drafter is keyed by its
-structure and static settings (the configs of every module, `repr` of its graphdef; a hybrid's choice options
-excluded, `model_variants`), not by the name it was loaded under nor its weights: equal configurations (`ngram` and `ngram:n_max=3,n_min=1`) cost the same and share
+structure and static settings (the configs of every module, `repr` of its graphdef; choice options — a hybrid's,
+a lookup's `calibrated` — excluded, `model_variants`), not by the name it was loaded under nor its weights: equal configurations (`ngram` and `ngram:n_max=3,n_min=1`) cost the same and share
 one profile — before session 14 they did not, and two profiles of one machine gave the same loop 0.99x and 0.91x
 (BENCHMARKS.md "Session 14").
 """
@@ -191,12 +191,12 @@ def profile_round_costs(target: Target, drafter, batch: int, buckets: tuple[int,
 
 def model_variants(drafter: Drafter) -> tuple[Drafter, ...]:
     """What a profile times: a hybrid drafter (`drafters.hybrid`) as two drafters — its model's forward run in
-    every round (`skip_model_at` inf) and never (0) —, any other drafter as itself. The hybrid's options that only
-    steer its choices (`skip_model_at`, `model_prior_strength`, `price_model`: none changes what a forced round
-    computes) are set to one value in both, so hybrids that differ only in them share a profile."""
+    every round (`skip_model_at` inf) and never (0) —, any other drafter as itself. The options that only steer
+    choices (a hybrid's `skip_model_at`, `model_prior_strength`, `price_model`, a lookup's `calibrated`: none changes
+    what a forced round computes) are set to one value, so drafters that differ only in them share a profile."""
+    drafter = with_choice_defaults(drafter)
     if not is_hybrid(drafter):
         return (drafter,)
-    drafter = with_choice_defaults(drafter)
     return with_skip_model_at(drafter, float("inf")), with_skip_model_at(drafter, 0.0)
 
 

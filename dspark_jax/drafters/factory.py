@@ -208,8 +208,18 @@ def with_skip_model_at(drafter: Drafter, skip_model_at: float) -> Drafter:
 
 
 def with_choice_defaults(drafter: Drafter) -> Drafter:
-    """The same hybrid drafter with the options that only steer its choices (HYBRID_OPTIONS) at their defaults."""
-    return _with_config(drafter, **{k: getattr(HybridConfig, k) for k in HYBRID_OPTIONS})
+    """The same drafter with the options that only steer its choices at their defaults: a hybrid's HYBRID_OPTIONS
+    and a lookup's `calibrated` (its own or a hybrid's lookup). Other drafters come back unchanged."""
+    hybrid = is_hybrid(drafter)
+    if not hybrid and drafter.config.algorithm != "ngram":
+        return drafter
+    module = nnx.merge(drafter.graphdef, drafter.state)
+    lookup = module.lookup if hybrid else module
+    lookup.config = dataclasses.replace(lookup.config, calibrated=NgramConfig.calibrated)
+    if hybrid:
+        module.config = dataclasses.replace(module.config, **{k: getattr(HybridConfig, k) for k in HYBRID_OPTIONS})
+    graphdef, state = nnx.split(module)
+    return Drafter(module.config, graphdef, state, drafter.source)
 
 
 def ngram_drafter_like(drafter: Drafter, gamma: int) -> Drafter:

@@ -344,7 +344,7 @@ def _hybrid(cfg, gamma, reduced=False, **options):
     from dspark_jax.drafters.hybrid import HybridDrafter
     from tests.decoding.test_speculative import make_drafter
     dg, ds = make_drafter("dspark", cfg, gamma, reduced)
-    lg, ls = _ngram(cfg, gamma)
+    lg, ls = _ngram(cfg, gamma, calibrated=options.pop("calibrated", True))
     return nnx.split(HybridDrafter(nnx.merge(dg, ds), nnx.merge(lg, ls), **options))
 
 

@@ -36,7 +36,8 @@ class NgramConfig:
     target_layer_ids: tuple[int, ...] = ()
     confidence_head: bool = True  # confidences from online acceptance counts (calibration is reported for them)
     prior_strength: float = 4.0  # pseudo-observations of the prior (`ngram_prior.json`) per match length and slot
-    calibrated: bool = True  # the count estimate through its fitted calibration (`ngram_calibration.json`), where fitted
+    calibrated: bool = False  # the count estimate through its fitted calibration (`ngram_calibration.json`), where
+    # fitted: better calibrated, but the hybrid's choices with it lost τ and speed (BENCHMARKS.md "Session 37"): opt-in
 
     def __post_init__(self):
         if self.block_size < 1:
@@ -224,9 +225,10 @@ class NgramDrafter(nnx.Module):
 
     Confidence: per request, acceptance counts keyed by match length and draft position, updated at every
     verification round's commit from the committed tokens (`commit`; plain rounds skip the proposal and leave
-    them alone) and read by `lookup_confidence`, then, where a calibration was fitted for the request's sampling
-    temperature (T = 0 as shipped), through it with the request's recent rounds (`calibrated_confidence`); it
-    drives a confidence threshold and the serving scheduler like DSpark's calibrated head."""
+    them alone) and read by `lookup_confidence` — with `NgramConfig.calibrated`, where a calibration was fitted for
+    the request's sampling temperature (T = 0), then through it with the request's recent rounds
+    (`calibrated_confidence`); it drives a confidence threshold and the serving scheduler like DSpark's calibrated
+    head."""
 
     def __init__(self, config: NgramConfig, vocab_size: int):
         self.config = config

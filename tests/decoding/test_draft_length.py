@@ -488,12 +488,12 @@ def test_round_costs_profile_and_cache(tmp_path, monkeypatch):
         return Drafter(nnx.merge(hg, hs).config, hg, hs, "hybrid")
     load_or_profile_round_costs(target, hybrid(), batch=2)
     assert len(calls) == 6
-    for options in (dict(price_model=False), dict(skip_model_at=2.0, model_prior_strength=8.0), dict(calibrated=False)):
+    for options in (dict(price_model=False), dict(skip_model_at=2.0, model_prior_strength=8.0), dict(calibrated=True)):
         load_or_profile_round_costs(target, hybrid(**options), batch=2)
     assert len(calls) == 6
-    uncalibrated_dg, uncalibrated_ds = _ngram(cfg, 3, calibrated=False)  # a lookup's calibration: no other cost
-    load_or_profile_round_costs(target, Drafter(nnx.merge(uncalibrated_dg, uncalibrated_ds).config, uncalibrated_dg,
-                                                uncalibrated_ds, "ngram:calibrated=0"), batch=2)
+    calibrated_dg, calibrated_ds = _ngram(cfg, 3, calibrated=True)  # a lookup's calibration: no other cost
+    load_or_profile_round_costs(target, Drafter(nnx.merge(calibrated_dg, calibrated_ds).config, calibrated_dg,
+                                                calibrated_ds, "ngram:calibrated=1"), batch=2)
     assert len(calls) == 6
 
 

@@ -253,7 +253,7 @@ def test_lookup_prior_per_sampling_temperature(tmp_path, monkeypatch):
 
 def test_confidence_learns_online_in_the_loop():
     """On a prompt that loops, lookup drafts are accepted and their count estimate rises above the prior (the
-    estimate alone: `calibrated=False`; its calibration is tested against a reference below)."""
+    estimate alone, the default; its opt-in calibration is tested against a reference below)."""
     tg, ts, cfg = make_target("gemma3")
     dg, ds = _ngram(cfg, 3, calibrated=False)
     tokens, lens = _batch([[5, 6, 7, 5, 6, 7, 5, 6]])
@@ -281,7 +281,7 @@ def test_calibrated_confidence_in_the_loop_equals_the_plain_python_reference():
     from dspark_jax.evaluation.lookup_simulation import lookup_records
     gamma = 4
     tg, ts, cfg = make_target("gemma3")
-    dg, ds = _ngram(cfg, gamma)
+    dg, ds = _ngram(cfg, gamma, calibrated=True)
     weights = calibration_weights(3, 4.0)
     temperatures, means = prior_means(3, gamma)
     assert weights is not None and not np.isnan(weights[temperatures.index(0.0)][0])  # the shipped T = 0 fit
@@ -344,7 +344,7 @@ def _hybrid(cfg, gamma, reduced=False, **options):
     from dspark_jax.drafters.hybrid import HybridDrafter
     from tests.decoding.test_speculative import make_drafter
     dg, ds = make_drafter("dspark", cfg, gamma, reduced)
-    lg, ls = _ngram(cfg, gamma, calibrated=options.pop("calibrated", True))
+    lg, ls = _ngram(cfg, gamma, calibrated=options.pop("calibrated", False))
     return nnx.split(HybridDrafter(nnx.merge(dg, ds), nnx.merge(lg, ls), **options))
 
 
@@ -619,9 +619,9 @@ def test_drafter_specs():
         d = load_drafter(spec, target, gamma=5)
         assert (d.config.n_max, d.config.n_min, d.config.block_size) == (4, 2, 5)
     assert with_block_size(load_drafter("ngram", target), 9).config.block_size == 9  # lookup: any length
-    assert load_drafter("ngram", target).config.calibrated and not load_drafter("ngram:calibrated=0", target).config.calibrated
-    hybrid_uncalibrated = load_drafter("random+ngram:calibrated=0", target, draft_vocab_size=None)
-    assert not nnx.merge(hybrid_uncalibrated.graphdef, hybrid_uncalibrated.state).lookup.config.calibrated
+    assert not load_drafter("ngram", target).config.calibrated and load_drafter("ngram:calibrated=1", target).config.calibrated
+    hybrid_calibrated = load_drafter("random+ngram:calibrated=1", target, draft_vocab_size=None)
+    assert nnx.merge(hybrid_calibrated.graphdef, hybrid_calibrated.state).lookup.config.calibrated
     for bad, match in (("ngram:n_max=x", "integer"), ("ngram:size=3", "n_max=N"), ("ngram:n_max=1,n_min=2", "n_min"),
                        ("ngram:calibrated=yes", "0 or 1")):
         with pytest.raises(ValueError, match=match):

@@ -52,7 +52,8 @@ def main():
     from dspark_jax.drafters.checkpoint import calibration_sets
     from dspark_jax.evaluation.calibration import (cross_fitted_ece, fit_sequential_scale_and_bias,
                                                    survival_confidences)
-    from dspark_jax.evaluation.reliability import ece_noise_floor, expected_calibration_error, survival_pairs
+    from dspark_jax.evaluation.reliability import (ece_noise_floor, expected_calibration_error, survival_ece,
+                                                   survival_pairs)
     from dspark_jax.utils.results import write_result
 
     rec = np.load(args.records)
@@ -106,11 +107,9 @@ def main():
     flags_all = np.concatenate([data[s]["accept_flags"] for s in sets])
     proposed_all = np.concatenate([data[s]["proposed"] for s in sets])
 
-    def survival_ece(conf: np.ndarray, rows_of=slice(None)) -> tuple[list[float], list[float], list]:
-        """Per position: ECE and noise floor of the survival of conf [N, G] (all sets' rounds), and the pairs."""
-        pairs = survival_pairs(conf, flags_all[rows_of], proposed_all[rows_of])
-        return ([expected_calibration_error(p, y, args.bins) for p, y in pairs],
-                [ece_noise_floor(p, args.bins) for p, _ in pairs], pairs)
+    def scores(conf: np.ndarray, rows_of=slice(None), floor_positions: int | None = None):
+        """`reliability.survival_ece` of conf [N, G] against all sets' rounds (`rows_of` of them)."""
+        return survival_ece(conf, flags_all[rows_of], proposed_all[rows_of], args.bins, floor_positions)
 
     lams = [float(x) for x in args.online_offset.split(",") if x]
     strengths = [float(x) for x in args.count_record.split(",") if x]
@@ -119,7 +118,7 @@ def main():
     online = []
     for lam in lams:
         for row, base in zip(rows, bases):
-            ece, floor, _ = survival_ece(np.concatenate([
+            ece, floor, _ = scores(np.concatenate([
                 online_offset(base[s], data[s]["accepted"], data[s]["proposed"], rec[f"{prefix}{s}/request"], lam,
                               args.online_positions) for s in sets]))
             online.append(dict(name=row["name"], prior_precision=lam, positions=args.online_positions, ece=ece,
@@ -130,9 +129,9 @@ def main():
     counted = []
     for strength in strengths:
         for row, base in zip(rows, bases):
-            ece, _, _ = survival_ece(np.concatenate([
+            ece, _, _ = scores(np.concatenate([
                 count_record(base[s], data[s]["accepted"], data[s]["proposed"], rec[f"{prefix}{s}/request"], strength)
-                for s in sets]))
+                for s in sets]), floor_positions=0)
             counted.append(dict(name=row["name"], strength=strength, ece=ece))
             print(f"\n{row['name']} with the count record, s {strength:g}: ECE % "
                   f"{' / '.join(f'{100 * e:.1f}' for e in ece[:8])} …; worst {100 * max(ece):.1f}")
@@ -143,7 +142,7 @@ def main():
         lookup = np.all(np.abs(1.0 / (1.0 + np.exp(-z.astype(np.float64))) - decoded) < 1e-4, axis=1)
         print("\nconfidences as decoded, per source (20-bin ECE % of the survival, positions 1..; floor in brackets)")
         for source, rows_of in (("lookup", lookup), ("model", ~lookup), ("all", np.ones_like(lookup))):
-            ece, floor, pairs = survival_ece(decoded[rows_of], rows_of)
+            ece, floor, pairs = scores(decoded[rows_of], rows_of)
             by_source.append(dict(source=source, rounds=int(rows_of.sum()), ece=ece, floor=floor,
                                   predicted=[float(p.mean()) for p, _ in pairs],
                                   observed=[float(y.mean()) for _, y in pairs]))

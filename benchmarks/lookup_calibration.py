@@ -67,16 +67,14 @@ def state_prior(pairs) -> np.ndarray:
 
 
 def rounds(pairs):
-    """Every lookup round of `pairs` with a draft, in order, per pair (`lookup_simulation.lookup_rounds`): (state,
+    """Every lookup round of `pairs` with a draft, in order, per pair (`lookup_simulation.lookup_records`): (state,
     n, accepted drafts a, drafts room); state: 1 where the pair's previous lookup round with a draft had its first
     draft accepted. Each pair ends with (None, 0, 0, 0): its record ends with it."""
-    from dspark_jax.evaluation.lookup_simulation import lookup_rounds
+    from dspark_jax.evaluation.lookup_simulation import lookup_records
+    no_prior = np.zeros((N_MAX, GAMMA))  # the records' count estimates are not read here
     for prompt, output in pairs:
-        state = 0
-        for n, a, room, _ in lookup_rounds(prompt, output, N_MAX, 1, GAMMA):
-            if room > 0:
-                yield state, n, a, room
-                state = int(a >= 1)
+        for r in lookup_records(prompt, output, no_prior, 1.0, N_MAX, 1, GAMMA):
+            yield int(r.previous >= 1), r.n, r.accepted, r.room
         yield None, 0, 0, 0
 
 
@@ -181,13 +179,13 @@ def fit_calibration(records: dict, l2: float = 1.0, iterations: int = 50) -> np.
     return w
 
 
-def survival_ece(conf: np.ndarray, records: dict) -> tuple[list, list, float, float]:
-    """(ECE per position, noise floor at positions 1–2, predicted / observed c_1) of the survival Π c_i."""
-    from dspark_jax.evaluation.reliability import ece_noise_floor, expected_calibration_error, survival_pairs
-    flags = np.arange(GAMMA)[None] < records["accepted"][:, None]
-    sp = survival_pairs(conf, flags, records["room"])
-    return ([expected_calibration_error(p, y) for p, y in sp], [ece_noise_floor(p) for p, _ in sp[:2]],
-            float(sp[0][0].mean()), float(sp[0][1].mean()))
+def scores(conf: np.ndarray, records: dict) -> tuple[list, list, float, float]:
+    """(ECE per position, noise floor at positions 1–2, predicted / observed c_1) of the survival Π c_i
+    (`reliability.survival_ece`)."""
+    from dspark_jax.evaluation.reliability import survival_ece
+    ece, floor, sp = survival_ece(conf, np.arange(GAMMA)[None] < records["accepted"][:, None], records["room"],
+                                  floor_positions=2)
+    return ece, floor, float(sp[0][0].mean()), float(sp[0][1].mean())
 
 
 def fit_main(args, prior_all: np.ndarray) -> None:
@@ -198,8 +196,8 @@ def fit_main(args, prior_all: np.ndarray) -> None:
     from dspark_jax.utils.files import atomic_write_text
     records = record_arrays(cached(args.pairs_cache, calibration_pairs), prior_all, SHIPPED_STRENGTH)
     weights = fit_calibration(records)
-    before = survival_ece(records["count_confidence"], records)
-    after = survival_ece(calibrated(records, weights), records)
+    before = scores(records["count_confidence"], records)
+    after = scores(calibrated(records, weights), records)
     for name, (ece, floor, pred, obs) in (("count estimate", before), ("calibrated (in sample)", after)):
         print(f"{name:>24}: ECE % {' / '.join(f'{100 * e:.1f}' for e in ece[:4])}, worst {100 * np.nanmax(ece):.1f} "
               f"(floor {' / '.join(f'{100 * f:.1f}' for f in floor)}); predicted / observed c_1 {pred:.3f} / {obs:.3f}")
@@ -253,11 +251,11 @@ def main():
         for strength in [float(s) for s in args.strengths.split(",")]:
             conf, flags, drafted = replay(pairs, priors, kind, strength)
             records = dict(accepted=flags.sum(1), room=drafted)
-            row(kind, strength, *survival_ece(conf, records), len(conf))
+            row(kind, strength, *scores(conf, records), len(conf))
     weights = calibration_weights(N_MAX, SHIPPED_STRENGTH)
     if weights is not None:  # the shipped calibration (its T = 0 set)
         records = record_arrays(pairs, prior_all, SHIPPED_STRENGTH)
-        row("calibrated", SHIPPED_STRENGTH, *survival_ece(calibrated(records, weights[0]), records), len(records["n"]))
+        row("calibrated", SHIPPED_STRENGTH, *scores(calibrated(records, weights[0]), records), len(records["n"]))
     write_result(args.output, dict(pairs=args.pairs, limit=args.limit, n_max=N_MAX, gamma=GAMMA,
                                    prior_all_position_1=prior_all[:, 0].tolist(),
                                    prior_first_position_1=prior_first[:, 0].tolist(), rows=results))

@@ -27,6 +27,16 @@ def survival_pairs(confidence: np.ndarray, accept_flags: np.ndarray,
     return pairs
 
 
+def survival_ece(confidence: np.ndarray, accept_flags: np.ndarray, proposed: np.ndarray, bins: int = DEFAULT_BINS,
+                 floor_positions: int | None = None) -> tuple[list[float], list[float], list[tuple[np.ndarray, np.ndarray]]]:
+    """Per position k = 1..G of the survival (`survival_pairs`; same inputs): (ECE, noise floor
+    (`ece_noise_floor`) at the first `floor_positions` positions — every one when None —, the (predicted,
+    realised) pairs)."""
+    pairs = survival_pairs(confidence, accept_flags, proposed)
+    return ([expected_calibration_error(p, y, bins) for p, y in pairs],
+            [ece_noise_floor(p, bins) for p, _ in pairs[:floor_positions]], pairs)
+
+
 def _bin_index(pred: np.ndarray, bins: int) -> np.ndarray:
     return np.clip((np.asarray(pred, np.float64) * bins).astype(np.int64), 0, bins - 1)
 

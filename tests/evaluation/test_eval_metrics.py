@@ -91,6 +91,11 @@ def test_survival_pairs_use_cumulative_product_and_only_verified_positions():
     assert [r.count for r in rows] == [2, 2, 1]
     assert rows[0].mean_label == 1.0 and rows[2].mean_label == 0.0
     assert weighted_mean(rows, "ece") == pytest.approx(sum(r.ece * r.count for r in rows) / 5)
+    from dspark_jax.evaluation.reliability import survival_ece
+    ece, floor, same_pairs = survival_ece(conf, flags, np.array([3, 2]), bins=20, floor_positions=2)
+    assert ece == pytest.approx([r.ece for r in rows]) and floor == pytest.approx([r.ece_floor for r in rows[:2]])
+    assert len(same_pairs) == 3 and np.allclose(same_pairs[1][0], [0.4, 0.45])
+    assert len(survival_ece(conf, flags, np.array([3, 2]), bins=20)[1]) == 3  # a floor at every position by default
 
 
 def test_ece_noise_floor_matches_the_binomial_expectation_and_falls_with_the_sample():

@@ -123,13 +123,21 @@ def prior_means(n_max: int, gamma: int) -> tuple[tuple[float, ...], tuple[tuple[
     return tuple(float(e["temperature"]) for e in sets), tuple(means)
 
 
-def request_prior(n_max: int, gamma: int, sampling_temperature: jax.Array) -> jax.Array:
+def prior_set(n_max: int, sampling_temperature: jax.Array) -> jax.Array:
+    """[B] int32 index of each request's prior set (`prior_means`): the one measured at the sampling temperature
+    nearest to its own — the prior means and the calibration weights (`calibration_weights`) are both per set."""
+    temperatures, _ = prior_means(n_max, 1)
+    return nearest_set(jnp.asarray(temperatures, jnp.float32), sampling_temperature)
+
+
+def request_prior(n_max: int, gamma: int, sampling_temperature: jax.Array,
+                  set_index: jax.Array | None = None) -> jax.Array:
     """[B, n_max, γ] each request's prior means: the set measured at the sampling temperature nearest to its
-    own (`prior_means`; at T > 0 lookup's draft x is accepted with probability p_t(x), less often than a greedy
-    match — a greedy prior would over-promise)."""
-    temperatures, means = prior_means(n_max, gamma)
-    table = jnp.asarray(means, jnp.float32)
-    return table[nearest_set(jnp.asarray(temperatures, jnp.float32), sampling_temperature)]
+    own (`prior_set`, or the given set_index [B]; at T > 0 lookup's draft x is accepted with probability p_t(x),
+    less often than a greedy match — a greedy prior would over-promise)."""
+    _, means = prior_means(n_max, gamma)
+    index = prior_set(n_max, sampling_temperature) if set_index is None else set_index
+    return jnp.asarray(means, jnp.float32)[index]
 
 
 def calibration_features(count_confidence: jax.Array, n: jax.Array, previous: jax.Array,
@@ -291,14 +299,13 @@ class NgramDrafter(nnx.Module):
         end, n = find_match(tokens, start, self.config.n_max, self.config.n_min)
         proposed = lookup_proposal(tokens, start, end, g)
         length = jnp.where(n > 0, g, 0).astype(jnp.int32)
-        prior = request_prior(self.config.n_max, g, params.temperature)
+        set_index = prior_set(self.config.n_max, params.temperature)
+        prior = request_prior(self.config.n_max, g, params.temperature, set_index)
         conf = lookup_confidence(state, n, g, prior, self.config.prior_strength)
         weights = calibration_weights(self.config.n_max, self.config.prior_strength) if self.config.calibrated else None
         if weights is not None:
-            temperatures, _ = prior_means(self.config.n_max, g)
-            per_request = jnp.asarray(weights, jnp.float32)[
-                nearest_set(jnp.asarray(temperatures, jnp.float32), params.temperature)]
-            conf = calibrated_confidence(conf, n, state.previous, state.streak, per_request)
+            conf = calibrated_confidence(conf, n, state.previous, state.streak,
+                                         jnp.asarray(weights, jnp.float32)[set_index])
         logits = jnp.log(jnp.maximum(conf, 1e-6)) - jnp.log(jnp.maximum(1.0 - conf, 1e-6))
         return Proposal(tokens=proposed, draft_index=proposed, p_draft=None, confidence=conf,
                         confidence_logits=logits, length=length)

@@ -2,7 +2,7 @@
 lookup: same held-out prompts, machine and run.
 
     python benchmarks/ngram.py [--datasets gsm8k,humaneval,mbpp,mt-bench --limit 8 --max_new_tokens 96
-                                --batch_sizes 1,8 --gamma 7 --drafters ngram,default --repeats 3 --hf]
+                                --batch_sizes 1,8 --gamma 15 --drafters ngram,default --repeats 3 --hf]
 
 A --drafters entry is a --drafter value, optionally followed by "|g=N" (its γ, default --gamma) and "|auto"
 (hardware-aware draft length, `GenerationConfig.draft_length`): e.g. "ngram|g=11|auto,default|auto".
@@ -60,7 +60,8 @@ def main():
     ap.add_argument("--limit", type=int, default=8)
     ap.add_argument("--max_new_tokens", type=int, default=96)
     ap.add_argument("--batch_sizes", default="1,8")
-    ap.add_argument("--gamma", type=int, default=7)
+    ap.add_argument("--gamma", type=int, default=15, help="draft length γ (a drafter's |g=N overrides it); 15: the "
+                    "shipped drafter's block")
     ap.add_argument("--n_max", type=int, default=3)
     ap.add_argument("--n_min", type=int, default=1)
     ap.add_argument("--drafters", default="ngram,default", help="comma list of --drafter values")

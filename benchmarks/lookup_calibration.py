@@ -179,13 +179,17 @@ def fit_calibration(records: dict, l2: float = 1.0, iterations: int = 50) -> np.
     return w
 
 
-def scores(conf: np.ndarray, records: dict) -> tuple[list, list, float, float]:
-    """(ECE per position, noise floor at positions 1–2, predicted / observed c_1) of the survival Π c_i
-    (`reliability.survival_ece`)."""
-    from dspark_jax.evaluation.reliability import survival_ece
+def scores(conf: np.ndarray, records: dict) -> tuple[list, list, float, float, list, float]:
+    """(ECE per position, noise floor at positions 1–2, predicted / observed c_1, AUC at positions 1–4, expected
+    accepted drafts per round Σ_k Π_{i≤k} c_i over the room) of the survival Π c_i (`reliability.survival_ece`);
+    records["accepted"].mean() is the realised count. ECE says whether the estimate is right on average, AUC whether
+    it ranks rounds (what a choice between rounds, buckets and sources reads)."""
+    from dspark_jax.evaluation.reliability import roc_auc, survival_ece
     ece, floor, sp = survival_ece(conf, np.arange(GAMMA)[None] < records["accepted"][:, None], records["room"],
                                   floor_positions=2)
-    return ece, floor, float(sp[0][0].mean()), float(sp[0][1].mean())
+    expected = (np.cumprod(conf, axis=1) * (np.arange(GAMMA)[None] < records["room"][:, None])).sum(1).mean()
+    return (ece, floor, float(sp[0][0].mean()), float(sp[0][1].mean()), [roc_auc(p, y) for p, y in sp[:4]],
+            float(expected))
 
 
 def fit_main(args, prior_all: np.ndarray) -> None:
@@ -198,7 +202,7 @@ def fit_main(args, prior_all: np.ndarray) -> None:
     weights = fit_calibration(records)
     before = scores(records["count_confidence"], records)
     after = scores(calibrated(records, weights), records)
-    for name, (ece, floor, pred, obs) in (("count estimate", before), ("calibrated (in sample)", after)):
+    for name, (ece, floor, pred, obs, _, _) in (("count estimate", before), ("calibrated (in sample)", after)):
         print(f"{name:>24}: ECE % {' / '.join(f'{100 * e:.1f}' for e in ece[:4])}, worst {100 * np.nanmax(ece):.1f} "
               f"(floor {' / '.join(f'{100 * f:.1f}' for f in floor)}); predicted / observed c_1 {pred:.3f} / {obs:.3f}")
     print("weights:", ", ".join(f"{name} {w:+.3f}" for name, w in zip(CALIBRATION_FEATURES, weights)))
@@ -238,24 +242,26 @@ def main():
              else cached(args.pairs_cache, lambda: eval_pairs(args.limit)))
     results = []
     print(f"{'prior':>10} {'s':>5} {'rounds':>7}  ECE % positions 1 / 2 / 3 / 4, worst of {GAMMA} (floor 1 / 2)  "
-          f"predicted / observed at 1")
+          f"predicted / observed at 1  AUC 1 / 2 / 3 / 4  expected / realised accepted")
 
-    def row(kind, strength, ece, floor, pred, obs, rounds):
+    def row(kind, strength, ece, floor, pred, obs, auc, expected, rounds, realised):
         results.append(dict(prior=kind, strength=strength, rounds=rounds, ece=ece, floor=floor, predicted_1=pred,
-                            observed_1=obs))
+                            observed_1=obs, auc=auc, expected_accepted=expected, realised_accepted=realised))
         print(f"{kind:>10} {strength:>5g} {rounds:>7}  {' / '.join(f'{100 * e:.1f}' for e in ece[:4])}, "
               f"worst {100 * np.nanmax(ece):.1f} ({' / '.join(f'{100 * f:.1f}' for f in floor)})  "
-              f"{pred:.3f} / {obs:.3f}", flush=True)
+              f"{pred:.3f} / {obs:.3f}  {' / '.join(f'{a:.3f}' for a in auc)}  {expected:.2f} / {realised:.2f}",
+              flush=True)
 
     for kind in ("all", "first", "switch", "state"):
         for strength in [float(s) for s in args.strengths.split(",")]:
             conf, flags, drafted = replay(pairs, priors, kind, strength)
             records = dict(accepted=flags.sum(1), room=drafted)
-            row(kind, strength, *scores(conf, records), len(conf))
+            row(kind, strength, *scores(conf, records), len(conf), float(records["accepted"].mean()))
     weights = calibration_weights(N_MAX, SHIPPED_STRENGTH)
     if weights is not None:  # the shipped calibration (its T = 0 set)
         records = record_arrays(pairs, prior_all, SHIPPED_STRENGTH)
-        row("calibrated", SHIPPED_STRENGTH, *scores(calibrated(records, weights[0]), records), len(records["n"]))
+        row("calibrated", SHIPPED_STRENGTH, *scores(calibrated(records, weights[0]), records), len(records["n"]),
+            float(records["accepted"].mean()))
     write_result(args.output, dict(pairs=args.pairs, limit=args.limit, n_max=N_MAX, gamma=GAMMA,
                                    prior_all_position_1=prior_all[:, 0].tolist(),
                                    prior_first_position_1=prior_first[:, 0].tolist(), rows=results))

@@ -27,6 +27,14 @@ the target's greedy 96-token outputs for the calibration prompts `dspark calibra
 held-out mix + the last 32 of humaneval, mbpp and mt-bench; never the first 48 of an evaluation set), ~8 min:
 
     python benchmarks/lookup_calibration.py --fit --pairs_cache runs/lookup_calibration_pairs.json
+
+--candidate fits the same regression twice on those rounds — the drafter's features, and with the match's source
+added (`source_features`: whether the matched text lies in the output or the prompt, the loop's period, and whether
+a draft position extrapolates past it; not in the drafter) — and scores both on the evaluation outputs (seconds with
+both pair caches):
+
+    python benchmarks/lookup_calibration.py --candidate --calibration_pairs_cache runs/lookup_calibration_pairs.json \
+        --pairs_cache runs/lookup_eval_pairs.json
 """
 from __future__ import annotations
 
@@ -160,12 +168,37 @@ def calibrated(records: dict, weights) -> np.ndarray:
                                             records["streak"], w), np.float64)
 
 
-def fit_calibration(records: dict, l2: float = 1.0, iterations: int = 50) -> np.ndarray:
-    """[F] logistic weights of "position k accepted | every earlier one accepted" on the calibration features, over
-    every verified position of `records` (Newton's method with an L2 penalty `l2`)."""
+def shipped_features(records: dict) -> np.ndarray:
+    """[R, γ, F] the drafter's calibration features of `records` (`drafters.ngram.calibration_features`)."""
     from dspark_jax.drafters.ngram import calibration_features
-    x = np.asarray(calibration_features(records["count_confidence"], records["n"], records["previous"],
-                                        records["streak"]), np.float64)
+    return np.asarray(calibration_features(records["count_confidence"], records["n"], records["previous"],
+                                           records["streak"]), np.float64)
+
+
+SOURCE_FEATURES = ("match in output", "log(1 + period)", "period <= gamma", "k >= period", "log(1 + k - period + 1)+")
+
+
+def source_features(records: dict) -> np.ndarray:
+    """[R, γ, F + 5] a candidate (not in the drafter): the shipped features and where the match came from
+    (`lookup_simulation.LookupRound`) — SOURCE_FEATURES: the matched occurrence ends in the output (the text repeats
+    itself) rather than the prompt, log(1 + period), period ≤ γ (a loop that fits in the draft), and per position k
+    (0-based) k ≥ period and log(1 + max(k − period + 1, 0)) (drafts that extrapolate the cycle past the text seen)."""
+    x = shipped_features(records)
+    r = len(records["n"])
+    period = records["period"].astype(np.float64)[:, None]
+    k = np.arange(GAMMA, dtype=np.float64)[None]
+    per_row = np.stack([records["in_output"].astype(np.float64), np.log1p(records["period"]),
+                        (records["period"] <= GAMMA).astype(np.float64)], -1)
+    per_position = np.stack([np.broadcast_to(k >= period, (r, GAMMA)).astype(np.float64),
+                             np.log1p(np.maximum(k - period + 1, 0))], -1)
+    return np.concatenate([x, np.broadcast_to(per_row[:, None], (r, GAMMA, 3)), per_position], -1)
+
+
+def fit_calibration(records: dict, l2: float = 1.0, iterations: int = 50, features=shipped_features) -> np.ndarray:
+    """[F] logistic weights of "position k accepted | every earlier one accepted" on `features(records)` (the
+    drafter's calibration features by default), over every verified position of `records` (Newton's method with an
+    L2 penalty `l2`)."""
+    x = features(records)
     k = np.arange(GAMMA)[None]
     verified = k < np.minimum(records["accepted"] + 1, records["room"])[:, None]
     x, y = x[verified], (k < records["accepted"][:, None])[verified].astype(np.float64)
@@ -190,6 +223,32 @@ def scores(conf: np.ndarray, records: dict) -> tuple[list, list, float, float, l
     expected = (np.cumprod(conf, axis=1) * (np.arange(GAMMA)[None] < records["room"][:, None])).sum(1).mean()
     return (ece, floor, float(sp[0][0].mean()), float(sp[0][1].mean()), [roc_auc(p, y) for p, y in sp[:4]],
             float(expected))
+
+
+def candidate_main(args, prior_all: np.ndarray) -> None:
+    """--candidate: the drafter's features and `source_features`, each fitted on the calibration prompts' outputs
+    and scored there (in sample) and on the evaluation outputs; prints a table and writes JSON."""
+    from dspark_jax.utils.results import write_result
+    calibration = record_arrays(cached(args.calibration_pairs_cache, calibration_pairs), prior_all, SHIPPED_STRENGTH)
+    evaluation = record_arrays(cached(args.pairs_cache, lambda: eval_pairs(args.limit)), prior_all, SHIPPED_STRENGTH)
+    rows = []
+    print(f"{'features':>8} {'scored on':>12} {'rounds':>7}  ECE % positions 1 / 2 / 3 / 4, worst of {GAMMA} "
+          f"(floor 1 / 2)  AUC 1 / 2 / 3 / 4  expected / realised accepted")
+    for name, features in (("shipped", shipped_features), ("source", source_features)):
+        weights = fit_calibration(calibration, features=features)
+        for scored, records in (("calibration", calibration), ("evaluation", evaluation)):
+            conf = 1 / (1 + np.exp(-(features(records) @ weights)))
+            ece, floor, pred, obs, auc, expected = scores(conf, records)
+            worst = int(np.nanargmax(ece))
+            rows.append(dict(features=name, scored_on=scored, rounds=int(len(records["n"])), ece=ece, floor=floor,
+                             auc=auc, predicted_1=pred, observed_1=obs, expected_accepted=expected,
+                             realised_accepted=float(records["accepted"].mean()), weights=weights.tolist()))
+            print(f"{name:>8} {scored:>12} {len(records['n']):>7}  {' / '.join(f'{100 * e:.1f}' for e in ece[:4])}, "
+                  f"worst {100 * ece[worst]:.1f} at {worst + 1} ({' / '.join(f'{100 * f:.1f}' for f in floor)})  "
+                  f"{' / '.join(f'{a:.3f}' for a in auc)}  {expected:.2f} / {records['accepted'].mean():.2f}",
+                  flush=True)
+    write_result(args.output, dict(mode="candidate", limit=args.limit, n_max=N_MAX, gamma=GAMMA,
+                                   source_features=list(SOURCE_FEATURES), rows=rows))
 
 
 def fit_main(args, prior_all: np.ndarray) -> None:
@@ -221,7 +280,13 @@ def main():
     ap.add_argument("--limit", type=int, default=32, help="--pairs eval: prompts per evaluation set")
     ap.add_argument("--strengths", default="1,4,16", help="prior strengths s, comma-separated (4: the shipped one)")
     ap.add_argument("--fit", action="store_true", help="fit the shipped calibration and write it (module doc)")
-    ap.add_argument("--pairs_cache", default=None, help="JSON file keeping the decoded pairs (--pairs eval, --fit)")
+    ap.add_argument("--pairs_cache", default=None, help="JSON file keeping the decoded pairs (--pairs eval, --fit; "
+                    "with --candidate the evaluation pairs)")
+    ap.add_argument("--candidate", action="store_true", help="fit the drafter's features and a candidate with the "
+                    "match's source (`source_features`) on the calibration prompts, score both on the evaluation "
+                    "outputs (module doc)")
+    ap.add_argument("--calibration_pairs_cache", default=None, help="--candidate: JSON file keeping the calibration "
+                    "prompts' pairs (--fit's --pairs_cache)")
     ap.add_argument("--output", default="benchmarks/results/lookup_calibration.json")
     args = ap.parse_args()
 
@@ -234,6 +299,8 @@ def main():
     prior_all = prior_table(training[:SHIPPED_PRIOR_RESPONSES], first_only=False)
     if args.fit:
         return fit_main(args, prior_all)
+    if args.candidate:
+        return candidate_main(args, prior_all)
     prior_first = prior_table(training, first_only=True)
     priors = dict(all=prior_all, first=prior_first, state=state_prior(training[:SHIPPED_PRIOR_RESPONSES]))
     print(f"position-1 prior, n = 1 / 2 / 3: all rounds {' / '.join(f'{m:.3f}' for m in prior_all[:, 0])}; "

@@ -12,19 +12,29 @@ from typing import Iterator, NamedTuple, Sequence
 import numpy as np
 
 
-def lookup_match(tokens: Sequence[int], n_max: int, n_min: int, gamma: int) -> tuple[list[int], int]:
-    """The lookup proposal after `tokens` (the anchor last) and its match length n: for the longest n in
-    n_max..n_min whose last n tokens occur earlier, the most recent occurrence's following tokens, continued
-    with the period (the distance from that occurrence to the end) up to `gamma`; ([], 0) when nothing
-    matches."""
+def match_source(tokens: Sequence[int], n_max: int, n_min: int) -> tuple[int, int]:
+    """(n, end): the longest n in n_max..n_min whose last n tokens of `tokens` occur earlier, and the index of the
+    most recent earlier occurrence's last token; (0, −1) when nothing matches. The proposal repeats the tokens
+    after `end` with period len(tokens) − 1 − end."""
     last = len(tokens) - 1
     for n in range(min(n_max, len(tokens)), n_min - 1, -1):
         suffix = list(tokens[len(tokens) - n:])
         for end in range(last - 1, n - 2, -1):  # most recent earlier window first
             if list(tokens[end - n + 1:end + 1]) == suffix:
-                period = last - end
-                return [tokens[end + 1 + k % period] for k in range(gamma)], n
-    return [], 0
+                return n, end
+    return 0, -1
+
+
+def lookup_match(tokens: Sequence[int], n_max: int, n_min: int, gamma: int) -> tuple[list[int], int]:
+    """The lookup proposal after `tokens` (the anchor last) and its match length n: for the longest n in
+    n_max..n_min whose last n tokens occur earlier, the most recent occurrence's following tokens, continued
+    with the period (the distance from that occurrence to the end) up to `gamma`; ([], 0) when nothing
+    matches (`match_source`)."""
+    n, end = match_source(tokens, n_max, n_min)
+    if n == 0:
+        return [], 0
+    period = len(tokens) - 1 - end
+    return [tokens[end + 1 + k % period] for k in range(gamma)], n
 
 
 def lookup(tokens: Sequence[int], n_max: int, n_min: int, gamma: int) -> list[int]:
@@ -32,22 +42,44 @@ def lookup(tokens: Sequence[int], n_max: int, n_min: int, gamma: int) -> list[in
     return lookup_match(tokens, n_max, n_min, gamma)[0]
 
 
-def lookup_rounds(prompt: Sequence[int], output: Sequence[int], n_max: int = 3, n_min: int = 1,
-                  gamma: int = 7) -> Iterator[tuple[int, int, int, int]]:
-    """The verification rounds of lookup drafting the greedy `output` of `prompt` (its first token comes from the
-    prefill, as in the loop), in order: (match length n — 0 without a match —, drafts accepted, drafts that could
-    be checked against `output` (the proposal cut where the output ends), tokens committed)."""
+class LookupRound(NamedTuple):
+    """One verification round of lookup over a greedy output: match length n (0 without a match), drafts
+    accepted, drafts that could be checked (room), tokens committed, and where the match came from: period (the
+    distance from the matched occurrence to the anchor; 0 without a match) and whether that occurrence ends in the
+    output rather than the prompt (the text repeating itself, not copying the prompt)."""
+    n: int
+    accepted: int
+    room: int
+    count: int
+    period: int
+    in_output: bool
+
+
+def lookup_round_details(prompt: Sequence[int], output: Sequence[int], n_max: int = 3, n_min: int = 1,
+                         gamma: int = 7) -> Iterator[LookupRound]:
+    """`lookup_rounds` with each round's match source (`LookupRound`)."""
     seq = list(prompt) + list(output)
     anchor, end = len(prompt), len(seq)  # anchor: index of the newest committed token
     while anchor < end - 1:
-        draft, n = lookup_match(seq[:anchor + 1], n_max, n_min, gamma)
+        n, source = match_source(seq[:anchor + 1], n_max, n_min)
+        period = anchor - source if n else 0
+        draft = [seq[source + 1 + k % period] for k in range(gamma)] if n else []
         room = min(len(draft), end - 1 - anchor)
         accepted = 0
         while accepted < room and draft[accepted] == seq[anchor + 1 + accepted]:
             accepted += 1
         count = min(accepted + 1, end - 1 - anchor)
-        yield n, accepted, room, count
+        yield LookupRound(n, accepted, room, count, period, bool(n) and source >= len(prompt))
         anchor += count
+
+
+def lookup_rounds(prompt: Sequence[int], output: Sequence[int], n_max: int = 3, n_min: int = 1,
+                  gamma: int = 7) -> Iterator[tuple[int, int, int, int]]:
+    """The verification rounds of lookup drafting the greedy `output` of `prompt` (its first token comes from the
+    prefill, as in the loop), in order: (match length n — 0 without a match —, drafts accepted, drafts that could
+    be checked against `output` (the proposal cut where the output ends), tokens committed)."""
+    for r in lookup_round_details(prompt, output, n_max, n_min, gamma):
+        yield r.n, r.accepted, r.room, r.count
 
 
 def simulate_rounds(prompt: Sequence[int], output: Sequence[int], n_max: int = 3, n_min: int = 1,
@@ -89,13 +121,16 @@ def simulated_tau(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], n_max: i
 class LookupRecord(NamedTuple):
     """One simulated lookup round with a draft, as `NgramDrafter` sees it before verification: match length n,
     the count estimate c [γ] (`drafters.ngram.lookup_confidence`), previous / streak (`NgramState`), and its
-    outcome: drafts accepted, drafts checkable (room)."""
+    outcome: drafts accepted, drafts checkable (room); the match's period and whether it lies in the output
+    (`LookupRound`: not read by the drafter, candidates for its calibration)."""
     n: int
     count_confidence: np.ndarray
     previous: int
     streak: int
     accepted: int
     room: int
+    period: int
+    in_output: bool
 
 
 def lookup_records(prompt: Sequence[int], output: Sequence[int], prior: np.ndarray, strength: float,
@@ -108,11 +143,11 @@ def lookup_records(prompt: Sequence[int], output: Sequence[int], prior: np.ndarr
     prior = np.asarray(prior, np.float64)
     tested, ok = np.zeros((n_max, gamma)), np.zeros((n_max, gamma))
     previous, streak, k = -1, 0, np.arange(gamma)
-    for n, a, room, _ in lookup_rounds(prompt, output, n_max, n_min, gamma):
+    for n, a, room, _, period, in_output in lookup_round_details(prompt, output, n_max, n_min, gamma):
         if room == 0:
             continue
         c = (ok[n - 1] + strength * prior[n - 1, :gamma]) / (tested[n - 1] + strength)
-        yield LookupRecord(n, c, previous, streak, a, room)
+        yield LookupRecord(n, c, previous, streak, a, room, period, in_output)
         tested[n - 1] += k < min(a + 1, room)
         ok[n - 1] += k < min(a, room)
         previous, streak = a, (streak + 1 if a >= 1 else 0)

@@ -15,7 +15,7 @@ from dspark_jax.decoding.autoregressive import generate
 from dspark_jax.sampling import FilterMode, SamplingParams
 from dspark_jax.decoding.speculative import speculative_generate
 from dspark_jax.drafters.ngram import NgramConfig, NgramDrafter, find_match, lookup_proposal
-from dspark_jax.evaluation.lookup_simulation import lookup, simulate_rounds
+from dspark_jax.evaluation.lookup_simulation import lookup, lookup_rounds, simulate_rounds
 from tests.decoding.test_speculative import N_NEW, _batch, chi_square_pvalue, exact_joint, make_target, sampled_joint
 
 
@@ -308,6 +308,21 @@ def test_calibrated_confidence_in_the_loop_equals_the_plain_python_reference():
             seen_previous.add(min(rec.previous, 1))
             seen_streak.add(min(rec.streak, 2))
     assert seen_previous == {-1, 0, 1} and seen_streak == {0, 1, 2}  # every branch of the state was exercised
+
+
+def test_lookup_round_details_name_the_match_source_by_hand():
+    """Each simulated round's match source, worked out by hand on prompt [1, 2, 3, 4] and output [9, 2, 3, 5, 6, 5, 6,
+    5, 6] (γ 4): token 2 matches the prompt 4 tokens back (drafts 3, 4, …: one accepted), later token 5 matches the
+    output 2 tokens back (a loop: drafts 6, 5, 6 all accepted, cut where the output ends)."""
+    from dspark_jax.evaluation.lookup_simulation import LookupRound, lookup_records, lookup_round_details, match_source
+    prompt, output = [1, 2, 3, 4], [9, 2, 3, 5, 6, 5, 6, 5, 6]
+    assert match_source(prompt + output[:2], 3, 1) == (1, 1) and match_source([1, 2, 3], 3, 1) == (0, -1)
+    assert list(lookup_round_details(prompt, output, 3, 1, 4)) == [
+        LookupRound(0, 0, 0, 1, 0, False), LookupRound(1, 1, 4, 2, 4, False), LookupRound(0, 0, 0, 1, 0, False),
+        LookupRound(0, 0, 0, 1, 0, False), LookupRound(1, 3, 3, 3, 2, True)]
+    assert [r[:4] for r in lookup_round_details(prompt, output, 3, 1, 4)] == list(lookup_rounds(prompt, output, 3, 1, 4))
+    records = list(lookup_records(prompt, output, np.full((3, 4), 0.5), 4.0, 3, 1, 4))
+    assert [(r.period, r.in_output, r.accepted, r.room) for r in records] == [(4, False, 1, 4), (2, True, 3, 3)]
 
 
 def test_commit_tracks_the_previous_round_and_the_streak():

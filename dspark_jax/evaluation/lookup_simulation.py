@@ -31,10 +31,14 @@ def lookup_match(tokens: Sequence[int], n_max: int, n_min: int, gamma: int) -> t
     with the period (the distance from that occurrence to the end) up to `gamma`; ([], 0) when nothing
     matches (`match_source`)."""
     n, end = match_source(tokens, n_max, n_min)
-    if n == 0:
-        return [], 0
+    return (periodic_proposal(tokens, end, gamma), n) if n else ([], 0)
+
+
+def periodic_proposal(tokens: Sequence[int], end: int, gamma: int) -> list[int]:
+    """`gamma` tokens after the match ending at `end` (`match_source`), repeated with the period from it to the
+    anchor, the last of `tokens`."""
     period = len(tokens) - 1 - end
-    return [tokens[end + 1 + k % period] for k in range(gamma)], n
+    return [tokens[end + 1 + k % period] for k in range(gamma)]
 
 
 def lookup(tokens: Sequence[int], n_max: int, n_min: int, gamma: int) -> list[int]:
@@ -61,9 +65,10 @@ def lookup_round_details(prompt: Sequence[int], output: Sequence[int], n_max: in
     seq = list(prompt) + list(output)
     anchor, end = len(prompt), len(seq)  # anchor: index of the newest committed token
     while anchor < end - 1:
-        n, source = match_source(seq[:anchor + 1], n_max, n_min)
+        committed = seq[:anchor + 1]
+        n, source = match_source(committed, n_max, n_min)
         period = anchor - source if n else 0
-        draft = [seq[source + 1 + k % period] for k in range(gamma)] if n else []
+        draft = periodic_proposal(committed, source, gamma) if n else []
         room = min(len(draft), end - 1 - anchor)
         accepted = 0
         while accepted < room and draft[accepted] == seq[anchor + 1 + accepted]:

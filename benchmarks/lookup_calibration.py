@@ -28,10 +28,10 @@ held-out mix + the last 32 of humaneval, mbpp and mt-bench; never the first 48 o
 
     python benchmarks/lookup_calibration.py --fit --pairs_cache runs/lookup_calibration_pairs.json
 
---candidate fits the same regression twice on those rounds — the drafter's features, and with the match's source
-added (`source_features`: whether the matched text lies in the output or the prompt, the loop's period, and whether
-a draft position extrapolates past it; not in the drafter) — and scores both on the evaluation outputs (seconds with
-both pair caches):
+--candidate fits the same regression twice on those rounds — the drafter's features, and without the match's source
+(`history_features`: no feature of whether the matched text lies in the output or the prompt, the loop's period, or
+whether a draft position extrapolates past it; sessions 37–38's calibration) — and scores both on the evaluation
+outputs (seconds with both pair caches):
 
     python benchmarks/lookup_calibration.py --candidate --calibration_pairs_cache runs/lookup_calibration_pairs.json \
         --pairs_cache runs/lookup_eval_pairs.json
@@ -165,33 +165,27 @@ def calibrated(records: dict, weights) -> np.ndarray:
     from dspark_jax.drafters.ngram import calibrated_confidence
     w = np.broadcast_to(np.asarray(weights, np.float32), (len(records["n"]), len(weights)))
     return np.asarray(calibrated_confidence(records["count_confidence"], records["n"], records["previous"],
-                                            records["streak"], w), np.float64)
+                                            records["streak"], records["period"], records["in_output"], w), np.float64)
 
 
 def shipped_features(records: dict) -> np.ndarray:
     """[R, γ, F] the drafter's calibration features of `records` (`drafters.ngram.calibration_features`)."""
     from dspark_jax.drafters.ngram import calibration_features
     return np.asarray(calibration_features(records["count_confidence"], records["n"], records["previous"],
-                                           records["streak"]), np.float64)
+                                           records["streak"], records["period"], records["in_output"]), np.float64)
 
 
-SOURCE_FEATURES = ("match in output", "log(1 + period)", "period <= gamma", "k >= period", "log(1 + k - period + 1)+")
+SOURCE_FEATURES = ("match_in_output", "log1p_period", "short_period", "past_period", "log1p_past_period")
 
 
-def source_features(records: dict) -> np.ndarray:
-    """[R, γ, F + 5] a candidate (not in the drafter): the shipped features and where the match came from
-    (`lookup_simulation.LookupRound`) — SOURCE_FEATURES: the matched occurrence ends in the output (the text repeats
-    itself) rather than the prompt, log(1 + period), period ≤ γ (a loop that fits in the draft), and per position k
-    (0-based) k ≥ period and log(1 + max(k − period + 1, 0)) (drafts that extrapolate the cycle past the text seen)."""
-    x = shipped_features(records)
-    r = len(records["n"])
-    period = records["period"].astype(np.float64)[:, None]
-    k = np.arange(GAMMA, dtype=np.float64)[None]
-    per_row = np.stack([records["in_output"].astype(np.float64), np.log1p(records["period"]),
-                        (records["period"] <= GAMMA).astype(np.float64)], -1)
-    per_position = np.stack([np.broadcast_to(k >= period, (r, GAMMA)).astype(np.float64),
-                             np.log1p(np.maximum(k - period + 1, 0))], -1)
-    return np.concatenate([x, np.broadcast_to(per_row[:, None], (r, GAMMA, 3)), per_position], -1)
+def history_features(records: dict) -> np.ndarray:
+    """[R, γ, F − 5] the drafter's features without the match's source (SOURCE_FEATURES, its last five: whether
+    the match lies in the output, its period, and whether a draft position continues the loop past it) — the
+    calibration of sessions 37–38."""
+    from dspark_jax.drafters.ngram import CALIBRATION_FEATURES
+    if CALIBRATION_FEATURES[-len(SOURCE_FEATURES):] != SOURCE_FEATURES:
+        raise ValueError(f"the drafter's features {CALIBRATION_FEATURES} no longer end with {SOURCE_FEATURES}")
+    return shipped_features(records)[..., :-len(SOURCE_FEATURES)]
 
 
 def fit_calibration(records: dict, l2: float = 1.0, iterations: int = 50, features=shipped_features) -> np.ndarray:
@@ -226,7 +220,7 @@ def scores(conf: np.ndarray, records: dict) -> tuple[list, list, float, float, l
 
 
 def candidate_main(args, prior_all: np.ndarray) -> None:
-    """--candidate: the drafter's features and `source_features`, each fitted on the calibration prompts' outputs
+    """--candidate: the drafter's features and `history_features`, each fitted on the calibration prompts' outputs
     and scored there (in sample) and on the evaluation outputs; prints a table and writes JSON."""
     from dspark_jax.utils.results import write_result
     calibration = record_arrays(cached(args.calibration_pairs_cache, calibration_pairs), prior_all, SHIPPED_STRENGTH)
@@ -234,7 +228,7 @@ def candidate_main(args, prior_all: np.ndarray) -> None:
     rows = []
     print(f"{'features':>8} {'scored on':>12} {'rounds':>7}  ECE % positions 1 / 2 / 3 / 4, worst of {GAMMA} "
           f"(floor 1 / 2)  AUC 1 / 2 / 3 / 4  expected / realised accepted")
-    for name, features in (("shipped", shipped_features), ("source", source_features)):
+    for name, features in (("history", history_features), ("shipped", shipped_features)):
         weights = fit_calibration(calibration, features=features)
         for scored, records in (("calibration", calibration), ("evaluation", evaluation)):
             conf = 1 / (1 + np.exp(-(features(records) @ weights)))
@@ -282,8 +276,8 @@ def main():
     ap.add_argument("--fit", action="store_true", help="fit the shipped calibration and write it (module doc)")
     ap.add_argument("--pairs_cache", default=None, help="JSON file keeping the decoded pairs (--pairs eval, --fit; "
                     "with --candidate the evaluation pairs)")
-    ap.add_argument("--candidate", action="store_true", help="fit the drafter's features and a candidate with the "
-                    "match's source (`source_features`) on the calibration prompts, score both on the evaluation "
+    ap.add_argument("--candidate", action="store_true", help="fit the drafter's features and the same without the "
+                    "match's source (`history_features`) on the calibration prompts, score both on the evaluation "
                     "outputs (module doc)")
     ap.add_argument("--calibration_pairs_cache", default=None, help="--candidate: JSON file keeping the calibration "
                     "prompts' pairs (--fit's --pairs_cache)")

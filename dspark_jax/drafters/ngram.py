@@ -59,12 +59,14 @@ class NgramState:
     accepted, and how often it was then accepted (the online acceptance statistics behind the confidence).
     previous [B]: drafts of the lookup's proposal known accepted in the request's last verification round that
     had a match (−1 before any); streak [B]: how many such rounds in a row accepted at least one (both read by
-    the confidence's calibration, `calibrated_confidence`)."""
+    the confidence's calibration, `calibrated_confidence`); prompt_len [B]: each request's prompt length (whether a
+    match lies in the prompt or the generated text, also read by the calibration)."""
     tokens: jax.Array
     tested: jax.Array
     accepted: jax.Array
     previous: jax.Array
     streak: jax.Array
+    prompt_len: jax.Array
 
 
 def find_match(tokens: jax.Array, last: jax.Array, n_max: int, n_min: int) -> tuple[jax.Array, jax.Array]:
@@ -104,7 +106,9 @@ def lookup_proposal(tokens: jax.Array, last: jax.Array, end: jax.Array, gamma: i
 PRIOR_FILE = Path(__file__).with_name("ngram_prior.json")
 CALIBRATION_FILE = Path(__file__).with_name("ngram_calibration.json")
 CALIBRATION_FEATURES = ("bias", "count_logit", "match_1", "match_2", "log1p_position", "no_previous",
-                        "previous_rejected", "log1p_previous_accepted", "log1p_streak")
+                        "previous_rejected", "log1p_previous_accepted", "log1p_streak", "match_in_output",
+                        "log1p_period", "short_period", "past_period", "log1p_past_period")
+SHORT_PERIOD = 15  # the `short_period` feature: a loop of at most this many tokens (the block the fit used, γ 15)
 
 
 @functools.lru_cache(maxsize=None)
@@ -140,24 +144,33 @@ def request_prior(n_max: int, gamma: int, sampling_temperature: jax.Array,
     return jnp.asarray(means, jnp.float32)[index]
 
 
-def calibration_features(count_confidence: jax.Array, n: jax.Array, previous: jax.Array,
-                         streak: jax.Array) -> jax.Array:
+def calibration_features(count_confidence: jax.Array, n: jax.Array, previous: jax.Array, streak: jax.Array,
+                         period: jax.Array, in_output: jax.Array) -> jax.Array:
     """[B, G, F] the features of the lookup confidence's calibration (`CALIBRATION_FEATURES`): 1, the logit of
     the count estimate c_k [B, G] (`lookup_confidence`, clipped to [1e-4, 1 − 1e-4]), the match length n [B] as
-    n = 1 and n = 2 indicators, log(1 + k) of the draft position k (0-based), and the request's last round
-    with a match: none yet, none of its drafts accepted, log(1 + drafts accepted) — previous [B] (−1: none) —,
-    and log(1 + streak [B]) (`NgramState`). All known before the round is verified."""
+    n = 1 and n = 2 indicators, log(1 + k) of the draft position k (0-based), the request's last round with a
+    match: none yet, none of its drafts accepted, log(1 + drafts accepted) — previous [B] (−1: none) —, and
+    log(1 + streak [B]) (`NgramState`); then the match's source: whether the matched occurrence ends in the
+    generated text rather than the prompt (in_output [B]: the text repeating itself), log(1 + period) of its
+    distance to the anchor (period [B], tokens), period ≤ SHORT_PERIOD, and per position k ≥ period and
+    log(1 + max(k − period + 1, 0)) (drafts that continue the loop past the text it was seen in). All known before
+    the round is verified."""
     b, g = count_confidence.shape
     p = jnp.clip(count_confidence.astype(jnp.float32), 1e-4, 1 - 1e-4)
+    period = period.astype(jnp.float32)
     per_row = jnp.stack([n == 1, n == 2], axis=-1).astype(jnp.float32)
     per_row = jnp.concatenate([per_row, jnp.stack([previous < 0, previous == 0], -1).astype(jnp.float32),
                                jnp.log1p(jnp.maximum(previous, 0).astype(jnp.float32))[:, None],
-                               jnp.log1p(streak.astype(jnp.float32))[:, None]], axis=-1)  # [B, 6]
-    position = jnp.log1p(jnp.arange(g, dtype=jnp.float32))
+                               jnp.log1p(streak.astype(jnp.float32))[:, None],
+                               jnp.stack([in_output.astype(jnp.float32), jnp.log1p(period),
+                                          (period <= SHORT_PERIOD).astype(jnp.float32)], -1)], axis=-1)  # [B, 9]
+    k = jnp.arange(g, dtype=jnp.float32)[None]
+    past = jnp.stack([(k >= period[:, None]).astype(jnp.float32),
+                      jnp.log1p(jnp.maximum(k - period[:, None] + 1, 0))], axis=-1)  # [B, G, 2]
     return jnp.concatenate([jnp.ones((b, g, 1)), (jnp.log(p) - jnp.log1p(-p))[..., None],
                             jnp.broadcast_to(per_row[:, None, :2], (b, g, 2)),
-                            jnp.broadcast_to(position[None, :, None], (b, g, 1)),
-                            jnp.broadcast_to(per_row[:, None, 2:], (b, g, 4))], axis=-1)
+                            jnp.broadcast_to(jnp.log1p(k)[..., None], (b, g, 1)),
+                            jnp.broadcast_to(per_row[:, None, 2:], (b, g, 7)), past], axis=-1)
 
 
 @functools.lru_cache(maxsize=None)
@@ -183,14 +196,15 @@ def calibration_weights(n_max: int, prior_strength: float) -> tuple[tuple[float,
 
 
 def calibrated_confidence(count_confidence: jax.Array, n: jax.Array, previous: jax.Array, streak: jax.Array,
-                          weights: jax.Array) -> jax.Array:
+                          period: jax.Array, in_output: jax.Array, weights: jax.Array) -> jax.Array:
     """[B, G] σ(features · w) per request (`calibration_features`; weights [B, F], a row of NaN: that request keeps
     `count_confidence`); 0 without a match (n = 0). A logistic calibration of the count estimate fitted on the
     lookup rounds of the target's greedy outputs for calibration prompts (`benchmarks/lookup_calibration.py`): the
     count estimate alone over- and under-predicts by the request's recent history (it enters and leaves loops faster
-    than its per-request average follows; BENCHMARKS.md "Session 37")."""
+    than its per-request average follows; BENCHMARKS.md "Session 37") and by where the match came from (a loop in
+    the output holds further than a copy of the prompt; "Session 39")."""
     weights = jnp.asarray(weights, jnp.float32)
-    z = jnp.einsum("bgf,bf->bg", calibration_features(count_confidence, n, previous, streak),
+    z = jnp.einsum("bgf,bf->bg", calibration_features(count_confidence, n, previous, streak, period, in_output),
                    jnp.nan_to_num(weights))
     fitted = ~jnp.isnan(weights[:, 0])
     conf = jnp.where(fitted[:, None], jax.nn.sigmoid(z), count_confidence)
@@ -247,13 +261,13 @@ class NgramDrafter(nnx.Module):
         shape = (batch, self.config.n_max, self.config.block_size)  # distinct buffers: engines donate leaf by leaf
         return NgramState(jnp.zeros((batch, max_len), jnp.int32), jnp.zeros(shape, jnp.float32),
                           jnp.zeros(shape, jnp.float32), jnp.full((batch,), -1, jnp.int32),
-                          jnp.zeros((batch,), jnp.int32))
+                          jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), jnp.int32))
 
     def prefill(self, target_model, state: NgramState, features, prompts: jax.Array,
                 prompt_lens: jax.Array) -> NgramState:
-        del target_model, features, prompt_lens  # positions past a prompt are stale until committed
+        del target_model, features  # positions past a prompt are stale until committed
         tokens = jax.lax.dynamic_update_slice(state.tokens, prompts.astype(jnp.int32), (0, 0))
-        return dataclasses.replace(state, tokens=tokens)
+        return dataclasses.replace(state, tokens=tokens, prompt_len=prompt_lens.astype(jnp.int32))
 
     def commit(self, target_model, state: NgramState, features, verified: jax.Array, start: jax.Array,
                count: jax.Array, outcome: RoundOutcome | None = None) -> NgramState:
@@ -304,7 +318,9 @@ class NgramDrafter(nnx.Module):
         conf = lookup_confidence(state, n, g, prior, self.config.prior_strength)
         weights = calibration_weights(self.config.n_max, self.config.prior_strength) if self.config.calibrated else None
         if weights is not None:
-            conf = calibrated_confidence(conf, n, state.previous, state.streak,
+            period = jnp.where(n > 0, start - end, 0)
+            in_output = (n > 0) & (end >= state.prompt_len)
+            conf = calibrated_confidence(conf, n, state.previous, state.streak, period, in_output,
                                          jnp.asarray(weights, jnp.float32)[set_index])
         logits = jnp.log(jnp.maximum(conf, 1e-6)) - jnp.log(jnp.maximum(1.0 - conf, 1e-6))
         return Proposal(tokens=proposed, draft_index=proposed, p_draft=None, confidence=conf,

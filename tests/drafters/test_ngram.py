@@ -244,7 +244,8 @@ def test_lookup_prior_per_sampling_temperature(tmp_path, monkeypatch):
         prior = np.asarray(ngram.request_prior(2, 3, jnp.asarray([0.0, 0.3, 0.8, 1.5])))
         np.testing.assert_allclose(prior[:, 1, 0], [0.8, 0.8, 0.4, 0.4], rtol=1e-6)
         state = ngram.NgramState(tokens=jnp.zeros((2, 8), jnp.int32), tested=jnp.zeros((2, 2, 3)),
-                                 accepted=jnp.zeros((2, 2, 3)), previous=jnp.full((2,), -1), streak=jnp.zeros((2,)))
+                                 accepted=jnp.zeros((2, 2, 3)), previous=jnp.full((2,), -1), streak=jnp.zeros((2,)),
+                                 prompt_len=jnp.zeros((2,), jnp.int32))
         conf = ngram.lookup_confidence(state, jnp.asarray([2, 1]), 3, jnp.asarray(prior[[0, 3]]), 4.0)
         np.testing.assert_allclose(np.asarray(conf), [[0.8, 0.9, 1.0], [0.1, 0.2, 0.3]], rtol=1e-6)
     finally:
@@ -275,8 +276,9 @@ def test_confidence_learns_online_in_the_loop():
 
 def test_calibrated_confidence_in_the_loop_equals_the_plain_python_reference():
     """The loop's lookup confidences at T = 0 equal a plain-NumPy reference: the request's state replayed over its
-    greedy output (`lookup_simulation.lookup_records`: counts, previous round's accepted drafts, streak) and the
-    shipped calibration's logistic with its features written out here, round by round."""
+    greedy output (`lookup_simulation.lookup_records`: counts, previous round's accepted drafts, streak, the match's
+    period and whether it lies in the output) and the shipped calibration's logistic with its features written out
+    here, round by round."""
     from dspark_jax.drafters.ngram import calibration_weights, prior_means
     from dspark_jax.evaluation.lookup_simulation import lookup_records
     gamma = 4
@@ -287,7 +289,7 @@ def test_calibrated_confidence_in_the_loop_equals_the_plain_python_reference():
     assert weights is not None and not np.isnan(weights[temperatures.index(0.0)][0])  # the shipped T = 0 fit
     w = np.asarray(weights[temperatures.index(0.0)])
     prior = np.asarray(means[temperatures.index(0.0)])
-    seen_previous, seen_streak = set(), set()
+    seen_previous, seen_streak, seen_source, seen_past = set(), set(), set(), set()
     for prompt in REPETITIVE:
         tokens, lens = _batch([prompt])
         spec = speculative_generate(tg, ts, dg, ds, tokens, lens, jax.random.key(0), SamplingParams.create(1),
@@ -303,11 +305,17 @@ def test_calibrated_confidence_in_the_loop_equals_the_plain_python_reference():
             features = np.stack([np.ones(gamma), np.log(c / (1 - c)), np.full(gamma, rec.n == 1),
                                  np.full(gamma, rec.n == 2), np.log1p(k), np.full(gamma, rec.previous < 0),
                                  np.full(gamma, rec.previous == 0), np.full(gamma, np.log1p(max(rec.previous, 0))),
-                                 np.full(gamma, np.log1p(rec.streak))], axis=1)
+                                 np.full(gamma, np.log1p(rec.streak)), np.full(gamma, rec.in_output),
+                                 np.full(gamma, np.log1p(rec.period)), np.full(gamma, rec.period <= 15),
+                                 k >= rec.period, np.log1p(np.maximum(k - rec.period + 1, 0))], axis=1)
             np.testing.assert_allclose(got, 1 / (1 + np.exp(-features @ w)), rtol=1e-4, atol=1e-6)
             seen_previous.add(min(rec.previous, 1))
             seen_streak.add(min(rec.streak, 2))
-    assert seen_previous == {-1, 0, 1} and seen_streak == {0, 1, 2}  # every branch of the state was exercised
+            seen_source.add(rec.in_output)
+            seen_past.add(bool(rec.period < gamma))
+    # every branch of the state was exercised: the match in the prompt and in the output, loops shorter than the draft
+    assert seen_previous == {-1, 0, 1} and seen_streak == {0, 1, 2}
+    assert seen_source == {False, True} and seen_past == {False, True}
 
 
 def test_lookup_round_details_name_the_match_source_by_hand():

@@ -17,8 +17,9 @@ round of the first 783 training responses): a request inside a loop and one outs
 --pairs training: the greedy training responses past the first 783 (out of sample for both priors' 'all'; the
 'first' prior counts every response's first round, so it is in sample there); --pairs eval: the target's greedy
 96-token outputs for the first --limit prompts of each evaluation set (decoded here, ~6 min on a 2-core CPU;
---pairs_cache keeps them). The row 'calibrated' is the opt-in `ngram:calibrated=1`: the 'all' prior at s 4 through the
-fitted logistic calibration (`drafters.ngram.calibrated_confidence`, `ngram_calibration.json`). Writes JSON.
+--pairs_cache keeps them). The row 'calibrated' is the drafter's default: the 'all' prior at s 4 through the fitted
+logistic calibration (`drafters.ngram.calibrated_confidence`, `ngram_calibration.json`); `ngram:calibrated=0` keeps
+the count estimate alone (the row 'all' at s 4). Writes JSON.
 
 --fit fits that calibration and writes `dspark_jax/drafters/ngram_calibration.json` (the T = 0 set): logistic
 regression (Newton, L2 1) of "position k accepted | earlier ones accepted" on the features of

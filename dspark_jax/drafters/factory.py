@@ -54,8 +54,8 @@ def check_drafter_spec(spec: str) -> None:
 
 def ngram_drafter(target: Target, spec: str = "ngram", gamma: int = 7) -> Drafter:
     """A prompt-lookup drafter from a spec "ngram", "ngram:n_max=4,n_min=2" or "ngram:n_max=4:n_min=2" (the form
-    for comma-separated lists of drafters); defaults n_max 3, n_min 1; calibrated=1 passes the confidence's count
-    estimate through its fitted calibration (`NgramConfig.calibrated`, default off)."""
+    for comma-separated lists of drafters); defaults n_max 3, n_min 1; calibrated=0 keeps the confidence's count
+    estimate alone instead of passing it through its fitted calibration (`NgramConfig.calibrated`, default on)."""
     name, _, options = spec.partition(":")
     if name != "ngram":
         raise ValueError(f"not an n-gram drafter spec: {spec!r}")

@@ -36,8 +36,9 @@ class NgramConfig:
     target_layer_ids: tuple[int, ...] = ()
     confidence_head: bool = True  # confidences from online acceptance counts (calibration is reported for them)
     prior_strength: float = 4.0  # pseudo-observations of the prior (`ngram_prior.json`) per match length and slot
-    calibrated: bool = False  # the count estimate through its fitted calibration (`ngram_calibration.json`), where
-    # fitted: better calibrated, but the hybrid's choices with it lost τ and speed (BENCHMARKS.md "Session 37"): opt-in
+    calibrated: bool = True  # the count estimate through its fitted calibration (`ngram_calibration.json`) where one
+    # was fitted (T = 0): with the match's source it is better calibrated at equal τ and speed (BENCHMARKS.md
+    # "Session 39"); False: the count estimate alone
 
     def __post_init__(self):
         if self.block_size < 1:

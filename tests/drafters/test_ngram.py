@@ -254,7 +254,7 @@ def test_lookup_prior_per_sampling_temperature(tmp_path, monkeypatch):
 
 def test_confidence_learns_online_in_the_loop():
     """On a prompt that loops, lookup drafts are accepted and their count estimate rises above the prior (the
-    estimate alone, the default; its opt-in calibration is tested against a reference below)."""
+    estimate alone, `calibrated=False`; the default calibration is tested against a reference below)."""
     tg, ts, cfg = make_target("gemma3")
     dg, ds = _ngram(cfg, 3, calibrated=False)
     tokens, lens = _batch([[5, 6, 7, 5, 6, 7, 5, 6]])
@@ -642,9 +642,12 @@ def test_drafter_specs():
         d = load_drafter(spec, target, gamma=5)
         assert (d.config.n_max, d.config.n_min, d.config.block_size) == (4, 2, 5)
     assert with_block_size(load_drafter("ngram", target), 9).config.block_size == 9  # lookup: any length
-    assert not load_drafter("ngram", target).config.calibrated and load_drafter("ngram:calibrated=1", target).config.calibrated
-    hybrid_calibrated = load_drafter("random+ngram:calibrated=1", target, draft_vocab_size=None)
-    assert nnx.merge(hybrid_calibrated.graphdef, hybrid_calibrated.state).lookup.config.calibrated
+    assert load_drafter("ngram", target).config.calibrated and not load_drafter("ngram:calibrated=0", target).config.calibrated
+    assert load_drafter("ngram:calibrated=1", target).config.calibrated
+    hybrid_count = load_drafter("random+ngram:calibrated=0", target, draft_vocab_size=None)
+    assert not nnx.merge(hybrid_count.graphdef, hybrid_count.state).lookup.config.calibrated
+    hybrid = load_drafter("random+ngram", target, draft_vocab_size=None)
+    assert nnx.merge(hybrid.graphdef, hybrid.state).lookup.config.calibrated
     for bad, match in (("ngram:n_max=x", "integer"), ("ngram:size=3", "n_max=N"), ("ngram:n_max=1,n_min=2", "n_min"),
                        ("ngram:calibrated=yes", "0 or 1")):
         with pytest.raises(ValueError, match=match):

@@ -176,16 +176,11 @@ def shipped_features(records: dict) -> np.ndarray:
                                            records["streak"], records["period"], records["in_output"]), np.float64)
 
 
-SOURCE_FEATURES = ("match_in_output", "log1p_period", "short_period", "past_period", "log1p_past_period")
-
-
 def history_features(records: dict) -> np.ndarray:
-    """[R, γ, F − 5] the drafter's features without the match's source (SOURCE_FEATURES, its last five: whether
-    the match lies in the output, its period, and whether a draft position continues the loop past it) — the
-    calibration of sessions 37–38."""
-    from dspark_jax.drafters.ngram import CALIBRATION_FEATURES
-    if CALIBRATION_FEATURES[-len(SOURCE_FEATURES):] != SOURCE_FEATURES:
-        raise ValueError(f"the drafter's features {CALIBRATION_FEATURES} no longer end with {SOURCE_FEATURES}")
+    """[R, γ, F − 5] the drafter's features without the match's source (`drafters.ngram.SOURCE_FEATURES`, its last
+    five: whether the match lies in the output, its period, and whether a draft position continues the loop past
+    it) — the calibration of sessions 37–38."""
+    from dspark_jax.drafters.ngram import SOURCE_FEATURES
     return shipped_features(records)[..., :-len(SOURCE_FEATURES)]
 
 
@@ -242,6 +237,7 @@ def candidate_main(args, prior_all: np.ndarray) -> None:
                   f"worst {100 * ece[worst]:.1f} at {worst + 1} ({' / '.join(f'{100 * f:.1f}' for f in floor)})  "
                   f"{' / '.join(f'{a:.3f}' for a in auc)}  {expected:.2f} / {records['accepted'].mean():.2f}",
                   flush=True)
+    from dspark_jax.drafters.ngram import SOURCE_FEATURES
     write_result(args.output, dict(mode="candidate", limit=args.limit, n_max=N_MAX, gamma=GAMMA,
                                    source_features=list(SOURCE_FEATURES), rows=rows))
 

@@ -106,9 +106,10 @@ def lookup_proposal(tokens: jax.Array, last: jax.Array, end: jax.Array, gamma: i
 
 PRIOR_FILE = Path(__file__).with_name("ngram_prior.json")
 CALIBRATION_FILE = Path(__file__).with_name("ngram_calibration.json")
+# the calibration's features (`calibration_features`), the match's source last
+SOURCE_FEATURES = ("match_in_output", "log1p_period", "short_period", "past_period", "log1p_past_period")
 CALIBRATION_FEATURES = ("bias", "count_logit", "match_1", "match_2", "log1p_position", "no_previous",
-                        "previous_rejected", "log1p_previous_accepted", "log1p_streak", "match_in_output",
-                        "log1p_period", "short_period", "past_period", "log1p_past_period")
+                        "previous_rejected", "log1p_previous_accepted", "log1p_streak") + SOURCE_FEATURES
 SHORT_PERIOD = 15  # the `short_period` feature: a loop of at most this many tokens (the block the fit used, γ 15)
 
 

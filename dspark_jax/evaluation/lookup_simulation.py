@@ -127,7 +127,7 @@ class LookupRecord(NamedTuple):
     """One simulated lookup round with a draft, as `NgramDrafter` sees it before verification: match length n,
     the count estimate c [γ] (`drafters.ngram.lookup_confidence`), previous / streak (`NgramState`), and its
     outcome: drafts accepted, drafts checkable (room); the match's period and whether it lies in the output
-    (`LookupRound`: not read by the drafter, candidates for its calibration)."""
+    (`LookupRound`; read by the drafter's calibration, `drafters.ngram.calibration_features`)."""
     n: int
     count_confidence: np.ndarray
     previous: int

@@ -7,7 +7,11 @@ loader falling back to defaults shows up.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +23,7 @@ TINY_MAX_POSITIONS = 256
 GEMMA3_LAYER_TYPES = ("sliding_attention", "full_attention", "sliding_attention", "full_attention")
 GEMMA3_ROPE = {"sliding_attention": 5_000.0, "full_attention": 500_000.0}
 QWEN3_ROPE_THETA = 1_000_000.0
+HF_CACHE_ENV = "DSPARK_TEST_HF_CACHE"  # where HF's own loads of a GGUF are kept ('' disables)
 
 
 def tiny_config(family: str, *, sliding_window: int | None = None, tie: bool = True, **overrides: Any):
@@ -125,3 +130,53 @@ def _check_round_trip(config, out_dir: str) -> None:
         before, after = getattr(config, key, None), getattr(reloaded, key, None)
         if before != after:
             raise AssertionError(f"{out_dir}: config field {key} does not round-trip: {before!r} -> {after!r}")
+
+
+def hf_from_gguf(gguf_path: str | os.PathLike, what: str):
+    """HF transformers' own load of a GGUF file — `what` "model" (a float32 causal LM in eval mode) or
+    "tokenizer" —, the independent reference of the parity tests.
+
+    transformers dequantizes a GGUF in Python (~60 s for the 270M model, ~20 s for its tokenizer on a 2-core
+    CPU), so the first load is saved with `save_pretrained` under $DSPARK_TEST_HF_CACHE (default
+    ~/.cache/dspark_jax/hf_reference; '' disables), keyed by the file's SHA-256 and the transformers and torch
+    versions, and later loads read that copy: what HF converted, never our own loader's output. Written to a
+    temporary directory and renamed into place, so an interrupted save is never read."""
+    import transformers
+
+    if what not in ("model", "tokenizer"):
+        raise ValueError(f"what must be 'model' or 'tokenizer', got {what!r}")
+    gguf_path = Path(gguf_path)
+    auto = transformers.AutoModelForCausalLM if what == "model" else transformers.AutoTokenizer
+    kwargs = {"dtype": torch.float32} if what == "model" else {}
+
+    def finish(obj):
+        return obj.eval() if what == "model" else obj
+
+    root = os.environ.get(HF_CACHE_ENV, os.path.join(os.path.expanduser("~"), ".cache", "dspark_jax", "hf_reference"))
+    if not root:
+        return finish(auto.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, **kwargs))
+    digest = hashlib.sha256()
+    with open(gguf_path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    key = f"{digest.hexdigest()[:20]}-transformers{transformers.__version__}-torch{torch.__version__}"
+    cached = Path(root) / key / what
+    if cached.is_dir():
+        return finish(auto.from_pretrained(str(cached), **kwargs))
+    obj = finish(auto.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, **kwargs))
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=f".{what}."))
+    try:
+        if what == "model":  # save_pretrained refuses a model loaded from GGUF: its dequantized weights and config
+            from safetensors.torch import save_model
+
+            config = obj.config.to_dict()
+            config.pop("quantization_config", None)
+            type(obj.config).from_dict(config).to_json_file(str(tmp / "config.json"))
+            save_model(obj, str(tmp / "model.safetensors"))  # tied tensors stored once
+        else:
+            obj.save_pretrained(str(tmp))
+        os.replace(tmp, cached)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; left only by a failed save or a race
+    return obj

@@ -63,6 +63,11 @@ def _run_verify(key, draft, pd, pt, n):
     return verify(key, draft, pd_x, full_at, pt, n)
 
 
+def _sampled(run, draws: int):
+    """`run(key)` for keys 0..draws-1 in one compiled call (leaves stacked on a leading [draws] axis)."""
+    return jax.jit(jax.vmap(run))(jax.vmap(jax.random.key)(jnp.arange(draws)))
+
+
 def test_all_accepted_gives_bonus_from_last_target_row():
     v, g = 6, 3
     rng = np.random.default_rng(2)
@@ -71,9 +76,8 @@ def test_all_accepted_gives_bonus_from_last_target_row():
     pd = jnp.asarray(p[None, :g])
     out = _run_verify(jax.random.key(0), draft, pd, jnp.asarray(p[None]), jnp.asarray([g]))
     assert int(out.num_accepted[0]) == g and bool(out.accepted.all())
-    bonus = [int(_run_verify(jax.random.key(i), draft, pd, jnp.asarray(p[None]), jnp.asarray([g])).next_token[0])
-             for i in range(2000)]
-    freq = np.bincount(bonus, minlength=v) / len(bonus)
+    bonus = _sampled(lambda key: _run_verify(key, draft, pd, jnp.asarray(p[None]), jnp.asarray([g])), 2000)
+    freq = np.bincount(np.asarray(bonus.next_token[:, 0]), minlength=v) / 2000
     np.testing.assert_allclose(freq, p[g], atol=0.04)
 
 
@@ -82,10 +86,9 @@ def test_none_accepted_samples_the_residual():
     pt = np.array([[0.0, 0.5, 0.5, 0.0, 0.0], [0.2] * 5], np.float32)[None]
     pd = np.array([[0.6, 0.4, 0.0, 0.0, 0.0]], np.float32)[None]
     draft = jnp.asarray([[0]])  # p_t(0) = 0: always rejected
-    outs = [_run_verify(jax.random.key(i), draft, jnp.asarray(pd), jnp.asarray(pt), jnp.asarray([1]))
-            for i in range(500)]
-    assert all(int(o.num_accepted[0]) == 0 for o in outs)
-    freq = np.bincount([int(o.next_token[0]) for o in outs], minlength=v) / len(outs)
+    outs = _sampled(lambda key: _run_verify(key, draft, jnp.asarray(pd), jnp.asarray(pt), jnp.asarray([1])), 500)
+    assert (np.asarray(outs.num_accepted) == 0).all()
+    freq = np.bincount(np.asarray(outs.next_token[:, 0]), minlength=v) / 500
     expected = np_residual(pt[0, 0], pd[0, 0])  # (0, .1, .5) / .6
     np.testing.assert_allclose(freq, expected, atol=0.06)
 
@@ -97,10 +100,10 @@ def test_non_finite_draft_distribution_costs_drafts_not_losslessness(bad):
     v = 5
     pt = np.array([[0.1, 0.4, 0.5, 0.0, 0.0], [0.2] * 5], np.float32)[None]
     pd = np.full((1, 1, v), bad, np.float32)
-    outs = [_run_verify(jax.random.key(i), jnp.asarray([[1]]), jnp.asarray(pd), jnp.asarray(pt), jnp.asarray([1]))
-            for i in range(500)]
-    assert all(int(o.num_accepted[0]) == 0 for o in outs)
-    freq = np.bincount([int(o.next_token[0]) for o in outs], minlength=v) / len(outs)
+    outs = _sampled(lambda key: _run_verify(key, jnp.asarray([[1]]), jnp.asarray(pd), jnp.asarray(pt),
+                                            jnp.asarray([1])), 500)
+    assert (np.asarray(outs.num_accepted) == 0).all()
+    freq = np.bincount(np.asarray(outs.next_token[:, 0]), minlength=v) / 500
     np.testing.assert_allclose(freq, pt[0, 0], atol=0.06)
 
 

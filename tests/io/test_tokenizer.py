@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -52,8 +51,8 @@ def gemma(gguf_path):
 def hf_gemma(gguf_path):
     transformers = pytest.importorskip("transformers")
     transformers.logging.set_verbosity_error()
-    return transformers.AutoTokenizer.from_pretrained(os.path.dirname(gguf_path),
-                                                      gguf_file=os.path.basename(gguf_path))
+    from tests.hf_fixtures import hf_from_gguf
+    return hf_from_gguf(gguf_path, "tokenizer")
 
 
 # ------------------------------------------------------------------------------------------------

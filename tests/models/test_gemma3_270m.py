@@ -15,9 +15,8 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):\n    if n < 2:\n      
 
 @pytest.fixture(scope="module")
 def hf_model(default_gguf_path):
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(default_gguf_path.parent), gguf_file=default_gguf_path.name, dtype=torch.float32)
-    return model.eval()
+    from tests.hf_fixtures import hf_from_gguf
+    return hf_from_gguf(default_gguf_path, "model")
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +27,8 @@ def target():
 
 @pytest.fixture(scope="module")
 def hf_tokenizer(default_gguf_path):
-    return transformers.AutoTokenizer.from_pretrained(str(default_gguf_path.parent), gguf_file=default_gguf_path.name)
+    from tests.hf_fixtures import hf_from_gguf
+    return hf_from_gguf(default_gguf_path, "tokenizer")
 
 
 def _our_forward(target, ids, taps):

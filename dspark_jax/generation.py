@@ -58,6 +58,7 @@ class Completion:
     rounds: int | None = None  # speculative only: verification rounds
     mean_accept_len: float | None = None  # committed tokens per round (bonus included), pooled over rounds
     proposed: int | None = None  # draft tokens proposed over all rounds
+    model_rounds: int | None = None  # rounds that ran the drafter model's forward (`RoundStats.model_forward`)
 
 
 def bucket_length(n: int, minimum: int = 32) -> int:
@@ -169,6 +170,7 @@ def generate_text(target: Target, prompts: Sequence[str], config: GenerationConf
             if drafter is not None:
                 r = int(out.rounds[i])
                 extra = dict(rounds=r, proposed=int(out.proposed[i, :r].sum()),
+                             model_rounds=int(out.model_forward[i, :r].sum()),
                              mean_accept_len=float(out.committed[i, :r].sum() / r) if r else None)
             results.append(Completion(prompt=prompts[start + i], completion_ids=comp,
                                       completion_text=target.tokenizer.decode(comp), new_tokens=n,

@@ -101,7 +101,8 @@ def body() -> None:
     results = generate_text(target, prompts, config, progress=progress, drafter=drafter,
                             confidence_threshold=FLAGS.confidence_threshold, mesh=mesh)
     for i, r in enumerate(results):
-        spec = f", {r.rounds} rounds, accept length {r.mean_accept_len:.2f}" if r.mean_accept_len else ""
+        spec = (f", {r.rounds} rounds ({r.model_rounds} ran the drafter model), accept length "
+                f"{r.mean_accept_len:.2f}" if r.mean_accept_len else "")
         print(f"=== prompt {i}: {r.prompt!r}\n{r.completion_text}\n--- {r.new_tokens} tokens, "
               f"{r.tokens_per_s:.1f} tokens/s{spec}")
     total_tokens = sum(r.new_tokens for r in results)

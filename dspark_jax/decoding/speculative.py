@@ -29,13 +29,16 @@ from dspark_jax.sampling.keys import DRAFT, SAMPLE, VERIFY, position_keys, row_k
 @dataclasses.dataclass(frozen=True)
 class RoundStats:
     """Per request and round (slot r < rounds[b]): proposed [B, R] draft tokens, accepted [B, R], committed
-    [B, R] (bonus included), accept_flags [B, R, G], confidence and confidence_logits [B, R, G]."""
+    [B, R] (bonus included), accept_flags [B, R, G], confidence and confidence_logits [B, R, G], model_forward
+    [B, R] (bool: the round ran the drafter model's forward — not a plain round, not prompt lookup's draft alone,
+    not a hybrid's round that skipped its model)."""
     proposed: jax.Array
     accepted: jax.Array
     committed: jax.Array
     accept_flags: jax.Array
     confidence: jax.Array
     confidence_logits: jax.Array
+    model_forward: jax.Array
 
     @staticmethod
     def zeros(batch: int, max_rounds: int, gamma: int) -> "RoundStats":
@@ -43,7 +46,7 @@ class RoundStats:
         per_draft = jnp.zeros((batch, max_rounds, gamma), jnp.float32)
         return RoundStats(proposed=counts, accepted=counts, committed=counts,
                           accept_flags=jnp.zeros((batch, max_rounds, gamma), bool), confidence=per_draft,
-                          confidence_logits=per_draft)
+                          confidence_logits=per_draft, model_forward=jnp.zeros((batch, max_rounds), bool))
 
 
 @jax.tree_util.register_dataclass
@@ -79,7 +82,7 @@ class SpecOutput:
     """tokens [B, max_new_tokens]; num_tokens [B]; rounds [B] verification rounds per request;
     per round r < rounds[b]: proposed [B, R], accepted [B, R] (draft tokens accepted), committed [B, R]
     (tokens committed, bonus included), accept_flags [B, R, G], confidence [B, R, G] (calibrated c_k),
-    confidence_logits [B, R, G]; nonfinite [B]: the request stopped because the target's logits were not finite
+    confidence_logits [B, R, G], model_forward [B, R] (`RoundStats`); nonfinite [B]: the request stopped because the target's logits were not finite
     (NaN / inf) — its tokens end before that round."""
     tokens: jax.Array
     num_tokens: jax.Array
@@ -90,6 +93,7 @@ class SpecOutput:
     accept_flags: jax.Array
     confidence: jax.Array
     confidence_logits: jax.Array
+    model_forward: jax.Array
     nonfinite: jax.Array
 
 
@@ -100,11 +104,13 @@ class _Outcome:
     (its K/V still unwritten: `RoundResult.kv_rows`), verified [B] drafts per request, the round's confidence /
     confidence_logits [B, G] to record, the gate's next plain_left, backoff and stale_confidence, and each
     request's expected position after the round [B] (slack + expected committed tokens: the terms of
-    `draft_length.fluid_gain`, from the round's fresh confidences) for the progress record."""
+    `draft_length.fluid_gain`, from the round's fresh confidences) for the progress record; model_forward [B]:
+    whether the proposal ran the drafter model's forward (`RoundStats`)."""
     res: RoundResult
     verified: jax.Array
     confidence: jax.Array
     confidence_logits: jax.Array
+    model_forward: jax.Array
     plain_left: jax.Array
     backoff: jax.Array
     stale_confidence: jax.Array
@@ -127,6 +133,14 @@ def _first_drafts(proposal: Proposal, k: int) -> Proposal:
                     length=None if proposal.length is None else jnp.minimum(proposal.length, k),
                     deterministic=proposal.deterministic, model_skipped=proposal.model_skipped,
                     model_confidence=proposal.model_confidence)
+
+
+def _model_forward(drafter, proposal: Proposal, batch: int) -> jax.Array:
+    """[B] bool: whether `proposal` ran the drafter model's forward — never for prompt lookup alone; for a hybrid,
+    unless the round skipped it (`Proposal.model_skipped`); for a model drafter, always."""
+    if proposal.model_skipped is not None:
+        return ~proposal.model_skipped
+    return jnp.full((batch,), getattr(drafter.config, "algorithm", None) != "ngram")
 
 
 def _deterministic_rows(proposal: Proposal, batch: int) -> jax.Array:
@@ -305,7 +319,8 @@ class _Rounds:
         stale = jnp.where((active & ~_deterministic_rows(prop, b))[:, None], prop.confidence, c.stale_confidence)
         # read only by later rounds (the progress record), so the fresh confidences serve, as for `stale`
         expected = slack_of(active, remaining) + expected_committed(prop.confidence, verified, remaining)
-        return _Outcome(res, verified, prop.confidence, prop.confidence_logits, plain_left, backoff, stale, expected)
+        return _Outcome(res, verified, prop.confidence, prop.confidence_logits, _model_forward(drafter, prop, b),
+                        plain_left, backoff, stale, expected)
 
     def plain(self, c: SpecState) -> SpecState:
         """A plain round (the drafter's propose skipped): plain decoding's step (`decoding.autoregressive`) —
@@ -330,7 +345,7 @@ class _Rounds:
                           target_cache=out.cache, drafter_state=drafter_state, nonfinite=active & ~finite)
         no_conf = jnp.zeros((b, g), jnp.float32)
         c = dataclasses.replace(c, target_cache=out.cache, plain_left=c.plain_left - 1)
-        return self._commit(c, res, none, no_conf, no_conf)
+        return self._commit(c, res, none, no_conf, no_conf, jnp.zeros((b,), bool))
 
     def _verify(self, c: SpecState, proposal: Proposal, num_verify: jax.Array, bucket: int, rows: int):
         """`verify_round` of num_verify[b] drafts per active request, laid out flat in `bucket` rows (at most
@@ -354,7 +369,7 @@ class _Rounds:
         """Writes a round's outcome into the state: its K/V rows into the target cache, the gate's state
         (`_gate_state`), tokens and statistics."""
         c = dataclasses.replace(self._gate_state(c, o), target_cache=o.res.kv_rows.write(c.target_cache))
-        return self._commit(c, o.res, o.verified, o.confidence, o.confidence_logits)
+        return self._commit(c, o.res, o.verified, o.confidence, o.confidence_logits, o.model_forward)
 
     def _gate_state(self, c: SpecState, o: _Outcome) -> SpecState:
         """The gate's state after a drafted round: plain_left, backoff, stale_confidence, and the progress record
@@ -373,7 +388,7 @@ class _Rounds:
                                    progress=c.progress + gained)
 
     def _commit(self, c: SpecState, res, n_prop: jax.Array, confidence: jax.Array,
-                confidence_logits: jax.Array) -> SpecState:
+                confidence_logits: jax.Array, model_forward: jax.Array) -> SpecState:
         """Writes the round's committed tokens and statistics into the state (the target cache: `_apply`)."""
         g = self.drafter.config.block_size
         b = c.anchor.shape[0]
@@ -396,7 +411,8 @@ class _Rounds:
                            committed=record(st.committed, count),
                            accept_flags=record(st.accept_flags, res.accept_flags),
                            confidence=record(st.confidence, confidence),
-                           confidence_logits=record(st.confidence_logits, confidence_logits))
+                           confidence_logits=record(st.confidence_logits, confidence_logits),
+                           model_forward=record(st.model_forward, model_forward))
         return dataclasses.replace(c, anchor=res.anchor, start=c.start + count,
                                    drafter_state=res.drafter_state, tokens=tokens,
                                    num_generated=c.num_generated + count, done=c.done | finished,

@@ -141,6 +141,10 @@ def test_generate_with_lookup_and_hybrid_drafters(tmp_path, plain_run):
         out = rows[REPEAT_PROMPT]
         assert out["completion_ids"] == expected, name
         assert out["proposed"] > 0 and out["mean_accept_len"] >= 1, name
+        # lookup never runs a model; the hybrid runs its model in some rounds and skips it where lookup's draft is
+        # trusted (this prompt: 1 of 8 rounds)
+        assert (out["model_rounds"] == 0) if name == "ngram" else (0 < out["model_rounds"] < out["rounds"]), name
+        assert f"({out['model_rounds']} ran the drafter model)" in r.stdout, name
 
 
 def test_bad_drafter_flags():

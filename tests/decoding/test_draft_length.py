@@ -391,6 +391,8 @@ def test_plain_rounds_follow_a_losing_drafted_round():
         proposed = np.asarray(losing.proposed)[b, :r]
         np.testing.assert_array_equal(np.flatnonzero(proposed), [0, 2, 5, 10, 19])
         assert set(proposed) == {0, 5}
+        # the drafter model's forward ran in the drafted rounds only (RoundStats.model_forward)
+        np.testing.assert_array_equal(np.flatnonzero(np.asarray(losing.model_forward)[b, :r]), [0, 2, 5, 10, 19])
         assert np.asarray(losing.committed)[b, :r].sum() == 47
         assert (np.asarray(losing.confidence)[b, :r][proposed == 0] == 0).all()  # plain rounds: no confidences
     for name in ("rounds", "proposed", "accepted", "committed"):
@@ -619,6 +621,8 @@ def test_the_hybrid_runs_its_model_only_where_the_loop_prices_it_to_pay():
         step = jax.jit(lambda s: rounds._apply(s, rounds.drafted(s)))
         while not bool(jnp.all(c.done)):
             c = step(c)
+        # the loop's record of the rounds that ran the forward agrees with the hybrid's own count
+        np.testing.assert_array_equal(np.asarray(c.stats.model_forward).sum(1), np.asarray(c.drafter_state.model_rounds))
         return np.asarray(c.drafter_state.model_rounds), np.asarray(c.rounds), np.asarray(c.tokens)[:, :10]
 
     plain, _ = greedy_plain_and_speculative(tg, ts, *_hybrid(cfg, 3), batch, 10, verify_buckets=(2, 8))

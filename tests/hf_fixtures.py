@@ -7,6 +7,7 @@ loader falling back to defaults shows up.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -137,10 +138,12 @@ def hf_from_gguf(gguf_path: str | os.PathLike, what: str):
     "tokenizer" —, the independent reference of the parity tests.
 
     transformers dequantizes a GGUF in Python (~60 s for the 270M model, ~20 s for its tokenizer on a 2-core
-    CPU), so the first load is saved with `save_pretrained` under $DSPARK_TEST_HF_CACHE (default
-    ~/.cache/dspark_jax/hf_reference; '' disables), keyed by the file's SHA-256 and the transformers and torch
-    versions, and later loads read that copy: what HF converted, never our own loader's output. Written to a
-    temporary directory and renamed into place, so an interrupted save is never read."""
+    CPU), so the first load is kept under $DSPARK_TEST_HF_CACHE (default ~/.cache/dspark_jax/hf_reference; ''
+    disables), keyed by the file's SHA-256 and the transformers and torch versions, and later loads read that copy:
+    what HF converted, never our own loader's output. The tokenizer is kept with `save_pretrained`; the model,
+    which `save_pretrained` refuses once loaded from a GGUF, as its dequantized weights (safetensors) and its
+    config without the quantization entry. Written to a temporary directory and renamed into place, so an
+    interrupted save is never read."""
     import transformers
 
     if what not in ("model", "tokenizer"):
@@ -149,25 +152,22 @@ def hf_from_gguf(gguf_path: str | os.PathLike, what: str):
     auto = transformers.AutoModelForCausalLM if what == "model" else transformers.AutoTokenizer
     kwargs = {"dtype": torch.float32} if what == "model" else {}
 
-    def finish(obj):
+    def load(directory: Path, **extra):
+        obj = auto.from_pretrained(str(directory), **extra, **kwargs)
         return obj.eval() if what == "model" else obj
 
     root = os.environ.get(HF_CACHE_ENV, os.path.join(os.path.expanduser("~"), ".cache", "dspark_jax", "hf_reference"))
     if not root:
-        return finish(auto.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, **kwargs))
-    digest = hashlib.sha256()
-    with open(gguf_path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    key = f"{digest.hexdigest()[:20]}-transformers{transformers.__version__}-torch{torch.__version__}"
+        return load(gguf_path.parent, gguf_file=gguf_path.name)
+    key = f"{_file_sha256(str(gguf_path))[:20]}-transformers{transformers.__version__}-torch{torch.__version__}"
     cached = Path(root) / key / what
     if cached.is_dir():
-        return finish(auto.from_pretrained(str(cached), **kwargs))
-    obj = finish(auto.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, **kwargs))
+        return load(cached)
+    obj = load(gguf_path.parent, gguf_file=gguf_path.name)
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=f".{what}."))
     try:
-        if what == "model":  # save_pretrained refuses a model loaded from GGUF: its dequantized weights and config
+        if what == "model":
             from safetensors.torch import save_model
 
             config = obj.config.to_dict()
@@ -180,3 +180,13 @@ def hf_from_gguf(gguf_path: str | os.PathLike, what: str):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; left only by a failed save or a race
     return obj
+
+
+@functools.lru_cache(maxsize=None)
+def _file_sha256(path: str) -> str:
+    """SHA-256 of a file's bytes, once per path and process (the model and its tokenizer share a GGUF)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()

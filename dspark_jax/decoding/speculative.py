@@ -82,8 +82,8 @@ class SpecOutput:
     """tokens [B, max_new_tokens]; num_tokens [B]; rounds [B] verification rounds per request;
     per round r < rounds[b]: proposed [B, R], accepted [B, R] (draft tokens accepted), committed [B, R]
     (tokens committed, bonus included), accept_flags [B, R, G], confidence [B, R, G] (calibrated c_k),
-    confidence_logits [B, R, G], model_forward [B, R] (`RoundStats`); nonfinite [B]: the request stopped because the target's logits were not finite
-    (NaN / inf) — its tokens end before that round."""
+    confidence_logits [B, R, G], model_forward [B, R] (`RoundStats`); nonfinite [B]: the request stopped because
+    the target's logits were not finite (NaN / inf) — its tokens end before that round."""
     tokens: jax.Array
     num_tokens: jax.Array
     rounds: jax.Array

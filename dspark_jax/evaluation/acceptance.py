@@ -38,6 +38,12 @@ def verify_rate(records: RoundRecords) -> float:
     return _ratio(records.committed.sum(), (records.proposed + 1).sum())
 
 
+def model_rounds(records: RoundRecords) -> int:
+    """Rounds that ran the drafter model's forward (the rest: prompt lookup's draft alone, a hybrid's rounds that
+    skipped its model, plain rounds) — what a round costs depends on it."""
+    return int(records.model_forward.sum())
+
+
 def prefix_survival(records: RoundRecords) -> np.ndarray:
     """[G]: P(first k draft tokens all accepted) = #rounds with A >= k / #rounds that verified position k."""
     k = np.arange(1, records.block_size + 1)[None]
@@ -63,6 +69,7 @@ def conditional_acceptance(records: RoundRecords) -> np.ndarray:
 @dataclasses.dataclass(frozen=True)
 class AcceptanceSummary:
     rounds: int
+    model_rounds: int  # rounds that ran the drafter model's forward (`model_rounds`)
     accept_length: float
     mean_proposed: float
     verify_rate: float
@@ -72,7 +79,8 @@ class AcceptanceSummary:
 
 
 def summarize_acceptance(records: RoundRecords) -> AcceptanceSummary:
-    return AcceptanceSummary(rounds=len(records), accept_length=accept_length(records),
+    return AcceptanceSummary(rounds=len(records), model_rounds=model_rounds(records),
+                             accept_length=accept_length(records),
                              mean_proposed=mean_proposed(records), verify_rate=verify_rate(records),
                              prefix_survival=tuple(prefix_survival(records).tolist()),
                              conditional_acceptance=tuple(conditional_acceptance(records).tolist()),

@@ -6,7 +6,8 @@ from typing import Sequence
 
 import numpy as np
 
-FIELDS = ("request", "proposed", "accepted", "committed", "accept_flags", "confidence", "confidence_logits")
+FIELDS = ("request", "proposed", "accepted", "committed", "accept_flags", "confidence", "confidence_logits",
+          "model_forward")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,7 +17,9 @@ class RoundRecords:
     request [N] request index; proposed [N] draft tokens verified; accepted [N] leading draft tokens
     accepted; committed [N] tokens committed (bonus included; cut at a stop token or the budget);
     accept_flags [N, G] prefix-closed per-position flags (False past `proposed`); confidence [N, G] the
-    c_k = σ(z_k / T_k) decoding used; confidence_logits [N, G] the raw z_k (0 without a confidence head).
+    c_k = σ(z_k / T_k) decoding used; confidence_logits [N, G] the raw z_k (0 without a confidence head);
+    model_forward [N] bool: the round ran the drafter model's forward (`decoding.speculative.RoundStats`: False for
+    prompt lookup and for a hybrid's rounds that skipped its model).
     """
     request: np.ndarray
     proposed: np.ndarray
@@ -25,6 +28,7 @@ class RoundRecords:
     accept_flags: np.ndarray
     confidence: np.ndarray
     confidence_logits: np.ndarray
+    model_forward: np.ndarray
 
     def __post_init__(self):
         n = len(self.request)
@@ -55,7 +59,8 @@ class RoundRecords:
                    accepted=pick(out.accepted).astype(np.int64), committed=pick(out.committed).astype(np.int64),
                    accept_flags=pick(out.accept_flags).astype(bool),
                    confidence=pick(out.confidence).astype(np.float32),
-                   confidence_logits=pick(out.confidence_logits).astype(np.float32))
+                   confidence_logits=pick(out.confidence_logits).astype(np.float32),
+                   model_forward=pick(out.model_forward).astype(bool))
 
     @classmethod
     def concatenate(cls, parts: Sequence["RoundRecords"], renumber: bool = True) -> "RoundRecords":

@@ -76,6 +76,8 @@ def result_dict(result: SuiteResult, **extra) -> dict:
                                                for scope in [None, *result.domains]}
     out["threshold_sweep_note"] = SWEEP_NOTE
     out["definitions"] = dict(
+        model_rounds="rounds that ran the drafter model's forward (not prompt lookup's draft alone, not a hybrid's "
+                     "round that skipped its model)",
         accept_length="τ pooled over rounds: Σ committed tokens / Σ rounds, bonus token included",
         verify_rate="Σ committed / Σ (proposed + 1)",
         prefix_survival="position k: #rounds with the first k draft tokens accepted / #rounds verifying position k",
@@ -132,9 +134,9 @@ def markdown(result: SuiteResult, plots: dict[str, str] | None = None, title: st
     for r in result.runs:
         a = r.acceptance
         same = {True: "yes", False: "NO", None: "(sampled)"}[r.identical_to_plain]
-        rows.append([r.drafter, r.dataset, str(a.rounds), fmt(a.accept_length, 3), fmt(a.mean_proposed),
+        rows.append([r.drafter, r.dataset, str(a.rounds), str(a.model_rounds), fmt(a.accept_length, 3), fmt(a.mean_proposed),
                      fmt(a.verify_rate, 3), fmt(r.tokens_per_s, 1), fmt(r.speedup), same])
-    lines += md_table(["drafter", "set", "rounds", "τ", "proposed / round", "verify rate", "tokens/s", "speed-up",
+    lines += md_table(["drafter", "set", "rounds", "rounds running the drafter model", "τ", "proposed / round", "verify rate", "tokens/s", "speed-up",
                      "output = plain"], rows)
 
     g = max(d.gamma for d in result.drafters)

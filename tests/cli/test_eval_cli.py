@@ -55,6 +55,7 @@ def test_runner_matches_generate_text_and_keeps_every_round(tiny):
         mine = rec.request == i
         assert mine.sum() == r.rounds and rec.committed[mine].sum() + 1 == r.new_tokens
         assert rec.proposed[mine].sum() == r.proposed
+        assert rec.model_forward[mine].sum() == r.model_rounds == r.rounds  # a model drafter: every round
     assert accept_length(rec) == pytest.approx(rec.committed.sum() / sum(r.rounds for r in ref))
     np.testing.assert_array_equal(rec.accept_flags.sum(1), rec.accepted)
 
@@ -121,6 +122,13 @@ def test_evaluation_reports_lookup_and_hybrid_drafters_with_calibration(tiny, tm
     data = json.loads((tmp_path / "eval.json").read_text())
     assert set(data["confidence_reliability"]) == {"lookup", "hybrid"}
     assert {r["drafter"] for r in data["results"]} == {"lookup", "hybrid"}
+    rows = {r["drafter"]: r for r in data["results"]}
+    assert rows["lookup"]["model_rounds"] == 0  # lookup never runs a model
+    hybrid = result.run("hybrid", "a").records
+    assert rows["hybrid"]["model_rounds"] == hybrid.model_forward.sum() > 0
+    saved = np.load(tmp_path / "records.npz")
+    np.testing.assert_array_equal(saved["1/a/model_forward"], hybrid.model_forward)
+    assert "rounds running the drafter model" in (tmp_path / "eval.md").read_text()
 
 
 def test_benchmark_names_and_heldout_split():

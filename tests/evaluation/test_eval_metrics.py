@@ -16,13 +16,14 @@ from dspark_jax.evaluation.reliability import (brier_score, ece_noise_floor, exp
 from dspark_jax.evaluation.sweep import threshold_sweep
 
 
-def make_records(request, proposed, accepted, committed, g=3, confidence=None):
+def make_records(request, proposed, accepted, committed, g=3, confidence=None, model_forward=None):
     n = len(request)
     flags = np.arange(g)[None] < np.asarray(accepted)[:, None]
     conf = np.full((n, g), 0.5, np.float32) if confidence is None else np.asarray(confidence, np.float32)
     return RoundRecords(request=np.asarray(request), proposed=np.asarray(proposed), accepted=np.asarray(accepted),
                         committed=np.asarray(committed), accept_flags=flags, confidence=conf,
-                        confidence_logits=np.zeros((n, g), np.float32))
+                        confidence_logits=np.zeros((n, g), np.float32),
+                        model_forward=np.ones(n, bool) if model_forward is None else np.asarray(model_forward))
 
 
 def test_pooled_accept_length_differs_from_per_request_mean_and_is_reported():
@@ -43,6 +44,15 @@ def test_proposal_length_verify_rate_survival_and_conditional_acceptance():
     np.testing.assert_allclose(acc.prefix_survival(r), [4 / 5, 3 / 4, 1 / 3])
     # k=2: reached (A>=1 and proposed>=2) = rounds 0,1,2,4 -> accepted in 0, 2, 4; k=3: reached = rounds 0, 4
     np.testing.assert_allclose(acc.conditional_acceptance(r), [4 / 5, 3 / 4, 1 / 2])
+
+
+def test_model_rounds_count_the_rounds_that_ran_the_drafter_model():
+    # a hybrid's rounds: the model ran in rounds 0 and 2; rounds 1, 3 drafted by lookup alone
+    r = make_records(request=[0, 0, 0, 1], proposed=[3, 2, 3, 1], accepted=[1, 2, 0, 1], committed=[2, 3, 1, 2],
+                     model_forward=[True, False, True, False])
+    assert acc.model_rounds(r) == 2
+    assert acc.summarize_acceptance(r).model_rounds == 2
+    assert acc.model_rounds(RoundRecords.concatenate([r, r])) == 4
 
 
 def test_empty_denominators_are_nan():
@@ -137,4 +147,4 @@ def test_records_concatenate_keeps_requests_distinct():
     with pytest.raises(ValueError, match="rows"):
         RoundRecords(request=np.zeros(2), proposed=np.zeros(3), accepted=np.zeros(2), committed=np.zeros(2),
                      accept_flags=np.zeros((2, 3), bool), confidence=np.zeros((2, 3)),
-                     confidence_logits=np.zeros((2, 3)))
+                     confidence_logits=np.zeros((2, 3)), model_forward=np.zeros(2, bool))

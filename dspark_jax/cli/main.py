@@ -7,7 +7,7 @@ import sys
 COMMANDS = {
     "generate": ("dspark_jax.cli.generate", "Generate completions: plain autoregressive or speculative with a drafter."),
     "prepare-data": ("dspark_jax.cli.prepare_data", "Regenerate training responses and build the target feature cache."),
-    "train": ("dspark_jax.cli.train", "Train a drafter (DSpark / DFlash) against the frozen target from a target cache."),
+    "train": ("dspark_jax.cli.train", "Train a drafter (DSpark / DFlash / Eagle3) against the frozen target from a target cache."),
     "profile": ("dspark_jax.cli.profile", "Measure steps/s of the draft+verify step per verification bucket (SPS cost table)."),
     "serve": ("dspark_jax.cli.serve", "OpenAI-compatible HTTP server (completions, chat, streaming) with governance."),
     "serve-bench": ("dspark_jax.cli.serve_bench", "Closed-loop load benchmark of the serving engine across policies and concurrency."),

@@ -45,7 +45,8 @@ def compilation_cache_max_bytes() -> int:
 
 def enable_compilation_cache() -> Path | None:
     """Points JAX's persistent compilation cache at `compilation_cache_dir()` (`configure_compilation_cache`)
-    unless one is configured already (e.g. by the test suite); returns the directory in use, or None when
+    unless one is configured already (by the test suite, or by JAX's own `$JAX_COMPILATION_CACHE_DIR`, which JAX
+    reads at import: that directory is used, with JAX's settings); returns the directory in use, or None when
     disabled — also when the directory cannot be used (one line on stderr says why: the command runs on,
     compiling as without a cache). ValueError for a bad `$DSPARK_XLA_CACHE_MAX_BYTES`."""
     import jax

@@ -88,6 +88,7 @@ print(jax.jit(lambda x: jnp.sin(x) * 2 + 1)(jnp.arange(7.0)).sum())
 def test_a_process_that_enables_it_writes_its_executables_there(tmp_path):
     env = dict(os.environ, DSPARK_XLA_CACHE=str(tmp_path / "xla"), JAX_PLATFORMS="cpu")
     env.pop(MAX_BYTES_ENV, None)  # the default: eviction on
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
     (tmp_path / "xla").mkdir()
     (tmp_path / "xla" / "written_without_eviction-cache").write_bytes(b"x")  # no -atime: JAX's eviction fails on it
     for run in range(2):  # the second run reads what the first wrote
@@ -100,6 +101,9 @@ def test_a_process_that_enables_it_writes_its_executables_there(tmp_path):
     env["DSPARK_XLA_CACHE"] = ""
     out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.splitlines()[0] == "None"
+    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "jax_own")  # JAX's own setting wins over ours
+    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.splitlines()[0] == str(tmp_path / "jax_own"), out.stderr
 
 
 def test_a_bad_size_limit_is_a_one_line_error_of_the_command():

@@ -4,9 +4,12 @@ drafter's calibrated confidence head against the lookup's online acceptance esti
 
 The choice uses only what is known before any of the round's drafts is verified and never depends on a
 sampled draft token itself, so verification stays lossless: at T > 0 the model's drafts are sampled and, with
-a Markov head, c_k depends on x_{k−1}, so the model's side is scored from c_1 alone (Σ_k c_1^k; choosing
-whether to verify x_1 from c_2.. would bias x_1's acceptance — DSpark Appendix A); greedy drafts are functions
-of the past and use every c_k. A chosen lookup row is verified as a deterministic draft (one-hot p_d), a chosen
+a Markov head, c_k depends on x_{k−1}, so the model's side is scored from c_1 and, past it, the request's
+predicted conditional confidences from its earlier rounds (`predicted_model_confidence`; choosing whether to
+verify x_1 from this round's c_2.. would bias x_1's acceptance — DSpark Appendix A). Scoring the later positions
+by c_1 too (Σ_k c_1^k, before session 41) under-promised where a match makes the model's later drafts likely: at
+T = 1 the hybrid lost to its model alone (τ 1.35 vs 1.43 macro, BENCHMARKS.md "Session 41"). Greedy drafts are
+functions of the past and use every c_k. A chosen lookup row is verified as a deterministic draft (one-hot p_d), a chosen
 model row with the model's p_d. Both drafters see every committed token, whichever was chosen.
 
 Each side's confidences are corrected by its own record in this request, as the lookup's already are
@@ -202,11 +205,10 @@ class HybridDrafter(nnx.Module):
     def predicted_rows(self, state: HybridState, by_lookup: Proposal, params) -> tuple[jax.Array, jax.Array]:
         """What a round that runs the model is expected to verify, before it runs: per request the lookup's row
         where it would be taken against the model's predicted draft (`predicted_model_confidence`, scored as
-        `model_score`), else the model's predicted one — (confidence [B, G], drafted tokens [B]). Sampled rows
-        (T > 0) read the predicted c_1 at every position, as `model_score` does."""
+        `model_score` scores a sampled row: the prediction at every position), else the model's predicted one —
+        (confidence [B, G], drafted tokens [B])."""
         g = by_lookup.tokens.shape[1]
         predicted = self.predicted_model_confidence(state)[:, :g]
-        predicted = jnp.where((params.temperature > 0)[:, None], predicted[:, :1], predicted)
         stand_in = dataclasses.replace(by_lookup, confidence=predicted, length=None)
         takes_lookup = self.takes_lookup(by_lookup.expected_accept_length, stand_in.expected_accept_length)
         return (jnp.where(takes_lookup[:, None], by_lookup.confidence, predicted),
@@ -235,7 +237,9 @@ class HybridDrafter(nnx.Module):
             skipped = skipped | ~model_pays(by_lookup.confidence, by_lookup.num_drafted,
                                             *self.predicted_rows(state, by_lookup, params))
         by_model = jax.lax.cond(skipped, no_model_proposal, model_proposal)
-        use = skipped | self.takes_lookup(by_lookup.expected_accept_length, model_score(by_model, params))
+        g = by_lookup.tokens.shape[1]
+        later = None if state.model_rounds is None else self.predicted_model_confidence(state)[:, :g]
+        use = skipped | self.takes_lookup(by_lookup.expected_accept_length, model_score(by_model, params, later))
 
         def pick(a, b):
             return jnp.where(use.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
@@ -248,10 +252,15 @@ class HybridDrafter(nnx.Module):
                         model_skipped=jnp.broadcast_to(skipped, use.shape), model_confidence=by_model.model_confidence)
 
 
-def model_score(proposal: Proposal, params) -> jax.Array:
-    """[B] the model draft's expected accepted length for the choice: Σ_k Π_{i≤k} c_i for greedy rows, Σ_k c_1^k
-    for sampled rows (temperature > 0), whose c_2.. depend on this round's drawn tokens (module docstring)."""
+def model_score(proposal: Proposal, params, later: jax.Array | None = None) -> jax.Array:
+    """[B] the model draft's expected accepted length for the choice: Σ_k Π_{i≤k} c_i for greedy rows; for sampled
+    rows (temperature > 0), whose c_2.. depend on this round's drawn tokens (module docstring), the same product
+    with c_1 followed by `later` [B, ≥G]'s positions 2.. (the request's predicted conditional confidences from
+    earlier rounds: `HybridDrafter.predicted_model_confidence`), or by c_1 at every position without it (Σ_k c_1^k)."""
     sampled = (params.temperature > 0)[:, None]
-    first = jnp.broadcast_to(proposal.confidence[:, :1], proposal.confidence.shape)
-    return dataclasses.replace(proposal, confidence=jnp.where(sampled, first, proposal.confidence)
-                               ).expected_accept_length
+    conf = proposal.confidence
+    first = conf[:, :1]
+    rest = (jnp.broadcast_to(first, (conf.shape[0], conf.shape[1] - 1)) if later is None
+            else later[:, 1:conf.shape[1]].astype(conf.dtype))
+    scored = jnp.concatenate([first, rest], axis=1)
+    return dataclasses.replace(proposal, confidence=jnp.where(sampled, scored, conf)).expected_accept_length

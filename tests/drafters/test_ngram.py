@@ -404,9 +404,10 @@ def test_hybrid_proposes_the_draft_expected_to_be_accepted_further():
                                rtol=1e-6)
 
 
-def test_hybrid_scores_sampled_model_drafts_by_their_first_confidence():
-    """At T > 0 the model's c_2.. depend on its sampled x_1.. (Markov head): the choice reads c_1 alone (Σ c_1^k),
-    so whether x_1 is verified never depends on x_1 (DSpark Appendix A); at T = 0 every c_k counts."""
+def test_hybrid_scores_sampled_model_drafts_by_their_first_confidence_and_earlier_rounds():
+    """At T > 0 the model's c_2.. depend on its sampled x_1.. (Markov head): the choice reads this round's c_1 and,
+    past it, the request's predicted confidences from earlier rounds (or c_1 again without a record), so whether
+    x_1 is verified never depends on x_1 (DSpark Appendix A); at T = 0 every c_k counts."""
     from dspark_jax.drafters.base import Proposal
     from dspark_jax.drafters.hybrid import HybridDrafter, HybridState
     tg, ts, cfg = make_target("gemma3")
@@ -430,6 +431,20 @@ def test_hybrid_scores_sampled_model_drafts_by_their_first_confidence():
     assert not lookup_chosen(0.0, 1.0)  # greedy: 0.55 · 3 = 1.65 beats 1.18
     assert lookup_chosen(0.0, 0.1)
     assert lookup_chosen(1.0, 1.0) and lookup_chosen(1.0, 0.1)  # sampled: 0.55 + 0.30 + 0.17 = 1.02 either way
+
+    def lookup_chosen_after(temperature, later, mean):  # the model ran in 2 earlier rounds, its head's mean `mean`
+        hybrid.model.propose = lambda *a, **k: model(later)
+        state = HybridState(None, None, model_tested=jnp.zeros((1, 3)), model_accepted=jnp.zeros((1, 3)),
+                            model_confidence_sum=2 * jnp.asarray([mean]), model_rounds=jnp.asarray([2.0]))
+        out = HybridDrafter.propose(hybrid, target, state, jnp.zeros(1, jnp.int32), jnp.asarray([5]), None,
+                                    SamplingParams.create(1, temperature), None, None)
+        return bool(out.deterministic[0])
+
+    # sampled: 0.55 · (1 + 0.9 + 0.81) = 1.49 beats 1.18 whatever this round's c_2.. say; 0.55 · (1 + 0.2 + 0.04)
+    # = 0.68 loses to it — the earlier rounds' c_2, c_3, not this round's
+    assert not lookup_chosen_after(1.0, 0.1, [0.3, 0.9, 0.9]) and not lookup_chosen_after(1.0, 1.0, [0.3, 0.9, 0.9])
+    assert lookup_chosen_after(1.0, 1.0, [0.3, 0.2, 0.2]) and lookup_chosen_after(1.0, 0.1, [0.3, 0.2, 0.2])
+    assert not lookup_chosen_after(0.0, 1.0, [0.3, 0.2, 0.2])  # greedy: this round's c_k (0.55 · 3 = 1.65)
 
 
 def test_hybrid_skips_the_model_when_every_lookup_draft_is_expected_to_go_far():
@@ -721,8 +736,8 @@ def test_hybrid_predicts_its_model_from_earlier_rounds_and_skips_a_forward_that_
     np.testing.assert_array_equal(np.asarray(out.tokens), np.full((2, 3), 7))
     np.testing.assert_array_equal(np.asarray(out.model_confidence), np.zeros((2, 3)))
     assert not bool(propose(False, price_model=False).model_skipped[0])  # unpriced: the test is not asked
-    propose(True, temperature=1.0)  # sampled rows: the predicted c_1 at every position, as `model_score`
-    np.testing.assert_allclose(np.asarray(seen["rows"][2]), [[0.8, 0.8, 0.8], [1.0, 1.0, 1.0]], rtol=1e-6)
+    propose(True, temperature=1.0)  # sampled rows: the prediction at every position, as `model_score` scores them
+    np.testing.assert_allclose(np.asarray(seen["rows"][2]), [[0.8, 0.4, 0.2], [1.0, 1.0, 1.0]], rtol=1e-6)
 
 
 def test_hybrid_learns_its_model_prediction_from_rounds_that_ran_the_model():

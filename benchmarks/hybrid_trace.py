@@ -44,7 +44,7 @@ def main():
 
     from dspark_jax.data import eval_dataset_path, read_first_turns
     from dspark_jax.drafters.factory import Drafter, hybrid_drafter, load_drafter, with_block_size
-    from dspark_jax.drafters.hybrid import HybridDrafter, model_score
+    from dspark_jax.drafters.hybrid import HybridDrafter
     from dspark_jax.drafters.ngram import find_match
     from dspark_jax.generation import GenerationConfig, encode_prompts, generate_text, release_compiled_programs
     from dspark_jax.target import load_target
@@ -72,7 +72,7 @@ def main():
             skip = chosen.model_skipped[0]  # the round's own decision (the loop's pricing included)
             jax.debug.callback(log, start, chosen.deterministic, by_lookup.tokens, by_lookup.num_drafted,
                                by_lookup.expected_accept_length, n, by_model.tokens, by_model.num_drafted,
-                               model_score(by_model, params), skip)
+                               self.model_expects(state, by_model, params), skip)
             return chosen
 
     target = load_target()

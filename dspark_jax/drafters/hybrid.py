@@ -202,6 +202,13 @@ class HybridDrafter(nnx.Module):
         or more than the model's draft (`model_score`). lookup_expects, model_expects [B] expected accepted lengths."""
         return (lookup_expects >= self.model_skip_threshold) | (lookup_expects > model_expects)
 
+    def model_expects(self, state: HybridState, by_model: Proposal, params) -> jax.Array:
+        """[B] the model draft's expected accepted length for the choice (`model_score`; sampled rows read the
+        request's predicted confidences past c_1, `predicted_model_confidence`, where the state keeps them)."""
+        g = by_model.confidence.shape[1]
+        later = None if state.model_rounds is None else self.predicted_model_confidence(state)[:, :g]
+        return model_score(by_model, params, later)
+
     def predicted_rows(self, state: HybridState, by_lookup: Proposal, params) -> tuple[jax.Array, jax.Array]:
         """What a round that runs the model is expected to verify, before it runs: per request the lookup's row
         where it would be taken against the model's predicted draft (`predicted_model_confidence`, scored as
@@ -237,9 +244,8 @@ class HybridDrafter(nnx.Module):
             skipped = skipped | ~model_pays(by_lookup.confidence, by_lookup.num_drafted,
                                             *self.predicted_rows(state, by_lookup, params))
         by_model = jax.lax.cond(skipped, no_model_proposal, model_proposal)
-        g = by_lookup.tokens.shape[1]
-        later = None if state.model_rounds is None else self.predicted_model_confidence(state)[:, :g]
-        use = skipped | self.takes_lookup(by_lookup.expected_accept_length, model_score(by_model, params, later))
+        use = skipped | self.takes_lookup(by_lookup.expected_accept_length,
+                                          self.model_expects(state, by_model, params))
 
         def pick(a, b):
             return jnp.where(use.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)

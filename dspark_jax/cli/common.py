@@ -152,5 +152,5 @@ def load_target_and_drafter(target_spec: str, drafter_spec: str, gamma: int | No
 
 ATTN_IMPL_HELP = ("Attention implementation: 'reference' (pure JAX), 'pallas' (Pallas kernels: Triton on GPU, Mosaic "
                   "on TPU, interpret mode on CPU), 'interpret' (kernels in Pallas interpret mode) or 'auto' (kernels "
-                  "on GPU/TPU, reference on CPU). The Triton kernels were checked and timed on one H200 GPU; the Mosaic TPU "
-                  "kernels in interpret mode only.")
+                  "on GPU/TPU, reference on CPU). The Triton kernels were checked and timed on one H200 GPU; the "
+                  "Mosaic TPU kernels in interpret mode only.")

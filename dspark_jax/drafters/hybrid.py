@@ -9,8 +9,8 @@ predicted conditional confidences from its earlier rounds (`predicted_model_conf
 verify x_1 from this round's c_2.. would bias x_1's acceptance — DSpark Appendix A). Scoring the later positions
 by c_1 too (Σ_k c_1^k, before session 41) under-promised where a match makes the model's later drafts likely: at
 T = 1 the hybrid lost to its model alone (τ 1.35 vs 1.43 macro, BENCHMARKS.md "Session 41"). Greedy drafts are
-functions of the past and use every c_k. A chosen lookup row is verified as a deterministic draft (one-hot p_d), a chosen
-model row with the model's p_d. Both drafters see every committed token, whichever was chosen.
+functions of the past and use every c_k. A chosen lookup row is verified as a deterministic draft (one-hot p_d), a
+chosen model row with the model's p_d. Both drafters see every committed token, whichever was chosen.
 
 Each side's confidences are corrected by its own record in this request, as the lookup's already are
 (`drafters.ngram.lookup_confidence`): the model's c_k becomes (accepted_k + s·c_k) / (tested_k + s), its
@@ -205,8 +205,7 @@ class HybridDrafter(nnx.Module):
     def model_expects(self, state: HybridState, by_model: Proposal, params) -> jax.Array:
         """[B] the model draft's expected accepted length for the choice (`model_score`; sampled rows read the
         request's predicted confidences past c_1, `predicted_model_confidence`, where the state keeps them)."""
-        g = by_model.confidence.shape[1]
-        later = None if state.model_rounds is None else self.predicted_model_confidence(state)[:, :g]
+        later = None if state.model_rounds is None else self.predicted_model_confidence(state)
         return model_score(by_model, params, later)
 
     def predicted_rows(self, state: HybridState, by_lookup: Proposal, params) -> tuple[jax.Array, jax.Array]:

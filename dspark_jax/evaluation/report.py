@@ -134,10 +134,10 @@ def markdown(result: SuiteResult, plots: dict[str, str] | None = None, title: st
     for r in result.runs:
         a = r.acceptance
         same = {True: "yes", False: "NO", None: "(sampled)"}[r.identical_to_plain]
-        rows.append([r.drafter, r.dataset, str(a.rounds), str(a.model_rounds), fmt(a.accept_length, 3), fmt(a.mean_proposed),
-                     fmt(a.verify_rate, 3), fmt(r.tokens_per_s, 1), fmt(r.speedup), same])
-    lines += md_table(["drafter", "set", "rounds", "rounds running the drafter model", "τ", "proposed / round", "verify rate", "tokens/s", "speed-up",
-                     "output = plain"], rows)
+        rows.append([r.drafter, r.dataset, str(a.rounds), str(a.model_rounds), fmt(a.accept_length, 3),
+                     fmt(a.mean_proposed), fmt(a.verify_rate, 3), fmt(r.tokens_per_s, 1), fmt(r.speedup), same])
+    lines += md_table(["drafter", "set", "rounds", "rounds running the drafter model", "τ", "proposed / round",
+                       "verify rate", "tokens/s", "speed-up", "output = plain"], rows)
 
     g = max(d.gamma for d in result.drafters)
     lines += ["", "**Position-wise conditional acceptance** P(k accepted | 1..k−1 accepted), mean over the "

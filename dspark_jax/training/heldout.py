@@ -14,6 +14,10 @@ Markov head fed the true previous tokens) and is scored per block slot k:
   probability inside the draft vocabulary — a drafter never proposes a token outside it, so this bounds a
   slot's temperature-1 acceptance 1 − TV from above (1 for a full-vocabulary drafter).
 
+Eagle3 drafters are scored on the same anchors by their training-time-test forward with γ steps
+(`training.eagle3_forward`: query row a − 1, step k fed the true token x_{a+k}, its own hidden states): with
+every earlier slot right that is again exactly the round's greedy outcome.
+
 Seconds for a few thousand blocks on a CPU, so training can be steered by held-out quality.
 """
 from __future__ import annotations
@@ -28,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dspark_jax.training.eagle3_forward import eagle3_ttt_outputs, ttt_query_rows
 from dspark_jax.training.forward import TrainBatch, block_outputs, draft_labels, target_block_logits, to_batch
 from dspark_jax.training.losses import dspark_slot_terms
 
@@ -76,21 +81,46 @@ def _block_counts(graphdef, state, target_graphdef, target_state, batch: TrainBa
     return correct.sum(lead), mask.sum(lead), greedy, prob, mass, first.sum()
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "target_graphdef", "num_anchors", "with_target"))
+def _ttt_counts(graphdef, state, target_graphdef, target_state, batch: TrainBatch, key, *, num_anchors: int,
+                with_target: bool):
+    """`_block_counts` for an Eagle3 drafter: its γ-step TTT forward at the same anchors (query = anchor − 1)."""
+    drafter, target = nnx.merge(graphdef, state), nnx.merge(target_graphdef, target_state)
+    g = drafter.config.block_size
+    rows, valid = ttt_query_rows(key, batch.loss_mask, num_anchors)
+    log_probs, target_probs, masks = eagle3_ttt_outputs(drafter, target, batch, g, (rows, valid))
+    mask = jnp.cumprod(jnp.moveaxis(masks, 0, -1), axis=-1).astype(bool)        # [B, A, G]: a supervised prefix
+    labels = jnp.stack([jnp.take_along_axis(batch.tokens, jnp.minimum(rows + k + 2, batch.tokens.shape[1] - 1),
+                                            axis=1) for k in range(g)], axis=-1)
+    predicted = jnp.take(drafter.draft_to_target[...], jnp.argmax(jnp.moveaxis(log_probs, 0, -2), axis=-1), axis=0)
+    correct = (predicted == labels) & mask
+    first = mask[..., 0].astype(jnp.float32)
+    greedy = jnp.sum(first * (1.0 + jnp.cumprod(correct, axis=-1).sum(-1)))
+    prob = mass = jnp.float32(0.0)
+    if with_target:
+        accept = jnp.moveaxis(jnp.sum(jnp.minimum(jnp.exp(log_probs), target_probs), axis=-1), 0, -1)  # [B, A, G]
+        prob = jnp.sum(first * (1.0 + jnp.cumprod(jnp.where(mask, accept, 0.0), axis=-1).sum(-1)))
+        mass = jnp.sum(jnp.where(mask, jnp.moveaxis(target_probs.sum(-1), 0, -1), 0.0))
+    return correct.sum((0, 1)), mask.sum((0, 1)), greedy, prob, mass, first.sum()
+
+
 def teacher_forced_quality(drafter, target, batches: Iterable[TrainBatch], *, num_anchors: int = 64,
                            seed: int = 0) -> TeacherForcedQuality:
-    """Scores `drafter` (a `drafters.factory.Drafter`, DSpark or DFlash) on padded batches of cached
+    """Scores `drafter` (a `drafters.factory.Drafter`: DSpark, DFlash or Eagle3) on padded batches of cached
     sequences (`training.trainer.to_batch` of `TargetCache.batches`). Up to `num_anchors` anchors per
-    sequence, drawn with a fixed key (the same blocks every call). Raises ValueError for Eagle3 drafters
-    (their forward is sequential) and when no block is supervised."""
-    if drafter.config.algorithm not in ("dspark", "dflash"):
-        raise ValueError(f"teacher-forced quality needs a DSpark or DFlash drafter, got {drafter.config.algorithm}")
+    sequence, drawn with a fixed key (the same anchors every call, and for every algorithm). Raises ValueError
+    for another algorithm and when no block is supervised."""
+    counts = {"dspark": _block_counts, "dflash": _block_counts, "eagle3": _ttt_counts}.get(drafter.config.algorithm)
+    if counts is None:
+        raise ValueError(f"teacher-forced quality needs a DSpark, DFlash or Eagle3 drafter, got "
+                         f"{drafter.config.algorithm}")
     g = drafter.config.block_size
     correct, valid = np.zeros(g), np.zeros(g)
     greedy = prob = mass = blocks = 0.0
     with_target = None
     for i, batch in enumerate(batches):
         with_target = batch.last_hidden is not None
-        c, v, gt, pt, mt, n = jax.device_get(_block_counts(
+        c, v, gt, pt, mt, n = jax.device_get(counts(
             drafter.graphdef, drafter.state, target.graphdef, target.state, batch,
             jax.random.fold_in(jax.random.key(seed), i), num_anchors=num_anchors, with_target=with_target))
         correct += c

@@ -27,7 +27,7 @@ from dspark_jax.drafters.registry import drafter_class
 from dspark_jax.drafters.vocab import frequent_token_ids
 from dspark_jax.parallel import (is_primary, make_rules, opt_state_shardings, replicate, replicated, shard_batch,
                                  shard_state, shardings_of)
-from dspark_jax.training.eagle3_forward import eagle3_ttt_outputs, ttt_loss_floor
+from dspark_jax.training.eagle3_forward import eagle3_ttt_outputs, ttt_loss_floor, ttt_query_rows
 from dspark_jax.training.forward import (TrainBatch, block_outputs, draft_labels, target_block_logits, to_batch,
                                          with_online_features)
 from dspark_jax.training.heldout import teacher_forced_quality
@@ -65,6 +65,7 @@ class TrainConfig:
     compute_dtype: str = "auto"
     ttt_length: int = 7       # Eagle3: training-time-test steps (spec §2.9)
     ttt_decay: float = 0.8    # Eagle3: step k weighs ttt_decay^k
+    ttt_queries: int = 0      # Eagle3: draft starts sampled per sequence (0: every row, the reference's TTT)
     heldout_every: int = 100  # micro-steps between held-out quality evaluations (with a held-out cache)
 
     def __post_init__(self):
@@ -78,6 +79,8 @@ class TrainConfig:
             raise ValueError(f"train config: warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
         if self.compute_dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"train config: compute_dtype must be auto|float32|bfloat16, got {self.compute_dtype}")
+        if self.ttt_queries < 0:
+            raise ValueError(f"train config: ttt_queries must be >= 0, got {self.ttt_queries}")
         if not self.ttt_decay > 0:
             raise ValueError(f"train config: ttt_decay must be > 0, got {self.ttt_decay}")
 
@@ -131,7 +134,8 @@ def loss_fn(params, rest, graphdef, target_graphdef, target_state, batch: TrainB
     if batch.features is None:  # online mode: no target cache
         batch = with_online_features(target, batch, drafter.config.target_layer_ids)
     if isinstance(drafter, Eagle3Drafter):
-        log_probs, target_probs, masks = eagle3_ttt_outputs(drafter, target, batch, config.ttt_length)
+        queries = ttt_query_rows(key, batch.loss_mask, config.ttt_queries) if config.ttt_queries else None
+        log_probs, target_probs, masks = eagle3_ttt_outputs(drafter, target, batch, config.ttt_length, queries)
         loss, metrics = eagle3_ttt_loss(log_probs, target_probs, masks, decay=config.ttt_decay)
         kl = metrics["loss_per_step"] - ttt_loss_floor(target_probs, masks)  # the loss above the target's entropy
         weights = jnp.float32(config.ttt_decay) ** jnp.arange(config.ttt_length, dtype=jnp.float32)
@@ -248,9 +252,8 @@ class Trainer:
         return True
 
     def heldout_quality(self) -> dict[str, float]:
-        """Teacher-forced quality of the current parameters on the held-out cache ({} without one, or for
-        Eagle3 drafters, whose forward is sequential)."""
-        if self.heldout is None or self.config.algorithm == "eagle3":
+        """Teacher-forced quality of the current parameters on the held-out cache ({} without one)."""
+        if self.heldout is None:
             return {}
         module = nnx.merge(self.graphdef, self.params, self.rest)
         drafter = Drafter(module.config, *nnx.split(module), "training")

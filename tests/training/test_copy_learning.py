@@ -132,3 +132,49 @@ def test_teacher_forced_metric_against_a_hand_computed_example(monkeypatch):
     q = teacher_forced_quality(Drafter(config, graphdef, state, "stub"), empty, [batch], num_anchors=8)
     assert q.draft_vocab_mass == pytest.approx(0.5, rel=1e-5)  # 5 of 10 equally likely tokens, every slot
     assert q.as_dict()["heldout/draft_vocab_mass"] == q.draft_vocab_mass
+
+
+def test_eagle3_teacher_forced_metric_against_the_same_hand_computed_example(monkeypatch):
+    """The Eagle3 path (`_ttt_counts`) on the example above: query rows 1 and 2 (anchors 2 and 3), step k of
+    row i predicting x_{i+k+2}, the same drafts and uniform target — the same accuracy and τ."""
+    import jax
+
+    from dspark_jax.training import heldout as tf
+
+    g, v = 3, 5
+    config = dataclasses.replace(TrainConfig(algorithm="eagle3", markov_rank=0).drafter_config(tiny_gemma3()),
+                                 block_size=g)
+
+    class Stub(nnx.Module):
+        full_vocab, vocab_size = True, v
+
+        def __init__(self):
+            self.config = config
+            self.draft_to_target = nnx.Variable(jnp.arange(v))
+            self.target_to_draft = nnx.Variable(jnp.arange(v))
+
+    drafted = jnp.asarray([[[3, 0, 3], [4, 3, 0]]])                                   # [B, A, S]
+    log_probs = jnp.moveaxis(jax.nn.log_softmax(10.0 * jnp.eye(v)[drafted], axis=-1), 2, 0)  # [S, B, A, V]
+    masks = jnp.asarray([[[True, True]], [[True, True]], [[True, False]]])             # row 2 predicts x_6 at step 2
+    calls = []
+
+    def fake_outputs(drafter, target_model, batch, ttt_length, queries):
+        calls.append((ttt_length, queries[0].shape))
+        return log_probs, jnp.full((g, 1, 2, v), 0.2), masks
+
+    monkeypatch.setattr(tf, "ttt_query_rows", lambda key, loss_mask, n: (jnp.asarray([[1, 2]]),
+                                                                        jnp.asarray([[True, True]])))
+    monkeypatch.setattr(tf, "eagle3_ttt_outputs", fake_outputs)
+    graphdef, state = nnx.split(Stub())
+    empty = Target(tiny_gemma3(), *nnx.split(nnx.Module()), CharTokenizer(), "stub")
+    batch = TrainBatch(tokens=jnp.asarray([[2, 3, 4, 3, 4, 3]]), loss_mask=jnp.asarray([[0, 0, 1, 1, 1, 1]]),
+                       features=jnp.zeros((1, 6, 2)), last_hidden=jnp.zeros((1, 6, 2)), target_lse=jnp.zeros((1, 6)))
+    q = teacher_forced_quality(Drafter(config, graphdef, state, "stub"), empty, [batch], num_anchors=8)
+    assert calls == [(g, (1, 2))]  # γ TTT steps at the sampled rows
+    np.testing.assert_allclose(q.slot_accuracy, [1.0, 0.5, 1.0])
+    assert q.greedy_tau == pytest.approx(((1 + 1) + (1 + 1 + 1)) / 2)
+    m = float(np.exp(10) / (np.exp(10) + 4))
+    c = 1 - (m - 0.2)
+    assert q.probabilistic_tau == pytest.approx(((1 + c + c ** 2 + c ** 3) + (1 + c + c ** 2)) / 2, rel=1e-5)
+    assert q.num_blocks == 2
+    assert q.draft_vocab_mass == pytest.approx(1.0)

@@ -18,7 +18,7 @@ from dspark_jax.sampling import FilterMode, SamplingParams
 from dspark_jax.drafters.config import make_drafter_config
 from dspark_jax.drafters.eagle3 import Eagle3Drafter
 from dspark_jax.models.transformer import Transformer
-from dspark_jax.training.eagle3_forward import eagle3_ttt_outputs
+from dspark_jax.training.eagle3_forward import eagle3_ttt_outputs, ttt_query_rows
 from dspark_jax.training.forward import TrainBatch
 from dspark_jax.training.trainer import TrainConfig, Trainer
 
@@ -79,14 +79,14 @@ def _with_lse(batch: TrainBatch, tp: dict, cap) -> TrainBatch:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 4))
-def _ttt(d_graph, t_graph, d_state, t_state, s, batch):
-    return eagle3_ttt_outputs(nnx.merge(d_graph, d_state), nnx.merge(t_graph, t_state), batch, s)
+def _ttt(d_graph, t_graph, d_state, t_state, s, batch, queries=None):
+    return eagle3_ttt_outputs(nnx.merge(d_graph, d_state), nnx.merge(t_graph, t_state), batch, s, queries)
 
 
-def _run(drafter, model, batch, s):
+def _run(drafter, model, batch, s, queries=None):
     d_graph, d_state = nnx.split(drafter)
     t_graph, t_state = nnx.split(model)
-    return jax.tree.map(np.asarray, _ttt(d_graph, t_graph, d_state, t_state, s, batch))
+    return jax.tree.map(np.asarray, _ttt(d_graph, t_graph, d_state, t_state, s, batch, queries))
 
 
 # ---- float64 reference: every step's attention written out key by key ---------------------------------------
@@ -180,6 +180,41 @@ def test_ttt_step_reads_only_its_own_context():
         assert not np.allclose(a[k, :, i0 + 1:], b[k, :, i0 + 1:], atol=1e-3)
 
 
+@pytest.mark.parametrize("name,vocab", [("gemma3x", "reduced"), ("qwen3", "full")])
+def test_sampled_queries_equal_the_every_row_outputs_at_their_rows(name, vocab):
+    """`ttt_query_rows` + `queries`: each sampled draft start gets exactly its every-row TTT outputs (log-probs,
+    target probabilities, mask), invalid slots are masked, and the rows are draft starts DSpark would sample
+    (query i = anchor - 1: x_{i+1} and x_{i+2} supervised)."""
+    cfg, model, drafter, _ = _setup(name, vocab)
+    s, lengths = 3, (12, 9, 3)
+    batch = _with_lse(_random_batch(cfg, drafter.fc.shape[0], lengths, seed=8), ref.params_of(model),
+                      cfg.final_logit_softcapping)
+    lm = np.zeros((3, 12), np.int32)
+    lm[0, 2:] = 1                       # 9 candidate anchors (2..10)
+    lm[1, 1:9] = 1
+    lm[1, 5] = 0                        # exactly 5 (1, 2, 3, 6, 7)
+    lm[2, 2] = 1                        # none: no two supervised tokens in a row
+    batch = dataclasses.replace(batch, loss_mask=jnp.asarray(lm))
+    full = _run(drafter, model, batch, s)
+    rows, valid = ttt_query_rows(jax.random.key(3), batch.loss_mask, 5)
+    part = _run(drafter, model, batch, s, (rows, valid))
+    rows, valid, lm = np.asarray(rows), np.asarray(valid), np.asarray(batch.loss_mask)
+    assert rows.shape == valid.shape == (3, 5) and part[0].shape[:3] == (s, 3, 5)
+    assert valid[0].all() and valid[1].all() and not valid[2].any()
+    assert sorted(rows[1].tolist()) == [0, 1, 2, 5, 6]
+    for b in range(3):
+        for a in range(5):
+            if not valid[b, a]:
+                assert not part[2][:, b, a].any()
+                continue
+            i = rows[b, a]
+            assert lm[b, i + 1] and lm[b, i + 2] and i + 2 < lengths[b]
+            np.testing.assert_allclose(part[0][:, b, a], full[0][:, b, i], atol=1e-5, err_msg=f"{b}, {a}")
+            np.testing.assert_allclose(part[1][:, b, a], full[1][:, b, i], atol=1e-6, err_msg=f"{b}, {a}")
+            np.testing.assert_array_equal(part[2][:, b, a], full[2][:, b, i])
+    assert len(set(rows[0].tolist())) == 5  # drawn without replacement
+
+
 def test_ttt_mask():
     cfg, model, drafter, _ = _setup("qwen3", "full")
     batch = _random_batch(cfg, drafter.fc.shape[0], (7, 5, 0), seed=1)
@@ -243,11 +278,13 @@ CFG = TrainConfig(algorithm="eagle3", gamma=4, num_layers=1, markov_rank=0, draf
                   max_len=32, seed=0, log_every=1, checkpoint_every=100, keep_checkpoints=1, ttt_length=3)
 
 
-def test_eagle3_training_loss_falls_and_exported_drafter_is_lossless(target, cache, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("ttt_queries", [0, 6], ids=["every_row", "sampled_starts"])
+def test_eagle3_training_loss_falls_and_exported_drafter_is_lossless(target, cache, tmp_path,  # noqa: F811
+                                                                     ttt_queries):
     from dspark_jax.drafters.checkpoint import save_drafter
     from dspark_jax.drafters.factory import load_drafter
     before = [np.asarray(x) for x in jax.tree.leaves(target.state)]
-    trained = Trainer(target, cache, CFG, tmp_path).run(progress=False)
+    trained = Trainer(target, cache, dataclasses.replace(CFG, ttt_queries=ttt_queries), tmp_path).run(progress=False)
     assert trained.config.algorithm == "eagle3"
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows[0]["loss_per_step"]) == CFG.ttt_length and len(rows[0]["accuracy_per_step"]) == CFG.ttt_length
@@ -256,7 +293,8 @@ def test_eagle3_training_loss_falls_and_exported_drafter_is_lossless(target, cac
     assert all(r["loss"] > r["kl"] >= -1e-5 for r in rows)
     first, last = np.mean([r["kl"] for r in rows[:3]]), np.mean([r["kl"] for r in rows[-3:]])
     assert last < 0.5 * first, (first, last)
-    assert rows[-1]["loss"] < rows[0]["loss"]
+    per_start = [r["loss_per_step"][0] / r["num_valid_per_step"][0] for r in rows]  # sampled starts: the loss
+    assert np.mean(per_start[-3:]) < np.mean(per_start[:3])                           # sums a varying count
     assert np.mean([r["accuracy_per_step"][0] for r in rows[-3:]]) > np.mean(
         [r["accuracy_per_step"][0] for r in rows[:3]])
     for a, b in zip(before, jax.tree.leaves(target.state)):

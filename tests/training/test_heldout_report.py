@@ -1,5 +1,5 @@
 """`dspark eval --heldout_dir`: the teacher-forced held-out scores of each drafter, read from a held-out feature
-cache at the drafter's own tapped layers, printed and written as JSON (Eagle3 drafters are skipped)."""
+cache at the drafter's own tapped layers, printed and written as JSON (DSpark and Eagle3 here)."""
 from __future__ import annotations
 
 import json
@@ -24,7 +24,8 @@ def test_heldout_scores_per_drafter(tmp_path):
     build_target_cache(target, seqs, tmp_path / "held" / "cache", dspark.config.target_layer_ids, dtype="float32",
                        batch_size=4, progress=False)
     scores = report_heldout(target, [("D", dspark), ("E", eagle)], str(tmp_path / "held"), tmp_path / "out.json")
-    assert list(scores) == ["D"]  # no teacher-forced score for Eagle3
+    assert list(scores) == ["D", "E"]
+    assert scores["E"]["num_blocks"] == scores["D"]["num_blocks"]  # the same anchors for every algorithm
     q = cache_quality(dspark, target, tmp_path / "held")
     assert scores["D"]["greedy_tau"] == q.greedy_tau and 1.0 <= q.greedy_tau <= 4.0
     assert len(scores["D"]["slot_accuracy"]) == 3 and q.num_blocks > 0 and q.probabilistic_tau is not None

@@ -1,7 +1,7 @@
 """Eagle3 training-time-test (TTT) forward (spec §2.9), built from `Eagle3Drafter`'s own sub-modules.
 
 For a padded batch of T positions and S = ttt_length steps, every position i of every sequence is a
-draft start. Step k (0-based) at query i:
+draft start (the reference's TTT), or only A sampled rows per sequence (`queries`). Step k (0-based) at query i:
 
     token   x_{i+k+1}                                   (0 past the end of the batch row)
     hidden  fc(features_i) at k = 0, else step k-1's output hidden at i (pre-norm)
@@ -23,7 +23,9 @@ Cost and memory: with every row a draft start the outputs are [S, B, T, N] float
 projections run at all B·T rows — 17 s/step on a 2-core CPU at T 512, N 32k, S 7, B 4, five times the
 positions DSpark trains on. With `queries` (A sampled draft starts per sequence, our deviation from the
 reference's every-row TTT: an unbiased sample of the same per-start loss, at DSpark's anchor budget) they are
-[S, B, A, N]. At Qwen scale (T 4096, N 151,936) even that needs a per-step (chunked) soft cross-entropy, which
+[S, B, A, N]; `eagle3_ttt_loss` then weighs every sequence alike (a sequence with fewer than A starts has
+invalid slots, which still count in its divisor), where the every-row loss weighs sequences by their number of
+starts — harmless for Adam, but the two losses are not on one scale. At Qwen scale (T 4096, N 151,936) even that needs a per-step (chunked) soft cross-entropy, which
 is not implemented yet.
 
 Mask convention: the reference's mask is written as `mask_k[i] = loss_mask[i+k]` (last real token zeroed).

@@ -84,7 +84,9 @@ def _block_counts(graphdef, state, target_graphdef, target_state, batch: TrainBa
 @functools.partial(jax.jit, static_argnames=("graphdef", "target_graphdef", "num_anchors", "with_target"))
 def _ttt_counts(graphdef, state, target_graphdef, target_state, batch: TrainBatch, key, *, num_anchors: int,
                 with_target: bool):
-    """`_block_counts` for an Eagle3 drafter: its γ-step TTT forward at the same anchors (query = anchor − 1)."""
+    """`_block_counts` for an Eagle3 drafter: its γ-step TTT forward at the same anchors (query = anchor − 1;
+    an anchor 0, possible only where the prompt's first token is supervised, has no features before it and is
+    dropped). Needs target features (`last_hidden`): the TTT forward always reads the target's rows."""
     drafter, target = nnx.merge(graphdef, state), nnx.merge(target_graphdef, target_state)
     g = drafter.config.block_size
     rows, valid = ttt_query_rows(key, batch.loss_mask, num_anchors)
@@ -120,6 +122,9 @@ def teacher_forced_quality(drafter, target, batches: Iterable[TrainBatch], *, nu
     with_target = None
     for i, batch in enumerate(batches):
         with_target = batch.last_hidden is not None
+        if counts is _ttt_counts and not with_target:
+            raise ValueError("an Eagle3 drafter's teacher-forced quality needs target features (last_hidden) in "
+                             "the held-out batches")
         c, v, gt, pt, mt, n = jax.device_get(counts(
             drafter.graphdef, drafter.state, target.graphdef, target.state, batch,
             jax.random.fold_in(jax.random.key(seed), i), num_anchors=num_anchors, with_target=with_target))

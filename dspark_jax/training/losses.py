@@ -166,9 +166,10 @@ def eagle3_ttt_loss(step_log_probs: jax.Array, step_target_probs: jax.Array, ste
                     decay: float = 0.8) -> tuple[jax.Array, dict]:
     """Eagle3 test-time-training loss (spec §2.9).
 
-    step_log_probs [S, B, T, N]: draft log-softmax at each TTT step; step_target_probs [S, B, T, N]: the
-    target distribution each position is trained toward (frozen: stop_gradient); step_masks [S, B, T].
-    loss_k = −Σ_{masked b,t} Σ_v q·log p / (B·T)  (divided by ALL positions, the repo's "local mean"),
+    step_log_probs [S, B, T, N]: draft log-softmax at each TTT step at T query rows per sequence (every row, or
+    sampled draft starts); step_target_probs [S, B, T, N]: the target distribution each query is trained toward
+    (frozen: stop_gradient); step_masks [S, B, T].
+    loss_k = −Σ_{masked b,t} Σ_v q·log p / (B·T)  (divided by ALL query slots, the repo's "local mean"),
     loss = Σ_k decay^k · loss_k. Terms with q == 0 contribute 0 even where log p = −inf.
     Metrics: loss, loss_per_step [S], accuracy_per_step [S] (argmax agreement over masked positions, 0 when
     a step has none), num_valid_per_step [S].

@@ -79,8 +79,9 @@ class TrainConfig:
             raise ValueError(f"train config: warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
         if self.compute_dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"train config: compute_dtype must be auto|float32|bfloat16, got {self.compute_dtype}")
-        if self.ttt_queries < 0:
-            raise ValueError(f"train config: ttt_queries must be >= 0, got {self.ttt_queries}")
+        if self.ttt_queries < 0 or (self.ttt_queries and self.algorithm != "eagle3"):
+            raise ValueError(f"train config: ttt_queries must be >= 0 (and 0 unless algorithm is eagle3), got "
+                             f"{self.ttt_queries}")
         if not self.ttt_decay > 0:
             raise ValueError(f"train config: ttt_decay must be > 0, got {self.ttt_decay}")
 

@@ -213,6 +213,8 @@ def test_sampled_queries_equal_the_every_row_outputs_at_their_rows(name, vocab):
             np.testing.assert_allclose(part[1][:, b, a], full[1][:, b, i], atol=1e-6, err_msg=f"{b}, {a}")
             np.testing.assert_array_equal(part[2][:, b, a], full[2][:, b, i])
     assert len(set(rows[0].tolist())) == 5  # drawn without replacement
+    with pytest.raises(ValueError, match="ttt_queries"):
+        TrainConfig(algorithm="dspark", ttt_queries=8)  # only Eagle3 has TTT queries
 
 
 def test_ttt_mask():

@@ -78,6 +78,38 @@ def test_copying_is_learned_with_lookup_inputs_and_not_without(target, caches, t
     assert with_lookup.greedy_tau > 1.5 * paper.greedy_tau
 
 
+def _stub_drafter(config, v: int, full_vocab: bool = True) -> Drafter:
+    """A parameter-free drafter of `config` over draft tokens 0..v−1 (ids = target ids): for faked forwards."""
+    class Stub(nnx.Module):
+        vocab_size = v
+
+        def __init__(self):
+            self.config, self.full_vocab = config, full_vocab
+            self.draft_to_target = nnx.Variable(jnp.arange(v))
+            self.target_to_draft = nnx.Variable(jnp.arange(v))
+
+    return Drafter(config, *nnx.split(Stub()), "stub")
+
+
+def _example():
+    """The hand-computed example's (empty target, batch): tokens 2 3 4 3 4 3, loss from position 2."""
+    empty = Target(tiny_gemma3(), *nnx.split(nnx.Module()), CharTokenizer(), "stub")
+    batch = TrainBatch(tokens=jnp.asarray([[2, 3, 4, 3, 4, 3]]), loss_mask=jnp.asarray([[0, 0, 1, 1, 1, 1]]),
+                       features=jnp.zeros((1, 6, 2)), last_hidden=jnp.zeros((1, 6, 2)), target_lse=jnp.zeros((1, 6)))
+    return empty, batch
+
+
+def _assert_hand_computed(q) -> None:
+    np.testing.assert_allclose(q.slot_accuracy, [1.0, 0.5, 1.0])  # 2/2, 1/2, 1/1
+    assert q.greedy_tau == pytest.approx(((1 + 1) + (1 + 1 + 1)) / 2)  # anchor 2: 1 + 1; anchor 3: 1 + 2
+    # p_d = softmax(10·one-hot) puts m on the drafted token; against p_t = 0.2 each, 1 − TV = 1 − (m − 0.2)
+    m = float(np.exp(10) / (np.exp(10) + 4))
+    c = 1 - (m - 0.2)
+    assert q.probabilistic_tau == pytest.approx(((1 + c + c ** 2 + c ** 3) + (1 + c + c ** 2)) / 2, rel=1e-5)
+    assert q.num_blocks == 2
+    assert q.draft_vocab_mass == pytest.approx(1.0)  # a full-vocabulary drafter covers every token
+
+
 def test_teacher_forced_metric_against_a_hand_computed_example(monkeypatch):
     """A stub drafter whose draft tokens are fixed: accuracy per slot, greedy τ (prefix products of right
     slots) and probabilistic τ (prefix products of 1 − TV) computed by hand for two blocks of one sequence."""
@@ -88,15 +120,6 @@ def test_teacher_forced_metric_against_a_hand_computed_example(monkeypatch):
 
     g, v = 3, 5
     config = dataclasses.replace(TrainConfig(algorithm="dflash").drafter_config(tiny_gemma3()), block_size=g)
-
-    class Stub(nnx.Module):
-        full_vocab, vocab_size = True, v
-
-        def __init__(self):
-            self.config = config
-            self.draft_to_target = nnx.Variable(jnp.arange(v))
-            self.target_to_draft = nnx.Variable(jnp.arange(v))
-
     # tokens 2 3 4 3 4 3, loss from position 2: anchors 2 and 3 have labels [3, 4, 3] and [4, 3, (none)]
     # drafted: anchor 2 -> [3, 0, 3] (slot 1 wrong), anchor 3 -> [4, 3, 0] (its slot 2 is unsupervised)
     logits = 10.0 * jnp.eye(v)[jnp.asarray([[[3, 0, 3], [4, 3, 0]]])]
@@ -109,27 +132,13 @@ def test_teacher_forced_metric_against_a_hand_computed_example(monkeypatch):
     monkeypatch.setattr(tf, "block_outputs", fake_block_outputs)
     monkeypatch.setattr(tf, "target_block_logits",  # a uniform target over the 5 tokens
                         lambda drafter, target_model, batch, blocks: (jnp.zeros((1, 2, g, v)), jnp.zeros((1, 2, g))))
-    graphdef, state = nnx.split(Stub())
-    empty = Target(tiny_gemma3(), *nnx.split(nnx.Module()), CharTokenizer(), "stub")
-    batch = TrainBatch(tokens=jnp.asarray([[2, 3, 4, 3, 4, 3]]), loss_mask=jnp.asarray([[0, 0, 1, 1, 1, 1]]),
-                       features=jnp.zeros((1, 6, 2)), last_hidden=jnp.zeros((1, 6, 2)), target_lse=jnp.zeros((1, 6)))
-    q = teacher_forced_quality(Drafter(config, graphdef, state, "stub"), empty, [batch], num_anchors=8)
-    np.testing.assert_allclose(q.slot_accuracy, [1.0, 0.5, 1.0])  # 2/2, 1/2, 1/1
-    assert q.greedy_tau == pytest.approx(((1 + 1) + (1 + 1 + 1)) / 2)  # anchor 2: 1 + 1; anchor 3: 1 + 2
-    # p_d = softmax(10·one-hot) puts m on the drafted token; against p_t = 0.2 each, 1 − TV = 1 − (m − 0.2)
-    m = float(np.exp(10) / (np.exp(10) + 4))
-    c = 1 - (m - 0.2)
-    assert q.probabilistic_tau == pytest.approx(((1 + c + c ** 2 + c ** 3) + (1 + c + c ** 2)) / 2, rel=1e-5)
-    assert q.num_blocks == 2
-    assert q.draft_vocab_mass == pytest.approx(1.0)  # a full-vocabulary drafter covers every token
+    empty, batch = _example()
+    _assert_hand_computed(teacher_forced_quality(_stub_drafter(config, v), empty, [batch], num_anchors=8))
 
-    class PartialVocab(Stub):  # the same 5 draft tokens out of a target vocabulary whose full mass is e^0 · 10
-        full_vocab = False
-
+    # the same 5 draft tokens out of a target vocabulary whose full mass is e^0 · 10
     monkeypatch.setattr(tf, "target_block_logits", lambda drafter, target_model, batch, blocks: (
         jnp.zeros((1, 2, g, v)), jnp.full((1, 2, g), np.log(10.0))))
-    graphdef, state = nnx.split(PartialVocab())
-    q = teacher_forced_quality(Drafter(config, graphdef, state, "stub"), empty, [batch], num_anchors=8)
+    q = teacher_forced_quality(_stub_drafter(config, v, full_vocab=False), empty, [batch], num_anchors=8)
     assert q.draft_vocab_mass == pytest.approx(0.5, rel=1e-5)  # 5 of 10 equally likely tokens, every slot
     assert q.as_dict()["heldout/draft_vocab_mass"] == q.draft_vocab_mass
 
@@ -144,15 +153,6 @@ def test_eagle3_teacher_forced_metric_against_the_same_hand_computed_example(mon
     g, v = 3, 5
     config = dataclasses.replace(TrainConfig(algorithm="eagle3", markov_rank=0).drafter_config(tiny_gemma3()),
                                  block_size=g)
-
-    class Stub(nnx.Module):
-        full_vocab, vocab_size = True, v
-
-        def __init__(self):
-            self.config = config
-            self.draft_to_target = nnx.Variable(jnp.arange(v))
-            self.target_to_draft = nnx.Variable(jnp.arange(v))
-
     drafted = jnp.asarray([[[3, 0, 3], [4, 3, 0]]])                                   # [B, A, S]
     log_probs = jnp.moveaxis(jax.nn.log_softmax(10.0 * jnp.eye(v)[drafted], axis=-1), 2, 0)  # [S, B, A, V]
     masks = jnp.asarray([[[True, True]], [[True, True]], [[True, False]]])             # row 2 predicts x_6 at step 2
@@ -165,16 +165,7 @@ def test_eagle3_teacher_forced_metric_against_the_same_hand_computed_example(mon
     monkeypatch.setattr(tf, "ttt_query_rows", lambda key, loss_mask, n: (jnp.asarray([[1, 2]]),
                                                                         jnp.asarray([[True, True]])))
     monkeypatch.setattr(tf, "eagle3_ttt_outputs", fake_outputs)
-    graphdef, state = nnx.split(Stub())
-    empty = Target(tiny_gemma3(), *nnx.split(nnx.Module()), CharTokenizer(), "stub")
-    batch = TrainBatch(tokens=jnp.asarray([[2, 3, 4, 3, 4, 3]]), loss_mask=jnp.asarray([[0, 0, 1, 1, 1, 1]]),
-                       features=jnp.zeros((1, 6, 2)), last_hidden=jnp.zeros((1, 6, 2)), target_lse=jnp.zeros((1, 6)))
-    q = teacher_forced_quality(Drafter(config, graphdef, state, "stub"), empty, [batch], num_anchors=8)
+    empty, batch = _example()
+    q = teacher_forced_quality(_stub_drafter(config, v), empty, [batch], num_anchors=8)
     assert calls == [(g, (1, 2))]  # γ TTT steps at the sampled rows
-    np.testing.assert_allclose(q.slot_accuracy, [1.0, 0.5, 1.0])
-    assert q.greedy_tau == pytest.approx(((1 + 1) + (1 + 1 + 1)) / 2)
-    m = float(np.exp(10) / (np.exp(10) + 4))
-    c = 1 - (m - 0.2)
-    assert q.probabilistic_tau == pytest.approx(((1 + c + c ** 2 + c ** 3) + (1 + c + c ** 2)) / 2, rel=1e-5)
-    assert q.num_blocks == 2
-    assert q.draft_vocab_mass == pytest.approx(1.0)
+    _assert_hand_computed(q)

@@ -2,8 +2,9 @@
 gemma3_270m_dspark_lookup_g15.py as the paper's Eagle3 — one draft layer, the same taps, 32k draft vocabulary,
 lr, epochs, batch and seed; 15 draft tokens at inference (block_size), TTT length 7 with step decay 0.8 in
 training (spec §2.9) from 48 sampled draft starts per sequence (`ttt_queries`, DSpark's `num_anchors`: the
-reference's every-row TTT costs 17 s/step here, five times DSpark's positions). No lookup inputs: Eagle3 drafts autoregressively from its own hidden states and
-`DrafterConfig` refuses lookup inputs for it (they are our deviation for the block drafters)."""
+reference's every-row TTT costs 17 s/step here, five times DSpark's positions). No lookup inputs: Eagle3
+drafts autoregressively from its own hidden states and `DrafterConfig` refuses lookup inputs for it (they are our
+deviation for the block drafters)."""
 import dataclasses
 from pathlib import Path
 

@@ -98,12 +98,12 @@ def load_drafters(target, specs: list[tuple[str, str]], gamma: int | None, draft
 def report_heldout(target, drafters, heldout_dir: str, output: Path) -> dict[str, dict]:
     """Teacher-forced held-out quality of each DSpark / DFlash / Eagle3 drafter
     (`training.heldout.cache_quality`): prints a table, writes `output` (JSON) and returns {label: scores}."""
-    from dspark_jax.training.heldout import cache_quality
+    from dspark_jax.training.heldout import SCORED_ALGORITHMS, cache_quality
     from dspark_jax.utils.results import write_result
     scores = {}
     print(f"{'drafter':<16}{'greedy τ':>10}{'prob τ':>8}{'vocab mass':>12}  slot accuracy", file=sys.stderr)
     for label, drafter in drafters:
-        if drafter.config.algorithm not in ("dspark", "dflash", "eagle3"):
+        if drafter.config.algorithm not in SCORED_ALGORITHMS:
             print(f"{label:<16}  (no teacher-forced score for {drafter.config.algorithm} drafters)", file=sys.stderr)
             continue
         q = cache_quality(drafter, target, heldout_dir)

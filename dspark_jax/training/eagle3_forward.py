@@ -25,8 +25,8 @@ positions DSpark trains on. With `queries` (A sampled draft starts per sequence,
 reference's every-row TTT: an unbiased sample of the same per-start loss, at DSpark's anchor budget) they are
 [S, B, A, N]; `eagle3_ttt_loss` then weighs every sequence alike (a sequence with fewer than A starts has
 invalid slots, which still count in its divisor), where the every-row loss weighs sequences by their number of
-starts — harmless for Adam, but the two losses are not on one scale. At Qwen scale (T 4096, N 151,936) even that needs a per-step (chunked) soft cross-entropy, which
-is not implemented yet.
+starts — harmless for Adam, but the two losses are not on one scale. At Qwen scale (T 4096, N 151,936) even
+that needs a per-step (chunked) soft cross-entropy, which is not implemented yet.
 
 Mask convention: the reference's mask is written as `mask_k[i] = loss_mask[i+k]` (last real token zeroed).
 Here query i at step k is supervised iff the token it predicts, x_{i+k+2}, is a real, supervised token (the

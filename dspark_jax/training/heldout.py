@@ -66,16 +66,23 @@ def _block_counts(graphdef, state, target_graphdef, target_state, batch: TrainBa
     blocks, logits, _, _ = block_outputs(drafter, target, batch, key, num_anchors)
     mask = blocks.eval_mask
     predicted = jnp.take(drafter.draft_to_target[...], jnp.argmax(logits, axis=-1), axis=0)
-    correct = (predicted == blocks.labels) & mask
+    accept = inside = None
+    if with_target:
+        t_logits, lse = target_block_logits(drafter, target, batch, blocks)
+        accept = dspark_slot_terms(logits, t_logits, None if drafter.full_vocab else lse,
+                                   draft_labels(drafter, blocks.labels), mask).accept
+        inside = 1.0 if drafter.full_vocab else jnp.exp(jax.nn.logsumexp(t_logits, axis=-1) - lse)
+    return _slot_sums((predicted == blocks.labels) & mask, mask, accept, inside)
+
+
+def _slot_sums(correct: jax.Array, mask: jax.Array, accept: jax.Array | None, inside) -> tuple:
+    """The per-batch sums of `_block_counts` from per-slot [..., G] arrays: correct and mask (bool, mask a
+    supervised prefix), accept (1 − TV) and inside (target mass in the draft vocabulary), None without targets."""
     first = mask[..., 0].astype(jnp.float32)
     greedy = jnp.sum(first * (1.0 + jnp.cumprod(correct, axis=-1).sum(-1)))
     prob = mass = jnp.float32(0.0)
-    if with_target:
-        t_logits, lse = target_block_logits(drafter, target, batch, blocks)
-        terms = dspark_slot_terms(logits, t_logits, None if drafter.full_vocab else lse,
-                                  draft_labels(drafter, blocks.labels), mask)
-        prob = jnp.sum(first * (1.0 + jnp.cumprod(jnp.where(mask, terms.accept, 0.0), axis=-1).sum(-1)))
-        inside = 1.0 if drafter.full_vocab else jnp.exp(jax.nn.logsumexp(t_logits, axis=-1) - lse)
+    if accept is not None:
+        prob = jnp.sum(first * (1.0 + jnp.cumprod(jnp.where(mask, accept, 0.0), axis=-1).sum(-1)))
         mass = jnp.sum(jnp.where(mask, inside, 0.0))
     lead = tuple(range(mask.ndim - 1))
     return correct.sum(lead), mask.sum(lead), greedy, prob, mass, first.sum()
@@ -95,15 +102,15 @@ def _ttt_counts(graphdef, state, target_graphdef, target_state, batch: TrainBatc
     labels = jnp.stack([jnp.take_along_axis(batch.tokens, jnp.minimum(rows + k + 2, batch.tokens.shape[1] - 1),
                                             axis=1) for k in range(g)], axis=-1)
     predicted = jnp.take(drafter.draft_to_target[...], jnp.argmax(jnp.moveaxis(log_probs, 0, -2), axis=-1), axis=0)
-    correct = (predicted == labels) & mask
-    first = mask[..., 0].astype(jnp.float32)
-    greedy = jnp.sum(first * (1.0 + jnp.cumprod(correct, axis=-1).sum(-1)))
-    prob = mass = jnp.float32(0.0)
+    accept = inside = None
     if with_target:
         accept = jnp.moveaxis(jnp.sum(jnp.minimum(jnp.exp(log_probs), target_probs), axis=-1), 0, -1)  # [B, A, G]
-        prob = jnp.sum(first * (1.0 + jnp.cumprod(jnp.where(mask, accept, 0.0), axis=-1).sum(-1)))
-        mass = jnp.sum(jnp.where(mask, jnp.moveaxis(target_probs.sum(-1), 0, -1), 0.0))
-    return correct.sum((0, 1)), mask.sum((0, 1)), greedy, prob, mass, first.sum()
+        inside = jnp.moveaxis(target_probs.sum(-1), 0, -1)
+    return _slot_sums((predicted == labels) & mask, mask, accept, inside)
+
+
+_COUNTS = {"dspark": _block_counts, "dflash": _block_counts, "eagle3": _ttt_counts}
+SCORED_ALGORITHMS = tuple(_COUNTS)  # the drafter algorithms `teacher_forced_quality` scores
 
 
 def teacher_forced_quality(drafter, target, batches: Iterable[TrainBatch], *, num_anchors: int = 64,
@@ -112,7 +119,7 @@ def teacher_forced_quality(drafter, target, batches: Iterable[TrainBatch], *, nu
     sequences (`training.trainer.to_batch` of `TargetCache.batches`). Up to `num_anchors` anchors per
     sequence, drawn with a fixed key (the same anchors every call, and for every algorithm). Raises ValueError
     for another algorithm and when no block is supervised."""
-    counts = {"dspark": _block_counts, "dflash": _block_counts, "eagle3": _ttt_counts}.get(drafter.config.algorithm)
+    counts = _COUNTS.get(drafter.config.algorithm)
     if counts is None:
         raise ValueError(f"teacher-forced quality needs a DSpark, DFlash or Eagle3 drafter, got "
                          f"{drafter.config.algorithm}")

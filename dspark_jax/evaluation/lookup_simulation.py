@@ -102,18 +102,24 @@ def conditional_acceptance(pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
     them accepting position k too (c_k = accepted / tested: the statistic `NgramDrafter` estimates online).
     first_only: only each pair's first round with an n-token match, per n — the rounds a request decodes before
     it has any record of its own for n, where `NgramDrafter` reads its prior alone."""
-    tested = [[0] * gamma for _ in range(n_max)]
-    accepted = [[0] * gamma for _ in range(n_max)]
+    tested, accepted = np.zeros((n_max, gamma), np.int64), np.zeros((n_max, gamma), np.int64)
     for prompt, output in pairs:
         seen = set()
         for n, a, room, _ in lookup_rounds(prompt, output, n_max, n_min, gamma):
             if room == 0 or (first_only and n in seen):
                 continue
             seen.add(n)
-            for k in range(min(a + 1, room)):
-                tested[n - 1][k] += 1
-                accepted[n - 1][k] += k < a
-    return tested, accepted
+            reached, passed = position_outcomes(a, room, gamma)
+            tested[n - 1] += reached
+            accepted[n - 1] += passed
+    return tested.tolist(), accepted.tolist()
+
+
+def position_outcomes(accepted: int, room: int, gamma: int) -> tuple[np.ndarray, np.ndarray]:
+    """Which of a round's γ draft positions were tested (reached with every earlier one accepted, within the
+    checkable room) and which of those were accepted, from its accepted count and room: two bool arrays [γ]."""
+    k = np.arange(gamma)
+    return k < min(accepted + 1, room), k < min(accepted, room)
 
 
 def simulated_tau(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], n_max: int = 3, n_min: int = 1,
@@ -147,12 +153,13 @@ def lookup_records(prompt: Sequence[int], output: Sequence[int], prior: np.ndarr
     streak: such rounds in a row with at least one accepted."""
     prior = np.asarray(prior, np.float64)
     tested, ok = np.zeros((n_max, gamma)), np.zeros((n_max, gamma))
-    previous, streak, k = -1, 0, np.arange(gamma)
+    previous, streak = -1, 0
     for n, a, room, _, period, in_output in lookup_round_details(prompt, output, n_max, n_min, gamma):
         if room == 0:
             continue
         c = (ok[n - 1] + strength * prior[n - 1, :gamma]) / (tested[n - 1] + strength)
         yield LookupRecord(n, c, previous, streak, a, room, period, in_output)
-        tested[n - 1] += k < min(a + 1, room)
-        ok[n - 1] += k < min(a, room)
+        reached, passed = position_outcomes(a, room, gamma)
+        tested[n - 1] += reached
+        ok[n - 1] += passed
         previous, streak = a, (streak + 1 if a >= 1 else 0)

@@ -26,7 +26,35 @@ flags.DEFINE_bool("distributed", False, DISTRIBUTED_HELP)
 flags.DEFINE_integer("stop_after", None, "Stop after this many micro-steps (the run can be resumed later).")
 flags.DEFINE_string("heldout_dir", None, "Output directory of `dspark prepare-data --heldout N` (same --layer_ids): "
                     "the drafter's teacher-forced quality on the target's outputs for held-out prompts (slot "
-                    "accuracy, greedy and probabilistic tau) is logged every heldout_every steps.")
+                    "accuracy, greedy and probabilistic tau) is logged every heldout_every steps. Several: a comma "
+                    "list of [NAME=]DIR (e.g. 'runs/heldout,t1=runs/heldout_t1': greedy and T = 1 outputs); the "
+                    "first unnamed one logs as heldout/, the others as heldout_NAME/ (NAME: the directory's name "
+                    "where none is given).")
+
+
+def heldout_dirs(value: str) -> dict[str, Path]:
+    """--heldout_dir's comma list of [NAME=]DIR as {metric prefix: directory} (`Trainer`'s heldout names): the
+    first unnamed entry is "heldout", the others "heldout_NAME" (NAME: the directory's name where none is
+    given). Raises ValueError for an empty entry or name and a repeated name, FileNotFoundError for a directory
+    without cache/."""
+    out: dict[str, Path] = {}
+    for i, entry in enumerate(e.strip() for e in value.split(",") if value.strip()):
+        name, sep, directory = entry.rpartition("=") if "=" in entry else ("", "", entry)
+        name, directory = name.strip(), directory.strip()
+        if not directory or (sep and not name):
+            raise ValueError(f"--heldout_dir: empty name or directory in {entry!r} (expected [NAME=]DIR)")
+        if not name and i == 0:
+            key = "heldout"
+        else:
+            key = f"heldout_{name or Path(directory).name}"
+        if "/" in key or key in out:
+            raise ValueError(f"--heldout_dir: held-out name {key!r} is repeated or contains '/'; name each "
+                             f"cache (NAME=DIR)")
+        if not (Path(directory) / "cache").is_dir():
+            raise FileNotFoundError(f"{directory} has no cache/: run `dspark prepare-data --heldout N "
+                                    f"--output_dir {directory}` with the same --layer_ids first")
+        out[key] = Path(directory)
+    return out
 
 
 def load_train_config(path: str, overrides: list[str]):
@@ -56,6 +84,7 @@ def body() -> None:
         if not getattr(FLAGS, name):
             raise ValueError(f"--{name} is required")
     config = load_train_config(FLAGS.config, FLAGS.override)
+    heldout_paths = heldout_dirs(FLAGS.heldout_dir or "")  # bad input fails before the target loads
     if FLAGS.fsdp and not FLAGS.mesh:
         raise ValueError("--fsdp needs a --mesh with a 'data' axis, e.g. --mesh data=8")
     mesh = setup_devices(FLAGS.mesh, FLAGS.distributed)
@@ -70,13 +99,8 @@ def body() -> None:
         cache = TargetCache.open(data / "sequences", target_config=target.config)
     else:
         raise FileNotFoundError(f"{data} has neither cache/ nor sequences/: run `dspark prepare-data` first")
-    heldout = None
-    if FLAGS.heldout_dir:
-        if not (Path(FLAGS.heldout_dir) / "cache").is_dir():
-            raise FileNotFoundError(f"{FLAGS.heldout_dir} has no cache/: run `dspark prepare-data --heldout N "
-                                    f"--output_dir {FLAGS.heldout_dir}` with the same --layer_ids first")
-        heldout = TargetCache.open(Path(FLAGS.heldout_dir) / "cache", target_config=target.config,
-                                   layer_ids=dc.target_layer_ids)
+    heldout = {name: TargetCache.open(d / "cache", target_config=target.config, layer_ids=dc.target_layer_ids)
+               for name, d in heldout_paths.items()}
     trainer = Trainer(target, cache, config, FLAGS.workdir, mesh=mesh, fsdp=FLAGS.fsdp, heldout=heldout)
     print(f"training {config.algorithm} drafter: {len(cache)} sequences, {trainer.total_steps} optimizer steps "
           f"({trainer.steps_per_epoch} micro-steps per epoch)", file=sys.stderr)

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import jax
@@ -148,17 +149,43 @@ def loss_fn(params, rest, graphdef, target_graphdef, target_state, batch: TrainB
                        blocks.eval_mask, alpha=config.alpha, decay=config.loss_decay)
 
 
+def heldout_caches(heldout) -> dict:
+    """{name: cache} from `Trainer`'s heldout argument: None → {}, one cache → {"heldout": cache}, a mapping as
+    it is. Raises ValueError for a name that is empty or contains "/" (it becomes a metric prefix)."""
+    if heldout is None:
+        return {}
+    caches = dict(heldout) if isinstance(heldout, Mapping) else {"heldout": heldout}
+    for name in caches:
+        if not name or "/" in name:
+            raise ValueError(f"a held-out cache name must be non-empty and without '/', got {name!r}")
+    return caches
+
+
+def heldout_summary(held: dict[str, float]) -> str:
+    """One progress line of `Trainer.heldout_quality`'s scores: per cache, τ and the first slots' accuracy."""
+    parts: dict[str, list[str]] = {}
+    for key, value in held.items():
+        name, metric = key.split("/", 1)
+        if "slot_accuracy@" not in metric or metric.endswith(("@0", "@1", "@2")):
+            parts.setdefault(name, []).append(f"{metric} {value:.3f}")
+    return "; ".join(f"{'held-out' if name == 'heldout' else name} {', '.join(shown)}"
+                     for name, shown in parts.items())
+
+
 class Trainer:
     """Owns the run state; `run()` trains to the end (resuming from the latest checkpoint in `workdir`)."""
 
     def __init__(self, target, cache, config: TrainConfig, workdir: str | Path, mesh: Mesh | None = None,
                  fsdp: bool = False, heldout=None):
         """heldout: a feature cache of the target's outputs for held-out prompts (`dspark prepare-data
-        --heldout`); its teacher-forced quality (`training.heldout`) is logged every `heldout_every` steps."""
+        --heldout`), or a mapping {name: cache} of several (e.g. greedy and T = 1 outputs); each one's
+        teacher-forced quality (`training.heldout`) is logged every `heldout_every` steps under `<name>/`
+        ("heldout/" for a single cache)."""
         import orbax.checkpoint as ocp
         if config.max_sequences is not None:
             cache = cache.first(min(config.max_sequences, len(cache)))
-        self.target, self.cache, self.config, self.heldout = target, cache, config, heldout
+        self.target, self.cache, self.config = target, cache, config
+        self.heldout = heldout_caches(heldout)
         self.workdir = Path(workdir).resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
         on_cpu = jax.default_backend() == "cpu"
@@ -253,14 +280,18 @@ class Trainer:
         return True
 
     def heldout_quality(self) -> dict[str, float]:
-        """Teacher-forced quality of the current parameters on the held-out cache ({} without one)."""
-        if self.heldout is None:
+        """Teacher-forced quality of the current parameters on each held-out cache, keys `<name>/<metric>`
+        ({} without one)."""
+        if not self.heldout:
             return {}
         module = nnx.merge(self.graphdef, self.params, self.rest)
         drafter = Drafter(module.config, *nnx.split(module), "training")
-        batches = (to_batch(b, self.compute_dtype)
-                   for b in self.heldout.batches(self.config.batch_size, self.config.max_len, shuffle=False))
-        return teacher_forced_quality(drafter, self.target, batches).as_dict()
+        out = {}
+        for name, cache in self.heldout.items():
+            batches = (to_batch(b, self.compute_dtype)
+                       for b in cache.batches(self.config.batch_size, self.config.max_len, shuffle=False))
+            out.update(teacher_forced_quality(drafter, self.target, batches).as_dict(f"{name}/"))
+        return out
 
     # ---- loop ---------------------------------------------------------------------------------------
     def batches_from(self, micro_step: int):
@@ -323,13 +354,10 @@ class Trainer:
                     with (self.workdir / "metrics.jsonl").open("a") as f:
                         f.write(json.dumps(dict(micro_step=self.micro_step, **scalars, **{
                             k: np.asarray(v).tolist() for k, v in m.items() if np.ndim(v) == 1})) + "\n")
-            if self.heldout is not None and (self.micro_step % self.config.heldout_every == 0
-                                             or self.micro_step == end):
+            if self.heldout and (self.micro_step % self.config.heldout_every == 0 or self.micro_step == end):
                 held = self.heldout_quality()
                 if held:
-                    shown = ", ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in held.items()
-                                      if "slot_accuracy@" not in k or k.endswith(("@0", "@1", "@2")))
-                    bar.write(f"step {self.micro_step}: held-out {shown}")
+                    bar.write(f"step {self.micro_step}: {heldout_summary(held)}")
                     if writer:
                         for k, v in held.items():
                             writer.add_scalar(k, v, self.micro_step)

@@ -84,6 +84,27 @@ def test_heldout_quality_is_logged_and_rises(target, cache, tmp_path):
     assert held[-1]["heldout/probabilistic_tau"] > held[0]["heldout/probabilistic_tau"]
 
 
+def test_several_heldout_caches_are_logged_under_their_names(target, cache, tmp_path):
+    """A mapping of held-out caches (greedy and T = 1 outputs, say) logs each under its own prefix; the same
+    cache under two names scores the same (one anchor key per evaluation, whatever the name)."""
+    import json
+    cfg = dataclasses.replace(CFG, epochs=1, heldout_every=4)
+    Trainer(target, cache, cfg, tmp_path, heldout={"heldout": cache, "heldout_t1": cache}).run(progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    held = [r for r in rows if "heldout/greedy_tau" in r]
+    assert held and all(r["heldout_t1/greedy_tau"] == r["heldout/greedy_tau"] for r in held)
+    assert all(r["heldout_t1/probabilistic_tau"] == r["heldout/probabilistic_tau"] for r in held)
+    with pytest.raises(ValueError, match="without '/'"):
+        Trainer(target, cache, cfg, tmp_path / "bad", heldout={"a/b": cache})
+
+
+def test_heldout_summary_names_each_cache():
+    from dspark_jax.training.trainer import heldout_summary
+    held = {"heldout/greedy_tau": 2.0, "heldout/slot_accuracy@0": 0.5, "heldout/slot_accuracy@5": 0.1,
+            "heldout_t1/greedy_tau": 1.25}
+    assert heldout_summary(held) == "held-out greedy_tau 2.000, slot_accuracy@0 0.500; heldout_t1 greedy_tau 1.250"
+
+
 def test_resume_after_interrupt_equals_uninterrupted_run(target, cache, tmp_path):
     full = Trainer(target, cache, CFG, tmp_path / "full").run(progress=False)
     first = Trainer(target, cache, CFG, tmp_path / "split")

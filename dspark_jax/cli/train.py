@@ -39,7 +39,7 @@ def heldout_dirs(value: str) -> dict[str, Path]:
     without cache/."""
     out: dict[str, Path] = {}
     for i, entry in enumerate(e.strip() for e in value.split(",") if value.strip()):
-        name, sep, directory = entry.rpartition("=") if "=" in entry else ("", "", entry)
+        name, sep, directory = entry.partition("=") if "=" in entry else ("", "", entry)
         name, directory = name.strip(), directory.strip()
         if not directory or (sep and not name):
             raise ValueError(f"--heldout_dir: empty name or directory in {entry!r} (expected [NAME=]DIR)")

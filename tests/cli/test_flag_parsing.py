@@ -34,6 +34,8 @@ def test_heldout_dirs_names_each_cache_and_refuses_bad_lists(tmp_path):
     assert heldout_dirs(f"{g}, t1={t1},{other}") == {"heldout": tmp_path / "g", "heldout_t1": tmp_path / "t1",
                                                       "heldout_other": tmp_path / "other"}
     assert heldout_dirs(f"t1={t1}") == {"heldout_t1": tmp_path / "t1"}
+    (tmp_path / "x=1" / "cache").mkdir(parents=True)  # NAME ends at the first "=": a directory may contain one
+    assert heldout_dirs(f"t1={tmp_path / 'x=1'}") == {"heldout_t1": tmp_path / "x=1"}
     for bad in (f"{g},{t1},{t1}", f"x={g},x={t1}", f"={g}", "x=", f"{g},,{t1}", "a/b=" + g):
         with pytest.raises(ValueError, match="--heldout_dir"):
             heldout_dirs(bad)

@@ -30,6 +30,13 @@ import argparse
 import numpy as np
 
 
+def lookup_rows(logits: np.ndarray, decoded: np.ndarray) -> np.ndarray:
+    """[N] bool: a hybrid's rows verified from its lookup draft — the lookup stores logit c as its confidence logit
+    (`NgramDrafter.propose`), so its decoded confidences are σ of the logits; the model's are calibrated away from
+    them. logits, decoded [N, G] (records' `confidence_logits`, `confidence`)."""
+    return np.all(np.abs(1.0 / (1.0 + np.exp(-logits.astype(np.float64))) - decoded) < 1e-4, axis=1)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--records", required=True, help="records.npz of `dspark eval`")
@@ -139,7 +146,7 @@ def main():
     if args.by_source:
         decoded = np.concatenate([rec[f"{prefix}{s}/confidence"] for s in sets])
         z = np.concatenate([data[s]["confidence_logits"] for s in sets])
-        lookup = np.all(np.abs(1.0 / (1.0 + np.exp(-z.astype(np.float64))) - decoded) < 1e-4, axis=1)
+        lookup = lookup_rows(z, decoded)
         print("\nconfidences as decoded, per source (20-bin ECE % of the survival, positions 1..; floor in brackets)")
         for source, rows_of in (("lookup", lookup), ("model", ~lookup), ("all", np.ones_like(lookup))):
             ece, floor, pairs = scores(decoded[rows_of], rows_of)

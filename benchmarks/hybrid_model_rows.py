@@ -20,22 +20,15 @@ def logit(c: np.ndarray) -> np.ndarray:
     return np.log(c) - np.log1p(-c)
 
 
-def fit_platt(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """(a, b) maximising the likelihood of labels y under σ(a·x + b)."""
-    from scipy.optimize import minimize
-
-    def nll(ab):
-        s = ab[0] * x + ab[1]
-        return np.mean(y * np.logaddexp(0, -s) + (1 - y) * np.logaddexp(0, s))
-    return minimize(nll, np.array([1.0, 0.0]), method="Nelder-Mead").x
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--records", required=True)
     ap.add_argument("--index", type=int, default=0, help="the hybrid's index in the eval run")
     ap.add_argument("--output", default="benchmarks/results/hybrid_model_rows.json")
     args = ap.parse_args()
+    from calibration_transfer import lookup_rows  # benchmarks/, the script's own directory
+
+    from dspark_jax.evaluation.calibration import fit_sequential_scale_and_bias
     from dspark_jax.evaluation.reliability import survival_ece
     from dspark_jax.utils.results import write_result
 
@@ -46,7 +39,7 @@ def main():
                                 cat("proposed"))
     set_of = np.concatenate([np.full(len(rec[f"{p}{s}/request"]), i) for i, s in enumerate(sets)])
     request = cat("request") + 100_000 * set_of
-    model = ~np.all(np.abs(1 / (1 + np.exp(-z.astype(np.float64))) - conf) < 1e-4, axis=1)
+    model = ~lookup_rows(z, conf)
     out = dict(records=args.records, per_set=[], ece={})
     print(f"{'set':>10} {'model rows':>11} {'predicted c_1':>14} {'observed':>9}")
     for i, s in enumerate(sets):
@@ -57,11 +50,11 @@ def main():
     fold = request % 2 == 0
     corrected = conf.copy()
     for train in (fold, ~fold):
-        reach = model & train & (proposed > 0)
-        a, b = fit_platt(logit(conf[reach, 0]), flags[reach, 0].astype(float))
+        reach = model & train & (proposed > 0)  # position 1 alone: σ(x / T + β) is a Platt map of x = logit c_1
+        (t,), (b,) = fit_sequential_scale_and_bias(logit(conf[reach, :1]), flags[reach, :1], proposed[reach])
         test = model & ~train
-        corrected[test, 0] = 1 / (1 + np.exp(-(a * logit(conf[test, 0]) + b)))
-        out.setdefault("platt_folds", []).append([float(a), float(b)])
+        corrected[test, 0] = 1 / (1 + np.exp(-(logit(conf[test, 0]) / t + b)))
+        out.setdefault("platt_folds", []).append([1 / float(t), float(b)])
     for variant, c in (("as decoded", conf), ("model rows' c_1 Platt-mapped, cross-fitted", corrected)):
         for name, rows in (("model rows", model), ("all rows", np.ones_like(model))):
             ece, floor, _ = survival_ece(c[rows], flags[rows], proposed[rows], 20, 2)

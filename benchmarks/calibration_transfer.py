@@ -30,11 +30,21 @@ import argparse
 import numpy as np
 
 
-def lookup_rows(logits: np.ndarray, decoded: np.ndarray) -> np.ndarray:
-    """[N] bool: a hybrid's rows verified from its lookup draft — the lookup stores logit c as its confidence logit
+def lookup_rows(logits: np.ndarray, decoded: np.ndarray, recorded: np.ndarray | None = None) -> np.ndarray:
+    """[N] bool: a hybrid's rows verified from its lookup draft — as recorded (`RoundRecords.lookup_draft`, records
+    written since session 44), else told by a rule: the lookup stores logit c as its confidence logit
     (`NgramDrafter.propose`), so its decoded confidences are σ of the logits; the model's are calibrated away from
     them. logits, decoded [N, G] (records' `confidence_logits`, `confidence`)."""
+    if recorded is not None:
+        return np.asarray(recorded, bool)
     return np.all(np.abs(1.0 / (1.0 + np.exp(-logits.astype(np.float64))) - decoded) < 1e-4, axis=1)
+
+
+def recorded_lookup_rows(rec, prefix: str, sets: list[str]) -> np.ndarray | None:
+    """The sets' `lookup_draft` rows of a records.npz, None where it predates the field."""
+    if not all(f"{prefix}{s}/lookup_draft" in rec.files for s in sets):
+        return None
+    return np.concatenate([rec[f"{prefix}{s}/lookup_draft"] for s in sets])
 
 
 def main():
@@ -146,7 +156,7 @@ def main():
     if args.by_source:
         decoded = np.concatenate([rec[f"{prefix}{s}/confidence"] for s in sets])
         z = np.concatenate([data[s]["confidence_logits"] for s in sets])
-        lookup = lookup_rows(z, decoded)
+        lookup = lookup_rows(z, decoded, recorded_lookup_rows(rec, prefix, sets))
         print("\nconfidences as decoded, per source (20-bin ECE % of the survival, positions 1..; floor in brackets)")
         for source, rows_of in (("lookup", lookup), ("model", ~lookup), ("all", np.ones_like(lookup))):
             ece, floor, pairs = scores(decoded[rows_of], rows_of)

@@ -5,8 +5,9 @@ the all-rows ECE under issue 13's 3 %.
     python benchmarks/hybrid_model_rows.py --records runs/s43/t0_hybrid_48/records.npz \
         --output benchmarks/results/hybrid_model_rows_s43.json
 
-Reads a `dspark eval` records.npz of a hybrid drafter (`--drafters "hybrid=default+ngram"`, T = 0): a lookup row
-stores logit c as its confidence logit (`calibration_transfer.py --by_source` splits rows the same way). Writes JSON.
+Reads a `dspark eval` records.npz of a hybrid drafter (`--drafters "hybrid=default+ngram"`, T = 0): each round's
+source as recorded, or in records older than session 44 told by a rule (a lookup row stores logit c as its
+confidence logit; `calibration_transfer.lookup_rows`). Writes JSON.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def main():
     ap.add_argument("--index", type=int, default=0, help="the hybrid's index in the eval run")
     ap.add_argument("--output", default="benchmarks/results/hybrid_model_rows.json")
     args = ap.parse_args()
-    from calibration_transfer import lookup_rows  # benchmarks/, the script's own directory
+    from calibration_transfer import lookup_rows, recorded_lookup_rows  # benchmarks/, the script's own directory
 
     from dspark_jax.evaluation.calibration import fit_sequential_scale_and_bias
     from dspark_jax.evaluation.reliability import survival_ece
@@ -39,7 +40,7 @@ def main():
                                 cat("proposed"))
     set_of = np.concatenate([np.full(len(rec[f"{p}{s}/request"]), i) for i, s in enumerate(sets)])
     request = cat("request") + 100_000 * set_of
-    model = ~lookup_rows(z, conf)
+    model = ~lookup_rows(z, conf, recorded_lookup_rows(rec, p, sets))
     out = dict(records=args.records, per_set=[], ece={})
     print(f"{'set':>10} {'model rows':>11} {'predicted c_1':>14} {'observed':>9}")
     for i, s in enumerate(sets):

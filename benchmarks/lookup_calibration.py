@@ -188,18 +188,11 @@ def fit_calibration(records: dict, l2: float = 1.0, iterations: int = 50, featur
     """[F] logistic weights of "position k accepted | every earlier one accepted" on `features(records)` (the
     drafter's calibration features by default), over every verified position of `records` (Newton's method with an
     L2 penalty `l2`)."""
+    from dspark_jax.evaluation.calibration import fit_logistic
     x = features(records)
     k = np.arange(GAMMA)[None]
     verified = k < np.minimum(records["accepted"] + 1, records["room"])[:, None]
-    x, y = x[verified], (k < records["accepted"][:, None])[verified].astype(np.float64)
-    w = np.zeros(x.shape[1])
-    for _ in range(iterations):
-        p = 1 / (1 + np.exp(-(x @ w)))
-        step = np.linalg.solve((x * (p * (1 - p))[:, None]).T @ x + l2 * np.eye(len(w)), x.T @ (p - y) + l2 * w)
-        w -= step
-        if np.abs(step).max() < 1e-9:
-            break
-    return w
+    return fit_logistic(x[verified], (k < records["accepted"][:, None])[verified], l2, iterations)
 
 
 def scores(conf: np.ndarray, records: dict) -> tuple[list, list, float, float, list, float]:

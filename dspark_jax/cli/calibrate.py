@@ -13,6 +13,11 @@ selects (`dspark_jax.evaluation.datasets.heldout_prompts`), round-robin over the
 longer than --max_prompt_tokens skipped. --eval_tails N takes N of them from the end of each of humaneval,
 mbpp and mt-bench instead (the code and chat domains the held-out mix under-represents; disjoint from `dspark
 eval --limit M` for M <= 80 - N). --prompts_file replaces them.
+--hybrid fits, instead of the head's temperatures, the row calibration of the drafter's hybrid with prompt lookup
+(`<drafter>+ngram`, the main job's drafter; `dspark_jax.drafters.hybrid_calibration`): the same prompts decoded by
+the hybrid at T = 0 with its row calibration off, a logistic map of each verified row's confidences fitted on its
+rounds (the row's source, its confidence, the lookup's match and expected length), stored in drafter.json — a
+deviation from the paper, which calibrates a drafter alone (BENCHMARKS.md "Session 44").
 Calibrate at the sampling temperature you decode with: acceptance at T=0 (greedy matching) differs from T=1.
 A drafter holds one calibration set per sampling temperature: a run at T replaces the set fitted at T and keeps
 those fitted at other temperatures (--nokeep_other_sets drops them); decoding uses, per request, the set fitted
@@ -56,6 +61,8 @@ def _define_flags() -> None:
     flags.DEFINE_bool("bias", False, "Also fit a per-position bias: c_k = σ(z_k / T_k + β_k), (T_k, β_k) by the "
                       "likelihood of the held-out survival, left to right — a deviation from the paper's STS for "
                       "survival curves a temperature alone cannot match (BENCHMARKS.md 'Session 17').")
+    flags.DEFINE_bool("hybrid", False, "Fit the row calibration of the drafter's hybrid with prompt lookup "
+                      "(<drafter>+ngram) instead of the head's temperatures (see --help; needs --temperature 0).")
     flags.DEFINE_bool("keep_other_sets", True, "Keep the drafter's calibration sets fitted at other sampling "
                       "temperatures (each request uses the set fitted nearest to its temperature); "
                       "--nokeep_other_sets: this run's set replaces them all.")
@@ -175,7 +182,11 @@ def body() -> None:
         raise FileNotFoundError(f"drafter not found: {FLAGS.drafter!r} (expected 'default' or a drafter directory)")
     if FLAGS.prompts_file and FLAGS.eval_tails:
         raise ValueError("--eval_tails picks built-in prompts; it cannot be combined with --prompts_file")
+    if FLAGS.hybrid and FLAGS.temperature != 0:
+        raise ValueError(f"--hybrid fits the greedy (T = 0) row calibration; got --temperature {FLAGS.temperature:g}")
     file_prompts = read_prompts_file(FLAGS.prompts_file) if FLAGS.prompts_file else None
+    if FLAGS.hybrid:
+        return _hybrid_body(file_prompts)
 
     import numpy as np
 
@@ -237,6 +248,72 @@ def body() -> None:
         command="dspark calibrate " + " ".join(sys.argv[2:])))
     sets = ", ".join(f"T={t:g}" for t in at.tolist())
     print(f"wrote calibrated drafter {written} (calibration sets: {sets}); report {md}", file=sys.stderr)
+
+
+def _hybrid_body(file_prompts: list[str] | None) -> None:
+    """--hybrid: decode with `<drafter>+ngram` (row calibration off), fit, write (module docstring)."""
+    import shutil
+    import tempfile
+
+    import numpy as np
+
+    from dspark_jax.drafters.checkpoint import hybrid_row_calibration, write_hybrid_row_calibration
+    from dspark_jax.drafters.factory import load_drafter
+    from dspark_jax.drafters.hybrid_calibration import FEATURES, calibrated_rows
+    from dspark_jax.evaluation.calibration import fit_hybrid_row_calibration
+    from dspark_jax.evaluation.reliability import survival_ece
+    from dspark_jax.evaluation.runner import decode_speculative
+    from dspark_jax.generation import GenerationConfig
+    from dspark_jax.target import load_target
+    from dspark_jax.utils.machine import describe_machine
+    from dspark_jax.utils.results import write_result
+
+    print(f"loading target {FLAGS.target} ...", file=sys.stderr)
+    target = load_target(FLAGS.target)
+    source = _source_dir(FLAGS.drafter, target)
+    output = _check_output(source)
+    hybrid = load_drafter(f"{source}+ngram:row_calibration=0", target)
+    prompts, prompt_source = _heldout_prompts(target, file_prompts)
+    gen = GenerationConfig(max_new_tokens=FLAGS.max_new_tokens, temperature=0.0, seed=FLAGS.seed,
+                           batch_size=FLAGS.batch_size)
+    print(f"decoding {len(prompts)} held-out prompts with {source}+ngram at T = 0 (row calibration off) ...",
+          file=sys.stderr)
+    rec = decode_speculative(target, hybrid, prompts, gen, 0.0, progress=lambda d, n: print(
+        f"  [{d}/{n}] prompts", file=sys.stderr, flush=True)).records
+    weights = fit_hybrid_row_calibration(rec.confidence, rec.lookup_draft, rec.lookup_expected, rec.accepted,
+                                         rec.proposed)
+    mapped = np.asarray(calibrated_rows(rec.confidence, rec.lookup_draft, rec.lookup_expected,
+                                        np.full(len(rec), rec.block_size), np.zeros(len(rec)), tuple(weights)))
+    ece = {name: [float(e) for e in survival_ece(c, rec.accept_flags, rec.proposed, FLAGS.bins, 0)[0]]
+           for name, c in (("before", rec.confidence), ("after", mapped))}
+    record = dict(weights=[float(w) for w in weights], sampling_temperature=0.0, rounds=len(rec),
+                  lookup_rows=int(rec.lookup_draft.sum()), prompts=prompt_source, num_prompts=len(prompts),
+                  max_new_tokens=gen.max_new_tokens, seed=gen.seed, ece_bins=FLAGS.bins, ece_in_sample=ece,
+                  command="dspark calibrate " + " ".join(sys.argv[2:]))
+    if output != source:  # a copy of the drafter, written next to its destination and swapped into place
+        output.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=output.name + ".tmp")) / output.name
+        shutil.copytree(source, tmp)
+        write_hybrid_row_calibration(tmp, record)
+        if output.exists():
+            shutil.rmtree(output)
+        tmp.replace(output)
+        shutil.rmtree(tmp.parent)
+    else:
+        write_hybrid_row_calibration(output, record)
+    if hybrid_row_calibration(output) != tuple(record["weights"]):
+        raise RuntimeError(f"{output}: the row calibration read back differs from the fitted one")
+    report = Path(FLAGS.report_dir)
+    report.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(report / "hybrid_records.npz", **rec.to_arrays())  # every round, to refit offline
+    write_result(report / "hybrid_calibration.json", dict(record, features=list(FEATURES), source=str(source),
+                                                          drafter_written=str(output), machine=describe_machine()))
+    print("weights: " + ", ".join(f"{n} {w:+.3f}" for n, w in zip(FEATURES, weights)))
+    print(f"survival ECE %, positions 1-4, before -> after (in sample, {len(rec)} rounds): "
+          + ", ".join(f"{100 * b:.1f} -> {100 * a:.1f}" for b, a in zip(ece["before"][:4], ece["after"][:4]))
+          + f"; worst {100 * max(ece['before']):.1f} -> {100 * max(ece['after']):.1f}")
+    print(f"wrote the hybrid row calibration into {output}/drafter.json; report {report}/hybrid_calibration.json",
+          file=sys.stderr)
 
 
 def run(argv: list[str]) -> None:

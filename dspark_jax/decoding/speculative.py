@@ -31,7 +31,10 @@ class RoundStats:
     """Per request and round (slot r < rounds[b]): proposed [B, R] draft tokens, accepted [B, R], committed
     [B, R] (bonus included), accept_flags [B, R, G], confidence and confidence_logits [B, R, G], model_forward
     [B, R] (bool: the round ran the drafter model's forward — not a plain round, not prompt lookup's draft alone,
-    not a hybrid's round that skipped its model)."""
+    not a hybrid's round that skipped its model); lookup_draft [B, R] (bool: the verified draft was a deterministic
+    lookup draft — prompt lookup's, or a hybrid row that took its lookup's; False in plain rounds); lookup_expected
+    [B, R] (a hybrid's lookup proposal's expected accepted length in the round, whichever draft it verified;
+    prompt lookup alone: its own; 0 for model drafters and plain rounds — `Proposal.lookup_expected`)."""
     proposed: jax.Array
     accepted: jax.Array
     committed: jax.Array
@@ -39,6 +42,8 @@ class RoundStats:
     confidence: jax.Array
     confidence_logits: jax.Array
     model_forward: jax.Array
+    lookup_draft: jax.Array
+    lookup_expected: jax.Array
 
     @staticmethod
     def zeros(batch: int, max_rounds: int, gamma: int) -> "RoundStats":
@@ -46,7 +51,9 @@ class RoundStats:
         per_draft = jnp.zeros((batch, max_rounds, gamma), jnp.float32)
         return RoundStats(proposed=counts, accepted=counts, committed=counts,
                           accept_flags=jnp.zeros((batch, max_rounds, gamma), bool), confidence=per_draft,
-                          confidence_logits=per_draft, model_forward=jnp.zeros((batch, max_rounds), bool))
+                          confidence_logits=per_draft, model_forward=jnp.zeros((batch, max_rounds), bool),
+                          lookup_draft=jnp.zeros((batch, max_rounds), bool),
+                          lookup_expected=jnp.zeros((batch, max_rounds), jnp.float32))
 
 
 @jax.tree_util.register_dataclass
@@ -82,7 +89,8 @@ class SpecOutput:
     """tokens [B, max_new_tokens]; num_tokens [B]; rounds [B] verification rounds per request;
     per round r < rounds[b]: proposed [B, R], accepted [B, R] (draft tokens accepted), committed [B, R]
     (tokens committed, bonus included), accept_flags [B, R, G], confidence [B, R, G] (calibrated c_k),
-    confidence_logits [B, R, G], model_forward [B, R] (`RoundStats`); nonfinite [B]: the request stopped because
+    confidence_logits [B, R, G], model_forward, lookup_draft, lookup_expected [B, R] (`RoundStats`); nonfinite [B]:
+    the request stopped because
     the target's logits were not finite (NaN / inf) — its tokens end before that round."""
     tokens: jax.Array
     num_tokens: jax.Array
@@ -94,6 +102,8 @@ class SpecOutput:
     confidence: jax.Array
     confidence_logits: jax.Array
     model_forward: jax.Array
+    lookup_draft: jax.Array
+    lookup_expected: jax.Array
     nonfinite: jax.Array
 
 
@@ -104,13 +114,15 @@ class _Outcome:
     (its K/V still unwritten: `RoundResult.kv_rows`), verified [B] drafts per request, the round's confidence /
     confidence_logits [B, G] to record, the gate's next plain_left, backoff and stale_confidence, and each
     request's expected position after the round [B] (slack + expected committed tokens: the terms of
-    `draft_length.fluid_gain`, from the round's fresh confidences) for the progress record; model_forward [B]:
-    whether the proposal ran the drafter model's forward (`RoundStats`)."""
+    `draft_length.fluid_gain`, from the round's fresh confidences) for the progress record; model_forward,
+    lookup_draft, lookup_expected [B]: the round's source (`RoundStats`)."""
     res: RoundResult
     verified: jax.Array
     confidence: jax.Array
     confidence_logits: jax.Array
     model_forward: jax.Array
+    lookup_draft: jax.Array
+    lookup_expected: jax.Array
     plain_left: jax.Array
     backoff: jax.Array
     stale_confidence: jax.Array
@@ -132,7 +144,7 @@ def _first_drafts(proposal: Proposal, k: int) -> Proposal:
                     confidence=cut(proposal.confidence), confidence_logits=cut(proposal.confidence_logits),
                     length=None if proposal.length is None else jnp.minimum(proposal.length, k),
                     deterministic=proposal.deterministic, model_skipped=proposal.model_skipped,
-                    model_confidence=proposal.model_confidence)
+                    model_confidence=proposal.model_confidence, lookup_expected=proposal.lookup_expected)
 
 
 def _model_forward(drafter, proposal: Proposal, batch: int) -> jax.Array:
@@ -148,6 +160,15 @@ def _deterministic_rows(proposal: Proposal, batch: int) -> jax.Array:
     if proposal.p_draft is None:
         return jnp.ones((batch,), bool)
     return jnp.zeros((batch,), bool) if proposal.deterministic is None else proposal.deterministic
+
+
+def _lookup_expected(drafter, proposal: Proposal, batch: int) -> jax.Array:
+    """[B] the round's lookup proposal's expected accepted length (`RoundStats.lookup_expected`)."""
+    if proposal.lookup_expected is not None:
+        return proposal.lookup_expected.astype(jnp.float32)
+    if getattr(drafter.config, "algorithm", None) == "ngram":
+        return proposal.expected_accept_length.astype(jnp.float32)
+    return jnp.zeros((batch,), jnp.float32)
 
 
 _STATIC = ("target_graphdef", "drafter_graphdef", "max_new_tokens", "stop_ids", "mode", "pad_id", "verify_buckets",
@@ -320,7 +341,8 @@ class _Rounds:
         # read only by later rounds (the progress record), so the fresh confidences serve, as for `stale`
         expected = slack_of(active, remaining) + expected_committed(prop.confidence, verified, remaining)
         return _Outcome(res, verified, prop.confidence, prop.confidence_logits, _model_forward(drafter, prop, b),
-                        plain_left, backoff, stale, expected)
+                        _deterministic_rows(prop, b), _lookup_expected(drafter, prop, b), plain_left, backoff, stale,
+                        expected)
 
     def plain(self, c: SpecState) -> SpecState:
         """A plain round (the drafter's propose skipped): plain decoding's step (`decoding.autoregressive`) —
@@ -345,7 +367,8 @@ class _Rounds:
                           target_cache=out.cache, drafter_state=drafter_state, nonfinite=active & ~finite)
         no_conf = jnp.zeros((b, g), jnp.float32)
         c = dataclasses.replace(c, target_cache=out.cache, plain_left=c.plain_left - 1)
-        return self._commit(c, res, none, no_conf, no_conf, jnp.zeros((b,), bool))
+        no = jnp.zeros((b,), bool)
+        return self._commit(c, res, none, no_conf, no_conf, no, no, jnp.zeros((b,), jnp.float32))
 
     def _verify(self, c: SpecState, proposal: Proposal, num_verify: jax.Array, bucket: int, rows: int):
         """`verify_round` of num_verify[b] drafts per active request, laid out flat in `bucket` rows (at most
@@ -369,7 +392,8 @@ class _Rounds:
         """Writes a round's outcome into the state: its K/V rows into the target cache, the gate's state
         (`_gate_state`), tokens and statistics."""
         c = dataclasses.replace(self._gate_state(c, o), target_cache=o.res.kv_rows.write(c.target_cache))
-        return self._commit(c, o.res, o.verified, o.confidence, o.confidence_logits, o.model_forward)
+        return self._commit(c, o.res, o.verified, o.confidence, o.confidence_logits, o.model_forward, o.lookup_draft,
+                            o.lookup_expected)
 
     def _gate_state(self, c: SpecState, o: _Outcome) -> SpecState:
         """The gate's state after a drafted round: plain_left, backoff, stale_confidence, and the progress record
@@ -388,7 +412,8 @@ class _Rounds:
                                    progress=c.progress + gained)
 
     def _commit(self, c: SpecState, res, n_prop: jax.Array, confidence: jax.Array,
-                confidence_logits: jax.Array, model_forward: jax.Array) -> SpecState:
+                confidence_logits: jax.Array, model_forward: jax.Array, lookup_draft: jax.Array,
+                lookup_expected: jax.Array) -> SpecState:
         """Writes the round's committed tokens and statistics into the state (the target cache: `_apply`)."""
         g = self.drafter.config.block_size
         b = c.anchor.shape[0]
@@ -412,7 +437,9 @@ class _Rounds:
                            accept_flags=record(st.accept_flags, res.accept_flags),
                            confidence=record(st.confidence, confidence),
                            confidence_logits=record(st.confidence_logits, confidence_logits),
-                           model_forward=record(st.model_forward, model_forward))
+                           model_forward=record(st.model_forward, model_forward),
+                           lookup_draft=record(st.lookup_draft, lookup_draft),
+                           lookup_expected=record(st.lookup_expected, lookup_expected))
         return dataclasses.replace(c, anchor=res.anchor, start=c.start + count,
                                    drafter_state=res.drafter_state, tokens=tokens,
                                    num_generated=c.num_generated + count, done=c.done | finished,

@@ -245,3 +245,37 @@ def write_temperatures(src: str | os.PathLike, dst: str | os.PathLike, temperatu
     else:
         os.replace(tmp, dst)
     return dst
+
+
+def hybrid_row_calibration(path: str | os.PathLike) -> tuple[float, ...] | None:
+    """The weights of the row calibration a drafter directory holds for hybrids of it with prompt lookup
+    (`drafters.hybrid_calibration`), None where it holds none. Raises DrafterFileError for a record whose features
+    are not the current ones."""
+    from dspark_jax.drafters.hybrid_calibration import FEATURES, META_KEY
+    record = read_meta(path).get(META_KEY)
+    if record is None:
+        return None
+    if tuple(record.get("features", ())) != FEATURES or len(record.get("weights", ())) != len(FEATURES):
+        raise DrafterFileError(f"{path}: its {META_KEY} has features {record.get('features')}, expected {FEATURES}")
+    weights = tuple(float(w) for w in record["weights"])
+    if not all(np.isfinite(weights)):
+        raise DrafterFileError(f"{path}: its {META_KEY} weights are not finite")
+    return weights
+
+
+def write_hybrid_row_calibration(path: str | os.PathLike, record: dict) -> Path:
+    """Writes `record` (weights, features, and how they were fitted) into the drafter directory's drafter.json as
+    its hybrid row calibration (replacing any), atomically: a new file swapped into place. Raises ValueError for
+    weights that do not fit the features or are not finite."""
+    from dspark_jax.drafters.hybrid_calibration import FEATURES, META_KEY
+    weights = [float(w) for w in record.get("weights", ())]
+    if len(weights) != len(FEATURES) or not all(np.isfinite(weights)):
+        raise ValueError(f"a hybrid row calibration needs {len(FEATURES)} finite weights, got {weights}")
+    path = Path(path)
+    meta = read_meta(path)
+    meta[META_KEY] = dict(record, weights=weights, features=list(FEATURES))
+    tmp = path / (META_FILE + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2))
+    tmp.chmod(0o644)
+    os.replace(tmp, path / META_FILE)
+    return path

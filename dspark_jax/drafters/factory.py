@@ -9,7 +9,8 @@ import numpy as np
 from flax import nnx
 
 from dspark_jax.data import training_prompts
-from dspark_jax.drafters.checkpoint import checked_calibration, is_drafter_dir, load_drafter_module, read_meta
+from dspark_jax.drafters.checkpoint import (checked_calibration, hybrid_row_calibration, is_drafter_dir,
+                                           load_drafter_module, read_meta)
 from dspark_jax.drafters.config import DrafterConfig, make_drafter_config
 from dspark_jax.drafters.deepspec import load_deepspec_drafter
 from dspark_jax.drafters.hybrid import HybridConfig, HybridDrafter
@@ -79,7 +80,8 @@ def ngram_drafter(target: Target, spec: str = "ngram", gamma: int = 7) -> Drafte
     return Drafter(config, graphdef, state, spec)
 
 
-HYBRID_OPTIONS = ("skip_model_at", "model_prior_strength", "price_model")  # `HybridConfig` fields settable in a spec
+HYBRID_OPTIONS = ("skip_model_at", "model_prior_strength", "price_model",  # `HybridConfig` fields settable in a spec
+                  "row_calibration")
 
 
 def split_hybrid_options(lookup_spec: str) -> tuple[str, dict[str, float]]:
@@ -103,23 +105,27 @@ def split_hybrid_options(lookup_spec: str) -> tuple[str, dict[str, float]]:
 def hybrid_drafter(model: Drafter, target: Target, lookup_spec: str = "ngram",
                    skip_model_at: float = HybridConfig.skip_model_at,
                    model_prior_strength: float = HybridConfig.model_prior_strength,
-                   price_model: float = HybridConfig.price_model) -> Drafter:
+                   price_model: float = HybridConfig.price_model, row_calibration: float = 1) -> Drafter:
     """`model` and prompt lookup (`lookup_spec`, see `ngram_drafter`) proposing per request whichever draft
     is expected to be accepted further (`drafters.hybrid`; `skip_model_at`, `model_prior_strength`,
-    `price_model` (0 or 1 in a spec: "default+ngram:price_model=0"): see `HybridConfig`)."""
-    if price_model not in (0, 1):
-        raise ValueError(f"price_model is 0 or 1, got {price_model:g}")
+    `price_model` (0 or 1 in a spec: "default+ngram:price_model=0"): see `HybridConfig`). `row_calibration` 1: the
+    row calibration the model's drafter directory holds, if any (`drafters.hybrid_calibration`); 0: none."""
+    for name, value in (("price_model", price_model), ("row_calibration", row_calibration)):
+        if value not in (0, 1):
+            raise ValueError(f"{name} is 0 or 1, got {value:g}")
     if model is None or model.config.algorithm == "ngram":
         raise ValueError("a hybrid drafter pairs a trained (or random) drafter with lookup")
     lookup = ngram_drafter(target, lookup_spec, model.config.block_size)
+    weights = (hybrid_row_calibration(model.source) if row_calibration and is_drafter_dir(model.source)
+               else None)
     module = HybridDrafter(nnx.merge(model.graphdef, model.state), nnx.merge(lookup.graphdef, lookup.state),
                            skip_model_at=skip_model_at, model_prior_strength=model_prior_strength,
-                           price_model=bool(price_model))
+                           price_model=bool(price_model), row_calibration=weights)
     graphdef, state = nnx.split(module)
     options = "".join(f":{k}={float(v):g}" for k, v in (("skip_model_at", skip_model_at),
                                                           ("model_prior_strength", model_prior_strength),
                                                           ("price_model", price_model))
-                      if v != getattr(HybridConfig, k))
+                      if v != getattr(HybridConfig, k)) + ("" if row_calibration else ":row_calibration=0")
     return Drafter(module.config, graphdef, state, f"{model.source}+{lookup_spec}{options}")
 
 

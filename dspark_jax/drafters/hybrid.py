@@ -58,6 +58,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dspark_jax.drafters.base import Proposal, RoundOutcome
+from dspark_jax.drafters.hybrid_calibration import FEATURES as ROW_FEATURES
+from dspark_jax.drafters.hybrid_calibration import calibrated_rows
 from dspark_jax.drafters.ngram import NgramDrafter, acceptance_counts, record_confidence
 
 
@@ -72,6 +74,8 @@ class HybridConfig:
     # 0: always (the model's forward never runs)
     model_prior_strength: float = 4.0  # observations the model's head is worth against its record (module doc)
     price_model: bool = True  # skip the model's forward where the loop's costs say it does not pay (module doc)
+    row_calibration: tuple[float, ...] | None = None  # weights mapping each verified row's confidences
+    # (`drafters.hybrid_calibration`; fitted on the hybrid's rounds, kept in the model drafter's directory); None: off
 
 
 @jax.tree_util.register_dataclass
@@ -95,7 +99,8 @@ class HybridDrafter(nnx.Module):
 
     def __init__(self, model, lookup: NgramDrafter, skip_model_at: float = HybridConfig.skip_model_at,
                  model_prior_strength: float = HybridConfig.model_prior_strength,
-                 price_model: bool = HybridConfig.price_model):
+                 price_model: bool = HybridConfig.price_model,
+                 row_calibration: tuple[float, ...] | None = HybridConfig.row_calibration):
         if model.config.block_size != lookup.config.block_size:
             raise ValueError(f"hybrid drafters need one block size, got {model.config.block_size} (model) and "
                              f"{lookup.config.block_size} (lookup)")
@@ -105,9 +110,14 @@ class HybridDrafter(nnx.Module):
                              f"{skip_model_at}")
         if not model_prior_strength > 0:
             raise ValueError(f"model_prior_strength must be > 0, got {model_prior_strength}")
+        if row_calibration is not None and len(row_calibration) != len(ROW_FEATURES):
+            raise ValueError(f"row_calibration has {len(ROW_FEATURES)} weights ({', '.join(ROW_FEATURES)}), got "
+                             f"{len(row_calibration)}")
         self.config = HybridConfig(model.config.block_size, tuple(model.config.target_layer_ids),
                                    f"{model.config.algorithm}+ngram", skip_model_at=skip_model_at,
-                                   model_prior_strength=model_prior_strength, price_model=bool(price_model))
+                                   model_prior_strength=model_prior_strength, price_model=bool(price_model),
+                                   row_calibration=None if row_calibration is None
+                                   else tuple(float(w) for w in row_calibration))
 
     @property
     def model_skip_threshold(self) -> float:
@@ -249,12 +259,19 @@ class HybridDrafter(nnx.Module):
         def pick(a, b):
             return jnp.where(use.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
 
+        length = pick(by_lookup.num_drafted, by_model.num_drafted)
+        lookup_expected = by_lookup.expected_accept_length.astype(jnp.float32)
+        confidence = pick(by_lookup.confidence, by_model.confidence)
+        if self.config.row_calibration is not None:  # after the choice: it never changes which draft is verified
+            confidence = calibrated_rows(confidence, use, lookup_expected, length, params.temperature,
+                                         self.config.row_calibration)
         return Proposal(tokens=pick(by_lookup.tokens, by_model.tokens),
                         draft_index=jnp.where(use[:, None], 0, by_model.draft_index), p_draft=by_model.p_draft,
-                        confidence=pick(by_lookup.confidence, by_model.confidence),
+                        confidence=confidence,
                         confidence_logits=pick(by_lookup.confidence_logits, by_model.confidence_logits),
-                        length=pick(by_lookup.num_drafted, by_model.num_drafted), deterministic=use,
-                        model_skipped=jnp.broadcast_to(skipped, use.shape), model_confidence=by_model.model_confidence)
+                        length=length, deterministic=use,
+                        model_skipped=jnp.broadcast_to(skipped, use.shape), model_confidence=by_model.model_confidence,
+                        lookup_expected=lookup_expected)
 
 
 def model_score(proposal: Proposal, params, later: jax.Array | None = None) -> jax.Array:

@@ -193,3 +193,36 @@ def cross_fitted_ece(logits: np.ndarray, accept_flags: np.ndarray, proposed: np.
                         rounds_scored=int(off.sum()), temperatures=np.asarray(temps).tolist(),
                         biases=None if biases is None else np.asarray(biases).tolist()))
     return out
+
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1.0, iterations: int = 50) -> np.ndarray:
+    """[F] weights w of P(y) = σ(x · w): Newton's method on the log-likelihood with an L2 penalty `l2` (every
+    weight, the bias column included). x [N, F]; y [N] bool."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    w = np.zeros(x.shape[1])
+    for _ in range(iterations):
+        p = 1.0 / (1.0 + np.exp(-(x @ w)))
+        step = np.linalg.solve((x * (p * (1 - p))[:, None]).T @ x + l2 * np.eye(len(w)), x.T @ (p - y) + l2 * w)
+        w -= step
+        if np.abs(step).max() < 1e-9:
+            break
+    return w
+
+
+def fit_hybrid_row_calibration(confidence: np.ndarray, lookup_row: np.ndarray, lookup_expected: np.ndarray,
+                               accepted: np.ndarray, proposed: np.ndarray, l2: float = 1.0) -> np.ndarray:
+    """[F] weights of a hybrid's row calibration (`drafters.hybrid_calibration`), fitted on its recorded rounds
+    decoded without one: the logistic regression (`fit_logistic`) of "position k accepted | every earlier one
+    accepted" over every verified position. confidence [N, G]; lookup_row, lookup_expected, accepted, proposed
+    [N] (`RoundRecords`). Raises ValueError without rounds of both sources."""
+    from dspark_jax.drafters.hybrid_calibration import row_features
+    lookup_row = np.asarray(lookup_row, bool)
+    if lookup_row.all() or not lookup_row.any():
+        raise ValueError(f"a hybrid row calibration needs rounds of both sources, got {int(lookup_row.sum())} lookup "
+                         f"rows of {len(lookup_row)}")
+    x = np.asarray(row_features(np.asarray(confidence, np.float32), lookup_row,
+                                np.asarray(lookup_expected, np.float32)), np.float64)
+    k = np.arange(x.shape[1])[None]
+    accepted = np.asarray(accepted)
+    tested = k < np.minimum(accepted + 1, np.asarray(proposed))[:, None]
+    return fit_logistic(x[tested], (k < accepted[:, None])[tested], l2)

@@ -7,7 +7,7 @@ from typing import Sequence
 import numpy as np
 
 FIELDS = ("request", "proposed", "accepted", "committed", "accept_flags", "confidence", "confidence_logits",
-          "model_forward")
+          "model_forward", "lookup_draft", "lookup_expected")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,7 +19,10 @@ class RoundRecords:
     accept_flags [N, G] prefix-closed per-position flags (False past `proposed`); confidence [N, G] the
     c_k = σ(z_k / T_k) decoding used; confidence_logits [N, G] the raw z_k (0 without a confidence head);
     model_forward [N] bool: the round ran the drafter model's forward (`decoding.speculative.RoundStats`: False for
-    prompt lookup and for a hybrid's rounds that skipped its model).
+    prompt lookup and for a hybrid's rounds that skipped its model); lookup_draft [N] bool: the verified draft was a
+    lookup draft (prompt lookup's, or a hybrid row that took its lookup's); lookup_expected [N]: the round's lookup
+    proposal's expected accepted length (a hybrid's, whichever draft it verified; 0 for model drafters).
+    (records.npz files written before session 44 lack the last two.)
     """
     request: np.ndarray
     proposed: np.ndarray
@@ -29,6 +32,8 @@ class RoundRecords:
     confidence: np.ndarray
     confidence_logits: np.ndarray
     model_forward: np.ndarray
+    lookup_draft: np.ndarray
+    lookup_expected: np.ndarray
 
     def __post_init__(self):
         n = len(self.request)
@@ -60,7 +65,9 @@ class RoundRecords:
                    accept_flags=pick(out.accept_flags).astype(bool),
                    confidence=pick(out.confidence).astype(np.float32),
                    confidence_logits=pick(out.confidence_logits).astype(np.float32),
-                   model_forward=pick(out.model_forward).astype(bool))
+                   model_forward=pick(out.model_forward).astype(bool),
+                   lookup_draft=pick(out.lookup_draft).astype(bool),
+                   lookup_expected=pick(out.lookup_expected).astype(np.float32))
 
     @classmethod
     def concatenate(cls, parts: Sequence["RoundRecords"], renumber: bool = True) -> "RoundRecords":

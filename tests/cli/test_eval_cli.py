@@ -128,7 +128,35 @@ def test_evaluation_reports_lookup_and_hybrid_drafters_with_calibration(tiny, tm
     assert rows["hybrid"]["model_rounds"] == hybrid.model_forward.sum() > 0
     saved = np.load(tmp_path / "records.npz")
     np.testing.assert_array_equal(saved["1/a/model_forward"], hybrid.model_forward)
+    np.testing.assert_array_equal(saved["1/a/lookup_draft"], hybrid.lookup_draft)
     assert "rounds running the drafter model" in (tmp_path / "eval.md").read_text()
+
+
+def test_records_say_which_drafter_each_round_verified(tiny):
+    """RoundRecords.lookup_draft / lookup_expected (T = 0, where the tiny target's greedy output repeats itself)."""
+    from dspark_jax.drafters.factory import hybrid_drafter, load_drafter
+    from dspark_jax.evaluation.suite import EvalConfig, evaluate
+    target, dspark = tiny
+    drafters = [("lookup", load_drafter("ngram", target, gamma=4)), ("hybrid", hybrid_drafter(dspark, target))]
+    loops = ("abcabcabcabc", "xyxyxyxy", "hello hello hello")
+    greedy = dataclasses.replace(GEN, temperature=0.0, max_new_tokens=24)
+    result = evaluate(target, [Benchmark("a", "code", loops, "mem")], drafters, EvalConfig(greedy))
+    survival = lambda r: np.cumprod(r.confidence, axis=1).sum(1)  # noqa: E731  (a lookup's c is 0 past its match)
+    lookup = result.run("lookup", "a").records
+    assert lookup.lookup_draft.all() and (lookup.lookup_expected > 0).any()
+    np.testing.assert_allclose(lookup.lookup_expected, survival(lookup), rtol=1e-5, atol=1e-6)
+    # the hybrid: a round that skipped its model verified the lookup's draft; a lookup row's confidence is the
+    # lookup's, so its recorded expected length is that row's survival sum; a model row's is not
+    hybrid = result.run("hybrid", "a").records
+    assert hybrid.lookup_draft[~hybrid.model_forward].all()
+    assert 0 < hybrid.lookup_draft.sum() < len(hybrid)
+    mine = hybrid.lookup_draft
+    np.testing.assert_allclose(hybrid.lookup_expected[mine], survival(hybrid)[mine], rtol=1e-5, atol=1e-6)
+    assert (hybrid.lookup_expected >= 0).all()
+    # the model drafter alone: no lookup anywhere
+    alone = evaluate(target, [Benchmark("a", "code", loops[:1], "mem")], [("m", dspark)], EvalConfig(greedy))
+    rec = alone.run("m", "a").records
+    assert not rec.lookup_draft.any() and not rec.lookup_expected.any()
 
 
 def test_benchmark_names_and_heldout_split():
@@ -183,6 +211,7 @@ def test_help_lists_the_flags():
     (["eval", "--confidence_threshold", "1.5"], "confidence_threshold"),
     (["calibrate", "--output", "/tmp/x", "--in_place"], "exactly one of --output"),
     (["calibrate", "--output", "/tmp/x", "--eval_tails", "4", "--prompts_file", "/tmp/p.jsonl"], "--eval_tails"),
+    (["calibrate", "--output", "/tmp/x", "--hybrid", "--temperature", "1"], "--hybrid fits the greedy"),
 ])
 def test_bad_input_gives_one_line_error(args, message):
     r = run_cli(*args)
@@ -209,3 +238,18 @@ def test_eval_and_calibrate_end_to_end_on_default_target(tmp_path):
     assert [c["sampling_temperature"] for c in meta["calibrations"]] == [0.0, 1.0]
     assert "calibration sets: T=0, T=1" in r.stderr
     assert (tmp_path / "report" / "reliability_before_after.png").exists()
+    # --hybrid: the row calibration of <drafter>+ngram, fitted on prompts whose greedy outputs repeat themselves
+    prompts = tmp_path / "loops.jsonl"
+    prompts.write_text("".join(json.dumps({"turns": [f"Write the word {w} twenty times, separated by spaces."]}) + "\n"
+                               for w in ("apple", "river", "stone", "cloud")))
+    r = run_cli("calibrate", "--hybrid", "--temperature", "0", "--prompts_file", str(prompts), "--num_prompts", "4",
+                "--max_new_tokens", "48", "--batch_size", "4", "--drafter", str(tmp_path / "calibrated"),
+                "--output", str(tmp_path / "hybrid"), "--report_dir", str(tmp_path / "hybrid_report"))
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((tmp_path / "hybrid" / "drafter.json").read_text())
+    record = meta["hybrid_calibration"]
+    assert len(record["weights"]) == len(record["features"]) == 10 and record["rounds"] > 0
+    assert 0 < record["lookup_rows"] < record["rounds"]
+    assert meta["calibrations"] == json.loads((tmp_path / "calibrated" / "drafter.json").read_text())["calibrations"]
+    assert (tmp_path / "hybrid_report" / "hybrid_records.npz").exists()
+    assert "survival ECE %" in r.stdout

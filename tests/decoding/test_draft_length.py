@@ -178,7 +178,7 @@ def test_the_progress_record_of_drafted_rounds():
         res = SimpleNamespace(count=jnp.asarray(count), stopped=jnp.asarray(stopped),
                               nonfinite=jnp.zeros((3,), bool))
         return _Outcome(res=res, verified=None, confidence=None, confidence_logits=None, model_forward=None,
-                        plain_left=jnp.int32(0), backoff=jnp.int32(1), stale_confidence=None,
+                        lookup_draft=None, lookup_expected=None, plain_left=jnp.int32(0), backoff=jnp.int32(1), stale_confidence=None,
                         expected=jnp.asarray(expected, jnp.float32))
     # remaining 9, 7, 5 → slack 0, 2, 4; the third request stopped: realized min(0 + 2, 2 + 1) = 2, expected
     # min(3.0, 3.5) = 3 (the stopped request's 2.0 does not count)

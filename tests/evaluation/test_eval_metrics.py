@@ -23,7 +23,8 @@ def make_records(request, proposed, accepted, committed, g=3, confidence=None, m
     return RoundRecords(request=np.asarray(request), proposed=np.asarray(proposed), accepted=np.asarray(accepted),
                         committed=np.asarray(committed), accept_flags=flags, confidence=conf,
                         confidence_logits=np.zeros((n, g), np.float32),
-                        model_forward=np.ones(n, bool) if model_forward is None else np.asarray(model_forward))
+                        model_forward=np.ones(n, bool) if model_forward is None else np.asarray(model_forward),
+                        lookup_draft=np.zeros(n, bool), lookup_expected=np.zeros(n, np.float32))
 
 
 def test_pooled_accept_length_differs_from_per_request_mean_and_is_reported():
@@ -147,4 +148,5 @@ def test_records_concatenate_keeps_requests_distinct():
     with pytest.raises(ValueError, match="rows"):
         RoundRecords(request=np.zeros(2), proposed=np.zeros(3), accepted=np.zeros(2), committed=np.zeros(2),
                      accept_flags=np.zeros((2, 3), bool), confidence=np.zeros((2, 3)),
-                     confidence_logits=np.zeros((2, 3)), model_forward=np.zeros(2, bool))
+                     confidence_logits=np.zeros((2, 3)), model_forward=np.zeros(2, bool),
+                     lookup_draft=np.zeros(2, bool), lookup_expected=np.zeros(2))

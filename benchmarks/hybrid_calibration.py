@@ -35,8 +35,8 @@ def main() -> None:
     if not Path(args.rounds).is_file():
         raise SystemExit(f"--rounds {args.rounds} does not exist")
 
-    from dspark_jax.drafters.hybrid_calibration import FEATURES, calibrated_rows
-    from dspark_jax.evaluation.calibration import fit_hybrid_row_calibration
+    from dspark_jax.drafters.hybrid_calibration import FEATURES
+    from dspark_jax.evaluation.calibration import fit_hybrid_row_calibration, hybrid_rows_mapped
     from dspark_jax.utils.results import write_result
 
     with np.load(args.rounds) as f:
@@ -50,9 +50,7 @@ def main() -> None:
                                           r["accepted"][rows], r["proposed"][rows], args.l2)
 
     def mapped(weights, rows):
-        return np.asarray(calibrated_rows(r["confidence"][rows], r["lookup_draft"][rows], r["lookup_expected"][rows],
-                                          r["proposed"][rows] * 0 + r["confidence"].shape[1],
-                                          np.zeros(int(rows.sum()), np.float32), tuple(weights)))
+        return hybrid_rows_mapped(r["confidence"][rows], r["lookup_draft"][rows], r["lookup_expected"][rows], weights)
 
     everything = np.ones(len(r["request"]), bool)
     weights = fit(everything)

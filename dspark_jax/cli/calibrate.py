@@ -259,8 +259,8 @@ def _hybrid_body(file_prompts: list[str] | None) -> None:
 
     from dspark_jax.drafters.checkpoint import hybrid_row_calibration, write_hybrid_row_calibration
     from dspark_jax.drafters.factory import load_drafter
-    from dspark_jax.drafters.hybrid_calibration import FEATURES, calibrated_rows
-    from dspark_jax.evaluation.calibration import fit_hybrid_row_calibration
+    from dspark_jax.drafters.hybrid_calibration import FEATURES
+    from dspark_jax.evaluation.calibration import fit_hybrid_row_calibration, hybrid_rows_mapped
     from dspark_jax.evaluation.reliability import survival_ece
     from dspark_jax.evaluation.runner import decode_speculative
     from dspark_jax.generation import GenerationConfig
@@ -282,8 +282,7 @@ def _hybrid_body(file_prompts: list[str] | None) -> None:
         f"  [{d}/{n}] prompts", file=sys.stderr, flush=True)).records
     weights = fit_hybrid_row_calibration(rec.confidence, rec.lookup_draft, rec.lookup_expected, rec.accepted,
                                          rec.proposed)
-    mapped = np.asarray(calibrated_rows(rec.confidence, rec.lookup_draft, rec.lookup_expected,
-                                        np.full(len(rec), rec.block_size), np.zeros(len(rec)), tuple(weights)))
+    mapped = hybrid_rows_mapped(rec.confidence, rec.lookup_draft, rec.lookup_expected, weights)
     ece = {name: [float(e) for e in survival_ece(c, rec.accept_flags, rec.proposed, FLAGS.bins, 0)[0]]
            for name, c in (("before", rec.confidence), ("after", mapped))}
     record = dict(weights=[float(w) for w in weights], sampling_temperature=0.0, rounds=len(rec),

@@ -162,13 +162,11 @@ def _deterministic_rows(proposal: Proposal, batch: int) -> jax.Array:
     return jnp.zeros((batch,), bool) if proposal.deterministic is None else proposal.deterministic
 
 
-def _lookup_expected(drafter, proposal: Proposal, batch: int) -> jax.Array:
-    """[B] the round's lookup proposal's expected accepted length (`RoundStats.lookup_expected`)."""
-    if proposal.lookup_expected is not None:
-        return proposal.lookup_expected.astype(jnp.float32)
-    if getattr(drafter.config, "algorithm", None) == "ngram":
-        return proposal.expected_accept_length.astype(jnp.float32)
-    return jnp.zeros((batch,), jnp.float32)
+def _lookup_expected(proposal: Proposal, batch: int) -> jax.Array:
+    """[B] the round's lookup proposal's expected accepted length (`RoundStats.lookup_expected`; 0 without one)."""
+    if proposal.lookup_expected is None:
+        return jnp.zeros((batch,), jnp.float32)
+    return proposal.lookup_expected.astype(jnp.float32)
 
 
 _STATIC = ("target_graphdef", "drafter_graphdef", "max_new_tokens", "stop_ids", "mode", "pad_id", "verify_buckets",
@@ -341,7 +339,7 @@ class _Rounds:
         # read only by later rounds (the progress record), so the fresh confidences serve, as for `stale`
         expected = slack_of(active, remaining) + expected_committed(prop.confidence, verified, remaining)
         return _Outcome(res, verified, prop.confidence, prop.confidence_logits, _model_forward(drafter, prop, b),
-                        _deterministic_rows(prop, b), _lookup_expected(drafter, prop, b), plain_left, backoff, stale,
+                        _deterministic_rows(prop, b), _lookup_expected(prop, b), plain_left, backoff, stale,
                         expected)
 
     def plain(self, c: SpecState) -> SpecState:

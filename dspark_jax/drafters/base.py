@@ -26,9 +26,9 @@ class Proposal:
     one value per row so that engines can write proposals row by row), None for other drafters;
     model_confidence: [B, G] a hybrid drafter's model head's calibrated c_k for every row, whichever draft the
     row takes (zeros where the model's forward was skipped), None for other drafters — what the hybrid's
-    prediction of its model's next drafts learns from (`drafters.hybrid`); lookup_expected: [B] a hybrid drafter's
-    lookup proposal's expected accepted length Σ_k Π_{i≤k} c_i (0 where it has no match), whichever draft the row
-    takes, None for other drafters — recorded per round (`decoding.speculative.RoundStats`).
+    prediction of its model's next drafts learns from (`drafters.hybrid`); lookup_expected: [B] the lookup
+    proposal's expected accepted length Σ_k Π_{i≤k} c_i (0 where it has no match) — prompt lookup's own, a hybrid
+    drafter's lookup's whichever draft the row takes —, None for model drafters — recorded per round (`decoding.speculative.RoundStats`).
     """
     tokens: jax.Array
     draft_index: jax.Array

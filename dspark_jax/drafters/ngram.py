@@ -325,5 +325,6 @@ class NgramDrafter(nnx.Module):
             conf = calibrated_confidence(conf, n, state.previous, state.streak, period, in_output,
                                          jnp.asarray(weights, jnp.float32)[set_index])
         logits = jnp.log(jnp.maximum(conf, 1e-6)) - jnp.log(jnp.maximum(1.0 - conf, 1e-6))
-        return Proposal(tokens=proposed, draft_index=proposed, p_draft=None, confidence=conf,
-                        confidence_logits=logits, length=length)
+        proposal = Proposal(tokens=proposed, draft_index=proposed, p_draft=None, confidence=conf,
+                            confidence_logits=logits, length=length)
+        return dataclasses.replace(proposal, lookup_expected=proposal.expected_accept_length.astype(jnp.float32))

@@ -226,3 +226,14 @@ def fit_hybrid_row_calibration(confidence: np.ndarray, lookup_row: np.ndarray, l
     accepted = np.asarray(accepted)
     tested = k < np.minimum(accepted + 1, np.asarray(proposed))[:, None]
     return fit_logistic(x[tested], (k < accepted[:, None])[tested], l2)
+
+
+def hybrid_rows_mapped(confidence: np.ndarray, lookup_row: np.ndarray, lookup_expected: np.ndarray,
+                       weights) -> np.ndarray:
+    """[N, G] recorded greedy rounds' confidences [N, G] through a hybrid row calibration's `weights` at every
+    position (`drafters.hybrid_calibration.calibrated_rows`; positions past a round's verified drafts are not scored)."""
+    from dspark_jax.drafters.hybrid_calibration import calibrated_rows
+    n, g = np.shape(confidence)
+    return np.asarray(calibrated_rows(np.asarray(confidence, np.float32), np.asarray(lookup_row, bool),
+                                      np.asarray(lookup_expected, np.float32), np.full(n, g), np.zeros(n, np.float32),
+                                      tuple(weights)))

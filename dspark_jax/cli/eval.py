@@ -32,7 +32,9 @@ def _define_flags() -> None:
                         "drafter directory, or 'random:<dspark|dflash|eagle3>'; 'LABEL=SPEC' names one in the "
                         "report.")
     flags.DEFINE_string("target", "gemma3-270m", TARGET_HELP)
-    flags.DEFINE_integer("limit", None, "Use the first N prompts of each set (default: all).", lower_bound=1)
+    flags.DEFINE_integer("limit", None, "Use N prompts of each set, from --offset on (default: all).", lower_bound=1)
+    flags.DEFINE_integer("offset", 0, "Skip the first N prompts of each set (file order): with --limit, a later "
+                         "slice, e.g. prompts disjoint from an earlier --limit run.", lower_bound=0)
     flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 = greedy.", lower_bound=0.0)
     flags.DEFINE_integer("max_new_tokens", 256, "New tokens per prompt (fewer if a stop token comes).", lower_bound=1)
     flags.DEFINE_integer("gamma", None, "Draft tokens per round for every drafter (default: each drafter's trained "
@@ -126,7 +128,7 @@ def body() -> None:
     names = [s.strip() for s in FLAGS.datasets.split(",") if s.strip()]
     if not names:
         raise ValueError("--datasets is empty")
-    benchmarks = load_benchmarks(names, FLAGS.limit, raw=FLAGS.raw_prompts)
+    benchmarks = load_benchmarks(names, FLAGS.limit, raw=FLAGS.raw_prompts, offset=FLAGS.offset)
     if not 0.0 <= FLAGS.confidence_threshold <= 1.0:
         raise ValueError(f"--confidence_threshold must be in [0, 1], got {FLAGS.confidence_threshold}")
     if FLAGS.heldout_only and not FLAGS.heldout_dir:

@@ -31,10 +31,14 @@ class Benchmark:
     source: str
 
 
-def load_benchmark(spec: str, limit: int | None = None, raw: bool = False) -> Benchmark:
-    """A shipped evaluation set by name, or a JSONL file by path; the first `limit` prompts (all if None)."""
+def load_benchmark(spec: str, limit: int | None = None, raw: bool = False, offset: int = 0) -> Benchmark:
+    """A shipped evaluation set by name, or a JSONL file by path: `limit` prompts (all if None) from prompt
+    `offset` on (0-based, file order). Raises ValueError for a bad limit or offset, or a set with no prompt past
+    `offset`."""
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
+    if offset < 0:
+        raise ValueError(f"offset must be >= 0, got {offset}")
     if spec in DOMAINS:
         path, name, domain = eval_dataset_path(spec), spec, DOMAINS[spec]
         prompts = read_first_turns(path)
@@ -48,14 +52,17 @@ def load_benchmark(spec: str, limit: int | None = None, raw: bool = False) -> Be
         prompts = read_first_turns(path)
     else:
         raise ValueError(f"unknown dataset {spec!r}; evaluation sets: {', '.join(DOMAINS)} (or a JSONL file by path)")
-    prompts = prompts[:limit] if limit else prompts
+    if offset >= len(prompts):
+        raise ValueError(f"{name} has {len(prompts)} prompts: none from offset {offset} on")
+    prompts = prompts[offset:offset + limit] if limit else prompts[offset:]
     return Benchmark(name=name, domain=domain, prompts=tuple(p if raw else format_prompt(p) for p in prompts),
                      source=str(path))
 
 
-def load_benchmarks(specs: list[str], limit: int | None = None, raw: bool = False) -> list[Benchmark]:
-    """Several sets; duplicate names are an error."""
-    out = [load_benchmark(s, limit, raw) for s in specs]
+def load_benchmarks(specs: list[str], limit: int | None = None, raw: bool = False,
+                    offset: int = 0) -> list[Benchmark]:
+    """Several sets (`load_benchmark`'s limit, raw and offset for each); duplicate names are an error."""
+    out = [load_benchmark(s, limit, raw, offset) for s in specs]
     names = [b.name for b in out]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:

@@ -163,6 +163,14 @@ def test_benchmark_names_and_heldout_split():
     gsm = load_benchmark("gsm8k")
     assert len(gsm.prompts) == 200 and gsm.domain == "math" and gsm.prompts[0].startswith("Question: ")
     assert load_benchmark("mt-bench", limit=3).prompts == load_benchmark("mt-bench").prompts[:3]
+    # --offset: a later slice, disjoint from the first --limit prompts; past the end: the whole tail
+    assert load_benchmark("mt-bench", limit=3, offset=2).prompts == load_benchmark("mt-bench").prompts[2:5]
+    assert load_benchmark("mt-bench", limit=48, offset=48).prompts == load_benchmark("mt-bench").prompts[48:80]
+    assert load_benchmark("gsm8k", offset=190).prompts == gsm.prompts[190:]  # still gsm8k's first 200 only
+    with pytest.raises(ValueError, match="mt-bench has 80 prompts: none from offset 80 on"):
+        load_benchmark("mt-bench", offset=80)
+    with pytest.raises(ValueError, match="offset must be >= 0"):
+        load_benchmark("mt-bench", offset=-1)
     with pytest.raises(ValueError, match="training prompts"):
         load_benchmark("livecodebench")
     with pytest.raises(ValueError, match="unknown dataset"):

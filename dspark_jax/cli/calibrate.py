@@ -252,9 +252,6 @@ def body() -> None:
 
 def _hybrid_body(file_prompts: list[str] | None) -> None:
     """--hybrid: decode with `<drafter>+ngram` (row calibration off), fit, write (module docstring)."""
-    import shutil
-    import tempfile
-
     import numpy as np
 
     from dspark_jax.drafters.checkpoint import hybrid_row_calibration, write_hybrid_row_calibration
@@ -289,17 +286,7 @@ def _hybrid_body(file_prompts: list[str] | None) -> None:
                   lookup_rows=int(rec.lookup_draft.sum()), prompts=prompt_source, num_prompts=len(prompts),
                   max_new_tokens=gen.max_new_tokens, seed=gen.seed, ece_bins=FLAGS.bins, ece_in_sample=ece,
                   command="dspark calibrate " + " ".join(sys.argv[2:]))
-    if output != source:  # a copy of the drafter, written next to its destination and swapped into place
-        output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=output.name + ".tmp")) / output.name
-        shutil.copytree(source, tmp)
-        write_hybrid_row_calibration(tmp, record)
-        if output.exists():
-            shutil.rmtree(output)
-        tmp.replace(output)
-        shutil.rmtree(tmp.parent)
-    else:
-        write_hybrid_row_calibration(output, record)
+    write_hybrid_row_calibration(source, record, dst=output)
     if hybrid_row_calibration(output) != tuple(record["weights"]):
         raise RuntimeError(f"{output}: the row calibration read back differs from the fitted one")
     report = Path(FLAGS.report_dir)

@@ -60,11 +60,7 @@ def save_drafter(module, path: str | os.PathLike, *, dtype=jnp.bfloat16, extra: 
                             hidden_size=module.target_config.hidden_size, vocab_size=module.target_config.vocab_size),
                 **(extra or {}))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _write_files(path, tensors, meta)
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
-    return path
+    return _swap_into_place(_write_files(path, tensors, meta), path)
 
 
 def _write_files(path: Path, tensors: dict, meta: dict) -> Path:
@@ -236,7 +232,12 @@ def write_temperatures(src: str | os.PathLike, dst: str | os.PathLike, temperatu
     meta["calibration"] = calibration
     meta["calibrations"] = [s.record for s in sets]
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _write_files(dst, tensors, meta)
+    return _swap_into_place(_write_files(dst, tensors, meta), dst)
+
+
+def _swap_into_place(tmp: Path, dst: Path) -> Path:
+    """Moves the directory `tmp` (next to `dst`) to `dst`: an existing `dst` is first moved aside (renames only,
+    so at every moment one complete directory is at `dst` or aside) and removed after the swap."""
     if dst.exists():
         old = Path(tempfile.mkdtemp(dir=dst.parent, prefix=dst.name + ".old"))
         os.replace(dst, old / dst.name)
@@ -263,10 +264,13 @@ def hybrid_row_calibration(path: str | os.PathLike) -> tuple[float, ...] | None:
     return weights
 
 
-def write_hybrid_row_calibration(path: str | os.PathLike, record: dict) -> Path:
-    """Writes `record` (weights, features, and how they were fitted) into the drafter directory's drafter.json as
-    its hybrid row calibration (replacing any), atomically: a new file swapped into place. Raises ValueError for
-    weights that do not fit the features or are not finite."""
+def write_hybrid_row_calibration(path: str | os.PathLike, record: dict,
+                                 dst: str | os.PathLike | None = None) -> Path:
+    """Writes `record` (weights, features, and how they were fitted) as the hybrid row calibration (replacing any)
+    into the drafter.json of the drafter directory `path`, or, with `dst` (not `path`), of a copy of it at `dst`
+    (every other file byte for byte). Atomic: in place a new drafter.json swapped in; a copy written next to `dst`
+    and swapped into place (`_swap_into_place`). Returns the directory written. Raises ValueError for weights that
+    do not fit the features or are not finite (nothing written)."""
     from dspark_jax.drafters.hybrid_calibration import FEATURES, META_KEY
     weights = [float(w) for w in record.get("weights", ())]
     if len(weights) != len(FEATURES) or not all(np.isfinite(weights)):
@@ -274,8 +278,24 @@ def write_hybrid_row_calibration(path: str | os.PathLike, record: dict) -> Path:
     path = Path(path)
     meta = read_meta(path)
     meta[META_KEY] = dict(record, weights=weights, features=list(FEATURES))
+    if dst is not None and Path(dst).resolve() != path.resolve():
+        dst = Path(dst)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=dst.name + ".tmp"))
+        try:
+            shutil.copytree(path, tmp, dirs_exist_ok=True)
+            _write_meta(tmp, meta)
+            return _swap_into_place(tmp, dst)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    _write_meta(path, meta)
+    return path
+
+
+def _write_meta(path: Path, meta: dict) -> None:
+    """drafter.json of the directory `path` replaced by `meta`, atomically (a new file renamed over it)."""
     tmp = path / (META_FILE + ".tmp")
     tmp.write_text(json.dumps(meta, indent=2))
     tmp.chmod(0o644)
     os.replace(tmp, path / META_FILE)
-    return path

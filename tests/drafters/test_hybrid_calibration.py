@@ -91,6 +91,18 @@ def test_a_drafter_directory_keeps_the_weights(tmp_path):
             write_hybrid_row_calibration(d, dict(weights=bad))
     assert hybrid_row_calibration(d) == pytest.approx(WEIGHTS)  # a refused write leaves the file as it was
     assert sorted(p.name for p in d.iterdir()) == ["drafter.json", "drafter.safetensors"]  # no temporary left
+    # a copy (`dspark calibrate --hybrid --output`): the source untouched, an existing copy replaced whole
+    out = tmp_path / "copies" / "out"
+    for weights in (np.zeros(len(FEATURES)), np.ones(len(FEATURES))):
+        assert write_hybrid_row_calibration(d, dict(weights=list(weights)), dst=out) == out
+        assert hybrid_row_calibration(out) == pytest.approx(weights)
+        assert (out / "drafter.safetensors").read_bytes() == (d / "drafter.safetensors").read_bytes()
+    assert hybrid_row_calibration(d) == pytest.approx(WEIGHTS)
+    assert [p.name for p in out.parent.iterdir()] == ["out"]  # nothing temporary or aside left
+    with pytest.raises(ValueError, match="finite weights"):
+        write_hybrid_row_calibration(d, dict(weights=[1.0]), dst=out)
+    assert hybrid_row_calibration(out) == pytest.approx(np.ones(len(FEATURES)))
+    assert write_hybrid_row_calibration(d, dict(weights=list(WEIGHTS)), dst=d) == d  # dst = the source: in place
     meta = read_meta(d)
     meta["hybrid_calibration"]["features"] = ["bias"]
     (d / "drafter.json").write_text(json.dumps(meta))

@@ -147,12 +147,13 @@ def _first_drafts(proposal: Proposal, k: int) -> Proposal:
                     model_confidence=proposal.model_confidence, lookup_expected=proposal.lookup_expected)
 
 
-def _model_forward(drafter, proposal: Proposal, batch: int) -> jax.Array:
-    """[B] bool: whether `proposal` ran the drafter model's forward — never for prompt lookup alone; for a hybrid,
-    unless the round skipped it (`Proposal.model_skipped`); for a model drafter, always."""
+def _model_forward(proposal: Proposal, batch: int) -> jax.Array:
+    """[B] bool: whether `proposal` ran a drafter model's forward — for a hybrid, unless the round skipped it
+    (`Proposal.model_skipped`); otherwise whenever its drafts have distributions (p_draft: a model's; prompt
+    lookup's deterministic drafts have none)."""
     if proposal.model_skipped is not None:
         return ~proposal.model_skipped
-    return jnp.full((batch,), getattr(drafter.config, "algorithm", None) != "ngram")
+    return jnp.full((batch,), proposal.p_draft is not None)
 
 
 def _deterministic_rows(proposal: Proposal, batch: int) -> jax.Array:
@@ -338,7 +339,7 @@ class _Rounds:
         stale = jnp.where((active & ~_deterministic_rows(prop, b))[:, None], prop.confidence, c.stale_confidence)
         # read only by later rounds (the progress record), so the fresh confidences serve, as for `stale`
         expected = slack_of(active, remaining) + expected_committed(prop.confidence, verified, remaining)
-        return _Outcome(res, verified, prop.confidence, prop.confidence_logits, _model_forward(drafter, prop, b),
+        return _Outcome(res, verified, prop.confidence, prop.confidence_logits, _model_forward(prop, b),
                         _deterministic_rows(prop, b), _lookup_expected(prop, b), plain_left, backoff, stale,
                         expected)
 

@@ -144,6 +144,7 @@ def test_records_say_which_drafter_each_round_verified(tiny):
     survival = lambda r: np.cumprod(r.confidence, axis=1).sum(1)  # noqa: E731  (a lookup's c is 0 past its match)
     lookup = result.run("lookup", "a").records
     assert lookup.lookup_draft.all() and (lookup.lookup_expected > 0).any()
+    assert not lookup.model_forward.any()  # no model: no round ran a model's forward
     np.testing.assert_allclose(lookup.lookup_expected, survival(lookup), rtol=1e-5, atol=1e-6)
     # the hybrid: a round that skipped its model verified the lookup's draft; a lookup row's confidence is the
     # lookup's, so its recorded expected length is that row's survival sum; a model row's is not

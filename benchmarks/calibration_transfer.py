@@ -47,9 +47,31 @@ def recorded_lookup_rows(rec, prefix: str, sets: list[str]) -> np.ndarray | None
     return np.concatenate([rec[f"{prefix}{s}/lookup_draft"] for s in sets])
 
 
+class Records(dict):
+    """The arrays of one or more records.npz as one mapping, keyed as in one file ("<index>/<set>/<field>"); with
+    several files each set is renamed "<i>:<set>" (i: the file's position in the list), so their rounds pool."""
+
+    @property
+    def files(self) -> list[str]:
+        return list(self)
+
+
+def read_records(paths: list[str]) -> Records:
+    out = Records()
+    for i, path in enumerate(paths):
+        rec = np.load(path)
+        for key in rec.files:
+            parts = key.split("/", 2)
+            if len(parts) == 3:  # round arrays; other entries (the drafters' names) are not read here
+                index, name, field = parts
+                out[f"{index}/{name if len(paths) == 1 else f'{i}:{name}'}/{field}"] = rec[key]
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--records", required=True, help="records.npz of `dspark eval`")
+    ap.add_argument("--records", required=True, help="records.npz of `dspark eval`; several, comma-separated: their "
+                    "rounds pooled (each file's sets named <i>:<set>)")
     ap.add_argument("--index", type=int, default=0, help="the drafter's index in the eval run (its --drafters order)")
     ap.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of the eval run")
     ap.add_argument("--drafters", required=True, help="NAME=DIR,... drafter directories whose calibration sets to "
@@ -73,7 +95,7 @@ def main():
                                                    survival_pairs)
     from dspark_jax.utils.results import write_result
 
-    rec = np.load(args.records)
+    rec = read_records(args.records.split(","))
     prefix = f"{args.index}/"
     sets = sorted({k.split("/")[1] for k in rec.files if k.startswith(prefix)})
     if not sets:

@@ -63,6 +63,9 @@ def _define_flags() -> None:
                       "survival curves a temperature alone cannot match (BENCHMARKS.md 'Session 17').")
     flags.DEFINE_bool("hybrid", False, "Fit the row calibration of the drafter's hybrid with prompt lookup "
                       "(<drafter>+ngram) instead of the head's temperatures (see --help; needs --temperature 0).")
+    flags.DEFINE_string("rounds", None, "With --hybrid: fit on the rounds a previous --hybrid run saved "
+                        "(its report's hybrid_records.npz, decoded with the row calibration off) instead of decoding "
+                        "again — seconds; the prompts it records come from the hybrid_calibration.json beside it.")
     flags.DEFINE_bool("keep_other_sets", True, "Keep the drafter's calibration sets fitted at other sampling "
                       "temperatures (each request uses the set fitted nearest to its temperature); "
                       "--nokeep_other_sets: this run's set replaces them all.")
@@ -184,6 +187,10 @@ def body() -> None:
         raise ValueError("--eval_tails picks built-in prompts; it cannot be combined with --prompts_file")
     if FLAGS.hybrid and FLAGS.temperature != 0:
         raise ValueError(f"--hybrid fits the greedy (T = 0) row calibration; got --temperature {FLAGS.temperature:g}")
+    if FLAGS.rounds and not FLAGS.hybrid:
+        raise ValueError("--rounds refits the hybrid's row calibration: it needs --hybrid")
+    if FLAGS.rounds and not Path(FLAGS.rounds).is_file():
+        raise FileNotFoundError(f"--rounds {FLAGS.rounds}: no such file (a --hybrid run's hybrid_records.npz)")
     file_prompts = read_prompts_file(FLAGS.prompts_file) if FLAGS.prompts_file else None
     if FLAGS.hybrid:
         return _hybrid_body(file_prompts)
@@ -250,6 +257,28 @@ def body() -> None:
     print(f"wrote calibrated drafter {written} (calibration sets: {sets}); report {md}", file=sys.stderr)
 
 
+def _saved_rounds(path: Path):
+    """(RoundRecords, how they were decoded: prompts, num_prompts, max_new_tokens, seed — from the
+    hybrid_calibration.json beside them, where there is one — and rounds_file) of a --hybrid run's
+    hybrid_records.npz. Raises ValueError for a file that does not hold every round field."""
+    import json
+
+    import numpy as np
+
+    from dspark_jax.evaluation.records import FIELDS, RoundRecords
+    with np.load(path) as saved:
+        missing = [f for f in FIELDS if f not in saved.files]
+        if missing:
+            raise ValueError(f"--rounds {path}: not a --hybrid run's hybrid_records.npz (missing {', '.join(missing)})")
+        rec = RoundRecords(**{f: saved[f] for f in FIELDS})
+    report = path.parent / "hybrid_calibration.json"
+    made = json.loads(report.read_text()) if report.is_file() else {}
+    decoded = {k: made[k] for k in ("prompts", "num_prompts", "max_new_tokens", "seed") if k in made}
+    print(f"fitting on {len(rec)} saved rounds of {path} ({made.get('command', 'origin not recorded')})",
+          file=sys.stderr)
+    return rec, dict(decoded, rounds_file=str(path))
+
+
 def _hybrid_body(file_prompts: list[str] | None) -> None:
     """--hybrid: decode with `<drafter>+ngram` (row calibration off), fit, write (module docstring)."""
     import numpy as np
@@ -269,22 +298,26 @@ def _hybrid_body(file_prompts: list[str] | None) -> None:
     target = load_target(FLAGS.target)
     source = _source_dir(FLAGS.drafter, target)
     output = _check_output(source)
-    hybrid = load_drafter(f"{source}+ngram:row_calibration=0", target)
-    prompts, prompt_source = _heldout_prompts(target, file_prompts)
-    gen = GenerationConfig(max_new_tokens=FLAGS.max_new_tokens, temperature=0.0, seed=FLAGS.seed,
-                           batch_size=FLAGS.batch_size)
-    print(f"decoding {len(prompts)} held-out prompts with {source}+ngram at T = 0 (row calibration off) ...",
-          file=sys.stderr)
-    rec = decode_speculative(target, hybrid, prompts, gen, 0.0, progress=lambda d, n: print(
-        f"  [{d}/{n}] prompts", file=sys.stderr, flush=True)).records
+    if FLAGS.rounds:
+        rec, decoded = _saved_rounds(Path(FLAGS.rounds))
+    else:
+        hybrid = load_drafter(f"{source}+ngram:row_calibration=0", target)
+        prompts, prompt_source = _heldout_prompts(target, file_prompts)
+        gen = GenerationConfig(max_new_tokens=FLAGS.max_new_tokens, temperature=0.0, seed=FLAGS.seed,
+                               batch_size=FLAGS.batch_size)
+        print(f"decoding {len(prompts)} held-out prompts with {source}+ngram at T = 0 (row calibration off) ...",
+              file=sys.stderr)
+        rec = decode_speculative(target, hybrid, prompts, gen, 0.0, progress=lambda d, n: print(
+            f"  [{d}/{n}] prompts", file=sys.stderr, flush=True)).records
+        decoded = dict(prompts=prompt_source, num_prompts=len(prompts), max_new_tokens=gen.max_new_tokens,
+                       seed=gen.seed)
     weights = fit_hybrid_row_calibration(rec.confidence, rec.lookup_draft, rec.lookup_expected, rec.accepted,
                                          rec.proposed)
     mapped = hybrid_rows_mapped(rec.confidence, rec.lookup_draft, rec.lookup_expected, weights)
     ece = {name: [float(e) for e in survival_ece(c, rec.accept_flags, rec.proposed, FLAGS.bins, 0)[0]]
            for name, c in (("before", rec.confidence), ("after", mapped))}
     record = dict(weights=[float(w) for w in weights], sampling_temperature=0.0, rounds=len(rec),
-                  lookup_rows=int(rec.lookup_draft.sum()), prompts=prompt_source, num_prompts=len(prompts),
-                  max_new_tokens=gen.max_new_tokens, seed=gen.seed, ece_bins=FLAGS.bins, ece_in_sample=ece,
+                  lookup_rows=int(rec.lookup_draft.sum()), **decoded, ece_bins=FLAGS.bins, ece_in_sample=ece,
                   command="dspark calibrate " + " ".join(sys.argv[2:]))
     write_hybrid_row_calibration(source, record, dst=output)
     if hybrid_row_calibration(output) != tuple(record["weights"]):

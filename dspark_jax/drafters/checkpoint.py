@@ -249,16 +249,18 @@ def _swap_into_place(tmp: Path, dst: Path) -> Path:
 
 
 def hybrid_row_calibration(path: str | os.PathLike) -> tuple[float, ...] | None:
-    """The weights of the row calibration a drafter directory holds for hybrids of it with prompt lookup
-    (`drafters.hybrid_calibration`), None where it holds none. Raises DrafterFileError for a record whose features
-    are not the current ones."""
-    from dspark_jax.drafters.hybrid_calibration import FEATURES, META_KEY
+    """The weights [len(FEATURES)] of the row calibration a drafter directory holds for hybrids of it with prompt
+    lookup (`drafters.hybrid_calibration`), None where it holds none; a record fitted on fewer features (a prefix of
+    `FEATURES`: session 44's `LEGACY_FEATURES`) gets weight 0 for the rest — the map it was fitted as. Raises
+    DrafterFileError for other features or non-finite weights."""
+    from dspark_jax.drafters.hybrid_calibration import FEATURES, LEGACY_FEATURES, META_KEY
     record = read_meta(path).get(META_KEY)
     if record is None:
         return None
-    if tuple(record.get("features", ())) != FEATURES or len(record.get("weights", ())) != len(FEATURES):
+    features = tuple(record.get("features", ()))
+    if features not in (FEATURES, LEGACY_FEATURES) or len(record.get("weights", ())) != len(features):
         raise DrafterFileError(f"{path}: its {META_KEY} has features {record.get('features')}, expected {FEATURES}")
-    weights = tuple(float(w) for w in record["weights"])
+    weights = tuple(float(w) for w in record["weights"]) + (0.0,) * (len(FEATURES) - len(features))
     if not all(np.isfinite(weights)):
         raise DrafterFileError(f"{path}: its {META_KEY} weights are not finite")
     return weights

@@ -9,9 +9,13 @@ evidence against the model's draft too. The calibration reads the row's source, 
 lookup had a match and the lookup's expected accepted length E_L:
 
     c'_k = σ(w · φ_k),  φ_k = per source s ∈ {lookup, model}: [s], [s]·logit c_k, [s]·[k = 1], [s]·[k = 1]·logit c_k;
-                        model rows also [E_L > 0], [E_L > 0]·log(1 + E_L)
+                        model rows also [E_L > 0], [E_L > 0]·log(1 + E_L);
+                        per source [s]·u_k, [s]·u_k³ with u_k = 2 c_k − 1
 
-(`FEATURES` names them in order). The map is applied after the choice, so it never changes which draft a
+(`FEATURES` names them in order). The last four (since session 45) bend the map where a straight line in logit c
+cannot follow the rows: the model rows the head rates 0.65–0.9 were accepted at position 1 in 0.85–0.98 of the
+rounds while those it rates 0.25–0.55 fell short (BENCHMARKS.md "Session 45"). A record fitted without them
+(session 44's ten features, `LEGACY_FEATURES`) loads with their weights 0: the same map. The map is applied after the choice, so it never changes which draft a
 request verifies: it changes the confidences the loop's scheduler reads (bucket, draft length, gate) and the
 ones it reports. It reads only the round's proposals, known before verification, so decoding stays lossless.
 Applied to requests sampled at T ≤ `MAX_TEMPERATURE` only (fitted on greedy rounds; at T > 0 a model draft is
@@ -23,9 +27,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-FEATURES = ("lookup_bias", "lookup_logit", "lookup_first_bias", "lookup_first_logit",
-            "model_bias", "model_logit", "model_first_bias", "model_first_logit",
-            "model_lookup_match", "model_lookup_match_log1p_expected")
+LEGACY_FEATURES = ("lookup_bias", "lookup_logit", "lookup_first_bias", "lookup_first_logit",
+                   "model_bias", "model_logit", "model_first_bias", "model_first_logit",
+                   "model_lookup_match", "model_lookup_match_log1p_expected")  # session 44's map
+FEATURES = LEGACY_FEATURES + ("lookup_centered", "lookup_centered_cubed", "model_centered", "model_centered_cubed")
 MAX_TEMPERATURE = 0.5  # requests sampled hotter keep their confidences (the weights are fitted at T = 0)
 META_KEY = "hybrid_calibration"  # where a drafter directory's drafter.json keeps the weights (`checkpoint`)
 _EPS = 1e-6
@@ -51,6 +56,9 @@ def row_features(confidence: jax.Array, lookup_row: jax.Array, lookup_expected: 
     for source in (lookup, model):
         cols += [source, source * logit, source * first, source * first * logit]
     cols += [model * match, model * match * log1p_e]
+    u = 2.0 * jnp.clip(confidence.astype(jnp.float32), 0.0, 1.0) - 1.0
+    for source in (lookup, model):
+        cols += [source * u, source * u ** 3]
     return jnp.stack(cols, axis=-1)
 
 

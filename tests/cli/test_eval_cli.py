@@ -221,6 +221,10 @@ def test_help_lists_the_flags():
     (["calibrate", "--output", "/tmp/x", "--in_place"], "exactly one of --output"),
     (["calibrate", "--output", "/tmp/x", "--eval_tails", "4", "--prompts_file", "/tmp/p.jsonl"], "--eval_tails"),
     (["calibrate", "--output", "/tmp/x", "--hybrid", "--temperature", "1"], "--hybrid fits the greedy"),
+    (["calibrate", "--output", "/tmp/x", "--rounds", "/tmp/r.npz"], "it needs --hybrid"),
+    (["calibrate", "--output", "/tmp/x", "--hybrid", "--temperature", "0", "--rounds", "/nonexistent/r.npz"],
+     "no such file"),
+    (["eval", "--datasets", "mt-bench", "--offset", "80"], "mt-bench has 80 prompts: none from offset 80 on"),
 ])
 def test_bad_input_gives_one_line_error(args, message):
     r = run_cli(*args)
@@ -257,8 +261,21 @@ def test_eval_and_calibrate_end_to_end_on_default_target(tmp_path):
     assert r.returncode == 0, r.stderr
     meta = json.loads((tmp_path / "hybrid" / "drafter.json").read_text())
     record = meta["hybrid_calibration"]
-    assert len(record["weights"]) == len(record["features"]) == 10 and record["rounds"] > 0
+    assert len(record["weights"]) == len(record["features"]) == 14 and record["rounds"] > 0
     assert 0 < record["lookup_rows"] < record["rounds"]
     assert meta["calibrations"] == json.loads((tmp_path / "calibrated" / "drafter.json").read_text())["calibrations"]
     assert (tmp_path / "hybrid_report" / "hybrid_records.npz").exists()
     assert "survival ECE %" in r.stdout
+    # --rounds: the same fit from the saved rounds, without decoding; how they were decoded is carried over
+    r = run_cli("calibrate", "--hybrid", "--temperature", "0", "--rounds",
+                str(tmp_path / "hybrid_report" / "hybrid_records.npz"), "--drafter", str(tmp_path / "calibrated"),
+                "--output", str(tmp_path / "refit"), "--report_dir", str(tmp_path / "refit_report"))
+    assert r.returncode == 0, r.stderr
+    refit = json.loads((tmp_path / "refit" / "drafter.json").read_text())["hybrid_calibration"]
+    assert refit["weights"] == pytest.approx(record["weights"]) and refit["rounds"] == record["rounds"]
+    assert refit["num_prompts"] == 4 and refit["rounds_file"].endswith("hybrid_records.npz")
+    np.savez(tmp_path / "bad.npz", request=np.zeros(3))
+    r = run_cli("calibrate", "--hybrid", "--temperature", "0", "--rounds", str(tmp_path / "bad.npz"),
+                "--drafter", str(tmp_path / "calibrated"), "--output", str(tmp_path / "refit2"))
+    assert r.returncode != 0 and "not a --hybrid run's hybrid_records.npz" in r.stderr, r.stderr
+    assert not (tmp_path / "refit2").exists()

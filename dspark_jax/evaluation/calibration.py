@@ -210,12 +210,14 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1.0, iterations: int 
 
 
 def fit_hybrid_row_calibration(confidence: np.ndarray, lookup_row: np.ndarray, lookup_expected: np.ndarray,
-                               accepted: np.ndarray, proposed: np.ndarray, l2: float = 1.0) -> np.ndarray:
+                               accepted: np.ndarray, proposed: np.ndarray, l2: float = 1.0,
+                               num_features: int | None = None) -> np.ndarray:
     """[F] weights of a hybrid's row calibration (`drafters.hybrid_calibration`), fitted on its recorded rounds
     decoded without one: the logistic regression (`fit_logistic`) of "position k accepted | every earlier one
     accepted" over every verified position. confidence [N, G]; lookup_row, lookup_expected, accepted, proposed
-    [N] (`RoundRecords`). Raises ValueError without rounds of both sources."""
-    from dspark_jax.drafters.hybrid_calibration import row_features
+    [N] (`RoundRecords`). num_features: fit the first n of `FEATURES` only, the rest weigh 0 (n =
+    len(LEGACY_FEATURES): session 44's map). Raises ValueError without rounds of both sources."""
+    from dspark_jax.drafters.hybrid_calibration import FEATURES, row_features
     lookup_row = np.asarray(lookup_row, bool)
     if lookup_row.all() or not lookup_row.any():
         raise ValueError(f"a hybrid row calibration needs rounds of both sources, got {int(lookup_row.sum())} lookup "
@@ -225,7 +227,10 @@ def fit_hybrid_row_calibration(confidence: np.ndarray, lookup_row: np.ndarray, l
     k = np.arange(x.shape[1])[None]
     accepted = np.asarray(accepted)
     tested = k < np.minimum(accepted + 1, np.asarray(proposed))[:, None]
-    return fit_logistic(x[tested], (k < accepted[:, None])[tested], l2)
+    n = len(FEATURES) if num_features is None else num_features
+    weights = np.zeros(len(FEATURES))
+    weights[:n] = fit_logistic(x[tested][:, :n], (k < accepted[:, None])[tested], l2)
+    return weights
 
 
 def hybrid_rows_mapped(confidence: np.ndarray, lookup_row: np.ndarray, lookup_expected: np.ndarray,

@@ -1,0 +1,102 @@
+"""Where the main job's loop spends its time beyond plain decoding on a batch where nothing drafts (issue 13's
+"never below 1.0x at batch 8"): plain decoding, the auto loop (`--draft_length auto`: the cached round-cost profile,
+the gate, the hybrid's pricing), the loop's prefill alone (`speculative_start`: the target's prefill with taps and the
+drafter's) against plain decoding's (a 1-token generate), and the loop's plain rounds alone (`speculative_rounds`
+forced plain, as many as the auto loop ran rounds). Timed in interleaved repeats on one batch; each row's best and
+median. Also the auto loop's rounds: how many probed (drafted rounds: the proposal ran — the model's forward or the
+lookup alone — and whatever was verified) and the profile's costs of a plain round, a model round and a lookup-only
+round at the smallest bucket.
+
+    python benchmarks/loop_attribution.py [--dataset mbpp --batch_size 8 --repeats 5]
+
+Writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", default="mbpp")
+    ap.add_argument("--batch_size", type=int, default=8)
+    ap.add_argument("--max_new_tokens", type=int, default=96)
+    ap.add_argument("--drafter", default="default+ngram")
+    ap.add_argument("--gamma", type=int, default=15)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--output", default="benchmarks/results/loop_attribution.json")
+    args = ap.parse_args()
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from dspark_jax.data import eval_dataset_path, read_first_turns
+    from dspark_jax.decoding.autoregressive import generate
+    from dspark_jax.decoding.speculative import draft_head, speculative_generate, speculative_rounds, speculative_start
+    from dspark_jax.drafters.factory import load_drafter, with_block_size
+    from dspark_jax.generation import encode_prompts, pad_batch
+    from dspark_jax.round_costs import load_or_profile_round_costs
+    from dspark_jax.sampling import SamplingParams
+    from dspark_jax.target import load_target
+    from dspark_jax.training.responses import format_prompt
+    from dspark_jax.utils.machine import describe_machine
+    from dspark_jax.utils.results import write_result
+
+    bs, new = args.batch_size, args.max_new_tokens
+    target = load_target()
+    drafter = with_block_size(load_drafter(args.drafter, target, gamma=args.gamma), args.gamma)
+    head = draft_head(target.graphdef, target.state, drafter.graphdef, drafter.state)
+    prompts = [format_prompt(p) for p in read_first_turns(eval_dataset_path(args.dataset))[:bs]]
+    tokens, lens = pad_batch(encode_prompts(target, prompts, new), target.config.pad_token_id, bs)
+    prompts_, lens_, keys = jnp.asarray(tokens), jnp.asarray(lens), jax.random.split(jax.random.key(0), bs)
+    params, thr, stops = SamplingParams.create(bs, 0.0, 0, 1.0), jnp.float32(0.0), target.stop_ids
+    settings = load_or_profile_round_costs(target, drafter, bs, int(tokens.shape[1]), new).loop_settings(5)
+    spec = dict(target_graphdef=target.graphdef, target_state=target.state, drafter_graphdef=drafter.graphdef,
+                drafter_state=drafter.state, prompts=prompts_, prompt_lens=lens_, key=keys, params=params,
+                confidence_threshold=thr, max_new_tokens=new, stop_ids=stops)
+    plain_args = dict(graphdef=target.graphdef, state=target.state, prompts=prompts_, prompt_lens=lens_, key=keys,
+                      params=params, stop_ids=stops, pad_id=target.config.pad_token_id)
+    auto = jax.block_until_ready(speculative_generate(**spec, head=head, **settings))
+    rounds = int(np.asarray(auto.rounds).max())
+    start = speculative_start(**spec)
+    runs = {
+        "plain decoding": lambda: generate(**plain_args, max_new_tokens=new),
+        "auto loop": lambda: speculative_generate(**spec, head=head, **settings),
+        "plain decoding's prefill (1 token)": lambda: generate(**plain_args, max_new_tokens=1),
+        "loop's prefill (speculative_start)": lambda: speculative_start(**spec),
+        f"loop's plain rounds alone ({rounds})": lambda: speculative_rounds(
+            target.graphdef, target.state, drafter.graphdef, drafter.state, start, params, thr, jnp.int32(-1),
+            jnp.int32(rounds), max_new_tokens=new, stop_ids=stops),
+    }
+    for run in runs.values():  # compile and warm up
+        jax.block_until_ready(run())
+    times = {k: [] for k in runs}
+    for _ in range(args.repeats):
+        for k, run in runs.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(run())
+            times[k].append(time.perf_counter() - t0)
+    conf = np.asarray(auto.confidence)[:, :rounds]
+    probed = (np.abs(conf).sum(-1) > 0).any(0) | np.asarray(auto.model_forward)[:, :rounds].any(0)
+    model_rounds = int(np.asarray(auto.model_forward)[:, :rounds].any(0).sum())
+    paired = [a / p for a, p in zip(times["auto loop"], times["plain decoding"])]
+    print(f"machine: {describe_machine()}; {args.dataset}, batch {bs}, {new} new tokens, {args.drafter} γ {args.gamma}")
+    print(f"auto loop: {rounds} rounds, {int(probed.sum())} probed (with a proposal; {model_rounds} ran the model's "
+          f"forward), {int(np.asarray(auto.accepted).sum())} drafts accepted; auto / plain paired median "
+          f"{np.median(paired):.3f} [{min(paired):.3f}, {max(paired):.3f}]")
+    print(f"profile: plain round {settings['plain_cost']:.4f} s, bucket {settings['verify_buckets'][0]} with the model "
+          f"{settings['verify_costs'][0]:.4f} s, lookup only {(settings.get('lookup_costs') or [float('nan')])[0]:.4f} s")
+    for k, ts in times.items():
+        print(f"  {k:<36} best {min(ts):7.3f} s   median {np.median(ts):7.3f} s")
+    write_result(args.output, dict(machine=describe_machine(), **vars(args), rounds=rounds, probed=int(probed.sum()),
+                                   model_rounds=model_rounds, accepted=int(np.asarray(auto.accepted).sum()),
+                                   identical_to_plain=bool((np.asarray(auto.tokens) == np.asarray(
+                                       runs["plain decoding"]().tokens)).all()),
+                                   paired_auto_over_plain=paired, times=times, settings={
+                                       k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()}))
+
+
+if __name__ == "__main__":
+    main()

@@ -17,7 +17,9 @@ eval --limit M` for M <= 80 - N). --prompts_file replaces them.
 (`<drafter>+ngram`, the main job's drafter; `dspark_jax.drafters.hybrid_calibration`): the same prompts decoded by
 the hybrid at T = 0 with its row calibration off, a logistic map of each verified row's confidences fitted on its
 rounds (the row's source, its confidence, the lookup's match and expected length), stored in drafter.json — a
-deviation from the paper, which calibrates a drafter alone (BENCHMARKS.md "Session 44").
+deviation from the paper, which calibrates a drafter alone (BENCHMARKS.md "Session 44"); every round goes to the report's
+hybrid_records.npz, and `--hybrid --rounds <that file>` refits on them without decoding (seconds; session 45's shape
+terms were fitted so).
 Calibrate at the sampling temperature you decode with: acceptance at T=0 (greedy matching) differs from T=1.
 A drafter holds one calibration set per sampling temperature: a run at T replaces the set fitted at T and keeps
 those fitted at other temperatures (--nokeep_other_sets drops them); decoding uses, per request, the set fitted

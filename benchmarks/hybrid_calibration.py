@@ -72,16 +72,9 @@ def main() -> None:
         cross[~train] = mapped(fit(train), ~train)
     variants = {"as decoded": r["confidence"], "mapped, in sample": mapped(weights, everything),
                 "mapped, cross-fitted": cross}
-    results = {}
-    print(f"\n{'confidences':>22} {'rows':>7}  survival ECE % positions 1 / 2 / 3 / 4, worst (floor 1)  predicted / "
+    print(f"\n{'confidences':>30} {'rows':>7}  survival ECE % positions 1 / 2 / 3 / 4, worst (floor 1)  predicted / "
           f"observed c_1")
-    for variant, conf in variants.items():
-        for rows_name, rows in (("lookup", r["lookup_draft"]), ("model", ~r["lookup_draft"]), ("all", everything)):
-            e = ece_rows(conf, r, rows, 4)
-            results[f"{variant}: {rows_name}"] = e
-            print(f"{variant:>22} {rows_name:>7}  {' / '.join(f'{100 * x:.1f}' for x in e['ece'])}, "
-                  f"{100 * e['worst']:.1f} at {e['worst_position']} ({100 * e['floor_1']:.1f})  "
-                  f"{e['predicted_1']:.3f} / {e['observed_1']:.3f}")
+    results = by_source(variants, r)
     print("\nweights: " + ", ".join(f"{n} {w:+.3f}" for n, w in zip(FEATURES, weights)))
     heldout = {}
     if args.heldout_records:
@@ -90,8 +83,7 @@ def main() -> None:
         h = pooled_records(args.heldout_records.split(","))
         decoded_with = np.asarray(hybrid_row_calibration(args.decoded_with) or np.zeros(len(FEATURES)))
         raw = unmapped(h, decoded_with)
-        if not np.allclose(hybrid_rows_mapped(raw, h["lookup_draft"], h["lookup_expected"], decoded_with),
-                           h["confidence"], atol=1e-4):
+        if not np.allclose(mapped_rows(h, raw, decoded_with), h["confidence"], atol=1e-4):
             raise SystemExit(f"the records were not decoded with {args.decoded_with}'s row calibration")
         legacy = fit_hybrid_row_calibration(r["confidence"], r["lookup_draft"], r["lookup_expected"], r["accepted"],
                                             r["proposed"], args.l2, num_features=len(LEGACY_FEATURES))
@@ -99,31 +91,34 @@ def main() -> None:
                 f"fit, {len(LEGACY_FEATURES)} features": mapped_rows(h, raw, legacy),
                 f"fit, {len(FEATURES)} features": mapped_rows(h, raw, weights)}
         print(f"\non {args.heldout_records} ({len(h['request'])} rounds, decoded with {args.decoded_with}'s map)")
-        for variant, conf in fits.items():
-            for rows_name, rows in (("lookup", h["lookup_draft"]), ("model", ~h["lookup_draft"]),
-                                    ("all", np.ones(len(h["request"]), bool))):
-                e = ece_rows(conf, h, rows, 4)
-                heldout[f"{variant}: {rows_name}"] = e
-                print(f"{variant:>30} {rows_name:>7}  {' / '.join(f'{100 * x:.1f}' for x in e['ece'])}, "
-                      f"{100 * e['worst']:.1f} at {e['worst_position']} ({100 * e['floor_1']:.1f})  "
-                      f"{e['predicted_1']:.3f} / {e['observed_1']:.3f}")
+        heldout = by_source(fits, h)
         heldout["legacy_weights"] = [float(w) for w in legacy]
     write_result(args.output, dict(rounds=args.rounds, weights=[float(w) for w in weights], features=list(FEATURES),
                                    l2=args.l2, results=results, heldout_records=args.heldout_records,
                                    decoded_with=args.decoded_with, heldout=heldout))
 
 
-FIELDS = ("request", "proposed", "accepted", "accept_flags", "confidence", "lookup_draft", "lookup_expected")
+def by_source(variants: dict, r: dict) -> dict:
+    """`ece_rows` of each variant's confidences [N, G] over r's lookup rows, model rows and all rows, printed."""
+    out = {}
+    for variant, conf in variants.items():
+        for rows_name, rows in (("lookup", r["lookup_draft"]), ("model", ~r["lookup_draft"]),
+                                ("all", np.ones(len(r["request"]), bool))):
+            e = out[f"{variant}: {rows_name}"] = ece_rows(conf, r, rows, 4)
+            print(f"{variant:>30} {rows_name:>7}  {' / '.join(f'{100 * x:.1f}' for x in e['ece'])}, "
+                  f"{100 * e['worst']:.1f} at {e['worst_position']} ({100 * e['floor_1']:.1f})  "
+                  f"{e['predicted_1']:.3f} / {e['observed_1']:.3f}")
+    return out
 
 
 def pooled_records(paths: list[str]) -> dict:
-    """The hybrid's rounds (drafter index 0) of several `dspark eval` records.npz, every set, pooled."""
-    parts = []
-    for path in paths:
-        with np.load(path) as f:
-            sets = sorted({k.split("/")[1] for k in f.files if k.startswith("0/")})
-            parts += [{name: f[f"0/{s}/{name}"] for name in FIELDS} for s in sets]
-    out = {name: np.concatenate([p[name] for p in parts]) for name in FIELDS}
+    """The hybrid's rounds (drafter index 0) of several `dspark eval` records.npz, every set, pooled
+    (`calibration_transfer.read_records`)."""
+    from calibration_transfer import read_records  # benchmarks/, the script's own directory
+    rec = read_records(paths)
+    sets = sorted({k.split("/")[1] for k in rec.files if k.startswith("0/")})
+    fields = ("request", "proposed", "accepted", "accept_flags", "confidence", "lookup_draft", "lookup_expected")
+    out = {name: np.concatenate([rec[f"0/{s}/{name}"] for s in sets]) for name in fields}
     out["lookup_draft"] = out["lookup_draft"].astype(bool)
     return out
 
@@ -132,12 +127,10 @@ def unmapped(h: dict, weights: np.ndarray) -> np.ndarray:
     """[N, G] the rows' confidences before the row calibration `weights` (`drafters.hybrid_calibration`), by
     bisection on c (the map is increasing in c wherever it was fitted; the caller checks by mapping back).
     Positions past a lookup's match (c = 0) stay 0."""
-    from dspark_jax.evaluation.calibration import hybrid_rows_mapped
     lo, hi = np.zeros_like(h["confidence"], np.float64), np.ones_like(h["confidence"], np.float64)
     for _ in range(40):
         mid = (lo + hi) / 2
-        above = hybrid_rows_mapped(mid.astype(np.float32), h["lookup_draft"], h["lookup_expected"], weights) \
-            > h["confidence"]
+        above = mapped_rows(h, mid.astype(np.float32), weights) > h["confidence"]
         hi, lo = np.where(above, mid, hi), np.where(above, lo, mid)
     return np.where(h["confidence"] > 0, (lo + hi) / 2, 0.0).astype(np.float32)
 

@@ -267,12 +267,12 @@ def _saved_rounds(path: Path):
 
     import numpy as np
 
-    from dspark_jax.evaluation.records import FIELDS, RoundRecords
+    from dspark_jax.evaluation.records import RoundRecords
     with np.load(path) as saved:
-        missing = [f for f in FIELDS if f not in saved.files]
-        if missing:
-            raise ValueError(f"--rounds {path}: not a --hybrid run's hybrid_records.npz (missing {', '.join(missing)})")
-        rec = RoundRecords(**{f: saved[f] for f in FIELDS})
+        try:
+            rec = RoundRecords.from_arrays(saved)
+        except ValueError as e:
+            raise ValueError(f"--rounds {path}: not a --hybrid run's hybrid_records.npz ({e})") from None
     report = path.parent / "hybrid_calibration.json"
     made = json.loads(report.read_text()) if report.is_file() else {}
     decoded = {k: made[k] for k in ("prompts", "num_prompts", "max_new_tokens", "seed") if k in made}

@@ -85,3 +85,12 @@ class RoundRecords:
 
     def to_arrays(self, prefix: str = "") -> dict[str, np.ndarray]:
         return {prefix + name: getattr(self, name) for name in FIELDS}
+
+    @classmethod
+    def from_arrays(cls, arrays, prefix: str = "") -> "RoundRecords":
+        """The inverse of `to_arrays`: the records under `prefix` of a mapping of arrays (e.g. an opened
+        records.npz). Raises ValueError naming the fields it lacks."""
+        missing = [name for name in FIELDS if prefix + name not in arrays]
+        if missing:
+            raise ValueError(f"no round records under {prefix!r}: missing {', '.join(missing)}")
+        return cls(**{name: np.asarray(arrays[prefix + name]) for name in FIELDS})

@@ -150,3 +150,14 @@ def test_records_concatenate_keeps_requests_distinct():
                      accept_flags=np.zeros((2, 3), bool), confidence=np.zeros((2, 3)),
                      confidence_logits=np.zeros((2, 3)), model_forward=np.zeros(2, bool),
                      lookup_draft=np.zeros(2, bool), lookup_expected=np.zeros(2))
+
+
+def test_records_round_trip_through_arrays(tmp_path):
+    r = make_records(request=[0, 0, 1], proposed=[3] * 3, accepted=[1, 0, 2], committed=[2, 1, 3])
+    np.savez(tmp_path / "r.npz", **r.to_arrays("0/a/"))
+    with np.load(tmp_path / "r.npz") as saved:
+        back = RoundRecords.from_arrays(saved, "0/a/")
+    for name in ("request", "accepted", "accept_flags", "confidence", "lookup_expected"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(r, name))
+    with pytest.raises(ValueError, match="missing lookup_draft, lookup_expected"):
+        RoundRecords.from_arrays({k: v for k, v in r.to_arrays().items() if not k.startswith("lookup")})

@@ -6,9 +6,12 @@ the measured wall time of each batch against the round-cost profile's prediction
                                       --gamma 11 --max_new_tokens 96]
 
 Per round r of a batch: the bucket is the smallest compiled bucket holding its rows (active requests' anchors +
-verified drafts; a round with no verified draft is counted as a plain round), its predicted cost the profile's
-seconds for that bucket (`round_costs`; a hybrid's rounds are priced by its table with the model's forward — the
-loop's record does not say which rounds skipped it — so the prediction is an upper bound there). Expected accepted
+verified drafts; a round that proposed nothing — no confidence recorded, no model forward — is a plain round), its
+predicted cost the profile's seconds for that bucket (`round_costs`): a hybrid's rounds by its table with the
+model's forward where the round ran it (`RoundStats.model_forward`, recorded since session 44) and by its lookup-only
+table where it did not. The predicted speed-up, (prefill + plain decoding's steps × the profiled plain round) /
+(prefill + the rounds' predicted seconds), does not move with the machine's load between runs: it compares
+schedules on one profile (BENCHMARKS.md "Session 46"). Expected accepted
 drafts: Σ over verified drafts of the prefix survival Π_{i<=j} c_i of the confidences recorded for the round (at
 T = 0 the ones the bucket was chosen from).
 A ratio measured/predicted well above 1 means the loop pays for something the profile does not time; expected /
@@ -25,16 +28,31 @@ import time
 import numpy as np
 
 
-def round_buckets(rounds: np.ndarray, verified: np.ndarray, buckets: tuple[int, ...]) -> list[int | None]:
-    """Per global round of one batch: the smallest bucket holding its rows, None for a round with no verified
-    draft (plain). rounds [B], verified [B, R]."""
+def round_buckets(rounds: np.ndarray, verified: np.ndarray, buckets: tuple[int, ...],
+                  proposed: np.ndarray | None = None) -> list[int | None]:
+    """Per global round of one batch: the smallest bucket holding its rows, None for a plain round — one that
+    proposed nothing (proposed [B, R] bool: a request's round had a proposal), or without `proposed` one with no
+    verified draft. rounds [B], verified [B, R]."""
     out = []
     for r in range(int(rounds.max(initial=0))):
         active = rounds > r
         drafts = int(verified[active, r].sum())
         rows = int(active.sum()) + drafts
-        out.append(None if drafts == 0 else next((t for t in buckets if t >= rows), buckets[-1]))
+        drafted = drafts > 0 if proposed is None else bool(proposed[active, r].any())
+        out.append(next((t for t in buckets if t >= rows), buckets[-1]) if drafted else None)
     return out
+
+
+def round_proposals(confidence: np.ndarray, model_forward: np.ndarray) -> np.ndarray:
+    """[B, R] bool: the request's round had a proposal — a confidence recorded (plain rounds record zeros) or the
+    model's forward run. confidence [B, R, G], model_forward [B, R]."""
+    return (np.abs(confidence).sum(-1) > 0) | model_forward
+
+
+def round_model_forward(rounds: np.ndarray, model_forward: np.ndarray) -> list[bool]:
+    """Per global round of one batch: whether the round ran the drafter model's forward (for any active
+    request: one forward serves the batch). rounds [B], model_forward [B, R]."""
+    return [bool(model_forward[rounds > r, r].any()) for r in range(int(rounds.max(initial=0)))]
 
 
 def expected_accepted(rounds: np.ndarray, verified: np.ndarray, confidence: np.ndarray) -> float:
@@ -98,6 +116,7 @@ def main():
         settings = costs.loop_settings()  # what the run's loop compiles (generation.py)
         buckets, seconds = settings["verify_buckets"], settings["verify_costs"]
         cost = dict(zip(buckets, seconds))
+        lookup_cost = dict(zip(buckets, settings.get("lookup_costs") or seconds))  # a hybrid's rounds without the model
         static = dict(target_graphdef=target.graphdef, drafter_graphdef=drafter.graphdef,
                       max_new_tokens=cfg.max_new_tokens, stop_ids=target.stop_ids, pad_id=target.config.pad_token_id,
                       **settings)
@@ -113,15 +132,21 @@ def main():
             jax.block_until_ready(prefill_fn(**args_start))
             prefill = time.perf_counter() - t0
             rounds, verified = np.asarray(out.rounds), np.asarray(out.proposed)
-            per_round = round_buckets(rounds, verified, buckets)
-            predicted = sum(costs.plain if t is None else cost[t] for t in per_round)
+            model_forward = np.asarray(out.model_forward)
+            per_round = round_buckets(rounds, verified, buckets,
+                                      round_proposals(np.asarray(out.confidence), model_forward))
+            ran_model = round_model_forward(rounds, model_forward)
+            predicted = sum(costs.plain if t is None else (cost if ran else lookup_cost)[t]
+                            for t, ran in zip(per_round, ran_model))
             expected = expected_accepted(rounds, verified, np.asarray(out.confidence))
             accepted = int(sum(np.asarray(out.accepted)[b, :rounds[b]].sum() for b in range(bs)))
             by_bucket = {str(t or "plain"): per_round.count(t) for t in [None, *buckets] if per_round.count(t)}
             steps = int(np.asarray(out.num_tokens).max()) - 1  # plain decoding's steps after the prefill
+            predicted_speedup = (prefill + steps * costs.plain) / (prefill + predicted)
             row = dict(dataset=name, batch_start=start, batch_size=bs, measured_s=wall, prefill_s=prefill,
                        plain_decoding_s=plain_wall, plain_step_s=(plain_wall - prefill) / max(steps, 1),
                        predicted_rounds_s=predicted, ratio=wall / (prefill + predicted),
+                       predicted_speedup=predicted_speedup, model_rounds=int(sum(ran_model)),
                        expected_accepted=expected, accepted=accepted, rounds_by_bucket=by_bucket,
                        rounds_per_request=rounds.tolist(), tokens_per_request=np.asarray(out.num_tokens).tolist(),
                        profile=dict(buckets=buckets, seconds=seconds, plain=costs.plain))
@@ -129,6 +154,8 @@ def main():
             print(f"{name:<10} {bs:>5} {wall:10.2f} {prefill:9.2f} {predicted:15.2f} {row['ratio']:6.2f} "
                   f"{expected:12.1f} {accepted:8d} {by_bucket}", flush=True)
             print(f"{'':<10} rounds per request {rounds.tolist()}, tokens {np.asarray(out.num_tokens).tolist()}", flush=True)
+            print(f"{'':<10} predicted speed-up {predicted_speedup:.3f}x (profile; {int(sum(ran_model))} rounds ran the "
+                  f"model's forward)", flush=True)
             print(f"{'':<10} plain decoding {plain_wall:.2f} s (speculative: {plain_wall / wall:.2f}x its speed): "
                   f"{row['plain_step_s'] * 1e3:.1f} ms per step after the prefill vs the loop's profiled plain round "
                   f"{costs.plain * 1e3:.1f} ms", flush=True)

@@ -28,6 +28,8 @@ def main() -> None:
     ap.add_argument("--output", default="benchmarks/results/loop_attribution.json")
     args = ap.parse_args()
 
+    from round_check import round_proposals  # benchmarks/, the script's own directory
+
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -79,7 +81,7 @@ def main() -> None:
             jax.block_until_ready(run())
             times[k].append(time.perf_counter() - t0)
     conf = np.asarray(auto.confidence)[:, :rounds]
-    probed = (np.abs(conf).sum(-1) > 0).any(0) | np.asarray(auto.model_forward)[:, :rounds].any(0)
+    probed = round_proposals(conf, np.asarray(auto.model_forward)[:, :rounds]).any(0)
     model_rounds = int(np.asarray(auto.model_forward)[:, :rounds].any(0).sum())
     paired = [a / p for a, p in zip(times["auto loop"], times["plain decoding"])]
     print(f"machine: {describe_machine()}; {args.dataset}, batch {bs}, {new} new tokens, {args.drafter} γ {args.gamma}")

@@ -1,8 +1,8 @@
 """What accept length at T = 1 a drafter that always proposes the target's most likely tokens would reach.
 
 Issue 13 asks for τ ≥ 2.2 at T = 1. A deterministic draft token d is accepted at T = 1 with probability p(d)
-(rejection sampling, spec §2.7), so the best deterministic drafter — the one that knows the target's greedy
-continuation exactly, a perfect T = 0 drafter — drafts g_k = argmax p(· | x_≤a, g_<k) and reaches
+(rejection sampling, spec §2.7), so a drafter that knows the target's greedy continuation exactly — a perfect
+T = 0 drafter — drafts g_k = argmax p(· | x_≤a, g_<k) and reaches
 
     τ_greedy-oracle(a) = 1 + Σ_{k=1..γ} Π_{i≤k} p(g_i | x_≤a, g_<i)
 
@@ -11,7 +11,8 @@ at an anchor a (the last committed token) of a T = 1 sample. This script compute
 own T = 1 samples (`dspark prepare-data --heldout N --temperature 1 --top_k 0 --top_p 1.0`, the cache `dspark eval
 --heldout_only` and the trainer score), and prints it next to the drafters' teacher-forced probabilistic τ on the
 same cache. A stochastic drafter can exceed the oracle only by matching the *shape* of the target's T = 1
-distribution, not its mode: q = p reaches γ + 1.
+distribution, not its mode: q = p reaches γ + 1. (The greedy chain is not always the best deterministic chain:
+a less likely first token can lead to a surer continuation.)
 
     python benchmarks/t1_ceiling.py --heldout_dir runs/heldout5_t1 --drafters "shipped=default" \
         --output benchmarks/results/t1_ceiling.json

@@ -21,6 +21,7 @@ from dspark_jax.drafters.ngram import find_match, lookup_proposal
 from dspark_jax.models.config import TransformerConfig
 from dspark_jax.models.kv_cache import KVCache, write_contiguous
 from dspark_jax.models.layers import DecoderLayer, RMSNorm, param
+from dspark_jax.models.output_head import tied_logits
 from dspark_jax.sampling import FilterMode, SamplingParams, sample, token_probs
 from dspark_jax.sampling.keys import row_keys, split_rows
 
@@ -137,8 +138,9 @@ class DSparkDrafter(DrafterBase):
         return self.norm(x)
 
     def base_logits(self, hidden: jax.Array, head: jax.Array) -> jax.Array:
-        out = jnp.einsum("...d,nd->...n", hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
-        return softcap(out, self.target_config.final_logit_softcapping)
+        """Logits [..., N] float32 of the final-normed hidden [..., d] through the draft vocabulary's output
+        embedding rows head [N, d] (`models.output_head.tied_logits`: off XLA:CPU's few-row GEMM cliff), soft-capped."""
+        return softcap(tied_logits(hidden, head.astype(hidden.dtype)), self.target_config.final_logit_softcapping)
 
     def prev_rows(self, tokens: jax.Array) -> jax.Array:
         """Markov-embedding rows of previous (target-id) tokens."""

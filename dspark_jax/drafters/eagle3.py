@@ -20,6 +20,7 @@ from dspark_jax.drafters.config import DrafterConfig
 from dspark_jax.models.config import TransformerConfig
 from dspark_jax.models.kv_cache import KVCache, write_contiguous
 from dspark_jax.models.layers import MLP, Attention, RMSNorm, param, apply_rope, rope_inv_freq
+from dspark_jax.models.output_head import tied_logits
 from dspark_jax.sampling import FilterMode, SamplingParams, sample, token_probs
 from dspark_jax.sampling.keys import row_keys, split_rows
 from pallas_kernels import attention
@@ -115,9 +116,8 @@ class Eagle3Drafter(DrafterBase):
             cache, hidden, token = carry
             k, key_k = inputs
             out, cache = self._step(target_model, cache, hidden, token, start - 1 + k)
-            logits = jnp.einsum("bd,nd->bn", self.norm(out), head.astype(out.dtype),
-                                preferred_element_type=jnp.float32)
-            logits = softcap(logits, self.target_config.final_logit_softcapping)
+            logits = softcap(tied_logits(self.norm(out), head.astype(out.dtype)),
+                             self.target_config.final_logit_softcapping)
             idx = sample(key_k, logits, params, mode)
             tok = jnp.take(self.draft_to_target[...], idx, axis=0)
             return (cache, out, tok), (idx, tok, token_probs(logits, params, mode))

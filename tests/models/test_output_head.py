@@ -4,14 +4,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dspark_jax.models.output_head import FUSED_ROWS, fused_logits, tied_logits, uses_fused_loop
+from dspark_jax.models.output_head import FUSED_ROWS, fused_logits, fused_width, tied_logits, uses_fused_loop
 
 
 def _einsum(h, t):
     return jnp.einsum("...d,vd->...v", h, t, preferred_element_type=jnp.float32)
 
 
-@pytest.mark.parametrize("shape", [(1, 24), (2, 24), (3, 24), (1, 4, 24), (2, 4, 24), (8, 24), (9, 24), (2, 6, 24)])
+@pytest.mark.parametrize("shape", [(1, 24), (2, 24), (3, 24), (1, 4, 24), (2, 4, 24), (8, 24), (9, 24), (2, 6, 24),
+                                   (1, 15, 24), (16, 24), (17, 24), (3, 7, 24), (24, 24), (25, 24)])
 def test_matches_einsum(shape):
     kh, kt = jax.random.split(jax.random.key(0))
     h = jax.random.normal(kh, shape, jnp.float32)
@@ -42,11 +43,16 @@ def test_rejects_mismatched_hidden_size():
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the fused loop is the CPU path")
-@pytest.mark.parametrize("rows", [1, 2, 5, 8, 9, 16, 24, 32])
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 9, 15, 16, 17, 24, 25, 32])
 def test_fused_loop_replaces_the_dot_for_few_rows(rows):
     hlo = jax.jit(tied_logits).lower(jnp.zeros((rows, 16)), jnp.zeros((64, 16))).compile().as_text()
-    assert uses_fused_loop(rows) == (rows in FUSED_ROWS)
+    assert uses_fused_loop(rows) == (rows in FUSED_ROWS) == (2 <= rows <= 24)
     assert ("dot(" in hlo or "dot." in hlo) != uses_fused_loop(rows)
+
+
+@pytest.mark.parametrize("rows, width", [(2, 2), (8, 8), (9, 16), (15, 16), (16, 16), (17, 24), (23, 24), (24, 24)])
+def test_rows_between_the_loop_groups_are_padded_to_the_next(rows, width):
+    assert fused_width(rows) == width
 
 
 def test_other_backends_keep_the_einsum():

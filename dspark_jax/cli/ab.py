@@ -20,7 +20,8 @@ FLAGS = flags.FLAGS
 
 
 def _define_flags() -> None:
-    define_flag("string", "policy", "configs/policies/default.yaml", "Governance policy file (YAML or Python).")
+    define_flag("string", "policy", "default", "Governance policy file (YAML or Python); 'default': the shipped "
+                "policy (dspark_jax/governance/policies/default.yaml, also configs/policies/default.yaml).")
     define_flag("string", "tenant", "production", "Tenant the requests are sent as (must allow every class).")
     define_flag("string", "classes", "code,math,chat", "Comma-separated workload classes: code, math, chat.")
     define_flag("integer", "requests_per_class", 4, "Prompts per class (each runs once per arm).", lower_bound=1)

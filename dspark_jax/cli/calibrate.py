@@ -46,7 +46,8 @@ def _define_flags() -> None:
                         "directory exported by `dspark train`.")
     flags.DEFINE_string("output", None, "New drafter directory to write (a copy of --drafter with the fitted "
                         "temperatures).")
-    flags.DEFINE_bool("in_place", False, "Write the temperatures into the --drafter directory itself.")
+    flags.DEFINE_bool("in_place", False, "Write the temperatures into the --drafter directory itself (a directory "
+                      "path: 'default' is refused, it would overwrite the shipped drafter in the package).")
     flags.DEFINE_string("target", "gemma3-270m", TARGET_HELP)
     flags.DEFINE_string("prompts_file", None, 'Held-out prompts as a JSONL file of {"turns": [...]} objects (used in '
                         "the training format); default: the built-in held-out split (see --help).")
@@ -183,6 +184,10 @@ def body() -> None:
     # bad input fails here, before the (slow) JAX imports
     if FLAGS.in_place == bool(FLAGS.output):
         raise ValueError("give exactly one of --output=DIR (a new drafter directory) or --in_place")
+    if FLAGS.in_place and FLAGS.drafter == "default":
+        raise ValueError("--in_place with --drafter default would overwrite the shipped drafter inside the installed "
+                         "package: write a calibrated copy with --output DIR (and load it with --drafter DIR), or name "
+                         "the shipped directory's path as --drafter to overwrite it on purpose")
     if FLAGS.drafter != "default" and not Path(FLAGS.drafter).expanduser().exists():
         raise FileNotFoundError(f"drafter not found: {FLAGS.drafter!r} (expected 'default' or a drafter directory)")
     if FLAGS.prompts_file and FLAGS.eval_tails:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from absl import flags
 
-from dspark_jax.utils.files import atomic_write_text
+from dspark_jax.utils.files import atomic_write_text, check_output_file
 from dspark_jax.cli.common import (ATTN_IMPL_HELP, ATTN_IMPLS, DISTRIBUTED_HELP, MESH_HELP, TARGET_HELP,
                                    read_prompts_file, run_command, setup_devices)
 
@@ -76,8 +76,8 @@ def body() -> None:
                                      ("--draft_length auto", FLAGS.draft_length == "auto")) if used]
         if ignored:
             raise ValueError(f"{', '.join(ignored)} need a drafter: --drafter none decodes plainly")
-    if FLAGS.output_json and Path(FLAGS.output_json).is_dir():
-        raise ValueError(f"--output_json {FLAGS.output_json} is a directory: give a file path")
+    if FLAGS.output_json:
+        check_output_file(FLAGS.output_json, "--output_json")
     config = GenerationConfig(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
                               top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
                               attn_impl=FLAGS.attn_impl, draft_length=FLAGS.draft_length)
@@ -115,7 +115,10 @@ def body() -> None:
               f"{'n/a' if tau is None else f'{tau:.3f}'}")
     if FLAGS.output_json and is_primary():
         rows = [{k: v for k, v in r.__dict__.items() if v is not None} for r in results]
-        out = atomic_write_text(FLAGS.output_json, json.dumps(rows, indent=2, ensure_ascii=False))
+        try:
+            out = atomic_write_text(Path(FLAGS.output_json).expanduser(), json.dumps(rows, indent=2, ensure_ascii=False))
+        except OSError as e:  # past `check_output_file`: a file system that refuses new files (/proc), a full disk
+            raise ValueError(f"--output_json {FLAGS.output_json}: cannot write it: {e.strerror}") from None
         print(f"wrote {out}", file=sys.stderr)
 
 

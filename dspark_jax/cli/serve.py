@@ -27,7 +27,8 @@ FLAGS = flags.FLAGS
 def _define_flags() -> None:
     define_serving_flags(kv_buckets=True)
     define_flag("string", "policy", None, "Governance policy file (YAML): tenants, workload classes, quotas, "
-                "rollback. Needs API keys. Without it the server is open (no tenants, no quotas).")
+                "rollback; 'default': the shipped policy. Needs API keys. Without it the server is open (no tenants, "
+                "no quotas).")
     define_flag("string", "quota_store", None, "Where quota usage and rollback states live: 'memory' (this "
                 "process) or a Redis URL (redis://host:port/db) shared by every replica. Default: the policy's "
                 "store.url (memory).")
@@ -50,7 +51,7 @@ def _define_flags() -> None:
 
 def body() -> None:
     from dspark_jax.sampling import FilterMode
-    from dspark_jax.server.app import create_app, serve
+    from dspark_jax.server.app import create_app, listening_socket, serve
     from dspark_jax.server.auth import ApiKeys
     from dspark_jax.server.backend import Backend
     from dspark_jax.serving.engine import Engine, EngineConfig
@@ -72,6 +73,7 @@ def body() -> None:
             raise ValueError(f"API keys name tenants the policy does not define: {', '.join(unknown)} "
                              f"(policy tenants: {', '.join(sorted(known))})")
     table = CostTable.load(FLAGS.cost_table) if FLAGS.cost_table else None
+    sock = listening_socket(FLAGS.host, FLAGS.port)  # a busy port fails now, not after loading and compiling
     config = EngineConfig(slots=FLAGS.slots, max_len=FLAGS.max_len,
                           kv_buckets=kv_buckets_flag(FLAGS.kv_buckets, FLAGS.max_len),
                           policy=FLAGS.engine_policy, mode=FilterMode(max_top_k=FLAGS.max_top_k, top_p=True),
@@ -90,8 +92,8 @@ def body() -> None:
     app = create_app(Backend(engine, governed), name, keys if len(keys) else None)
     where = (f"policy {FLAGS.policy}, store {governor.store.describe()['url']}" if governor
              else "open: no tenants")
-    print(f"serving {name} on http://{FLAGS.host}:{FLAGS.port} ({where})", file=sys.stderr)
-    serve(app, FLAGS.host, FLAGS.port)
+    print(f"serving {name} on http://{FLAGS.host}:{sock.getsockname()[1]} ({where})", file=sys.stderr)
+    serve(app, FLAGS.host, FLAGS.port, sock=sock)
 
 
 def run(argv: list[str]) -> None:

@@ -61,9 +61,14 @@ from dspark_jax.governance.policy import GovernancePolicy
 from dspark_jax.governance.policy_validation import PolicyError, policy_from_dict
 
 
+DEFAULT_POLICY = Path(__file__).with_name("policies") / "default.yaml"  # in the package: any working directory
+
+
 def load_policy(path: str | Path) -> GovernancePolicy:
-    """Loads and validates a policy from a .yaml/.yml file or a .py file defining `POLICY`."""
-    path = Path(path).expanduser()
+    """Loads and validates a policy from a .yaml/.yml file or a .py file defining `POLICY`; "default" (where no
+    file of that name exists) is the shipped policy, `DEFAULT_POLICY` (the repository's
+    configs/policies/default.yaml links to it). Raises FileNotFoundError / PolicyError naming the file."""
+    path = DEFAULT_POLICY if str(path) == "default" and not Path("default").exists() else Path(path).expanduser()
     source = str(path)
     if not path.is_file():
         raise FileNotFoundError(f"policy file not found: {source}")

@@ -10,12 +10,15 @@
 With API keys configured every /v1 route needs `Authorization: Bearer <key>` (401 otherwise); the key names
 the tenant the policy admits (403 forbidden class, 429 + Retry-After over quota). `usage` carries OpenAI's
 token counts plus `rounds` (verification rounds), `accepted_draft_tokens` and `accept_length` (τ: committed
-tokens per round, bonus included). A client that disconnects cancels its request.
+tokens per round, bonus included). Where a `stop` string ends the text, `completion_tokens` counts the tokens up to
+the one that completed it — what the client got; tokens the engine committed past it are compute spent (the
+engine's and governance's counters count them), not completion. A client that disconnects cancels its request.
 """
 from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 import uuid
 from typing import AsyncIterator
@@ -134,9 +137,16 @@ def create_app(backend: Backend, model_name: str, keys: ApiKeys | None = None,
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
                                             "owned_by": "dspark"}]}
 
+    def check_model(requested: str | None) -> None:
+        """404 model_not_found for a model this server does not serve (as OpenAI answers); None: the served one."""
+        if requested is not None and requested != model_name:
+            raise ApiError(404, f"the model {requested!r} does not exist here: this server serves {model_name!r} "
+                                "(GET /v1/models)", "model", "model_not_found")
+
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         tenant = tenant_of(request)
+        check_model(body.model)
         check_serving()
         if isinstance(body.prompt, str):
             ids, text = tokenizer.encode(body.prompt, add_bos=True), body.prompt
@@ -147,6 +157,7 @@ def create_app(backend: Backend, model_name: str, keys: ApiKeys | None = None,
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         tenant = tenant_of(request)
+        check_model(body.model)
         check_serving()
         try:
             ids = render_chat(tokenizer, [("system" if m.role == "developer" else m.role, m.text)
@@ -169,6 +180,7 @@ def create_app(backend: Backend, model_name: str, keys: ApiKeys | None = None,
         completion_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         stream = TextStream(tokenizer, body.stop_strings)
         first = [True]
+        pushed = [0]  # tokens handed to the text stream: with a stop string, the completion's tokens
 
         async def deltas() -> AsyncIterator[str]:
             try:
@@ -176,6 +188,7 @@ def create_app(backend: Backend, model_name: str, keys: ApiKeys | None = None,
                     if first[0]:
                         metrics.first_token.observe(time.perf_counter() - t0)
                         first[0] = False
+                    pushed[0] += 1
                     delta = stream.push(token)
                     if delta:
                         yield delta
@@ -192,11 +205,14 @@ def create_app(backend: Backend, model_name: str, keys: ApiKeys | None = None,
             st = backend.stats(rid)
             reason = "stop" if stream.stopped else {"length": "length", "stop": "stop"}.get(st.finish_reason,
                                                                                             "error")
-            usage = dict(prompt_tokens=st.prompt_tokens, completion_tokens=st.output_tokens,
-                         total_tokens=st.prompt_tokens + st.output_tokens, rounds=st.rounds,
+            # a stop string ends the completion at the token that completed it: tokens the engine committed past
+            # it (the rest of its last round, steps before the cancel took effect) are not the client's
+            completion = min(pushed[0], st.output_tokens) if stream.stopped else st.output_tokens
+            usage = dict(prompt_tokens=st.prompt_tokens, completion_tokens=completion,
+                         total_tokens=st.prompt_tokens + completion, rounds=st.rounds,
                          accepted_draft_tokens=st.accepted_draft, accept_length=st.accept_length)
             metrics.tokens.labels("prompt").inc(st.prompt_tokens)
-            metrics.tokens.labels("completion").inc(st.output_tokens)
+            metrics.tokens.labels("completion").inc(completion)
             metrics.latency.observe(time.perf_counter() - t0)
             error = None
             if reason == "error":
@@ -281,14 +297,35 @@ async def _cancel_on_disconnect(request: Request, backend: Backend, rid: int) ->
             return
 
 
-def serve(app: FastAPI, host: str, port: int, log_level: str = "info", graceful_s: float = 300) -> None:
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port (port 0: a free one), for `serve` — bound before the slow start (loading,
+    compiling), so a busy port or a bad host fails at once. Raises ValueError naming the address."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a port in TIME_WAIT is free
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    return sock
+
+
+def serve(app: FastAPI, host: str, port: int, log_level: str = "info", graceful_s: float = 300,
+          sock: socket.socket | None = None) -> None:
     """Runs the app with uvicorn until SIGTERM / SIGINT: the listener closes, in-flight requests finish (up to
     `graceful_s`), the engine stops; SIGTERM then exits with status 0 (uvicorn re-raises the signal it caught
-    after shutting down; the handler installed here turns that into a clean exit)."""
+    after shutting down; the handler installed here turns that into a clean exit). sock: a socket already bound
+    (`listening_socket`) to serve on instead of binding host:port."""
     import signal
     import sys
 
     import uvicorn
 
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=graceful_s)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=graceful_s)
+    uvicorn.Server(config).run(sockets=None if sock is None else [sock])

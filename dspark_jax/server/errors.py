@@ -1,12 +1,13 @@
 """OpenAI-shaped errors: every failure answers `{"error": {"message", "type", "param", "code"}}` with the
-matching HTTP status (400 invalid request, 401 authentication, 403 permission, 404 not found, 429 quota,
-500 server error, 503 unavailable)."""
+matching HTTP status (400 invalid request, 401 authentication, 403 permission, 404 not found, 405 method not
+allowed — an invalid request too —, 429 quota, 500 server error, 503 unavailable)."""
 from __future__ import annotations
 
 from fastapi.responses import JSONResponse
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "not_found_error", 429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
+               404: "not_found_error", 405: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
+               503: "service_unavailable"}
 
 
 class ApiError(Exception):

@@ -23,6 +23,23 @@ def _atomic(path: str | Path, write: Callable[[str], None]) -> Path:
     return path
 
 
+def check_output_file(path: str | Path, flag: str) -> Path:
+    """Checks before any work that a result file can be written at `path` (what `atomic_write_text` will do:
+    missing parent folders are created): not a directory, its nearest existing ancestor a writable directory.
+    Raises ValueError naming `flag` and the user's path."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a directory: give a file path")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{flag} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: {parent} is not writable")
+    return path
+
+
 def cache_dir() -> Path:
     """The user cache directory: `$DSPARK_CACHE_DIR`, default (also when it is set but empty: `Path("")` would be
     the working directory) ~/.cache/dspark_jax."""

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -102,12 +104,24 @@ def test_generate_end_to_end_on_default_target(plain_run):
     (["--prompt", "hi", "--gamma", "4", "--draft_length", "auto"],
      "--gamma, --draft_length auto need a drafter: --drafter none decodes plainly"),
     (["--prompt", "hi", "--output_json", "."], "--output_json . is a directory"),
+    (["--prompt", "hi", "--output_json", f"{__file__}/sub/out.json"], "test_cli.py is a file, not a folder"),
     (["--prompt", "hi", "--max_new_tokens", "0"], "flag --max_new_tokens=0: 0 is not a positive integer"),
     (["--prompt", "hi", "--no_such_flag"], "Unknown command line flag 'no_such_flag'"),
 ])
 def test_bad_generate_input_fails_before_loading_the_target(args, message):
     r = run_cli("generate", *args, "--target", "/nonexistent/model.gguf")  # loading it would fail differently
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_serve_on_a_busy_port_fails_before_loading():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        t0 = time.perf_counter()
+        r = run_cli("serve", "--port", str(port), "--target", "/nonexistent/model.gguf")  # loading would fail otherwise
+    assert r.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert time.perf_counter() - t0 < 60
 
 
 @pytest.mark.slow
@@ -197,8 +211,6 @@ def test_serve_command_answers_openai_clients_and_exits_0_on_sigterm(tmp_path):
     """`dspark serve` end to end on the embedded target: a policy with API keys, a completion through the
     `openai` client, 401 without a key, SIGTERM → exit 0."""
     import signal
-    import socket
-    import time
 
     import httpx
     import openai

@@ -219,6 +219,7 @@ def test_help_lists_the_flags():
     (["eval", "--drafters", "default,/nonexistent/drafter"], "drafter not found"),
     (["eval", "--confidence_threshold", "1.5"], "confidence_threshold"),
     (["calibrate", "--output", "/tmp/x", "--in_place"], "exactly one of --output"),
+    (["calibrate", "--in_place"], "would overwrite the shipped drafter"),
     (["calibrate", "--output", "/tmp/x", "--eval_tails", "4", "--prompts_file", "/tmp/p.jsonl"], "--eval_tails"),
     (["calibrate", "--output", "/tmp/x", "--hybrid", "--temperature", "1"], "--hybrid fits the greedy"),
     (["calibrate", "--output", "/tmp/x", "--rounds", "/tmp/r.npz"], "it needs --hybrid"),

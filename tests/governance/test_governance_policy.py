@@ -57,6 +57,16 @@ def test_default_policy_loads_and_is_frozen():
         code.max_draft = 3
 
 
+def test_the_name_default_loads_the_shipped_policy_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no configs/ here: the package's copy
+    shipped, repo = load_policy("default"), load_policy(DEFAULT_POLICY)
+    assert shipped.source.endswith("dspark_jax/governance/policies/default.yaml")
+    assert dataclasses.replace(shipped, source=repo.source) == repo
+    (tmp_path / "default").write_text("a file of that name wins")
+    with pytest.raises(PolicyError, match="unsupported policy file type"):
+        load_policy("default")
+
+
 def test_class_defaults_merge_and_builtin_defaults(tmp_path):
     policy = load_policy(write_yaml(tmp_path, MINIMAL))
     code, chat, regulated = (policy.workload_class(n) for n in ("code", "chat", "regulated"))

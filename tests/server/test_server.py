@@ -156,19 +156,42 @@ def test_a_seed_gives_the_same_sample_alone_or_with_concurrent_requests(open_ser
 
 
 def test_stop_strings_end_the_text_before_them(target, open_server):
+    """The text ends before the stop string, and usage counts the completion's tokens: up to the one that
+    completed the stop string, not the ones the engine committed past it."""
     url, _ = open_server
-    full = greedy_text(target, target.tokenizer.encode("abc"), 16)
+    ids = target.tokenizer.encode("abc")
+    tokens = plain_greedy(target, ids, 16, width=64)
+    full = greedy_text(target, ids, 16)
     stop = full[5:7]
     expected = full[:full.find(stop)]
+    until_stop = next(k for k in range(1, len(tokens) + 1)
+                      if stop in target.tokenizer.decode([t for t in tokens[:k] if t != 1]))
     for stream in (False, True):
         out = client(url).completions.create(model="tiny", prompt="abc", max_tokens=16, temperature=0, stop=[stop],
-                                             stream=stream)
+                                             stream=stream, **({"stream_options": {"include_usage": True}}
+                                                               if stream else {}))
         if stream:
-            chunks = [ch for ch in out if ch.choices]
+            events = list(out)
+            chunks = [ch for ch in events if ch.choices]
             text, reason = "".join(ch.choices[0].text for ch in chunks), chunks[-1].choices[0].finish_reason
+            usage = events[-1].usage
         else:
-            text, reason = out.choices[0].text, out.choices[0].finish_reason
+            text, reason, usage = out.choices[0].text, out.choices[0].finish_reason, out.usage
         assert text == expected and reason == "stop"
+        assert usage.completion_tokens == until_stop < 16
+        assert usage.total_tokens == usage.prompt_tokens + until_stop
+
+
+def test_a_model_this_server_does_not_serve_is_404(open_server):
+    url, _ = open_server
+    for call in (lambda c: c.completions.create(model="gpt-4", prompt="abc", max_tokens=4),
+                 lambda c: c.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}],
+                                                     max_tokens=4)):
+        with pytest.raises(openai.NotFoundError) as e:
+            call(client(url))
+        assert e.value.code == "model_not_found" and "'tiny'" in e.value.message
+    r = httpx.get(f"{url}/v1/completions")
+    assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error"
 
 
 def test_text_stream_holds_back_partial_stop_strings():
@@ -371,7 +394,7 @@ def test_server_greedy_output_equals_dspark_generate():
     with serving(real, default_drafter(real), max_len=128, buckets=(2, 16)) as (url, _):
         c = client(url)
         for prompt, want in zip(prompts, offline):
-            got = c.completions.create(model="m", prompt=prompt, max_tokens=24, temperature=0).choices[0].text
+            got = c.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0).choices[0].text
             assert got == want.completion_text
 
 

@@ -3,9 +3,10 @@
 and the fused loop itself at every row count (`fused_logits`: where it would win), and the whole verification
 forward (18 layers + head) at each width, on the embedded target.
 
-    python benchmarks/lm_head.py [--rows 1,2,3,4,6,8,12,16] [--widths 1,2,4,8] [--repeats 15]
+    python benchmarks/lm_head.py [--rows 1,2,3,4,6,8,12,16] [--widths 1,2,4,8] [--repeats 15] [--table_rows N]
 
-Rows = requests × verified tokens. Median of --repeats jitted calls after warm-up; ratios are to one row in the same
+Rows = requests × verified tokens (a drafter's head: requests × block positions; `--table_rows 32768` times the
+head on the first 32,768 rows of the table, the shape of a 32k draft vocabulary's head). Median of --repeats jitted calls after warm-up; ratios are to one row in the same
 run. The forward is timed with the model's own `logits` (so with `tied_logits`) and without the head, with a
 512-row KV cache. Last, the layers' own products at each row count (`--matmul_rows`): 18 random 640 × 2048
 matrices (the MLP's gate and up shape) as a matmul and as the head's broadcast-multiply-and-sum over either axis.
@@ -33,11 +34,14 @@ def main():
     ap.add_argument("--widths", default="1,2,4,8")
     ap.add_argument("--matmul_rows", default="1,2,4,8")
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--table_rows", type=int, default=0, help="time the head on the table's first N rows (0: all)")
     ap.add_argument("--output", default="benchmarks/results/lm_head.json")
     args = ap.parse_args()
 
     target = load_target(None)
     table = target.state["embed_tokens"][...]
+    if args.table_rows:
+        table = table[:args.table_rows]
     einsum = jax.jit(lambda h, t: jnp.einsum("...d,vd->...v", h, t, preferred_element_type=jnp.float32))
     fused = jax.jit(tied_logits)
     loop = jax.jit(fused_logits)

@@ -45,7 +45,7 @@ FORMAT_VERSION = 11  # 1: verification forward + proposal timed apart; 2: a 64-t
 # 16- and 24-row logits through the GEMM; 7: plain rounds as a branch of the round's conditional; 8: plain rounds
 # in their own loop; 9: profiled at the run's sampling kind (before: greedy rounds for every run); 10: a hybrid
 # drafter's rounds timed with its model's forward forced on, and apart with it skipped (`lookup_seconds`); 11: 9–15-
-# and 17–23-row logits (the draft head of a 15-token block at batch 1) padded into the fused loop (`models.output_head`)
+# row logits (the draft head of a 15-token block at batch 1) padded into the fused loop (`models.output_head`)
 PROGRESS_PRIOR = 4.0  # expected progress (tokens beyond plain rounds') the gated loop's objective is trusted for
 # before its batch's drafted rounds say otherwise (`speculative._Rounds.progress_scale`)
 

@@ -7,9 +7,10 @@ bonus position), so the cliff made every drafted round cost twice a plain step b
 Written as a broadcast multiply and a sum over the embedding axis, the product is one fused loop that streams the
 table once per call: ~1.6x cheaper than the GEMM at those row counts. Its inner loop runs over the rows in
 vector-register groups of 8, so 16 and 24 rows (a batch of 8 verifying 1–2 drafts per request) also beat the GEMM
-(68 vs 93 ms and 102 vs 117 ms; from 32 rows on they tie). 9–15 rows cost the fused loop as much as 16, and 17–23
-as much as 24, still less than the GEMM: they are padded to 16 / 24 rows (the 15-row draft head of a 15-token
-block, 32k rows: 12.5 vs 17.2 ms; the 262k-row target head at 12 rows: 97 vs 124 ms; BENCHMARKS.md "Session 47").
+(68 vs 93 ms and 102 vs 117 ms; from 32 rows on they tie). 9–15 rows cost the fused loop as much as 16, still
+less than the GEMM: they are padded to 16 rows (the 15-row draft head of a 15-token block, 32k rows: 6.7 vs 7.9 ms;
+the 262k-row target head at 15 rows: 64 vs 82 ms; BENCHMARKS.md "Session 47"). 17–23 rows stay with the GEMM (padded
+to 24 they measured 0.90–1.19x of it on the 262k table: no consistent gain).
 Other row counts and other backends keep the einsum (GPU/TPU matmul units do not have this cliff).
 """
 from __future__ import annotations
@@ -20,12 +21,12 @@ import math
 import jax
 import jax.numpy as jnp
 
-FUSED_ROWS = frozenset(range(2, 25))  # where the fused loop beats XLA:CPU's GEMM (benchmarks/lm_head.py)
+FUSED_ROWS = frozenset(range(2, 17)) | {24}  # where the fused loop beats XLA:CPU's GEMM (benchmarks/lm_head.py)
 
 
 def fused_width(rows: int) -> int:
-    """The rows the fused loop computes for `rows` in FUSED_ROWS: 9–15 padded to 16, 17–23 to 24 (module doc)."""
-    return rows if rows <= 8 else (16 if rows <= 16 else 24)
+    """The rows the fused loop computes for `rows` in FUSED_ROWS: 9–15 padded to 16 (module doc)."""
+    return 16 if 8 < rows < 16 else rows
 
 
 def uses_fused_loop(rows: int, backend: str | None = None) -> bool:

@@ -299,19 +299,16 @@ async def _cancel_on_disconnect(request: Request, backend: Backend, rid: int) ->
 
 def listening_socket(host: str, port: int) -> socket.socket:
     """A TCP socket bound to host:port (port 0: a free one), for `serve` — bound before the slow start (loading,
-    compiling), so a busy port or a bad host fails at once. Raises ValueError naming the address."""
+    compiling), so a busy port or a bad host fails at once — the way uvicorn binds it itself (IPv6 where the host
+    has a colon, else IPv4, so "localhost" is 127.0.0.1; SO_REUSEADDR: a port in TIME_WAIT is free). Raises
+    ValueError naming the address."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                             flags=socket.AI_PASSIVE)[0]
-    except socket.gaierror as e:
-        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}") from None
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a port in TIME_WAIT is free
-    try:
-        sock.bind(address)
-    except OSError as e:
+        sock.bind((host, port))
+    except OSError as e:  # socket.gaierror (an unknown host) included
         sock.close()
-        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     return sock
 
 

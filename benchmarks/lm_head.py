@@ -6,7 +6,8 @@ forward (18 layers + head) at each width, on the embedded target.
     python benchmarks/lm_head.py [--rows 1,2,3,4,6,8,12,16] [--widths 1,2,4,8] [--repeats 15] [--table_rows N]
 
 Rows = requests × verified tokens (a drafter's head: requests × block positions; `--table_rows 32768` times the
-head on the first 32,768 rows of the table, the shape of a 32k draft vocabulary's head). Median of --repeats jitted calls after warm-up; ratios are to one row in the same
+head on the first 32,768 rows of the table, the shape of a 32k draft vocabulary's head). Median of --repeats
+jitted calls after warm-up; ratios are to one row in the same
 run. The forward is timed with the model's own `logits` (so with `tied_logits`) and without the head, with a
 512-row KV cache. Last, the layers' own products at each row count (`--matmul_rows`): 18 random 640 × 2048
 matrices (the MLP's gate and up shape) as a matmul and as the head's broadcast-multiply-and-sum over either axis.

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 from absl import flags
 
@@ -76,8 +75,7 @@ def body() -> None:
                                      ("--draft_length auto", FLAGS.draft_length == "auto")) if used]
         if ignored:
             raise ValueError(f"{', '.join(ignored)} need a drafter: --drafter none decodes plainly")
-    if FLAGS.output_json:
-        check_output_file(FLAGS.output_json, "--output_json")
+    output_json = check_output_file(FLAGS.output_json, "--output_json") if FLAGS.output_json else None
     config = GenerationConfig(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
                               top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
                               attn_impl=FLAGS.attn_impl, draft_length=FLAGS.draft_length)
@@ -113,10 +111,10 @@ def body() -> None:
         tau = pooled_accept_length(results)
         print(f"pooled accept length (committed tokens per verification round, bonus included): "
               f"{'n/a' if tau is None else f'{tau:.3f}'}")
-    if FLAGS.output_json and is_primary():
+    if output_json and is_primary():
         rows = [{k: v for k, v in r.__dict__.items() if v is not None} for r in results]
         try:
-            out = atomic_write_text(Path(FLAGS.output_json).expanduser(), json.dumps(rows, indent=2, ensure_ascii=False))
+            out = atomic_write_text(output_json, json.dumps(rows, indent=2, ensure_ascii=False))
         except OSError as e:  # past `check_output_file`: a file system that refuses new files (/proc), a full disk
             raise ValueError(f"--output_json {FLAGS.output_json}: cannot write it: {e.strerror}") from None
         print(f"wrote {out}", file=sys.stderr)

@@ -161,11 +161,11 @@ def test_stop_strings_end_the_text_before_them(target, open_server):
     url, _ = open_server
     ids = target.tokenizer.encode("abc")
     tokens = plain_greedy(target, ids, 16, width=64)
-    full = greedy_text(target, ids, 16)
+    text_of = lambda toks: target.tokenizer.decode([t for t in toks if t != 1])  # noqa: E731 (as `greedy_text`)
+    full = text_of(tokens)
     stop = full[5:7]
     expected = full[:full.find(stop)]
-    until_stop = next(k for k in range(1, len(tokens) + 1)
-                      if stop in target.tokenizer.decode([t for t in tokens[:k] if t != 1]))
+    until_stop = next(k for k in range(1, len(tokens) + 1) if stop in text_of(tokens[:k]))
     for stream in (False, True):
         out = client(url).completions.create(model="tiny", prompt="abc", max_tokens=16, temperature=0, stop=[stop],
                                              stream=stream, **({"stream_options": {"include_usage": True}}

@@ -81,7 +81,7 @@ def body() -> None:
                               attn_impl=FLAGS.attn_impl, draft_length=FLAGS.draft_length)
     dtype = None if FLAGS.dtype == "auto" else getattr(jnp, FLAGS.dtype)
     from dspark_jax.drafters.factory import check_drafter_spec
-    check_drafter_spec(FLAGS.drafter)
+    check_drafter_spec(FLAGS.drafter, FLAGS.gamma)
     mesh = setup_devices(FLAGS.mesh, FLAGS.distributed)
     print(f"loading target {FLAGS.target} ...", file=sys.stderr)
     target = load_target(FLAGS.target, dtype=dtype, mesh=mesh)  # weights placed straight onto their shardings
@@ -101,8 +101,9 @@ def body() -> None:
     for i, r in enumerate(results):
         spec = (f", {r.rounds} rounds ({r.model_rounds} ran the drafter model), accept length "
                 f"{r.mean_accept_len:.2f}" if r.mean_accept_len else "")
-        print(f"=== prompt {i}: {r.prompt!r}\n{r.completion_text}\n--- {r.new_tokens} tokens, "
-              f"{r.tokens_per_s:.1f} tokens/s{spec}")
+        rate = (f"{r.tokens_per_s:.1f} tokens/s" if config.batch_size == 1 else  # a batch shares one wall time
+                f"in a batch that ran {r.seconds:.2f} s")
+        print(f"=== prompt {i}: {r.prompt!r}\n{r.completion_text}\n--- {r.new_tokens} tokens, {rate}{spec}")
     total_tokens = sum(r.new_tokens for r in results)
     total_seconds = batch_seconds(results, config.batch_size)
     print(f"total: {total_tokens} tokens in {total_seconds:.2f} s = {total_tokens / total_seconds:.1f} tokens/s "

@@ -36,15 +36,17 @@ class Drafter:
         return dataclasses.replace(self, graphdef=with_attn_impl(self.graphdef, self.state, impl))
 
 
-def check_drafter_spec(spec: str) -> None:
+def check_drafter_spec(spec: str, gamma: int | None = None) -> None:
     """Fails fast (before any model loads) on a --drafter value `load_drafter` cannot resolve: 'none',
-    'random[:<algorithm>]', 'default', 'ngram[:n_max=N,n_min=M]', '<drafter>+ngram[...]' or a directory."""
+    'random[:<algorithm>]', 'default', 'ngram[:n_max=N,n_min=M]', '<drafter>+ngram[...]' or a directory; for
+    lookup alone also on its options and on `gamma` (a trained drafter's range is known once it loads)."""
     model, plus, lookup = spec.partition("+")
     if plus and not (lookup == "ngram" or lookup.startswith("ngram:")):
         raise ValueError(f"a hybrid drafter is '<drafter>+ngram[:n_max=N,n_min=M]', got {spec!r}")
     if model == "ngram" or model.startswith("ngram:"):
         if plus:
             raise ValueError(f"a hybrid drafter pairs a trained (or random) drafter with lookup, got {spec!r}")
+        ngram_config(model, 7 if gamma is None else gamma)
         return
     if model in ("none", "default", "random") or model.startswith("random:"):
         return
@@ -57,6 +59,14 @@ def ngram_drafter(target: Target, spec: str = "ngram", gamma: int = 7) -> Drafte
     """A prompt-lookup drafter from a spec "ngram", "ngram:n_max=4,n_min=2" or "ngram:n_max=4:n_min=2" (the form
     for comma-separated lists of drafters); defaults n_max 3, n_min 1; calibrated=0 keeps the confidence's count
     estimate alone instead of passing it through its fitted calibration (`NgramConfig.calibrated`, default on)."""
+    config = ngram_config(spec, gamma)
+    graphdef, state = nnx.split(NgramDrafter(config, target.config.vocab_size))
+    return Drafter(config, graphdef, state, spec)
+
+
+def ngram_config(spec: str, gamma: int) -> NgramConfig:
+    """The `NgramConfig` of an n-gram drafter spec (`ngram_drafter`) proposing `gamma` tokens; ValueError naming
+    a bad option or value."""
     name, _, options = spec.partition(":")
     if name != "ngram":
         raise ValueError(f"not an n-gram drafter spec: {spec!r}")
@@ -75,13 +85,11 @@ def ngram_drafter(target: Target, spec: str = "ngram", gamma: int = 7) -> Drafte
             fields[key] = int(value)
         except ValueError:
             raise ValueError(f"n-gram drafter option {key} must be an integer, got {value!r}") from None
-    config = NgramConfig(block_size=gamma, **fields)
-    graphdef, state = nnx.split(NgramDrafter(config, target.config.vocab_size))
-    return Drafter(config, graphdef, state, spec)
+    return NgramConfig(block_size=gamma, **fields)
 
 
 HYBRID_OPTIONS = ("skip_model_at", "model_prior_strength", "price_model",  # `HybridConfig` fields settable in a spec
-                  "row_calibration")
+                  "row_calibration", "model_draft_length")
 
 
 def split_hybrid_options(lookup_spec: str) -> tuple[str, dict[str, float]]:
@@ -105,14 +113,18 @@ def split_hybrid_options(lookup_spec: str) -> tuple[str, dict[str, float]]:
 def hybrid_drafter(model: Drafter, target: Target, lookup_spec: str = "ngram",
                    skip_model_at: float = HybridConfig.skip_model_at,
                    model_prior_strength: float = HybridConfig.model_prior_strength,
-                   price_model: float = HybridConfig.price_model, row_calibration: float = 1) -> Drafter:
+                   price_model: float = HybridConfig.price_model, row_calibration: float = 1,
+                   model_draft_length: float | None = HybridConfig.model_draft_length) -> Drafter:
     """`model` and prompt lookup (`lookup_spec`, see `ngram_drafter`) proposing per request whichever draft
     is expected to be accepted further (`drafters.hybrid`; `skip_model_at`, `model_prior_strength`,
-    `price_model` (0 or 1 in a spec: "default+ngram:price_model=0"): see `HybridConfig`). `row_calibration` 1: the
-    row calibration the model's drafter directory holds, if any (`drafters.hybrid_calibration`); 0: none."""
+    `price_model` (0 or 1 in a spec: "default+ngram:price_model=0"), `model_draft_length` (a whole number; in a
+    spec "default+ngram:model_draft_length=4"): see `HybridConfig`). `row_calibration` 1: the row calibration the
+    model's drafter directory holds, if any (`drafters.hybrid_calibration`); 0: none."""
     for name, value in (("price_model", price_model), ("row_calibration", row_calibration)):
         if value not in (0, 1):
             raise ValueError(f"{name} is 0 or 1, got {value:g}")
+    if model_draft_length is not None and not (model_draft_length >= 1 and float(model_draft_length).is_integer()):
+        raise ValueError(f"model_draft_length is a whole number >= 1, got {model_draft_length:g}")
     if model is None or model.config.algorithm == "ngram":
         raise ValueError("a hybrid drafter pairs a trained (or random) drafter with lookup")
     lookup = ngram_drafter(target, lookup_spec, model.config.block_size)
@@ -120,11 +132,13 @@ def hybrid_drafter(model: Drafter, target: Target, lookup_spec: str = "ngram",
                else None)
     module = HybridDrafter(nnx.merge(model.graphdef, model.state), nnx.merge(lookup.graphdef, lookup.state),
                            skip_model_at=skip_model_at, model_prior_strength=model_prior_strength,
-                           price_model=bool(price_model), row_calibration=weights)
+                           price_model=bool(price_model), row_calibration=weights,
+                           model_draft_length=None if model_draft_length is None else int(model_draft_length))
     graphdef, state = nnx.split(module)
     options = "".join(f":{k}={float(v):g}" for k, v in (("skip_model_at", skip_model_at),
                                                           ("model_prior_strength", model_prior_strength),
-                                                          ("price_model", price_model))
+                                                          ("price_model", price_model),
+                                                          ("model_draft_length", model_draft_length))
                       if v != getattr(HybridConfig, k)) + ("" if row_calibration else ":row_calibration=0")
     return Drafter(module.config, graphdef, state, f"{model.source}+{lookup_spec}{options}")
 
@@ -176,11 +190,7 @@ def with_block_size(drafter: Drafter, gamma: int) -> Drafter:
         return ngram_drafter_like(drafter, gamma)
     if is_hybrid(drafter):
         module = nnx.merge(drafter.graphdef, drafter.state)
-        trained = module.model.config.block_size
-        if not 1 <= gamma <= trained:
-            raise ValueError(f"gamma must be in [1, {trained}] for this drafter (trained with block size "
-                             f"{trained}), got {gamma}")
-        module.set_block_size(gamma)
+        module.set_block_size(gamma)  # checks gamma against the model's block
         graphdef, state = nnx.split(module)
         return Drafter(module.config, graphdef, state, drafter.source)
     if not 1 <= gamma <= trained:
@@ -230,9 +240,7 @@ def with_choice_defaults(drafter: Drafter) -> Drafter:
 
 def ngram_drafter_like(drafter: Drafter, gamma: int) -> Drafter:
     """The same lookup drafter proposing `gamma` tokens."""
-    if gamma < 1:
-        raise ValueError(f"gamma must be >= 1, got {gamma}")
-    return _with_config(drafter, block_size=gamma)
+    return _with_config(drafter, block_size=gamma)  # NgramConfig checks gamma
 
 
 def default_drafter(target: Target) -> Drafter:

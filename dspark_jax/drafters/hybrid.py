@@ -48,6 +48,12 @@ lookup's proposal and earlier rounds, so the choice stays lossless. A request wh
 prediction (it changes only in rounds that run the model); the model runs again when the lookup's side or the
 tokens left change the comparison. Without `lookup_costs` (a fixed draft length) and in the serving engine nothing
 is priced.
+
+`model_draft_length` (default: the whole block) lets the model draft only the first tokens of the block while the
+lookup drafts all of it: the model's forward then runs a shorter block (its proposal is padded with confidence-0,
+never-verified positions). Its cost grows with batch × block rows: the shipped drafter's propose at batch 8 takes
+50 ms for a 15-token block and 24 ms for 4, against an 80 ms plain round, on a 2-core CPU (BENCHMARKS.md
+"Session 48"), while at batch 8 a round seldom verifies more than a few drafts per request.
 """
 from __future__ import annotations
 
@@ -76,6 +82,8 @@ class HybridConfig:
     price_model: bool = True  # skip the model's forward where the loop's costs say it does not pay (module doc)
     row_calibration: tuple[float, ...] | None = None  # weights mapping each verified row's confidences
     # (`drafters.hybrid_calibration`; fitted on the hybrid's rounds, kept in the model drafter's directory); None: off
+    model_draft_length: int | None = None  # the model drafts at most this many of the block's tokens (module doc);
+    # None: the whole block
 
 
 @jax.tree_util.register_dataclass
@@ -100,11 +108,15 @@ class HybridDrafter(nnx.Module):
     def __init__(self, model, lookup: NgramDrafter, skip_model_at: float = HybridConfig.skip_model_at,
                  model_prior_strength: float = HybridConfig.model_prior_strength,
                  price_model: bool = HybridConfig.price_model,
-                 row_calibration: tuple[float, ...] | None = HybridConfig.row_calibration):
+                 row_calibration: tuple[float, ...] | None = HybridConfig.row_calibration,
+                 model_draft_length: int | None = HybridConfig.model_draft_length):
         if model.config.block_size != lookup.config.block_size:
             raise ValueError(f"hybrid drafters need one block size, got {model.config.block_size} (model) and "
                              f"{lookup.config.block_size} (lookup)")
+        if model_draft_length is not None and not 1 <= model_draft_length:
+            raise ValueError(f"model_draft_length must be >= 1 (None: the whole block), got {model_draft_length}")
         self.model, self.lookup = model, lookup
+        self.model_block_limit = model.config.block_size  # the model's block as loaded: the longest γ it drafts
         if not skip_model_at >= 0:
             raise ValueError(f"skip_model_at must be >= 0 (0: never run the model, inf: never skip it), got "
                              f"{skip_model_at}")
@@ -117,7 +129,9 @@ class HybridDrafter(nnx.Module):
                                    f"{model.config.algorithm}+ngram", skip_model_at=skip_model_at,
                                    model_prior_strength=model_prior_strength, price_model=bool(price_model),
                                    row_calibration=None if row_calibration is None
-                                   else tuple(float(w) for w in row_calibration))
+                                   else tuple(float(w) for w in row_calibration),
+                                   model_draft_length=model_draft_length)
+        self.set_block_size(model.config.block_size)
 
     @property
     def model_skip_threshold(self) -> float:
@@ -126,10 +140,19 @@ class HybridDrafter(nnx.Module):
         return float(self.config.skip_model_at)
 
     def set_block_size(self, gamma: int) -> None:
-        """Propose `gamma` tokens (at most the model's trained block size)."""
-        self.model.config = dataclasses.replace(self.model.config, block_size=gamma)
+        """Propose `gamma` tokens (at most the model's block as loaded, `model_block_limit`); the model drafts the
+        first `model_draft_length` of them where that is shorter."""
+        if not 1 <= gamma <= self.model_block_limit:
+            raise ValueError(f"gamma must be in [1, {self.model_block_limit}] for this drafter (trained with block "
+                             f"size {self.model_block_limit}), got {gamma}")
+        self.model.config = dataclasses.replace(self.model.config, block_size=self.model_block(gamma))
         self.lookup.config = dataclasses.replace(self.lookup.config, block_size=gamma)
         self.config = dataclasses.replace(self.config, block_size=gamma)
+
+    def model_block(self, gamma: int | None = None) -> int:
+        """Tokens the model drafts in a block of `gamma` (default: the hybrid's block size)."""
+        gamma = self.config.block_size if gamma is None else gamma
+        return min(gamma, self.config.model_draft_length or gamma)
 
     # the model drafter's vocabulary is the one its p_draft rows live in
     @property
@@ -223,12 +246,12 @@ class HybridDrafter(nnx.Module):
         where it would be taken against the model's predicted draft (`predicted_model_confidence`, scored as
         `model_score` scores a sampled row: the prediction at every position), else the model's predicted one —
         (confidence [B, G], drafted tokens [B])."""
-        g = by_lookup.tokens.shape[1]
-        predicted = self.predicted_model_confidence(state)[:, :g]
+        g, drafts = by_lookup.tokens.shape[1], self.model.config.block_size  # the model drafts the first `drafts`
+        predicted = jnp.where(jnp.arange(g)[None] < drafts, self.predicted_model_confidence(state)[:, :g], 0.0)
         stand_in = dataclasses.replace(by_lookup, confidence=predicted, length=None)
         takes_lookup = self.takes_lookup(by_lookup.expected_accept_length, stand_in.expected_accept_length)
         return (jnp.where(takes_lookup[:, None], by_lookup.confidence, predicted),
-                jnp.where(takes_lookup, by_lookup.num_drafted, g).astype(jnp.int32))
+                jnp.where(takes_lookup, by_lookup.num_drafted, drafts).astype(jnp.int32))
 
     def propose(self, target_model, state: HybridState, anchor, start, key, params, mode, head,
                 model_pays=None) -> Proposal:
@@ -240,7 +263,8 @@ class HybridDrafter(nnx.Module):
         by_lookup = self.lookup.propose(target_model, state.lookup, anchor, start, key, params, mode, head)
 
         def model_proposal():  # confidences corrected by the record here: a skipped model keeps confidence 0
-            prop = self.model.propose(target_model, state.model, anchor, start, key, params, mode, head)
+            prop = padded_proposal(self.model.propose(target_model, state.model, anchor, start, key, params, mode,
+                                                      head), self.config.block_size)
             return dataclasses.replace(prop, confidence=self.model_confidence(state, prop.confidence),
                                        model_confidence=prop.confidence)
 
@@ -272,6 +296,21 @@ class HybridDrafter(nnx.Module):
                         length=length, deterministic=use,
                         model_skipped=jnp.broadcast_to(skipped, use.shape), model_confidence=by_model.model_confidence,
                         lookup_expected=lookup_expected)
+
+
+def padded_proposal(proposal: Proposal, block: int) -> Proposal:
+    """A model proposal of g <= `block` tokens as a block of `block`: the positions past g hold token 0 with
+    confidence 0 and zero p_draft rows, and `length` says g, so they are never verified."""
+    g = proposal.tokens.shape[1]
+    if g == block:
+        return proposal
+
+    def pad(x):
+        return None if x is None else jnp.pad(x, [(0, 0), (0, block - g)] + [(0, 0)] * (x.ndim - 2))
+
+    return dataclasses.replace(proposal, tokens=pad(proposal.tokens), draft_index=pad(proposal.draft_index),
+                               p_draft=pad(proposal.p_draft), confidence=pad(proposal.confidence),
+                               confidence_logits=pad(proposal.confidence_logits), length=proposal.num_drafted)
 
 
 def model_score(proposal: Proposal, params, later: jax.Array | None = None) -> jax.Array:

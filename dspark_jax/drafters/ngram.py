@@ -25,10 +25,13 @@ from dspark_jax.drafters.base import Proposal, RoundOutcome, nearest_set
 from dspark_jax.models.kv_cache import write_contiguous
 
 
+MAX_BLOCK_SIZE = 64  # the longest lookup draft (γ): verification width and `--draft_length auto`'s profile grow with γ
+
+
 @dataclasses.dataclass(frozen=True)
 class NgramConfig:
-    """block_size (γ): tokens proposed per round; n_max ≥ n_min ≥ 1: the n-gram lengths tried, longest first.
-    `target_layer_ids` is empty: lookup needs no target features."""
+    """block_size (γ, 1..`MAX_BLOCK_SIZE`): tokens proposed per round; n_max ≥ n_min ≥ 1: the n-gram lengths
+    tried, longest first. `target_layer_ids` is empty: lookup needs no target features."""
     block_size: int = 7
     n_max: int = 3
     n_min: int = 1
@@ -41,8 +44,10 @@ class NgramConfig:
     # "Session 39"); False: the count estimate alone
 
     def __post_init__(self):
-        if self.block_size < 1:
-            raise ValueError(f"block_size (gamma) must be >= 1, got {self.block_size}")
+        if not 1 <= self.block_size <= MAX_BLOCK_SIZE:
+            raise ValueError(f"block_size (gamma) must be in [1, {MAX_BLOCK_SIZE}], got {self.block_size}: a round "
+                             f"verifies gamma + 1 rows per request and --draft_length auto profiles every width up "
+                             f"to gamma + 1")
         if not 1 <= self.n_min <= self.n_max:
             raise ValueError(f"n-gram lengths need 1 <= n_min <= n_max, got n_min={self.n_min}, n_max={self.n_max}")
         if not self.prior_strength > 0:

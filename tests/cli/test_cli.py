@@ -164,6 +164,9 @@ def test_generate_with_lookup_and_hybrid_drafters(tmp_path, plain_run):
 def test_bad_drafter_flags():
     r = run_cli("generate", "--prompt", "hi", "--drafter", "ngram:n_max=0")
     assert r.returncode == 2 and "n_min" in r.stderr and "Traceback" not in r.stderr
+    assert "loading target" not in r.stderr  # refused before the model loads
+    r = run_cli("generate", "--prompt", "hi", "--drafter", "ngram", "--gamma", "1000")
+    assert r.returncode == 2 and "must be in [1, 64], got 1000" in r.stderr and "loading target" not in r.stderr
     r = run_cli("generate", "--prompt", "hi", "--drafter", "/nonexistent/drafter")
     assert r.returncode == 2 and "drafter not found" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("generate", "--prompt", "hi", "--draft_algorithm", "medusa")

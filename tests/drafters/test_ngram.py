@@ -14,7 +14,7 @@ from flax import nnx
 from dspark_jax.decoding.autoregressive import generate
 from dspark_jax.sampling import FilterMode, SamplingParams
 from dspark_jax.decoding.speculative import speculative_generate
-from dspark_jax.drafters.ngram import NgramConfig, NgramDrafter, find_match, lookup_proposal
+from dspark_jax.drafters.ngram import MAX_BLOCK_SIZE, NgramConfig, NgramDrafter, find_match, lookup_proposal
 from dspark_jax.evaluation.lookup_simulation import lookup, lookup_rounds, simulate_rounds
 from tests.decoding.test_speculative import N_NEW, _batch, chi_square_pvalue, exact_joint, make_target, sampled_joint
 
@@ -75,6 +75,9 @@ def test_bad_ngram_configs_rejected():
         NgramConfig(n_min=0)
     with pytest.raises(ValueError, match="gamma"):
         NgramConfig(block_size=0)
+    NgramConfig(block_size=MAX_BLOCK_SIZE)
+    with pytest.raises(ValueError, match=r"gamma\) must be in \[1, 64\], got 1000"):
+        NgramConfig(block_size=1000)
 
 
 def _ngram(cfg, gamma, n_max=3, n_min=1, **options):
@@ -371,12 +374,56 @@ def _hybrid(cfg, gamma, reduced=False, **options):
     return nnx.split(HybridDrafter(nnx.merge(dg, ds), nnx.merge(lg, ls), **options))
 
 
-@pytest.mark.parametrize("gamma,reduced,threshold,skip_model_at", [(3, False, 0.0, 1.0), (4, True, 0.3, float("inf")),
-                                                                   (3, False, 0.0, 0.2)])
-def test_greedy_hybrid_equals_greedy_plain(gamma, reduced, threshold, skip_model_at):
+@pytest.mark.parametrize("gamma,reduced,threshold,skip_model_at,model_draft_length", [
+    (3, False, 0.0, 1.0, None), (4, True, 0.3, float("inf"), None), (3, False, 0.0, 0.2, None),
+    (4, False, 0.0, float("inf"), 2)])
+def test_greedy_hybrid_equals_greedy_plain(gamma, reduced, threshold, skip_model_at, model_draft_length):
     tg, ts, cfg = make_target("gemma3")
-    hg, hs = _hybrid(cfg, gamma, reduced, skip_model_at=skip_model_at)
+    hg, hs = _hybrid(cfg, gamma, reduced, skip_model_at=skip_model_at, model_draft_length=model_draft_length)
     greedy_plain_and_speculative(tg, ts, hg, hs, REPETITIVE, 20, threshold)
+
+
+def test_hybrid_model_drafts_only_its_draft_length():
+    """model_draft_length 2 in a block of 4: the model's forward runs a 2-token block, its rows say 2 drafted with
+    confidence 0 and zero p_draft past them, the lookup keeps all 4, and a round the model has not run yet is
+    predicted to verify 2 of its drafts."""
+    from dspark_jax.decoding.autoregressive import prefill
+    from dspark_jax.decoding.verification import concat_taps
+    from dspark_jax.drafters.hybrid import HybridDrafter
+    tg, ts, cfg = make_target("gemma3")
+    target = nnx.merge(tg, ts)
+    hybrid = nnx.merge(*_hybrid(cfg, 4, skip_model_at=float("inf"), model_draft_length=2))
+    assert (hybrid.config.block_size, hybrid.model.config.block_size, hybrid.lookup.config.block_size) == (4, 2, 4)
+    prompts = jnp.asarray([list(range(1, 9)), list(range(11, 19))], jnp.int32)  # no repeat: the lookup has no match
+    lens = jnp.asarray([8, 8], jnp.int32)
+    state = hybrid.init_state(2, 32)
+    _, out = prefill(target, prompts, lens, 32, tap_layers=hybrid.config.target_layer_ids)
+    state = hybrid.prefill(target, state, concat_taps(out.taps), prompts, lens)
+    head = hybrid.head_matrix(target)
+    anchor = jnp.asarray([9, 19], jnp.int32)
+    prop = HybridDrafter.propose(hybrid, target, state, anchor, lens, jax.random.key(0),
+                                 SamplingParams.create(2, 1.0), FilterMode(), head)
+    assert prop.tokens.shape == (2, 4) and prop.p_draft.shape[:2] == (2, 4)
+    assert not np.asarray(prop.deterministic).any()  # both rows take the model's draft
+    np.testing.assert_array_equal(np.asarray(prop.num_drafted), [2, 2])
+    np.testing.assert_array_equal(np.asarray(prop.confidence)[:, 2:], 0.0)
+    np.testing.assert_array_equal(np.asarray(prop.p_draft)[:, 2:], 0.0)
+    np.testing.assert_array_equal(np.asarray(prop.model_confidence)[:, 2:], 0.0)
+    assert (np.asarray(prop.model_confidence)[:, :2] > 0).all()
+    conf, drafted = hybrid.predicted_rows(state, dataclasses.replace(prop, confidence=jnp.zeros((2, 4)),
+                                                                     length=jnp.zeros(2, jnp.int32)),
+                                          SamplingParams.create(2, 1.0))
+    np.testing.assert_array_equal(np.asarray(drafted), [2, 2])  # never ran: 1 at its two positions, 0 past them
+    np.testing.assert_array_equal(np.asarray(conf), [[1, 1, 0, 0], [1, 1, 0, 0]])
+    shorter = nnx.merge(*nnx.split(hybrid))
+    shorter.set_block_size(1)
+    assert (shorter.config.block_size, shorter.model.config.block_size) == (1, 1)
+    shorter.set_block_size(4)  # back up to the block the model was loaded with
+    assert (shorter.config.block_size, shorter.model.config.block_size) == (4, 2)
+    with pytest.raises(ValueError, match="gamma must be in"):
+        shorter.set_block_size(5)
+    with pytest.raises(ValueError, match="model_draft_length must be >= 1"):
+        _hybrid(cfg, 4, model_draft_length=0)
 
 
 def test_hybrid_proposes_the_draft_expected_to_be_accepted_further():
@@ -578,11 +625,12 @@ def test_hybrid_record_follows_the_verified_source_in_the_loop():
     np.testing.assert_array_equal(acc, model_rows[:, None] * (k < accepted[:, None]))
 
 
-@pytest.mark.parametrize("top_k,top_p,skip_model_at", [(3, 0.8, 1.0), (0, 1.0, 0.3)])
-def test_hybrid_temperature_one_is_lossless(top_k, top_p, skip_model_at):
+@pytest.mark.parametrize("top_k,top_p,skip_model_at,model_draft_length", [(3, 0.8, 1.0, None), (0, 1.0, 0.3, None),
+                                                                       (0, 1.0, 0.3, 1)])
+def test_hybrid_temperature_one_is_lossless(top_k, top_p, skip_model_at, model_draft_length):
     from tests.decoding.test_speculative import V_SMALL
     tg, ts, cfg = make_target("gemma3", vocab_size=V_SMALL)
-    hg, hs = _hybrid(cfg, 2, skip_model_at=skip_model_at)
+    hg, hs = _hybrid(cfg, 2, skip_model_at=skip_model_at, model_draft_length=model_draft_length)
     params = SamplingParams.create(1, 1.0, top_k, top_p)
     mode = FilterMode.for_params(top_k, top_p)
     prompt = [1, 2, 1, 2, 1]
@@ -675,6 +723,13 @@ def test_drafter_specs():
     hybrid = load_drafter("random+ngram:n_max=2", target, gamma=4, draft_vocab_size=None)
     assert hybrid.config.algorithm == "dspark+ngram" and hybrid.config.block_size == 4
     assert hybrid.config.skip_model_at == 1.0 and hybrid.source == "random:dspark+ngram:n_max=2"
+    short = load_drafter("random+ngram:model_draft_length=2", target, gamma=4, draft_vocab_size=None)
+    assert short.config.model_draft_length == 2 and short.source == "random:dspark+ngram:model_draft_length=2"
+    assert nnx.merge(short.graphdef, short.state).model.config.block_size == 2
+    assert with_block_size(short, 3).config.block_size == 3
+    for bad in ("0", "2.5"):
+        with pytest.raises(ValueError, match="model_draft_length is a whole number"):
+            load_drafter(f"random+ngram:model_draft_length={bad}", target, gamma=4)
     tuned = load_drafter("random+ngram:n_max=2:skip_model_at=1.5:model_prior_strength=8", target, gamma=4)
     assert tuned.config.skip_model_at == 1.5 and tuned.config.model_prior_strength == 8
     assert nnx.merge(tuned.graphdef, tuned.state).lookup.config.n_max == 2

@@ -199,6 +199,17 @@ def with_block_size(drafter: Drafter, gamma: int) -> Drafter:
     return _with_config(drafter, block_size=gamma)
 
 
+def with_model_draft_length(drafter: Drafter, length: int | None) -> Drafter:
+    """The same hybrid drafter with its model drafting the block's first `length` tokens (None: all of them;
+    `HybridConfig.model_draft_length`)."""
+    if not is_hybrid(drafter):
+        raise ValueError(f"model_draft_length is a hybrid drafter's ('<drafter>+ngram'), not {drafter.source!r}'s")
+    module = nnx.merge(drafter.graphdef, drafter.state)
+    module.set_model_draft_length(length)
+    graphdef, state = nnx.split(module)
+    return Drafter(module.config, graphdef, state, drafter.source)
+
+
 def is_hybrid(drafter: Drafter) -> bool:
     """Whether `drafter` is a trained drafter and prompt lookup together (`drafters.hybrid`)."""
     return drafter.config.algorithm.endswith("+ngram")

@@ -113,8 +113,6 @@ class HybridDrafter(nnx.Module):
         if model.config.block_size != lookup.config.block_size:
             raise ValueError(f"hybrid drafters need one block size, got {model.config.block_size} (model) and "
                              f"{lookup.config.block_size} (lookup)")
-        if model_draft_length is not None and not 1 <= model_draft_length:
-            raise ValueError(f"model_draft_length must be >= 1 (None: the whole block), got {model_draft_length}")
         self.model, self.lookup = model, lookup
         self.model_block_limit = model.config.block_size  # the model's block as loaded: the longest γ it drafts
         if not skip_model_at >= 0:
@@ -130,8 +128,8 @@ class HybridDrafter(nnx.Module):
                                    model_prior_strength=model_prior_strength, price_model=bool(price_model),
                                    row_calibration=None if row_calibration is None
                                    else tuple(float(w) for w in row_calibration),
-                                   model_draft_length=model_draft_length)
-        self.set_block_size(model.config.block_size)
+                                   model_draft_length=None)
+        self.set_model_draft_length(model_draft_length)
 
     @property
     def model_skip_threshold(self) -> float:
@@ -148,6 +146,13 @@ class HybridDrafter(nnx.Module):
         self.model.config = dataclasses.replace(self.model.config, block_size=self.model_block(gamma))
         self.lookup.config = dataclasses.replace(self.lookup.config, block_size=gamma)
         self.config = dataclasses.replace(self.config, block_size=gamma)
+
+    def set_model_draft_length(self, length: int | None) -> None:
+        """The model drafts the block's first `length` tokens from now on (None: the whole block)."""
+        if length is not None and not 1 <= length:
+            raise ValueError(f"model_draft_length must be >= 1 (None: the whole block), got {length}")
+        self.config = dataclasses.replace(self.config, model_draft_length=length)
+        self.set_block_size(self.config.block_size)
 
     def model_block(self, gamma: int | None = None) -> int:
         """Tokens the model drafts in a block of `gamma` (default: the hybrid's block size)."""

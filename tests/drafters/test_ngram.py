@@ -727,6 +727,12 @@ def test_drafter_specs():
     assert short.config.model_draft_length == 2 and short.source == "random:dspark+ngram:model_draft_length=2"
     assert nnx.merge(short.graphdef, short.state).model.config.block_size == 2
     assert with_block_size(short, 3).config.block_size == 3
+    from dspark_jax.drafters.factory import with_model_draft_length
+    longer = with_model_draft_length(short, None)
+    assert longer.config.model_draft_length is None
+    assert nnx.merge(longer.graphdef, longer.state).model.config.block_size == 4
+    with pytest.raises(ValueError, match="hybrid drafter"):
+        with_model_draft_length(load_drafter("ngram", target), 2)
     for bad in ("0", "2.5"):
         with pytest.raises(ValueError, match="model_draft_length is a whole number"):
             load_drafter(f"random+ngram:model_draft_length={bad}", target, gamma=4)

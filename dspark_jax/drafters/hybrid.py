@@ -52,8 +52,9 @@ is priced.
 `model_draft_length` (default: the whole block) lets the model draft only the first tokens of the block while the
 lookup drafts all of it: the model's forward then runs a shorter block (its proposal is padded with confidence-0,
 never-verified positions). Its cost grows with batch × block rows: the shipped drafter's propose at batch 8 takes
-50 ms for a 15-token block and 24 ms for 4, against an 80 ms plain round, on a 2-core CPU (BENCHMARKS.md
-"Session 48"), while at batch 8 a round seldom verifies more than a few drafts per request.
+56 ms for a 15-token block and 21 ms for 4, against an 80 ms plain round, on a 2-core CPU, while at batch 8 a round
+seldom verifies more than a few drafts per request. Measured with 4 at batch 8 it made the main job no faster
+(BENCHMARKS.md "Session 48"), so the default keeps the whole block.
 """
 from __future__ import annotations
 

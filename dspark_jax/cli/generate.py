@@ -101,8 +101,8 @@ def body() -> None:
     for i, r in enumerate(results):
         spec = (f", {r.rounds} rounds ({r.model_rounds} ran the drafter model), accept length "
                 f"{r.mean_accept_len:.2f}" if r.mean_accept_len else "")
-        rate = (f"{r.tokens_per_s:.1f} tokens/s" if config.batch_size == 1 else  # a batch shares one wall time
-                f"in a batch that ran {r.seconds:.2f} s")
+        rate = (f"{r.tokens_per_s:.1f} tokens/s" if min(config.batch_size, len(results)) == 1 else  # a batch of
+                f"in a batch that ran {r.seconds:.2f} s")  # several prompts shares one wall time
         print(f"=== prompt {i}: {r.prompt!r}\n{r.completion_text}\n--- {r.new_tokens} tokens, {rate}{spec}")
     total_tokens = sum(r.new_tokens for r in results)
     total_seconds = batch_seconds(results, config.batch_size)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import socket
 import subprocess
@@ -92,6 +93,8 @@ def test_generate_end_to_end_on_default_target(plain_run):
     r, rows = plain_run
     assert r.returncode == 0, r.stderr
     assert "tokens/s" in r.stdout and "pooled accept length" not in r.stdout
+    # batch 1: each prompt's line gives its own rate (a batch of several would give the batch's wall time)
+    assert len(re.findall(r"^--- \d+ tokens, [\d.]+ tokens/s$", r.stdout, re.M)) == len(PLAIN_PROMPTS)
     assert list(rows) == list(PLAIN_PROMPTS)
     for d in rows.values():
         assert set(d) == {"prompt", "completion_ids", "completion_text", "new_tokens", "seconds", "tokens_per_s"}

@@ -189,10 +189,7 @@ def with_block_size(drafter: Drafter, gamma: int) -> Drafter:
     if drafter.config.algorithm == "ngram":  # lookup has no trained size
         return ngram_drafter_like(drafter, gamma)
     if is_hybrid(drafter):
-        module = nnx.merge(drafter.graphdef, drafter.state)
-        module.set_block_size(gamma)  # checks gamma against the model's block
-        graphdef, state = nnx.split(module)
-        return Drafter(module.config, graphdef, state, drafter.source)
+        return _with_hybrid_change(drafter, lambda module: module.set_block_size(gamma))  # checks gamma
     if not 1 <= gamma <= trained:
         raise ValueError(f"gamma must be in [1, {trained}] for this drafter (trained with block size {trained}), "
                          f"got {gamma}")
@@ -204,8 +201,13 @@ def with_model_draft_length(drafter: Drafter, length: int | None) -> Drafter:
     `HybridConfig.model_draft_length`)."""
     if not is_hybrid(drafter):
         raise ValueError(f"model_draft_length is a hybrid drafter's ('<drafter>+ngram'), not {drafter.source!r}'s")
+    return _with_hybrid_change(drafter, lambda module: module.set_model_draft_length(length))
+
+
+def _with_hybrid_change(drafter: Drafter, change) -> Drafter:
+    """The same hybrid drafter after `change(module)` (a `HybridDrafter` setter) on its merged module."""
     module = nnx.merge(drafter.graphdef, drafter.state)
-    module.set_model_draft_length(length)
+    change(module)
     graphdef, state = nnx.split(module)
     return Drafter(module.config, graphdef, state, drafter.source)
 

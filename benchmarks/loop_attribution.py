@@ -6,6 +6,9 @@ forced plain, as many as the auto loop ran rounds). Timed in interleaved repeats
 median. Also the auto loop's rounds: how many probed (drafted rounds: the proposal ran — the model's forward or the
 lookup alone — and whatever was verified) and the profile's costs of a plain round, a model round and a lookup-only
 round at the smallest bucket.
+The library's path is timed beside them: `generate_text` plain and with `draft_length="auto"` (what `ngram.py` and
+`dspark generate` time: tokenizing, the ahead-of-time compiled executable, the output's transfer, detokenizing), wall
+clock and the `Completion.seconds` it reports.
 
     python benchmarks/loop_attribution.py [--dataset mbpp --batch_size 8 --repeats 5]
 
@@ -38,7 +41,7 @@ def main() -> None:
     from dspark_jax.decoding.autoregressive import generate
     from dspark_jax.decoding.speculative import draft_head, speculative_generate, speculative_rounds, speculative_start
     from dspark_jax.drafters.factory import load_drafter, with_block_size
-    from dspark_jax.generation import encode_prompts, pad_batch
+    from dspark_jax.generation import GenerationConfig, encode_prompts, generate_text, pad_batch
     from dspark_jax.round_costs import load_or_profile_round_costs
     from dspark_jax.sampling import SamplingParams
     from dspark_jax.target import load_target
@@ -63,8 +66,21 @@ def main() -> None:
     auto = jax.block_until_ready(speculative_generate(**spec, head=head, **settings))
     rounds = int(np.asarray(auto.rounds).max())
     start = speculative_start(**spec)
+    cfg = GenerationConfig(max_new_tokens=new, batch_size=bs)
+    reported = {"generate_text plain": [], "generate_text auto": []}  # label → Completion.seconds per run
+
+    def library(label, **kw):
+        def run():
+            res = generate_text(target, prompts, cfg if not kw else GenerationConfig(
+                max_new_tokens=new, batch_size=bs, draft_length="auto"), **kw)
+            reported[label].append(res[0].seconds)
+            return res
+        return run
+
     runs = {
         "plain decoding": lambda: generate(**plain_args, max_new_tokens=new),
+        "generate_text plain": library("generate_text plain"),
+        "generate_text auto": library("generate_text auto", drafter=drafter),
         "auto loop": lambda: speculative_generate(**spec, head=head, **settings),
         "plain decoding's prefill (1 token)": lambda: generate(**plain_args, max_new_tokens=1),
         "loop's prefill (speculative_start)": lambda: speculative_start(**spec),
@@ -74,6 +90,8 @@ def main() -> None:
     }
     for run in runs.values():  # compile and warm up
         jax.block_until_ready(run())
+    for ts in reported.values():
+        ts.clear()
     times = {k: [] for k in runs}
     for _ in range(args.repeats):
         for k, run in runs.items():
@@ -92,11 +110,17 @@ def main() -> None:
           f"{settings['verify_costs'][0]:.4f} s, lookup only {(settings.get('lookup_costs') or [float('nan')])[0]:.4f} s")
     for k, ts in times.items():
         print(f"  {k:<36} best {min(ts):7.3f} s   median {np.median(ts):7.3f} s")
+    for k, ts in reported.items():
+        print(f"  {k + ' (its Completion.seconds)':<36} best {min(ts):7.3f} s   median {np.median(ts):7.3f} s")
+    library_paired = [a / p for a, p in zip(reported["generate_text auto"], reported["generate_text plain"])]
+    print(f"generate_text auto / plain (Completion.seconds) paired median {np.median(library_paired):.3f} "
+          f"[{min(library_paired):.3f}, {max(library_paired):.3f}]")
     write_result(args.output, dict(machine=describe_machine(), **vars(args), rounds=rounds, probed=int(probed.sum()),
                                    model_rounds=model_rounds, accepted=int(np.asarray(auto.accepted).sum()),
                                    identical_to_plain=bool((np.asarray(auto.tokens) == np.asarray(
                                        runs["plain decoding"]().tokens)).all()),
-                                   paired_auto_over_plain=paired, times=times, settings={
+                                   paired_auto_over_plain=paired, times=times, reported_seconds=reported,
+                                   paired_generate_text_auto_over_plain=library_paired, settings={
                                        k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()}))
 
 

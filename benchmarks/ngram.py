@@ -12,7 +12,8 @@ verification round, bonus included), the speed-up over plain, greedy identity wi
 simulation of lookup predicts on plain decoding's outputs (`dspark_jax.evaluation.lookup_simulation`).
 Timing: per dataset and batch size, plain decoding, every drafter (and HF) run once per repeat, in turn; each
 keeps its fastest run (`--repeats`, default 3). Compilation and profiling are excluded (`generate_text` times
-the compiled call; HF's `generate` is warmed up first).
+the compiled call; HF's `generate` is warmed up first). "speed-up" is the best-of ratio; "paired" the median over
+repeats of a drafter's tokens/s over plain decoding's in the same repeat (`paired_speedup`).
 `--hf` adds HF transformers (float32, same GGUF) at batch 1: greedy `generate` and `prompt_lookup_num_tokens`
 (γ tokens, `max_matching_ngram_size` = n_max), and the tokens/s ratio of our lookup to theirs.
 Prompts are wrapped in the training format. Writes JSON.
@@ -42,16 +43,25 @@ def hf_tokens_per_s(model, prompts_ids, max_new, pad_id, **kw) -> tuple[float, l
     return tokens / seconds, outs
 
 
-def best_of_interleaved(runs: dict, repeats: int) -> dict:
-    """label → the (tokens/s, outputs) of its fastest run: every run once per repeat, in turn, so a slow
-    minute of a noisy machine hits all of them (a run's time excludes its compilation and profiling)."""
+def best_of_interleaved(runs: dict, repeats: int) -> tuple[dict, dict]:
+    """(label → the (tokens/s, outputs) of its fastest run, label → its tokens/s in every repeat): every run once
+    per repeat, in turn, so a slow minute of a noisy machine hits all of them (a run's time excludes its
+    compilation and profiling)."""
     best: dict = {}
+    speeds: dict = {label: [] for label in runs}
     for _ in range(repeats):
         for label, run in runs.items():
             speed, out = run()
+            speeds[label].append(speed)
             if label not in best or speed > best[label][0]:
                 best[label] = (speed, out)
-    return best
+    return best, speeds
+
+
+def paired_speedup(speeds: list[float], plain: list[float]) -> float:
+    """Median over repeats of a decoding's tokens/s over plain decoding's in the same repeat: a machine's slow
+    minute divides out (the best-of ratio compares runs minutes apart)."""
+    return statistics.median(s / p for s, p in zip(speeds, plain))
 
 
 def main():
@@ -106,7 +116,8 @@ def main():
     rows = []
     print(f"machine: {describe_machine()}; {args.max_new_tokens} new tokens, T={args.temperature:g}, gamma {args.gamma}, best of "
           f"{args.repeats} interleaved repeats")
-    header = f"{'dataset':<10} {'batch':>5} {'decoding':<16} {'tokens/s':>9} {'tau':>6} {'speed-up':>9} {'same':>5}"
+    header = (f"{'dataset':<10} {'batch':>5} {'decoding':<16} {'tokens/s':>9} {'tau':>6} {'speed-up':>9} "
+              f"{'paired':>7} {'same':>5}")
     print(header)
     for name in args.datasets.split(","):
         prompts = [format_prompt(p) for p in read_first_turns(eval_dataset_path(name))[:args.limit]]
@@ -128,7 +139,7 @@ def main():
                 runs["hf prompt lookup"] = lambda: hf_tokens_per_s(hf, ids, args.max_new_tokens, pad,
                                                                    prompt_lookup_num_tokens=args.gamma,
                                                                    max_matching_ngram_size=args.n_max)
-            best = best_of_interleaved(runs, args.repeats)
+            best, speeds = best_of_interleaved(runs, args.repeats)
             release_compiled_programs()  # every drafter × width × profile compiles its own programs
             base, plain = best.pop("plain")
             pairs = [(i, r.completion_ids) for i, r in zip(ids, plain)]
@@ -136,16 +147,18 @@ def main():
             sim = {g: simulated_tau(pairs, args.n_max, args.n_min, g) for g in gammas}
             rows.append(dict(dataset=name, batch_size=bs, decoding="plain", tokens_per_s=base, tau=None,
                              speedup=1.0, simulated_ngram_tau=sim))
-            print(f"{name:<10} {bs:>5} {'plain':<16} {base:9.1f} {'-':>6} {1.0:9.2f} {'':>5}  (simulated lookup "
+            print(f"{name:<10} {bs:>5} {'plain':<16} {base:9.1f} {'-':>6} {1.0:9.2f} {'':>7} {'':>5}  (simulated lookup "
                   f"tau: {', '.join(f'{t:.2f} at gamma {g}' for g, t in sim.items())})", flush=True)
             for spec in drafters:
                 speed, res = best.pop(spec)
                 same = (all(a.completion_ids == b.completion_ids for a, b in zip(plain, res))
                         if args.temperature == 0 else None)  # samples: no identity to check
                 tau = pooled_accept_length(res)
+                paired = paired_speedup(speeds[spec], speeds["plain"])
                 rows.append(dict(dataset=name, batch_size=bs, decoding=spec, tokens_per_s=speed, tau=tau,
-                                 speedup=speed / base, identical_to_plain=same))
-                print(f"{name:<10} {bs:>5} {spec:<16} {speed:9.1f} {tau:6.2f} {speed / base:9.2f} "
+                                 speedup=speed / base, paired_speedup=paired, tokens_per_s_by_repeat=speeds[spec],
+                                 plain_tokens_per_s_by_repeat=speeds["plain"], identical_to_plain=same))
+                print(f"{name:<10} {bs:>5} {spec:<16} {speed:9.1f} {tau:6.2f} {speed / base:9.2f} {paired:7.2f} "
                       f"{'-' if same is None else str(same):>5}", flush=True)
             if best:  # HF at batch 1
                 (hf_plain, _), (hf_lookup, outs) = best["hf plain"], best["hf prompt lookup"]

@@ -17,7 +17,7 @@ from dspark_jax.io.hf_config import load_hf_config
 from dspark_jax.io.tokenizer import tokenizer_from_hf_dir
 from dspark_jax.models.attn_impl import attn_impl_of, with_attn_impl
 from dspark_jax.models.config import TransformerConfig
-from dspark_jax.models.transformer import Transformer, abstract_model, model_from_canonical
+from dspark_jax.models.transformer import Transformer, abstract_model, model_from_canonical, with_q8_head
 from dspark_jax.parallel.rules import DEFAULT_RULES, AxisRules, state_shardings
 
 DEFAULT_TARGET = "gemma3-270m"
@@ -48,6 +48,11 @@ class Target:
     @property
     def state_dtype(self):
         return self.state["embed_tokens"][...].dtype
+
+    @property
+    def q8_head(self) -> bool:
+        """Whether the output head reads the embedding's Q8_0 blocks where cheaper (`load_target`'s q8_head)."""
+        return "head_q8_values" in self.state
 
     @property
     def stop_ids(self) -> tuple[int, ...]:
@@ -82,16 +87,42 @@ def resolve_target_path(spec: str | os.PathLike | None) -> Path:
     return path
 
 
+Q8_EMBEDDING = "token_embd.weight"  # the GGUF tensor of the (tied) token embedding
+
+
+def q8_head_blocker(config: TransformerConfig, dtype, mesh: Mesh | None, gguf) -> str | None:
+    """Why this target's output head cannot read the GGUF's Q8_0 embedding blocks (`models.transformer.with_q8_head`),
+    or None when it can: a GGUF whose tied embedding is stored as Q8_0, a float32 model on CPU, no mesh."""
+    if gguf is None:
+        return "the target is not a GGUF file"
+    if not config.tie_word_embeddings:
+        return "the model has its own lm_head (untied embeddings)"
+    if jnp.dtype(dtype) != jnp.float32:
+        return f"the model is {jnp.dtype(dtype).name}, the Q8_0 head reproduces a float32 table"
+    if jax.default_backend() != "cpu":
+        return f"the backend is {jax.default_backend()} (the Q8_0 head is a CPU path)"
+    if mesh is not None:
+        return "the model is sharded over a mesh"
+    if Q8_EMBEDDING not in gguf.tensors or not gguf.is_q8_0(Q8_EMBEDDING):
+        return f"the GGUF's {Q8_EMBEDDING} is not stored as Q8_0"
+    return None
+
+
 def load_target(spec: str | os.PathLike | None = None, dtype=None, mesh: Mesh | None = None,
-                rules: AxisRules = DEFAULT_RULES) -> Target:
+                rules: AxisRules = DEFAULT_RULES, q8_head: bool | None = None) -> Target:
     """Loads a target model and its tokenizer. Raises FileNotFoundError / ValueError with a clear message.
 
     Weights are read tensor by tensor (safetensors files are memory-mapped), cast to `dtype` on the host and
     placed straight onto their devices — with `mesh`, onto their shardings under `rules` (`parallel.rules`) — so
     loading never holds a float32 copy of the whole model in host memory (a GGUF is dequantized to float32 once,
-    on its first load, into ~/.cache/dspark_jax)."""
+    on its first load, into ~/.cache/dspark_jax).
+    q8_head: whether the output head also keeps the GGUF's Q8_0 embedding blocks and reads them where that is
+    cheaper (`models.output_head.Q8_ROWS`: 1–3 rows on CPU, ~3.4x cheaper at one row; the same logits up to
+    float summation order; +180 MiB). None: wherever possible (`q8_head_blocker`); True: required (ValueError
+    saying why not); False: never."""
     dtype = dtype or default_dtype()
     path = resolve_target_path(spec)
+    gguf = None
     if path.is_dir():
         config = load_hf_config(path)
         tensors = open_hf_weights(path, config)
@@ -106,5 +137,11 @@ def load_target(spec: str | os.PathLike | None = None, dtype=None, mesh: Mesh | 
     if mesh is not None:
         shardings = state_shardings(nnx.state(abstract_model(config, dtype)), mesh, rules)
     model = model_from_canonical(config, tensors, dtype, shardings)
+    if q8_head is not False:
+        blocker = q8_head_blocker(config, dtype, mesh, gguf)
+        if blocker is None:
+            model = with_q8_head(model, *gguf.q8_0_blocks(Q8_EMBEDDING))
+        elif q8_head:
+            raise ValueError(f"{path}: no Q8_0 head: {blocker}")
     graphdef, state = nnx.split(model)
     return Target(config=config, graphdef=graphdef, state=state, tokenizer=tokenizer, source=str(path))

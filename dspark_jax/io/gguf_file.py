@@ -16,6 +16,7 @@ import numpy as np
 from dspark_jax.utils.bfloat16 import bits_to_float32
 
 GGUF_MAGIC = b"GGUF"
+Q8_0_BLOCK = 32  # values per Q8_0 block (ggml QK8_0): a float16 scale, then 32 int8 values
 _SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
                    10: "<Q", 11: "<q", 12: "<d"}
 _NUMPY_TYPES = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32,
@@ -123,6 +124,27 @@ class GGUFFile:
         if key not in self.metadata:
             raise GGUFError(f"{self.path}: missing required metadata key {key!r}")
         return self.metadata[key]
+
+    def is_q8_0(self, name: str) -> bool:
+        """Whether the tensor is stored as Q8_0 (GGUFError for a missing one)."""
+        from gguf import GGMLQuantizationType
+        if name not in self.tensors:
+            raise GGUFError(f"{self.path}: missing tensor {name!r}")
+        return GGMLQuantizationType(self.tensors[name].qtype) == GGMLQuantizationType.Q8_0
+
+    def q8_0_blocks(self, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """A Q8_0 tensor [..., D] as its blocks — values q int8 [..., D] and scales d float32 [..., D / 32], the
+        value at j being d[j // 32] · q[j] (exact in float32: what `dequantize` returns) — or None when the tensor
+        is stored in another type. Raises GGUFError for a missing tensor."""
+        if not self.is_q8_0(name):
+            return None
+        info = self.tensors[name]
+        *lead, cols = info.shape
+        raw = np.asarray(self._mmap[info.offset:info.offset + info.nbytes]).reshape(*lead, cols // Q8_0_BLOCK,
+                                                                                    2 + Q8_0_BLOCK)
+        d = np.ascontiguousarray(raw[..., :2]).view(np.float16)[..., 0].astype(np.float32)
+        q = np.ascontiguousarray(raw[..., 2:]).view(np.int8).reshape(*lead, cols)
+        return q, d
 
     def dequantize(self, name: str) -> np.ndarray:
         """Returns the tensor as float32 in numpy (outermost-first) layout."""

@@ -12,6 +12,14 @@ less than the GEMM: they are padded to 16 rows (the 15-row draft head of a 15-to
 the 262k-row target head at 15 rows: 64 vs 82 ms; BENCHMARKS.md "Session 47"). 17–23 rows stay with the GEMM (padded
 to 24 they measured 0.90–1.19x of it on the 262k table: no consistent gain).
 Other row counts and other backends keep the einsum (GPU/TPU matmul units do not have this cliff).
+
+A table stored as Q8_0 blocks (the embedded GGUF's embedding: one float32 scale per 32 int8 values, the scale ×
+value products exact in float32) is 180 MiB instead of the float32 table's 640 MiB. At `Q8_ROWS` rows on CPU
+`q8_logits` streams the blocks instead: one `[1, d] @ dequant(q, scale)ᵀ` per row, which XLA:CPU compiles into its
+vectorized matrix-vector loop with the dequantization fused in (it fuses producers into a dot only when one side
+is a vector) — 8.5 / 17.5 / 21.5 ms at 1 / 2 / 3 rows against 29–31 ms for the float32 table, 30 against 35 at 4
+(BENCHMARKS.md "Session 49", `benchmarks/q8_head.py`). Every form over several rows at once (a loop fusion with
+the block scale inside, a dot of the dequantized table) ran 0.2–2.4 s, so from 4 rows on the float32 table serves.
 """
 from __future__ import annotations
 
@@ -22,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 FUSED_ROWS = frozenset(range(2, 17)) | {24}  # where the fused loop beats XLA:CPU's GEMM (benchmarks/lm_head.py)
+Q8_ROWS = frozenset({1, 2, 3})  # where one Q8_0 GEMV per row beats the float32 table (benchmarks/q8_head.py)
 
 
 def fused_width(rows: int) -> int:
@@ -62,3 +71,27 @@ def fused_logits(hidden: jax.Array, table: jax.Array) -> jax.Array:
     materialized (10.7 GB for Gemma 3's table at 16 rows)."""
     out = (table.astype(jnp.float32)[:, None, :] * hidden.astype(jnp.float32)[None, :, :]).sum(-1)
     return out.T
+
+
+def uses_q8_gemv(rows: int, backend: str | None = None) -> bool:
+    """Whether `rows` rows are computed from Q8_0 blocks, where a model has them, on `backend` (default: JAX's)."""
+    return (backend or jax.default_backend()) == "cpu" and rows in Q8_ROWS
+
+
+def q8_logits(hidden: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
+    """hidden [..., d] · table [V, d]ᵀ → float32 logits [..., V], the table given as Q8_0 blocks: values q int8
+    [V, d] and scales float32 [V, d / B] (table[v, j] = scale[v, j // B] · q[v, j], B = d / scale.shape[1]); equal
+    to `tied_logits` of the dequantized table up to float summation order. One matrix-vector product per row
+    (module doc: fast for few rows, `Q8_ROWS`; its cost grows with the rows)."""
+    if hidden.shape[-1] != q.shape[-1] or q.shape[0] != scale.shape[0] or q.shape[-1] % scale.shape[-1]:
+        raise ValueError(f"hidden [..., {hidden.shape[-1]}], q {q.shape} and scale {scale.shape} do not fit "
+                         f"(q [V, d], scale [V, d / block])")
+    lead, (v, d) = hidden.shape[:-1], q.shape
+    flat = hidden.reshape(-1, d).astype(jnp.float32)
+    # tie the blocks to this call's rows: inside a decoding loop XLA would otherwise hoist the loop-invariant
+    # dequantization out of the loop, materializing the float32 table and reading it at every step (measured:
+    # a plain step at batch 1 twice as slow as the float32 head's)
+    q, scale, flat = jax.lax.optimization_barrier((q, scale, flat))
+    table = (q.astype(jnp.float32).reshape(v, scale.shape[1], -1) * scale[:, :, None]).reshape(v, d)
+    rows = [flat[r:r + 1] @ table.T for r in range(flat.shape[0])]  # each a fused matrix-vector loop
+    return jnp.concatenate(rows).reshape(*lead, v)

@@ -12,7 +12,7 @@ from flax import nnx
 from dspark_jax.models.config import TransformerConfig
 from dspark_jax.models.kv_cache import KVCache
 from dspark_jax.models.layers import DecoderLayer, RMSNorm, param
-from dspark_jax.models.output_head import tied_logits
+from dspark_jax.models.output_head import q8_logits, tied_logits, uses_q8_gemv
 from dspark_jax.parallel.placement import put
 
 
@@ -30,6 +30,11 @@ class ForwardOutput:
     new_v: tuple[jax.Array, ...] | None = None
 
 
+class Q8Blocks(nnx.Variable):
+    """The tied embedding stored a second way for the output head (`output_head.q8_logits`): Q8_0 values or
+    scales. Loaded, never trained."""
+
+
 class Transformer(nnx.Module):
     def __init__(self, config: TransformerConfig, *, dtype=jnp.float32, rngs: nnx.Rngs, attn_impl: str = "reference"):
         """attn_impl: the attention implementation (`pallas_kernels.AttentionImpl`), a static field of the
@@ -43,6 +48,10 @@ class Transformer(nnx.Module):
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, c.family == "gemma3", dtype)
         self.lm_head = None if c.tie_word_embeddings else param(
             rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"), dtype)
+        # the tied embedding's Q8_0 blocks (values int8 [V, d], scales float32 [V, d / 32]) when the head may read
+        # them instead of the table (`with_q8_head`); None: the table only
+        self.head_q8_values = nnx.data(None)
+        self.head_q8_scales = nnx.data(None)
 
     def embed(self, tokens: jax.Array) -> jax.Array:
         x = jnp.take(self.embed_tokens[...], tokens, axis=0)
@@ -50,7 +59,10 @@ class Transformer(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Float32 logits from final-normed hidden states (tied or untied head, optional soft-cap)."""
-        if self.lm_head is None:
+        rows = int(np.prod(hidden.shape[:-1]))
+        if self.lm_head is None and self.head_q8_values is not None and uses_q8_gemv(rows):
+            out = q8_logits(hidden, self.head_q8_values[...], self.head_q8_scales[...])
+        elif self.lm_head is None:
             out = tied_logits(hidden, self.embed_tokens[...])
         else:
             out = jnp.einsum("...d,dv->...v", hidden, self.lm_head[...], preferred_element_type=jnp.float32)
@@ -115,6 +127,35 @@ class CanonicalTensor:
 def canonical_layout(config: TransformerConfig) -> dict:
     """The model's nested state (nnx pure-dict structure) with a CanonicalTensor at every parameter."""
     return _layout(config, lambda name: CanonicalTensor(name, True), CanonicalTensor)
+
+
+def with_q8_head(model: Transformer, values: np.ndarray, scales: np.ndarray) -> Transformer:
+    """`model` whose output head reads the tied embedding's Q8_0 blocks (values int8 [V, d], scales float32
+    [V, d / block]) wherever that is cheaper (`output_head.Q8_ROWS` on CPU) and the float32 table elsewhere.
+    The blocks must be the table: scale · value equal to every table entry (checked on the host, bit for bit), so
+    the model computes the same logits up to float summation order. Raises ValueError for an untied model, a
+    table that is not float32 or blocks that are not its values."""
+    table = model.embed_tokens[...]
+    if model.lm_head is not None:
+        raise ValueError("a Q8_0 head needs tied embeddings (this model has its own lm_head)")
+    if table.dtype != jnp.float32:
+        raise ValueError(f"a Q8_0 head reproduces a float32 table, this model's is {table.dtype}")
+    values, scales = np.asarray(values), np.asarray(scales, np.float32)
+    v, d = table.shape
+    if values.dtype != np.int8 or values.shape != (v, d) or scales.shape[0] != v or not scales.shape[1] \
+            or d % scales.shape[1]:
+        raise ValueError(f"Q8_0 blocks must be int8 values {(v, d)} and float32 scales [{v}, {d} / block], got "
+                         f"{values.dtype} {values.shape} and {scales.shape}")
+    host_table = np.asarray(table)
+    for i in range(0, v, 16384):  # in chunks: no second float32 table in host memory
+        rows = slice(i, i + 16384)
+        dequantized = values[rows].reshape(-1, scales.shape[1], d // scales.shape[1]) * scales[rows, :, None]
+        if not np.array_equal(dequantized.reshape(-1, d), host_table[rows]):
+            raise ValueError(f"the Q8_0 blocks do not reproduce the embedding table (scale · value != the table's "
+                             f"entry in rows {i}..{min(i + 16384, v) - 1})")
+    model.head_q8_values = Q8Blocks(jax.device_put(values), sharding_names=("vocab", None), eager_sharding=False)
+    model.head_q8_scales = Q8Blocks(jax.device_put(scales), sharding_names=("vocab", None), eager_sharding=False)
+    return model
 
 
 def canonical_to_pure_dict(config: TransformerConfig, tensors: Mapping[str, np.ndarray]) -> dict:

@@ -498,6 +498,13 @@ def test_round_costs_profile_and_cache(tmp_path, monkeypatch):
     load_or_profile_round_costs(target, Drafter(nnx.merge(calibrated_dg, calibrated_ds).config, calibrated_dg,
                                                 calibrated_ds, "ngram:calibrated=1"), batch=2)
     assert len(calls) == 6
+    # a target whose head reads the embedding's Q8_0 blocks (another cost of a round): its own profile
+    from tests.models.test_q8_head import q8_model
+    qg, qs = nnx.split(q8_model(cfg))
+    q8_target = Target(cfg, qg, qs, None, "tiny")
+    assert q8_target.q8_head and not target.q8_head
+    load_or_profile_round_costs(q8_target, drafter, batch=2)
+    assert len(calls) == 7
 
 
 def _spied_profile(monkeypatch, split_drafter, name: str, record, **profile_options):

@@ -10,8 +10,9 @@ from dspark_jax.io.gguf_file import GGUFError, GGUFFile  # noqa: E402
 from dspark_jax.io.gguf_loader import canonical_name, config_from_gguf, load_gguf_weights  # noqa: E402
 
 
-def write_tiny_qwen3_gguf(path, *, drop=None, hidden=16):
-    """A 1-layer Qwen3 GGUF with random F32 tensors (no tokenizer)."""
+def write_tiny_qwen3_gguf(path, *, drop=None, hidden=16, raw_types=None):
+    """A 1-layer Qwen3 GGUF with random F32 tensors (no tokenizer); `raw_types` stores some quantized instead
+    (name → `gguf.GGMLQuantizationType`; the returned tensors are the values before quantization)."""
     rng = np.random.default_rng(0)
     w = gguf.GGUFWriter(str(path), "qwen3")
     w.add_block_count(1)
@@ -34,7 +35,11 @@ def write_tiny_qwen3_gguf(path, *, drop=None, hidden=16):
         if name == drop:
             continue
         tensors[name] = rng.normal(size=shape).astype(np.float32)
-        w.add_tensor(name, tensors[name])
+        qtype = (raw_types or {}).get(name, gguf.GGMLQuantizationType.F32)
+        if qtype == gguf.GGMLQuantizationType.F32:
+            w.add_tensor(name, tensors[name])
+        else:
+            w.add_tensor(name, gguf.quants.quantize(tensors[name], qtype), raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -1,10 +1,11 @@
-"""models.output_head.tied_logits against the plain einsum, and that the fused loop is what runs."""
+"""models.output_head: tied_logits against the plain einsum, that the fused loop is what runs, and the Q8_0 head."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dspark_jax.models.output_head import FUSED_ROWS, fused_logits, fused_width, tied_logits, uses_fused_loop
+from dspark_jax.models.output_head import (FUSED_ROWS, Q8_ROWS, fused_logits, fused_width, q8_logits, tied_logits,
+                                           uses_fused_loop, uses_q8_gemv)
 
 
 def _einsum(h, t):
@@ -57,3 +58,47 @@ def test_rows_between_the_loop_groups_are_padded_to_the_next(rows, width):
 
 def test_other_backends_keep_the_einsum():
     assert not uses_fused_loop(4, backend="gpu") and not uses_fused_loop(4, backend="tpu")
+
+
+def _q8_table(v: int, d: int, block: int = 32, seed: int = 0):
+    """Random Q8_0 blocks and the float32 table they are (scale · value, exact in float32)."""
+    rng = np.random.default_rng(seed)
+    q = rng.integers(-127, 128, (v, d), dtype=np.int8)
+    scale = rng.random((v, d // block)).astype(np.float16).astype(np.float32) * 1e-2
+    return q, scale, (q.reshape(v, d // block, block) * scale[:, :, None]).reshape(v, d)
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (2, 64), (3, 64), (1, 3, 64), (4, 64), (2, 2, 64)])
+def test_q8_logits_match_the_dequantized_table(shape):
+    q, scale, table = _q8_table(500, 64)
+    h = jax.random.normal(jax.random.key(3), shape, jnp.float32)
+    got = jax.jit(q8_logits)(h, jnp.asarray(q), jnp.asarray(scale))
+    assert got.shape == shape[:-1] + (500,) and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, _einsum(h, jnp.asarray(table)), rtol=1e-5, atol=1e-5)
+
+
+def test_q8_logits_reject_blocks_that_do_not_fit():
+    q, scale, _ = _q8_table(50, 64)
+    with pytest.raises(ValueError, match="do not fit"):
+        q8_logits(jnp.zeros((1, 32)), jnp.asarray(q), jnp.asarray(scale))
+    with pytest.raises(ValueError, match="do not fit"):
+        q8_logits(jnp.zeros((1, 64)), jnp.asarray(q), jnp.asarray(np.tile(scale[:, :1], (1, 3))))  # 64 % 3
+
+
+def test_q8_gemv_only_for_few_rows_on_cpu():
+    assert [r for r in range(1, 20) if uses_q8_gemv(r, backend="cpu")] == sorted(Q8_ROWS) == [1, 2, 3]
+    assert not uses_q8_gemv(1, backend="gpu") and not uses_q8_gemv(1, backend="tpu")
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the fused matrix-vector loop is XLA:CPU's")
+@pytest.mark.parametrize("rows", [1, 3])
+def test_q8_logits_never_materialize_the_float32_table(rows):
+    """The dequantization is fused into one matrix-vector dot per row: no [V, d] float32 buffer is ever written
+    (it would cost what the int8 storage saves)."""
+    q, scale, _ = _q8_table(4096, 64)
+    hlo = jax.jit(q8_logits).lower(jnp.zeros((rows, 64)), jnp.asarray(q), jnp.asarray(scale)).compile().as_text()
+    entry = hlo[hlo.index("ENTRY"):].splitlines()[1:]
+    results = [line.split("=", 1)[1].split()[0] for line in entry if "=" in line]
+    assert results and not any(r.startswith("f32[4096,64]") for r in results)
+    reads_blocks = [line for line in entry if " fusion(" in line and "%q" in line and "%scale" in line]
+    assert len(reads_blocks) == rows  # one fused pass over the int8 blocks per row

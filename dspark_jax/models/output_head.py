@@ -17,8 +17,8 @@ A table stored as Q8_0 blocks (the embedded GGUF's embedding: one float32 scale 
 value products exact in float32) is 180 MiB instead of the float32 table's 640 MiB. At `Q8_ROWS` rows on CPU
 `q8_logits` streams the blocks instead: one `[1, d] @ dequant(q, scale)ᵀ` per row, which XLA:CPU compiles into its
 vectorized matrix-vector loop with the dequantization fused in (it fuses producers into a dot only when one side
-is a vector) — 8.5 / 17.5 / 21.5 ms at 1 / 2 / 3 rows against 29–31 ms for the float32 table, 30 against 35 at 4
-(BENCHMARKS.md "Session 49", `benchmarks/q8_head.py`). Every form over several rows at once (a loop fusion with
+is a vector) — 6.9 / 13.6 / 20.3 ms at 1 / 2 / 3 rows against 22.7 / 28.9 / 28.4 ms for the float32 table, 29.2
+against 28.4 at 4 (BENCHMARKS.md "Session 49", `benchmarks/q8_head.py`). Every form over several rows at once (a loop fusion with
 the block scale inside, a dot of the dequantized table) ran 0.2–2.4 s, so from 4 rows on the float32 table serves.
 """
 from __future__ import annotations

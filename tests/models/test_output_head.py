@@ -6,6 +6,7 @@ import pytest
 
 from dspark_jax.models.output_head import (FUSED_ROWS, Q8_ROWS, fused_logits, fused_width, q8_logits, tied_logits,
                                            uses_fused_loop, uses_q8_gemv)
+from tests.models.test_q8_head import q8_blocks_for
 
 
 def _einsum(h, t):
@@ -60,17 +61,9 @@ def test_other_backends_keep_the_einsum():
     assert not uses_fused_loop(4, backend="gpu") and not uses_fused_loop(4, backend="tpu")
 
 
-def _q8_table(v: int, d: int, block: int = 32, seed: int = 0):
-    """Random Q8_0 blocks and the float32 table they are (scale · value, exact in float32)."""
-    rng = np.random.default_rng(seed)
-    q = rng.integers(-127, 128, (v, d), dtype=np.int8)
-    scale = rng.random((v, d // block)).astype(np.float16).astype(np.float32) * 1e-2
-    return q, scale, (q.reshape(v, d // block, block) * scale[:, :, None]).reshape(v, d)
-
-
 @pytest.mark.parametrize("shape", [(1, 64), (2, 64), (3, 64), (1, 3, 64), (4, 64), (2, 2, 64)])
 def test_q8_logits_match_the_dequantized_table(shape):
-    q, scale, table = _q8_table(500, 64)
+    q, scale, table = q8_blocks_for(500, 64)
     h = jax.random.normal(jax.random.key(3), shape, jnp.float32)
     got = jax.jit(q8_logits)(h, jnp.asarray(q), jnp.asarray(scale))
     assert got.shape == shape[:-1] + (500,) and got.dtype == jnp.float32
@@ -78,7 +71,7 @@ def test_q8_logits_match_the_dequantized_table(shape):
 
 
 def test_q8_logits_reject_blocks_that_do_not_fit():
-    q, scale, _ = _q8_table(50, 64)
+    q, scale, _ = q8_blocks_for(50, 64)
     with pytest.raises(ValueError, match="do not fit"):
         q8_logits(jnp.zeros((1, 32)), jnp.asarray(q), jnp.asarray(scale))
     with pytest.raises(ValueError, match="do not fit"):
@@ -95,7 +88,7 @@ def test_q8_gemv_only_for_few_rows_on_cpu():
 def test_q8_logits_never_materialize_the_float32_table(rows):
     """The dequantization is fused into one matrix-vector dot per row: no [V, d] float32 buffer is ever written
     (it would cost what the int8 storage saves)."""
-    q, scale, _ = _q8_table(4096, 64)
+    q, scale, _ = q8_blocks_for(4096, 64)
     hlo = jax.jit(q8_logits).lower(jnp.zeros((rows, 64)), jnp.asarray(q), jnp.asarray(scale)).compile().as_text()
     entry = hlo[hlo.index("ENTRY"):].splitlines()[1:]
     results = [line.split("=", 1)[1].split()[0] for line in entry if "=" in line]

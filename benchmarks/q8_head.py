@@ -1,18 +1,20 @@
-"""The output head read from the GGUF's Q8_0 blocks (`load_target`'s q8_head, `models.output_head.q8_logits`)
-against the dequantized float32 table: the head alone by row count, then plain decoding and the main job at batch 1
-with each, side by side in one run.
+"""The output head read from the GGUF's Q8_0 blocks (`load_target`'s q8_head and q8_kernel,
+`models.output_head.q8_logits`, `models.q8_ffi`) against the dequantized float32 table: the head alone by row count,
+then plain decoding and the main job at batch 1 with each, side by side in one run.
 
 The embedded Gemma 3 270M stores its tied embedding (262,144 × 640) as Q8_0: blocks of 32 int8 values with one
 float16 scale, value = scale · q, exact in float32. The float32 table is 640 MiB and the head streams all of it at
-every call; the blocks are 180 MiB. Part 1 times `tied_logits` on the table against `q8_logits` on the blocks at
-each row count, on the target's own final-normed hidden states of a held-out prompt, with the largest logit
-difference and whether every row's argmax agrees. Part 2 decodes the first --limit held-out prompts of each set
-at batch 1 with both targets (`load_target()` and `load_target(q8_head=False)`): plain decoding and the main job
-(`default+ngram`, γ 15, draft length auto), every run once per repeat in turn, each keeping its fastest; the
-outputs of all four are compared with the float32 target's plain decoding.
+every call; the blocks are 180 MiB. Part 1 times `tied_logits` on the table against `q8_logits` on the blocks (one
+XLA matrix-vector loop per row, and the `q8_ffi` kernel) at each row count, on the target's own final-normed hidden
+states of a held-out prompt, with the largest logit difference and whether every row's argmax agrees. Part 2
+decodes the first --limit held-out prompts of each set at batch 1 with each --heads target (f32:
+`load_target(q8_head=False)`, q8-gemv: `load_target(q8_kernel=False)`, q8-kernel: `load_target(q8_kernel=True)`):
+plain decoding and the main job (`default+ngram`, γ 15, draft length auto), every run once per repeat in turn,
+each keeping its fastest; every output is compared with the float32 target's plain decoding.
 
-    python benchmarks/q8_head.py [--rows 1,2,3,4,8 --datasets gsm8k,humaneval,mbpp,mt-bench --limit 8
-                                  --max_new_tokens 96 --repeats 2]          # --datasets '' skips part 2
+    python benchmarks/q8_head.py [--rows 1,2,3,4,8 --heads f32,q8-gemv,q8-kernel
+                                  --datasets gsm8k,humaneval,mbpp,mt-bench --limit 8 --max_new_tokens 96
+                                  --repeats 2]          # --datasets '' skips part 2
 
 Writes JSON.
 """
@@ -20,11 +22,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", default="1,2,3,4,8")
+    ap.add_argument("--rows", default="1,2,3,4,5,6,8,12,16,24,32")
+    ap.add_argument("--heads", default="f32,q8-gemv,q8-kernel", help="the targets part 2 compares (module doc)")
     ap.add_argument("--head_repeats", type=int, default=10)
     ap.add_argument("--datasets", default="gsm8k,humaneval,mbpp,mt-bench")
     ap.add_argument("--limit", type=int, default=8)
@@ -44,41 +48,59 @@ def main() -> None:
     from dspark_jax.generation import (GenerationConfig, generate_text, pooled_accept_length,
                                       release_compiled_programs, throughput)
     from dspark_jax.models.output_head import q8_logits, tied_logits
+    from dspark_jax.models.q8_ffi import kernel_available, kernel_blocker
     from dspark_jax.target import load_target
     from dspark_jax.training.responses import format_prompt
     from dspark_jax.utils.machine import describe_machine
     from dspark_jax.utils.results import write_result
     from dspark_jax.utils.timing import median_seconds
 
-    targets = {"q8": load_target(), "f32": load_target(q8_head=False)}
-    if not targets["q8"].q8_head:
-        raise SystemExit("this target has no Q8_0 head here (`target.q8_head_blocker` says why): nothing to compare")
-    model = targets["q8"].model
+    loaders = {"f32": lambda: load_target(q8_head=False), "q8-gemv": lambda: load_target(q8_head=True, q8_kernel=False),
+               "q8-kernel": lambda: load_target(q8_head=True, q8_kernel=True)}
+    heads = args.heads.split(",")
+    if unknown := set(heads) - set(loaders):
+        raise SystemExit(f"--heads: unknown {sorted(unknown)}; choose from {sorted(loaders)}")
+    if "f32" not in heads:
+        raise SystemExit("--heads must include f32: its plain decoding is every run's reference")
+    targets = {k: loaders[k]() for k in heads}
+    model = load_target(q8_head=True, q8_kernel=False).model if "q8-gemv" not in targets else targets["q8-gemv"].model
     table, values, scales = model.embed_tokens[...], model.head_q8_values[...], model.head_q8_scales[...]
     print(f"machine: {describe_machine()}; table {table.shape[0]} x {table.shape[1]}: float32 "
           f"{table.nbytes / 2**20:.0f} MiB, Q8_0 blocks {(values.nbytes + scales.nbytes) / 2**20:.0f} MiB")
 
     # part 1: the head alone
     max_rows = max(int(r) for r in args.rows.split(","))
-    ids = targets["q8"].tokenizer.encode(format_prompt(read_first_turns(eval_dataset_path("mbpp"))[0]),
-                                         add_bos=True)
+    ids = targets["f32"].tokenizer.encode(format_prompt(read_first_turns(eval_dataset_path("mbpp"))[0]),
+                                          add_bos=True)
     width = max(len(ids), max_rows)
     tokens = jnp.asarray([ids + [0] * (width - len(ids))], jnp.int32)
     _, out = prefill(targets["f32"].model, tokens, jnp.asarray([len(ids)], jnp.int32), width)
-    hidden = out.hidden[0, len(ids) - max_rows:len(ids)]  # the prompt's last rows, final-normed
-    f32_head, q8_head = jax.jit(tied_logits), jax.jit(q8_logits)
+    hidden = out.hidden[0, max(0, len(ids) - max_rows):][:max_rows]  # the prompt's last rows, final-normed
+    hidden = jnp.concatenate([hidden] * -(-max_rows // hidden.shape[0]))[:max_rows]
+    kernel = kernel_available()
+    forms = {"f32": (jax.jit(tied_logits), (table,)), "gemv": (jax.jit(q8_logits), (values, scales))}
+    if kernel:
+        forms["kernel"] = (jax.jit(functools.partial(q8_logits, kernel=True)), (values, scales))
+    else:
+        print(f"no q8_ffi kernel here: {kernel_blocker()}")
     head_rows = []
-    print(f"{'rows':>4} {'float32 table ms':>17} {'Q8_0 blocks ms':>15} {'ratio':>6}   max |logit diff|, argmax same")
+    print(f"{'rows':>4} " + " ".join(f"{k + ' ms':>10}" for k in forms) + "   max |logit diff| / argmax same vs f32")
     for r in [int(x) for x in args.rows.split(",")]:
         h = hidden[:r]
-        ref, got = f32_head(h, table), q8_head(h, values, scales)
-        row = dict(rows=r, f32_ms=median_seconds(lambda: f32_head(h, table), args.head_repeats) * 1e3,
-                   q8_ms=median_seconds(lambda: q8_head(h, values, scales), args.head_repeats) * 1e3,
-                   max_abs_diff=float(jnp.abs(got - ref).max()),
-                   argmax_same=bool((got.argmax(-1) == ref.argmax(-1)).all()))
+        ref = forms["f32"][0](h, table)
+        row, notes = dict(rows=r), []
+        for name, (f, operands) in forms.items():
+            if name == "gemv" and r > 8:
+                continue  # one pass per row: linear in the rows
+            got = f(h, *operands)
+            row[f"{name}_ms"] = median_seconds(lambda: f(h, *operands), args.head_repeats) * 1e3
+            if name != "f32":
+                row[f"{name}_max_abs_diff"] = float(jnp.abs(got - ref).max())
+                row[f"{name}_argmax_same"] = bool((got.argmax(-1) == ref.argmax(-1)).all())
+                notes.append(f"{name} {row[f'{name}_max_abs_diff']:.1e} / {row[f'{name}_argmax_same']}")
         head_rows.append(row)
-        print(f"{r:>4} {row['f32_ms']:17.1f} {row['q8_ms']:15.1f} {row['q8_ms'] / row['f32_ms']:6.2f}   "
-              f"{row['max_abs_diff']:.1e}, {row['argmax_same']}", flush=True)
+        print(f"{r:>4} " + " ".join(f"{row[k + '_ms']:10.1f}" if k + "_ms" in row else f"{'-':>10}" for k in forms)
+              + "   " + ", ".join(notes), flush=True)
     result = dict(machine=describe_machine(), **vars(args), head=head_rows, decoding=[])
     write_result(args.output, result)
 
@@ -88,7 +110,7 @@ def main() -> None:
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=1)
     names = [n for n in args.datasets.split(",") if n]
     if names:
-        print(f"\n{'dataset':<10} {'decoding':<22} {'tokens/s':>9} {'tau':>6} {'over f32 plain':>15} "
+        print(f"\n{'dataset':<10} {'decoding':<24} {'tokens/s':>9} {'tau':>6} {'over f32 plain':>15} "
               f"{'over own plain':>15} {'same tokens':>12}")
     for name in names:
         prompts = [format_prompt(p) for p in read_first_turns(eval_dataset_path(name))[:args.limit]]
@@ -101,7 +123,7 @@ def main() -> None:
             return go
 
         runs = {f"{kind} {'main job' if drafted else 'plain'}": run(kind, drafted)
-                for drafted in (False, True) for kind in ("f32", "q8")}
+                for drafted in (False, True) for kind in heads}
         best: dict = {}
         for _ in range(args.repeats):
             for label, go in runs.items():
@@ -118,7 +140,7 @@ def main() -> None:
             result["decoding"].append(dict(dataset=name, decoding=label, tokens_per_s=speed, tau=tau,
                                            over_f32_plain=speed / base[0], over_own_plain=speed / own,
                                            same_tokens_as_f32_plain=same))
-            print(f"{name:<10} {label:<22} {speed:9.1f} {'-' if tau is None else f'{tau:.2f}':>6} "
+            print(f"{name:<10} {label:<24} {speed:9.1f} {'-' if tau is None else f'{tau:.2f}':>6} "
                   f"{speed / base[0]:15.2f} {speed / own:15.2f} {str(same):>12}", flush=True)
         write_result(args.output, result)  # after every set: an interrupted run keeps its rows
 

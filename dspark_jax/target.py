@@ -55,6 +55,11 @@ class Target:
         return "head_q8_values" in self.state
 
     @property
+    def q8_kernel(self) -> bool:
+        """Whether the Q8_0 head gives 2 and more rows to the `models.q8_ffi` CPU kernel (`load_target`'s q8_kernel)."""
+        return bool(getattr(nnx.merge(self.graphdef, self.state), "head_q8_kernel", False))
+
+    @property
     def stop_ids(self) -> tuple[int, ...]:
         return tuple(sorted(set(self.config.eos_token_ids) | set(self.tokenizer.stop_ids)))
 
@@ -109,7 +114,7 @@ def q8_head_blocker(config: TransformerConfig, dtype, mesh: Mesh | None, gguf) -
 
 
 def load_target(spec: str | os.PathLike | None = None, dtype=None, mesh: Mesh | None = None,
-                rules: AxisRules = DEFAULT_RULES, q8_head: bool | None = None) -> Target:
+                rules: AxisRules = DEFAULT_RULES, q8_head: bool | None = None, q8_kernel: bool | None = None) -> Target:
     """Loads a target model and its tokenizer. Raises FileNotFoundError / ValueError with a clear message.
 
     Weights are read tensor by tensor (safetensors files are memory-mapped), cast to `dtype` on the host and
@@ -117,8 +122,11 @@ def load_target(spec: str | os.PathLike | None = None, dtype=None, mesh: Mesh | 
     loading never holds a float32 copy of the whole model in host memory (a GGUF is dequantized to float32 once,
     on its first load, into ~/.cache/dspark_jax).
     q8_head: whether the output head also keeps the GGUF's Q8_0 embedding blocks and reads them where that is
-    cheaper (`models.output_head.Q8_ROWS`: 1–3 rows on CPU, ~3.4x cheaper at one row; the same logits up to
-    float summation order; +180 MiB). None: wherever possible (`q8_head_blocker`); True: required (ValueError
+    cheaper (`models.output_head.uses_q8_blocks`: on CPU; ~3.4x cheaper than the float32 table at one row; the
+    same logits up to float summation order; +180 MiB). None: wherever possible (`q8_head_blocker`); True:
+    required (ValueError saying why not); False: never.
+    q8_kernel: whether that head gives 2 and more rows to the `models.q8_ffi` CPU kernel (~1.9–3x cheaper than the
+    table at 2–8 rows). None: where it is built (`models.q8_ffi.kernel_blocker`); True: required (RuntimeError
     saying why not); False: never."""
     dtype = dtype or default_dtype()
     path = resolve_target_path(spec)
@@ -140,7 +148,7 @@ def load_target(spec: str | os.PathLike | None = None, dtype=None, mesh: Mesh | 
     if q8_head is not False:
         blocker = q8_head_blocker(config, dtype, mesh, gguf)
         if blocker is None:
-            model = with_q8_head(model, *gguf.q8_0_blocks(Q8_EMBEDDING))
+            model = with_q8_head(model, *gguf.q8_0_blocks(Q8_EMBEDDING), kernel=q8_kernel)
         elif q8_head:
             raise ValueError(f"{path}: no Q8_0 head: {blocker}")
     graphdef, state = nnx.split(model)

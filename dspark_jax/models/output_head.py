@@ -18,8 +18,10 @@ value products exact in float32) is 180 MiB instead of the float32 table's 640 M
 `q8_logits` streams the blocks instead: one `[1, d] @ dequant(q, scale)ᵀ` per row, which XLA:CPU compiles into its
 vectorized matrix-vector loop with the dequantization fused in (it fuses producers into a dot only when one side
 is a vector) — 6.9 / 13.6 / 20.3 ms at 1 / 2 / 3 rows against 22.7 / 28.9 / 28.4 ms for the float32 table, 29.2
-against 28.4 at 4 (BENCHMARKS.md "Session 49", `benchmarks/q8_head.py`). Every form over several rows at once (a loop fusion with
-the block scale inside, a dot of the dequantized table) ran 0.2–2.4 s, so from 4 rows on the float32 table serves.
+against 28.4 at 4 (BENCHMARKS.md "Session 49", `benchmarks/q8_head.py`). Every XLA form over several rows at once (a loop
+fusion with the block scale inside, a dot of the dequantized table, a map over vocabulary chunks) ran 25 ms to 2.4 s.
+Where the CPU kernel of `q8_ffi` is built (a model's `head_q8_kernel`), 2 to `Q8_KERNEL_MAX_ROWS` rows go to it
+instead: it dequantizes each block once for all rows (10 ms at 2–3 rows, 19 ms at 8; `q8_ffi` module doc).
 """
 from __future__ import annotations
 
@@ -29,8 +31,11 @@ import math
 import jax
 import jax.numpy as jnp
 
+from dspark_jax.models.q8_ffi import ffi_q8_logits
+
 FUSED_ROWS = frozenset(range(2, 17)) | {24}  # where the fused loop beats XLA:CPU's GEMM (benchmarks/lm_head.py)
 Q8_ROWS = frozenset({1, 2, 3})  # where one Q8_0 GEMV per row beats the float32 table (benchmarks/q8_head.py)
+Q8_KERNEL_MAX_ROWS = 64  # the most rows given to the q8_ffi kernel (it beat the table at every count measured, 2–64)
 
 
 def fused_width(rows: int) -> int:
@@ -73,21 +78,28 @@ def fused_logits(hidden: jax.Array, table: jax.Array) -> jax.Array:
     return out.T
 
 
-def uses_q8_gemv(rows: int, backend: str | None = None) -> bool:
-    """Whether `rows` rows are computed from Q8_0 blocks, where a model has them, on `backend` (default: JAX's)."""
-    return (backend or jax.default_backend()) == "cpu" and rows in Q8_ROWS
+def uses_q8_blocks(rows: int, kernel: bool = False, backend: str | None = None) -> bool:
+    """Whether `rows` rows are computed from Q8_0 blocks, where a model has them, on `backend` (default: JAX's):
+    `Q8_ROWS` with XLA's matrix-vector loops, or 1 to `Q8_KERNEL_MAX_ROWS` with `kernel` (the `q8_ffi` kernel)."""
+    if (backend or jax.default_backend()) != "cpu":
+        return False
+    return 1 <= rows <= Q8_KERNEL_MAX_ROWS if kernel else rows in Q8_ROWS
 
 
-def q8_logits(hidden: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
+def q8_logits(hidden: jax.Array, q: jax.Array, scale: jax.Array, *, kernel: bool = False) -> jax.Array:
     """hidden [..., d] · table [V, d]ᵀ → float32 logits [..., V], the table given as Q8_0 blocks: values q int8
     [V, d] and scales float32 [V, d / B] (table[v, j] = scale[v, j // B] · q[v, j], B = d / scale.shape[1]); equal
-    to `tied_logits` of the dequantized table up to float summation order. One matrix-vector product per row
-    (module doc: fast for few rows, `Q8_ROWS`; its cost grows with the rows)."""
+    to `tied_logits` of the dequantized table up to float summation order. One row: XLA's matrix-vector loop.
+    Several rows: with `kernel`, one pass of `q8_ffi.ffi_q8_logits` (RuntimeError where it is not built);
+    without, one matrix-vector loop per row (module doc: fast for few rows, `Q8_ROWS`; its cost grows with the
+    rows)."""
     if hidden.shape[-1] != q.shape[-1] or q.shape[0] != scale.shape[0] or q.shape[-1] % scale.shape[-1]:
         raise ValueError(f"hidden [..., {hidden.shape[-1]}], q {q.shape} and scale {scale.shape} do not fit "
                          f"(q [V, d], scale [V, d / block])")
     lead, (v, d) = hidden.shape[:-1], q.shape
     flat = hidden.reshape(-1, d).astype(jnp.float32)
+    if kernel and flat.shape[0] > 1:
+        return ffi_q8_logits(flat, q, scale).reshape(*lead, v)
     # tie the blocks to this call's rows: inside a decoding loop XLA would otherwise hoist the loop-invariant
     # dequantization out of the loop, materializing the float32 table and reading it at every step (measured:
     # a plain step at batch 1 twice as slow as the float32 head's)

@@ -12,7 +12,8 @@ from flax import nnx
 from dspark_jax.models.config import TransformerConfig
 from dspark_jax.models.kv_cache import KVCache
 from dspark_jax.models.layers import DecoderLayer, RMSNorm, param
-from dspark_jax.models.output_head import q8_logits, tied_logits, uses_q8_gemv
+from dspark_jax.models.output_head import q8_logits, tied_logits, uses_q8_blocks
+from dspark_jax.models.q8_ffi import kernel_blocker
 from dspark_jax.parallel.placement import put
 
 
@@ -52,6 +53,7 @@ class Transformer(nnx.Module):
         # them instead of the table (`with_q8_head`); None: the table only
         self.head_q8_values = nnx.data(None)
         self.head_q8_scales = nnx.data(None)
+        self.head_q8_kernel = False  # static: whether several rows go to the q8_ffi kernel (`with_q8_head`)
 
     def embed(self, tokens: jax.Array) -> jax.Array:
         x = jnp.take(self.embed_tokens[...], tokens, axis=0)
@@ -60,8 +62,8 @@ class Transformer(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Float32 logits from final-normed hidden states (tied or untied head, optional soft-cap)."""
         rows = int(np.prod(hidden.shape[:-1]))
-        if self.lm_head is None and self.head_q8_values is not None and uses_q8_gemv(rows):
-            out = q8_logits(hidden, self.head_q8_values[...], self.head_q8_scales[...])
+        if self.lm_head is None and self.head_q8_values is not None and uses_q8_blocks(rows, self.head_q8_kernel):
+            out = q8_logits(hidden, self.head_q8_values[...], self.head_q8_scales[...], kernel=self.head_q8_kernel)
         elif self.lm_head is None:
             out = tied_logits(hidden, self.embed_tokens[...])
         else:
@@ -129,9 +131,11 @@ def canonical_layout(config: TransformerConfig) -> dict:
     return _layout(config, lambda name: CanonicalTensor(name, True), CanonicalTensor)
 
 
-def with_q8_head(model: Transformer, values: np.ndarray, scales: np.ndarray) -> Transformer:
+def with_q8_head(model: Transformer, values: np.ndarray, scales: np.ndarray, kernel: bool | None = None) -> Transformer:
     """`model` whose output head reads the tied embedding's Q8_0 blocks (values int8 [V, d], scales float32
-    [V, d / block]) wherever that is cheaper (`output_head.Q8_ROWS` on CPU) and the float32 table elsewhere.
+    [V, d / block]) wherever that is cheaper (`output_head.uses_q8_blocks` on CPU) and the float32 table elsewhere.
+    kernel: whether 2 and more rows go to the `q8_ffi` CPU kernel; None: where it is built (`kernel_blocker`),
+    True: required (RuntimeError saying why not).
     The blocks must be the table: scale · value equal to every table entry (checked on the host, bit for bit), so
     the model computes the same logits up to float summation order. Raises ValueError for an untied model, a
     table that is not float32 or blocks that are not its values."""
@@ -155,6 +159,10 @@ def with_q8_head(model: Transformer, values: np.ndarray, scales: np.ndarray) -> 
                              f"entry in rows {i}..{min(i + 16384, v) - 1})")
     model.head_q8_values = Q8Blocks(jax.device_put(values), sharding_names=("vocab", None), eager_sharding=False)
     model.head_q8_scales = Q8Blocks(jax.device_put(scales), sharding_names=("vocab", None), eager_sharding=False)
+    blocker = kernel_blocker() if kernel is not False else None
+    if kernel and blocker:
+        raise RuntimeError(f"the Q8_0 head kernel is not available: {blocker}")
+    model.head_q8_kernel = kernel is not False and blocker is None
     return model
 
 

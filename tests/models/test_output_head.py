@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dspark_jax.models.output_head import (FUSED_ROWS, Q8_ROWS, fused_logits, fused_width, q8_logits, tied_logits,
-                                           uses_fused_loop, uses_q8_gemv)
+from dspark_jax.models.output_head import (FUSED_ROWS, Q8_KERNEL_MAX_ROWS, Q8_ROWS, fused_logits, fused_width,
+                                           q8_logits, tied_logits, uses_fused_loop, uses_q8_blocks)
 from tests.models.test_q8_head import q8_blocks_for
 
 
@@ -61,11 +61,15 @@ def test_other_backends_keep_the_einsum():
     assert not uses_fused_loop(4, backend="gpu") and not uses_fused_loop(4, backend="tpu")
 
 
-@pytest.mark.parametrize("shape", [(1, 64), (2, 64), (3, 64), (1, 3, 64), (4, 64), (2, 2, 64)])
-def test_q8_logits_match_the_dequantized_table(shape):
+@pytest.mark.parametrize("kernel", [False, True])
+@pytest.mark.parametrize("shape", [(1, 64), (2, 64), (3, 64), (1, 3, 64), (4, 64), (2, 2, 64), (3, 3, 64)])
+def test_q8_logits_match_the_dequantized_table(shape, kernel):
+    if kernel:
+        from tests.models.test_q8_ffi import require_kernel
+        require_kernel()
     q, scale, table = q8_blocks_for(500, 64)
     h = jax.random.normal(jax.random.key(3), shape, jnp.float32)
-    got = jax.jit(q8_logits)(h, jnp.asarray(q), jnp.asarray(scale))
+    got = jax.jit(lambda *a: q8_logits(*a, kernel=kernel))(h, jnp.asarray(q), jnp.asarray(scale))
     assert got.shape == shape[:-1] + (500,) and got.dtype == jnp.float32
     np.testing.assert_allclose(got, _einsum(h, jnp.asarray(table)), rtol=1e-5, atol=1e-5)
 
@@ -78,9 +82,12 @@ def test_q8_logits_reject_blocks_that_do_not_fit():
         q8_logits(jnp.zeros((1, 64)), jnp.asarray(q), jnp.asarray(np.tile(scale[:, :1], (1, 3))))  # 64 % 3
 
 
-def test_q8_gemv_only_for_few_rows_on_cpu():
-    assert [r for r in range(1, 20) if uses_q8_gemv(r, backend="cpu")] == sorted(Q8_ROWS) == [1, 2, 3]
-    assert not uses_q8_gemv(1, backend="gpu") and not uses_q8_gemv(1, backend="tpu")
+def test_the_rows_read_from_q8_blocks_on_cpu():
+    assert [r for r in range(0, 100) if uses_q8_blocks(r, backend="cpu")] == sorted(Q8_ROWS) == [1, 2, 3]
+    with_kernel = [r for r in range(0, 100) if uses_q8_blocks(r, kernel=True, backend="cpu")]
+    assert with_kernel == list(range(1, Q8_KERNEL_MAX_ROWS + 1)) and Q8_KERNEL_MAX_ROWS == 64
+    for kernel in (False, True):
+        assert not uses_q8_blocks(1, kernel, backend="gpu") and not uses_q8_blocks(2, kernel, backend="tpu")
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the fused matrix-vector loop is XLA:CPU's")
@@ -90,6 +97,7 @@ def test_q8_logits_never_materialize_the_float32_table(rows):
     (it would cost what the int8 storage saves)."""
     q, scale, _ = q8_blocks_for(4096, 64)
     hlo = jax.jit(q8_logits).lower(jnp.zeros((rows, 64)), jnp.asarray(q), jnp.asarray(scale)).compile().as_text()
+    assert "custom-call(" not in hlo  # without kernel=True: XLA's own loops
     entry = hlo[hlo.index("ENTRY"):].splitlines()[1:]
     results = [line.split("=", 1)[1].split()[0] for line in entry if "=" in line]
     assert results and not any(r.startswith("f32[4096,64]") for r in results)

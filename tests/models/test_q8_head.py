@@ -24,29 +24,62 @@ def q8_blocks_for(v: int, d: int, seed: int = 0, block: int = 32) -> tuple[np.nd
     return q, scale, (q.reshape(v, -1, block) * scale[:, :, None]).reshape(v, d)
 
 
-def q8_model(config, seed: int = 0, attach: bool = True) -> Transformer:
-    """A random tiny model whose embedding is a Q8_0 table, with the blocks attached (`attach`) or not."""
+def q8_model(config, seed: int = 0, attach: bool = True, kernel: bool | None = False) -> Transformer:
+    """A random tiny model whose embedding is a Q8_0 table, with the blocks attached (`attach`) or not; `kernel`
+    as `with_q8_head`'s."""
     model = Transformer(config, rngs=nnx.Rngs(seed))
     q, scale, table = q8_blocks_for(config.vocab_size, config.hidden_size, seed)
     model.embed_tokens[...] = jnp.asarray(table)
-    return with_q8_head(model, q, scale) if attach else model
+    return with_q8_head(model, q, scale, kernel=kernel) if attach else model
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the Q8_0 head is the CPU path")
-def test_the_q8_head_gives_the_tables_logits_and_decodes_the_same():
+@pytest.mark.parametrize("kernel", [False, True])
+def test_the_q8_head_gives_the_tables_logits_and_decodes_the_same(kernel):
     from dspark_jax.decoding.autoregressive import generate
     from dspark_jax.sampling import SamplingParams
+    if kernel:
+        from tests.models.test_q8_ffi import require_kernel
+        require_kernel()
     cfg = tiny_gemma3()
-    with_blocks, table_only = q8_model(cfg), q8_model(cfg, attach=False)
+    with_blocks, table_only = q8_model(cfg, kernel=kernel), q8_model(cfg, attach=False)
     assert "head_q8_values" in nnx.state(with_blocks) and "head_q8_values" not in nnx.state(table_only)
+    assert with_blocks.head_q8_kernel == kernel
     h = jax.random.normal(jax.random.key(0), (2, 4, cfg.hidden_size))
     for rows in (h[0, :1], h[0, :2], h[0, :3], h[:1, :3]):  # 1–3 rows: the blocks
         np.testing.assert_allclose(with_blocks.logits(rows), table_only.logits(rows), rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(with_blocks.logits(h), table_only.logits(h))  # 8 rows: the table itself
+    if kernel:  # 8 rows: the blocks through the kernel
+        np.testing.assert_allclose(with_blocks.logits(h), table_only.logits(h), rtol=1e-5, atol=1e-5)
+    else:  # 8 rows: the table itself
+        np.testing.assert_array_equal(with_blocks.logits(h), table_only.logits(h))
     prompts = jnp.asarray(np.random.default_rng(1).integers(1, cfg.vocab_size, (1, 6)), jnp.int32)
     outs = [generate(*nnx.split(m), prompts, jnp.asarray([6], jnp.int32), jax.random.split(jax.random.key(0), 1),
                      SamplingParams.create(1), max_new_tokens=12, stop_ids=()).tokens for m in (with_blocks, table_only)]
     np.testing.assert_array_equal(*outs)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the Q8_0 head is the CPU path")
+def test_speculative_decoding_through_the_kernel_equals_plain_decoding_on_the_table():
+    """Verification rounds compute 2–15 rows per call (the kernel) where plain decoding computes one (XLA's loop):
+    the greedy tokens are the same as plain decoding's on the float32 table."""
+    from tests.decoding.test_speculative import PROMPTS, _batch, make_drafter
+    from tests.models.test_q8_ffi import require_kernel
+
+    from dspark_jax.decoding.autoregressive import generate
+    from dspark_jax.decoding.speculative import speculative_generate
+    from dspark_jax.sampling import SamplingParams
+    require_kernel()
+    cfg = tiny_gemma3()
+    tg, ts = nnx.split(q8_model(cfg, kernel=True))
+    dg, ds = make_drafter("dspark", cfg, 4, False)
+    tokens, lens = _batch(PROMPTS)
+    kw = dict(max_new_tokens=17, stop_ids=())
+    plain = generate(*nnx.split(q8_model(cfg, attach=False)), tokens, lens, jax.random.key(0),
+                     SamplingParams.create(3), **kw)
+    spec = speculative_generate(tg, ts, dg, ds, tokens, lens, jax.random.key(5), SamplingParams.create(3),
+                                jnp.float32(0.0), **kw)
+    np.testing.assert_array_equal(np.asarray(spec.num_tokens), np.asarray(plain.num_tokens))
+    np.testing.assert_array_equal(np.asarray(spec.tokens)[:, :17], np.asarray(plain.tokens)[:, :17])
 
 
 def test_blocks_that_are_not_the_table_are_refused():
@@ -125,7 +158,10 @@ def test_the_embedded_target_reads_its_q8_blocks_unless_told_not_to():
     if jax.default_backend() != "cpu":
         pytest.skip("the Q8_0 head is the CPU path")
     with_blocks, table_only = load_target(), load_target(q8_head=False)
-    assert with_blocks.q8_head and not table_only.q8_head
+    assert with_blocks.q8_head and not table_only.q8_head and not table_only.q8_kernel
+    from dspark_jax.models.q8_ffi import kernel_available
+    assert with_blocks.q8_kernel == kernel_available()
+    assert not load_target(q8_kernel=False).q8_kernel
     h = jax.random.normal(jax.random.key(0), (3, with_blocks.config.hidden_size))
     a, b = jax.jit(lambda h: with_blocks.model.logits(h))(h), jax.jit(lambda h: table_only.model.logits(h))(h)
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-4)

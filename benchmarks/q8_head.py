@@ -7,12 +7,14 @@ float16 scale, value = scale · q, exact in float32. The float32 table is 640 Mi
 every call; the blocks are 180 MiB. Part 1 times `tied_logits` on the table against `q8_logits` on the blocks (one
 XLA matrix-vector loop per row, and the `q8_ffi` kernel) at each row count, on the target's own final-normed hidden
 states of a held-out prompt, with the largest logit difference and whether every row's argmax agrees. Part 2
-decodes the first --limit held-out prompts of each set at batch 1 with each --heads target (f32:
-`load_target(q8_head=False)`, q8-gemv: `load_target(q8_kernel=False)`, q8-kernel: `load_target(q8_kernel=True)`):
+decodes the first --limit held-out prompts of each set at batch 1 with each --heads target (f32: the float32
+table and layers; q8-gemv: the Q8_0 head through XLA's matrix-vector loops at 1–3 rows (session 49's default);
+q8-kernel: the Q8_0 head through the `q8_ffi` kernel at 2–64 rows; int8: that head and the layers' projections
+from the GGUF's int8 blocks, `models.int8_linear` — the default since session 50):
 plain decoding and the main job (`default+ngram`, γ 15, draft length auto), every run once per repeat in turn,
-each keeping its fastest; every output is compared with the float32 target's plain decoding.
+each keeping its fastest; every output is compared with the first head's plain decoding ("over ref plain").
 
-    python benchmarks/q8_head.py [--rows 1,2,3,4,8 --heads f32,q8-gemv,q8-kernel
+    python benchmarks/q8_head.py [--rows 1,2,3,4,8 --heads q8-gemv,int8
                                   --datasets gsm8k,humaneval,mbpp,mt-bench --limit 8 --max_new_tokens 96
                                   --repeats 2]          # --datasets '' skips part 2
 
@@ -28,7 +30,7 @@ import functools
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default="1,2,3,4,5,6,8,12,16,24,32")
-    ap.add_argument("--heads", default="f32,q8-gemv,q8-kernel", help="the targets part 2 compares (module doc)")
+    ap.add_argument("--heads", default="q8-gemv,int8", help="the targets part 2 compares (module doc)")
     ap.add_argument("--head_repeats", type=int, default=10)
     ap.add_argument("--datasets", default="gsm8k,humaneval,mbpp,mt-bench")
     ap.add_argument("--limit", type=int, default=8)
@@ -55,14 +57,14 @@ def main() -> None:
     from dspark_jax.utils.results import write_result
     from dspark_jax.utils.timing import median_seconds
 
-    loaders = {"f32": lambda: load_target(q8_head=False), "q8-gemv": lambda: load_target(q8_head=True, q8_kernel=False),
-               "q8-kernel": lambda: load_target(q8_head=True, q8_kernel=True)}
+    loaders = {"f32": lambda: load_target(q8_head=False, int8_layers=False),
+               "q8-gemv": lambda: load_target(q8_head=True, q8_kernel=False, int8_layers=False),
+               "q8-kernel": lambda: load_target(q8_head=True, q8_kernel=True, int8_layers=False),
+               "int8": lambda: load_target(q8_head=True, q8_kernel=True, int8_layers=True)}
     heads = args.heads.split(",")
     if unknown := set(heads) - set(loaders):
         raise SystemExit(f"--heads: unknown {sorted(unknown)}; choose from {sorted(loaders)}")
-    if "f32" not in heads:
-        raise SystemExit("--heads must include f32: its plain decoding is every run's reference")
-    targets = {k: loaders[k]() for k in heads}
+    targets = {k: loaders[k]() for k in dict.fromkeys(["f32", *heads])}  # f32: part 1's reference
     model = load_target(q8_head=True, q8_kernel=False).model if "q8-gemv" not in targets else targets["q8-gemv"].model
     table, values, scales = model.embed_tokens[...], model.head_q8_values[...], model.head_q8_scales[...]
     print(f"machine: {describe_machine()}; table {table.shape[0]} x {table.shape[1]}: float32 "
@@ -110,7 +112,7 @@ def main() -> None:
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=1)
     names = [n for n in args.datasets.split(",") if n]
     if names:
-        print(f"\n{'dataset':<10} {'decoding':<24} {'tokens/s':>9} {'tau':>6} {'over f32 plain':>15} "
+        print(f"\n{'dataset':<10} {'decoding':<24} {'tokens/s':>9} {'tau':>6} {'over ref plain':>15} "
               f"{'over own plain':>15} {'same tokens':>12}")
     for name in names:
         prompts = [format_prompt(p) for p in read_first_turns(eval_dataset_path(name))[:args.limit]]
@@ -131,15 +133,15 @@ def main() -> None:
                 if label not in best or speed > best[label][0]:
                     best[label] = (speed, res)
         release_compiled_programs()
-        base = best["f32 plain"]
+        base = best[f"{heads[0]} plain"]
         for label, (speed, res) in best.items():
             kind, what = label.split(" ", 1)
             own = best[f"{kind} plain"][0]
             same = all(a.completion_ids == b.completion_ids for a, b in zip(res, base[1]))
             tau = pooled_accept_length(res) if what == "main job" else None
             result["decoding"].append(dict(dataset=name, decoding=label, tokens_per_s=speed, tau=tau,
-                                           over_f32_plain=speed / base[0], over_own_plain=speed / own,
-                                           same_tokens_as_f32_plain=same))
+                                           over_ref_plain=speed / base[0], over_own_plain=speed / own,
+                                           same_tokens_as_ref_plain=same))
             print(f"{name:<10} {label:<24} {speed:9.1f} {'-' if tau is None else f'{tau:.2f}':>6} "
                   f"{speed / base[0]:15.2f} {speed / own:15.2f} {str(same):>12}", flush=True)
         write_result(args.output, result)  # after every set: an interrupted run keeps its rows

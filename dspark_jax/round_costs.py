@@ -47,7 +47,8 @@ FORMAT_VERSION = 13  # 1: verification forward + proposal timed apart; 2: a 64-t
 # drafter's rounds timed with its model's forward forced on, and apart with it skipped (`lookup_seconds`); 11: 9–15-
 # row logits (the draft head of a 15-token block at batch 1) padded into the fused loop (`models.output_head`);
 # 12: 1–3-row logits from the embedding's Q8_0 blocks where the target has them (`models.output_head.q8_logits`);
-# 13: 2–64-row logits from those blocks through the `models.q8_ffi` kernel where it is built (keyed on it)
+# 13: 2–64-row logits from those blocks through the `models.q8_ffi` kernel where it is built, and the layers'
+# projections from the GGUF's int8 blocks (`models.int8_linear`; both keyed)
 PROGRESS_PRIOR = 4.0  # expected progress (tokens beyond plain rounds') the gated loop's objective is trusted for
 # before its batch's drafted rounds say otherwise (`speculative._Rounds.progress_scale`)
 
@@ -94,11 +95,11 @@ def sampling_kind(temperature: float, top_k: int = 0, top_p: float = 1.0) -> tup
 
 def _profile_key(target: Target, drafter, batch: int, buckets: tuple[int, ...], cache_shape: tuple[int, int],
                  sampling: tuple[bool, FilterMode]) -> str:
-    """What a round's cost depends on: machine, target (its source, dtype, Q8_0 head and kernel), drafter structure (module
+    """What a round's cost depends on: machine, target (its source, dtype, Q8_0 head, kernel, int8 layers), drafter structure (module
     doc), batch, buckets, cache shape, sampling kind (`sampling_kind`)."""
     sampled, mode = sampling
     raw = json.dumps([FORMAT_VERSION, describe_machine(), target.source, str(target.state_dtype), target.q8_head,
-                      target.q8_kernel,
+                      target.q8_kernel, target.int8_layers,
                       batch, list(buckets),
                       list(cache_shape), target.attn_impl, repr(model_variants(drafter)[0].graphdef), sampled,
                       dataclasses.astuple(mode)], sort_keys=True)

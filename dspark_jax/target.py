@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from pathlib import Path
 
 import jax
@@ -10,13 +11,15 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from dspark_jax.io.gguf_loader import load_gguf_weights
+from dspark_jax.io.gguf_loader import canonical_name, load_gguf_weights
 from dspark_jax.io.gguf_tokenizer import tokenizer_from_gguf
 from dspark_jax.io.hf_checkpoint import open_hf_weights
 from dspark_jax.io.hf_config import load_hf_config
 from dspark_jax.io.tokenizer import tokenizer_from_hf_dir
 from dspark_jax.models.attn_impl import attn_impl_of, with_attn_impl
 from dspark_jax.models.config import TransformerConfig
+from dspark_jax.models.int8_linear import with_int8_weight
+from dspark_jax.models.q8_ffi import kernel_blocker
 from dspark_jax.models.transformer import Transformer, abstract_model, model_from_canonical, with_q8_head
 from dspark_jax.parallel.rules import DEFAULT_RULES, AxisRules, state_shardings
 
@@ -60,6 +63,11 @@ class Target:
         return bool(getattr(nnx.merge(self.graphdef, self.state), "head_q8_kernel", False))
 
     @property
+    def int8_layers(self) -> bool:
+        """Whether layer projections read the GGUF's int8 blocks (`load_target`'s int8_layers)."""
+        return any(str(part).endswith("_int8") for path, _ in nnx.to_flat_state(self.state) for part in path)
+
+    @property
     def stop_ids(self) -> tuple[int, ...]:
         return tuple(sorted(set(self.config.eos_token_ids) | set(self.tokenizer.stop_ids)))
 
@@ -95,26 +103,62 @@ def resolve_target_path(spec: str | os.PathLike | None) -> Path:
 Q8_EMBEDDING = "token_embd.weight"  # the GGUF tensor of the (tied) token embedding
 
 
+def _gguf_blocks_blocker(dtype, mesh: Mesh | None, gguf) -> str | None:
+    """Why weights cannot be read from a GGUF's blocks on this setup (None when they can)."""
+    if gguf is None:
+        return "the target is not a GGUF file"
+    if jnp.dtype(dtype) != jnp.float32:
+        return f"the model is {jnp.dtype(dtype).name} (the blocks reproduce float32 weights)"
+    if jax.default_backend() != "cpu":
+        return f"the backend is {jax.default_backend()} (the blocks are a CPU path)"
+    if mesh is not None:
+        return "the model is sharded over a mesh"
+    return None
+
+
 def q8_head_blocker(config: TransformerConfig, dtype, mesh: Mesh | None, gguf) -> str | None:
     """Why this target's output head cannot read the GGUF's Q8_0 embedding blocks (`models.transformer.with_q8_head`),
     or None when it can: a GGUF whose tied embedding is stored as Q8_0, a float32 model on CPU, no mesh."""
-    if gguf is None:
-        return "the target is not a GGUF file"
-    if not config.tie_word_embeddings:
+    if gguf is not None and not config.tie_word_embeddings:
         return "the model has its own lm_head (untied embeddings)"
-    if jnp.dtype(dtype) != jnp.float32:
-        return f"the model is {jnp.dtype(dtype).name}, the Q8_0 head reproduces a float32 table"
-    if jax.default_backend() != "cpu":
-        return f"the backend is {jax.default_backend()} (the Q8_0 head is a CPU path)"
-    if mesh is not None:
-        return "the model is sharded over a mesh"
+    blocker = _gguf_blocks_blocker(dtype, mesh, gguf)
+    if blocker is not None:
+        return blocker
     if Q8_EMBEDDING not in gguf.tensors or not gguf.is_q8_0(Q8_EMBEDDING):
         return f"the GGUF's {Q8_EMBEDDING} is not stored as Q8_0"
     return None
 
 
+def int8_layers_blocker(dtype, mesh: Mesh | None, gguf) -> str | None:
+    """Why this target's layer projections cannot be read from the GGUF's blocks (`models.int8_linear`), or None
+    when they can: a GGUF, a float32 model on CPU, no mesh, the int8 kernel built (`models.q8_ffi`)."""
+    return _gguf_blocks_blocker(dtype, mesh, gguf) or kernel_blocker()
+
+
+_PROJECTION = re.compile(r"layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.weight")
+
+
+def attach_int8_layers(model: Transformer, gguf, family: str) -> int:
+    """Attaches every layer projection the GGUF stores as int8 blocks (`io.gguf_blocks.INT8_BLOCK_TYPES`) to
+    `model` (`models.int8_linear.with_int8_weight`, which checks they are its weights bit for bit); returns how many.
+    Projections stored otherwise (F32, F16, other quantizations) keep their float32 weights only."""
+    attached = 0
+    for name in gguf.tensors:
+        match = _PROJECTION.fullmatch(canonical_name(name, family) or "")
+        if not match:
+            continue
+        blocks = gguf.int8_blocks(name)
+        if blocks is None:
+            continue
+        module = getattr(model.layers[int(match[1])], match[2])
+        with_int8_weight(module, match[3], blocks.values, blocks.scales, blocks.offsets)
+        attached += 1
+    return attached
+
+
 def load_target(spec: str | os.PathLike | None = None, dtype=None, mesh: Mesh | None = None,
-                rules: AxisRules = DEFAULT_RULES, q8_head: bool | None = None, q8_kernel: bool | None = None) -> Target:
+                rules: AxisRules = DEFAULT_RULES, q8_head: bool | None = None, q8_kernel: bool | None = None,
+                int8_layers: bool | None = None) -> Target:
     """Loads a target model and its tokenizer. Raises FileNotFoundError / ValueError with a clear message.
 
     Weights are read tensor by tensor (safetensors files are memory-mapped), cast to `dtype` on the host and
@@ -127,7 +171,11 @@ def load_target(spec: str | os.PathLike | None = None, dtype=None, mesh: Mesh | 
     required (ValueError saying why not); False: never.
     q8_kernel: whether that head gives 2 and more rows to the `models.q8_ffi` CPU kernel (~1.9–3x cheaper than the
     table at 2–8 rows). None: where it is built (`models.q8_ffi.kernel_blocker`); True: required (RuntimeError
-    saying why not); False: never."""
+    saying why not); False: never.
+    int8_layers: whether the layers' projections also keep the GGUF's blocks as int8 (`models.int8_linear`: +115
+    MiB for the embedded model) and read them through that kernel in calls of up to 64 rows (decoding and
+    verification; a prefill keeps the float32 weights). None: wherever possible (`int8_layers_blocker`); True:
+    required (ValueError saying why not); False: never."""
     dtype = dtype or default_dtype()
     path = resolve_target_path(spec)
     gguf = None
@@ -151,5 +199,11 @@ def load_target(spec: str | os.PathLike | None = None, dtype=None, mesh: Mesh | 
             model = with_q8_head(model, *gguf.q8_0_blocks(Q8_EMBEDDING), kernel=q8_kernel)
         elif q8_head:
             raise ValueError(f"{path}: no Q8_0 head: {blocker}")
+    if int8_layers is not False:
+        blocker = int8_layers_blocker(dtype, mesh, gguf)
+        if blocker is None:
+            attach_int8_layers(model, gguf, config.family)
+        elif int8_layers:
+            raise ValueError(f"{path}: no int8 layers: {blocker}")
     graphdef, state = nnx.split(model)
     return Target(config=config, graphdef=graphdef, state=state, tokenizer=tokenizer, source=str(path))

@@ -16,7 +16,6 @@ import numpy as np
 from dspark_jax.utils.bfloat16 import bits_to_float32
 
 GGUF_MAGIC = b"GGUF"
-Q8_0_BLOCK = 32  # values per Q8_0 block (ggml QK8_0): a float16 scale, then 32 int8 values
 _SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
                    10: "<Q", 11: "<q", 12: "<d"}
 _NUMPY_TYPES = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32,
@@ -138,13 +137,23 @@ class GGUFFile:
         is stored in another type. Raises GGUFError for a missing tensor."""
         if not self.is_q8_0(name):
             return None
+        blocks = self.int8_blocks(name)
+        return blocks.values, blocks.scales
+
+    def int8_blocks(self, name: str):
+        """The tensor as `io.gguf_blocks.Int8Blocks` (int8 values, float32 scales and offsets per block; bit for bit
+        what `dequantize` returns) where its type has that form (`INT8_BLOCK_TYPES`), else None. Raises GGUFError
+        for a missing tensor."""
+        from gguf import GGMLQuantizationType
+
+        from dspark_jax.io.gguf_blocks import INT8_BLOCK_TYPES, unpack_int8_blocks
+        if name not in self.tensors:
+            raise GGUFError(f"{self.path}: missing tensor {name!r}")
         info = self.tensors[name]
-        *lead, cols = info.shape
-        raw = np.asarray(self._mmap[info.offset:info.offset + info.nbytes]).reshape(*lead, cols // Q8_0_BLOCK,
-                                                                                    2 + Q8_0_BLOCK)
-        d = np.ascontiguousarray(raw[..., :2]).view(np.float16)[..., 0].astype(np.float32)
-        q = np.ascontiguousarray(raw[..., 2:]).view(np.int8).reshape(*lead, cols)
-        return q, d
+        type_name = GGMLQuantizationType(info.qtype).name
+        if type_name not in INT8_BLOCK_TYPES:
+            return None
+        return unpack_int8_blocks(np.asarray(self._mmap[info.offset:info.offset + info.nbytes]), type_name, info.shape)
 
     def dequantize(self, name: str) -> np.ndarray:
         """Returns the tensor as float32 in numpy (outermost-first) layout."""

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dspark_jax.models.config import TransformerConfig
+from dspark_jax.models.int8_linear import project
 from dspark_jax.models.kv_cache import scatter_rows, write_contiguous
 from dspark_jax.models.layout import from_grid, to_grid
 from pallas_kernels import attention, block_attention, prefix_attention
@@ -57,6 +58,11 @@ class Attention(nnx.Module):
         self.k_proj = param(rngs, (c.hidden_size, c.num_kv_heads * c.head_dim), ("embed", "kv_heads"), dtype)
         self.v_proj = param(rngs, (c.hidden_size, c.num_kv_heads * c.head_dim), ("embed", "kv_heads"), dtype)
         self.o_proj = param(rngs, (c.num_heads * c.head_dim, c.hidden_size), ("heads", "embed"), dtype)
+        # the projections' int8 blocks where loaded from a GGUF (`int8_linear.with_int8_weight`); None: float32 only
+        self.q_proj_int8 = nnx.data(None)
+        self.k_proj_int8 = nnx.data(None)
+        self.v_proj_int8 = nnx.data(None)
+        self.o_proj_int8 = nnx.data(None)
         self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, gemma, dtype, "head_dim")
         self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, gemma, dtype, "head_dim")
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
@@ -68,8 +74,8 @@ class Attention(nnx.Module):
 
     def project_kv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
         b, t, _ = x.shape
-        k = (x @ self.k_proj[...]).reshape(b, t, self.num_kv_heads, self.head_dim)
-        v = (x @ self.v_proj[...]).reshape(b, t, self.num_kv_heads, self.head_dim)
+        k = project(x, self.k_proj[...], self.k_proj_int8).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = project(x, self.v_proj[...], self.v_proj_int8).reshape(b, t, self.num_kv_heads, self.head_dim)
         k = apply_rope(self.k_norm(k), positions, rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling))
         return k, v
 
@@ -80,13 +86,13 @@ class Attention(nnx.Module):
         Returns (output, new k_cache, new v_cache).
         """
         b, t, _ = x.shape
-        q = (x @ self.q_proj[...]).reshape(b, t, self.num_heads, self.head_dim)
+        q = project(x, self.q_proj[...], self.q_proj_int8).reshape(b, t, self.num_heads, self.head_dim)
         q = apply_rope(self.q_norm(q), positions, rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling))
         k, v = self.project_kv(x, positions)
         k_cache = write_contiguous(k_cache, k, cache_start)
         v_cache = write_contiguous(v_cache, v, cache_start)
         out = attention(q, k_cache, v_cache, positions, scale=self.scale, window=self.window, impl=attn_impl)
-        return out.reshape(b, t, -1) @ self.o_proj[...], k_cache, v_cache
+        return project(out.reshape(b, t, -1), self.o_proj[...], self.o_proj_int8), k_cache, v_cache
 
     def forward_flat(self, x: jax.Array, layout, k_cache: jax.Array, v_cache: jax.Array,
                      attn_impl: str, write: bool = True) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -99,7 +105,7 @@ class Attention(nnx.Module):
         conditional, where XLA would otherwise copy the whole cache."""
         t = x.shape[0]
         pos = layout.position[None]
-        q = (x @ self.q_proj[...]).reshape(1, t, self.num_heads, self.head_dim)
+        q = project(x, self.q_proj[...], self.q_proj_int8).reshape(1, t, self.num_heads, self.head_dim)
         q = apply_rope(self.q_norm(q), pos, rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling))
         k, v = self.project_kv(x[None], pos)
         q_grid, pos_grid = to_grid(q[0], layout), to_grid(layout.position, layout, fill=-1)
@@ -107,22 +113,22 @@ class Attention(nnx.Module):
             out = prefix_attention(q_grid, k_cache, v_cache, pos_grid[:, 0], to_grid(k[0], layout),
                                    to_grid(v[0], layout), pos_grid, pos_grid, scale=self.scale, window=self.window,
                                    impl=attn_impl)
-            return from_grid(out, layout).reshape(t, -1) @ self.o_proj[...], k[0], v[0]
+            return project(from_grid(out, layout).reshape(t, -1), self.o_proj[...], self.o_proj_int8), k[0], v[0]
         k_cache = scatter_rows(k_cache, k[0], layout.slot, layout.position)
         v_cache = scatter_rows(v_cache, v[0], layout.slot, layout.position)
         out = attention(q_grid, k_cache, v_cache, pos_grid, scale=self.scale, window=self.window, impl=attn_impl)
-        return from_grid(out, layout).reshape(t, -1) @ self.o_proj[...], k_cache, v_cache
+        return project(from_grid(out, layout).reshape(t, -1), self.o_proj[...], self.o_proj_int8), k_cache, v_cache
 
     def forward_block(self, x: jax.Array, positions: jax.Array, ctx_k: jax.Array, ctx_v: jax.Array, ctx_len: jax.Array,
               attn_impl: str) -> jax.Array:
         """Drafter block attention: x [B, G, d] attends to cached context K/V (< ctx_len) and, bidirectionally,
         to the whole block. The block's K/V are not cached."""
         b, g, _ = x.shape
-        q = (x @ self.q_proj[...]).reshape(b, g, self.num_heads, self.head_dim)
+        q = project(x, self.q_proj[...], self.q_proj_int8).reshape(b, g, self.num_heads, self.head_dim)
         q = apply_rope(self.q_norm(q), positions, rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling))
         k, v = self.project_kv(x, positions)
         out = block_attention(q, ctx_k, ctx_v, ctx_len, k, v, scale=self.scale, impl=attn_impl)
-        return out.reshape(b, g, -1) @ self.o_proj[...]
+        return project(out.reshape(b, g, -1), self.o_proj[...], self.o_proj_int8)
 
 
 class MLP(nnx.Module):
@@ -133,12 +139,16 @@ class MLP(nnx.Module):
         self.gate_proj = param(rngs, (d, f), ("embed", "mlp"), dtype)
         self.up_proj = param(rngs, (d, f), ("embed", "mlp"), dtype)
         self.down_proj = param(rngs, (f, d), ("mlp", "embed"), dtype)
+        self.gate_proj_int8 = nnx.data(None)  # int8 blocks, as Attention's
+        self.up_proj_int8 = nnx.data(None)
+        self.down_proj_int8 = nnx.data(None)
         self.gelu = config.family == "gemma3"
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        gate = x @ self.gate_proj[...]
+        gate = project(x, self.gate_proj[...], self.gate_proj_int8)
         act = jax.nn.gelu(gate, approximate=True) if self.gelu else jax.nn.silu(gate)
-        return (act * (x @ self.up_proj[...])) @ self.down_proj[...]
+        up = project(x, self.up_proj[...], self.up_proj_int8)
+        return project(act * up, self.down_proj[...], self.down_proj_int8)
 
 
 class DecoderLayer(nnx.Module):

@@ -31,7 +31,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from dspark_jax.models.q8_ffi import ffi_q8_logits
+from dspark_jax.models.q8_ffi import int8_block_matmul
 
 FUSED_ROWS = frozenset(range(2, 17)) | {24}  # where the fused loop beats XLA:CPU's GEMM (benchmarks/lm_head.py)
 Q8_ROWS = frozenset({1, 2, 3})  # where one Q8_0 GEMV per row beats the float32 table (benchmarks/q8_head.py)
@@ -90,7 +90,7 @@ def q8_logits(hidden: jax.Array, q: jax.Array, scale: jax.Array, *, kernel: bool
     """hidden [..., d] · table [V, d]ᵀ → float32 logits [..., V], the table given as Q8_0 blocks: values q int8
     [V, d] and scales float32 [V, d / B] (table[v, j] = scale[v, j // B] · q[v, j], B = d / scale.shape[1]); equal
     to `tied_logits` of the dequantized table up to float summation order. One row: XLA's matrix-vector loop.
-    Several rows: with `kernel`, one pass of `q8_ffi.ffi_q8_logits` (RuntimeError where it is not built);
+    Several rows: with `kernel`, one pass of `q8_ffi.int8_block_matmul` (RuntimeError where it is not built);
     without, one matrix-vector loop per row (module doc: fast for few rows, `Q8_ROWS`; its cost grows with the
     rows)."""
     if hidden.shape[-1] != q.shape[-1] or q.shape[0] != scale.shape[0] or q.shape[-1] % scale.shape[-1]:
@@ -99,7 +99,7 @@ def q8_logits(hidden: jax.Array, q: jax.Array, scale: jax.Array, *, kernel: bool
     lead, (v, d) = hidden.shape[:-1], q.shape
     flat = hidden.reshape(-1, d).astype(jnp.float32)
     if kernel and flat.shape[0] > 1:
-        return ffi_q8_logits(flat, q, scale).reshape(*lead, v)
+        return int8_block_matmul(flat, q, scale).reshape(*lead, v)
     # tie the blocks to this call's rows: inside a decoding loop XLA would otherwise hoist the loop-invariant
     # dequantization out of the loop, materializing the float32 table and reading it at every step (measured:
     # a plain step at batch 1 twice as slow as the float32 head's)

@@ -1,9 +1,12 @@
-"""The Q8_0 output head's CPU kernel (`q8_ffi.cc`): built on first use, called through `jax.ffi`.
+"""Few-row products with int8 block weights on CPU (`q8_ffi.cc`): built on first use, called through `jax.ffi`.
 
-XLA:CPU fuses a Q8_0 dequantization into its matrix-vector loop for one row only; for 2 and more rows it reads the
-640 MiB float32 table (`output_head` module doc). The kernel streams the 180 MiB of blocks once for all rows,
-split over XLA's intra-op thread pool: on a 2-core AMD EPYC, 10 ms at 2–3 rows, 12 ms at 4, 19 ms at 8 and 39 ms at
-16, against 30–36 / 48 ms for the float32 table (BENCHMARKS.md "Session 50", `benchmarks/q8_head.py`).
+`int8_block_matmul` computes x [R, K] · W [N, K]ᵀ where W is stored as int8 values with one float32 scale (and
+optionally one offset) per block of B values along K — the form the GGUF's Q8_0, Q5_0, Q6_K and Q4_K tensors take
+once unpacked (`io.gguf_blocks`). XLA:CPU fuses such a dequantization into its matrix-vector loop for one row
+only; for 2 and more rows it materializes the float32 matrix (`output_head` module doc). The kernel streams the
+int8 blocks once for all rows, split over XLA's intra-op thread pool: for the embedded Gemma 3's 262,144 × 640
+output head on a 2-core AMD EPYC, 10 ms at 2–3 rows, 12 ms at 4, 19 ms at 8 and 37 ms at 16, against 29–37 / 46
+ms for the float32 table (BENCHMARKS.md "Session 50", `benchmarks/q8_head.py`).
 
 It is compiled for this machine (`-march=native`) with the C++ compiler found as `$CXX`, `c++`, `g++` or
 `clang++`, into `cache_dir()/ffi`, keyed on the source, compiler, flags, jaxlib and CPU; compiling takes ~4 s
@@ -29,8 +32,9 @@ import jaxlib
 from dspark_jax.utils.files import cache_dir
 
 SOURCE = Path(__file__).with_name("q8_ffi.cc")
-TARGET_NAME = "dspark_q8_logits"
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
+TARGETS = {"dspark_int8_scaled": "DsparkInt8Scaled", "dspark_int8_affine": "DsparkInt8Affine"}  # name: symbol
+# -ffp-contract=off: scale · q - offset stays a product then a difference, as gguf-py dequantizes (bit-exact W)
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off")
 
 
 def _compiler() -> str | None:
@@ -67,13 +71,14 @@ def kernel_blocker() -> str | None:
         library = _build(compiler, flags)
     except (OSError, subprocess.SubprocessError) as e:
         return f"building {SOURCE.name} failed: {e}"
-    jax.ffi.register_ffi_target(TARGET_NAME, jax.ffi.pycapsule(ctypes.cdll.LoadLibrary(str(library)).DsparkQ8Logits),
-                                platform="cpu")
+    loaded = ctypes.cdll.LoadLibrary(str(library))
+    for name, symbol in TARGETS.items():
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(loaded, symbol)), platform="cpu")
     return None
 
 
 def kernel_available() -> bool:
-    """Whether `ffi_q8_logits` can run here (`kernel_blocker`)."""
+    """Whether `int8_block_matmul` can run here (`kernel_blocker`)."""
     return kernel_blocker() is None
 
 
@@ -102,18 +107,24 @@ def _build(compiler: str, cpu_flags: set[str]) -> Path:
     return library
 
 
-def ffi_q8_logits(hidden: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
-    """hidden [R, d] float32 · dequant(q int8 [V, d], scale float32 [V, d / B])ᵀ → float32 logits [R, V], B a
-    multiple of 16 (Q8_0: 32). Equal to `output_head.q8_logits` up to float summation order. Raises RuntimeError
-    where the kernel is not available (`kernel_blocker`), ValueError for shapes that do not fit."""
+def int8_block_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, offset: jax.Array | None = None) -> jax.Array:
+    """x [R, K] float32 · W [N, K]ᵀ → float32 [R, N], where W[n, k] = scale[n, k // B] · q[n, k] − offset[n, k // B]
+    (no offset: 0), q int8 [N, K], scale and offset float32 [N, K / B], B a multiple of 16 (Q8_0 / Q5_0 / Q4_K: 32,
+    Q6_K: 16). W is the dequantized matrix bit for bit; the result equals `x @ W.T` up to float summation order.
+    Raises RuntimeError where the kernel is not available (`kernel_blocker`), ValueError for shapes that do not
+    fit."""
     blocker = kernel_blocker()
     if blocker is not None:
-        raise RuntimeError(f"the Q8_0 head kernel is not available: {blocker}")
-    if (hidden.ndim != 2 or q.ndim != 2 or scale.ndim != 2 or hidden.shape[1] != q.shape[1]
+        raise RuntimeError(f"the int8 block kernel is not available: {blocker}")
+    if (x.ndim != 2 or q.ndim != 2 or scale.ndim != 2 or x.shape[1] != q.shape[1]
             or scale.shape[0] != q.shape[0] or not scale.shape[1] or q.shape[1] % scale.shape[1]
-            or (q.shape[1] // scale.shape[1]) % 16):
-        raise ValueError(f"ffi_q8_logits takes hidden [R, d], q [V, d] and scale [V, d / B] with B a multiple of 16, "
-                         f"got {hidden.shape}, {q.shape} and {scale.shape}")
-    out = jax.ShapeDtypeStruct((hidden.shape[0], q.shape[0]), jnp.float32)
-    return jax.ffi.ffi_call(TARGET_NAME, out, vmap_method="sequential")(
-        hidden.astype(jnp.float32), q.astype(jnp.int8), scale.astype(jnp.float32))
+            or (q.shape[1] // scale.shape[1]) % 16 or (offset is not None and offset.shape != scale.shape)):
+        raise ValueError(f"int8_block_matmul takes x [R, K], q [N, K] and scale (and offset) [N, K / B] with B a "
+                         f"multiple of 16, got {x.shape}, {q.shape}, {scale.shape}"
+                         + ("" if offset is None else f" and {offset.shape}"))
+    out = jax.ShapeDtypeStruct((x.shape[0], q.shape[0]), jnp.float32)
+    operands = [x.astype(jnp.float32), q.astype(jnp.int8), scale.astype(jnp.float32)]
+    if offset is None:
+        return jax.ffi.ffi_call("dspark_int8_scaled", out, vmap_method="sequential")(*operands)
+    return jax.ffi.ffi_call("dspark_int8_affine", out, vmap_method="sequential")(*operands,
+                                                                                 offset.astype(jnp.float32))

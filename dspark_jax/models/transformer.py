@@ -11,6 +11,7 @@ from flax import nnx
 
 from dspark_jax.models.config import TransformerConfig
 from dspark_jax.models.kv_cache import KVCache
+from dspark_jax.models.int8_linear import Q8Blocks
 from dspark_jax.models.layers import DecoderLayer, RMSNorm, param
 from dspark_jax.models.output_head import q8_logits, tied_logits, uses_q8_blocks
 from dspark_jax.models.q8_ffi import kernel_blocker
@@ -29,11 +30,6 @@ class ForwardOutput:
     taps: tuple[jax.Array, ...]
     new_k: tuple[jax.Array, ...] | None = None
     new_v: tuple[jax.Array, ...] | None = None
-
-
-class Q8Blocks(nnx.Variable):
-    """The tied embedding stored a second way for the output head (`output_head.q8_logits`): Q8_0 values or
-    scales. Loaded, never trained."""
 
 
 class Transformer(nnx.Module):

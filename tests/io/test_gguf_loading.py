@@ -27,7 +27,7 @@ def write_tiny_qwen3_gguf(path, *, drop=None, hidden=16, raw_types=None):
     w.add_layer_norm_rms_eps(1e-6)
     shapes = {"token_embd.weight": (50, hidden), "output_norm.weight": (hidden,),
               "blk.0.attn_q.weight": (16, hidden), "blk.0.attn_k.weight": (8, hidden), "blk.0.attn_v.weight": (8, hidden),
-              "blk.0.attn_output.weight": (16, 16), "blk.0.attn_q_norm.weight": (8,), "blk.0.attn_k_norm.weight": (8,),
+              "blk.0.attn_output.weight": (hidden, 16), "blk.0.attn_q_norm.weight": (8,), "blk.0.attn_k_norm.weight": (8,),
               "blk.0.attn_norm.weight": (hidden,), "blk.0.ffn_norm.weight": (hidden,),
               "blk.0.ffn_gate.weight": (32, hidden), "blk.0.ffn_up.weight": (32, hidden), "blk.0.ffn_down.weight": (hidden, 32)}
     tensors = {}

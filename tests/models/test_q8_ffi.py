@@ -1,5 +1,6 @@
-"""The Q8_0 head's CPU kernel (`models.q8_ffi`) against a float64 reference of the dequantized table: every row
-group and vocabulary tail, inside jitted loops, bad shapes refused, and the switch that turns it off."""
+"""The int8 block kernel (`models.q8_ffi`) against a float64 reference of the dequantized matrix: every row group
+and tail of W, with and without offsets, inside jitted loops, bad shapes refused, and the switch that turns it
+off."""
 from __future__ import annotations
 
 import os
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dspark_jax.models.q8_ffi import ffi_q8_logits, kernel_blocker
+from dspark_jax.models.q8_ffi import int8_block_matmul, kernel_blocker
 from tests.models.test_q8_head import q8_blocks_for
 
 UNSUPPORTED = ("the kernel is built for", "the CPU lacks", "turned off by")
@@ -30,6 +31,17 @@ def reference(h, table) -> np.ndarray:
     return np.asarray(h, np.float64) @ np.asarray(table, np.float64).T
 
 
+def affine_blocks(v: int, d: int, block: int, seed: int = 0):
+    """Random int8 values in 0..15 with scales and offsets per block (Q4_K's form) and the float32 matrix they are,
+    computed as gguf-py does: a product, then a difference."""
+    rng = np.random.default_rng(seed)
+    q = rng.integers(0, 16, (v, d), dtype=np.int8)
+    scale = (rng.random((v, d // block)) * 1e-2).astype(np.float32)
+    offset = (rng.random((v, d // block)) * 1e-2).astype(np.float32)
+    w = q.reshape(v, -1, block).astype(np.float32) * scale[:, :, None] - offset[:, :, None]
+    return q, scale, offset, w.reshape(v, d)
+
+
 # rows: one group, a full group of 8, a group and a tail; vocabulary: even, odd (a single last column), below one
 # 4-wide pass, above one 2048-row chunk; blocks of 32 (Q8_0) and 16
 @pytest.mark.parametrize("rows, vocab, d, block", [(1, 500, 64, 32), (2, 501, 64, 32), (3, 7, 32, 32),
@@ -38,9 +50,20 @@ def test_kernel_matches_the_dequantized_table(rows, vocab, d, block):
     require_kernel()
     q, scale, table = q8_blocks_for(vocab, d, seed=rows, block=block)
     h = jax.random.normal(jax.random.key(rows), (rows, d), jnp.float32)
-    got = jax.jit(ffi_q8_logits)(h, jnp.asarray(q), jnp.asarray(scale))
+    got = jax.jit(int8_block_matmul)(h, jnp.asarray(q), jnp.asarray(scale))
     assert got.shape == (rows, vocab) and got.dtype == jnp.float32
     np.testing.assert_allclose(got, reference(h, table), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows, n, k, block", [(1, 256, 640, 32), (3, 640, 2048, 16), (8, 2048, 640, 32),
+                                               (13, 33, 1024, 16)])
+def test_kernel_with_offsets_matches_the_dequantized_matrix(rows, n, k, block):
+    require_kernel()
+    q, scale, offset, w = affine_blocks(n, k, block, seed=rows)
+    x = jax.random.normal(jax.random.key(rows), (rows, k), jnp.float32)
+    got = jax.jit(int8_block_matmul)(x, jnp.asarray(q), jnp.asarray(scale), jnp.asarray(offset))
+    assert got.shape == (rows, n)
+    np.testing.assert_allclose(got, reference(x, w), rtol=1e-5, atol=1e-4)
 
 
 def test_kernel_runs_inside_a_jitted_loop_with_changing_rows():
@@ -50,7 +73,7 @@ def test_kernel_runs_inside_a_jitted_loop_with_changing_rows():
 
     def step(i, carry):  # the next hidden rows depend on the last logits: nothing can be hoisted
         h, total = carry
-        logits = ffi_q8_logits(h, q, scale)
+        logits = int8_block_matmul(h, q, scale)
         return h * 0.5 + logits[:, :64] * 1e-3, total + logits.sum()
 
     h0 = jax.random.normal(jax.random.key(0), (4, 64), jnp.float32)
@@ -67,20 +90,22 @@ def test_kernel_rejects_shapes_that_do_not_fit():
     require_kernel()
     q, scale, _ = q8_blocks_for(50, 64)
     q, scale = jnp.asarray(q), jnp.asarray(scale)
-    with pytest.raises(ValueError, match="do not fit|takes hidden"):
-        ffi_q8_logits(jnp.zeros((2, 32)), q, scale)
-    with pytest.raises(ValueError, match="takes hidden"):
-        ffi_q8_logits(jnp.zeros((1, 2, 64)), q, scale)
+    with pytest.raises(ValueError, match="takes x"):
+        int8_block_matmul(jnp.zeros((2, 32)), q, scale)
+    with pytest.raises(ValueError, match="takes x"):
+        int8_block_matmul(jnp.zeros((1, 2, 64)), q, scale)
     with pytest.raises(ValueError, match="B a multiple of 16"):
-        ffi_q8_logits(jnp.zeros((2, 64)), q, jnp.tile(scale[:, :1], (1, 8)))  # blocks of 8
-    with pytest.raises(ValueError, match="takes hidden"):
-        ffi_q8_logits(jnp.zeros((2, 64)), q[:49], scale)
+        int8_block_matmul(jnp.zeros((2, 64)), q, jnp.tile(scale[:, :1], (1, 8)))  # blocks of 8
+    with pytest.raises(ValueError, match="takes x"):
+        int8_block_matmul(jnp.zeros((2, 64)), q[:49], scale)
+    with pytest.raises(ValueError, match="takes x"):
+        int8_block_matmul(jnp.zeros((2, 64)), q, scale, scale[:, :1])  # offsets shaped unlike the scales
 
 
 def test_the_kernel_compiles_to_one_custom_call_without_a_float32_table():
     require_kernel()
     q, scale, _ = q8_blocks_for(4096, 64)
-    hlo = jax.jit(ffi_q8_logits).lower(jnp.zeros((5, 64)), jnp.asarray(q), jnp.asarray(scale)).compile().as_text()
+    hlo = jax.jit(int8_block_matmul).lower(jnp.zeros((5, 64)), jnp.asarray(q), jnp.asarray(scale)).compile().as_text()
     assert hlo.count("custom-call(") == 1 and "f32[4096,64]" not in hlo
 
 

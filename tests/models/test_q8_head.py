@@ -160,8 +160,19 @@ def test_the_embedded_target_reads_its_q8_blocks_unless_told_not_to():
     with_blocks, table_only = load_target(), load_target(q8_head=False)
     assert with_blocks.q8_head and not table_only.q8_head and not table_only.q8_kernel
     from dspark_jax.models.q8_ffi import kernel_available
-    assert with_blocks.q8_kernel == kernel_available()
-    assert not load_target(q8_kernel=False).q8_kernel
+    assert with_blocks.q8_kernel == kernel_available() == with_blocks.int8_layers
+    plain_layers = load_target(q8_kernel=False, int8_layers=False)
+    assert not plain_layers.q8_kernel and not plain_layers.int8_layers and plain_layers.q8_head
+    if with_blocks.int8_layers:  # every projection of the 18 layers is Q5_0 / Q8_0 / Q4_K / Q6_K in this GGUF
+        model = with_blocks.model
+        assert all(getattr(getattr(layer, part), f"{name}_int8") is not None for layer in model.layers
+                   for part, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                                       ("mlp", ("gate_proj", "up_proj", "down_proj"))) for name in names)
+        x = jax.random.normal(jax.random.key(1), (1, 3, with_blocks.config.hidden_size))
+        np.testing.assert_allclose(jax.jit(lambda x: model.layers[0].mlp(x))(x),
+                                   jax.jit(lambda x: plain_layers.model.layers[0].mlp(x))(x), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="no int8 layers: the model is bfloat16"):
+        load_target(dtype=jnp.bfloat16, q8_head=False, int8_layers=True)
     h = jax.random.normal(jax.random.key(0), (3, with_blocks.config.hidden_size))
     a, b = jax.jit(lambda h: with_blocks.model.logits(h))(h), jax.jit(lambda h: table_only.model.logits(h))(h)
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-4)

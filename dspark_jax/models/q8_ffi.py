@@ -9,15 +9,17 @@ output head on a 2-core AMD EPYC, 10 ms at 2–3 rows, 12 ms at 4, 19 ms at 8 an
 ms for the float32 table (BENCHMARKS.md "Session 50", `benchmarks/q8_head.py`).
 
 It is compiled for this machine (`-march=native`) with the C++ compiler found as `$CXX`, `c++`, `g++` or
-`clang++`, into `cache_dir()/ffi`, keyed on the source, compiler, flags, jaxlib and CPU; compiling takes ~4 s
-once. Where it cannot be built (not x86-64 Linux, no AVX2/FMA, no compiler, a compile error) `kernel_blocker`
-says why and the head keeps its XLA forms. `DSPARK_Q8_KERNEL=0` turns it off.
+`clang++`, into `cache_dir()/ffi`, keyed on the source, compiler, flags, jaxlib and CPU flags; compiling takes ~4 s
+once. Where it cannot be built (not x86-64 Linux, no AVX2/FMA, no compiler, a compile error) `kernel_blocker` says
+why (logged where a compiler is missing or fails), the output head keeps XLA's forms and the layers their float32
+weights. `DSPARK_Q8_KERNEL=0` turns it off.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -66,15 +68,22 @@ def kernel_blocker() -> str | None:
         return "the CPU lacks AVX2/FMA"
     compiler = _compiler()
     if compiler is None:
-        return "no C++ compiler ($CXX, c++, g++ or clang++)"
+        return _warn("no C++ compiler ($CXX, c++, g++ or clang++)")
     try:
         library = _build(compiler, flags)
     except (OSError, subprocess.SubprocessError) as e:
-        return f"building {SOURCE.name} failed: {e}"
+        return _warn(f"building {SOURCE.name} failed: {e}")
     loaded = ctypes.cdll.LoadLibrary(str(library))
     for name, symbol in TARGETS.items():
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(loaded, symbol)), platform="cpu")
     return None
+
+
+def _warn(blocker: str) -> str:
+    """`blocker`, logged once: on a machine that could run the kernel, its absence costs ~1.5x at batch 1."""
+    logging.getLogger(__name__).warning("the int8 block kernel is not available (%s): the model reads float32 "
+                                        "weights instead (slower on CPU)", blocker)
+    return blocker
 
 
 def kernel_available() -> bool:

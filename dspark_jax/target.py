@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 from pathlib import Path
@@ -138,10 +139,11 @@ def int8_layers_blocker(dtype, mesh: Mesh | None, gguf) -> str | None:
 _PROJECTION = re.compile(r"layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.weight")
 
 
-def attach_int8_layers(model: Transformer, gguf, family: str) -> int:
+def attach_int8_layers(model: Transformer, gguf, family: str, strict: bool = True) -> int:
     """Attaches every layer projection the GGUF stores as int8 blocks (`io.gguf_blocks.INT8_BLOCK_TYPES`) to
     `model` (`models.int8_linear.with_int8_weight`, which checks they are its weights bit for bit); returns how many.
-    Projections stored otherwise (F32, F16, other quantizations) keep their float32 weights only."""
+    Projections stored otherwise (F32, F16, other quantizations) keep their float32 weights only. Blocks that are not
+    the weights raise ValueError with `strict`; without, that projection keeps its float32 weights (logged)."""
     attached = 0
     for name in gguf.tensors:
         match = _PROJECTION.fullmatch(canonical_name(name, family) or "")
@@ -151,7 +153,13 @@ def attach_int8_layers(model: Transformer, gguf, family: str) -> int:
         if blocks is None:
             continue
         module = getattr(model.layers[int(match[1])], match[2])
-        with_int8_weight(module, match[3], blocks.values, blocks.scales, blocks.offsets)
+        try:
+            with_int8_weight(module, match[3], blocks.values, blocks.scales, blocks.offsets)
+        except ValueError as e:
+            if strict:
+                raise
+            logging.getLogger(__name__).warning("%s: %s keeps its float32 weights: %s", gguf.path, name, e)
+            continue
         attached += 1
     return attached
 
@@ -170,12 +178,13 @@ def load_target(spec: str | os.PathLike | None = None, dtype=None, mesh: Mesh | 
     same logits up to float summation order; +180 MiB). None: wherever possible (`q8_head_blocker`); True:
     required (ValueError saying why not); False: never.
     q8_kernel: whether that head gives 2 and more rows to the `models.q8_ffi` CPU kernel (~1.9–3x cheaper than the
-    table at 2–8 rows). None: where it is built (`models.q8_ffi.kernel_blocker`); True: required (RuntimeError
-    saying why not); False: never.
+    table at 2–8 rows). None: where it is built (`models.q8_ffi.kernel_blocker`); True: required (RuntimeError where
+    the kernel is not built, ValueError where there is no Q8_0 head); False: never.
     int8_layers: whether the layers' projections also keep the GGUF's blocks as int8 (`models.int8_linear`: +115
     MiB for the embedded model) and read them through that kernel in calls of up to 64 rows (decoding and
-    verification; a prefill keeps the float32 weights). None: wherever possible (`int8_layers_blocker`); True:
-    required (ValueError saying why not); False: never."""
+    verification; a prefill keeps the float32 weights). None: wherever possible (`int8_layers_blocker`; a
+    projection whose blocks are not its weights keeps them, logged); True: required (ValueError saying why not);
+    False: never."""
     dtype = dtype or default_dtype()
     path = resolve_target_path(spec)
     gguf = None
@@ -193,16 +202,18 @@ def load_target(spec: str | os.PathLike | None = None, dtype=None, mesh: Mesh | 
     if mesh is not None:
         shardings = state_shardings(nnx.state(abstract_model(config, dtype)), mesh, rules)
     model = model_from_canonical(config, tensors, dtype, shardings)
+    if q8_kernel and q8_head is False:
+        raise ValueError("q8_kernel=True needs the Q8_0 head (q8_head=False was given)")
     if q8_head is not False:
         blocker = q8_head_blocker(config, dtype, mesh, gguf)
         if blocker is None:
             model = with_q8_head(model, *gguf.q8_0_blocks(Q8_EMBEDDING), kernel=q8_kernel)
-        elif q8_head:
-            raise ValueError(f"{path}: no Q8_0 head: {blocker}")
+        elif q8_head or q8_kernel:
+            raise ValueError(f"{path}: no Q8_0 head{' for q8_kernel=True' if q8_kernel else ''}: {blocker}")
     if int8_layers is not False:
         blocker = int8_layers_blocker(dtype, mesh, gguf)
         if blocker is None:
-            attach_int8_layers(model, gguf, config.family)
+            attach_int8_layers(model, gguf, config.family, strict=bool(int8_layers))
         elif int8_layers:
             raise ValueError(f"{path}: no int8 layers: {blocker}")
     graphdef, state = nnx.split(model)

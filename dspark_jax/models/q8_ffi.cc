@@ -16,13 +16,13 @@
 #include <string>
 #include <thread>
 
+#include <immintrin.h>
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
-
-#include <immintrin.h>
 
 #if defined(__AVX512F__)
 constexpr int kLanes = 16;  // floats per vector register
@@ -160,7 +160,7 @@ ffi::Error Run(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& hidden, ffi::Buffer
     return ffi::Error::InvalidArgument("int8 block matmul takes hidden [R, d], q [V, d], scale [V, d / B] and "
                                        "returns [R, V]");
   const int64_t rows = hd[0], d = hd[1], vocab = qd[0];
-  if (qd[1] != d || sd[0] != vocab || sd[1] <= 0 || d % sd[1] != 0 || od[0] != rows || od[1] != vocab)
+  if (d <= 0 || qd[1] != d || sd[0] != vocab || sd[1] <= 0 || d % sd[1] != 0 || od[0] != rows || od[1] != vocab)
     return ffi::Error::InvalidArgument("int8 block matmul: hidden [" + std::to_string(rows) + ", " +
                                        std::to_string(d) + "], q [" + std::to_string(qd[0]) + ", " +
                                        std::to_string(qd[1]) + "] and scale [" + std::to_string(sd[0]) + ", " +

@@ -9,10 +9,10 @@ output head on a 2-core AMD EPYC, 10 ms at 2–3 rows, 12 ms at 4, 19 ms at 8 an
 ms for the float32 table (BENCHMARKS.md "Session 50", `benchmarks/q8_head.py`).
 
 It is compiled for this machine (`-march=native`) with the C++ compiler found as `$CXX`, `c++`, `g++` or
-`clang++`, into `cache_dir()/ffi`, keyed on the source, compiler, flags, jaxlib and CPU flags; compiling takes ~4 s
-once. Where it cannot be built (not x86-64 Linux, no AVX2/FMA, no compiler, a compile error) `kernel_blocker` says
-why (logged where a compiler is missing or fails), the output head keeps XLA's forms and the layers their float32
-weights. `DSPARK_Q8_KERNEL=0` turns it off.
+`clang++`, into `cache_dir()/ffi`, keyed on the source, compiler, flags, jaxlib and CPU (model and flags);
+compiling takes ~4 s once. Where it cannot be built or loaded (not x86-64 Linux, no AVX2/FMA, no compiler, a
+compile error, a cache folder that cannot hold executable code) `kernel_blocker` says why (logged from the compiler
+on), the output head keeps XLA's forms and the layers their float32 weights. `DSPARK_Q8_KERNEL=0` turns it off.
 """
 from __future__ import annotations
 
@@ -46,14 +46,17 @@ def _compiler() -> str | None:
     return None
 
 
-def _cpu_flags() -> set[str]:
+def _cpu_lines() -> dict[str, str]:
+    """/proc/cpuinfo's first "model name" and "flags" lines (empty where unreadable)."""
+    found: dict[str, str] = {}
     try:
         for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
+            key = line.split(":", 1)[0].strip()
+            if key in ("model name", "flags") and key not in found:
+                found[key] = line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return set()
+    return found
 
 
 @functools.cache
@@ -63,19 +66,23 @@ def kernel_blocker() -> str | None:
         return "turned off by DSPARK_Q8_KERNEL=0"
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         return f"the kernel is built for x86-64 Linux, this is {platform.system()} {platform.machine()}"
-    flags = _cpu_flags()
-    if not {"avx2", "fma"} <= flags:
+    cpu = _cpu_lines()
+    if not {"avx2", "fma"} <= set(cpu.get("flags", "").split()):
         return "the CPU lacks AVX2/FMA"
     compiler = _compiler()
     if compiler is None:
         return _warn("no C++ compiler ($CXX, c++, g++ or clang++)")
     try:
-        library = _build(compiler, flags)
+        library = _build(compiler, f"{cpu.get('model name', '')}\n{cpu.get('flags', '')}")
     except (OSError, subprocess.SubprocessError) as e:
         return _warn(f"building {SOURCE.name} failed: {e}")
-    loaded = ctypes.cdll.LoadLibrary(str(library))
-    for name, symbol in TARGETS.items():
-        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(loaded, symbol)), platform="cpu")
+    try:  # e.g. a cache directory mounted noexec, or a library missing a symbol
+        loaded = ctypes.cdll.LoadLibrary(str(library))
+        capsules = {name: jax.ffi.pycapsule(getattr(loaded, symbol)) for name, symbol in TARGETS.items()}
+    except (OSError, AttributeError) as e:
+        return _warn(f"loading {library} failed: {e}")
+    for name, capsule in capsules.items():
+        jax.ffi.register_ffi_target(name, capsule, platform="cpu")
     return None
 
 
@@ -91,13 +98,13 @@ def kernel_available() -> bool:
     return kernel_blocker() is None
 
 
-def _build(compiler: str, cpu_flags: set[str]) -> Path:
+def _build(compiler: str, cpu: str) -> Path:
     """The compiled library for this source, compiler, jaxlib and CPU: from the cache, or compiled into it
     atomically (concurrent processes each write a whole file)."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(FLAGS), jax.ffi.include_dir(),
                                     jaxlib.__version__,
-                                    " ".join(sorted(cpu_flags))]).encode()).hexdigest()[:16]
+                                    cpu]).encode()).hexdigest()[:16]
     library = cache_dir() / "ffi" / f"q8_ffi-{key}.so"
     if library.exists():
         return library
@@ -117,15 +124,15 @@ def _build(compiler: str, cpu_flags: set[str]) -> Path:
 
 
 def int8_block_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, offset: jax.Array | None = None) -> jax.Array:
-    """x [R, K] float32 · W [N, K]ᵀ → float32 [R, N], where W[n, k] = scale[n, k // B] · q[n, k] − offset[n, k // B]
-    (no offset: 0), q int8 [N, K], scale and offset float32 [N, K / B], B a multiple of 16 (Q8_0 / Q5_0 / Q4_K: 32,
+    """x [R, K] float32 · W [N, K]ᵀ → float32 [R, N], where
+    W[n, k] = scale[n, k // B] · q[n, k] − offset[n, k // B] (no offset: 0), q int8 [N, K], scale and offset float32 [N, K / B], B a multiple of 16 (Q8_0 / Q5_0 / Q4_K: 32,
     Q6_K: 16). W is the dequantized matrix bit for bit; the result equals `x @ W.T` up to float summation order.
     Raises RuntimeError where the kernel is not available (`kernel_blocker`), ValueError for shapes that do not
     fit."""
     blocker = kernel_blocker()
     if blocker is not None:
         raise RuntimeError(f"the int8 block kernel is not available: {blocker}")
-    if (x.ndim != 2 or q.ndim != 2 or scale.ndim != 2 or x.shape[1] != q.shape[1]
+    if (x.ndim != 2 or q.ndim != 2 or scale.ndim != 2 or not q.shape[1] or x.shape[1] != q.shape[1]
             or scale.shape[0] != q.shape[0] or not scale.shape[1] or q.shape[1] % scale.shape[1]
             or (q.shape[1] // scale.shape[1]) % 16 or (offset is not None and offset.shape != scale.shape)):
         raise ValueError(f"int8_block_matmul takes x [R, K], q [N, K] and scale (and offset) [N, K / B] with B a "

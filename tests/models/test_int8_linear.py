@@ -3,6 +3,8 @@ the float32 weights at the rows the kernel serves and the float32 product itself
 plain and speculative, blocks that are not the weights refused, and a GGUF's blocks attached."""
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -116,6 +118,21 @@ def test_a_ggufs_blocks_are_attached_to_its_projections(tmp_path, monkeypatch):
     config, tensors, file = load_gguf_weights(tmp_path / "t.gguf")
     model, f32 = model_from_canonical(config, tensors, jnp.float32), model_from_canonical(config, tensors, jnp.float32)
     assert attach_int8_layers(model, file, config.family) == 6
+
+    def corrupted(name, int8_blocks=file.int8_blocks):  # one projection's blocks that are not its weights
+        blocks = int8_blocks(name)
+        if name == "blk.0.attn_q.weight":
+            values = blocks.values.copy()
+            values[0, 0] = values[0, 0] + (1 if values[0, 0] < 127 else -1)
+            blocks = dataclasses.replace(blocks, values=values)
+        return blocks
+
+    monkeypatch.setattr(file, "int8_blocks", corrupted)
+    with pytest.raises(ValueError, match="q_proj: the int8 blocks do not reproduce"):
+        attach_int8_layers(model_from_canonical(config, tensors, jnp.float32), file, config.family)
+    lenient = model_from_canonical(config, tensors, jnp.float32)
+    assert attach_int8_layers(lenient, file, config.family, strict=False) == 5  # q_proj keeps its float32 weights
+    assert lenient.layers[0].self_attn.q_proj_int8 is None
     assert model.layers[0].self_attn.o_proj_int8 is None and model.layers[0].mlp.down_proj_int8 is not None
     x = jax.random.normal(jax.random.key(0), (1, 3, 32))
     np.testing.assert_allclose(model.layers[0].mlp(x), f32.layers[0].mlp(x), rtol=1e-5, atol=1e-5)

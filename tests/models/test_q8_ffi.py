@@ -100,6 +100,8 @@ def test_kernel_rejects_shapes_that_do_not_fit():
         int8_block_matmul(jnp.zeros((2, 64)), q[:49], scale)
     with pytest.raises(ValueError, match="takes x"):
         int8_block_matmul(jnp.zeros((2, 64)), q, scale, scale[:, :1])  # offsets shaped unlike the scales
+    with pytest.raises(ValueError, match="takes x"):  # K = 0 (the kernel would divide by a zero block)
+        int8_block_matmul(jnp.zeros((2, 0)), jnp.zeros((50, 0), jnp.int8), scale)
 
 
 def test_the_kernel_compiles_to_one_custom_call_without_a_float32_table():

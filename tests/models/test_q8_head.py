@@ -171,6 +171,10 @@ def test_the_embedded_target_reads_its_q8_blocks_unless_told_not_to():
         x = jax.random.normal(jax.random.key(1), (1, 3, with_blocks.config.hidden_size))
         np.testing.assert_allclose(jax.jit(lambda x: model.layers[0].mlp(x))(x),
                                    jax.jit(lambda x: plain_layers.model.layers[0].mlp(x))(x), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="q8_kernel=True needs the Q8_0 head"):
+        load_target(q8_head=False, q8_kernel=True)
+    with pytest.raises(ValueError, match="no Q8_0 head for q8_kernel=True: the model is bfloat16"):
+        load_target(dtype=jnp.bfloat16, q8_kernel=True)
     with pytest.raises(ValueError, match="no int8 layers: the model is bfloat16"):
         load_target(dtype=jnp.bfloat16, q8_head=False, int8_layers=True)
     h = jax.random.normal(jax.random.key(0), (3, with_blocks.config.hidden_size))

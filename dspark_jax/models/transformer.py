@@ -11,7 +11,7 @@ from flax import nnx
 
 from dspark_jax.models.config import TransformerConfig
 from dspark_jax.models.kv_cache import KVCache
-from dspark_jax.models.int8_linear import Q8Blocks
+from dspark_jax.models.int8_linear import Q8Blocks, dequantize_blocks
 from dspark_jax.models.layers import DecoderLayer, RMSNorm, param
 from dspark_jax.models.output_head import q8_logits, tied_logits, uses_q8_blocks
 from dspark_jax.models.q8_ffi import kernel_blocker
@@ -149,15 +149,14 @@ def with_q8_head(model: Transformer, values: np.ndarray, scales: np.ndarray, ker
     host_table = np.asarray(table)
     for i in range(0, v, 16384):  # in chunks: no second float32 table in host memory
         rows = slice(i, i + 16384)
-        dequantized = values[rows].reshape(-1, scales.shape[1], d // scales.shape[1]) * scales[rows, :, None]
-        if not np.array_equal(dequantized.reshape(-1, d), host_table[rows]):
+        if not np.array_equal(dequantize_blocks(values[rows], scales[rows], None), host_table[rows]):
             raise ValueError(f"the Q8_0 blocks do not reproduce the embedding table (scale · value != the table's "
                              f"entry in rows {i}..{min(i + 16384, v) - 1})")
-    model.head_q8_values = Q8Blocks(jax.device_put(values), sharding_names=("vocab", None), eager_sharding=False)
-    model.head_q8_scales = Q8Blocks(jax.device_put(scales), sharding_names=("vocab", None), eager_sharding=False)
     blocker = kernel_blocker() if kernel is not False else None
     if kernel and blocker:
         raise RuntimeError(f"the Q8_0 head kernel is not available: {blocker}")
+    model.head_q8_values = Q8Blocks(jax.device_put(values), sharding_names=("vocab", None), eager_sharding=False)
+    model.head_q8_scales = Q8Blocks(jax.device_put(scales), sharding_names=("vocab", None), eager_sharding=False)
     model.head_q8_kernel = kernel is not False and blocker is None
     return model
 

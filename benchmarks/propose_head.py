@@ -1,11 +1,13 @@
-"""The shipped drafter's propose at batch 1 (T = 0) with its draft head through `models.output_head.tied_logits`
-(what `drafters.dspark` runs: on CPU the fused loop, 15 rows padded to 16) against the einsum it ran before
-session 47, interleaved in one process: same tokens and confidences, and the time of each.
+"""The shipped drafter's propose at batch 1 (T = 0) with its draft head computed three ways, interleaved in one
+process: the einsum it ran before session 47, the float32 rows through `models.output_head.tied_logits` (on CPU the
+fused loop, 15 rows padded to 16; sessions 47–50) and the rows of the target's int8 blocks through the `q8_ffi`
+kernel (`drafters.base.draft_head_rows`, where the kernel is built; since session 51). Same tokens, confidences
+within 1e-5, and the time of each.
 
     python benchmarks/propose_head.py [--pairs 60] [--output benchmarks/results/propose_head.json]
 
-The einsum variant is traced with `drafters.dspark`'s `tied_logits` name bound to the einsum (a measurement
-device: the module keeps one path). Prints medians, minima and the paired ratio; writes JSON.
+The einsum variant is traced with `drafters.dspark`'s `head_logits` name bound to the einsum (a measurement
+device: the module keeps one path). Prints medians, minima and the paired ratios against the einsum; writes JSON.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from dspark_jax.decoding.autoregressive import prefill
 from dspark_jax.decoding.speculative import draft_head
 from dspark_jax.decoding.verification import concat_taps
 from dspark_jax.drafters.factory import load_drafter
+from dspark_jax.models.output_head import HeadRows
 from dspark_jax.sampling import FilterMode, SamplingParams
 from dspark_jax.target import load_target
 from dspark_jax.utils.machine import describe_machine
@@ -47,13 +50,14 @@ def _start(tg, ts, dg, ds, prompts, lens):
 @functools.partial(jax.jit, static_argnames=("tg", "dg", "variant"))
 def _propose(tg, ts, dg, ds, state, anchor, start, head, *, variant: str):
     target, drafter = nnx.merge(tg, ts), nnx.merge(dg, ds)
-    kept = dspark_module.tied_logits
-    dspark_module.tied_logits = _einsum if variant == "einsum" else kept
+    kept = dspark_module.head_logits
+    if variant == "einsum":
+        dspark_module.head_logits = lambda hidden, rows: _einsum(hidden, rows.table)
     try:
         p = drafter.propose(target, state, anchor, start, jax.random.key(0), SamplingParams.create(1, 0.0),
-                            FilterMode(), head)
+                            FilterMode(), head if variant == "int8" else HeadRows(head.table))
     finally:
-        dspark_module.tied_logits = kept
+        dspark_module.head_logits = kept
     return p.tokens, p.confidence
 
 
@@ -69,24 +73,26 @@ def main():
     prompts = jnp.asarray(np.random.default_rng(0).integers(10, 5000, (1, PROMPT_LEN)), jnp.int32)
     lens = jnp.asarray([PROMPT_LEN], jnp.int32)
     state, anchor = _start(tg, ts, dg, ds, prompts, lens)
-    variants = ("einsum", "tied_logits")
+    variants = ("einsum", "tied_logits") + (("int8",) if head.q8_values is not None else ())
     outs = [jax.block_until_ready(_propose(tg, ts, dg, ds, state, anchor, lens, head, variant=v)) for v in variants]
-    if not (np.array_equal(outs[0][0], outs[1][0]) and np.allclose(outs[0][1], outs[1][1], atol=1e-5)):
-        raise AssertionError("the two heads proposed differently")
+    for v, out in zip(variants[1:], outs[1:]):
+        if not (np.array_equal(outs[0][0], out[0]) and np.allclose(outs[0][1], out[1], atol=1e-5)):
+            raise AssertionError(f"the {v} head proposed differently from the einsum")
     times = {v: [] for v in variants}
     for _ in range(args.pairs):
         for v in variants:
             t0 = time.perf_counter()
             jax.block_until_ready(_propose(tg, ts, dg, ds, state, anchor, lens, head, variant=v))
             times[v].append(time.perf_counter() - t0)
-    ratio = statistics.median(b / a for a, b in zip(times["einsum"], times["tied_logits"]))
+    ratios = {v: statistics.median(b / a for a, b in zip(times["einsum"], times[v])) for v in variants[1:]}
     print(f"machine: {describe_machine()}; shipped drafter, batch 1, γ {drafter.config.block_size}, "
-          f"{head.shape[0]}-row draft head")
+          f"{head.table.shape[0]}-row draft head")
     for v in variants:
         print(f"propose, draft head by {v:11s}: median {1e3 * statistics.median(times[v]):6.2f} ms, "
               f"min {1e3 * min(times[v]):6.2f} ms")
-    print(f"paired ratio tied_logits / einsum: median {ratio:.3f} over {args.pairs} pairs")
-    write_result(args.output, {"machine": describe_machine(), "pairs": args.pairs, "paired_ratio": ratio,
+    for v, r in ratios.items():
+        print(f"paired ratio {v} / einsum: median {r:.3f} over {args.pairs} pairs")
+    write_result(args.output, {"machine": describe_machine(), "pairs": args.pairs, "paired_ratios": ratios,
                                **{f"{v}_ms": [1e3 * t for t in times[v]] for v in variants}})
 
 

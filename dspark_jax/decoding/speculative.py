@@ -21,6 +21,7 @@ from dspark_jax.decoding.draft_length import (bucket_rates, budget_confidence, c
 from dspark_jax.decoding.verification import RoundResult, concat_taps, verify_round
 from dspark_jax.drafters.base import Proposal
 from dspark_jax.models.layout import dense_layout, make_layout
+from dspark_jax.models.output_head import HeadRows
 from dspark_jax.sampling import FilterMode, SamplingParams, check_batch, sample
 from dspark_jax.sampling.keys import DRAFT, SAMPLE, VERIFY, position_keys, row_keys
 
@@ -184,7 +185,7 @@ class _Rounds:
     the draft layer itself on a CPU: ~24 ms, BENCHMARKS.md "Session 34")."""
     target: nnx.Module
     drafter: nnx.Module
-    head: jax.Array | None
+    head: HeadRows | jax.Array | None
     params: SamplingParams
     mode: FilterMode
     stops: jax.Array
@@ -449,10 +450,19 @@ class _Rounds:
 @functools.partial(jax.jit, static_argnames=("target_graphdef", "drafter_graphdef"))
 def draft_head(target_graphdef: nnx.GraphDef, target_state: nnx.State, drafter_graphdef: nnx.GraphDef,
                drafter_state: nnx.State) -> jax.Array | None:
-    """The drafter's output-embedding rows [N, d] (`head_matrix`: the target's embedding rows of the draft
-    vocabulary; None for lookup), for a caller that decodes many batches (`generation.decode_batches`) or serves
-    (`serving.engine`) to gather once and pass to every call."""
-    return nnx.merge(drafter_graphdef, drafter_state).head_matrix(nnx.merge(target_graphdef, target_state))
+    """The drafter's output-embedding rows [N, d] (`head_rows`: the target's embedding rows of the draft
+    vocabulary, a `models.output_head.HeadRows` with the rows' int8 blocks where the target's head reads them
+    through the CPU kernel; None for lookup), for a caller that decodes many batches
+    (`generation.decode_batches`) or serves (`serving.engine`) to gather once and pass to every call."""
+    return nnx.merge(drafter_graphdef, drafter_state).head_rows(nnx.merge(target_graphdef, target_state))
+
+
+def _shapes(tree) -> str:
+    """A pytree's structure with each leaf's shape and dtype, for error messages and comparison."""
+    if tree is None:
+        return "None"
+    leaves, structure = jax.tree.flatten(tree)
+    return f"{structure} with leaves {[(tuple(a.shape), str(a.dtype)) for a in leaves]}"
 
 
 def _rounds(target_graphdef, target_state, drafter_graphdef, drafter_state, params, confidence_threshold, *,
@@ -463,13 +473,11 @@ def _rounds(target_graphdef, target_state, drafter_graphdef, drafter_state, para
     target = nnx.merge(target_graphdef, target_state)
     drafter = nnx.merge(drafter_graphdef, drafter_state)
     if head is None:
-        head = drafter.head_matrix(target)
+        head = drafter.head_rows(target)
     else:
-        gathered = jax.eval_shape(drafter.head_matrix, target)
-        if gathered is None or head.shape != gathered.shape or head.dtype != gathered.dtype:
-            raise ValueError(f"head must be this drafter's draft_head output of shape "
-                             f"{None if gathered is None else (gathered.shape, str(gathered.dtype))}, "
-                             f"got {(head.shape, str(head.dtype))}")
+        expected, given = _shapes(jax.eval_shape(drafter.head_rows, target)), _shapes(head)
+        if expected != given:
+            raise ValueError(f"head must be this drafter's draft_head output {expected}, got {given}")
     g = drafter.config.block_size
     buckets = tuple(verify_buckets or (batch, batch * (g + 1)))
     if list(buckets) != sorted(set(buckets)) or buckets[0] != batch or buckets[-1] > batch * (g + 1):
@@ -498,7 +506,7 @@ def speculative_generate(target_graphdef: nnx.GraphDef, target_state: nnx.State,
                          verify_buckets: tuple[int, ...] | None = None,
                          verify_costs: tuple[float, ...] | None = None, plain_cost: float | None = None,
                          lookup_costs: tuple[float, ...] | None = None, progress_prior: float | None = None,
-                         head: jax.Array | None = None) -> SpecOutput:
+                         head: HeadRows | jax.Array | None = None) -> SpecOutput:
     """Lossless speculative decoding of right-padded prompts [B, P] (lengths [B]); exactly
     `max_new_tokens` per request, or fewer up to and including a stop token. key: one per request [B] or one
     for the batch (`sampling.keys`).
@@ -519,7 +527,8 @@ def speculative_generate(target_graphdef: nnx.GraphDef, target_state: nnx.State,
     batch's earlier drafted rounds realized it (`_Rounds.progress_scale`).
     head: the drafter's output-embedding rows from `draft_head` (a caller decoding many batches gathers them
     once); None: gathered in the call.
-    Raises ValueError on inconsistent buckets / costs, or a head of another shape or dtype than `draft_head`'s."""
+    Raises ValueError on inconsistent buckets / costs, or a head of another structure, shape or dtype than
+    `draft_head`'s."""
     check_batch(prompts, prompt_lens, params)
     rounds = _rounds(target_graphdef, target_state, drafter_graphdef, drafter_state, params, confidence_threshold,
                      batch=prompts.shape[0], max_new_tokens=max_new_tokens, stop_ids=stop_ids, mode=mode,

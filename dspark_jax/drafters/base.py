@@ -9,6 +9,7 @@ from flax import nnx
 
 from dspark_jax.drafters.vocab import VocabMap, build_maps, check_draft_vocab
 from dspark_jax.models.config import TransformerConfig
+from dspark_jax.models.output_head import HeadRows
 
 
 @jax.tree_util.register_dataclass
@@ -89,6 +90,21 @@ def draft_head_matrix(target_model, draft_to_target: jax.Array, full_vocab: bool
     return head if full_vocab else jnp.take(head, draft_to_target, axis=0)
 
 
+def draft_head_rows(target_model, draft_to_target: jax.Array, full_vocab: bool) -> HeadRows:
+    """The draft vocabulary's output embedding rows for decoding: the float32 rows of `draft_head_matrix`, and the
+    same rows of the target's Q8_0 blocks where its head reads them through the `q8_ffi` kernel
+    (`Transformer.head_q8_kernel`, `models.transformer.with_q8_head`), so that the drafter's head takes the
+    kernel at the row counts the target's does (`models.output_head.head_logits`; a 15-token block's 15 rows
+    over a 32k vocabulary: BENCHMARKS.md "Session 51")."""
+    table = draft_head_matrix(target_model, draft_to_target, full_vocab)
+    if target_model.lm_head is not None or not getattr(target_model, "head_q8_kernel", False):
+        return HeadRows(table)
+    values, scales = target_model.head_q8_values[...], target_model.head_q8_scales[...]
+    if not full_vocab:
+        values, scales = jnp.take(values, draft_to_target, axis=0), jnp.take(scales, draft_to_target, axis=0)
+    return HeadRows(table, values, scales)
+
+
 class DrafterBase(nnx.Module):
     """What every drafter shares: fitting checks, the frozen target's identity, the draft vocabulary maps."""
 
@@ -111,6 +127,11 @@ class DrafterBase(nnx.Module):
     def head_matrix(self, target_model) -> jax.Array:
         """[N, d] output embedding rows of the draft vocabulary (the frozen target's)."""
         return draft_head_matrix(target_model, self.draft_to_target[...], self.full_vocab)
+
+    def head_rows(self, target_model) -> HeadRows:
+        """The rows of `head_matrix` for decoding, with the target's int8 blocks where it has them
+        (`draft_head_rows`)."""
+        return draft_head_rows(target_model, self.draft_to_target[...], self.full_vocab)
 
 
 def softcap(logits: jax.Array, cap: float | None) -> jax.Array:

@@ -21,7 +21,7 @@ from dspark_jax.drafters.ngram import find_match, lookup_proposal
 from dspark_jax.models.config import TransformerConfig
 from dspark_jax.models.kv_cache import KVCache, write_contiguous
 from dspark_jax.models.layers import DecoderLayer, RMSNorm, param
-from dspark_jax.models.output_head import tied_logits
+from dspark_jax.models.output_head import HeadRows, head_logits
 from dspark_jax.sampling import FilterMode, SamplingParams, sample, token_probs
 from dspark_jax.sampling.keys import row_keys, split_rows
 
@@ -137,17 +137,19 @@ class DSparkDrafter(DrafterBase):
                 h, pos, state.k[i], state.v[i], start, self.attn_impl))
         return self.norm(x)
 
-    def base_logits(self, hidden: jax.Array, head: jax.Array) -> jax.Array:
+    def base_logits(self, hidden: jax.Array, head: HeadRows | jax.Array) -> jax.Array:
         """Logits [..., N] float32 of the final-normed hidden [..., d] through the draft vocabulary's output
-        embedding rows head [N, d] (`models.output_head.tied_logits`: off XLA:CPU's few-row GEMM cliff), soft-capped."""
-        return softcap(tied_logits(hidden, head.astype(hidden.dtype)), self.target_config.final_logit_softcapping)
+        embedding rows head [N, d] (`head_matrix`, or `head_rows` with the target's int8 blocks:
+        `models.output_head.head_logits` — off XLA:CPU's few-row GEMM cliff, through the int8 kernel where it
+        runs), soft-capped."""
+        return softcap(head_logits(hidden, head), self.target_config.final_logit_softcapping)
 
     def prev_rows(self, tokens: jax.Array) -> jax.Array:
         """Markov-embedding rows of previous (target-id) tokens."""
         return jnp.take(self.target_to_draft[...], tokens, axis=0)
 
     def propose(self, target_model, state: KVCache, anchor: jax.Array, start: jax.Array, key: jax.Array,
-                params: SamplingParams, mode: FilterMode, head: jax.Array) -> Proposal:
+                params: SamplingParams, mode: FilterMode, head: HeadRows | jax.Array) -> Proposal:
         """Drafts G tokens: one parallel backbone pass, then left-to-right sampling with the Markov head,
         from exactly the distributions returned in `p_draft`."""
         hidden = self.backbone(target_model, anchor, start, state)

@@ -20,7 +20,7 @@ from dspark_jax.drafters.config import DrafterConfig
 from dspark_jax.models.config import TransformerConfig
 from dspark_jax.models.kv_cache import KVCache, write_contiguous
 from dspark_jax.models.layers import MLP, Attention, RMSNorm, param, apply_rope, rope_inv_freq
-from dspark_jax.models.output_head import tied_logits
+from dspark_jax.models.output_head import HeadRows, head_logits
 from dspark_jax.sampling import FilterMode, SamplingParams, sample, token_probs
 from dspark_jax.sampling.keys import row_keys, split_rows
 from pallas_kernels import attention
@@ -107,7 +107,7 @@ class Eagle3Drafter(DrafterBase):
         return x[:, 0], KVCache((ck,), (cv,))
 
     def propose(self, target_model, state: Eagle3State, anchor: jax.Array, start: jax.Array, key: jax.Array,
-                params: SamplingParams, mode: FilterMode, head: jax.Array) -> Proposal:
+                params: SamplingParams, mode: FilterMode, head: HeadRows | jax.Array) -> Proposal:
         g = self.config.block_size
         keys = jnp.swapaxes(split_rows(row_keys(key, anchor.shape[0]), g), 0, 1)  # [G, B]: per request
         hidden0 = state.pending @ self.fc[...]
@@ -116,7 +116,7 @@ class Eagle3Drafter(DrafterBase):
             cache, hidden, token = carry
             k, key_k = inputs
             out, cache = self._step(target_model, cache, hidden, token, start - 1 + k)
-            logits = softcap(tied_logits(self.norm(out), head.astype(out.dtype)),
+            logits = softcap(head_logits(self.norm(out), head),
                              self.target_config.final_logit_softcapping)
             idx = sample(key_k, logits, params, mode)
             tok = jnp.take(self.draft_to_target[...], idx, axis=0)

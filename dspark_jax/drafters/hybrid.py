@@ -49,12 +49,16 @@ prediction (it changes only in rounds that run the model); the model runs again 
 tokens left change the comparison. Without `lookup_costs` (a fixed draft length) and in the serving engine nothing
 is priced.
 
-`model_draft_length` (default: the whole block) lets the model draft only the first tokens of the block while the
-lookup drafts all of it: the model's forward then runs a shorter block (its proposal is padded with confidence-0,
-never-verified positions). Its cost grows with batch × block rows: the shipped drafter's propose at batch 8 takes
-56 ms for a 15-token block and 21 ms for 4, against an 80 ms plain round, on a 2-core CPU, while at batch 8 a round
-seldom verifies more than a few drafts per request. Measured with 4 at batch 8 it made the main job no faster
-(BENCHMARKS.md "Session 48"), so the default keeps the whole block.
+`model_draft_length` (default 6; None, or in a spec any length >= γ: the whole block) lets the model draft only the first
+tokens of the block while the lookup drafts all of it: the model's forward then runs a shorter block (its proposal is
+padded with confidence-0, never-verified positions). Its cost grows with batch × block rows: the shipped drafter's
+propose at batch 8 takes 56 ms for a 15-token block and 21 ms for 4, against an 80 ms plain round, on a 2-core CPU.
+At batch 1 on the same CPU, with the target reading its int8 blocks, a round with the model's 15-token forward costs
+1.59x a plain round and one with a 6-token forward 1.34x, while every round that verified a model draft verified 4
+of them (the draft length never chose more; gsm8k's first 8 held-out prompts, 18 such rounds): the default 6 made
+the main job 1.54x → 1.60x plain decoding macro over the four held-out sets, side by side (BENCHMARKS.md "Session
+51"; at batch 8 session 48 measured 4 against the whole block: within 2 %). Measured on CPUs only: where
+verification is cheap (a GPU) longer model drafts may be verified, and None restores the whole block.
 """
 from __future__ import annotations
 
@@ -83,7 +87,7 @@ class HybridConfig:
     price_model: bool = True  # skip the model's forward where the loop's costs say it does not pay (module doc)
     row_calibration: tuple[float, ...] | None = None  # weights mapping each verified row's confidences
     # (`drafters.hybrid_calibration`; fitted on the hybrid's rounds, kept in the model drafter's directory); None: off
-    model_draft_length: int | None = None  # the model drafts at most this many of the block's tokens (module doc);
+    model_draft_length: int | None = 6  # the model drafts at most this many of the block's tokens (module doc);
     # None: the whole block
 
 
@@ -175,6 +179,9 @@ class HybridDrafter(nnx.Module):
 
     def head_matrix(self, target_model):
         return self.model.head_matrix(target_model)
+
+    def head_rows(self, target_model):
+        return self.model.head_rows(target_model)
 
     def init_state(self, batch: int, max_len: int) -> HybridState:
         shape = (batch, self.config.block_size)  # distinct buffers: engines donate leaf by leaf

@@ -310,6 +310,9 @@ class NgramDrafter(nnx.Module):
     def head_matrix(self, target_model):
         return None
 
+    def head_rows(self, target_model):
+        return None
+
     def propose(self, target_model, state: NgramState, anchor: jax.Array, start: jax.Array, key, params, mode,
                 head) -> Proposal:
         """γ tokens after the anchor (at position start) and their count (γ on a match, else 0)."""

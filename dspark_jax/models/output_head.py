@@ -20,22 +20,27 @@ vectorized matrix-vector loop with the dequantization fused in (it fuses produce
 is a vector) — 6.9 / 13.6 / 20.3 ms at 1 / 2 / 3 rows against 22.7 / 28.9 / 28.4 ms for the float32 table, 29.2
 against 28.4 at 4 (BENCHMARKS.md "Session 49", `benchmarks/q8_head.py`). Every XLA form over several rows at once (a loop
 fusion with the block scale inside, a dot of the dequantized table, a map over vocabulary chunks) ran 25 ms to 2.4 s.
-Where the CPU kernel of `q8_ffi` is built (a model's `head_q8_kernel`), 2 to `Q8_KERNEL_MAX_ROWS` rows go to it
-instead: it dequantizes each block once for all rows (10 ms at 2–3 rows, 19 ms at 8; `q8_ffi` module doc).
+Where the CPU kernel of `q8_ffi` is built (a model's `head_q8_kernel`), 2 to `int8_linear.INT8_MAX_ROWS` rows go to
+it instead: it dequantizes each block once for all rows (10 ms at 2–3 rows, 19 ms at 8; `q8_ffi` module doc).
+
+A drafter's head is a subset of the same table (its draft vocabulary's rows): `HeadRows` carries those rows as a
+float32 table and, where the target's head reads its blocks through the kernel, as the blocks' rows too;
+`head_logits` picks the form by row count as the target's head does.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
 import jax
 import jax.numpy as jnp
 
+from dspark_jax.models.int8_linear import uses_int8_kernel
 from dspark_jax.models.q8_ffi import int8_block_matmul
 
 FUSED_ROWS = frozenset(range(2, 17)) | {24}  # where the fused loop beats XLA:CPU's GEMM (benchmarks/lm_head.py)
 Q8_ROWS = frozenset({1, 2, 3})  # where one Q8_0 GEMV per row beats the float32 table (benchmarks/q8_head.py)
-Q8_KERNEL_MAX_ROWS = 64  # the most rows given to the q8_ffi kernel (it beat the table at every count measured, 2–64)
 
 
 def fused_width(rows: int) -> int:
@@ -80,10 +85,11 @@ def fused_logits(hidden: jax.Array, table: jax.Array) -> jax.Array:
 
 def uses_q8_blocks(rows: int, kernel: bool = False, backend: str | None = None) -> bool:
     """Whether `rows` rows are computed from Q8_0 blocks, where a model has them, on `backend` (default: JAX's):
-    `Q8_ROWS` with XLA's matrix-vector loops, or 1 to `Q8_KERNEL_MAX_ROWS` with `kernel` (the `q8_ffi` kernel)."""
-    if (backend or jax.default_backend()) != "cpu":
-        return False
-    return 1 <= rows <= Q8_KERNEL_MAX_ROWS if kernel else rows in Q8_ROWS
+    `Q8_ROWS` with XLA's matrix-vector loops, or with `kernel` the rows the `q8_ffi` kernel takes
+    (`int8_linear.uses_int8_kernel`: 1 to `INT8_MAX_ROWS`; one row still goes to XLA's loop, `q8_logits`)."""
+    if kernel:
+        return uses_int8_kernel(rows, backend)
+    return (backend or jax.default_backend()) == "cpu" and rows in Q8_ROWS
 
 
 def q8_logits(hidden: jax.Array, q: jax.Array, scale: jax.Array, *, kernel: bool = False) -> jax.Array:
@@ -107,3 +113,27 @@ def q8_logits(hidden: jax.Array, q: jax.Array, scale: jax.Array, *, kernel: bool
     table = (q.astype(jnp.float32).reshape(v, scale.shape[1], -1) * scale[:, :, None]).reshape(v, d)
     rows = [flat[r:r + 1] @ table.T for r in range(flat.shape[0])]  # each a fused matrix-vector loop
     return jnp.concatenate(rows).reshape(*lead, v)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class HeadRows:
+    """Rows of a tied output embedding (a drafter's draft vocabulary): table float32 [N, d], and the same rows as
+    the table's Q8_0 blocks — q8_values int8 [N, d], q8_scales float32 [N, d / B] — where the model's head reads
+    them through the `q8_ffi` kernel (None: the table only). Built by `drafters.base.draft_head_rows`."""
+    table: jax.Array
+    q8_values: jax.Array | None = None
+    q8_scales: jax.Array | None = None
+
+
+def head_logits(hidden: jax.Array, head: HeadRows | jax.Array) -> jax.Array:
+    """hidden [..., d] · head rows [N, d]ᵀ → float32 logits [..., N] (no soft-cap): from the Q8_0 blocks through
+    the kernel where `head` has them and `uses_q8_blocks(rows, kernel=True)` (1–64 rows on CPU: `q8_logits`), else
+    `tied_logits` of the float32 table (a plain array `head` is that table). The blocks are the table bit for bit,
+    so both give the same logits up to float summation order."""
+    if isinstance(head, HeadRows):
+        rows = math.prod(hidden.shape[:-1])
+        if head.q8_values is not None and uses_q8_blocks(rows, kernel=True):
+            return q8_logits(hidden, head.q8_values, head.q8_scales, kernel=True)
+        head = head.table
+    return tied_logits(hidden, head.astype(hidden.dtype))

@@ -62,7 +62,7 @@ def init_engine_state(target, drafter, slots: int, max_len: int) -> EngineState:
     # an empty proposal of exactly the structure this drafter proposes (p_draft or not, lengths, flags)
     shapes = jax.eval_shape(lambda d: drafter.propose(target, d, zeros_i(), zeros_i(), jax.random.key(0),
                                                       SamplingParams.create(slots), FilterMode(),
-                                                      drafter.head_matrix(target)), drafter_state)
+                                                      drafter.head_rows(target)), drafter_state)
     proposal = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
     return EngineState(target_cache=init_cache(target.config, slots, max_len, target.dtype), drafter_state=drafter_state,
                        anchor=zeros_i(), start=zeros_i(), active=jnp.zeros((slots,), bool), budget=zeros_i(),

@@ -29,6 +29,9 @@ class OracleDrafter(nnx.Module):
     def head_matrix(self, target_model):
         return jnp.zeros((1, 1))
 
+    def head_rows(self, target_model):
+        return self.head_matrix(target_model)
+
     def init_state(self, batch, max_len):
         return None
 

@@ -22,6 +22,7 @@ from dspark_jax.drafters.dspark import DSparkDrafter
 from dspark_jax.drafters.eagle3 import Eagle3Drafter
 from dspark_jax.drafters.ngram import NgramConfig, NgramDrafter
 from dspark_jax.models.kv_cache import init_cache
+from dspark_jax.models.output_head import HeadRows
 from dspark_jax.models.transformer import Transformer
 from dspark_jax.testing.oracle_drafter import OracleDrafter
 
@@ -84,27 +85,30 @@ def test_greedy_speculative_equals_greedy_plain(family, alg, gamma, reduced, thr
 def test_head_gathered_by_the_caller_decodes_the_same(temperature):
     """The drafter's head rows gathered once by the caller (`draft_head`, what `generation.decode_batches`
     passes) give the very same output as gathering them in the call — a reduced draft vocabulary, so the
-    gather is a real one; a head of another shape or dtype is refused, naming the expected one."""
+    gather is a real one; a head of another structure, shape or dtype is refused, naming the expected one."""
     tg, ts, cfg = make_target("gemma3")
     dg, ds = make_drafter("dspark", cfg, 4, reduced=True)
     tokens, lens = _batch(PROMPTS)
     args = (tg, ts, dg, ds, tokens, lens, jax.random.key(3), SamplingParams.create(3, temperature), jnp.float32(0.0))
     kw = dict(max_new_tokens=13, stop_ids=())
     head = draft_head(tg, ts, dg, ds)
-    assert head.shape == (40, cfg.hidden_size)
+    assert isinstance(head, HeadRows) and head.table.shape == (40, cfg.hidden_size) and head.q8_values is None
     inside, passed = speculative_generate(*args, **kw), speculative_generate(*args, head=head, **kw)
     for field in ("tokens", "num_tokens", "rounds", "proposed", "accepted", "confidence"):
         np.testing.assert_array_equal(np.asarray(getattr(passed, field)), np.asarray(getattr(inside, field)))
     if temperature > 0:  # the passed rows are the ones drafted with: other rows, other draft probabilities
-        other = speculative_generate(*args, head=jnp.roll(head, 1, axis=0), **kw)
+        other = speculative_generate(*args, head=HeadRows(jnp.roll(head.table, 1, axis=0)), **kw)
         assert not np.array_equal(np.asarray(other.tokens), np.asarray(inside.tokens))
-    with pytest.raises(ValueError, match=r"head must be this drafter's draft_head output of shape \(\(40, "):
-        speculative_generate(*args, head=head[:39], **kw)
-    with pytest.raises(ValueError, match="float32"):
-        speculative_generate(*args, head=head.astype(jnp.bfloat16), **kw)
+    expected = rf"head must be this drafter's draft_head output .*\(40, {cfg.hidden_size}\).*got .*\(39, "
+    with pytest.raises(ValueError, match=expected):
+        speculative_generate(*args, head=HeadRows(head.table[:39]), **kw)
+    with pytest.raises(ValueError, match="bfloat16"):
+        speculative_generate(*args, head=HeadRows(head.table.astype(jnp.bfloat16)), **kw)
+    with pytest.raises(ValueError, match="HeadRows"):  # the bare table: another structure
+        speculative_generate(*args, head=head.table, **kw)
     lookup_g, lookup_s = nnx.split(NgramDrafter(NgramConfig(block_size=4), cfg.vocab_size))
     assert draft_head(tg, ts, lookup_g, lookup_s) is None
-    with pytest.raises(ValueError, match="shape None"):
+    with pytest.raises(ValueError, match="output None"):
         speculative_generate(tg, ts, lookup_g, lookup_s, *args[4:], head=head, **kw)
 
 

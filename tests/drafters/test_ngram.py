@@ -727,6 +727,11 @@ def test_drafter_specs():
     assert short.config.model_draft_length == 2 and short.source == "random:dspark+ngram:model_draft_length=2"
     assert nnx.merge(short.graphdef, short.state).model.config.block_size == 2
     assert with_block_size(short, 3).config.block_size == 3
+    by_default = load_drafter("random+ngram", target, gamma=8, draft_vocab_size=None)  # the model drafts 6 of 8
+    assert by_default.config.model_draft_length == 6 and by_default.source == "random:dspark+ngram"
+    assert nnx.merge(by_default.graphdef, by_default.state).model.config.block_size == 6
+    whole = load_drafter("random+ngram:model_draft_length=8", target, gamma=8, draft_vocab_size=None)
+    assert nnx.merge(whole.graphdef, whole.state).model.config.block_size == 8
     from dspark_jax.drafters.factory import with_model_draft_length
     longer = with_model_draft_length(short, None)
     assert longer.config.model_draft_length is None

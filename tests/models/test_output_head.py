@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dspark_jax.models.output_head import (FUSED_ROWS, Q8_KERNEL_MAX_ROWS, Q8_ROWS, fused_logits, fused_width,
+from dspark_jax.models.int8_linear import INT8_MAX_ROWS
+from dspark_jax.models.output_head import (FUSED_ROWS, Q8_ROWS, HeadRows, fused_logits, fused_width, head_logits,
                                            q8_logits, tied_logits, uses_fused_loop, uses_q8_blocks)
 from tests.models.test_q8_head import q8_blocks_for
 
@@ -85,7 +86,7 @@ def test_q8_logits_reject_blocks_that_do_not_fit():
 def test_the_rows_read_from_q8_blocks_on_cpu():
     assert [r for r in range(0, 100) if uses_q8_blocks(r, backend="cpu")] == sorted(Q8_ROWS) == [1, 2, 3]
     with_kernel = [r for r in range(0, 100) if uses_q8_blocks(r, kernel=True, backend="cpu")]
-    assert with_kernel == list(range(1, Q8_KERNEL_MAX_ROWS + 1)) and Q8_KERNEL_MAX_ROWS == 64
+    assert with_kernel == list(range(1, INT8_MAX_ROWS + 1)) and INT8_MAX_ROWS == 64  # the layers' rule
     for kernel in (False, True):
         assert not uses_q8_blocks(1, kernel, backend="gpu") and not uses_q8_blocks(2, kernel, backend="tpu")
 
@@ -103,3 +104,21 @@ def test_q8_logits_never_materialize_the_float32_table(rows):
     assert results and not any(r.startswith("f32[4096,64]") for r in results)
     reads_blocks = [line for line in entry if " fusion(" in line and "%q" in line and "%scale" in line]
     assert len(reads_blocks) == rows  # one fused pass over the int8 blocks per row
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the kernel is the CPU path")
+@pytest.mark.parametrize("rows", [1, 2, 15, 64, 65])
+def test_head_logits_take_the_blocks_through_the_kernel_where_the_target_does(rows):
+    """`HeadRows` with blocks: 2–64 rows through the kernel, one row through XLA's loop on the blocks, 65 rows
+    the float32 table; a bare table or rows without blocks: `tied_logits`. Every form gives the table's logits."""
+    from tests.models.test_q8_ffi import require_kernel
+    require_kernel()
+    q, scale, table = q8_blocks_for(300, 64, seed=rows)
+    h = jax.random.normal(jax.random.key(rows), (rows, 64))
+    with_blocks = HeadRows(jnp.asarray(table), jnp.asarray(q), jnp.asarray(scale))
+    reference = _einsum(h, jnp.asarray(table))
+    for head in (with_blocks, HeadRows(jnp.asarray(table)), jnp.asarray(table)):
+        np.testing.assert_allclose(jax.jit(head_logits)(h, head), reference, rtol=1e-5, atol=1e-5)
+    hlo = jax.jit(head_logits).lower(h, with_blocks).as_text()
+    assert ("dspark_int8_scaled" in hlo) == (2 <= rows <= 64)
+    assert "dspark_int8_scaled" not in jax.jit(head_logits).lower(h, HeadRows(jnp.asarray(table))).as_text()

@@ -82,6 +82,46 @@ def test_speculative_decoding_through_the_kernel_equals_plain_decoding_on_the_ta
     np.testing.assert_array_equal(np.asarray(spec.tokens)[:, :17], np.asarray(plain.tokens)[:, :17])
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the Q8_0 head is the CPU path")
+def test_a_drafters_head_reads_the_targets_blocks_of_its_vocabulary():
+    """`draft_head` gathers the draft vocabulary's rows of the target's Q8_0 blocks beside its float32 rows where
+    the target's head runs the kernel (a hybrid's through its model); the drafter's logits through them are the
+    table's, its propose calls the kernel, and without the kernel the rows are the table alone."""
+    from tests.decoding.test_speculative import make_drafter
+    from tests.models.test_q8_ffi import require_kernel
+
+    from dspark_jax.decoding.speculative import draft_head
+    from dspark_jax.drafters.hybrid import HybridDrafter
+    from dspark_jax.drafters.ngram import NgramConfig, NgramDrafter
+    from dspark_jax.models.output_head import HeadRows
+    from dspark_jax.sampling import FilterMode, SamplingParams
+    require_kernel()
+    cfg = tiny_gemma3()
+    target = q8_model(cfg, kernel=True)
+    dg, ds = make_drafter("dspark", cfg, 4, reduced=True)
+    drafter = nnx.merge(dg, ds)
+    rows = draft_head(*nnx.split(target), dg, ds)
+    ids = np.asarray(drafter.draft_to_target[...])
+    q, scale, table = q8_blocks_for(cfg.vocab_size, cfg.hidden_size)
+    assert isinstance(rows, HeadRows) and rows.q8_values.shape == (40, cfg.hidden_size)
+    np.testing.assert_array_equal(rows.q8_values, q[ids])
+    np.testing.assert_array_equal(rows.q8_scales, scale[ids])
+    np.testing.assert_array_equal(rows.table, table[ids])
+    hidden = jax.random.normal(jax.random.key(2), (3, 4, cfg.hidden_size))
+    np.testing.assert_allclose(jax.jit(drafter.base_logits)(hidden, rows),
+                               jax.jit(drafter.base_logits)(hidden, rows.table), rtol=1e-5, atol=1e-5)
+    state = drafter.init_state(3, 32)
+    hlo = jax.jit(lambda r: drafter.propose(target, state, jnp.ones((3,), jnp.int32), jnp.zeros((3,), jnp.int32),
+                                            jax.random.key(0), SamplingParams.create(3), FilterMode(), r)
+                  ).lower(rows).as_text()
+    assert "dspark_int8_scaled" in hlo
+    hybrid = HybridDrafter(drafter, NgramDrafter(NgramConfig(block_size=4), cfg.vocab_size))
+    np.testing.assert_array_equal(hybrid.head_rows(target).q8_values, rows.q8_values)
+    plain = draft_head(*nnx.split(q8_model(cfg, kernel=False)), dg, ds)
+    assert plain.q8_values is None and plain.q8_scales is None
+    np.testing.assert_array_equal(plain.table, rows.table)
+
+
 def test_blocks_that_are_not_the_table_are_refused():
     cfg = tiny_gemma3()
     model = q8_model(cfg, attach=False)

@@ -180,7 +180,8 @@ MAX_PLAIN_RUN = 16  # the longest run of plain rounds between two drafted rounds
 class _Rounds:
     """What every round of one call shares: the merged modules, sampling settings and the bucket / cost
     configuration (fixed while tracing). `start` prefills; `step` runs one round. `head`: the drafter's output
-    embedding rows (`head_matrix`), gathered outside the loop — by the caller once for all its calls
+    embedding rows (`head_rows`: a `HeadRows`, with the target's int8 blocks where its head runs the kernel),
+    gathered outside the loop — by the caller once for all its calls
     (`draft_head`), else once per call (a 32k-row gather from the target's 262k-row embedding costs more than
     the draft layer itself on a CPU: ~24 ms, BENCHMARKS.md "Session 34")."""
     target: nnx.Module
@@ -449,7 +450,7 @@ class _Rounds:
 
 @functools.partial(jax.jit, static_argnames=("target_graphdef", "drafter_graphdef"))
 def draft_head(target_graphdef: nnx.GraphDef, target_state: nnx.State, drafter_graphdef: nnx.GraphDef,
-               drafter_state: nnx.State) -> jax.Array | None:
+               drafter_state: nnx.State) -> HeadRows | jax.Array | None:
     """The drafter's output-embedding rows [N, d] (`head_rows`: the target's embedding rows of the draft
     vocabulary, a `models.output_head.HeadRows` with the rows' int8 blocks where the target's head reads them
     through the CPU kernel; None for lookup), for a caller that decodes many batches

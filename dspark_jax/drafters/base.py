@@ -129,8 +129,8 @@ class DrafterBase(nnx.Module):
         return draft_head_matrix(target_model, self.draft_to_target[...], self.full_vocab)
 
     def head_rows(self, target_model) -> HeadRows:
-        """The rows of `head_matrix` for decoding, with the target's int8 blocks where it has them
-        (`draft_head_rows`)."""
+        """The rows of `head_matrix` for decoding, with the same rows of the target's int8 blocks where its head runs
+        the `q8_ffi` kernel (`head_q8_kernel`; `draft_head_rows`)."""
         return draft_head_rows(target_model, self.draft_to_target[...], self.full_vocab)
 
 

@@ -117,8 +117,8 @@ def hybrid_drafter(model: Drafter, target: Target, lookup_spec: str = "ngram",
                    model_draft_length: float | None = HybridConfig.model_draft_length) -> Drafter:
     """`model` and prompt lookup (`lookup_spec`, see `ngram_drafter`) proposing per request whichever draft
     is expected to be accepted further (`drafters.hybrid`; `skip_model_at`, `model_prior_strength`,
-    `price_model` (0 or 1 in a spec: "default+ngram:price_model=0"), `model_draft_length` (a whole number; in a
-    spec "default+ngram:model_draft_length=4"): see `HybridConfig`). `row_calibration` 1: the row calibration the
+    `price_model` (0 or 1 in a spec: "default+ngram:price_model=0"), `model_draft_length` (a whole number, None:
+    the whole block; in a spec "default+ngram:model_draft_length=4"): see `HybridConfig`). `row_calibration` 1: the row calibration the
     model's drafter directory holds, if any (`drafters.hybrid_calibration`); 0: none."""
     for name, value in (("price_model", price_model), ("row_calibration", row_calibration)):
         if value not in (0, 1):
@@ -135,10 +135,10 @@ def hybrid_drafter(model: Drafter, target: Target, lookup_spec: str = "ngram",
                            price_model=bool(price_model), row_calibration=weights,
                            model_draft_length=None if model_draft_length is None else int(model_draft_length))
     graphdef, state = nnx.split(module)
-    options = "".join(f":{k}={float(v):g}" for k, v in (("skip_model_at", skip_model_at),
-                                                          ("model_prior_strength", model_prior_strength),
-                                                          ("price_model", price_model),
-                                                          ("model_draft_length", model_draft_length))
+    whole_block = model.config.block_size  # a spec's model_draft_length >= γ: the whole block (None here)
+    options = "".join(f":{k}={float(whole_block if v is None else v):g}"
+                      for k, v in (("skip_model_at", skip_model_at), ("model_prior_strength", model_prior_strength),
+                                   ("price_model", price_model), ("model_draft_length", model_draft_length))
                       if v != getattr(HybridConfig, k)) + ("" if row_calibration else ":row_calibration=0")
     return Drafter(module.config, graphdef, state, f"{model.source}+{lookup_spec}{options}")
 

@@ -54,10 +54,10 @@ tokens of the block while the lookup drafts all of it: the model's forward then 
 padded with confidence-0, never-verified positions). Its cost grows with batch × block rows: the shipped drafter's
 propose at batch 8 takes 56 ms for a 15-token block and 21 ms for 4, against an 80 ms plain round, on a 2-core CPU.
 At batch 1 on the same CPU, with the target reading its int8 blocks, a round with the model's 15-token forward costs
-1.59x a plain round and one with a 6-token forward 1.34x, while every round that verified a model draft verified 4
-of them (the draft length never chose more; gsm8k's first 8 held-out prompts, 18 such rounds): the default 6 made
-the main job 1.54x → 1.60x plain decoding macro over the four held-out sets, side by side (BENCHMARKS.md "Session
-51"; at batch 8 session 48 measured 4 against the whole block: within 2 %). Measured on CPUs only: where
+1.59x a plain round and one with a 6-token forward 1.34x, while the rounds that verified a model draft verified 3
+or 4 of its drafts (39 of 42 such rounds over the four held-out sets' first 8 prompts; 7 in the other 3): the default
+6 made the main job 1.54x → 1.59x plain decoding macro over those sets, side by side (BENCHMARKS.md "Session 51"; at
+batch 8 session 48 measured 4 against the whole block: within 2 %). Measured on CPUs only: where
 verification is cheap (a GPU) longer model drafts may be verified, and None restores the whole block.
 """
 from __future__ import annotations

@@ -127,10 +127,12 @@ class HeadRows:
 
 
 def head_logits(hidden: jax.Array, head: HeadRows | jax.Array) -> jax.Array:
-    """hidden [..., d] · head rows [N, d]ᵀ → float32 logits [..., N] (no soft-cap): from the Q8_0 blocks through
-    the kernel where `head` has them and `uses_q8_blocks(rows, kernel=True)` (1–64 rows on CPU: `q8_logits`), else
-    `tied_logits` of the float32 table (a plain array `head` is that table). The blocks are the table bit for bit,
-    so both give the same logits up to float summation order."""
+    """hidden [..., d] · head rows [N, d]ᵀ → float32 logits [..., N] (no soft-cap): from the Q8_0 blocks where
+    `head` has them and `uses_q8_blocks(rows, kernel=True)` (1–64 rows on CPU: `q8_logits` — the kernel from 2 rows,
+    XLA's matrix-vector loop at one), else `tied_logits` of the float32 table (a plain array `head` is that table),
+    cast to hidden's dtype. The blocks are the table bit for bit, so for float32 hidden states both give the same
+    logits up to float summation order; the blocks' path computes in float32 whatever hidden's dtype (a bfloat16
+    drafter's logits then differ slightly by path: lossless either way, the drafts' distributions are returned)."""
     if isinstance(head, HeadRows):
         rows = math.prod(hidden.shape[:-1])
         if head.q8_values is not None and uses_q8_blocks(rows, kernel=True):

@@ -732,6 +732,11 @@ def test_drafter_specs():
     assert nnx.merge(by_default.graphdef, by_default.state).model.config.block_size == 6
     whole = load_drafter("random+ngram:model_draft_length=8", target, gamma=8, draft_vocab_size=None)
     assert nnx.merge(whole.graphdef, whole.state).model.config.block_size == 8
+    from dspark_jax.drafters.factory import hybrid_drafter
+    model = load_drafter("random", target, gamma=8, draft_vocab_size=None)
+    unlimited = hybrid_drafter(model, target, model_draft_length=None)  # None: the whole block, said in the source
+    assert unlimited.config.model_draft_length is None and unlimited.source.endswith(":model_draft_length=8")
+    assert nnx.merge(unlimited.graphdef, unlimited.state).model.config.block_size == 8
     from dspark_jax.drafters.factory import with_model_draft_length
     longer = with_model_draft_length(short, None)
     assert longer.config.model_draft_length is None

@@ -12,6 +12,7 @@ from dspark_jax.data import training_prompts
 from dspark_jax.drafters.checkpoint import (checked_calibration, hybrid_row_calibration, is_drafter_dir,
                                            load_drafter_module, read_meta)
 from dspark_jax.drafters.config import DrafterConfig, make_drafter_config
+from dspark_jax.drafters.corpus import has_shipped_corpus, shipped_corpus
 from dspark_jax.drafters.deepspec import load_deepspec_drafter
 from dspark_jax.drafters.hybrid import HybridConfig, HybridDrafter
 from dspark_jax.drafters.ngram import NgramConfig, NgramDrafter
@@ -58,27 +59,32 @@ def check_drafter_spec(spec: str, gamma: int | None = None) -> None:
 def ngram_drafter(target: Target, spec: str = "ngram", gamma: int = 7) -> Drafter:
     """A prompt-lookup drafter from a spec "ngram", "ngram:n_max=4,n_min=2" or "ngram:n_max=4:n_min=2" (the form
     for comma-separated lists of drafters); defaults n_max 3, n_min 1; calibrated=0 keeps the confidence's count
-    estimate alone instead of passing it through its fitted calibration (`NgramConfig.calibrated`, default on)."""
-    config = ngram_config(spec, gamma)
-    graphdef, state = nnx.split(NgramDrafter(config, target.config.vocab_size))
+    estimate alone instead of passing it through its fitted calibration (`NgramConfig.calibrated`, default on);
+    corpus=1 drafts from the target's shipped response corpus where the text has no match (`drafters.corpus`;
+    ValueError for a target without one), corpus=0 never — by default on where the target has one (the embedded
+    Gemma 3 270M)."""
+    fingerprint = target.config.fingerprint()
+    config = ngram_config(spec, gamma, corpus_default=has_shipped_corpus(fingerprint))
+    table = shipped_corpus(fingerprint) if config.corpus else None
+    graphdef, state = nnx.split(NgramDrafter(config, target.config.vocab_size, table))
     return Drafter(config, graphdef, state, spec)
 
 
-def ngram_config(spec: str, gamma: int) -> NgramConfig:
-    """The `NgramConfig` of an n-gram drafter spec (`ngram_drafter`) proposing `gamma` tokens; ValueError naming
-    a bad option or value."""
+def ngram_config(spec: str, gamma: int, corpus_default: bool = False) -> NgramConfig:
+    """The `NgramConfig` of an n-gram drafter spec (`ngram_drafter`) proposing `gamma` tokens (`corpus` as the
+    spec says, else `corpus_default`); ValueError naming a bad option or value."""
     name, _, options = spec.partition(":")
     if name != "ngram":
         raise ValueError(f"not an n-gram drafter spec: {spec!r}")
-    fields = {}
+    fields = dict(corpus=corpus_default)
     for item in filter(None, options.replace(":", ",").split(",")):
         key, eq, value = item.partition("=")
-        if key not in ("n_max", "n_min", "calibrated") or not eq:
-            raise ValueError(f"bad n-gram drafter option {item!r} in {spec!r}: expected n_max=N, n_min=N or "
-                             f"calibrated=0|1")
-        if key == "calibrated":
+        if key not in ("n_max", "n_min", "calibrated", "corpus") or not eq:
+            raise ValueError(f"bad n-gram drafter option {item!r} in {spec!r}: expected n_max=N, n_min=N, "
+                             f"calibrated=0|1 or corpus=0|1")
+        if key in ("calibrated", "corpus"):
             if value not in ("0", "1"):
-                raise ValueError(f"n-gram drafter option calibrated must be 0 or 1, got {value!r}")
+                raise ValueError(f"n-gram drafter option {key} must be 0 or 1, got {value!r}")
             fields[key] = value == "1"
             continue
         try:

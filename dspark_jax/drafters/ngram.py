@@ -22,9 +22,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dspark_jax.drafters.base import Proposal, RoundOutcome, nearest_set
+from dspark_jax.drafters.corpus import CorpusTable, corpus_match, corpus_proposal
 from dspark_jax.models.kv_cache import write_contiguous
 
 
+CORPUS_N_MIN = 2  # the shortest corpus match drafted: one token of context drafts poorly from other responses
 MAX_BLOCK_SIZE = 64  # the longest lookup draft (γ): verification width and `--draft_length auto`'s profile grow with γ
 
 
@@ -39,6 +41,8 @@ class NgramConfig:
     target_layer_ids: tuple[int, ...] = ()
     confidence_head: bool = True  # confidences from online acceptance counts (calibration is reported for them)
     prior_strength: float = 4.0  # pseudo-observations of the prior (`ngram_prior.json`) per match length and slot
+    corpus: bool = False  # where the text has no match, draft from the target's response corpus
+    # (`drafters.corpus`; the drafter is built with its table)
     calibrated: bool = True  # the count estimate through its fitted calibration (`ngram_calibration.json`) where one
     # was fitted (T = 0): with the match's source it is better calibrated at equal τ and speed (BENCHMARKS.md
     # "Session 39"); False: the count estimate alone
@@ -110,6 +114,7 @@ def lookup_proposal(tokens: jax.Array, last: jax.Array, end: jax.Array, gamma: i
 
 
 PRIOR_FILE = Path(__file__).with_name("ngram_prior.json")
+CORPUS_PRIOR_FILE = Path(__file__).with_name("corpus_prior.json")
 CALIBRATION_FILE = Path(__file__).with_name("ngram_calibration.json")
 # the calibration's features (`calibration_features`), the match's source last
 SOURCE_FEATURES = ("match_in_output", "log1p_period", "short_period", "past_period", "log1p_past_period")
@@ -148,6 +153,28 @@ def request_prior(n_max: int, gamma: int, sampling_temperature: jax.Array,
     less often than a greedy match — a greedy prior would over-promise)."""
     _, means = prior_means(n_max, gamma)
     index = prior_set(n_max, sampling_temperature) if set_index is None else set_index
+    return jnp.asarray(means, jnp.float32)[index]
+
+
+@functools.lru_cache(maxsize=None)
+def corpus_prior_means(n_max: int, gamma: int) -> tuple[tuple[float, ...], tuple[tuple[tuple[float, ...], ...], ...]]:
+    """(temperatures [S], means [S][n_max][γ]): prior acceptance c_k of a corpus draft per match length n (row n − 1)
+    and slot, one set per sampling temperature (`CORPUS_PRIOR_FILE`, written by `benchmarks/corpus_prior.py`:
+    corpus lookup's conditional acceptance on training responses whose own text the fitting table leaves out);
+    lengths without a table use the nearest one's, slots past its columns the last one."""
+    sets = sorted(json.loads(CORPUS_PRIOR_FILE.read_text())["sets"], key=lambda e: e["temperature"])
+    means = []
+    for entry in sets:
+        tables = {int(k): v["mean"] for k, v in entry["tables"].items()}
+        rows = [tables[min(tables, key=lambda m: (abs(m - n), m))] for n in range(1, n_max + 1)]
+        means.append(tuple(tuple(row[min(k, len(row) - 1)] for k in range(gamma)) for row in rows))
+    return tuple(float(e["temperature"]) for e in sets), tuple(means)
+
+
+def corpus_request_prior(n_max: int, gamma: int, sampling_temperature: jax.Array) -> jax.Array:
+    """[B, n_max, γ] each request's corpus prior means: the set fitted at the temperature nearest to its own."""
+    temperatures, means = corpus_prior_means(n_max, gamma)
+    index = nearest_set(jnp.asarray(temperatures, jnp.float32), sampling_temperature)
     return jnp.asarray(means, jnp.float32)[index]
 
 
@@ -237,8 +264,9 @@ def record_confidence(accepted: jax.Array, tested: jax.Array, prior: jax.Array, 
 def lookup_confidence(state: NgramState, n: jax.Array, gamma: int, prior_mean: jax.Array,
                       prior_strength: float) -> jax.Array:
     """[B, γ] c_k = P(position k accepted | earlier ones accepted, match length n) estimated per request as
-    (accepted + s·m) / (tested + s): the prior mean m [n_max, ≥γ] or per request [B, n_max, ≥γ]
-    (`request_prior`) worth s observations, moved by the request's own counts; 0 without a match (n = 0)."""
+    (accepted + s·m) / (tested + s): the prior mean m [rows, ≥γ] or per request [B, rows, ≥γ]
+    (`request_prior`) worth s observations, moved by the request's own counts; 0 without a match (n = 0). n
+    [B] is the record's row + 1 (`NgramDrafter.record_rows`: a text match's length, or past n_max a corpus match's)."""
     row = jnp.clip(n - 1, 0, state.tested.shape[1] - 1)
     tested = jnp.take_along_axis(state.tested, row[:, None, None], axis=1)[:, 0, :gamma]
     accepted = jnp.take_along_axis(state.accepted, row[:, None, None], axis=1)[:, 0, :gamma]
@@ -249,26 +277,85 @@ def lookup_confidence(state: NgramState, n: jax.Array, gamma: int, prior_mean: j
     return jnp.where((n > 0)[:, None], record_confidence(accepted, tested, mean, prior_strength), 0.0)
 
 
+class CorpusData(nnx.Variable):
+    """A corpus table's arrays (`drafters.corpus.CorpusTable`), stored with the lookup drafter, never trained."""
+
+
+CORPUS_FIELDS = tuple(f.name for f in dataclasses.fields(CorpusTable))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LookupDraft:
+    """A lookup proposal before its confidence: tokens [B, γ], length [B] (0: no draft), row [B] of the request's
+    acceptance record it belongs to (`NgramDrafter.record_row`; 0 without a draft, its length 0 then), n [B] the
+    text match's length (0 where the text has no match: a corpus draft or none) and end [B] its last position."""
+    tokens: jax.Array
+    length: jax.Array
+    row: jax.Array
+    n: jax.Array
+    end: jax.Array
+
+
 class NgramDrafter(nnx.Module):
-    """The drafter interface (`init_state / prefill / propose / commit / head_matrix`) for prompt lookup.
+    """The drafter interface (`init_state / prefill / propose / commit / head_matrix`) for prompt lookup, with
+    `NgramConfig.corpus` also for corpus lookup where the text has no match (`drafters.corpus`).
 
-    Confidence: per request, acceptance counts keyed by match length and draft position, updated at every
-    verification round's commit from the committed tokens (`commit`; plain rounds skip the proposal and leave
-    them alone) and read by `lookup_confidence` — with `NgramConfig.calibrated`, where a calibration was fitted for
+    Confidence: per request, acceptance counts keyed by match source and length and by draft position (rows 0..n_max
+    − 1: a text match of n = row + 1 tokens; with a corpus, rows n_max + n − 1: a corpus match of n tokens), updated
+    at every verification round's commit from the committed tokens (`commit`; plain rounds skip the proposal and
+    leave them alone) and read by `lookup_confidence` with the prior of the row's source (`request_prior`,
+    `corpus_request_prior`) — for text matches with `NgramConfig.calibrated`, where a calibration was fitted for
     the request's sampling temperature (T = 0), then through it with the request's recent rounds
-    (`calibrated_confidence`); it drives a confidence threshold and the serving scheduler like DSpark's calibrated
-    head."""
+    (`calibrated_confidence`; corpus drafts keep the count estimate); it drives a confidence threshold and the
+    serving scheduler like DSpark's calibrated head."""
 
-    def __init__(self, config: NgramConfig, vocab_size: int):
+    def __init__(self, config: NgramConfig, vocab_size: int, corpus: CorpusTable | None = None):
+        if config.corpus != (corpus is not None):
+            raise ValueError("NgramConfig.corpus needs a corpus table, and a corpus table needs NgramConfig.corpus"
+                             f" (corpus={config.corpus}, table {'given' if corpus is not None else 'missing'})")
         self.config = config
         self.vocab_size = vocab_size
         self.full_vocab = True
+        for name in CORPUS_FIELDS:  # one variable per array: `corpus_tokens`, `corpus_hashes`, …
+            setattr(self, f"corpus_{name}", None if corpus is None else CorpusData(getattr(corpus, name)))
+
+    @property
+    def corpus_table(self) -> CorpusTable | None:
+        """The corpus lookup's table (None: prompt lookup alone)."""
+        if self.corpus_tokens is None:
+            return None
+        return CorpusTable(**{name: getattr(self, f"corpus_{name}").value for name in CORPUS_FIELDS})
+
+    @property
+    def record_rows(self) -> int:
+        """Rows of the acceptance record: n_max text-match lengths, then the corpus's match lengths."""
+        table = self.corpus_table
+        return self.config.n_max + (0 if table is None else table.n_max)
 
     def init_state(self, batch: int, max_len: int) -> NgramState:
-        shape = (batch, self.config.n_max, self.config.block_size)  # distinct buffers: engines donate leaf by leaf
+        shape = (batch, self.record_rows, self.config.block_size)  # distinct buffers: engines donate leaf by leaf
         return NgramState(jnp.zeros((batch, max_len), jnp.int32), jnp.zeros(shape, jnp.float32),
                           jnp.zeros(shape, jnp.float32), jnp.full((batch,), -1, jnp.int32),
                           jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), jnp.int32))
+
+    def draft(self, tokens: jax.Array, last: jax.Array) -> LookupDraft:
+        """The proposal after each request's text tokens [B, L] up to `last` [B] (the anchor): the text's most
+        recent match (`find_match`, `lookup_proposal`: γ tokens), else the corpus's (`corpus_match`,
+        `corpus_proposal`: up to γ, cut at its response's end), else none."""
+        g = self.config.block_size
+        end, n = find_match(tokens, last, self.config.n_max, self.config.n_min)
+        proposed = lookup_proposal(tokens, last, end, g)
+        length, row = jnp.where(n > 0, g, 0), jnp.maximum(n - 1, 0)
+        table = self.corpus_table
+        if table is not None:
+            corpus_end, corpus_n = corpus_match(table, tokens, last, CORPUS_N_MIN)
+            corpus_tokens, corpus_length = corpus_proposal(table, corpus_end, g)
+            use = (n == 0) & (corpus_n > 0)
+            proposed = jnp.where(use[:, None], corpus_tokens, proposed)
+            length = jnp.where(use, corpus_length, length)
+            row = jnp.where(use, self.config.n_max + corpus_n - 1, row)
+        return LookupDraft(proposed, length.astype(jnp.int32), row.astype(jnp.int32), n, end)
 
     def prefill(self, target_model, state: NgramState, features, prompts: jax.Array,
                 prompt_lens: jax.Array) -> NgramState:
@@ -293,16 +380,17 @@ class NgramDrafter(nnx.Module):
         if outcome is None:
             return new
         g = self.config.block_size
-        end, n = find_match(before, start, self.config.n_max, self.config.n_min)
+        drafted = self.draft(before, start)
         w = min(g, outcome.committed.shape[1])
-        agree = (lookup_proposal(before, start, end, g)[:, :w] == outcome.committed[:, :w]).astype(jnp.int32)
-        agreed = jnp.cumprod(agree, axis=1).sum(1)
-        tested, ok = acceptance_counts(agreed, count, g)
-        at_n = (jnp.arange(self.config.n_max)[None] == (n - 1)[:, None]).astype(jnp.float32)[..., None]  # [B, n, 1]
+        agree = (drafted.tokens[:, :w] == outcome.committed[:, :w]).astype(jnp.int32)
+        agreed = jnp.minimum(jnp.cumprod(agree, axis=1).sum(1), drafted.length)
+        tested, ok = acceptance_counts(agreed, jnp.minimum(count, drafted.length), g)
+        at_row = ((jnp.arange(self.record_rows)[None] == drafted.row[:, None])
+                  & (drafted.length > 0)[:, None]).astype(jnp.float32)[..., None]  # [B, rows, 1]
         accepted_now = jnp.minimum(agreed, count).astype(jnp.int32)  # drafts known accepted (known up to count)
-        matched = n > 0
-        return dataclasses.replace(new, tested=new.tested + at_n * tested[:, None],
-                                   accepted=new.accepted + at_n * ok[:, None],
+        matched = drafted.n > 0  # the calibration's history: rounds with a text match
+        return dataclasses.replace(new, tested=new.tested + at_row * tested[:, None],
+                                   accepted=new.accepted + at_row * ok[:, None],
                                    previous=jnp.where(matched, accepted_now, state.previous),
                                    streak=jnp.where(matched, jnp.where(accepted_now > 0, state.streak + 1, 0),
                                                     state.streak))
@@ -315,23 +403,30 @@ class NgramDrafter(nnx.Module):
 
     def propose(self, target_model, state: NgramState, anchor: jax.Array, start: jax.Array, key, params, mode,
                 head) -> Proposal:
-        """γ tokens after the anchor (at position start) and their count (γ on a match, else 0)."""
+        """The lookup's draft after the anchor (at position start; `draft`): γ tokens on a text match, up to γ from
+        the corpus, else none (length 0), with their confidences."""
         del target_model, key, mode, head
         g = self.config.block_size
         rows = jnp.arange(anchor.shape[0])
         tokens = state.tokens.at[rows, start].set(anchor.astype(jnp.int32))
-        end, n = find_match(tokens, start, self.config.n_max, self.config.n_min)
-        proposed = lookup_proposal(tokens, start, end, g)
-        length = jnp.where(n > 0, g, 0).astype(jnp.int32)
+        drafted = self.draft(tokens, start)
+        n, end = drafted.n, drafted.end
         set_index = prior_set(self.config.n_max, params.temperature)
         prior = request_prior(self.config.n_max, g, params.temperature, set_index)
-        conf = lookup_confidence(state, n, g, prior, self.config.prior_strength)
+        table = self.corpus_table
+        if table is not None:
+            prior = jnp.concatenate([prior, corpus_request_prior(table.n_max, g, params.temperature)], axis=1)
+        conf = lookup_confidence(state, jnp.where(drafted.length > 0, drafted.row + 1, 0), g, prior,
+                                 self.config.prior_strength)
         weights = calibration_weights(self.config.n_max, self.config.prior_strength) if self.config.calibrated else None
-        if weights is not None:
+        if weights is not None:  # text matches only: corpus drafts keep the count estimate
             period = jnp.where(n > 0, start - end, 0)
             in_output = (n > 0) & (end >= state.prompt_len)
-            conf = calibrated_confidence(conf, n, state.previous, state.streak, period, in_output,
-                                         jnp.asarray(weights, jnp.float32)[set_index])
+            conf = jnp.where((n > 0)[:, None],
+                             calibrated_confidence(conf, n, state.previous, state.streak, period, in_output,
+                                                   jnp.asarray(weights, jnp.float32)[set_index]), conf)
+        conf = jnp.where(jnp.arange(g)[None] < drafted.length[:, None], conf, 0.0)
+        proposed, length = drafted.tokens, drafted.length
         logits = jnp.log(jnp.maximum(conf, 1e-6)) - jnp.log(jnp.maximum(1.0 - conf, 1e-6))
         proposal = Proposal(tokens=proposed, draft_index=proposed, p_draft=None, confidence=conf,
                             confidence_logits=logits, length=length)

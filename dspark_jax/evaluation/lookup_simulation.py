@@ -7,8 +7,11 @@ replays exactly those rounds over `prompt + output`, so at batch 1 it predicts t
 """
 from __future__ import annotations
 
+import functools
 from typing import Iterator, NamedTuple, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -163,3 +166,52 @@ def lookup_records(prompt: Sequence[int], output: Sequence[int], prior: np.ndarr
         tested[n - 1] += reached
         ok[n - 1] += passed
         previous, streak = a, (streak + 1 if a >= 1 else 0)
+
+
+@functools.partial(jax.jit, static_argnames="n_min")
+def _corpus_matches(table, text, n_min: int):
+    """`drafters.corpus.corpus_match` at every position of one text (text [W, W]: W copies of it)."""
+    from dspark_jax.drafters.corpus import corpus_match
+    return corpus_match(table, text, jnp.arange(text.shape[0]), n_min)
+
+
+class CorpusRound(NamedTuple):
+    """One round of prompt lookup with corpus lookup where the text has no match (`corpus_lookup_rounds`):
+    source "prompt", "corpus" or "" (no draft), its match length n (0: none), drafts accepted, drafts checkable
+    (room) and tokens committed."""
+    source: str
+    n: int
+    accepted: int
+    room: int
+    count: int
+
+
+def corpus_lookup_rounds(prompt: Sequence[int], output: Sequence[int], table, n_max: int = 3, n_min: int = 1,
+                         corpus_n_min: int = 2, gamma: int = 15, prompt_lookup: bool = True) -> Iterator[CorpusRound]:
+    """The rounds of `lookup_round_details` where a round whose text has no match drafts from the corpus table
+    (`drafters.corpus`, one batched lookup for every position of the text; prompt_lookup False: the corpus alone),
+    over the greedy `output` of `prompt`."""
+    from dspark_jax.drafters.corpus import corpus_proposal
+    seq = list(prompt) + list(output)
+    width = max(256, 1 << (len(seq) - 1).bit_length())  # few shapes: one compilation per width
+    text = jnp.asarray([seq + [0] * (width - len(seq))] * width, jnp.int32)
+    ends, found = _corpus_matches(table, text, corpus_n_min)
+    drafts, lengths = (np.asarray(a) for a in corpus_proposal(table, ends, gamma))
+    found = np.asarray(found)
+    anchor, end = len(prompt), len(seq)
+    while anchor < end - 1:
+        committed = seq[:anchor + 1]
+        n, source = match_source(committed, n_max, n_min) if prompt_lookup else (0, -1)
+        if n:
+            kind, draft = "prompt", periodic_proposal(committed, source, gamma)
+        elif found[anchor]:
+            kind, n, draft = "corpus", int(found[anchor]), list(drafts[anchor][:lengths[anchor]])
+        else:
+            kind, draft = "", []
+        room = min(len(draft), end - 1 - anchor)
+        accepted = 0
+        while accepted < room and draft[accepted] == seq[anchor + 1 + accepted]:
+            accepted += 1
+        count = min(accepted + 1, end - 1 - anchor)
+        yield CorpusRound(kind, n, accepted, room, count)
+        anchor += count

@@ -32,6 +32,7 @@ import numpy as np
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "train"
 CORPUS_FILE = DATA_DIR / "corpus.json"
+SEARCH = "scan_unrolled"  # `jnp.searchsorted`'s method: a binary search without a while loop's per-step cost
 SIGNATURE = 4  # continuation tokens that pick an n-gram's representative occurrence (the most frequent ones)
 _MIX = (np.uint32(0x9E3779B1), np.uint32(0x01000193), np.uint32(0x85EBCA6B), np.uint32(0xC2B2AE35))
 
@@ -131,7 +132,7 @@ def corpus_match(table: CorpusTable, tokens: jax.Array, last: jax.Array, n_min: 
         pos = last[:, None] - (n - 1) + jnp.arange(n)[None]
         window = jnp.take_along_axis(tokens, jnp.clip(pos, 0, tokens.shape[1] - 1), axis=1)
         h = ngram_hash(window, n)
-        i = jnp.clip(jnp.searchsorted(table.hashes, h), 0, s - 1)
+        i = jnp.clip(jnp.searchsorted(table.hashes, h, method=SEARCH), 0, s - 1)
         hit = ((pos[:, 0] >= 0) & (table.hashes[i] == h) & (table.order[i] == n)
                & jnp.all(table.keys[i, table.n_max - n:] == window, axis=1))
         end = jnp.where(hit, table.end[i], end)

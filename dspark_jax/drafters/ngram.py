@@ -9,6 +9,10 @@ so verification accepts x with probability p_t(x) and resamples from p_t without
 temperature, top-k and top-p (the `Proposal.p_draft is None` case of `verify_round`). No match → a
 zero-length proposal. Same idea as vLLM's `ngram` method, llama.cpp's lookup decoding and HF transformers'
 `prompt_lookup_num_tokens`.
+
+With `NgramConfig.corpus` a request whose text has no match drafts from the target's own shipped responses
+instead (`drafters.corpus`: the longest of its last 4..2 tokens found there, up to γ tokens that followed), with
+its own acceptance record and prior (`corpus_prior.json`); the text's match always comes first.
 """
 from __future__ import annotations
 
@@ -288,7 +292,7 @@ CORPUS_FIELDS = tuple(f.name for f in dataclasses.fields(CorpusTable))
 @dataclasses.dataclass(frozen=True)
 class LookupDraft:
     """A lookup proposal before its confidence: tokens [B, γ], length [B] (0: no draft), row [B] of the request's
-    acceptance record it belongs to (`NgramDrafter.record_row`; 0 without a draft, its length 0 then), n [B] the
+    acceptance record it belongs to (`NgramDrafter.record_rows`; 0 without a draft, its length 0 then), n [B] the
     text match's length (0 where the text has no match: a corpus draft or none) and end [B] its last position."""
     tokens: jax.Array
     length: jax.Array

@@ -4,6 +4,8 @@ an offline simulation of its accept length τ on already-decoded greedy outputs 
 At temperature 0 a round commits the drafted tokens that equal the target's greedy continuation plus one
 (the correction or bonus token); a round without a match commits one token (a plain step). The simulation
 replays exactly those rounds over `prompt + output`, so at batch 1 it predicts the jitted loop's rounds.
+`corpus_lookup_rounds` replays prompt lookup with corpus lookup where the text has no match (`drafters.corpus`; its
+table lookups run in JAX, batched over a text's positions).
 """
 from __future__ import annotations
 
@@ -187,10 +189,11 @@ class CorpusRound(NamedTuple):
 
 
 def corpus_lookup_rounds(prompt: Sequence[int], output: Sequence[int], table, n_max: int = 3, n_min: int = 1,
-                         corpus_n_min: int = 2, gamma: int = 15, prompt_lookup: bool = True) -> Iterator[CorpusRound]:
+                         corpus_n_min: int = 2, gamma: int = 15, prompt_lookup: bool = True,
+                         corpus: bool = True) -> Iterator[CorpusRound]:
     """The rounds of `lookup_round_details` where a round whose text has no match drafts from the corpus table
-    (`drafters.corpus`, one batched lookup for every position of the text; prompt_lookup False: the corpus alone),
-    over the greedy `output` of `prompt`."""
+    (`drafters.corpus`, one batched lookup for every position of the text; prompt_lookup False: the corpus alone;
+    corpus False: prompt lookup alone), over the greedy `output` of `prompt`."""
     from dspark_jax.drafters.corpus import corpus_proposal
     seq = list(prompt) + list(output)
     width = max(256, 1 << (len(seq) - 1).bit_length())  # few shapes: one compilation per width
@@ -204,7 +207,7 @@ def corpus_lookup_rounds(prompt: Sequence[int], output: Sequence[int], table, n_
         n, source = match_source(committed, n_max, n_min) if prompt_lookup else (0, -1)
         if n:
             kind, draft = "prompt", periodic_proposal(committed, source, gamma)
-        elif found[anchor]:
+        elif corpus and found[anchor]:
             kind, n, draft = "corpus", int(found[anchor]), list(drafts[anchor][:lengths[anchor]])
         else:
             kind, draft = "", []

@@ -194,3 +194,15 @@ def test_the_shipped_corpus_prior_has_every_corpus_match_length():
     assert 0.0 in temperatures
     for table in means:
         assert len(table) == spec["n_max"] and all(0 < c < 1 for row in table for c in row)
+
+
+def test_corpus_replay_by_hand():
+    """prompt [1, 2, 3], greedy output [4, 7, 8, 9, 5], a corpus of one response [7, 8, 9, 10] (n-grams of 2-3): the
+    anchors 4 and 7 match nothing; after 7 8 the corpus drafts 9 10 (its response ends there), 9 is accepted and 5
+    corrects 10. Without the corpus every round commits one token."""
+    from dspark_jax.evaluation.lookup_simulation import CorpusRound, corpus_lookup_rounds
+    table = build_table([[7, 8, 9, 10]], 2, 3, max_draft=8)
+    prompt, output = [1, 2, 3], [4, 7, 8, 9, 5]
+    assert list(corpus_lookup_rounds(prompt, output, table, corpus_n_min=2, gamma=4)) == [
+        CorpusRound("", 0, 0, 0, 1), CorpusRound("", 0, 0, 0, 1), CorpusRound("corpus", 2, 1, 2, 2)]
+    assert [r.count for r in corpus_lookup_rounds(prompt, output, table, gamma=4, corpus=False)] == [1, 1, 1, 1]

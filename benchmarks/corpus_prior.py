@@ -19,7 +19,6 @@ the others'; each request uses the nearest.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import sys
 from pathlib import Path
@@ -29,11 +28,6 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT = ROOT / "dspark_jax" / "drafters" / "corpus_prior.json"
 RESPONSES = ROOT / "dspark_jax" / "data" / "train" / "gemma3_270m_greedy_responses.jsonl.gz"
-
-
-def read_rows(path: Path) -> list[dict]:
-    with gzip.open(path, "rt") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def main() -> None:
@@ -49,6 +43,7 @@ def main() -> None:
     from dspark_jax.drafters.corpus import DATA_DIR, build_table, shipped_corpus_spec
     from dspark_jax.drafters.ngram import CORPUS_N_MIN
     from dspark_jax.evaluation.lookup_simulation import corpus_lookup_rounds, position_outcomes
+    from dspark_jax.training.sequences import read_responses as read_rows
     from dspark_jax.utils.files import atomic_write_text
 
     spec = shipped_corpus_spec()

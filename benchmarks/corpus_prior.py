@@ -43,7 +43,7 @@ def main() -> None:
     from dspark_jax.drafters.corpus import DATA_DIR, build_table, shipped_corpus_spec
     from dspark_jax.drafters.ngram import CORPUS_N_MIN
     from dspark_jax.evaluation.lookup_simulation import corpus_lookup_rounds, position_outcomes
-    from dspark_jax.training.sequences import read_responses as read_rows
+    from dspark_jax.data.responses import read_responses as read_rows
     from dspark_jax.utils.files import atomic_write_text
 
     spec = shipped_corpus_spec()

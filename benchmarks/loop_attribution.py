@@ -17,7 +17,6 @@ Writes JSON.
 from __future__ import annotations
 
 import argparse
-import time
 
 
 def main() -> None:
@@ -48,6 +47,7 @@ def main() -> None:
     from dspark_jax.training.responses import format_prompt
     from dspark_jax.utils.machine import describe_machine
     from dspark_jax.utils.results import write_result
+    from dspark_jax.utils.timing import interleaved_seconds
 
     bs, new = args.batch_size, args.max_new_tokens
     target = load_target()
@@ -88,16 +88,11 @@ def main() -> None:
             target.graphdef, target.state, drafter.graphdef, drafter.state, start, params, thr, jnp.int32(-1),
             jnp.int32(rounds), max_new_tokens=new, stop_ids=stops),
     }
-    for run in runs.values():  # compile and warm up
+    for run in runs.values():  # compile and warm up (the library's reported times start after it)
         jax.block_until_ready(run())
     for ts in reported.values():
         ts.clear()
-    times = {k: [] for k in runs}
-    for _ in range(args.repeats):
-        for k, run in runs.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(run())
-            times[k].append(time.perf_counter() - t0)
+    times = interleaved_seconds(runs, args.repeats, warmup=False)
     conf = np.asarray(auto.confidence)[:, :rounds]
     probed = round_proposals(conf, np.asarray(auto.model_forward)[:, :rounds]).any(0)
     model_rounds = int(np.asarray(auto.model_forward)[:, :rounds].any(0).sum())

@@ -11,7 +11,6 @@ Prints each drafter's best and median per round; writes JSON.
 from __future__ import annotations
 
 import argparse
-import time
 
 
 def main() -> None:
@@ -38,6 +37,7 @@ def main() -> None:
     from dspark_jax.training.responses import format_prompt
     from dspark_jax.utils.machine import describe_machine
     from dspark_jax.utils.results import write_result
+    from dspark_jax.utils.timing import interleaved_seconds
 
     target = load_target()
     new = args.rounds + 1
@@ -58,14 +58,7 @@ def main() -> None:
         runs[spec] = (lambda models=models, start=start: speculative_rounds(
             **models, state=start, params=params, confidence_threshold=threshold, choice=jnp.int32(-1),
             num_rounds=jnp.int32(args.rounds), max_new_tokens=new, stop_ids=()))
-    for run in runs.values():  # compile and warm up
-        jax.block_until_ready(run())
-    times = {k: [] for k in runs}
-    for _ in range(args.repeats):
-        for k, run in runs.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(run())
-            times[k].append(time.perf_counter() - t0)
+    times = interleaved_seconds(runs, args.repeats)
     steps = [a - b for a, b in zip(times["plain decoding"], times["plain decoding, 1 token"])]
     rows = {"plain decoding's steps": steps} | {k: v for k, v in times.items() if k not in
                                                 ("plain decoding", "plain decoding, 1 token")}

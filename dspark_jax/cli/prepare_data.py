@@ -168,7 +168,8 @@ def prepare(target, prompts: list[str], output_dir, regen, *, layer_ids=None, ca
     FileNotFoundError for a missing responses file, ValueError for bad input."""
     from dspark_jax.drafters.config import default_target_layer_ids
     from dspark_jax.training import cache_builder, cache_format
-    from dspark_jax.training.sequences import make_sequence, read_responses
+    from dspark_jax.data.responses import read_responses
+    from dspark_jax.training.sequences import make_sequence
     from dspark_jax.training.responses import regenerate
 
     config = target.config

@@ -10,9 +10,10 @@ temperature, top-k and top-p (the `Proposal.p_draft is None` case of `verify_rou
 zero-length proposal. Same idea as vLLM's `ngram` method, llama.cpp's lookup decoding and HF transformers'
 `prompt_lookup_num_tokens`.
 
-With `NgramConfig.corpus` a request whose text has no match drafts from the target's own shipped responses
-instead (`drafters.corpus`: the longest of its last 4..2 tokens found there, up to γ tokens that followed), with
-its own acceptance record and prior (`corpus_prior.json`); the text's match always comes first.
+With `NgramConfig.corpus` a request whose text has no match, or only a 1- or 2-token one, drafts from the target's
+own shipped responses instead where they hold a long enough match (`drafters.corpus`: the longest of its last
+n_max..2 tokens found there, up to γ tokens that followed; `takes_corpus`), with its own acceptance record and prior
+(`corpus_prior.json`).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dspark_jax.drafters.base import Proposal, RoundOutcome, nearest_set
-from dspark_jax.drafters.corpus import CorpusTable, corpus_match, corpus_proposal
+from dspark_jax.drafters.corpus import CorpusTable, corpus_match, corpus_proposal, takes_corpus
 from dspark_jax.models.kv_cache import write_contiguous
 
 
@@ -127,20 +128,26 @@ CALIBRATION_FEATURES = ("bias", "count_logit", "match_1", "match_2", "log1p_posi
 SHORT_PERIOD = 15  # the `short_period` feature: a loop of at most this many tokens (the block the fit used, γ 15)
 
 
+def _means_per_temperature(path: Path, rows_of, gamma: int):
+    """(temperatures [S], means [S][rows][γ]) of a prior file's sets, ascending by the sampling temperature their
+    responses were drawn at: rows_of(a set's "tables") → its rows of per-slot means; slots past a row's columns take
+    its last one."""
+    sets = sorted(json.loads(path.read_text())["sets"], key=lambda e: e["temperature"])
+    means = tuple(tuple(tuple(row[min(k, len(row) - 1)] for k in range(gamma)) for row in rows_of(e["tables"]))
+                  for e in sets)
+    return tuple(float(e["temperature"]) for e in sets), means
+
+
 @functools.lru_cache(maxsize=None)
 def prior_means(n_max: int, gamma: int) -> tuple[tuple[float, ...], tuple[tuple[tuple[float, ...], ...], ...]]:
     """(temperatures [S], means [S][n_max][γ]): prior acceptance c_k per match length and slot, one set per
     sampling temperature the responses were drawn at (ascending) — lookup's conditional acceptance on the
     embedded target's training responses (`benchmarks/ngram_prior.py` writes `ngram_prior.json`); n_max past a
     set's largest table uses that table, lengths past its rows the last row, slots past its columns the last one."""
-    sets = sorted(json.loads(PRIOR_FILE.read_text())["sets"], key=lambda e: e["temperature"])
-    means = []
-    for entry in sets:
-        tables = entry["tables"]
+    def rows_of(tables):
         table = tables[str(min(n_max, max(int(k) for k in tables)))]["mean"]
-        rows = [table[min(n, len(table) - 1)] for n in range(n_max)]
-        means.append(tuple(tuple(row[min(k, len(row) - 1)] for k in range(gamma)) for row in rows))
-    return tuple(float(e["temperature"]) for e in sets), tuple(means)
+        return [table[min(n, len(table) - 1)] for n in range(n_max)]
+    return _means_per_temperature(PRIOR_FILE, rows_of, gamma)
 
 
 def prior_set(n_max: int, sampling_temperature: jax.Array) -> jax.Array:
@@ -166,13 +173,10 @@ def corpus_prior_means(n_max: int, gamma: int) -> tuple[tuple[float, ...], tuple
     and slot, one set per sampling temperature (`CORPUS_PRIOR_FILE`, written by `benchmarks/corpus_prior.py`:
     corpus lookup's conditional acceptance on training responses whose own text the fitting table leaves out);
     lengths without a table use the nearest one's, slots past its columns the last one."""
-    sets = sorted(json.loads(CORPUS_PRIOR_FILE.read_text())["sets"], key=lambda e: e["temperature"])
-    means = []
-    for entry in sets:
-        tables = {int(k): v["mean"] for k, v in entry["tables"].items()}
-        rows = [tables[min(tables, key=lambda m: (abs(m - n), m))] for n in range(1, n_max + 1)]
-        means.append(tuple(tuple(row[min(k, len(row) - 1)] for k in range(gamma)) for row in rows))
-    return tuple(float(e["temperature"]) for e in sets), tuple(means)
+    def rows_of(tables):
+        tables = {int(k): v["mean"] for k, v in tables.items()}
+        return [tables[min(tables, key=lambda m: (abs(m - n), m))] for n in range(1, n_max + 1)]
+    return _means_per_temperature(CORPUS_PRIOR_FILE, rows_of, gamma)
 
 
 def corpus_request_prior(n_max: int, gamma: int, sampling_temperature: jax.Array) -> jax.Array:
@@ -293,7 +297,7 @@ CORPUS_FIELDS = tuple(f.name for f in dataclasses.fields(CorpusTable))
 class LookupDraft:
     """A lookup proposal before its confidence: tokens [B, γ], length [B] (0: no draft), row [B] of the request's
     acceptance record it belongs to (`NgramDrafter.record_rows`; 0 without a draft, its length 0 then), n [B] the
-    text match's length (0 where the text has no match: a corpus draft or none) and end [B] its last position."""
+    drafted text match's length (0 for a corpus draft or none) and end [B] its last position."""
     tokens: jax.Array
     length: jax.Array
     row: jax.Array
@@ -345,8 +349,8 @@ class NgramDrafter(nnx.Module):
 
     def draft(self, tokens: jax.Array, last: jax.Array) -> LookupDraft:
         """The proposal after each request's text tokens [B, L] up to `last` [B] (the anchor): the text's most
-        recent match (`find_match`, `lookup_proposal`: γ tokens), else the corpus's (`corpus_match`,
-        `corpus_proposal`: up to γ, cut at its response's end), else none."""
+        recent match (`find_match`, `lookup_proposal`: γ tokens) or the corpus's (`corpus_match`, `corpus_proposal`:
+        up to γ, cut at its response's end) where `takes_corpus`, else none."""
         g = self.config.block_size
         end, n = find_match(tokens, last, self.config.n_max, self.config.n_min)
         proposed = lookup_proposal(tokens, last, end, g)
@@ -355,10 +359,11 @@ class NgramDrafter(nnx.Module):
         if table is not None:
             corpus_end, corpus_n = corpus_match(table, tokens, last, CORPUS_N_MIN)
             corpus_tokens, corpus_length = corpus_proposal(table, corpus_end, g)
-            use = (n == 0) & (corpus_n > 0)
+            use = takes_corpus(n, corpus_n)
             proposed = jnp.where(use[:, None], corpus_tokens, proposed)
             length = jnp.where(use, corpus_length, length)
             row = jnp.where(use, self.config.n_max + corpus_n - 1, row)
+            n, end = jnp.where(use, 0, n), jnp.where(use, -1, end)
         return LookupDraft(proposed, length.astype(jnp.int32), row.astype(jnp.int32), n, end)
 
     def prefill(self, target_model, state: NgramState, features, prompts: jax.Array,

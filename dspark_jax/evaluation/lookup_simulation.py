@@ -190,11 +190,12 @@ class CorpusRound(NamedTuple):
 
 def corpus_lookup_rounds(prompt: Sequence[int], output: Sequence[int], table, n_max: int = 3, n_min: int = 1,
                          corpus_n_min: int = 2, gamma: int = 15, prompt_lookup: bool = True,
-                         corpus: bool = True) -> Iterator[CorpusRound]:
-    """The rounds of `lookup_round_details` where a round whose text has no match drafts from the corpus table
-    (`drafters.corpus`, one batched lookup for every position of the text; prompt_lookup False: the corpus alone;
-    corpus False: prompt lookup alone), over the greedy `output` of `prompt`."""
-    from dspark_jax.drafters.corpus import corpus_proposal
+                         corpus: bool = True, text_first: bool = False) -> Iterator[CorpusRound]:
+    """The rounds of `lookup_round_details` where a round drafts from the corpus table where `takes_corpus` (the
+    text has no match, or a short one against a long corpus match; `drafters.corpus`, one batched lookup for every
+    position of the text; prompt_lookup False: the corpus alone; corpus False: prompt lookup alone; text_first: the
+    corpus only where the text has no match, session 52's rule), over the greedy `output` of `prompt`."""
+    from dspark_jax.drafters.corpus import corpus_proposal, takes_corpus
     seq = list(prompt) + list(output)
     width = max(256, 1 << (len(seq) - 1).bit_length())  # few shapes: one compilation per width
     text = jnp.asarray([seq + [0] * (width - len(seq))] * width, jnp.int32)
@@ -205,10 +206,11 @@ def corpus_lookup_rounds(prompt: Sequence[int], output: Sequence[int], table, n_
     while anchor < end - 1:
         committed = seq[:anchor + 1]
         n, source = match_source(committed, n_max, n_min) if prompt_lookup else (0, -1)
-        if n:
+        corpus_n = int(found[anchor])
+        if corpus and (n == 0 < corpus_n if text_first else takes_corpus(n, corpus_n)):
+            kind, n, draft = "corpus", corpus_n, list(drafts[anchor][:lengths[anchor]])
+        elif n:
             kind, draft = "prompt", periodic_proposal(committed, source, gamma)
-        elif corpus and found[anchor]:
-            kind, n, draft = "corpus", int(found[anchor]), list(drafts[anchor][:lengths[anchor]])
         else:
             kind, draft = "", []
         room = min(len(draft), end - 1 - anchor)

@@ -1,5 +1,5 @@
 """Writing result files atomically (a temporary in the same folder, then a rename: a reader or a crash never
-sees half a file) and PNG figures with matplotlib's Agg backend."""
+sees half a file) — text, numpy arrays and PNG figures with matplotlib's Agg backend — and the user cache folder."""
 from __future__ import annotations
 
 import os
@@ -49,6 +49,16 @@ def cache_dir() -> Path:
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Writes `text` to `path` (creating parent folders) atomically."""
     return _atomic(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def atomic_save_npz(path: str | Path, arrays: dict) -> Path:
+    """Writes numpy arrays to an uncompressed .npz at `path` (creating parent folders) atomically."""
+    import numpy as np
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
+            np.savez(f, **arrays)
+    return _atomic(path, write)
 
 
 def pyplot():

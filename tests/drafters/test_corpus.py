@@ -122,6 +122,36 @@ def test_lookup_drafts_from_the_corpus_where_the_text_has_no_match():
     assert conf[1, 0] > 0
 
 
+def test_a_long_corpus_match_wins_over_a_short_text_match():
+    """`takes_corpus`: the corpus drafts over a 1- or 2-token text match when its own match has >= 4 tokens, never
+    over a 3-token text match; the drafter and the offline replay follow the same rule."""
+    from dspark_jax.drafters.corpus import CORPUS_WINS_AT, TEXT_YIELDS_AT, takes_corpus
+    from dspark_jax.sampling import SamplingParams
+    assert (TEXT_YIELDS_AT, CORPUS_WINS_AT) == (2, 4)
+    text_n = np.asarray([0, 0, 1, 2, 2, 3, 3, 1])
+    corpus_n = np.asarray([0, 2, 4, 4, 3, 4, 5, 0])
+    assert takes_corpus(text_n, corpus_n).tolist() == [False, True, True, True, False, False, False, False]
+    assert np.asarray(takes_corpus(jnp.asarray(text_n), jnp.asarray(corpus_n))).tolist() == \
+        takes_corpus(text_n, corpus_n).tolist()
+    table = build_table([[1, 2, 3, 4, 5, 6, 7], [9, 9]], 2, 4, max_draft=16)
+    drafter = NgramDrafter(NgramConfig(block_size=3, n_max=3, n_min=1, corpus=True, calibrated=False), 50, table)
+    # row 0: the text "4 1 2 3 4": a 1-token text match ("4") and a 4-token corpus match -> the corpus's 5 6 7;
+    # row 1: the text "2 3 4 2 3 4": a 3-token text match -> the text's periodic 2 3 4
+    prompts = jnp.asarray([[4, 1, 2, 3, 4, 0], [2, 3, 4, 2, 3, 4]], jnp.int32)
+    lens = jnp.asarray([5, 6], jnp.int32)
+    state = drafter.prefill(None, drafter.init_state(2, 16), None, prompts, lens)
+    drafted = drafter.draft(state.tokens, lens - 1)
+    assert np.asarray(drafted.tokens).tolist() == [[5, 6, 7], [2, 3, 4]]
+    assert np.asarray(drafted.n).tolist() == [0, 3] and np.asarray(drafted.row).tolist() == [3 + 4 - 1, 2]
+    prop = drafter.propose(None, state, prompts[jnp.arange(2), lens - 1], lens - 1, None, SamplingParams.create(2),
+                           None, None)
+    assert np.asarray(prop.tokens).tolist() == [[5, 6, 7], [2, 3, 4]]
+    from dspark_jax.evaluation.lookup_simulation import corpus_lookup_rounds
+    # the replay: after the prefill's 4 the text matches "4" (drafting 1 2 3), the corpus "1 2 3 4" (5 6 7)
+    rounds = list(corpus_lookup_rounds([4, 1, 2, 3], [4, 5, 6, 7], table, corpus_n_min=2, gamma=3))
+    assert rounds == [("corpus", 4, 3, 3, 3)]
+
+
 def test_commit_counts_corpus_drafts_in_their_own_rows():
     from dspark_jax.drafters.base import RoundOutcome
     drafter = _drafter()
@@ -206,3 +236,27 @@ def test_corpus_replay_by_hand():
     assert list(corpus_lookup_rounds(prompt, output, table, corpus_n_min=2, gamma=4)) == [
         CorpusRound("", 0, 0, 0, 1), CorpusRound("", 0, 0, 0, 1), CorpusRound("corpus", 2, 1, 2, 2)]
     assert [r.count for r in corpus_lookup_rounds(prompt, output, table, gamma=4, corpus=False)] == [1, 1, 1, 1]
+
+
+def test_the_shipped_table_is_cached_on_disk(tmp_path, monkeypatch):
+    """The first build is cached under $DSPARK_CACHE_DIR and loaded, equal, by the next process; an unreadable cache
+    file is rebuilt and rewritten."""
+    import dataclasses
+    from dspark_jax.drafters import corpus as corpus_module
+    monkeypatch.setenv("DSPARK_CACHE_DIR", str(tmp_path))
+    builds = []
+    build = corpus_module.build_table
+    monkeypatch.setattr(corpus_module, "build_table", lambda *a, **k: builds.append(1) or build(*a, **k))
+    spec = corpus_module.shipped_corpus_spec()
+    built = corpus_module.shipped_corpus.__wrapped__(spec["target_fingerprint"], 16)
+    path = corpus_module.table_cache_path(spec, 16)
+    assert path.is_file() and path.parent == tmp_path / "corpus" and len(builds) == 1
+    loaded = corpus_module.shipped_corpus.__wrapped__(spec["target_fingerprint"], 16)
+    assert len(builds) == 1
+    for field in dataclasses.fields(corpus_module.CorpusTable):
+        a, b = np.asarray(getattr(built, field.name)), np.asarray(getattr(loaded, field.name))
+        assert a.dtype == b.dtype and np.array_equal(a, b), field.name
+    path.write_bytes(b"not an npz file")
+    again = corpus_module.shipped_corpus.__wrapped__(spec["target_fingerprint"], 16)
+    assert len(builds) == 2 and np.array_equal(np.asarray(again.hashes), np.asarray(built.hashes))
+    assert corpus_module._load_cached(path) is not None  # rewritten

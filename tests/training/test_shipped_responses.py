@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import dspark_jax
-from dspark_jax.training.sequences import read_responses
+from dspark_jax.data.responses import read_responses
 
 TRAIN_DIR = Path(dspark_jax.__file__).parent / "data" / "train"
 GEMMA3_VOCAB, GEMMA3_BOS = 262_144, 2

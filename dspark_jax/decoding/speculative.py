@@ -145,7 +145,8 @@ def _first_drafts(proposal: Proposal, k: int) -> Proposal:
                     confidence=cut(proposal.confidence), confidence_logits=cut(proposal.confidence_logits),
                     length=None if proposal.length is None else jnp.minimum(proposal.length, k),
                     deterministic=proposal.deterministic, model_skipped=proposal.model_skipped,
-                    model_confidence=proposal.model_confidence, lookup_expected=proposal.lookup_expected)
+                    model_confidence=proposal.model_confidence, lookup_expected=proposal.lookup_expected,
+                    lookup_draft=proposal.lookup_draft)
 
 
 def _model_forward(proposal: Proposal, batch: int) -> jax.Array:

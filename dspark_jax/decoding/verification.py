@@ -96,7 +96,8 @@ def verify_round(target, drafter, target_cache, drafter_state, proposal: Proposa
     stopped = is_stop.any(1) & (jnp.argmax(is_stop, 1) + 1 <= count)
     features = to_grid(concat_taps(out.taps), layout) if taps else None  # [B, G+1, m·d]
     outcome = RoundOutcome(num_verified=num_verify, committed=committed, deterministic=proposal.deterministic,
-                           model_skipped=proposal.model_skipped, model_confidence=proposal.model_confidence)
+                           model_skipped=proposal.model_skipped, model_confidence=proposal.model_confidence,
+                           lookup_draft=proposal.lookup_draft)
     drafter_state = drafter.commit(target, drafter_state, features, grid_tokens, start, count, outcome)
     last = jnp.take_along_axis(committed, jnp.maximum(count - 1, 0)[:, None], axis=1)[:, 0]
     return RoundResult(committed=committed, count=count, num_accepted=jnp.where(active, a, 0),

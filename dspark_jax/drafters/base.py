@@ -29,7 +29,10 @@ class Proposal:
     row takes (zeros where the model's forward was skipped), None for other drafters — what the hybrid's
     prediction of its model's next drafts learns from (`drafters.hybrid`); lookup_expected: [B] the lookup
     proposal's expected accepted length Σ_k Π_{i≤k} c_i (0 where it has no match) — prompt lookup's own, a hybrid
-    drafter's lookup's whichever draft the row takes —, None for model drafters — recorded per round (`decoding.speculative.RoundStats`).
+    drafter's lookup's whichever draft the row takes —, None for model drafters — recorded per round (`decoding.speculative.RoundStats`);
+    lookup_draft: prompt lookup's own draft before its confidences (`drafters.ngram.LookupDraft`, a hybrid's
+    lookup's whichever draft the row takes), handed to its commit through `RoundOutcome` so the commit does not
+    search the text and the corpus again; None for model drafters.
     """
     tokens: jax.Array
     draft_index: jax.Array
@@ -41,6 +44,7 @@ class Proposal:
     model_skipped: jax.Array | None = None
     model_confidence: jax.Array | None = None
     lookup_expected: jax.Array | None = None
+    lookup_draft: object | None = None
 
     @property
     def num_drafted(self) -> jax.Array:
@@ -66,13 +70,15 @@ class RoundOutcome:
     start+1.. (the first `count` valid: the accepted drafts, then the target's correction or bonus token);
     deterministic [B] bool: rows whose verified draft was deterministic (`Proposal.deterministic`; None: the
     proposal's p_draft decides for every row); model_skipped [B], model_confidence [B, G]: the proposal's
-    (`Proposal`; None for drafters other than a hybrid). Given its prefix, each committed token is a draw from the
-    target's (filtered) distribution — losslessness — whichever draft was verified."""
+    (`Proposal`; None for drafters other than a hybrid); lookup_draft: the proposal's (`Proposal.lookup_draft`; None:
+    the lookup's commit computes it again). Given its prefix, each committed token is a draw from the target's
+    (filtered) distribution — losslessness — whichever draft was verified."""
     num_verified: jax.Array
     committed: jax.Array
     deterministic: jax.Array | None = None
     model_skipped: jax.Array | None = None
     model_confidence: jax.Array | None = None
+    lookup_draft: object | None = None
 
 
 def draft_layer_config(target: TransformerConfig, num_layers: int) -> TransformerConfig:

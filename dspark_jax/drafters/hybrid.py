@@ -308,7 +308,7 @@ class HybridDrafter(nnx.Module):
                         confidence_logits=pick(by_lookup.confidence_logits, by_model.confidence_logits),
                         length=length, deterministic=use,
                         model_skipped=jnp.broadcast_to(skipped, use.shape), model_confidence=by_model.model_confidence,
-                        lookup_expected=lookup_expected)
+                        lookup_expected=lookup_expected, lookup_draft=by_lookup.lookup_draft)
 
 
 def padded_proposal(proposal: Proposal, block: int) -> Proposal:

@@ -376,8 +376,8 @@ class NgramDrafter(nnx.Module):
                count: jax.Array, outcome: RoundOutcome | None = None) -> NgramState:
         """verified [B, W]: the anchor and drafts at positions start..; the first `count` are committed (the
         rest lie at or past the next anchor: stale, overwritten later). With a verification round's `outcome`
-        the acceptance statistics of the lookup's match length are updated by comparing the lookup's proposal
-        with the round's committed tokens, whichever draft was verified (another drafter's, as in the hybrid,
+        the acceptance statistics of the lookup's match length are updated by comparing the lookup's proposal (the
+        outcome's `lookup_draft` from `propose`, else computed again) with the round's committed tokens, whichever draft was verified (another drafter's, as in the hybrid,
         or none): given its prefix each committed token is a draw from the target's distribution, so it equals
         the lookup's token x with probability p_t(x) — x's acceptance probability had it been verified (one-hot
         p_d). Position k counts as tested when the proposal agrees with the first k committed tokens and k <
@@ -389,7 +389,7 @@ class NgramDrafter(nnx.Module):
         if outcome is None:
             return new
         g = self.config.block_size
-        drafted = self.draft(before, start)
+        drafted = self.draft(before, start) if outcome.lookup_draft is None else outcome.lookup_draft  # propose's
         w = min(g, outcome.committed.shape[1])
         agree = (drafted.tokens[:, :w] == outcome.committed[:, :w]).astype(jnp.int32)
         agreed = jnp.minimum(jnp.cumprod(agree, axis=1).sum(1), drafted.length)
@@ -438,5 +438,5 @@ class NgramDrafter(nnx.Module):
         proposed, length = drafted.tokens, drafted.length
         logits = jnp.log(jnp.maximum(conf, 1e-6)) - jnp.log(jnp.maximum(1.0 - conf, 1e-6))
         proposal = Proposal(tokens=proposed, draft_index=proposed, p_draft=None, confidence=conf,
-                            confidence_logits=logits, length=length)
+                            confidence_logits=logits, length=length, lookup_draft=drafted)
         return dataclasses.replace(proposal, lookup_expected=proposal.expected_accept_length.astype(jnp.float32))

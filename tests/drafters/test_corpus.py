@@ -260,3 +260,26 @@ def test_the_shipped_table_is_cached_on_disk(tmp_path, monkeypatch):
     again = corpus_module.shipped_corpus.__wrapped__(spec["target_fingerprint"], 16)
     assert len(builds) == 2 and np.array_equal(np.asarray(again.hashes), np.asarray(built.hashes))
     assert corpus_module._load_cached(path) is not None  # rewritten
+
+
+def test_commit_reuses_the_proposals_draft():
+    """The commit's record from the draft `propose` handed on (`RoundOutcome.lookup_draft`) equals the one from the
+    draft computed again (text and corpus drafts, a round with a partial acceptance)."""
+    from dspark_jax.drafters.base import RoundOutcome
+    from dspark_jax.sampling import SamplingParams
+    drafter = _drafter()
+    prompts = jnp.asarray([[1, 2, 3, 0], [8, 8, 0, 0], [11, 7, 8, 0]], jnp.int32)
+    lens = jnp.asarray([3, 2, 3], jnp.int32)
+    state = drafter.prefill(None, drafter.init_state(3, 16), None, prompts, lens)
+    anchor, start = jnp.asarray([3, 8, 8]), lens - 1
+    prop = drafter.propose(None, state, anchor, start, None, SamplingParams.create(3), None, None)
+    assert prop.lookup_draft is not None
+    committed = jnp.asarray([[4, 5, 9, 0, 0], [8, 1, 0, 0, 0], [9, 2, 0, 0, 0]], jnp.int32)
+    verified = jnp.concatenate([anchor[:, None], prop.tokens], 1)
+    count = jnp.asarray([3, 2, 2])
+    passed, again = (drafter.commit(None, state, None, verified, start, count,
+                                    RoundOutcome(jnp.asarray([4, 4, 1]), committed, lookup_draft=d))
+                     for d in (prop.lookup_draft, None))
+    for a, b in zip(jax.tree.leaves(passed), jax.tree.leaves(again)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert float(passed.tested.sum()) > 0 and float(passed.accepted.sum()) > 0

@@ -164,22 +164,47 @@ def verified_drafts(confidence: jax.Array, num_drafts: jax.Array, active: jax.Ar
     return jnp.where(jnp.sum(caps) <= budget, caps, chosen) if take_all else chosen
 
 
-def bucket_rates(confidence: jax.Array, num_drafts: jax.Array, active: jax.Array, remaining: jax.Array,
-                 buckets: tuple[int, ...], costs: tuple[float, ...], objective: str = "fluid",
-                 scale: jax.Array | float = 1.0) -> jax.Array:
-    """[len(buckets)] the objective's gain (`GAINS`) per unit cost of this round at each bucket (drafts by
-    `verified_drafts`) up to the covering bucket, −inf beyond it (larger buckets verify nothing more). A plain
-    round's rate is 1 / its cost. scale (scalar): each gain g counts as 1 + scale · (g − 1), the share of the
-    progress beyond a plain round's that is trusted (`speculative._Rounds.progress_scale`; 1: all). Shapes as in
-    `choose_bucket`."""
+def bucket_gains(confidence: jax.Array, num_drafts: jax.Array, active: jax.Array, remaining: jax.Array,
+                 buckets: tuple[int, ...], objective: str = "fluid", scale: jax.Array | float = 1.0) -> jax.Array:
+    """[len(buckets)] float32 the objective's gain (`GAINS`) of this round at each bucket (drafts by `verified_drafts`),
+    each gain g counted as 1 + scale · (g − 1): the share of the progress beyond a plain round's that is trusted
+    (`speculative._Rounds.progress_scale`; 1: all). 1 where a bucket verifies no draft. Shapes as in `choose_bucket`."""
     check_objective(objective)
-    cover = covering_bucket(num_drafts, active, buckets)
     gain = GAINS[objective]
     gains = jnp.stack([gain(confidence, verified_drafts(confidence, num_drafts, active, remaining, t, take_all=False,
                                                         objective=objective), active, remaining)
                        for t in buckets])
-    rate = (1.0 + scale * (gains - 1.0)) / jnp.asarray(costs, jnp.float32)
+    return (1.0 + scale * (gains - 1.0)).astype(jnp.float32)
+
+
+def bucket_rates(confidence: jax.Array, num_drafts: jax.Array, active: jax.Array, remaining: jax.Array,
+                 buckets: tuple[int, ...], costs: tuple[float, ...], objective: str = "fluid",
+                 scale: jax.Array | float = 1.0) -> jax.Array:
+    """[len(buckets)] each bucket's gain (`bucket_gains`) per unit cost up to the covering bucket, −inf beyond it
+    (larger buckets verify nothing more). A plain round's rate is 1 / its cost. Shapes as in `choose_bucket`."""
+    cover = covering_bucket(num_drafts, active, buckets)
+    rate = bucket_gains(confidence, num_drafts, active, remaining, buckets, objective, scale) / jnp.asarray(
+        costs, jnp.float32)
     return jnp.where(jnp.arange(len(buckets)) <= cover, rate, -jnp.inf)
+
+
+def gated_choice(confidence: jax.Array, num_drafts: jax.Array, active: jax.Array, remaining: jax.Array,
+                 buckets: tuple[int, ...], costs, plain_cost: float, objective: str = "fluid",
+                 scale: jax.Array | float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """(index into `buckets` of the largest `bucket_rates`, whether a drafted round there pays): it pays when it
+    expects progress beyond a plain round's (gain > 1) at a better rate than a plain round's 1 / plain_cost, decided as
+    gain · plain_cost > cost in float32. A round that verifies no draft never pays: its cost is at least a plain
+    round's (`round_costs.RoundTimings.costs` clips it there), and where the clip made them equal, comparing a
+    float32 1 / cost with a float64 1 / plain_cost broke the tie by rounding — into drafted rounds that verify
+    nothing, every round of a batch-8 lookup run (BENCHMARKS.md "Session 53"). costs: [len(buckets)] seconds (a
+    tuple or an array); other arguments as in `choose_bucket`. Lossless as `choose_bucket`."""
+    costs = jnp.asarray(costs, jnp.float32)
+    gains = bucket_gains(confidence, num_drafts, active, remaining, buckets, objective, scale)
+    cover = covering_bucket(num_drafts, active, buckets)
+    rates = jnp.where(jnp.arange(len(buckets)) <= cover, gains / costs, -jnp.inf)
+    choice = jnp.argmax(rates).astype(jnp.int32)
+    pays = (gains[choice] > 1.0) & (gains[choice] * jnp.float32(plain_cost) > costs[choice])
+    return choice, pays
 
 
 def choose_bucket(confidence: jax.Array, num_drafts: jax.Array, active: jax.Array, remaining: jax.Array,

@@ -17,7 +17,8 @@ from flax import nnx
 
 from dspark_jax.decoding.autoregressive import prefill
 from dspark_jax.decoding.draft_length import (bucket_rates, budget_confidence, choose_bucket, expected_committed,
-                                             per_request_rows, proposal_lengths, slack_of, verified_drafts)
+                                              gated_choice, per_request_rows, proposal_lengths, slack_of,
+                                              verified_drafts)
 from dspark_jax.decoding.verification import RoundResult, concat_taps, verify_round
 from dspark_jax.drafters.base import Proposal
 from dspark_jax.models.layout import dense_layout, make_layout
@@ -327,11 +328,9 @@ class _Rounds:
         if choice is None:
             sampled = (self.params.temperature > 0) & ~_deterministic_rows(prop, b)
             conf = budget_confidence(prop.confidence, c.stale_confidence, sampled)
-            if self.gate:  # the rates once: the choice is their argmax (`choose_bucket`)
-                rates = bucket_rates(conf, n_prop, active, remaining, self.buckets, self.round_costs(prop),
-                                     self.objective, scale)
-                choice = jnp.argmax(rates).astype(jnp.int32)
-                pays = rates[choice] > 1.0 / self.plain_cost  # a plain round: one token off every request
+            if self.gate:  # the choice as `choose_bucket`'s, and whether it beats a plain round
+                choice, pays = gated_choice(conf, n_prop, active, remaining, self.buckets, self.round_costs(prop),
+                                            self.plain_cost, self.objective, scale)
                 plain_left = jnp.where(pays, 0, backoff).astype(jnp.int32)
                 backoff = jnp.where(pays, 1, jnp.minimum(2 * backoff, MAX_PLAIN_RUN)).astype(jnp.int32)
             else:

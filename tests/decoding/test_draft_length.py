@@ -645,3 +645,29 @@ def test_the_hybrid_runs_its_model_only_where_the_loop_prices_it_to_pay():
     assert (cheap > 3).all()  # as cheap as a lookup round: it runs wherever its predicted rows add progress
     for t in (tokens, tokens_unpriced, tokens_cheap):
         np.testing.assert_array_equal(t, np.asarray(plain.tokens))
+
+
+def test_a_round_that_verifies_nothing_never_beats_a_plain_round():
+    """`gated_choice`: with the zero-draft bucket's cost clipped to the plain round's (a real batch-8 lookup profile,
+    session 53: 0.05178… s, where float32 1 / cost exceeds float64 1 / plain_cost), a round with nothing to verify does
+    not pay; a round whose drafts are expected to accept does, at the bucket `choose_bucket` picks."""
+    from dspark_jax.decoding.draft_length import gated_choice
+    plain = 0.051783589624392334
+    assert np.float32(1.0) / np.float32(plain) > 1.0 / plain  # the tie the float64 comparison broke into drafting
+    buckets, costs = (8, 9, 16), (plain, 0.0607, 0.0982)
+    active, left = jnp.ones((8,), bool), jnp.full((8,), 50)
+    none = jnp.zeros((8,), jnp.int32)
+    choice, pays = gated_choice(jnp.zeros((8, 15)), none, active, left, buckets, costs, plain)
+    assert int(choice) == 0 and not bool(pays)
+    # drafts nobody proposed but confidences from an earlier round: still nothing to verify
+    choice, pays = gated_choice(jnp.full((8, 15), 0.9), none, active, left, buckets, costs, plain)
+    assert int(choice) == 0 and not bool(pays)
+    # one request 10 tokens behind with sure drafts: bucket 16 verifies 8 of them (gain 9 at 1.9x a plain round)
+    behind = left.at[3].set(60)
+    sure = jnp.zeros((8, 15)).at[3].set(1.0)
+    drafted = none.at[3].set(15)
+    choice, pays = gated_choice(sure, drafted, active, behind, buckets, costs, plain)
+    assert int(choice) == int(choose_bucket(sure, drafted, active, behind, buckets, costs)) == 2 and bool(pays)
+    # the same drafts where every drafted round costs more than its gain in plain rounds: plain pays
+    choice, pays = gated_choice(sure, drafted, active, behind, buckets, (plain, 2.1 * plain, 9.5 * plain), plain)
+    assert int(choice) == 0 and not bool(pays)

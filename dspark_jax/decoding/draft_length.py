@@ -182,10 +182,14 @@ def bucket_rates(confidence: jax.Array, num_drafts: jax.Array, active: jax.Array
                  scale: jax.Array | float = 1.0) -> jax.Array:
     """[len(buckets)] each bucket's gain (`bucket_gains`) per unit cost up to the covering bucket, −inf beyond it
     (larger buckets verify nothing more). A plain round's rate is 1 / its cost. Shapes as in `choose_bucket`."""
+    return _rates(bucket_gains(confidence, num_drafts, active, remaining, buckets, objective, scale), costs,
+                  num_drafts, active, buckets)
+
+
+def _rates(gains: jax.Array, costs, num_drafts: jax.Array, active: jax.Array, buckets: tuple[int, ...]) -> jax.Array:
+    """gains / costs (float32) up to the covering bucket, −inf beyond it (`bucket_rates`)."""
     cover = covering_bucket(num_drafts, active, buckets)
-    rate = bucket_gains(confidence, num_drafts, active, remaining, buckets, objective, scale) / jnp.asarray(
-        costs, jnp.float32)
-    return jnp.where(jnp.arange(len(buckets)) <= cover, rate, -jnp.inf)
+    return jnp.where(jnp.arange(len(buckets)) <= cover, gains / jnp.asarray(costs, jnp.float32), -jnp.inf)
 
 
 def gated_choice(confidence: jax.Array, num_drafts: jax.Array, active: jax.Array, remaining: jax.Array,
@@ -200,9 +204,7 @@ def gated_choice(confidence: jax.Array, num_drafts: jax.Array, active: jax.Array
     tuple or an array); other arguments as in `choose_bucket`. Lossless as `choose_bucket`."""
     costs = jnp.asarray(costs, jnp.float32)
     gains = bucket_gains(confidence, num_drafts, active, remaining, buckets, objective, scale)
-    cover = covering_bucket(num_drafts, active, buckets)
-    rates = jnp.where(jnp.arange(len(buckets)) <= cover, gains / costs, -jnp.inf)
-    choice = jnp.argmax(rates).astype(jnp.int32)
+    choice = jnp.argmax(_rates(gains, costs, num_drafts, active, buckets)).astype(jnp.int32)
     pays = (gains[choice] > 1.0) & (gains[choice] * jnp.float32(plain_cost) > costs[choice])
     return choice, pays
 

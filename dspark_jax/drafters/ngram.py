@@ -377,10 +377,10 @@ class NgramDrafter(nnx.Module):
         """verified [B, W]: the anchor and drafts at positions start..; the first `count` are committed (the
         rest lie at or past the next anchor: stale, overwritten later). With a verification round's `outcome`
         the acceptance statistics of the lookup's match length are updated by comparing the lookup's proposal (the
-        outcome's `lookup_draft` from `propose`, else computed again) with the round's committed tokens, whichever draft was verified (another drafter's, as in the hybrid,
-        or none): given its prefix each committed token is a draw from the target's distribution, so it equals
-        the lookup's token x with probability p_t(x) — x's acceptance probability had it been verified (one-hot
-        p_d). Position k counts as tested when the proposal agrees with the first k committed tokens and k <
+        outcome's `lookup_draft` from `propose`, else computed again) with the round's committed tokens, whichever
+        draft was verified (another drafter's, as in the hybrid, or none): given its prefix each committed token is
+        a draw from the target's distribution, so it equals the lookup's token x with probability p_t(x) — x's
+        acceptance probability had it been verified (one-hot p_d). Position k counts as tested when the proposal agrees with the first k committed tokens and k <
         count, as accepted when it agrees with the first k + 1; positions past `count` are unknown."""
         del target_model, features
         rows = jnp.arange(verified.shape[0])

@@ -66,9 +66,12 @@ def expected_throughput(confidence: np.ndarray, lengths: np.ndarray, table: Cost
 def drafting_pays(confidence: np.ndarray, lengths: np.ndarray, table: CostTable, base_tokens: int = 0) -> bool:
     """Whether a draft step with these lengths is expected to commit more tokens per second than the
     draft-free step (target only: one token per request at `table.plain_steps_per_s`). Always True without a
-    profiled draft-free step."""
+    profiled draft-free step; never with no draft to verify (such a step does the draft-free step's work and the
+    drafter's: a profile that timed it faster than the draft-free step measured noise)."""
     if table.plain_steps_per_s is None:
         return True
+    if not np.asarray(lengths).sum():
+        return False
     return expected_throughput(confidence, lengths, table, base_tokens) > len(lengths) * table.plain_steps_per_s
 
 

@@ -90,6 +90,8 @@ def test_drafting_pays_compares_expected_throughput_with_the_draft_free_step():
     assert not drafting_pays(conf, np.array([1, 0]), dataclasses.replace(table, plain_steps_per_s=11.7))
     # no drafts at all: the draft step costs the drafter for nothing, so any faster draft-free step wins
     assert not drafting_pays(conf, np.array([0, 0]), dataclasses.replace(table, plain_steps_per_s=10.1))
+    # ... and even where noise profiled the draft-free step slower than a draft step (20 > 2 * 9.9): never pays
+    assert not drafting_pays(conf, np.array([0, 0]), dataclasses.replace(table, plain_steps_per_s=9.9))
 
 
 def test_static_policies():

@@ -39,7 +39,7 @@ from dspark_jax.target import Target
 from dspark_jax.utils.files import atomic_write_text, cache_dir
 from dspark_jax.utils.machine import describe_machine
 
-FORMAT_VERSION = 14  # 1: verification forward + proposal timed apart; 2: a 64-token prompt's cache for every run;
+FORMAT_VERSION = 15  # 1: verification forward + proposal timed apart; 2: a 64-token prompt's cache for every run;
 # 3: every timing included a prefill; 4: 2–8-row logits through XLA:CPU's GEMM (`models.output_head`);
 # 5: dense widths (every request anchor + w − 1 rows) instead of flat buckets; 6: rounds that copied the KV cache,
 # 16- and 24-row logits through the GEMM; 7: plain rounds as a branch of the round's conditional; 8: plain rounds
@@ -49,7 +49,8 @@ FORMAT_VERSION = 14  # 1: verification forward + proposal timed apart; 2: a 64-t
 # 12: 1–3-row logits from the embedding's Q8_0 blocks where the target has them (`models.output_head.q8_logits`);
 # 13: 2–64-row logits from those blocks through the `models.q8_ffi` kernel where it is built, and the layers'
 # projections from the GGUF's int8 blocks (`models.int8_linear`; both keyed); 14: the drafter's head from the same
-# blocks' rows through the kernel (`drafters.base.draft_head_rows`; keyed by q8_kernel)
+# blocks' rows through the kernel (`drafters.base.draft_head_rows`; keyed by q8_kernel); 15: the drafter's state
+# shapes keyed too (a corpus table of another size searches another number of steps)
 PROGRESS_PRIOR = 4.0  # expected progress (tokens beyond plain rounds') the gated loop's objective is trusted for
 # before its batch's drafted rounds say otherwise (`speculative._Rounds.progress_scale`)
 
@@ -97,14 +98,22 @@ def sampling_kind(temperature: float, top_k: int = 0, top_p: float = 1.0) -> tup
 def _profile_key(target: Target, drafter, batch: int, buckets: tuple[int, ...], cache_shape: tuple[int, int],
                  sampling: tuple[bool, FilterMode]) -> str:
     """What a round's cost depends on: machine, target (its source, dtype, Q8_0 head, kernel, int8 layers), drafter structure (module
-    doc), batch, buckets, cache shape, sampling kind (`sampling_kind`)."""
+    doc) and its state's shapes and dtypes (not its values), batch, buckets, cache shape, sampling kind
+    (`sampling_kind`)."""
     sampled, mode = sampling
+    variant = model_variants(drafter)[0]
     raw = json.dumps([FORMAT_VERSION, describe_machine(), target.source, str(target.state_dtype), target.q8_head,
                       target.q8_kernel, target.int8_layers,
                       batch, list(buckets),
-                      list(cache_shape), target.attn_impl, repr(model_variants(drafter)[0].graphdef), sampled,
-                      dataclasses.astuple(mode)], sort_keys=True)
+                      list(cache_shape), target.attn_impl, repr(variant.graphdef), _state_shapes(variant.state),
+                      sampled, dataclasses.astuple(mode)], sort_keys=True)
     return hashlib.sha256(raw.encode()).hexdigest()[:20]
+
+
+def _state_shapes(state) -> list[list]:
+    """[path, shape, dtype] of every leaf of a drafter's state: what its size costs a round, not its values."""
+    return [[jax.tree_util.keystr(path), list(getattr(leaf, "shape", ())), str(getattr(leaf, "dtype", type(leaf).__name__))]
+            for path, leaf in jax.tree_util.tree_leaves_with_path(state)]
 
 
 @dataclasses.dataclass(frozen=True)

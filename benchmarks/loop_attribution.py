@@ -4,7 +4,7 @@ the gate, the hybrid's pricing), the loop's prefill alone (`speculative_start`: 
 drafter's) against plain decoding's (a 1-token generate), and the loop's plain rounds alone (`speculative_rounds`
 forced plain, as many as the auto loop ran rounds). Timed in interleaved repeats on one batch; each row's best and
 median. Also the auto loop's rounds: how many probed (drafted rounds: the proposal ran — the model's forward or the
-lookup alone — and whatever was verified) and the profile's costs of a plain round, a model round and a lookup-only
+lookup alone — and whatever was verified), how many proposals the gate declined (`SpecOutput.declined_rounds`) and the profile's costs of a plain round, a model round and a lookup-only
 round at the smallest bucket.
 The library's path is timed beside them: `generate_text` plain and with `draft_length="auto"` (what `ngram.py` and
 `dspark generate` time: tokenizing, the ahead-of-time compiled executable, the output's transfer, detokenizing), wall
@@ -98,8 +98,10 @@ def main() -> None:
     model_rounds = int(np.asarray(auto.model_forward)[:, :rounds].any(0).sum())
     paired = [a / p for a, p in zip(times["auto loop"], times["plain decoding"])]
     print(f"machine: {describe_machine()}; {args.dataset}, batch {bs}, {new} new tokens, {args.drafter} γ {args.gamma}")
+    declined = int(auto.declined_rounds)
     print(f"auto loop: {rounds} rounds, {int(probed.sum())} probed (with a proposal; {model_rounds} ran the model's "
-          f"forward), {int(np.asarray(auto.accepted).sum())} drafts accepted; auto / plain paired median "
+          f"forward), {declined} proposals declined (not verified, not among the rounds), "
+          f"{int(np.asarray(auto.accepted).sum())} drafts accepted; auto / plain paired median "
           f"{np.median(paired):.3f} [{min(paired):.3f}, {max(paired):.3f}]")
     print(f"profile: plain round {settings['plain_cost']:.4f} s, bucket {settings['verify_buckets'][0]} with the model "
           f"{settings['verify_costs'][0]:.4f} s, lookup only {(settings.get('lookup_costs') or [float('nan')])[0]:.4f} s")
@@ -111,7 +113,7 @@ def main() -> None:
     print(f"generate_text auto / plain (Completion.seconds) paired median {np.median(library_paired):.3f} "
           f"[{min(library_paired):.3f}, {max(library_paired):.3f}]")
     write_result(args.output, dict(machine=describe_machine(), **vars(args), rounds=rounds, probed=int(probed.sum()),
-                                   model_rounds=model_rounds, accepted=int(np.asarray(auto.accepted).sum()),
+                                   declined=declined, model_rounds=model_rounds, accepted=int(np.asarray(auto.accepted).sum()),
                                    identical_to_plain=bool((np.asarray(auto.tokens) == np.asarray(
                                        runs["plain decoding"]().tokens)).all()),
                                    paired_auto_over_plain=paired, times=times, reported_seconds=reported,

@@ -86,7 +86,8 @@ def main():
             active = ~c.done
             count = jnp.where(active, jnp.minimum(a + 1, self.truth_len - c.num_generated), 0)
             grid = jnp.concatenate([c.anchor[:, None], drafts], 1)
-            outcome = None if plain else RoundOutcome(num_verify, nxt, proposal.deterministic)  # as the loop's
+            outcome = None if plain else RoundOutcome(num_verify, nxt, proposal.deterministic,
+                                                      lookup_draft=proposal.lookup_draft)  # as the loop's
             state = module.commit(None, c.drafter_state, None, grid, c.start, count, outcome)
             last = jnp.take_along_axis(nxt, jnp.maximum(count - 1, 0)[:, None], axis=1)[:, 0]
             stopped = active & (c.num_generated + count >= self.truth_len) & (self.truth_len < self.max_new_tokens)
@@ -99,14 +100,15 @@ def main():
             b = c.anchor.shape[0]
             empty = Proposal(tokens=jnp.zeros((b, 0), jnp.int32), draft_index=None, p_draft=None,
                              confidence=None, confidence_logits=None)
-            none, no_conf = jnp.zeros((b,), jnp.int32), jnp.zeros((b, g), jnp.float32)
+            none, no_conf, no = jnp.zeros((b,), jnp.int32), jnp.zeros((b, g), jnp.float32), jnp.zeros((b,), bool)
             res = self._verify(c, empty, none, b, 1, plain=True)
             c = dataclasses.replace(c, plain_left=c.plain_left - 1)
-            return self._commit(c, res, none, no_conf, no_conf)
+            return self._commit(c, res, none, no_conf, no_conf, no, no, jnp.zeros((b,), jnp.float32))
 
         def _apply(self, c, o):
             c = self._gate_state(c, o)
-            return self._commit(c, o.res, o.verified, o.confidence, o.confidence_logits)
+            return self._commit(c, o.res, o.verified, o.confidence, o.confidence_logits, o.model_forward,
+                                o.lookup_draft, o.lookup_expected, counted=~jnp.asarray(o.declined))
 
     def simulate(prompts, truth, truth_len, buckets, seconds, plain, objective, margin):
         b = len(prompts)
@@ -128,7 +130,8 @@ def main():
                       num_generated=jnp.ones((b,), jnp.int32), done=jnp.asarray(truth_len) <= 1,
                       rounds=jnp.zeros((b,), jnp.int32), stats=RoundStats.zeros(b, args.max_new_tokens, g),
                       nonfinite=jnp.zeros((b,), bool), plain_left=jnp.int32(0), backoff=jnp.int32(1),
-                      stale_confidence=jnp.full((b, g), -1.0, jnp.float32), progress=jnp.zeros((2,), jnp.float32))
+                      stale_confidence=jnp.full((b, g), -1.0, jnp.float32), progress=jnp.zeros((2,), jnp.float32),
+                      declined=jnp.int32(0))
         final = jax.jit(lambda s: jax.lax.while_loop(lambda x: ~jnp.all(x.done), rounds.step, s))(c)
         out_tokens = np.asarray(final.tokens)
         assert all((out_tokens[i, :truth_len[i]] == tr[i, :truth_len[i]]).all() for i in range(b)), "replay diverged"

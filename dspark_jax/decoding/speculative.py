@@ -67,7 +67,8 @@ class SpecState:
     plain_left (plain rounds before the next drafted one) and backoff (the next plain run's length);
     stale_confidence [B, G]: each request's confidences of its last drafted round (−1 before one;
     `draft_length.budget_confidence`); progress [2]: Σ realized and Σ expected progress beyond a plain round's
-    over the drafted rounds so far (`_Rounds.progress_scale`)."""
+    over the drafted rounds so far (`_Rounds.progress_scale`); declined: scalar, the gate's declined rounds so
+    far (`_Rounds.drafted`)."""
     keys: jax.Array
     anchor: jax.Array
     start: jax.Array
@@ -83,6 +84,7 @@ class SpecState:
     backoff: jax.Array
     stale_confidence: jax.Array
     progress: jax.Array
+    declined: jax.Array
 
 
 @jax.tree_util.register_dataclass
@@ -93,7 +95,8 @@ class SpecOutput:
     (tokens committed, bonus included), accept_flags [B, R, G], confidence [B, R, G] (calibrated c_k),
     confidence_logits [B, R, G], model_forward, lookup_draft, lookup_expected [B, R] (`RoundStats`); nonfinite [B]:
     the request stopped because
-    the target's logits were not finite (NaN / inf) — its tokens end before that round."""
+    the target's logits were not finite (NaN / inf) — its tokens end before that round; declined_rounds: scalar,
+    the gate's declined rounds (proposals the batch did not verify, not among the rounds: `_Rounds.drafted`)."""
     tokens: jax.Array
     num_tokens: jax.Array
     rounds: jax.Array
@@ -107,6 +110,7 @@ class SpecOutput:
     lookup_draft: jax.Array
     lookup_expected: jax.Array
     nonfinite: jax.Array
+    declined_rounds: jax.Array
 
 
 @jax.tree_util.register_dataclass
@@ -117,7 +121,8 @@ class _Outcome:
     confidence_logits [B, G] to record, the gate's next plain_left, backoff and stale_confidence, and each
     request's expected position after the round [B] (slack + expected committed tokens: the terms of
     `draft_length.fluid_gain`, from the round's fresh confidences) for the progress record; model_forward,
-    lookup_draft, lookup_expected [B]: the round's source (`RoundStats`)."""
+    lookup_draft, lookup_expected [B]: the round's source (`RoundStats`); declined: scalar bool, the gate declined
+    the round (`_Rounds.drafted`): nothing was verified or committed."""
     res: RoundResult
     verified: jax.Array
     confidence: jax.Array
@@ -129,6 +134,7 @@ class _Outcome:
     backoff: jax.Array
     stale_confidence: jax.Array
     expected: jax.Array
+    declined: jax.Array | bool = False
 
 
 def _pad_slots(x: jax.Array, width: int) -> jax.Array:
@@ -237,15 +243,25 @@ class _Rounds:
         `price_model`): f(lookup confidence [B, G], lookup drafted [B], predicted confidence [B, G], predicted
         drafted [B]) → whether the best bucket's rate (`draft_length.bucket_rates`, the threshold applied, gains
         scaled by `scale`: `progress_scale`) of the predicted rows at `costs` (rounds that run the model) exceeds
-        the lookup rows' at `lookup_costs`."""
+        the lookup rows' at `lookup_costs` and, with the gate on, a plain round's (`draft_length.gated_choice`):
+        a forward whose round is not expected to beat a plain round only makes the gate's probe dearer — at batch
+        8 it ran in every probe (BENCHMARKS.md "Session 54")."""
         def best_rate(confidence, drafted, costs):
             n = self.proposed(confidence, drafted, active)
             return jnp.max(bucket_rates(confidence, n, active, remaining, self.buckets, costs, self.objective,
                                         scale))
 
+        def beats_plain(confidence, drafted):
+            if not self.gate:
+                return jnp.bool_(True)
+            n = self.proposed(confidence, drafted, active)
+            return gated_choice(confidence, n, active, remaining, self.buckets, self.costs, self.plain_cost,
+                                self.objective, scale)[1]
+
         def pays(lookup_confidence, lookup_drafted, confidence, drafted):
-            return best_rate(confidence, drafted, self.costs) > best_rate(lookup_confidence, lookup_drafted,
-                                                                          self.lookup_costs)
+            return beats_plain(confidence, drafted) & (
+                best_rate(confidence, drafted, self.costs) > best_rate(lookup_confidence, lookup_drafted,
+                                                                       self.lookup_costs))
         return pays
 
     def proposed(self, confidence: jax.Array, drafted: jax.Array, active: jax.Array) -> jax.Array:
@@ -277,7 +293,7 @@ class _Rounds:
                          rounds=jnp.zeros((b,), jnp.int32), stats=RoundStats.zeros(b, self.max_new_tokens, g),
                          nonfinite=~finite, plain_left=jnp.int32(0), backoff=jnp.int32(1),
                          stale_confidence=jnp.full((b, g), -1.0, jnp.float32),
-                         progress=jnp.zeros((2,), jnp.float32))
+                         progress=jnp.zeros((2,), jnp.float32), declined=jnp.int32(0))
 
     def step(self, c: SpecState) -> SpecState:
         """One drafted round, then — with the gate on — the plain rounds it scheduled. A round drafts only when
@@ -303,7 +319,12 @@ class _Rounds:
         return jax.lax.cond(choice < 0, plain, drafted, c)
 
     def drafted(self, c: SpecState, choice: jax.Array | None = None) -> _Outcome:
-        """Propose, choose the bucket (`choice` given: that bucket index), verify."""
+        """Propose, choose the bucket (`choice` given: that bucket index), verify. With the gate on, a round that
+        would verify no draft (the anchors' bucket), does not pay and ran no drafter model's forward is declined:
+        nothing is verified or committed — the plain rounds the gate schedules next commit the tokens, each at a
+        plain round's cost, where the verification of the anchors alone cost more (batch 8: 59 against 53 ms,
+        BENCHMARKS.md "Session 54") and taught the drafter nothing. A round that ran a model's forward is verified
+        (its commit is the model's record of that forward: `drafters.hybrid`)."""
         target, drafter = self.target, self.drafter
         b, g = c.anchor.shape[0], drafter.config.block_size
         active = ~c.done
@@ -325,6 +346,7 @@ class _Rounds:
             return run
 
         plain_left, backoff = c.plain_left, c.backoff
+        declined = jnp.bool_(False)
         if choice is None:
             sampled = (self.params.temperature > 0) & ~_deterministic_rows(prop, b)
             conf = budget_confidence(prop.confidence, c.stale_confidence, sampled)
@@ -333,17 +355,31 @@ class _Rounds:
                                             self.plain_cost, self.objective, scale)
                 plain_left = jnp.where(pays, 0, backoff).astype(jnp.int32)
                 backoff = jnp.where(pays, 1, jnp.minimum(2 * backoff, MAX_PLAIN_RUN)).astype(jnp.int32)
+                declined = ~pays & (choice == 0) & ~jnp.any(_model_forward(prop, b) & active)
             else:
                 choice = choose_bucket(conf, n_prop, active, remaining, self.buckets, self.round_costs(prop),
                                        self.objective, scale)
-        res, verified = jax.lax.switch(choice, [at_bucket(t) for t in self.buckets])
+        branches = [at_bucket(t) for t in self.buckets]
+        res, verified = jax.lax.switch(jnp.where(declined, len(branches), choice),
+                                       branches + [self._declined_round(c, branches[0])])
         # the model rows' confidences (deterministic rows read fresh ones: `budget_confidence`)
         stale = jnp.where((active & ~_deterministic_rows(prop, b))[:, None], prop.confidence, c.stale_confidence)
         # read only by later rounds (the progress record), so the fresh confidences serve, as for `stale`
         expected = slack_of(active, remaining) + expected_committed(prop.confidence, verified, remaining)
         return _Outcome(res, verified, prop.confidence, prop.confidence_logits, _model_forward(prop, b),
                         _deterministic_rows(prop, b), _lookup_expected(prop, b), plain_left, backoff, stale,
-                        expected)
+                        expected, declined)
+
+    @staticmethod
+    def _declined_round(c: SpecState, verified_round):
+        """A branch shaped like `verified_round`'s (a round of the `drafted` switch) that verifies and commits
+        nothing: no token, no K/V row, the drafter's state unchanged."""
+        def run():
+            res, verified = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(verified_round))
+            kv = None if res.kv_rows is None else dataclasses.replace(res.kv_rows,
+                                                                     position=jnp.full_like(res.kv_rows.position, -1))
+            return dataclasses.replace(res, anchor=c.anchor, drafter_state=c.drafter_state, kv_rows=kv), verified
+        return run
 
     def plain(self, c: SpecState) -> SpecState:
         """A plain round (the drafter's propose skipped): plain decoding's step (`decoding.autoregressive`) —
@@ -394,7 +430,7 @@ class _Rounds:
         (`_gate_state`), tokens and statistics."""
         c = dataclasses.replace(self._gate_state(c, o), target_cache=o.res.kv_rows.write(c.target_cache))
         return self._commit(c, o.res, o.verified, o.confidence, o.confidence_logits, o.model_forward, o.lookup_draft,
-                            o.lookup_expected)
+                            o.lookup_expected, counted=~jnp.asarray(o.declined))
 
     def _gate_state(self, c: SpecState, o: _Outcome) -> SpecState:
         """The gate's state after a drafted round: plain_left, backoff, stale_confidence, and the progress record
@@ -402,23 +438,26 @@ class _Rounds:
         requests still to finish of slack + committed tokens (`draft_length.fluid_gain` with the committed counts
         for the expected ones) — beyond a plain round's 1, against the expected one over the same requests
         (`_Outcome.expected`): a request that stopped this round (a stop token, non-finite logits) holds nothing
-        back and counts on neither side. A round whose every request stopped adds nothing."""
+        back and counts on neither side. A round whose every request stopped adds nothing, nor does a declined
+        round (`drafted`), counted in `declined`."""
         active = ~c.done
         remaining = self.max_new_tokens - c.num_generated
         staying = active & ~o.res.stopped & ~o.res.nonfinite
         realized = jnp.min(jnp.where(staying, slack_of(active, remaining) + o.res.count, jnp.inf))
         expected = jnp.min(jnp.where(staying, o.expected, jnp.inf))
-        gained = jnp.where(staying.any(), jnp.stack([realized, expected]).astype(jnp.float32) - 1.0, 0.0)
+        declined = jnp.asarray(o.declined)
+        gained = jnp.where(staying.any() & ~declined, jnp.stack([realized, expected]).astype(jnp.float32) - 1.0, 0.0)
         return dataclasses.replace(c, plain_left=o.plain_left, backoff=o.backoff, stale_confidence=o.stale_confidence,
-                                   progress=c.progress + gained)
+                                   progress=c.progress + gained, declined=c.declined + declined.astype(jnp.int32))
 
     def _commit(self, c: SpecState, res, n_prop: jax.Array, confidence: jax.Array,
                 confidence_logits: jax.Array, model_forward: jax.Array, lookup_draft: jax.Array,
-                lookup_expected: jax.Array) -> SpecState:
-        """Writes the round's committed tokens and statistics into the state (the target cache: `_apply`)."""
+                lookup_expected: jax.Array, counted: jax.Array | bool = True) -> SpecState:
+        """Writes the round's committed tokens and statistics into the state (the target cache: `_apply`). A round
+        not `counted` (declined: it commits nothing) adds no round and no statistics."""
         g = self.drafter.config.block_size
         b = c.anchor.shape[0]
-        active = ~c.done
+        active = ~c.done & counted
         count = res.count
         finished = res.stopped | (c.num_generated + count >= self.max_new_tokens) | res.nonfinite
         write = jax.vmap(lambda row, new, s: jax.lax.dynamic_update_slice(row, new, (s,)))
@@ -538,7 +577,7 @@ def speculative_generate(target_graphdef: nnx.GraphDef, target_state: nnx.State,
     state = rounds.start(prompts, prompt_lens, key, pad_id)
     final = jax.lax.while_loop(lambda c: ~jnp.all(c.done), rounds.step, state)
     return SpecOutput(tokens=final.tokens[:, :max_new_tokens], num_tokens=final.num_generated, rounds=final.rounds,
-                      nonfinite=final.nonfinite, **vars(final.stats))
+                      nonfinite=final.nonfinite, declined_rounds=final.declined, **vars(final.stats))
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)

@@ -171,7 +171,7 @@ def test_the_progress_record_of_drafted_rounds():
                      max_new_tokens=10, buckets=(3,), costs=None, plain_cost=None, progress_prior=4.0)
     fields = {f: None for f in SpecState.__dataclass_fields__}
     c = SpecState(**dict(fields, num_generated=jnp.asarray([1, 3, 5]), done=jnp.asarray([False, False, False]),
-                         progress=jnp.zeros((2,), jnp.float32)))
+                         progress=jnp.zeros((2,), jnp.float32), declined=jnp.int32(0)))
     assert float(rounds.progress_scale(c)) == 1.0  # no record yet: (0 + 4) / (0 + 4)
 
     def outcome(count, stopped, expected):
@@ -401,6 +401,36 @@ def test_plain_rounds_follow_a_losing_drafted_round():
     assert int(np.asarray(paying.rounds)[0]) == 8  # 47 tokens in rounds of 6
 
 
+def test_the_gate_declines_a_round_that_would_verify_nothing():
+    """A lookup round whose best bucket is the anchors' own (no draft: drafts verified at 100x a plain round) and
+    that does not pay is declined — no verification, no token, not counted as a round —, and the plain rounds the
+    gate schedules after it (1, 2, 4, 8, …) commit every token: 23 plain rounds, 5 declined proposals. A declined
+    round leaves the cache, tokens and drafter state as they were; a round that ran a model's forward is never
+    declined. Greedy output equals plain decoding's."""
+    tg, ts, cfg = make_target("gemma3")
+    dg, ds = _ngram(cfg, 5)
+    loop = dict(verify_buckets=(4, 24), verify_costs=(1.0, 100.0), plain_cost=0.5)
+    _, spec = greedy_plain_and_speculative(tg, ts, dg, ds, REPETITIVE, 24, **loop)
+    np.testing.assert_array_equal(np.asarray(spec.rounds), [23] * 4)
+    assert int(spec.declined_rounds) == 5
+    assert not np.asarray(spec.proposed).any() and (np.asarray(spec.committed)[:, :23] == 1).all()
+    # a round that ran a drafter model's forward is verified even at the anchors' bucket (its commit is the
+    # model's record of that forward): the same gate with the oracle drafter declines nothing
+    _, model = greedy_plain_and_speculative(tg, ts, *_oracle(cfg, 5), REPETITIVE, 24, **loop)
+    assert int(model.declined_rounds) == 0
+    np.testing.assert_array_equal(np.flatnonzero(np.asarray(model.model_forward)[0]), [0, 2, 5, 10, 19])
+    # one declined round, step by step: only the gate's state moves
+    from tests.drafters.test_ngram import _batch
+    from dspark_jax.decoding.speculative import _rounds
+    rounds = _rounds(tg, ts, dg, ds, SamplingParams.create(4), jnp.float32(0.0), batch=4, max_new_tokens=24,
+                     stop_ids=(), mode=FilterMode(), **loop)
+    c = rounds.start(*_batch(REPETITIVE), jax.random.key(0), pad_id=0)
+    after = jax.jit(lambda s: rounds._apply(s, rounds.drafted(s)))(c)
+    assert int(after.declined) == 1 and int(after.plain_left) == 1
+    for name in ("tokens", "num_generated", "anchor", "start", "rounds", "target_cache", "drafter_state", "stats"):
+        jax.tree.map(np.testing.assert_array_equal, getattr(after, name), getattr(c, name))
+
+
 def test_forced_rounds_for_the_cost_profile():
     """`speculative_rounds` runs exactly num_rounds rounds at the forced bucket (or plain) from the prefilled state
     of `speculative_start`, one compilation for every count and bucket."""
@@ -498,13 +528,28 @@ def test_round_costs_profile_and_cache(tmp_path, monkeypatch):
     load_or_profile_round_costs(target, Drafter(nnx.merge(calibrated_dg, calibrated_ds).config, calibrated_dg,
                                                 calibrated_ds, "ngram:calibrated=1"), batch=2)
     assert len(calls) == 6
+    # a corpus table's size is the drafter's state, not its structure: a larger table searches further, its own
+    # profile; another table of the same shapes costs the same
+    from dspark_jax.drafters.corpus import build_table
+    from dspark_jax.drafters.ngram import NgramConfig, NgramDrafter
+
+    def with_corpus(responses):
+        cg, cs = nnx.split(NgramDrafter(NgramConfig(block_size=3, n_max=3, n_min=1, corpus=True), cfg.vocab_size,
+                                        build_table(responses, n_max=3, max_draft=3)))
+        return Drafter(nnx.merge(cg, cs).config, cg, cs, "ngram:corpus=1")
+    load_or_profile_round_costs(target, with_corpus([[1, 2, 3, 4, 5]]), batch=2)
+    assert len(calls) == 7
+    load_or_profile_round_costs(target, with_corpus([[5, 4, 3, 2, 1]]), batch=2)
+    assert len(calls) == 7
+    load_or_profile_round_costs(target, with_corpus([[1, 2, 3, 4, 5, 6, 7, 8, 9]]), batch=2)
+    assert len(calls) == 8
     # a target whose head reads the embedding's Q8_0 blocks (another cost of a round): its own profile
     from tests.models.test_q8_head import q8_model
     qg, qs = nnx.split(q8_model(cfg))
     q8_target = Target(cfg, qg, qs, None, "tiny")
     assert q8_target.q8_head and not target.q8_head
     load_or_profile_round_costs(q8_target, drafter, batch=2)
-    assert len(calls) == 7
+    assert len(calls) == 9
 
 
 def _spied_profile(monkeypatch, split_drafter, name: str, record, **profile_options):
@@ -611,8 +656,9 @@ def test_the_hybrid_runs_its_model_only_where_the_loop_prices_it_to_pay():
     """`price_model` in the loop (skip_model_at inf: the model's forward would run in every round): rounds with the
     forward priced at 3 a round (`verify_costs`), without it at 1 (`lookup_costs`). The forward runs in the first
     round (predicted to accept every draft: the model never ran) and, with the random model's record, never again;
-    unpriced (price_model off) in every round; at 100 never; as cheap as a lookup round, in most rounds. Greedy
-    output equals plain decoding's throughout."""
+    unpriced (price_model off) in every round; at 100 never; as cheap as a lookup round, in most rounds — but never
+    where a plain round (the gate on) beats any round it could make. Greedy output equals plain decoding's
+    throughout."""
     import jax
     from tests.drafters.test_ngram import _batch, _hybrid
     from dspark_jax.decoding.speculative import _rounds
@@ -620,13 +666,14 @@ def test_the_hybrid_runs_its_model_only_where_the_loop_prices_it_to_pay():
     batch = [[5, 6, 7, 5, 6, 7, 5, 6], [3, 9, 14, 22]]
     prompts, lens = _batch(batch)
 
-    def model_rounds(price_model, model_cost):
+    def model_rounds(price_model, model_cost, plain_cost=None):
         dg, ds = _hybrid(cfg, 3, price_model=price_model, skip_model_at=float("inf"))
         rounds = _rounds(tg, ts, dg, ds, SamplingParams.create(2), jnp.float32(0.0), batch=2, max_new_tokens=10,
                          stop_ids=(), mode=FilterMode(), verify_buckets=(2, 8), verify_costs=(model_cost, model_cost),
-                         plain_cost=None, lookup_costs=(1.0, 1.0))
+                         plain_cost=plain_cost, lookup_costs=(1.0, 1.0))
         c = rounds.start(prompts, lens, jax.random.key(0), pad_id=0)
-        step = jax.jit(lambda s: rounds._apply(s, rounds.drafted(s)))
+        # with the gate on, its plain rounds too (a declined round commits nothing: `_Rounds.drafted`)
+        step = jax.jit(rounds.step if plain_cost else lambda s: rounds._apply(s, rounds.drafted(s)))
         while not bool(jnp.all(c.done)):
             c = step(c)
         # the loop's record of the rounds that ran the forward agrees with the hybrid's own count
@@ -643,7 +690,13 @@ def test_the_hybrid_runs_its_model_only_where_the_loop_prices_it_to_pay():
     assert model_rounds(True, 100.0)[0].sum() == 0  # not even the first round: 4 tokens at most for 100x
     cheap, _, tokens_cheap = model_rounds(True, 1.0)
     assert (cheap > 3).all()  # as cheap as a lookup round: it runs wherever its predicted rows add progress
-    for t in (tokens, tokens_unpriced, tokens_cheap):
+    # ... also beside a plain round that costs as much (the gate on: its rounds still add progress); but never
+    # where a plain round at a fifth of the cost beats any round it could make (4 tokens at most for 1)
+    gated, _, tokens_gated = model_rounds(True, 1.0, plain_cost=1.0)
+    assert (gated > 3).all()
+    dear, _, tokens_dear = model_rounds(True, 1.0, plain_cost=0.2)
+    assert dear.sum() == 0
+    for t in (tokens, tokens_unpriced, tokens_cheap, tokens_gated, tokens_dear):
         np.testing.assert_array_equal(t, np.asarray(plain.tokens))
 
 

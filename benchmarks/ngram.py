@@ -2,7 +2,8 @@
 lookup: same held-out prompts, machine and run.
 
     python benchmarks/ngram.py [--datasets gsm8k,humaneval,mbpp,mt-bench --limit 8 --max_new_tokens 96
-                                --batch_sizes 1,8 --gamma 15 --drafters ngram,default --repeats 3 --hf]
+                                --batch_sizes 1,8 --gamma 15 --drafters ngram,default --repeats 3 --hf
+                                --fresh_profiles]
 
 A --drafters entry is a --drafter value, optionally followed by "|g=N" (its γ, default --gamma) and "|auto"
 (hardware-aware draft length, `GenerationConfig.draft_length`): e.g. "ngram|g=11|auto,default|auto".
@@ -11,7 +12,9 @@ Per dataset and batch size: tokens/s of plain decoding and of each drafter, pool
 verification round, bonus included), the speed-up over plain, greedy identity with plain, and the τ an offline
 simulation of lookup predicts on plain decoding's outputs (`dspark_jax.evaluation.lookup_simulation`).
 Timing: per dataset and batch size, plain decoding, every drafter (and HF) run once per repeat, in turn; each
-keeps its fastest run (`--repeats`, default 3). Compilation and profiling are excluded (`generate_text` times
+keeps its fastest run (`--repeats`, default 3). `--fresh_profiles` takes every round-cost profile in the run
+instead of reading this machine's cache (a profile decides the auto draft length, and two profiles of one
+machine taken days apart have ranked the same drafters differently). Compilation and profiling are excluded (`generate_text` times
 the compiled call; HF's `generate` is warmed up first). "speed-up" is the best-of ratio; "paired" the median over
 repeats of a drafter's tokens/s over plain decoding's in the same repeat (`paired_speedup`).
 `--hf` adds HF transformers (float32, same GGUF) at batch 1: greedy `generate` and `prompt_lookup_num_tokens`
@@ -64,6 +67,24 @@ def paired_speedup(speeds: list[float], plain: list[float]) -> float:
     return statistics.median(s / p for s, p in zip(speeds, plain))
 
 
+def fresh_profile_cache():
+    """Points `DSPARK_CACHE_DIR` at a new temporary folder that links every entry of the user cache except its
+    round-cost profiles (the GGUF's, the kernel's and the corpus's caches are reused; profiles are taken anew and
+    stay there). Returns the folder."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from dspark_jax.utils.files import cache_dir
+    real = cache_dir()
+    fresh = Path(tempfile.mkdtemp(prefix="dspark_fresh_profiles_"))
+    for entry in (real.iterdir() if real.is_dir() else ()):
+        if entry.name != "round_costs":
+            (fresh / entry.name).symlink_to(entry.resolve())
+    os.environ["DSPARK_CACHE_DIR"] = str(fresh)
+    return fresh
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", default="gsm8k,humaneval,mbpp,mt-bench")
@@ -79,10 +100,15 @@ def main():
     ap.add_argument("--hf", action="store_true", help="also time HF transformers' prompt lookup (batch 1)")
     ap.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (top-k / top-p off); "
                     "> 0: outputs are samples, not compared with plain decoding's")
+    ap.add_argument("--fresh_profiles", action="store_true",
+                    help="profile every drafter's round costs in this run (this machine's cached profiles are "
+                         "neither read nor changed): the rows of one run then rest on profiles of the same hour")
     ap.add_argument("--output", default="benchmarks/results/ngram.json")
     args = ap.parse_args()
     if args.hf and args.temperature > 0:
         raise SystemExit("--hf compares greedy decoding: run it at --temperature 0")
+    if args.fresh_profiles:
+        print(f"round-cost profiles taken in this run, kept in {fresh_profile_cache()}")
 
     from dspark_jax.data import eval_dataset_path, read_first_turns
     from dspark_jax.drafters.factory import load_drafter, with_block_size

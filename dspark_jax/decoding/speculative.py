@@ -346,7 +346,7 @@ class _Rounds:
             return run
 
         plain_left, backoff = c.plain_left, c.backoff
-        declined = jnp.bool_(False)
+        declined, forced = jnp.bool_(False), choice is not None
         if choice is None:
             sampled = (self.params.temperature > 0) & ~_deterministic_rows(prop, b)
             conf = budget_confidence(prop.confidence, c.stale_confidence, sampled)
@@ -360,8 +360,10 @@ class _Rounds:
                 choice = choose_bucket(conf, n_prop, active, remaining, self.buckets, self.round_costs(prop),
                                        self.objective, scale)
         branches = [at_bucket(t) for t in self.buckets]
-        res, verified = jax.lax.switch(jnp.where(declined, len(branches), choice),
-                                       branches + [self._declined_round(c, branches[0])])
+        if self.gate and not forced:  # the declined round's branch, only where a round can be declined
+            choice = jnp.where(declined, len(branches), choice)
+            branches.append(self._declined_round(c, branches[0]))
+        res, verified = jax.lax.switch(choice, branches)
         # the model rows' confidences (deterministic rows read fresh ones: `budget_confidence`)
         stale = jnp.where((active & ~_deterministic_rows(prop, b))[:, None], prop.confidence, c.stale_confidence)
         # read only by later rounds (the progress record), so the fresh confidences serve, as for `stale`

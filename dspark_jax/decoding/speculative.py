@@ -244,8 +244,7 @@ class _Rounds:
         drafted [B]) → whether the best bucket's rate (`draft_length.bucket_rates`, the threshold applied, gains
         scaled by `scale`: `progress_scale`) of the predicted rows at `costs` (rounds that run the model) exceeds
         the lookup rows' at `lookup_costs` and, with the gate on, a plain round's (`draft_length.gated_choice`):
-        a forward whose round is not expected to beat a plain round only makes the gate's probe dearer — at batch
-        8 it ran in every probe (BENCHMARKS.md "Session 54")."""
+        a forward whose round is not expected to beat a plain round only makes the gate's probe dearer."""
         def best_rate(confidence, drafted, costs):
             n = self.proposed(confidence, drafted, active)
             return jnp.max(bucket_rates(confidence, n, active, remaining, self.buckets, costs, self.objective,
@@ -322,8 +321,8 @@ class _Rounds:
         """Propose, choose the bucket (`choice` given: that bucket index), verify. With the gate on, a round that
         would verify no draft (the anchors' bucket), does not pay and ran no drafter model's forward is declined:
         nothing is verified or committed — the plain rounds the gate schedules next commit the tokens, each at a
-        plain round's cost, where the verification of the anchors alone cost more (batch 8: 59 against 53 ms,
-        BENCHMARKS.md "Session 54") and taught the drafter nothing. A round that ran a model's forward is verified
+        plain round's cost, where the verification of the anchors alone cost more (a hybrid's lookup-only round at
+        batch 8: 49.5 against 45.5 ms, BENCHMARKS.md "Session 54") and taught the drafter nothing. A round that ran a model's forward is verified
         (its commit is the model's record of that forward: `drafters.hybrid`)."""
         target, drafter = self.target, self.drafter
         b, g = c.anchor.shape[0], drafter.config.block_size

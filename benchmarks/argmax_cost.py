@@ -1,10 +1,11 @@
 """What greedy decoding's argmax over the target's 262,144-token vocabulary costs on this machine: XLA's
-`jnp.argmax`, the library's `sampling.fast_argmax` (what greedy sampling and verification use) and two other
-rewrites, per number of rows (1: a plain step at batch 1; 8: at batch 8; 16: a
+`jnp.argmax`, the library's `sampling.fast_argmax` (what greedy sampling and verification use: a blocked argmax
+with a NaN check) and three other rewrites, per number of rows (1: a plain step at batch 1; 8: at batch 8; 16: a
 15-draft verification at batch 1), each checked equal to `jnp.argmax` (first index of the maximum) on random
-logits, on logits with ties and on logits with NaN. XLA:CPU's argmax (a variadic reduction) costs ~1.2 ms a row;
-the blocked rewrite here is exact on finite logits only (XLA:CPU's max over a block drops NaN, so a row with NaN
-differs; `fast_argmax` falls back to jnp.argmax there).
+logits, on logits with ties and on logits with NaN. XLA:CPU's argmax (a variadic reduction) costs ~1.2 ms a row.
+"min-index" is the library's argmax up to session 54 (min over index + V · [x < max], with an exp-sum check);
+"blocked" is `fast_argmax` without its NaN check (XLA:CPU's max over a block drops NaN, so a row with NaN
+differs): the difference between the two is what the check costs.
 
     python benchmarks/argmax_cost.py [--vocab 262144 --rows 1,8,16 --repeats 100]
 
@@ -29,6 +30,7 @@ def main() -> None:
     import numpy as np
 
     from dspark_jax.sampling import fast_argmax
+    from dspark_jax.sampling.exact_compare import gt_safe, gt_step
     from dspark_jax.utils.machine import describe_machine
     from dspark_jax.utils.results import write_result
     from dspark_jax.utils.timing import interleaved_seconds
@@ -49,8 +51,16 @@ def main() -> None:
         inside = jnp.take_along_axis(blocks, best[..., None, None], -2)[..., 0, :]
         return (best * blk + jnp.argmax(inside, -1)).astype(jnp.int32)
 
+    def min_index(x):  # session 54's fast_argmax: min over (index + V · [x < max]), exp-sum check, else argmax
+        v = x.shape[-1]
+        m = jnp.max(x, axis=-1, keepdims=True)
+        iota = jax.lax.broadcasted_iota(jnp.float32, x.shape, 1)
+        fast = lambda x: jnp.min(iota + gt_step(m, x) * v, axis=-1).astype(jnp.int32)  # noqa: E731
+        ok = jnp.isfinite(jnp.sum(jnp.exp(x - m), axis=-1)) & gt_safe(m[:, 0])
+        return jax.lax.cond(jnp.all(ok), fast, lambda x: jnp.argmax(x, axis=-1).astype(jnp.int32), x)
+
     fns = {"jnp.argmax": jax.jit(lambda x: jnp.argmax(x, -1).astype(jnp.int32)), "fast_argmax": fast_argmax,
-           "two-pass": jax.jit(two_pass), f"blocked ({args.block})": jax.jit(blocked)}
+           "min-index": jax.jit(min_index), "two-pass": jax.jit(two_pass), f"blocked ({args.block})": jax.jit(blocked)}
     rows_list = [int(r) for r in args.rows.split(",")]
     results, exact = {}, {}
     for rows in rows_list:

@@ -235,6 +235,33 @@ def test_fast_argmax_is_jnp_argmax():
                                       np.asarray(jnp.argmax(jnp.asarray(batch), -1)))
 
 
+def test_fast_argmax_is_jnp_argmax_across_blocks():
+    """Rows of several `ARGMAX_BLOCK`s (the last one padded): ties across blocks, the maximum in the padded block,
+    ±inf, a NaN in one row of the batch, +inf beside −inf in one block (a NaN block sum: the whole-row fallback)."""
+    from dspark_jax.sampling.exact_compare import ARGMAX_BLOCK
+    rng = np.random.default_rng(17)
+    v = 4 * ARGMAX_BLOCK + 123
+    x = rng.normal(size=(8, v)).astype(np.float32)
+    x[0, [ARGMAX_BLOCK + 5, 3 * ARGMAX_BLOCK + 1]] = 9.0  # a tie in two blocks: the first block's
+    x[1, [ARGMAX_BLOCK - 1, ARGMAX_BLOCK]] = 9.0  # a tie on both sides of a block edge
+    x[2, v - 1] = 9.0  # the maximum in the padded last block
+    x[3] = -np.inf
+    x[3, 2 * ARGMAX_BLOCK + 7] = -1e30
+    x[4, [7, 3 * ARGMAX_BLOCK]] = [np.inf, np.inf]
+    x[5, [0, ARGMAX_BLOCK]] = [-0.0, 0.0]
+    x[5, 1:] -= 10.0
+    x[5, ARGMAX_BLOCK] = 0.0  # -0.0 and 0.0 are equal: the first
+    x[6] = np.round(x[6])
+    x[7, ::2] = -np.inf
+    nan_row = x.copy()
+    nan_row[6, 2 * ARGMAX_BLOCK + 9] = np.nan
+    inf_pair = x.copy()
+    inf_pair[7, [ARGMAX_BLOCK + 1, ARGMAX_BLOCK + 2]] = [np.inf, -np.inf]  # a NaN block sum without a NaN
+    for batch in (x, nan_row, inf_pair, x[:1], x[:, :ARGMAX_BLOCK]):
+        np.testing.assert_array_equal(np.asarray(fast_argmax(jnp.asarray(batch))),
+                                      np.asarray(jnp.argmax(jnp.asarray(batch), -1)))
+
+
 def test_categorical_is_jax_random_categorical_row_by_row():
     rng = np.random.default_rng(8)
     logits = rng.normal(size=(6, 700)).astype(np.float32) * 3

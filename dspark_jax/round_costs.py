@@ -38,6 +38,7 @@ from dspark_jax.sampling import FilterMode, SamplingParams
 from dspark_jax.target import Target
 from dspark_jax.utils.files import atomic_write_text, cache_dir
 from dspark_jax.utils.machine import describe_machine
+from dspark_jax.utils.trees import leaf_shapes
 
 FORMAT_VERSION = 16  # 1: verification forward + proposal timed apart; 2: a 64-token prompt's cache for every run;
 # 3: every timing included a prefill; 4: 2–8-row logits through XLA:CPU's GEMM (`models.output_head`);
@@ -106,15 +107,9 @@ def _profile_key(target: Target, drafter, batch: int, buckets: tuple[int, ...], 
     raw = json.dumps([FORMAT_VERSION, describe_machine(), target.source, str(target.state_dtype), target.q8_head,
                       target.q8_kernel, target.int8_layers,
                       batch, list(buckets),
-                      list(cache_shape), target.attn_impl, repr(variant.graphdef), _state_shapes(variant.state),
+                      list(cache_shape), target.attn_impl, repr(variant.graphdef), leaf_shapes(variant.state),
                       sampled, dataclasses.astuple(mode)], sort_keys=True)
     return hashlib.sha256(raw.encode()).hexdigest()[:20]
-
-
-def _state_shapes(state) -> list[list]:
-    """[path, shape, dtype] of every leaf of a drafter's state: what its size costs a round, not its values."""
-    return [[jax.tree_util.keystr(path), list(getattr(leaf, "shape", ())), str(getattr(leaf, "dtype", type(leaf).__name__))]
-            for path, leaf in jax.tree_util.tree_leaves_with_path(state)]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,6 +25,7 @@ from dspark_jax.models.layout import dense_layout, make_layout
 from dspark_jax.models.output_head import HeadRows
 from dspark_jax.sampling import FilterMode, SamplingParams, check_batch, sample
 from dspark_jax.sampling.keys import DRAFT, SAMPLE, VERIFY, position_keys, row_keys
+from dspark_jax.utils.trees import describe_tree
 
 
 @jax.tree_util.register_dataclass
@@ -498,14 +499,6 @@ def draft_head(target_graphdef: nnx.GraphDef, target_state: nnx.State, drafter_g
     return nnx.merge(drafter_graphdef, drafter_state).head_rows(nnx.merge(target_graphdef, target_state))
 
 
-def _shapes(tree) -> str:
-    """A pytree's structure with each leaf's shape and dtype, for error messages and comparison."""
-    if tree is None:
-        return "None"
-    leaves, structure = jax.tree.flatten(tree)
-    return f"{structure} with leaves {[(tuple(a.shape), str(a.dtype)) for a in leaves]}"
-
-
 def _rounds(target_graphdef, target_state, drafter_graphdef, drafter_state, params, confidence_threshold, *,
             batch, max_new_tokens, stop_ids, mode, verify_buckets, verify_costs, plain_cost, lookup_costs=None,
             progress_prior=None, head=None) -> _Rounds:
@@ -516,7 +509,7 @@ def _rounds(target_graphdef, target_state, drafter_graphdef, drafter_state, para
     if head is None:
         head = drafter.head_rows(target)
     else:
-        expected, given = _shapes(jax.eval_shape(drafter.head_rows, target)), _shapes(head)
+        expected, given = describe_tree(jax.eval_shape(drafter.head_rows, target)), describe_tree(head)
         if expected != given:
             raise ValueError(f"head must be this drafter's draft_head output {expected}, got {given}")
     g = drafter.config.block_size

@@ -99,7 +99,7 @@ def test_head_gathered_by_the_caller_decodes_the_same(temperature):
     if temperature > 0:  # the passed rows are the ones drafted with: other rows, other draft probabilities
         other = speculative_generate(*args, head=HeadRows(jnp.roll(head.table, 1, axis=0)), **kw)
         assert not np.array_equal(np.asarray(other.tokens), np.asarray(inside.tokens))
-    expected = rf"head must be this drafter's draft_head output .*\(40, {cfg.hidden_size}\).*got .*\(39, "
+    expected = rf"head must be this drafter's draft_head output .*\[40, {cfg.hidden_size}\].*got .*\[39, "
     with pytest.raises(ValueError, match=expected):
         speculative_generate(*args, head=HeadRows(head.table[:39]), **kw)
     with pytest.raises(ValueError, match="bfloat16"):

@@ -12,5 +12,7 @@ def leaf_shapes(tree) -> list[list]:
 
 
 def describe_tree(tree) -> str:
-    """The tree's type and `leaf_shapes`, e.g. "HeadRows [['.table', [40, 640], 'float32'], …]"; "None" for None."""
-    return "None" if tree is None else f"{type(tree).__name__} {leaf_shapes(tree)}"
+    """The tree's structure (`jax.tree.structure`: a bare array and a `HeadRows` differ, an array and a tracer of
+    one do not) and its `leaf_shapes`, for comparing two trees in one process and for error messages; "None" for
+    None."""
+    return "None" if tree is None else f"{jax.tree.structure(tree)} with leaves {leaf_shapes(tree)}"

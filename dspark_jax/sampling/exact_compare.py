@@ -42,9 +42,9 @@ def fast_argmax(x: jax.Array) -> jax.Array:
     `ARGMAX_BLOCK`; one plain pass takes every block's max and sum, jnp.argmax over the block maxima picks the first
     block holding the row's maximum, and jnp.argmax runs inside that block only (exact: the first maximum of the row
     lies in the first block whose maximum equals it). ±inf entries are fine. XLA:CPU's max skips NaN, its sum does
-    not: a batch with a NaN block sum (a NaN, or +inf beside −inf in one block) takes jnp.argmax over whole rows.
-    1 / 8 / 16 rows of 262,144: 0.14 / 0.4 / 1.5 ms against jnp.argmax's 1.2 / 4.8 / 12.5 ms
-    (`benchmarks/argmax_cost.py`)."""
+    not: a batch with a NaN block sum (a NaN, or +inf beside −inf in one block's sum) takes jnp.argmax over whole
+    rows. 1 / 8 / 16 rows of 262,144 on a 2-core CPU: 0.22 / 0.66 / 1.5 ms against jnp.argmax's 1.3 / 5.1 / 10.8 ms
+    (`benchmarks/argmax_cost.py`, BENCHMARKS.md "Session 55")."""
     x = x.astype(jnp.float32)
     rows, v = x.shape
     pad = -v % ARGMAX_BLOCK

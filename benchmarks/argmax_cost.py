@@ -30,7 +30,7 @@ def main() -> None:
     import numpy as np
 
     from dspark_jax.sampling import fast_argmax
-    from dspark_jax.sampling.exact_compare import gt_safe, gt_step
+    from dspark_jax.sampling.exact_compare import blocked_argmax, gt_safe, gt_step
     from dspark_jax.utils.machine import describe_machine
     from dspark_jax.utils.results import write_result
     from dspark_jax.utils.timing import interleaved_seconds
@@ -42,15 +42,6 @@ def main() -> None:
         first_max = jnp.min(jnp.where(hit, iota, x.shape[-1]), -1)
         return jnp.where(first_nan < x.shape[-1], first_nan, first_max)
 
-    def blocked(x):  # the first block holding the maximum (jnp.argmax of the blocks' maxima), then within it
-        v, blk = x.shape[-1], args.block
-        pad = -v % blk
-        padded = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)], constant_values=-jnp.inf)
-        blocks = padded.reshape(x.shape[:-1] + ((v + pad) // blk, blk))
-        best = jnp.argmax(jnp.max(blocks, -1), -1)
-        inside = jnp.take_along_axis(blocks, best[..., None, None], -2)[..., 0, :]
-        return (best * blk + jnp.argmax(inside, -1)).astype(jnp.int32)
-
     def min_index(x):  # session 54's fast_argmax: min over (index + V · [x < max]), exp-sum check, else argmax
         v = x.shape[-1]
         m = jnp.max(x, axis=-1, keepdims=True)
@@ -60,7 +51,8 @@ def main() -> None:
         return jax.lax.cond(jnp.all(ok), fast, lambda x: jnp.argmax(x, axis=-1).astype(jnp.int32), x)
 
     fns = {"jnp.argmax": jax.jit(lambda x: jnp.argmax(x, -1).astype(jnp.int32)), "fast_argmax": fast_argmax,
-           "min-index": jax.jit(min_index), "two-pass": jax.jit(two_pass), f"blocked ({args.block})": jax.jit(blocked)}
+           "min-index": jax.jit(min_index), "two-pass": jax.jit(two_pass),
+           f"blocked ({args.block})": jax.jit(lambda x: blocked_argmax(x, args.block))}
     rows_list = [int(r) for r in args.rows.split(",")]
     results, exact = {}, {}
     for rows in rows_list:

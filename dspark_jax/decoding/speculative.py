@@ -23,7 +23,7 @@ from dspark_jax.decoding.verification import RoundResult, concat_taps, verify_ro
 from dspark_jax.drafters.base import Proposal
 from dspark_jax.models.layout import dense_layout, make_layout
 from dspark_jax.models.output_head import HeadRows
-from dspark_jax.sampling import FilterMode, SamplingParams, check_batch, sample
+from dspark_jax.sampling import FilterMode, SamplingParams, check_batch, sample_checked
 from dspark_jax.sampling.keys import DRAFT, SAMPLE, VERIFY, position_keys, row_keys
 from dspark_jax.utils.trees import describe_tree
 
@@ -281,10 +281,9 @@ class _Rounds:
         cache_len = p + self.max_new_tokens + g + 1
         keys = row_keys(key, b)  # one per request: `sampling.keys`
         logits, out = prefill(target, prompts, prompt_lens, cache_len, tap_layers=drafter.config.target_layer_ids)
-        first = sample(position_keys(keys, prompt_lens - 1, SAMPLE), logits, self.params, self.mode)
+        first, finite = sample_checked(position_keys(keys, prompt_lens - 1, SAMPLE), logits, self.params, self.mode)
         drafter_state = drafter.prefill(target, drafter.init_state(b, cache_len), concat_taps(out.taps), prompts,
                                         prompt_lens)
-        finite = jnp.all(jnp.isfinite(logits), axis=-1)
         return SpecState(keys=keys, anchor=first, start=prompt_lens.astype(jnp.int32), target_cache=out.cache,
                          drafter_state=drafter_state,
                          tokens=jnp.full((b, self.max_new_tokens + g + 1), pad_id, jnp.int32).at[:, 0].set(first),
@@ -394,8 +393,7 @@ class _Rounds:
         out = target(c.anchor[:, None], c.start[:, None], c.target_cache, c.start,
                      tap_layers=drafter.config.target_layer_ids)
         logits = target.logits(out.hidden[:, 0])
-        finite = jnp.all(jnp.isfinite(logits), axis=-1)
-        nxt = sample(position_keys(c.keys, c.start, SAMPLE), logits, self.params, self.mode)
+        nxt, finite = sample_checked(position_keys(c.keys, c.start, SAMPLE), logits, self.params, self.mode)
         count = (active & finite).astype(jnp.int32)
         drafter_state = drafter.commit(target, c.drafter_state, concat_taps(out.taps), c.anchor[:, None], c.start,
                                        count)

@@ -60,9 +60,9 @@ def verify_round(target, drafter, target_cache, drafter_state, proposal: Proposa
                               write=write_cache)
     row_params = jax.tree.map(lambda a: a[layout.slot], params)
     logits = target.logits(out.hidden)
-    row_nonfinite = to_grid(~jnp.all(jnp.isfinite(logits), axis=-1), layout, fill=False)  # [B, G+1]
     # token_probs [T, V], read only at the drafted tokens and at each request's stopping row (never materialised)
     p_target = lazy_token_probs(logits, row_params, mode)
+    row_nonfinite = to_grid(~p_target.finite, layout, fill=False)  # [B, G+1]
     # deterministic (lookup) drafts: p_d is one-hot at each drafted token — all rows, or those flagged
     all_det, some_det = proposal.p_draft is None, proposal.deterministic
     ones = jnp.ones(proposal.tokens.shape, jnp.float32)

@@ -11,13 +11,14 @@ row per request that rejection sampling needs, without materialising [T, V].
 Modules: params (SamplingParams, FilterMode, scaling), exact_compare (argmax and Gumbel draws), threshold
 (top-k / top-p thresholds), distribution (token_probs, sample), lazy (LazyTokenProbs), keys (per-request keys).
 """
-from dspark_jax.sampling.distribution import sample, softmax_stats, token_probs, top_k_candidates
-from dspark_jax.sampling.exact_compare import categorical, fast_argmax
+from dspark_jax.sampling.distribution import (sample, sample_checked, softmax_stats, token_probs,
+                                              top_k_candidates)
+from dspark_jax.sampling.exact_compare import argmax_and_finite, categorical, fast_argmax
 from dspark_jax.sampling.lazy import LazyTokenProbs, lazy_token_probs
 from dspark_jax.sampling.params import (FilterMode, SamplingParams, check_batch, inverse_temperature, scale_logits,
                                         validate_sampling)
 from dspark_jax.sampling.threshold import filter_logits, filter_threshold
 
-__all__ = ["FilterMode", "LazyTokenProbs", "SamplingParams", "categorical", "check_batch", "fast_argmax",
-           "filter_logits", "filter_threshold", "inverse_temperature", "lazy_token_probs", "sample", "scale_logits",
+__all__ = ["FilterMode", "LazyTokenProbs", "SamplingParams", "argmax_and_finite", "categorical", "check_batch", "fast_argmax",
+           "filter_logits", "filter_threshold", "inverse_temperature", "lazy_token_probs", "sample", "sample_checked", "scale_logits",
            "softmax_stats", "token_probs", "top_k_candidates", "validate_sampling"]

@@ -6,7 +6,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from dspark_jax.sampling.exact_compare import categorical, fast_argmax
+from dspark_jax.sampling.exact_compare import argmax_and_finite, categorical, fast_argmax
 from dspark_jax.sampling.params import NEG_INF, FilterMode, SamplingParams, scale_logits
 from dspark_jax.sampling.threshold import apply_threshold, filter_logits, filter_threshold
 
@@ -73,3 +73,17 @@ def sample(key: jax.Array, logits: jax.Array, params: SamplingParams, mode: Filt
                          lambda k: draw(k).astype(jnp.int32), key)
     greedy = jax.lax.cond(jnp.any(greedy_rows), fast_argmax, lambda x: jnp.zeros(x.shape[:1], jnp.int32), logits)
     return jnp.where(greedy_rows, greedy, drawn).astype(jnp.int32)
+
+
+def sample_checked(key: jax.Array, logits: jax.Array, params: SamplingParams,
+                   mode: FilterMode) -> tuple[jax.Array, jax.Array]:
+    """(`sample`'s tokens [B] int32, whether each row of logits [B, V] is finite [B] bool). A batch of greedy rows
+    takes both from the argmax's one pass over the logits (`argmax_and_finite`); other batches check the rows
+    apart."""
+    def greedy(x):
+        return argmax_and_finite(x)
+
+    def mixed(x):
+        return sample(key, x, params, mode), jnp.all(jnp.isfinite(x), axis=-1)
+
+    return jax.lax.cond(jnp.all(params.temperature == 0), greedy, mixed, logits)

@@ -35,6 +35,41 @@ def gt_safe(r: jax.Array) -> jax.Array:
 ARGMAX_BLOCK = 1024
 
 
+def _blocks(x: jax.Array, block: int, fill: float = -jnp.inf) -> jax.Array:
+    """x [B, V] float32 as [B, ceil(V / block), block], the last block padded with `fill`."""
+    rows, v = x.shape
+    return jnp.pad(x, ((0, 0), (0, -v % block)), constant_values=fill).reshape(rows, -1, block)
+
+
+def _block_stats(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(blocks [B, N, ARGMAX_BLOCK] padded with −inf, their maxima [B, N], their sums [B, N] without the padding)
+    for x [B, V] float32: one plain pass over the row."""
+    blocks = _blocks(x, ARGMAX_BLOCK)
+    sums = jnp.sum(blocks if x.shape[-1] % ARGMAX_BLOCK == 0 else _blocks(x, ARGMAX_BLOCK, 0.0), axis=-1)
+    return blocks, jnp.max(blocks, axis=-1), sums
+
+
+def _argmax_in_blocks(blocks: jax.Array, block_max: jax.Array) -> jax.Array:
+    """[B] int32: the first index of each row's maximum, from its blocks [B, N, block] and their maxima [B, N]."""
+    best = jnp.argmax(block_max, axis=-1)
+    inside = jnp.take_along_axis(blocks, best[:, None, None], axis=1)[:, 0]
+    return (best * blocks.shape[-1] + jnp.argmax(inside, axis=-1)).astype(jnp.int32)
+
+
+def _checked_argmax(x: jax.Array, blocks: jax.Array, block_max: jax.Array, sums: jax.Array) -> jax.Array:
+    """The blocked argmax, or jnp.argmax over whole rows where a block sum is NaN (XLA:CPU's max skips NaN)."""
+    return jax.lax.cond(jnp.any(jnp.isnan(sums)), lambda _: jnp.argmax(x, axis=-1).astype(jnp.int32),
+                        lambda b: _argmax_in_blocks(b, block_max), blocks)
+
+
+def blocked_argmax(x: jax.Array, block: int = ARGMAX_BLOCK) -> jax.Array:
+    """`fast_argmax` without its NaN check, for blocks of `block` entries: equal to jnp.argmax(x, -1) [B] int32 for
+    x [B, V] without NaN (XLA:CPU's max over a block drops NaN, so a row with NaN may differ). What
+    `benchmarks/argmax_cost.py` times at other block widths."""
+    blocks = _blocks(x.astype(jnp.float32), block)
+    return _argmax_in_blocks(blocks, jnp.max(blocks, axis=-1))
+
+
 @jax.jit  # eager callers: lax.cond outside jit would re-trace every call
 def fast_argmax(x: jax.Array) -> jax.Array:
     """jnp.argmax(x, -1) (the first index of the maximum; the first NaN where a row has one) for x [B, V], int32,
@@ -46,18 +81,21 @@ def fast_argmax(x: jax.Array) -> jax.Array:
     rows. 1 / 8 / 16 rows of 262,144 on a 2-core CPU: 0.22 / 0.66 / 1.5 ms against jnp.argmax's 1.3 / 5.1 / 10.8 ms
     (`benchmarks/argmax_cost.py`, BENCHMARKS.md "Session 55")."""
     x = x.astype(jnp.float32)
-    rows, v = x.shape
-    pad = -v % ARGMAX_BLOCK
-    blocks = jnp.pad(x, ((0, 0), (0, pad)), constant_values=-jnp.inf).reshape(rows, -1, ARGMAX_BLOCK)
-    block_max = jnp.max(blocks, axis=-1)  # [B, V / block]
-    nan = jnp.isnan(jnp.sum(blocks, axis=-1))
+    return _checked_argmax(x, *_block_stats(x))
 
-    def blocked(blocks):
-        best = jnp.argmax(block_max, axis=-1)
-        inside = jnp.take_along_axis(blocks, best[:, None, None], axis=1)[:, 0]
-        return (best * ARGMAX_BLOCK + jnp.argmax(inside, axis=-1)).astype(jnp.int32)
 
-    return jax.lax.cond(jnp.any(nan), lambda _: jnp.argmax(x, axis=-1).astype(jnp.int32), blocked, blocks)
+@jax.jit  # eager callers: lax.cond outside jit would re-trace every call
+def argmax_and_finite(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(`fast_argmax`(x) [B] int32, jnp.all(jnp.isfinite(x), -1) [B] bool) for x [B, V] from fast_argmax's one
+    pass: a NaN or ±inf entry makes its block's sum NaN or ±inf, so where every block sum is finite every entry is
+    — and only a batch with a non-finite block sum (a non-finite entry, or finite entries whose sum overflows) reads
+    its rows again for the check. What greedy rounds use instead of a separate isfinite pass over their logits
+    (~0.4 ms at 8 × 262,144 on a 2-core CPU, BENCHMARKS.md "Session 56")."""
+    x = x.astype(jnp.float32)
+    blocks, block_max, sums = _block_stats(x)
+    finite = jax.lax.cond(jnp.all(jnp.isfinite(sums)), lambda v: jnp.ones(v.shape[:1], bool),
+                          lambda v: jnp.all(jnp.isfinite(v), axis=-1), x)
+    return _checked_argmax(x, blocks, block_max, sums), finite
 
 
 @jax.jit  # eager callers: lax.cond outside jit would re-trace every call

@@ -7,7 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from dspark_jax.sampling.exact_compare import fast_argmax
+from dspark_jax.sampling.exact_compare import argmax_and_finite, fast_argmax
 from dspark_jax.sampling.params import NEG_INF, FilterMode, SamplingParams, scale_logits
 from dspark_jax.sampling.threshold import apply_threshold, filter_threshold
 
@@ -16,7 +16,8 @@ from dspark_jax.sampling.threshold import apply_threshold, filter_threshold
 @dataclasses.dataclass(frozen=True)
 class LazyTokenProbs:
     """`token_probs(logits, params, mode)` [T, V] read lazily: per row only the filter threshold, the max and
-    the softmax normaliser 1 / Σ exp(z − max) of the filtered logits z, and the argmax (greedy rows) are kept.
+    the softmax normaliser 1 / Σ exp(z − max) of the filtered logits z, the argmax (greedy rows) and whether the
+    row is finite are kept.
 
     Indexing mirrors the dense array: `p[rows, tokens]` gathers p(token) = exp(z_token − max) / Σ (greedy rows:
     1 iff token is the argmax), `p[rows]` builds those full rows [..., V]. Both use the operations of
@@ -28,6 +29,7 @@ class LazyTokenProbs:
     row_max: jax.Array      # [T] max of the filtered scaled logits
     row_inv_sum: jax.Array  # [T] 1 / Σ exp(z − row_max)
     argmax: jax.Array       # [T] argmax of the raw logits (0 where no row is greedy)
+    finite: jax.Array       # [T] bool: every raw logit of the row is finite
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -69,7 +71,13 @@ def lazy_token_probs(logits: jax.Array, params: SamplingParams, mode: FilterMode
     row is not (lax.cond at run time)."""
     t = logits.shape[0]
     greedy = params.temperature == 0
-    argmax = jax.lax.cond(jnp.any(greedy), fast_argmax, lambda _: jnp.zeros((t,), jnp.int32), logits)
+
+    def mixed(logits):  # the argmax only if some row is greedy; the finite check apart
+        argmax = jax.lax.cond(jnp.any(greedy), fast_argmax, lambda _: jnp.zeros((t,), jnp.int32), logits)
+        return argmax, jnp.all(jnp.isfinite(logits), axis=-1)
+
+    # greedy rows only: the finite check from the argmax's pass (`argmax_and_finite`)
+    argmax, finite = jax.lax.cond(jnp.all(greedy), argmax_and_finite, mixed, logits)
 
     def stats(logits):
         thr = filter_threshold(logits, params, mode)
@@ -86,4 +94,4 @@ def lazy_token_probs(logits: jax.Array, params: SamplingParams, mode: FilterMode
 
     thr, m, inv_sum = jax.lax.cond(jnp.all(greedy), greedy_only, stats, logits)
     return LazyTokenProbs(logits=logits, temperature=params.temperature, threshold=thr, row_max=m,
-                          row_inv_sum=inv_sum, argmax=argmax)
+                          row_inv_sum=inv_sum, argmax=argmax, finite=finite)

@@ -18,7 +18,7 @@ from dspark_jax.decoding.verification import concat_taps, verify_round
 from dspark_jax.drafters.base import Proposal
 from dspark_jax.models.kv_cache import init_cache
 from dspark_jax.models.layout import make_layout
-from dspark_jax.sampling import FilterMode, SamplingParams, check_batch, sample
+from dspark_jax.sampling import FilterMode, SamplingParams, check_batch, sample_checked
 from dspark_jax.sampling.keys import DRAFT, SAMPLE, VERIFY, position_keys
 
 
@@ -92,10 +92,10 @@ def admit(target_graphdef, target_state, drafter_graphdef, drafter_state, head, 
     lens = prompt_lens.astype(jnp.int32)
     k_first, k_draft = position_keys(keys, lens - 1, SAMPLE), position_keys(keys, lens, DRAFT)
     logits, out = prefill(target, prompts, lens, max_len, tap_layers=drafter.config.target_layer_ids)
-    first = sample(k_first, logits, params, mode)
+    first, finite = sample_checked(k_first, logits, params, mode)
     drafter_state = drafter.prefill(target, drafter.init_state(n, max_len), concat_taps(out.taps), prompts, lens)
     prop = drafter.propose(target, drafter_state, first, lens, k_draft, params, mode, head)
-    nonfinite = ~jnp.all(jnp.isfinite(logits), axis=-1)
+    nonfinite = ~finite
     finished = jnp.isin(first, stops) | (max_new_tokens <= 1) | nonfinite
     state = dataclasses.replace(
         state, target_cache=_set_rows(state.target_cache, out.cache, slots), drafter_state=_set_rows(state.drafter_state, drafter_state, slots),

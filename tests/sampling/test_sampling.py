@@ -262,6 +262,54 @@ def test_fast_argmax_is_jnp_argmax_across_blocks():
                                       np.asarray(jnp.argmax(jnp.asarray(batch), -1)))
 
 
+def test_argmax_and_finite_is_fast_argmax_and_isfinite():
+    """The finite check read from the argmax's block sums: equal to jnp.all(jnp.isfinite(x), -1) on finite rows,
+    rows with one NaN, +inf or −inf (in the padded last block too), +inf beside −inf, and finite rows whose block
+    sums overflow (the whole-row check); the argmax equal to jnp.argmax throughout."""
+    from dspark_jax.sampling import argmax_and_finite
+    from dspark_jax.sampling.exact_compare import ARGMAX_BLOCK
+    rng = np.random.default_rng(19)
+    v = 3 * ARGMAX_BLOCK + 77
+    x = rng.normal(size=(6, v)).astype(np.float32)
+    cases = {"finite": x}
+    for name, (row, col, value) in {"nan": (1, 5, np.nan), "+inf": (2, ARGMAX_BLOCK + 3, np.inf),
+                                    "-inf": (3, 2 * ARGMAX_BLOCK, -np.inf), "-inf in the padded block": (4, v - 1, -np.inf),
+                                    "+inf in the padded block": (5, v - 2, np.inf)}.items():
+        y = x.copy()
+        y[row, col] = value
+        cases[name] = y
+    pair = x.copy()
+    pair[0, [10, 11]] = [np.inf, -np.inf]
+    cases["+inf beside -inf"] = pair
+    overflow = x.copy()
+    overflow[2, :ARGMAX_BLOCK] = 3e38  # finite entries whose block sum overflows to inf
+    cases["overflowing sum"] = overflow
+    cases["one block"] = x[:, :ARGMAX_BLOCK]
+    for name, batch in cases.items():
+        idx, finite = argmax_and_finite(jnp.asarray(batch))
+        np.testing.assert_array_equal(np.asarray(finite), np.isfinite(batch).all(-1), err_msg=name)
+        np.testing.assert_array_equal(np.asarray(idx), np.asarray(jnp.argmax(jnp.asarray(batch), -1)), err_msg=name)
+
+
+def test_sample_checked_is_sample_and_isfinite():
+    """sample_checked's tokens are sample's and its flags jnp.isfinite's, for a greedy batch (the argmax's pass)
+    and a mixed one (the separate check), with a NaN row and an inf row."""
+    from dspark_jax.sampling import sample_checked
+    rng = np.random.default_rng(23)
+    logits = rng.normal(size=(4, 3000)).astype(np.float32) * 2
+    logits[1, 7] = np.nan
+    logits[2, 2999] = np.inf
+    logits = jnp.asarray(logits)
+    keys = jax.random.split(jax.random.key(3), 4)
+    for temps in ((0.0, 0.0, 0.0, 0.0), (0.0, 0.7, 0.0, 1.0)):
+        params = SamplingParams(temperature=jnp.asarray(temps, jnp.float32), top_k=jnp.zeros((4,), jnp.int32),
+                                top_p=jnp.ones((4,), jnp.float32))
+        mode = FilterMode()
+        tokens, finite = jax.jit(sample_checked, static_argnames="mode")(keys, logits, params, mode=mode)
+        np.testing.assert_array_equal(np.asarray(tokens), np.asarray(sample(keys, logits, params, mode)))
+        np.testing.assert_array_equal(np.asarray(finite), [True, False, False, True])
+
+
 def test_categorical_is_jax_random_categorical_row_by_row():
     rng = np.random.default_rng(8)
     logits = rng.normal(size=(6, 700)).astype(np.float32) * 3

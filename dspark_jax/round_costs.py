@@ -40,7 +40,7 @@ from dspark_jax.utils.files import atomic_write_text, cache_dir
 from dspark_jax.utils.machine import describe_machine
 from dspark_jax.utils.trees import leaf_shapes
 
-FORMAT_VERSION = 16  # 1: verification forward + proposal timed apart; 2: a 64-token prompt's cache for every run;
+FORMAT_VERSION = 17  # 1: verification forward + proposal timed apart; 2: a 64-token prompt's cache for every run;
 # 3: every timing included a prefill; 4: 2–8-row logits through XLA:CPU's GEMM (`models.output_head`);
 # 5: dense widths (every request anchor + w − 1 rows) instead of flat buckets; 6: rounds that copied the KV cache,
 # 16- and 24-row logits through the GEMM; 7: plain rounds as a branch of the round's conditional; 8: plain rounds
@@ -52,7 +52,8 @@ FORMAT_VERSION = 16  # 1: verification forward + proposal timed apart; 2: a 64-t
 # projections from the GGUF's int8 blocks (`models.int8_linear`; both keyed); 14: the drafter's head from the same
 # blocks' rows through the kernel (`drafters.base.draft_head_rows`; keyed by q8_kernel); 15: the drafter's state
 # shapes keyed too (a corpus table of another size searches another number of steps); 16: greedy's argmax blocked
-# (`sampling.fast_argmax`: ~2 ms less a plain round at batch 8, ~5 ms less a 16-row verification)
+# (`sampling.fast_argmax`: ~2 ms less a plain round at batch 8, ~5 ms less a 16-row verification); 17: greedy rounds'
+# finite check from the argmax's block sums (`sampling.argmax_and_finite`: ~0.6 ms less a round at batch 8)
 PROGRESS_PRIOR = 4.0  # expected progress (tokens beyond plain rounds') the gated loop's objective is trusted for
 # before its batch's drafted rounds say otherwise (`speculative._Rounds.progress_scale`)
 

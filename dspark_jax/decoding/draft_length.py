@@ -202,11 +202,20 @@ def gated_choice(confidence: jax.Array, num_drafts: jax.Array, active: jax.Array
     float32 1 / cost with a float64 1 / plain_cost broke the tie by rounding — into drafted rounds that verify
     nothing, every round of a batch-8 lookup run (BENCHMARKS.md "Session 53"). costs: [len(buckets)] seconds (a
     tuple or an array); other arguments as in `choose_bucket`. Lossless as `choose_bucket`."""
+    return gated_rates(confidence, num_drafts, active, remaining, buckets, costs, plain_cost, objective, scale)[1:]
+
+
+def gated_rates(confidence: jax.Array, num_drafts: jax.Array, active: jax.Array, remaining: jax.Array,
+                buckets: tuple[int, ...], costs, plain_cost: float, objective: str = "fluid",
+                scale: jax.Array | float = 1.0) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(`bucket_rates` [len(buckets)], and `gated_choice`'s choice and whether it pays) from one evaluation of the
+    gains. Arguments as in `gated_choice`."""
     costs = jnp.asarray(costs, jnp.float32)
     gains = bucket_gains(confidence, num_drafts, active, remaining, buckets, objective, scale)
-    choice = jnp.argmax(_rates(gains, costs, num_drafts, active, buckets)).astype(jnp.int32)
+    rates = _rates(gains, costs, num_drafts, active, buckets)
+    choice = jnp.argmax(rates).astype(jnp.int32)
     pays = (gains[choice] > 1.0) & (gains[choice] * jnp.float32(plain_cost) > costs[choice])
-    return choice, pays
+    return rates, choice, pays
 
 
 def choose_bucket(confidence: jax.Array, num_drafts: jax.Array, active: jax.Array, remaining: jax.Array,

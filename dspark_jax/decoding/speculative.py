@@ -17,7 +17,7 @@ from flax import nnx
 
 from dspark_jax.decoding.autoregressive import prefill
 from dspark_jax.decoding.draft_length import (bucket_rates, budget_confidence, choose_bucket, expected_committed,
-                                              gated_choice, per_request_rows, proposal_lengths, slack_of,
+                                              gated_choice, gated_rates, per_request_rows, proposal_lengths, slack_of,
                                               verified_drafts)
 from dspark_jax.decoding.verification import RoundResult, concat_taps, verify_round
 from dspark_jax.drafters.base import Proposal
@@ -246,22 +246,22 @@ class _Rounds:
         scaled by `scale`: `progress_scale`) of the predicted rows at `costs` (rounds that run the model) exceeds
         the lookup rows' at `lookup_costs` and, with the gate on, a plain round's (`draft_length.gated_choice`):
         a forward whose round is not expected to beat a plain round only makes the gate's probe dearer."""
-        def best_rate(confidence, drafted, costs):
+        def rates(confidence, drafted, costs):
             n = self.proposed(confidence, drafted, active)
-            return jnp.max(bucket_rates(confidence, n, active, remaining, self.buckets, costs, self.objective,
-                                        scale))
+            return bucket_rates(confidence, n, active, remaining, self.buckets, costs, self.objective, scale)
 
-        def beats_plain(confidence, drafted):
+        def model_rates(confidence, drafted):  # (rates at `costs`, whether the best beats a plain round)
             if not self.gate:
-                return jnp.bool_(True)
+                return rates(confidence, drafted, self.costs), jnp.bool_(True)
             n = self.proposed(confidence, drafted, active)
-            return gated_choice(confidence, n, active, remaining, self.buckets, self.costs, self.plain_cost,
-                                self.objective, scale)[1]
+            rate, _, beats_plain = gated_rates(confidence, n, active, remaining, self.buckets, self.costs,
+                                               self.plain_cost, self.objective, scale)
+            return rate, beats_plain
 
         def pays(lookup_confidence, lookup_drafted, confidence, drafted):
-            return beats_plain(confidence, drafted) & (
-                best_rate(confidence, drafted, self.costs) > best_rate(lookup_confidence, lookup_drafted,
-                                                                       self.lookup_costs))
+            rate, beats_plain = model_rates(confidence, drafted)
+            return beats_plain & (jnp.max(rate) > jnp.max(rates(lookup_confidence, lookup_drafted,
+                                                                  self.lookup_costs)))
         return pays
 
     def proposed(self, confidence: jax.Array, drafted: jax.Array, active: jax.Array) -> jax.Array:

@@ -704,7 +704,7 @@ def test_a_round_that_verifies_nothing_never_beats_a_plain_round():
     """`gated_choice`: with the zero-draft bucket's cost clipped to the plain round's (a real batch-8 lookup profile,
     session 53: 0.05178… s, where float32 1 / cost exceeds float64 1 / plain_cost), a round with nothing to verify does
     not pay; a round whose drafts are expected to accept does, at the bucket `choose_bucket` picks."""
-    from dspark_jax.decoding.draft_length import gated_choice
+    from dspark_jax.decoding.draft_length import bucket_rates, gated_choice, gated_rates
     plain = 0.051783589624392334
     assert np.float32(1.0) / np.float32(plain) > 1.0 / plain  # the tie the float64 comparison broke into drafting
     buckets, costs = (8, 9, 16), (plain, 0.0607, 0.0982)
@@ -721,6 +721,11 @@ def test_a_round_that_verifies_nothing_never_beats_a_plain_round():
     drafted = none.at[3].set(15)
     choice, pays = gated_choice(sure, drafted, active, behind, buckets, costs, plain)
     assert int(choice) == int(choose_bucket(sure, drafted, active, behind, buckets, costs)) == 2 and bool(pays)
+    # gated_rates: the same choice and verdict, with bucket_rates' rates
+    rates, choice_r, pays_r = gated_rates(sure, drafted, active, behind, buckets, costs, plain)
+    np.testing.assert_array_equal(np.asarray(rates), np.asarray(bucket_rates(sure, drafted, active, behind, buckets,
+                                                                             costs)))
+    assert int(choice_r) == 2 and bool(pays_r)
     # the same drafts where every drafted round costs more than its gain in plain rounds: plain pays
     choice, pays = gated_choice(sure, drafted, active, behind, buckets, (plain, 2.1 * plain, 9.5 * plain), plain)
     assert int(choice) == 0 and not bool(pays)

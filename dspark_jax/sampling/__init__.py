@@ -19,6 +19,6 @@ from dspark_jax.sampling.params import (FilterMode, SamplingParams, check_batch,
                                         validate_sampling)
 from dspark_jax.sampling.threshold import filter_logits, filter_threshold
 
-__all__ = ["FilterMode", "LazyTokenProbs", "SamplingParams", "argmax_and_finite", "categorical", "check_batch", "fast_argmax",
-           "filter_logits", "filter_threshold", "inverse_temperature", "lazy_token_probs", "sample", "sample_checked", "scale_logits",
-           "softmax_stats", "token_probs", "top_k_candidates", "validate_sampling"]
+__all__ = ["FilterMode", "LazyTokenProbs", "SamplingParams", "argmax_and_finite", "categorical", "check_batch",
+           "fast_argmax", "filter_logits", "filter_threshold", "inverse_temperature", "lazy_token_probs", "sample",
+           "sample_checked", "scale_logits", "softmax_stats", "token_probs", "top_k_candidates", "validate_sampling"]

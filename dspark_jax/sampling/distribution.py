@@ -78,12 +78,9 @@ def sample(key: jax.Array, logits: jax.Array, params: SamplingParams, mode: Filt
 def sample_checked(key: jax.Array, logits: jax.Array, params: SamplingParams,
                    mode: FilterMode) -> tuple[jax.Array, jax.Array]:
     """(`sample`'s tokens [B] int32, whether each row of logits [B, V] is finite [B] bool). A batch of greedy rows
-    takes both from the argmax's one pass over the logits (`argmax_and_finite`); other batches check the rows
+    takes both from the argmax's block reductions (`argmax_and_finite`); other batches check the rows
     apart."""
-    def greedy(x):
-        return argmax_and_finite(x)
-
     def mixed(x):
         return sample(key, x, params, mode), jnp.all(jnp.isfinite(x), axis=-1)
 
-    return jax.lax.cond(jnp.all(params.temperature == 0), greedy, mixed, logits)
+    return jax.lax.cond(jnp.all(params.temperature == 0), argmax_and_finite, mixed, logits)

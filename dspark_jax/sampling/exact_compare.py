@@ -43,7 +43,7 @@ def _blocks(x: jax.Array, block: int, fill: float = -jnp.inf) -> jax.Array:
 
 def _block_stats(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(blocks [B, N, ARGMAX_BLOCK] padded with −inf, their maxima [B, N], their sums [B, N] without the padding)
-    for x [B, V] float32: one plain pass over the row."""
+    for x [B, V] float32: two plain reductions over the row (XLA:CPU runs them apart)."""
     blocks = _blocks(x, ARGMAX_BLOCK)
     sums = jnp.sum(blocks if x.shape[-1] % ARGMAX_BLOCK == 0 else _blocks(x, ARGMAX_BLOCK, 0.0), axis=-1)
     return blocks, jnp.max(blocks, axis=-1), sums
@@ -74,7 +74,7 @@ def blocked_argmax(x: jax.Array, block: int = ARGMAX_BLOCK) -> jax.Array:
 def fast_argmax(x: jax.Array) -> jax.Array:
     """jnp.argmax(x, -1) (the first index of the maximum; the first NaN where a row has one) for x [B, V], int32,
     without XLA:CPU's slow variadic (value, index) reduction over the whole row: the row is cut into blocks of
-    `ARGMAX_BLOCK`; one plain pass takes every block's max and sum, jnp.argmax over the block maxima picks the first
+    `ARGMAX_BLOCK`; plain reductions take every block's max and sum, jnp.argmax over the block maxima picks the first
     block holding the row's maximum, and jnp.argmax runs inside that block only (exact: the first maximum of the row
     lies in the first block whose maximum equals it). ±inf entries are fine. XLA:CPU's max skips NaN, its sum does
     not: a batch with a NaN block sum (a NaN, or +inf beside −inf in one block's sum) takes jnp.argmax over whole
@@ -86,9 +86,9 @@ def fast_argmax(x: jax.Array) -> jax.Array:
 
 @jax.jit  # eager callers: lax.cond outside jit would re-trace every call
 def argmax_and_finite(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(`fast_argmax`(x) [B] int32, jnp.all(jnp.isfinite(x), -1) [B] bool) for x [B, V] from fast_argmax's one
-    pass: a NaN or ±inf entry makes its block's sum NaN or ±inf, so where every block sum is finite every entry is
-    — and only a batch with a non-finite block sum (a non-finite entry, or finite entries whose sum overflows) reads
+    """(`fast_argmax`(x) [B] int32, jnp.all(jnp.isfinite(x), -1) [B] bool) for x [B, V] from the block sums
+    fast_argmax takes anyway: a NaN or ±inf entry makes its block's sum NaN or ±inf, so where every block sum is
+    finite every entry is — and only a batch with a non-finite block sum (a non-finite entry, or finite entries whose sum overflows) reads
     its rows again for the check. What greedy rounds use instead of a separate isfinite pass over their logits
     (~0.4 ms at 8 × 262,144 on a 2-core CPU, BENCHMARKS.md "Session 56")."""
     x = x.astype(jnp.float32)
